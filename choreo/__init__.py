@@ -1,0 +1,59 @@
+"""choreo: a brokerless choreography runtime for event-driven services.
+
+Declare message types and services; run each service as its own process; choreo delivers
+events, commands and queries over ZeroMQ with acknowledgements, deduplication, per-key order
+and backpressure, and draws the flow from the declarations::
+
+    from choreo import Command, Event, Service
+
+    class PlaceOrder(Command, idempotency=["cart_id"]):
+        cart_id: str
+
+    class OrderPlaced(Event, key="order_id"):
+        order_id: str
+
+    orders = Service("orders")
+
+    @orders.command(PlaceOrder, emits=[OrderPlaced])
+    def place(cmd, ctx):
+        ctx.emit(OrderPlaced(order_id=cmd.cart_id))
+"""
+
+from .errors import (
+    Backpressure,
+    ChoreoError,
+    ChoreoUsageError,
+    DeliveryTimeout,
+    HandlerFailed,
+    MessageTooLarge,
+    NoOwner,
+    ProtocolError,
+    UndeclaredMessage,
+    ValidationError,
+)
+from .messages import Command, Event, Message, Query, message_options
+from .service import Context, Handler, RetryPolicy, Service
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backpressure",
+    "ChoreoError",
+    "ChoreoUsageError",
+    "Command",
+    "Context",
+    "DeliveryTimeout",
+    "Event",
+    "Handler",
+    "HandlerFailed",
+    "Message",
+    "MessageTooLarge",
+    "NoOwner",
+    "ProtocolError",
+    "Query",
+    "RetryPolicy",
+    "Service",
+    "UndeclaredMessage",
+    "ValidationError",
+    "message_options",
+]

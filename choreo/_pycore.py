@@ -1,0 +1,883 @@
+"""The delivery core in plain Python: the reference model of the compiled ``choreo._core``.
+
+Same classes, same methods, same results; only slower. The property tests drive both with the
+same operation sequences and require them to agree, so this file is also the readable
+specification of the core. ``CHOREO_PURE=1`` selects it on purpose (see ``choreo.core``).
+
+Sans-IO: bytes, integers and times in, decisions out. Nothing here reads a clock, sleeps or
+touches a socket; the caller passes ``now`` (seconds, any monotonic origin).
+
+Envelope layout (little-endian), the unit the core sequences, acknowledges and deduplicates::
+
+    0  u64 seq          8  u32 payload_len   12 u16 key_len   14 u16 partition
+    16 u8  kind         17 u8  flags         18 u8  type_len  19 u8  (zero)
+    20 16s msg_id       36 16s trace_id      52 16s cause_id
+    68 type (type_len bytes) | key (key_len bytes) | payload (payload_len bytes)
+
+A batch body is envelopes back to back. An ack is
+``u64 cumulative | u64 received | u16 n | n x (u64 lo, u64 hi)``: every seq <= cumulative is
+done, every seq <= received has arrived, and each inclusive range [lo, hi] is done as well.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+__all__ = [
+    "IMPLEMENTATION",
+    "ACCEPTED",
+    "DUPLICATE",
+    "BEYOND_WINDOW",
+    "HEADER_SIZE",
+    "MAX_ACK_RANGES",
+    "MalformedFrame",
+    "Envelope",
+    "WindowStats",
+    "ReorderStats",
+    "DedupStats",
+    "OutboundWindow",
+    "InboundReorder",
+    "DedupWindow",
+    "KeyedDispatch",
+    "pack_envelope",
+    "parse_envelopes",
+    "encode_ack",
+    "decode_ack",
+    "hash64",
+    "hash128",
+    "derive_id",
+    "partition_of",
+    "rendezvous_owner",
+    "assign_partitions",
+]
+
+IMPLEMENTATION = "pure"
+
+ACCEPTED = 0
+DUPLICATE = 1
+BEYOND_WINDOW = 2
+
+HEADER = struct.Struct("<QIHHBBBx16s16s16s")
+HEADER_SIZE = HEADER.size  # 68
+ACK_HEAD = struct.Struct("<QQH")
+ACK_RANGE = struct.Struct("<QQ")
+MAX_ACK_RANGES = 32
+MAX_KIND = 15
+ID_SIZE = 16
+_ZERO_ID = bytes(ID_SIZE)
+_U64 = (1 << 64) - 1
+DEDUP_RECORD = struct.Struct("<16sd")
+
+
+class MalformedFrame(ValueError):
+    """A batch or ack does not follow the layout; nothing from it was accepted.
+
+    ``reason`` is a short token for counters (``"truncated"``, ``"bad_kind"``, ...).
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+class WindowStats(NamedTuple):
+    next_seq: int
+    in_flight: int
+    in_flight_bytes: int
+    window: int
+    max_bytes: int
+    peak_in_flight: int
+    sent: int
+    acked: int
+    retransmitted: int
+    bogus_acks: int
+
+
+class ReorderStats(NamedTuple):
+    released_upto: int
+    done_upto: int
+    buffered: int
+    window: int
+    accepted: int
+    duplicates: int
+    beyond_window: int
+    released: int
+    completed: int
+
+
+class DedupStats(NamedTuple):
+    entries: int
+    max_entries: int
+    ttl: float
+    inserted: int
+    duplicates: int
+    expired: int
+    evicted: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes: identical on every host and every run (Python's hash() is salted per process).
+# FNV-1a over the bytes from a seeded basis, finished with MurmurHash3's fmix64.
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _fmix64(h: int) -> int:
+    h ^= h >> 33
+    h = (h * 0xFF51AFD7ED558CCD) & _U64
+    h ^= h >> 33
+    h = (h * 0xC4CEB9FE1A85EC53) & _U64
+    h ^= h >> 33
+    return h
+
+
+def hash64(data: bytes, seed: int = 0) -> int:
+    """A stable 64-bit hash of ``data`` (the same on every host and Python run)."""
+    h = _FNV_OFFSET ^ ((seed * _GOLDEN) & _U64)
+    for b in data:
+        h = ((h ^ b) * _FNV_PRIME) & _U64
+    return _fmix64(h)
+
+
+def hash128(data: bytes) -> bytes:
+    """A stable 16-byte digest of ``data`` (two seeded :func:`hash64`)."""
+    return hash64(data, 1).to_bytes(8, "little") + hash64(data, 2).to_bytes(8, "little")
+
+
+def derive_id(parent: bytes, handler: bytes, position: int) -> bytes:
+    """The id of the ``position``-th message a handler emitted while handling ``parent``.
+
+    Deterministic, so reprocessing after a crash emits the same ids and downstream dedup
+    recognises them.
+    """
+    if not 0 <= position < 1 << 32:
+        raise ValueError(f"position must be in [0, 2**32), got {position}")
+    return hash128(bytes(parent) + b"\x00" + bytes(handler) + position.to_bytes(4, "little"))
+
+
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition of a key among ``partitions`` (multiply-shift of its :func:`hash64`)."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    return (hash64(key) * partitions) >> 64
+
+
+def rendezvous_owner(partition: int, instances: Sequence[bytes]) -> int:
+    """Index of the instance that owns ``partition`` (highest random weight), -1 if none.
+
+    Adding or removing an instance moves only the partitions it wins or held.
+    """
+    best, best_weight, best_id = -1, -1, b""
+    for i, inst in enumerate(instances):
+        w = hash64(inst, partition + 1)
+        if w > best_weight or (w == best_weight and inst < best_id):
+            best, best_weight, best_id = i, w, inst
+    return best
+
+
+def assign_partitions(partitions: int, instances: Sequence[bytes]) -> list[int]:
+    """Owner index of every partition ``0..partitions-1`` by :func:`rendezvous_owner`."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    return [rendezvous_owner(p, instances) for p in range(partitions)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Envelopes
+
+
+def _check_id(value: bytes, what: str) -> bytes:
+    if len(value) != ID_SIZE:
+        raise ValueError(f"{what} must be {ID_SIZE} bytes, got {len(value)}")
+    return value
+
+
+def pack_envelope(
+    seq: int,
+    kind: int,
+    flags: int,
+    type: bytes,
+    key: bytes,
+    partition: int,
+    msg_id: bytes,
+    trace_id: bytes,
+    cause_id: bytes,
+    payload: bytes,
+) -> bytes:
+    """One encoded envelope (see the module docstring for the layout)."""
+    if not 1 <= kind <= MAX_KIND:
+        raise ValueError(f"kind must be in 1..{MAX_KIND}, got {kind}")
+    if not 0 <= flags <= 255:
+        raise ValueError(f"flags must fit in one byte, got {flags}")
+    if not 1 <= len(type) <= 255:
+        raise ValueError(f"type must be 1 to 255 bytes, got {len(type)}")
+    if len(key) > 0xFFFF:
+        raise ValueError(f"key must be at most 65535 bytes, got {len(key)}")
+    if not 0 <= partition <= 0xFFFF:
+        raise ValueError(f"partition must be in 0..65535, got {partition}")
+    if len(payload) > 0xFFFFFFFF:
+        raise ValueError("payload must be under 4 GiB")
+    head = HEADER.pack(
+        seq & _U64,
+        len(payload),
+        len(key),
+        partition,
+        kind,
+        flags,
+        len(type),
+        _check_id(msg_id, "msg_id"),
+        _check_id(trace_id, "trace_id"),
+        _check_id(cause_id, "cause_id"),
+    )
+    return b"".join((head, type, key, payload))
+
+
+class Envelope:
+    """One received envelope. ``raw`` is the whole encoded envelope (for reroute or DLQ)."""
+
+    __slots__ = ("seq", "kind", "flags", "partition", "type", "key", "msg_id", "trace_id", "cause_id", "payload", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        (
+            self.seq,
+            plen,
+            klen,
+            self.partition,
+            self.kind,
+            self.flags,
+            tlen,
+            self.msg_id,
+            self.trace_id,
+            self.cause_id,
+        ) = HEADER.unpack_from(raw, 0)
+        t0 = HEADER_SIZE
+        self.type = raw[t0 : t0 + tlen].decode("utf-8", "replace")
+        self.key = raw[t0 + tlen : t0 + tlen + klen]
+        self.payload = raw[t0 + tlen + klen : t0 + tlen + klen + plen]
+        self.raw = raw
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def __repr__(self) -> str:
+        return f"Envelope(seq={self.seq}, kind={self.kind}, type={self.type!r}, key={self.key!r}, {len(self.payload)} B)"
+
+
+def _split(frame: bytes | bytearray | memoryview, offset: int) -> list[bytes]:
+    """Cut a batch body into raw envelopes, validating the whole frame before returning any."""
+    view = memoryview(frame)
+    end = len(view)
+    out: list[bytes] = []
+    pos = offset
+    if pos > end:
+        raise MalformedFrame("truncated", f"offset {offset} beyond frame of {end} bytes")
+    while pos < end:
+        if end - pos < HEADER_SIZE:
+            raise MalformedFrame("truncated", f"{end - pos} bytes left at {pos}, an envelope header needs {HEADER_SIZE}")
+        _seq, plen, klen, _part, kind, _flags, tlen = struct.unpack_from("<QIHHBBB", view, pos)
+        if not 1 <= kind <= MAX_KIND:
+            raise MalformedFrame("bad_kind", f"envelope at {pos} has kind {kind}")
+        if tlen == 0:
+            raise MalformedFrame("bad_type", f"envelope at {pos} has an empty type name")
+        size = HEADER_SIZE + tlen + klen + plen
+        if size > end - pos:
+            raise MalformedFrame("truncated", f"envelope at {pos} claims {size} bytes, {end - pos} left")
+        out.append(bytes(view[pos : pos + size]))
+        pos += size
+    return out
+
+
+def parse_envelopes(frame: bytes | bytearray | memoryview, offset: int = 0) -> list[Envelope]:
+    """Every envelope of a batch body, or :class:`MalformedFrame` (then none is returned)."""
+    return [Envelope(raw) for raw in _split(frame, offset)]
+
+
+def _resequence(raw: bytes | bytearray | memoryview, seq: int) -> bytes:
+    raw = bytes(raw)
+    if len(raw) < HEADER_SIZE:
+        raise MalformedFrame("truncated", f"an envelope needs {HEADER_SIZE} bytes, got {len(raw)}")
+    return seq.to_bytes(8, "little") + raw[8:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Acks
+
+
+def encode_ack(cumulative: int, received: int, ranges: Iterable[tuple[int, int]] = ()) -> bytes:
+    """Encode an ack; at most :data:`MAX_ACK_RANGES` ranges are kept (the lowest)."""
+    rs = list(ranges)[:MAX_ACK_RANGES]
+    return ACK_HEAD.pack(cumulative, received, len(rs)) + b"".join(ACK_RANGE.pack(lo, hi) for lo, hi in rs)
+
+
+def decode_ack(frame: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int, list[tuple[int, int]]]:
+    """``(cumulative, received, ranges)`` of an encoded ack, or :class:`MalformedFrame`."""
+    view = memoryview(frame)
+    if len(view) - offset < ACK_HEAD.size:
+        raise MalformedFrame("truncated", f"an ack needs {ACK_HEAD.size} bytes, got {len(view) - offset}")
+    cumulative, received, n = ACK_HEAD.unpack_from(view, offset)
+    if n > MAX_ACK_RANGES:
+        raise MalformedFrame("bad_ack", f"ack carries {n} ranges, at most {MAX_ACK_RANGES} allowed")
+    need = ACK_HEAD.size + n * ACK_RANGE.size
+    if len(view) - offset != need:
+        raise MalformedFrame("truncated", f"ack with {n} ranges needs {need} bytes, got {len(view) - offset}")
+    ranges = [ACK_RANGE.unpack_from(view, offset + ACK_HEAD.size + i * ACK_RANGE.size) for i in range(n)]
+    for lo, hi in ranges:
+        if lo > hi:
+            raise MalformedFrame("bad_ack", f"ack range [{lo}, {hi}] is reversed")
+    return cumulative, received, ranges
+
+
+# ---------------------------------------------------------------------------------------------
+# Outbound window: sender side of one channel
+
+_IN_FLIGHT, _RECEIVED = 1, 2
+
+
+class OutboundWindow:
+    """Sequence numbers, in-flight tracking, credit and retransmission for one channel.
+
+    >>> w = OutboundWindow(max_messages=2, rto=1.0)
+    >>> w.append(1, 0, b"T", b"k", 0, bytes(16), bytes(16), bytes(16), b"body", now=0.0)
+    1
+    >>> body = w.flush()          # one batch body holding envelope 1
+    >>> w.on_ack(1, 1, [], now=0.1)
+    1
+    >>> w.in_flight
+    0
+
+    Credit is a *span*: at most ``max_messages`` sequence numbers from the oldest unfinished
+    one, and at most ``max_bytes`` of unfinished envelopes (one envelope is always allowed when
+    nothing is in flight, so a large message cannot stall forever). ``has_credit()`` false is
+    the backpressure signal.
+    """
+
+    def __init__(
+        self,
+        max_messages: int = 1024,
+        max_bytes: int = 16 << 20,
+        rto: float = 0.2,
+        rto_max: float = 5.0,
+        backoff: float = 2.0,
+        first_seq: int = 1,
+    ) -> None:
+        if max_messages < 1:
+            raise ValueError(f"window must be >= 1, got {max_messages}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        if not 0 < rto <= rto_max:
+            raise ValueError(f"need 0 < rto <= rto_max, got rto={rto}, rto_max={rto_max}")
+        if backoff < 1.0:
+            raise ValueError(f"backoff must be >= 1.0, got {backoff}")
+        if first_seq < 1:
+            raise ValueError(f"first_seq must be >= 1, got {first_seq}")
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.rto = rto
+        self.rto_max = rto_max
+        self.backoff = backoff
+        self.next_seq = first_seq
+        self._base = first_seq  # every seq below is finished
+        # seq -> [raw, state, deadline, retries]
+        self._entries: dict[int, list[Any]] = {}
+        self._pending: list[tuple[int, bytes]] = []
+        self.in_flight_bytes = 0
+        self._peak = 0
+        self._sent = 0
+        self._acked = 0
+        self._retransmitted = 0
+        self._bogus = 0
+
+    # -- credit --------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._entries)
+
+    def has_credit(self, nbytes: int = 0) -> bool:
+        """Whether one more envelope of ``nbytes`` may be appended now."""
+        if self.next_seq - self._base >= self.max_messages:
+            return False
+        return not self._entries or self.in_flight_bytes + nbytes <= self.max_bytes
+
+    def _admit(self, raw: bytes, now: float) -> int:
+        if not self.has_credit(len(raw)):
+            raise OverflowError(
+                f"window full: {self.next_seq - self._base}/{self.max_messages} sequence numbers, "
+                f"{self.in_flight_bytes}/{self.max_bytes} bytes in flight; check has_credit() first"
+            )
+        seq = self.next_seq
+        self.next_seq += 1
+        self._entries[seq] = [raw, _IN_FLIGHT, now + self.rto, 0]
+        self.in_flight_bytes += len(raw)
+        self._pending.append((seq, raw))
+        self._sent += 1
+        if len(self._entries) > self._peak:
+            self._peak = len(self._entries)
+        return seq
+
+    # -- packing -------------------------------------------------------------------------------
+
+    def append(
+        self,
+        kind: int,
+        flags: int,
+        type: bytes,
+        key: bytes,
+        partition: int,
+        msg_id: bytes,
+        trace_id: bytes,
+        cause_id: bytes,
+        payload: bytes,
+        now: float,
+    ) -> int:
+        """Sequence and queue one envelope for the next :meth:`flush`; returns its seq."""
+        raw = pack_envelope(self.next_seq, kind, flags, type, key, partition, msg_id, trace_id, cause_id, payload)
+        return self._admit(raw, now)
+
+    def append_raw(self, envelope: bytes | bytearray | memoryview, now: float) -> int:
+        """Sequence an already encoded envelope (from another channel) under this window's next seq."""
+        _split(envelope, 0)  # validates
+        return self._admit(_resequence(envelope, self.next_seq), now)
+
+    @property
+    def pending(self) -> int:
+        """Envelopes appended since the last :meth:`flush`."""
+        return len(self._pending)
+
+    def flush(self) -> bytes | None:
+        """The batch body of every envelope appended since the last flush, or None."""
+        if not self._pending:
+            return None
+        body = b"".join(raw for _, raw in self._pending)
+        self._pending = []
+        return body
+
+    # -- acks ----------------------------------------------------------------------------------
+
+    def _finish(self, seq: int) -> None:
+        entry = self._entries.pop(seq)
+        self.in_flight_bytes -= len(entry[0])
+        self._acked += 1
+
+    def on_ack(self, cumulative: int, received: int, ranges: Iterable[tuple[int, int]], now: float) -> int:
+        """Apply an ack; returns how many envelopes it finished (freeing their credit).
+
+        Acks of sequence numbers never sent are ignored and counted in ``bogus_acks``; stale
+        and duplicate acks are harmless.
+        """
+        last = self.next_seq - 1
+        freed = 0
+        ranges = list(ranges)
+        if cumulative > last or received > last or any(hi > last for _, hi in ranges):
+            self._bogus += 1
+        cumulative = min(cumulative, last)
+        received = min(received, last)
+        for seq in range(self._base, cumulative + 1):
+            if seq in self._entries:
+                self._finish(seq)
+                freed += 1
+        for lo, hi in ranges:
+            for seq in range(max(lo, self._base), min(hi, last) + 1):
+                if seq in self._entries:
+                    self._finish(seq)
+                    freed += 1
+        for seq in range(self._base, received + 1):
+            entry = self._entries.get(seq)
+            if entry is not None:
+                entry[1] = _RECEIVED
+        while self._base < self.next_seq and self._base not in self._entries:
+            self._base += 1
+        return freed
+
+    def on_ack_frame(self, frame: bytes | bytearray | memoryview, offset: int, now: float) -> int:
+        """Decode an encoded ack (see :func:`encode_ack`) and apply it."""
+        cumulative, received, ranges = decode_ack(frame, offset)
+        return self.on_ack(cumulative, received, ranges, now)
+
+    # -- retransmission ------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        """The earliest time a retransmission may be due (``inf`` when none can be)."""
+        unflushed = {seq for seq, _ in self._pending}
+        deadlines = [e[2] for s, e in self._entries.items() if e[1] == _IN_FLIGHT and s not in unflushed]
+        return min(deadlines) if deadlines else float("inf")
+
+    def due(self, now: float) -> bytes | None:
+        """A batch body of every envelope whose ack is overdue at ``now``, in seq order, or None.
+
+        Each is rescheduled after ``rto * backoff**retries`` seconds, capped at ``rto_max``.
+        Envelopes the receiver reported as arrived are not resent (their credit stays held
+        until they are done), nor are envelopes not yet flushed.
+        """
+        out = []
+        unflushed = {seq for seq, _ in self._pending}
+        for seq in sorted(self._entries):
+            entry = self._entries[seq]
+            if entry[1] == _IN_FLIGHT and entry[2] <= now and seq not in unflushed:
+                entry[3] += 1
+                entry[2] = now + min(self.rto * self.backoff ** entry[3], self.rto_max)
+                out.append(entry[0])
+                self._retransmitted += 1
+        return b"".join(out) if out else None
+
+    def unacked(self) -> list[bytes]:
+        """Every unfinished envelope, in seq order (to resend elsewhere when the receiver died)."""
+        return [self._entries[s][0] for s in sorted(self._entries)]
+
+    def take(self, seq: int) -> bytes | None:
+        """Remove one flushed, unfinished envelope (to reroute it) and return it, or None.
+
+        An envelope not yet flushed is left alone (None): it has not reached anyone to refuse it.
+        """
+        entry = self._entries.get(seq)
+        if entry is None or any(s == seq for s, _ in self._pending):
+            return None
+        self._entries.pop(seq)
+        self.in_flight_bytes -= len(entry[0])
+        while self._base < self.next_seq and self._base not in self._entries:
+            self._base += 1
+        return bytes(entry[0])
+
+    def stats(self) -> WindowStats:
+        return WindowStats(
+            next_seq=self.next_seq,
+            in_flight=len(self._entries),
+            in_flight_bytes=self.in_flight_bytes,
+            window=self.max_messages,
+            max_bytes=self.max_bytes,
+            peak_in_flight=self._peak,
+            sent=self._sent,
+            acked=self._acked,
+            retransmitted=self._retransmitted,
+            bogus_acks=self._bogus,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Inbound reorder: receiver side of one channel
+
+_BUFFERED, _RELEASED, _DONE = 1, 2, 3
+
+
+class InboundReorder:
+    """Releases a channel's envelopes strictly in sequence and says what to acknowledge.
+
+    Arrivals may come in any order and more than once. An arrival more than ``window``
+    sequence numbers past the last finished one is refused (``BEYOND_WINDOW``), so memory is
+    bounded whatever the sender does.
+
+    >>> r = InboundReorder(window=8)
+    >>> r.accept(2, "b"), r.accept(1, "a"), r.accept(1, "a")
+    (0, 0, 1)
+    >>> r.release()
+    ['a', 'b']
+    >>> r.complete(2); r.ack()
+    True
+    (0, 2, [(2, 2)])
+    """
+
+    def __init__(self, window: int = 1024, first_seq: int = 1) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        if first_seq < 1:
+            raise ValueError(f"first_seq must be >= 1, got {first_seq}")
+        self.window = window
+        self.done_upto = first_seq - 1
+        self.released_upto = first_seq - 1
+        self._state: dict[int, int] = {}
+        self._items: dict[int, Any] = {}
+        self._accepted = self._duplicates = self._beyond = self._released = self._completed = 0
+        self._ack_dirty = False
+
+    def accept(self, seq: int, item: Any) -> int:
+        """Offer one arrival; returns ACCEPTED, DUPLICATE or BEYOND_WINDOW."""
+        if seq <= self.done_upto or seq in self._state:
+            self._duplicates += 1
+            self._ack_dirty = True  # the sender missed our ack: say it again
+            return DUPLICATE
+        if seq > self.done_upto + self.window:
+            self._beyond += 1
+            return BEYOND_WINDOW
+        self._state[seq] = _BUFFERED
+        self._items[seq] = item
+        self._accepted += 1
+        return ACCEPTED
+
+    def release(self) -> list[Any]:
+        """The arrivals that are next in sequence, in order; each is released once."""
+        out = []
+        seq = self.released_upto + 1
+        while self._state.get(seq) == _BUFFERED:
+            self._state[seq] = _RELEASED
+            out.append(self._items.pop(seq))
+            seq += 1
+        if out:
+            self.released_upto = seq - 1
+            self._released += len(out)
+            self._ack_dirty = True
+        return out
+
+    def feed(self, frame: bytes | bytearray | memoryview, offset: int = 0) -> list[Envelope]:
+        """Accept every envelope of a batch body and return those now released, in order.
+
+        A malformed body raises :class:`MalformedFrame` and accepts nothing.
+        """
+        for env in parse_envelopes(frame, offset):
+            self.accept(env.seq, env)
+        return self.release()
+
+    def complete(self, seq: int) -> bool:
+        """Mark a released seq as done (handled, and its effects safe). False if not applicable."""
+        if self._state.get(seq) != _RELEASED:
+            return False
+        self._state[seq] = _DONE
+        self._completed += 1
+        self._ack_dirty = True
+        while self._state.get(self.done_upto + 1) == _DONE:
+            del self._state[self.done_upto + 1]
+            self.done_upto += 1
+        return True
+
+    def complete_many(self, seqs: Iterable[int]) -> int:
+        """Complete several seqs; returns how many changed state."""
+        return sum(1 for s in seqs if self.complete(s))
+
+    def ack(self) -> tuple[int, int, list[tuple[int, int]]]:
+        """``(cumulative done, received, done ranges above cumulative)``, at most MAX_ACK_RANGES."""
+        ranges: list[tuple[int, int]] = []
+        lo = None
+        for seq in range(self.done_upto + 1, self.released_upto + 2):
+            if self._state.get(seq) == _DONE:
+                if lo is None:
+                    lo = seq
+            elif lo is not None:
+                ranges.append((lo, seq - 1))
+                lo = None
+                if len(ranges) == MAX_ACK_RANGES:
+                    break
+        return self.done_upto, self.released_upto, ranges
+
+    @property
+    def ack_pending(self) -> bool:
+        """Whether something changed since the last :meth:`ack_frame`."""
+        return self._ack_dirty
+
+    def ack_frame(self) -> bytes:
+        """The encoded :meth:`ack`; clears :attr:`ack_pending`."""
+        self._ack_dirty = False
+        cumulative, received, ranges = self.ack()
+        return encode_ack(cumulative, received, ranges)
+
+    @property
+    def buffered(self) -> int:
+        return sum(1 for s in self._state.values() if s == _BUFFERED)
+
+    @property
+    def in_progress(self) -> int:
+        """Released but not yet done."""
+        return sum(1 for s in self._state.values() if s == _RELEASED)
+
+    def stats(self) -> ReorderStats:
+        return ReorderStats(
+            released_upto=self.released_upto,
+            done_upto=self.done_upto,
+            buffered=self.buffered,
+            window=self.window,
+            accepted=self._accepted,
+            duplicates=self._duplicates,
+            beyond_window=self._beyond,
+            released=self._released,
+            completed=self._completed,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Dedup window
+
+
+def _dedup_key(value: bytes) -> bytes:
+    value = bytes(value)
+    return value if len(value) == ID_SIZE else hash128(value)
+
+
+class DedupWindow:
+    """Remembers ids for ``ttl`` seconds and at most ``max_entries``; forgets the oldest first.
+
+    An id inserted at ``t`` is a duplicate while ``now < t + ttl``. Ids of 16 bytes are kept
+    as they are; other lengths (idempotency keys) are reduced with :func:`hash128`.
+
+    >>> d = DedupWindow(ttl=10.0, max_entries=1000)
+    >>> d.insert(b"a" * 16, now=0.0), d.insert(b"a" * 16, now=5.0), d.insert(b"a" * 16, now=10.0)
+    (True, False, True)
+    """
+
+    def __init__(self, ttl: float, max_entries: int) -> None:
+        if not ttl > 0:
+            raise ValueError(f"ttl must be > 0 seconds, got {ttl}")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.ttl = float(ttl)
+        self.max_entries = max_entries
+        # key -> (time, partition), in insertion order: the oldest first
+        self._entries: dict[bytes, tuple[float, int]] = {}
+        self._inserted = self._duplicates = self._expired = self._evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _live(self, key: bytes, now: float) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and now - entry[0] < self.ttl
+
+    def insert(self, id: bytes, now: float, partition: int = 0) -> bool:
+        """Check and insert: True if ``id`` is new (now remembered), False if a duplicate."""
+        key = _dedup_key(id)
+        self.expire(now)
+        if self._live(key, now):
+            self._duplicates += 1
+            return False
+        self._entries.pop(key, None)  # an expired leftover: forget it, then insert anew
+        self._add(key, now, partition)
+        return True
+
+    def _add(self, key: bytes, t: float, partition: int) -> None:
+        if len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]
+            self._evicted += 1
+        self._entries[key] = (t, partition)
+        self._inserted += 1
+
+    def insert_many(self, ids: Iterable[bytes], now: float, partition: int = 0) -> list[bool]:
+        """:meth:`insert` for each id, in order."""
+        return [self.insert(i, now, partition) for i in ids]
+
+    def insert_envelopes(self, envelopes: Iterable[Envelope], now: float) -> list[bool]:
+        """:meth:`insert` of each envelope's ``msg_id`` under its partition."""
+        return [self.insert(e.msg_id, now, e.partition) for e in envelopes]
+
+    def contains(self, id: bytes, now: float) -> bool:
+        """Whether ``id`` is remembered at ``now`` (does not insert)."""
+        return self._live(_dedup_key(id), now)
+
+    def remove(self, id: bytes) -> bool:
+        """Forget one id (a failed attempt that must be allowed again). False if absent."""
+        return self._entries.pop(_dedup_key(id), None) is not None
+
+    def expire(self, now: float) -> int:
+        """Forget entries older than ``ttl`` from the oldest; returns how many."""
+        n = 0
+        while self._entries:
+            key = next(iter(self._entries))
+            if now - self._entries[key][0] < self.ttl:
+                break
+            del self._entries[key]
+            n += 1
+        self._expired += n
+        return n
+
+    def export_partition(self, partition: int) -> bytes:
+        """The entries of one partition, encoded, so they can move with the partition."""
+        records = [DEDUP_RECORD.pack(k, t) for k, (t, p) in self._entries.items() if p == partition]
+        return len(records).to_bytes(4, "little") + b"".join(records)
+
+    def import_entries(self, blob: bytes | bytearray | memoryview, partition: int) -> int:
+        """Add exported entries under ``partition`` (keeping their times); returns how many were new."""
+        view = memoryview(blob)
+        if len(view) < 4:
+            raise MalformedFrame("truncated", "a dedup export needs at least 4 bytes")
+        n = int.from_bytes(view[:4], "little")
+        if len(view) != 4 + n * DEDUP_RECORD.size:
+            raise MalformedFrame("truncated", f"dedup export of {n} entries needs {4 + n * DEDUP_RECORD.size} bytes")
+        added = 0
+        for i in range(n):
+            key, t = DEDUP_RECORD.unpack_from(view, 4 + i * DEDUP_RECORD.size)
+            if key not in self._entries:
+                self._add(key, t, partition)
+                added += 1
+        return added
+
+    def drop_partition(self, partition: int) -> int:
+        """Forget every entry of one partition (it moved away); returns how many."""
+        gone = [k for k, (_, p) in self._entries.items() if p == partition]
+        for k in gone:
+            del self._entries[k]
+        return len(gone)
+
+    def stats(self) -> DedupStats:
+        return DedupStats(
+            entries=len(self._entries),
+            max_entries=self.max_entries,
+            ttl=self.ttl,
+            inserted=self._inserted,
+            duplicates=self._duplicates,
+            expired=self._expired,
+            evicted=self._evicted,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Keyed dispatch
+
+
+class KeyedDispatch:
+    """At most one message per key in progress; the others wait in arrival order.
+
+    >>> d = KeyedDispatch()
+    >>> d.admit(b"k", "m1"), d.admit(b"k", "m2"), d.admit(b"j", "m3")
+    (True, False, True)
+    >>> d.done(b"k")     # m1 finished: m2 is next for b"k"
+    'm2'
+    >>> d.done(b"k") is None
+    True
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[bytes, deque[Any]] = {}
+        self.queued = 0
+
+    def admit(self, key: bytes, item: Any) -> bool:
+        """True: the key was idle and ``item`` may run now. False: it waits behind the key's current one."""
+        if item is None:
+            raise ValueError("item must not be None")
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = deque()
+            return True
+        waiting.append(item)
+        self.queued += 1
+        return False
+
+    def done(self, key: bytes) -> Any:
+        """The key's current item finished: returns its next item (now in progress) or None (idle)."""
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            raise KeyError(f"key {key!r} has nothing in progress")
+        if waiting:
+            self.queued -= 1
+            return waiting.popleft()
+        del self._waiting[key]
+        return None
+
+    def busy(self, key: bytes) -> bool:
+        return key in self._waiting
+
+    @property
+    def busy_keys(self) -> int:
+        return len(self._waiting)
+
+    def drain_keys(self, keys: Iterable[bytes]) -> list[Any]:
+        """Remove and return the waiting items of some keys (their partition moved away)."""
+        out: list[Any] = []
+        for k in keys:
+            waiting = self._waiting.get(k)
+            if waiting:
+                out.extend(waiting)
+                self.queued -= len(waiting)
+                waiting.clear()
+        return out

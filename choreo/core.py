@@ -1,0 +1,79 @@
+"""The delivery core: the compiled ``choreo._core``, or on purpose its pure-Python twin.
+
+Importing this module picks the implementation once:
+
+* by default the compiled core; if it is not built, the import fails with the command that
+  builds it (a broken build must never hide behind the slow fallback);
+* ``CHOREO_PURE=1`` selects the twin ``choreo._pycore`` (the reference model).
+
+``IMPLEMENTATION`` says which one is in use (``"compiled"`` or ``"pure"``).
+"""
+
+from __future__ import annotations
+
+import os
+
+if os.environ.get("CHOREO_PURE") == "1":
+    from . import _pycore as _impl
+else:
+    try:
+        from . import _core as _impl  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+        raise ImportError(
+            "choreo._core is not built: run 'pip install -e .' (or 'make test', which does it) "
+            "in the choreo checkout, or set CHOREO_PURE=1 to use the pure-Python core"
+        ) from exc
+
+IMPLEMENTATION: str = _impl.IMPLEMENTATION
+ACCEPTED = _impl.ACCEPTED
+DUPLICATE = _impl.DUPLICATE
+BEYOND_WINDOW = _impl.BEYOND_WINDOW
+HEADER_SIZE = _impl.HEADER_SIZE
+MAX_ACK_RANGES = _impl.MAX_ACK_RANGES
+MalformedFrame = _impl.MalformedFrame
+Envelope = _impl.Envelope
+WindowStats = _impl.WindowStats
+ReorderStats = _impl.ReorderStats
+DedupStats = _impl.DedupStats
+OutboundWindow = _impl.OutboundWindow
+InboundReorder = _impl.InboundReorder
+DedupWindow = _impl.DedupWindow
+KeyedDispatch = _impl.KeyedDispatch
+pack_envelope = _impl.pack_envelope
+parse_envelopes = _impl.parse_envelopes
+encode_ack = _impl.encode_ack
+decode_ack = _impl.decode_ack
+hash64 = _impl.hash64
+hash128 = _impl.hash128
+derive_id = _impl.derive_id
+partition_of = _impl.partition_of
+rendezvous_owner = _impl.rendezvous_owner
+assign_partitions = _impl.assign_partitions
+
+__all__ = [
+    "IMPLEMENTATION",
+    "ACCEPTED",
+    "DUPLICATE",
+    "BEYOND_WINDOW",
+    "HEADER_SIZE",
+    "MAX_ACK_RANGES",
+    "MalformedFrame",
+    "Envelope",
+    "WindowStats",
+    "ReorderStats",
+    "DedupStats",
+    "OutboundWindow",
+    "InboundReorder",
+    "DedupWindow",
+    "KeyedDispatch",
+    "pack_envelope",
+    "parse_envelopes",
+    "encode_ack",
+    "decode_ack",
+    "hash64",
+    "hash128",
+    "derive_id",
+    "partition_of",
+    "rendezvous_owner",
+    "assign_partitions",
+]

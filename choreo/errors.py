@@ -1,0 +1,106 @@
+"""Exceptions, in two families.
+
+*You used choreo wrongly*: :class:`ChoreoUsageError` (a subclass of ``ValueError``) and the
+plain ``TypeError``/``ValueError`` raised by argument checks. *Something outside went wrong*:
+:class:`ProtocolError` (a peer sent something invalid; the node counts it, logs it and keeps
+serving), :class:`Backpressure`, :class:`DeliveryTimeout`, :class:`NoOwner`,
+:class:`HandlerFailed`. Every message says what happened and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChoreoError",
+    "ChoreoUsageError",
+    "UndeclaredMessage",
+    "ProtocolError",
+    "Backpressure",
+    "DeliveryTimeout",
+    "NoOwner",
+    "HandlerFailed",
+    "MessageTooLarge",
+    "ValidationError",
+]
+
+
+class ChoreoError(Exception):
+    """Base class of every error choreo raises on purpose."""
+
+
+class ChoreoUsageError(ChoreoError, ValueError):
+    """choreo was used in a way it does not support; the message says how to fix it."""
+
+
+class UndeclaredMessage(ChoreoUsageError):
+    """A handler (or a service outside its handlers) emitted or sent a type it did not declare.
+
+    Declarations are the source of truth for routing and for the analyzer's flow graph, so an
+    undeclared emit is refused instead of becoming an invisible edge.
+    """
+
+
+class ValidationError(ChoreoError, ValueError):
+    """A message body does not match its declared type (missing field, wrong type...)."""
+
+
+class MessageTooLarge(ChoreoError, ValueError):
+    """A message is larger than the configured limit (``max_message_bytes``)."""
+
+
+class ProtocolError(ChoreoError):
+    """A peer sent bytes that do not follow the choreo protocol.
+
+    ``reason`` is a short stable token (``"malformed"``, ``"version"``, ``"unknown_type"``,
+    ``"oversized"``, ...) used as the counter label in the node's statistics.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class Backpressure(ChoreoError):
+    """Credit towards a receiver is exhausted: the receiver is slower than its producers.
+
+    Raised at once by the non-waiting variants (``try_emit``), and by ``await emit()`` /
+    ``await send()`` once their timeout expires. The message carries the numbers::
+
+        window 1000/1000 in flight to payments#2 for 5.0 s
+    """
+
+    def __init__(
+        self, destination: str, in_flight: int, window: int, waited: float, in_flight_bytes: int = 0
+    ) -> None:
+        self.destination = destination
+        self.in_flight = in_flight
+        self.window = window
+        self.waited = waited
+        self.in_flight_bytes = in_flight_bytes
+        super().__init__(
+            f"window {in_flight}/{window} in flight to {destination} for {waited:.1f} s "
+            f"({in_flight_bytes} bytes unacknowledged): the receiver is not keeping up; "
+            "slow the producer, add instances of the receiving service, or raise the timeout"
+        )
+
+
+class DeliveryTimeout(ChoreoError, TimeoutError):
+    """A command or query got no answer within its timeout."""
+
+
+class NoOwner(ChoreoError, LookupError):
+    """No live service in the mesh handles this command or query type."""
+
+
+class HandlerFailed(ChoreoError):
+    """The remote handler of a command or query raised (after its retries, for commands).
+
+    ``remote_type`` and ``remote_message`` describe the exception on the handling node.
+    """
+
+    def __init__(self, message_type: str, service: str, remote_type: str, remote_message: str) -> None:
+        self.message_type = message_type
+        self.service = service
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        super().__init__(f"{service} failed to handle {message_type}: {remote_type}: {remote_message}")

@@ -1,0 +1,244 @@
+"""Message types: the three primitives, their options and their codec.
+
+A message type is a class with named, typed fields (a ``msgspec.Struct`` underneath, so
+encoding is compact MessagePack and decoding validates every field). Subclass one of the three
+primitives and pass the options as class keywords::
+
+    class OrderPlaced(Event, key="order_id", dedup_ttl=600):
+        order_id: str
+        total_cents: int
+
+    class PlaceOrder(Command, idempotency=["customer_id", "cart_id"], returns=OrderAccepted):
+        customer_id: str
+        cart_id: str
+
+The options (all optional):
+
+``name``
+    the type's name on the wire and in the flow graph (default: the class name). Every service
+    in a mesh must agree on it; it is how a receiver finds the class to decode a body with.
+``key``
+    the field whose value orders and partitions the type (default for subscriptions that do not
+    name one). Messages with the same key are handled one at a time, in order.
+``idempotency``
+    how duplicates are recognised beyond the message id: a list of field names, or ``"body"`` for
+    a SHA-256 of the whole canonical body. Two messages with the same idempotency key inside the
+    dedup window are the same message: the second is acknowledged without running the handler
+    (and a command gets the first result). Choose fields that identify the *intent*; a body that
+    contains a timestamp or a per-attempt request id defeats ``"body"``.
+``dedup_ttl`` / ``dedup_max``
+    how long (seconds) and how many message ids the receiver remembers for this type.
+``returns``
+    for commands and queries: the type of the handler's result, used to validate and decode it
+    at the caller (default: any MessagePack value).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from .errors import ChoreoUsageError, ValidationError
+
+__all__ = [
+    "Message",
+    "Event",
+    "Command",
+    "Query",
+    "MessageOptions",
+    "encode",
+    "decode",
+    "idempotency_id",
+    "message_options",
+]
+
+Kind = Literal["event", "command", "query"]
+
+DEFAULT_DEDUP_TTL = 300.0
+DEFAULT_DEDUP_MAX = 100_000
+
+_encoder = msgspec.msgpack.Encoder()
+_sorted_encoder = msgspec.msgpack.Encoder(order="sorted")
+
+
+class MessageOptions(msgspec.Struct, frozen=True):
+    """The choreo options of one message type (read them with :func:`message_options`)."""
+
+    name: str
+    kind: Kind
+    key: str | None = None
+    idempotency: tuple[str, ...] | Literal["body"] | None = None
+    dedup_ttl: float = DEFAULT_DEDUP_TTL
+    dedup_max: int = DEFAULT_DEDUP_MAX
+    returns: Any = None
+    module: str = ""
+    line: int = 0
+
+
+class _MessageMeta(type(msgspec.Struct)):  # type: ignore[misc]
+    """Takes choreo's class keywords off before msgspec sees the class."""
+
+    def __new__(
+        mcls,
+        cls_name: str,
+        bases: tuple[type, ...],
+        namespace: dict[str, Any],
+        *,
+        name: str | None = None,
+        key: str | None = None,
+        idempotency: Sequence[str] | Literal["body"] | None = None,
+        dedup_ttl: float | None = None,
+        dedup_max: int | None = None,
+        returns: Any = None,
+        **struct_options: Any,
+    ) -> Any:
+        cls = super().__new__(mcls, cls_name, bases, namespace, **struct_options)
+        kind = namespace.get("__choreo_kind__") or getattr(cls, "__choreo_kind__", None)
+        if kind is None:  # the root class Message itself
+            return cls
+        if namespace.get("__choreo_kind__"):  # Event, Command, Query: the primitives
+            return cls
+        caller = sys._getframe(1)
+        inherited: MessageOptions | None = getattr(cls, "__choreo_options__", None)
+        options = _build_options(
+            cls,
+            kind=kind,
+            name=name or cls_name,
+            key=key if key is not None else (inherited.key if inherited else None),
+            idempotency=idempotency if idempotency is not None else (inherited.idempotency if inherited else None),
+            dedup_ttl=dedup_ttl if dedup_ttl is not None else (inherited.dedup_ttl if inherited else DEFAULT_DEDUP_TTL),
+            dedup_max=dedup_max if dedup_max is not None else (inherited.dedup_max if inherited else DEFAULT_DEDUP_MAX),
+            returns=returns if returns is not None else (inherited.returns if inherited else None),
+            module=namespace.get("__module__", caller.f_globals.get("__name__", "")),
+            line=caller.f_lineno,
+        )
+        cls.__choreo_options__ = options
+        cls.__choreo_decoder__ = msgspec.msgpack.Decoder(cls)
+        cls.__choreo_result_decoder__ = (
+            msgspec.msgpack.Decoder(options.returns) if options.returns is not None else msgspec.msgpack.Decoder()
+        )
+        return cls
+
+
+def _build_options(cls: type, **opts: Any) -> MessageOptions:
+    fields = set(cls.__struct_fields__)
+    where = f"{cls.__qualname__} ({opts['module']}:{opts['line']})"
+    key = opts["key"]
+    if key is not None and key not in fields:
+        raise ChoreoUsageError(f"{where}: key field {key!r} is not a field of the type; fields: {sorted(fields)}")
+    idem = opts["idempotency"]
+    if isinstance(idem, str):
+        if idem != "body":
+            raise ChoreoUsageError(
+                f"{where}: idempotency must be a list of field names or 'body', got {idem!r}"
+            )
+    elif idem is not None:
+        idem = tuple(idem)
+        if not idem:
+            raise ChoreoUsageError(f"{where}: idempotency names no field; give field names or 'body'")
+        missing = [f for f in idem if f not in fields]
+        if missing:
+            raise ChoreoUsageError(
+                f"{where}: idempotency names fields the type lacks: {missing}; fields: {sorted(fields)}"
+            )
+    opts["idempotency"] = idem
+    if not opts["dedup_ttl"] > 0:
+        raise ChoreoUsageError(f"{where}: dedup_ttl must be > 0 seconds, got {opts['dedup_ttl']!r}")
+    if int(opts["dedup_max"]) < 1:
+        raise ChoreoUsageError(f"{where}: dedup_max must be >= 1, got {opts['dedup_max']!r}")
+    if opts["kind"] == "event" and opts["returns"] is not None:
+        raise ChoreoUsageError(f"{where}: events have no result; 'returns' is for commands and queries")
+    if not opts["name"] or len(opts["name"].encode()) > 255:
+        raise ChoreoUsageError(f"{where}: name must be 1 to 255 bytes of UTF-8, got {opts['name']!r}")
+    return MessageOptions(**opts)
+
+
+class Message(msgspec.Struct, frozen=True, metaclass=_MessageMeta):
+    """Base of every message type; subclass :class:`Event`, :class:`Command` or :class:`Query`."""
+
+    __choreo_options__: ClassVar[MessageOptions]
+
+
+class Event(Message, frozen=True):
+    """A fact that happened, broadcast to every subscribing service.
+
+    >>> class OrderPlaced(Event, key="order_id"):
+    ...     order_id: str
+    ...     total_cents: int
+    >>> OrderPlaced("o-1", 1250).order_id
+    'o-1'
+    """
+
+    __choreo_kind__: ClassVar[Kind] = "event"
+
+
+class Command(Message, frozen=True):
+    """An instruction to the one service that owns the type; answered by an ack and a result.
+
+    >>> class ChargeCard(Command, key="order_id", idempotency=["order_id"]):
+    ...     order_id: str
+    ...     amount_cents: int
+    """
+
+    __choreo_kind__: ClassVar[Kind] = "command"
+
+
+class Query(Message, frozen=True):
+    """A read of state; its handler may not emit or send anything.
+
+    >>> class GetOrder(Query, key="order_id"):
+    ...     order_id: str
+    """
+
+    __choreo_kind__: ClassVar[Kind] = "query"
+
+
+def message_options(cls: type) -> MessageOptions:
+    """The options of a message type, or a clear error for anything else.
+
+    >>> class Ping(Event):
+    ...     n: int
+    >>> message_options(Ping).kind
+    'event'
+    """
+    options = getattr(cls, "__choreo_options__", None)
+    if not isinstance(cls, type) or options is None or cls.__dict__.get("__choreo_kind__"):
+        raise ChoreoUsageError(
+            f"{cls!r} is not a message type: subclass choreo.Event, choreo.Command or choreo.Query"
+        )
+    return options
+
+
+def encode(message: Message) -> bytes:
+    """The MessagePack body of a message."""
+    return _encoder.encode(message)
+
+
+def decode(cls: type[Message], body: bytes | memoryview) -> Message:
+    """Decode and validate a body as ``cls``; raises :class:`ValidationError` naming the field."""
+    try:
+        return cls.__choreo_decoder__.decode(body)  # type: ignore[attr-defined,no-any-return]
+    except msgspec.ValidationError as exc:
+        raise ValidationError(f"{message_options(cls).name}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"{message_options(cls).name}: body is not valid MessagePack: {exc}") from None
+
+
+def idempotency_id(message: Message) -> bytes | None:
+    """The 16-byte identity of a message's intent, or None when its type declares no idempotency.
+
+    It is a SHA-256 over the type's name and the chosen fields (or the whole body) in a
+    canonical encoding (map keys sorted), so equal intents give equal ids on every host.
+    """
+    options = message.__choreo_options__
+    if options.idempotency is None:
+        return None
+    if options.idempotency == "body":
+        canonical = _sorted_encoder.encode(message)
+    else:
+        canonical = _sorted_encoder.encode([getattr(message, f) for f in options.idempotency])
+    return hashlib.sha256(options.name.encode() + b"\0" + canonical).digest()[:16]
