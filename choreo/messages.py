@@ -117,10 +117,6 @@ class _MessageMeta(type(msgspec.Struct)):  # type: ignore[misc]
             line=caller.f_lineno,
         )
         cls.__choreo_options__ = options
-        cls.__choreo_decoder__ = msgspec.msgpack.Decoder(cls)
-        cls.__choreo_result_decoder__ = (
-            msgspec.msgpack.Decoder(options.returns) if options.returns is not None else msgspec.msgpack.Decoder()
-        )
         return cls
 
 
@@ -213,6 +209,29 @@ def message_options(cls: type) -> MessageOptions:
     return options
 
 
+# Decoders are cached here rather than on the classes, so a class can travel by value through
+# cloudpickle to a node process (a Decoder cannot be pickled).
+_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+_result_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+
+
+def decoder_for(cls: type[Message]) -> msgspec.msgpack.Decoder[Any]:
+    decoder = _decoders.get(cls)
+    if decoder is None:
+        decoder = _decoders[cls] = msgspec.msgpack.Decoder(cls)
+    return decoder
+
+
+def result_decoder_for(cls: type[Message]) -> msgspec.msgpack.Decoder[Any]:
+    """Decodes (and validates) a command's or query's result as its declared ``returns`` type."""
+    decoder = _result_decoders.get(cls)
+    if decoder is None:
+        returns = message_options(cls).returns
+        decoder = msgspec.msgpack.Decoder(returns) if returns is not None else msgspec.msgpack.Decoder()
+        _result_decoders[cls] = decoder
+    return decoder
+
+
 def encode(message: Message) -> bytes:
     """The MessagePack body of a message."""
     return _encoder.encode(message)
@@ -221,7 +240,7 @@ def encode(message: Message) -> bytes:
 def decode(cls: type[Message], body: bytes | memoryview) -> Message:
     """Decode and validate a body as ``cls``; raises :class:`ValidationError` naming the field."""
     try:
-        return cls.__choreo_decoder__.decode(body)  # type: ignore[attr-defined,no-any-return]
+        return decoder_for(cls).decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
         raise ValidationError(f"{message_options(cls).name}: {exc}") from None
     except msgspec.DecodeError as exc:

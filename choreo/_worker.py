@@ -1,0 +1,63 @@
+"""The child side of :class:`choreo.launch.NodeProcess`: read the node's definition, run it.
+
+Reads a cloudpickled dict from stdin (written by the parent that spawned us), starts the node,
+prints ``choreo-ready <endpoint>`` on stdout, and serves until SIGTERM/SIGINT (drain) or
+SIGKILL. Exit status: 0 after a clean stop, 2 if the mesh refused the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import sys
+
+import cloudpickle
+
+from .engine import NodeConfig
+from .errors import ChoreoError
+from .launch import READY_PREFIX
+from .node import Node
+from .service import Service
+
+
+def load_service(target: str) -> Service:
+    """``module:attribute`` (or ``module`` holding exactly one Service) -> the Service."""
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    if attr:
+        obj = getattr(module, attr, None)
+        if not isinstance(obj, Service):
+            raise SystemExit(f"{target}: {attr} is not a choreo.Service (got {type(obj).__name__})")
+        return obj
+    services = [v for v in vars(module).values() if isinstance(v, Service)]
+    if len(services) != 1:
+        names = ", ".join(s.name for s in services) or "none"
+        raise SystemExit(f"{target}: name the service as MODULE:ATTRIBUTE (services found: {names})")
+    return services[0]
+
+
+async def run(service: Service | None, bind: str, peers: list[str], config: NodeConfig, name: str | None) -> int:
+    node = Node(service, bind=bind, peers=peers, config=config, name=name)
+    await node.start()
+    sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}\n")
+    sys.stdout.flush()
+    try:
+        await node.serve()
+    except ChoreoError as exc:
+        print(f"choreo: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> int:
+    spec = cloudpickle.loads(sys.stdin.buffer.read())
+    logging.basicConfig(level=spec.get("log_level", "WARNING"), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    service = spec["service"]
+    if isinstance(service, str):
+        service = load_service(service)
+    return asyncio.run(run(service, spec["bind"], spec["peers"], NodeConfig(**spec["config"]), spec["name"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

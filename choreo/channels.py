@@ -1,0 +1,244 @@
+"""Delivery sessions: one outbound and one inbound channel per pair of node incarnations.
+
+An :class:`OutChannel` wraps the core's ``OutboundWindow`` for one receiver: it appends
+envelopes (or parks them in a backlog while credit is exhausted), turns pending envelopes into
+one DATA frame per flush, applies the receiver's acks, and calls back whoever waits for a
+particular sequence number to be done (an input message whose outputs must be safe before it
+is acknowledged itself).
+
+An :class:`InChannel` wraps the core's ``InboundReorder`` for one sender: DATA frames go in,
+envelopes come out strictly in order, and the ack to send back is read from it.
+
+Both are thin: the decisions are the core's; these classes hold the Python-side bookkeeping
+(callbacks, frames, the backlog) that the core deliberately knows nothing about.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import core, wire
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .membership import Peer
+
+__all__ = ["Outgoing", "OutChannel", "InChannel"]
+
+Callback = Callable[[], None]
+
+
+class Outgoing:
+    """One envelope waiting for credit, with what to call once it is done downstream."""
+
+    __slots__ = ("kind", "flags", "type", "key", "partition", "msg_id", "trace_id", "cause_id", "payload", "on_done", "raw")
+
+    def __init__(
+        self,
+        kind: int,
+        flags: int,
+        type: bytes,
+        key: bytes,
+        partition: int,
+        msg_id: bytes,
+        trace_id: bytes,
+        cause_id: bytes,
+        payload: bytes,
+        on_done: Callback | None,
+        raw: bytes | None = None,
+    ) -> None:
+        self.kind = kind
+        self.flags = flags
+        self.type = type
+        self.key = key
+        self.partition = partition
+        self.msg_id = msg_id
+        self.trace_id = trace_id
+        self.cause_id = cause_id
+        self.payload = payload
+        self.on_done = on_done
+        self.raw = raw  # an already encoded envelope being moved from another channel
+
+    @property
+    def size(self) -> int:
+        if self.raw is not None:
+            return len(self.raw)
+        return core.HEADER_SIZE + len(self.type) + len(self.key) + len(self.payload)
+
+
+class OutChannel:
+    """The sender side towards one receiver incarnation."""
+
+    def __init__(
+        self,
+        me: int,
+        peer: Peer,
+        window: int,
+        window_bytes: int,
+        rto: float,
+        rto_max: float,
+        max_batch: int,
+        max_batch_bytes: int,
+    ) -> None:
+        self.peer = peer
+        self.window = core.OutboundWindow(
+            max_messages=max(1, min(window, peer.window)), max_bytes=window_bytes, rto=rto, rto_max=rto_max
+        )
+        self.backlog: deque[Outgoing] = deque()
+        self.watch: dict[int, Callback] = {}  # seq -> called when that seq is done (insertion = seq order)
+        self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self.pending_bytes = 0
+        self.header = wire.frame(wire.DATA, me, peer.incarnation)
+        self.credit_waiters: list[Callback] = []
+        self.closed = False
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def can_accept(self, nbytes: int) -> bool:
+        """Whether an envelope from the application may go in now (the backlog goes first)."""
+        return not self.backlog and self.window.has_credit(nbytes)
+
+    def append(self, item: Outgoing, now: float) -> int:
+        """Put an envelope in the window (credit must be available); returns its seq."""
+        if item.raw is not None:
+            seq = self.window.append_raw(item.raw, now)
+        else:
+            seq = self.window.append(
+                item.kind,
+                item.flags,
+                item.type,
+                item.key,
+                item.partition,
+                item.msg_id,
+                item.trace_id,
+                item.cause_id,
+                item.payload,
+                now,
+            )
+        if item.on_done is not None:
+            self.watch[seq] = item.on_done
+        self.pending_bytes += item.size
+        return seq
+
+    def push(self, item: Outgoing, now: float) -> None:
+        """Append now if credit allows and nothing waits before it, else park it in the backlog."""
+        if not self.backlog and self.window.has_credit(item.size):
+            self.append(item, now)
+        else:
+            self.backlog.append(item)
+
+    @property
+    def batch_full(self) -> bool:
+        return self.window.pending >= self.max_batch or self.pending_bytes >= self.max_batch_bytes
+
+    def take_frame(self) -> bytes | None:
+        """The DATA frame of everything appended since the last call, or None."""
+        body = self.window.flush()
+        self.pending_bytes = 0
+        return None if body is None else self.header + body
+
+    def retransmit_frame(self, now: float) -> bytes | None:
+        body = self.window.due(now)
+        return None if body is None else self.header + body
+
+    # -- acks ----------------------------------------------------------------------------------
+
+    def on_ack(self, data: bytes, offset: int, now: float) -> int:
+        """Apply an ack (MalformedFrame if invalid), run the callbacks of finished seqs, refill."""
+        cumulative, received, ranges = core.decode_ack(data, offset)
+        freed = self.window.on_ack(cumulative, received, ranges, now)
+        if freed and self.watch:
+            self._notify(cumulative, ranges)
+        if freed:
+            self.pump(now)
+        return freed
+
+    def _notify(self, cumulative: int, ranges: list[tuple[int, int]]) -> None:
+        watch = self.watch
+        done: list[Callback] = []
+        while watch:
+            seq = next(iter(watch))
+            if seq > cumulative:
+                break
+            done.append(watch.pop(seq))
+        for lo, hi in ranges:
+            if hi - lo < len(watch):
+                for seq in range(lo, hi + 1):
+                    cb = watch.pop(seq, None)
+                    if cb is not None:
+                        done.append(cb)
+            else:
+                for seq in [s for s in watch if lo <= s <= hi]:
+                    done.append(watch.pop(seq))
+        for cb in done:
+            cb()
+
+    def pump(self, now: float) -> None:
+        """Move parked envelopes into the window while credit allows, then wake waiting emitters."""
+        backlog = self.backlog
+        while backlog and self.window.has_credit(backlog[0].size):
+            self.append(backlog.popleft(), now)
+        if not backlog and self.credit_waiters and self.window.has_credit(0):
+            waiters, self.credit_waiters = self.credit_waiters, []
+            for wake in waiters:
+                wake()
+
+    # -- the receiver is gone --------------------------------------------------------------------
+
+    def evacuate(self) -> list[Outgoing]:
+        """Everything not yet done (in flight, then parked), to send elsewhere; closes the channel.
+
+        In-flight envelopes come back encoded (``raw``) with their callbacks, in seq order.
+        """
+        self.closed = True
+        self.window.flush()
+        out: list[Outgoing] = []
+        for raw in self.window.unacked():
+            seq = int.from_bytes(raw[:8], "little")
+            out.append(_from_raw(raw, self.watch.pop(seq, None)))
+        out.extend(self.backlog)
+        self.backlog.clear()
+        self.watch.clear()
+        waiters, self.credit_waiters = self.credit_waiters, []
+        for wake in waiters:
+            wake()
+        return out
+
+    @property
+    def idle(self) -> bool:
+        return not self.backlog and self.window.in_flight == 0
+
+
+def _from_raw(raw: bytes, on_done: Callback | None) -> Outgoing:
+    (env,) = core.parse_envelopes(raw)
+    return Outgoing(
+        env.kind,
+        env.flags,
+        env.type.encode(),
+        env.key,
+        env.partition,
+        env.msg_id,
+        env.trace_id,
+        env.cause_id,
+        env.payload,
+        on_done,
+        raw=raw,
+    )
+
+
+class InChannel:
+    """The receiver side from one sender incarnation."""
+
+    def __init__(self, me: int, peer: Peer, window: int) -> None:
+        self.peer = peer
+        self.reorder = core.InboundReorder(window=window)
+        self.header = wire.frame(wire.ACK, me, peer.incarnation)
+
+    def ack_frame(self) -> bytes:
+        return self.header + self.reorder.ack_frame()
+
+    @property
+    def idle(self) -> bool:
+        return self.reorder.buffered == 0 and self.reorder.in_progress == 0

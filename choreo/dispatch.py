@@ -1,0 +1,560 @@
+"""Running handlers: dedup, per-key order, retries, dead letters and the ack after the effects.
+
+The path of one received envelope (a :class:`Job`):
+
+1. **Dedup.** Its id (or idempotency key, which senders put in the id) goes into the type's
+   ``DedupWindow``. A duplicate is not handled again: it is finished when the original is
+   (at once if that is already done), and a duplicate command gets the original's result.
+2. **Per-key order.** At most one job per key is in a handler; the others wait in arrival order
+   (``KeyedDispatch``). A job that waits for a retry keeps its key, so a later message of the
+   same key never overtakes a failing one.
+3. **The handler** runs, sync inline or async as a task, with a :class:`HandlerContext` that
+   *buffers* what it emits and sends: a failed attempt leaks nothing.
+4. **Effects.** On success the buffered messages are sent with ids derived from the input's
+   id, the handler and their position; the job waits until every one is acknowledged
+   downstream, then the result goes back to the caller (commands and queries), and only then
+   is the input acknowledged to its sender.
+5. **Failure.** An exception is retried with backoff, then the job goes to the dead-letter store
+   (payload, error, attempts) and is acknowledged, so one poison message cannot wedge a channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from . import core
+from .errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationError
+from .messages import Message, decode, message_options
+from .service import Handler, Service
+from .wire import FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_QUERY, KIND_REPLY
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .channels import InChannel
+    from .engine import Engine
+
+__all__ = ["Job", "HandlerContext", "DeadLetter", "Dispatcher"]
+
+log = logging.getLogger("choreo.dispatch")
+_reply_encoder = msgspec.msgpack.Encoder()
+_KIND_FOR = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
+
+
+class Job:
+    """One received message on its way through a handler."""
+
+    __slots__ = (
+        "env",
+        "channel",
+        "handler",
+        "attempt",
+        "message",
+        "pending",
+        "reply",
+        "holds_key",
+        "duplicates",
+        "received",
+        "started",
+        "replay_of",
+        "error",
+    )
+
+    def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
+        self.env = env
+        self.channel = channel
+        self.handler = handler
+        self.attempt = 0
+        self.message: Message | None = None
+        self.pending = 0  # outputs not yet done downstream
+        self.reply: bytes | None = None  # encoded [ok, body] for commands and queries
+        self.holds_key = False
+        self.duplicates: list[Job] = []
+        self.received = received
+        self.started = 0.0
+        self.replay_of: DeadLetter | None = None
+        self.error: str | None = None
+
+
+@dataclass
+class DeadLetter:
+    """A message whose handler kept failing: kept on the node that failed it, replayable."""
+
+    id: int
+    message_type: str
+    service: str
+    handler: str
+    msg_id: bytes
+    trace_id: bytes
+    key: bytes
+    partition: int
+    payload: bytes
+    error: str
+    error_type: str
+    traceback: str
+    attempts: int
+    first_failed: float
+    last_failed: float
+    replays: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.message_type,
+            "service": self.service,
+            "handler": self.handler,
+            "msg_id": self.msg_id.hex(),
+            "trace_id": self.trace_id.hex(),
+            "key": self.key.decode("utf-8", "replace"),
+            "partition": self.partition,
+            "error": self.error,
+            "error_type": self.error_type,
+            "attempts": self.attempts,
+            "replays": self.replays,
+            "failed_at": self.last_failed,
+        }
+
+
+class HandlerContext:
+    """What a running handler may do besides returning: see :class:`choreo.Context`."""
+
+    __slots__ = ("_dispatcher", "_job", "outputs")
+
+    def __init__(self, dispatcher: Dispatcher, job: Job) -> None:
+        self._dispatcher = dispatcher
+        self._job = job
+        self.outputs: list[Message] = []
+
+    @property
+    def message_id(self) -> bytes:
+        return self._job.env.msg_id
+
+    @property
+    def trace_id(self) -> bytes:
+        return self._job.env.trace_id
+
+    @property
+    def attempt(self) -> int:
+        return self._job.attempt + 1
+
+    @property
+    def service(self) -> str:
+        return self._dispatcher.service.name
+
+    @property
+    def instance(self) -> str:
+        return self._dispatcher.engine.name
+
+    @property
+    def key(self) -> bytes:
+        return self._job.env.key
+
+    def _declared(self, message: Message, allowed: tuple[type, ...], verb: str) -> None:
+        handler = self._job.handler
+        assert handler is not None
+        if handler.kind == "query":
+            raise ChoreoUsageError(f"query handler {handler.name} may not {verb}: queries have no side effects")
+        if type(message) not in allowed:
+            name = message_options(type(message)).name
+            declared = ", ".join(message_options(t).name for t in allowed) or "nothing"
+            raise UndeclaredMessage(
+                f"handler {handler.name} ({handler.where}) {verb}s {name}, which it does not declare "
+                f"(its {verb}s= lists {declared}); add it to the decorator"
+            )
+
+    def emit(self, event: Message) -> None:
+        """Publish an event (sent once the handler returns without raising)."""
+        assert self._job.handler is not None
+        self._declared(event, self._job.handler.emits, "emit")
+        self.outputs.append(event)
+
+    def send(self, command: Message) -> None:
+        """Send a command (sent once the handler returns without raising)."""
+        assert self._job.handler is not None
+        self._declared(command, self._job.handler.sends, "send")
+        name = message_options(type(command)).name
+        if not self._dispatcher.engine.membership.owners(name):
+            raise NoOwner(f"no live service in the mesh handles command {name}")
+        self.outputs.append(command)
+
+    async def ask(self, query: Message, timeout: float | None = None) -> Any:
+        """Ask a query declared in ``sends=`` and return its answer."""
+        assert self._job.handler is not None
+        self._declared(query, self._job.handler.sends, "send")
+        env = self._job.env
+        return await self._dispatcher.engine.ask(query, timeout=timeout, trace_id=env.trace_id, cause_id=env.msg_id)
+
+
+@dataclass
+class DispatchStats:
+    received: int = 0
+    processed: int = 0
+    failed_attempts: int = 0
+    dead_lettered: int = 0
+    duplicates: int = 0
+    in_handler: int = 0
+    lag: dict[int, int] = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Handles the envelopes addressed to this node's service."""
+
+    def __init__(self, engine: Engine, service: Service | None, *, dlq_max: int = 10_000, results_max: int = 100_000) -> None:
+        self.engine = engine
+        self.service = service
+        self.handlers: dict[str, Handler] = dict(service.handlers) if service else {}
+        self.keyed = core.KeyedDispatch()
+        self.dedup: dict[str, core.DedupWindow] = {}
+        self.in_progress: dict[bytes, Job] = {}
+        self.results: OrderedDict[bytes, tuple[float, float, bytes]] = OrderedDict()  # id -> (t, ttl, reply)
+        self.results_max = results_max
+        self.dead_letters: OrderedDict[int, DeadLetter] = OrderedDict()
+        self.dlq_max = dlq_max
+        self._dlq_next = 1
+        self.ready: deque[Job] = deque()
+        self.stats = DispatchStats()
+        self._handler_ids = {name: h.name.encode() for name, h in self.handlers.items()}
+
+    # -- arrival -------------------------------------------------------------------------------
+
+    def deliver(self, channel: InChannel, env: Any, now: float) -> None:
+        """Take one released envelope (called in sequence order per channel)."""
+        if env.kind == KIND_REPLY:
+            self.engine.on_reply(env)
+            channel.reorder.complete(env.seq)
+            return
+        self.stats.received += 1
+        handler = self.handlers.get(env.type)
+        if handler is None or _KIND_FOR[handler.kind] != env.kind:
+            self.engine.count_refused(
+                "unknown_type",
+                f"{env.type!r} (kind {env.kind}) from {channel.peer.node}: "
+                f"{self.service.name if self.service else 'this client'} has no handler for it",
+            )
+            job = Job(env, channel, None, now)
+            if env.kind in (KIND_COMMAND, KIND_QUERY):
+                job.reply = _error_reply("UnknownType", f"{self._who()} does not handle {env.type}")
+            self._effects_safe(job)
+            return
+        job = Job(env, channel, handler, now)
+        lag = self.stats.lag
+        lag[env.partition] = lag.get(env.partition, 0) + 1
+        if handler.kind != "query" and not env.flags & FLAG_REPLAY:
+            window = self.dedup.get(env.type)
+            if window is None:
+                options = message_options(handler.message)
+                window = self.dedup[env.type] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+            if not window.insert(env.msg_id, now, env.partition):
+                self._duplicate(job)
+                return
+            self.in_progress[env.msg_id] = job
+        self._admit(job)
+
+    def _admit(self, job: Job) -> None:
+        env = job.env
+        assert job.handler is not None
+        if env.flags & FLAG_UNKEYED:
+            self.ready.append(job)
+        elif job.handler.is_async or self.keyed.busy(env.key) or self.ready:
+            if self.keyed.admit(env.key, job):
+                job.holds_key = True
+                self.ready.append(job)
+        else:
+            self._start(job)
+
+    def _duplicate(self, job: Job) -> None:
+        self.stats.duplicates += 1
+        self.engine.stats.dedup_hits += 1
+        original = self.in_progress.get(job.env.msg_id)
+        if original is not None:
+            original.duplicates.append(job)
+            return
+        cached = self.results.get(job.env.msg_id)
+        if cached is not None and job.env.kind != KIND_EVENT:
+            job.reply = cached[2]
+        elif job.env.kind != KIND_EVENT:
+            job.reply = _ok_reply(_reply_encoder.encode(None))
+        self._effects_safe(job)
+
+    def pump(self) -> None:
+        """Start every job that became ready (iteratively: no recursion through handlers)."""
+        ready = self.ready
+        while ready:
+            self._start(ready.popleft())
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        handler = job.handler
+        assert handler is not None
+        if job.message is None:
+            try:
+                job.message = decode(handler.message, job.env.payload)
+            except ValidationError as exc:
+                self.engine.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
+                self._finish_handler(job, reply=_error_reply("ValidationError", str(exc)), dead=False)
+                return
+        ctx = HandlerContext(self, job)
+        job.started = self.engine.clock()
+        self.stats.in_handler += 1
+        self.engine.tracer.started(job)
+        try:
+            if handler.is_async:
+                coro = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
+                task = asyncio.get_running_loop().create_task(coro)
+                task.add_done_callback(lambda t, job=job, ctx=ctx: self._async_done(job, ctx, t))
+                return
+            result = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
+        except Exception as exc:
+            self._failed(job, exc)
+        else:
+            self._succeeded(job, ctx, result)
+
+    def _async_done(self, job: Job, ctx: HandlerContext, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self._failed(job, asyncio.CancelledError("handler task was cancelled"))
+        elif task.exception() is not None:
+            self._failed(job, task.exception())  # type: ignore[arg-type]
+        else:
+            self._succeeded(job, ctx, task.result())
+        self.pump()
+        self.engine.schedule_flush()
+
+    def _succeeded(self, job: Job, ctx: HandlerContext, result: Any) -> None:
+        self.stats.in_handler -= 1
+        handler = job.handler
+        assert handler is not None
+        reply = None
+        if handler.kind != "event":
+            try:
+                reply = _ok_reply(_reply_encoder.encode(result))
+            except (TypeError, msgspec.EncodeError) as exc:
+                self._failed(job, TypeError(f"handler {handler.name} returned a value choreo cannot encode: {exc}"))
+                return
+        self.engine.tracer.finished(job, "ok", None)
+        outputs = ctx.outputs
+        if outputs:
+            try:
+                routed = self.engine.send_outputs(job, outputs)
+            except Exception as exc:  # routing failed (no owner any more...): the attempt failed
+                self.stats.in_handler += 1
+                self._failed(job, exc)
+                return
+            job.pending += routed
+        self._finish_handler(job, reply=reply, dead=False)
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        self.stats.in_handler -= 1
+        self.stats.failed_attempts += 1
+        handler = job.handler
+        assert handler is not None
+        job.attempt += 1
+        job.error = f"{type(exc).__name__}: {exc}"
+        self.engine.tracer.finished(job, "error", job.error)
+        if job.attempt <= handler.retry.retries:
+            if not job.holds_key and not job.env.flags & FLAG_UNKEYED:
+                if self.keyed.admit(job.env.key, job):
+                    job.holds_key = True
+            delay = handler.retry.delay(job.attempt)
+            log.info("%s failed (attempt %d), retrying in %.3f s: %s", handler.name, job.attempt, delay, job.error)
+            self.engine.call_later(delay, lambda: self._retry(job))
+            return
+        self._dead_letter(job, exc)
+        reply = _error_reply(type(exc).__name__, str(exc)) if handler.kind != "event" else None
+        self._finish_handler(job, reply=reply, dead=True)
+
+    def _retry(self, job: Job) -> None:
+        if job.holds_key or job.env.flags & FLAG_UNKEYED:
+            self._start(job)
+        else:  # pragma: no cover - a retry always holds its key
+            self._admit(job)
+        self.pump()
+        self.engine.schedule_flush()
+
+    def _finish_handler(self, job: Job, *, reply: bytes | None, dead: bool) -> None:
+        """The handler phase is over (success, refusal or dead letter): free the key, then wait for effects."""
+        job.reply = reply
+        if job.holds_key:
+            job.holds_key = False
+            nxt = self.keyed.done(job.env.key)
+            if nxt is not None:
+                nxt.holds_key = True
+                self.ready.append(nxt)
+        if job.pending == 0:
+            self._effects_safe(job)
+
+    def output_done(self, job: Job) -> None:
+        job.pending -= 1
+        if job.pending == 0:
+            self._effects_safe(job)
+
+    def _effects_safe(self, job: Job) -> None:
+        """Everything the handler emitted is acknowledged: answer the caller, then ack the input."""
+        reply = job.reply
+        if reply is not None and job.env.kind in (KIND_COMMAND, KIND_QUERY):
+            job.reply = None
+            if self.in_progress.get(job.env.msg_id) is job:
+                self._remember_result(job, reply)
+            if job.channel is not None:
+                job.pending = 1
+                if self.engine.send_reply(job, reply):
+                    return
+                job.pending = 0
+        self._complete(job)
+
+    def _complete(self, job: Job) -> None:
+        env = job.env
+        if job.channel is not None:
+            job.channel.reorder.complete(env.seq)
+            self.engine.ack_later(job.channel)
+        if job.handler is not None:
+            if job.replay_of is None:
+                self._unlag(job)
+            self.stats.processed += 1
+            if self.in_progress.get(env.msg_id) is job:
+                del self.in_progress[env.msg_id]
+                cached = self.results.get(env.msg_id)
+                for dup in job.duplicates:
+                    if cached is not None:
+                        dup.reply = cached[2]
+                    self._effects_safe(dup)
+
+    def _unlag(self, job: Job) -> None:
+        lag = self.stats.lag
+        p = job.env.partition
+        n = lag.get(p, 0) - 1
+        if n > 0:
+            lag[p] = n
+        else:
+            lag.pop(p, None)
+
+    def _remember_result(self, job: Job, reply: bytes) -> None:
+        if job.env.kind != KIND_COMMAND or job.handler is None:
+            return
+        options = message_options(job.handler.message)
+        self.results[job.env.msg_id] = (self.engine.clock(), options.dedup_ttl, reply)
+        while len(self.results) > self.results_max:
+            self.results.popitem(last=False)
+        # forget results older than their dedup window, oldest first
+        now = self.engine.clock()
+        while self.results:
+            t, ttl, _ = next(iter(self.results.values()))
+            if now - t < ttl:
+                break
+            self.results.popitem(last=False)
+
+    # -- dead letters --------------------------------------------------------------------------
+
+    def _dead_letter(self, job: Job, exc: BaseException) -> None:
+        handler = job.handler
+        assert handler is not None
+        now = time.time()
+        env = job.env
+        if job.replay_of is not None:
+            letter = job.replay_of
+            letter.attempts += job.attempt
+            letter.error, letter.error_type = str(exc), type(exc).__name__
+            letter.last_failed = now
+            self.dead_letters[letter.id] = letter
+        else:
+            letter = DeadLetter(
+                id=self._dlq_next,
+                message_type=env.type,
+                service=handler.service,
+                handler=handler.name,
+                msg_id=env.msg_id,
+                trace_id=env.trace_id,
+                key=env.key,
+                partition=env.partition,
+                payload=env.payload,
+                error=str(exc),
+                error_type=type(exc).__name__,
+                traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20)),
+                attempts=job.attempt,
+                first_failed=now,
+                last_failed=now,
+            )
+            self._dlq_next += 1
+            self.dead_letters[letter.id] = letter
+            while len(self.dead_letters) > self.dlq_max:
+                self.dead_letters.popitem(last=False)
+        self.stats.dead_lettered += 1
+        self.engine.stats.dead_letters += 1
+        log.warning(
+            "%s: %s -> dead letter #%d after %d attempts: %s", handler.name, env.type, letter.id, job.attempt, job.error
+        )
+
+    def replay(self, letter_id: int) -> DeadLetter:
+        """Run a dead letter's handler again, once (with its retry policy). KeyError if unknown."""
+        letter = self.dead_letters.pop(letter_id)
+        handler = self.handlers.get(letter.message_type)
+        if handler is None:
+            self.dead_letters[letter_id] = letter
+            raise ChoreoUsageError(f"this node no longer handles {letter.message_type}")
+        letter.replays += 1
+        env = _ReplayEnvelope(letter, _KIND_FOR[handler.kind])
+        job = Job(env, None, handler, self.engine.clock())
+        job.replay_of = letter
+        self._admit(job)
+        self.pump()
+        self.engine.schedule_flush()
+        return letter
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _who(self) -> str:
+        return self.service.name if self.service else "this client"
+
+    @staticmethod
+    def _sender(job: Job) -> str:
+        return job.channel.peer.node if job.channel is not None else "a replay"
+
+    @property
+    def idle(self) -> bool:
+        return not self.in_progress and not self.ready and self.stats.in_handler == 0 and self.keyed.busy_keys == 0
+
+
+class _ReplayEnvelope:
+    """A dead letter dressed as a received envelope, for its replay."""
+
+    __slots__ = ("seq", "kind", "flags", "partition", "type", "key", "msg_id", "trace_id", "cause_id", "payload")
+
+    def __init__(self, letter: DeadLetter, kind: int) -> None:
+        self.seq = 0
+        self.kind = kind
+        self.flags = FLAG_REPLAY | (FLAG_UNKEYED if not letter.key else 0)
+        self.partition = letter.partition
+        self.type = letter.message_type
+        self.key = letter.key
+        self.msg_id = letter.msg_id
+        self.trace_id = letter.trace_id
+        self.cause_id = bytes(16)
+        self.payload = letter.payload
+
+
+def _ok_reply(body: bytes) -> bytes:
+    return b"\x01" + body
+
+
+def _error_reply(error_type: str, message: str) -> bytes:
+    return b"\x00" + _reply_encoder.encode([error_type, message])
+
+
+def decode_reply(payload: bytes) -> tuple[bool, bytes | tuple[str, str]]:
+    """``(True, result body)`` or ``(False, (error type, message))``."""
+    if not payload:
+        return False, ("ProtocolError", "empty reply")
+    if payload[0] == 1:
+        return True, payload[1:]
+    etype, message = msgspec.msgpack.decode(payload[1:])
+    return False, (str(etype), str(message))
+
+
+Factory = Callable[[], Any]

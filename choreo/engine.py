@@ -1,0 +1,996 @@
+"""The node's logic, without sockets or clocks of its own.
+
+An :class:`Engine` is one node incarnation: frames go in (``on_frame``), frames come out
+through the transport it is given, time comes from the clock it is given, and ``tick()`` is
+called every few milliseconds. The real node (:mod:`choreo.node`) plugs in ZeroMQ and
+``time.monotonic``; the test harness (:mod:`choreo.testing`) plugs in a lossy in-memory link
+and a virtual clock, and the same code runs under both.
+
+What it does with frames:
+
+* ``HELLO``/``HEARTBEAT``/``BYE`` feed :class:`~choreo.membership.Membership` (gossip: every
+  hello and heartbeat lists the peers the sender knows, so one seed is enough to find all);
+* ``DATA`` goes through the sender's :class:`~choreo.channels.InChannel` (order) to the
+  :class:`~choreo.dispatch.Dispatcher` (dedup, per-key order, handlers);
+* ``ACK`` frees credit in the receiver's :class:`~choreo.channels.OutChannel` and tells the
+  dispatcher which effects are now safe;
+* ``RPC`` is a system query from a client (the CLI), answered on the connection it came on.
+
+Outgoing envelopes collect per channel and leave as one frame per channel when the batch is
+full or when the event loop gets control back (``schedule_flush``): adaptive batching.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, Protocol
+
+import msgspec
+
+from . import core, wire
+from .channels import InChannel, OutChannel, Outgoing
+from .dispatch import Dispatcher, Job, decode_reply
+from .errors import (
+    Backpressure,
+    ChoreoUsageError,
+    DeliveryTimeout,
+    HandlerFailed,
+    MessageTooLarge,
+    NoOwner,
+    ProtocolError,
+    UndeclaredMessage,
+    ValidationError,
+)
+from .membership import Conflict, Membership, Peer
+from .messages import Message, encode, idempotency_id, message_options, result_decoder_for
+from .service import Service
+from .tracing import Tracer, new_trace_id, parse_traceparent
+
+__all__ = ["NodeConfig", "Engine", "Transport", "EngineStats", "key_bytes"]
+
+log = logging.getLogger("choreo.node")
+ZERO_ID = bytes(16)
+REPLY_HANDLER_ID = b"\xffreply"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Tuning of one node. The defaults suit a LAN; every limit is also a safety bound.
+
+    ``window`` / ``window_bytes``: credit per channel (envelopes and bytes in flight to one
+    receiver): the high-water mark at which ``emit`` waits. ``emit_timeout``: how long it
+    waits before raising :class:`~choreo.Backpressure`. ``max_message_bytes``: the largest
+    body accepted or sent. ``rto``/``rto_max``: first and largest retransmission timeout.
+    ``heartbeat``/``suspect_after``/``dead_after``: failure detection. ``span_ring``: how many
+    spans the node remembers for tracing (0: none).
+    """
+
+    window: int = 4096
+    window_bytes: int = 32 << 20
+    max_batch: int = 256
+    max_batch_bytes: int = 256 << 10
+    rto: float = 1.0
+    rto_max: float = 8.0
+    heartbeat: float = 0.5
+    suspect_after: float = 2.0
+    dead_after: float = 6.0
+    max_message_bytes: int = 1 << 20
+    emit_timeout: float = 10.0
+    request_timeout: float = 10.0
+    drain_timeout: float = 30.0
+    tick: float = 0.01
+    dlq_max: int = 10_000
+    span_ring: int = 10_000
+    transport_max_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value > 0 and f.name != "span_ring":
+                raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
+        if self.window > 1 << 20:
+            raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
+        if not self.suspect_after < self.dead_after:
+            raise ChoreoUsageError("NodeConfig.suspect_after must be smaller than dead_after")
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame accepted: a full batch plus one maximal message."""
+        return self.max_batch_bytes + self.max_message_bytes + 64 * 1024
+
+
+class Transport(Protocol):
+    """What the engine needs from the network."""
+
+    endpoint: str
+
+    def connect(self, endpoint: str) -> None: ...
+
+    def disconnect(self, endpoint: str) -> None: ...
+
+    def send(self, endpoint: str, frame: bytes) -> None: ...
+
+    def reply(self, identity: bytes, frame: bytes) -> None: ...
+
+
+@dataclass
+class EngineStats:
+    frames_in: int = 0
+    frames_out: int = 0
+    emitted: int = 0
+    sent: int = 0
+    dedup_hits: int = 0
+    backpressure_waits: int = 0
+    backpressure_errors: int = 0
+    dead_letters: int = 0
+    unrouted: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+
+
+def key_bytes(value: Any) -> bytes:
+    """The ordering key of a field value, identical on every host (``str()`` of it, UTF-8)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return str(value).encode()
+
+
+class _Route:
+    __slots__ = ("service", "partitions", "key_field", "broadcast")
+
+    def __init__(self, service: str, partitions: int, key_field: str | None, broadcast: bool) -> None:
+        self.service = service
+        self.partitions = partitions
+        self.key_field = key_field
+        self.broadcast = broadcast
+
+
+class _Call:
+    """A command or query waiting for its reply."""
+
+    __slots__ = ("future", "cls", "service")
+
+    def __init__(self, future: asyncio.Future[Any], cls: type[Message], service: str) -> None:
+        self.future = future
+        self.cls = cls
+        self.service = service
+
+
+class Engine:
+    """One node incarnation (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: Service | None,
+        transport: Transport,
+        *,
+        config: NodeConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        incarnation: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        if service is not None:
+            service.validate()
+        self.service = service
+        self.transport = transport
+        self.config = config or NodeConfig()
+        self.clock = clock
+        self.wall = wall
+        self.incarnation = incarnation or (int.from_bytes(os.urandom(8), "little") | 1)
+        label = service.name if service else "client"
+        self.name = name or f"{label}#{self.incarnation & 0xFFFFFF:06x}"
+        self.spec = service.spec() if service else None
+        self.membership = Membership(self.config.suspect_after, self.config.dead_after)
+        self.dispatcher = Dispatcher(self, service, dlq_max=self.config.dlq_max)
+        self.tracer = Tracer(label, self.name, self.config.span_ring, wall)
+        self.stats = EngineStats()
+        self.out: dict[int, OutChannel] = {}
+        self.inbound: dict[int, InChannel] = {}
+        self._dirty_out: set[OutChannel] = set()
+        self._dirty_in: set[InChannel] = set()
+        self._calls: dict[bytes, list[_Call]] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
+        self._homeless: dict[str, deque[Outgoing]] = {}
+        self._hello_sent: dict[str, float] = {}
+        self._id_prefix = os.urandom(8)
+        self._id_counter = itertools.count(1)
+        self._flush_scheduled = False
+        self._next_heartbeat = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rpc: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        self._log_budget: dict[str, float] = {}
+        self.leaving = False
+        self.fatal: Exception | None = None
+        self.batch_wall = wall()
+        self.me: Peer | None = None
+        self._register_rpc()
+
+    # ================================================================================ lifecycle
+
+    def start(self, seeds: Iterable[str] = ()) -> None:
+        """Join the mesh: register ourselves, then say hello to every seed."""
+        self._loop = asyncio.get_running_loop()
+        now = self.clock()
+        self.me = Peer(
+            incarnation=self.incarnation,
+            endpoint=self.transport.endpoint,
+            node=self.name,
+            service=self.spec,
+            window=self.config.window,
+            max_message_bytes=self.config.max_message_bytes,
+            last_heard=now,
+        )
+        self.membership.upsert(self.me)
+        self.transport.connect(self.transport.endpoint)
+        self._next_heartbeat = now + self.config.heartbeat
+        for seed in seeds:
+            if seed != self.transport.endpoint:
+                self._say_hello(seed, reply=True)
+
+    def _hello(self, reply: bool) -> wire.Hello:
+        return wire.Hello(
+            node=self.name,
+            incarnation=self.incarnation,
+            endpoint=self.transport.endpoint,
+            service=self.spec,
+            window=self.config.window,
+            max_message_bytes=self.config.max_message_bytes,
+            peers=self._peer_refs(),
+            reply=reply,
+            leaving=self.leaving,
+        )
+
+    def _peer_refs(self) -> list[wire.PeerRef]:
+        return [wire.PeerRef(p.endpoint, p.incarnation, p.service_name) for p in self.membership.live_peers()]
+
+    def _say_hello(self, endpoint: str, reply: bool, receiver: int = 0) -> None:
+        self.transport.connect(endpoint)
+        self._hello_sent[endpoint] = self.clock()
+        self._send(endpoint, wire.encode_control(wire.HELLO, self.incarnation, receiver, self._hello(reply)))
+
+    def begin_leave(self) -> None:
+        """Stop taking new work: peers route around us while we finish what we hold."""
+        if self.leaving:
+            return
+        self.leaving = True
+        hb = wire.Heartbeat(peers=self._peer_refs(), leaving=True)
+        for peer in list(self.membership.live_peers()):
+            if peer is not self.me:
+                self._send(peer.endpoint, wire.encode_control(wire.HEARTBEAT, self.incarnation, peer.incarnation, hb))
+        if self.me is not None:
+            self.membership.leaving(self.incarnation)
+        self.flush()
+
+    def finish_leave(self) -> None:
+        """Say goodbye to every peer (after draining)."""
+        bye = wire.Bye()
+        for peer in list(self.membership.live_peers()):
+            if peer is not self.me:
+                self._send(peer.endpoint, wire.encode_control(wire.BYE, self.incarnation, peer.incarnation, bye))
+        self.flush()
+
+    @property
+    def drained(self) -> bool:
+        """Nothing in progress here and nothing of ours unacknowledged elsewhere."""
+        if not self.dispatcher.idle:
+            return False
+        if any(not ch.idle for ch in self.inbound.values() if ch.peer.live):
+            return False
+        return all(ch.idle for ch in self.out.values() if ch.peer.live and not ch.closed)
+
+    # ================================================================================ timers
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after ``delay`` seconds of the engine's clock (checked at each tick)."""
+        heapq.heappush(self._timers, (self.clock() + delay, next(self._timer_seq), callback))
+
+    def tick(self) -> None:
+        """Timers: retransmissions, heartbeats, failure detection, retries and deadlines."""
+        now = self.clock()
+        for ch in list(self.out.values()):
+            if ch.window.in_flight and ch.peer.live:
+                frame = ch.retransmit_frame(now)
+                if frame is not None:
+                    self._send(ch.peer.endpoint, frame)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat
+            self._heartbeat()
+        for peer in self.membership.check_silence(now, self.incarnation):
+            log.warning("%s: peer %s is %s (silent for %.1f s)", self.name, peer.node, peer.state, now - peer.last_heard)
+            if not peer.live:
+                self._peer_gone(peer)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, callback = heapq.heappop(timers)
+            callback()
+        self.dispatcher.pump()
+        self.flush()
+
+    def _heartbeat(self) -> None:
+        hb = wire.encode_control(
+            wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(peers=self._peer_refs(), leaving=self.leaving)
+        )
+        for peer in self.membership.live_peers():
+            if peer is not self.me:
+                self._send(peer.endpoint, hb)
+
+    # ================================================================================ output
+
+    def _send(self, endpoint: str, frame: bytes) -> None:
+        self.stats.frames_out += 1
+        self.transport.send(endpoint, frame)
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def ack_later(self, channel: InChannel) -> None:
+        self._dirty_in.add(channel)
+        self.schedule_flush()
+
+    def flush(self) -> None:
+        """Send every pending batch and ack: called when the loop has nothing else to do."""
+        self._flush_scheduled = False
+        if self._dirty_out:
+            dirty, self._dirty_out = self._dirty_out, set()
+            for ch in dirty:
+                frame = ch.take_frame()
+                if frame is not None and ch.peer.live:
+                    self._send(ch.peer.endpoint, frame)
+        if self._dirty_in:
+            dirty_in, self._dirty_in = self._dirty_in, set()
+            for ich in dirty_in:
+                if ich.reorder.ack_pending and ich.peer.live:
+                    self._send(ich.peer.endpoint, ich.ack_frame())
+
+    def _append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
+        """Put one envelope on a channel (or its backlog) and get it on its way."""
+        ch.push(item, now)
+        self._dirty_out.add(ch)
+        if ch.batch_full:
+            frame = ch.take_frame()
+            if frame is not None:
+                self._send(ch.peer.endpoint, frame)
+        self.schedule_flush()
+
+    def channel(self, peer: Peer) -> OutChannel:
+        ch = self.out.get(peer.incarnation)
+        if ch is None or ch.closed:
+            c = self.config
+            ch = OutChannel(
+                self.incarnation, peer, c.window, c.window_bytes, c.rto, c.rto_max, c.max_batch, c.max_batch_bytes
+            )
+            self.out[peer.incarnation] = ch
+        return ch
+
+    # ================================================================================ routing
+
+    def _routes(self, name: str, kind: str) -> list[_Route]:
+        version = self.membership.version
+        cached = self._route_cache.get(name)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        routes: list[_Route] = []
+        if kind == "event":
+            for spec, h in self.membership.subscribers(name):
+                routes.append(_Route(spec.name, spec.partitions, h.key, h.broadcast))
+        else:
+            owners = self.membership.owners(name)
+            if not owners:
+                known = ", ".join(sorted(self.membership.services())) or "none yet"
+                raise NoOwner(f"no live service in the mesh handles {kind} {name} (services known: {known})")
+            if len(owners) > 1:
+                raise ChoreoUsageError(f"{kind} {name} has two owners: {', '.join(s.name for s in owners)}")
+            spec = owners[0]
+            h = spec.handler_for(name)
+            assert h is not None
+            routes.append(_Route(spec.name, spec.partitions, h.key, False))
+        self._route_cache[name] = (version, routes)
+        return routes
+
+    def _destinations(self, message: Message, name: str, kind: str) -> list[tuple[Peer, int, bytes, int]]:
+        """(peer, flags, key, partition) for every copy of ``message`` to send."""
+        out = []
+        for r in self._routes(name, kind):
+            if r.key_field is not None:
+                kb = key_bytes(getattr(message, r.key_field))
+                partition = core.partition_of(kb, r.partitions)
+                flags = 0
+            else:
+                kb, partition, flags = b"", 0, wire.FLAG_UNKEYED
+            if r.broadcast:
+                for peer in self.membership.instances(r.service):
+                    out.append((peer, flags | wire.FLAG_BROADCAST, kb, partition))
+                continue
+            peer = self.membership.owner(r.service, partition) if r.key_field is not None else self._least_loaded(r.service)
+            if peer is None:
+                if kind != "event":
+                    raise NoOwner(f"no live instance of {r.service} for {kind} {name}")
+                continue
+            out.append((peer, flags, kb, partition))
+        return out
+
+    def _least_loaded(self, service: str) -> Peer | None:
+        best, best_load = None, None
+        for peer in self.membership.instances(service):
+            ch = self.out.get(peer.incarnation)
+            load = 0 if ch is None else ch.window.in_flight + len(ch.backlog)
+            if best_load is None or load < best_load:
+                best, best_load = peer, load
+        return best
+
+    def fresh_id(self) -> bytes:
+        return self._id_prefix + next(self._id_counter).to_bytes(8, "little")
+
+    def _plan(
+        self, message: Message, msg_id: bytes, trace_id: bytes, cause_id: bytes, on_done: Callable[[], None] | None
+    ) -> list[tuple[OutChannel, Outgoing]]:
+        options = message.__choreo_options__
+        payload = encode(message)
+        if len(payload) > self.config.max_message_bytes:
+            raise MessageTooLarge(
+                f"{options.name} body is {len(payload)} bytes, above max_message_bytes={self.config.max_message_bytes}"
+            )
+        kind = wire.KIND_CODES[options.kind]
+        tname = options.name.encode()
+        plan = []
+        for peer, flags, kb, partition in self._destinations(message, options.name, options.kind):
+            if len(payload) > peer.max_message_bytes:
+                raise MessageTooLarge(
+                    f"{options.name} body is {len(payload)} bytes, above {peer.node}'s limit of {peer.max_message_bytes}"
+                )
+            item = Outgoing(kind, flags, tname, kb, partition, msg_id, trace_id, cause_id, payload, on_done)
+            plan.append((self.channel(peer), item))
+        if not plan:
+            self.stats.unrouted += 1
+        return plan
+
+    def send_outputs(self, job: Job, outputs: list[Message]) -> int:
+        """Send what a handler emitted/sent; returns how many envelopes must be acked first."""
+        env = job.env
+        handler = job.handler
+        assert handler is not None
+        handler_id = self.dispatcher._handler_ids[handler.message_name]
+        done = partial(self.dispatcher.output_done, job)
+        now = self.clock()
+        count = 0
+        for position, message in enumerate(outputs):
+            msg_id = idempotency_id(message) or core.derive_id(env.msg_id, handler_id, position)
+            for ch, item in self._plan(message, msg_id, env.trace_id, env.msg_id, done):
+                self._append(ch, item, now)
+                count += 1
+        return count
+
+    def send_reply(self, job: Job, reply: bytes) -> bool:
+        """Send a command's or query's result back to its sender; False if the sender is gone."""
+        assert job.channel is not None
+        peer = job.channel.peer
+        if not peer.live:
+            return False
+        env = job.env
+        item = Outgoing(
+            wire.KIND_REPLY,
+            wire.FLAG_UNKEYED,
+            env.type.encode(),
+            b"",
+            0,
+            core.derive_id(env.msg_id, REPLY_HANDLER_ID, env.seq & 0xFFFFFFFF),
+            env.trace_id,
+            env.msg_id,
+            reply,
+            partial(self.dispatcher.output_done, job),
+        )
+        self._append(self.channel(peer), item, self.clock())
+        return True
+
+    def on_reply(self, env: Any) -> None:
+        calls = self._calls.pop(env.cause_id, None)
+        if not calls:
+            return
+        ok, body = decode_reply(env.payload)
+        for call in calls:
+            if call.future.done():
+                continue
+            if ok:
+                try:
+                    result = result_decoder_for(call.cls).decode(body)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    call.future.set_exception(ValidationError(f"result of {env.type}: {exc}"))
+                else:
+                    call.future.set_result(result)
+            else:
+                etype, message = body  # type: ignore[misc]
+                call.future.set_exception(HandlerFailed(env.type, call.service, etype, message))
+
+    # ================================================================================ the app's API
+
+    def _check_origin(self, message: Message, verb: str) -> None:
+        if not isinstance(message, Message):
+            raise TypeError(f"{verb} takes a choreo message (Event, Command or Query), got {type(message).__name__}")
+        if self.service is None:
+            return
+        declared = self.service.emits if verb == "emit" else self.service.sends
+        if type(message) not in declared:
+            name = message_options(type(message)).name
+            raise UndeclaredMessage(
+                f"service {self.service.name} {verb}s {name} outside a handler without declaring it: "
+                f"add it to Service({self.service.name!r}, {verb}s=[...])"
+            )
+
+    def _origin_ids(self, message: Message, traceparent: str | None) -> tuple[bytes, bytes]:
+        msg_id = idempotency_id(message) or self.fresh_id()
+        trace_id = parse_traceparent(traceparent) if traceparent else new_trace_id()
+        return msg_id, trace_id
+
+    def _blocked(self, plan: list[tuple[OutChannel, Outgoing]]) -> OutChannel | None:
+        for ch, item in plan:
+            if not ch.can_accept(item.size):
+                return ch
+        return None
+
+    def _commit(self, plan: list[tuple[OutChannel, Outgoing]]) -> None:
+        now = self.clock()
+        for ch, item in plan:
+            self._append(ch, item, now)
+
+    def _backpressure(self, ch: OutChannel, waited: float) -> Backpressure:
+        self.stats.backpressure_errors += 1
+        w = ch.window
+        return Backpressure(ch.peer.node, w.in_flight + len(ch.backlog), w.max_messages, waited, w.in_flight_bytes)
+
+    def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
+        """Publish an event now or raise :class:`Backpressure` at once; returns its message id."""
+        self._check_origin(event, "emit")
+        if message_options(type(event)).kind != "event":
+            raise ChoreoUsageError(f"emit takes an event; use send() for commands and ask() for queries")
+        msg_id, trace_id = self._origin_ids(event, traceparent)
+        plan = self._plan(event, msg_id, trace_id, ZERO_ID, None)
+        blocked = self._blocked(plan)
+        if blocked is not None:
+            raise self._backpressure(blocked, 0.0)
+        self._commit(plan)
+        self.stats.emitted += 1
+        return msg_id
+
+    async def _await_credit(
+        self, plan: list[tuple[OutChannel, Outgoing]], timeout: float, replan: Callable[[], list[tuple[OutChannel, Outgoing]]]
+    ) -> list[tuple[OutChannel, Outgoing]]:
+        """Wait until every destination has credit (all or nothing), re-planning if a receiver dies."""
+        blocked = self._blocked(plan)
+        if blocked is None:
+            return plan
+        self.stats.backpressure_waits += 1
+        start = self.clock()
+        deadline = start + timeout
+        loop = asyncio.get_running_loop()
+        while blocked is not None:
+            if blocked.closed:
+                plan = replan()
+                blocked = self._blocked(plan)
+                continue
+            if self.clock() >= deadline:
+                raise self._backpressure(blocked, self.clock() - start)
+            fut: asyncio.Future[None] = loop.create_future()
+
+            def wake(fut: asyncio.Future[None] = fut) -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
+            blocked.credit_waiters.append(wake)
+            self.call_later(max(deadline - self.clock(), 0.0), wake)
+            await fut
+            blocked = self._blocked(plan)
+        return plan
+
+    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
+        """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
+        self._check_origin(event, "emit")
+        if message_options(type(event)).kind != "event":
+            raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        msg_id, trace_id = self._origin_ids(event, traceparent)
+
+        def replan() -> list[tuple[OutChannel, Outgoing]]:
+            return self._plan(event, msg_id, trace_id, ZERO_ID, None)
+
+        plan = replan()
+        if self._blocked(plan) is not None:
+            plan = await self._await_credit(plan, self.config.emit_timeout if timeout is None else timeout, replan)
+        self._commit(plan)
+        self.stats.emitted += 1
+        return msg_id
+
+    async def request(
+        self,
+        message: Message,
+        *,
+        timeout: float | None,
+        trace_id: bytes | None = None,
+        cause_id: bytes = ZERO_ID,
+        traceparent: str | None = None,
+        origin_check: bool = True,
+    ) -> Any:
+        """Send a command or query and await its result (shared by send and ask)."""
+        options = message_options(type(message))
+        if origin_check:
+            self._check_origin(message, "send")
+        timeout = self.config.request_timeout if timeout is None else timeout
+        msg_id = idempotency_id(message) or self.fresh_id()
+        if trace_id is None:
+            trace_id = parse_traceparent(traceparent) if traceparent else new_trace_id()
+        start = self.clock()
+
+        def replan() -> list[tuple[OutChannel, Outgoing]]:
+            return self._plan(message, msg_id, trace_id, cause_id, None)
+
+        plan = replan()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        owner = plan[0][0].peer.service_name or "?"
+        call = _Call(future, type(message), owner)
+        self._calls.setdefault(msg_id, []).append(call)
+        try:
+            if self._blocked(plan) is not None:
+                plan = await self._await_credit(plan, timeout, replan)
+            self._commit(plan)
+            self.stats.sent += 1
+
+            def expire() -> None:
+                if not future.done():
+                    future.set_exception(
+                        DeliveryTimeout(f"{options.kind} {options.name} to {owner}: no answer within {timeout:.1f} s")
+                    )
+
+            self.call_later(max(start + timeout - self.clock(), 0.0), expire)
+            return await future
+        finally:
+            calls = self._calls.get(msg_id)
+            if calls is not None:
+                if call in calls:
+                    calls.remove(call)
+                if not calls:
+                    del self._calls[msg_id]
+
+    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
+        """Send a command to its owner; returns the handler's result once it is processed."""
+        if message_options(type(command)).kind != "command":
+            raise ChoreoUsageError("send takes a command; use emit() for events and ask() for queries")
+        return await self.request(command, timeout=timeout, traceparent=traceparent)
+
+    async def ask(
+        self,
+        query: Message,
+        *,
+        timeout: float | None = None,
+        trace_id: bytes | None = None,
+        cause_id: bytes = ZERO_ID,
+        traceparent: str | None = None,
+    ) -> Any:
+        """Ask a query; returns its answer."""
+        if message_options(type(query)).kind != "query":
+            raise ChoreoUsageError("ask takes a query; use send() for commands and emit() for events")
+        return await self.request(
+            query,
+            timeout=timeout,
+            trace_id=trace_id,
+            cause_id=cause_id,
+            traceparent=traceparent,
+            origin_check=cause_id == ZERO_ID,
+        )
+
+    # ================================================================================ input
+
+    def on_frame(self, data: bytes, identity: bytes | None = None) -> None:
+        """Handle one received frame. Invalid input is counted and dropped; nothing raises."""
+        self.stats.frames_in += 1
+        if len(data) > self.config.max_frame_bytes:
+            self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self.config.max_frame_bytes}")
+            return
+        try:
+            frame_type, _flags, sender, receiver = wire.parse_header(data)
+            if receiver and receiver != self.incarnation:
+                self._refuse_stale(sender, receiver)
+                return
+            if frame_type == wire.DATA:
+                self._on_data(sender, data)
+            elif frame_type == wire.ACK:
+                self._on_ack(sender, data)
+            elif frame_type == wire.HEARTBEAT:
+                self._on_heartbeat(sender, wire.decode_control(frame_type, data))
+            elif frame_type == wire.HELLO:
+                self._on_hello(sender, wire.decode_control(frame_type, data))
+            elif frame_type == wire.BYE:
+                self._on_bye(sender)
+            elif frame_type == wire.REFUSE:
+                self._on_refuse(sender, wire.decode_control(frame_type, data))
+            elif frame_type == wire.RPC:
+                self._on_rpc(identity, wire.decode_control(frame_type, data))
+            else:
+                raise ProtocolError("malformed", f"unexpected {wire.FRAME_NAMES[frame_type]} frame")
+        except ProtocolError as exc:
+            self.count_refused(exc.reason, exc.detail)
+
+    def _on_data(self, sender: int, data: bytes) -> None:
+        ch = self.inbound.get(sender)
+        if ch is None:
+            peer = self.membership.peers.get(sender)
+            if peer is None or not peer.live:
+                raise ProtocolError("unknown_peer", f"data from {sender:016x}, which never said hello")
+            ch = self.inbound[sender] = InChannel(self.incarnation, peer, self.config.window)
+        self.membership.heard(sender, self.clock())
+        try:
+            released = ch.reorder.feed(data, wire.HEADER_SIZE)
+        except core.MalformedFrame as exc:
+            raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
+        now = self.clock()
+        self.batch_wall = self.wall()
+        deliver = self.dispatcher.deliver
+        limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
+        for env in released:
+            if env.size > limit:
+                self.count_refused("oversized", f"{env.type} envelope of {env.size} bytes from {ch.peer.node}")
+                ch.reorder.complete(env.seq)
+                continue
+            deliver(ch, env, now)
+        self.dispatcher.pump()
+        if ch.reorder.ack_pending:
+            self.ack_later(ch)
+
+    def _on_ack(self, sender: int, data: bytes) -> None:
+        ch = self.out.get(sender)
+        if ch is None:
+            return  # an ack for a channel we no longer have: harmless
+        self.membership.heard(sender, self.clock())
+        try:
+            ch.on_ack(data, wire.HEADER_SIZE, self.clock())
+        except core.MalformedFrame as exc:
+            raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
+        if ch.window.pending:
+            self._dirty_out.add(ch)
+        self.dispatcher.pump()
+        self.schedule_flush()
+
+    def _on_hello(self, sender: int, hello: wire.Hello) -> None:
+        if hello.incarnation != sender or sender == 0:
+            raise ProtocolError("malformed", "hello whose incarnation does not match its header")
+        if sender == self.incarnation:
+            return
+        known = self.membership.peers.get(sender)
+        if known is None:
+            try:
+                self.membership.check_conflicts(hello.service)  # our own service is in there too
+            except Conflict as exc:
+                self.count_refused("conflict", f"{hello.node}: {exc}")
+                self.transport.connect(hello.endpoint)
+                self._send(
+                    hello.endpoint,
+                    wire.encode_control(wire.REFUSE, self.incarnation, sender, wire.Refuse("conflict", str(exc))),
+                )
+                return
+        elif not known.live:
+            # we had declared it dead or gone: it must come back as a new incarnation
+            self._send(
+                hello.endpoint,
+                wire.encode_control(wire.REFUSE, self.incarnation, sender, wire.Refuse("dead", "you were declared dead")),
+            )
+            return
+        now = self.clock()
+        peer, new, replaced = self.membership.upsert(
+            Peer(
+                incarnation=sender,
+                endpoint=hello.endpoint,
+                node=hello.node,
+                service=hello.service,
+                window=hello.window,
+                max_message_bytes=hello.max_message_bytes,
+                last_heard=now,
+            )
+        )
+        for old in replaced:
+            log.info("%s: %s replaced %s at %s", self.name, peer.node, old.node, old.endpoint)
+            self._peer_gone(old)
+        if new:
+            self.transport.connect(hello.endpoint)
+            log.info("%s: %s joined (%s)", self.name, peer.node, peer.endpoint)
+            self._rehome(peer)
+        if hello.leaving:
+            self.membership.leaving(sender)
+        if hello.reply or new:
+            self._say_hello(hello.endpoint, reply=False, receiver=sender)
+        self._learn(hello.peers)
+
+    def _learn(self, refs: Iterable[wire.PeerRef]) -> None:
+        now = self.clock()
+        for ref in refs:
+            if ref.incarnation == self.incarnation or ref.incarnation in self.membership.peers:
+                continue
+            if now - self._hello_sent.get(ref.endpoint, -1e9) < self.config.heartbeat * 2:
+                continue
+            self._say_hello(ref.endpoint, reply=True)
+
+    def _on_heartbeat(self, sender: int, hb: wire.Heartbeat) -> None:
+        peer = self.membership.heard(sender, self.clock())
+        if peer is not None and hb.leaving and peer.routable:
+            self.membership.leaving(sender)
+        self._learn(hb.peers)
+
+    def _on_bye(self, sender: int) -> None:
+        peer = self.membership.left(sender)
+        if peer is not None:
+            log.info("%s: %s left", self.name, peer.node)
+            self._peer_gone(peer)
+
+    def _on_refuse(self, sender: int, refuse: wire.Refuse) -> None:
+        self.count_refused("refused_by_peer", f"{refuse.reason}: {refuse.detail}")
+        if refuse.reason == "conflict":
+            self.fatal = ChoreoUsageError(f"the mesh refused this node: {refuse.detail}")
+        elif refuse.reason == "dead":
+            self.fatal = ChoreoUsageError(
+                f"the mesh declared this node ({self.name}) dead: restart it to rejoin as a new incarnation"
+            )
+
+    def _refuse_stale(self, sender: int, receiver: int) -> None:
+        peer = self.membership.peers.get(sender)
+        self.count_refused("stale", f"frame for incarnation {receiver:016x}, this node is {self.incarnation:016x}")
+        if peer is not None and peer.live:
+            self._send(peer.endpoint, wire.encode_control(wire.REFUSE, self.incarnation, sender, wire.Refuse("stale")))
+
+    # ================================================================================ peers gone
+
+    def _peer_gone(self, peer: Peer) -> None:
+        """A peer died or left: resend what it had not acknowledged to the new owners, in order."""
+        self._route_cache.clear()
+        ch = self.out.pop(peer.incarnation, None)
+        self.inbound.pop(peer.incarnation, None)
+        if not any(p.endpoint == peer.endpoint and p.live for p in self.membership.peers.values()):
+            self.transport.disconnect(peer.endpoint)
+        # a command waiting on the gone peer is resent below with its id: its caller keeps waiting
+        if ch is None:
+            return
+        items = ch.evacuate()
+        if not items:
+            return
+        service = peer.service_name
+        now = self.clock()
+        moved = 0
+        for item in items:
+            if item.kind == wire.KIND_REPLY or item.flags & wire.FLAG_BROADCAST or service is None:
+                if item.on_done is not None:
+                    item.on_done()  # its receiver is gone: nothing left to wait for
+                continue
+            target = self._new_home(service, item)
+            if target is None:
+                self._homeless.setdefault(service, deque()).append(item)
+            else:
+                self._append(self.channel(target), item, now)
+                moved += 1
+        if moved:
+            log.info("%s: resent %d unacknowledged envelopes of %s to its new owners", self.name, moved, peer.node)
+
+    def _new_home(self, service: str, item: Outgoing) -> Peer | None:
+        if item.flags & wire.FLAG_UNKEYED:
+            return self._least_loaded(service)
+        return self.membership.owner(service, item.partition)
+
+    def _rehome(self, peer: Peer) -> None:
+        """A new instance arrived: send it the envelopes that had nowhere to go."""
+        service = peer.service_name
+        if service is None or service not in self._homeless:
+            return
+        items = self._homeless.pop(service)
+        now = self.clock()
+        for item in items:
+            target = self._new_home(service, item)
+            if target is None:
+                self._homeless.setdefault(service, deque()).append(item)
+            else:
+                self._append(self.channel(target), item, now)
+
+    # ================================================================================ diagnostics
+
+    def count_refused(self, reason: str, detail: str) -> None:
+        """Count and log (at most once a second per reason) something invalid a peer sent."""
+        self.stats.refused[reason] += 1
+        now = self.clock()
+        if now - self._log_budget.get(reason, -1e9) >= 1.0:
+            self._log_budget[reason] = now
+            log.warning("%s refused (%s): %s [%d so far]", self.name, reason, detail, self.stats.refused[reason])
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters and gauges of this node (what ``choreo top`` and metrics read)."""
+        d = self.dispatcher
+        out_in_flight = sum(ch.window.in_flight + len(ch.backlog) for ch in self.out.values())
+        return {
+            "node": self.name,
+            "service": self.service.name if self.service else None,
+            "incarnation": f"{self.incarnation:016x}",
+            "endpoint": self.transport.endpoint,
+            "time": self.wall(),
+            "received": d.stats.received,
+            "processed": d.stats.processed,
+            "failed_attempts": d.stats.failed_attempts,
+            "dead_letters": len(d.dead_letters),
+            "dead_lettered": d.stats.dead_lettered,
+            "duplicates": d.stats.duplicates,
+            "in_handler": d.stats.in_handler,
+            "lag": dict(sorted(d.stats.lag.items())),
+            "emitted": self.stats.emitted,
+            "sent": self.stats.sent,
+            "in_flight": out_in_flight,
+            "redelivered": sum(ch.window.stats().retransmitted for ch in self.out.values()),
+            "dedup_hits": self.stats.dedup_hits,
+            "backpressure_waits": self.stats.backpressure_waits,
+            "backpressure_errors": self.stats.backpressure_errors,
+            "unrouted": self.stats.unrouted,
+            "refused": dict(self.stats.refused),
+            "frames_in": self.stats.frames_in,
+            "frames_out": self.stats.frames_out,
+            "peers": {
+                p.node: {"state": p.state, "service": p.service_name, "endpoint": p.endpoint}
+                for p in self.membership.peers.values()
+            },
+        }
+
+    # ================================================================================ system queries
+
+    def _register_rpc(self) -> None:
+        self._rpc["spec"] = lambda args: self.membership.system_spec()
+        self._rpc["stats"] = lambda args: self.snapshot()
+        self._rpc["spans"] = lambda args: self.tracer.query(
+            bytes.fromhex(args["trace_id"]) if args.get("trace_id") else None, int(args.get("limit", 1000))
+        )
+        self._rpc["dlq.list"] = lambda args: [dl.summary() for dl in self.dispatcher.dead_letters.values()]
+        self._rpc["dlq.show"] = self._rpc_dlq_show
+        self._rpc["dlq.replay"] = lambda args: self.dispatcher.replay(int(args["id"])).summary()
+        self._rpc["peers"] = lambda args: [
+            {"node": p.node, "endpoint": p.endpoint, "service": p.service_name, "state": p.state}
+            for p in self.membership.peers.values()
+        ]
+
+    def _rpc_dlq_show(self, args: dict[str, Any]) -> dict[str, Any]:
+        letter = self.dispatcher.dead_letters[int(args["id"])]
+        out = letter.summary()
+        out["payload"] = _payload_view(letter.payload)
+        out["traceback"] = letter.traceback
+        return out
+
+    def register_rpc(self, method: str, fn: Callable[[dict[str, Any]], Any]) -> None:
+        self._rpc[method] = fn
+
+    def _on_rpc(self, identity: bytes | None, rpc: wire.Rpc) -> None:
+        if identity is None:
+            raise ProtocolError("malformed", "rpc without a connection to answer on")
+        fn = self._rpc.get(rpc.method)
+        if fn is None:
+            reply = wire.RpcReply(rpc.id, False, error=f"unknown method {rpc.method!r}; known: {sorted(self._rpc)}")
+        else:
+            try:
+                reply = wire.RpcReply(rpc.id, True, result=fn(rpc.args))
+            except Exception as exc:  # the client asked for something impossible: tell it why
+                reply = wire.RpcReply(rpc.id, False, error=f"{type(exc).__name__}: {exc}")
+        try:
+            frame = wire.encode_control(wire.RPC_REPLY, self.incarnation, 0, reply)
+        except (TypeError, msgspec.EncodeError) as exc:
+            frame = wire.encode_control(wire.RPC_REPLY, self.incarnation, 0, wire.RpcReply(rpc.id, False, error=str(exc)))
+        self.transport.reply(identity, frame)
+
+
+def _payload_view(payload: bytes) -> Any:
+    try:
+        return msgspec.msgpack.decode(payload)
+    except msgspec.DecodeError:
+        return payload.hex()
+

@@ -1,0 +1,257 @@
+"""The node: one service instance as a process (or as a task in a notebook or a test).
+
+A :class:`Node` puts an :class:`~choreo.engine.Engine` on ZeroMQ and the asyncio loop::
+
+    async with Node(orders, bind="tcp://127.0.0.1:7001", peers=["tcp://127.0.0.1:7000"]) as node:
+        await node.wait_for({"payments": 1})
+        result = await node.send(PlaceOrder(cart_id="c-1"))
+        await node.serve()          # until SIGTERM / SIGINT, then drain and leave
+
+A node without a service is a *client*: it joins the mesh to emit, send and ask, and handles
+nothing. ``stop()`` drains: it tells the mesh it is leaving (no new work is routed to it),
+finishes and acknowledges what it holds, waits until what it sent is acknowledged, says goodbye.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .engine import Engine, NodeConfig
+from .messages import Message
+from .service import Service
+from .transport import ZmqTransport
+
+__all__ = ["Node", "NodeConfig"]
+
+log = logging.getLogger("choreo.node")
+
+
+class Node:
+    """A service instance (or a client) on the mesh. See the module docstring."""
+
+    def __init__(
+        self,
+        service: Service | None = None,
+        *,
+        bind: str = "tcp://127.0.0.1:0",
+        peers: Iterable[str] = (),
+        config: NodeConfig | None = None,
+        name: str | None = None,
+        advertise: str | None = None,
+    ) -> None:
+        self.service = service
+        self.bind = bind
+        self.peers = list(peers)
+        self.config = config or NodeConfig()
+        self._name = name
+        self._advertise = advertise
+        self.engine: Engine | None = None
+        self.transport: ZmqTransport | None = None
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._stopped: asyncio.Event | None = None
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        """Bind, join the mesh through the seed peers, start ticking. Returns self."""
+        if self.engine is not None:
+            raise RuntimeError("node already started")
+        loop = asyncio.get_running_loop()
+        hwm = self.config.window + 1000
+        self.transport = ZmqTransport(
+            self.bind, hwm=hwm, max_bytes=self.config.transport_max_bytes, advertise=self._advertise
+        )
+        self.engine = Engine(self.service, self.transport, config=self.config, name=self._name)
+        self.transport.start(loop, self.engine.on_frame, self.engine.flush)
+        self.engine.start(self.peers)
+        self._stopped = asyncio.Event()
+        self._tick_handle = loop.call_later(self.config.tick, self._tick)
+        log.info("%s listening on %s", self.engine.name, self.transport.endpoint)
+        return self
+
+    def _tick(self) -> None:
+        engine, transport = self.engine, self.transport
+        if engine is None or transport is None or transport.closed:
+            return
+        try:
+            engine.tick()
+            transport.retry_parked()
+        except Exception:  # a bug must not silently stop the node's clock
+            log.exception("%s: error in tick", engine.name)
+        if self._conditions:
+            still = []
+            for predicate, fut in self._conditions:
+                if fut.done():
+                    continue
+                if engine.fatal is not None:
+                    fut.set_exception(engine.fatal)
+                elif predicate():
+                    fut.set_result(None)
+                else:
+                    still.append((predicate, fut))
+            self._conditions = still
+        self._tick_handle = asyncio.get_running_loop().call_later(self.config.tick, self._tick)
+
+    async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        """Wait (checked every tick) until ``predicate()`` holds; TimeoutError naming ``what``."""
+        if predicate():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._conditions.append((predicate, fut))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{self.name}: {what} not reached within {timeout:.1f} s") from None
+
+    async def wait_for(self, services: Mapping[str, int] | Iterable[str], timeout: float = 10.0) -> None:
+        """Wait until the mesh has these services (with at least N instances each, for a mapping)."""
+        wanted = dict(services) if isinstance(services, Mapping) else {s: 1 for s in services}
+        engine = self._engine()
+
+        def ready() -> bool:
+            return all(len(engine.membership.instances(s)) >= n for s, n in wanted.items())
+
+        try:
+            await self.until(ready, timeout, f"services {wanted}")
+        except TimeoutError:
+            have = {s: len(engine.membership.instances(s)) for s in wanted}
+            raise TimeoutError(f"{self.name}: waited {timeout:.1f} s for services {wanted}, the mesh has {have}") from None
+
+    async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        """Leave the mesh; with ``drain`` (the default) finish and acknowledge everything first."""
+        if self.engine is None or self._stopping:
+            return
+        self._stopping = True
+        engine = self.engine
+        timeout = self.config.drain_timeout if timeout is None else timeout
+        if drain:
+            engine.begin_leave()
+            # quiet for two heartbeats: peers have heard we leave and sent nothing new meanwhile
+            quiet_since: list[float] = [engine.clock()]
+
+            def quiet() -> bool:
+                if not engine.drained:
+                    quiet_since[0] = engine.clock()
+                    return False
+                return engine.clock() - quiet_since[0] >= 2 * self.config.heartbeat
+
+            try:
+                await self.until(quiet, timeout, "drained")
+            except TimeoutError as exc:
+                log.warning("%s", exc)
+            except Exception as exc:  # the mesh refused us meanwhile: leave anyway
+                log.warning("%s: %s", self.name, exc)
+            engine.finish_leave()
+        self._close()
+
+    def kill(self) -> None:
+        """Stop at once, like a crash: no drain, no goodbye (for tests of failure handling)."""
+        self._close()
+
+    def _close(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        for _, fut in self._conditions:
+            if not fut.done():
+                fut.cancel()
+        self._conditions.clear()
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def serve(self, *, handle_signals: bool = True) -> None:
+        """Run until SIGTERM/SIGINT (then drain and leave) or until stopped; raises if the mesh refused us."""
+        if self.engine is None:
+            await self.start()
+        loop = asyncio.get_running_loop()
+        assert self._stopped is not None
+        installed = []
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError):  # not the main thread
+                    pass
+        try:
+            fatal: asyncio.Future[None] = loop.create_future()
+            self._conditions.append((lambda: False, fatal))
+            stopped = asyncio.ensure_future(self._stopped.wait())
+            done, _ = await asyncio.wait({fatal, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if fatal in done and not fatal.cancelled() and fatal.exception() is not None:
+                self._close()
+                raise fatal.exception()  # type: ignore[misc]
+            stopped.cancel()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop(drain=exc[0] is None)
+
+    # -- the application's API -------------------------------------------------------------------
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("node not started: use 'async with Node(...)' or 'await node.start()'")
+        if self.engine.fatal is not None:
+            raise self.engine.fatal
+        return self.engine
+
+    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
+        """Publish an event; waits for credit up to ``timeout`` (then :class:`~choreo.Backpressure`)."""
+        return await self._engine().emit(event, timeout=timeout, traceparent=traceparent)
+
+    def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
+        """Publish an event now, or raise :class:`~choreo.Backpressure` at once."""
+        return self._engine().try_emit(event, traceparent=traceparent)
+
+    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
+        """Send a command to its owning service; returns the handler's result."""
+        return await self._engine().send(command, timeout=timeout, traceparent=traceparent)
+
+    async def ask(self, query: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
+        """Ask a query; returns the answer."""
+        return await self._engine().ask(query, timeout=timeout, traceparent=traceparent)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Wait until everything this node sent is acknowledged (processed downstream)."""
+        engine = self._engine()
+
+        def acked() -> bool:
+            return all(ch.idle for ch in engine.out.values() if ch.peer.live and not ch.closed) and not engine._homeless
+
+        await self.until(acked, timeout, "all sent messages acknowledged")
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.engine.name if self.engine else (self._name or "node")
+
+    @property
+    def endpoint(self) -> str:
+        if self.transport is None:
+            raise RuntimeError("node not started")
+        return self.transport.endpoint
+
+    def stats(self) -> dict[str, Any]:
+        """Counters and gauges (received, processed, in flight, lag per partition, refused...)."""
+        return self._engine().snapshot()
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return [dl.summary() for dl in self._engine().dispatcher.dead_letters.values()]
+
+    def replay(self, letter_id: int) -> dict[str, Any]:
+        """Run a dead letter's handler again, once."""
+        return self._engine().dispatcher.replay(letter_id).summary()

@@ -1,0 +1,187 @@
+"""The wire format between nodes: one ZeroMQ message is one frame.
+
+Every frame opens with a fixed 24-byte header, then a body whose meaning depends on the type::
+
+    0  4s  magic b"CHRO"      4  u8  version (1)     5  u8  frame type    6  u16 flags
+    8  u64 sender incarnation                        16 u64 receiver incarnation (0: any)
+
+``DATA`` bodies are batches of envelopes (layout in ``choreo/_pycore.py``), handled by the
+compiled core without a copy. ``ACK`` bodies are the core's ack encoding. Control bodies
+(``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``) are MessagePack maps
+decoded into the structs below, so a malformed or hostile body fails validation instead of
+reaching the runtime. Nothing here is ever unpickled.
+
+An incarnation is a random 64-bit id a node draws at start: a restarted process on the same
+address is a new incarnation, and a frame addressed to an old one is refused, so state
+belonging to a previous life can never be confused with the present one.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgspec
+
+from .errors import ProtocolError
+from .spec import ServiceSpec
+
+__all__ = [
+    "VERSION",
+    "HEADER",
+    "DATA",
+    "ACK",
+    "HELLO",
+    "HEARTBEAT",
+    "BYE",
+    "REFUSE",
+    "RPC",
+    "RPC_REPLY",
+    "FRAME_NAMES",
+    "PeerRef",
+    "Hello",
+    "Heartbeat",
+    "Bye",
+    "Refuse",
+    "Rpc",
+    "RpcReply",
+    "frame",
+    "parse_header",
+    "encode_control",
+    "decode_control",
+    "KIND_EVENT",
+    "KIND_COMMAND",
+    "KIND_QUERY",
+    "KIND_REPLY",
+    "FLAG_UNKEYED",
+    "FLAG_BROADCAST",
+    "FLAG_REPLAY",
+]
+
+MAGIC = b"CHRO"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQQ")
+HEADER_SIZE = HEADER.size  # 24
+
+DATA, ACK, HELLO, HEARTBEAT, BYE, REFUSE, RPC, RPC_REPLY = range(1, 9)
+FRAME_NAMES = {
+    DATA: "data",
+    ACK: "ack",
+    HELLO: "hello",
+    HEARTBEAT: "heartbeat",
+    BYE: "bye",
+    REFUSE: "refuse",
+    RPC: "rpc",
+    RPC_REPLY: "rpc_reply",
+}
+
+# envelope kinds (the core's ``kind`` byte)
+KIND_EVENT, KIND_COMMAND, KIND_QUERY, KIND_REPLY = 1, 2, 3, 4
+KIND_NAMES = {KIND_EVENT: "event", KIND_COMMAND: "command", KIND_QUERY: "query", KIND_REPLY: "reply"}
+KIND_CODES = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
+
+# envelope flags
+FLAG_UNKEYED = 0x01  # no ordering key: the receiver runs it without waiting on a key
+FLAG_BROADCAST = 0x02  # delivered to every instance of the service (broadcast handler)
+FLAG_REPLAY = 0x04  # a dead letter replayed on purpose: bypasses dedup once
+
+
+class PeerRef(msgspec.Struct, array_like=True, frozen=True):
+    """What one node tells another about a third: enough to connect and say hello."""
+
+    endpoint: str
+    incarnation: int
+    service: str | None = None
+
+
+class Hello(msgspec.Struct, frozen=True):
+    """A node introduces itself (on connect, and in answer to a hello that asks for one)."""
+
+    node: str
+    incarnation: int
+    endpoint: str
+    service: ServiceSpec | None
+    window: int
+    max_message_bytes: int
+    peers: list[PeerRef] = []
+    reply: bool = False
+    leaving: bool = False
+
+
+class Heartbeat(msgspec.Struct, frozen=True):
+    """'I am alive', with the peers the sender knows, so membership spreads by gossip."""
+
+    peers: list[PeerRef] = []
+    leaving: bool = False
+
+
+class Bye(msgspec.Struct, frozen=True):
+    """The sender leaves the mesh on purpose (graceful stop)."""
+
+    reason: str = "stopping"
+
+
+class Refuse(msgspec.Struct, frozen=True):
+    """A frame was not accepted; ``reason`` is a counter token, ``detail`` a sentence."""
+
+    reason: str
+    detail: str = ""
+    seqs: list[int] = []
+
+
+class Rpc(msgspec.Struct, frozen=True):
+    """A system query from a client (the CLI) answered by the node itself."""
+
+    id: int
+    method: str
+    args: dict[str, Any] = {}
+
+
+class RpcReply(msgspec.Struct, frozen=True):
+    id: int
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+_CONTROL_TYPES: dict[int, type[msgspec.Struct]] = {
+    HELLO: Hello,
+    HEARTBEAT: Heartbeat,
+    BYE: Bye,
+    REFUSE: Refuse,
+    RPC: Rpc,
+    RPC_REPLY: RpcReply,
+}
+_encoder = msgspec.msgpack.Encoder()
+_decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in _CONTROL_TYPES.items()}
+
+
+def frame(frame_type: int, sender: int, receiver: int, body: bytes = b"", flags: int = 0) -> bytes:
+    """One complete frame: header + body."""
+    return HEADER.pack(MAGIC, VERSION, frame_type, flags, sender, receiver) + body
+
+
+def parse_header(data: bytes) -> tuple[int, int, int, int]:
+    """``(frame type, flags, sender, receiver)``, or :class:`ProtocolError` naming what is wrong."""
+    if len(data) < HEADER_SIZE:
+        raise ProtocolError("malformed", f"frame of {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    magic, version, frame_type, flags, sender, receiver = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError("malformed", f"frame does not start with {MAGIC!r} (got {magic!r}): not a choreo peer")
+    if version != VERSION:
+        raise ProtocolError("version", f"protocol version {version} is not supported (this node speaks {VERSION})")
+    if frame_type not in FRAME_NAMES:
+        raise ProtocolError("malformed", f"unknown frame type {frame_type}")
+    return frame_type, flags, sender, receiver
+
+
+def encode_control(frame_type: int, sender: int, receiver: int, body: msgspec.Struct) -> bytes:
+    return frame(frame_type, sender, receiver, _encoder.encode(body))
+
+
+def decode_control(frame_type: int, data: bytes) -> Any:
+    """Decode a control frame's body into its struct; :class:`ProtocolError` if invalid."""
+    try:
+        return _decoders[frame_type].decode(memoryview(data)[HEADER_SIZE:])
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError("malformed", f"{FRAME_NAMES[frame_type]} body: {exc}") from None
