@@ -42,6 +42,7 @@ DEF MAX_KIND = 15
 DEF ACK_HEAD_SIZE = 18
 DEF ACK_RANGE_SIZE = 16
 DEF _MAX_ACK_RANGES = 32
+DEF MAX_PARTITIONS = 65536
 
 ACCEPTED = 0
 DUPLICATE = 1
@@ -126,6 +127,16 @@ cdef inline void st32(uint8_t *p, uint32_t v) noexcept nogil:
 cdef inline void st16(uint8_t *p, uint16_t v) noexcept nogil:
     p[0] = <uint8_t>v; p[1] = <uint8_t>(v >> 8)
 
+cdef inline uint64_t double_bits(double d) noexcept nogil:
+    cdef uint64_t u
+    memcpy(&u, &d, 8)
+    return u
+
+cdef inline double bits_double(uint64_t u) noexcept nogil:
+    cdef double d
+    memcpy(&d, &u, 8)
+    return d
+
 
 # ---------------------------------------------------------------------------------------------
 # hashes (must equal the twin's bit for bit)
@@ -169,26 +180,26 @@ cdef bytes c_hash128(const uint8_t *p, Py_ssize_t n):
 
 def hash128(data):
     """A stable 16-byte digest of ``data`` (two seeded hash64)."""
-    cdef bytes b = bytes(data)
+    cdef bytes b = as_bytes(data)
     return c_hash128(<const uint8_t *>PyBytes_AS_STRING(b), PyBytes_GET_SIZE(b))
 
 
-def derive_id(parent, handler, int64_t position):
+def derive_id(parent, handler, position):
     """The id of the ``position``-th message a handler emitted while handling ``parent``."""
-    if position < 0 or position >= (<int64_t>1 << 32):
+    if not 0 <= position < (1 << 32):
         raise ValueError(f"position must be in [0, 2**32), got {position}")
-    cdef bytes p = bytes(parent)
-    cdef bytes h = bytes(handler)
+    cdef bytes p = as_bytes(parent)
+    cdef bytes h = as_bytes(handler)
     cdef uint8_t pos[4]
     st32(pos, <uint32_t>position)
     cdef bytes joined = p + b"\x00" + h + PyBytes_FromStringAndSize(<char *>pos, 4)
     return c_hash128(<const uint8_t *>PyBytes_AS_STRING(joined), PyBytes_GET_SIZE(joined))
 
 
-cpdef int partition_of(key, int partitions) except -1:
-    """The partition of a key among ``partitions`` (multiply-shift of its hash64)."""
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
+cpdef int partition_of(key, Py_ssize_t partitions) except -1:
+    """The partition of a key among ``partitions`` (1..65536; multiply-shift of its hash64)."""
+    if partitions < 1 or partitions > MAX_PARTITIONS:
+        raise ValueError(f"partitions must be in 1..{MAX_PARTITIONS}, got {partitions}")
     cdef const uint8_t[::1] view
     cdef uint64_t h
     if isinstance(key, bytes):
@@ -199,25 +210,26 @@ cpdef int partition_of(key, int partitions) except -1:
     return <int>choreo_mulhi(h, <uint64_t>partitions)
 
 
-def rendezvous_owner(int partition, instances):
+def rendezvous_owner(partition, instances):
     """Index of the instance that owns ``partition`` (highest random weight), -1 if none."""
     cdef int best = -1, i = 0
     cdef uint64_t w, best_w = 0
+    cdef uint64_t seed = (partition + 1) & 0xFFFFFFFFFFFFFFFF
     cdef bytes inst, best_id = b""
     for obj in instances:
-        inst = bytes(obj)
-        w = c_hash64(<const uint8_t *>PyBytes_AS_STRING(inst), PyBytes_GET_SIZE(inst), <uint64_t>(partition + 1))
+        inst = as_bytes(obj)
+        w = c_hash64(<const uint8_t *>PyBytes_AS_STRING(inst), PyBytes_GET_SIZE(inst), seed)
         if best < 0 or w > best_w or (w == best_w and inst < best_id):
             best, best_w, best_id = i, w, inst
         i += 1
     return best
 
 
-def assign_partitions(int partitions, instances):
+def assign_partitions(Py_ssize_t partitions, instances):
     """Owner index of every partition ``0..partitions-1`` by rendezvous_owner."""
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
-    insts = [bytes(x) for x in instances]
+    if partitions < 1 or partitions > MAX_PARTITIONS:
+        raise ValueError(f"partitions must be in 1..{MAX_PARTITIONS}, got {partitions}")
+    insts = [as_bytes(x) for x in instances]
     return [rendezvous_owner(p, insts) for p in range(partitions)]
 
 
@@ -288,13 +300,23 @@ cdef class Envelope:
     cdef inline const uint8_t *id_ptr(self):
         return <const uint8_t *>PyBytes_AS_STRING(self._frame) + self._off + 20
 
+    def __init__(self, raw):
+        """Decode exactly one encoded envelope (MalformedFrame otherwise)."""
+        cdef bytes b = one_envelope(raw)
+        fill_envelope(self, b, 0)
+
     def __repr__(self):
         return f"Envelope(seq={self.seq}, kind={self.kind}, type={self.type!r}, key={self.key!r}, {self._plen} B)"
 
 
 cdef Envelope make_envelope(bytes frame, Py_ssize_t off):
-    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(frame) + off
     cdef Envelope e = Envelope.__new__(Envelope)
+    fill_envelope(e, frame, off)
+    return e
+
+
+cdef inline void fill_envelope(Envelope e, bytes frame, Py_ssize_t off):
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(frame) + off
     e.seq = ld64(p)
     e._plen = ld32(p + 8)
     e._klen = ld16(p + 12)
@@ -305,7 +327,6 @@ cdef Envelope make_envelope(bytes frame, Py_ssize_t off):
     e._frame = frame
     e._off = off
     e.type = type_name(p + HDR, e._tlen)
-    return e
 
 
 cdef Py_ssize_t check_envelope(const uint8_t *p, Py_ssize_t pos, Py_ssize_t end) except -1:
@@ -337,7 +358,24 @@ cdef Py_ssize_t validate_batch(bytes frame, Py_ssize_t offset) except -1:
 
 
 cdef bytes as_bytes(frame):
-    return frame if type(frame) is bytes else bytes(frame)
+    """``frame`` as bytes if it is bytes-like; TypeError otherwise (``bytes(5)`` is not a frame)."""
+    return frame if type(frame) is bytes else bytes(memoryview(frame))
+
+
+cdef inline int check_partition(Py_ssize_t partition) except -1:
+    if partition < 0 or partition >= MAX_PARTITIONS:
+        raise ValueError(f"partition must be in 0..{MAX_PARTITIONS - 1}, got {partition}")
+    return 0
+
+
+cdef bytes one_envelope(raw):
+    """``raw`` as bytes if it holds exactly one valid envelope, else MalformedFrame."""
+    cdef bytes b = as_bytes(raw)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
+    cdef Py_ssize_t size = check_envelope(<const uint8_t *>PyBytes_AS_STRING(b), 0, n)
+    if size != n:
+        raise MalformedFrame("truncated", f"envelope of {size} bytes followed by {n - size} more")
+    return b
 
 
 def parse_envelopes(frame, Py_ssize_t offset=0):
@@ -467,8 +505,8 @@ def decode_ack(frame, Py_ssize_t offset=0):
 cdef struct OutEntry:
     double deadline
     uint64_t frame       # number of the batch body holding the envelope
-    uint32_t offset
-    uint32_t length
+    uint64_t offset
+    uint64_t length
     uint32_t retries
     uint8_t state        # 0 finished/free, 1 in flight, 2 arrived (not resent)
 
@@ -554,11 +592,14 @@ cdef class OutboundWindow:
     def pending(self):
         return self._pending
 
-    cpdef bint has_credit(self, Py_ssize_t nbytes=0):
-        """Whether one more envelope of ``nbytes`` may be appended now."""
+    cdef inline bint _credit(self, Py_ssize_t nbytes) noexcept:
         if self.next_seq - self._base >= <uint64_t>self.max_messages:
             return False
         return self._in_flight == 0 or self.in_flight_bytes + nbytes <= self.max_bytes
+
+    def has_credit(self, Py_ssize_t nbytes=0):
+        """Whether one more envelope of ``nbytes`` may be appended now."""
+        return self._credit(nbytes)
 
     cdef int _reserve(self, size_t n) except -1:
         cdef size_t cap = self._buf_cap
@@ -574,7 +615,7 @@ cdef class OutboundWindow:
 
     cdef uint64_t _admit(self, Py_ssize_t size, double now) except 0:
         """Track the envelope just written at the end of the pending body."""
-        if not self.has_credit(size):
+        if not self._credit(size):
             raise OverflowError(
                 f"window full: {self.next_seq - self._base}/{self.max_messages} sequence numbers, "
                 f"{self.in_flight_bytes}/{self.max_bytes} bytes in flight; check has_credit() first")
@@ -582,8 +623,8 @@ cdef class OutboundWindow:
         cdef OutEntry *e = &self._ring[seq & self._mask]
         e.deadline = now + self.rto
         e.frame = self._frame_next
-        e.offset = <uint32_t>self._buf_len
-        e.length = <uint32_t>size
+        e.offset = self._buf_len
+        e.length = <uint64_t>size
         e.retries = 0
         e.state = 1
         if self._pending == 0:
@@ -605,7 +646,7 @@ cdef class OutboundWindow:
         check_fields(kind, flags, PyBytes_GET_SIZE(type), PyBytes_GET_SIZE(key), partition, PyBytes_GET_SIZE(payload))
         check_id(msg_id, "msg_id"); check_id(trace_id, "trace_id"); check_id(cause_id, "cause_id")
         cdef Py_ssize_t size = HDR + PyBytes_GET_SIZE(type) + PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(payload)
-        if not self.has_credit(size):
+        if not self._credit(size):
             self._admit(size, now)  # raises with the numbers
         self._reserve(size)
         write_envelope(self._buf + self._buf_len, self.next_seq, kind, flags, type, key, partition, msg_id,
@@ -614,12 +655,9 @@ cdef class OutboundWindow:
 
     def append_raw(self, envelope, double now):
         """Sequence an already encoded envelope (from another channel) under this window's next seq."""
-        cdef bytes b = as_bytes(envelope)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(b)
-        cdef Py_ssize_t size = check_envelope(<const uint8_t *>PyBytes_AS_STRING(b), 0, n)
-        if size != n:
-            raise MalformedFrame("truncated", f"envelope of {size} bytes followed by {n - size} more")
-        if not self.has_credit(size):
+        cdef bytes b = one_envelope(envelope)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(b)
+        if not self._credit(size):
             self._admit(size, now)
         self._reserve(size)
         memcpy(self._buf + self._buf_len, PyBytes_AS_STRING(b), size)
@@ -891,8 +929,11 @@ cdef class InboundReorder:
         """Offer one arrival; returns ACCEPTED, DUPLICATE or BEYOND_WINDOW."""
         return self._accept(seq, item)
 
-    cpdef list release(self):
+    def release(self):
         """The arrivals that are next in sequence, in order; each is released once."""
+        return self._release()
+
+    cdef list _release(self):
         cdef uint64_t seq = self.released_upto + 1, i
         cdef Py_ssize_t n = 0
         while self._state[seq & self._mask] == R_BUFFERED and seq <= self.done_upto + <uint64_t>self.window:
@@ -930,7 +971,7 @@ cdef class InboundReorder:
             else:
                 self._accept(seq, make_envelope(b, pos))
             pos += HDR + p[pos + 18] + ld16(p + pos + 12) + ld32(p + pos + 8)
-        return self.release()
+        return self._release()
 
     cdef inline bint _complete(self, uint64_t seq) noexcept:
         if seq <= self.done_upto or seq > self.released_upto or self._state[seq & self._mask] != R_RELEASED:
@@ -1144,7 +1185,7 @@ cdef class DedupWindow:
         while self._n:
             e = &self._ring[self._head]
             if e.alive:
-                if now - e.t < self.ttl:
+                if now < e.t + self.ttl:
                     return
                 self._expired += 1
             self._pop_head()
@@ -1177,7 +1218,7 @@ cdef class DedupWindow:
         self._expire(now)
         cdef Py_ssize_t slot = self._find(key, h)
         if slot >= 0:
-            if now - self._ring[(self._table[slot] & 0xFFFFFFFF) - 1].t < self.ttl:
+            if now < self._ring[(self._table[slot] & 0xFFFFFFFF) - 1].t + self.ttl:
                 self._duplicates += 1
                 return 0
             self._kill_at(slot)  # an expired leftover imported out of order
@@ -1193,39 +1234,46 @@ cdef class DedupWindow:
     def __len__(self):
         return self._live
 
-    def insert(self, id, double now, int partition=0):
+    def insert(self, id, double now, Py_ssize_t partition=0):
         """Check and insert: True if ``id`` is new (now remembered), False if a duplicate."""
+        check_partition(partition)
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
         return self._insert(p, id_hash(p), now, <uint16_t>partition) == 1
 
-    def insert_many(self, ids, double now, int partition=0):
+    def insert_many(self, ids, double now, Py_ssize_t partition=0):
         """insert() for each id, in order."""
+        check_partition(partition)
         return [self.insert(i, now, partition) for i in ids]
 
-    def insert_envelopes(self, list envelopes, double now):
+    def insert_envelopes(self, envelopes, double now):
         """insert() of each envelope's msg_id under its partition, reading ids in place.
 
         Table slots are prefetched a chunk ahead, so a large window costs about one cache
-        miss per id, overlapped with the others.
+        miss per id, overlapped with the others. Objects other than this module's Envelope
+        (the twin's, say) are read through their ``msg_id`` and ``partition`` attributes.
         """
-        cdef Py_ssize_t n = len(envelopes), start, i, end
+        cdef list envs = envelopes if type(envelopes) is list else list(envelopes)
+        cdef Py_ssize_t n = len(envs), start, i, end
         cdef list out = PyList_New(n)
         cdef uint64_t hs[32]
         cdef const uint8_t *ptrs[32]
-        cdef Envelope e
-        cdef object r
+        cdef object obj, r
         start = 0
         while start < n:
             end = start + 32 if start + 32 < n else n
             for i in range(start, end):
-                e = <Envelope>envelopes[i]
-                ptrs[i - start] = e.id_ptr()
-                hs[i - start] = id_hash(ptrs[i - start])
-                CHOREO_PREFETCH(&self._table[hs[i - start] & self._tmask])
+                obj = envs[i]
+                if type(obj) is Envelope:
+                    ptrs[i - start] = (<Envelope>obj).id_ptr()
+                    hs[i - start] = id_hash(ptrs[i - start])
+                    CHOREO_PREFETCH(&self._table[hs[i - start] & self._tmask])
             for i in range(start, end):
-                e = <Envelope>envelopes[i]
-                r = self._insert(ptrs[i - start], hs[i - start], now, <uint16_t>e.partition) == 1
+                obj = envs[i]
+                if type(obj) is Envelope:
+                    r = self._insert(ptrs[i - start], hs[i - start], now, <uint16_t>(<Envelope>obj).partition) == 1
+                else:
+                    r = self.insert(obj.msg_id, now, obj.partition)
                 Py_INCREF(r)
                 PyList_SET_ITEM(out, i, r)
             start = end
@@ -1236,7 +1284,7 @@ cdef class DedupWindow:
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
         cdef Py_ssize_t slot = self._find(p, id_hash(p))
-        return slot >= 0 and now - self._ring[(self._table[slot] & 0xFFFFFFFF) - 1].t < self.ttl
+        return slot >= 0 and now < self._ring[(self._table[slot] & 0xFFFFFFFF) - 1].t + self.ttl
 
     def remove(self, id):
         """Forget one id (a failed attempt that must be allowed again). False if absent."""
@@ -1254,8 +1302,9 @@ cdef class DedupWindow:
         self._expire(now)
         return self._expired - before
 
-    def export_partition(self, int partition):
+    def export_partition(self, Py_ssize_t partition):
         """The entries of one partition, encoded, so they can move with the partition."""
+        check_partition(partition)
         cdef size_t i, count = 0
         cdef DEntry *e
         for i in range(self._n):
@@ -1270,12 +1319,13 @@ cdef class DedupWindow:
             e = &self._ring[(self._head + i) & (self._rcap - 1)]
             if e.alive and e.partition == partition:
                 memcpy(p, e.id, 16)
-                memcpy(p + 16, &e.t, 8)
+                st64(p + 16, double_bits(e.t))
                 p += 24
         return out
 
-    def import_entries(self, blob, int partition):
+    def import_entries(self, blob, Py_ssize_t partition):
         """Add exported entries under ``partition`` (keeping their times); returns how many were new."""
+        check_partition(partition)
         cdef bytes b = as_bytes(blob)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(b), i
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(b)
@@ -1290,13 +1340,14 @@ cdef class DedupWindow:
         for i in range(count):
             h = id_hash(p + 4 + i * 24)
             if self._find(p + 4 + i * 24, h) < 0:
-                memcpy(&t, p + 4 + i * 24 + 16, 8)
+                t = bits_double(ld64(p + 4 + i * 24 + 16))
                 self._add(p + 4 + i * 24, h, t, <uint16_t>partition)
                 added += 1
         return added
 
-    def drop_partition(self, int partition):
+    def drop_partition(self, Py_ssize_t partition):
         """Forget every entry of one partition (it moved away); returns how many."""
+        check_partition(partition)
         cdef size_t i
         cdef int n = 0
         cdef DEntry *e

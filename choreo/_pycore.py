@@ -22,7 +22,8 @@ done, every seq <= received has arrived, and each inclusive range [lo, hi] is do
 from __future__ import annotations
 
 import struct
-from collections import deque
+import sys
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -69,7 +70,26 @@ MAX_KIND = 15
 ID_SIZE = 16
 _ZERO_ID = bytes(ID_SIZE)
 _U64 = (1 << 64) - 1
+MAX_PARTITIONS = 1 << 16  # the envelope's partition field is a u16
 DEDUP_RECORD = struct.Struct("<16sd")
+
+
+def _as_bytes(value: Any) -> bytes:
+    """``value`` as bytes if it is a bytes-like object; TypeError otherwise (``bytes(5)`` is not an id)."""
+    return value if type(value) is bytes else bytes(memoryview(value))
+
+
+def _u64(value: int, what: str) -> int:
+    """Sequence numbers travel as u64: outside 0..2**64-1 is a caller error (as in the compiled core)."""
+    if not 0 <= value <= _U64:
+        raise OverflowError(f"{what} must be in 0..2**64-1, got {value}")
+    return value
+
+
+def _check_partition(partition: int) -> int:
+    if not 0 <= partition < MAX_PARTITIONS:
+        raise ValueError(f"partition must be in 0..{MAX_PARTITIONS - 1}, got {partition}")
+    return partition
 
 
 class MalformedFrame(ValueError):
@@ -157,13 +177,16 @@ def derive_id(parent: bytes, handler: bytes, position: int) -> bytes:
     """
     if not 0 <= position < 1 << 32:
         raise ValueError(f"position must be in [0, 2**32), got {position}")
-    return hash128(bytes(parent) + b"\x00" + bytes(handler) + position.to_bytes(4, "little"))
+    return hash128(_as_bytes(parent) + b"\x00" + _as_bytes(handler) + position.to_bytes(4, "little"))
 
 
 def partition_of(key: bytes, partitions: int) -> int:
-    """The partition of a key among ``partitions`` (multiply-shift of its :func:`hash64`)."""
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    """The partition of a key among ``partitions`` (multiply-shift of its :func:`hash64`).
+
+    ``partitions`` is 1..65536: the envelope carries the partition in 16 bits.
+    """
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise ValueError(f"partitions must be in 1..{MAX_PARTITIONS}, got {partitions}")
     return (hash64(key) * partitions) >> 64
 
 
@@ -174,6 +197,7 @@ def rendezvous_owner(partition: int, instances: Sequence[bytes]) -> int:
     """
     best, best_weight, best_id = -1, -1, b""
     for i, inst in enumerate(instances):
+        inst = _as_bytes(inst)
         w = hash64(inst, partition + 1)
         if w > best_weight or (w == best_weight and inst < best_id):
             best, best_weight, best_id = i, w, inst
@@ -182,9 +206,10 @@ def rendezvous_owner(partition: int, instances: Sequence[bytes]) -> int:
 
 def assign_partitions(partitions: int, instances: Sequence[bytes]) -> list[int]:
     """Owner index of every partition ``0..partitions-1`` by :func:`rendezvous_owner`."""
-    if partitions < 1:
-        raise ValueError(f"partitions must be >= 1, got {partitions}")
-    return [rendezvous_owner(p, instances) for p in range(partitions)]
+    if not 1 <= partitions <= MAX_PARTITIONS:
+        raise ValueError(f"partitions must be in 1..{MAX_PARTITIONS}, got {partitions}")
+    insts = [_as_bytes(i) for i in instances]
+    return [rendezvous_owner(p, insts) for p in range(partitions)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +235,7 @@ def pack_envelope(
     payload: bytes,
 ) -> bytes:
     """One encoded envelope (see the module docstring for the layout)."""
+    _u64(seq, "seq")
     if not 1 <= kind <= MAX_KIND:
         raise ValueError(f"kind must be in 1..{MAX_KIND}, got {kind}")
     if not 0 <= flags <= 255:
@@ -223,7 +249,7 @@ def pack_envelope(
     if len(payload) > 0xFFFFFFFF:
         raise ValueError("payload must be under 4 GiB")
     head = HEADER.pack(
-        seq & _U64,
+        seq,
         len(payload),
         len(key),
         partition,
@@ -238,11 +264,23 @@ def pack_envelope(
 
 
 class Envelope:
-    """One received envelope. ``raw`` is the whole encoded envelope (for reroute or DLQ)."""
+    """One received envelope. ``raw`` is the whole encoded envelope (for reroute or DLQ).
+
+    ``Envelope(raw)`` decodes exactly one encoded envelope (:class:`MalformedFrame` otherwise).
+    """
 
     __slots__ = ("seq", "kind", "flags", "partition", "type", "key", "msg_id", "trace_id", "cause_id", "payload", "raw")
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes | bytearray | memoryview) -> None:
+        self._fill(_one_envelope(raw))
+
+    @classmethod
+    def _from_valid(cls, raw: bytes) -> Envelope:
+        env = cls.__new__(cls)
+        env._fill(raw)
+        return env
+
+    def _fill(self, raw: bytes) -> None:
         (
             self.seq,
             plen,
@@ -275,7 +313,7 @@ def _split(frame: bytes | bytearray | memoryview, offset: int) -> list[bytes]:
     end = len(view)
     out: list[bytes] = []
     pos = offset
-    if pos > end:
+    if pos > end or pos < 0:
         raise MalformedFrame("truncated", f"offset {offset} beyond frame of {end} bytes")
     while pos < end:
         if end - pos < HEADER_SIZE:
@@ -293,16 +331,21 @@ def _split(frame: bytes | bytearray | memoryview, offset: int) -> list[bytes]:
     return out
 
 
+def _one_envelope(raw: bytes | bytearray | memoryview) -> bytes:
+    """``raw`` as bytes if it holds exactly one valid envelope, else :class:`MalformedFrame`."""
+    raw = _as_bytes(raw)
+    envs = _split(raw, 0)
+    if not envs:
+        raise MalformedFrame("truncated", f"0 bytes left at 0, an envelope header needs {HEADER_SIZE}")
+    if len(envs) > 1:
+        size = len(envs[0])
+        raise MalformedFrame("truncated", f"envelope of {size} bytes followed by {len(raw) - size} more")
+    return raw
+
+
 def parse_envelopes(frame: bytes | bytearray | memoryview, offset: int = 0) -> list[Envelope]:
     """Every envelope of a batch body, or :class:`MalformedFrame` (then none is returned)."""
-    return [Envelope(raw) for raw in _split(frame, offset)]
-
-
-def _resequence(raw: bytes | bytearray | memoryview, seq: int) -> bytes:
-    raw = bytes(raw)
-    if len(raw) < HEADER_SIZE:
-        raise MalformedFrame("truncated", f"an envelope needs {HEADER_SIZE} bytes, got {len(raw)}")
-    return seq.to_bytes(8, "little") + raw[8:]
+    return [Envelope._from_valid(raw) for raw in _split(frame, offset)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,13 +354,20 @@ def _resequence(raw: bytes | bytearray | memoryview, seq: int) -> bytes:
 
 def encode_ack(cumulative: int, received: int, ranges: Iterable[tuple[int, int]] = ()) -> bytes:
     """Encode an ack; at most :data:`MAX_ACK_RANGES` ranges are kept (the lowest)."""
+    _u64(cumulative, "cumulative")
+    _u64(received, "received")
     rs = list(ranges)[:MAX_ACK_RANGES]
+    for lo, hi in rs:
+        _u64(lo, "ack range bound")
+        _u64(hi, "ack range bound")
     return ACK_HEAD.pack(cumulative, received, len(rs)) + b"".join(ACK_RANGE.pack(lo, hi) for lo, hi in rs)
 
 
 def decode_ack(frame: bytes | bytearray | memoryview, offset: int = 0) -> tuple[int, int, list[tuple[int, int]]]:
     """``(cumulative, received, ranges)`` of an encoded ack, or :class:`MalformedFrame`."""
     view = memoryview(frame)
+    if offset < 0 or offset > len(view):
+        raise MalformedFrame("truncated", f"offset {offset} beyond frame of {len(view)} bytes")
     if len(view) - offset < ACK_HEAD.size:
         raise MalformedFrame("truncated", f"an ack needs {ACK_HEAD.size} bytes, got {len(view) - offset}")
     cumulative, received, n = ACK_HEAD.unpack_from(view, offset)
@@ -441,9 +491,12 @@ class OutboundWindow:
         return self._admit(raw, now)
 
     def append_raw(self, envelope: bytes | bytearray | memoryview, now: float) -> int:
-        """Sequence an already encoded envelope (from another channel) under this window's next seq."""
-        _split(envelope, 0)  # validates
-        return self._admit(_resequence(envelope, self.next_seq), now)
+        """Sequence an already encoded envelope (from another channel) under this window's next seq.
+
+        ``envelope`` must hold exactly one valid envelope (:class:`MalformedFrame` otherwise).
+        """
+        raw = _one_envelope(envelope)
+        return self._admit(self.next_seq.to_bytes(8, "little") + raw[8:], now)
 
     @property
     def pending(self) -> int:
@@ -471,9 +524,14 @@ class OutboundWindow:
         Acks of sequence numbers never sent are ignored and counted in ``bogus_acks``; stale
         and duplicate acks are harmless.
         """
+        _u64(cumulative, "cumulative")
+        _u64(received, "received")
+        ranges = list(ranges)
+        for lo, hi in ranges:
+            _u64(lo, "ack range bound")
+            _u64(hi, "ack range bound")
         last = self.next_seq - 1
         freed = 0
-        ranges = list(ranges)
         if cumulative > last or received > last or any(hi > last for _, hi in ranges):
             self._bogus += 1
         cumulative = min(cumulative, last)
@@ -521,10 +579,18 @@ class OutboundWindow:
             entry = self._entries[seq]
             if entry[1] == _IN_FLIGHT and entry[2] <= now and seq not in unflushed:
                 entry[3] += 1
-                entry[2] = now + min(self.rto * self.backoff ** entry[3], self.rto_max)
+                entry[2] = now + self._backoff_wait(entry[3])
                 out.append(entry[0])
                 self._retransmitted += 1
         return b"".join(out) if out else None
+
+    def _backoff_wait(self, retries: int) -> float:
+        """``min(rto * backoff**retries, rto_max)``; the power saturates instead of overflowing."""
+        try:
+            wait = self.rto * self.backoff**retries
+        except OverflowError:
+            return self.rto_max
+        return min(wait, self.rto_max)
 
     def unacked(self) -> list[bytes]:
         """Every unfinished envelope, in seq order (to resend elsewhere when the receiver died)."""
@@ -535,7 +601,7 @@ class OutboundWindow:
 
         An envelope not yet flushed is left alone (None): it has not reached anyone to refuse it.
         """
-        entry = self._entries.get(seq)
+        entry = self._entries.get(_u64(seq, "seq"))
         if entry is None or any(s == seq for s, _ in self._pending):
             return None
         self._entries.pop(seq)
@@ -597,6 +663,7 @@ class InboundReorder:
 
     def accept(self, seq: int, item: Any) -> int:
         """Offer one arrival; returns ACCEPTED, DUPLICATE or BEYOND_WINDOW."""
+        _u64(seq, "seq")
         if seq <= self.done_upto or seq in self._state:
             self._duplicates += 1
             self._ack_dirty = True  # the sender missed our ack: say it again
@@ -634,7 +701,7 @@ class InboundReorder:
 
     def complete(self, seq: int) -> bool:
         """Mark a released seq as done (handled, and its effects safe). False if not applicable."""
-        if self._state.get(seq) != _RELEASED:
+        if self._state.get(_u64(seq, "seq")) != _RELEASED:
             return False
         self._state[seq] = _DONE
         self._completed += 1
@@ -647,6 +714,10 @@ class InboundReorder:
     def complete_many(self, seqs: Iterable[int]) -> int:
         """Complete several seqs; returns how many changed state."""
         return sum(1 for s in seqs if self.complete(s))
+
+    def complete_envelopes(self, envelopes: Iterable[Envelope]) -> int:
+        """Complete the seq of each envelope (as returned by :meth:`feed`); returns how many changed state."""
+        return sum(1 for e in envelopes if self.complete(e.seq))
 
     def ack(self) -> tuple[int, int, list[tuple[int, int]]]:
         """``(cumulative done, received, done ranges above cumulative)``, at most MAX_ACK_RANGES."""
@@ -702,15 +773,17 @@ class InboundReorder:
 
 
 def _dedup_key(value: bytes) -> bytes:
-    value = bytes(value)
+    value = _as_bytes(value)
     return value if len(value) == ID_SIZE else hash128(value)
 
 
 class DedupWindow:
     """Remembers ids for ``ttl`` seconds and at most ``max_entries``; forgets the oldest first.
 
-    An id inserted at ``t`` is a duplicate while ``now < t + ttl``. Ids of 16 bytes are kept
-    as they are; other lengths (idempotency keys) are reduced with :func:`hash128`.
+    An id inserted at ``t`` is a duplicate while ``now < t + ttl`` (compared exactly so, in
+    floating point), and new again from ``now == t + ttl``. Ids of 16 bytes are kept as they
+    are; other lengths (idempotency keys) are reduced with :func:`hash128`. Entries carry the
+    partition (0..65535) they belong to, so they can be exported with it.
 
     >>> d = DedupWindow(ttl=10.0, max_entries=1000)
     >>> d.insert(b"a" * 16, now=0.0), d.insert(b"a" * 16, now=5.0), d.insert(b"a" * 16, now=10.0)
@@ -724,8 +797,10 @@ class DedupWindow:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.ttl = float(ttl)
         self.max_entries = max_entries
-        # key -> (time, partition), in insertion order: the oldest first
-        self._entries: dict[bytes, tuple[float, int]] = {}
+        # key -> (time, partition), in insertion order: the oldest first. An OrderedDict, not a
+        # dict: next(iter(dict)) walks past every slot deleted at the front since the last resize,
+        # which makes expiring oldest-first quadratic; the OrderedDict's linked list does not.
+        self._entries: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
         self._inserted = self._duplicates = self._expired = self._evicted = 0
 
     def __len__(self) -> int:
@@ -733,10 +808,11 @@ class DedupWindow:
 
     def _live(self, key: bytes, now: float) -> bool:
         entry = self._entries.get(key)
-        return entry is not None and now - entry[0] < self.ttl
+        return entry is not None and now < entry[0] + self.ttl
 
     def insert(self, id: bytes, now: float, partition: int = 0) -> bool:
         """Check and insert: True if ``id`` is new (now remembered), False if a duplicate."""
+        _check_partition(partition)
         key = _dedup_key(id)
         self.expire(now)
         if self._live(key, now):
@@ -748,13 +824,14 @@ class DedupWindow:
 
     def _add(self, key: bytes, t: float, partition: int) -> None:
         if len(self._entries) >= self.max_entries:
-            del self._entries[next(iter(self._entries))]
+            self._entries.popitem(last=False)
             self._evicted += 1
         self._entries[key] = (t, partition)
         self._inserted += 1
 
     def insert_many(self, ids: Iterable[bytes], now: float, partition: int = 0) -> list[bool]:
         """:meth:`insert` for each id, in order."""
+        _check_partition(partition)
         return [self.insert(i, now, partition) for i in ids]
 
     def insert_envelopes(self, envelopes: Iterable[Envelope], now: float) -> list[bool]:
@@ -772,22 +849,32 @@ class DedupWindow:
     def expire(self, now: float) -> int:
         """Forget entries older than ``ttl`` from the oldest; returns how many."""
         n = 0
-        while self._entries:
-            key = next(iter(self._entries))
-            if now - self._entries[key][0] < self.ttl:
+        entries = self._entries
+        while entries:
+            key = next(iter(entries))
+            if now < entries[key][0] + self.ttl:
                 break
-            del self._entries[key]
+            del entries[key]
             n += 1
         self._expired += n
         return n
 
     def export_partition(self, partition: int) -> bytes:
-        """The entries of one partition, encoded, so they can move with the partition."""
+        """The entries of one partition, encoded, so they can move with the partition.
+
+        ``u32 count | count x (16s id, f64 time)``, oldest first.
+        """
+        _check_partition(partition)
         records = [DEDUP_RECORD.pack(k, t) for k, (t, p) in self._entries.items() if p == partition]
         return len(records).to_bytes(4, "little") + b"".join(records)
 
     def import_entries(self, blob: bytes | bytearray | memoryview, partition: int) -> int:
-        """Add exported entries under ``partition`` (keeping their times); returns how many were new."""
+        """Add exported entries under ``partition`` (keeping their times); returns how many were new.
+
+        An id already present (even expired) is kept as it is. The import may evict the oldest
+        entries when ``max_entries`` is reached; it does not expire anything by itself.
+        """
+        _check_partition(partition)
         view = memoryview(blob)
         if len(view) < 4:
             raise MalformedFrame("truncated", "a dedup export needs at least 4 bytes")
@@ -804,10 +891,19 @@ class DedupWindow:
 
     def drop_partition(self, partition: int) -> int:
         """Forget every entry of one partition (it moved away); returns how many."""
+        _check_partition(partition)
         gone = [k for k, (_, p) in self._entries.items() if p == partition]
         for k in gone:
             del self._entries[k]
         return len(gone)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the entries (the dict, its keys and values): an estimate, for comparison."""
+        size = sys.getsizeof(self._entries)
+        for k, v in self._entries.items():
+            size += sys.getsizeof(k) + sys.getsizeof(v) + sys.getsizeof(v[0])
+        return size
 
     def stats(self) -> DedupStats:
         return DedupStats(
