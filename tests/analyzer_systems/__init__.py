@@ -1,0 +1,1 @@
+"""Small importable systems for the analyzer tests (``choreo graph analyzer_systems.shop``)."""

@@ -1,0 +1,3 @@
+"""A module that declares no service: the loader says so."""
+
+ANSWER = 42

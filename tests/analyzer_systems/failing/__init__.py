@@ -1,0 +1,1 @@
+"""A package whose submodule fails to import: the loader names the submodule and the reason."""
