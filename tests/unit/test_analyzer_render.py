@@ -1,0 +1,186 @@
+"""Renderers: DOT that Graphviz draws, SVG/PNG, Mermaid, self-contained HTML, text; findings highlighted."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # tests/, so analyzer_systems imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from choreo.analyzer import FORMATS, GraphvizMissing, _dot, analyze, render
+from choreo.analyzer._formats import format_for_path
+from choreo.analyzer._load import collect_services
+from choreo.analyzer._text import Style
+from choreo.spec import system_spec
+
+needs_graphviz = pytest.mark.skipif(
+    shutil.which("dot") is None,
+    reason="Graphviz 'dot' is not installed: 'make test' installs it where it can (apt-get install graphviz)",
+)
+
+
+@pytest.fixture(scope="module")
+def shop():
+    return analyze(system_spec(collect_services("analyzer_systems.shop")), name="shop")
+
+
+@pytest.fixture(scope="module")
+def broken():
+    return analyze(system_spec(collect_services("analyzer_systems.broken")), name="broken")
+
+
+def _dot_node(dot: str, node: str) -> str:
+    match = re.search(rf'^  "{re.escape(node)}" \[(.*)\];$', dot, re.M)
+    assert match, f"node {node} not in the DOT output"
+    return match.group(1)
+
+
+def _dot_edges(dot: str, u: str, v: str) -> list[str]:
+    return re.findall(rf'^  "{re.escape(u)}" -> "{re.escape(v)}" \[(.*)\];$', dot, re.M)
+
+
+def test_dot_draws_each_kind_distinctly(shop) -> None:
+    dot = render(shop, "dot")
+    assert 'shape="box"' in _dot_node(dot, "service:orders")
+    assert 'shape="ellipse"' in _dot_node(dot, "message:OrderPlaced")
+    assert 'shape="cds"' in _dot_node(dot, "message:PlaceOrder")
+    assert 'shape="hexagon"' in _dot_node(dot, "message:GetOrder")
+    assert 'peripheries="2"' in _dot_node(dot, "message:PlaceOrder")  # an entry point
+    assert "peripheries" not in _dot_node(dot, "message:OrderPlaced")
+    (ask,) = _dot_edges(dot, "service:storefront", "message:GetOrder")
+    assert 'style="dashed"' in ask
+    (send,) = _dot_edges(dot, "service:storefront", "message:PlaceOrder")
+    assert 'style="bold"' in send
+    # two handlers of orders emit OrderCancelled: one line drawn, both named in its tooltip
+    (emit,) = _dot_edges(dot, "service:orders", "message:OrderCancelled")
+    assert "orders.payment_failed emits OrderCancelled" in emit and "orders.refunded emits OrderCancelled" in emit
+    assert "#c53030" not in dot.split("subgraph cluster_legend")[0]  # a clean system has nothing red
+
+
+def test_dot_highlights_findings(broken) -> None:
+    dot = render(broken, "dot")
+    red, orange = _dot.SEVERITY_COLOUR["error"], _dot.SEVERITY_COLOUR["warning"]
+    charge = _dot_node(dot, "message:ChargeCard")  # two owners: an error
+    assert f'color="{red}"' in charge and "error: command ChargeCard has two owners: payments, billing" in charge
+    (edge,) = _dot_edges(dot, "message:ChargeCard", "service:billing")
+    assert f'color="{red}"' in edge
+    (loop,) = _dot_edges(dot, "message:RetryPayment", "service:payments")  # the cycle: a warning
+    assert f'color="{orange}"' in loop and "warning: cycle: orders -> payments -> orders" in loop
+    (plain,) = _dot_edges(dot, "message:PlaceOrder", "service:orders")
+    assert "color=" not in plain
+
+
+def test_dot_quotes_awkward_names() -> None:
+    from choreo.spec import HandlerSpec, ServiceSpec, SystemSpec
+
+    spec = SystemSpec(services=(ServiceSpec('we"ird\\svc', handlers=(HandlerSpec("h", "event", 'Odd"Name<&>'),)),))
+    dot = render(analyze(spec), "dot")
+    assert '"service:we\\"ird\\\\svc"' in dot
+    assert "Odd&quot;Name&lt;&amp;&gt;" in dot  # in the HTML-like label
+    if shutil.which("dot"):
+        subprocess.run(["dot", "-Tsvg"], input=dot.encode(), check=True, capture_output=True, timeout=60)
+
+
+@needs_graphviz
+@pytest.mark.parametrize("system", ["shop", "broken"])
+def test_dot_renders_with_graphviz(system, request) -> None:
+    analysis = request.getfixturevalue(system)
+    done = subprocess.run(["dot", "-Tsvg"], input=render(analysis, "dot").encode(), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stderr == b"", done.stderr.decode()  # no warnings either
+    svg = done.stdout.decode()
+    for node in analysis.graph.nodes:
+        assert f'id="{node}"' in svg
+
+
+@needs_graphviz
+def test_svg_and_png(shop) -> None:
+    svg = render(shop, "svg")
+    assert isinstance(svg, str) and "<svg" in svg and 'id="service:orders"' in svg
+    png = render(shop, "png")
+    assert isinstance(png, bytes) and png.startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_without_graphviz_the_error_says_how_to_install_it(shop, monkeypatch) -> None:
+    monkeypatch.setattr(_dot.shutil, "which", lambda name: None)
+    for fmt in ("svg", "png", "html"):
+        with pytest.raises(GraphvizMissing, match="apt-get install graphviz.*brew install graphviz"):
+            render(shop, fmt)
+    assert render(shop, "dot").startswith("digraph")  # DOT itself needs nothing
+
+
+def test_mermaid(shop, broken) -> None:
+    text = render(shop, "mermaid")
+    lines = text.splitlines()
+    assert lines[0] == "flowchart LR"
+    assert '  s_orders("orders"):::service' in lines
+    assert '  m_OrderPlaced(["OrderPlaced"]):::event' in lines
+    assert '  m_PlaceOrder[/"PlaceOrder"/]:::command' in lines
+    assert '  m_GetOrder{{"GetOrder"}}:::query' in lines
+    assert "  s_storefront ==> m_PlaceOrder" in lines
+    assert "  s_storefront -.-> m_GetOrder" in lines
+    assert "  outside -.-> m_RefundPayment" in lines
+    assert '  m_OrderShipped -->|"broadcast"| s_notifications' in lines
+    assert lines.count("  s_orders --> m_OrderCancelled") == 1
+    assert not any(line.startswith("  linkStyle") for line in lines)
+    bad = render(broken, "mermaid").splitlines()
+    (err,) = [line for line in bad if line.startswith("  class ") and line.endswith(" error")]
+    assert "m_ChargeCard" in err.split()[1].split(",")
+    links = [line for line in bad if " --> " in line or " ==> " in line or " -.-> " in line or "-->|" in line]
+    (red,) = [line for line in bad if line.startswith("  linkStyle") and "#c53030" in line]
+    red_links = {links[int(i)].strip() for i in red.split()[1].split(",")}
+    assert "m_ChargeCard --> s_billing" in red_links
+
+
+def test_mermaid_ids_are_safe_and_unique() -> None:
+    from choreo.spec import HandlerSpec, ServiceSpec, SystemSpec
+
+    handlers = (HandlerSpec("h", "event", "x.y"), HandlerSpec("g", "event", "x_y"))
+    spec = SystemSpec(services=(ServiceSpec("a-b", handlers=handlers),))
+    lines = render(analyze(spec), "mermaid").splitlines()
+    ids = [line.split("(", 1)[0].strip() for line in lines[1:] if ":::" in line]
+    assert sorted(ids) == ["m_x_y", "m_x_y_2", "outside", "s_a_b"]
+    assert all(re.fullmatch(r"[A-Za-z0-9_]+", i) for i in ids)
+
+
+@needs_graphviz
+def test_html_is_one_self_contained_page(broken) -> None:
+    page = render(broken, "html")
+    assert isinstance(page, str) and page.startswith("<!doctype html>")
+    assert "<svg" in page and "<?xml" not in page and "<!DOCTYPE svg" not in page
+    assert "command ChargeCard has two owners: payments, billing" in page
+    assert page.count("<tr class='error'>") == len(broken.errors)
+    assert page.count("<tr class='warning'>") == len(broken.warnings)
+    # nothing fetched from anywhere: no scripts, no stylesheets, no images, no remote links
+    assert not re.search(r"<script|<link|<img|@import|url\(|(src|href)=\"?https?:", page, re.I)
+
+
+def test_text_has_the_flow_tree_and_the_findings(broken) -> None:
+    text = render(broken, "text")
+    assert text.startswith("broken: 3 services, 8 message types (4 commands, 3 events, 1 query), 2 entry points\n")
+    assert "PlaceOrder (command, from outside): depth 4" in text
+    assert "└─ orders.place  analyzer_systems.broken:" in text
+    assert "sends Refund (command)  no owner" in text
+    assert re.search(r"^error     several-owners +command ChargeCard has two owners: payments, billing$", text, re.M)
+    assert "4 errors, 3 warnings" in text
+    assert "\x1b[" not in text
+    assert "\x1b[1;31m" in render(broken, "text", Style(color=True))
+
+
+def test_formats_table_and_suffixes() -> None:
+    assert list(FORMATS) == ["text", "dot", "svg", "png", "mermaid", "json", "asyncapi", "html"]
+    assert [format_for_path(p) for p in ("a.svg", "a.PNG", "a.gv", "a.mmd", "a.json", "a.html", "a.xyz")] == [
+        "svg",
+        "png",
+        "dot",
+        "mermaid",
+        "json",
+        "html",
+        None,
+    ]
