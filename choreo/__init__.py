@@ -36,6 +36,26 @@ from .service import Context, Handler, RetryPolicy, Service
 
 __version__ = "0.1.0"
 
+# The runtime (ZeroMQ) loads on first use, so that the declarations and the analyzer can be
+# imported without it.
+_LAZY = {
+    "Node": ("choreo.node", "Node"),
+    "NodeConfig": ("choreo.engine", "NodeConfig"),
+    "NodeProcess": ("choreo.launch", "NodeProcess"),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'choreo' has no attribute {name!r}")
+
+
 __all__ = [
     "Backpressure",
     "ChoreoError",
@@ -49,6 +69,9 @@ __all__ = [
     "Message",
     "MessageTooLarge",
     "NoOwner",
+    "Node",
+    "NodeConfig",
+    "NodeProcess",
     "ProtocolError",
     "Query",
     "RetryPolicy",

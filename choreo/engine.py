@@ -216,6 +216,7 @@ class Engine:
         self.fatal: Exception | None = None
         self.batch_wall = wall()
         self.me: Peer | None = None
+        self._seeds: list[str] = []
         self._register_rpc()
 
     # ================================================================================ lifecycle
@@ -236,9 +237,9 @@ class Engine:
         self.membership.upsert(self.me)
         self.transport.connect(self.transport.endpoint)
         self._next_heartbeat = now + self.config.heartbeat
-        for seed in seeds:
-            if seed != self.transport.endpoint:
-                self._say_hello(seed, reply=True)
+        self._seeds = [s for s in seeds if s != self.transport.endpoint]
+        for seed in self._seeds:
+            self._say_hello(seed, reply=True)
 
     def _hello(self, reply: bool) -> wire.Hello:
         return wire.Hello(
@@ -320,12 +321,19 @@ class Engine:
         self.flush()
 
     def _heartbeat(self) -> None:
-        hb = wire.encode_control(
-            wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(peers=self._peer_refs(), leaving=self.leaving)
-        )
+        # a seed that has not answered yet (its hello or ours was lost, or it starts later): again
+        if self._seeds:
+            answered = {p.endpoint for p in self.membership.peers.values()}
+            self._seeds = [s for s in self._seeds if s not in answered]
+            for seed in self._seeds:
+                self._say_hello(seed, reply=True)
+        refs = self._peer_refs()
+        plain = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving))
+        asking = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving, True))
         for peer in self.membership.live_peers():
             if peer is not self.me:
-                self._send(peer.endpoint, hb)
+                ch = self.out.get(peer.incarnation)
+                self._send(peer.endpoint, asking if ch is not None and ch.window.in_flight else plain)
 
     # ================================================================================ output
 
@@ -825,6 +833,10 @@ class Engine:
         peer = self.membership.heard(sender, self.clock())
         if peer is not None and hb.leaving and peer.routable:
             self.membership.leaving(sender)
+        if hb.ack_please and peer is not None:
+            ch = self.inbound.get(sender)
+            if ch is not None:
+                self._send(peer.endpoint, ch.ack_frame())
         self._learn(hb.peers)
 
     def _on_bye(self, sender: int) -> None:

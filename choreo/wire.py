@@ -109,10 +109,15 @@ class Hello(msgspec.Struct, frozen=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
-    """'I am alive', with the peers the sender knows, so membership spreads by gossip."""
+    """'I am alive', with the peers the sender knows, so membership spreads by gossip.
+
+    ``ack_please``: the sender still waits for acks from the receiver; the receiver answers
+    with its current ack, so a lost final ack costs one heartbeat, never a stalled channel.
+    """
 
     peers: list[PeerRef] = []
     leaving: bool = False
+    ack_please: bool = False
 
 
 class Bye(msgspec.Struct, frozen=True):

@@ -7,9 +7,12 @@ after the run: the ground truth of what was processed, independent of the system
 
 from __future__ import annotations
 
+import asyncio
 import os
 
-from choreo import Event, Service
+import msgspec
+
+from choreo import Command, Event, Query, Service
 
 
 class Produced(Event, key="k"):
@@ -74,3 +77,54 @@ def read_records(directory: str, service: str) -> list[tuple[str, str, int, str]
                     if len(parts) == 3:
                         out.append((parts[0], parts[1], int(parts[2]), name))
     return out
+
+
+# --- commands: the article's flaky mobile client -------------------------------------------
+
+class OrderAccepted(msgspec.Struct, frozen=True):
+    order_id: str
+    attempt_request_id: str
+
+
+class PlaceOrder(Command, idempotency=["customer_id", "cart_id"], returns=OrderAccepted):
+    """A request id per HTTP attempt is in the body, but not in the idempotency key."""
+
+    customer_id: str
+    cart_id: str
+    request_id: str
+
+
+class OrderCount(Query):
+    customer_id: str
+
+
+orders = Service("orders")
+_placed: dict[str, int] = {}
+
+
+@orders.command(PlaceOrder)
+def place_order(cmd: PlaceOrder) -> OrderAccepted:
+    n = _placed[cmd.customer_id] = _placed.get(cmd.customer_id, 0) + 1
+    record("orders", f"PlaceOrder {cmd.customer_id}/{cmd.cart_id} {n}")
+    return OrderAccepted(order_id=f"order-{cmd.cart_id}", attempt_request_id=cmd.request_id)
+
+
+@orders.query(OrderCount)
+def order_count(q: OrderCount) -> int:
+    return _placed.get(q.customer_id, 0)
+
+
+# --- a slow consumer: one key, so one event at a time -----------------------------------------
+
+class Work(Event, key="k"):
+    k: str
+    n: int
+
+
+slow = Service("slow")
+
+
+@slow.on(Work)
+async def slow_work(ev: Work) -> None:
+    await asyncio.sleep(float(os.environ.get("CHOREO_SLOW_DELAY", "0.005")))
+    record("slow", f"Work {ev.k} {ev.n}")

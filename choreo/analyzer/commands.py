@@ -1,0 +1,241 @@
+"""The analyzer's subcommands: ``choreo graph``, ``choreo lint`` and ``choreo flows``.
+
+How this works: :func:`register` adds the three subparsers to the CLI's parser and sets each
+one's ``func``; ``choreo.cli`` calls it like every other command module's ``register``. Building
+the parsers imports nothing heavy (the format table only); the analyzer itself is imported when a
+command runs. Every command reads its TARGET the same way (module or package name, ``.json``
+file, or ``--peer``), and returns the process exit code: ``lint`` 1 when a finding at or above
+``--fail-on`` exists, otherwise 0; a target that cannot be read raises, and the CLI exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from ..errors import ChoreoUsageError
+from ._formats import FORMATS, format_for_path
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._analysis import Analysis
+    from ._text import Style
+
+__all__ = ["register", "run_graph", "run_lint", "run_flows"]
+
+_SOURCE_HELP = (
+    "a module or package to import (examples.shop: every choreo.Service it declares), "
+    "or a .json file written by 'choreo graph --format json'"
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``graph``, ``lint`` and ``flows`` to the CLI (``subparsers`` from ``add_subparsers()``).
+
+    >>> import argparse
+    >>> parser = argparse.ArgumentParser(prog="choreo")
+    >>> register(parser.add_subparsers(dest="command"))
+    >>> parser.parse_args(["lint", "examples.shop"]).func.__name__
+    'run_lint'
+    """
+    graph = subparsers.add_parser(
+        "graph",
+        help="draw the flow graph of a system",
+        description="Build the flow graph of a system from its declarations and render it: a tree of flows and "
+        "the findings (text), or a drawing (dot, svg, png, mermaid, html), or data (json, asyncapi).",
+    )
+    _source_arguments(graph)
+    graph.add_argument(
+        "-f",
+        "--format",
+        choices=list(FORMATS),
+        default=None,
+        help="output format (default: from the -o suffix, else text): "
+        + "; ".join(f"{f.name}: {f.summary}" for f in FORMATS.values()),
+    )
+    _output_arguments(graph)
+    graph.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="RULE[,RULE]",
+        help="leave out findings of these rules (see 'choreo lint --rules')",
+    )
+    graph.set_defaults(func=run_graph)
+
+    lint = subparsers.add_parser(
+        "lint",
+        help="check a system's declarations; exit 1 on errors",
+        description="Check the declarations of a system: commands without or with several owners, events nobody "
+        "consumes, subscriptions nobody feeds, cycles, query handlers with side effects, missing key fields, "
+        "keyed types from several producers. Exit status: 0 clean, 1 findings at or above --fail-on, 2 the "
+        "target could not be read.",
+    )
+    _source_arguments(lint, required=False)
+    lint.add_argument("-f", "--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    _output_arguments(lint)
+    lint.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="RULE[,RULE]",
+        help="leave out findings of these rules (repeatable, comma-separated)",
+    )
+    lint.add_argument(
+        "--fail-on",
+        choices=["error", "warning"],
+        default="error",
+        help="lowest severity that makes the exit status 1 (default: error)",
+    )
+    lint.add_argument("--rules", action="store_true", help="list the rules with their severity, and exit")
+    lint.set_defaults(func=run_lint)
+
+    flows = subparsers.add_parser(
+        "flows",
+        help="list what each entry point sets in motion",
+        description="For each entry point (a command or event that no handler produces, so it comes from outside), "
+        "the tree of handlers and messages it reaches, with its depth, fan-out, services and messages.",
+    )
+    _source_arguments(flows)
+    flows.add_argument("-f", "--format", choices=["text", "json"], default="text", help="output format (default: text)")
+    _output_arguments(flows)
+    flows.add_argument("--entry", metavar="TYPE", help="only the flow that starts at this message type")
+    flows.set_defaults(func=run_flows)
+
+
+def _source_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("target", nargs="?", metavar="TARGET", help=_SOURCE_HELP)
+    parser.add_argument(
+        "--peer",
+        metavar="tcp://HOST:PORT",
+        help="read the declarations of a running mesh from one of its nodes instead of TARGET",
+    )
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for --peer (default: 5)")
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of standard output")
+    parser.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="colour text output: auto (on a terminal, unless NO_COLOR is set), always, never",
+    )
+
+
+# ---- running -----------------------------------------------------------------------------------
+
+
+def _analysis(args: argparse.Namespace, ignore: list[str] | None = None) -> Analysis:
+    from ._analysis import analyze
+    from ._load import load_spec
+
+    if args.target is None and args.peer is None:
+        raise ChoreoUsageError(f"choreo {args.command}: give a TARGET (module, package or .json file) or --peer")
+    if args.target is not None and args.peer is not None:
+        raise ChoreoUsageError(f"choreo {args.command}: give a TARGET or --peer, not both")
+    if args.target is not None and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory are importable
+    spec, name = load_spec(args.target, peer=args.peer, timeout=args.timeout)
+    return analyze(spec, name=name, ignore=ignore or ())
+
+
+def _codes(values: list[str]) -> list[str]:
+    return [c.strip() for v in values for c in v.split(",") if c.strip()]
+
+
+def _style(args: argparse.Namespace, stream: IO[str]) -> Style:
+    from ._text import Style
+
+    if args.color == "always":
+        color = True
+    elif args.color == "never" or args.output:
+        color = False
+    else:
+        color = stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    encoding = "utf-8" if args.output else (getattr(stream, "encoding", None) or "ascii")
+    try:
+        "├─└│↻".encode(encoding)
+        unicode = True
+    except (UnicodeEncodeError, LookupError):
+        unicode = False
+    return Style(color=color, unicode=unicode)
+
+
+def _write(args: argparse.Namespace, content: str | bytes) -> None:
+    if args.output:
+        if isinstance(content, bytes):
+            Path(args.output).write_bytes(content)
+        else:
+            Path(args.output).write_text(content, encoding="utf-8")
+        print(f"choreo: wrote {args.output}", file=sys.stderr)
+        return
+    if isinstance(content, bytes):
+        if sys.stdout.isatty():
+            raise ChoreoUsageError("png is binary: write it to a file with -o FILE.png")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(content)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(content)
+        sys.stdout.flush()
+
+
+def run_graph(args: argparse.Namespace) -> int:
+    """``choreo graph TARGET [--format F] [-o FILE]``: render the graph; exit 0."""
+    from ._render import render
+
+    fmt = args.format or (format_for_path(args.output) if args.output else None) or "text"
+    analysis = _analysis(args, ignore=_codes(args.ignore))
+    _write(args, render(analysis, fmt, _style(args, sys.stdout)))
+    return 0
+
+
+def run_lint(args: argparse.Namespace) -> int:
+    """``choreo lint TARGET``: print the findings; exit 1 when one is at or above ``--fail-on``."""
+    if args.rules:
+        from ._lints import RULES
+
+        width = max(len(code) for code in RULES) + 2
+        _write(args, "".join(f"{r.code:<{width}}{r.severity:<9}{r.summary}\n" for r in RULES.values()))
+        return 0
+    analysis = _analysis(args, ignore=_codes(args.ignore))
+    if args.format == "json":
+        doc = {
+            "target": analysis.name,
+            "errors": len(analysis.errors),
+            "warnings": len(analysis.warnings),
+            "findings": [f.to_dict() for f in analysis.findings],
+        }
+        _write(args, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    else:
+        from ._text import render_findings
+
+        style = _style(args, sys.stdout)
+        head = style.paint(f"{analysis.name}: {analysis.summary()}", "bold")
+        _write(args, f"{head}\n\n{render_findings(analysis, style)}")
+    failing = analysis.findings if args.fail_on == "warning" else analysis.errors
+    return 1 if failing else 0
+
+
+def run_flows(args: argparse.Namespace) -> int:
+    """``choreo flows TARGET [--entry TYPE]``: print each entry point's flow; exit 0."""
+    analysis = _analysis(args)
+    entries = [f.entry for f in analysis.flows]
+    if args.entry is not None and args.entry not in entries:
+        raise ChoreoUsageError(
+            f"{args.entry} is not an entry point of {analysis.name}; entry points: {', '.join(entries) or 'none'}"
+        )
+    if args.format == "json":
+        flows = [f.to_dict() for f in analysis.flows if args.entry in (None, f.entry)]
+        _write(args, json.dumps({"target": analysis.name, "flows": flows}, indent=2, ensure_ascii=False) + "\n")
+    else:
+        from ._text import render_flows
+
+        style = _style(args, sys.stdout)
+        head = style.paint(f"{analysis.name}: {analysis.summary()}", "bold")
+        _write(args, f"{head}\n\n{render_flows(analysis, style, only=args.entry)}")
+    return 0

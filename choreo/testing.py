@@ -1,0 +1,210 @@
+"""Test your handlers against a hostile network, without sockets: the fake-link harness.
+
+Nodes run the real engine; frames between them cross an in-memory link that drops,
+duplicates, delays and reorders them, under a virtual clock, all from one seed, so a failing
+run replays exactly::
+
+    async def test_orders_survive_a_bad_network():
+        h = Harness(seed=7, drop=0.1, duplicate=0.1, reorder=0.2)
+        client = h.add(None)
+        h.add(orders)
+        h.add(orders)                       # two competing instances
+        await h.start()
+        await h.run(client.send(PlaceOrder(...)))   # drives the network until it returns
+
+Handlers may be plain functions or ``async def``; an async handler that waits on real time
+(``asyncio.sleep``) works but slows the test by that much. Every failure message of
+:meth:`Harness.run` carries the seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from .engine import Engine, NodeConfig
+from .service import Service
+
+__all__ = ["Harness", "FakeLink", "FakeTransport"]
+
+T = TypeVar("T")
+
+
+class FakeLink:
+    """The shared medium: frames wait in a heap ordered by their (virtual) arrival time."""
+
+    def __init__(
+        self, rng: random.Random, *, drop: float, duplicate: float, reorder: float, delay: float, jitter: float
+    ) -> None:
+        for name, p in (("drop", drop), ("duplicate", duplicate), ("reorder", reorder)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {p}")
+        self.rng = rng
+        self.drop, self.duplicate, self.reorder = drop, duplicate, reorder
+        self.delay, self.jitter = delay, jitter
+        self.queue: list[tuple[float, int, str, bytes, str]] = []
+        self._seq = itertools.count()
+        self.cut: set[tuple[str, str]] = set()  # (from, to) pairs that lose everything
+        self.sent = self.dropped = self.duplicated = 0
+
+    def transmit(self, now: float, src: str, dst: str, frame: bytes) -> None:
+        self.sent += 1
+        if (src, dst) in self.cut or self.rng.random() < self.drop:
+            self.dropped += 1
+            return
+        copies = 2 if self.rng.random() < self.duplicate else 1
+        self.duplicated += copies - 1
+        for _ in range(copies):
+            late = self.rng.random() * self.jitter if self.rng.random() < self.reorder else 0.0
+            heapq.heappush(self.queue, (now + self.delay + late, next(self._seq), dst, frame, src))
+
+    def next_arrival(self) -> float | None:
+        return self.queue[0][0] if self.queue else None
+
+
+class FakeTransport:
+    """What one engine sees of the link (implements :class:`choreo.engine.Transport`)."""
+
+    def __init__(self, harness: Harness, endpoint: str) -> None:
+        self.harness = harness
+        self.endpoint = endpoint
+
+    def connect(self, endpoint: str) -> None:
+        pass
+
+    def disconnect(self, endpoint: str) -> None:
+        pass
+
+    def send(self, endpoint: str, frame: bytes) -> None:
+        self.harness.link.transmit(self.harness.now, self.endpoint, endpoint, frame)
+
+    def reply(self, identity: bytes, frame: bytes) -> None:
+        self.send(identity.decode(), frame)
+
+
+class Harness:
+    """Several engines on one fake link under one virtual clock (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        drop: float = 0.0,
+        duplicate: float = 0.0,
+        reorder: float = 0.0,
+        delay: float = 0.0005,
+        jitter: float = 0.02,
+        config: NodeConfig | None = None,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.link = FakeLink(self.rng, drop=drop, duplicate=duplicate, reorder=reorder, delay=delay, jitter=jitter)
+        self.config = config or NodeConfig()
+        self.now = 0.0
+        self.engines: dict[str, Engine] = {}
+        self.down: set[str] = set()
+        self._names = itertools.count(1)
+
+    def clock(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1_700_000_000.0 + self.now
+
+    def add(self, service: Service | None, name: str | None = None, config: NodeConfig | None = None) -> Engine:
+        """A new node on the link (not started: :meth:`start` starts them all)."""
+        n = next(self._names)
+        endpoint = f"fake://{name or (service.name if service else 'client')}-{n}"
+        engine = Engine(
+            service,
+            FakeTransport(self, endpoint),
+            config=config or self.config,
+            clock=self.clock,
+            wall=self.wall,
+            incarnation=self.rng.getrandbits(63) | 1,
+            name=name,
+        )
+        engine._id_prefix = self.rng.randbytes(8)
+        self.engines[endpoint] = engine
+        return engine
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Start every engine with the first as seed and run until all know each other."""
+        endpoints = list(self.engines)
+        for endpoint, engine in self.engines.items():
+            engine.start([endpoints[0]] if endpoint != endpoints[0] else [])
+        count = len(self.engines)
+
+        def converged() -> bool:
+            return all(sum(p.live for p in e.membership.peers.values()) == count for e in self.engines.values())
+
+        await self.run_until(converged, timeout, "membership converged")
+
+    def crash(self, engine: Engine) -> None:
+        """The node stops at once: frames to and from it are lost from now on."""
+        self.down.add(engine.transport.endpoint)
+
+    # -- running -------------------------------------------------------------------------------
+
+    async def _settle(self) -> None:
+        """Let the event loop run what is ready (flushes, handler tasks), several rounds."""
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    async def step(self, tick: float) -> None:
+        """Deliver what arrives up to the next tick, then tick every engine."""
+        await self._settle()
+        horizon = self.now + tick
+        link = self.link
+        while link.queue and link.queue[0][0] <= horizon:
+            at, _, dst, frame, src = heapq.heappop(link.queue)
+            self.now = max(self.now, at)
+            engine = self.engines.get(dst)
+            if engine is None or dst in self.down or src in self.down:
+                continue
+            engine.on_frame(frame, src.encode())
+            engine.flush()
+            await self._settle()
+        self.now = horizon
+        for endpoint, engine in self.engines.items():
+            if endpoint not in self.down:
+                engine.tick()
+        await self._settle()
+
+    async def run_until(self, predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+        """Advance virtual time until ``predicate()`` holds (AssertionError with the seed if not)."""
+        deadline = self.now + timeout
+        tick = self.config.tick
+        while not predicate():
+            if self.now >= deadline:
+                raise AssertionError(f"{what} not reached within {timeout} virtual s (seed {self.seed})")
+            await self.step(tick)
+
+    async def run(self, awaitable: Awaitable[T], timeout: float = 60.0) -> T:
+        """Drive the network until ``awaitable`` completes; returns its result."""
+        task = asyncio.ensure_future(awaitable)
+        try:
+            await self.run_until(task.done, timeout, "operation finished")
+        finally:
+            if not task.done():
+                task.cancel()
+        return task.result()
+
+    async def advance(self, seconds: float) -> None:
+        """Let ``seconds`` of virtual time pass."""
+        end = self.now + seconds
+        while self.now < end:
+            await self.step(min(self.config.tick, end - self.now))
+
+    def describe(self) -> str:
+        link = self.link
+        return f"seed {self.seed}: {link.sent} frames, {link.dropped} dropped, {link.duplicated} duplicated"
+
+
+def gather_all(*aws: Awaitable[Any]) -> Awaitable[list[Any]]:
+    """``asyncio.gather`` for :meth:`Harness.run` (several operations at once)."""
+    return asyncio.gather(*aws)

@@ -1,0 +1,44 @@
+"""Fixtures for multi-process tests: a record directory, and processes that are always reaped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from choreo.launch import NodeProcess
+
+
+class Procs:
+    """Starts NodeProcess children and guarantees they are killed when the test ends."""
+
+    def __init__(self, record_dir: Path) -> None:
+        self.record_dir = record_dir
+        self.started: list[NodeProcess] = []
+
+    def start(self, service, peers=(), **kwargs) -> NodeProcess:
+        env = {"CHOREO_RECORD_DIR": str(self.record_dir), **kwargs.pop("env", {})}
+        proc = NodeProcess(service, peers=peers, env=env, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def stderr(self) -> str:
+        return "\n".join(f"--- {p.service if isinstance(p.service, str) else getattr(p.service, 'name', p.service)} "
+                         f"pid {p.proc.pid if p.proc else '?'}\n{p.stderr()[-3000:]}" for p in self.started)
+
+    def close(self) -> None:
+        for p in self.started:
+            p.stop(timeout=10)
+            p.kill()
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    record_dir = tmp_path / "records"
+    record_dir.mkdir()
+    p = Procs(record_dir)
+    try:
+        yield p
+    finally:
+        p.close()

@@ -1,0 +1,88 @@
+"""Issue 3: bad input is refused with a counted reason, and the node keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from choreo import MessageTooLarge, core, wire
+from choreo.client import rpc
+from choreo.node import Node
+
+from .recording import OrderAccepted, PlaceOrder, orders
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_refused(endpoint: str, reason: str, at_least: int = 1, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = rpc(endpoint, "stats")
+        if stats["refused"].get(reason, 0) >= at_least:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {at_least} refusals for {reason!r} within {timeout} s, got {stats['refused']}")
+        time.sleep(0.02)  # polling another process's counter: nothing to wait on locally
+
+
+def _envelope(type_name: str, kind: int, payload: bytes, seq: int) -> bytes:
+    return core.pack_envelope(seq, kind, 0, type_name.encode(), b"k", 0, os.urandom(16), os.urandom(16), bytes(16), payload)
+
+
+def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs) -> None:
+    server = procs.start(orders)
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server.endpoint)
+    me = int.from_bytes(os.urandom(8), "little") | 1
+    try:
+        # 1. bytes that are not choreo at all
+        raw.send(b"GET / HTTP/1.1\r\n\r\n")
+        _wait_refused(server.endpoint, "malformed")
+        raw.send_multipart([b"one", b"two", b"three"])
+        _wait_refused(server.endpoint, "malformed", 2)
+        # 2. a choreo header with a protocol version from the future
+        raw.send(wire.HEADER.pack(b"CHRO", 99, wire.DATA, 0, me, 0) + b"\x00" * 40)
+        _wait_refused(server.endpoint, "version")
+        # 3. data from a peer that never said hello
+        raw.send(wire.frame(wire.DATA, me, 0, _envelope("PlaceOrder", wire.KIND_COMMAND, b"\x80", 1)))
+        _wait_refused(server.endpoint, "unknown_peer")
+        # say hello as a client (its endpoint is never dialled successfully: acks go nowhere)
+        hello = wire.Hello(node="raw#1", incarnation=me, endpoint="tcp://127.0.0.1:9", service=None,
+                           window=1024, max_message_bytes=1 << 20)
+        raw.send(wire.encode_control(wire.HELLO, me, 0, hello))
+        # 4. an envelope of a type the service does not handle
+        raw.send(wire.frame(wire.DATA, me, 0, _envelope("LaunchRocket", wire.KIND_COMMAND, b"\x80", 1)))
+        _wait_refused(server.endpoint, "unknown_type")
+        # 5. a known type whose field has the wrong type
+        bad = msgspec.msgpack.encode({"customer_id": 5, "cart_id": "c", "request_id": "r"})
+        raw.send(wire.frame(wire.DATA, me, 0, _envelope("PlaceOrder", wire.KIND_COMMAND, bad, 2)))
+        stats = _wait_refused(server.endpoint, "invalid_payload")
+        # 6. a truncated batch
+        raw.send(wire.frame(wire.DATA, me, 0, _envelope("PlaceOrder", wire.KIND_COMMAND, bad, 3)[:-5]))
+        _wait_refused(server.endpoint, "malformed", 3)
+        # 7. 100 MB against the default 1 MB message limit
+        raw.send(wire.frame(wire.DATA, me, 0, bytes(100 << 20)), copy=False)
+        stats = _wait_refused(server.endpoint, "oversized", timeout=30)
+        assert stats["frames_in"] >= 8
+    finally:
+        raw.close(0)
+
+    # the node still serves the next good message
+    async def good() -> None:
+        async with Node(None, peers=[server.endpoint]) as client:
+            await client.wait_for({"orders": 1}, timeout=20)
+            result = await client.send(PlaceOrder(customer_id="c-1", cart_id="cart-9", request_id="r1"), timeout=10)
+            assert result == OrderAccepted(order_id="order-cart-9", attempt_request_id="r1")
+            # the sender refuses to send what the receiver would refuse, and loses nothing
+            with pytest.raises(MessageTooLarge):
+                await client.send(PlaceOrder(customer_id="c-1", cart_id="x" * (2 << 20), request_id="r2"))
+
+    asyncio.run(asyncio.wait_for(good(), 60))
+    assert server.alive()

@@ -1,0 +1,259 @@
+"""The node's API in one process: routing errors, retries, dead letters, declarations enforced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from choreo import (
+    ChoreoUsageError,
+    Command,
+    Event,
+    HandlerFailed,
+    NoOwner,
+    Query,
+    Service,
+    UndeclaredMessage,
+)
+from choreo.node import Node, NodeConfig
+
+FAST = NodeConfig(heartbeat=0.05, suspect_after=0.5, dead_after=1.0, tick=0.005)
+
+
+class Deposit(Command, key="account"):
+    account: str
+    cents: int
+
+
+class Deposited(Event, key="account"):
+    account: str
+    cents: int
+
+
+class Balance(Query, key="account"):
+    account: str
+
+
+class Audit(Event):
+    line: str
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
+    return asyncio.run(asyncio.wait_for(coro_fn(), timeout))
+
+
+async def mesh(*services: Service | None, transport: str = "inproc") -> list[Node]:
+    nodes: list[Node] = []
+    for i, svc in enumerate(services):
+        bind = f"inproc://test-{id(nodes)}-{i}" if transport == "inproc" else "tcp://127.0.0.1:0"
+        node = Node(svc, bind=bind, peers=[nodes[0].endpoint] if nodes else [], config=FAST)
+        await node.start()
+        nodes.append(node)
+    wanted: dict[str, int] = {}
+    for svc in services:
+        if svc is not None:
+            wanted[svc.name] = wanted.get(svc.name, 0) + 1
+    for node in nodes:
+        await node.wait_for(wanted, timeout=10)
+    return nodes
+
+
+async def stop_all(nodes: list[Node]) -> None:
+    for node in reversed(nodes):
+        await node.stop(timeout=5)
+
+
+def bank() -> tuple[Service, dict[str, int], list[str]]:
+    svc = Service("bank")
+    balances: dict[str, int] = {}
+    audit: list[str] = []
+
+    @svc.command(Deposit, emits=[Deposited])
+    async def deposit(cmd: Deposit, ctx) -> int:
+        balances[cmd.account] = balances.get(cmd.account, 0) + cmd.cents
+        ctx.emit(Deposited(cmd.account, cmd.cents))
+        return balances[cmd.account]
+
+    @svc.query(Balance)
+    def balance(q: Balance) -> int:
+        return balances.get(q.account, 0)
+
+    @svc.on(Deposited)
+    def deposited(ev: Deposited) -> None:
+        audit.append(f"{ev.account}+{ev.cents}")
+
+    return svc, balances, audit
+
+
+def test_commands_queries_and_events_in_one_process_over_inproc() -> None:
+    svc, balances, audit = bank()
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        client = nodes[1]
+        assert await client.send(Deposit("acc-1", 5)) == 5
+        assert await client.send(Deposit("acc-1", 7)) == 12
+        assert await client.ask(Balance("acc-1")) == 12
+        await client.flush()
+        await nodes[0].flush()
+        assert audit == ["acc-1+5", "acc-1+7"]
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_send_without_owner_names_the_type_and_what_the_mesh_has() -> None:
+    svc, _, _ = bank()
+
+    class Refund(Command):
+        account: str
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        with pytest.raises(NoOwner, match=r"no live service in the mesh handles command Refund \(services known: bank\)"):
+            await nodes[1].send(Refund("a"))
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_second_owner_of_a_command_is_refused_at_start_up() -> None:
+    svc, _, _ = bank()
+    rival = Service("rival-bank")
+
+    @rival.command(Deposit)
+    def deposit(cmd: Deposit) -> int:
+        return 0
+
+    async def scenario() -> None:
+        nodes = await mesh(svc)
+        newcomer = Node(rival, bind="tcp://127.0.0.1:0", peers=[nodes[0].endpoint], config=FAST)
+        await newcomer.start()
+        with pytest.raises(ChoreoUsageError, match="command Deposit has two owners: bank, rival-bank"):
+            await newcomer.wait_for({"bank": 1, "rival-bank": 1}, timeout=5)
+        newcomer.kill()
+        assert nodes[0].stats()["refused"]["conflict"] >= 1
+        assert "rival-bank" not in {p["service"] for p in nodes[0].stats()["peers"].values()}
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_undeclared_emit_fails_the_handler_visibly_and_nothing_leaks() -> None:
+    svc = Service("sloppy")
+    calls: list[int] = []
+
+    @svc.command(Deposit, retries=1, backoff=0.01)
+    def deposit(cmd: Deposit, ctx) -> int:
+        calls.append(cmd.cents)
+        ctx.emit(Deposited(cmd.account, cmd.cents))  # not in emits=
+        return 1
+
+    listener = Service("listener")
+    heard: list[Deposited] = []
+    listener.on(Deposited)(heard.append)
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, listener, None)
+        with pytest.raises(HandlerFailed, match=r"UndeclaredMessage: handler .*deposit .* emits Deposited, which it does not declare"):
+            await nodes[2].send(Deposit("a", 3))
+        assert calls == [3, 3], "one attempt and one retry"
+        (letter,) = nodes[0].dead_letters()
+        assert letter["error_type"] == "UndeclaredMessage" and letter["attempts"] == 2
+        # a leaked emit would have been acked by the listener before the reply came back
+        assert heard == [], "a failed attempt's emits are never sent"
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_query_handler_cannot_emit() -> None:
+    svc = Service("reader")
+
+    @svc.query(Balance)
+    def balance(q: Balance, ctx) -> int:
+        ctx.emit(Audit("peek"))
+        return 0
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        with pytest.raises(HandlerFailed, match="query handler .*balance may not emit: queries have no side effects"):
+            await nodes[1].ask(Balance("a"))
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_service_emitting_outside_handlers_must_declare_it() -> None:
+    svc = Service("ticker", emits=[Audit])
+
+    async def scenario() -> None:
+        nodes = await mesh(svc)
+        await nodes[0].emit(Audit("ok"))  # declared: fine (no subscriber: dropped, counted)
+        assert nodes[0].stats()["unrouted"] == 1
+        with pytest.raises(UndeclaredMessage, match=r"add it to Service\('ticker', emits=\[...\]\)"):
+            await nodes[0].emit(Deposited("a", 1))
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_poison_message_goes_to_dead_letters_and_replay_runs_it_once() -> None:
+    svc = Service("fragile")
+    state = {"broken": True, "handled": []}
+
+    @svc.on(Deposited, retries=2, backoff=0.01)
+    def on_deposit(ev: Deposited) -> None:
+        if state["broken"] and ev.cents == 13:
+            raise RuntimeError("unlucky number")
+        state["handled"].append(ev.cents)
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        server, client = nodes
+        for cents in (1, 13, 2):
+            await client.emit(Deposited("acc", cents))
+        await client.flush(timeout=10)
+        assert state["handled"] == [1, 2], "the same key waits for the failing message's retries, then moves on"
+        (letter,) = server.dead_letters()
+        assert (letter["type"], letter["attempts"], letter["error"]) == ("Deposited", 3, "unlucky number")
+        state["broken"] = False
+        server.replay(letter["id"])
+        await server.until(lambda: len(state["handled"]) == 3, 5, "replayed")
+        assert state["handled"] == [1, 2, 13] and server.dead_letters() == []
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_competing_instances_share_keys_and_broadcast_reaches_all() -> None:
+    seen: dict[str, list[str]] = {}
+    svc = Service("workers")
+
+    @svc.on(Deposited)
+    def work(ev: Deposited, ctx) -> None:
+        seen.setdefault(ctx.instance, []).append(ev.account)
+
+    announcements: list[str] = []
+
+    @svc.on(Audit, broadcast=True)
+    def announce(ev: Audit, ctx) -> None:
+        announcements.append(ctx.instance)
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, svc, None)
+        client = nodes[2]
+        for i in range(200):
+            await client.emit(Deposited(f"acc-{i % 20}", i))
+        await client.emit(Audit("hello all"))
+        await client.flush(timeout=10)
+        assert len(seen) == 2 and sum(len(v) for v in seen.values()) == 200
+        a, b = seen.values()
+        assert not set(a) & set(b), "each key is owned by exactly one instance"
+        assert sorted(announcements) == sorted(n.name for n in nodes[:2])
+        await stop_all(nodes)
+
+    run(scenario)
