@@ -50,13 +50,17 @@ def _q(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+class _Html(str):
+    """An HTML-like label, written as ``<...>`` instead of quoted (its text is escaped by the caller)."""
+
+
 def _attrs(**attrs: object) -> str:
     parts = []
     for k, v in attrs.items():
         if v is None:
             continue
-        if isinstance(v, str) and v.startswith("<") and v.endswith(">"):  # an HTML-like label
-            parts.append(f"{k}={v}")
+        if isinstance(v, _Html):
+            parts.append(f"{k}=<{v}>")
         else:
             parts.append(f"{k}={_q(str(v))}")
     return "[" + ", ".join(parts) + "]"
@@ -99,7 +103,7 @@ def _nodes(analysis: Analysis) -> list[str]:
         fill, line = COLOURS.get(kind, ("#ffffff", "#000000"))
         severity = analysis.node_severity(node)
         if d["type"] == "service":
-            label = f"<<B>{html.escape(d['name'])}</B>>"
+            label = _Html(f"<B>{html.escape(d['name'])}</B>")
             where = f" ({d['module']}:{d['line']})" if d["module"] else ""
             tip = f"service {d['name']}{where}"
             style = "rounded,filled,bold"
@@ -107,7 +111,7 @@ def _nodes(analysis: Analysis) -> list[str]:
             spec = d["spec"] or {}
             key = spec.get("key")
             small = f'<BR/><FONT POINT-SIZE="8">key {html.escape(key)}</FONT>' if key else ""
-            label = f"<{html.escape(d['name'])}{small}>"
+            label = _Html(f"{html.escape(d['name'])}{small}")
             where = f" ({spec['module']}:{spec['line']})" if spec.get("module") else ""
             entry = entries.get(d["name"])
             tip = f"{kind} {d['name']}{where}" + (f"\nentry point from {entry.source}" if entry else "")

@@ -33,10 +33,11 @@ def load_spec(target: str | None = None, *, peer: str | None = None, timeout: fl
     ``target`` is a module or package name, or a path to a ``.json`` file; ``peer`` reads a
     running mesh instead.
 
-    >>> spec, name = load_spec("choreo.analyzer")  # doctest: +SKIP
+    >>> load_spec("choreo.errors")
     Traceback (most recent call last):
-    choreo.analyzer._load.LoadError: no choreo.Service found in choreo.analyzer (...)
-    >>> spec, name = load_spec("system.json")  # doctest: +SKIP
+    choreo.analyzer._load.LoadError: no choreo.Service found in choreo.errors (looked at 1 module): ...
+    >>> spec, name = load_spec("examples.shop")  # doctest: +SKIP
+    >>> spec, name = load_spec("shop.json")  # doctest: +SKIP
     >>> spec, name = load_spec(peer="tcp://127.0.0.1:7400")  # doctest: +SKIP
     """
     if (target is None) == (peer is None):

@@ -36,7 +36,8 @@ _LINK_STYLE = {"error": "stroke:#c53030,stroke-width:3px", "warning": "stroke:#d
 
 
 def _label(text: str) -> str:
-    return text.replace('"', "#quot;")
+    """Text for a quoted Mermaid label: ``#`` and ``"`` as Mermaid entity codes."""
+    return text.replace("#", "#35;").replace('"', "#quot;")
 
 
 def render_mermaid(analysis: Analysis) -> str:

@@ -184,3 +184,18 @@ def test_formats_table_and_suffixes() -> None:
         "html",
         None,
     ]
+
+
+def test_names_that_look_like_markup_stay_text() -> None:
+    from choreo.spec import HandlerSpec, ServiceSpec, SystemSpec
+
+    spec = SystemSpec(services=(ServiceSpec("svc", handlers=(HandlerSpec("<h>", "event", "<Tag>#1"),)),))
+    analysis = analyze(spec)
+    dot = render(analysis, "dot")
+    assert "label=<&lt;Tag&gt;#1>" in dot  # escaped inside the HTML-like label
+    assert 'tooltip="svc.<h> handles <Tag>#1\\n' in dot  # a plain quoted string, not markup
+    assert '(["#35;lt;Tag>#35;1"])' not in render(analysis, "mermaid")
+    assert '(["<Tag>#35;1"]):::event' in render(analysis, "mermaid")
+    if shutil.which("dot"):
+        done = subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()
