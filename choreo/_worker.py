@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import sys
 
 import cloudpickle
 
 from .engine import NodeConfig
-from .errors import ChoreoError
+from .errors import ChoreoError, ChoreoUsageError
 from .launch import READY_PREFIX
 from .node import Node
 from .service import Service
@@ -24,21 +25,33 @@ from .service import Service
 def load_service(target: str) -> Service:
     """``module:attribute`` (or ``module`` holding exactly one Service) -> the Service."""
     module_name, _, attr = target.partition(":")
-    module = importlib.import_module(module_name)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory import
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ChoreoUsageError(f"cannot import {module_name!r} (from {os.getcwd()}): {exc}") from None
     if attr:
         obj = getattr(module, attr, None)
         if not isinstance(obj, Service):
-            raise SystemExit(f"{target}: {attr} is not a choreo.Service (got {type(obj).__name__})")
+            raise ChoreoUsageError(f"{target}: {attr} is not a choreo.Service (got {type(obj).__name__})")
         return obj
     services = [v for v in vars(module).values() if isinstance(v, Service)]
     if len(services) != 1:
         names = ", ".join(s.name for s in services) or "none"
-        raise SystemExit(f"{target}: name the service as MODULE:ATTRIBUTE (services found: {names})")
+        raise ChoreoUsageError(f"{target}: name the service as MODULE:ATTRIBUTE (services found: {names})")
     return services[0]
 
 
-async def run(service: Service | None, bind: str, peers: list[str], config: NodeConfig, name: str | None) -> int:
-    node = Node(service, bind=bind, peers=peers, config=config, name=name)
+async def run(
+    service: Service | None,
+    bind: str,
+    peers: list[str],
+    config: NodeConfig,
+    name: str | None,
+    advertise: str | None = None,
+) -> int:
+    node = Node(service, bind=bind, peers=peers, config=config, name=name, advertise=advertise)
     await node.start()
     sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}\n")
     sys.stdout.flush()

@@ -24,7 +24,7 @@ from .errors import ChoreoError
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: Modules whose ``register(subparsers)`` adds subcommands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("choreo.analyzer.commands",)
+COMMAND_MODULES: tuple[str, ...] = ("choreo.analyzer.commands", "choreo.run_commands")
 
 
 def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ import msgspec
 
 from . import core
 from .errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationError
-from .messages import Message, decode, message_options
+from .messages import Message, decode, decoder_for, message_options
 from .service import Handler, Service
 from .wire import FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_QUERY, KIND_REPLY
 
@@ -123,30 +123,36 @@ class DeadLetter:
 
 
 class HandlerContext:
-    """What a running handler may do besides returning: see :class:`choreo.Context`."""
+    """What a running handler may do besides returning: see :class:`choreo.Context`.
 
-    __slots__ = ("_dispatcher", "_job", "outputs")
+    A plain-function handler may get the same context object for several messages of a batch:
+    it is valid during the call it was passed to.
+    """
 
-    def __init__(self, dispatcher: Dispatcher, job: Job) -> None:
+    __slots__ = ("_dispatcher", "_env", "_handler", "_attempt", "outputs")
+
+    def __init__(self, dispatcher: Dispatcher, env: Any, handler: Handler, attempt: int = 0) -> None:
         self._dispatcher = dispatcher
-        self._job = job
+        self._env = env
+        self._handler = handler
+        self._attempt = attempt
         self.outputs: list[Message] = []
 
     @property
     def message_id(self) -> bytes:
-        return self._job.env.msg_id
+        return self._env.msg_id
 
     @property
     def trace_id(self) -> bytes:
-        return self._job.env.trace_id
+        return self._env.trace_id
 
     @property
     def attempt(self) -> int:
-        return self._job.attempt + 1
+        return self._attempt + 1
 
     @property
     def service(self) -> str:
-        return self._dispatcher.service.name
+        return self._handler.service
 
     @property
     def instance(self) -> str:
@@ -154,11 +160,10 @@ class HandlerContext:
 
     @property
     def key(self) -> bytes:
-        return self._job.env.key
+        return self._env.key
 
     def _declared(self, message: Message, allowed: tuple[type, ...], verb: str) -> None:
-        handler = self._job.handler
-        assert handler is not None
+        handler = self._handler
         if handler.kind == "query":
             raise ChoreoUsageError(f"query handler {handler.name} may not {verb}: queries have no side effects")
         if type(message) not in allowed:
@@ -171,14 +176,12 @@ class HandlerContext:
 
     def emit(self, event: Message) -> None:
         """Publish an event (sent once the handler returns without raising)."""
-        assert self._job.handler is not None
-        self._declared(event, self._job.handler.emits, "emit")
+        self._declared(event, self._handler.emits, "emit")
         self.outputs.append(event)
 
     def send(self, command: Message) -> None:
         """Send a command (sent once the handler returns without raising)."""
-        assert self._job.handler is not None
-        self._declared(command, self._job.handler.sends, "send")
+        self._declared(command, self._handler.sends, "send")
         name = message_options(type(command)).name
         if not self._dispatcher.engine.membership.owners(name):
             raise NoOwner(f"no live service in the mesh handles command {name}")
@@ -186,9 +189,8 @@ class HandlerContext:
 
     async def ask(self, query: Message, timeout: float | None = None) -> Any:
         """Ask a query declared in ``sends=`` and return its answer."""
-        assert self._job.handler is not None
-        self._declared(query, self._job.handler.sends, "send")
-        env = self._job.env
+        self._declared(query, self._handler.sends, "send")
+        env = self._env
         return await self._dispatcher.engine.ask(query, timeout=timeout, trace_id=env.trace_id, cause_id=env.msg_id)
 
 
@@ -224,6 +226,99 @@ class Dispatcher:
 
     # -- arrival -------------------------------------------------------------------------------
 
+    def deliver_batch(self, channel: InChannel, envs: list[Any], now: float) -> None:
+        """Take a channel's released envelopes, in order.
+
+        The common case, an event for a plain-function handler whose key is idle, runs inline
+        here without any bookkeeping object: dedup, decode, call, complete. Anything else
+        (commands, async handlers, failures, emitted effects, busy keys) becomes a :class:`Job`.
+        """
+        handlers = self.handlers
+        dedup = self.dedup
+        keyed = self.keyed
+        complete = channel.reorder.complete
+        engine = self.engine
+        wall = engine.wall
+        received = engine.batch_wall
+        tracer = engine.tracer
+        spans = tracer.spans if tracer.enabled else None
+        ctx: HandlerContext | None = None
+        done = 0
+        for env in envs:
+            handler = handlers.get(env.type)
+            if (
+                handler is None
+                or handler.is_async
+                or env.kind != KIND_EVENT
+                or handler.kind != "event"
+                or self.ready
+                or (keyed.busy_keys and not env.flags & FLAG_UNKEYED and keyed.busy(env.key))
+            ):
+                self.deliver(channel, env, now)
+                continue
+            window = dedup.get(env.type)
+            if window is None:
+                options = message_options(handler.message)
+                window = dedup[env.type] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+            if not window.insert(env.msg_id, now, env.partition):
+                self.stats.received += 1
+                self._track(env.partition)
+                self._duplicate(Job(env, channel, handler, received))
+                continue
+            try:
+                message = decoder_for(handler.message).decode(env.payload)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                self._slow_path(channel, env, handler, received, None)
+                continue
+            started = wall()
+            try:
+                if handler.takes_context:
+                    if ctx is None or ctx.outputs:
+                        ctx = HandlerContext(self, env, handler)
+                    else:
+                        ctx._env, ctx._handler = env, handler
+                    handler.fn(message, ctx)
+                else:
+                    handler.fn(message)
+            except Exception as exc:
+                job = self._slow_path(channel, env, handler, received, message)
+                job.started = started
+                self.stats.in_handler += 1
+                self._failed(job, exc)
+                continue
+            if ctx is not None and ctx.outputs:
+                job = self._slow_path(channel, env, handler, received, message)
+                job.started = started
+                self.stats.in_handler += 1
+                self._succeeded(job, ctx, None)
+                continue
+            if spans is not None:
+                spans.append(
+                    (env.trace_id, env.msg_id, env.cause_id, env.type, handler.name, received, started, wall(),
+                     "ok", None, 1, env.key, env.partition)
+                )
+            complete(env.seq)
+            done += 1
+        if done:
+            self.stats.received += done
+            self.stats.processed += done
+            engine.ack_later(channel)
+
+    def _track(self, partition: int) -> None:
+        lag = self.stats.lag
+        lag[partition] = lag.get(partition, 0) + 1
+
+    def _slow_path(self, channel: InChannel, env: Any, handler: Handler, received: float, message: Message | None) -> Job:
+        """An envelope the fast path took through dedup becomes a tracked job."""
+        self.stats.received += 1
+        self._track(env.partition)
+        job = Job(env, channel, handler, received)
+        job.message = message
+        self.in_progress[env.msg_id] = job
+        if message is None:
+            self._admit(job)  # decoding fails again there, with the refusal counted and logged
+        return job
+
     def deliver(self, channel: InChannel, env: Any, now: float) -> None:
         """Take one released envelope (called in sequence order per channel)."""
         if env.kind == KIND_REPLY:
@@ -238,14 +333,13 @@ class Dispatcher:
                 f"{env.type!r} (kind {env.kind}) from {channel.peer.node}: "
                 f"{self.service.name if self.service else 'this client'} has no handler for it",
             )
-            job = Job(env, channel, None, now)
+            job = Job(env, channel, None, self.engine.batch_wall)
             if env.kind in (KIND_COMMAND, KIND_QUERY):
                 job.reply = _error_reply("UnknownType", f"{self._who()} does not handle {env.type}")
             self._effects_safe(job)
             return
-        job = Job(env, channel, handler, now)
-        lag = self.stats.lag
-        lag[env.partition] = lag.get(env.partition, 0) + 1
+        job = Job(env, channel, handler, self.engine.batch_wall)
+        self._track(env.partition)
         if handler.kind != "query" and not env.flags & FLAG_REPLAY:
             window = self.dedup.get(env.type)
             if window is None:
@@ -301,10 +395,9 @@ class Dispatcher:
                 self.engine.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
                 self._finish_handler(job, reply=_error_reply("ValidationError", str(exc)), dead=False)
                 return
-        ctx = HandlerContext(self, job)
-        job.started = self.engine.clock()
+        ctx = HandlerContext(self, job.env, handler, job.attempt)
         self.stats.in_handler += 1
-        self.engine.tracer.started(job)
+        job.started = self.engine.wall()
         try:
             if handler.is_async:
                 coro = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
@@ -340,6 +433,7 @@ class Dispatcher:
                 return
         self.engine.tracer.finished(job, "ok", None)
         outputs = ctx.outputs
+        ctx.outputs = []
         if outputs:
             try:
                 routed = self.engine.send_outputs(job, outputs)

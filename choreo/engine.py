@@ -53,12 +53,16 @@ from .errors import (
 from .membership import Conflict, Membership, Peer
 from .messages import Message, encode, idempotency_id, message_options, result_decoder_for
 from .service import Service
-from .tracing import Tracer, new_trace_id, parse_traceparent
+from .tracing import Tracer, parse_traceparent
 
 __all__ = ["NodeConfig", "Engine", "Transport", "EngineStats", "key_bytes"]
 
 log = logging.getLogger("choreo.node")
 ZERO_ID = bytes(16)
+_encode = msgspec.msgpack.Encoder().encode  # the same encoding as choreo.messages.encode
+_partition_of = core.partition_of
+_HEADER_SIZE = core.HEADER_SIZE
+_KIND_EVENT = wire.KIND_EVENT
 REPLY_HANDLER_ID = b"\xffreply"
 
 
@@ -136,6 +140,10 @@ class EngineStats:
     refused: Counter[str] = field(default_factory=Counter)
 
 
+def _channel_load(ch: OutChannel) -> int:
+    return ch.window.in_flight + len(ch.backlog)
+
+
 def key_bytes(value: Any) -> bytes:
     """The ordering key of a field value, identical on every host (``str()`` of it, UTF-8)."""
     if isinstance(value, bytes):
@@ -153,6 +161,39 @@ class _Route:
         self.partitions = partitions
         self.key_field = key_field
         self.broadcast = broadcast
+
+
+class _EmitTarget:
+    """Where copies of one event type go, compiled for one membership version."""
+
+    __slots__ = ("flags", "key_field", "partitions", "by_partition", "channels", "service")
+
+    def __init__(
+        self,
+        flags: int,
+        key_field: str | None,
+        partitions: int,
+        by_partition: list[OutChannel] | None,
+        channels: list[OutChannel],
+        service: str,
+    ) -> None:
+        self.flags = flags
+        self.key_field = key_field
+        self.partitions = partitions
+        self.by_partition = by_partition  # keyed: the owner's channel of every partition
+        self.channels = channels  # broadcast: every instance; unkeyed: candidates by load
+        self.service = service
+
+
+class _EmitPlan:
+    __slots__ = ("version", "tname", "targets", "idempotent", "max_bytes")
+
+    def __init__(self, version: int, tname: bytes, targets: list[_EmitTarget], idempotent: bool, max_bytes: int) -> None:
+        self.version = version
+        self.tname = tname
+        self.targets = targets
+        self.idempotent = idempotent
+        self.max_bytes = max_bytes
 
 
 class _Call:
@@ -203,6 +244,7 @@ class Engine:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
+        self._emit_plans: dict[type, _EmitPlan] = {}
         self._homeless: dict[str, deque[Outgoing]] = {}
         self._hello_sent: dict[str, float] = {}
         self._id_prefix = os.urandom(8)
@@ -436,7 +478,7 @@ class Engine:
         best, best_load = None, None
         for peer in self.membership.instances(service):
             ch = self.out.get(peer.incarnation)
-            load = 0 if ch is None else ch.window.in_flight + len(ch.backlog)
+            load = 0 if ch is None else _channel_load(ch)
             if best_load is None or load < best_load:
                 best, best_load = peer, load
         return best
@@ -540,8 +582,9 @@ class Engine:
             )
 
     def _origin_ids(self, message: Message, traceparent: str | None) -> tuple[bytes, bytes]:
+        """A new flow starts here: its trace id is the first message's id, unless the caller has one."""
         msg_id = idempotency_id(message) or self.fresh_id()
-        trace_id = parse_traceparent(traceparent) if traceparent else new_trace_id()
+        trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         return msg_id, trace_id
 
     def _blocked(self, plan: list[tuple[OutChannel, Outgoing]]) -> OutChannel | None:
@@ -560,8 +603,120 @@ class Engine:
         w = ch.window
         return Backpressure(ch.peer.node, w.in_flight + len(ch.backlog), w.max_messages, waited, w.in_flight_bytes)
 
+    # -- the fast path of emit: one compiled plan per event type, straight into the windows -----
+
+    def _compile_emit(self, cls: type) -> _EmitPlan:
+        if not (isinstance(cls, type) and issubclass(cls, Message)):
+            raise TypeError(f"emit takes a choreo event, got {cls.__name__}")
+        options = message_options(cls)
+        if options.kind != "event":
+            raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        if self.service is not None and cls not in self.service.emits:
+            raise UndeclaredMessage(
+                f"service {self.service.name} emits {options.name} outside a handler without declaring it: "
+                f"add it to Service({self.service.name!r}, emits=[...])"
+            )
+        targets = []
+        max_bytes = self.config.max_message_bytes
+        for r in self._routes(options.name, "event"):
+            peers = self.membership.instances(r.service)
+            if not peers:
+                continue
+            max_bytes = min(max_bytes, *(p.max_message_bytes for p in peers))
+            flags = 0 if r.key_field is not None else wire.FLAG_UNKEYED
+            by_partition = None
+            if r.broadcast:
+                flags |= wire.FLAG_BROADCAST
+            elif r.key_field is not None:
+                by_partition = []
+                for p in range(r.partitions):
+                    owner = self.membership.owner(r.service, p)
+                    assert owner is not None
+                    by_partition.append(self.channel(owner))
+            targets.append(_EmitTarget(flags, r.key_field, r.partitions, by_partition, [self.channel(p) for p in peers], r.service))
+        plan = _EmitPlan(self.membership.version, options.name.encode(), targets, options.idempotency is not None, max_bytes)
+        self._emit_plans[cls] = plan
+        return plan
+
+    def _fast_emit(self, event: Message) -> bytes | None:
+        """Emit without waiting if every destination has credit; None means: take the slow path."""
+        plan = self._emit_plans.get(type(event))
+        if plan is None or plan.version != self.membership.version:
+            plan = self._compile_emit(type(event))
+        payload = _encode(event)
+        if len(payload) > plan.max_bytes:
+            return None  # the slow path raises MessageTooLarge with the details
+        if plan.idempotent:
+            msg_id = idempotency_id(event)
+        else:
+            msg_id = self._id_prefix + next(self._id_counter).to_bytes(8, "little")
+        targets = plan.targets
+        tname = plan.tname
+        base = _HEADER_SIZE + len(tname) + len(payload)
+        if len(targets) == 1 and targets[0].by_partition is not None:  # the common case: one keyed subscriber
+            t = targets[0]
+            value = getattr(event, t.key_field)  # type: ignore[arg-type]
+            kb = value.encode() if type(value) is str else key_bytes(value)
+            partition = _partition_of(kb, t.partitions)
+            ch = t.by_partition[partition]
+            size = base + len(kb)
+            window = ch.window
+            if ch.backlog or not window.has_credit(size):
+                return None
+            window.append(_KIND_EVENT, 0, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, self.clock())
+            ch.pending_bytes += size
+            if window.pending >= ch.max_batch or ch.pending_bytes >= ch.max_batch_bytes:
+                self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
+            else:
+                self._dirty_out.add(ch)
+                if not self._flush_scheduled:
+                    self.schedule_flush()
+            self.stats.emitted += 1
+            return msg_id
+        if not targets:
+            self.stats.unrouted += 1
+            self.stats.emitted += 1
+            return msg_id
+        sends: list[tuple[OutChannel, int, bytes, int]] = []
+        for t in targets:
+            if t.by_partition is not None:
+                kb = key_bytes(getattr(event, t.key_field))  # type: ignore[arg-type]
+                partition = _partition_of(kb, t.partitions)
+                ch = t.by_partition[partition]
+                if ch.backlog or not ch.window.has_credit(base + len(kb)):
+                    return None
+                sends.append((ch, t.flags, kb, partition))
+            elif t.flags & wire.FLAG_BROADCAST:
+                kb = key_bytes(getattr(event, t.key_field)) if t.key_field else b""
+                partition = _partition_of(kb, t.partitions) if t.key_field else 0
+                for ch in t.channels:
+                    if ch.backlog or not ch.window.has_credit(base + len(kb)):
+                        return None
+                    sends.append((ch, t.flags, kb, partition))
+            else:
+                best = min(t.channels, key=_channel_load)
+                if best.backlog or not best.window.has_credit(base):
+                    return None
+                sends.append((best, t.flags, b"", 0))
+        now = self.clock()
+        for ch, flags, kb, partition in sends:
+            ch.window.append(_KIND_EVENT, flags, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, now)
+            ch.pending_bytes += base + len(kb)
+            if ch.window.pending >= ch.max_batch or ch.pending_bytes >= ch.max_batch_bytes:
+                self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
+            else:
+                self._dirty_out.add(ch)
+        if not self._flush_scheduled:
+            self.schedule_flush()
+        self.stats.emitted += 1
+        return msg_id
+
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
         """Publish an event now or raise :class:`Backpressure` at once; returns its message id."""
+        if traceparent is None:
+            msg_id = self._fast_emit(event)
+            if msg_id is not None:
+                return msg_id
         self._check_origin(event, "emit")
         if message_options(type(event)).kind != "event":
             raise ChoreoUsageError(f"emit takes an event; use send() for commands and ask() for queries")
@@ -606,6 +761,10 @@ class Engine:
 
     async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
         """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
+        if traceparent is None:
+            msg_id = self._fast_emit(event)
+            if msg_id is not None:
+                return msg_id
         self._check_origin(event, "emit")
         if message_options(type(event)).kind != "event":
             raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
@@ -638,7 +797,7 @@ class Engine:
         timeout = self.config.request_timeout if timeout is None else timeout
         msg_id = idempotency_id(message) or self.fresh_id()
         if trace_id is None:
-            trace_id = parse_traceparent(traceparent) if traceparent else new_trace_id()
+            trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         start = self.clock()
 
         def replan() -> list[tuple[OutChannel, Outgoing]]:
@@ -745,14 +904,20 @@ class Engine:
             raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
         now = self.clock()
         self.batch_wall = self.wall()
-        deliver = self.dispatcher.deliver
         limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
-        for env in released:
-            if env.size > limit:
-                self.count_refused("oversized", f"{env.type} envelope of {env.size} bytes from {ch.peer.node}")
-                ch.reorder.complete(env.seq)
-                continue
-            deliver(ch, env, now)
+        for i, env in enumerate(released):
+            if env.size > limit:  # rare: refuse it and take the others one by one
+                ok = []
+                for e in released[i:]:
+                    if e.size > limit:
+                        self.count_refused("oversized", f"{e.type} envelope of {e.size} bytes from {ch.peer.node}")
+                        ch.reorder.complete(e.seq)
+                    else:
+                        ok.append(e)
+                released = released[:i] + ok
+                break
+        if released:
+            self.dispatcher.deliver_batch(ch, released, now)
         self.dispatcher.pump()
         if ch.reorder.ack_pending:
             self.ack_later(ch)

@@ -50,9 +50,6 @@ class Tracer:
         self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.enabled = size > 0
 
-    def started(self, job: Job) -> None:
-        job.started = self.wall()
-
     def finished(self, job: Job, outcome: str, error: str | None) -> None:
         if not self.enabled:
             return
