@@ -93,6 +93,7 @@ class OutChannel:
         self.header = wire.frame(wire.DATA, me, peer.incarnation)
         self.credit_waiters: list[Callback] = []
         self.closed = False
+        self.done_upto = 0  # every seq up to here is done (the receiver's cumulative ack)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -149,6 +150,8 @@ class OutChannel:
         """Apply an ack (MalformedFrame if invalid), run the callbacks of finished seqs, refill."""
         cumulative, received, ranges = core.decode_ack(data, offset)
         freed = self.window.on_ack(cumulative, received, ranges, now)
+        if cumulative > self.done_upto:
+            self.done_upto = min(cumulative, self.window.next_seq - 1)
         if freed and self.watch:
             self._notify(cumulative, ranges)
         if freed:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 import traceback
 from collections import OrderedDict, deque
@@ -35,7 +36,8 @@ from . import core
 from .errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationError
 from .messages import Message, decode, decoder_for, message_options
 from .service import Handler, Service
-from .wire import FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_QUERY, KIND_REPLY
+from .tracing import format_traceparent
+from .wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY, KIND_REPLY
 
 if TYPE_CHECKING:  # pragma: no cover
     from .channels import InChannel
@@ -147,6 +149,11 @@ class HandlerContext:
         return self._env.trace_id
 
     @property
+    def traceparent(self) -> str:
+        """W3C ``traceparent`` of this handling of the message (pass it on to HTTP calls)."""
+        return format_traceparent(self._env.trace_id, self._env.msg_id, self._handler.name)
+
+    @property
     def attempt(self) -> int:
         return self._attempt + 1
 
@@ -215,7 +222,8 @@ class Dispatcher:
         self.keyed = core.KeyedDispatch()
         self.dedup: dict[str, core.DedupWindow] = {}
         self.in_progress: dict[bytes, Job] = {}
-        self.results: OrderedDict[bytes, tuple[float, float, bytes]] = OrderedDict()  # id -> (t, ttl, reply)
+        # command id -> (time, ttl, reply, partition): a duplicate command gets the first result
+        self.results: OrderedDict[bytes, tuple[float, float, bytes, int]] = OrderedDict()
         self.results_max = results_max
         self.dead_letters: OrderedDict[int, DeadLetter] = OrderedDict()
         self.dlq_max = dlq_max
@@ -243,6 +251,7 @@ class Dispatcher:
         tracer = engine.tracer
         spans = tracer.spans if tracer.enabled else None
         ctx: HandlerContext | None = None
+        gate = engine.ownership.gate if engine.ownership is not None else None
         done = 0
         for env in envs:
             handler = handlers.get(env.type)
@@ -253,6 +262,7 @@ class Dispatcher:
                 or handler.kind != "event"
                 or self.ready
                 or (keyed.busy_keys and not env.flags & FLAG_UNKEYED and keyed.busy(env.key))
+                or (gate is not None and not gate[env.partition] and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST))
             ):
                 self.deliver(channel, env, now)
                 continue
@@ -308,6 +318,53 @@ class Dispatcher:
         lag = self.stats.lag
         lag[partition] = lag.get(partition, 0) + 1
 
+    def untrack(self, partition: int) -> None:
+        lag = self.stats.lag
+        n = lag.get(partition, 0) - 1
+        if n > 0:
+            lag[partition] = n
+        else:
+            lag.pop(partition, None)
+
+    # -- a partition moves: its dedup ids and cached results go with it ------------------------
+
+    def export_partition(self, p: int) -> bytes:
+        """The dedup ids and cached command results of one partition (then forgotten here)."""
+        dedup = {}
+        for name, window in self.dedup.items():
+            blob = window.export_partition(p)
+            window.drop_partition(p)
+            dedup[name] = blob
+        results = [(k, v[0], v[1], v[2]) for k, v in self.results.items() if v[3] == p]
+        for k, *_ in results:
+            del self.results[k]
+        # times are this node's monotonic clock: the receiver shifts them onto its own
+        return _reply_encoder.encode({"dedup": dedup, "results": results, "now": self.engine.clock()})
+
+    def import_partition(self, p: int, payload: bytes) -> None:
+        try:
+            data = msgspec.msgpack.decode(payload, type=_PartitionState)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self.engine.count_refused("malformed", f"handover of partition {p}: {exc}")
+            return
+        now = self.engine.clock()
+        shift = now - data.now
+        for name, blob in data.dedup.items():
+            handler = self.handlers.get(name)
+            if handler is None:
+                continue
+            window = self.dedup.get(name)
+            if window is None:
+                options = message_options(handler.message)
+                window = self.dedup[name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+            try:
+                window.import_entries(_shift_times(blob, shift), p)
+            except (core.MalformedFrame, struct.error) as exc:
+                self.engine.count_refused("malformed", f"handover of partition {p}: {exc}")
+        for msg_id, t, ttl, reply in data.results:
+            if now - (t + shift) < ttl:
+                self.results[msg_id] = (t + shift, ttl, reply, p)
+
     def _slow_path(self, channel: InChannel, env: Any, handler: Handler, received: float, message: Message | None) -> Job:
         """An envelope the fast path took through dedup becomes a tracked job."""
         self.stats.received += 1
@@ -325,8 +382,27 @@ class Dispatcher:
             self.engine.on_reply(env)
             channel.reorder.complete(env.seq)
             return
-        self.stats.received += 1
+        if env.kind == KIND_HANDOVER:
+            self.engine.on_handover(env)
+            channel.reorder.complete(env.seq)
+            self.engine.ack_later(channel)
+            return
         handler = self.handlers.get(env.type)
+        ownership = self.engine.ownership
+        if (
+            ownership is not None
+            and handler is not None
+            and not ownership.gate[env.partition]
+            and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST | FLAG_REPLAY)
+        ):
+            p = env.partition
+            if ownership.state[p] == "awaiting" or not self.engine._settled:
+                ownership.buffered.setdefault(p, deque()).append((channel, env))  # until the handover
+                self._track(p)
+                return
+            if self.engine.forward(channel, env):
+                return
+        self.stats.received += 1
         if handler is None or _KIND_FOR[handler.kind] != env.kind:
             self.engine.count_refused(
                 "unknown_type",
@@ -521,25 +597,19 @@ class Dispatcher:
                     self._effects_safe(dup)
 
     def _unlag(self, job: Job) -> None:
-        lag = self.stats.lag
-        p = job.env.partition
-        n = lag.get(p, 0) - 1
-        if n > 0:
-            lag[p] = n
-        else:
-            lag.pop(p, None)
+        self.untrack(job.env.partition)
 
     def _remember_result(self, job: Job, reply: bytes) -> None:
         if job.env.kind != KIND_COMMAND or job.handler is None:
             return
         options = message_options(job.handler.message)
-        self.results[job.env.msg_id] = (self.engine.clock(), options.dedup_ttl, reply)
+        self.results[job.env.msg_id] = (self.engine.clock(), options.dedup_ttl, reply, job.env.partition)
         while len(self.results) > self.results_max:
             self.results.popitem(last=False)
         # forget results older than their dedup window, oldest first
         now = self.engine.clock()
         while self.results:
-            t, ttl, _ = next(iter(self.results.values()))
+            t, ttl, _, _ = next(iter(self.results.values()))
             if now - t < ttl:
                 break
             self.results.popitem(last=False)
@@ -613,6 +683,28 @@ class Dispatcher:
     @property
     def idle(self) -> bool:
         return not self.in_progress and not self.ready and self.stats.in_handler == 0 and self.keyed.busy_keys == 0
+
+
+class _PartitionState(msgspec.Struct):
+    dedup: dict[str, bytes]
+    results: list[tuple[bytes, float, float, bytes]]
+    now: float
+
+
+_DEDUP_RECORD = struct.Struct("<16sd")
+
+
+def _shift_times(blob: bytes, shift: float) -> bytes:
+    """Move the times of a dedup export (``u32 n | n x (16s id, f64 time)``) by ``shift`` seconds."""
+    if len(blob) < 4:
+        raise struct.error("dedup export shorter than its count")
+    n = int.from_bytes(blob[:4], "little")
+    out = bytearray(blob)
+    for i in range(n):
+        offset = 4 + i * _DEDUP_RECORD.size
+        key, t = _DEDUP_RECORD.unpack_from(blob, offset)
+        _DEDUP_RECORD.pack_into(out, offset, key, t + shift)
+    return bytes(out)
 
 
 class _ReplayEnvelope:

@@ -50,7 +50,9 @@ from .errors import (
     UndeclaredMessage,
     ValidationError,
 )
+from .holds import Holds
 from .membership import Conflict, Membership, Peer
+from .ownership import Ownership
 from .messages import Message, encode, idempotency_id, message_options, result_decoder_for
 from .service import Service
 from .tracing import Tracer, parse_traceparent
@@ -75,7 +77,8 @@ class NodeConfig:
     waits before raising :class:`~choreo.Backpressure`. ``max_message_bytes``: the largest
     body accepted or sent. ``rto``/``rto_max``: first and largest retransmission timeout.
     ``heartbeat``/``suspect_after``/``dead_after``: failure detection. ``span_ring``: how many
-    spans the node remembers for tracing (0: none).
+    spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
+    of a partition waits for its live previous owner's handover before taking it anyway.
     """
 
     window: int = 4096
@@ -95,6 +98,7 @@ class NodeConfig:
     dlq_max: int = 10_000
     span_ring: int = 10_000
     transport_max_bytes: int = 256 << 20
+    handover_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -137,7 +141,15 @@ class EngineStats:
     backpressure_errors: int = 0
     dead_letters: int = 0
     unrouted: int = 0
+    forwarded: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+
+
+def _forwarded(env: Any, on_done: Callable[[], None]) -> Outgoing:
+    return Outgoing(
+        env.kind, env.flags, env.type.encode(), env.key, env.partition, env.msg_id, env.trace_id, env.cause_id,
+        env.payload, on_done, raw=env.raw,
+    )
 
 
 def _channel_load(ch: OutChannel) -> int:
@@ -245,6 +257,12 @@ class Engine:
         self._timer_seq = itertools.count()
         self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
         self._emit_plans: dict[type, _EmitPlan] = {}
+        self.holds = Holds()
+        self.ownership = Ownership(service.partitions, self.incarnation) if service is not None else None
+        self._synced_version = -1
+        self._settled = False
+        self._started_at = 0.0
+        self._contacted = False
         self._homeless: dict[str, deque[Outgoing]] = {}
         self._hello_sent: dict[str, float] = {}
         self._id_prefix = os.urandom(8)
@@ -280,8 +298,11 @@ class Engine:
         self.transport.connect(self.transport.endpoint)
         self._next_heartbeat = now + self.config.heartbeat
         self._seeds = [s for s in seeds if s != self.transport.endpoint]
+        self._started_at = now
+        self._settled = not self._seeds
         for seed in self._seeds:
             self._say_hello(seed, reply=True)
+        self.sync_view()
 
     def _hello(self, reply: bool) -> wire.Hello:
         return wire.Hello(
@@ -294,6 +315,7 @@ class Engine:
             peers=self._peer_refs(),
             reply=reply,
             leaving=self.leaving,
+            serving=self.serving,
         )
 
     def _peer_refs(self) -> list[wire.PeerRef]:
@@ -326,9 +348,16 @@ class Engine:
         self.flush()
 
     @property
+    def serving(self) -> bool:
+        """Whether this node owns partitions already (a newcomer then waits for its handovers)."""
+        return self.ownership is not None and self.ownership.serving
+
+    @property
     def drained(self) -> bool:
         """Nothing in progress here and nothing of ours unacknowledged elsewhere."""
         if not self.dispatcher.idle:
+            return False
+        if self.ownership is not None and (self.ownership.draining or self.ownership.buffered):
             return False
         if any(not ch.idle for ch in self.inbound.values() if ch.peer.live):
             return False
@@ -359,6 +388,13 @@ class Engine:
         while timers and timers[0][0] <= now:
             _, _, callback = heapq.heappop(timers)
             callback()
+        if not self._settled and now - self._started_at >= self.config.dead_after:
+            self._settled = True  # the seeds never answered: act on what we know
+            self._synced_version = -1
+        if self.membership.version != self._synced_version:
+            self.sync_view()
+        if self.ownership is not None:
+            self._ownership_timers(now)
         self.dispatcher.pump()
         self.flush()
 
@@ -370,8 +406,9 @@ class Engine:
             for seed in self._seeds:
                 self._say_hello(seed, reply=True)
         refs = self._peer_refs()
-        plain = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving))
-        asking = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving, True))
+        serving = self.serving
+        plain = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving, False, serving))
+        asking = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving, True, serving))
         for peer in self.membership.live_peers():
             if peer is not self.me:
                 ch = self.out.get(peer.incarnation)
@@ -409,6 +446,11 @@ class Engine:
 
     def _append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
         """Put one envelope on a channel (or its backlog) and get it on its way."""
+        if self.holds.by_key and not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST):
+            hold = self.holds.held(ch.peer.service_name, item.partition)
+            if hold is not None:
+                hold.queue.append(item)  # behind what the partition's old owner still holds
+                return
         ch.push(item, now)
         self._dirty_out.add(ch)
         if ch.batch_full:
@@ -589,7 +631,11 @@ class Engine:
 
     def _blocked(self, plan: list[tuple[OutChannel, Outgoing]]) -> OutChannel | None:
         for ch, item in plan:
-            if not ch.can_accept(item.size):
+            hold = self.holds.held(ch.peer.service_name, item.partition) if self.holds.by_key else None
+            if hold is not None:
+                if len(hold.queue) >= hold.channel.window.max_messages and not item.flags & wire.FLAG_UNKEYED:
+                    return hold.channel  # a long hold is backpressure too
+            elif not ch.can_accept(item.size):
                 return ch
         return None
 
@@ -661,7 +707,7 @@ class Engine:
             ch = t.by_partition[partition]
             size = base + len(kb)
             window = ch.window
-            if ch.backlog or not window.has_credit(size):
+            if ch.backlog or not window.has_credit(size) or (self.holds.by_key and (t.service, partition) in self.holds.by_key):
                 return None
             window.append(_KIND_EVENT, 0, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, self.clock())
             ch.pending_bytes += size
@@ -683,7 +729,7 @@ class Engine:
                 kb = key_bytes(getattr(event, t.key_field))  # type: ignore[arg-type]
                 partition = _partition_of(kb, t.partitions)
                 ch = t.by_partition[partition]
-                if ch.backlog or not ch.window.has_credit(base + len(kb)):
+                if ch.backlog or not ch.window.has_credit(base + len(kb)) or (t.service, partition) in self.holds.by_key:
                     return None
                 sends.append((ch, t.flags, kb, partition))
             elif t.flags & wire.FLAG_BROADCAST:
@@ -889,6 +935,8 @@ class Engine:
                 raise ProtocolError("malformed", f"unexpected {wire.FRAME_NAMES[frame_type]} frame")
         except ProtocolError as exc:
             self.count_refused(exc.reason, exc.detail)
+        if self.membership.version != self._synced_version:
+            self.sync_view()
 
     def _on_data(self, sender: int, data: bytes) -> None:
         ch = self.inbound.get(sender)
@@ -931,6 +979,8 @@ class Engine:
             ch.on_ack(data, wire.HEADER_SIZE, self.clock())
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
+        if self.holds.by_key:
+            self._release_holds(self.holds.release(ch))
         if ch.window.pending:
             self._dirty_out.add(ch)
         self.dispatcher.pump()
@@ -972,6 +1022,7 @@ class Engine:
                 last_heard=now,
             )
         )
+        peer.serving = peer.serving or hello.serving
         for old in replaced:
             log.info("%s: %s replaced %s at %s", self.name, peer.node, old.node, old.endpoint)
             self._peer_gone(old)
@@ -984,6 +1035,12 @@ class Engine:
         if hello.reply or new:
             self._say_hello(hello.endpoint, reply=False, receiver=sender)
         self._learn(hello.peers)
+        if not self._settled:
+            # joined: settle once every peer the mesh told us about has answered our hello
+            self._contacted = True
+            known = {p.endpoint for p in self.membership.peers.values()}
+            if all(ref.endpoint in known or ref.incarnation in self.membership.peers for ref in hello.peers):
+                self._settled = True
 
     def _learn(self, refs: Iterable[wire.PeerRef]) -> None:
         now = self.clock()
@@ -996,6 +1053,8 @@ class Engine:
 
     def _on_heartbeat(self, sender: int, hb: wire.Heartbeat) -> None:
         peer = self.membership.heard(sender, self.clock())
+        if peer is not None:
+            peer.serving = peer.serving or hb.serving
         if peer is not None and hb.leaving and peer.routable:
             self.membership.leaving(sender)
         if hb.ack_please and peer is not None:
@@ -1034,12 +1093,16 @@ class Engine:
         self.inbound.pop(peer.incarnation, None)
         if not any(p.endpoint == peer.endpoint and p.live for p in self.membership.peers.values()):
             self.transport.disconnect(peer.endpoint)
+        if self.ownership is not None:
+            owned = self.ownership.previous_gone(peer.incarnation)
+            if owned:
+                log.info("%s: took over %d partitions %s was handing over", self.name, len(owned), peer.node)
+                self._release_buffered(owned)
         # a command waiting on the gone peer is resent below with its id: its caller keeps waiting
         if ch is None:
             return
+        held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
         items = ch.evacuate()
-        if not items:
-            return
         service = peer.service_name
         now = self.clock()
         moved = 0
@@ -1056,6 +1119,102 @@ class Engine:
                 moved += 1
         if moved:
             log.info("%s: resent %d unacknowledged envelopes of %s to its new owners", self.name, moved, peer.node)
+        self._release_holds(held)
+
+    # ================================================================================ partition moves
+
+    def sync_view(self) -> None:
+        """The membership changed: update partition ownership and the producer's holds."""
+        self._synced_version = self.membership.version
+        self.holds.on_view(self.membership, self.out)
+        if self.ownership is None or not self._settled or self.service is None:
+            return
+        view = [p.incarnation for p in self.membership.instances(self.service.name)]
+        peers = self.membership.peers
+        changed = self.ownership.update(
+            view,
+            lambda inc: inc in peers and peers[inc].live,
+            self.clock(),
+            lambda inc: inc in peers and peers[inc].serving,
+        )
+        if changed:
+            self._release_buffered(changed)
+
+    def _ownership_timers(self, now: float) -> None:
+        ownership = self.ownership
+        assert ownership is not None
+        if ownership.awaiting:
+            late = ownership.expire(now, self.config.handover_timeout)
+            if late:
+                log.warning("%s: no handover for partitions %s within %.0f s: taking them", self.name, late,
+                            self.config.handover_timeout)
+                self._release_buffered(late)
+        if ownership.draining:
+            lag = self.dispatcher.stats.lag
+            for p, target in list(ownership.draining.items()):
+                if lag.get(p, 0) == 0:
+                    self._hand_over(p, target)
+
+    def _hand_over(self, p: int, target: int) -> None:
+        """Partition ``p`` is drained: send its dedup ids to its new owner, after every forward."""
+        assert self.ownership is not None and self.service is not None
+        self.ownership.drained(p)
+        payload = self.dispatcher.export_partition(p)
+        peer = self.membership.peers.get(target)
+        if peer is None or not peer.live:
+            peer = self.membership.owner(self.service.name, p)
+        if peer is None or peer.incarnation == self.incarnation:
+            return
+        item = Outgoing(
+            wire.KIND_HANDOVER, 0, b"choreo.handover", b"", p, self.fresh_id(), ZERO_ID, ZERO_ID, payload, None
+        )
+        self._append(self.channel(peer), item, self.clock())
+
+    def on_handover(self, env: Any) -> None:
+        """The previous owner of a partition finished draining it."""
+        p = env.partition
+        self.dispatcher.import_partition(p, env.payload)
+        if self.ownership is not None and self.ownership.handed_over(p, self.clock()):
+            self._release_buffered([p])
+
+    def _release_buffered(self, partitions: list[int]) -> None:
+        """Arrivals buffered for partitions that became ours (run them) or someone else's (forward)."""
+        assert self.ownership is not None
+        now = self.clock()
+        for p in partitions:
+            queue = self.ownership.buffered.pop(p, None)
+            while queue:
+                ch, env = queue.popleft()
+                self.dispatcher.untrack(p)
+                self.dispatcher.deliver(ch, env, now)
+        self.dispatcher.pump()
+        self.schedule_flush()
+
+    def forward(self, channel: InChannel, env: Any) -> bool:
+        """Send an arrival for a partition we do not own to its owner; ack the original after."""
+        assert self.service is not None
+        target = self.membership.owner(self.service.name, env.partition)
+        if target is None or target.incarnation == self.incarnation:
+            return False
+
+        def done(channel: InChannel = channel, seq: int = env.seq) -> None:
+            channel.reorder.complete(seq)
+            self.ack_later(channel)
+
+        self.stats.forwarded += 1
+        self._append(self.channel(target), _forwarded(env, done), self.clock())
+        return True
+
+    def _release_holds(self, released: list[tuple[str, int, Any]]) -> None:
+        now = self.clock()
+        for service, p, hold in released:
+            while hold.queue:
+                item = hold.queue.popleft()
+                target = self.membership.owner(service, p)
+                if target is None:
+                    self._homeless.setdefault(service, deque()).append(item)
+                else:
+                    self._append(self.channel(target), item, now)
 
     def _new_home(self, service: str, item: Outgoing) -> Peer | None:
         if item.flags & wire.FLAG_UNKEYED:
@@ -1112,6 +1271,9 @@ class Engine:
             "backpressure_waits": self.stats.backpressure_waits,
             "backpressure_errors": self.stats.backpressure_errors,
             "unrouted": self.stats.unrouted,
+            "forwarded": self.stats.forwarded,
+            "partitions": self.ownership.summary() if self.ownership is not None else {},
+            "holds": len(self.holds.by_key),
             "refused": dict(self.stats.refused),
             "frames_in": self.stats.frames_in,
             "frames_out": self.stats.frames_out,

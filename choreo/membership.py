@@ -38,6 +38,7 @@ class Peer:
     max_message_bytes: int
     last_heard: float
     state: str = "alive"
+    serving: bool = False  # it owns partitions (a newcomer takes them over by handover)
     key: bytes = field(init=False)  # the rendezvous identity
 
     def __post_init__(self) -> None:

@@ -12,7 +12,8 @@ Peers (what a node believes about another node)::
 Partitions (what a node does with one partition of its service)::
 
     owned --rebalance--> draining --drained--> handed_over
-    handed_over/unowned --assigned--> owned
+    unowned/handed_over --gained--> awaiting --handed_over--> owned
+    unowned/handed_over --assigned--> owned          (no live previous owner)
 """
 
 from __future__ import annotations
@@ -40,12 +41,17 @@ PEER_TRANSITIONS: Mapping[tuple[str, str], str] = {
 }
 
 PARTITION_TRANSITIONS: Mapping[tuple[str, str], str] = {
-    ("unowned", "assigned"): "owned",
+    ("unowned", "assigned"): "owned",  # nobody had it (first instance, or its owner is gone)
+    ("unowned", "gained"): "awaiting",  # a live previous owner drains it first
     ("handed_over", "assigned"): "owned",
-    ("owned", "rebalance"): "draining",
+    ("handed_over", "gained"): "awaiting",
+    ("awaiting", "handed_over"): "owned",  # the previous owner's drain is done; its dedup ids came along
+    ("awaiting", "previous_gone"): "owned",  # the previous owner died: nothing left to wait for
+    ("awaiting", "timeout"): "owned",
+    ("awaiting", "lost"): "unowned",  # the view changed again before the handover
+    ("owned", "rebalance"): "draining",  # finish what is started, redirect new arrivals
     ("draining", "drained"): "handed_over",
-    ("draining", "assigned"): "owned",  # the move was cancelled before it finished
-    ("owned", "lost"): "unowned",  # our node is told it no longer owns it without a drain (peer view)
+    ("draining", "assigned"): "owned",  # moved back before the drain finished
 }
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "KIND_COMMAND",
     "KIND_QUERY",
     "KIND_REPLY",
+    "KIND_HANDOVER",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
     "FLAG_REPLAY",
@@ -76,8 +77,14 @@ FRAME_NAMES = {
 }
 
 # envelope kinds (the core's ``kind`` byte)
-KIND_EVENT, KIND_COMMAND, KIND_QUERY, KIND_REPLY = 1, 2, 3, 4
-KIND_NAMES = {KIND_EVENT: "event", KIND_COMMAND: "command", KIND_QUERY: "query", KIND_REPLY: "reply"}
+KIND_EVENT, KIND_COMMAND, KIND_QUERY, KIND_REPLY, KIND_HANDOVER = 1, 2, 3, 4, 5
+KIND_NAMES = {
+    KIND_EVENT: "event",
+    KIND_COMMAND: "command",
+    KIND_QUERY: "query",
+    KIND_REPLY: "reply",
+    KIND_HANDOVER: "handover",  # a drained partition's dedup ids, from its old owner to its new one
+}
 KIND_CODES = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
 
 # envelope flags
@@ -106,6 +113,7 @@ class Hello(msgspec.Struct, frozen=True):
     peers: list[PeerRef] = []
     reply: bool = False
     leaving: bool = False
+    serving: bool = False  # owns partitions already: a newcomer must wait for its handovers
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -118,6 +126,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     peers: list[PeerRef] = []
     leaving: bool = False
     ack_please: bool = False
+    serving: bool = False
 
 
 class Bye(msgspec.Struct, frozen=True):

@@ -46,3 +46,55 @@ def expected_stream(count: int, keys: int) -> dict[str, list[int]]:
     for n in range(count):
         out[f"k{n % keys}"].append(n)
     return dict(out)
+
+
+def check_moves(
+    records: Iterable[tuple[str, int, int, str]],
+    expected: dict[str, list[int]],
+    what: str,
+    crashed: str | None = None,
+    max_duplicates: int = 0,
+) -> int:
+    """Deliveries across instances that came and went. Returns how many were duplicates.
+
+    * every expected (key, n) was handled;
+    * each instance handled each key's events in increasing order;
+    * merged by time, a key's events are in increasing order, except that the instance that
+      crashed (file ``crashed``) may have handled a tail that a survivor handled again;
+    * duplicates appear only for the crashed instance's records, at most ``max_duplicates``.
+    """
+    by_key: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for key, n, t, file in records:
+        by_key[key].append((t, n, file))
+    missing, disordered, bad_dups = [], [], []
+    duplicates = 0
+    for key, ns in expected.items():
+        events = sorted(by_key.get(key, []))
+        counts = Counter(n for _, n, _ in events)
+        missing.extend(f"{key}:{n}" for n in ns if counts[n] == 0)
+        per_file: dict[str, list[int]] = defaultdict(list)
+        for _, n, file in events:
+            per_file[file].append(n)
+        for file, seq in per_file.items():
+            if any(b <= a for a, b in zip(seq, seq[1:])):
+                disordered.append(f"{key} in {file}")
+        survivors = [n for _, n, file in events if file != crashed]
+        if any(b <= a for a, b in zip(survivors, survivors[1:])):
+            disordered.append(f"{key} across survivors")
+        for n, c in counts.items():
+            if c > 1:
+                duplicates += c - 1
+                handled_by = {file for _, m, file in events if m == n}
+                if c > 2 or crashed not in handled_by:
+                    bad_dups.append(f"{key}:{n}x{c} by {sorted(handled_by)}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[:5]})")
+    if disordered:
+        problems.append(f"{len(disordered)} out of order (e.g. {disordered[:5]})")
+    if bad_dups:
+        problems.append(f"{len(bad_dups)} duplicates not explained by the crash (e.g. {bad_dups[:5]})")
+    if duplicates > max_duplicates:
+        problems.append(f"{duplicates} duplicates, more than the {max_duplicates} allowed")
+    assert not problems, f"{what}: " + "; ".join(problems)
+    return duplicates

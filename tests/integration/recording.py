@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 import msgspec
 
@@ -128,3 +129,26 @@ slow = Service("slow")
 async def slow_work(ev: Work) -> None:
     await asyncio.sleep(float(os.environ.get("CHOREO_SLOW_DELAY", "0.005")))
     record("slow", f"Work {ev.k} {ev.n}")
+
+
+# --- elastic membership: a keyed consumer that records when it handled what ------------------
+
+elastic = Service("elastic")
+
+
+@elastic.on(Produced)
+def elastic_produced(ev: Produced) -> None:
+    record("elastic", f"Produced {ev.k} {ev.n} {time.time_ns()}")
+
+
+def read_timed(directory: str, service: str) -> list[tuple[str, int, int, str]]:
+    """(key, n, time_ns, file) of every complete line (a SIGKILL may cut the last one)."""
+    out = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(service + "-") and name.endswith(".log"):
+            with open(os.path.join(directory, name)) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 4 and line.endswith("\n"):
+                        out.append((parts[1], int(parts[2]), int(parts[3]), name))
+    return out

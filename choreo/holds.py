@@ -1,0 +1,90 @@
+"""The producer's half of a partition move: hold new messages until the old owner is done.
+
+Per-key order is a per-producer promise. When a producer's view moves partition ``p`` of a
+service from ``X`` to ``Y`` while it still has envelopes in flight to ``X``, sending the next
+message of ``p`` straight to ``Y`` could let ``Y`` run it before ``X`` has run the earlier ones.
+So the producer opens a *hold* on ``(service, p)``: its barrier is the last sequence number it
+had appended to ``X``; new messages of ``p`` queue behind the hold; once ``X`` has acknowledged
+everything up to the barrier (or ``X`` is gone and its unacknowledged envelopes were resent,
+first), the queue goes to the partition's current owner, in order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .channels import OutChannel, Outgoing
+    from .membership import Membership
+
+__all__ = ["Hold", "Holds"]
+
+
+class Hold:
+    __slots__ = ("channel", "barrier", "queue")
+
+    def __init__(self, channel: OutChannel, barrier: int) -> None:
+        self.channel = channel
+        self.barrier = barrier
+        self.queue: deque[Outgoing] = deque()
+
+    @property
+    def passed(self) -> bool:
+        return self.channel.closed or self.channel.done_upto >= self.barrier
+
+
+class Holds:
+    """Every open hold of one producer, by (service, partition)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, int], Hold] = {}
+        self._owners: dict[str, list[int | None]] = {}
+        self.opened = 0
+
+    def on_view(self, membership: Membership, channels: dict[int, OutChannel]) -> None:
+        """Open holds for partitions whose owner changed while we had envelopes in flight to it."""
+        current: dict[str, list[int | None]] = {}
+        for name, spec in membership.services().items():
+            owners: list[int | None] = []
+            for p in range(spec.partitions):
+                peer = membership.owner(name, p)
+                owners.append(peer.incarnation if peer is not None else None)
+            current[name] = owners
+            before = self._owners.get(name)
+            if before is None or len(before) != len(owners):
+                continue
+            for p, (was, now) in enumerate(zip(before, owners)):
+                if was is None or was == now or (name, p) in self.by_key:
+                    continue
+                ch = channels.get(was)
+                if ch is None or ch.closed:
+                    continue
+                last = ch.window.next_seq - 1
+                if last > ch.done_upto:
+                    self.by_key[(name, p)] = Hold(ch, last)
+                    self.opened += 1
+        self._owners = current
+
+    def held(self, service: str | None, partition: int) -> Hold | None:
+        if not self.by_key or service is None:
+            return None
+        return self.by_key.get((service, partition))
+
+    def release(self, channel: OutChannel | None = None) -> list[tuple[str, int, Hold]]:
+        """Close the holds whose barrier passed (of one channel, or all); returns them."""
+        done = [
+            (key, hold)
+            for key, hold in self.by_key.items()
+            if (channel is None or hold.channel is channel) and hold.passed
+        ]
+        for key, _ in done:
+            del self.by_key[key]
+        return [(key[0], key[1], hold) for key, hold in done]
+
+    def take_channel(self, channel: OutChannel) -> list[tuple[str, int, Hold]]:
+        """Close every hold on a channel whose receiver is gone."""
+        gone = [(key, hold) for key, hold in self.by_key.items() if hold.channel is channel]
+        for key, _ in gone:
+            del self.by_key[key]
+        return [(key[0], key[1], hold) for key, hold in gone]

@@ -1,0 +1,158 @@
+"""Which partitions of its service a node handles, and how a partition changes hands.
+
+Every node computes the owner of each partition of its service by rendezvous over the
+service's routable instances, so all nodes with the same view agree. When the view changes
+(an instance joins, leaves, or dies), each partition of this node moves through
+:data:`~choreo.states.PARTITION_TRANSITIONS`:
+
+* a partition it **loses** while alive becomes ``draining``: messages already in a handler or
+  waiting behind their key finish here; new arrivals are *forwarded* to the new owner over this
+  node's own acknowledged channel (the original is acknowledged only once the forward is).
+  When nothing of the partition is left in progress, a ``HANDOVER`` envelope carrying the
+  partition's dedup ids (and cached command results) goes to the new owner on that same
+  channel, after every forward, and the partition is ``handed_over``;
+* a partition it **gains** from a live previous owner is ``awaiting``: arrivals are buffered,
+  in order, until the handover comes (or the previous owner dies, or a timeout passes), so
+  the new owner never runs a key's message before the old owner has finished the earlier ones;
+* a partition it gains from nobody (first instance) or from a dead owner is ``owned`` at once.
+
+Producers do their part (see :mod:`choreo.holds`): after a move they hold back new messages of
+the partition until everything they had sent the old owner is done.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from . import core
+from .states import PARTITION_TRANSITIONS, transition
+
+__all__ = ["Ownership"]
+
+ROUTED_HERE = ("owned",)
+
+
+class Ownership:
+    """The partition states of one node's service (see the module docstring).
+
+    >>> o = Ownership(partitions=4, me=7)
+    >>> o.update([7], live=lambda inc: True, now=0.0)     # alone: everything is ours at once
+    >>> o.state
+    ['owned', 'owned', 'owned', 'owned']
+    """
+
+    def __init__(self, partitions: int, me: int) -> None:
+        self.partitions = partitions
+        self.me = me
+        self.state = ["unowned"] * partitions
+        self.gate = bytearray(partitions)  # 1 where arrivals are handled here right now
+        self.awaiting: dict[int, tuple[float, int]] = {}  # partition -> (since, previous owner)
+        self.draining: dict[int, int] = {}  # partition -> new owner
+        self.buffered: dict[int, deque[tuple[Any, Any]]] = {}  # partition -> (channel, envelope)
+        self.view: list[int] | None = None
+        self.owners: list[int | None] = [None] * partitions
+        self.moves = 0
+        # handovers that arrived before our own view said we gain the partition (views converge
+        # at different moments on different nodes): partition -> when it arrived
+        self.early: dict[int, float] = {}
+        self.serving = False
+
+    def _move(self, p: int, event: str) -> None:
+        self.state[p] = new = transition(PARTITION_TRANSITIONS, self.state[p], event)
+        self.gate[p] = new in ROUTED_HERE
+
+    def update(
+        self, view: list[int], live: Callable[[int], bool], now: float, serving: Callable[[int], bool] = lambda i: True
+    ) -> list[int]:
+        """A new view of the routable instances (this node's own included when it is routable).
+
+        On the first view, the previous owners are the instances already *serving* (owning
+        partitions): instances that start together split the partitions at once, a newcomer to
+        an established service waits for the handovers of what it takes.
+
+        Returns the partitions whose buffered arrivals must be looked at again (they became
+        owned, or were lost to another owner).
+        """
+        old = self.view if self.view is not None else [i for i in view if i != self.me and serving(i)]
+        self.view = list(view)
+        self.serving = True
+        new_owners = _owners(self.partitions, view)
+        old_owners = _owners(self.partitions, old)
+        self.owners = new_owners
+        changed = []
+        for p in range(self.partitions):
+            new_owner, old_owner, state = new_owners[p], old_owners[p], self.state[p]
+            if new_owner == self.me:
+                if state in ("unowned", "handed_over"):
+                    early = self.early.pop(p, None)
+                    if early is not None and now - early < self.early_ttl:
+                        self._move(p, "assigned")  # its previous owner already handed it over
+                        changed.append(p)
+                    elif old_owner is not None and old_owner != self.me and live(old_owner):
+                        self._move(p, "gained")
+                        self.awaiting[p] = (now, old_owner)
+                    else:
+                        self._move(p, "assigned")
+                        changed.append(p)
+                    self.moves += 1
+                elif state == "draining":
+                    self._move(p, "assigned")
+                    del self.draining[p]
+            elif state == "owned":
+                self._move(p, "rebalance")
+                self.draining[p] = new_owner if new_owner is not None else 0
+                self.moves += 1
+            elif state == "draining":
+                self.draining[p] = new_owner if new_owner is not None else 0
+            elif state == "awaiting":
+                self._move(p, "lost")
+                del self.awaiting[p]
+                changed.append(p)
+        return changed
+
+    early_ttl = 30.0
+
+    def handed_over(self, p: int, now: float) -> bool:
+        """The previous owner finished draining ``p``; False if we were not waiting for it (yet)."""
+        if self.state[p] != "awaiting":
+            if self.state[p] in ("unowned", "handed_over"):
+                self.early[p] = now
+            return False
+        self._move(p, "handed_over")
+        del self.awaiting[p]
+        return True
+
+    def previous_gone(self, incarnation: int) -> list[int]:
+        """A previous owner died: stop waiting for its handovers."""
+        gone = [p for p, (_, prev) in self.awaiting.items() if prev == incarnation]
+        for p in gone:
+            self._move(p, "previous_gone")
+            del self.awaiting[p]
+        return gone
+
+    def expire(self, now: float, timeout: float) -> list[int]:
+        """Stop waiting for handovers older than ``timeout`` (liveness over perfect order)."""
+        late = [p for p, (since, _) in self.awaiting.items() if now - since >= timeout]
+        for p in late:
+            self._move(p, "timeout")
+            del self.awaiting[p]
+        return late
+
+    def drained(self, p: int) -> None:
+        self._move(p, "drained")
+        del self.draining[p]
+
+    def summary(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.state:
+            out[s] = out.get(s, 0) + 1
+        return out
+
+
+def _owners(partitions: int, view: list[int]) -> list[int | None]:
+    if not view:
+        return [None] * partitions
+    keys = [inc.to_bytes(8, "little") for inc in view]
+    return [view[i] for i in core.assign_partitions(partitions, keys)]
