@@ -1,7 +1,8 @@
 """The child side of :class:`choreo.launch.NodeProcess`: read the node's definition, run it.
 
 Reads a cloudpickled dict from stdin (written by the parent that spawned us), starts the node,
-prints ``choreo-ready <endpoint>`` on stdout, and serves until SIGTERM/SIGINT (drain) or
+prints ``choreo-ready <endpoint> <name>`` on stdout (then `` metrics=<url>`` when it serves
+Prometheus metrics), and serves until SIGTERM/SIGINT (drain) or
 SIGKILL. Exit status: 0 after a clean stop, 2 if the mesh refused the node.
 """
 
@@ -50,10 +51,22 @@ async def run(
     config: NodeConfig,
     name: str | None,
     advertise: str | None = None,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> int:
-    node = Node(service, bind=bind, peers=peers, config=config, name=name, advertise=advertise)
+    node = Node(
+        service,
+        bind=bind,
+        peers=peers,
+        config=config,
+        name=name,
+        advertise=advertise,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
+    )
     await node.start()
-    sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}\n")
+    metrics = f" metrics={node.metrics_url}" if node.metrics_url else ""
+    sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}{metrics}\n")
     sys.stdout.flush()
     try:
         await node.serve()
@@ -69,7 +82,17 @@ def main() -> int:
     service = spec["service"]
     if isinstance(service, str):
         service = load_service(service)
-    return asyncio.run(run(service, spec["bind"], spec["peers"], NodeConfig(**spec["config"]), spec["name"]))
+    return asyncio.run(
+        run(
+            service,
+            spec["bind"],
+            spec["peers"],
+            NodeConfig(**spec["config"]),
+            spec["name"],
+            metrics_port=spec.get("metrics_port"),
+            metrics_host=spec.get("metrics_host", "127.0.0.1"),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -61,6 +61,8 @@ class NodeProcess:
         log_level: str = "WARNING",
         start: bool = True,
         ready_timeout: float = 30.0,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         self.service = service
         self.bind = bind
@@ -71,6 +73,10 @@ class NodeProcess:
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
         self.endpoint: str | None = None
+        self.node_name: str | None = None
+        self.metrics_port = metrics_port  # None: the node opens no metrics port; 0: a free one
+        self.metrics_host = metrics_host
+        self.metrics_url: str | None = None  # http://HOST:PORT/metrics once started with metrics_port
         self.stderr_path: str | None = None
         if start:
             self.start(ready_timeout)
@@ -87,6 +93,8 @@ class NodeProcess:
                 "config": asdict(self.config),
                 "name": self.name,
                 "log_level": self.log_level,
+                "metrics_port": self.metrics_port,
+                "metrics_host": self.metrics_host,
             }
         )
         fd, self.stderr_path = tempfile.mkstemp(prefix="choreo-node-", suffix=".log")
@@ -121,7 +129,12 @@ class NodeProcess:
         if not text.startswith(READY_PREFIX):
             self.kill()
             raise TimeoutError(f"node process did not become ready within {timeout:.0f} s: {self.stderr()[-2000:]}")
-        self.endpoint = text[len(READY_PREFIX) :].split()[0]
+        fields = text[len(READY_PREFIX) :].split()
+        self.endpoint = fields[0]
+        self.node_name = fields[1] if len(fields) > 1 else None
+        for extra in fields[2:]:
+            if extra.startswith("metrics="):
+                self.metrics_url = extra[len("metrics=") :]
         return self
 
     @property

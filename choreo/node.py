@@ -10,6 +10,10 @@ A :class:`Node` puts an :class:`~choreo.engine.Engine` on ZeroMQ and the asyncio
 A node without a service is a *client*: it joins the mesh to emit, send and ask, and handles
 nothing. ``stop()`` drains: it tells the mesh it is leaving (no new work is routed to it),
 finishes and acknowledges what it holds, waits until what it sent is acknowledged, says goodbye.
+
+Observability: every node answers the system queries of ``choreo trace``/``top``/``dlq``
+(:mod:`choreo.introspect`); ``metrics_port=`` also serves Prometheus metrics over HTTP
+(:mod:`choreo.metrics`, 127.0.0.1 unless ``metrics_host`` says otherwise; no port without it).
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import signal
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from . import introspect
 from .engine import Engine, NodeConfig
+from .metrics import MetricsServer
 from .messages import Message
 from .service import Service
 from .transport import ZmqTransport
@@ -42,7 +48,11 @@ class Node:
         config: NodeConfig | None = None,
         name: str | None = None,
         advertise: str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
     ) -> None:
+        if metrics_port is not None and (not isinstance(metrics_port, int) or not 0 <= metrics_port <= 65535):
+            raise ValueError(f"metrics_port must be None (no metrics) or a port in 0..65535, got {metrics_port!r}")
         self.service = service
         self.bind = bind
         self.peers = list(peers)
@@ -55,6 +65,9 @@ class Node:
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._stopped: asyncio.Event | None = None
         self._stopping = False
+        self.metrics_port = metrics_port  # None: no HTTP port at all; 0: a free one
+        self.metrics_host = metrics_host
+        self.metrics: MetricsServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -70,6 +83,13 @@ class Node:
         self.engine = Engine(self.service, self.transport, config=self.config, name=self._name)
         self.transport.start(loop, self.engine.on_frame, self.engine.flush)
         self.engine.start(self.peers)
+        introspect.install(self.engine)  # the system queries of choreo trace / dlq
+        if self.metrics_port is not None:
+            try:
+                self.metrics = await MetricsServer.start(self.engine.snapshot, self.metrics_host, self.metrics_port)
+            except OSError:
+                self.transport.close()
+                raise
         self._stopped = asyncio.Event()
         self._tick_handle = loop.call_later(self.config.tick, self._tick)
         log.info("%s listening on %s", self.engine.name, self.transport.endpoint)
@@ -159,6 +179,8 @@ class Node:
             self._tick_handle.cancel()
         if self.transport is not None:
             self.transport.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for _, fut in self._conditions:
             if not fut.done():
                 fut.cancel()
@@ -244,6 +266,11 @@ class Node:
         if self.transport is None:
             raise RuntimeError("node not started")
         return self.transport.endpoint
+
+    @property
+    def metrics_url(self) -> str | None:
+        """``http://127.0.0.1:PORT/metrics`` when started with ``metrics_port``, else None."""
+        return self.metrics.url if self.metrics is not None else None
 
     def stats(self) -> dict[str, Any]:
         """Counters and gauges (received, processed, in flight, lag per partition, refused...)."""

@@ -2,7 +2,8 @@
 
     $ choreo run examples.shop.orders:orders --bind tcp://127.0.0.1:7001 --peer tcp://127.0.0.1:7000
 
-Prints ``choreo-ready <endpoint> <name>`` once bound and started, serves until SIGTERM or
+Prints ``choreo-ready <endpoint> <name>`` once bound and started (and `` metrics=<url>`` with
+``--metrics-port``), serves until SIGTERM or
 SIGINT, then drains (finishes and acknowledges what it holds) and leaves the mesh. Exit
 status: 0 after a clean stop, 2 when the mesh refused the node (for instance a second owner of
 a command type).
@@ -30,6 +31,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--peer", action="append", default=[], metavar="ENDPOINT", help="a node of the mesh to join (repeatable)")
     p.add_argument("--name", default=None, help="instance name shown in stats and traces (default: service#random)")
     p.add_argument("--window", type=int, default=None, help="credit per channel: envelopes in flight to one receiver")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port; default: no port is opened)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the metrics port (default: 127.0.0.1)"
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_run)
 
@@ -42,5 +53,14 @@ def _run(args: argparse.Namespace) -> int:
     service = load_service(args.target)
     config = NodeConfig() if args.window is None else NodeConfig(window=args.window)
     return asyncio.run(
-        run(service, args.bind, args.peer, config, args.name, advertise=args.advertise)
+        run(
+            service,
+            args.bind,
+            args.peer,
+            config,
+            args.name,
+            advertise=args.advertise,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+        )
     )

@@ -54,6 +54,7 @@ class Context(Protocol):
 
     message_id: bytes
     trace_id: bytes
+    traceparent: str  # W3C traceparent of this handling of the message (for outgoing HTTP calls)
     attempt: int
     service: str
     instance: str

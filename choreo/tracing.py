@@ -4,14 +4,34 @@ A span is recorded when a handler attempt ends: the message's trace id, its id a
 the message that caused it, the type, handler, service and instance, when the message was
 received, when the attempt started and finished (wall-clock seconds, so spans from several
 hosts line up), the outcome and the error. Spans live in a ring of fixed size per node, so
-memory stays bounded whatever the traffic; ``span_ring=0`` turns recording off.
+memory stays bounded whatever the traffic; ``span_ring=0`` turns recording off. Recording is one
+tuple appended to a deque per attempt (the dispatcher's fast path appends it inline); everything
+else here (Span objects, hex ids, filtering by trace) happens when somebody asks.
+
+Trace ids and W3C ``traceparent``. A flow's trace id is the id of its first message from
+outside, unless the caller passes a ``traceparent`` to ``emit``/``send``/``ask``: then it is that
+header's trace id. Span ids are derived, never stored: a message's is a hash of its id, and the
+handling of a message by one handler (what a choreo span records, and what OpenTelemetry export
+sends, see :mod:`choreo.otel`) a hash of the message id and the handler's name (:func:`span_id`).
+So every ``traceparent`` is a pure function of ids the envelopes already carry:
+
+* a handler reads ``ctx.traceparent`` (its handling of the message) to pass on to HTTP calls, so
+  their spans hang under the handler's span in a tracing backend;
+* a caller that starts a flow gets its traceparent either way::
+
+      tp = new_traceparent()                        # or the one the incoming request carried
+      await node.send(PlaceOrder(...), traceparent=tp)
+      print(trace_id_of(tp))                        # what `choreo trace` takes
+
+      msg_id = await node.emit(OrderPlaced(...))    # no traceparent given: the trace id is msg_id
+      print(traceparent_of(msg_id))                 # 00-<msg_id hex>-<span id>-01
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -19,7 +39,17 @@ import msgspec
 if TYPE_CHECKING:  # pragma: no cover
     from .dispatch import Job
 
-__all__ = ["Span", "Tracer", "new_trace_id", "parse_traceparent", "format_traceparent"]
+__all__ = [
+    "Span",
+    "Tracer",
+    "new_trace_id",
+    "new_traceparent",
+    "parse_traceparent",
+    "format_traceparent",
+    "traceparent_of",
+    "trace_id_of",
+    "span_id",
+    ]
 
 
 class Span(msgspec.Struct, frozen=True):
@@ -33,7 +63,7 @@ class Span(msgspec.Struct, frozen=True):
     received: float
     started: float
     finished: float
-    outcome: str  # "ok" | "error"
+    outcome: str  # "ok" | "error"; and for work still in progress: "running" | "queued" | "retrying"
     error: str | None
     attempt: int
     key: str = ""
@@ -75,11 +105,76 @@ class Tracer:
 
     def query(self, trace_id: bytes | None = None, limit: int = 1000) -> list[Span]:
         """Recent spans (of one trace, when given), oldest first."""
-        out = []
-        for t in self.spans:
-            if trace_id is None or t[0] == trace_id:
-                out.append(self._span(t))
+        if trace_id is None:
+            return [self._span(t) for t in list(self.spans)[-limit:]]
+        out = [self._span(t) for t in self.spans if t[0] == trace_id]
         return out[-limit:]
+
+    def since(self, cursor: tuple[Any, ...] | None) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None, bool]:
+        """The raw spans recorded after ``cursor`` (a span tuple returned earlier), for exporters.
+
+        Returns ``(new spans oldest first, the new cursor, complete)``; ``complete`` is False when
+        the ring wrapped past the cursor, so spans between the two reads were lost. The cost is
+        the number of new spans (the ring is walked backwards until the cursor).
+        """
+        spans = self.spans
+        if not spans:
+            return [], cursor, True
+        new = []
+        found = cursor is None
+        for t in reversed(spans):
+            if t is cursor:
+                found = True
+                break
+            new.append(t)
+        new.reverse()
+        return new, spans[-1], found or cursor is None
+
+    def running(self, jobs: Iterable[Any], trace_id: bytes, now: float) -> list[Span]:
+        """Span-shaped records of the jobs of one trace that are still in a handler, waiting for
+        their key, or waiting for a retry (outcome ``running``, ``queued`` or ``retrying``).
+
+        Jobs whose handler already finished (waiting for downstream acks) are left out: their
+        span is in the ring. ``jobs`` are the dispatcher's in-progress jobs. Nothing here is on
+        the hot path: it runs when ``choreo trace`` asks.
+        """
+        out = []
+        for job in jobs:
+            env = job.env
+            if env.trace_id != trace_id or job.pending or job.handler is None:
+                continue
+            if not job.started:
+                outcome = "queued"
+            elif job.error is not None and job.started <= self._last_failure(env.msg_id, job.handler.name):
+                outcome = "retrying"  # the last attempt failed after it started: waiting for the backoff
+            else:
+                outcome = "running"
+            out.append(
+                Span(
+                    trace_id=env.trace_id.hex(),
+                    msg_id=env.msg_id.hex(),
+                    cause_id=env.cause_id.hex(),
+                    type=env.type,
+                    handler=job.handler.name,
+                    service=self.service,
+                    instance=self.instance,
+                    received=job.received,
+                    started=job.started,
+                    finished=now,
+                    outcome=outcome,
+                    error=job.error,
+                    attempt=job.attempt + (outcome == "running"),
+                    key=env.key.decode("utf-8", "replace"),
+                    partition=env.partition,
+                )
+            )
+        return out
+
+    def _last_failure(self, msg_id: bytes, handler: str) -> float:
+        for t in reversed(self.spans):
+            if t[1] == msg_id and t[4] == handler and t[8] == "error":
+                return t[7]  # type: ignore[no-any-return]
+        return 0.0
 
     def _span(self, t: tuple[Any, ...]) -> Span:
         return Span(
@@ -105,6 +200,43 @@ def new_trace_id() -> bytes:
     return os.urandom(16)
 
 
+def new_traceparent() -> str:
+    """A fresh W3C ``traceparent`` (random trace id and parent id, sampled), to start a flow with."""
+    return f"00-{new_trace_id().hex()}-{os.urandom(8).hex()}-01"
+
+
+def span_id(msg_id: bytes, handler: str | None = None) -> bytes:
+    """The W3C span id (8 bytes) of a message, or of its handling by ``handler`` (a stable hash)."""
+    from . import core
+
+    data = msg_id if handler is None else msg_id + b"/" + handler.encode()
+    return (core.hash64(data) or 1).to_bytes(8, "little")  # an all-zero span id is invalid
+
+
+def trace_id_of(value: str | bytes) -> str:
+    """The trace id, as 32 hex digits, of a traceparent, a hex trace id or raw id bytes.
+
+    >>> trace_id_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    '4bf92f3577b34da6a3ce929d0e0e4736'
+    """
+    if isinstance(value, bytes):
+        if len(value) != 16:
+            raise ValueError(f"a trace id has 16 bytes, got {len(value)}")
+        return value.hex()
+    text = value.strip().lower()
+    if text.count("-") == 3:
+        return parse_traceparent(text).hex()
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"not a trace id (32 hex digits) nor a W3C traceparent: {value!r}")
+    return text
+
+
+def traceparent_of(msg_id: bytes, trace_id: bytes | None = None) -> str:
+    """The ``traceparent`` of a message this node sent: its trace (``msg_id`` itself when the
+    flow started with it and no traceparent was given) and the message's span id."""
+    return format_traceparent(msg_id if trace_id is None else trace_id, msg_id)
+
+
 def parse_traceparent(value: str) -> bytes:
     """The trace id of a W3C ``traceparent`` header (``00-<32 hex>-<16 hex>-<2 hex>``)."""
     parts = value.strip().split("-")
@@ -116,9 +248,6 @@ def parse_traceparent(value: str) -> bytes:
     return trace
 
 
-def format_traceparent(trace_id: bytes, msg_id: bytes) -> str:
-    """A W3C ``traceparent`` for a message: its trace, and a span id taken from its id."""
-    from . import core
-
-    span = core.hash64(msg_id).to_bytes(8, "little")
-    return f"00-{trace_id.hex()}-{span.hex()}-01"
+def format_traceparent(trace_id: bytes, msg_id: bytes, handler: str | None = None) -> str:
+    """A W3C ``traceparent`` for a message (or its handling by ``handler``): its trace and span id."""
+    return f"00-{trace_id.hex()}-{span_id(msg_id, handler).hex()}-01"
