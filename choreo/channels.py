@@ -238,6 +238,7 @@ class InChannel:
         self.peer = peer
         self.reorder = core.InboundReorder(window=window)
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
+        self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
 
     def ack_frame(self) -> bytes:
         return self.header + self.reorder.ack_frame()

@@ -99,6 +99,7 @@ class NodeConfig:
     span_ring: int = 10_000
     transport_max_bytes: int = 256 << 20
     handover_timeout: float = 15.0
+    forget_dead_after: float = 600.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -140,6 +141,7 @@ class EngineStats:
     backpressure_waits: int = 0
     backpressure_errors: int = 0
     dead_letters: int = 0
+    reincarnations: int = 0
     unrouted: int = 0
     forwarded: int = 0
     refused: Counter[str] = field(default_factory=Counter)
@@ -198,7 +200,7 @@ class _EmitTarget:
 
 
 class _EmitPlan:
-    __slots__ = ("version", "tname", "targets", "idempotent", "max_bytes")
+    __slots__ = ("version", "tname", "targets", "idempotent", "max_bytes", "unavailable")
 
     def __init__(self, version: int, tname: bytes, targets: list[_EmitTarget], idempotent: bool, max_bytes: int) -> None:
         self.version = version
@@ -257,6 +259,7 @@ class Engine:
         self._timer_seq = itertools.count()
         self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
         self._emit_plans: dict[type, _EmitPlan] = {}
+        self._service_waiters: dict[str, list[Callable[[], None]]] = {}
         self.holds = Holds()
         self.ownership = Ownership(service.partitions, self.incarnation) if service is not None else None
         self._synced_version = -1
@@ -277,6 +280,10 @@ class Engine:
         self.batch_wall = wall()
         self.me: Peer | None = None
         self._seeds: list[str] = []
+        self._initial_seeds: list[str] = []
+        self._told_dead: dict[int, float] = {}
+        self._auto_name = name is None
+        self._label = label
         self._register_rpc()
 
     # ================================================================================ lifecycle
@@ -298,6 +305,7 @@ class Engine:
         self.transport.connect(self.transport.endpoint)
         self._next_heartbeat = now + self.config.heartbeat
         self._seeds = [s for s in seeds if s != self.transport.endpoint]
+        self._initial_seeds = list(self._seeds)
         self._started_at = now
         self._settled = not self._seeds
         for seed in self._seeds:
@@ -399,12 +407,26 @@ class Engine:
         self.flush()
 
     def _heartbeat(self) -> None:
+        now = self.clock()
         # a seed that has not answered yet (its hello or ours was lost, or it starts later): again
         if self._seeds:
             answered = {p.endpoint for p in self.membership.peers.values()}
             self._seeds = [s for s in self._seeds if s not in answered]
             for seed in self._seeds:
                 self._say_hello(seed, reply=True)
+        # peers we declared dead may be cut off rather than gone: knock now and then, so that a
+        # healed partition reunites the mesh (the side found dead rejoins as a new incarnation)
+        live_endpoints = {p.endpoint for p in self.membership.live_peers()}
+        probe_every = max(4 * self.config.heartbeat, 1.0)
+        for peer in list(self.membership.peers.values()):
+            if peer.state == "dead" and peer.endpoint not in live_endpoints:
+                if now - self._hello_sent.get(peer.endpoint, -1e9) >= probe_every:
+                    self._say_hello(peer.endpoint, reply=True)
+        if len(live_endpoints) <= 1:  # alone: back to the seeds we were started with
+            for seed in self._initial_seeds:
+                if now - self._hello_sent.get(seed, -1e9) >= probe_every:
+                    self._say_hello(seed, reply=True)
+        self.membership.forget_dead(now, keep=self.config.forget_dead_after)
         refs = self._peer_refs()
         serving = self.serving
         plain = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, self.leaving, False, serving))
@@ -441,7 +463,7 @@ class Engine:
         if self._dirty_in:
             dirty_in, self._dirty_in = self._dirty_in, set()
             for ich in dirty_in:
-                if ich.reorder.ack_pending and ich.peer.live:
+                if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
                     self._send(ich.peer.endpoint, ich.ack_frame())
 
     def _append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
@@ -494,9 +516,12 @@ class Engine:
         self._route_cache[name] = (version, routes)
         return routes
 
-    def _destinations(self, message: Message, name: str, kind: str) -> list[tuple[Peer, int, bytes, int]]:
-        """(peer, flags, key, partition) for every copy of ``message`` to send."""
-        out = []
+    def _destinations(self, message: Message, name: str, kind: str) -> list[tuple[Peer | None, int, bytes, int, str]]:
+        """(peer, flags, key, partition, service) for every copy of ``message`` to send.
+
+        The peer is None when every instance of the service died: the copy waits for one.
+        """
+        out: list[tuple[Peer | None, int, bytes, int, str]] = []
         for r in self._routes(name, kind):
             if r.key_field is not None:
                 kb = key_bytes(getattr(message, r.key_field))
@@ -504,16 +529,16 @@ class Engine:
                 flags = 0
             else:
                 kb, partition, flags = b"", 0, wire.FLAG_UNKEYED
-            if r.broadcast:
+            if r.broadcast:  # the instances alive now
                 for peer in self.membership.instances(r.service):
-                    out.append((peer, flags | wire.FLAG_BROADCAST, kb, partition))
+                    out.append((peer, flags | wire.FLAG_BROADCAST, kb, partition, r.service))
                 continue
             peer = self.membership.owner(r.service, partition) if r.key_field is not None else self._least_loaded(r.service)
-            if peer is None:
+            if peer is None and r.service not in self.membership.lost:
                 if kind != "event":
                     raise NoOwner(f"no live instance of {r.service} for {kind} {name}")
                 continue
-            out.append((peer, flags, kb, partition))
+            out.append((peer, flags, kb, partition, r.service))
         return out
 
     def _least_loaded(self, service: str) -> Peer | None:
@@ -530,7 +555,7 @@ class Engine:
 
     def _plan(
         self, message: Message, msg_id: bytes, trace_id: bytes, cause_id: bytes, on_done: Callable[[], None] | None
-    ) -> list[tuple[OutChannel, Outgoing]]:
+    ) -> list[tuple[OutChannel | None, Outgoing, str]]:
         options = message.__choreo_options__
         payload = encode(message)
         if len(payload) > self.config.max_message_bytes:
@@ -539,14 +564,14 @@ class Engine:
             )
         kind = wire.KIND_CODES[options.kind]
         tname = options.name.encode()
-        plan = []
-        for peer, flags, kb, partition in self._destinations(message, options.name, options.kind):
-            if len(payload) > peer.max_message_bytes:
+        plan: list[tuple[OutChannel | None, Outgoing, str]] = []
+        for peer, flags, kb, partition, service in self._destinations(message, options.name, options.kind):
+            if peer is not None and len(payload) > peer.max_message_bytes:
                 raise MessageTooLarge(
                     f"{options.name} body is {len(payload)} bytes, above {peer.node}'s limit of {peer.max_message_bytes}"
                 )
             item = Outgoing(kind, flags, tname, kb, partition, msg_id, trace_id, cause_id, payload, on_done)
-            plan.append((self.channel(peer), item))
+            plan.append((self.channel(peer) if peer is not None else None, item, service))
         if not plan:
             self.stats.unrouted += 1
         return plan
@@ -562,8 +587,11 @@ class Engine:
         count = 0
         for position, message in enumerate(outputs):
             msg_id = idempotency_id(message) or core.derive_id(env.msg_id, handler_id, position)
-            for ch, item in self._plan(message, msg_id, env.trace_id, env.msg_id, done):
-                self._append(ch, item, now)
+            for ch, item, service in self._plan(message, msg_id, env.trace_id, env.msg_id, done):
+                if ch is None:
+                    self._homeless.setdefault(service, deque()).append(item)  # until an instance is back
+                else:
+                    self._append(ch, item, now)
                 count += 1
         return count
 
@@ -571,7 +599,7 @@ class Engine:
         """Send a command's or query's result back to its sender; False if the sender is gone."""
         assert job.channel is not None
         peer = job.channel.peer
-        if not peer.live:
+        if not peer.live or job.channel.closed:
             return False
         env = job.env
         item = Outgoing(
@@ -629,8 +657,11 @@ class Engine:
         trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         return msg_id, trace_id
 
-    def _blocked(self, plan: list[tuple[OutChannel, Outgoing]]) -> OutChannel | None:
-        for ch, item in plan:
+    def _blocked(self, plan: list[tuple[OutChannel | None, Outgoing, str]]) -> OutChannel | str | None:
+        """What stops the plan now: a channel without credit, a service without instances, or None."""
+        for ch, item, service in plan:
+            if ch is None:
+                return service
             hold = self.holds.held(ch.peer.service_name, item.partition) if self.holds.by_key else None
             if hold is not None:
                 if len(hold.queue) >= hold.channel.window.max_messages and not item.flags & wire.FLAG_UNKEYED:
@@ -639,13 +670,16 @@ class Engine:
                 return ch
         return None
 
-    def _commit(self, plan: list[tuple[OutChannel, Outgoing]]) -> None:
+    def _commit(self, plan: list[tuple[OutChannel | None, Outgoing, str]]) -> None:
         now = self.clock()
-        for ch, item in plan:
+        for ch, item, _ in plan:
+            assert ch is not None
             self._append(ch, item, now)
 
-    def _backpressure(self, ch: OutChannel, waited: float) -> Backpressure:
+    def _backpressure(self, ch: OutChannel | str, waited: float) -> Backpressure:
         self.stats.backpressure_errors += 1
+        if isinstance(ch, str):
+            return Backpressure.unavailable(ch, waited)
         w = ch.window
         return Backpressure(ch.peer.node, w.in_flight + len(ch.backlog), w.max_messages, waited, w.in_flight_bytes)
 
@@ -664,9 +698,11 @@ class Engine:
             )
         targets = []
         max_bytes = self.config.max_message_bytes
+        unavailable = False
         for r in self._routes(options.name, "event"):
             peers = self.membership.instances(r.service)
             if not peers:
+                unavailable = unavailable or (r.service in self.membership.lost and not r.broadcast)
                 continue
             max_bytes = min(max_bytes, *(p.max_message_bytes for p in peers))
             flags = 0 if r.key_field is not None else wire.FLAG_UNKEYED
@@ -681,6 +717,7 @@ class Engine:
                     by_partition.append(self.channel(owner))
             targets.append(_EmitTarget(flags, r.key_field, r.partitions, by_partition, [self.channel(p) for p in peers], r.service))
         plan = _EmitPlan(self.membership.version, options.name.encode(), targets, options.idempotency is not None, max_bytes)
+        plan.unavailable = unavailable
         self._emit_plans[cls] = plan
         return plan
 
@@ -689,6 +726,8 @@ class Engine:
         plan = self._emit_plans.get(type(event))
         if plan is None or plan.version != self.membership.version:
             plan = self._compile_emit(type(event))
+        if plan.unavailable:
+            return None  # a subscriber has no live instance: the slow path waits for one
         payload = _encode(event)
         if len(payload) > plan.max_bytes:
             return None  # the slow path raises MessageTooLarge with the details
@@ -776,9 +815,12 @@ class Engine:
         return msg_id
 
     async def _await_credit(
-        self, plan: list[tuple[OutChannel, Outgoing]], timeout: float, replan: Callable[[], list[tuple[OutChannel, Outgoing]]]
-    ) -> list[tuple[OutChannel, Outgoing]]:
-        """Wait until every destination has credit (all or nothing), re-planning if a receiver dies."""
+        self,
+        plan: list[tuple[OutChannel | None, Outgoing, str]],
+        timeout: float,
+        replan: Callable[[], list[tuple[OutChannel | None, Outgoing, str]]],
+    ) -> list[tuple[OutChannel | None, Outgoing, str]]:
+        """Wait until every destination can take it (all or nothing), re-planning when owners change."""
         blocked = self._blocked(plan)
         if blocked is None:
             return plan
@@ -786,8 +828,10 @@ class Engine:
         start = self.clock()
         deadline = start + timeout
         loop = asyncio.get_running_loop()
+        version = self.membership.version
         while blocked is not None:
-            if blocked.closed:
+            if self.membership.version != version or (not isinstance(blocked, str) and blocked.closed):
+                version = self.membership.version
                 plan = replan()
                 blocked = self._blocked(plan)
                 continue
@@ -799,7 +843,10 @@ class Engine:
                 if not fut.done():
                     fut.set_result(None)
 
-            blocked.credit_waiters.append(wake)
+            if isinstance(blocked, str):
+                self._service_waiters.setdefault(blocked, []).append(wake)
+            else:
+                blocked.credit_waiters.append(wake)
             self.call_later(max(deadline - self.clock(), 0.0), wake)
             await fut
             blocked = self._blocked(plan)
@@ -816,7 +863,7 @@ class Engine:
             raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
         msg_id, trace_id = self._origin_ids(event, traceparent)
 
-        def replan() -> list[tuple[OutChannel, Outgoing]]:
+        def replan() -> list[tuple[OutChannel | None, Outgoing, str]]:
             return self._plan(event, msg_id, trace_id, ZERO_ID, None)
 
         plan = replan()
@@ -846,13 +893,13 @@ class Engine:
             trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         start = self.clock()
 
-        def replan() -> list[tuple[OutChannel, Outgoing]]:
+        def replan() -> list[tuple[OutChannel | None, Outgoing, str]]:
             return self._plan(message, msg_id, trace_id, cause_id, None)
 
         plan = replan()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        owner = plan[0][0].peer.service_name or "?"
+        owner = plan[0][2]
         call = _Call(future, type(message), owner)
         self._calls.setdefault(msg_id, []).append(call)
         try:
@@ -916,6 +963,10 @@ class Engine:
             frame_type, _flags, sender, receiver = wire.parse_header(data)
             if receiver and receiver != self.incarnation:
                 self._refuse_stale(sender, receiver)
+                return
+            known = self.membership.peers.get(sender)
+            if known is not None and known.state == "dead" and frame_type != wire.REFUSE:
+                self._tell_dead(known)  # it must come back as a new incarnation
                 return
             if frame_type == wire.DATA:
                 self._on_data(sender, data)
@@ -1004,11 +1055,7 @@ class Engine:
                 )
                 return
         elif not known.live:
-            # we had declared it dead or gone: it must come back as a new incarnation
-            self._send(
-                hello.endpoint,
-                wire.encode_control(wire.REFUSE, self.incarnation, sender, wire.Refuse("dead", "you were declared dead")),
-            )
+            self._tell_dead(known)  # we had declared it dead or gone: it must come back anew
             return
         now = self.clock()
         peer, new, replaced = self.membership.upsert(
@@ -1074,9 +1121,76 @@ class Engine:
         if refuse.reason == "conflict":
             self.fatal = ChoreoUsageError(f"the mesh refused this node: {refuse.detail}")
         elif refuse.reason == "dead":
-            self.fatal = ChoreoUsageError(
-                f"the mesh declared this node ({self.name}) dead: restart it to rejoin as a new incarnation"
-            )
+            self.reincarnate(f"{self.membership.peers[sender].node if sender in self.membership.peers else sender} "
+                             "declared us dead (a network partition, or a long pause)")
+
+    def _tell_dead(self, peer: Peer) -> None:
+        """Tell a peer we declared dead that it is (at most once a second)."""
+        now = self.clock()
+        if now - self._told_dead.get(peer.incarnation, -1e9) < 1.0:
+            return
+        self._told_dead[peer.incarnation] = now
+        self.transport.connect(peer.endpoint)
+        refuse = wire.Refuse("dead", f"{self.name} declared {peer.node} dead; rejoin as a new incarnation")
+        self._send(peer.endpoint, wire.encode_control(wire.REFUSE, self.incarnation, peer.incarnation, refuse))
+
+    def reincarnate(self, reason: str) -> None:
+        """Rejoin the mesh under a new incarnation, keeping what is still ours to deliver.
+
+        The mesh declared this incarnation dead and moved its partitions; its channels are
+        void on the other side. What it had sent and not seen acknowledged is resent, under the
+        new incarnation, to the current owners; dedup ids and cached results stay valid.
+        """
+        old_name = self.name
+        self.incarnation = int.from_bytes(os.urandom(8), "little") | 1
+        if self._auto_name:
+            self.name = f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
+        log.warning("%s: %s; rejoining as %s", old_name, reason, self.name)
+        self.stats.reincarnations += 1
+        leftovers: list[tuple[str | None, Outgoing]] = []
+        for ch in list(self.out.values()):
+            service = ch.peer.service_name
+            leftovers.extend((service, item) for item in ch.evacuate())
+        for _, _, hold in self.holds.release() + [t for t in self.holds.take_all()]:
+            leftovers.extend((hold.channel.peer.service_name, item) for item in hold.queue)
+        for ich in self.inbound.values():
+            ich.closed = True
+        endpoints = {p.endpoint for p in self.membership.peers.values() if p is not self.me}
+        self.out.clear()
+        self.inbound.clear()
+        self._dirty_out.clear()
+        self._dirty_in.clear()
+        self.holds = Holds()
+        self.membership = Membership(self.config.suspect_after, self.config.dead_after)
+        if self.ownership is not None and self.service is not None:
+            self.ownership = Ownership(self.service.partitions, self.incarnation)
+        self._route_cache.clear()
+        self._emit_plans.clear()
+        self._told_dead.clear()
+        for service, item in leftovers:
+            if item.kind == wire.KIND_REPLY or service is None:
+                if item.on_done is not None:
+                    item.on_done()  # its receiver's channel is void: nothing left to wait for
+            else:
+                self._homeless.setdefault(service, deque()).append(item)
+        now = self.clock()
+        self.me = Peer(
+            incarnation=self.incarnation,
+            endpoint=self.transport.endpoint,
+            node=self.name,
+            service=self.spec,
+            window=self.config.window,
+            max_message_bytes=self.config.max_message_bytes,
+            last_heard=now,
+        )
+        self.membership.upsert(self.me)
+        self._settled = False
+        self._started_at = now
+        self._synced_version = -1
+        self._seeds = sorted(endpoints)
+        for endpoint in self._seeds:
+            self._say_hello(endpoint, reply=True)
+        self.tracer.instance = self.name
 
     def _refuse_stale(self, sender: int, receiver: int) -> None:
         peer = self.membership.peers.get(sender)
@@ -1090,7 +1204,9 @@ class Engine:
         """A peer died or left: resend what it had not acknowledged to the new owners, in order."""
         self._route_cache.clear()
         ch = self.out.pop(peer.incarnation, None)
-        self.inbound.pop(peer.incarnation, None)
+        gone_in = self.inbound.pop(peer.incarnation, None)
+        if gone_in is not None:
+            gone_in.closed = True
         if not any(p.endpoint == peer.endpoint and p.live for p in self.membership.peers.values()):
             self.transport.disconnect(peer.endpoint)
         if self.ownership is not None:
@@ -1127,6 +1243,10 @@ class Engine:
         """The membership changed: update partition ownership and the producer's holds."""
         self._synced_version = self.membership.version
         self.holds.on_view(self.membership, self.out)
+        if self._service_waiters:
+            for service in [s for s in self._service_waiters if self.membership.instances(s)]:
+                for wake in self._service_waiters.pop(service):
+                    wake()
         if self.ownership is None or not self._settled or self.service is None:
             return
         view = [p.incarnation for p in self.membership.instances(self.service.name)]
@@ -1272,6 +1392,7 @@ class Engine:
             "backpressure_errors": self.stats.backpressure_errors,
             "unrouted": self.stats.unrouted,
             "forwarded": self.stats.forwarded,
+            "reincarnations": self.stats.reincarnations,
             "partitions": self.ownership.summary() if self.ownership is not None else {},
             "holds": len(self.holds.by_key),
             "refused": dict(self.stats.refused),

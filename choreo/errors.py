@@ -70,7 +70,13 @@ class Backpressure(ChoreoError):
     """
 
     def __init__(
-        self, destination: str, in_flight: int, window: int, waited: float, in_flight_bytes: int = 0
+        self,
+        destination: str,
+        in_flight: int,
+        window: int,
+        waited: float,
+        in_flight_bytes: int = 0,
+        reason: str | None = None,
     ) -> None:
         self.destination = destination
         self.in_flight = in_flight
@@ -78,9 +84,19 @@ class Backpressure(ChoreoError):
         self.waited = waited
         self.in_flight_bytes = in_flight_bytes
         super().__init__(
-            f"window {in_flight}/{window} in flight to {destination} for {waited:.1f} s "
+            reason
+            or f"window {in_flight}/{window} in flight to {destination} for {waited:.1f} s "
             f"({in_flight_bytes} bytes unacknowledged): the receiver is not keeping up; "
             "slow the producer, add instances of the receiving service, or raise the timeout"
+        )
+
+    @classmethod
+    def unavailable(cls, service: str, waited: float) -> Backpressure:
+        """No instance of ``service`` is reachable (they died or are cut off)."""
+        return cls(
+            service, 0, 0, waited,
+            reason=f"no live instance of {service} for {waited:.1f} s: its instances died or are "
+            "unreachable; messages wait for one to come back (start one, or raise the timeout)",
         )
 
 

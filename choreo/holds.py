@@ -82,6 +82,12 @@ class Holds:
             del self.by_key[key]
         return [(key[0], key[1], hold) for key, hold in done]
 
+    def take_all(self) -> list[tuple[str, int, Hold]]:
+        """Close every hold (this node re-incarnates)."""
+        out = [(key[0], key[1], hold) for key, hold in self.by_key.items()]
+        self.by_key.clear()
+        return out
+
     def take_channel(self, channel: OutChannel) -> list[tuple[str, int, Hold]]:
         """Close every hold on a channel whose receiver is gone."""
         gone = [(key, hold) for key, hold in self.by_key.items() if hold.channel is channel]

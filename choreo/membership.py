@@ -81,6 +81,9 @@ class Membership:
         self._subscribers: dict[str, list[tuple[ServiceSpec, HandlerSpec]]] = {}
         self._owners: dict[str, list[ServiceSpec]] = {}
         self._specs: dict[str, ServiceSpec] = {}
+        # services whose last instance died (not left): still routed to, so that producers
+        # wait for an instance to come back instead of dropping what is meant for them
+        self.lost: dict[str, ServiceSpec] = {}
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -181,13 +184,20 @@ class Membership:
             peers.sort(key=lambda p: p.incarnation)
         self._instances = instances
         self._specs = specs
+        for name in [n for n in self.lost if n in specs]:
+            del self.lost[name]
+        for peer in self.peers.values():
+            if peer.state == "dead" and peer.service is not None and peer.service.name not in specs:
+                self.lost[peer.service.name] = peer.service
+            elif peer.state == "left" and peer.service is not None and peer.service.name not in specs:
+                self.lost.pop(peer.service.name, None)  # scaled to zero on purpose
         self._assignment = {
             name: core.assign_partitions(specs[name].partitions, [p.key for p in peers])
             for name, peers in instances.items()
         }
         subscribers: dict[str, list[tuple[ServiceSpec, HandlerSpec]]] = {}
         owners: dict[str, list[ServiceSpec]] = {}
-        for spec in sorted(specs.values(), key=lambda s: s.name):
+        for spec in sorted({**self.lost, **specs}.values(), key=lambda s: s.name):
             for h in spec.handlers:
                 if h.kind == "event":
                     subscribers.setdefault(h.message, []).append((spec, h))

@@ -144,6 +144,17 @@ class Harness:
 
         await self.run_until(converged, timeout, "membership converged")
 
+    def partition(self, side_a: list[Engine], side_b: list[Engine]) -> None:
+        """Cut every link between the two sides, both ways (like a firewall rule)."""
+        for a in side_a:
+            for b in side_b:
+                self.link.cut.add((a.transport.endpoint, b.transport.endpoint))
+                self.link.cut.add((b.transport.endpoint, a.transport.endpoint))
+
+    def heal(self) -> None:
+        """Remove every cut made by :meth:`partition`."""
+        self.link.cut.clear()
+
     def crash(self, engine: Engine) -> None:
         """The node stops at once: frames to and from it are lost from now on."""
         self.down.add(engine.transport.endpoint)
