@@ -37,7 +37,6 @@ from .errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationErro
 from .messages import Message, decode, decoder_for, message_options
 from .service import Handler, Service
 from .tracing import format_traceparent
-from .tracing import format_traceparent
 from .wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY, KIND_REPLY
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -148,11 +147,6 @@ class HandlerContext:
     @property
     def trace_id(self) -> bytes:
         return self._env.trace_id
-
-    @property
-    def traceparent(self) -> str:
-        """W3C ``traceparent`` of this handling of the message (pass it on to HTTP calls)."""
-        return format_traceparent(self._env.trace_id, self._env.msg_id, self._handler.name)
 
     @property
     def traceparent(self) -> str:
