@@ -24,7 +24,11 @@ from .errors import ChoreoError
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: Modules whose ``register(subparsers)`` adds subcommands, in help order.
-COMMAND_MODULES: tuple[str, ...] = ("choreo.analyzer.commands", "choreo.run_commands")
+COMMAND_MODULES: tuple[str, ...] = (
+    "choreo.analyzer.commands",
+    "choreo.run_commands",
+    "choreo.observe.commands",
+)
 
 
 def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
