@@ -16,6 +16,7 @@ from ..spec import SystemSpec
 from ._flows import Flow, find_flows
 from ._graph import build_graph, message_id, service_id
 from ._lints import Finding, lint
+from ._observed import Observation, ObservedEdge
 
 __all__ = ["Analysis", "analyze"]
 
@@ -33,6 +34,16 @@ class Analysis:
     findings: list[Finding]
     node_notes: dict[str, list[Finding]] = field(default_factory=dict)
     edge_notes: dict[tuple[str, str], list[Finding]] = field(default_factory=dict)
+    #: observed vs declared (``choreo graph --observed``): every edge with its status, and what was read
+    observed: list[ObservedEdge] | None = None
+    observation: Observation | None = None
+
+    def edge_observed(self, u: str, v: str, relation: str) -> ObservedEdge | None:
+        """The observed-vs-declared status of a drawn edge, when the analysis has one."""
+        for e in self.observed or ():
+            if (e.source, e.target, e.relation) == (u, v, relation):
+                return e
+        return None
 
     @property
     def errors(self) -> list[Finding]:

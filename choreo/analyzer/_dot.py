@@ -34,6 +34,8 @@ COLOURS = {
 }
 SHAPES = {"service": "box", "event": "ellipse", "command": "cds", "query": "hexagon"}
 SEVERITY_COLOUR = {"error": "#c53030", "warning": "#dd6b20"}
+NEVER_SEEN_COLOUR = "#a0aec0"  # --observed: a declared edge no span shows
+UNDECLARED_COLOUR = "#d53f8c"  # --observed: an edge spans show and nobody declares
 OUTSIDE = "outside"
 
 
@@ -162,14 +164,39 @@ def _edges(analysis: Analysis) -> list[str]:
             tip = "\n".join(f"{g.nodes[u]['name']}.{w} {verb} {g.nodes[v]['name']}" for w in who)
             style = "dashed" if target_kind == "query" else ("bold" if relation == "sends" else None)
         severity = analysis.edge_severity(u, v)
+        colour = SEVERITY_COLOUR[severity] if severity else None
+        seen = analysis.edge_observed(u, v, relation)
+        if seen is not None and seen.status == "never-seen":
+            style = "dotted" if style != "bold" else "dotted,bold"
+            colour = colour or NEVER_SEEN_COLOUR
+            tip += "\nnever seen in the spans read"
+        elif seen is not None:
+            tip += f"\nseen: {seen.count} message{'' if seen.count == 1 else 's'}"
         attrs = _attrs(
             label=label,
             style=style,
-            color=SEVERITY_COLOUR[severity] if severity else None,
+            color=colour,
             penwidth=2.2 if severity else None,
             tooltip=_tooltip(tip, analysis.edge_notes.get((u, v), [])),
         )
         lines.append(f"  {_q(u)} -> {_q(v)} {attrs};")
+    for e in analysis.observed or ():
+        if e.status != "undeclared":
+            continue
+        for node in (e.source, e.target):
+            if node not in g:
+                kind = "service" if node.startswith("service:") else "event"
+                lines.append(f"  {_q(node)} " + _attrs(label=node.split(":", 1)[1], shape=SHAPES[kind],
+                             style="dashed", color=UNDECLARED_COLOUR, tooltip=f"{node}: observed, not declared") + ";")  # fmt: skip
+        attrs = _attrs(
+            label=f"undeclared x{e.count}",
+            color=UNDECLARED_COLOUR,
+            fontcolor=UNDECLARED_COLOUR,
+            penwidth=2.2,
+            style="dashed",
+            tooltip=f"{e.label(g)}: seen {e.count} times in the spans, declared by nobody",
+        )
+        lines.append(f"  {_q(e.source)} -> {_q(e.target)} {attrs};")
     return lines
 
 

@@ -65,4 +65,13 @@ def render_json(analysis: Analysis) -> str:
     """Node-link JSON of the graph, with the findings under ``findings``."""
     doc = to_node_link(analysis.graph)
     doc["findings"] = [f.to_dict() for f in analysis.findings]
+    if analysis.observed is not None and analysis.observation is not None:
+        obs = analysis.observation
+        doc["observed"] = {
+            "spans": obs.spans,
+            "unattributed": obs.unattributed,
+            "first": obs.first,
+            "last": obs.last,
+            "edges": [e.to_dict() for e in analysis.observed],
+        }
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"

@@ -14,7 +14,7 @@ from ._analysis import Analysis
 from ._flows import Flow, Hop, Step
 from ._lints import Finding
 
-__all__ = ["Style", "render_text", "render_flows", "render_findings"]
+__all__ = ["Style", "render_text", "render_flows", "render_findings", "render_observed"]
 
 _ANSI = {
     "bold": "1",
@@ -74,7 +74,51 @@ def render_text(analysis: Analysis, style: Style = Style()) -> str:
     """
     title = f"{analysis.name}: " if analysis.name else ""
     head = style.paint(f"{title}{analysis.summary()}", "bold")
-    return f"{head}\n\n{render_flows(analysis, style)}{render_findings(analysis, style)}"
+    observed = "" if analysis.observed is None else "\n" + render_observed(analysis, style)
+    return f"{head}\n\n{render_flows(analysis, style)}{render_findings(analysis, style)}{observed}"
+
+
+_OBSERVED_MARK = {"seen": ("✓", "+", "green"), "never-seen": ("·", ".", "dim"), "undeclared": ("!", "!", "red")}
+
+
+def render_observed(analysis: Analysis, style: Style = Style()) -> str:
+    """Observed vs declared (``choreo graph --observed``): every edge seen, never seen or undeclared.
+
+    >>> from choreo.spec import SystemSpec, ServiceSpec, HandlerSpec
+    >>> from choreo.analyzer import analyze
+    >>> from choreo.analyzer._observed import observe, compare
+    >>> import dataclasses
+    >>> a = analyze(SystemSpec(services=(ServiceSpec("orders", handlers=(
+    ...     HandlerSpec("place", "command", "PlaceOrder", emits=("OrderPlaced",)),)),)))
+    >>> obs = observe([dict(msg_id="1" * 32, cause_id="0" * 32, type="PlaceOrder", service="orders",
+    ...     handler="place", received=1.0)], a.graph)
+    >>> print(render_observed(dataclasses.replace(a, observed=compare(a.graph, obs), observation=obs)))
+    observed vs declared: 1 span read; 1 edge seen, 1 never seen, 0 undeclared
+      · never seen    -  orders --emits--> OrderPlaced  (place)
+      ✓ seen          1  PlaceOrder --handles--> orders  (place)
+    <BLANKLINE>
+    """
+    edges = analysis.observed or []
+    obs = analysis.observation
+    counts = {s: sum(1 for e in edges if e.status == s) for s in ("seen", "never-seen", "undeclared")}
+    spans = obs.spans if obs else 0
+    head = (
+        f"observed vs declared: {spans} span{'' if spans == 1 else 's'} read; "
+        f"{counts['seen']} edge{'' if counts['seen'] == 1 else 's'} seen, {counts['never-seen']} never seen, "
+        f"{counts['undeclared']} undeclared"
+    )
+    lines = [style.paint(head, "bold")]
+    order = {"undeclared": 0, "never-seen": 1, "seen": 2}
+    for e in sorted(edges, key=lambda e: order[e.status]):
+        uni, ascii_mark, colour = _OBSERVED_MARK[e.status]
+        mark = uni if style.unicode else ascii_mark
+        status = e.status.replace("-", " ")
+        count = str(e.count) if e.count else "-"
+        who = f"  ({', '.join(h.rsplit('.<locals>.', 1)[-1] for h in e.handlers)})" if e.handlers else ""
+        lines.append(style.paint(f"  {mark} {status:<11}{count:>4}  {e.label(analysis.graph)}{who}", colour))
+    if obs and obs.unattributed:
+        lines.append(style.paint(f"  ({obs.unattributed} produced messages whose producer's span was not found)", "dim"))
+    return "\n".join(lines) + "\n"
 
 
 def render_flows(analysis: Analysis, style: Style = Style(), only: str | None = None) -> str:

@@ -64,6 +64,16 @@ def register(subparsers: Any) -> None:
         metavar="RULE[,RULE]",
         help="leave out findings of these rules (see 'choreo lint --rules')",
     )
+    graph.add_argument(
+        "--observed",
+        action="store_true",
+        help="with --peer: compare with the recent spans of every node of the mesh; mark declared edges never "
+        "seen and observed edges nobody declared (text, json, dot, svg, png, html). With a TARGET too, the "
+        "declarations come from TARGET and the observations from the mesh",
+    )
+    graph.add_argument(
+        "--spans", type=int, default=10_000, metavar="N", help="with --observed: recent spans read per node (10000)"
+    )
     graph.set_defaults(func=run_graph)
 
     lint = subparsers.add_parser(
@@ -133,14 +143,47 @@ def _analysis(args: argparse.Namespace, ignore: list[str] | None = None) -> Anal
     from ._analysis import analyze
     from ._load import load_spec
 
+    observed = getattr(args, "observed", False)
     if args.target is None and args.peer is None:
         raise ChoreoUsageError(f"choreo {args.command}: give a TARGET (module, package or .json file) or --peer")
-    if args.target is not None and args.peer is not None:
-        raise ChoreoUsageError(f"choreo {args.command}: give a TARGET or --peer, not both")
+    if observed and args.peer is None:
+        raise ChoreoUsageError("choreo graph --observed reads spans from a running mesh: give --peer tcp://HOST:PORT")
+    if args.target is not None and args.peer is not None and not observed:
+        raise ChoreoUsageError(f"choreo {args.command}: give a TARGET or --peer, not both (unless --observed)")
     if args.target is not None and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory are importable
-    spec, name = load_spec(args.target, peer=args.peer, timeout=args.timeout)
-    return analyze(spec, name=name, ignore=ignore or ())
+    if args.target is not None:
+        spec, name = load_spec(args.target, timeout=args.timeout)
+    else:
+        spec, name = load_spec(peer=args.peer, timeout=args.timeout)
+    analysis = analyze(spec, name=name, ignore=ignore or ())
+    if observed:
+        analysis = _with_observations(analysis, args)
+    return analysis
+
+
+def _with_observations(analysis: Analysis, args: argparse.Namespace) -> Analysis:
+    """The analysis with observed-vs-declared edges, from the recent spans of every live node."""
+    import dataclasses
+    import importlib
+
+    from ._observed import compare, observe
+
+    mesh = importlib.import_module("choreo.observe.mesh")  # the CLI's client side: only for --observed
+    try:
+        nodes = mesh.discover(args.peer, args.timeout)
+    except Exception as exc:
+        raise ChoreoUsageError(f"could not read the mesh at {args.peer}: {type(exc).__name__}: {exc}") from exc
+    spans, failed = [], []
+    for node, answer in mesh.gather(nodes, "spans", {"limit": max(args.spans, 1)}, args.timeout):
+        if isinstance(answer, Exception):
+            failed.append(node.name)
+        else:
+            spans.extend(answer)
+    if failed:
+        print(f"choreo: warning: no spans from {', '.join(failed)}", file=sys.stderr)
+    obs = observe(spans, analysis.graph)
+    return dataclasses.replace(analysis, observed=compare(analysis.graph, obs), observation=obs)
 
 
 def _codes(values: list[str]) -> list[str]:
@@ -189,6 +232,8 @@ def run_graph(args: argparse.Namespace) -> int:
     from ._render import render
 
     fmt = args.format or (format_for_path(args.output) if args.output else None) or "text"
+    if args.observed and fmt in ("mermaid", "asyncapi"):
+        raise ChoreoUsageError(f"--observed is shown in text, json, dot, svg, png and html output, not {fmt}")
     analysis = _analysis(args, ignore=_codes(args.ignore))
     _write(args, render(analysis, fmt, _style(args, sys.stdout)))
     return 0

@@ -26,6 +26,7 @@ MODULES = [
     "choreo.analyzer._render",
     "choreo.analyzer._formats",
     "choreo.analyzer._load",
+    "choreo.analyzer._observed",
     "choreo.analyzer.commands",
     "choreo.cli",
 ]
