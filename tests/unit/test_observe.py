@@ -1,0 +1,145 @@
+"""The pure parts of observability: trace assembly, the top view, the metrics text, the span ring."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+from collections import deque
+
+import pytest
+
+from choreo.metrics import render
+from choreo.observe.top import Sample, table
+from choreo.observe.mesh import MeshNode
+from choreo.observe.trace_view import assemble, render_text, to_json
+from choreo.spec import HandlerSpec, ServiceSpec, SystemSpec
+from choreo.tracing import Tracer, format_traceparent, parse_traceparent, span_id, trace_id_of, traceparent_of
+
+ZERO = "0" * 32
+T = "ab" * 16
+
+
+def span(msg: str, cause: str, mtype: str, service: str, handler: str, received: float, started: float,
+         finished: float, outcome: str = "ok", error: str | None = None, attempt: int = 1, instance: str = "") -> dict:  # fmt: skip
+    return dict(msg_id=msg * 32 if len(msg) == 1 else msg, cause_id=cause * 32 if len(cause) == 1 else cause,
+                type=mtype, service=service, instance=instance or f"{service}#1", handler=handler, received=received,
+                started=started, finished=finished, outcome=outcome, error=error, attempt=attempt, key="k", partition=3)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name", ["choreo.tracing", "choreo.metrics", "choreo.observe.trace_view", "choreo.observe.top"]
+)
+def test_docstring_examples(name: str) -> None:
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
+
+
+def test_trace_tree_retries_critical_path_and_failure() -> None:
+    spans = [
+        span("1", "0", "Place", "orders", "place", 0.0, 0.001, 0.002),
+        # the event fans out to two services; only billing's handler failed for good
+        span("2", "1", "Placed", "billing", "bill", 0.003, 0.004, 0.005, "error", "ValueError: no", 1),
+        span("2", "1", "Placed", "billing", "bill", 0.003, 0.010, 0.011, "error", "ValueError: no", 2),
+        span("2", "1", "Placed", "audit", "log", 0.003, 0.003, 0.004),
+        # audit emitted something that took longest: the critical path goes there
+        span("3", "2", "Logged", "archive", "keep", 0.006, 0.006, 0.050),
+    ]
+    spec = SystemSpec(services=(
+        ServiceSpec("billing", handlers=(HandlerSpec("bill", "event", "Placed"),)),
+        ServiceSpec("audit", handlers=(HandlerSpec("log", "event", "Placed", emits=("Logged",)),)),
+    ))  # fmt: skip
+    trace = assemble(T, [{"spans": spans[:3]}, {"spans": spans[3:]}], spec)
+    doc = to_json(trace)
+    labels = [f"{s['service']}.{s['handler']}" for s in doc["steps"]]
+    assert labels == ["orders.place", "audit.log", "archive.keep", "billing.bill"]  # children by time received
+    assert doc["steps"][2]["parent"] == 1, "Logged hangs under audit, whose handler declares it"
+    assert doc["critical_path"] == [0, 1, 2]
+    assert doc["failures"] == [3] and doc["status"] == "error"
+    bill = doc["steps"][3]
+    assert (bill["attempts"], bill["error"], bill["outcome"]) == (2, "ValueError: no", "error")
+    assert bill["handler_ms"] == pytest.approx(2.0) and bill["duration_ms"] == pytest.approx(8.0)
+    assert bill["queue_ms"] == pytest.approx(1.0)
+    assert doc["duration_ms"] == pytest.approx(50.0)
+    text = render_text(trace)
+    assert "✗ failed: Placed in billing.bill on billing#1 after 2 attempts: ValueError: no" in text
+    assert "critical path: orders.place -> audit.log -> archive.keep" in text
+
+
+def test_trace_in_progress_and_missing_cause() -> None:
+    done = span("1", "0", "A", "a", "h", 0.0, 0.0, 0.001)
+    running = span("2", "1", "B", "b", "h", 0.002, 0.003, 0.5, "running", attempt=1)
+    orphan = span("4", "9", "C", "c", "h", 0.004, 0.004, 0.005)
+    trace = assemble(T, [{"spans": [done, orphan], "running": [running]}])
+    doc = to_json(trace)
+    assert doc["status"] == "running"
+    assert [s["outcome"] for s in doc["steps"]] == ["ok", "running", "ok"]
+    assert doc["roots"] == [0, 2] and doc["steps"][2]["cause_missing"] is True
+    assert "(cause not found)" in render_text(trace)
+    # a handler that finished between the two reads: its ok span wins over the running record
+    finished = span("2", "1", "B", "b", "h", 0.002, 0.003, 0.004)
+    trace = assemble(T, [{"spans": [done, finished], "running": [running]}])
+    assert to_json(trace)["status"] == "ok"
+
+
+def test_top_rates_come_from_counter_deltas_over_the_nodes_clock() -> None:
+    node = MeshNode("w#1", "tcp://127.0.0.1:1", "w", "alive")
+
+    def stats(t: float, received: int, processed: int, lag: dict) -> dict:
+        return {"node": "w#1", "service": "w", "incarnation": "01", "time": t, "received": received,
+                "processed": processed, "lag": lag, "in_flight": 0}  # fmt: skip
+
+    before = Sample(100.0, [(node, stats(10.0, 100, 90, {1: 10}))], [])
+    after = Sample(100.5, [(node, stats(12.0, 300, 150, {1: 100, 7: 50}))], [])
+    view = table(after, before)
+    (service,) = view["services"]
+    assert service["received_per_s"] == 100.0 and service["processed_per_s"] == 30.0  # over 2 s of the node's clock
+    assert service["lag"] == 150 and service["lag_by_partition"] == {"1": 100, "7": 50}
+    assert table(after)["services"][0]["received_per_s"] is None
+
+
+def test_metrics_text_parses_and_counters_never_go_down() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    floor: dict[str, float] = {}
+    snap = {"service": 'we"ird', "node": "n\\1", "received": 5, "redelivered": 7, "refused": {"malformed": 2},
+            "lag": {3: 4}, "peers": {"a": {"state": "alive"}}}  # fmt: skip
+    first = render(snap, floor)
+    families = {f.name: f for f in text_string_to_metric_families(first)}
+    assert families["choreo_received"].type == "counter"
+    (sample,) = families["choreo_received"].samples
+    assert sample.labels == {"service": 'we"ird', "node": "n\\1"} and sample.value == 5
+    (lag,) = families["choreo_consumer_lag"].samples
+    assert lag.labels["partition"] == "3" and lag.value == 4
+    # a channel's retransmissions leave the sum when its peer goes: the exported counter holds
+    second = render({**snap, "redelivered": 3}, floor)
+    (redelivered,) = [s for f in text_string_to_metric_families(second) if f.name == "choreo_redelivered" for s in f.samples]
+    assert redelivered.value == 7
+
+
+def test_span_ring_cursor_reports_new_spans_and_wraps() -> None:
+    tracer = Tracer("s", "s#1", 4, lambda: 0.0)
+    ring: deque = tracer.spans
+    new, cursor, complete = tracer.since(None)
+    assert (new, complete) == ([], True)
+    for i in range(3):
+        ring.append((i,))
+    new, cursor, complete = tracer.since(None)
+    assert [t[0] for t in new] == [0, 1, 2] and complete
+    ring.append((3,))
+    new, cursor, complete = tracer.since(cursor)
+    assert [t[0] for t in new] == [3] and complete
+    for i in range(4, 10):  # more than the ring holds: the cursor is gone
+        ring.append((i,))
+    new, cursor, complete = tracer.since(cursor)
+    assert [t[0] for t in new] == [6, 7, 8, 9] and not complete
+
+
+def test_traceparents() -> None:
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert trace_id_of(tp) == "4bf92f3577b34da6a3ce929d0e0e4736" == trace_id_of("4BF92F3577B34DA6A3CE929D0E0E4736")
+    msg = bytes(range(16))
+    assert parse_traceparent(traceparent_of(msg)) == msg
+    assert format_traceparent(msg, msg, "h").split("-")[2] == span_id(msg, "h").hex() != span_id(msg).hex()
+    for bad in ("nope", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "12" * 15):
+        with pytest.raises(ValueError):
+            trace_id_of(bad)
