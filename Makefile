@@ -16,14 +16,18 @@ $(STAMP): $(BUILD_INPUTS)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
 
-# Graphviz renders the flow graph (svg/png); installed when missing and we may (root + apt).
+# Graphviz renders the flow graph (svg/png); nftables partitions test hosts (network namespaces).
+# Both are installed when missing and we may (root + apt); the tests that need them skip otherwise.
 tools:
-	@command -v dot >/dev/null 2>&1 || { \
+	@missing=""; command -v dot >/dev/null 2>&1 || missing="$$missing graphviz"; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing graphviz (apt)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null) \
-	      || echo "could not install graphviz: svg/png rendering tests will be skipped"; \
-	  else echo "graphviz (dot) not found and cannot be installed here: svg/png tests will be skipped"; fi; }
+	    echo "installing$$missing (apt)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1) \
+	      || echo "could not install$$missing: the tests that need them will be skipped"; \
+	  else echo "not installed:$$missing (needs root and apt): the tests that need them will be skipped"; fi; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python -m choreo.demo

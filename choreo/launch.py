@@ -63,6 +63,7 @@ class NodeProcess:
         ready_timeout: float = 30.0,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
         self.service = service
         self.bind = bind
@@ -78,6 +79,7 @@ class NodeProcess:
         self.metrics_host = metrics_host
         self.metrics_url: str | None = None  # http://HOST:PORT/metrics once started with metrics_port
         self.stderr_path: str | None = None
+        self.netns = netns  # run inside this network namespace (ip netns exec), a host of its own
         if start:
             self.start(ready_timeout)
 
@@ -102,8 +104,9 @@ class NodeProcess:
         path = os.pathsep.join(p for p in sys.path if p)
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         with open(self.stderr_path, "wb") as err:
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "choreo._worker"],
+                [*prefix, sys.executable, "-m", "choreo._worker"],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,

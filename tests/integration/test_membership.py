@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -10,6 +16,7 @@ from choreo.client import rpc
 from choreo.node import Node, NodeConfig
 
 from .checks import check_moves, expected_stream
+from .netns import Hosts
 from .recording import Produced, elastic, read_timed
 
 pytestmark = pytest.mark.slow
@@ -18,9 +25,38 @@ COUNT, KEYS, AT = 100_000, 1_000, 30_000
 FAST = NodeConfig(heartbeat=0.2, suspect_after=1.0, dead_after=2.5, handover_timeout=5.0, rto=0.5)
 
 
-async def stream(seed: str, instances: int, action, at: int = AT) -> None:
+class Placement:
+    """Where the nodes run: all on loopback, or each on a host (network namespace) of its own."""
+
+    def __init__(self, hosts: Hosts | None) -> None:
+        self.hosts = hosts
+        self._next = 0
+
+    def node(self) -> dict:
+        """NodeProcess keyword arguments for the next node."""
+        if self.hosts is None:
+            return {"config": FAST}
+        self._next += 1
+        host = (self._next - 1) % self.hosts.count + 1
+        return {"config": FAST, "netns": self.hosts.namespace(host), "bind": f"tcp://{self.hosts.address(host)}:0"}
+
+    @property
+    def client_bind(self) -> str:
+        return "tcp://127.0.0.1:0" if self.hosts is None else f"tcp://{self.hosts.gateway}:0"
+
+
+@pytest.fixture(params=["loopback", "netns"])
+def where(request) -> Iterator[Placement]:
+    if request.param == "loopback":
+        yield Placement(None)
+    else:
+        with Hosts(3) as hosts:
+            yield Placement(hosts)
+
+
+async def stream(seed: str, instances: int, action, at: int = AT, bind: str = "tcp://127.0.0.1:0") -> None:
     """Emit COUNT keyed events; run ``action()`` (a coroutine) once ``at`` have been emitted."""
-    async with Node(None, peers=[seed], config=FAST) as client:
+    async with Node(None, bind=bind, peers=[seed], config=FAST) as client:
         await client.wait_for({"elastic": instances}, timeout=30)
         for n in range(COUNT):
             if n == at:
@@ -29,14 +65,14 @@ async def stream(seed: str, instances: int, action, at: int = AT) -> None:
         await client.flush(timeout=120)
 
 
-def test_kill_one_of_two_consumers_mid_stream(procs) -> None:
-    a = procs.start(elastic, config=FAST)
-    b = procs.start(elastic, peers=[a.endpoint], config=FAST)
+def test_kill_one_of_two_consumers_mid_stream(procs, where) -> None:
+    a = procs.start(elastic, **where.node())
+    b = procs.start(elastic, peers=[a.endpoint], **where.node())
 
     async def kill(client: Node) -> None:
         await asyncio.to_thread(b.kill)  # SIGKILL: no drain, no goodbye
 
-    asyncio.run(asyncio.wait_for(stream(a.endpoint, 2, kill), 300))
+    asyncio.run(asyncio.wait_for(stream(a.endpoint, 2, kill, bind=where.client_bind), 300))
     crashed = f"elastic-{b.pid}.log"
     procs.close()
     records = read_timed(str(procs.record_dir), "elastic")
@@ -51,47 +87,48 @@ def test_kill_one_of_two_consumers_mid_stream(procs) -> None:
     print(f"duplicates after the crash: {dups}")
 
 
-def test_third_instance_joins_mid_stream_without_loss_or_duplicates(procs) -> None:
-    a = procs.start(elastic, config=FAST)
-    procs.start(elastic, peers=[a.endpoint], config=FAST)
+def test_third_instance_joins_mid_stream_without_loss_or_duplicates(procs, where) -> None:
+    a = procs.start(elastic, **where.node())
+    procs.start(elastic, peers=[a.endpoint], **where.node())
 
     async def join(client: Node) -> None:
-        await asyncio.to_thread(procs.start, elastic, [a.endpoint], config=FAST)
+        await asyncio.to_thread(procs.start, elastic, [a.endpoint], **where.node())
         await client.wait_for({"elastic": 3}, timeout=30)
 
-    asyncio.run(asyncio.wait_for(stream(a.endpoint, 2, join), 300))
+    asyncio.run(asyncio.wait_for(stream(a.endpoint, 2, join, bind=where.client_bind), 300))
     procs.close()
     records = read_timed(str(procs.record_dir), "elastic")
     check_moves(records, expected_stream(COUNT, KEYS), "a third instance joins", max_duplicates=0)
     assert len({r[3] for r in records}) == 3, "the newcomer took part of the work"
 
 
-def test_sigterm_one_instance_mid_stream_hands_over_cleanly(procs) -> None:
-    a = procs.start(elastic, config=FAST)
-    b = procs.start(elastic, peers=[a.endpoint], config=FAST)
-    c = procs.start(elastic, peers=[a.endpoint], config=FAST)
+def test_sigterm_one_instance_mid_stream_hands_over_cleanly(procs, where) -> None:
+    a = procs.start(elastic, **where.node())
+    procs.start(elastic, peers=[a.endpoint], **where.node())
+    c = procs.start(elastic, peers=[a.endpoint], **where.node())
 
     async def leave(client: Node) -> None:
         status = await asyncio.to_thread(c.stop)  # SIGTERM: drain, hand over, leave
         assert status == 0, c.stderr()[-2000:]
 
-    asyncio.run(asyncio.wait_for(stream(a.endpoint, 3, leave), 300))
+    asyncio.run(asyncio.wait_for(stream(a.endpoint, 3, leave, bind=where.client_bind), 300))
     procs.close()
     records = read_timed(str(procs.record_dir), "elastic")
     assert any(r[3] == f"elastic-{c.pid}.log" for r in records), "the leaving instance had taken part of the work"
     check_moves(records, expected_stream(COUNT, KEYS), "SIGTERM", max_duplicates=0)
 
 
-def test_killed_node_restarted_on_the_same_address_rejoins_and_takes_work(procs) -> None:
-    a = procs.start(elastic, config=FAST)
-    b = procs.start(elastic, peers=[a.endpoint], config=FAST)
+def test_killed_node_restarted_on_the_same_address_rejoins_and_takes_work(procs, where) -> None:
+    a = procs.start(elastic, **where.node())
+    b_where = where.node()
+    b = procs.start(elastic, peers=[a.endpoint], **b_where)
     address = b.endpoint
     restarted = {}
 
     async def crash_and_restart(client: Node) -> None:
         old_name = next(name for name, p in client.stats()["peers"].items() if p["endpoint"] == address)
         await asyncio.to_thread(b.kill)
-        new = await asyncio.to_thread(procs.start, elastic, [a.endpoint], bind=address, config=FAST)
+        new = await asyncio.to_thread(procs.start, elastic, [a.endpoint], **{**b_where, "bind": address})
         assert new.endpoint == address
         restarted["proc"] = new
 
@@ -101,7 +138,7 @@ def test_killed_node_restarted_on_the_same_address_rejoins_and_takes_work(procs)
 
         await client.until(has_new_incarnation, 30, "the restarted node rejoined")
 
-    asyncio.run(asyncio.wait_for(stream(a.endpoint, 2, crash_and_restart), 300))
+    asyncio.run(asyncio.wait_for(stream(a.endpoint, 2, crash_and_restart, bind=where.client_bind), 300))
     new_pid = restarted["proc"].pid
     stats = rpc(address, "stats")
     assert stats["processed"] > 0, "the restarted node took work again"
@@ -110,3 +147,48 @@ def test_killed_node_restarted_on_the_same_address_rejoins_and_takes_work(procs)
     assert any(r[3] == f"elastic-{new_pid}.log" for r in records)
     check_moves(records, expected_stream(COUNT, KEYS), "kill and restart", crashed=f"elastic-{b.pid}.log",
                 max_duplicates=FAST.window)
+
+
+def test_partition_between_two_hosts_backs_the_producer_off_and_heals(procs) -> None:
+    """Producer on host 1, consumer on host 2; a firewall rule cuts them apart, then goes."""
+    count, window = 60_000, FAST.window
+    with Hosts(2) as hosts:
+        consumer = procs.start(elastic, netns=hosts.namespace(2), bind=f"tcp://{hosts.address(2)}:0", config=FAST)
+        producer = subprocess.Popen(
+            ["ip", "netns", "exec", hosts.namespace(1), sys.executable, "-m", "tests.integration.producer_proc",
+             consumer.endpoint, f"tcp://{hosts.address(1)}:0", str(count), str(KEYS)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+            start_new_session=True,
+        )
+        try:
+            producer_endpoint = json.loads(producer.stdout.readline())["endpoint"]
+
+            def processed() -> int:
+                return rpc(consumer.endpoint, "stats")["processed"]
+
+            deadline = time.monotonic() + 60
+            while processed() < 10_000:
+                assert time.monotonic() < deadline and producer.poll() is None, producer.stderr.read()
+                time.sleep(0.05)  # polling another process's counter
+            hosts.cut(1, 2)
+            time.sleep(FAST.dead_after * 3)  # the cut lasts long enough for both sides to declare death
+            at_cut = processed()
+            time.sleep(1.0)
+            assert processed() == at_cut, "nothing crosses the cut"
+            stalled = rpc(producer_endpoint, "stats")
+            assert stalled["in_flight"] <= window, f"no unbounded queue: {stalled['in_flight']} in flight"
+            assert producer.poll() is None, "the producer waits instead of finishing (or failing)"
+            hosts.heal()
+            out, err = producer.communicate(timeout=240)
+            assert producer.returncode == 0, err[-3000:]
+        finally:
+            if producer.poll() is None:
+                os.killpg(producer.pid, 9)
+                producer.wait(10)
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["peak_in_flight"] <= window
+        assert summary["backpressure_waits"] > 0, "the producer backed off during the cut"
+        procs.close()
+        check_moves(read_timed(str(procs.record_dir), "elastic"), expected_stream(count, KEYS),
+                    "partition and heal", max_duplicates=0)

@@ -1,0 +1,40 @@
+"""A producer process for multi-host tests: emit keyed events, report what it saw as JSON.
+
+    python -m tests.integration.producer_proc SEED_ENDPOINT BIND COUNT KEYS
+
+Runs a client node bound at BIND, waits for the ``elastic`` service, emits COUNT events
+(keys k0..k{KEYS-1}), waits until all are acknowledged, then prints one JSON line: the peak of
+its in-flight envelopes, how often emit had to wait for credit, and its endpoint (printed first,
+so the test can ask the node for its stats while it runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+
+from choreo.node import Node
+
+from .recording import Produced
+from .test_membership import FAST
+
+
+async def main(seed: str, bind: str, count: int, keys: int) -> None:
+    async with Node(None, bind=bind, peers=[seed], config=FAST) as client:
+        print(json.dumps({"endpoint": client.endpoint}), flush=True)
+        await client.wait_for({"elastic": 1}, timeout=30)
+        peak = 0
+        for n in range(count):
+            await client.emit(Produced(k=f"k{n % keys}", n=n), timeout=300)
+            if n % 64 == 0:
+                peak = max(peak, client.stats()["in_flight"])
+        await client.flush(timeout=300)
+        stats = client.stats()
+        print(json.dumps({"peak_in_flight": peak, "backpressure_waits": stats["backpressure_waits"],
+                          "reincarnations": stats["reincarnations"]}), flush=True)
+
+
+if __name__ == "__main__":
+    seed, bind, count, keys = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    asyncio.run(main(seed, bind, count, keys))
