@@ -1,0 +1,54 @@
+"""The state tables are the only place the transitions live, and the README draws them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from choreo.states import PARTITION_TRANSITIONS, PEER_TRANSITIONS, IllegalTransition, readme_section, transition
+from choreo.ownership import Ownership
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_diagrams_are_generated_from_the_tables() -> None:
+    assert readme_section() in README.read_text(), (
+        "README.md's state diagrams differ from choreo/states.py: run 'python -m choreo.states README.md'"
+    )
+
+
+def test_moves_outside_the_table_are_refused() -> None:
+    with pytest.raises(IllegalTransition, match="no transition from 'left' on 'heard'"):
+        transition(PEER_TRANSITIONS, "left", "heard")
+    with pytest.raises(IllegalTransition):
+        transition(PARTITION_TRANSITIONS, "awaiting", "rebalance")
+
+
+def test_a_join_moves_only_the_newcomers_share_and_the_newcomer_waits_for_handovers() -> None:
+    old = Ownership(partitions=64, me=1)
+    old.update([1, 2], live=lambda i: True, now=0.0, serving=lambda i: False)  # started together
+    mine_before = {p for p, s in enumerate(old.state) if s == "owned"}
+    old.update([1, 2, 3], live=lambda i: True, now=1.0)
+    draining = set(old.draining)
+    assert draining and draining <= mine_before, "only partitions we owned move, to the newcomer"
+    assert set(old.draining.values()) == {3}
+
+    newcomer = Ownership(partitions=64, me=3)
+    newcomer.update([1, 2, 3], live=lambda i: True, now=1.0, serving=lambda i: i in (1, 2))
+    assert set(newcomer.awaiting) == {p for p, o in enumerate(newcomer.owners) if o == 3}
+    assert not any(s == "owned" for s in newcomer.state), "nothing runs before its handover"
+    p = next(iter(newcomer.awaiting))
+    assert newcomer.handed_over(p, now=2.0) and newcomer.state[p] == "owned"
+    # a previous owner that dies is not waited for
+    prev = newcomer.awaiting[next(iter(newcomer.awaiting))][1]
+    gone = newcomer.previous_gone(prev)
+    assert gone and all(newcomer.state[q] == "owned" for q in gone)
+
+
+def test_instances_starting_together_split_partitions_at_once() -> None:
+    a, b = Ownership(partitions=32, me=1), Ownership(partitions=32, me=2)
+    a.update([1, 2], live=lambda i: True, now=0.0, serving=lambda i: False)
+    b.update([1, 2], live=lambda i: True, now=0.0, serving=lambda i: False)
+    assert not a.awaiting and not b.awaiting
+    assert all((x == "owned") != (y == "owned") for x, y in zip(a.state, b.state))
