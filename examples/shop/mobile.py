@@ -1,0 +1,192 @@
+"""The mobile app, simulated: phones that check out carts over a flaky connection.
+
+Each phone sends PlaceOrder and, with probability ``loss``, never sees the answer (the
+connection dropped after the api had done its work), so it tries again: a new HTTP attempt,
+with a new request id. Sometimes an impatient user taps twice (two attempts at once). All of
+it is seeded: the same seed gives the same carts, losses and taps.
+
+Then the back office checks the result: GetOrder for every order, the stock, the charges and
+the notices, which must all agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+
+from choreo import Service
+
+from .catalog import INITIAL_STOCK, PRICES, order_id
+from .messages import GetCharges, GetNotices, GetOrder, GetOrders, GetStock, Line, OrderAccepted, OrderView, PlaceOrder
+
+# What the app and the back office originate (the driver's nodes run as these services).
+mobile = Service("mobile", sends=[PlaceOrder, GetOrder], doc="the customers' phones")
+backoffice = Service("backoffice", sends=[GetOrders, GetStock, GetCharges, GetNotices], doc="the shop's staff tools")
+
+CUSTOMERS = [f"c{n:02d}" for n in range(1, 13)]
+
+
+@dataclass(frozen=True)
+class Checkout:
+    customer_id: str
+    cart_id: str
+    lines: list[Line]
+
+    @property
+    def order_id(self) -> str:
+        return order_id(self.customer_id, self.cart_id)
+
+
+def checkouts(count: int, seed: int) -> list[Checkout]:
+    """The carts the customers check out, the same for the same seed."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        skus = rng.sample(sorted(PRICES), rng.randint(1, 3))
+        lines = [Line(sku, rng.randint(1, 2)) for sku in sorted(skus)]
+        out.append(Checkout(rng.choice(CUSTOMERS), f"cart{n:04d}", lines))
+    return out
+
+
+@dataclass
+class Outcome:
+    """What happened, as the phones and the back office saw it."""
+
+    checkouts: int = 0
+    attempts: int = 0  # PlaceOrder requests sent (every retry and double tap included)
+    lost: int = 0  # answers the phones never saw
+    double_taps: int = 0
+    accepted: dict[str, OrderAccepted] = field(default_factory=dict)  # order id -> the answer the phone kept
+    views: dict[str, OrderView | None] = field(default_factory=dict)  # GetOrder's answer for each checkout
+    created: list[OrderView] = field(default_factory=list)  # every order orders created, by number
+    stock: dict[str, int] = field(default_factory=dict)
+    charges: list = field(default_factory=list)
+    notices: list = field(default_factory=list)
+    orders_deduplicated: int = 0  # CreateOrder duplicates the orders instances acknowledged without handling
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_status(self) -> int:
+        return 1 if self.problems else 0
+
+
+async def phone(client, mine: list[Checkout], rng: random.Random, loss: float, double_tap: float, out: Outcome) -> None:
+    for c in mine:
+        while True:
+            tap = rng.random() < double_tap
+            tries = [PlaceOrder(f"req-{rng.getrandbits(40):010x}", c.customer_id, c.cart_id, c.lines)
+                     for _ in range(2 if tap else 1)]
+            answers = await asyncio.gather(*(client.send(t, timeout=30) for t in tries))
+            out.attempts += len(tries)
+            out.double_taps += tap
+            if rng.random() < loss:  # the connection dropped: the phone never sees the answer
+                out.lost += 1
+                continue
+            out.accepted[c.order_id] = answers[0]
+            break
+
+
+async def final_view(client, oid: str, timeout: float = 10.0) -> OrderView | None:
+    """GetOrder until the order has reached the end of its flow (shipped or cancelled)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = await client.ask(GetOrder(oid))
+        if (view is not None and view.status in ("shipped", "cancelled")) or time.monotonic() > deadline:
+            return view
+        await asyncio.sleep(0.02)
+
+
+def check(out: Outcome, carts: list[Checkout]) -> list[str]:
+    """Everything that must hold whatever the losses and retries (empty: all consistent)."""
+    problems = []
+    by_id = {c.order_id: c for c in carts}
+    numbers: dict[str, list[int]] = {}
+    for view in out.created:
+        numbers.setdefault(view.order_id, []).append(view.number)
+    twice = {oid: ns for oid, ns in numbers.items() if len(ns) > 1}
+    if twice:
+        problems.append(f"{len(twice)} checkouts became several orders (e.g. {list(twice.items())[:3]})")
+    if sorted(numbers) != sorted(by_id):
+        problems.append(f"orders created {len(numbers)} orders for {len(by_id)} checkouts")
+    missing = [oid for oid in by_id if out.views.get(oid) is None]
+    if missing:
+        problems.append(f"GetOrder knows nothing of {len(missing)} orders (e.g. {missing[:3]})")
+    unfinished = [oid for oid, v in out.views.items() if v is not None and v.status not in ("shipped", "cancelled")]
+    if unfinished:
+        problems.append(f"{len(unfinished)} orders never finished (e.g. {unfinished[:3]})")
+    wrong_ids = [oid for oid, a in out.accepted.items() if a.order_id != oid]
+    if wrong_ids:
+        problems.append(f"the api answered with other order ids for {wrong_ids[:3]}")
+    shipped = {oid for oid, v in out.views.items() if v is not None and v.status == "shipped"}
+    sold: dict[str, int] = {sku: 0 for sku in INITIAL_STOCK}
+    for oid in shipped:
+        for line in by_id[oid].lines:
+            sold[line.sku] += line.qty
+    for sku, initial in INITIAL_STOCK.items():
+        if out.stock.get(sku) != initial - sold[sku]:
+            problems.append(f"stock of {sku}: {out.stock.get(sku)} on hand, expected {initial} - {sold[sku]} sold")
+    charged: dict[str, int] = {}
+    for ch in out.charges:
+        charged[ch.order_id] = charged.get(ch.order_id, 0) + 1
+        view = out.views.get(ch.order_id)
+        if view is None or ch.amount_cents != view.total_cents:
+            problems.append(f"charge of {ch.amount_cents} for {ch.order_id} does not match its order")
+    charged_twice = [oid for oid, n in charged.items() if n > 1]
+    if charged_twice:
+        problems.append(f"{len(charged_twice)} orders charged more than once (e.g. {charged_twice[:3]})")
+    if set(charged) != shipped:
+        problems.append(f"charged orders and shipped orders differ: {sorted(set(charged) ^ shipped)[:5]}")
+    told: dict[str, int] = {}
+    for notice in out.notices:
+        told[notice.order_id] = told.get(notice.order_id, 0) + 1
+    if told != {oid: 1 for oid in by_id}:
+        bad = sorted(oid for oid in set(told) | set(by_id) if told.get(oid) != 1)
+        problems.append(f"{len(bad)} orders were not notified exactly once (e.g. {bad[:3]})")
+    return problems
+
+
+async def drive(client, system, orders: int = 40, phones: int = 4, loss: float = 0.3, double_tap: float = 0.1,
+                seed: int = 7) -> Outcome:
+    """Phones check out ``orders`` carts over a flaky connection, then the back office checks it all."""
+    started = time.monotonic()
+    carts = checkouts(orders, seed)
+    out = Outcome(checkouts=len(carts))
+    await asyncio.gather(*(
+        phone(client, carts[p::phones], random.Random(f"{seed}/{p}"), loss, double_tap, out) for p in range(phones)
+    ))
+    out.views = dict(zip([c.order_id for c in carts], await asyncio.gather(*(final_view(client, c.order_id) for c in carts))))
+    async with system.client(backoffice) as office:
+        out.created = await office.ask(GetOrders())
+        out.stock = await office.ask(GetStock())
+        out.charges = await office.ask(GetCharges())
+        out.notices = await office.ask(GetNotices())
+    out.orders_deduplicated = system.total("duplicates", "orders")
+    out.seconds = time.monotonic() - started
+    out.problems = check(out, carts)
+    report(out, system)
+    return out
+
+
+def report(out: Outcome, system) -> None:
+    statuses: dict[str, int] = {}
+    for v in out.views.values():
+        key = "missing" if v is None else v.status if v.status != "cancelled" else v.reason.split(":")[0]
+        statuses[key] = statuses.get(key, 0) + 1
+    retries = out.attempts - out.checkouts
+    print(f"mobile: {out.checkouts} checkouts, {out.attempts} PlaceOrder attempts in {out.seconds:.1f} s: "
+          f"{out.lost} answers lost and retried under new request ids, {out.double_taps} double taps")
+    print(f"api handled {system.total('processed', 'api')} attempts; orders created {len(out.created)} orders, "
+          f"{out.orders_deduplicated} duplicate CreateOrders acknowledged without running the handler "
+          f"({retries} retries)")
+    print("orders: " + ", ".join(f"{n} {k}" for k, n in sorted(statuses.items(), key=lambda kv: -kv[1])))
+    sold = sum(INITIAL_STOCK.values()) - sum(out.stock.values())
+    total = sum(ch.amount_cents for ch in out.charges)
+    print(f"back office: {sold} units sold, {len(out.charges)} charges totalling {total / 100:,.2f}, "
+          f"{len(out.notices)} notices")
+    if out.problems:
+        print("INCONSISTENT:\n  " + "\n  ".join(out.problems))
+    else:
+        print("consistent: every order placed once, stock and charges match the shipped orders, one notice each")

@@ -1,0 +1,1 @@
+"""Small systems that misbehave on purpose, to test ``choreo up`` itself (not examples)."""
