@@ -540,6 +540,7 @@ cdef class OutboundWindow:
     cdef uint8_t *_buf
     cdef size_t _buf_len, _buf_cap
     cdef Py_ssize_t _pending
+    cdef Py_ssize_t _pending_finished      # of those, finished (acked or taken) before the flush
     cdef uint64_t _pending_first
     cdef int _in_flight, _peak
     cdef uint64_t _sent, _acked, _retransmitted, _bogus
@@ -672,14 +673,13 @@ cdef class OutboundWindow:
         cdef uint64_t f = self._frame_next
         Py_INCREF(body)
         self._frames[f & self._fmask] = <PyObject *>body
-        self._frame_live[f & self._fmask] = <uint32_t>self._pending
-        # envelopes of this body finished before the flush (acked while pending) do not count
-        cdef uint64_t s
-        for s in range(self._pending_first, self.next_seq):
-            if self._ring[s & self._mask].state == 0:
-                self._frame_live[f & self._fmask] -= 1
+        # envelopes of this body finished before the flush (acked while pending) do not count.
+        # Counted as they finish, not by walking the ring: acks of unflushed envelopes free credit,
+        # so one body can hold more envelopes than the ring has slots.
+        self._frame_live[f & self._fmask] = <uint32_t>(self._pending - self._pending_finished)
         self._frame_next += 1
         self._pending = 0
+        self._pending_finished = 0
         self._buf_len = 0
         if self._buf_cap > (1 << 20):  # do not keep a huge buffer after a burst
             free(self._buf)
@@ -716,6 +716,8 @@ cdef class OutboundWindow:
         self._acked += 1
         if e.frame != self._frame_next:
             self._frame_live[e.frame & self._fmask] -= 1
+        else:
+            self._pending_finished += 1
 
     cdef inline void _advance_base(self) noexcept:
         while self._base < self.next_seq and self._ring[self._base & self._mask].state == 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from choreo import _core, _pycore
@@ -282,3 +284,25 @@ def test_whole_window_cycles_many_times(core) -> None:
         assert len(core.parse_envelopes(body)) == 5
         assert w.on_ack(seq, seq, [], 0.0) == 5
     assert w.stats().sent == 250 and w.stats().acked == 250 and w.in_flight_bytes == 0
+
+
+def test_acks_of_unflushed_envelopes_with_a_small_window(core) -> None:
+    # Acks of envelopes not yet flushed free credit, so one batch body can hold more envelopes
+    # than the window has slots. The compiled core once counted such a body's live envelopes
+    # through aliased ring slots, kept the body forever and, a few bodies later, overwrote its
+    # ring of bodies (a crash). Observable: the window must let go of a body once all of its
+    # envelopes are finished.
+    w = core.OutboundWindow(max_messages=2, rto=1.0)
+    for cycle in range(50):
+        seqs = []
+        for _ in range(3):
+            seqs.append(add(w, b"acked early"))
+            assert w.on_ack(seqs[-1], seqs[-1], [], 0.0) == 1
+        last = add(w, b"in flight")
+        body = w.flush()
+        assert [e.seq for e in core.parse_envelopes(body)] == seqs + [last]
+        assert [e.payload for e in core.parse_envelopes(w.due(10.0 + cycle))] == [b"in flight"]
+        assert w.on_ack(last, last, [], 0.0) == 1
+        assert sys.getrefcount(body) == 2, "the window still holds a finished batch body"
+        del body
+    assert w.in_flight == 0 and w.stats().acked == 200

@@ -1,0 +1,508 @@
+"""The compiled core against its pure-Python twin, under arbitrary operation sequences.
+
+Each state machine holds one object of each implementation and applies every operation to both:
+return values (or the exception raised) and ``stats()`` must agree after every step. The
+operations include what a hostile or broken network produces: acks out of order, duplicated,
+stale or for sequence numbers never sent; frames dropped, duplicated, reordered or corrupted;
+time jumping forward (and, for the dedup window, backward).
+
+The end-to-end property at the bottom runs a sender window, a lossy link and a receiver
+(InboundReorder + DedupWindow) and checks every message is processed exactly once, in order.
+
+CI (``CI=true``) runs fewer examples to keep the suite within its time budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from choreo import _core as C
+from choreo import _pycore as P
+
+CI = os.environ.get("CI") == "true"
+MACHINE_SETTINGS = settings(
+    max_examples=40 if CI else 150,
+    stateful_step_count=40 if CI else 60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+Z = bytes(16)
+U64 = (1 << 64) - 1
+
+
+def outcome(fn, *args):
+    """``("ok", value)`` or ``("raise", type name, reason)``, comparable across implementations."""
+    try:
+        return ("ok", normalise(fn(*args)))
+    except (C.MalformedFrame, P.MalformedFrame) as exc:
+        return ("raise", "MalformedFrame", exc.reason)
+    except (ValueError, OverflowError, TypeError, KeyError) as exc:
+        return ("raise", type(exc).__name__)
+
+
+def normalise(value):
+    if isinstance(value, (C.Envelope, P.Envelope)):
+        return ("env", value.seq, value.kind, value.flags, value.partition, value.type, value.key, value.msg_id,
+                value.trace_id, value.cause_id, value.payload, value.raw, value.size)
+    if isinstance(value, list):
+        return [normalise(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(normalise(v) for v in value)
+    return value
+
+
+def same(c_fn, p_fn, *args):
+    oc, op = outcome(c_fn, *args), outcome(p_fn, *args)
+    assert oc == op, f"compiled {oc!r} != pure {op!r} for args {args!r}"
+    return oc
+
+
+def ident(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+# -------------------------------------------------------------------------------------------------
+# OutboundWindow
+
+
+class WindowMachine(RuleBasedStateMachine):
+    @initialize(
+        max_messages=st.integers(1, 12),
+        max_bytes=st.sampled_from([1, 100, 300, 1 << 20]),
+        rto=st.sampled_from([0.1, 0.5, 1.0]),
+        backoff=st.sampled_from([1.0, 2.0, 3.5]),
+        first_seq=st.sampled_from([1, 2, 1000, (1 << 63)]),
+    )
+    def setup(self, max_messages, max_bytes, rto, backoff, first_seq):
+        kw = dict(max_messages=max_messages, max_bytes=max_bytes, rto=rto, rto_max=rto * 4, backoff=backoff,
+                  first_seq=first_seq)
+        self.c, self.p = C.OutboundWindow(**kw), P.OutboundWindow(**kw)
+        self.now = 0.0
+        self.first = first_seq
+
+    def seq_near(self, data):
+        """A sequence number around what was sent: old, in flight, unsent, or far away."""
+        ns = self.c.next_seq
+        return data.draw(st.one_of(
+            st.integers(max(0, self.first - 2), ns + 2),
+            st.sampled_from([0, U64, ns + 1000]),
+        ))
+
+    @rule(payload=st.binary(max_size=120), key=st.binary(max_size=4), kind=st.integers(0, 16),
+          partition=st.integers(0, 3), dt=st.sampled_from([0.0, 0.01, 0.3]))
+    def append(self, payload, key, kind, partition, dt):
+        self.now += dt
+        mid = os.urandom(16)
+        args = (kind, 0, b"Evt", key, partition, mid, Z, Z, payload, self.now)
+        same(self.c.append, self.p.append, *args)
+
+    @rule(payload=st.binary(max_size=40), seq=st.integers(0, 50), garbage=st.booleans())
+    def append_raw(self, payload, seq, garbage):
+        raw = P.pack_envelope(seq, 2, 1, b"Fwd", b"k", 1, ident(seq), Z, Z, payload)
+        if garbage:
+            raw = raw + raw[:10]
+        same(self.c.append_raw, self.p.append_raw, raw, self.now)
+
+    @rule()
+    def flush(self):
+        same(self.c.flush, self.p.flush)
+
+    @rule(data=st.data())
+    def ack(self, data):
+        cum = self.seq_near(data)
+        rec = max(cum, self.seq_near(data)) if data.draw(st.booleans()) else self.seq_near(data)
+        n = data.draw(st.integers(0, 3))
+        ranges = []
+        for _ in range(n):
+            lo = self.seq_near(data)
+            hi = data.draw(st.sampled_from([lo, lo + 1, lo + 3, max(0, lo - 1)]))
+            ranges.append((lo, min(hi, U64)))
+        same(self.c.on_ack, self.p.on_ack, cum, rec, ranges, self.now)
+
+    @rule(data=st.data(), corrupt=st.sampled_from(["none", "cut", "extra", "count", "reverse"]))
+    def ack_frame(self, data, corrupt):
+        cum = self.seq_near(data)
+        hi = self.seq_near(data)
+        lo = min(cum + 2, U64)
+        ranges = [(lo, max(lo, hi))] if data.draw(st.booleans()) else []
+        frame = bytearray(P.encode_ack(cum, max(cum, hi), ranges))
+        if corrupt == "cut":
+            frame = frame[:-1]
+        elif corrupt == "extra":
+            frame += b"\x00"
+        elif corrupt == "count":
+            frame[16] = 40
+        elif corrupt == "reverse" and ranges:
+            frame[18:26], frame[26:34] = frame[26:34], frame[18:26]
+            if ranges[0][0] == ranges[0][1]:
+                frame[18:26] = min(ranges[0][0] + 1, U64).to_bytes(8, "little")
+        same(self.c.on_ack_frame, self.p.on_ack_frame, bytes(frame), 0, self.now)
+
+    @rule(dt=st.sampled_from([0.05, 0.5, 2.0, 10.0, 1000.0]))
+    def due(self, dt):
+        self.now += dt
+        same(self.c.due, self.p.due, self.now)
+
+    @rule(data=st.data())
+    def take(self, data):
+        same(self.c.take, self.p.take, self.seq_near(data))
+
+    @rule(nbytes=st.integers(0, 400))
+    def has_credit(self, nbytes):
+        same(self.c.has_credit, self.p.has_credit, nbytes)
+
+    @rule()
+    def unacked(self):
+        same(self.c.unacked, self.p.unacked)
+
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "c"):
+            return
+        assert self.c.stats() == self.p.stats()
+        assert (self.c.pending, self.c.in_flight, self.c.in_flight_bytes) == (
+            self.p.pending, self.p.in_flight, self.p.in_flight_bytes)
+        assert self.c.next_deadline() == self.p.next_deadline()
+        s = self.c.stats()
+        assert 0 <= s.in_flight <= s.window and s.peak_in_flight <= s.window
+
+
+# -------------------------------------------------------------------------------------------------
+# InboundReorder
+
+
+class ReorderMachine(RuleBasedStateMachine):
+    @initialize(window=st.integers(1, 10), first_seq=st.sampled_from([1, 5, 1 << 40]))
+    def setup(self, window, first_seq):
+        self.c, self.p = C.InboundReorder(window=window, first_seq=first_seq), P.InboundReorder(window, first_seq)
+        self.first = first_seq
+
+    def seq_near(self, data):
+        base = self.c.done_upto
+        return data.draw(st.one_of(st.integers(max(0, base - 2), base + self.c.window + 2),
+                                   st.integers(max(0, self.first - 2), self.first + 30)))
+
+    @rule(data=st.data())
+    def accept(self, data):
+        seq = self.seq_near(data)
+        same(self.c.accept, self.p.accept, seq, ("item", seq))
+
+    @rule()
+    def release(self):
+        same(self.c.release, self.p.release)
+
+    @rule(data=st.data(), n=st.integers(0, 6), split=st.booleans(), corrupt=st.booleans(), prefix=st.integers(0, 3))
+    def feed(self, data, n, split, corrupt, prefix):
+        seqs = [self.seq_near(data) for _ in range(n)]
+        body = b"".join(P.pack_envelope(s, 1, 0, b"E", b"k", 0, ident(s), Z, Z, b"p%d" % s) for s in seqs)
+        if corrupt and body:
+            body = body[:-1]
+        if split and not corrupt:
+            calls = [(e.raw, 0) for e in P.parse_envelopes(body)]  # one envelope at a time
+        else:
+            calls = [(b"\xee" * prefix + body, prefix)]  # the whole batch, after a header
+        for args in calls:
+            same(self.c.feed, self.p.feed, *args)
+
+    @rule(data=st.data())
+    def complete(self, data):
+        same(self.c.complete, self.p.complete, self.seq_near(data))
+
+    @rule(data=st.data())
+    def complete_many(self, data):
+        seqs = data.draw(st.lists(st.integers(0, self.c.released_upto + 2), max_size=5))
+        same(self.c.complete_many, self.p.complete_many, seqs)
+
+    @rule(data=st.data())
+    def complete_some_released(self, data):
+        """Complete a random subset of what is in progress: gaps make selective-ack ranges."""
+        in_progress = list(range(self.c.done_upto + 1, self.c.released_upto + 1))
+        seqs = data.draw(st.lists(st.sampled_from(in_progress), unique=True)) if in_progress else []
+        same(self.c.complete_many, self.p.complete_many, seqs)
+
+    @rule(step=st.integers(2, 3))
+    def complete_leaving_gaps(self, step):
+        """Complete every other (or third) in-progress seq, but not the oldest: ranges above cumulative."""
+        seqs = list(range(self.c.done_upto + 2, self.c.released_upto + 1, step))
+        same(self.c.complete_many, self.p.complete_many, seqs)
+
+    @rule()
+    def complete_all_released(self):
+        seqs = list(range(self.c.done_upto + 1, self.c.released_upto + 1))
+        random.Random(len(seqs)).shuffle(seqs)
+        same(self.c.complete_many, self.p.complete_many, seqs)
+
+    @rule()
+    def ack(self):
+        same(self.c.ack, self.p.ack)
+
+    @rule()
+    def ack_frame(self):
+        assert self.c.ack_pending == self.p.ack_pending
+        frame = same(self.c.ack_frame, self.p.ack_frame)[1]
+        assert P.decode_ack(frame) == self.p.ack()
+
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "c"):
+            return
+        assert self.c.stats() == self.p.stats()
+        assert (self.c.buffered, self.c.in_progress, self.c.ack_pending) == (
+            self.p.buffered, self.p.in_progress, self.p.ack_pending)
+        assert self.c.ack() == self.p.ack()
+        s = self.c.stats()
+        assert s.done_upto <= s.released_upto and s.buffered <= s.window
+        assert s.released_upto - s.done_upto <= s.window
+
+
+# -------------------------------------------------------------------------------------------------
+# DedupWindow
+
+
+class DedupMachine(RuleBasedStateMachine):
+    @initialize(ttl=st.sampled_from([0.1, 1.0, 7.5]), max_entries=st.integers(1, 12))
+    def setup(self, ttl, max_entries):
+        self.c, self.p = C.DedupWindow(ttl, max_entries), P.DedupWindow(ttl, max_entries)
+        self.now = 0.0
+        self.ttl = ttl
+        self.inserted_at: list[float] = [0.0]
+        self.exports: list[bytes] = []
+
+    ids = st.one_of(st.integers(0, 20).map(ident), st.binary(max_size=20))
+
+    @rule(dt=st.sampled_from([0.0, 0.0, 0.05, 0.1, 0.7, 3.0, 8.0, -0.5, -5.0]))
+    def tick(self, dt):
+        self.now += dt
+
+    @rule(data=st.data(), nudge=st.sampled_from([0, 0, -1, 1]))
+    def tick_to_a_boundary(self, data, nudge):
+        """Jump exactly to when an entry expires (t + ttl), or one float step either side."""
+        t = data.draw(st.sampled_from(self.inserted_at))
+        end = t + self.ttl
+        self.now = end if nudge == 0 else math.nextafter(end, math.inf * nudge)
+
+    @rule(i=ids, partition=st.sampled_from([0, 1, 2, 65535, 65536, -1]))
+    def insert(self, i, partition):
+        same(self.c.insert, self.p.insert, i, self.now, partition)
+        self.inserted_at.append(self.now)
+
+    @rule(ids_=st.lists(ids, max_size=6), partition=st.integers(0, 2))
+    def insert_many(self, ids_, partition):
+        same(self.c.insert_many, self.p.insert_many, ids_, self.now, partition)
+
+    @rule(keys=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 2)), max_size=40))
+    def insert_envelopes(self, keys):
+        body = b"".join(P.pack_envelope(n + 1, 1, 0, b"E", b"", part, ident(i), Z, Z, b"")
+                        for n, (i, part) in enumerate(keys))
+        c = self.c.insert_envelopes(C.parse_envelopes(body), self.now)
+        p = self.p.insert_envelopes(P.parse_envelopes(body), self.now)
+        assert c == p
+
+    @rule(i=ids)
+    def contains(self, i):
+        same(self.c.contains, self.p.contains, i, self.now)
+
+    @rule(i=ids)
+    def remove(self, i):
+        same(self.c.remove, self.p.remove, i)
+
+    @rule()
+    def expire(self):
+        same(self.c.expire, self.p.expire, self.now)
+
+    @rule(partition=st.integers(0, 2))
+    def export(self, partition):
+        blob = same(self.c.export_partition, self.p.export_partition, partition)[1]
+        self.exports.append(blob)
+
+    @precondition(lambda self: self.exports)
+    @rule(data=st.data(), partition=st.integers(0, 3), cut=st.booleans())
+    def import_(self, data, partition, cut):
+        blob = data.draw(st.sampled_from(self.exports))
+        if cut:
+            blob = blob[:-1]
+        same(self.c.import_entries, self.p.import_entries, blob, partition)
+
+    @rule(partition=st.integers(0, 3))
+    def drop(self, partition):
+        same(self.c.drop_partition, self.p.drop_partition, partition)
+
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "c"):
+            return
+        assert self.c.stats() == self.p.stats()
+        assert len(self.c) == len(self.p) <= self.c.max_entries
+        for part in (0, 1, 2, 3):
+            assert self.c.export_partition(part) == self.p.export_partition(part)
+
+
+# -------------------------------------------------------------------------------------------------
+# KeyedDispatch
+
+
+class DispatchMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.c, self.p = C.KeyedDispatch(), P.KeyedDispatch()
+        self.n = 0
+
+    keys = st.sampled_from([b"a", b"b", b"c"])
+
+    @rule(key=keys, none=st.booleans())
+    def admit(self, key, none):
+        self.n += 1
+        same(self.c.admit, self.p.admit, key, None if none and self.n % 5 == 0 else self.n)
+
+    @rule(key=keys)
+    def done(self, key):
+        same(self.c.done, self.p.done, key)
+
+    @rule(ks=st.lists(keys, max_size=3))
+    def drain(self, ks):
+        same(self.c.drain_keys, self.p.drain_keys, ks)
+
+    @invariant()
+    def agree(self):
+        assert (self.c.queued, self.c.busy_keys) == (self.p.queued, self.p.busy_keys)
+        for k in (b"a", b"b", b"c"):
+            assert self.c.busy(k) == self.p.busy(k)
+
+
+TestWindow = WindowMachine.TestCase
+TestWindow.settings = MACHINE_SETTINGS
+TestReorder = ReorderMachine.TestCase
+TestReorder.settings = MACHINE_SETTINGS
+TestDedup = DedupMachine.TestCase
+TestDedup.settings = MACHINE_SETTINGS
+TestDispatch = DispatchMachine.TestCase
+TestDispatch.settings = settings(MACHINE_SETTINGS, max_examples=30 if CI else 80)
+
+
+# -------------------------------------------------------------------------------------------------
+# End to end: window -> lossy link -> reorder -> dedup, exactly once and in order
+
+
+def run_channel(core, seed: int, n_messages: int, loss: float, dup: float, reorder: float, resend: float,
+                window: int, batch: int, max_steps: int = 50_000):
+    """Simulate one channel; returns (processed msg ids, the ids the producer emitted, stats)."""
+    rng = random.Random(seed)
+    sender = core.OutboundWindow(max_messages=window, rto=0.05, rto_max=0.4, backoff=2.0)
+    receiver = core.InboundReorder(window=window)
+    dedup = core.DedupWindow(ttl=1e6, max_entries=10 * n_messages + 10)
+    to_receiver: list[tuple[float, bytes]] = []  # (arrival time, frame)
+    to_sender: list[tuple[float, bytes]] = []
+    emitted: list[bytes] = []  # unique ids in the order the producer first emitted them
+    processed: list[bytes] = []
+    next_msg = 0
+    now = 0.0
+
+    def send(link, frame):
+        if rng.random() < loss:
+            return
+        copies = 2 if rng.random() < dup else 1
+        for _ in range(copies):
+            delay = rng.uniform(0.001, 0.2) if rng.random() < reorder else 0.01
+            link.append((now + delay, frame))
+
+    steps = 0
+    while steps < max_steps:
+        steps += 1
+        # advance to the next thing that can happen: an arrival, a retransmission, or (with credit
+        # and messages left) the producer's next batch a moment later
+        producer_ready = next_msg < n_messages and sender.has_credit(200)
+        events = [t for t, _ in to_receiver] + [t for t, _ in to_sender] + [sender.next_deadline()]
+        now = max(now + 0.001, min(events)) if not producer_ready else now + 0.001
+        if now == float("inf"):
+            break  # nothing can ever happen again: the assertions below say what is missing
+        # producer: append while there is credit; sometimes re-emit an earlier id (a client retry)
+        appended = 0
+        while sender.has_credit(200) and appended < batch and (next_msg < n_messages or not emitted):
+            if emitted and rng.random() < resend:
+                mid = rng.choice(emitted)
+            else:
+                if next_msg >= n_messages:
+                    break
+                mid = ident(next_msg + 1)
+                emitted.append(mid)
+                next_msg += 1
+            sender.append(1, 0, b"Evt", b"key", 0, mid, Z, Z, mid, now)
+            appended += 1
+        body = sender.flush()
+        if body is not None:
+            send(to_receiver, body)
+        again = sender.due(now)
+        if again is not None:
+            send(to_receiver, again)
+        # receiver: frames that have arrived, in arrival order
+        arrived = sorted((f for f in to_receiver if f[0] <= now), key=lambda f: f[0])
+        to_receiver[:] = [f for f in to_receiver if f[0] > now]
+        for _, frame in arrived:
+            released = receiver.feed(frame)
+            fresh = dedup.insert_envelopes(released, now)
+            for env, new in zip(released, fresh):
+                if new:
+                    assert env.payload == env.msg_id
+                    processed.append(env.msg_id)
+            receiver.complete_envelopes(released)
+        if receiver.ack_pending:
+            send(to_sender, receiver.ack_frame())
+        acks = sorted((f for f in to_sender if f[0] <= now), key=lambda f: f[0])
+        to_sender[:] = [f for f in to_sender if f[0] > now]
+        for _, frame in acks:
+            sender.on_ack_frame(frame, 0, now)
+        if next_msg >= n_messages and sender.in_flight == 0 and sender.pending == 0:
+            break
+    return processed, emitted, sender.stats(), receiver.stats(), steps
+
+
+e2e_params = dict(
+    seed=st.integers(0, 2**32 - 1),
+    n_messages=st.integers(1, 120),
+    loss=st.sampled_from([0.0, 0.1, 0.3, 0.5]),
+    dup=st.sampled_from([0.0, 0.2, 0.5]),
+    reorder=st.sampled_from([0.0, 0.3, 1.0]),
+    resend=st.sampled_from([0.0, 0.1]),
+    window=st.sampled_from([1, 4, 32]),
+    batch=st.sampled_from([1, 8, 256]),
+)
+
+
+@pytest.mark.parametrize("core", [C, P], ids=["compiled", "pure"])
+@settings(max_examples=25 if CI else 100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**e2e_params)
+def test_exactly_once_in_order_through_a_lossy_link(core, seed, n_messages, loss, dup, reorder, resend, window,
+                                                    batch):
+    processed, emitted, sstats, rstats, steps = run_channel(core, seed, n_messages, loss, dup, reorder, resend,
+                                                            window, batch)
+    where = (f"seed={seed} n={n_messages} loss={loss} dup={dup} reorder={reorder} resend={resend} "
+             f"window={window} batch={batch}: {steps} steps, sender {sstats}, receiver {rstats}")
+    assert len(emitted) == n_messages, f"producer did not finish: {where}"
+    assert sstats.in_flight == 0, f"not all acknowledged: {where}"
+    assert processed == emitted, (
+        f"expected {n_messages} messages once each in order, got {len(processed)} "
+        f"({len(set(processed))} distinct); {where}")
+    assert sstats.acked == sstats.sent, where
+
+
+def test_the_end_to_end_check_catches_a_broken_receiver():
+    """The property above must be able to fail: without dedup, client retries are processed twice."""
+
+    class NoDedup(P.DedupWindow):
+        def insert_envelopes(self, envelopes, now):
+            return [True for _ in envelopes]
+
+    class Broken:
+        OutboundWindow = P.OutboundWindow
+        InboundReorder = P.InboundReorder
+        DedupWindow = NoDedup
+
+    processed, emitted, *_ = run_channel(Broken, 1, 60, 0.2, 0.2, 0.5, 0.3, 8, 8)
+    assert processed != emitted and len(processed) > len(emitted)
