@@ -61,6 +61,7 @@ __all__ = ["NodeConfig", "Engine", "Transport", "EngineStats", "key_bytes"]
 
 log = logging.getLogger("choreo.node")
 ZERO_ID = bytes(16)
+RUN_BUDGET = 2048  # envelopes handled per turn of the event loop
 _encode = msgspec.msgpack.Encoder().encode  # the same encoding as choreo.messages.encode
 _partition_of = core.partition_of
 _HEADER_SIZE = core.HEADER_SIZE
@@ -142,6 +143,7 @@ class EngineStats:
     backpressure_errors: int = 0
     dead_letters: int = 0
     reincarnations: int = 0
+    redelivered_closed: int = 0  # retransmissions on channels that are gone (counters only grow)
     unrouted: int = 0
     forwarded: int = 0
     refused: Counter[str] = field(default_factory=Counter)
@@ -260,6 +262,8 @@ class Engine:
         self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
         self._emit_plans: dict[type, _EmitPlan] = {}
         self._service_waiters: dict[str, list[Callable[[], None]]] = {}
+        self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
+        self._run_scheduled = False
         self.holds = Holds()
         self.ownership = Ownership(service.partitions, self.incarnation) if service is not None else None
         self._synced_version = -1
@@ -363,7 +367,7 @@ class Engine:
     @property
     def drained(self) -> bool:
         """Nothing in progress here and nothing of ours unacknowledged elsewhere."""
-        if not self.dispatcher.idle:
+        if not self.dispatcher.idle or self._runq:
             return False
         if self.ownership is not None and (self.ownership.draining or self.ownership.buffered):
             return False
@@ -1016,10 +1020,34 @@ class Engine:
                 released = released[:i] + ok
                 break
         if released:
-            self.dispatcher.deliver_batch(ch, released, now)
-        self.dispatcher.pump()
+            # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
+            # answering heartbeats and queries, and what waits here is its measurable lag
+            self._runq.append((ch, released, self.batch_wall))
+            if not self._run_scheduled and self._loop is not None:
+                self._run_scheduled = True
+                self._loop.call_soon(self._run)
         if ch.reorder.ack_pending:
             self.ack_later(ch)
+
+    def _run(self) -> None:
+        """Hand received envelopes to their handlers, at most RUN_BUDGET per turn of the loop."""
+        self._run_scheduled = False
+        runq = self._runq
+        budget = RUN_BUDGET
+        now = self.clock()
+        deliver_batch = self.dispatcher.deliver_batch
+        while runq and budget > 0:
+            ch, envs, received = runq.popleft()
+            if ch.closed:
+                continue  # its sender is gone and resends these to their owners elsewhere
+            self.batch_wall = received
+            deliver_batch(ch, envs, now)
+            budget -= len(envs)
+        self.dispatcher.pump()
+        if runq and self._loop is not None:
+            self._run_scheduled = True
+            self._loop.call_soon(self._run)
+        self.flush()
 
     def _on_ack(self, sender: int, data: bytes) -> None:
         ch = self.out.get(sender)
@@ -1150,6 +1178,7 @@ class Engine:
         leftovers: list[tuple[str | None, Outgoing]] = []
         for ch in list(self.out.values()):
             service = ch.peer.service_name
+            self.stats.redelivered_closed += ch.window.stats().retransmitted
             leftovers.extend((service, item) for item in ch.evacuate())
         for _, _, hold in self.holds.release() + [t for t in self.holds.take_all()]:
             leftovers.extend((hold.channel.peer.service_name, item) for item in hold.queue)
@@ -1218,6 +1247,7 @@ class Engine:
         if ch is None:
             return
         held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
+        self.stats.redelivered_closed += ch.window.stats().retransmitted
         items = ch.evacuate()
         service = peer.service_name
         now = self.clock()
@@ -1365,6 +1395,14 @@ class Engine:
             self._log_budget[reason] = now
             log.warning("%s refused (%s): %s [%d so far]", self.name, reason, detail, self.stats.refused[reason])
 
+    def _lag(self) -> dict[int, int]:
+        """Messages received but not yet handled, per partition (counted when asked)."""
+        lag = dict(self.dispatcher.stats.lag)
+        for _, envs, _ in self._runq:
+            for env in envs:
+                lag[env.partition] = lag.get(env.partition, 0) + 1
+        return dict(sorted(lag.items()))
+
     def snapshot(self) -> dict[str, Any]:
         """Counters and gauges of this node (what ``choreo top`` and metrics read)."""
         d = self.dispatcher
@@ -1382,11 +1420,11 @@ class Engine:
             "dead_lettered": d.stats.dead_lettered,
             "duplicates": d.stats.duplicates,
             "in_handler": d.stats.in_handler,
-            "lag": dict(sorted(d.stats.lag.items())),
+            "lag": self._lag(),
             "emitted": self.stats.emitted,
             "sent": self.stats.sent,
             "in_flight": out_in_flight,
-            "redelivered": sum(ch.window.stats().retransmitted for ch in self.out.values()),
+            "redelivered": self.stats.redelivered_closed + sum(ch.window.stats().retransmitted for ch in self.out.values()),
             "dedup_hits": self.stats.dedup_hits,
             "backpressure_waits": self.stats.backpressure_waits,
             "backpressure_errors": self.stats.backpressure_errors,
