@@ -233,10 +233,10 @@ class System:
 
     @property
     def seed(self) -> str:
-        """The endpoint new nodes join through (the first live instance)."""
-        for inst in self.running():
-            return inst.endpoint
-        raise ChoreoError("no live instance left to join the mesh through")
+        """The endpoint new nodes join through: the first live instance, else a client node of ours."""
+        for endpoint in self._expected():
+            return endpoint
+        raise ChoreoError("no live node left to join the mesh through")
 
     def start(self, timeout: float = 30.0) -> System:
         """Start every instance (the seed first, the rest in parallel) and wait until the mesh is complete."""
