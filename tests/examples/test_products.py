@@ -3,10 +3,14 @@ its last update, and no event ever arrived before the one it follows."""
 
 from __future__ import annotations
 
+import pytest
+
 from example_run import ask_all, drive, run
 
 from examples.products.backoffice import final_states, product_events
 from examples.products.messages import GetProduct
+
+pytestmark = pytest.mark.slow  # real processes
 
 
 def test_every_product_ends_at_its_last_update(up) -> None:

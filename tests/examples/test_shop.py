@@ -3,11 +3,15 @@ the read model agree. Checked by the test's own client, not only by the driver's
 
 from __future__ import annotations
 
+import pytest
+
 from example_run import ask_all, drive, run
 
 from examples.shop.catalog import INITIAL_STOCK
 from examples.shop.messages import GetCharges, GetOrder, GetOrders, GetStock
 from examples.shop.mobile import checkouts
+
+pytestmark = pytest.mark.slow  # real processes
 
 
 def test_flaky_phones_place_every_order_once(up) -> None:

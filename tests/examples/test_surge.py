@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from example_run import run
 
 from choreo.client import rpc
 from examples.surge.gateway import WINDOW
 from examples.surge.processor import CAPACITY
+
+pytestmark = pytest.mark.slow  # real processes
 
 
 def test_backpressure_bounded_lag_and_a_second_consumer(up) -> None:

@@ -104,6 +104,7 @@ def up_cmd():
         u.close()
 
 
+@pytest.mark.slow
 def test_up_shop_drives_prints_the_outcome_and_stops_everything(up_cmd) -> None:
     run = up_cmd("examples/shop", "--interval", "0")
     status = run.finish(timeout=90)
@@ -118,6 +119,7 @@ def test_up_shop_drives_prints_the_outcome_and_stops_everything(up_cmd) -> None:
     assert not [p for p in pids if alive(p)]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process(up_cmd) -> None:
     run = up_cmd("examples.products", "--no-drive", "--interval", "0.5")
     run.wait_for("running until Ctrl-C", timeout=60)
@@ -130,6 +132,7 @@ def test_ctrl_c_stops_every_process(up_cmd) -> None:
     assert not [p for p in pids if alive(p)], run.output
 
 
+@pytest.mark.slow
 def test_a_dying_service_stops_the_system_with_its_reason(up_cmd) -> None:
     run = up_cmd(str(HERE / "up_systems" / "crashing"), "--interval", "0")
     assert run.finish(timeout=60) == 1, run.output
@@ -139,6 +142,7 @@ def test_a_dying_service_stops_the_system_with_its_reason(up_cmd) -> None:
     assert not [p for p in run.pids() if alive(p)]
 
 
+@pytest.mark.slow
 def test_the_drivers_outcome_is_the_exit_status(up_cmd) -> None:
     failing = up_cmd("up_systems.failing_driver", "--interval", "0")
     passing = up_cmd("tests/examples/up_systems/failing_driver", "--interval", "0", "-o", "fail=False")

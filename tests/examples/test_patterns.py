@@ -1,0 +1,150 @@
+"""examples/patterns: each pattern's system runs as processes and does what its README says.
+
+Each test runs the example's driver, then checks the outcome with facts the driver does not
+vouch for: the test's own client queries, the nodes' stats, files on disk, processes' fates.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from example_run import ask_all, drive, run
+
+from choreo import NodeConfig
+
+pytestmark = pytest.mark.slow  # real processes
+
+
+def test_event_notification(up) -> None:
+    from examples.patterns.event_notification.messages import GetLabel, GetTrail
+    from examples.patterns.event_notification.support import changes
+
+    system = up("examples.patterns.event_notification")
+    assert drive(system, customers=12, per_customer=3, seed=5) == 0
+    todo = changes(12, 3, 5)
+    # the price of thin events: customers answered one GetCustomer call-back per change
+    assert system.total("processed", "customers") == 2 * len(todo)
+    latest = {c.customer_id: c.address for c in todo}
+    *labels, trail = run(ask_all(system, [*(GetLabel(cid) for cid in latest), GetTrail()]))
+    assert labels == list(latest.values())
+    assert sorted(trail) == sorted(f"{c.customer_id}/{c.change_id}" for c in todo)
+
+
+def test_event_carried_state_survives_the_source_dying(up) -> None:
+    from examples.patterns.event_carried_state.crm import updates
+    from examples.patterns.event_carried_state.messages import IssueInvoice
+
+    system = up("examples.patterns.event_carried_state")
+    out = drive(system, customers=8, versions=3, seed=3)
+    latest = {u.customer_id: f"{u.name}, {u.address}" for u in updates(8, 3, 3)}
+    assert out.wrong == [] and len(out.after) == 8
+    customers = [i for i in system.instances if i.service == "customers"]
+    assert len(customers) == 1 and customers[0].returncode == -9  # killed, really gone
+    assert system.running("customers") == []
+
+    async def invoice_now():
+        async with system.client() as node:
+            return [await node.send(IssueInvoice(f"inv-{cid}-test", cid, 99)) for cid in latest]
+
+    invoices = run(invoice_now())
+    assert {i.customer_id: i.bill_to for i in invoices} == latest
+
+
+def test_load_leveling(up) -> None:
+    from examples.patterns.load_leveling.messages import GetRenderStats
+    from examples.patterns.load_leveling.thumbnailer import RENDER_SECONDS, SLOTS
+
+    system = up("examples.patterns.load_leveling")
+    images = 600
+    out = drive(system, images=images)
+    (stats,) = run(ask_all(system, [GetRenderStats()]))
+    assert stats.rendered == images
+    assert stats.peak_at_once <= SLOTS  # the worker's limit held, whatever the burst
+    render = stats.last_at - stats.first_at
+    assert render >= 0.9 * images * RENDER_SECONDS / SLOTS  # at its own pace, no faster
+    assert out.burst_seconds < 0.2 * render  # the producer did not wait for it
+    assert out.peak_lag >= images // 2  # the burst waited in the queue...
+    assert system.total("processed", "thumbnailer") >= images
+    assert sum(sum(s["lag"].values()) for s in system.stats("thumbnailer").values()) == 0  # ...which drained
+
+
+def test_async_request_reply(up) -> None:
+    from examples.patterns.async_request_reply.messages import GetQuote
+    from examples.patterns.async_request_reply.pricing import price
+
+    system = up("examples.patterns.async_request_reply")
+    out = drive(system, requests=30, seed=2)
+    assert out.wrong == [] and len(out.replies) == 30
+    assert out.accepted_seconds < min(out.waited.values())  # accepted before any reply existed
+    assert out.polls_pending > 0  # the caller really did come back for the answer
+    assert {s.priced_by for s in out.replies.values()} == {"pricing#1", "pricing#2"}
+    answers = run(ask_all(system, [GetQuote(r.request_id) for r in out.requests]))
+    assert [a.price_cents for a in answers] == [price(r.product, r.quantity) for r in out.requests]
+
+
+def test_claim_check(up) -> None:
+    from examples.patterns.claim_check.messages import GetDocument
+    from examples.patterns.claim_check.uploader import document
+
+    system = up("examples.patterns.claim_check")
+    out = drive(system, documents=6, seed=4)
+    assert out.wrong == []
+    assert min(out.sizes.values()) > NodeConfig().max_message_bytes  # too big to travel as a message
+    assert out.event_bytes < 200  # what travelled: the claim check
+    blobs = [p for p in (system.data_dir / "blobs").rglob("*") if p.is_file()]
+    assert len(blobs) == 6 and sum(p.stat().st_size for p in blobs) == sum(out.sizes.values())
+    infos = run(ask_all(system, [GetDocument(f"doc{n:02d}") for n in range(6)]))
+    assert [i.words for i in infos] == [len(document(n, 4).split()) for n in range(6)]
+    assert len({i.indexed_by for i in infos}) == 2  # both indexers redeemed claim checks
+
+
+def test_event_sourcing_rebuilds_state_after_a_restart(up) -> None:
+    from examples.patterns.event_sourcing.messages import GetAccount
+    from examples.patterns.event_sourcing.teller import model, transactions
+
+    system = up("examples.patterns.event_sourcing")
+    out = drive(system, count=60, accounts=5, seed=9)
+    assert out.problems == []
+    (old, new) = [i for i in system.instances if i.service == "accounts"]
+    assert old.returncode == 0 and new.alive() and new.pid != old.pid
+    assert {v.replayed for v in out.after_restart.values()} == {30}  # rebuilt from the 30 events of the log
+    assert out.retried is not None and out.retried.note.startswith("already done")  # known from the log
+    log = (system.data_dir / "accounts.jsonl").read_text().splitlines()
+    assert len(log) == 60  # one event per transaction; the retry appended nothing
+    assert {json.loads(line)["type"] for line in log} == {"Deposited", "Withdrawn", "WithdrawalRefused"}
+    balances, _ = model(transactions(60, 5, 9))
+    views = run(ask_all(system, [GetAccount(a) for a in sorted(balances)]))
+    assert {v.account_id: v.balance_cents for v in views} == balances
+
+
+def test_cqrs(up) -> None:
+    from examples.patterns.cqrs.helpdesk import AGENTS, model, script
+    from examples.patterns.cqrs.messages import GetWorkload
+
+    system = up("examples.patterns.cqrs")
+    out = drive(system, tickets=25, seed=8)
+    assert out.problems == []
+    decisions, workload, _ = model(script(25, 8))
+    assert [d.accepted for d in out.decisions] == decisions and not all(decisions)  # some refused
+    events = sum(decisions)
+    replicas = system.stats("dashboard")
+    assert len(replicas) == 2 and all(s["processed"] >= events for s in replicas.values())  # each has every event
+    rows = run(ask_all(system, [GetWorkload(a) for a in AGENTS]))
+    assert {a: [r.ticket_id for r in rs] for a, rs in zip(AGENTS, rows) if rs} == workload
+
+
+def test_stream_processing(up) -> None:
+    from examples.patterns.stream_processing.messages import GetWindows
+    from examples.patterns.stream_processing.sensors import readings, reference
+
+    system = up("examples.patterns.stream_processing")
+    out = drive(system, count=12, seconds=6.0, seed=6)
+    assert out.wrong == []
+    stream = readings(12, 6.0, 6)
+    expected = reference(stream)
+    assert len(stream) - sum(w.count for ws in expected.values() for w in ws) > 0  # some came too late
+    got = run(ask_all(system, [GetWindows(sid) for sid in sorted(expected)]))
+    assert dict(zip(sorted(expected), got)) == expected
+    assert all(s["processed"] > 0 for s in system.stats("aggregator").values())
