@@ -12,8 +12,10 @@ the notices, which must all agree.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from choreo import Service
@@ -38,6 +40,10 @@ class Checkout:
     def order_id(self) -> str:
         return order_id(self.customer_id, self.cart_id)
 
+    def trace_id(self, seed: int) -> str:
+        """The checkout's trace (32 hex digits): every attempt of it, retries included, is one trace."""
+        return hashlib.sha256(f"{seed}/{self.order_id}".encode()).hexdigest()[:32]
+
 
 def checkouts(count: int, seed: int) -> list[Checkout]:
     """The carts the customers check out, the same for the same seed."""
@@ -59,6 +65,9 @@ class Outcome:
     lost: int = 0  # answers the phones never saw
     double_taps: int = 0
     accepted: dict[str, OrderAccepted] = field(default_factory=dict)  # order id -> the answer the phone kept
+    done: int = 0  # checkouts finished so far
+    traces: dict[str, str] = field(default_factory=dict)  # order id -> trace id (hex) of all its attempts
+    retried: list[str] = field(default_factory=list)  # order ids whose first answer was lost
     views: dict[str, OrderView | None] = field(default_factory=dict)  # GetOrder's answer for each checkout
     created: list[OrderView] = field(default_factory=list)  # every order orders created, by number
     stock: dict[str, int] = field(default_factory=dict)
@@ -72,21 +81,36 @@ class Outcome:
     def exit_status(self) -> int:
         return 1 if self.problems else 0
 
+    def retried_trace(self) -> str | None:
+        """The trace of a checkout that was retried (its first answer lost), for ``choreo trace``."""
+        return self.traces[self.retried[0]] if self.retried else None
 
-async def phone(client, mine: list[Checkout], rng: random.Random, loss: float, double_tap: float, out: Outcome) -> None:
+
+async def phone(client, mine: list[Checkout], rng: random.Random, loss: float, double_tap: float, out: Outcome,
+                seed: int, progress: Callable[[int, int], None] | None) -> None:
     for c in mine:
+        trace = out.traces[c.order_id] = c.trace_id(seed)
+        first = True
         while True:
             tap = rng.random() < double_tap
             tries = [PlaceOrder(f"req-{rng.getrandbits(40):010x}", c.customer_id, c.cart_id, c.lines)
                      for _ in range(2 if tap else 1)]
-            answers = await asyncio.gather(*(client.send(t, timeout=30) for t in tries))
+            answers = await asyncio.gather(*(
+                client.send(t, timeout=30, traceparent=f"00-{trace}-{t.request_id[4:]:0>16}-01") for t in tries
+            ))
             out.attempts += len(tries)
             out.double_taps += tap
             if rng.random() < loss:  # the connection dropped: the phone never sees the answer
                 out.lost += 1
+                if first:
+                    out.retried.append(c.order_id)
+                first = False
                 continue
             out.accepted[c.order_id] = answers[0]
             break
+        out.done += 1
+        if progress is not None:
+            progress(out.done, out.checkouts)
 
 
 async def final_view(client, oid: str, timeout: float = 10.0) -> OrderView | None:
@@ -149,13 +173,19 @@ def check(out: Outcome, carts: list[Checkout]) -> list[str]:
 
 
 async def drive(client, system, orders: int = 40, phones: int = 4, loss: float = 0.3, double_tap: float = 0.1,
-                seed: int = 7) -> Outcome:
-    """Phones check out ``orders`` carts over a flaky connection, then the back office checks it all."""
+                seed: int = 7, progress: Callable[[int, int], None] | None = None) -> Outcome:
+    """Phones check out ``orders`` carts over a flaky connection, then the back office checks it all.
+
+    Each checkout is one trace: all its attempts carry the trace id in ``Outcome.traces`` (as a
+    W3C traceparent, the way an instrumented app would). ``progress(done, total)`` is called
+    after each checkout, for a live view.
+    """
     started = time.monotonic()
     carts = checkouts(orders, seed)
     out = Outcome(checkouts=len(carts))
     await asyncio.gather(*(
-        phone(client, carts[p::phones], random.Random(f"{seed}/{p}"), loss, double_tap, out) for p in range(phones)
+        phone(client, carts[p::phones], random.Random(f"{seed}/{p}"), loss, double_tap, out, seed, progress)
+        for p in range(phones)
     ))
     out.views = dict(zip([c.order_id for c in carts], await asyncio.gather(*(final_view(client, c.order_id) for c in carts))))
     async with system.client(backoffice) as office:

@@ -7,6 +7,7 @@ import pytest
 
 from example_run import ask_all, drive, run
 
+from choreo.client import rpc
 from examples.shop.catalog import INITIAL_STOCK
 from examples.shop.messages import GetCharges, GetOrder, GetOrders, GetStock
 from examples.shop.mobile import checkouts
@@ -48,6 +49,13 @@ def test_flaky_phones_place_every_order_once(up) -> None:
     # payments: one charge per shipped order, of its total; none for the others
     assert sorted(c.order_id for c in charges) == sorted(shipped)
     assert all(c.amount_cents == shipped[c.order_id].total_cents for c in charges)
+    # the runtime's own record: in a retried checkout's trace, the api ran every attempt and
+    # orders created the order once
+    trace = out.retried_trace()
+    assert trace is not None and set(out.traces) == set(carts)
+    spans = [s for e in system.endpoints() for s in rpc(e, "spans", {"trace_id": trace})]
+    ran = [s["handler"] for s in spans if s["outcome"] == "ok"]
+    assert ran.count("place_order") >= 2 and ran.count("create_order") == 1, ran
     # the driver's own verdict agrees, and nothing went to a dead-letter store
     assert out.problems == [], out.problems
     assert system.total("dead_letters") == 0
