@@ -52,7 +52,7 @@ from .launch import NodeProcess
 from .node import Node
 from .service import Service
 
-__all__ = ["DATA_DIR_ENV", "Example", "Instance", "System", "exit_status", "load_example", "resolve_target", "run_example"]
+__all__ = ["DATA_DIR_ENV", "Example", "Instance", "System", "exit_status", "load_example", "resolve_target"]
 
 #: The environment variable that tells every process of a system where its run's files go.
 DATA_DIR_ENV = "CHOREO_DATA_DIR"
@@ -75,7 +75,7 @@ class Example:
 
     @property
     def name(self) -> str:
-        return self.module.rsplit(".", 1)[-1] if not self.module.startswith("examples.") else self.module[9:]
+        return self.module.removeprefix("examples.")
 
     def count(self) -> dict[str, int]:
         return {name: n for name, _, n in self.services}
@@ -92,7 +92,7 @@ def resolve_target(target: str) -> str:
     """
     path = Path(target)
     if "/" not in target and "\\" not in target and not path.is_dir():
-        if not os.getcwd() in sys.path:
+        if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
         return target
     path = path.resolve()
@@ -441,9 +441,9 @@ class System:
         try:
             await self.until_complete(timeout)
             yield node
-        except BaseException:  # failed or cancelled (Ctrl-C, a service died): leave at once
+        except BaseException:  # failed or cancelled (Ctrl-C, a service died): leave soon, but say goodbye
             self.clients.remove(node)
-            await node.stop(drain=False)
+            await asyncio.shield(node.stop(timeout=0.5))
             raise
         self.clients.remove(node)
         await node.stop(timeout=10)  # drain: everything it sent is acknowledged, then goodbye
@@ -472,13 +472,6 @@ class System:
             raise ChoreoUsageError(f"{self.example.module} has no drive() to run")
         async with self.client(self.example.client, config=self.example.client_config) as client:
             return await self.example.drive(client, self, **options)
-
-
-def run_example(target: str, *, data_dir: str | Path | None = None, timeout: float = 120.0, **options: Any) -> Any:
-    """Start an example, run its driver, stop everything; returns the driver's result (for tests and scripts)."""
-    example = load_example(target)
-    with System(example, data_dir=data_dir) as system:
-        return asyncio.run(asyncio.wait_for(system.drive(**options), timeout))
 
 
 def exit_status(result: Any) -> int:

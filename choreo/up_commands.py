@@ -33,7 +33,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "up",
         help="run an example system: every service as its own process, then its driver",
-        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[2],
+        description="Run an example system: every service as its own process, then its driver.\n\n"
+        + __doc__.split("\n\n")[2].replace("``", "").replace(":mod:`choreo.up`", "choreo/up.py"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("example", metavar="EXAMPLE", help="an example package: a path (examples/shop) or a module (examples.shop)")
@@ -117,7 +118,7 @@ def _up(args: argparse.Namespace) -> int:
     ok = False
     try:
         system.start()
-        print(f"seed {system.seed}  (choreo graph --peer {system.seed})", flush=True)
+        print(f"mesh seed {system.seed}: choreo top|trace|graph --peer {system.seed}", flush=True)
         status = asyncio.run(_main(system, args, options, drive))
         ok = status == 0
     except KeyboardInterrupt:  # Ctrl-C while the processes were starting
@@ -125,7 +126,11 @@ def _up(args: argparse.Namespace) -> int:
         status = 130
     finally:
         _stop(system, args.stop_timeout)
-        system.cleanup_logs(keep=not ok and status != 130)
+        keep = not ok and status != 130
+        system.cleanup_logs(keep=keep)
+        if keep:
+            print("the processes' logs (stderr) are kept: " + ", ".join(
+                f"{i.name} {i.proc.stderr_path}" for i in system.instances if i.proc.stderr_path), flush=True)
     return status
 
 
@@ -149,32 +154,30 @@ async def _main(system: Any, args: argparse.Namespace, options: dict[str, Any], 
     for sig, name in ((signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")):
         loop.add_signal_handler(sig, on_signal, name)
     ticker = asyncio.ensure_future(_statuses(system, args.interval))
+    watch = asyncio.ensure_future(_watch(system))
     started = time.monotonic()
+    if drive:
+        print(f"driving: {system.example.module}.drive({', '.join(f'{k}={v!r}' for k, v in options.items())})",
+              flush=True)
+        work = asyncio.ensure_future(system.drive(**options))
+    else:
+        print("running until Ctrl-C" + (f" (or for {args.timeout:.0f} s)" if args.timeout else ""), flush=True)
+        work = asyncio.ensure_future(asyncio.Event().wait())
     try:
-        watch = asyncio.ensure_future(_watch(system))
-        if drive:
-            print(f"driving: {system.example.module}.drive({', '.join(f'{k}={v!r}' for k, v in options.items())})",
-                  flush=True)
-            work = asyncio.ensure_future(system.drive(**options))
-        else:
-            print("running until Ctrl-C", flush=True)
-            work = asyncio.ensure_future(asyncio.Event().wait())
         done, _ = await asyncio.wait({work, watch}, timeout=args.timeout, return_when=asyncio.FIRST_COMPLETED)
         if watch in done:  # a service process died
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
             print(f"error: {watch.result()}", flush=True)
             return 1
-        watch.cancel()
         if not done:
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+            if not drive:
+                return 0
             print(f"error: the driver did not finish within {args.timeout:.0f} s", flush=True)
             return 1
         try:
             result = work.result()
         except Exception:
             traceback.print_exc()
+            sys.stderr.flush()
             print(f"driver failed after {time.monotonic() - started:.1f} s", flush=True)
             return 1
         status = exit_status(result)
@@ -185,7 +188,9 @@ async def _main(system: Any, args: argparse.Namespace, options: dict[str, Any], 
             raise
         return 0 if not drive else 130
     finally:
-        ticker.cancel()
+        for task in (work, watch, ticker):
+            task.cancel()
+        await asyncio.gather(work, watch, ticker, return_exceptions=True)  # the driver's node leaves at once
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         # Ctrl-C from here on (while stopping) kills instead of waiting for drains

@@ -9,8 +9,8 @@ PRICES = {  # cents
     "hoodie": 5400,
 }
 
-# Units on hand when the shop opens: the hoodie is scarce, so some orders find it sold out.
-INITIAL_STOCK = {"mug": 60, "tee": 60, "cap": 60, "sticker": 200, "poster": 60, "hoodie": 10}
+# Units on hand when the shop opens: plenty of everything but the hoodie, which sells out early.
+INITIAL_STOCK = {"mug": 5000, "tee": 5000, "cap": 5000, "sticker": 20000, "poster": 5000, "hoodie": 10}
 
 # What each customer's card accepts per order; above it, the payment is declined.
 CARD_LIMITS = {f"c{n:02d}": 20_000 for n in range(1, 13)} | {"c07": 4_000, "c11": 5_000}

@@ -1,5 +1,6 @@
 """A healthy service and a driver that reports failure (exit status 4) through its outcome."""
 
+import os
 from dataclasses import dataclass
 
 from choreo import Query, Service
@@ -15,11 +16,12 @@ pinger = Service("pinger", sends=[Ping])
 
 @echo.query(Ping)
 def ping(query: Ping) -> str:
-    return "pong"
+    return os.environ["ECHO_WORD"]  # from ENV below
 
 
 SYSTEM = {"echo": 1}
 CLIENT = "pinger"
+ENV = {"ECHO_WORD": "pong"}
 
 
 @dataclass
