@@ -231,8 +231,22 @@ class Dispatcher:
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
         self._handler_ids = {name: h.name.encode() for name, h in self.handlers.items()}
+        self._fast: dict[str, tuple[Any, ...] | None] = {}
 
     # -- arrival -------------------------------------------------------------------------------
+
+    def _fast_entry(self, type_name: str) -> tuple[Any, ...] | None:
+        """What the fast path needs for one type, or None when the type takes the Job path."""
+        handler = self.handlers.get(type_name)
+        entry = None
+        if handler is not None and handler.kind == "event" and not handler.is_async:
+            window = self.dedup.get(type_name)
+            if window is None:
+                options = message_options(handler.message)
+                window = self.dedup[type_name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+            entry = (handler, decoder_for(handler.message).decode, window.insert, handler.fn, handler.takes_context)
+        self._fast[type_name] = entry
+        return entry
 
     def deliver_batch(self, channel: InChannel, envs: list[Any], now: float) -> None:
         """Take a channel's released envelopes, in order.
@@ -241,8 +255,7 @@ class Dispatcher:
         here without any bookkeeping object: dedup, decode, call, complete. Anything else
         (commands, async handlers, failures, emitted effects, busy keys) becomes a :class:`Job`.
         """
-        handlers = self.handlers
-        dedup = self.dedup
+        fast = self._fast
         keyed = self.keyed
         complete = channel.reorder.complete
         engine = self.engine
@@ -254,42 +267,41 @@ class Dispatcher:
         gate = engine.ownership.gate if engine.ownership is not None else None
         done = 0
         for env in envs:
-            handler = handlers.get(env.type)
+            tname = env.type
+            entry = fast[tname] if tname in fast else self._fast_entry(tname)
+            flags = env.flags
             if (
-                handler is None
-                or handler.is_async
+                entry is None
                 or env.kind != KIND_EVENT
-                or handler.kind != "event"
                 or self.ready
-                or (keyed.busy_keys and not env.flags & FLAG_UNKEYED and keyed.busy(env.key))
-                or (gate is not None and not gate[env.partition] and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST))
+                or (keyed.busy_keys and not flags & FLAG_UNKEYED and keyed.busy(env.key))
+                or (gate is not None and not gate[env.partition] and not flags & (FLAG_UNKEYED | FLAG_BROADCAST))
             ):
                 self.deliver(channel, env, now)
                 continue
-            window = dedup.get(env.type)
-            if window is None:
-                options = message_options(handler.message)
-                window = dedup[env.type] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
-            if not window.insert(env.msg_id, now, env.partition):
+            handler, decode_body, seen_insert, fn, takes_context = entry
+            msg_id = env.msg_id
+            partition = env.partition
+            if not seen_insert(msg_id, now, partition):
                 self.stats.received += 1
-                self._track(env.partition)
+                self._track(partition)
                 self._duplicate(Job(env, channel, handler, received))
                 continue
             try:
-                message = decoder_for(handler.message).decode(env.payload)
+                message = decode_body(env.payload)
             except (msgspec.ValidationError, msgspec.DecodeError):
                 self._slow_path(channel, env, handler, received, None)
                 continue
             started = wall()
             try:
-                if handler.takes_context:
+                if takes_context:
                     if ctx is None or ctx.outputs:
                         ctx = HandlerContext(self, env, handler)
                     else:
                         ctx._env, ctx._handler = env, handler
-                    handler.fn(message, ctx)
+                    fn(message, ctx)
                 else:
-                    handler.fn(message)
+                    fn(message)
             except Exception as exc:
                 job = self._slow_path(channel, env, handler, received, message)
                 job.started = started
@@ -304,8 +316,8 @@ class Dispatcher:
                 continue
             if spans is not None:
                 spans.append(
-                    (env.trace_id, env.msg_id, env.cause_id, env.type, handler.name, received, started, wall(),
-                     "ok", None, 1, env.key, env.partition)
+                    (env.trace_id, msg_id, env.cause_id, tname, handler.name, received, started, wall(),
+                     "ok", None, 1, env.key, partition)
                 )
             complete(env.seq)
             done += 1

@@ -808,7 +808,7 @@ class Engine:
                 return msg_id
         self._check_origin(event, "emit")
         if message_options(type(event)).kind != "event":
-            raise ChoreoUsageError(f"emit takes an event; use send() for commands and ask() for queries")
+            raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
         msg_id, trace_id = self._origin_ids(event, traceparent)
         plan = self._plan(event, msg_id, trace_id, ZERO_ID, None)
         blocked = self._blocked(plan)
@@ -1005,7 +1005,6 @@ class Engine:
             released = ch.reorder.feed(data, wire.HEADER_SIZE)
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
-        now = self.clock()
         self.batch_wall = self.wall()
         limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
         for i, env in enumerate(released):
