@@ -43,6 +43,8 @@ DEF ACK_HEAD_SIZE = 18
 DEF ACK_RANGE_SIZE = 16
 DEF _MAX_ACK_RANGES = 32
 DEF MAX_PARTITIONS = 65536
+DEF BLOCK = 256            # envelopes hashed ahead by DedupWindow.insert_envelopes
+DEF PREFETCH_AHEAD = 12    # inserts between a prefetch and its use (about a DRAM latency of work)
 
 ACCEPTED = 0
 DUPLICATE = 1
@@ -53,10 +55,34 @@ MAX_ACK_RANGES = _MAX_ACK_RANGES
 cdef extern from *:
     """
     #define CHOREO_PREFETCH(p) __builtin_prefetch((const void *)(p))
+    #define CHOREO_PREFETCH_W(p) __builtin_prefetch((const void *)(p), 1)
+    #include <stdlib.h>
+    #include <string.h>
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    #endif
+    /* Large tables (>= 2 MiB) are 2 MiB-aligned and, on Linux, offered transparent huge pages:
+       random probes into tens of MB then miss the TLB far less. A memory hint, not I/O. */
+    static void *choreo_big_alloc(size_t n, int zero) {
+    #if defined(__linux__)
+        if (n >= ((size_t)2 << 20)) {
+            void *p = NULL;
+            if (posix_memalign(&p, (size_t)2 << 20, n) != 0) return NULL;
+    #if defined(MADV_HUGEPAGE)
+            madvise(p, n, MADV_HUGEPAGE);
+    #endif
+            if (zero) memset(p, 0, n);
+            return p;
+        }
+    #endif
+        return zero ? calloc(n, 1) : malloc(n);
+    }
     typedef unsigned __int128 choreo_u128;
     static inline uint64_t choreo_mulhi(uint64_t a, uint64_t b) { return (uint64_t)(((choreo_u128)a * b) >> 64); }
     """
     void CHOREO_PREFETCH(const void *p) nogil
+    void CHOREO_PREFETCH_W(const void *p) nogil
+    void *choreo_big_alloc(size_t n, int zero) nogil
     uint64_t choreo_mulhi(uint64_t a, uint64_t b) nogil
 
 
@@ -1070,6 +1096,21 @@ cdef class InboundReorder:
 # ---------------------------------------------------------------------------------------------
 # dedup window
 
+cdef extern from *:
+    """
+    #define CHOREO_HIGH32 ((uint64_t)0xFFFFFFFF00000000ULL)
+    #define CHOREO_LOW32 ((uint64_t)0x00000000FFFFFFFFULL)
+    """
+    # typed C constants: a DEF or literal this large would be a Python int (allocations per use)
+    const uint64_t HIGH32 "CHOREO_HIGH32"
+    const uint64_t LOW32 "CHOREO_LOW32"
+
+
+cdef inline size_t slot_pos(uint64_t slot) noexcept nogil:
+    """Ring position stored in a table slot (its low 32 bits hold position + 1)."""
+    return <size_t>(<uint32_t>slot) - 1
+
+
 cdef struct DEntry:
     uint8_t id[16]
     double t
@@ -1086,9 +1127,11 @@ cdef class DedupWindow:
     cdef readonly double ttl
     cdef readonly Py_ssize_t max_entries
     cdef DEntry *_ring
-    cdef size_t _rcap, _head, _n          # ring capacity (power of two), first, used (live + dead)
+    cdef size_t _rcap, _rmax, _head, _n   # ring capacity (power of two) and its limit, first, used (live + dead)
     cdef size_t _live
-    cdef uint64_t *_table                  # (ring position + 1) | fingerprint << 32; 0 = empty
+    # open-addressing table: (ring position + 1) | (h & HIGH32); 0 = empty. An entry's home slot is
+    # (h >> 32) & _tmask, so it is known from the table slot alone: deletion never reads the ring.
+    cdef uint64_t *_table
     cdef size_t _tmask
     cdef uint64_t _inserted, _duplicates, _expired, _evicted
 
@@ -1101,6 +1144,9 @@ cdef class DedupWindow:
             raise ValueError(f"max_entries must be at most 2**31, got {max_entries}")
         self.ttl = ttl
         self.max_entries = max_entries
+        # the ring may hold removed (dead) entries until they reach its head; 1/16 of slack above
+        # max_entries keeps in-place compaction rare when ids are removed at full capacity
+        self._rmax = pow2_at_least(<size_t>max_entries + <size_t>max_entries // 16 + 1)
         self._alloc(pow2_at_least(min(<size_t>max_entries, 1024)))
 
     def __dealloc__(self):
@@ -1109,9 +1155,10 @@ cdef class DedupWindow:
 
     cdef int _alloc(self, size_t rcap) except -1:
         """Allocate a ring of ``rcap`` (and its table), moving the live entries in order."""
-        cdef DEntry *ring = <DEntry *>malloc(rcap * sizeof(DEntry))
-        cdef size_t tcap = rcap * 2
-        cdef uint64_t *table = <uint64_t *>calloc(tcap, sizeof(uint64_t))
+        cdef size_t live_max = rcap if rcap < <size_t>self.max_entries else <size_t>self.max_entries
+        cdef size_t tcap = pow2_at_least(2 * live_max)  # the table holds live entries only: load <= 1/2
+        cdef DEntry *ring = <DEntry *>choreo_big_alloc(rcap * sizeof(DEntry), 0)
+        cdef uint64_t *table = <uint64_t *>choreo_big_alloc(tcap * sizeof(uint64_t), 1)
         if ring == NULL or table == NULL:
             free(ring); free(table)
             raise MemoryError()
@@ -1132,23 +1179,30 @@ cdef class DedupWindow:
         return 0
 
     cdef inline void _table_put(self, uint64_t h, size_t pos) noexcept:
-        cdef size_t i = h & self._tmask
+        cdef size_t i = <size_t>(h >> 32) & self._tmask
         while self._table[i] != 0:
             i = (i + 1) & self._tmask
-        self._table[i] = (<uint64_t>(pos + 1)) | ((h >> 32) << 32)
+        self._table[i] = (<uint64_t>(pos + 1)) | (h & HIGH32)
 
     cdef inline Py_ssize_t _find(self, const uint8_t *key, uint64_t h) noexcept:
         """Table slot holding ``key``, or -1."""
-        cdef size_t i = h & self._tmask
-        cdef uint64_t slot, fp = (h >> 32) << 32
+        cdef size_t i = <size_t>(h >> 32) & self._tmask
+        cdef uint64_t slot, fp = h & HIGH32
         while True:
             slot = self._table[i]
             if slot == 0:
                 return -1
-            if (slot & <uint64_t>0xFFFFFFFF00000000) == fp and \
-                    memcmp(self._ring[(slot & 0xFFFFFFFF) - 1].id, key, 16) == 0:
+            if (slot & HIGH32) == fp and memcmp(self._ring[slot_pos(slot)].id, key, 16) == 0:
                 return i
             i = (i + 1) & self._tmask
+
+    cdef inline size_t _find_pos(self, size_t pos, uint64_t h) noexcept:
+        """Table slot of the live entry at ring position ``pos`` (whose hash is ``h``)."""
+        cdef size_t i = <size_t>(h >> 32) & self._tmask
+        cdef uint64_t want = <uint64_t>(pos + 1)
+        while (self._table[i] & LOW32) != want:
+            i = (i + 1) & self._tmask
+        return i
 
     cdef inline void _table_delete(self, size_t i) noexcept:
         """Backward-shift deletion: keep every probe chain unbroken, no tombstones."""
@@ -1159,26 +1213,25 @@ cdef class DedupWindow:
             slot = self._table[j]
             if slot == 0:
                 break
-            home = id_hash(self._ring[(slot & 0xFFFFFFFF) - 1].id) & self._tmask
+            home = <size_t>(slot >> 32) & self._tmask
             # move slot j to the hole i unless its home lies cyclically in (i, j]
             if (i <= j and (home <= i or home > j)) or (i > j and (home <= i and home > j)):
                 self._table[i] = slot
                 i = j
         self._table[i] = 0
 
-    cdef inline void _kill_at(self, Py_ssize_t slot) noexcept:
-        cdef size_t pos = (self._table[slot] & 0xFFFFFFFF) - 1
-        self._ring[pos].alive = 0
+    cdef inline void _kill_at(self, size_t slot) noexcept:
+        self._ring[slot_pos(self._table[slot])].alive = 0
         self._live -= 1
         self._table_delete(slot)
 
     cdef inline void _pop_head(self) noexcept:
         """Drop the oldest ring entry (its table slot too, when alive)."""
         cdef DEntry *e = &self._ring[self._head]
-        cdef Py_ssize_t slot
         if e.alive:
-            slot = self._find(e.id, id_hash(e.id))
-            self._kill_at(slot)
+            e.alive = 0
+            self._live -= 1
+            self._table_delete(self._find_pos(self._head, id_hash(e.id)))
         self._head = (self._head + 1) & (self._rcap - 1)
         self._n -= 1
 
@@ -1199,10 +1252,12 @@ cdef class DedupWindow:
             self._pop_head()
             self._evicted += 1
         if self._n == self._rcap:
-            if self._rcap < <size_t>self.max_entries:
+            # full of live and removed entries: grow while mostly live, else compact in place
+            if self._rcap < self._rmax and (self._rcap < <size_t>self.max_entries
+                                            or self._n - self._live < self._rcap // 4):
                 self._alloc(self._rcap * 2)
             else:
-                self._alloc(self._rcap)  # full of dead entries: compact in place
+                self._alloc(self._rcap)
         cdef size_t pos = (self._head + self._n) & (self._rcap - 1)
         cdef DEntry *e = &self._ring[pos]
         memcpy(e.id, key, 16)
@@ -1220,12 +1275,29 @@ cdef class DedupWindow:
         self._expire(now)
         cdef Py_ssize_t slot = self._find(key, h)
         if slot >= 0:
-            if now < self._ring[(self._table[slot] & 0xFFFFFFFF) - 1].t + self.ttl:
+            if now < self._ring[slot_pos(self._table[slot])].t + self.ttl:
                 self._duplicates += 1
                 return 0
             self._kill_at(slot)  # an expired leftover imported out of order
         self._add(key, h, now, partition)
         return 1
+
+    cdef inline void _prefetch_ahead(self, size_t j) noexcept:
+        """Prefetch what the insert ``j`` steps on will touch besides its own id's table slot.
+
+        In a window larger than the caches both ends of the ring are cold: the oldest entries
+        (read to evict or expire them) were written ``max_entries`` inserts ago, and the slot
+        the new entry is written to was freed as long ago. So: the ring line 2j entries past the
+        head (read j steps on, to prefetch below), the table slot of the entry j past the head
+        (evicted j inserts on), and, for writing, the ring slot j past the tail.
+        """
+        cdef size_t rmask = self._rcap - 1
+        if 2 * j < self._n:
+            CHOREO_PREFETCH(&self._ring[(self._head + 2 * j) & rmask])
+        if j < self._n:
+            CHOREO_PREFETCH(&self._table[<size_t>(id_hash(self._ring[(self._head + j) & rmask].id) >> 32)
+                                         & self._tmask])
+        CHOREO_PREFETCH_W(&self._ring[(self._head + self._n + j) & rmask])
 
     cdef inline bytes _key_of(self, object id):
         cdef bytes b = as_bytes(id)
@@ -1251,28 +1323,35 @@ cdef class DedupWindow:
     def insert_envelopes(self, envelopes, double now):
         """insert() of each envelope's msg_id under its partition, reading ids in place.
 
-        Table slots are prefetched a chunk ahead, so a large window costs about one cache
-        miss per id, overlapped with the others. Objects other than this module's Envelope
-        (the twin's, say) are read through their ``msg_id`` and ``partition`` attributes.
+        Software-pipelined: the batch is hashed first, then each step prefetches the table slots
+        that the insert PREFETCH_AHEAD steps later will probe (its id's home, and the home of the
+        oldest entry it will evict or expire), so a window larger than the caches costs about
+        the same per id as a small one. Objects other than this module's Envelope (the twin's,
+        say) are read through their ``msg_id`` and ``partition`` attributes.
         """
         cdef list envs = envelopes if type(envelopes) is list else list(envelopes)
-        cdef Py_ssize_t n = len(envs), start, i, end
+        cdef Py_ssize_t n = len(envs), start, i, end, k
         cdef list out = PyList_New(n)
-        cdef uint64_t hs[32]
-        cdef const uint8_t *ptrs[32]
+        cdef uint64_t hs[BLOCK]
+        cdef const uint8_t *ptrs[BLOCK]
         cdef object obj, r
         start = 0
         while start < n:
-            end = start + 32 if start + 32 < n else n
+            end = start + BLOCK if start + BLOCK < n else n
             for i in range(start, end):
                 obj = envs[i]
                 if type(obj) is Envelope:
                     ptrs[i - start] = (<Envelope>obj).id_ptr()
                     hs[i - start] = id_hash(ptrs[i - start])
-                    CHOREO_PREFETCH(&self._table[hs[i - start] & self._tmask])
+                else:
+                    ptrs[i - start] = NULL
             for i in range(start, end):
+                k = i - start + PREFETCH_AHEAD
+                if k < end - start and ptrs[k] != NULL:
+                    CHOREO_PREFETCH(&self._table[<size_t>(hs[k] >> 32) & self._tmask])
+                self._prefetch_ahead(PREFETCH_AHEAD)
                 obj = envs[i]
-                if type(obj) is Envelope:
+                if ptrs[i - start] != NULL:
                     r = self._insert(ptrs[i - start], hs[i - start], now, <uint16_t>(<Envelope>obj).partition) == 1
                 else:
                     r = self.insert(obj.msg_id, now, obj.partition)
@@ -1286,7 +1365,7 @@ cdef class DedupWindow:
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
         cdef Py_ssize_t slot = self._find(p, id_hash(p))
-        return slot >= 0 and now < self._ring[(self._table[slot] & 0xFFFFFFFF) - 1].t + self.ttl
+        return slot >= 0 and now < self._ring[slot_pos(self._table[slot])].t + self.ttl
 
     def remove(self, id):
         """Forget one id (a failed attempt that must be allowed again). False if absent."""
@@ -1356,7 +1435,7 @@ cdef class DedupWindow:
         for i in range(self._n):
             e = &self._ring[(self._head + i) & (self._rcap - 1)]
             if e.alive and e.partition == partition:
-                self._kill_at(self._find(e.id, id_hash(e.id)))
+                self._kill_at(self._find_pos((self._head + i) & (self._rcap - 1), id_hash(e.id)))
                 n += 1
         return n
 
