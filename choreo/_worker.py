@@ -53,6 +53,7 @@ async def run(
     advertise: str | None = None,
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
+    watch_parent: bool = False,
 ) -> int:
     node = Node(
         service,
@@ -68,12 +69,28 @@ async def run(
     metrics = f" metrics={node.metrics_url}" if node.metrics_url else ""
     sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}{metrics}\n")
     sys.stdout.flush()
+    if watch_parent:
+        _stop_when_orphaned(node, os.getppid())
     try:
         await node.serve()
     except ChoreoError as exc:
         print(f"choreo: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _stop_when_orphaned(node: Node, parent: int) -> None:
+    """A node started by a program stops (draining) when that program dies, even by SIGKILL."""
+    loop = asyncio.get_running_loop()
+
+    def check() -> None:
+        if os.getppid() != parent:
+            logging.getLogger("choreo.node").warning("%s: the process that started it is gone: stopping", node.name)
+            asyncio.ensure_future(node.stop())
+        else:
+            loop.call_later(0.5, check)
+
+    loop.call_later(0.5, check)
 
 
 def main() -> int:
@@ -91,6 +108,7 @@ def main() -> int:
             spec["name"],
             metrics_port=spec.get("metrics_port"),
             metrics_host=spec.get("metrics_host", "127.0.0.1"),
+            watch_parent=True,
         )
     )
 

@@ -393,6 +393,7 @@ class Dispatcher:
         if env.kind == KIND_REPLY:
             self.engine.on_reply(env)
             channel.reorder.complete(env.seq)
+            self.engine.ack_later(channel)
             return
         if env.kind == KIND_HANDOVER:
             self.engine.on_handover(env)
@@ -454,6 +455,8 @@ class Dispatcher:
     def _duplicate(self, job: Job) -> None:
         self.stats.duplicates += 1
         self.engine.stats.dedup_hits += 1
+        job.started = self.engine.wall()
+        self.engine.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
         original = self.in_progress.get(job.env.msg_id)
         if original is not None:
             original.duplicates.append(job)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from . import introspect
@@ -64,6 +64,7 @@ class Node:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._stopped: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.metrics_port = metrics_port  # None: no HTTP port at all; 0: a free one
         self.metrics_host = metrics_host
@@ -93,7 +94,17 @@ class Node:
         self._stopped = asyncio.Event()
         self._tick_handle = loop.call_later(self.config.tick, self._tick)
         log.info("%s listening on %s", self.engine.name, self.transport.endpoint)
+        for fn in self.service.background if self.service is not None else ():
+            self._tasks.append(loop.create_task(self._background(fn), name=f"{self.name}:{fn.__name__}"))
         return self
+
+    async def _background(self, fn: Callable[[Node], Awaitable[None]]) -> None:
+        try:
+            await fn(self)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the service's own task failed: say so, keep serving
+            log.exception("%s: background task %s failed", self.name, getattr(fn, "__qualname__", fn))
 
     def _tick(self) -> None:
         engine, transport = self.engine, self.transport
@@ -150,6 +161,10 @@ class Node:
         self._stopping = True
         engine = self.engine
         timeout = self.config.drain_timeout if timeout is None else timeout
+        for task in self._tasks:  # the service's own producers stop first
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         if drain:
             engine.begin_leave()
             # quiet for two heartbeats: peers have heard we leave and sent nothing new meanwhile
@@ -167,7 +182,7 @@ class Node:
                 log.warning("%s", exc)
             except Exception as exc:  # the mesh refused us meanwhile: leave anyway
                 log.warning("%s: %s", self.name, exc)
-            engine.finish_leave()
+        engine.finish_leave()  # a goodbye either way: peers need not wait for their failure detector
         self._close()
 
     def kill(self) -> None:
@@ -175,6 +190,8 @@ class Node:
         self._close()
 
     def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         if self.transport is not None:

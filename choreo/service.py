@@ -141,6 +141,7 @@ class Service:
     partitions: int = DEFAULT_PARTITIONS
     doc: str = ""
     handlers: dict[str, Handler] = field(default_factory=dict, init=False, repr=False)
+    background: list[Callable[..., Awaitable[None]]] = field(default_factory=list, init=False, repr=False)
     module: str = field(default="", init=False)
     line: int = field(default=0, init=False)
 
@@ -256,6 +257,23 @@ class Service:
             return fn
 
         return decorator
+
+    def task(self, fn: F) -> F:
+        """Run ``async def fn(node)`` in the background on every instance while it serves.
+
+        This is where a service originates messages outside handlers (a timer, a poller, a
+        gateway): ``node`` has ``emit``/``send``/``ask``, limited to what ``Service(emits=...,
+        sends=...)`` declares. The task starts when the node starts and is cancelled when it
+        stops (before the drain); if it raises, the error is logged and the node keeps serving.
+
+        >>> svc = Service("clock")
+        >>> @svc.task
+        ... async def tick(node): ...
+        """
+        if not inspect.iscoroutinefunction(fn):
+            raise ChoreoUsageError(f"@{self.name}.task needs an 'async def' function, got {fn!r}")
+        self.background.append(fn)
+        return fn
 
     # ---- reading declarations -----------------------------------------------------------------
 

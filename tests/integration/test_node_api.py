@@ -257,3 +257,58 @@ def test_competing_instances_share_keys_and_broadcast_reaches_all() -> None:
         await stop_all(nodes)
 
     run(scenario)
+
+
+def test_a_reply_is_acknowledged_at_once_not_at_the_next_heartbeat() -> None:
+    svc, _, _ = bank()
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        server, client = nodes
+        await client.send(Deposit("acc", 1))
+        # both ends settle within a few ticks, far less than a heartbeat (0.05 s here)
+        await client.until(lambda: client.stats()["in_flight"] == 0 and server.stats()["in_flight"] == 0,
+                           FAST.heartbeat * 0.8, "both ends acknowledged")
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_a_service_task_originates_declared_messages_and_stops_with_the_node() -> None:
+    ticker = Service("ticker", emits=[Audit])
+    state = {"cancelled": False}
+
+    @ticker.task
+    async def tick(node: Node) -> None:
+        try:
+            n = 0
+            while True:
+                await node.emit(Audit(f"tick {n}"))
+                n += 1
+                await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            state["cancelled"] = True
+            raise
+
+    listener = Service("listener")
+    heard: list[str] = []
+
+    @listener.on(Audit)
+    def on_audit(ev: Audit) -> None:
+        heard.append(ev.line)
+
+    async def scenario() -> None:
+        nodes = await mesh(listener, ticker)
+        await nodes[0].until(lambda: len(heard) >= 5, 10, "ticks heard")
+        await nodes[1].stop()
+        assert state["cancelled"]
+        assert heard[:5] == [f"tick {i}" for i in range(5)]
+        await nodes[0].stop()
+
+    run(scenario)
+
+
+def test_a_task_must_be_async() -> None:
+    svc = Service("bad")
+    with pytest.raises(ChoreoUsageError, match="needs an 'async def' function"):
+        svc.task(lambda node: None)
