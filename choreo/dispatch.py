@@ -244,7 +244,8 @@ class Dispatcher:
             if window is None:
                 options = message_options(handler.message)
                 window = self.dedup[type_name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
-            entry = (handler, decoder_for(handler.message).decode, window.insert, handler.fn, handler.takes_context)
+            insert = window.insert if self.engine.config.dedup else _always_new
+            entry = (handler, decoder_for(handler.message).decode, insert, handler.fn, handler.takes_context)
         self._fast[type_name] = entry
         return entry
 
@@ -429,7 +430,7 @@ class Dispatcher:
             return
         job = Job(env, channel, handler, self.engine.batch_wall)
         self._track(env.partition)
-        if handler.kind != "query" and not env.flags & FLAG_REPLAY:
+        if handler.kind != "query" and not env.flags & FLAG_REPLAY and self.engine.config.dedup:
             window = self.dedup.get(env.type)
             if window is None:
                 options = message_options(handler.message)
@@ -738,6 +739,10 @@ class _ReplayEnvelope:
         self.trace_id = letter.trace_id
         self.cause_id = bytes(16)
         self.payload = letter.payload
+
+
+def _always_new(msg_id: bytes, now: float, partition: int) -> bool:
+    return True  # dedup switched off
 
 
 def _ok_reply(body: bytes) -> bytes:

@@ -80,6 +80,8 @@ class NodeConfig:
     ``heartbeat``/``suspect_after``/``dead_after``: failure detection. ``span_ring``: how many
     spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
     of a partition waits for its live previous owner's handover before taking it anyway.
+    ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
+    costs, or for handlers that are idempotent by themselves).
     """
 
     window: int = 4096
@@ -101,11 +103,14 @@ class NodeConfig:
     transport_max_bytes: int = 256 << 20
     handover_timeout: float = 15.0
     forget_dead_after: float = 600.0
+    dedup: bool = True
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not value > 0 and f.name != "span_ring":
+            if f.name in ("span_ring", "dedup"):
+                continue
+            if not value > 0:
                 raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
         if self.window > 1 << 20:
             raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
