@@ -7,8 +7,14 @@ envelope carries its cause's message id; when a message was handled by several h
 one whose declaration emits or sends this step's type is the parent), and then marks:
 
 * the **critical path**: from the step that finished last, up through its causes to the root:
-  the chain that set the flow's end-to-end time;
-* the **failing steps**: those whose last attempt raised (with the error and the attempts).
+  the chain that set the flow's end-to-end time (steps whose every effect was deduplicated, like
+  a retry that only led to a duplicate, did not advance the flow and do not count);
+* the **failing steps**: those whose last attempt raised (with the error and the attempts);
+* the **duplicates**: a message the node had already handled (a client's retry, a redelivery)
+  is acknowledged without running its handler, and its span says ``duplicate``. Each becomes a
+  step of its own under the step that sent it (not an attempt of the original), so a retried
+  request shows both its attempts and where the retry stopped. Duplicates cause nothing, so
+  they are never a parent.
 
 Times are wall-clock seconds from the nodes (so hosts need synchronised clocks for cross-host
 gaps to mean something). Per step: ``offset_ms`` (received, from the start of the flow),
@@ -35,6 +41,7 @@ __all__ = ["Attempt", "Step", "Trace", "assemble", "to_json", "render_text", "JS
 FORMAT = "choreo-trace/1"
 ZERO = "0" * 32
 IN_PROGRESS = ("running", "queued", "retrying")
+DUPLICATE = "duplicate"
 
 #: The JSON document of ``choreo trace --json``; every key is always present.
 JSON_FIELDS: dict[str, str] = {
@@ -46,8 +53,9 @@ JSON_FIELDS: dict[str, str] = {
     "duration_ms": "finished - started",
     "services": "names of the services the flow went through, sorted",
     "roots": "indexes of the steps without a known cause (normally one: the message from outside)",
-    "critical_path": "indexes of the steps from the root to the step that finished last",
+    "critical_path": "indexes of the steps from the root to the step that finished last (of those not only deduplicated)",
     "failures": "indexes of the steps whose last attempt failed",
+    "duplicates": "indexes of the steps that were duplicates: acknowledged without running the handler",
     "steps": "every step in tree order (depth first, children by time received); see STEP_FIELDS",
     "nodes": '{"asked": N, "answered": [names], "unreachable": [{"node", "endpoint", "error"}]}',
 }
@@ -74,7 +82,7 @@ STEP_FIELDS: dict[str, str] = {
     "handler_ms": "time inside the handler, summed over attempts",
     "duration_ms": "finished - received",
     "transit_ms": "received - the parent's finished, or null for a root",
-    "outcome": '"ok" | "error" | "running" | "queued" | "retrying"',
+    "outcome": '"ok" | "error" | "running" | "queued" | "retrying" | "duplicate" (not run again)',
     "error": "the last attempt's error (\"Type: message\"), or null",
     "attempts": "number of attempts so far",
     "attempt_log": '[{"attempt", "started", "finished", "outcome", "error"}], oldest first',
@@ -134,11 +142,18 @@ class Step:
 
     @property
     def handler_seconds(self) -> float:
+        if self.duplicate:
+            return 0.0
         return sum(max(a.finished - a.started, 0.0) for a in self.attempts if a.started)
 
     @property
     def failed(self) -> bool:
         return self.outcome == "error"
+
+    @property
+    def duplicate(self) -> bool:
+        """A message already handled here, acknowledged without running the handler again."""
+        return self.outcome == DUPLICATE
 
     @property
     def attempt_count(self) -> int:
@@ -156,6 +171,7 @@ class Trace:
     roots: list[Step]
     critical_path: list[Step]
     failures: list[Step]
+    duplicates: list[Step] = field(default_factory=list)
     asked: int = 0
     answered: list[str] = field(default_factory=list)
     unreachable: list[dict[str, str]] = field(default_factory=list)
@@ -210,7 +226,9 @@ def assemble(
             if ident in seen:
                 continue
             seen.add(ident)
-            k = (r["msg_id"], r["instance"], r["handler"])
+            k: tuple[Any, ...] = (r["msg_id"], r["instance"], r["handler"])
+            if r["outcome"] == DUPLICATE:  # one step per dropped copy, under whatever sent it
+                k = (*k, DUPLICATE, r["cause_id"], r["started"])
             step = steps.get(k)
             if step is None:
                 step = steps[k] = Step(
@@ -244,7 +262,7 @@ def assemble(
         if step.cause_id == ZERO:
             roots.append(step)
             continue
-        candidates = [c for c in by_msg.get(step.cause_id, ()) if c is not step]
+        candidates = [c for c in by_msg.get(step.cause_id, ()) if c is not step and not c.duplicate]
         if not candidates:
             step.cause_missing = True
             roots.append(step)
@@ -270,7 +288,10 @@ def assemble(
 
     critical: list[Step] = []
     if ordered:
-        last = max(ordered, key=lambda s: (s.finished, -s.index))
+        advanced: dict[int, bool] = {}  # did the step move the flow on? (children come after parents)
+        for s in reversed(ordered):
+            advanced[s.index] = not s.duplicate and (not s.children or any(advanced[c.index] for c in s.children))
+        last = max([s for s in ordered if advanced[s.index]] or ordered, key=lambda s: (s.finished, -s.index))
         node: Step | None = last
         while node is not None:
             node.critical = True
@@ -278,7 +299,7 @@ def assemble(
             node = node.parent
         critical.reverse()
     failures = [s for s in ordered if s.failed]
-    return Trace(trace_id, ordered, roots, critical, failures)
+    return Trace(trace_id, ordered, roots, critical, failures, [s for s in ordered if s.duplicate])
 
 
 # ---- JSON ----------------------------------------------------------------------------------------
@@ -339,6 +360,7 @@ def to_json(trace: Trace) -> dict[str, Any]:
         "roots": [s.index for s in trace.roots],
         "critical_path": [s.index for s in trace.critical_path],
         "failures": [s.index for s in trace.failures],
+        "duplicates": [s.index for s in trace.duplicates],
         "steps": steps,
         "nodes": {"asked": trace.asked, "answered": list(trace.answered), "unreachable": list(trace.unreachable)},
     }
@@ -346,7 +368,8 @@ def to_json(trace: Trace) -> dict[str, Any]:
 
 # ---- text ----------------------------------------------------------------------------------------
 
-_OUTCOME_COLOUR = {"ok": "green", "error": "red", "running": "cyan", "queued": "dim", "retrying": "yellow"}
+_OUTCOME_COLOUR = {"ok": "green", "error": "red", "running": "cyan", "queued": "dim", "retrying": "yellow",
+                   DUPLICATE: "magenta"}  # fmt: skip
 
 
 def _fmt_ms(seconds: float | None) -> str:
@@ -364,7 +387,7 @@ def render_text(trace: Trace, style: Style = Style(), now: float | None = None) 
     """The flow as a tree, one line per step: when it was received (from the flow's start), how
     long it queued, ran in its handler (all attempts) and took in all (received to finished,
     retries included), then ``message -> service.handler @instance``; the critical path starred,
-    failures crossed.
+    failures crossed, duplicates marked ``deduplicated: not run again``.
 
     >>> t = assemble("ab" * 16, [{"spans": [dict(msg_id="1" * 32, cause_id="0" * 32, type="Go", service="a",
     ...     instance="a#1", handler="go", received=0.0, started=0.001, finished=0.003, outcome="ok",
@@ -387,6 +410,17 @@ def render_text(trace: Trace, style: Style = Style(), now: float | None = None) 
             style.paint(f"  {cross} failed: ", "red", "bold")
             + f"{s.type} in {s.label} on {s.instance} after {s.attempt_count} attempt{'' if s.attempt_count == 1 else 's'}: "
             + style.paint(s.error or "?", "red")
+        )
+    if trace.duplicates:
+        where: dict[str, int] = {}
+        for s in trace.duplicates:
+            place = f"{s.type} at {s.instance}"
+            where[place] = where.get(place, 0) + 1
+        n_dup = len(trace.duplicates)
+        places = ", ".join(f"{p} x{c}" if c > 1 else p for p, c in where.items())
+        lines.append(
+            style.paint(f"  = deduplicated: {n_dup} duplicate{'' if n_dup == 1 else 's'} ", "magenta", "bold")
+            + f"({places}): acknowledged without running the handler again"
         )
     if trace.unreachable:
         names = ", ".join(u["node"] for u in trace.unreachable)
@@ -420,13 +454,16 @@ def render_text(trace: Trace, style: Style = Style(), now: float | None = None) 
             bits.append(f"{s.attempt_count} attempts")
         if outcome == "error":
             bits.append(style.paint(f"{cross} {s.error}", "red", "bold"))
+        elif outcome == DUPLICATE:
+            bits.append(style.paint("= deduplicated: not run again", "magenta", "bold"))
         elif outcome != "ok":
             bits.append(style.paint(outcome, _OUTCOME_COLOUR[outcome]))
         if s.cause_missing:
             bits.append(style.paint("(cause not found)", "yellow"))
         queue = (s.started - s.received) if s.started else None
+        ran = None if s.duplicate else s.handler_seconds  # its handler did not run: "-"
         lines.append(
-            f"{'+' + _fmt_ms(s.received - start):>9} {_fmt_ms(queue):>8} {_fmt_ms(s.handler_seconds):>8} "
+            f"{'+' + _fmt_ms(s.received - start):>9} {_fmt_ms(queue):>8} {_fmt_ms(ran):>8} "
             f"{_fmt_ms(s.finished - s.received):>8}  "
             f"{tree_prefix(s)}{mark} {' '.join(bits)}"
         )

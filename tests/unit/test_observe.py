@@ -143,3 +143,35 @@ def test_traceparents() -> None:
     for bad in ("nope", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "12" * 15):
         with pytest.raises(ValueError):
             trace_id_of(bad)
+
+
+def test_a_retry_shows_its_duplicate_under_the_attempt_that_sent_it() -> None:
+    # a phone's first attempt went through; its retry (a new message) reached the api again, whose
+    # CreateOrder (the same id: the idempotency key) orders acknowledged without running it again
+    first = span("1", "0", "PlaceOrder", "api", "place_order", 0.000, 0.000, 0.001, instance="api#1")
+    create = span("2", "1", "CreateOrder", "orders", "create_order", 0.002, 0.002, 0.003)
+    placed = span("3", "2", "OrderPlaced", "inventory", "reserve", 0.004, 0.004, 0.005)
+    retry = span("4", "0", "PlaceOrder", "api", "place_order", 0.010, 0.010, 0.011, instance="api#2")
+    dup = span("2", "4", "CreateOrder", "orders", "create_order", 0.012, 0.012, 0.0121, "duplicate", attempt=0)
+    spec = SystemSpec(services=(
+        ServiceSpec("api", handlers=(HandlerSpec("place_order", "command", "PlaceOrder", sends=("CreateOrder",)),)),
+        ServiceSpec("orders", handlers=(HandlerSpec("create_order", "command", "CreateOrder", emits=("OrderPlaced",)),)),
+    ))  # fmt: skip
+    trace = assemble(T, [{"spans": [first, retry]}, {"spans": [create, dup]}, {"spans": [placed]}], spec)
+    doc = to_json(trace)
+    steps = [(s["instance"], s["type"], s["outcome"], s["parent"]) for s in doc["steps"]]
+    assert steps == [
+        ("api#1", "PlaceOrder", "ok", None),
+        ("orders#1", "CreateOrder", "ok", 0),  # the original keeps its one attempt ...
+        ("inventory#1", "OrderPlaced", "ok", 1),  # ... and what it caused (never the duplicate's child)
+        ("api#2", "PlaceOrder", "ok", None),
+        ("orders#1", "CreateOrder", "duplicate", 3),  # the duplicate hangs under the retry
+    ], steps
+    assert doc["duplicates"] == [4] and doc["status"] == "ok" and doc["steps"][1]["attempts"] == 1
+    # the retry finished last, but only led to a duplicate: the flow's work ended in inventory
+    assert doc["critical_path"] == [0, 1, 2]
+    text = render_text(trace)
+    assert "= deduplicated: 1 duplicate (CreateOrder at orders#1): acknowledged without running the handler again" in text
+    dup_line = text.splitlines()[-3]
+    assert "CreateOrder -> orders.create_order @orders#1" in dup_line and "deduplicated: not run again" in dup_line
+    assert dup_line.split()[2] == "-", "its handler did not run: no handler time"
