@@ -9,6 +9,7 @@ read model GetOrder answers from.
 
     choreo up examples/shop                       # 40 orders from 4 phones, 30 % of answers lost
     choreo up examples/shop -o orders=400 -o loss=0.5
+    choreo up examples/shop --port 7400 -o orders=3000 -o rate=30   # paced: watch it with choreo top
     choreo graph examples.shop
 """
 

@@ -87,8 +87,10 @@ class Outcome:
 
 
 async def phone(client, mine: list[Checkout], rng: random.Random, loss: float, double_tap: float, out: Outcome,
-                seed: int, progress: Callable[[int, int], None] | None) -> None:
-    for c in mine:
+                seed: int, progress: Callable[[int, int], None] | None, starts: list[float] | None = None) -> None:
+    for n, c in enumerate(mine):
+        if starts is not None and starts[n] > time.monotonic():  # paced: this customer comes later
+            await asyncio.sleep(starts[n] - time.monotonic())
         trace = out.traces[c.order_id] = c.trace_id(seed)
         first = True
         while True:
@@ -173,18 +175,25 @@ def check(out: Outcome, carts: list[Checkout]) -> list[str]:
 
 
 async def drive(client, system, orders: int = 40, phones: int = 4, loss: float = 0.3, double_tap: float = 0.1,
-                seed: int = 7, progress: Callable[[int, int], None] | None = None) -> Outcome:
+                seed: int = 7, rate: float = 0.0, progress: Callable[[int, int], None] | None = None,
+                report: bool = True) -> Outcome:
     """Phones check out ``orders`` carts over a flaky connection, then the back office checks it all.
 
     Each checkout is one trace: all its attempts carry the trace id in ``Outcome.traces`` (as a
-    W3C traceparent, the way an instrumented app would). ``progress(done, total)`` is called
-    after each checkout, for a live view.
+    W3C traceparent, the way an instrumented app would). ``rate``: checkouts begun per second
+    over all phones (0: each phone checks out as fast as its answers come back); the carts,
+    losses and taps are the same at any rate. ``progress(done, total)`` is called after each
+    checkout, for a live view. ``report=False``: print nothing (the caller reports the outcome).
     """
     started = time.monotonic()
     carts = checkouts(orders, seed)
     out = Outcome(checkouts=len(carts))
+
+    def starts(p: int) -> list[float] | None:  # checkout i of all begins at started + i / rate
+        return [started + i / rate for i in range(p, len(carts), phones)] if rate > 0 else None
+
     await asyncio.gather(*(
-        phone(client, carts[p::phones], random.Random(f"{seed}/{p}"), loss, double_tap, out, seed, progress)
+        phone(client, carts[p::phones], random.Random(f"{seed}/{p}"), loss, double_tap, out, seed, progress, starts(p))
         for p in range(phones)
     ))
     out.views = dict(zip([c.order_id for c in carts], await asyncio.gather(*(final_view(client, c.order_id) for c in carts))))
@@ -196,11 +205,13 @@ async def drive(client, system, orders: int = 40, phones: int = 4, loss: float =
     out.orders_deduplicated = system.total("duplicates", "orders")
     out.seconds = time.monotonic() - started
     out.problems = check(out, carts)
-    report(out, system)
+    if report:
+        print_report(out, system)
     return out
 
 
-def report(out: Outcome, system) -> None:
+def print_report(out: Outcome, system) -> None:
+    """What ``choreo up examples/shop`` prints at the end (needs the system still running)."""
     statuses: dict[str, int] = {}
     for v in out.views.values():
         key = "missing" if v is None else v.status if v.status != "cancelled" else v.reason.split(":")[0]
