@@ -73,6 +73,7 @@ class Live:
         self.started = time.monotonic()
         self._drawn = 0  # lines of the last frame (to draw over it)
         self._previous: Any = None  # the last sample (rates are differences of counters)
+        self._first: Any = None  # the first one (the last frame shows averages over the run)
         self._marks: list[tuple[float, int]] = []  # (time, checkouts done) at each frame
         self._completed: float | None = None  # when the last checkout was done
         if tty:
@@ -89,20 +90,20 @@ class Live:
             await asyncio.sleep(self.interval)
 
     async def frame(self, final: bool = False) -> None:
+        """Sample the mesh and draw; the ``final`` frame shows averages since the first sample."""
         from .observe.top import sample, table
-
-        if final and not self.tty and self._marks and time.monotonic() - self._marks[-1][0] < self.interval / 2:
-            return  # a line was just printed: the same numbers again would say nothing
 
         try:
             current = await asyncio.to_thread(sample, self.system.seed, 2.0)
         except Exception:  # the mesh is being stopped under us: nothing to show this time
             return
-        view = table(current, self._previous)
+        view = table(current, self._first if final else self._previous)
         self._previous = current
+        if self._first is None:
+            self._first = current
         now = time.monotonic()
         self._marks.append((now, self.done))
-        self._draw(view, now)
+        self._draw(view, now, final)
 
     async def finish(self) -> None:
         await self.frame(final=True)
@@ -130,16 +131,16 @@ class Live:
         by_name = {s["service"]: s for s in view["services"]}
         return [(name, n, by_name.get(name)) for name, n in self.services]
 
-    def _draw(self, view: dict[str, Any], now: float) -> None:
+    def _draw(self, view: dict[str, Any], now: float, final: bool) -> None:
         if self.tty:
-            lines = self._frame_lines(view, now)
+            lines = self._frame_lines(view, now, final)
             up = f"\x1b[{self._drawn}F" if self._drawn else ""
             self._write(up + "\x1b[J" + "\n".join(lines) + "\n")
             self._drawn = len(lines)
         else:
-            self._write(self._line(view, now) + "\n")
+            self._write(self._line(view, now, final) + "\n")
 
-    def _frame_lines(self, view: dict[str, Any], now: float) -> list[str]:
+    def _frame_lines(self, view: dict[str, Any], now: float, final: bool) -> list[str]:
         paint = self.style.paint
         width = shutil.get_terminal_size((100, 24)).columns
         bar_width = max(10, min(40, width - 50))
@@ -150,7 +151,8 @@ class Live:
         lines = [
             f"  checkouts [{bar}] {self.done:>5}/{self.total:<5} {_num(rate):>6}/s   {now - self.started:5.1f} s",
             "",
-            paint(f"  {'SERVICE':<18}{'IN/s':>8}{'DONE/s':>8}{'IN FLIGHT':>11}{'LAG':>6}{'DEDUP':>7}", "bold"),
+            paint(f"  {'SERVICE':<18}{'IN/s':>8}{'DONE/s':>8}{'IN FLIGHT':>11}{'LAG':>6}{'DEDUP':>7}", "bold")
+            + (paint("   rates: averages over the run", "dim") if final else ""),
         ]
         for name, n, s in self._rows(view):
             label = f"{name} x{n}" if n > 1 else name
@@ -165,7 +167,7 @@ class Live:
             lines.append(text + (paint(dedup, "magenta", "bold") if s["dedup_hits"] else dedup))
         return lines
 
-    def _line(self, view: dict[str, Any], now: float) -> str:
+    def _line(self, view: dict[str, Any], now: float, final: bool) -> str:
         """One line: progress, messages done per second per service, then in flight, lag and
         duplicates dropped (totals, and which services when not zero)."""
         rows = [(name, s) for name, _, s in self._rows(view)]
@@ -178,7 +180,7 @@ class Live:
         done = ", ".join(f"{name} {_int(s['processed_per_s']) if s else '?'}" for name, s in rows)
         return (
             f"  [{now - self.started:5.1f} s] {self.done}/{self.total} checkouts, {_int(self._rate(now))}/s"
-            f" | done/s: {done} | in flight {per_service('in_flight')} | lag {per_service('lag')}"
+            f" | done/s{' (average)' if final else ''}: {done} | in flight {per_service('in_flight')} | lag {per_service('lag')}"
             f" | dedup {per_service('dedup_hits')}"
         )
 
