@@ -1,0 +1,126 @@
+"""End-to-end throughput: a producer process emits keyed 100-byte events to a consumer process.
+
+Beside it, in the same run and interleaved round by round (the machine is shared and noisy):
+raw pyzmq PUSH/PULL of the same 100-byte payloads, one payload per ZeroMQ message (the
+denominator of every ratio), and the same payloads packed 100 per message (what batching can
+give, for context). Then each guarantee switched off in turn, so its cost shows:
+
+========================  =====================================================================
+variant                   what changes
+========================  =====================================================================
+``events``                acks, dedup, per-key order and tracing all on (the defaults)
+``no_dedup``              ``NodeConfig(dedup=False)`` on the consumer (at-least-once)
+``no_order``              an unkeyed event type (no per-key order, spread by load)
+``no_tracing``            ``NodeConfig(span_ring=0)`` on both nodes (no spans recorded)
+``no_guarantees``         all three off (acks stay: they are the delivery itself)
+========================  =====================================================================
+
+Every run is bounded in count and time (the producer stops at whichever comes first and the
+rate is what it did); every process is reaped. The producer's rate counts from its first emit
+to the moment the last event is acknowledged, i.e. handled by the consumer. Correctness is
+checked too (every event handled, none out of order per key), never a timing.
+
+Figures (bench/results.json): ``e2e.events_per_s``, ``e2e.raw_pushpull_per_s``,
+``e2e.events.ratio_vs_raw_pushpull`` (median of the per-round ratios), ``e2e.<variant>.*``,
+``e2e.<guarantee>.cpu_ns_per_event`` (what switching it on costs per event, in CPU time of both
+processes), and the CPU time per event of each side beside raw pyzmq's per message
+(``e2e.cpu_us.*``): CPU time does not depend on how much of the machine other jobs took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bench.harness import BENCH_CONFIG, SESSION, Procs, choreo_run, median, raw_pushpull, scaled
+from bench.nodes import body_for, encoded
+from bench.results import record
+
+ROUNDS = 3
+COUNT = scaled(300_000)  # events per choreo run (or SECONDS, whichever comes first)
+SECONDS = 4.0
+RAW_COUNT = scaled(600_000)
+PACKED_COUNT = scaled(2_000_000)
+KEYS = 1000
+
+NO_DEDUP = dataclasses.replace(BENCH_CONFIG, dedup=False)
+NO_SPANS = dataclasses.replace(BENCH_CONFIG, span_ring=0)
+NO_BOTH = dataclasses.replace(BENCH_CONFIG, dedup=False, span_ring=0)
+
+# variant -> (producer params, consumer config, producer config)
+VARIANTS = {
+    "events": ({}, BENCH_CONFIG, BENCH_CONFIG),
+    "no_dedup": ({}, NO_DEDUP, BENCH_CONFIG),
+    "no_order": ({"unkeyed": True}, BENCH_CONFIG, BENCH_CONFIG),
+    "no_tracing": ({}, NO_SPANS, NO_SPANS),
+    "no_guarantees": ({"unkeyed": True}, NO_BOTH, NO_SPANS),
+}
+COSTS = {"dedup": "no_dedup", "order": "no_order", "tracing": "no_tracing"}
+
+
+def check_delivery(variant: str, report: dict) -> None:
+    handled = sum(c["handled"] for c in report["consumers"])
+    expected = report["count"] + min(2000, COUNT)  # the warm-up events too
+    assert handled >= expected, f"{variant}: {expected} events acknowledged but only {handled} handled"
+    if variant != "no_dedup" and variant != "no_guarantees":
+        assert handled == expected, f"{variant}: {handled} handled for {expected} sent, with dedup on"
+    out_of_order = sum(c["out_of_order"] for c in report["consumers"])
+    assert out_of_order == 0, f"{variant}: {out_of_order} events handled out of order for their key"
+
+
+def test_e2e_throughput(benchmark) -> None:
+    payload = encoded(f"k{KEYS // 2}", COUNT // 2, body_for(100, f"k{KEYS // 2}", COUNT // 2))
+    rates: dict[str, list[float]] = {"raw": [], "packed": [], **{v: [] for v in VARIANTS}}
+    ratios: dict[str, list[float]] = {v: [] for v in [*VARIANTS, "packed"]}
+    cpu: dict[str, list[float]] = {"push": [], "pull": [], "producer": [], "consumer": []}
+    variant_cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    sizes = []
+
+    def measure() -> None:
+        for _ in range(ROUNDS):
+            with Procs() as procs:
+                raw = raw_pushpull(procs, RAW_COUNT, payload)
+                packed = raw_pushpull(procs, PACKED_COUNT, payload, pack=100)
+            rates["raw"].append(raw["per_s"])
+            rates["packed"].append(packed["per_s"])
+            ratios["packed"].append(packed["per_s"] / raw["per_s"])
+            cpu["push"].append(raw["push_cpu_per"])
+            cpu["pull"].append(raw["pull_cpu_per"])
+            for variant, (params, consumer_config, producer_config) in VARIANTS.items():
+                report = choreo_run(
+                    {"count": COUNT, "seconds": SECONDS, "keys": KEYS, "size": 100, **params},
+                    consumer_config=consumer_config,
+                    producer_config=producer_config,
+                )
+                check_delivery(variant, report)
+                rates[variant].append(report["events_per_s"])
+                ratios[variant].append(report["events_per_s"] / raw["per_s"])
+                sizes.append(report["payload_bytes"])
+                both = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
+                variant_cpu[variant].append(both)
+                if variant == "events":
+                    cpu["producer"].append(report["cpu_s"] / report["count"])
+                    cpu["consumer"].append(report["consumer_cpu_s"] / report["count"])
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+
+    record("e2e.payload_bytes", median(sizes))
+    record("e2e.raw_pushpull_per_s", median(rates["raw"]))
+    record("e2e.raw_packed100_per_s", median(rates["packed"]))
+    record("e2e.raw_packed100.ratio_vs_raw_pushpull", median(ratios["packed"]))
+    for variant in VARIANTS:
+        prefix = "e2e" if variant == "events" else f"e2e.{variant}"
+        record(f"{prefix}.events_per_s", median(rates[variant]))
+        record(f"e2e.{variant}.ratio_vs_raw_pushpull", median(ratios[variant]))
+    SESSION["e2e.events_per_s"] = median(rates["events"])
+    for variant, values in variant_cpu.items():
+        record(f"e2e.{variant}.cpu_us_per_event", median(values) * 1e6)
+    for guarantee, without in COSTS.items():
+        # what the guarantee adds per event: CPU time (producer + consumer) with it on, minus without it;
+        # CPU time rather than wall time, which moves with what other jobs take from the machine
+        record(f"e2e.{guarantee}.cpu_ns_per_event",
+               (median(variant_cpu["events"]) - median(variant_cpu[without])) * 1e9)
+    for side, values in cpu.items():
+        record(f"e2e.cpu_us.{side}", median(values) * 1e6)
+    record("e2e.cpu.ratio_vs_raw", (median(cpu["producer"]) + median(cpu["consumer"]))
+           / (median(cpu["push"]) + median(cpu["pull"])))
+    benchmark.extra_info.update({k: [round(x) for x in v] for k, v in rates.items()})
