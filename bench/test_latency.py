@@ -1,0 +1,101 @@
+"""Latency: a command's round trip (send, handler, result back) beside a raw pyzmq ping-pong.
+
+``pinger`` (a node process) sends ``Echo`` commands one after another to ``consumer`` (another
+node process), whose handler returns the command's 100-byte body; each ``await node.send(...)``
+is timed. The baseline, interleaved round by round: a raw DEALER process sends the same 100
+bytes to a ROUTER process that echoes them back. Percentiles are over all rounds' samples.
+
+Under load: the same pings while a producer process emits keyed events to the same consumer at
+half the peak rate measured by the end-to-end benchmark of this run (or, run alone, by a short
+measurement of its own). That is three busy processes on this machine's two cores: said beside
+the figure.
+
+Figures: ``latency.command.{p50,p99,p999}_us``, ``latency.raw_pingpong.{p50,p99,p999}_us``,
+``latency.command.{p50,p99,p999}_ratio_vs_raw_pingpong``, and ``latency.command_under_load.*``
+with ``latency.command_under_load.events_per_s`` (the load actually carried).
+"""
+
+from __future__ import annotations
+
+from bench.harness import SESSION, Procs, choreo_run, percentiles, raw_pingpong, scaled
+from bench.results import record
+
+ROUNDS = 2
+PINGS = scaled(10_000)  # per round (or SECONDS, whichever comes first)
+SECONDS = 6.0
+SIZE = 100
+NAMES = {50: "p50", 99: "p99", 99.9: "p999"}
+
+
+def choreo_pings(procs: Procs, load: dict | None = None) -> tuple[list[int], dict | None]:
+    """Round trips of Echo commands (ns); with ``load``, while a producer emits at that rate."""
+    consumer = procs.node("bench.nodes:consumer")
+    started = procs.path("started") if load else None
+    out = procs.path("pinger")
+    producer_out = None
+    if load:
+        producer_out = procs.path("producer")
+        procs.node("bench.nodes:producer", {"role": "producer", "out": producer_out, "started": started, **load},
+                   peers=[consumer.endpoint])
+    procs.node("bench.nodes:pinger", {"role": "pinger", "out": out, "count": PINGS, "seconds": SECONDS,
+                                      "size": SIZE, "after": started}, peers=[consumer.endpoint])
+    rtts = procs.report(out, SECONDS + 90, "pinger")["rtt_ns"]
+    produced = procs.report(producer_out, 120, "producer") if producer_out else None
+    return rtts, produced
+
+
+def record_percentiles(prefix: str, rtts: list[int]) -> dict[float, float]:
+    p = percentiles(rtts)
+    for q, name in NAMES.items():
+        record(f"{prefix}.{name}_us", p[q] / 1000)
+    return p
+
+
+def test_command_round_trip(benchmark) -> None:
+    raw: list[int] = []
+    cmd: list[int] = []
+
+    def measure() -> None:
+        for _ in range(ROUNDS):
+            with Procs() as procs:
+                raw.extend(raw_pingpong(procs, PINGS, SIZE, SECONDS))
+            with Procs() as procs:
+                cmd.extend(choreo_pings(procs)[0])
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    base = record_percentiles("latency.raw_pingpong", raw)
+    mine = record_percentiles("latency.command", cmd)
+    for q, name in NAMES.items():
+        record(f"latency.command.{name}_ratio_vs_raw_pingpong", mine[q] / base[q])
+    SESSION["latency.raw_pingpong.p99_ns"] = base[99]
+    SESSION["latency.raw_pingpong.p50_ns"] = base[50]
+    SESSION["latency.raw_pingpong.p999_ns"] = base[99.9]
+    benchmark.extra_info.update({"raw_samples": len(raw), "command_samples": len(cmd)})
+
+
+def test_command_round_trip_under_load(benchmark) -> None:
+    peak = SESSION.get("e2e.events_per_s")
+    if peak is None:  # run alone: measure the peak first (one short run)
+        peak = choreo_run({"count": scaled(200_000), "seconds": 3.0, "keys": 1000, "size": 100})["events_per_s"]
+    rate = peak / 2
+    seconds = SECONDS + 6  # the load outlasts the pings (they start once it is on)
+    cmd: list[int] = []
+    carried: list[float] = []
+
+    def measure() -> None:
+        with Procs() as procs:
+            rtts, produced = choreo_pings(
+                procs, {"count": int(rate * seconds), "seconds": seconds, "rate": rate, "keys": 1000, "size": 100}
+            )
+            cmd.extend(rtts)
+            assert produced is not None
+            carried.append(produced["count"] / produced["elapsed"])
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    mine = record_percentiles("latency.command_under_load", cmd)
+    record("latency.command_under_load.target_events_per_s", rate)
+    record("latency.command_under_load.events_per_s", carried[0])
+    if "latency.raw_pingpong.p99_ns" in SESSION:  # the idle raw baseline of this run
+        for q, name in NAMES.items():
+            record(f"latency.command_under_load.{name}_ratio_vs_raw_pingpong",
+                   mine[q] / SESSION[f"latency.raw_pingpong.{name}_ns"])
