@@ -1,8 +1,11 @@
 """Turn bench/results.json into the README's performance table (``python -m bench.report``).
 
-The table goes between the markers ``<!-- bench:start -->`` and ``<!-- bench:end -->`` of
-README.md; nothing else in the file is touched. Without the markers the table is printed with a
-note on where to put them. Never edit the table by hand: run ``make bench``.
+The tables go between the markers ``<!-- bench:start -->`` and ``<!-- bench:end -->`` of
+README.md; nothing else in the file is touched. Without the markers the tables are printed with a
+note on where to put them. One table per suite, each under the command that reproduces it; every
+row shows the figure, its target, and the baseline measured beside it in the same run. The
+scaling curves are drawn to ``docs/bench-scaling.png`` (:mod:`bench.chart`). Never edit the
+tables or the chart by hand: run ``make bench`` (and ``make bench-peers``).
 """
 
 from __future__ import annotations
@@ -87,24 +90,146 @@ ROWS = [
 ]
 
 
-def table(figures: Figures) -> str:
+def _per_s(f: Figures, name: str) -> str:
+    return fmt(num(f, name), "/s")
+
+
+def _us(f: Figures, name: str) -> str:
+    return fmt(num(f, name), " µs")
+
+
+def _raw_e2e(f: Figures) -> str:
+    return (f"raw PUSH/PULL, one 100 B frame per message: {_per_s(f, 'e2e.raw_pushpull_per_s')} "
+            f"(packed 100 per message: {_per_s(f, 'e2e.raw_packed100_per_s')}); choreo {_per_s(f, 'e2e.events_per_s')}")
+
+
+def _variant(variant: str) -> Callable[[Figures], str]:
+    return lambda f: (f"{_per_s(f, f'e2e.{variant}.events_per_s')} vs raw {_per_s(f, 'e2e.raw_pushpull_per_s')} "
+                      f"(all on: {_per_s(f, 'e2e.events_per_s')})")
+
+
+def _cost(variant: str) -> Callable[[Figures], str]:
+    return lambda f: (f"CPU per event, both processes: all on {_us(f, 'e2e.events.cpu_us_per_event')} vs "
+                      f"{_us(f, f'e2e.{variant}.cpu_us_per_event')} without it")
+
+
+def _latency(prefix: str, q: str) -> Callable[[Figures], str]:
+    return lambda f: f"raw DEALER/ROUTER ping-pong {_us(f, f'latency.raw_pingpong.{q}_us')} vs {_us(f, f'{prefix}.{q}_us')}"
+
+
+def _points(dimension: str, points: tuple[str, ...], what: str = "events_per_s", unit: str = "/s") -> Callable[[Figures], str]:
+    def text(f: Figures) -> str:
+        return " / ".join(f"{p}: {fmt(num(f, f'scale.{dimension}.{p}.{what}'), unit)}" for p in points)
+
+    return text
+
+
+def _peer(peer: str) -> Callable[[Figures], str]:
+    return lambda f: (f"{_per_s(f, f'peers.{peer}.msgs_per_s')} vs choreo {_per_s(f, 'peers.choreo.events_per_s')}; "
+                      f"{_peer_guarantee(peer)}")
+
+
+def _peer_guarantee(peer: str) -> str:
+    from bench.peers import GUARANTEES
+
+    return GUARANTEES.get(peer, "")
+
+
+E2E = "producer process → consumer process, keyed 100-byte events, 1,000 keys"
+E2E_ROWS = [
+    Row("e2e.events.ratio_vs_raw_pushpull", f"{E2E}; acks + dedup + per-key order + tracing on", "x", 0.5, True,
+        _raw_e2e),
+    Row("e2e.no_dedup.ratio_vs_raw_pushpull", "the same, dedup off on the consumer (at-least-once)", "x", None, True,
+        _variant("no_dedup")),
+    Row("e2e.no_order.ratio_vs_raw_pushpull", "the same, an unkeyed type (no per-key order)", "x", None, True,
+        _variant("no_order")),
+    Row("e2e.no_tracing.ratio_vs_raw_pushpull", "the same, no spans recorded (span_ring=0)", "x", None, True,
+        _variant("no_tracing")),
+    Row("e2e.no_guarantees.ratio_vs_raw_pushpull", "the same, dedup, order and tracing all off (acks stay)", "x", None,
+        True, _variant("no_guarantees")),
+    Row("e2e.dedup.cpu_ns_per_event", "what dedup adds per event (CPU time of both processes, on minus off)", " ns",
+        None, False, _cost("no_dedup")),
+    Row("e2e.order.cpu_ns_per_event", "what per-key order adds per event (the same)", " ns", None, False,
+        _cost("no_order")),
+    Row("e2e.tracing.cpu_ns_per_event", "what tracing adds per event (the same)", " ns", None, False,
+        _cost("no_tracing")),
+    Row("e2e.cpu.ratio_vs_raw", "CPU time per event, producer + consumer, over raw push + pull per message "
+        "(independent of what other jobs take)", "x", None, False,
+        lambda f: (f"raw push {_us(f, 'e2e.cpu_us.push')} + pull {_us(f, 'e2e.cpu_us.pull')} vs choreo producer "
+                   f"{_us(f, 'e2e.cpu_us.producer')} + consumer {_us(f, 'e2e.cpu_us.consumer')}")),
+]
+LATENCY_ROWS = [
+    Row("latency.command.p50_ratio_vs_raw_pingpong", "command round trip (send → handler → result), 100 B, p50", "x",
+        None, False, _latency("latency.command", "p50")),
+    Row("latency.command.p99_ratio_vs_raw_pingpong", "the same, p99", "x", 2.0, False, _latency("latency.command", "p99")),
+    Row("latency.command.p999_ratio_vs_raw_pingpong", "the same, p99.9", "x", None, False,
+        _latency("latency.command", "p999")),
+    Row("latency.command_under_load.p99_ratio_vs_raw_pingpong", "command round trip p99 while a producer emits to the "
+        "same consumer at half the peak rate (3 busy processes on 2 cores)", "x", None, False,
+        lambda f: (f"idle raw p99 {_us(f, 'latency.raw_pingpong.p99_us')} vs {_us(f, 'latency.command_under_load.p99_us')}"
+                   f" (p50 {_us(f, 'latency.command_under_load.p50_us')}, p99.9 "
+                   f"{_us(f, 'latency.command_under_load.p999_us')}) at "
+                   f"{_per_s(f, 'latency.command_under_load.events_per_s')}")),
+]
+SCALE_ROWS = [
+    Row("scale.keys.flatness", "events/s, max / min over 10 .. 1,000,000 distinct keys", "", 2.0, False,
+        _points("keys", ("10", "1000", "100000", "1000000"))),
+    Row("scale.keys.rss_bytes_per_live_key", "consumer RSS growth per extra live key (10 → 1,000,000 keys)", " B",
+        None, False, _points("keys", ("10", "1000000"), "consumer_rss_mb", " MiB")),
+    Row("scale.keys.dedup_bytes_per_entry", "dedup state per remembered message id, in the running consumer", " B",
+        None, False, _points("keys", ("1000000",), "dedup_entries", " ids")),
+    Row("scale.window.10000.events_per_s", "events/s by credit window (1 .. 10,000 in flight per channel)", "/s", None,
+        True, _points("window", ("1", "10", "100", "1000", "10000"))),
+    Row("scale.payload.65536.ratio_vs_raw_pushpull", "ratio to raw PUSH/PULL of the same payload, 16 B .. 64 KiB",
+        "x", None, True, _points("payload", ("16", "256", "4096", "65536"), "ratio_vs_raw_pushpull", "x")),
+    Row("scale.consumers.4.events_per_s", "events/s by instances of the consuming service (2 cores: a producer "
+        "and 4 consumers share them)", "/s", None, True, _points("consumers", ("1", "2", "3", "4"))),
+    Row("scale.fanout.8.deliveries_per_s", "deliveries/s (events × subscribing services), 1 .. 8 services", "/s", None,
+        True, _points("fanout", ("1", "2", "4", "8"), "deliveries_per_s")),
+]
+PEER_ROWS = [
+    Row("peers.redis_streams.ratio", "choreo e2e over Redis Streams (redis-py + hiredis), same workload", "x", 5.0,
+        True, _peer("redis_streams")),
+    Row("peers.rabbitmq.ratio", "choreo e2e over RabbitMQ (pika)", "x", 25.0, True, _peer("rabbitmq")),
+    Row("peers.nats_js.ratio", "choreo e2e over NATS JetStream (nats-py)", "x", 25.0, True, _peer("nats_js")),
+]
+SECTIONS = [
+    ("Core micro-benchmarks", "make bench", "bench/test_core.py", ROWS),
+    ("End to end", "make bench", "bench/test_e2e.py", E2E_ROWS),
+    ("Latency", "make bench", "bench/test_latency.py", LATENCY_ROWS),
+    ("How cost grows (chart: docs/bench-scaling.png)", "make bench", "bench/test_scaling.py", SCALE_ROWS),
+    ("Beside the brokers users pick instead", "make bench-peers", "bench/test_peers.py", PEER_ROWS),
+]
+
+
+def rows_table(figures: Figures, rows: list[Row]) -> list[str]:
     lines = [
         "| figure | value | target | | baseline, same run | what |",
         "|---|---:|---|---|---|---|",
     ]
-    for row in ROWS:
+    for row in rows:
         value = num(figures, row.figure)
         lines.append(f"| `{row.figure}` | {fmt(value, row.unit)} | {row.target_text()} | {row.verdict(value)} | "
                      f"{row.baseline(figures)} | {row.what} |")
+    return lines
+
+
+def table(figures: Figures) -> str:
+    lines: list[str] = []
+    for title, command, module, rows in SECTIONS:
+        if not any(num(figures, row.figure) is not None for row in rows):
+            continue  # a suite not run yet (e.g. the peers before the first make bench-peers)
+        lines += [f"**{title}**: `{command}` ({module})", "", *rows_table(figures, rows), ""]
     cpu, cores, py, pyzmq, libzmq, date = (str(figures.get(f"machine.{k}", "?"))
                                            for k in ("cpu", "cores", "python", "pyzmq", "libzmq", "date"))
     lines += [
-        "",
         f"Measured on {cpu} ({cores} cores), CPython {py}, pyzmq {pyzmq} / libzmq {libzmq}, {date}. "
-        "Events in batches of 256, as the runtime feeds the core; each figure is the best round of its "
+        "Core: events in batches of 256, as the runtime feeds the core; each figure is the best round of its "
         "benchmark (the machine is shared; the medians and spreads are in the pytest-benchmark table "
-        "printed by the run). Reproduce with `" + REPRODUCE + "`: it rewrites this table from "
-        "`bench/results.json`, so do not edit it by hand.",
+        "printed by the run). End to end, latency and scaling: every node is its own process on 127.0.0.1; "
+        "ratios are medians of rounds interleaved with their baseline, because absolute rates on a shared "
+        "machine drift from one minute to the next. Reproduce with `" + REPRODUCE + "` (and `make bench-peers`): "
+        "they rewrite these tables from `bench/results.json`, so do not edit them by hand.",
     ]
     return "\n".join(lines)
 
@@ -137,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     if new != readme:
         README.write_text(new)
     print(f"performance table written to {README} from {RESULTS}")
+    from bench.chart import draw
+
+    chart = draw(figures)
+    print(f"scaling chart written to {chart}" if chart else "no scaling chart (no scale.* figures, or no matplotlib)")
     return 0
 
 
