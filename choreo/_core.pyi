@@ -5,7 +5,7 @@ specification; see its docstrings for the contract of each call. A unit test
 (tests/unit/test_core_stubs.py) keeps these stubs and the compiled module in step.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple
 
 from typing_extensions import Buffer
@@ -114,6 +114,9 @@ def decode_ack(frame: Buffer, offset: int = 0) -> tuple[int, int, list[tuple[int
 # -- outbound window -------------------------------------------------------------------------------
 
 class OutboundWindow:
+    held: bool
+    @property
+    def pending_bytes(self) -> int: ...
     @property
     def max_messages(self) -> int: ...
     @property
@@ -226,3 +229,65 @@ class KeyedDispatch:
     def busy(self, key: Any) -> bool: ...
     def drain_keys(self, keys: Iterable[Any]) -> list[Any]: ...
 
+
+# -- lanes: the runtime's per-message loops --------------------------------------------------------
+
+LANE_END: int
+LANE_SLOW: int
+LANE_DUPLICATE: int
+LANE_BAD: int
+LANE_FAILED: int
+LANE_EFFECTS: int
+
+class IdSource:
+    def __init__(self, prefix: bytes) -> None: ...
+    def next(self) -> bytes: ...
+
+class EmitLane:
+    @property
+    def last(self) -> int: ...
+    @property
+    def full(self) -> bool: ...
+    def __init__(
+        self,
+        tname: bytes,
+        key_name: str | None,
+        partitions: int,
+        windows: list[OutboundWindow],
+        encode: Callable[[Any], bytes],
+        key_bytes: Callable[[Any], bytes],
+        ids: IdSource,
+        max_batch: int,
+        max_batch_bytes: int,
+        max_bytes: int,
+    ) -> None: ...
+    def emit(self, event: Any, now: float, msg_id: bytes | None = None) -> bytes | None: ...
+
+class FastLane:
+    ok: str
+    def __init__(self) -> None: ...
+    def set(
+        self,
+        type_name: str,
+        decode: Callable[[bytes], Any],
+        window: DedupWindow | None,
+        fn: Callable[..., Any],
+        name: str,
+        takes_context: bool,
+        handler: Any = None,
+    ) -> None: ...
+    def forget(self, type_name: str) -> None: ...
+    def handles(self, type_name: str) -> bool: ...
+    def run(
+        self,
+        envs: list[Envelope],
+        start: int,
+        reorder: InboundReorder,
+        now: float,
+        clock: Callable[[], float],
+        received: float,
+        gate: bytearray | None,
+        keyed: KeyedDispatch,
+        spans_append: Callable[[tuple[Any, ...]], None] | None,
+        ctx: Any,
+    ) -> tuple[int, int, int, Any, Any, float]: ...

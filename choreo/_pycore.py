@@ -53,6 +53,15 @@ __all__ = [
     "partition_of",
     "rendezvous_owner",
     "assign_partitions",
+    "IdSource",
+    "EmitLane",
+    "FastLane",
+    "LANE_END",
+    "LANE_SLOW",
+    "LANE_DUPLICATE",
+    "LANE_BAD",
+    "LANE_FAILED",
+    "LANE_EFFECTS",
 ]
 
 IMPLEMENTATION = "pure"
@@ -436,6 +445,7 @@ class OutboundWindow:
         # seq -> [raw, state, deadline, retries]
         self._entries: dict[int, list[Any]] = {}
         self._pending: list[tuple[int, bytes]] = []
+        self.held = False  # set by the runtime while envelopes wait before this window: lanes stay out
         self.in_flight_bytes = 0
         self._peak = 0
         self._sent = 0
@@ -502,6 +512,11 @@ class OutboundWindow:
     def pending(self) -> int:
         """Envelopes appended since the last :meth:`flush`."""
         return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes appended since the last :meth:`flush` (the size of the next batch body)."""
+        return sum(len(raw) for _, raw in self._pending)
 
     def flush(self) -> bytes | None:
         """The batch body of every envelope appended since the last flush, or None."""
@@ -977,3 +992,211 @@ class KeyedDispatch:
                 self.queued -= len(waiting)
                 waiting.clear()
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Lanes: the runtime's per-message loops as core entry points, so that emitting an event and
+# handling a received batch cross into the compiled core once. They call Python only for what
+# must be Python: the codec, the handler, the clock the caller passes in.
+
+
+class IdSource:
+    """Message ids of one node: an 8-byte random prefix and a counter (16 bytes, unique).
+
+    >>> ids = IdSource(bytes(8))
+    >>> ids.next().hex()
+    '00000000000000000100000000000000'
+    """
+
+    def __init__(self, prefix: bytes) -> None:
+        if len(prefix) != 8:
+            raise ValueError(f"prefix must be 8 bytes, got {len(prefix)}")
+        self._prefix = bytes(prefix)
+        self._n = 0
+
+    def next(self) -> bytes:
+        """A new id."""
+        self._n += 1
+        return self._prefix + self._n.to_bytes(8, "little")
+
+
+class EmitLane:
+    """Where one event type goes from this producer: key, partition, window, envelope.
+
+    ``windows`` holds the window of each partition's owner when the type is keyed by
+    ``key_name`` (one per partition), or the candidate instances' windows when it is not (the
+    one with the fewest envelopes in flight is chosen). :meth:`emit` encodes the event and
+    writes its envelope straight into that window's pending batch; it returns None instead
+    when the window lacks credit, is ``held`` by the runtime, or the body exceeds ``max_bytes``
+    (the caller then takes its slow path, which waits or explains). After an emit, ``last`` is
+    the index of the window used and ``full`` whether its batch should be flushed now.
+    """
+
+    def __init__(
+        self,
+        tname: bytes,
+        key_name: str | None,
+        partitions: int,
+        windows: list[OutboundWindow],
+        encode: Any,
+        key_bytes: Any,
+        ids: IdSource,
+        max_batch: int,
+        max_batch_bytes: int,
+        max_bytes: int,
+    ) -> None:
+        if not windows:
+            raise ValueError("an emit lane needs at least one window")
+        if key_name is not None and len(windows) != partitions:
+            raise ValueError(f"a keyed lane needs one window per partition: {len(windows)} for {partitions}")
+        if not 1 <= len(tname) <= 255:
+            raise ValueError("type must be 1 to 255 bytes")
+        self._tname = tname
+        self._key_name = key_name
+        self._partitions = partitions
+        self._windows = windows
+        self._encode = encode
+        self._key_bytes = key_bytes
+        self._ids = ids
+        self._max_batch = max_batch
+        self._max_batch_bytes = max_batch_bytes
+        self._max_bytes = max_bytes
+        self.last = -1
+        self.full = False
+        self._rr = 0
+
+    def emit(self, event: Any, now: float, msg_id: bytes | None = None) -> bytes | None:
+        """Write one event into its window; returns its id, or None (caller: take the slow path)."""
+        payload = self._encode(event)
+        if len(payload) > self._max_bytes:
+            return None
+        if self._key_name is not None:
+            value = getattr(event, self._key_name)
+            kb = value.encode() if type(value) is str else self._key_bytes(value)
+            if len(kb) > 0xFFFF:
+                return None
+            partition = partition_of(kb, self._partitions)
+            index, flags = partition, 0
+            w = self._windows[index]
+        else:
+            kb, partition, flags = b"", 0, 0x01
+            index, w = -1, None
+            self._rr += 1  # equally loaded candidates take turns
+            for j in range(len(self._windows)):
+                i = (j + self._rr) % len(self._windows)
+                cand = self._windows[i]
+                if not cand.held and (w is None or cand.in_flight < w.in_flight):
+                    index, w = i, cand
+            if w is None:
+                return None
+        size = HEADER_SIZE + len(self._tname) + len(kb) + len(payload)
+        if w.held or not w.has_credit(size):
+            return None
+        if msg_id is None:
+            msg_id = self._ids.next()
+        elif type(msg_id) is not bytes or len(msg_id) != ID_SIZE:
+            raise ValueError("msg_id must be 16 bytes")
+        w.append(1, flags, self._tname, kb, partition, msg_id, msg_id, _ZERO_ID, payload, now)
+        self.last = index
+        self.full = w.pending >= self._max_batch or w.pending_bytes >= self._max_batch_bytes
+        return msg_id
+
+
+LANE_END = 0  # every envelope handled
+LANE_SLOW = 1  # envs[index] is not for the lane: the caller takes it
+LANE_DUPLICATE = 2  # envs[index] is a duplicate (its id was seen): the caller answers it
+LANE_BAD = 3  # envs[index]'s body failed to decode (its id is now remembered)
+LANE_FAILED = 4  # envs[index]'s handler raised: (message, error, started) come back
+LANE_EFFECTS = 5  # envs[index]'s handler emitted or sent: (message, ctx, started) come back
+
+
+class FastLane:
+    """Runs received events whose handler is a plain function, in one loop.
+
+    An entry per type says how: its decoder, its :class:`DedupWindow` (or None), the handler
+    function and whether it takes a context. :meth:`run` goes through a released batch in
+    order and stops at the first envelope that needs the caller (not an event of a registered
+    type, a keyed one whose partition is not routed here (``gate``) or whose key is busy in
+    ``keyed``, a duplicate, a body that fails to decode, a handler that raised or emitted),
+    returning where and why. Each handled message is completed in ``reorder`` and, when
+    ``spans_append`` is given, recorded as a span tuple.
+    """
+
+    ok = "ok"
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Any, ...]] = {}
+
+    def set(
+        self, type_name: str, decode: Any, window: DedupWindow | None, fn: Any, name: str, takes_context: bool,
+        handler: Any = None,
+    ) -> None:
+        """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup)."""
+        if window is not None and not isinstance(window, DedupWindow):
+            raise TypeError("window must be a DedupWindow or None")
+        self._entries[type_name] = (decode, window, fn, name, takes_context, handler)
+
+    def forget(self, type_name: str) -> None:
+        self._entries.pop(type_name, None)
+
+    def handles(self, type_name: str) -> bool:
+        return type_name in self._entries
+
+    def run(
+        self,
+        envs: list[Any],
+        start: int,
+        reorder: InboundReorder,
+        now: float,
+        clock: Any,
+        received: float,
+        gate: bytearray | None,
+        keyed: KeyedDispatch,
+        spans_append: Any,
+        ctx: Any,
+    ) -> tuple[int, int, int, Any, Any, float]:
+        """Handle ``envs[start:]`` in order until one needs the caller (see the class docstring).
+
+        Returns ``(handled, index, status, a, b, started)``: how many were handled here, where it
+        stopped and why (``LANE_*``), and for FAILED/EFFECTS the decoded message, the error
+        (FAILED) or the context (EFFECTS), and when the handler started.
+        """
+        handled = 0
+        for i in range(start, len(envs)):
+            env = envs[i]
+            entry = self._entries.get(env.type)
+            if entry is None or env.kind != 1:
+                return handled, i, LANE_SLOW, None, None, 0.0
+            decode, window, fn, name, takes_context, handler = entry
+            if not env.flags & 0x03:
+                if gate is not None and (env.partition >= len(gate) or not gate[env.partition]):
+                    return handled, i, LANE_SLOW, None, None, 0.0
+                if keyed.busy_keys and keyed.busy(env.key):
+                    return handled, i, LANE_SLOW, None, None, 0.0
+            if window is not None and not window.insert(env.msg_id, now, env.partition):
+                return handled, i, LANE_DUPLICATE, None, None, 0.0
+            try:
+                message = decode(env.payload)
+            except Exception:
+                return handled, i, LANE_BAD, None, None, 0.0
+            t0 = clock()
+            try:
+                if takes_context:
+                    ctx._env = env
+                    ctx._handler = handler
+                    fn(message, ctx)
+                else:
+                    fn(message)
+            except Exception as exc:
+                return handled, i, LANE_FAILED, message, exc, t0
+            if takes_context and ctx.outputs:
+                return handled, i, LANE_EFFECTS, message, ctx, t0
+            t1 = clock()
+            if spans_append is not None:
+                spans_append(
+                    (env.trace_id, env.msg_id, env.cause_id, env.type, name, received, t0, t1, self.ok, None, 1,
+                     env.key, env.partition)
+                )
+            reorder.complete(env.seq)
+            handled += 1
+        return handled, len(envs), LANE_END, None, None, 0.0

@@ -89,7 +89,6 @@ class OutChannel:
         self.watch: dict[int, Callback] = {}  # seq -> called when that seq is done (insertion = seq order)
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
-        self.pending_bytes = 0
         self.header = wire.frame(wire.DATA, me, peer.incarnation)
         self.credit_waiters: list[Callback] = []
         self.closed = False
@@ -120,7 +119,6 @@ class OutChannel:
             )
         if item.on_done is not None:
             self.watch[seq] = item.on_done
-        self.pending_bytes += item.size
         return seq
 
     def push(self, item: Outgoing, now: float) -> None:
@@ -129,15 +127,15 @@ class OutChannel:
             self.append(item, now)
         else:
             self.backlog.append(item)
+            self.window.held = True  # the emit lanes stay out while anything waits here
 
     @property
     def batch_full(self) -> bool:
-        return self.window.pending >= self.max_batch or self.pending_bytes >= self.max_batch_bytes
+        return self.window.pending >= self.max_batch or self.window.pending_bytes >= self.max_batch_bytes
 
     def take_frame(self) -> bytes | None:
         """The DATA frame of everything appended since the last call, or None."""
         body = self.window.flush()
-        self.pending_bytes = 0
         return None if body is None else self.header + body
 
     def retransmit_frame(self, now: float) -> bytes | None:
@@ -183,6 +181,8 @@ class OutChannel:
         backlog = self.backlog
         while backlog and self.window.has_credit(backlog[0].size):
             self.append(backlog.popleft(), now)
+        if not backlog:
+            self.window.held = False
         if not backlog and self.credit_waiters and self.window.has_credit(0):
             waiters, self.credit_waiters = self.credit_waiters, []
             for wake in waiters:

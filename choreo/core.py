@@ -49,6 +49,15 @@ derive_id = _impl.derive_id
 partition_of = _impl.partition_of
 rendezvous_owner = _impl.rendezvous_owner
 assign_partitions = _impl.assign_partitions
+IdSource = _impl.IdSource
+EmitLane = _impl.EmitLane
+FastLane = _impl.FastLane
+LANE_END = _impl.LANE_END
+LANE_SLOW = _impl.LANE_SLOW
+LANE_DUPLICATE = _impl.LANE_DUPLICATE
+LANE_BAD = _impl.LANE_BAD
+LANE_FAILED = _impl.LANE_FAILED
+LANE_EFFECTS = _impl.LANE_EFFECTS
 
 __all__ = [
     "IMPLEMENTATION",
@@ -76,4 +85,13 @@ __all__ = [
     "partition_of",
     "rendezvous_owner",
     "assign_partitions",
+    "IdSource",
+    "EmitLane",
+    "FastLane",
+    "LANE_END",
+    "LANE_SLOW",
+    "LANE_DUPLICATE",
+    "LANE_BAD",
+    "LANE_FAILED",
+    "LANE_EFFECTS",
 ]

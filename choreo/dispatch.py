@@ -231,97 +231,84 @@ class Dispatcher:
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
         self._handler_ids = {name: h.name.encode() for name, h in self.handlers.items()}
-        self._fast: dict[str, tuple[Any, ...] | None] = {}
+        self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
+        self.lane = core.FastLane()
+        self._lane_ctx = HandlerContext(self, None, None)  # type: ignore[arg-type]  # reused by the lane
 
     # -- arrival -------------------------------------------------------------------------------
 
-    def _fast_entry(self, type_name: str) -> tuple[Any, ...] | None:
-        """What the fast path needs for one type, or None when the type takes the Job path."""
+    def _fast_entry(self, type_name: str) -> bool:
+        """Register a type with the fast lane when its handler is a plain event function."""
         handler = self.handlers.get(type_name)
-        entry = None
-        if handler is not None and handler.kind == "event" and not handler.is_async:
+        ok = handler is not None and handler.kind == "event" and not handler.is_async
+        if ok:
+            assert handler is not None
             window = self.dedup.get(type_name)
             if window is None:
                 options = message_options(handler.message)
                 window = self.dedup[type_name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
-            insert = window.insert if self.engine.config.dedup else _always_new
-            entry = (handler, decoder_for(handler.message).decode, insert, handler.fn, handler.takes_context)
-        self._fast[type_name] = entry
-        return entry
+            self.lane.set(
+                type_name,
+                decoder_for(handler.message).decode,
+                window if self.engine.config.dedup else None,
+                handler.fn,
+                handler.name,
+                handler.takes_context,
+                handler,
+            )
+        self._fast[type_name] = ok
+        return ok
 
     def deliver_batch(self, channel: InChannel, envs: list[Any], now: float) -> None:
         """Take a channel's released envelopes, in order.
 
-        The common case, an event for a plain-function handler whose key is idle, runs inline
-        here without any bookkeeping object: dedup, decode, call, complete. Anything else
-        (commands, async handlers, failures, emitted effects, busy keys) becomes a :class:`Job`.
+        The common case, an event for a plain-function handler whose key is idle, is handled
+        by the core's compiled lane (dedup, decode, call, complete, span) without any
+        bookkeeping object. Wherever the lane stops (commands, async handlers, duplicates,
+        failures, emitted effects, busy keys, partitions not ours), the envelope becomes a
+        :class:`Job` here, and the lane resumes after it.
         """
-        fast = self._fast
-        keyed = self.keyed
-        complete = channel.reorder.complete
         engine = self.engine
-        wall = engine.wall
         received = engine.batch_wall
         tracer = engine.tracer
-        spans = tracer.spans if tracer.enabled else None
-        ctx: HandlerContext | None = None
+        spans_append = tracer.spans.append if tracer.enabled else None
         gate = engine.ownership.gate if engine.ownership is not None else None
-        done = 0
-        for env in envs:
-            tname = env.type
-            entry = fast[tname] if tname in fast else self._fast_entry(tname)
-            flags = env.flags
-            if (
-                entry is None
-                or env.kind != KIND_EVENT
-                or self.ready
-                or (keyed.busy_keys and not flags & FLAG_UNKEYED and keyed.busy(env.key))
-                or (gate is not None and not gate[env.partition] and not flags & (FLAG_UNKEYED | FLAG_BROADCAST))
-            ):
+        reorder = channel.reorder
+        run = self.lane.run
+        done, i, n = 0, 0, len(envs)
+        while i < n:
+            if self.ready:  # jobs wait to start: everything after them waits too (per-key order)
+                for env in envs[i:]:
+                    self.deliver(channel, env, now)
+                break
+            handled, i, status, a, b, started = run(
+                envs, i, reorder, now, engine.wall, received, gate, self.keyed, spans_append, self._lane_ctx
+            )
+            done += handled
+            if status == core.LANE_END:
+                break
+            env = envs[i]
+            if status == core.LANE_SLOW:
+                if env.type not in self._fast and self._fast_entry(env.type):
+                    continue  # a type seen for the first time, now registered: the lane takes it
                 self.deliver(channel, env, now)
-                continue
-            handler, decode_body, seen_insert, fn, takes_context = entry
-            msg_id = env.msg_id
-            partition = env.partition
-            if not seen_insert(msg_id, now, partition):
-                self.stats.received += 1
-                self._track(partition)
-                self._duplicate(Job(env, channel, handler, received))
-                continue
-            try:
-                message = decode_body(env.payload)
-            except (msgspec.ValidationError, msgspec.DecodeError):
-                self._slow_path(channel, env, handler, received, None)
-                continue
-            started = wall()
-            try:
-                if takes_context:
-                    if ctx is None or ctx.outputs:
-                        ctx = HandlerContext(self, env, handler)
-                    else:
-                        ctx._env, ctx._handler = env, handler
-                    fn(message, ctx)
+            else:
+                handler = self.handlers[env.type]
+                if status == core.LANE_DUPLICATE:
+                    self.stats.received += 1
+                    self._track(env.partition)
+                    self._duplicate(Job(env, channel, handler, received))
+                elif status == core.LANE_BAD:
+                    self._slow_path(channel, env, handler, received, None)  # refused, counted, acked
                 else:
-                    fn(message)
-            except Exception as exc:
-                job = self._slow_path(channel, env, handler, received, message)
-                job.started = started
-                self.stats.in_handler += 1
-                self._failed(job, exc)
-                continue
-            if ctx is not None and ctx.outputs:
-                job = self._slow_path(channel, env, handler, received, message)
-                job.started = started
-                self.stats.in_handler += 1
-                self._succeeded(job, ctx, None)
-                continue
-            if spans is not None:
-                spans.append(
-                    (env.trace_id, msg_id, env.cause_id, tname, handler.name, received, started, wall(),
-                     "ok", None, 1, env.key, partition)
-                )
-            complete(env.seq)
-            done += 1
+                    job = self._slow_path(channel, env, handler, received, a)
+                    job.started = started
+                    self.stats.in_handler += 1
+                    if status == core.LANE_FAILED:
+                        self._failed(job, b)
+                    else:  # LANE_EFFECTS: the handler emitted or sent; they go out, then the ack
+                        self._succeeded(job, b, None)
+            i += 1
         if done:
             self.stats.received += done
             self.stats.processed += done

@@ -207,7 +207,7 @@ class _EmitTarget:
 
 
 class _EmitPlan:
-    __slots__ = ("version", "tname", "targets", "idempotent", "max_bytes", "unavailable")
+    __slots__ = ("version", "tname", "targets", "idempotent", "max_bytes", "unavailable", "lane", "lane_channels")
 
     def __init__(self, version: int, tname: bytes, targets: list[_EmitTarget], idempotent: bool, max_bytes: int) -> None:
         self.version = version
@@ -267,6 +267,7 @@ class Engine:
         self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
         self._emit_plans: dict[type, _EmitPlan] = {}
         self._service_waiters: dict[str, list[Callable[[], None]]] = {}
+        self._rr = 0  # turn of equally loaded instances for unkeyed messages
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
         self._run_scheduled = False
         self.holds = Holds()
@@ -277,8 +278,7 @@ class Engine:
         self._contacted = False
         self._homeless: dict[str, deque[Outgoing]] = {}
         self._hello_sent: dict[str, float] = {}
-        self._id_prefix = os.urandom(8)
-        self._id_counter = itertools.count(1)
+        self.ids = core.IdSource(os.urandom(8))
         self._flush_scheduled = False
         self._next_heartbeat = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -551,8 +551,12 @@ class Engine:
         return out
 
     def _least_loaded(self, service: str) -> Peer | None:
+        """The instance with the fewest envelopes in flight; equally loaded ones take turns."""
+        peers = self.membership.instances(service)
         best, best_load = None, None
-        for peer in self.membership.instances(service):
+        self._rr += 1
+        for j in range(len(peers)):
+            peer = peers[(j + self._rr) % len(peers)]
             ch = self.out.get(peer.incarnation)
             load = 0 if ch is None else _channel_load(ch)
             if best_load is None or load < best_load:
@@ -560,7 +564,7 @@ class Engine:
         return best
 
     def fresh_id(self) -> bytes:
-        return self._id_prefix + next(self._id_counter).to_bytes(8, "little")
+        return self.ids.next()
 
     def _plan(
         self, message: Message, msg_id: bytes, trace_id: bytes, cause_id: bytes, on_done: Callable[[], None] | None
@@ -727,6 +731,16 @@ class Engine:
             targets.append(_EmitTarget(flags, r.key_field, r.partitions, by_partition, [self.channel(p) for p in peers], r.service))
         plan = _EmitPlan(self.membership.version, options.name.encode(), targets, options.idempotency is not None, max_bytes)
         plan.unavailable = unavailable
+        plan.lane, plan.lane_channels = None, []
+        if len(targets) == 1 and not targets[0].flags & wire.FLAG_BROADCAST and not unavailable:
+            # one destination service: the compiled lane writes the envelope straight into its window
+            t = targets[0]
+            channels = t.by_partition if t.by_partition is not None else t.channels
+            plan.lane_channels = channels
+            plan.lane = core.EmitLane(
+                plan.tname, t.key_field, t.partitions, [ch.window for ch in channels], _encode, key_bytes, self.ids,
+                self.config.max_batch, self.config.max_batch_bytes, max_bytes,
+            )
         self._emit_plans[cls] = plan
         return plan
 
@@ -735,38 +749,33 @@ class Engine:
         plan = self._emit_plans.get(type(event))
         if plan is None or plan.version != self.membership.version:
             plan = self._compile_emit(type(event))
+        lane = plan.lane
+        if lane is None or self.holds.by_key:
+            return self._emit_general(plan, event)
+        msg_id = lane.emit(event, self.clock(), idempotency_id(event) if plan.idempotent else None)
+        if msg_id is None:
+            return None  # no credit (or a message too large): the slow path waits or explains
+        ch = plan.lane_channels[lane.last]
+        if lane.full:
+            self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
+        else:
+            self._dirty_out.add(ch)
+            if not self._flush_scheduled:
+                self.schedule_flush()
+        self.stats.emitted += 1
+        return msg_id
+
+    def _emit_general(self, plan: _EmitPlan, event: Message) -> bytes | None:
+        """Several destinations (all or none get it), or a partition held back: in Python."""
         if plan.unavailable:
             return None  # a subscriber has no live instance: the slow path waits for one
         payload = _encode(event)
         if len(payload) > plan.max_bytes:
             return None  # the slow path raises MessageTooLarge with the details
-        if plan.idempotent:
-            msg_id = idempotency_id(event)
-        else:
-            msg_id = self._id_prefix + next(self._id_counter).to_bytes(8, "little")
+        msg_id = idempotency_id(event) if plan.idempotent else self.ids.next()
         targets = plan.targets
         tname = plan.tname
         base = _HEADER_SIZE + len(tname) + len(payload)
-        if len(targets) == 1 and targets[0].by_partition is not None:  # the common case: one keyed subscriber
-            t = targets[0]
-            value = getattr(event, t.key_field)  # type: ignore[arg-type]
-            kb = value.encode() if type(value) is str else key_bytes(value)
-            partition = _partition_of(kb, t.partitions)
-            ch = t.by_partition[partition]
-            size = base + len(kb)
-            window = ch.window
-            if ch.backlog or not window.has_credit(size) or (self.holds.by_key and (t.service, partition) in self.holds.by_key):
-                return None
-            window.append(_KIND_EVENT, 0, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, self.clock())
-            ch.pending_bytes += size
-            if window.pending >= ch.max_batch or ch.pending_bytes >= ch.max_batch_bytes:
-                self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
-            else:
-                self._dirty_out.add(ch)
-                if not self._flush_scheduled:
-                    self.schedule_flush()
-            self.stats.emitted += 1
-            return msg_id
         if not targets:
             self.stats.unrouted += 1
             self.stats.emitted += 1
@@ -795,8 +804,7 @@ class Engine:
         now = self.clock()
         for ch, flags, kb, partition in sends:
             ch.window.append(_KIND_EVENT, flags, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, now)
-            ch.pending_bytes += base + len(kb)
-            if ch.window.pending >= ch.max_batch or ch.pending_bytes >= ch.max_batch_bytes:
+            if ch.window.pending >= ch.max_batch or ch.window.pending_bytes >= ch.max_batch_bytes:
                 self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
             else:
                 self._dirty_out.add(ch)

@@ -153,8 +153,13 @@ def _build_options(cls: type, **opts: Any) -> MessageOptions:
     return MessageOptions(**opts)
 
 
-class Message(msgspec.Struct, frozen=True, metaclass=_MessageMeta):
-    """Base of every message type; subclass :class:`Event`, :class:`Command` or :class:`Query`."""
+class Message(msgspec.Struct, frozen=True, gc=False, metaclass=_MessageMeta):
+    """Base of every message type; subclass :class:`Event`, :class:`Command` or :class:`Query`.
+
+    Messages are immutable facts and requests: they cannot be part of a reference cycle, so the
+    cycle collector is told not to track them (``gc=False``), which keeps a busy node from
+    spending its time walking received messages.
+    """
 
     __choreo_options__: ClassVar[MessageOptions]
 

@@ -249,6 +249,11 @@ class Node:
 
     async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
         """Publish an event; waits for credit up to ``timeout`` (then :class:`~choreo.Backpressure`)."""
+        engine = self.engine
+        if engine is not None and traceparent is None and engine.fatal is None:
+            msg_id = engine._fast_emit(event)  # credit available: no waiting, no coroutine below
+            if msg_id is not None:
+                return msg_id
         return await self._engine().emit(event, timeout=timeout, traceparent=traceparent)
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:

@@ -26,6 +26,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from . import core
 from .engine import Engine, NodeConfig
 from .service import Service
 
@@ -128,7 +129,7 @@ class Harness:
             incarnation=self.rng.getrandbits(63) | 1,
             name=name,
         )
-        engine._id_prefix = self.rng.randbytes(8)
+        engine.ids = core.IdSource(self.rng.randbytes(8))
         self.engines[endpoint] = engine
         return engine
 

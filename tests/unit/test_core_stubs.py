@@ -68,6 +68,11 @@ def instances(core) -> dict[str, object]:
         "KeyedDispatch": core.KeyedDispatch(),
         "Envelope": core.Envelope(core.pack_envelope(1, 1, 0, b"T", b"", 0, z, z, z, b"")),
         "MalformedFrame": core.MalformedFrame("truncated", "detail"),
+        "IdSource": core.IdSource(bytes(8)),
+        "FastLane": core.FastLane(),
+        "EmitLane": core.EmitLane(
+            b"T", "k", 1, [core.OutboundWindow()], bytes, bytes, core.IdSource(bytes(8)), 256, 1 << 18, 1 << 20
+        ),
     }
 
 

@@ -1,0 +1,156 @@
+"""The lanes (the runtime's per-message loops) behave the same in both cores."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from choreo import _core, _pycore
+
+CORES = [pytest.param(_core, id="compiled"), pytest.param(_pycore, id="pure")]
+Z = bytes(16)
+
+
+class Ev(msgspec.Struct):
+    k: str
+    n: int
+
+
+encode = msgspec.msgpack.Encoder().encode
+decode = msgspec.msgpack.Decoder(Ev).decode
+
+
+def lane(core, windows, key_name="k", partitions=4, max_batch=3):
+    return core.EmitLane(b"Ev", key_name, partitions, windows, encode, lambda v: str(v).encode(),
+                         core.IdSource(b"\x01" * 8), max_batch, 1 << 20, 1 << 20)
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_emit_lane_writes_what_append_would(core) -> None:
+    windows = [core.OutboundWindow(max_messages=8) for _ in range(4)]
+    emit = lane(core, windows)
+    ids = [emit.emit(Ev(f"key{i}", i), now=0.0) for i in range(6)]
+    assert ids == [b"\x01" * 8 + (i + 1).to_bytes(8, "little") for i in range(6)]
+    envs = [e for w in windows for e in core.parse_envelopes(w.flush() or b"")]
+    assert sorted(e.msg_id for e in envs) == sorted(ids)
+    for e in envs:
+        assert e.trace_id == e.msg_id and e.cause_id == Z and e.type == "Ev" and e.flags == 0
+        assert e.partition == core.partition_of(e.key, 4)
+        assert windows[e.partition] is not None
+        assert decode(e.payload).k == e.key.decode()
+
+
+def test_both_cores_emit_identical_bytes() -> None:
+    bodies = []
+    for core in (_core, _pycore):
+        windows = [core.OutboundWindow(max_messages=64) for _ in range(4)]
+        emit = lane(core, windows)
+        for i in range(40):
+            emit.emit(Ev(f"k{i % 7}", i), now=1.0)
+        bodies.append([w.flush() for w in windows])
+    assert bodies[0] == bodies[1]
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_emit_lane_steps_aside_without_credit_or_when_held(core) -> None:
+    w = core.OutboundWindow(max_messages=2)
+    emit = lane(core, [w], partitions=1)
+    assert emit.emit(Ev("a", 1), 0.0) is not None and emit.emit(Ev("a", 2), 0.0) is not None
+    assert emit.emit(Ev("a", 3), 0.0) is None, "no credit: the caller's slow path waits"
+    w2 = core.OutboundWindow()
+    w2.held = True
+    assert lane(core, [w2], partitions=1).emit(Ev("a", 1), 0.0) is None
+    assert emit.full is False and emit.last == 0
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_emit_lane_unkeyed_picks_the_least_loaded_and_reports_a_full_batch(core) -> None:
+    a, b = core.OutboundWindow(), core.OutboundWindow()
+    emit = lane(core, [a, b], key_name=None, max_batch=2)
+    emit.emit(Ev("x", 1), 0.0)
+    first = emit.last
+    assert not emit.full
+    emit.emit(Ev("x", 2), 0.0)
+    assert emit.last == 1 - first, "the other one had nothing in flight"
+    picks = set()
+    for n in range(3, 7):  # equally loaded: they take turns
+        emit.emit(Ev("x", n), 0.0)
+        picks.add(emit.last)
+        if emit.full:
+            [a, b][emit.last].flush()
+    assert picks == {0, 1}
+    (env, *_) = core.parse_envelopes(a.flush() or b.flush())
+    assert env.flags == 0x01 and env.key == b""
+
+
+def test_both_cores_choose_the_same_unkeyed_windows() -> None:
+    picks = []
+    for core in (_core, _pycore):
+        ws = [core.OutboundWindow() for _ in range(3)]
+        emit = lane(core, ws, key_name=None)
+        seq = []
+        for n in range(20):
+            emit.emit(Ev("x", n), 0.0)
+            seq.append(emit.last)
+            if n % 5 == 4:
+                ws[n % 3].on_ack(ws[n % 3].next_seq - 1, ws[n % 3].next_seq - 1, [], 0.0)
+        picks.append(seq)
+    assert picks[0] == picks[1]
+
+
+def _batch(core, items):
+    w = core.OutboundWindow(max_messages=64)
+    for tname, key, payload, msg_id in items:
+        w.append(1, 0, tname, key, core.partition_of(key, 4), msg_id, msg_id, Z, payload, 0.0)
+    r = core.InboundReorder(window=64)
+    return r, r.feed(w.flush())
+
+
+def _run(core):
+    """A batch exercising every stop of the fast lane; returns what happened."""
+    seen: list[int] = []
+
+    def handler(ev: Ev) -> None:
+        if ev.n == 13:
+            raise RuntimeError("unlucky")
+        seen.append(ev.n)
+
+    ids = [bytes([i]) * 16 for i in range(10)]
+    items = [
+        (b"Ev", b"a", encode(Ev("a", 1)), ids[0]),
+        (b"Ev", b"b", encode(Ev("b", 2)), ids[1]),
+        (b"Ev", b"a", encode(Ev("a", 3)), ids[0]),  # duplicate id
+        (b"Other", b"a", encode(Ev("a", 4)), ids[3]),  # not for the lane
+        (b"Ev", b"c", b"\xc1", ids[4]),  # body fails to decode
+        (b"Ev", b"d", encode(Ev("d", 13)), ids[5]),  # handler raises
+        (b"Ev", b"busy", encode(Ev("busy", 6)), ids[6]),  # its key is busy
+        (b"Ev", b"e", encode(Ev("e", 7)), ids[7]),
+    ]
+    reorder, envs = _batch(core, items)
+    fast = core.FastLane()
+    fast.set("Ev", decode, core.DedupWindow(60.0, 100), handler, "h", False)
+    keyed = core.KeyedDispatch()
+    keyed.admit(b"busy", "someone")
+    spans: list[tuple] = []
+    clock = iter(range(100)).__next__
+    stops, i = [], 0
+    while True:
+        handled, i, status, a, b, started = fast.run(envs, i, reorder, 5.0, clock, 1.5, None, keyed, spans.append, None)
+        stops.append((handled, i, status, type(b).__name__ if status == core.LANE_FAILED else None))
+        if status == core.LANE_END:
+            break
+        i += 1
+    return stops, seen, [(s[3], s[4], s[5], s[8], s[10], s[11], s[12]) for s in spans], reorder.stats().done_upto
+
+
+def test_fast_lane_stops_where_the_caller_is_needed_in_both_cores() -> None:
+    compiled, pure = _run(_core), _run(_pycore)
+    assert compiled == pure
+    stops, seen, spans, done_upto = compiled
+    assert [s[2] for s in stops] == [
+        _core.LANE_DUPLICATE, _core.LANE_SLOW, _core.LANE_BAD, _core.LANE_FAILED, _core.LANE_SLOW, _core.LANE_END
+    ]
+    assert stops[3][3] == "RuntimeError"
+    assert seen == [1, 2, 7]
+    assert spans[0] == ("Ev", "h", 1.5, "ok", 1, b"a", _core.partition_of(b"a", 4))
+    assert done_upto == 2, "the lane completed what it handled; the rest is the caller's"
