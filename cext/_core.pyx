@@ -1167,6 +1167,9 @@ cdef class DedupWindow:
     cdef uint64_t *_table
     cdef size_t _tmask
     cdef uint64_t _inserted, _duplicates, _expired, _evicted
+    # placement in the table only (never on the wire): seeded per window from its address, so a
+    # peer choosing message ids cannot aim them all at one probe chain
+    cdef uint64_t _seed
 
     def __cinit__(self, double ttl, Py_ssize_t max_entries):
         if not ttl > 0:
@@ -1177,6 +1180,7 @@ cdef class DedupWindow:
             raise ValueError(f"max_entries must be at most 2**31, got {max_entries}")
         self.ttl = ttl
         self.max_entries = max_entries
+        self._seed = fmix64(<uint64_t><size_t><void *>self ^ <uint64_t>GOLDEN)
         # the ring may hold removed (dead) entries until they reach its head; 1/16 of slack above
         # max_entries keeps in-place compaction rare when ids are removed at full capacity
         self._rmax = pow2_at_least(<size_t>max_entries + <size_t>max_entries // 16 + 1)
@@ -1208,8 +1212,11 @@ cdef class DedupWindow:
         self._ring, self._rcap, self._head, self._n = ring, rcap, 0, k
         self._table, self._tmask = table, tcap - 1
         for i in range(k):
-            self._table_put(id_hash(ring[i].id), i)
+            self._table_put(self._id_hash(ring[i].id), i)
         return 0
+
+    cdef inline uint64_t _id_hash(self, const uint8_t *p) noexcept:
+        return fmix64(id_hash(p) ^ self._seed)
 
     cdef inline void _table_put(self, uint64_t h, size_t pos) noexcept:
         cdef size_t i = <size_t>(h >> 32) & self._tmask
@@ -1264,7 +1271,7 @@ cdef class DedupWindow:
         if e.alive:
             e.alive = 0
             self._live -= 1
-            self._table_delete(self._find_pos(self._head, id_hash(e.id)))
+            self._table_delete(self._find_pos(self._head, self._id_hash(e.id)))
         self._head = (self._head + 1) & (self._rcap - 1)
         self._n -= 1
 
@@ -1328,7 +1335,7 @@ cdef class DedupWindow:
         if 2 * j < self._n:
             CHOREO_PREFETCH(&self._ring[(self._head + 2 * j) & rmask])
         if j < self._n:
-            CHOREO_PREFETCH(&self._table[<size_t>(id_hash(self._ring[(self._head + j) & rmask].id) >> 32)
+            CHOREO_PREFETCH(&self._table[<size_t>(self._id_hash(self._ring[(self._head + j) & rmask].id) >> 32)
                                          & self._tmask])
         CHOREO_PREFETCH_W(&self._ring[(self._head + self._n + j) & rmask])
 
@@ -1346,7 +1353,7 @@ cdef class DedupWindow:
         check_partition(partition)
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
-        return self._insert(p, id_hash(p), now, <uint16_t>partition) == 1
+        return self._insert(p, self._id_hash(p), now, <uint16_t>partition) == 1
 
     def insert_many(self, ids, double now, Py_ssize_t partition=0):
         """insert() for each id, in order."""
@@ -1375,7 +1382,7 @@ cdef class DedupWindow:
                 obj = envs[i]
                 if type(obj) is Envelope:
                     ptrs[i - start] = (<Envelope>obj).id_ptr()
-                    hs[i - start] = id_hash(ptrs[i - start])
+                    hs[i - start] = self._id_hash(ptrs[i - start])
                 else:
                     ptrs[i - start] = NULL
             for i in range(start, end):
@@ -1397,14 +1404,14 @@ cdef class DedupWindow:
         """Whether ``id`` is remembered at ``now`` (does not insert)."""
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
-        cdef Py_ssize_t slot = self._find(p, id_hash(p))
+        cdef Py_ssize_t slot = self._find(p, self._id_hash(p))
         return slot >= 0 and now < self._ring[slot_pos(self._table[slot])].t + self.ttl
 
     def remove(self, id):
         """Forget one id (a failed attempt that must be allowed again). False if absent."""
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
-        cdef Py_ssize_t slot = self._find(p, id_hash(p))
+        cdef Py_ssize_t slot = self._find(p, self._id_hash(p))
         if slot < 0:
             return False
         self._kill_at(slot)
@@ -1452,7 +1459,7 @@ cdef class DedupWindow:
         cdef double t
         cdef uint64_t h
         for i in range(count):
-            h = id_hash(p + 4 + i * 24)
+            h = self._id_hash(p + 4 + i * 24)
             if self._find(p + 4 + i * 24, h) < 0:
                 t = bits_double(ld64(p + 4 + i * 24 + 16))
                 self._add(p + 4 + i * 24, h, t, <uint16_t>partition)
@@ -1468,7 +1475,7 @@ cdef class DedupWindow:
         for i in range(self._n):
             e = &self._ring[(self._head + i) & (self._rcap - 1)]
             if e.alive and e.partition == partition:
-                self._kill_at(self._find_pos((self._head + i) & (self._rcap - 1), id_hash(e.id)))
+                self._kill_at(self._find_pos((self._head + i) & (self._rcap - 1), self._id_hash(e.id)))
                 n += 1
         return n
 
@@ -1765,7 +1772,7 @@ cdef class FastLane:
                     return handled, i, LANE_SLOW, None, None, 0.0
             if e.window is not None:
                 idp = env.id_ptr()
-                h = id_hash(idp)
+                h = e.window._id_hash(idp)
                 if e.window._insert(idp, h, now, <uint16_t>env.partition) == 0:
                     return handled, i, LANE_DUPLICATE, None, None, 0.0
             try:
