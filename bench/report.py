@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.chart import CHART
 from bench.results import RESULTS, load
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -125,7 +126,7 @@ def _points(dimension: str, points: tuple[str, ...], what: str = "events_per_s",
 
 
 def _peer(peer: str) -> Callable[[Figures], str]:
-    return lambda f: (f"{_per_s(f, f'peers.{peer}.msgs_per_s')} vs choreo {_per_s(f, 'peers.choreo.events_per_s')}; "
+    return lambda f: (f"{_per_s(f, f'peers.{peer}.msgs_per_s')} vs choreo {_per_s(f, f'peers.{peer}.choreo_events_per_s')}; "
                       f"{_peer_guarantee(peer)}")
 
 
@@ -220,6 +221,8 @@ def table(figures: Figures) -> str:
         if not any(num(figures, row.figure) is not None for row in rows):
             continue  # a suite not run yet (e.g. the peers before the first make bench-peers)
         lines += [f"**{title}**: `{command}` ({module})", "", *rows_table(figures, rows), ""]
+        if rows is SCALE_ROWS and CHART.exists():
+            lines += [f"![how throughput grows]({CHART.relative_to(README.parent).as_posix()})", ""]
     cpu, cores, py, pyzmq, libzmq, date = (str(figures.get(f"machine.{k}", "?"))
                                            for k in ("cpu", "cores", "python", "pyzmq", "libzmq", "date"))
     lines += [
