@@ -469,7 +469,9 @@ class Engine:
                 frame = ch.take_frame()
                 if frame is not None and ch.peer.live:
                     self._send(ch.peer.endpoint, frame)
-        if self._dirty_in:
+        if self._dirty_in and not self._run_scheduled:
+            # (while received envelopes wait to be handled, their acks wait too: one ack after the
+            # handlers says more, and costs the sender one wake-up instead of two)
             dirty_in, self._dirty_in = self._dirty_in, set()
             for ich in dirty_in:
                 if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
@@ -923,6 +925,7 @@ class Engine:
             if self._blocked(plan) is not None:
                 plan = await self._await_credit(plan, timeout, replan)
             self._commit(plan)
+            self.flush()  # a caller waits on the answer: no turn of the loop before it leaves
             self.stats.sent += 1
 
             def expire() -> None:
@@ -1031,6 +1034,13 @@ class Engine:
                         ok.append(e)
                 released = released[:i] + ok
                 break
+        if released and released[0].kind == wire.KIND_REPLY:
+            # a command's or query's answer: its caller should not wait a turn of the loop
+            on_reply, complete = self.on_reply, ch.reorder.complete
+            while released and released[0].kind == wire.KIND_REPLY:
+                env = released.pop(0)
+                on_reply(env)
+                complete(env.seq)
         if released:
             # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
             # answering heartbeats and queries, and what waits here is its measurable lag
