@@ -252,14 +252,17 @@ def raw_pushpull(procs: Procs, count: int, payload: bytes, pack: int = 1, timeou
     }
 
 
-def raw_pingpong(procs: Procs, count: int, size: int, seconds: float) -> list[int]:
-    """Round trips (ns) of ``size`` bytes, DEALER process to ROUTER echo process."""
+def raw_pingpong(procs: Procs, count: int, size: int, seconds: float) -> tuple[list[int], dict[str, float]]:
+    """Round trips (ns) of ``size`` bytes, DEALER process to ROUTER echo process, and each side's
+    CPU seconds per round trip (``client``, ``server``; the echo's include the warm-up's)."""
     echo = procs.program("echo")
     endpoint = procs.line(echo, 30)
     ping = procs.program("ping", endpoint, str(count), str(size), str(seconds))
     result = json.loads(procs.line(ping, seconds + 60))
+    echoed = json.loads(procs.line(echo, 30))
     echo.wait(30)
-    return list(result["rtt_ns"])
+    rtts = list(result["rtt_ns"])
+    return rtts, {"client": result["cpu_s"] / len(rtts), "server": echoed["cpu_s"] / max(echoed["echoed"], 1)}
 
 
 def cpu_seconds(pid: int) -> float:

@@ -252,6 +252,7 @@ async def ping(node: Any) -> None:
         stop = time.perf_counter() + float(p.get("seconds", 10.0))
         rtts = []
         perf_ns = time.perf_counter_ns
+        cpu0 = time.process_time()
         for _ in range(count):
             t0 = perf_ns()
             result = await send(Echo(body=body), timeout=10)
@@ -260,7 +261,7 @@ async def ping(node: Any) -> None:
                 raise RuntimeError("Echo returned something else than its body")
             if len(rtts) % 256 == 0 and time.perf_counter() > stop:
                 break
-        result = {"rtt_ns": rtts}
+        result = {"rtt_ns": rtts, "cpu_s": time.process_time() - cpu0}
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
     _write(p.get("out"), result)

@@ -82,14 +82,18 @@ def echo() -> dict[str, float]:
     sock.bind("tcp://127.0.0.1:0")
     print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
     n = 0
+    cpu0 = 0.0
     while True:
         identity, data = sock.recv_multipart()
         if not data:
             break
+        if n == 0:
+            cpu0 = time.process_time()
         sock.send_multipart([identity, data])
         n += 1
+    cpu = time.process_time() - cpu0
     sock.close(0)
-    return {"echoed": n}
+    return {"echoed": n, "cpu_s": cpu}
 
 
 def ping(endpoint: str, count: int, size: int, seconds: float) -> dict[str, object]:
@@ -103,6 +107,7 @@ def ping(endpoint: str, count: int, size: int, seconds: float) -> dict[str, obje
         recv()
     rtts = []
     stop = time.perf_counter() + seconds
+    cpu0 = time.process_time()
     for i in range(count):
         t0 = perf_ns()
         send(body)
@@ -110,9 +115,10 @@ def ping(endpoint: str, count: int, size: int, seconds: float) -> dict[str, obje
         rtts.append(perf_ns() - t0)
         if i % 256 == 0 and time.perf_counter() > stop:
             break
+    cpu = time.process_time() - cpu0
     send(b"")  # tells the echo to finish
     sock.close(linger=1000)
-    return {"rtt_ns": rtts}
+    return {"rtt_ns": rtts, "cpu_s": cpu}
 
 
 def main(argv: list[str]) -> int:

@@ -165,6 +165,11 @@ LATENCY_ROWS = [
     Row("latency.command.p99_ratio_vs_raw_pingpong", "the same, p99", "x", 2.0, False, _latency("latency.command", "p99")),
     Row("latency.command.p999_ratio_vs_raw_pingpong", "the same, p99.9", "x", None, False,
         _latency("latency.command", "p999")),
+    Row("latency.command.cpu_ratio_vs_raw_pingpong", "CPU time per round trip, both processes (independent of "
+        "what other jobs take)", "x", None, False,
+        lambda f: (f"raw client {_us(f, 'latency.cpu_us.raw.client')} + echo {_us(f, 'latency.cpu_us.raw.server')} vs "
+                   f"choreo caller {_us(f, 'latency.cpu_us.command.client')} + owner "
+                   f"{_us(f, 'latency.cpu_us.command.server')}")),
     Row("latency.command_under_load.p99_ratio_vs_raw_pingpong", "command round trip p99 while a producer emits to the "
         "same consumer at half the peak rate (3 busy processes on 2 cores)", "x", None, False,
         lambda f: (f"idle raw p99 {_us(f, 'latency.raw_pingpong.p99_us')} vs {_us(f, 'latency.command_under_load.p99_us')}"

@@ -12,12 +12,13 @@ the figure.
 
 Figures: ``latency.command.{p50,p99,p999}_us``, ``latency.raw_pingpong.{p50,p99,p999}_us``,
 ``latency.command.{p50,p99,p999}_ratio_vs_raw_pingpong``, and ``latency.command_under_load.*``
-with ``latency.command_under_load.events_per_s`` (the load actually carried).
+with ``latency.command_under_load.events_per_s`` (the load actually carried), and the CPU time per
+round trip of each side (``latency.cpu_us.*``, ``latency.command.cpu_ratio_vs_raw_pingpong``).
 """
 
 from __future__ import annotations
 
-from bench.harness import SESSION, Procs, choreo_run, percentiles, raw_pingpong, scaled
+from bench.harness import SESSION, Procs, choreo_run, cpu_seconds, median, percentiles, raw_pingpong, scaled
 from bench.results import record
 
 ROUNDS = 2
@@ -27,9 +28,14 @@ SIZE = 100
 NAMES = {50: "p50", 99: "p99", 99.9: "p999"}
 
 
-def choreo_pings(procs: Procs, load: dict | None = None) -> tuple[list[int], dict | None]:
-    """Round trips of Echo commands (ns); with ``load``, while a producer emits at that rate."""
+def choreo_pings(procs: Procs, load: dict | None = None) -> tuple[list[int], dict | None, dict[str, float]]:
+    """Round trips of Echo commands (ns); with ``load``, while a producer emits at that rate.
+
+    Also each side's CPU seconds per round trip (``client``, ``server``; the server's include the
+    500 warm-up pings and, under load, the events).
+    """
     consumer = procs.node("bench.nodes:consumer")
+    cpu0 = cpu_seconds(consumer.pid)
     started = procs.path("started") if load else None
     out = procs.path("pinger")
     producer_out = None
@@ -39,9 +45,11 @@ def choreo_pings(procs: Procs, load: dict | None = None) -> tuple[list[int], dic
                    peers=[consumer.endpoint])
     procs.node("bench.nodes:pinger", {"role": "pinger", "out": out, "count": PINGS, "seconds": SECONDS,
                                       "size": SIZE, "after": started}, peers=[consumer.endpoint])
-    rtts = procs.report(out, SECONDS + 90, "pinger")["rtt_ns"]
+    report = procs.report(out, SECONDS + 90, "pinger")
+    server_cpu = cpu_seconds(consumer.pid) - cpu0
+    rtts = report["rtt_ns"]
     produced = procs.report(producer_out, 120, "producer") if producer_out else None
-    return rtts, produced
+    return rtts, produced, {"client": report["cpu_s"] / len(rtts), "server": server_cpu / (len(rtts) + 500)}
 
 
 def record_percentiles(prefix: str, rtts: list[int]) -> dict[float, float]:
@@ -54,19 +62,32 @@ def record_percentiles(prefix: str, rtts: list[int]) -> dict[float, float]:
 def test_command_round_trip(benchmark) -> None:
     raw: list[int] = []
     cmd: list[int] = []
+    cpu: dict[str, list[float]] = {"raw.client": [], "raw.server": [], "command.client": [], "command.server": []}
 
     def measure() -> None:
         for _ in range(ROUNDS):
             with Procs() as procs:
-                raw.extend(raw_pingpong(procs, PINGS, SIZE, SECONDS))
+                rtts, used = raw_pingpong(procs, PINGS, SIZE, SECONDS)
+                raw.extend(rtts)
+            for side, value in used.items():
+                cpu[f"raw.{side}"].append(value)
             with Procs() as procs:
-                cmd.extend(choreo_pings(procs)[0])
+                rtts, _, used = choreo_pings(procs)
+                cmd.extend(rtts)
+            for side, value in used.items():
+                cpu[f"command.{side}"].append(value)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     base = record_percentiles("latency.raw_pingpong", raw)
     mine = record_percentiles("latency.command", cmd)
     for q, name in NAMES.items():
         record(f"latency.command.{name}_ratio_vs_raw_pingpong", mine[q] / base[q])
+    # CPU time per round trip (both processes), which other jobs on the machine do not move
+    for name, values in cpu.items():
+        record(f"latency.cpu_us.{name}", median(values) * 1e6)
+    record("latency.command.cpu_ratio_vs_raw_pingpong",
+           (median(cpu["command.client"]) + median(cpu["command.server"]))
+           / (median(cpu["raw.client"]) + median(cpu["raw.server"])))
     SESSION["latency.raw_pingpong.p99_ns"] = base[99]
     SESSION["latency.raw_pingpong.p50_ns"] = base[50]
     SESSION["latency.raw_pingpong.p999_ns"] = base[99.9]
@@ -84,7 +105,7 @@ def test_command_round_trip_under_load(benchmark) -> None:
 
     def measure() -> None:
         with Procs() as procs:
-            rtts, produced = choreo_pings(
+            rtts, produced, _ = choreo_pings(
                 procs, {"count": int(rate * seconds), "seconds": seconds, "rate": rate, "keys": 1000, "size": 100}
             )
             cmd.extend(rtts)
