@@ -89,7 +89,7 @@ class OutChannel:
         self.watch: dict[int, Callback] = {}  # seq -> called when that seq is done (insertion = seq order)
         self.max_batch = max_batch
         self.max_batch_bytes = max_batch_bytes
-        self.header = wire.frame(wire.DATA, me, peer.incarnation)
+        self.me = me
         self.credit_waiters: list[Callback] = []
         self.closed = False
         self.done_upto = 0  # every seq up to here is done (the receiver's cumulative ack)
@@ -133,14 +133,9 @@ class OutChannel:
     def batch_full(self) -> bool:
         return self.window.pending >= self.max_batch or self.window.pending_bytes >= self.max_batch_bytes
 
-    def take_frame(self) -> bytes | None:
-        """The DATA frame of everything appended since the last call, or None."""
-        body = self.window.flush()
-        return None if body is None else self.header + body
-
-    def retransmit_frame(self, now: float) -> bytes | None:
-        body = self.window.due(now)
-        return None if body is None else self.header + body
+    def take_body(self) -> bytes | None:
+        """The batch body of everything appended since the last call, or None."""
+        return self.window.flush()
 
     # -- acks ----------------------------------------------------------------------------------
 
@@ -242,6 +237,12 @@ class InChannel:
 
     def ack_frame(self) -> bytes:
         return self.header + self.reorder.ack_frame()
+
+    def take_ack(self) -> bytes | None:
+        """The ack to send, if one is due (to ride on a frame going to the same peer)."""
+        if not self.reorder.ack_pending or self.closed:
+            return None
+        return self.reorder.ack_frame()
 
     @property
     def idle(self) -> bool:

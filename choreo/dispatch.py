@@ -37,7 +37,7 @@ from .errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationErro
 from .messages import Message, decode, decoder_for, message_options
 from .service import Handler, Service
 from .tracing import format_traceparent
-from .wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY, KIND_REPLY
+from .wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY
 
 if TYPE_CHECKING:  # pragma: no cover
     from .channels import InChannel
@@ -378,11 +378,6 @@ class Dispatcher:
 
     def deliver(self, channel: InChannel, env: Any, now: float) -> None:
         """Take one released envelope (called in sequence order per channel)."""
-        if env.kind == KIND_REPLY:
-            self.engine.on_reply(env)
-            channel.reorder.complete(env.seq)
-            self.engine.ack_later(channel)
-            return
         if env.kind == KIND_HANDOVER:
             self.engine.on_handover(env)
             channel.reorder.complete(env.seq)
@@ -453,7 +448,11 @@ class Dispatcher:
         if cached is not None and job.env.kind != KIND_EVENT:
             job.reply = cached[2]
         elif job.env.kind != KIND_EVENT:
-            job.reply = _ok_reply(_reply_encoder.encode(None))
+            job.reply = _error_reply(
+                "ResultExpired",
+                f"{job.env.type} was already handled, and its result is no longer remembered "
+                "(older than the type's dedup window, or the handling instance crashed)",
+            )
         self._effects_safe(job)
 
     def pump(self) -> None:
@@ -576,10 +575,7 @@ class Dispatcher:
             if self.in_progress.get(job.env.msg_id) is job:
                 self._remember_result(job, reply)
             if job.channel is not None:
-                job.pending = 1
-                if self.engine.send_reply(job, reply):
-                    return
-                job.pending = 0
+                self.engine.send_reply(job, reply)  # ahead of the ack that completes the command
         self._complete(job)
 
     def _complete(self, job: Job) -> None:

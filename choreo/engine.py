@@ -41,6 +41,7 @@ from .channels import InChannel, OutChannel, Outgoing
 from .dispatch import Dispatcher, Job, decode_reply
 from .errors import (
     Backpressure,
+    ChoreoError,
     ChoreoUsageError,
     DeliveryTimeout,
     HandlerFailed,
@@ -66,7 +67,6 @@ _encode = msgspec.msgpack.Encoder().encode  # the same encoding as choreo.messag
 _partition_of = core.partition_of
 _HEADER_SIZE = core.HEADER_SIZE
 _KIND_EVENT = wire.KIND_EVENT
-REPLY_HANDLER_ID = b"\xffreply"
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,7 @@ class EngineStats:
     backpressure_errors: int = 0
     dead_letters: int = 0
     reincarnations: int = 0
+    resent_requests: int = 0  # commands/queries acked without their answer (its frame was lost)
     redelivered_closed: int = 0  # retransmissions on channels that are gone (counters only grow)
     unrouted: int = 0
     forwarded: int = 0
@@ -267,6 +268,7 @@ class Engine:
         self._route_cache: dict[str, tuple[int, list[_Route]]] = {}
         self._emit_plans: dict[type, _EmitPlan] = {}
         self._service_waiters: dict[str, list[Callable[[], None]]] = {}
+        self._replies: dict[int, list[bytes]] = {}  # peer incarnation -> reply entries to send
         self._rr = 0  # turn of equally loaded instances for unkeyed messages
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
         self._run_scheduled = False
@@ -391,9 +393,9 @@ class Engine:
         now = self.clock()
         for ch in list(self.out.values()):
             if ch.window.in_flight and ch.peer.live:
-                frame = ch.retransmit_frame(now)
-                if frame is not None:
-                    self._send(ch.peer.endpoint, frame)
+                body = ch.window.due(now)
+                if body is not None:
+                    self._send_data(ch, body)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat
             self._heartbeat()
@@ -463,19 +465,25 @@ class Engine:
     def flush(self) -> None:
         """Send every pending batch and ack: called when the loop has nothing else to do."""
         self._flush_scheduled = False
+        if self._replies:  # before any ack that covers the commands they answer
+            replies, self._replies = self._replies, {}
+            for inc, entries in replies.items():
+                peer = self.membership.peers.get(inc)
+                if peer is not None and peer.live:
+                    self._send(peer.endpoint, self._frame_to(wire.REPLY, inc, b"".join(entries)))
         if self._dirty_out:
             dirty, self._dirty_out = self._dirty_out, set()
             for ch in dirty:
-                frame = ch.take_frame()
-                if frame is not None and ch.peer.live:
-                    self._send(ch.peer.endpoint, frame)
+                body = ch.take_body()
+                if body is not None and ch.peer.live:
+                    self._send_data(ch, body)
         if self._dirty_in and not self._run_scheduled:
             # (while received envelopes wait to be handled, their acks wait too: one ack after the
             # handlers says more, and costs the sender one wake-up instead of two)
             dirty_in, self._dirty_in = self._dirty_in, set()
             for ich in dirty_in:
                 if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
-                    self._send(ich.peer.endpoint, ich.ack_frame())
+                    self._send_ack(ich)
 
     def _append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
         """Put one envelope on a channel (or its backlog) and get it on its way."""
@@ -487,10 +495,35 @@ class Engine:
         ch.push(item, now)
         self._dirty_out.add(ch)
         if ch.batch_full:
-            frame = ch.take_frame()
-            if frame is not None:
-                self._send(ch.peer.endpoint, frame)
+            body = ch.take_body()
+            if body is not None:
+                self._send_data(ch, body)
         self.schedule_flush()
+
+    def _frame_to(self, frame_type: int, incarnation: int, body: bytes) -> bytes:
+        """A DATA or REPLY frame for a peer, carrying our ack of its data when one is due."""
+        ich = self.inbound.get(incarnation)
+        ack = ich.take_ack() if ich is not None else None
+        if ack is None:
+            return wire.frame(frame_type, self.incarnation, incarnation, body)
+        head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, frame_type, wire.FLAG_ACK, self.incarnation, incarnation)
+        return b"".join((head, wire.PIGGY.pack(len(ack)), ack, body))
+
+    def _send_ack(self, ich: InChannel) -> None:
+        """A standalone ack; replies still queued for that peer go first (they carry it)."""
+        inc = ich.peer.incarnation
+        entries = self._replies.pop(inc, None) if self._replies else None
+        if entries:
+            self._send(ich.peer.endpoint, self._frame_to(wire.REPLY, inc, b"".join(entries)))
+        else:
+            self._send(ich.peer.endpoint, ich.ack_frame())
+
+    def _send_data(self, ch: OutChannel, body: bytes) -> None:
+        inc = ch.peer.incarnation
+        entries = self._replies.pop(inc, None) if self._replies else None
+        if entries:  # answers first: a piggybacked ack may cover their commands
+            self._send(ch.peer.endpoint, self._frame_to(wire.REPLY, inc, b"".join(entries)))
+        self._send(ch.peer.endpoint, self._frame_to(wire.DATA, inc, body))
 
     def channel(self, peer: Peer) -> OutChannel:
         ch = self.out.get(peer.incarnation)
@@ -611,32 +644,26 @@ class Engine:
         return count
 
     def send_reply(self, job: Job, reply: bytes) -> bool:
-        """Send a command's or query's result back to its sender; False if the sender is gone."""
+        """Queue a command's or query's result for its sender; False if the sender is gone.
+
+        Replies travel in REPLY frames, ahead of the ack that covers their command. A reply lost
+        with its frame is recovered by the caller, who resends the command when it sees the
+        command acked but unanswered: dedup answers the resend from the cached result.
+        """
         assert job.channel is not None
         peer = job.channel.peer
         if not peer.live or job.channel.closed:
             return False
         env = job.env
-        item = Outgoing(
-            wire.KIND_REPLY,
-            wire.FLAG_UNKEYED,
-            env.type.encode(),
-            b"",
-            0,
-            core.derive_id(env.msg_id, REPLY_HANDLER_ID, env.seq & 0xFFFFFFFF),
-            env.trace_id,
-            env.msg_id,
-            reply,
-            partial(self.dispatcher.output_done, job),
-        )
-        self._append(self.channel(peer), item, self.clock())
+        self._replies.setdefault(peer.incarnation, []).append(wire.reply_entry(env.msg_id, env.type.encode(), reply))
+        self.schedule_flush()
         return True
 
-    def on_reply(self, env: Any) -> None:
-        calls = self._calls.pop(env.cause_id, None)
+    def on_reply(self, msg_id: bytes, type_name: str, payload: bytes) -> None:
+        calls = self._calls.pop(msg_id, None)
         if not calls:
             return
-        ok, body = decode_reply(env.payload)
+        ok, body = decode_reply(payload)
         for call in calls:
             if call.future.done():
                 continue
@@ -644,12 +671,12 @@ class Engine:
                 try:
                     result = result_decoder_for(call.cls).decode(body)
                 except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                    call.future.set_exception(ValidationError(f"result of {env.type}: {exc}"))
+                    call.future.set_exception(ValidationError(f"result of {type_name}: {exc}"))
                 else:
                     call.future.set_result(result)
             else:
                 etype, message = body  # type: ignore[misc]
-                call.future.set_exception(HandlerFailed(env.type, call.service, etype, message))
+                call.future.set_exception(HandlerFailed(type_name, call.service, etype, message))
 
     # ================================================================================ the app's API
 
@@ -759,7 +786,7 @@ class Engine:
             return None  # no credit (or a message too large): the slow path waits or explains
         ch = plan.lane_channels[lane.last]
         if lane.full:
-            self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
+            self._send_data(ch, ch.take_body())  # type: ignore[arg-type]
         else:
             self._dirty_out.add(ch)
             if not self._flush_scheduled:
@@ -807,7 +834,7 @@ class Engine:
         for ch, flags, kb, partition in sends:
             ch.window.append(_KIND_EVENT, flags, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, now)
             if ch.window.pending >= ch.max_batch or ch.window.pending_bytes >= ch.max_batch_bytes:
-                self._send(ch.peer.endpoint, ch.take_frame())  # type: ignore[arg-type]
+                self._send_data(ch, ch.take_body())  # type: ignore[arg-type]
             else:
                 self._dirty_out.add(ch)
         if not self._flush_scheduled:
@@ -911,13 +938,27 @@ class Engine:
         if trace_id is None:
             trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         start = self.clock()
-
-        def replan() -> list[tuple[OutChannel | None, Outgoing, str]]:
-            return self._plan(message, msg_id, trace_id, cause_id, None)
-
-        plan = replan()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        resends = [0]
+
+        def acked() -> None:
+            # processed (acked), and its answer came first on the same connection unless that frame
+            # was lost: then ask again; dedup answers the resend from the cached result
+            if future.done() or resends[0] >= 3:
+                return
+            resends[0] += 1
+            self.stats.resent_requests += 1
+            try:
+                self._commit(replan())
+                self.flush()
+            except ChoreoError as exc:
+                future.set_exception(exc)
+
+        def replan() -> list[tuple[OutChannel | None, Outgoing, str]]:
+            return self._plan(message, msg_id, trace_id, cause_id, acked)
+
+        plan = replan()
         owner = plan[0][2]
         call = _Call(future, type(message), owner)
         self._calls.setdefault(msg_id, []).append(call)
@@ -980,7 +1021,7 @@ class Engine:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self.config.max_frame_bytes}")
             return
         try:
-            frame_type, _flags, sender, receiver = wire.parse_header(data)
+            frame_type, flags, sender, receiver = wire.parse_header(data)
             if receiver and receiver != self.incarnation:
                 self._refuse_stale(sender, receiver)
                 return
@@ -989,9 +1030,11 @@ class Engine:
                 self._tell_dead(known)  # it must come back as a new incarnation
                 return
             if frame_type == wire.DATA:
-                self._on_data(sender, data)
+                self._on_data(sender, data, flags)
+            elif frame_type == wire.REPLY:
+                self._on_replies(sender, data, flags)
             elif frame_type == wire.ACK:
-                self._on_ack(sender, data)
+                self._on_ack(sender, data, wire.HEADER_SIZE)
             elif frame_type == wire.HEARTBEAT:
                 self._on_heartbeat(sender, wire.decode_control(frame_type, data))
             elif frame_type == wire.HELLO:
@@ -1009,7 +1052,17 @@ class Engine:
         if self.membership.version != self._synced_version:
             self.sync_view()
 
-    def _on_data(self, sender: int, data: bytes) -> None:
+    def _on_replies(self, sender: int, data: bytes, flags: int) -> None:
+        ack_at, ack_len, body_at = wire.split_ack(data, flags)
+        for msg_id, type_name, payload in wire.parse_replies(data, body_at):
+            self.on_reply(msg_id, type_name, payload)
+        if ack_len:  # after the answers: the ack must not find their commands unanswered
+            self._on_ack(sender, data[: ack_at + ack_len], ack_at)
+
+    def _on_data(self, sender: int, data: bytes, flags: int = 0) -> None:
+        ack_at, ack_len, body_at = wire.split_ack(data, flags)
+        if ack_len:
+            self._on_ack(sender, data[: ack_at + ack_len], ack_at)
         ch = self.inbound.get(sender)
         if ch is None:
             peer = self.membership.peers.get(sender)
@@ -1018,7 +1071,7 @@ class Engine:
             ch = self.inbound[sender] = InChannel(self.incarnation, peer, self.config.window)
         self.membership.heard(sender, self.clock())
         try:
-            released = ch.reorder.feed(data, wire.HEADER_SIZE)
+            released = ch.reorder.feed(data, body_at)
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
         self.batch_wall = self.wall()
@@ -1034,13 +1087,6 @@ class Engine:
                         ok.append(e)
                 released = released[:i] + ok
                 break
-        if released and released[0].kind == wire.KIND_REPLY:
-            # a command's or query's answer: its caller should not wait a turn of the loop
-            on_reply, complete = self.on_reply, ch.reorder.complete
-            while released and released[0].kind == wire.KIND_REPLY:
-                env = released.pop(0)
-                on_reply(env)
-                complete(env.seq)
         if released:
             # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
             # answering heartbeats and queries, and what waits here is its measurable lag
@@ -1071,13 +1117,13 @@ class Engine:
             self._loop.call_soon(self._run)
         self.flush()
 
-    def _on_ack(self, sender: int, data: bytes) -> None:
+    def _on_ack(self, sender: int, data: bytes, offset: int) -> None:
         ch = self.out.get(sender)
         if ch is None:
             return  # an ack for a channel we no longer have: harmless
         self.membership.heard(sender, self.clock())
         try:
-            ch.on_ack(data, wire.HEADER_SIZE, self.clock())
+            ch.on_ack(data, offset, self.clock())
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
         if self.holds.by_key:
@@ -1157,7 +1203,7 @@ class Engine:
         if hb.ack_please and peer is not None:
             ch = self.inbound.get(sender)
             if ch is not None:
-                self._send(peer.endpoint, ch.ack_frame())
+                self._send_ack(ch)
         self._learn(hb.peers)
 
     def _on_bye(self, sender: int) -> None:
@@ -1219,7 +1265,7 @@ class Engine:
         self._emit_plans.clear()
         self._told_dead.clear()
         for service, item in leftovers:
-            if item.kind == wire.KIND_REPLY or service is None:
+            if service is None:
                 if item.on_done is not None:
                     item.on_done()  # its receiver's channel is void: nothing left to wait for
             else:
@@ -1275,7 +1321,7 @@ class Engine:
         now = self.clock()
         moved = 0
         for item in items:
-            if item.kind == wire.KIND_REPLY or item.flags & wire.FLAG_BROADCAST or service is None:
+            if item.flags & wire.FLAG_BROADCAST or service is None:
                 if item.on_done is not None:
                     item.on_done()  # its receiver is gone: nothing left to wait for
                 continue
@@ -1453,6 +1499,7 @@ class Engine:
             "unrouted": self.stats.unrouted,
             "forwarded": self.stats.forwarded,
             "reincarnations": self.stats.reincarnations,
+            "resent_requests": self.stats.resent_requests,
             "partitions": self.ownership.summary() if self.ownership is not None else {},
             "holds": len(self.holds.by_key),
             "refused": dict(self.stats.refused),

@@ -6,7 +6,10 @@ Every frame opens with a fixed 24-byte header, then a body whose meaning depends
     8  u64 sender incarnation                        16 u64 receiver incarnation (0: any)
 
 ``DATA`` bodies are batches of envelopes (layout in ``choreo/_pycore.py``), handled by the
-compiled core without a copy. ``ACK`` bodies are the core's ack encoding. Control bodies
+compiled core without a copy. ``ACK`` bodies are the core's ack encoding. ``REPLY`` bodies are
+the answers to commands and queries, each ``16s msg_id | u8 type_len | type | u32 len | body``.
+A ``DATA`` or ``REPLY`` frame with ``FLAG_ACK`` set starts with ``u16 len | ack``: the sender's
+ack of what it received from the receiver rides along instead of taking a frame of its own. Control bodies
 (``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``) are MessagePack maps
 decoded into the structs below, so a malformed or hostile body fails validation instead of
 reaching the runtime. Nothing here is ever unpickled.
@@ -37,6 +40,8 @@ __all__ = [
     "REFUSE",
     "RPC",
     "RPC_REPLY",
+    "REPLY",
+    "FLAG_ACK",
     "FRAME_NAMES",
     "PeerRef",
     "Hello",
@@ -52,7 +57,6 @@ __all__ = [
     "KIND_EVENT",
     "KIND_COMMAND",
     "KIND_QUERY",
-    "KIND_REPLY",
     "KIND_HANDOVER",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
@@ -64,8 +68,9 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHQQ")
 HEADER_SIZE = HEADER.size  # 24
 
-DATA, ACK, HELLO, HEARTBEAT, BYE, REFUSE, RPC, RPC_REPLY = range(1, 9)
+DATA, ACK, HELLO, HEARTBEAT, BYE, REFUSE, RPC, RPC_REPLY, REPLY = range(1, 10)
 FRAME_NAMES = {
+    REPLY: "reply",
     DATA: "data",
     ACK: "ack",
     HELLO: "hello",
@@ -76,13 +81,18 @@ FRAME_NAMES = {
     RPC_REPLY: "rpc_reply",
 }
 
+# frame flags
+FLAG_ACK = 0x0001  # the body starts with a piggybacked ack (u16 length, then the ack)
+PIGGY = struct.Struct("<H")
+REPLY_ENTRY = struct.Struct("<16sB")
+REPLY_LEN = struct.Struct("<I")
+
 # envelope kinds (the core's ``kind`` byte)
-KIND_EVENT, KIND_COMMAND, KIND_QUERY, KIND_REPLY, KIND_HANDOVER = 1, 2, 3, 4, 5
+KIND_EVENT, KIND_COMMAND, KIND_QUERY, KIND_HANDOVER = 1, 2, 3, 5  # (4: reserved, was replies)
 KIND_NAMES = {
     KIND_EVENT: "event",
     KIND_COMMAND: "command",
     KIND_QUERY: "query",
-    KIND_REPLY: "reply",
     KIND_HANDOVER: "handover",  # a drained partition's dedup ids, from its old owner to its new one
 }
 KIND_CODES = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
@@ -199,3 +209,43 @@ def decode_control(frame_type: int, data: bytes) -> Any:
         return _decoders[frame_type].decode(memoryview(data)[HEADER_SIZE:])
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError("malformed", f"{FRAME_NAMES[frame_type]} body: {exc}") from None
+
+
+def split_ack(data: bytes, flags: int) -> tuple[int, int, int]:
+    """``(ack offset, ack length, body offset)`` of a DATA or REPLY frame (length 0: no ack)."""
+    if not flags & FLAG_ACK:
+        return 0, 0, HEADER_SIZE
+    if len(data) < HEADER_SIZE + PIGGY.size:
+        raise ProtocolError("malformed", "frame flagged with an ack has no room for it")
+    (n,) = PIGGY.unpack_from(data, HEADER_SIZE)
+    start = HEADER_SIZE + PIGGY.size
+    if len(data) < start + n:
+        raise ProtocolError("malformed", f"piggybacked ack of {n} bytes overruns the frame")
+    return start, n, start + n
+
+
+def reply_entry(msg_id: bytes, type_name: bytes, body: bytes) -> bytes:
+    return REPLY_ENTRY.pack(msg_id, len(type_name)) + type_name + REPLY_LEN.pack(len(body)) + body
+
+
+def parse_replies(data: bytes, offset: int) -> list[tuple[bytes, str, bytes]]:
+    """The ``(msg_id, type, body)`` entries of a REPLY frame, or :class:`ProtocolError`."""
+    out = []
+    end = len(data)
+    view = memoryview(data)
+    while offset < end:
+        if end - offset < REPLY_ENTRY.size:
+            raise ProtocolError("malformed", "truncated reply entry")
+        msg_id, tlen = REPLY_ENTRY.unpack_from(data, offset)
+        offset += REPLY_ENTRY.size
+        if end - offset < tlen + REPLY_LEN.size:
+            raise ProtocolError("malformed", "truncated reply entry")
+        type_name = bytes(view[offset : offset + tlen]).decode("utf-8", "replace")
+        offset += tlen
+        (n,) = REPLY_LEN.unpack_from(data, offset)
+        offset += REPLY_LEN.size
+        if end - offset < n:
+            raise ProtocolError("malformed", "reply body overruns the frame")
+        out.append((msg_id, type_name, bytes(view[offset : offset + n])))
+        offset += n
+    return out
