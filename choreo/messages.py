@@ -120,6 +120,50 @@ class _MessageMeta(type(msgspec.Struct)):  # type: ignore[misc]
         return cls
 
 
+def _enable_vectorcall(meta: type) -> bool:
+    """Let classes of ``meta`` be constructed through msgspec's fast path (CPython 3.11).
+
+    msgspec constructs structs through the vectorcall protocol. CPython 3.12 lets a metaclass
+    written in Python inherit it when it does not override ``__call__``; 3.11 does not, and
+    constructing a message with keyword arguments then takes about 3.5 times as long. This sets
+    the same flag 3.12 would set, after checking that the type object's layout is the one
+    expected (the flags read back equal ``__flags__``); anywhere else it does nothing.
+    """
+    import ctypes
+    import platform
+
+    if platform.python_implementation() != "CPython" or sys.version_info >= (3, 12):
+        return False
+    base = type(msgspec.Struct)
+    have_vectorcall = 1 << 11
+    if meta.__call__ is not base.__call__ or not base.__flags__ & have_vectorcall or meta.__flags__ & have_vectorcall:
+        return False
+
+    class _TypeHead(ctypes.Structure):  # PyTypeObject up to tp_flags (CPython 3.11)
+        _fields_ = [(n, t) for n, t in (
+            ("ob_refcnt", ctypes.c_ssize_t), ("ob_type", ctypes.c_void_p), ("ob_size", ctypes.c_ssize_t),
+            ("tp_name", ctypes.c_char_p), ("tp_basicsize", ctypes.c_ssize_t), ("tp_itemsize", ctypes.c_ssize_t),
+            ("tp_dealloc", ctypes.c_void_p), ("tp_vectorcall_offset", ctypes.c_ssize_t),
+            ("tp_getattr", ctypes.c_void_p), ("tp_setattr", ctypes.c_void_p), ("tp_as_async", ctypes.c_void_p),
+            ("tp_repr", ctypes.c_void_p), ("tp_as_number", ctypes.c_void_p), ("tp_as_sequence", ctypes.c_void_p),
+            ("tp_as_mapping", ctypes.c_void_p), ("tp_hash", ctypes.c_void_p), ("tp_call", ctypes.c_void_p),
+            ("tp_str", ctypes.c_void_p), ("tp_getattro", ctypes.c_void_p), ("tp_setattro", ctypes.c_void_p),
+            ("tp_as_buffer", ctypes.c_void_p), ("tp_flags", ctypes.c_ulong),
+        )]
+
+    mine, theirs = _TypeHead.from_address(id(meta)), _TypeHead.from_address(id(base))
+    if (
+        mine.tp_flags != meta.__flags__
+        or theirs.tp_flags != base.__flags__
+        or mine.tp_name != meta.__name__.encode()
+        or mine.tp_call != theirs.tp_call
+        or mine.tp_vectorcall_offset != theirs.tp_vectorcall_offset
+    ):
+        return False
+    mine.tp_flags |= have_vectorcall
+    return True
+
+
 def _build_options(cls: type, **opts: Any) -> MessageOptions:
     fields = set(cls.__struct_fields__)
     where = f"{cls.__qualname__} ({opts['module']}:{opts['line']})"
@@ -151,6 +195,9 @@ def _build_options(cls: type, **opts: Any) -> MessageOptions:
     if not opts["name"] or len(opts["name"].encode()) > 255:
         raise ChoreoUsageError(f"{where}: name must be 1 to 255 bytes of UTF-8, got {opts['name']!r}")
     return MessageOptions(**opts)
+
+
+FAST_CONSTRUCTION = _enable_vectorcall(_MessageMeta)
 
 
 class Message(msgspec.Struct, frozen=True, gc=False, metaclass=_MessageMeta):

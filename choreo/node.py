@@ -258,6 +258,11 @@ class Node:
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
         """Publish an event now, or raise :class:`~choreo.Backpressure` at once."""
+        engine = self.engine
+        if engine is not None and traceparent is None and engine.fatal is None:
+            msg_id = engine._fast_emit(event)
+            if msg_id is not None:
+                return msg_id
         return self._engine().try_emit(event, traceparent=traceparent)
 
     async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:

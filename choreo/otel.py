@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import core
-from .tracing import span_id
+from .tracing import span_id, unpack
 
 if TYPE_CHECKING:  # pragma: no cover
     from .node import Node
@@ -83,7 +83,9 @@ def to_otel_spans(
     resource = Resource.create({"service.name": service, "service.instance.id": instance})
     out = []
     for t in raw:
-        trace_id, msg_id, cause_id, mtype, handler, received, started, finished, outcome, error, attempt, key, partition = t
+        trace_id, msg_id, cause_id, mtype, handler, received, started, finished, outcome, error, attempt, key, partition = (
+            unpack(t)
+        )
         trace_int = int.from_bytes(trace_id, "big")
         flags = _trace_api.TraceFlags(_trace_api.TraceFlags.SAMPLED)
         own = span_id(msg_id, handler) if outcome == "ok" else _attempt_span_id(msg_id, handler, attempt)

@@ -107,7 +107,7 @@ class Tracer:
         """Recent spans (of one trace, when given), oldest first."""
         if trace_id is None:
             return [self._span(t) for t in list(self.spans)[-limit:]]
-        out = [self._span(t) for t in self.spans if t[0] == trace_id]
+        out = [self._span(t) for t in self.spans if (t[0] if t[1] is not None else t[0][16:32]) == trace_id]
         return out[-limit:]
 
     def since(self, cursor: tuple[Any, ...] | None) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None, bool]:
@@ -172,11 +172,12 @@ class Tracer:
 
     def _last_failure(self, msg_id: bytes, handler: str) -> float:
         for t in reversed(self.spans):
-            if t[1] == msg_id and t[4] == handler and t[8] == "error":
+            if t[4] == handler and t[8] == "error" and unpack(t)[1] == msg_id:
                 return t[7]  # type: ignore[no-any-return]
         return 0.0
 
     def _span(self, t: tuple[Any, ...]) -> Span:
+        t = unpack(t)
         return Span(
             trace_id=t[0].hex(),
             msg_id=t[1].hex(),
@@ -194,6 +195,18 @@ class Tracer:
             key=t[11].decode("utf-8", "replace"),
             partition=t[12],
         )
+
+
+def unpack(t: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A span tuple with its three ids apart.
+
+    The core's fast lane records ``(msg_id | trace_id | cause_id, None, None, ...)``: one bytes
+    object instead of three per message; everything else records them apart.
+    """
+    if t[1] is not None:
+        return t
+    ids = t[0]
+    return (ids[16:32], ids[:16], ids[32:48], *t[3:])
 
 
 def new_trace_id() -> bytes:

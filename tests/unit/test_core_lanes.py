@@ -140,7 +140,11 @@ def _run(core):
         if status == core.LANE_END:
             break
         i += 1
-    return stops, seen, [(s[3], s[4], s[5], s[8], s[10], s[11], s[12]) for s in spans], reorder.stats().done_upto
+    from choreo.tracing import unpack
+
+    spans = [unpack(s) for s in spans]
+    assert all(s[0] == s[1] for s in spans), "the trace id of a message from outside is its id"
+    return stops, seen, [(s[3], s[4], s[5], s[6], s[7], s[8], s[10], s[11], s[12]) for s in spans], reorder.stats().done_upto
 
 
 def test_fast_lane_stops_where_the_caller_is_needed_in_both_cores() -> None:
@@ -152,5 +156,5 @@ def test_fast_lane_stops_where_the_caller_is_needed_in_both_cores() -> None:
     ]
     assert stops[3][3] == "RuntimeError"
     assert seen == [1, 2, 7]
-    assert spans[0] == ("Ev", "h", 1.5, "ok", 1, b"a", _core.partition_of(b"a", 4))
+    assert spans[0] == ("Ev", "h", 1.5, 0, 1, "ok", 1, b"a", _core.partition_of(b"a", 4))
     assert done_upto == 2, "the lane completed what it handled; the rest is the caller's"

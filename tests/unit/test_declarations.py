@@ -159,3 +159,24 @@ def test_spec_round_trips_through_json() -> None:
     assert fields["total_cents"].schema == {"type": "integer"} and fields["note"].required is False
     assert spec.messages["PlaceOrder"].returns == {"$ref": "#/$defs/Receipt"}
     assert "Receipt" in spec.messages["PlaceOrder"].defs
+
+
+def test_messages_construct_like_plain_msgspec_structs() -> None:
+    from choreo.messages import FAST_CONSTRUCTION
+
+    class Point(Event, key="name"):
+        name: str
+        x: int = 0
+        tags: list[str] = []
+
+    assert Point("a", 1) == Point(name="a", x=1) == Point(x=1, name="a")
+    assert Point("b").tags == [] and Point("b").tags is not Point("c").tags
+    with pytest.raises(TypeError, match="Unexpected keyword argument 'y'"):
+        Point(name="a", y=2)
+    with pytest.raises(TypeError, match="Missing required argument 'name'"):
+        Point()
+    import platform
+    import sys
+
+    if platform.python_implementation() == "CPython" and sys.version_info < (3, 12):
+        assert FAST_CONSTRUCTION, "message classes lost msgspec's fast constructor (see messages._enable_vectorcall)"
