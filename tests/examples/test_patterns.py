@@ -97,7 +97,10 @@ def test_claim_check(up) -> None:
     assert len(blobs) == 6 and sum(p.stat().st_size for p in blobs) == sum(out.sizes.values())
     infos = run(ask_all(system, [GetDocument(f"doc{n:02d}") for n in range(6)]))
     assert [i.words for i in infos] == [len(document(n, 4).split()) for n in range(6)]
-    assert len({i.indexed_by for i in infos}) == 2  # both indexers redeemed claim checks
+    # each document went to the indexer owning its key's partition (six keys over two instances
+    # may all land on one of them: which one owns what depends on the instances' random ids)
+    indexers = {i.name for i in system.instances if i.service == "indexer"}
+    assert {i.indexed_by for i in infos} <= indexers, (infos, indexers)
 
 
 def test_event_sourcing_rebuilds_state_after_a_restart(up) -> None:
