@@ -1139,9 +1139,9 @@ cdef extern from *:
     const uint64_t LOW32 "CHOREO_LOW32"
 
 
-cdef inline size_t slot_pos(uint64_t slot) noexcept nogil:
-    """Ring position stored in a table slot (its low 32 bits hold position + 1)."""
-    return <size_t>(<uint32_t>slot) - 1
+cdef inline uint64_t slot_seq(uint64_t slot) noexcept nogil:
+    """Insert sequence stored in a table slot (its low 32 bits)."""
+    return slot & LOW32
 
 
 cdef struct DEntry:
@@ -1151,21 +1151,35 @@ cdef struct DEntry:
     uint8_t alive
 
 
+DEF SWEEP_STEP = 4  # table slots the sweep examines per insert: stale slots stay under about tcap / 16
+
+
 cdef class DedupWindow:
     """Remembers ids for ``ttl`` seconds and at most ``max_entries``; forgets the oldest first.
 
     See the twin (choreo._pycore.DedupWindow) for the contract.
+
+    Layout: a ring of entries in insertion order, each numbered by an insert sequence (its ring
+    index is ``seq & (rcap - 1)``; the ring holds sequences ``[_hseq, _tseq)``), and an
+    open-addressing table of ``seq | (hash & HIGH32)`` slots (0 = empty) for lookup. Forgetting
+    the oldest entry (eviction, expiry) only advances ``_hseq``: its table slot is left behind,
+    *stale*, recognisable from the slot alone (``seq < _hseq``), so the hot path never makes the
+    random table access a deletion would. Stale slots count as occupied for probing, are reused
+    by inserts that probe past them, and a sweep cursor walks the table sequentially a few slots
+    per insert deleting the rest; a full pass runs if they ever push the load past 3/4.
     """
 
     cdef readonly double ttl
     cdef readonly Py_ssize_t max_entries
     cdef DEntry *_ring
-    cdef size_t _rcap, _rmax, _head, _n   # ring capacity (power of two) and its limit, first, used (live + dead)
+    cdef size_t _rcap, _rmax          # ring capacity (power of two) and its limit
+    cdef uint64_t _hseq, _tseq        # sequences of the oldest entry and of the next insert
+    cdef uint64_t _seq_limit          # renumber before a sequence reaches this (it must fit 32 bits)
     cdef size_t _live
-    # open-addressing table: (ring position + 1) | (h & HIGH32); 0 = empty. An entry's home slot is
-    # (h >> 32) & _tmask, so it is known from the table slot alone: deletion never reads the ring.
     cdef uint64_t *_table
     cdef size_t _tmask
+    cdef size_t _stale                # table slots of entries that left the ring, not yet swept
+    cdef size_t _sweep                # next table slot the sweep examines
     cdef uint64_t _inserted, _duplicates, _expired, _evicted
     # placement in the table only (never on the wire): seeded per window from its address, so a
     # peer choosing message ids cannot aim them all at one probe chain
@@ -1181,6 +1195,7 @@ cdef class DedupWindow:
         self.ttl = ttl
         self.max_entries = max_entries
         self._seed = fmix64(<uint64_t><size_t><void *>self ^ <uint64_t>GOLDEN)
+        self._seq_limit = LOW32
         # the ring may hold removed (dead) entries until they reach its head; 1/16 of slack above
         # max_entries keeps in-place compaction rare when ids are removed at full capacity
         self._rmax = pow2_at_least(<size_t>max_entries + <size_t>max_entries // 16 + 1)
@@ -1191,28 +1206,32 @@ cdef class DedupWindow:
         free(self._table)
 
     cdef int _alloc(self, size_t rcap) except -1:
-        """Allocate a ring of ``rcap`` (and its table), moving the live entries in order."""
+        """Allocate a ring of ``rcap`` (and its table), moving the live entries in order.
+
+        Also how sequences restart from 1 (see _add) and how every stale slot is dropped at once.
+        """
         cdef size_t live_max = rcap if rcap < <size_t>self.max_entries else <size_t>self.max_entries
-        cdef size_t tcap = pow2_at_least(2 * live_max)  # the table holds live entries only: load <= 1/2
+        cdef size_t tcap = pow2_at_least(2 * live_max)  # live entries fill at most half the table
         cdef DEntry *ring = <DEntry *>choreo_big_alloc(rcap * sizeof(DEntry), 0)
         cdef uint64_t *table = <uint64_t *>choreo_big_alloc(tcap * sizeof(uint64_t), 1)
         if ring == NULL or table == NULL:
             free(ring); free(table)
             raise MemoryError()
-        cdef size_t i, k = 0
+        cdef size_t k = 0
+        cdef uint64_t seq
         cdef DEntry *e
         if self._ring != NULL:
-            for i in range(self._n):
-                e = &self._ring[(self._head + i) & (self._rcap - 1)]
+            for seq in range(self._hseq, self._tseq):
+                e = &self._ring[seq & (self._rcap - 1)]
                 if e.alive:
-                    ring[k] = e[0]
+                    ring[(1 + k) & (rcap - 1)] = e[0]
                     k += 1
             free(self._ring)
             free(self._table)
-        self._ring, self._rcap, self._head, self._n = ring, rcap, 0, k
-        self._table, self._tmask = table, tcap - 1
-        for i in range(k):
-            self._table_put(self._id_hash(ring[i].id), i)
+        self._ring, self._rcap, self._hseq, self._tseq = ring, rcap, 1, 1 + k
+        self._table, self._tmask, self._stale, self._sweep = table, tcap - 1, 0, 0
+        for seq in range(1, 1 + k):
+            self._table_put(self._id_hash(ring[seq & (rcap - 1)].id), seq)
         return 0
 
     cdef inline uint64_t _id_hash(self, const uint8_t *p) noexcept:
@@ -1221,29 +1240,40 @@ cdef class DedupWindow:
     cdef inline void _prefetch_id(self, const uint8_t *p) noexcept:
         CHOREO_PREFETCH(&self._table[<size_t>(self._id_hash(p) >> 32) & self._tmask])
 
-    cdef inline void _table_put(self, uint64_t h, size_t pos) noexcept:
+    cdef inline bint _is_stale(self, uint64_t slot) noexcept:
+        return slot != 0 and slot_seq(slot) < self._hseq
+
+    cdef inline void _table_put(self, uint64_t h, uint64_t seq) noexcept:
+        """Place ``seq`` in the first empty or stale slot of its probe chain."""
         cdef size_t i = <size_t>(h >> 32) & self._tmask
-        while self._table[i] != 0:
+        cdef uint64_t slot
+        while True:
+            slot = self._table[i]
+            if slot == 0:
+                break
+            if slot_seq(slot) < self._hseq:
+                self._stale -= 1
+                break
             i = (i + 1) & self._tmask
-        self._table[i] = (<uint64_t>(pos + 1)) | (h & HIGH32)
+        self._table[i] = seq | (h & HIGH32)
 
     cdef inline Py_ssize_t _find(self, const uint8_t *key, uint64_t h) noexcept:
-        """Table slot holding ``key``, or -1."""
+        """Table slot holding ``key`` (in the ring), or -1."""
         cdef size_t i = <size_t>(h >> 32) & self._tmask
         cdef uint64_t slot, fp = h & HIGH32
         while True:
             slot = self._table[i]
             if slot == 0:
                 return -1
-            if (slot & HIGH32) == fp and memcmp(self._ring[slot_pos(slot)].id, key, 16) == 0:
+            if ((slot & HIGH32) == fp and slot_seq(slot) >= self._hseq
+                    and memcmp(self._ring[slot_seq(slot) & (self._rcap - 1)].id, key, 16) == 0):
                 return i
             i = (i + 1) & self._tmask
 
-    cdef inline size_t _find_pos(self, size_t pos, uint64_t h) noexcept:
-        """Table slot of the live entry at ring position ``pos`` (whose hash is ``h``)."""
+    cdef inline size_t _find_seq(self, uint64_t seq, uint64_t h) noexcept:
+        """Table slot of the live entry numbered ``seq`` (whose hash is ``h``)."""
         cdef size_t i = <size_t>(h >> 32) & self._tmask
-        cdef uint64_t want = <uint64_t>(pos + 1)
-        while (self._table[i] & LOW32) != want:
+        while slot_seq(self._table[i]) != seq:
             i = (i + 1) & self._tmask
         return i
 
@@ -1263,25 +1293,43 @@ cdef class DedupWindow:
                 i = j
         self._table[i] = 0
 
+    cdef inline void _sweep_some(self, size_t budget) noexcept:
+        """Examine ``budget`` slots at the sweep cursor, deleting the stale ones.
+
+        A deletion shifts later slots back into the hole, so the cursor stays to examine it again.
+        """
+        cdef uint64_t slot
+        while budget and self._stale:
+            slot = self._table[self._sweep]
+            if slot != 0 and slot_seq(slot) < self._hseq:
+                self._table_delete(self._sweep)
+                self._stale -= 1
+            else:
+                self._sweep = (self._sweep + 1) & self._tmask
+            budget -= 1
+
+    cdef void _sweep_all(self) noexcept:
+        """One whole pass: no stale slot survives it (shifts only move slots back to the cursor)."""
+        self._sweep_some(2 * (self._tmask + 1))
+
     cdef inline void _kill_at(self, size_t slot) noexcept:
-        self._ring[slot_pos(self._table[slot])].alive = 0
+        self._ring[slot_seq(self._table[slot]) & (self._rcap - 1)].alive = 0
         self._live -= 1
         self._table_delete(slot)
 
     cdef inline void _pop_head(self) noexcept:
-        """Drop the oldest ring entry (its table slot too, when alive)."""
-        cdef DEntry *e = &self._ring[self._head]
+        """Forget the oldest ring entry; its table slot, when alive, becomes stale."""
+        cdef DEntry *e = &self._ring[self._hseq & (self._rcap - 1)]
         if e.alive:
             e.alive = 0
             self._live -= 1
-            self._table_delete(self._find_pos(self._head, self._id_hash(e.id)))
-        self._head = (self._head + 1) & (self._rcap - 1)
-        self._n -= 1
+            self._stale += 1
+        self._hseq += 1
 
     cdef inline void _expire(self, double now) noexcept:
         cdef DEntry *e
-        while self._n:
-            e = &self._ring[self._head]
+        while self._hseq != self._tseq:
+            e = &self._ring[self._hseq & (self._rcap - 1)]
             if e.alive:
                 if now < e.t + self.ttl:
                     return
@@ -1290,26 +1338,31 @@ cdef class DedupWindow:
 
     cdef int _add(self, const uint8_t *key, uint64_t h, double t, uint16_t partition) except -1:
         while self._live >= <size_t>self.max_entries:
-            while not self._ring[self._head].alive:
+            while not self._ring[self._hseq & (self._rcap - 1)].alive:
                 self._pop_head()
             self._pop_head()
             self._evicted += 1
-        if self._n == self._rcap:
+        if self._tseq - self._hseq == self._rcap:
             # full of live and removed entries: grow while mostly live, else compact in place
             if self._rcap < self._rmax and (self._rcap < <size_t>self.max_entries
-                                            or self._n - self._live < self._rcap // 4):
+                                            or self._tseq - self._hseq - self._live < self._rcap // 4):
                 self._alloc(self._rcap * 2)
             else:
                 self._alloc(self._rcap)
-        cdef size_t pos = (self._head + self._n) & (self._rcap - 1)
-        cdef DEntry *e = &self._ring[pos]
+        elif self._tseq >= self._seq_limit:
+            self._alloc(self._rcap)  # sequences must fit a slot's 32 bits: renumber from 1
+        if 4 * (self._live + self._stale + 1) > 3 * (self._tmask + 1):
+            self._sweep_all()
+        cdef uint64_t seq = self._tseq
+        cdef DEntry *e = &self._ring[seq & (self._rcap - 1)]
         memcpy(e.id, key, 16)
         e.t = t
         e.partition = partition
         e.alive = 1
-        self._n += 1
+        self._tseq += 1
         self._live += 1
-        self._table_put(h, pos)
+        self._table_put(h, seq)
+        self._sweep_some(SWEEP_STEP)
         self._inserted += 1
         return 0
 
@@ -1318,29 +1371,53 @@ cdef class DedupWindow:
         self._expire(now)
         cdef Py_ssize_t slot = self._find(key, h)
         if slot >= 0:
-            if now < self._ring[slot_pos(self._table[slot])].t + self.ttl:
+            if now < self._ring[slot_seq(self._table[slot]) & (self._rcap - 1)].t + self.ttl:
                 self._duplicates += 1
                 return 0
             self._kill_at(slot)  # an expired leftover imported out of order
         self._add(key, h, now, partition)
         return 1
 
-    cdef inline void _prefetch_ahead(self, size_t j) noexcept:
-        """Prefetch what the insert ``j`` steps on will touch besides its own id's table slot.
+    cdef inline void _prefetch_tail(self, size_t j) noexcept:
+        """Prefetch, for writing, the ring slot the insert ``j`` steps on fills.
 
-        In a window larger than the caches both ends of the ring are cold: the oldest entries
-        (read to evict or expire them) were written ``max_entries`` inserts ago, and the slot
-        the new entry is written to was freed as long ago. So: the ring line 2j entries past the
-        head (read j steps on, to prefetch below), the table slot of the entry j past the head
-        (evicted j inserts on), and, for writing, the ring slot j past the tail.
+        It was freed ``max_entries`` inserts ago, so in a window larger than the caches it is cold.
         """
-        cdef size_t rmask = self._rcap - 1
-        if 2 * j < self._n:
-            CHOREO_PREFETCH(&self._ring[(self._head + 2 * j) & rmask])
-        if j < self._n:
-            CHOREO_PREFETCH(&self._table[<size_t>(self._id_hash(self._ring[(self._head + j) & rmask].id) >> 32)
-                                         & self._tmask])
-        CHOREO_PREFETCH_W(&self._ring[(self._head + self._n + j) & rmask])
+        CHOREO_PREFETCH_W(&self._ring[(self._tseq + j) & (self._rcap - 1)])
+
+    def _set_seq_limit(self, uint64_t limit):
+        """Testing: renumber sequences from 1 whenever the next would reach ``limit``."""
+        if not 2 * self._rmax < limit <= LOW32:
+            raise ValueError(f"the sequence limit must be in ({2 * self._rmax}, 2**32 - 1]")
+        self._seq_limit = limit
+
+    def _audit(self):
+        """Testing: check the table against the ring; raises AssertionError on any inconsistency."""
+        cdef size_t i, tcap = self._tmask + 1, occupied = 0, stale = 0, found = 0
+        cdef uint64_t slot, seq
+        cdef DEntry *e
+        assert self._tseq - self._hseq <= self._rcap and self._tseq <= self._seq_limit
+        for i in range(tcap):
+            slot = self._table[i]
+            if slot == 0:
+                continue
+            occupied += 1
+            if slot_seq(slot) < self._hseq:
+                stale += 1
+                continue
+            assert slot_seq(slot) < self._tseq, f"slot {i} names sequence {slot_seq(slot)} beyond the ring"
+            e = &self._ring[slot_seq(slot) & (self._rcap - 1)]
+            assert e.alive, f"slot {i} names a removed entry"
+            assert (self._id_hash(e.id) & HIGH32) == (slot & HIGH32), f"slot {i} has the wrong hash"
+        assert stale == self._stale, f"{stale} stale slots, counted {self._stale}"
+        assert 4 * occupied <= 3 * tcap, f"load {occupied}/{tcap}"
+        for seq in range(self._hseq, self._tseq):
+            e = &self._ring[seq & (self._rcap - 1)]
+            if e.alive:
+                found += 1
+                i = <size_t>self._find(e.id, self._id_hash(e.id))
+                assert slot_seq(self._table[i]) == seq, f"entry {seq} not found at its own slot"
+        assert found == self._live == occupied - stale, f"{found} live in the ring, {self._live} counted"
 
     cdef inline bytes _key_of(self, object id):
         cdef bytes b = as_bytes(id)
@@ -1366,10 +1443,11 @@ cdef class DedupWindow:
     def insert_envelopes(self, envelopes, double now):
         """insert() of each envelope's msg_id under its partition, reading ids in place.
 
-        Software-pipelined: the batch is hashed first, then each step prefetches the table slots
-        that the insert PREFETCH_AHEAD steps later will probe (its id's home, and the home of the
-        oldest entry it will evict or expire), so a window larger than the caches costs about
-        the same per id as a small one. Objects other than this module's Envelope (the twin's,
+        Software-pipelined: the batch is hashed first, then each step prefetches the table slot
+        that the insert PREFETCH_AHEAD steps later will probe (its id's home) and the ring slot it
+        will fill. Evicting or expiring the oldest entry touches neither table nor cold memory
+        (see the class doc), so a window larger than the caches costs about the same per id as
+        a small one. Objects other than this module's Envelope (the twin's,
         say) are read through their ``msg_id`` and ``partition`` attributes.
         """
         cdef list envs = envelopes if type(envelopes) is list else list(envelopes)
@@ -1392,7 +1470,7 @@ cdef class DedupWindow:
                 k = i - start + PREFETCH_AHEAD
                 if k < end - start and ptrs[k] != NULL:
                     CHOREO_PREFETCH(&self._table[<size_t>(hs[k] >> 32) & self._tmask])
-                self._prefetch_ahead(PREFETCH_AHEAD)
+                self._prefetch_tail(PREFETCH_AHEAD)
                 obj = envs[i]
                 if ptrs[i - start] != NULL:
                     r = self._insert(ptrs[i - start], hs[i - start], now, <uint16_t>(<Envelope>obj).partition) == 1
@@ -1408,7 +1486,7 @@ cdef class DedupWindow:
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
         cdef Py_ssize_t slot = self._find(p, self._id_hash(p))
-        return slot >= 0 and now < self._ring[slot_pos(self._table[slot])].t + self.ttl
+        return slot >= 0 and now < self._ring[slot_seq(self._table[slot]) & (self._rcap - 1)].t + self.ttl
 
     def remove(self, id):
         """Forget one id (a failed attempt that must be allowed again). False if absent."""
@@ -1429,18 +1507,19 @@ cdef class DedupWindow:
     def export_partition(self, Py_ssize_t partition):
         """The entries of one partition, encoded, so they can move with the partition."""
         check_partition(partition)
-        cdef size_t i, count = 0
+        cdef size_t count = 0
+        cdef uint64_t seq
         cdef DEntry *e
-        for i in range(self._n):
-            e = &self._ring[(self._head + i) & (self._rcap - 1)]
+        for seq in range(self._hseq, self._tseq):
+            e = &self._ring[seq & (self._rcap - 1)]
             if e.alive and e.partition == partition:
                 count += 1
         cdef bytes out = PyBytes_FromStringAndSize(NULL, 4 + count * 24)
         cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
         st32(p, <uint32_t>count)
         p += 4
-        for i in range(self._n):
-            e = &self._ring[(self._head + i) & (self._rcap - 1)]
+        for seq in range(self._hseq, self._tseq):
+            e = &self._ring[seq & (self._rcap - 1)]
             if e.alive and e.partition == partition:
                 memcpy(p, e.id, 16)
                 st64(p + 16, double_bits(e.t))
@@ -1472,13 +1551,13 @@ cdef class DedupWindow:
     def drop_partition(self, Py_ssize_t partition):
         """Forget every entry of one partition (it moved away); returns how many."""
         check_partition(partition)
-        cdef size_t i
+        cdef uint64_t seq
         cdef int n = 0
         cdef DEntry *e
-        for i in range(self._n):
-            e = &self._ring[(self._head + i) & (self._rcap - 1)]
+        for seq in range(self._hseq, self._tseq):
+            e = &self._ring[seq & (self._rcap - 1)]
             if e.alive and e.partition == partition:
-                self._kill_at(self._find_pos((self._head + i) & (self._rcap - 1), self._id_hash(e.id)))
+                self._kill_at(self._find_seq(seq, self._id_hash(e.id)))
                 n += 1
         return n
 

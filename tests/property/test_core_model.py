@@ -267,9 +267,12 @@ class ReorderMachine(RuleBasedStateMachine):
 
 
 class DedupMachine(RuleBasedStateMachine):
-    @initialize(ttl=st.sampled_from([0.1, 1.0, 7.5]), max_entries=st.integers(1, 12))
-    def setup(self, ttl, max_entries):
+    @initialize(ttl=st.sampled_from([0.1, 1.0, 7.5]), max_entries=st.integers(1, 12),
+                seq_limit=st.sampled_from([None, None, 33, 40]))
+    def setup(self, ttl, max_entries, seq_limit):
         self.c, self.p = C.DedupWindow(ttl, max_entries), P.DedupWindow(ttl, max_entries)
+        if seq_limit is not None and hasattr(self.c, "_set_seq_limit"):
+            self.c._set_seq_limit(seq_limit)  # renumber every few dozen inserts, as after 2**32
         self.now = 0.0
         self.ttl = ttl
         self.inserted_at: list[float] = [0.0]
@@ -340,6 +343,8 @@ class DedupMachine(RuleBasedStateMachine):
             return
         assert self.c.stats() == self.p.stats()
         assert len(self.c) == len(self.p) <= self.c.max_entries
+        if hasattr(self.c, "_audit"):
+            self.c._audit()  # the compiled table agrees with its ring (stale slots counted)
         for part in (0, 1, 2, 3):
             assert self.c.export_partition(part) == self.p.export_partition(part)
 

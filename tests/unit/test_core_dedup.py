@@ -260,6 +260,30 @@ def test_a_million_ids(core) -> None:
     assert d.expire(1001.0) == n - 1 and len(d) == 1  # a mass expiry, oldest first
 
 
+def test_compiled_table_through_eviction_expiry_bursts_and_renumbering() -> None:
+    """The compiled window forgets the oldest entries lazily (their table slots go stale and are
+    swept later); whatever the mix of evictions, mass expiries, removals and renumbering, it must
+    answer like the twin and keep its table consistent and under 3/4 load."""
+    rng = random.Random(11)
+    c, p = _core.DedupWindow(ttl=50.0, max_entries=3000), _pycore.DedupWindow(ttl=50.0, max_entries=3000)
+    c._set_seq_limit(20_000)  # renumber about every 17k inserts instead of every 2**32
+    now = 0.0
+    for round_ in range(40):
+        ids = [ident(rng.randrange(12_000)) for _ in range(rng.choice([100, 2000, 5000]))]
+        assert c.insert_many(ids, now) == p.insert_many(ids, now)
+        for i in rng.sample(range(12_000), 200):
+            assert c.remove(ident(i)) == p.remove(ident(i))
+        c._audit()
+        # mostly small steps, sometimes a jump that expires everything at once
+        now += rng.choice([0.5, 1.0, 60.0]) if round_ % 7 else 200.0
+        assert c.expire(now) == p.expire(now)
+        c._audit()
+        assert c.stats() == p.stats() and len(c) == len(p)
+    assert c.stats().evicted > 0 and c.stats().expired > 3000
+    with pytest.raises(ValueError):
+        c._set_seq_limit(10)  # must leave room for a whole ring after renumbering
+
+
 def test_memory_bytes_reported(core) -> None:
     d = core.DedupWindow(ttl=10.0, max_entries=10_000)
     empty = d.memory_bytes
