@@ -175,17 +175,18 @@ class PerEvent:
         self.delivered = 0
 
     def step(self) -> None:
-        w, rx, keys, ids_, base, now = self.w, self.rx, self.keys, self.ids, self.r * B, self.r * 0.001
+        w, rx, now = self.w, self.rx, self.r * 0.001
         append = w.append
-        for i in range(B):
-            append(1, 0, TYPE, keys[i], 3, ids_[base + i], Z, Z, PAYLOAD, now)
+        # the loop as lean as the raw baseline's: no index arithmetic charged to the core
+        for key, msg_id in zip(self.keys, self.ids[self.r * B : (self.r + 1) * B]):
+            append(1, 0, TYPE, key, 3, msg_id, Z, Z, PAYLOAD, now)
         envs = rx.feed(w.flush())
         fresh = self.d.insert_envelopes(envs, now)
         for env in envs:
             env.payload  # the handler reads it
         rx.complete_envelopes(envs)
         w.on_ack_frame(rx.ack_frame(), 0, now)
-        self.delivered += sum(fresh)
+        self.delivered += fresh.count(True)  # not sum(): it takes the slow path for bools
         self.r += 1
 
 

@@ -673,12 +673,13 @@ cdef class OutboundWindow:
         self._buf, self._buf_cap = nb, cap
         return 0
 
-    cdef uint64_t _admit(self, Py_ssize_t size, double now) except 0:
-        """Track the envelope just written at the end of the pending body."""
-        if not self._credit(size):
-            raise OverflowError(
-                f"window full: {self.next_seq - self._base}/{self.max_messages} sequence numbers, "
-                f"{self.in_flight_bytes}/{self.max_bytes} bytes in flight; check has_credit() first")
+    cdef int _refuse(self) except -1:
+        raise OverflowError(
+            f"window full: {self.next_seq - self._base}/{self.max_messages} sequence numbers, "
+            f"{self.in_flight_bytes}/{self.max_bytes} bytes in flight; check has_credit() first")
+
+    cdef uint64_t _admit(self, Py_ssize_t size, double now) noexcept:
+        """Track the envelope just written at the end of the pending body (credit was checked)."""
         cdef uint64_t seq = self.next_seq
         cdef OutEntry *e = &self._ring[seq & self._mask]
         e.deadline = now + self.rto
@@ -707,7 +708,7 @@ cdef class OutboundWindow:
         check_id(msg_id, "msg_id"); check_id(trace_id, "trace_id"); check_id(cause_id, "cause_id")
         cdef Py_ssize_t size = HDR + PyBytes_GET_SIZE(type) + PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(payload)
         if not self._credit(size):
-            self._admit(size, now)  # raises with the numbers
+            self._refuse()
         self._reserve(size)
         write_envelope(self._buf + self._buf_len, self.next_seq, kind, flags, type, key, partition, msg_id,
                        trace_id, cause_id, payload)
@@ -718,7 +719,7 @@ cdef class OutboundWindow:
         cdef bytes b = one_envelope(envelope)
         cdef Py_ssize_t size = PyBytes_GET_SIZE(b)
         if not self._credit(size):
-            self._admit(size, now)
+            self._refuse()
         self._reserve(size)
         memcpy(self._buf + self._buf_len, PyBytes_AS_STRING(b), size)
         st64(self._buf + self._buf_len, self.next_seq)
