@@ -1152,7 +1152,7 @@ cdef struct DEntry:
     uint8_t alive
 
 
-DEF SWEEP_STEP = 4  # table slots the sweep examines per insert: stale slots stay under about tcap / 16
+DEF SWEEP_STEP = 4  # table slots the sweep examines per insert: about tcap / 8 stale slots on average
 
 
 cdef class DedupWindow:
@@ -1299,10 +1299,8 @@ cdef class DedupWindow:
 
         A deletion shifts later slots back into the hole, so the cursor stays to examine it again.
         """
-        cdef uint64_t slot
         while budget and self._stale:
-            slot = self._table[self._sweep]
-            if slot != 0 and slot_seq(slot) < self._hseq:
+            if self._is_stale(self._table[self._sweep]):
                 self._table_delete(self._sweep)
                 self._stale -= 1
             else:
@@ -1403,7 +1401,7 @@ cdef class DedupWindow:
             if slot == 0:
                 continue
             occupied += 1
-            if slot_seq(slot) < self._hseq:
+            if self._is_stale(slot):
                 stale += 1
                 continue
             assert slot_seq(slot) < self._tseq, f"slot {i} names sequence {slot_seq(slot)} beyond the ring"

@@ -271,7 +271,7 @@ class DedupMachine(RuleBasedStateMachine):
                 seq_limit=st.sampled_from([None, None, 33, 40]))
     def setup(self, ttl, max_entries, seq_limit):
         self.c, self.p = C.DedupWindow(ttl, max_entries), P.DedupWindow(ttl, max_entries)
-        if seq_limit is not None and hasattr(self.c, "_set_seq_limit"):
+        if seq_limit is not None:
             self.c._set_seq_limit(seq_limit)  # renumber every few dozen inserts, as after 2**32
         self.now = 0.0
         self.ttl = ttl
@@ -343,8 +343,7 @@ class DedupMachine(RuleBasedStateMachine):
             return
         assert self.c.stats() == self.p.stats()
         assert len(self.c) == len(self.p) <= self.c.max_entries
-        if hasattr(self.c, "_audit"):
-            self.c._audit()  # the compiled table agrees with its ring (stale slots counted)
+        self.c._audit()  # the compiled table agrees with its ring (stale slots counted)
         for part in (0, 1, 2, 3):
             assert self.c.export_partition(part) == self.p.export_partition(part)
 
