@@ -1394,6 +1394,7 @@ cdef class DedupWindow:
         """Testing: check the table against the ring; raises AssertionError on any inconsistency."""
         cdef size_t i, tcap = self._tmask + 1, occupied = 0, stale = 0, found = 0
         cdef uint64_t slot, seq
+        cdef Py_ssize_t at
         cdef DEntry *e
         assert self._tseq - self._hseq <= self._rcap and self._tseq <= self._seq_limit
         for i in range(tcap):
@@ -1414,8 +1415,8 @@ cdef class DedupWindow:
             e = &self._ring[seq & (self._rcap - 1)]
             if e.alive:
                 found += 1
-                i = <size_t>self._find(e.id, self._id_hash(e.id))
-                assert slot_seq(self._table[i]) == seq, f"entry {seq} not found at its own slot"
+                at = self._find(e.id, self._id_hash(e.id))
+                assert at >= 0 and slot_seq(self._table[at]) == seq, f"entry {seq} not found at its own slot"
         assert found == self._live == occupied - stale, f"{found} live in the ring, {self._live} counted"
 
     cdef inline bytes _key_of(self, object id):
