@@ -79,9 +79,13 @@ ROWS = [
     Row("core.reorder.speedup_vs_pure", "reorder accept + release (feed a 256-envelope batch, complete, "
         "ack_frame)", "x", 5.0, True, _speedup_baseline("reorder")),
     Row("core.per_event.ratio_vs_raw_sendrecv", "core's whole per-event cost (sender + receiver) over one raw "
-        "pyzmq send + recv", "", 0.3, False,
+        "pyzmq send + recv; the sender packs each batch with one append_many()", "", 0.3, False,
         lambda f: (f"raw PUSH/PULL tcp send + recv of 100 B {fmt(num(f, 'raw.sendrecv_ns'), ' ns')} vs core "
                    f"{fmt(num(f, 'core.per_event_ns'), ' ns')} per event")),
+    Row("core.per_event.one_call_ratio_vs_raw_sendrecv", "the same, with one append() call per event (the "
+        "difference is CPython's 10-argument call)", "", None, False,
+        lambda f: (f"raw {fmt(num(f, 'raw.sendrecv_ns'), ' ns')} vs core "
+                   f"{fmt(num(f, 'core.per_event.one_call_ns'), ' ns')} per event")),
     Row("core.dedup.bytes_per_entry", "dedup memory with 1,000,000 live 16-byte ids", " B", 100.0, False,
         lambda f: f"{fmt(num(f, 'core.dedup.memory_mb.1m'), ' MiB')} for the million"),
     Row("core.dedup.flatness", "dedup cost per op, max / min over 1k .. 1m live ids", "", 2.0, False,

@@ -163,24 +163,33 @@ def test_reorder_feed_complete_ack(benchmark, impl: str) -> None:
 
 
 class PerEvent:
-    """Sender append+flush, receiver feed + dedup + .payload + complete + ack_frame, sender on_ack_frame."""
+    """Sender pack+flush, receiver feed + dedup + .payload + complete + ack_frame, sender on_ack_frame.
 
-    def __init__(self, core, n_batches: int, seed: int = 4) -> None:
+    ``one_call``: the sender appends each envelope with its own append() call instead of packing
+    the batch with one append_many(); the difference is what CPython's call costs per event.
+    """
+
+    def __init__(self, core, n_batches: int, seed: int = 4, one_call: bool = False) -> None:
         self.w = core.OutboundWindow(max_messages=4096)
         self.rx = core.InboundReorder(window=4096)
         self.d = core.DedupWindow(ttl=300.0, max_entries=100_000)
         self.keys = [b"order-%d" % i for i in range(B)]
+        self.payloads = [PAYLOAD] * B
         all_ids = ids(B * n_batches, seed)
         self.ids = [all_ids[i : i + B] for i in range(0, len(all_ids), B)]  # one list per batch
+        self.one_call = one_call
         self.r = 0
         self.delivered = 0
 
     def step(self) -> None:
         w, rx, now = self.w, self.rx, self.r * 0.001
-        append = w.append
-        # the loop as lean as the raw baseline's: no slicing or index arithmetic charged to the core
-        for key, msg_id in zip(self.keys, self.ids[self.r]):
-            append(1, 0, TYPE, key, 3, msg_id, Z, Z, PAYLOAD, now)
+        if self.one_call:
+            append = w.append
+            # the loop as lean as the raw baseline's: no slicing or index arithmetic charged to the core
+            for key, msg_id in zip(self.keys, self.ids[self.r]):
+                append(1, 0, TYPE, key, 3, msg_id, Z, Z, PAYLOAD, now)
+        else:
+            w.append_many(TYPE, self.keys, self.ids[self.r], self.payloads, now, partitions=3)
         envs = rx.feed(w.flush())
         fresh = self.d.insert_envelopes(envs, now)
         for env in envs:
@@ -226,30 +235,34 @@ class RawSendRecv:
 
 
 def test_core_per_event_vs_raw_sendrecv(benchmark) -> None:
-    """Alternate a raw chunk (1000 send + recv) and core batches, so both see the same machine."""
+    """Alternate a raw chunk (1000 send + recv) and core batches, so all see the same machine."""
     passes = 80
     core_batches = 2
-    stream = PerEvent(_core, (passes + 2) * core_batches + 5)
+    streams = {name: PerEvent(_core, (passes + 2) * core_batches + 5, one_call=name == "one_call")
+               for name in ("batch", "one_call")}
     raw = RawSendRecv()
     raw_times: list[float] = []
-    core_times: list[float] = []
+    core_times: dict[str, list[float]] = {name: [] for name in streams}
 
     def one_pass() -> None:
         t0 = time.perf_counter_ns()
         raw.step()
         raw_times.append((time.perf_counter_ns() - t0) / 1e9 / RAW_CHUNK)
-        for _ in range(core_batches):
-            t0 = time.perf_counter_ns()
-            stream.step()
-            core_times.append((time.perf_counter_ns() - t0) / 1e9 / B)
+        for name, stream in streams.items():
+            for _ in range(core_batches):
+                t0 = time.perf_counter_ns()
+                stream.step()
+                core_times[name].append((time.perf_counter_ns() - t0) / 1e9 / B)
 
     try:
         benchmark.pedantic(one_pass, rounds=passes, iterations=1, warmup_rounds=2)
     finally:
         raw.close()
     MEDIANS["raw.per_msg"] = min(raw_times)
-    MEDIANS["per_event.compiled"] = min(core_times)
-    assert stream.delivered == B * stream.r  # every event went through, once
+    MEDIANS["per_event.compiled"] = min(core_times["batch"])
+    MEDIANS["per_event.one_call"] = min(core_times["one_call"])
+    for stream in streams.values():
+        assert stream.delivered == B * stream.r  # every event went through, once
     assert raw.received == len(raw_times) * RAW_CHUNK  # every raw message came back (any round count)
 
 
@@ -318,6 +331,10 @@ def figures():
         record("raw.sendrecv_ns", raw_ns)
         record("core.per_event_ns", core_ns)
         record("core.per_event.ratio_vs_raw_sendrecv", core_ns / raw_ns)
+    if "raw.per_msg" in m and "per_event.one_call" in m:
+        one_call_ns = m["per_event.one_call"] * 1e9
+        record("core.per_event.one_call_ns", one_call_ns)
+        record("core.per_event.one_call_ratio_vs_raw_sendrecv", one_call_ns / (m["raw.per_msg"] * 1e9))
     for what, prefix in (("dedup", "dedup.live"), ("window", "window.inflight")):
         per_op = {size: m[f"{prefix}.{size}"] / B * 1e9 for size in SIZES if f"{prefix}.{size}" in m}
         for size, ns in per_op.items():

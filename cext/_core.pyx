@@ -450,6 +450,51 @@ cdef inline int check_id(bytes v, str what) except -1:
     return 0
 
 
+cdef extern from "Python.h":
+    # borrowed views of list/tuple items and of bytes: the batch loops read columns without refcounting
+    PyObject **column_items "PySequence_Fast_ITEMS" (object o)
+    bint is_bytes "PyBytes_Check" (PyObject *o) noexcept nogil
+    Py_ssize_t bsize "PyBytes_GET_SIZE" (PyObject *o) noexcept nogil
+    const char *bdata "PyBytes_AS_STRING" (PyObject *o) noexcept nogil
+    bint is_int "PyLong_Check" (PyObject *o) noexcept nogil
+    long int_value "PyLong_AsLong" (PyObject *o) except? -1
+
+
+cdef uint8_t _ZEROS[16]
+memset(_ZEROS, 0, 16)
+
+cdef object as_column(object values, Py_ssize_t n, str name):
+    """``values`` as a list or tuple of ``n`` items (``n`` < 0: any count); other iterables are copied."""
+    if isinstance(values, (bytes, str, bytearray)):
+        raise TypeError(f"{name} must be a sequence with one item per envelope, not {type(values).__name__}")
+    if type(values) is not list and type(values) is not tuple:
+        values = list(values)
+    if n >= 0 and len(values) != n:
+        raise ValueError(f"{name} has {len(values)} items for {n} payloads")
+    return values
+
+
+cdef int check_bytes_item(PyObject *o, str name, Py_ssize_t i, Py_ssize_t exact) except -1:
+    if not is_bytes(o):
+        raise TypeError(f"{name}[{i}] must be bytes, got {type(<object>o).__name__}")
+    if exact >= 0 and bsize(o) != exact:
+        raise ValueError(f"{name}[{i}] must be {exact} bytes, got {bsize(o)}")
+    return 0
+
+
+cdef int check_partition_item(PyObject *o, Py_ssize_t i) except -1:
+    if not is_int(o):
+        raise TypeError(f"partitions[{i}] must be an int, got {type(<object>o).__name__}")
+    cdef long v
+    try:
+        v = int_value(o)  # reads the digits of an int (or subclass): no Python code runs
+    except OverflowError:
+        v = -1
+    if v < 0 or v > 0xFFFF:
+        raise ValueError(f"partitions[{i}] must be in 0..65535, got {<object>o}")
+    return 0
+
+
 cdef inline int check_fields(int kind, int flags, Py_ssize_t tlen, Py_ssize_t klen, int partition,
                              Py_ssize_t plen) except -1:
     if kind < 1 or kind > MAX_KIND:
@@ -467,10 +512,10 @@ cdef inline int check_fields(int kind, int flags, Py_ssize_t tlen, Py_ssize_t kl
     return 0
 
 
-cdef inline void write_envelope(uint8_t *out, uint64_t seq, int kind, int flags, bytes type, bytes key,
-                                int partition, bytes msg_id, bytes trace_id, bytes cause_id,
-                                bytes payload) noexcept:
-    cdef Py_ssize_t tlen = PyBytes_GET_SIZE(type), klen = PyBytes_GET_SIZE(key), plen = PyBytes_GET_SIZE(payload)
+cdef inline void write_raw(uint8_t *out, uint64_t seq, int kind, int flags, const char *t, Py_ssize_t tlen,
+                           const char *k, Py_ssize_t klen, int partition, const uint8_t *msg_id,
+                           const uint8_t *trace_id, const uint8_t *cause_id, const char *p,
+                           Py_ssize_t plen) noexcept:
     st64(out, seq)
     st32(out + 8, <uint32_t>plen)
     st16(out + 12, <uint16_t>klen)
@@ -479,12 +524,21 @@ cdef inline void write_envelope(uint8_t *out, uint64_t seq, int kind, int flags,
     out[17] = <uint8_t>flags
     out[18] = <uint8_t>tlen
     out[19] = 0
-    memcpy(out + 20, PyBytes_AS_STRING(msg_id), 16)
-    memcpy(out + 36, PyBytes_AS_STRING(trace_id), 16)
-    memcpy(out + 52, PyBytes_AS_STRING(cause_id), 16)
-    memcpy(out + HDR, PyBytes_AS_STRING(type), tlen)
-    memcpy(out + HDR + tlen, PyBytes_AS_STRING(key), klen)
-    memcpy(out + HDR + tlen + klen, PyBytes_AS_STRING(payload), plen)
+    memcpy(out + 20, msg_id, 16)
+    memcpy(out + 36, trace_id, 16)
+    memcpy(out + 52, cause_id, 16)
+    memcpy(out + HDR, t, tlen)
+    memcpy(out + HDR + tlen, k, klen)
+    memcpy(out + HDR + tlen + klen, p, plen)
+
+
+cdef inline void write_envelope(uint8_t *out, uint64_t seq, int kind, int flags, bytes type, bytes key,
+                                int partition, bytes msg_id, bytes trace_id, bytes cause_id,
+                                bytes payload) noexcept:
+    write_raw(out, seq, kind, flags, PyBytes_AS_STRING(type), PyBytes_GET_SIZE(type), PyBytes_AS_STRING(key),
+              PyBytes_GET_SIZE(key), partition, <const uint8_t *>PyBytes_AS_STRING(msg_id),
+              <const uint8_t *>PyBytes_AS_STRING(trace_id), <const uint8_t *>PyBytes_AS_STRING(cause_id),
+              PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
 
 
 def pack_envelope(uint64_t seq, int kind, int flags, bytes type not None, bytes key not None, int partition,
@@ -713,6 +767,74 @@ cdef class OutboundWindow:
         write_envelope(self._buf + self._buf_len, self.next_seq, kind, flags, type, key, partition, msg_id,
                        trace_id, cause_id, payload)
         return self._admit(size, now)
+
+    def append_many(self, bytes type not None, keys, msg_ids, payloads, double now, *, int kind=1, int flags=0,
+                    partitions=0, trace_ids=None, cause_ids=None):
+        """Sequence and queue a batch of envelopes of one type, in order; returns how many went in.
+
+        See the twin (choreo._pycore.OutboundWindow.append_many) for the contract.
+        """
+        payloads = as_column(payloads, -1, "payloads")
+        cdef Py_ssize_t n = len(payloads), i, klen = 0, plen, size, tlen = PyBytes_GET_SIZE(type)
+        msg_ids = as_column(msg_ids, n, "msg_ids")
+        cdef PyObject **pl = column_items(payloads)
+        cdef PyObject **ids = column_items(msg_ids)
+        cdef PyObject **ks = NULL
+        cdef PyObject **ps = NULL
+        cdef PyObject **ts = NULL
+        cdef PyObject **cs = NULL
+        cdef int partition = 0
+        if keys is not None:
+            keys = as_column(keys, n, "keys")
+            ks = column_items(keys)
+        if isinstance(partitions, int):
+            if not 0 <= partitions <= 0xFFFF:
+                raise ValueError(f"partition must be in 0..65535, got {partitions}")
+            check_fields(kind, flags, tlen, 0, partitions, 0)
+            partition = partitions
+        else:
+            check_fields(kind, flags, tlen, 0, 0, 0)
+            partitions = as_column(partitions, n, "partitions")
+            ps = column_items(partitions)
+        if trace_ids is not None:
+            trace_ids = as_column(trace_ids, n, "trace_ids")
+            ts = column_items(trace_ids)
+        if cause_ids is not None:
+            cause_ids = as_column(cause_ids, n, "cause_ids")
+            cs = column_items(cause_ids)
+        # every field is checked before anything goes in: a bad batch is refused whole
+        for i in range(n):
+            check_bytes_item(pl[i], "payloads", i, -1)
+            check_bytes_item(ids[i], "msg_ids", i, ID_SIZE)
+            if ks != NULL:
+                check_bytes_item(ks[i], "keys", i, -1)
+                check_fields(kind, flags, tlen, bsize(ks[i]), partition, bsize(pl[i]))
+            else:
+                check_fields(kind, flags, tlen, 0, partition, bsize(pl[i]))
+            if ps != NULL:
+                check_partition_item(ps[i], i)
+            if ts != NULL:
+                check_bytes_item(ts[i], "trace_ids", i, ID_SIZE)
+            if cs != NULL:
+                check_bytes_item(cs[i], "cause_ids", i, ID_SIZE)
+        cdef const char *k = ""
+        cdef const uint8_t *mid
+        for i in range(n):
+            plen = bsize(pl[i])
+            if ks != NULL:
+                k, klen = bdata(ks[i]), bsize(ks[i])
+            size = HDR + tlen + klen + plen
+            if not self._credit(size):
+                return i
+            if ps != NULL:
+                partition = <int>int_value(ps[i])  # checked above: cannot fail
+            self._reserve(size)
+            mid = <const uint8_t *>bdata(ids[i])
+            write_raw(self._buf + self._buf_len, self.next_seq, kind, flags, PyBytes_AS_STRING(type), tlen, k,
+                      klen, partition, mid, <const uint8_t *>bdata(ts[i]) if ts != NULL else mid,
+                      <const uint8_t *>bdata(cs[i]) if cs != NULL else _ZEROS, bdata(pl[i]), plen)
+            self._admit(size, now)
+        return n
 
     def append_raw(self, envelope, double now):
         """Sequence an already encoded envelope (from another channel) under this window's next seq."""
@@ -1653,29 +1775,6 @@ cdef class IdSource:
         """A new id."""
         return PyBytes_FromStringAndSize(<const char *>self._next(), 16)
 
-
-cdef inline void write_raw(uint8_t *out, uint64_t seq, int kind, int flags, const char *t, Py_ssize_t tlen,
-                           const char *k, Py_ssize_t klen, int partition, const uint8_t *msg_id,
-                           const uint8_t *trace_id, const uint8_t *cause_id, const char *p,
-                           Py_ssize_t plen) noexcept:
-    st64(out, seq)
-    st32(out + 8, <uint32_t>plen)
-    st16(out + 12, <uint16_t>klen)
-    st16(out + 14, <uint16_t>partition)
-    out[16] = <uint8_t>kind
-    out[17] = <uint8_t>flags
-    out[18] = <uint8_t>tlen
-    out[19] = 0
-    memcpy(out + 20, msg_id, 16)
-    memcpy(out + 36, trace_id, 16)
-    memcpy(out + 52, cause_id, 16)
-    memcpy(out + HDR, t, tlen)
-    memcpy(out + HDR + tlen, k, klen)
-    memcpy(out + HDR + tlen + klen, p, plen)
-
-
-cdef uint8_t _ZEROS[16]
-memset(_ZEROS, 0, 16)
 
 DEF LANE_UNKEYED = 0x01
 DEF LANE_AHEAD = 4  # FastLane: prefetch the dedup slot of the message this many places ahead

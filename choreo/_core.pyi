@@ -5,7 +5,7 @@ specification; see its docstrings for the contract of each call. A unit test
 (tests/unit/test_core_stubs.py) keeps these stubs and the compiled module in step.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, NamedTuple
 
 from typing_extensions import Buffer
@@ -157,6 +157,20 @@ class OutboundWindow:
         cause_id: bytes,
         payload: bytes,
         now: float,
+    ) -> int: ...
+    def append_many(
+        self,
+        type: bytes,
+        keys: Sequence[bytes] | None,
+        msg_ids: Sequence[bytes],
+        payloads: Sequence[bytes],
+        now: float,
+        *,
+        kind: int = 1,
+        flags: int = 0,
+        partitions: int | Sequence[int] = 0,
+        trace_ids: Sequence[bytes] | None = None,
+        cause_ids: Sequence[bytes] | None = None,
     ) -> int: ...
     def append_raw(self, envelope: Buffer, now: float) -> int: ...
     def flush(self) -> bytes | None: ...

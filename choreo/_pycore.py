@@ -392,6 +392,24 @@ def decode_ack(frame: bytes | bytearray | memoryview, offset: int = 0) -> tuple[
     return cumulative, received, ranges
 
 
+def _column(values: Any, n: int, name: str) -> Sequence[Any]:
+    """``values`` as a list or tuple of ``n`` items (``n`` < 0: any count); other iterables are copied."""
+    if isinstance(values, (bytes, str, bytearray)):
+        raise TypeError(f"{name} must be a sequence with one item per envelope, not {type(values).__name__}")
+    if type(values) is not list and type(values) is not tuple:
+        values = list(values)
+    if n >= 0 and len(values) != n:
+        raise ValueError(f"{name} has {len(values)} items for {n} payloads")
+    return values
+
+
+def _bytes_item(column: Sequence[Any], name: str, i: int, exact: int) -> None:
+    if not isinstance(column[i], bytes):
+        raise TypeError(f"{name}[{i}] must be bytes, got {type(column[i]).__name__}")
+    if exact >= 0 and len(column[i]) != exact:
+        raise ValueError(f"{name}[{i}] must be {exact} bytes, got {len(column[i])}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Outbound window: sender side of one channel
 
@@ -499,6 +517,78 @@ class OutboundWindow:
         """Sequence and queue one envelope for the next :meth:`flush`; returns its seq."""
         raw = pack_envelope(self.next_seq, kind, flags, type, key, partition, msg_id, trace_id, cause_id, payload)
         return self._admit(raw, now)
+
+    def append_many(
+        self,
+        type: bytes,
+        keys: Sequence[bytes] | None,
+        msg_ids: Sequence[bytes],
+        payloads: Sequence[bytes],
+        now: float,
+        *,
+        kind: int = 1,
+        flags: int = 0,
+        partitions: int | Sequence[int] = 0,
+        trace_ids: Sequence[bytes] | None = None,
+        cause_ids: Sequence[bytes] | None = None,
+    ) -> int:
+        """Sequence and queue a batch of envelopes of one type, in order; returns how many went in.
+
+        The batch crosses into the core once: a sender packs what it has gathered in one call
+        rather than one :meth:`append` per envelope. Envelope ``i`` is built from ``keys[i]``,
+        ``msg_ids[i]`` and ``payloads[i]``; every column has one item per payload.
+
+        - ``keys`` None: every envelope is unkeyed (empty key).
+        - ``partitions``: one int for all, or one per envelope.
+        - ``trace_ids`` None: each envelope starts its own trace (trace id = its msg id).
+        - ``cause_ids`` None: no cause (zeros).
+
+        Every field is checked first: an invalid one (ValueError, TypeError naming the column
+        and index) refuses the whole batch, and nothing goes in. Envelopes then go in, in order,
+        while credit allows; the return value ``n`` says how many did. Those have the sequence
+        numbers ``next_seq`` (read before the call) onwards. The rest did not fit: that is the
+        backpressure signal, so append them once acks free credit.
+
+        >>> w = OutboundWindow(max_messages=2)
+        >>> ids = [bytes([i]) * 16 for i in range(3)]
+        >>> w.append_many(b"T", [b"a", b"b", b"c"], ids, [b"1", b"2", b"3"], now=0.0)
+        2
+        >>> w.next_seq
+        3
+        """
+        payloads = _column(payloads, -1, "payloads")
+        n = len(payloads)
+        msg_ids = _column(msg_ids, n, "msg_ids")
+        keys = [b""] * n if keys is None else _column(keys, n, "keys")
+        if isinstance(partitions, int):
+            if not 0 <= partitions <= 0xFFFF:
+                raise ValueError(f"partition must be in 0..65535, got {partitions}")
+            parts: Sequence[int] = [partitions] * n
+        else:
+            parts = _column(partitions, n, "partitions")
+        traces = msg_ids if trace_ids is None else _column(trace_ids, n, "trace_ids")
+        causes = [_ZERO_ID] * n if cause_ids is None else _column(cause_ids, n, "cause_ids")
+        pack_envelope(0, kind, flags, type, b"", 0, _ZERO_ID, _ZERO_ID, _ZERO_ID, b"")  # kind, flags, type
+        raws = []
+        for i in range(n):
+            _bytes_item(payloads, "payloads", i, -1)
+            _bytes_item(msg_ids, "msg_ids", i, ID_SIZE)
+            _bytes_item(keys, "keys", i, -1)
+            if len(keys[i]) > 0xFFFF:
+                raise ValueError(f"key must be at most 65535 bytes, got {len(keys[i])}")
+            if not isinstance(parts[i], int):
+                raise TypeError(f"partitions[{i}] must be an int, got {parts[i].__class__.__name__}")
+            if not 0 <= parts[i] <= 0xFFFF:
+                raise ValueError(f"partitions[{i}] must be in 0..65535, got {parts[i]}")
+            _bytes_item(traces, "trace_ids", i, ID_SIZE)
+            _bytes_item(causes, "cause_ids", i, ID_SIZE)
+            raws.append(pack_envelope(0, kind, flags, type, keys[i], parts[i], msg_ids[i], traces[i], causes[i],
+                                      payloads[i]))
+        for i, raw in enumerate(raws):
+            if not self.has_credit(len(raw)):
+                return i
+            self._admit(self.next_seq.to_bytes(8, "little") + raw[8:], now)
+        return n
 
     def append_raw(self, envelope: bytes | bytearray | memoryview, now: float) -> int:
         """Sequence an already encoded envelope (from another channel) under this window's next seq.

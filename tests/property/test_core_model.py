@@ -103,6 +103,30 @@ class WindowMachine(RuleBasedStateMachine):
         args = (kind, 0, b"Evt", key, partition, mid, Z, Z, payload, self.now)
         same(self.c.append, self.p.append, *args)
 
+    @rule(payloads=st.lists(st.binary(max_size=60), max_size=8), keyed=st.booleans(), each_partition=st.booleans(),
+          traced=st.booleans(), caused=st.booleans(), kind=st.integers(0, 3),
+          bad=st.sampled_from([None, None, None, "id", "key", "partition", "count"]), data=st.data())
+    def append_many(self, payloads, keyed, each_partition, traced, caused, kind, bad, data):
+        """A whole batch in one call: the same seqs, bytes and credit as one append() each would give."""
+        n = len(payloads)
+        keys = [b"k%d" % i for i in range(n)] if keyed else None
+        ids = [os.urandom(16) for _ in range(n)]
+        partitions = [data.draw(st.integers(0, 3)) for _ in range(n)] if each_partition else 2
+        if bad and n:
+            i = data.draw(st.integers(0, n - 1))
+            if bad == "id":
+                ids[i] = ids[i][:15]
+            elif bad == "key" and keys is not None:
+                keys[i] = None
+            elif bad == "partition" and each_partition:
+                partitions[i] = 70000
+            elif bad == "count":
+                ids.pop()
+        kw = dict(kind=kind, partitions=partitions, trace_ids=ids[::-1] if traced else None,
+                  cause_ids=[Z] * len(ids) if caused else None)
+        same(lambda: self.c.append_many(b"Evt", keys, ids, payloads, self.now, **kw),
+             lambda: self.p.append_many(b"Evt", keys, ids, payloads, self.now, **kw))
+
     @rule(payload=st.binary(max_size=40), seq=st.integers(0, 50), garbage=st.booleans())
     def append_raw(self, payload, seq, garbage):
         raw = P.pack_envelope(seq, 2, 1, b"Fwd", b"k", 1, ident(seq), Z, Z, payload)

@@ -306,3 +306,91 @@ def test_acks_of_unflushed_envelopes_with_a_small_window(core) -> None:
         assert sys.getrefcount(body) == 2, "the window still holds a finished batch body"
         del body
     assert w.in_flight == 0 and w.stats().acked == 200
+
+
+# -- append_many: a whole outgoing batch in one call --------------------------------------------
+
+
+def ident(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def test_append_many_writes_what_append_would(core) -> None:
+    keys = [b"k%d" % i for i in range(5)]
+    ids = [ident(i) for i in range(5)]
+    traces = [ident(100 + i) for i in range(5)]
+    causes = [ident(200 + i) for i in range(5)]
+    payloads = [b"p" * i for i in range(5)]
+    one, many = core.OutboundWindow(), core.OutboundWindow()
+    for i in range(5):
+        one.append(2, 7, b"Cmd", keys[i], i, ids[i], traces[i], causes[i], payloads[i], 1.0)
+    assert many.append_many(b"Cmd", keys, ids, payloads, 1.0, kind=2, flags=7, partitions=range(5),
+                            trace_ids=traces, cause_ids=causes) == 5
+    assert many.flush() == one.flush()
+    assert many.stats() == one.stats() and many.next_deadline() == one.next_deadline()
+
+
+def test_append_many_defaults(core) -> None:
+    """No keys: unkeyed; no trace ids: each envelope starts its own trace; no cause: zeros."""
+    w = core.OutboundWindow()
+    ids = (ident(1), ident(2))  # a tuple serves as well as a list
+    assert w.append_many(b"Evt", None, ids, (b"a", b"b"), 0.0, partitions=3) == 2
+    envs = core.parse_envelopes(w.flush())
+    assert [(e.seq, e.kind, e.flags, e.key, e.partition) for e in envs] == [(1, 1, 0, b"", 3), (2, 1, 0, b"", 3)]
+    assert [(e.msg_id, e.trace_id, e.cause_id) for e in envs] == [(ident(1), ident(1), Z), (ident(2), ident(2), Z)]
+    assert w.append_many(b"Evt", [], [], [], 0.0) == 0 and w.flush() is None
+
+
+def test_append_many_stops_where_credit_ends(core) -> None:
+    """By count and by bytes: the front goes in, the return value says how much, the rest waits."""
+    w = core.OutboundWindow(max_messages=3)
+    assert w.append_many(b"T", None, [ident(i) for i in range(5)], [b"x"] * 5, 0.0) == 3
+    assert not w.has_credit() and w.next_seq == 4
+    assert w.append_many(b"T", None, [ident(9)], [b"x"], 0.0) == 0
+    w.on_ack(2, 2, [], 0.0)
+    assert w.append_many(b"T", None, [ident(3), ident(4)], [b"x", b"x"], 0.0) == 2
+    assert [e.msg_id for e in core.parse_envelopes(w.flush())] == [ident(i) for i in (0, 1, 2, 3, 4)]
+
+    w = core.OutboundWindow(max_bytes=3 * (ENV + 10))
+    assert w.append_many(b"T", None, [ident(i) for i in range(4)], [b"0123456789"] * 4, 0.0) == 3
+    assert w.in_flight_bytes == 3 * (ENV + 10)
+    big = core.OutboundWindow(max_bytes=10)  # one envelope always fits when nothing is in flight
+    assert big.append_many(b"T", None, [ident(0), ident(1)], [b"y" * 50] * 2, 0.0) == 1
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(payloads=[b"ok", "text"]), TypeError, r"payloads\[1\] must be bytes, got str"),
+        (dict(msg_ids=[ident(0), b"short"]), ValueError, r"msg_ids\[1\] must be 16 bytes, got 5"),
+        (dict(keys=[b"k", None]), TypeError, r"keys\[1\] must be bytes, got NoneType"),
+        (dict(keys=[b"k", b"k" * 70000]), ValueError, r"key must be at most 65535 bytes"),
+        (dict(keys=[b"k"]), ValueError, r"keys has 1 items for 2 payloads"),
+        (dict(keys=b"kk"), TypeError, r"keys must be a sequence with one item per envelope, not bytes"),
+        (dict(partitions=[0, 65536]), ValueError, r"partitions\[1\] must be in 0..65535, got 65536"),
+        (dict(partitions=[0, 1 << 80]), ValueError, r"partitions\[1\] must be in 0..65535"),
+        (dict(partitions=[0, "1"]), TypeError, r"partitions\[1\] must be an int, got str"),
+        (dict(partitions=-1), ValueError, r"partition must be in 0..65535, got -1"),
+        (dict(trace_ids=[ident(0), Z + b"!"]), ValueError, r"trace_ids\[1\] must be 16 bytes, got 17"),
+        (dict(cause_ids=[ident(0)]), ValueError, r"cause_ids has 1 items for 2 payloads"),
+        (dict(kind=0), ValueError, r"kind must be in 1..15"),
+        (dict(flags=256), ValueError, r"flags must fit in one byte"),
+        (dict(type=b""), ValueError, r"type must be 1 to 255 bytes"),
+    ],
+)
+def test_append_many_refuses_a_bad_batch_whole(core, change, error, message) -> None:
+    w = core.OutboundWindow()
+    args = dict(type=b"T", keys=[b"a", b"b"], msg_ids=[ident(0), ident(1)], payloads=[b"ok", b"ok"], now=0.0)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        w.append_many(**args)
+    assert w.next_seq == 1 and w.pending == 0 and w.in_flight == 0  # nothing went in
+    assert w.append_many(b"T", None, [ident(0)], [b"fine"], 0.0) == 1  # the window is unharmed
+
+
+def test_append_many_takes_any_iterable(core) -> None:
+    w = core.OutboundWindow()
+    assert w.append_many(b"T", (k for k in [b"a", b"b"]), iter([ident(0), ident(1)]), map(bytes, [b"1", b"2"]),
+                         0.0, partitions=iter([4, 5])) == 2
+    assert [(e.key, e.partition, e.payload) for e in core.parse_envelopes(w.flush())] == [
+        (b"a", 4, b"1"), (b"b", 5, b"2")]
