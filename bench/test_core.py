@@ -7,7 +7,9 @@ module's teardown turns their medians into the figures of bench/results.json:
 
 * ``core.<op>.speedup_vs_pure``: pure / compiled time per batch, same operation stream, same run;
 * ``core.per_event.ratio_vs_raw_sendrecv``: the core's whole per-event cost (sender and receiver
-  side) over one raw pyzmq PUSH/PULL send + recv of a 100-byte frame, measured in the same run;
+  side, each crossing into the core once per batch) over one raw pyzmq PUSH/PULL send + recv of a
+  100-byte frame, measured in the same run; ``core.per_event.one_call_ratio_vs_raw_sendrecv`` the
+  same with one ``append()`` call per event on the sender;
 * ``core.dedup.ns_per_op.<n>`` at 1k..1m live entries, ``core.dedup.flatness`` (max/min) and
   ``core.dedup.bytes_per_entry`` with a million live 16-byte ids; ``core.window.*`` the same for
   the window's in-flight count.
