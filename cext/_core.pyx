@@ -774,8 +774,10 @@ cdef class OutboundWindow:
 
         See the twin (choreo._pycore.OutboundWindow.append_many) for the contract.
         """
+        cdef Py_ssize_t n, i, klen = 0, plen, size, tlen = PyBytes_GET_SIZE(type)
+        check_fields(kind, flags, tlen, 0, 0, 0)
         payloads = as_column(payloads, -1, "payloads")
-        cdef Py_ssize_t n = len(payloads), i, klen = 0, plen, size, tlen = PyBytes_GET_SIZE(type)
+        n = len(payloads)
         msg_ids = as_column(msg_ids, n, "msg_ids")
         cdef PyObject **pl = column_items(payloads)
         cdef PyObject **ids = column_items(msg_ids)
@@ -790,10 +792,8 @@ cdef class OutboundWindow:
         if isinstance(partitions, int):
             if not 0 <= partitions <= 0xFFFF:
                 raise ValueError(f"partition must be in 0..65535, got {partitions}")
-            check_fields(kind, flags, tlen, 0, partitions, 0)
             partition = partitions
         else:
-            check_fields(kind, flags, tlen, 0, 0, 0)
             partitions = as_column(partitions, n, "partitions")
             ps = column_items(partitions)
         if trace_ids is not None:

@@ -556,6 +556,7 @@ class OutboundWindow:
         >>> w.next_seq
         3
         """
+        pack_envelope(0, kind, flags, type, b"", 0, _ZERO_ID, _ZERO_ID, _ZERO_ID, b"")  # kind, flags, type
         payloads = _column(payloads, -1, "payloads")
         n = len(payloads)
         msg_ids = _column(msg_ids, n, "msg_ids")
@@ -568,7 +569,6 @@ class OutboundWindow:
             parts = _column(partitions, n, "partitions")
         traces = msg_ids if trace_ids is None else _column(trace_ids, n, "trace_ids")
         causes = [_ZERO_ID] * n if cause_ids is None else _column(cause_ids, n, "cause_ids")
-        pack_envelope(0, kind, flags, type, b"", 0, _ZERO_ID, _ZERO_ID, _ZERO_ID, b"")  # kind, flags, type
         raws = []
         for i in range(n):
             _bytes_item(payloads, "payloads", i, -1)
