@@ -1345,7 +1345,7 @@ cdef class DedupWindow:
         cdef DEntry *e
         if self._ring != NULL:
             for seq in range(self._hseq, self._tseq):
-                e = &self._ring[seq & (self._rcap - 1)]
+                e = self._entry(seq)
                 if e.alive:
                     ring[(1 + k) & (rcap - 1)] = e[0]
                     k += 1
@@ -1354,7 +1354,7 @@ cdef class DedupWindow:
         self._ring, self._rcap, self._hseq, self._tseq = ring, rcap, 1, 1 + k
         self._table, self._tmask, self._stale, self._sweep = table, tcap - 1, 0, 0
         for seq in range(1, 1 + k):
-            self._table_put(self._id_hash(ring[seq & (rcap - 1)].id), seq)
+            self._table_put(self._id_hash(self._entry(seq).id), seq)
         return 0
 
     cdef inline uint64_t _id_hash(self, const uint8_t *p) noexcept:
@@ -1362,6 +1362,10 @@ cdef class DedupWindow:
 
     cdef inline void _prefetch_id(self, const uint8_t *p) noexcept:
         CHOREO_PREFETCH(&self._table[<size_t>(self._id_hash(p) >> 32) & self._tmask])
+
+    cdef inline DEntry *_entry(self, uint64_t seq) noexcept:
+        """The ring entry numbered ``seq``."""
+        return &self._ring[seq & (self._rcap - 1)]
 
     cdef inline bint _is_stale(self, uint64_t slot) noexcept:
         return slot != 0 and slot_seq(slot) < self._hseq
@@ -1374,7 +1378,7 @@ cdef class DedupWindow:
             slot = self._table[i]
             if slot == 0:
                 break
-            if slot_seq(slot) < self._hseq:
+            if self._is_stale(slot):
                 self._stale -= 1
                 break
             i = (i + 1) & self._tmask
@@ -1389,7 +1393,7 @@ cdef class DedupWindow:
             if slot == 0:
                 return -1
             if ((slot & HIGH32) == fp and slot_seq(slot) >= self._hseq
-                    and memcmp(self._ring[slot_seq(slot) & (self._rcap - 1)].id, key, 16) == 0):
+                    and memcmp(self._entry(slot_seq(slot)).id, key, 16) == 0):
                 return i
             i = (i + 1) & self._tmask
 
@@ -1434,13 +1438,13 @@ cdef class DedupWindow:
         self._sweep_some(2 * (self._tmask + 1))
 
     cdef inline void _kill_at(self, size_t slot) noexcept:
-        self._ring[slot_seq(self._table[slot]) & (self._rcap - 1)].alive = 0
+        self._entry(slot_seq(self._table[slot])).alive = 0
         self._live -= 1
         self._table_delete(slot)
 
     cdef inline void _pop_head(self) noexcept:
         """Forget the oldest ring entry; its table slot, when alive, becomes stale."""
-        cdef DEntry *e = &self._ring[self._hseq & (self._rcap - 1)]
+        cdef DEntry *e = self._entry(self._hseq)
         if e.alive:
             e.alive = 0
             self._live -= 1
@@ -1450,7 +1454,7 @@ cdef class DedupWindow:
     cdef inline void _expire(self, double now) noexcept:
         cdef DEntry *e
         while self._hseq != self._tseq:
-            e = &self._ring[self._hseq & (self._rcap - 1)]
+            e = self._entry(self._hseq)
             if e.alive:
                 if now < e.t + self.ttl:
                     return
@@ -1459,7 +1463,7 @@ cdef class DedupWindow:
 
     cdef int _add(self, const uint8_t *key, uint64_t h, double t, uint16_t partition) except -1:
         while self._live >= <size_t>self.max_entries:
-            while not self._ring[self._hseq & (self._rcap - 1)].alive:
+            while not self._entry(self._hseq).alive:
                 self._pop_head()
             self._pop_head()
             self._evicted += 1
@@ -1475,7 +1479,7 @@ cdef class DedupWindow:
         if 4 * (self._live + self._stale + 1) > 3 * (self._tmask + 1):
             self._sweep_all()
         cdef uint64_t seq = self._tseq
-        cdef DEntry *e = &self._ring[seq & (self._rcap - 1)]
+        cdef DEntry *e = self._entry(seq)
         memcpy(e.id, key, 16)
         e.t = t
         e.partition = partition
@@ -1492,7 +1496,7 @@ cdef class DedupWindow:
         self._expire(now)
         cdef Py_ssize_t slot = self._find(key, h)
         if slot >= 0:
-            if now < self._ring[slot_seq(self._table[slot]) & (self._rcap - 1)].t + self.ttl:
+            if now < self._entry(slot_seq(self._table[slot])).t + self.ttl:
                 self._duplicates += 1
                 return 0
             self._kill_at(slot)  # an expired leftover imported out of order
@@ -1504,7 +1508,7 @@ cdef class DedupWindow:
 
         It was freed ``max_entries`` inserts ago, so in a window larger than the caches it is cold.
         """
-        CHOREO_PREFETCH_W(&self._ring[(self._tseq + j) & (self._rcap - 1)])
+        CHOREO_PREFETCH_W(self._entry(self._tseq + j))
 
     def _set_seq_limit(self, uint64_t limit):
         """Testing: renumber sequences from 1 whenever the next would reach ``limit``."""
@@ -1528,13 +1532,13 @@ cdef class DedupWindow:
                 stale += 1
                 continue
             assert slot_seq(slot) < self._tseq, f"slot {i} names sequence {slot_seq(slot)} beyond the ring"
-            e = &self._ring[slot_seq(slot) & (self._rcap - 1)]
+            e = self._entry(slot_seq(slot))
             assert e.alive, f"slot {i} names a removed entry"
             assert (self._id_hash(e.id) & HIGH32) == (slot & HIGH32), f"slot {i} has the wrong hash"
         assert stale == self._stale, f"{stale} stale slots, counted {self._stale}"
         assert 4 * occupied <= 3 * tcap, f"load {occupied}/{tcap}"
         for seq in range(self._hseq, self._tseq):
-            e = &self._ring[seq & (self._rcap - 1)]
+            e = self._entry(seq)
             if e.alive:
                 found += 1
                 at = self._find(e.id, self._id_hash(e.id))
@@ -1608,7 +1612,7 @@ cdef class DedupWindow:
         cdef bytes k = self._key_of(id)
         cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(k)
         cdef Py_ssize_t slot = self._find(p, self._id_hash(p))
-        return slot >= 0 and now < self._ring[slot_seq(self._table[slot]) & (self._rcap - 1)].t + self.ttl
+        return slot >= 0 and now < self._entry(slot_seq(self._table[slot])).t + self.ttl
 
     def remove(self, id):
         """Forget one id (a failed attempt that must be allowed again). False if absent."""
@@ -1633,7 +1637,7 @@ cdef class DedupWindow:
         cdef uint64_t seq
         cdef DEntry *e
         for seq in range(self._hseq, self._tseq):
-            e = &self._ring[seq & (self._rcap - 1)]
+            e = self._entry(seq)
             if e.alive and e.partition == partition:
                 count += 1
         cdef bytes out = PyBytes_FromStringAndSize(NULL, 4 + count * 24)
@@ -1641,7 +1645,7 @@ cdef class DedupWindow:
         st32(p, <uint32_t>count)
         p += 4
         for seq in range(self._hseq, self._tseq):
-            e = &self._ring[seq & (self._rcap - 1)]
+            e = self._entry(seq)
             if e.alive and e.partition == partition:
                 memcpy(p, e.id, 16)
                 st64(p + 16, double_bits(e.t))
@@ -1677,7 +1681,7 @@ cdef class DedupWindow:
         cdef int n = 0
         cdef DEntry *e
         for seq in range(self._hseq, self._tseq):
-            e = &self._ring[seq & (self._rcap - 1)]
+            e = self._entry(seq)
             if e.alive and e.partition == partition:
                 self._kill_at(self._find_seq(seq, self._id_hash(e.id)))
                 n += 1
