@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxd)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd)
 
 .PHONY: demo test bench bench-peers peer-servers clean tools
 

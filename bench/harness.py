@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from choreo.engine import NodeConfig
+from choreo.config import NodeConfig
 from choreo.launch import NodeProcess
 
 __all__ = [

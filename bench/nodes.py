@@ -101,7 +101,7 @@ async def produce(node: Any) -> None:
         result = await _produce(node, p)
     except Exception as exc:  # reported, not swallowed: the harness raises with it
         result = {"error": f"{type(exc).__name__}: {exc}"}
-    result["stats"] = {k: v for k, v in node.stats().items() if isinstance(v, (int, float))}
+    result["stats"] = {k: v for k, v in node.stats().to_dict().items() if isinstance(v, (int, float))}
     _write(out, result)
 
 

@@ -31,6 +31,7 @@ from .errors import (
     UndeclaredMessage,
     ValidationError,
 )
+from .config import NodeConfig
 from .messages import Command, Event, Message, Query, message_options
 from .service import Context, Handler, RetryPolicy, Service
 
@@ -40,7 +41,6 @@ __version__ = "0.1.0"
 # imported without it.
 _LAZY = {
     "Node": ("choreo.node", "Node"),
-    "NodeConfig": ("choreo.engine", "NodeConfig"),
     "NodeProcess": ("choreo.launch", "NodeProcess"),
 }
 

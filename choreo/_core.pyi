@@ -246,6 +246,9 @@ class KeyedDispatch:
 
 # -- lanes: the runtime's per-message loops --------------------------------------------------------
 
+KIND_EVENT: Final[int]
+FLAG_UNKEYED: Final[int]
+FLAG_BROADCAST: Final[int]
 LANE_END: int
 LANE_SLOW: int
 LANE_DUPLICATE: int

@@ -56,6 +56,9 @@ __all__ = [
     "IdSource",
     "EmitLane",
     "FastLane",
+    "KIND_EVENT",
+    "FLAG_UNKEYED",
+    "FLAG_BROADCAST",
     "LANE_END",
     "LANE_SLOW",
     "LANE_DUPLICATE",
@@ -1169,7 +1172,7 @@ class EmitLane:
             index, flags = partition, 0
             w = self._windows[index]
         else:
-            kb, partition, flags = b"", 0, 0x01
+            kb, partition, flags = b"", 0, FLAG_UNKEYED
             index, w = -1, None
             self._rr += 1  # equally loaded candidates take turns
             for j in range(len(self._windows)):
@@ -1186,11 +1189,17 @@ class EmitLane:
             msg_id = self._ids.next()
         elif type(msg_id) is not bytes or len(msg_id) != ID_SIZE:
             raise ValueError("msg_id must be 16 bytes")
-        w.append(1, flags, self._tname, kb, partition, msg_id, msg_id, _ZERO_ID, payload, now)
+        w.append(KIND_EVENT, flags, self._tname, kb, partition, msg_id, msg_id, _ZERO_ID, payload, now)
         self.last = index
         self.full = w.pending >= self._max_batch or w.pending_bytes >= self._max_batch_bytes
         return msg_id
 
+
+# The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
+# envelope kind, and the flags of envelopes that wait on no key.
+KIND_EVENT = 1
+FLAG_UNKEYED = 0x01
+FLAG_BROADCAST = 0x02
 
 LANE_END = 0  # every envelope handled
 LANE_SLOW = 1  # envs[index] is not for the lane: the caller takes it
@@ -1256,10 +1265,10 @@ class FastLane:
         for i in range(start, len(envs)):
             env = envs[i]
             entry = self._entries.get(env.type)
-            if entry is None or env.kind != 1:
+            if entry is None or env.kind != KIND_EVENT:
                 return handled, i, LANE_SLOW, None, None, 0.0
             decode, window, fn, name, takes_context, handler = entry
-            if not env.flags & 0x03:
+            if not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST):
                 if gate is not None and (env.partition >= len(gate) or not gate[env.partition]):
                     return handled, i, LANE_SLOW, None, None, 0.0
                 if keyed.busy_keys and keyed.busy(env.key):
@@ -1273,8 +1282,8 @@ class FastLane:
             t0 = t1
             try:
                 if takes_context:
-                    ctx._env = env
-                    ctx._handler = handler
+                    ctx.envelope = env
+                    ctx.handler = handler
                     fn(message, ctx)
                 else:
                     fn(message)
@@ -1284,11 +1293,11 @@ class FastLane:
                 return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
             if spans_append is not None:
-                # the three ids as one bytes object (msg_id | trace_id | cause_id, as on the wire):
-                # choreo.tracing.unpack splits them when the span is read
+                # choreo.tracing's span layout; the three ids as one bytes object (msg_id | trace_id |
+                # cause_id, as on the wire), split when the span is read
                 spans_append(
-                    (env.msg_id + env.trace_id + env.cause_id, None, None, env.type, name, received, t0, t1, self.ok,
-                     None, 1, env.key, env.partition)
+                    (env.msg_id + env.trace_id + env.cause_id, env.type, name, received, t0, t1, self.ok, None, 1,
+                     env.key, env.partition)
                 )
             reorder.complete(env.seq)
             handled += 1

@@ -16,7 +16,7 @@ import sys
 
 import cloudpickle
 
-from .engine import NodeConfig
+from .config import NodeConfig
 from .errors import ChoreoError, ChoreoUsageError
 from .launch import READY_PREFIX
 from .node import Node

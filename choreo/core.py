@@ -52,6 +52,9 @@ assign_partitions = _impl.assign_partitions
 IdSource = _impl.IdSource
 EmitLane = _impl.EmitLane
 FastLane = _impl.FastLane
+KIND_EVENT = _impl.KIND_EVENT
+FLAG_UNKEYED = _impl.FLAG_UNKEYED
+FLAG_BROADCAST = _impl.FLAG_BROADCAST
 LANE_END = _impl.LANE_END
 LANE_SLOW = _impl.LANE_SLOW
 LANE_DUPLICATE = _impl.LANE_DUPLICATE
@@ -88,6 +91,9 @@ __all__ = [
     "IdSource",
     "EmitLane",
     "FastLane",
+    "KIND_EVENT",
+    "FLAG_UNKEYED",
+    "FLAG_BROADCAST",
     "LANE_END",
     "LANE_SLOW",
     "LANE_DUPLICATE",

@@ -37,7 +37,7 @@ from typing import Any
 import cloudpickle
 import msgspec
 
-from .engine import NodeConfig
+from .config import NodeConfig
 from .messages import Command, Event, Message, Query
 from .service import Service
 

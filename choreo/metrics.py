@@ -1,6 +1,6 @@
 """Prometheus metrics of one node, on an optional HTTP port: computed from counters at scrape time.
 
-How this works: the node already keeps plain integer counters and gauges (``Engine.snapshot()``,
+How this works: the node already keeps plain integer counters and gauges (``Node.stats().to_dict()``,
 what ``choreo top`` reads too). Nothing is added to the message path: a scrape takes one
 snapshot and writes it in the Prometheus text exposition format (version 0.0.4). The HTTP side
 is a tiny asyncio responder, ``GET /metrics`` and nothing else, bound to 127.0.0.1 unless told
@@ -72,7 +72,7 @@ def _number(value: float) -> str:
 
 
 def render(snapshot: dict[str, Any], floor: dict[str, float] | None = None) -> str:
-    """The Prometheus text exposition of one :meth:`Engine.snapshot`.
+    """The Prometheus text exposition of one node's statistics (:meth:`NodeStats.to_dict`).
 
     ``floor`` (kept by the caller between scrapes) holds each counter's last exported value:
     a counter is never exported lower than it was.

@@ -1,6 +1,6 @@
 """The node: one service instance as a process (or as a task in a notebook or a test).
 
-A :class:`Node` puts an :class:`~choreo.engine.Engine` on ZeroMQ and the asyncio loop::
+A :class:`Node` puts an :class:`~choreo.runtime.engine.Engine` on ZeroMQ and the asyncio loop::
 
     async with Node(orders, bind="tcp://127.0.0.1:7001", peers=["tcp://127.0.0.1:7000"]) as node:
         await node.wait_for({"payments": 1})
@@ -25,13 +25,15 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from . import introspect
-from .engine import Engine, NodeConfig
-from .metrics import MetricsServer
+from .config import NodeConfig
 from .messages import Message
+from .metrics import MetricsServer
+from .runtime.engine import Engine
+from .runtime.stats import NodeStats, PeerStats
 from .service import Service
 from .transport import ZmqTransport
 
-__all__ = ["Node", "NodeConfig"]
+__all__ = ["Node", "NodeConfig", "NodeStats", "PeerStats"]
 
 log = logging.getLogger("choreo.node")
 
@@ -87,7 +89,10 @@ class Node:
         introspect.install(self.engine)  # the system queries of choreo trace / dlq
         if self.metrics_port is not None:
             try:
-                self.metrics = await MetricsServer.start(self.engine.snapshot, self.metrics_host, self.metrics_port)
+                engine = self.engine
+                self.metrics = await MetricsServer.start(
+                    lambda: engine.stats().to_dict(), self.metrics_host, self.metrics_port
+                )
             except OSError:
                 self.transport.close()
                 raise
@@ -251,7 +256,7 @@ class Node:
         """Publish an event; waits for credit up to ``timeout`` (then :class:`~choreo.Backpressure`)."""
         engine = self.engine
         if engine is not None and traceparent is None and engine.fatal is None:
-            msg_id = engine._fast_emit(event)  # credit available: no waiting, no coroutine below
+            msg_id = engine.emit_now(event)  # credit available: no waiting, no coroutine below
             if msg_id is not None:
                 return msg_id
         return await self._engine().emit(event, timeout=timeout, traceparent=traceparent)
@@ -260,7 +265,7 @@ class Node:
         """Publish an event now, or raise :class:`~choreo.Backpressure` at once."""
         engine = self.engine
         if engine is not None and traceparent is None and engine.fatal is None:
-            msg_id = engine._fast_emit(event)
+            msg_id = engine.emit_now(event)
             if msg_id is not None:
                 return msg_id
         return self._engine().try_emit(event, traceparent=traceparent)
@@ -277,10 +282,7 @@ class Node:
         """Wait until everything this node sent is acknowledged (processed downstream)."""
         engine = self._engine()
 
-        def acked() -> bool:
-            return all(ch.idle for ch in engine.out.values() if ch.peer.live and not ch.closed) and not engine._homeless
-
-        await self.until(acked, timeout, "all sent messages acknowledged")
+        await self.until(lambda: engine.acknowledged, timeout, "all sent messages acknowledged")
 
     # -- inspection ----------------------------------------------------------------------------
 
@@ -299,12 +301,18 @@ class Node:
         """``http://127.0.0.1:PORT/metrics`` when started with ``metrics_port``, else None."""
         return self.metrics.url if self.metrics is not None else None
 
-    def stats(self) -> dict[str, Any]:
-        """Counters and gauges (received, processed, in flight, lag per partition, refused...)."""
-        return self._engine().snapshot()
+    def stats(self) -> NodeStats:
+        """Counters and gauges, as one frozen record (received, processed, in flight, lag, refused...).
+
+        >>> stats = node.stats()                                   # doctest: +SKIP
+        >>> stats.processed, stats.in_flight, stats.refused.get("malformed", 0)  # doctest: +SKIP
+        (1042, 0, 0)
+        """
+        return self._engine().stats()
 
     def dead_letters(self) -> list[dict[str, Any]]:
-        return [dl.summary() for dl in self._engine().dispatcher.dead_letters.values()]
+        """The dead letters kept on this node (a summary of each)."""
+        return [letter.summary() for letter in self._engine().dispatcher.dead_letters]
 
     def replay(self, letter_id: int) -> dict[str, Any]:
         """Run a dead letter's handler again, once."""

@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ._worker import load_service, run
-    from .engine import NodeConfig
+    from .config import NodeConfig
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     service = load_service(args.target)

@@ -30,13 +30,11 @@ import inspect
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import ChoreoUsageError
 from .messages import Command, Event, Kind, Message, Query, message_options
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .spec import ServiceSpec
+from .spec import HandlerSpec, ServiceSpec, message_spec
 
 __all__ = ["Service", "Handler", "Context", "RetryPolicy"]
 
@@ -304,10 +302,37 @@ class Service:
                 )
 
     def spec(self) -> ServiceSpec:
-        """This service's declarations as plain data (see :mod:`choreo.spec`)."""
-        from .spec import service_spec
+        """This service's declarations as plain data (see :mod:`choreo.spec`).
 
-        return service_spec(self)
+        >>> Service("billing").spec().name
+        'billing'
+        """
+        types = self.message_types()
+        return ServiceSpec(
+            name=self.name,
+            handlers=tuple(
+                HandlerSpec(
+                    name=h.name,
+                    kind=h.kind,
+                    message=h.message_name,
+                    key=h.key,
+                    broadcast=h.broadcast,
+                    emits=tuple(message_options(t).name for t in h.emits),
+                    sends=tuple(message_options(t).name for t in h.sends),
+                    retries=h.retry.retries,
+                    module=h.module,
+                    line=h.line,
+                )
+                for h in self.handlers.values()
+            ),
+            emits=tuple(message_options(t).name for t in self.emits),
+            sends=tuple(message_options(t).name for t in self.sends),
+            messages=tuple(message_spec(t) for _, t in sorted(types.items())),
+            partitions=self.partitions,
+            doc=self.doc,
+            module=self.module,
+            line=self.line,
+        )
 
 
 def _add_type(found: dict[str, MessageType], cls: MessageType) -> None:

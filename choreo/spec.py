@@ -7,19 +7,22 @@ They encode to JSON and MessagePack and decode back with validation::
 
     spec = system_spec([orders, payments])
     assert SystemSpec.from_json(spec.to_json()) == spec
+
+A :class:`~choreo.service.Service` makes its own spec (``orders.spec()``); this module knows
+nothing of services beyond that method, so declarations depend on their plain-data form and
+never the reverse.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
 from .messages import Kind, Message, message_options
-from .service import Service
 
-__all__ = ["FieldSpec", "MessageSpec", "HandlerSpec", "ServiceSpec", "SystemSpec", "message_spec", "service_spec", "system_spec"]
+__all__ = ["FieldSpec", "MessageSpec", "HandlerSpec", "ServiceSpec", "SystemSpec", "Declares", "message_spec", "system_spec"]
 
 
 class FieldSpec(msgspec.Struct, frozen=True):
@@ -134,39 +137,15 @@ def message_spec(cls: type[Message]) -> MessageSpec:
     )
 
 
-def service_spec(service: Service) -> ServiceSpec:
-    """The plain-data declaration of one service."""
-    types = service.message_types()
-    return ServiceSpec(
-        name=service.name,
-        handlers=tuple(
-            HandlerSpec(
-                name=h.name,
-                kind=h.kind,
-                message=h.message_name,
-                key=h.key,
-                broadcast=h.broadcast,
-                emits=tuple(message_options(t).name for t in h.emits),
-                sends=tuple(message_options(t).name for t in h.sends),
-                retries=h.retry.retries,
-                module=h.module,
-                line=h.line,
-            )
-            for h in service.handlers.values()
-        ),
-        emits=tuple(message_options(t).name for t in service.emits),
-        sends=tuple(message_options(t).name for t in service.sends),
-        messages=tuple(message_spec(t) for _, t in sorted(types.items())),
-        partitions=service.partitions,
-        doc=service.doc,
-        module=service.module,
-        line=service.line,
-    )
+class Declares(Protocol):
+    """Anything that can state its declarations as a :class:`ServiceSpec` (a Service does)."""
+
+    def spec(self) -> ServiceSpec: ...
 
 
-def system_spec(services: Iterable[Service | ServiceSpec]) -> SystemSpec:
+def system_spec(services: Iterable[Declares | ServiceSpec]) -> SystemSpec:
     """Combine services (objects or specs) into one system; message types are merged by name."""
-    specs = tuple(s if isinstance(s, ServiceSpec) else service_spec(s) for s in services)
+    specs = tuple(s if isinstance(s, ServiceSpec) else s.spec() for s in services)
     messages: dict[str, MessageSpec] = {}
     for s in specs:
         for m in s.messages:

@@ -1,8 +1,15 @@
 """The state machines that matter, as data: one transition table each.
 
-Membership and partition ownership change only through :func:`transition`, which looks the
-move up in these tables and refuses any move not listed, so the code cannot drift from what
-the README draws: its diagrams are generated from the same tables (:func:`mermaid`).
+A node's own lifecycle, membership and partition ownership change only through
+:func:`transition`, which looks the move up in these tables and refuses any move not listed, so
+the code cannot drift from what the README draws: its diagrams are generated from the same
+tables (:func:`mermaid`).
+
+The node itself (what one node incarnation is doing in the mesh)::
+
+    joining --joined--> joined --declared_dead--> rejoined --joined--> joined
+    joining/joined/rejoined --leave--> leaving --bye--> left
+    any but left --refused--> refused                     (the mesh refused this node: fatal)
 
 Peers (what a node believes about another node)::
 
@@ -20,9 +27,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["PEER_TRANSITIONS", "PARTITION_TRANSITIONS", "transition", "mermaid", "IllegalTransition"]
+__all__ = [
+    "NODE_TRANSITIONS",
+    "PEER_TRANSITIONS",
+    "PARTITION_TRANSITIONS",
+    "TABLES",
+    "transition",
+    "mermaid",
+    "IllegalTransition",
+]
 
 # (state, event) -> new state
+NODE_TRANSITIONS: Mapping[tuple[str, str], str] = {
+    ("joining", "joined"): "joined",  # every peer the seeds told of answered (or the seeds stayed silent)
+    ("joined", "declared_dead"): "rejoined",  # the mesh declared this incarnation dead: back as a new one
+    ("rejoined", "declared_dead"): "rejoined",
+    ("joining", "declared_dead"): "rejoined",
+    ("rejoined", "joined"): "joined",
+    ("joining", "leave"): "leaving",  # stop taking work: finish, hand over, wait for acks
+    ("joined", "leave"): "leaving",
+    ("rejoined", "leave"): "leaving",
+    ("leaving", "declared_dead"): "leaving",  # still leaving, under a new incarnation, to deliver what it holds
+    ("leaving", "bye"): "left",
+    ("joining", "refused"): "refused",  # the mesh refused this node (a conflicting declaration): it stops
+    ("joined", "refused"): "refused",
+    ("rejoined", "refused"): "refused",
+    ("leaving", "refused"): "refused",
+}
+
 PEER_TRANSITIONS: Mapping[tuple[str, str], str] = {
     ("alive", "heard"): "alive",
     ("alive", "silence"): "suspect",
@@ -52,6 +84,14 @@ PARTITION_TRANSITIONS: Mapping[tuple[str, str], str] = {
     ("owned", "rebalance"): "draining",  # finish what is started, redirect new arrivals
     ("draining", "drained"): "handed_over",
     ("draining", "assigned"): "owned",  # moved back before the drain finished
+}
+
+
+#: every table by the name of what it is about (what the tests walk and the README draws)
+TABLES: Mapping[str, Mapping[tuple[str, str], str]] = {
+    "node": NODE_TRANSITIONS,
+    "peer": PEER_TRANSITIONS,
+    "partition": PARTITION_TRANSITIONS,
 }
 
 
@@ -91,6 +131,12 @@ def readme_section() -> str:
     return "\n".join(
         [
             README_START,
+            "",
+            "What a node is doing in the mesh:",
+            "",
+            "```mermaid",
+            mermaid(NODE_TRANSITIONS),
+            "```",
             "",
             "What a node believes about a peer:",
             "",

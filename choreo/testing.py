@@ -27,7 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from . import core
-from .engine import Engine, NodeConfig
+from .config import NodeConfig
+from .runtime.engine import Engine
 from .service import Service
 
 __all__ = ["Harness", "FakeLink", "FakeTransport"]
@@ -68,7 +69,7 @@ class FakeLink:
 
 
 class FakeTransport:
-    """What one engine sees of the link (implements :class:`choreo.engine.Transport`)."""
+    """What one engine sees of the link (implements :class:`choreo.runtime.engine.Transport`)."""
 
     def __init__(self, harness: Harness, endpoint: str) -> None:
         self.harness = harness
@@ -128,8 +129,8 @@ class Harness:
             wall=self.wall,
             incarnation=self.rng.getrandbits(63) | 1,
             name=name,
+            ids=core.IdSource(self.rng.randbytes(8)),
         )
-        engine.ids = core.IdSource(self.rng.randbytes(8))
         self.engines[endpoint] = engine
         return engine
 

@@ -5,8 +5,15 @@ the message that caused it, the type, handler, service and instance, when the me
 received, when the attempt started and finished (wall-clock seconds, so spans from several
 hosts line up), the outcome and the error. Spans live in a ring of fixed size per node, so
 memory stays bounded whatever the traffic; ``span_ring=0`` turns recording off. Recording is one
-tuple appended to a deque per attempt (the dispatcher's fast path appends it inline); everything
-else here (Span objects, hex ids, filtering by trace) happens when somebody asks.
+tuple appended to a deque per attempt (the core's compiled lane appends the same tuple inline);
+everything else here (Span objects, hex ids, filtering by trace) happens when somebody asks.
+
+One layout for every recorded span, whoever records it (the ``SPAN_*`` indices)::
+
+    (ids, type, handler, received, started, finished, outcome, error, attempt, key, partition)
+
+where ``ids`` is the 48 bytes ``msg_id | trace_id | cause_id``, in the envelope's own order, so
+the lane records one bytes object instead of three per message; :func:`unpack` splits it.
 
 Trace ids and W3C ``traceparent``. A flow's trace id is the id of its first message from
 outside, unless the caller passes a ``traceparent`` to ``emit``/``send``/``ask``: then it is that
@@ -32,12 +39,9 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .dispatch import Job
 
 __all__ = [
     "Span",
@@ -49,7 +53,13 @@ __all__ = [
     "traceparent_of",
     "trace_id_of",
     "span_id",
-    ]
+    "unpack",
+    "Attempt",
+]
+
+# the fields of a recorded span tuple (see the module docstring)
+SPAN_IDS, SPAN_TYPE, SPAN_HANDLER, SPAN_RECEIVED, SPAN_STARTED, SPAN_FINISHED = range(6)
+SPAN_OUTCOME, SPAN_ERROR, SPAN_ATTEMPT, SPAN_KEY, SPAN_PARTITION = range(6, 11)
 
 
 class Span(msgspec.Struct, frozen=True):
@@ -70,6 +80,16 @@ class Span(msgspec.Struct, frozen=True):
     partition: int = 0
 
 
+class Attempt(Protocol):
+    """What the tracer reads of one handler attempt (the dispatcher's job)."""
+
+    env: Any  # the envelope: msg_id, trace_id, cause_id, type, key, partition
+    handler: Any  # the Handler (its name), or None
+    received: float
+    started: float
+    attempt: int
+
+
 class Tracer:
     """Keeps the most recent spans of one node."""
 
@@ -80,16 +100,15 @@ class Tracer:
         self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.enabled = size > 0
 
-    def finished(self, job: Job, outcome: str, error: str | None) -> None:
+    def finished(self, job: Attempt, outcome: str, error: str | None) -> None:
+        """Record the end of one attempt."""
         if not self.enabled:
             return
         env = job.env
         handler = job.handler
         self.spans.append(
             (
-                env.trace_id,
-                env.msg_id,
-                env.cause_id,
+                env.msg_id + env.trace_id + env.cause_id,
                 env.type,
                 handler.name if handler else "",
                 job.received,
@@ -107,7 +126,7 @@ class Tracer:
         """Recent spans (of one trace, when given), oldest first."""
         if trace_id is None:
             return [self._span(t) for t in list(self.spans)[-limit:]]
-        out = [self._span(t) for t in self.spans if (t[0] if t[1] is not None else t[0][16:32]) == trace_id]
+        out = [self._span(t) for t in self.spans if t[SPAN_IDS][16:32] == trace_id]
         return out[-limit:]
 
     def since(self, cursor: tuple[Any, ...] | None) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None, bool]:
@@ -172,41 +191,36 @@ class Tracer:
 
     def _last_failure(self, msg_id: bytes, handler: str) -> float:
         for t in reversed(self.spans):
-            if t[4] == handler and t[8] == "error" and unpack(t)[1] == msg_id:
-                return t[7]  # type: ignore[no-any-return]
+            if t[SPAN_HANDLER] == handler and t[SPAN_OUTCOME] == "error" and t[SPAN_IDS][:16] == msg_id:
+                return t[SPAN_FINISHED]  # type: ignore[no-any-return]
         return 0.0
 
     def _span(self, t: tuple[Any, ...]) -> Span:
-        t = unpack(t)
+        ids = t[SPAN_IDS]
         return Span(
-            trace_id=t[0].hex(),
-            msg_id=t[1].hex(),
-            cause_id=t[2].hex(),
-            type=t[3],
-            handler=t[4],
+            trace_id=ids[16:32].hex(),
+            msg_id=ids[:16].hex(),
+            cause_id=ids[32:48].hex(),
+            type=t[SPAN_TYPE],
+            handler=t[SPAN_HANDLER],
             service=self.service,
             instance=self.instance,
-            received=t[5],
-            started=t[6],
-            finished=t[7],
-            outcome=t[8],
-            error=t[9],
-            attempt=t[10],
-            key=t[11].decode("utf-8", "replace"),
-            partition=t[12],
+            received=t[SPAN_RECEIVED],
+            started=t[SPAN_STARTED],
+            finished=t[SPAN_FINISHED],
+            outcome=t[SPAN_OUTCOME],
+            error=t[SPAN_ERROR],
+            attempt=t[SPAN_ATTEMPT],
+            key=t[SPAN_KEY].decode("utf-8", "replace"),
+            partition=t[SPAN_PARTITION],
         )
 
 
 def unpack(t: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A span tuple with its three ids apart.
-
-    The core's fast lane records ``(msg_id | trace_id | cause_id, None, None, ...)``: one bytes
-    object instead of three per message; everything else records them apart.
-    """
-    if t[1] is not None:
-        return t
-    ids = t[0]
-    return (ids[16:32], ids[:16], ids[32:48], *t[3:])
+    """A recorded span with its ids apart: ``(trace_id, msg_id, cause_id, type, handler, received,
+    started, finished, outcome, error, attempt, key, partition)``."""
+    ids = t[SPAN_IDS]
+    return (ids[16:32], ids[:16], ids[32:48], *t[1:])
 
 
 def new_trace_id() -> bytes:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from .client import rpc
-from .engine import NodeConfig
+from .config import NodeConfig
 from .errors import ChoreoError, ChoreoUsageError
 from .launch import NodeProcess
 from .node import Node

@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 
+from . import core
 from .errors import ProtocolError
 from .spec import ServiceSpec
 
@@ -87,8 +88,9 @@ PIGGY = struct.Struct("<H")
 REPLY_ENTRY = struct.Struct("<16sB")
 REPLY_LEN = struct.Struct("<I")
 
-# envelope kinds (the core's ``kind`` byte)
-KIND_EVENT, KIND_COMMAND, KIND_QUERY, KIND_HANDOVER = 1, 2, 3, 5  # (4: reserved, was replies)
+# envelope kinds (the core's ``kind`` byte); the core's lanes know events by theirs
+KIND_EVENT = core.KIND_EVENT
+KIND_COMMAND, KIND_QUERY, KIND_HANDOVER = 2, 3, 5  # (4: reserved, was replies)
 KIND_NAMES = {
     KIND_EVENT: "event",
     KIND_COMMAND: "command",
@@ -98,8 +100,8 @@ KIND_NAMES = {
 KIND_CODES = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
 
 # envelope flags
-FLAG_UNKEYED = 0x01  # no ordering key: the receiver runs it without waiting on a key
-FLAG_BROADCAST = 0x02  # delivered to every instance of the service (broadcast handler)
+FLAG_UNKEYED = core.FLAG_UNKEYED  # no ordering key: the receiver runs it without waiting on a key
+FLAG_BROADCAST = core.FLAG_BROADCAST  # delivered to every instance of the service (broadcast handler)
 FLAG_REPLAY = 0x04  # a dead letter replayed on purpose: bypasses dedup once
 
 

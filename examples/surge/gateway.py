@@ -79,7 +79,7 @@ async def sample(client, system, out: Outcome, current: list[str], every: float 
         stats = await asyncio.to_thread(system.stats, "processor")
         mine = client.stats()
         out.samples.append(Sample(
-            time.monotonic(), current[0], len(stats), mine["emitted"], mine["in_flight"], mine["backpressure_waits"],
+            time.monotonic(), current[0], len(stats), mine.emitted, mine.in_flight, mine.backpressure_waits,
             {name: sum(s["lag"].values()) for name, s in stats.items()},
             {name: s["processed"] for name, s in stats.items()},
         ))

@@ -28,11 +28,11 @@ async def main(seed: str, bind: str, count: int, keys: int) -> None:
         for n in range(count):
             await client.emit(Produced(k=f"k{n % keys}", n=n), timeout=300)
             if n % 64 == 0:
-                peak = max(peak, client.stats()["in_flight"])
+                peak = max(peak, client.stats().in_flight)
         await client.flush(timeout=300)
         stats = client.stats()
-        print(json.dumps({"peak_in_flight": peak, "backpressure_waits": stats["backpressure_waits"],
-                          "reincarnations": stats["reincarnations"]}), flush=True)
+        print(json.dumps({"peak_in_flight": peak, "backpressure_waits": stats.backpressure_waits,
+                          "reincarnations": stats.reincarnations}), flush=True)
 
 
 if __name__ == "__main__":

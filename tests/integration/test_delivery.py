@@ -98,7 +98,7 @@ def test_slow_consumer_slows_producer_then_backpressure_then_everything_delivere
                 started = loop.time()
                 await client.emit(Work(k="one", n=n), timeout=30)
                 waited += loop.time() - started > 0.01
-                peak = max(peak, client.stats()["in_flight"])
+                peak = max(peak, client.stats().in_flight)
             assert waited >= 100, f"emit waited for credit only {waited} times out of 150"
             assert peak <= window, f"in flight reached {peak}, above the window of {window}"
             # 2. a caller that will not wait longer than a slot takes to free gets Backpressure
@@ -109,7 +109,7 @@ def test_slow_consumer_slows_producer_then_backpressure_then_everything_delivere
                     emitted += 1
             message = str(info.value)
             assert f"{window}/{window} in flight to slow#" in message, message
-            assert client.stats()["backpressure_errors"] == 1
+            assert client.stats().backpressure_errors == 1
             # 3. once the consumer catches up, everything accepted is delivered
             await client.flush(timeout=60)
             return emitted

@@ -126,15 +126,15 @@ def test_killed_node_restarted_on_the_same_address_rejoins_and_takes_work(procs,
     restarted = {}
 
     async def crash_and_restart(client: Node) -> None:
-        old_name = next(name for name, p in client.stats()["peers"].items() if p["endpoint"] == address)
+        old_name = next(p.node for p in client.stats().peers if p.endpoint == address)
         await asyncio.to_thread(b.kill)
         new = await asyncio.to_thread(procs.start, elastic, [a.endpoint], **{**b_where, "bind": address})
         assert new.endpoint == address
         restarted["proc"] = new
 
         def has_new_incarnation() -> bool:
-            return any(p["endpoint"] == address and p["state"] == "alive" and name != old_name
-                       for name, p in client.stats()["peers"].items())
+            return any(p.endpoint == address and p.state == "alive" and p.node != old_name
+                       for p in client.stats().peers)
 
         await client.until(has_new_incarnation, 30, "the restarted node rejoined")
 

@@ -135,8 +135,8 @@ def test_second_owner_of_a_command_is_refused_at_start_up() -> None:
         with pytest.raises(ChoreoUsageError, match="command Deposit has two owners: bank, rival-bank"):
             await newcomer.wait_for({"bank": 1, "rival-bank": 1}, timeout=5)
         newcomer.kill()
-        assert nodes[0].stats()["refused"]["conflict"] >= 1
-        assert "rival-bank" not in {p["service"] for p in nodes[0].stats()["peers"].values()}
+        assert nodes[0].stats().refused["conflict"] >= 1
+        assert "rival-bank" not in {p.service for p in nodes[0].stats().peers}
         await stop_all(nodes)
 
     run(scenario)
@@ -193,7 +193,7 @@ def test_service_emitting_outside_handlers_must_declare_it() -> None:
     async def scenario() -> None:
         nodes = await mesh(svc)
         await nodes[0].emit(Audit("ok"))  # declared: fine (no subscriber: dropped, counted)
-        assert nodes[0].stats()["unrouted"] == 1
+        assert nodes[0].stats().unrouted == 1
         with pytest.raises(UndeclaredMessage, match=r"add it to Service\('ticker', emits=\[...\]\)"):
             await nodes[0].emit(Deposited("a", 1))
         await stop_all(nodes)
@@ -267,7 +267,7 @@ def test_a_reply_is_acknowledged_at_once_not_at_the_next_heartbeat() -> None:
         server, client = nodes
         await client.send(Deposit("acc", 1))
         # both ends settle within a few ticks, far less than a heartbeat (0.05 s here)
-        await client.until(lambda: client.stats()["in_flight"] == 0 and server.stats()["in_flight"] == 0,
+        await client.until(lambda: client.stats().in_flight == 0 and server.stats().in_flight == 0,
                            FAST.heartbeat * 0.8, "both ends acknowledged")
         await stop_all(nodes)
 

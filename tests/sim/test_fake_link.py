@@ -81,7 +81,7 @@ def test_exactly_once_and_per_key_order_on_a_hostile_link(seed: int) -> None:
         results = await harness.run(asyncio.gather(*(client.send(Charge(account=f"a{i}", cents=i)) for i in range(50))))
         assert results == [i * 2 for i in range(50)], f"seed {seed}"
         total = lambda: len(seen["sink"])  # noqa: E731
-        await harness.run_until(lambda: total() >= 2000 and all(ch.idle for ch in client.out.values()), 600,
+        await harness.run_until(lambda: total() >= 2000 and all(ch.idle for ch in client.outbox.out.values()), 600,
                                 f"all delivered ({harness.describe()})")
         await harness.advance(5.0)  # late duplicates and retransmissions have time to arrive
 

@@ -34,9 +34,8 @@ def test_partition_backs_producers_off_and_loses_nothing_after_the_heal(seed: in
     async def produce() -> None:
         for n in range(3000):
             await producer.emit(Reading(sensor=f"s{n % 17}", n=n), timeout=120)
-            snap = producer.snapshot()
-            peak["in_flight"] = max(peak["in_flight"], snap["in_flight"])
-            peak["parked"] = max(peak["parked"], sum(len(q) for q in producer._homeless.values()))
+            peak["in_flight"] = max(peak["in_flight"], producer.outbox.in_flight())
+            peak["parked"] = max(peak["parked"], sum(len(q) for q in producer.outbox.waiting.values()))
 
     async def scenario() -> None:
         await harness.start()
@@ -50,7 +49,7 @@ def test_partition_backs_producers_off_and_loses_nothing_after_the_heal(seed: in
         assert sum(map(len, seen.values())) <= delivered_at_cut + window
         harness.heal()
         await harness.run(task, timeout=300)
-        await harness.run_until(lambda: sum(map(len, seen.values())) >= 3000 and producer.snapshot()["in_flight"] == 0,
+        await harness.run_until(lambda: sum(map(len, seen.values())) >= 3000 and producer.outbox.in_flight() == 0,
                                 300, f"everything delivered after the heal ({harness.describe()})")
 
     asyncio.run(scenario())
@@ -59,4 +58,4 @@ def test_partition_backs_producers_off_and_loses_nothing_after_the_heal(seed: in
         expected[f"s{n % 17}"].append(n)
     assert dict(seen) == dict(expected), f"each reading once and in order per sensor (seed {seed})"
     assert peak["in_flight"] <= window and peak["parked"] <= window, f"no unbounded queue: {peak} (seed {seed})"
-    assert producer.stats.reincarnations + consumer.stats.reincarnations >= 1
+    assert producer.counters.reincarnations + consumer.counters.reincarnations >= 1

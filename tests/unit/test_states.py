@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from choreo.states import PARTITION_TRANSITIONS, PEER_TRANSITIONS, IllegalTransition, readme_section, transition
-from choreo.ownership import Ownership
+from choreo.runtime.ownership import Ownership
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -16,7 +16,7 @@ service's routable instances, so all nodes with the same view agree. When the vi
   the new owner never runs a key's message before the old owner has finished the earlier ones;
 * a partition it gains from nobody (first instance) or from a dead owner is ``owned`` at once.
 
-Producers do their part (see :mod:`choreo.holds`): after a move they hold back new messages of
+Producers do their part (see :mod:`choreo.runtime.holds`): after a move they hold back new messages of
 the partition until everything they had sent the old owner is done.
 """
 
@@ -26,8 +26,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import core
-from .states import PARTITION_TRANSITIONS, transition
+from .. import core
+from ..states import PARTITION_TRANSITIONS, transition
 
 __all__ = ["Ownership"]
 
@@ -39,15 +39,22 @@ class Ownership:
 
     >>> o = Ownership(partitions=4, me=7)
     >>> o.update([7], live=lambda inc: True, now=0.0)     # alone: everything is ours at once
+    [0, 1, 2, 3]
     >>> o.state
     ['owned', 'owned', 'owned', 'owned']
     """
 
     def __init__(self, partitions: int, me: int) -> None:
         self.partitions = partitions
-        self.me = me
-        self.state = ["unowned"] * partitions
         self.gate = bytearray(partitions)  # 1 where arrivals are handled here right now
+        self.reset(me)
+
+    def reset(self, me: int) -> None:
+        """Own nothing, as a new incarnation ``me`` (the gate object stays: readers keep it)."""
+        self.me = me
+        partitions = self.partitions
+        self.state = ["unowned"] * partitions
+        self.gate[:] = bytes(partitions)
         self.awaiting: dict[int, tuple[float, int]] = {}  # partition -> (since, previous owner)
         self.draining: dict[int, int] = {}  # partition -> new owner
         self.buffered: dict[int, deque[tuple[Any, Any]]] = {}  # partition -> (channel, envelope)

@@ -16,6 +16,10 @@ The path of one received envelope (a :class:`Job`):
    is the input acknowledged to its sender.
 5. **Failure.** An exception is retried with backoff, then the job goes to the dead-letter store
    (payload, error, attempts) and is acknowledged, so one poison message cannot wedge a channel.
+
+Arrivals for a partition this node does not own go to :class:`~choreo.runtime.moves.Moves`
+(buffered until a handover, or forwarded to the owner). What the dispatcher needs of its node
+(sending, acks, timers, the caller API for ``ctx.ask``) is the small :class:`Host` protocol.
 """
 
 from __future__ import annotations
@@ -23,31 +27,57 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 import traceback
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 
-from . import core
-from .errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationError
-from .messages import Message, decode, decoder_for, message_options
-from .service import Handler, Service
-from .tracing import format_traceparent
-from .wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY
+from .. import core
+from ..config import NodeConfig
+from ..errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationError
+from ..messages import Message, decode, decoder_for, message_options
+from ..service import Handler, Service
+from ..tracing import Tracer, format_traceparent
+from ..wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY
+from .calls import error_reply, ok_reply
+from .channels import InChannel
+from .deadletters import DeadLetter, DeadLetters
+from .moves import Moves
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .channels import InChannel
-    from .engine import Engine
-
-__all__ = ["Job", "HandlerContext", "DeadLetter", "Dispatcher"]
+__all__ = ["Job", "HandlerContext", "Dispatcher", "Host"]
 
 log = logging.getLogger("choreo.dispatch")
 _reply_encoder = msgspec.msgpack.Encoder()
 _KIND_FOR = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
+
+
+class Host(Protocol):
+    """What the dispatcher needs of the node it runs in."""
+
+    name: str  # the instance, as handlers see it (ctx.instance)
+    batch_wall: float  # wall-clock time the batch being delivered arrived
+    clock: Callable[[], float]
+    wall: Callable[[], float]
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
+
+    def count_refused(self, reason: str, detail: str) -> None: ...
+
+    def ack_later(self, channel: InChannel) -> None: ...
+
+    def schedule_flush(self) -> None: ...
+
+    def send_outputs(self, job: Job, outputs: list[Message], on_done: Callable[[], None]) -> int: ...
+
+    def send_reply(self, job: Job, reply: bytes) -> bool: ...
+
+    def has_owner(self, type_name: str) -> bool: ...
+
+    async def ask(self, query: Message, *, timeout: float | None, trace_id: bytes, cause_id: bytes) -> Any: ...
 
 
 class Job:
@@ -85,73 +115,35 @@ class Job:
         self.error: str | None = None
 
 
-@dataclass
-class DeadLetter:
-    """A message whose handler kept failing: kept on the node that failed it, replayable."""
-
-    id: int
-    message_type: str
-    service: str
-    handler: str
-    msg_id: bytes
-    trace_id: bytes
-    key: bytes
-    partition: int
-    payload: bytes
-    error: str
-    error_type: str
-    traceback: str
-    attempts: int
-    first_failed: float
-    last_failed: float
-    replays: int = 0
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": self.message_type,
-            "service": self.service,
-            "handler": self.handler,
-            "msg_id": self.msg_id.hex(),
-            "trace_id": self.trace_id.hex(),
-            "key": self.key.decode("utf-8", "replace"),
-            "partition": self.partition,
-            "error": self.error,
-            "error_type": self.error_type,
-            "attempts": self.attempts,
-            "replays": self.replays,
-            "failed_at": self.last_failed,
-        }
-
-
 class HandlerContext:
     """What a running handler may do besides returning: see :class:`choreo.Context`.
 
     A plain-function handler may get the same context object for several messages of a batch:
-    it is valid during the call it was passed to.
+    it is valid during the call it was passed to. ``envelope`` and ``handler`` are what is being
+    handled and by whom (the core's compiled lane sets both before each call).
     """
 
-    __slots__ = ("_dispatcher", "_env", "_handler", "_attempt", "outputs")
+    __slots__ = ("_host", "envelope", "handler", "_attempt", "outputs")
 
-    def __init__(self, dispatcher: Dispatcher, env: Any, handler: Handler, attempt: int = 0) -> None:
-        self._dispatcher = dispatcher
-        self._env = env
-        self._handler = handler
+    def __init__(self, host: Host, envelope: Any, handler: Handler, attempt: int = 0) -> None:
+        self._host = host
+        self.envelope = envelope
+        self.handler = handler
         self._attempt = attempt
         self.outputs: list[Message] = []
 
     @property
     def message_id(self) -> bytes:
-        return self._env.msg_id
+        return self.envelope.msg_id  # type: ignore[no-any-return]
 
     @property
     def trace_id(self) -> bytes:
-        return self._env.trace_id
+        return self.envelope.trace_id  # type: ignore[no-any-return]
 
     @property
     def traceparent(self) -> str:
         """W3C ``traceparent`` of this handling of the message (pass it on to HTTP calls)."""
-        return format_traceparent(self._env.trace_id, self._env.msg_id, self._handler.name)
+        return format_traceparent(self.envelope.trace_id, self.envelope.msg_id, self.handler.name)
 
     @property
     def attempt(self) -> int:
@@ -159,18 +151,18 @@ class HandlerContext:
 
     @property
     def service(self) -> str:
-        return self._handler.service
+        return self.handler.service
 
     @property
     def instance(self) -> str:
-        return self._dispatcher.engine.name
+        return self._host.name
 
     @property
     def key(self) -> bytes:
-        return self._env.key
+        return self.envelope.key  # type: ignore[no-any-return]
 
     def _declared(self, message: Message, allowed: tuple[type, ...], verb: str) -> None:
-        handler = self._handler
+        handler = self.handler
         if handler.kind == "query":
             raise ChoreoUsageError(f"query handler {handler.name} may not {verb}: queries have no side effects")
         if type(message) not in allowed:
@@ -183,22 +175,22 @@ class HandlerContext:
 
     def emit(self, event: Message) -> None:
         """Publish an event (sent once the handler returns without raising)."""
-        self._declared(event, self._handler.emits, "emit")
+        self._declared(event, self.handler.emits, "emit")
         self.outputs.append(event)
 
     def send(self, command: Message) -> None:
         """Send a command (sent once the handler returns without raising)."""
-        self._declared(command, self._handler.sends, "send")
+        self._declared(command, self.handler.sends, "send")
         name = message_options(type(command)).name
-        if not self._dispatcher.engine.membership.owners(name):
+        if not self._host.has_owner(name):
             raise NoOwner(f"no live service in the mesh handles command {name}")
         self.outputs.append(command)
 
     async def ask(self, query: Message, timeout: float | None = None) -> Any:
         """Ask a query declared in ``sends=`` and return its answer."""
-        self._declared(query, self._handler.sends, "send")
-        env = self._env
-        return await self._dispatcher.engine.ask(query, timeout=timeout, trace_id=env.trace_id, cause_id=env.msg_id)
+        self._declared(query, self.handler.sends, "send")
+        env = self.envelope
+        return await self._host.ask(query, timeout=timeout, trace_id=env.trace_id, cause_id=env.msg_id)
 
 
 @dataclass
@@ -215,9 +207,21 @@ class DispatchStats:
 class Dispatcher:
     """Handles the envelopes addressed to this node's service."""
 
-    def __init__(self, engine: Engine, service: Service | None, *, dlq_max: int = 10_000, results_max: int = 100_000) -> None:
-        self.engine = engine
+    def __init__(
+        self,
+        host: Host,
+        service: Service | None,
+        *,
+        config: NodeConfig,
+        tracer: Tracer,
+        moves: Moves | None = None,
+        results_max: int = 100_000,
+    ) -> None:
+        self.host = host
         self.service = service
+        self.config = config
+        self.tracer = tracer
+        self.moves = moves  # service nodes: partitions not (yet) ours go there
         self.handlers: dict[str, Handler] = dict(service.handlers) if service else {}
         self.keyed = core.KeyedDispatch()
         self.dedup: dict[str, core.DedupWindow] = {}
@@ -225,15 +229,12 @@ class Dispatcher:
         # command id -> (time, ttl, reply, partition): a duplicate command gets the first result
         self.results: OrderedDict[bytes, tuple[float, float, bytes, int]] = OrderedDict()
         self.results_max = results_max
-        self.dead_letters: OrderedDict[int, DeadLetter] = OrderedDict()
-        self.dlq_max = dlq_max
-        self._dlq_next = 1
+        self.dead_letters = DeadLetters(config.dlq_max)
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
-        self._handler_ids = {name: h.name.encode() for name, h in self.handlers.items()}
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
         self.lane = core.FastLane()
-        self._lane_ctx = HandlerContext(self, None, None)  # type: ignore[arg-type]  # reused by the lane
+        self._lane_ctx = HandlerContext(host, None, None)  # type: ignore[arg-type]  # reused by the lane
 
     # -- arrival -------------------------------------------------------------------------------
 
@@ -250,7 +251,7 @@ class Dispatcher:
             self.lane.set(
                 type_name,
                 decoder_for(handler.message).decode,
-                window if self.engine.config.dedup else None,
+                window if self.config.dedup else None,
                 handler.fn,
                 handler.name,
                 handler.takes_context,
@@ -268,11 +269,11 @@ class Dispatcher:
         failures, emitted effects, busy keys, partitions not ours), the envelope becomes a
         :class:`Job` here, and the lane resumes after it.
         """
-        engine = self.engine
-        received = engine.batch_wall
-        tracer = engine.tracer
+        host = self.host
+        received = host.batch_wall
+        tracer = self.tracer
         spans_append = tracer.spans.append if tracer.enabled else None
-        gate = engine.ownership.gate if engine.ownership is not None else None
+        gate = self.moves.ownership.gate if self.moves is not None else None
         reorder = channel.reorder
         run = self.lane.run
         done, i, n = 0, 0, len(envs)
@@ -282,7 +283,7 @@ class Dispatcher:
                     self.deliver(channel, env, now)
                 break
             handled, i, status, a, b, started = run(
-                envs, i, reorder, now, engine.wall, received, gate, self.keyed, spans_append, self._lane_ctx
+                envs, i, reorder, now, host.wall, received, gate, self.keyed, spans_append, self._lane_ctx
             )
             done += handled
             if status == core.LANE_END:
@@ -312,11 +313,15 @@ class Dispatcher:
         if done:
             self.stats.received += done
             self.stats.processed += done
-            engine.ack_later(channel)
+            host.ack_later(channel)
 
     def _track(self, partition: int) -> None:
         lag = self.stats.lag
         lag[partition] = lag.get(partition, 0) + 1
+
+    def lag_of(self, partition: int) -> int:
+        """Messages of ``partition`` received here and not yet handled."""
+        return self.stats.lag.get(partition, 0)
 
     def untrack(self, partition: int) -> None:
         lag = self.stats.lag
@@ -339,15 +344,15 @@ class Dispatcher:
         for k, *_ in results:
             del self.results[k]
         # times are this node's monotonic clock: the receiver shifts them onto its own
-        return _reply_encoder.encode({"dedup": dedup, "results": results, "now": self.engine.clock()})
+        return _reply_encoder.encode({"dedup": dedup, "results": results, "now": self.host.clock()})
 
     def import_partition(self, p: int, payload: bytes) -> None:
         try:
             data = msgspec.msgpack.decode(payload, type=_PartitionState)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            self.engine.count_refused("malformed", f"handover of partition {p}: {exc}")
+            self.host.count_refused("malformed", f"handover of partition {p}: {exc}")
             return
-        now = self.engine.clock()
+        now = self.host.clock()
         shift = now - data.now
         for name, blob in data.dedup.items():
             handler = self.handlers.get(name)
@@ -360,7 +365,7 @@ class Dispatcher:
             try:
                 window.import_entries(_shift_times(blob, shift), p)
             except (core.MalformedFrame, struct.error) as exc:
-                self.engine.count_refused("malformed", f"handover of partition {p}: {exc}")
+                self.host.count_refused("malformed", f"handover of partition {p}: {exc}")
         for msg_id, t, ttl, reply in data.results:
             if now - (t + shift) < ttl:
                 self.results[msg_id] = (t + shift, ttl, reply, p)
@@ -378,41 +383,42 @@ class Dispatcher:
 
     def deliver(self, channel: InChannel, env: Any, now: float) -> None:
         """Take one released envelope (called in sequence order per channel)."""
+        moves = self.moves
         if env.kind == KIND_HANDOVER:
-            self.engine.on_handover(env)
+            if moves is not None:
+                moves.on_handover(env)
+            else:
+                self.host.count_refused("unknown_type", f"a handover from {channel.peer.node}, and this is a client")
             channel.reorder.complete(env.seq)
-            self.engine.ack_later(channel)
+            self.host.ack_later(channel)
             return
         handler = self.handlers.get(env.type)
-        ownership = self.engine.ownership
         if (
-            ownership is not None
+            moves is not None
             and handler is not None
-            and not ownership.gate[env.partition]
+            and not moves.ownership.gate[env.partition]
             and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST | FLAG_REPLAY)
         ):
-            p = env.partition
-            if ownership.state[p] == "awaiting" or not self.engine._settled:
-                ownership.buffered.setdefault(p, deque()).append((channel, env))  # until the handover
-                self._track(p)
+            if moves.buffer(channel, env):  # until the handover (or our own join)
+                self._track(env.partition)
                 return
-            if self.engine.forward(channel, env):
+            if moves.forward(channel, env):
                 return
         self.stats.received += 1
         if handler is None or _KIND_FOR[handler.kind] != env.kind:
-            self.engine.count_refused(
+            self.host.count_refused(
                 "unknown_type",
                 f"{env.type!r} (kind {env.kind}) from {channel.peer.node}: "
                 f"{self.service.name if self.service else 'this client'} has no handler for it",
             )
-            job = Job(env, channel, None, self.engine.batch_wall)
+            job = Job(env, channel, None, self.host.batch_wall)
             if env.kind in (KIND_COMMAND, KIND_QUERY):
-                job.reply = _error_reply("UnknownType", f"{self._who()} does not handle {env.type}")
+                job.reply = error_reply("UnknownType", f"{self._who()} does not handle {env.type}")
             self._effects_safe(job)
             return
-        job = Job(env, channel, handler, self.engine.batch_wall)
+        job = Job(env, channel, handler, self.host.batch_wall)
         self._track(env.partition)
-        if handler.kind != "query" and not env.flags & FLAG_REPLAY and self.engine.config.dedup:
+        if handler.kind != "query" and not env.flags & FLAG_REPLAY and self.config.dedup:
             window = self.dedup.get(env.type)
             if window is None:
                 options = message_options(handler.message)
@@ -437,9 +443,8 @@ class Dispatcher:
 
     def _duplicate(self, job: Job) -> None:
         self.stats.duplicates += 1
-        self.engine.stats.dedup_hits += 1
-        job.started = self.engine.wall()
-        self.engine.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
+        job.started = self.host.wall()
+        self.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
         original = self.in_progress.get(job.env.msg_id)
         if original is not None:
             original.duplicates.append(job)
@@ -448,7 +453,7 @@ class Dispatcher:
         if cached is not None and job.env.kind != KIND_EVENT:
             job.reply = cached[2]
         elif job.env.kind != KIND_EVENT:
-            job.reply = _error_reply(
+            job.reply = error_reply(
                 "ResultExpired",
                 f"{job.env.type} was already handled, and its result is no longer remembered "
                 "(older than the type's dedup window, or the handling instance crashed)",
@@ -470,12 +475,12 @@ class Dispatcher:
             try:
                 job.message = decode(handler.message, job.env.payload)
             except ValidationError as exc:
-                self.engine.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
-                self._finish_handler(job, reply=_error_reply("ValidationError", str(exc)), dead=False)
+                self.host.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
+                self._finish_handler(job, reply=error_reply("ValidationError", str(exc)), dead=False)
                 return
-        ctx = HandlerContext(self, job.env, handler, job.attempt)
+        ctx = HandlerContext(self.host, job.env, handler, job.attempt)
         self.stats.in_handler += 1
-        job.started = self.engine.wall()
+        job.started = self.host.wall()
         try:
             if handler.is_async:
                 coro = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
@@ -496,7 +501,7 @@ class Dispatcher:
         else:
             self._succeeded(job, ctx, task.result())
         self.pump()
-        self.engine.schedule_flush()
+        self.host.schedule_flush()
 
     def _succeeded(self, job: Job, ctx: HandlerContext, result: Any) -> None:
         self.stats.in_handler -= 1
@@ -505,16 +510,16 @@ class Dispatcher:
         reply = None
         if handler.kind != "event":
             try:
-                reply = _ok_reply(_reply_encoder.encode(result))
+                reply = ok_reply(_reply_encoder.encode(result))
             except (TypeError, msgspec.EncodeError) as exc:
                 self._failed(job, TypeError(f"handler {handler.name} returned a value choreo cannot encode: {exc}"))
                 return
-        self.engine.tracer.finished(job, "ok", None)
+        self.tracer.finished(job, "ok", None)
         outputs = ctx.outputs
         ctx.outputs = []
         if outputs:
             try:
-                routed = self.engine.send_outputs(job, outputs)
+                routed = self.host.send_outputs(job, outputs, partial(self.output_done, job))
             except Exception as exc:  # routing failed (no owner any more...): the attempt failed
                 self.stats.in_handler += 1
                 self._failed(job, exc)
@@ -529,17 +534,17 @@ class Dispatcher:
         assert handler is not None
         job.attempt += 1
         job.error = f"{type(exc).__name__}: {exc}"
-        self.engine.tracer.finished(job, "error", job.error)
+        self.tracer.finished(job, "error", job.error)
         if job.attempt <= handler.retry.retries:
             if not job.holds_key and not job.env.flags & FLAG_UNKEYED:
                 if self.keyed.admit(job.env.key, job):
                     job.holds_key = True
             delay = handler.retry.delay(job.attempt)
             log.info("%s failed (attempt %d), retrying in %.3f s: %s", handler.name, job.attempt, delay, job.error)
-            self.engine.call_later(delay, lambda: self._retry(job))
+            self.host.call_later(delay, lambda: self._retry(job))
             return
         self._dead_letter(job, exc)
-        reply = _error_reply(type(exc).__name__, str(exc)) if handler.kind != "event" else None
+        reply = error_reply(type(exc).__name__, str(exc)) if handler.kind != "event" else None
         self._finish_handler(job, reply=reply, dead=True)
 
     def _retry(self, job: Job) -> None:
@@ -548,7 +553,7 @@ class Dispatcher:
         else:  # pragma: no cover - a retry always holds its key
             self._admit(job)
         self.pump()
-        self.engine.schedule_flush()
+        self.host.schedule_flush()
 
     def _finish_handler(self, job: Job, *, reply: bytes | None, dead: bool) -> None:
         """The handler phase is over (success, refusal or dead letter): free the key, then wait for effects."""
@@ -575,14 +580,14 @@ class Dispatcher:
             if self.in_progress.get(job.env.msg_id) is job:
                 self._remember_result(job, reply)
             if job.channel is not None:
-                self.engine.send_reply(job, reply)  # ahead of the ack that completes the command
+                self.host.send_reply(job, reply)  # ahead of the ack that completes the command
         self._complete(job)
 
     def _complete(self, job: Job) -> None:
         env = job.env
         if job.channel is not None:
             job.channel.reorder.complete(env.seq)
-            self.engine.ack_later(job.channel)
+            self.host.ack_later(job.channel)
         if job.handler is not None:
             if job.replay_of is None:
                 self._unlag(job)
@@ -602,11 +607,11 @@ class Dispatcher:
         if job.env.kind != KIND_COMMAND or job.handler is None:
             return
         options = message_options(job.handler.message)
-        self.results[job.env.msg_id] = (self.engine.clock(), options.dedup_ttl, reply, job.env.partition)
+        self.results[job.env.msg_id] = (self.host.clock(), options.dedup_ttl, reply, job.env.partition)
         while len(self.results) > self.results_max:
             self.results.popitem(last=False)
         # forget results older than their dedup window, oldest first
-        now = self.engine.clock()
+        now = self.host.clock()
         while self.results:
             t, ttl, _, _ = next(iter(self.results.values()))
             if now - t < ttl:
@@ -618,17 +623,17 @@ class Dispatcher:
     def _dead_letter(self, job: Job, exc: BaseException) -> None:
         handler = job.handler
         assert handler is not None
-        now = time.time()
+        now = self.host.wall()
         env = job.env
         if job.replay_of is not None:
             letter = job.replay_of
             letter.attempts += job.attempt
             letter.error, letter.error_type = str(exc), type(exc).__name__
             letter.last_failed = now
-            self.dead_letters[letter.id] = letter
+            self.dead_letters.put_back(letter)
         else:
             letter = DeadLetter(
-                id=self._dlq_next,
+                id=0,
                 message_type=env.type,
                 service=handler.service,
                 handler=handler.name,
@@ -644,30 +649,26 @@ class Dispatcher:
                 first_failed=now,
                 last_failed=now,
             )
-            self._dlq_next += 1
-            self.dead_letters[letter.id] = letter
-            while len(self.dead_letters) > self.dlq_max:
-                self.dead_letters.popitem(last=False)
+            self.dead_letters.add(letter)
         self.stats.dead_lettered += 1
-        self.engine.stats.dead_letters += 1
         log.warning(
             "%s: %s -> dead letter #%d after %d attempts: %s", handler.name, env.type, letter.id, job.attempt, job.error
         )
 
     def replay(self, letter_id: int) -> DeadLetter:
         """Run a dead letter's handler again, once (with its retry policy). KeyError if unknown."""
-        letter = self.dead_letters.pop(letter_id)
+        letter = self.dead_letters.take(letter_id)
         handler = self.handlers.get(letter.message_type)
         if handler is None:
-            self.dead_letters[letter_id] = letter
+            self.dead_letters.put_back(letter)
             raise ChoreoUsageError(f"this node no longer handles {letter.message_type}")
         letter.replays += 1
         env = _ReplayEnvelope(letter, _KIND_FOR[handler.kind])
-        job = Job(env, None, handler, self.engine.clock())
+        job = Job(env, None, handler, self.host.wall())  # a later attempt, on the spans' clock
         job.replay_of = letter
         self._admit(job)
         self.pump()
-        self.engine.schedule_flush()
+        self.host.schedule_flush()
         return letter
 
     # -- helpers -------------------------------------------------------------------------------
@@ -722,28 +723,3 @@ class _ReplayEnvelope:
         self.trace_id = letter.trace_id
         self.cause_id = bytes(16)
         self.payload = letter.payload
-
-
-def _always_new(msg_id: bytes, now: float, partition: int) -> bool:
-    return True  # dedup switched off
-
-
-def _ok_reply(body: bytes) -> bytes:
-    return b"\x01" + body
-
-
-def _error_reply(error_type: str, message: str) -> bytes:
-    return b"\x00" + _reply_encoder.encode([error_type, message])
-
-
-def decode_reply(payload: bytes) -> tuple[bool, bytes | tuple[str, str]]:
-    """``(True, result body)`` or ``(False, (error type, message))``."""
-    if not payload:
-        return False, ("ProtocolError", "empty reply")
-    if payload[0] == 1:
-        return True, payload[1:]
-    etype, message = msgspec.msgpack.decode(payload[1:])
-    return False, (str(etype), str(message))
-
-
-Factory = Callable[[], Any]

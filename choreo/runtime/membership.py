@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from . import core
-from .spec import HandlerSpec, ServiceSpec, SystemSpec, system_spec
-from .states import PEER_TRANSITIONS, transition
+from .. import core
+from ..spec import HandlerSpec, ServiceSpec, SystemSpec, system_spec
+from ..states import PEER_TRANSITIONS, transition
 
 __all__ = ["Peer", "Membership", "Conflict", "LIVE_STATES", "ROUTABLE_STATES"]
 
@@ -86,6 +86,12 @@ class Membership:
         self.lost: dict[str, ServiceSpec] = {}
 
     # -- changes -------------------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget every peer (this node re-incarnates and learns the mesh again); the version goes on."""
+        self.peers.clear()
+        self.lost.clear()
+        self._rebuild()
 
     def check_conflicts(self, candidate: ServiceSpec | None) -> None:
         """Raise :class:`Conflict` if ``candidate`` would give a command or query a second owner."""

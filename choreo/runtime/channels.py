@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import core, wire
+from .. import core, wire
 
 if TYPE_CHECKING:  # pragma: no cover
     from .membership import Peer

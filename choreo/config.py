@@ -1,0 +1,75 @@
+"""How one node is tuned: :class:`NodeConfig`, a frozen record checked when it is built.
+
+It lives on its own, below everything that reads it (the runtime, the node, the launchers, the
+bench), so that importing the settings never imports the machinery they tune::
+
+    from choreo import NodeConfig
+    config = NodeConfig(window=1000, emit_timeout=5.0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import ChoreoUsageError
+
+__all__ = ["NodeConfig"]
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Tuning of one node. The defaults suit a LAN; every limit is also a safety bound.
+
+    ``window`` / ``window_bytes``: credit per channel (envelopes and bytes in flight to one
+    receiver): the high-water mark at which ``emit`` waits. ``emit_timeout``: how long it
+    waits before raising :class:`~choreo.Backpressure`. ``max_message_bytes``: the largest
+    body accepted or sent. ``rto``/``rto_max``: first and largest retransmission timeout.
+    ``heartbeat``/``suspect_after``/``dead_after``: failure detection. ``span_ring``: how many
+    spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
+    of a partition waits for its live previous owner's handover before taking it anyway.
+    ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
+    costs, or for handlers that are idempotent by themselves).
+
+    >>> NodeConfig(window=0)
+    Traceback (most recent call last):
+    ...
+    choreo.errors.ChoreoUsageError: NodeConfig.window must be > 0, got 0
+    """
+
+    window: int = 4096
+    window_bytes: int = 32 << 20
+    max_batch: int = 256
+    max_batch_bytes: int = 256 << 10
+    rto: float = 1.0
+    rto_max: float = 8.0
+    heartbeat: float = 0.5
+    suspect_after: float = 2.0
+    dead_after: float = 6.0
+    max_message_bytes: int = 1 << 20
+    emit_timeout: float = 10.0
+    request_timeout: float = 10.0
+    drain_timeout: float = 30.0
+    tick: float = 0.01
+    dlq_max: int = 10_000
+    span_ring: int = 10_000
+    transport_max_bytes: int = 256 << 20
+    handover_timeout: float = 15.0
+    forget_dead_after: float = 600.0
+    dedup: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("span_ring", "dedup"):
+                continue
+            if not value > 0:
+                raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
+        if self.window > 1 << 20:
+            raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
+        if not self.suspect_after < self.dead_after:
+            raise ChoreoUsageError("NodeConfig.suspect_after must be smaller than dead_after")
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest frame accepted: a full batch plus one maximal message."""
+        return self.max_batch_bytes + self.max_message_bytes + 64 * 1024

@@ -1,0 +1,24 @@
+"""One node's logic, in parts with one job each: no sockets, no clocks of its own (time is passed in).
+
+Read top-down, in the order a message meets them (each part imports only those above it; none
+imports the engine, which only wires them):
+
+* :mod:`~choreo.runtime.channels`: one outbound and one inbound delivery session per peer
+  incarnation (the core's window and reorder buffer, with callbacks and a backlog);
+* :mod:`~choreo.runtime.membership`: the peer table and the routing views derived from it;
+* :mod:`~choreo.runtime.ownership`: which partitions of its service this node handles;
+* :mod:`~choreo.runtime.holds`: the producer's half of a partition move;
+* :mod:`~choreo.runtime.lifecycle`, :mod:`~choreo.runtime.stats`: the node's own state, its numbers;
+* :mod:`~choreo.runtime.outbox`: channels by peer, batching, acks, replies, messages waiting for an instance;
+* :mod:`~choreo.runtime.routing`: destinations, emit plans and the compiled emit lane;
+* :mod:`~choreo.runtime.calls`: ``emit``/``try_emit``/``send``/``ask``, credit waits, answers;
+* :mod:`~choreo.runtime.gossip`: hellos, heartbeats, failure detection, goodbyes;
+* :mod:`~choreo.runtime.moves`: view sync, drain, forward, hand-over, buffered arrivals;
+* :mod:`~choreo.runtime.deadletters`, :mod:`~choreo.runtime.dispatch`: dedup, per-key order,
+  handlers, retries, dead letters, the ack after the effects;
+* :mod:`~choreo.runtime.engine`: the wiring: the frame table, the receive path, tick, peers gone,
+  reincarnation, statistics, system queries.
+
+The node on ZeroMQ and asyncio (:mod:`choreo.node`) and the fake-link harness
+(:mod:`choreo.testing`) both run an :class:`~choreo.runtime.engine.Engine`.
+"""

@@ -1,0 +1,393 @@
+"""The application's verbs: ``try_emit``, ``emit``, ``send``, ``ask``, and what a handler produced.
+
+How this works. Every verb plans its message with the :class:`~choreo.runtime.routing.Router`
+(one envelope per destination), then asks what blocks the plan: a channel without credit, a
+held partition whose queue is as long as a window, or a service without a live instance.
+``try_emit`` raises :class:`~choreo.Backpressure` at once; ``emit``/``send``/``ask`` wait (re-planning
+whenever membership changes) until nothing blocks it or their timeout passes, then raise the
+same error with the numbers. A plan is committed whole: every destination gets its copy, or
+none does.
+
+``send`` and ``ask`` wait for the answer, which comes back in a REPLY frame ahead of the ack
+that completes the command (:meth:`Calls.on_reply`). A command acknowledged without its answer
+(the answer's frame was lost) is sent again under the same id; dedup answers it from the
+cached result. What a handler emits and sends goes out through :meth:`Calls.send_outputs`
+with ids derived from its input, so a retried handler emits the same ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from functools import partial
+from typing import Any, Protocol
+
+import msgspec
+
+from .. import core, wire
+from ..config import NodeConfig
+from ..errors import (
+    Backpressure,
+    ChoreoError,
+    ChoreoUsageError,
+    DeliveryTimeout,
+    HandlerFailed,
+    ProtocolError,
+    UndeclaredMessage,
+    ValidationError,
+)
+from ..messages import Message, idempotency_id, message_options, result_decoder_for
+from ..service import Service
+from ..tracing import parse_traceparent
+from .channels import OutChannel
+from .holds import Holds
+from .membership import Membership
+from .outbox import Outbox
+from .routing import ZERO_ID, PlannedCopy, Router
+from .stats import Counters
+
+__all__ = ["Calls", "OutputsOf", "decode_reply", "ok_reply", "error_reply"]
+
+_reply_encoder = msgspec.msgpack.Encoder()
+
+
+class OutputsOf(Protocol):
+    """What :meth:`Calls.send_outputs` reads of a finished handler's job."""
+
+    env: Any  # the input envelope (msg_id, trace_id)
+    handler: Any  # the Handler that ran (its name seeds the output ids)
+
+
+class _Call:
+    """A command or query waiting for its reply."""
+
+    __slots__ = ("future", "cls", "service")
+
+    def __init__(self, future: asyncio.Future[Any], cls: type[Message], service: str) -> None:
+        self.future = future
+        self.cls = cls
+        self.service = service
+
+
+class Calls:
+    """The verbs of one node (see the module docstring)."""
+
+    def __init__(
+        self,
+        router: Router,
+        outbox: Outbox,
+        holds: Holds,
+        membership: Membership,
+        *,
+        service: Service | None,
+        config: NodeConfig,
+        clock: Callable[[], float],
+        call_later: Callable[[float, Callable[[], None]], None],
+        counters: Counters,
+    ) -> None:
+        self.router = router
+        self.outbox = outbox
+        self.holds = holds
+        self.membership = membership
+        self.service = service
+        self.config = config
+        self.clock = clock
+        self.call_later = call_later
+        self.counters = counters
+        self.pending: dict[bytes, list[_Call]] = {}  # message id -> callers waiting for its answer
+        self._service_waiters: dict[str, list[Callable[[], None]]] = {}
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
+        """Publish an event now or raise :class:`Backpressure` at once; returns its message id."""
+        if traceparent is None:
+            msg_id = self.router.emit_now(event)
+            if msg_id is not None:
+                return msg_id
+        self._check_origin(event, "emit")
+        if message_options(type(event)).kind != "event":
+            raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        msg_id, trace_id = self._origin_ids(event, traceparent)
+        plan = self.router.plan(event, msg_id, trace_id, ZERO_ID, None)
+        blocked = self.blocked(plan)
+        if blocked is not None:
+            raise self._backpressure(blocked, 0.0)
+        self.router.commit(plan)
+        self.counters.emitted += 1
+        return msg_id
+
+    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
+        """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
+        if traceparent is None:
+            msg_id = self.router.emit_now(event)
+            if msg_id is not None:
+                return msg_id
+        self._check_origin(event, "emit")
+        if message_options(type(event)).kind != "event":
+            raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        msg_id, trace_id = self._origin_ids(event, traceparent)
+
+        def replan() -> list[PlannedCopy]:
+            return self.router.plan(event, msg_id, trace_id, ZERO_ID, None)
+
+        plan = replan()
+        if self.blocked(plan) is not None:
+            plan = await self._await_credit(plan, self.config.emit_timeout if timeout is None else timeout, replan)
+        self.router.commit(plan)
+        self.counters.emitted += 1
+        return msg_id
+
+    # -- commands and queries --------------------------------------------------------------------
+
+    async def request(
+        self,
+        message: Message,
+        *,
+        timeout: float | None,
+        trace_id: bytes | None = None,
+        cause_id: bytes = ZERO_ID,
+        traceparent: str | None = None,
+        origin_check: bool = True,
+    ) -> Any:
+        """Send a command or query and await its result (shared by send and ask)."""
+        options = message_options(type(message))
+        if origin_check:
+            self._check_origin(message, "send")
+        timeout = self.config.request_timeout if timeout is None else timeout
+        msg_id = idempotency_id(message) or self.router.fresh_id()
+        if trace_id is None:
+            trace_id = parse_traceparent(traceparent) if traceparent else msg_id
+        start = self.clock()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        resends = [0]
+
+        def acked() -> None:
+            # processed (acked), and its answer came first on the same connection unless that frame
+            # was lost: then ask again; dedup answers the resend from the cached result
+            if future.done() or resends[0] >= 3:
+                return
+            resends[0] += 1
+            self.counters.resent_requests += 1
+            try:
+                self.router.commit(replan())
+                self.outbox.flush()
+            except ChoreoError as exc:
+                future.set_exception(exc)
+
+        def replan() -> list[PlannedCopy]:
+            return self.router.plan(message, msg_id, trace_id, cause_id, acked)
+
+        plan = replan()
+        owner = plan[0][2]
+        call = _Call(future, type(message), owner)
+        self.pending.setdefault(msg_id, []).append(call)
+        try:
+            if self.blocked(plan) is not None:
+                plan = await self._await_credit(plan, timeout, replan)
+            self.router.commit(plan)
+            self.outbox.flush()  # a caller waits on the answer: no turn of the loop before it leaves
+            self.counters.sent += 1
+
+            def expire() -> None:
+                if not future.done():
+                    future.set_exception(
+                        DeliveryTimeout(f"{options.kind} {options.name} to {owner}: no answer within {timeout:.1f} s")
+                    )
+
+            self.call_later(max(start + timeout - self.clock(), 0.0), expire)
+            return await future
+        finally:
+            calls = self.pending.get(msg_id)
+            if calls is not None:
+                if call in calls:
+                    calls.remove(call)
+                if not calls:
+                    del self.pending[msg_id]
+
+    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
+        """Send a command to its owner; returns the handler's result once it is processed."""
+        if message_options(type(command)).kind != "command":
+            raise ChoreoUsageError("send takes a command; use emit() for events and ask() for queries")
+        return await self.request(command, timeout=timeout, traceparent=traceparent)
+
+    async def ask(
+        self,
+        query: Message,
+        *,
+        timeout: float | None = None,
+        trace_id: bytes | None = None,
+        cause_id: bytes = ZERO_ID,
+        traceparent: str | None = None,
+    ) -> Any:
+        """Ask a query; returns its answer."""
+        if message_options(type(query)).kind != "query":
+            raise ChoreoUsageError("ask takes a query; use send() for commands and emit() for events")
+        return await self.request(
+            query,
+            timeout=timeout,
+            trace_id=trace_id,
+            cause_id=cause_id,
+            traceparent=traceparent,
+            origin_check=cause_id == ZERO_ID,
+        )
+
+    def on_reply(self, msg_id: bytes, type_name: str, payload: bytes) -> None:
+        """An answer arrived: resolve every caller waiting on that message id."""
+        calls = self.pending.pop(msg_id, None)
+        if not calls:
+            return
+        try:
+            ok, body = decode_reply(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:
+            error = ProtocolError("malformed", f"answer to {type_name}: {exc}")
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(error)
+            raise error from None
+        for call in calls:
+            if call.future.done():
+                continue
+            if ok:
+                try:
+                    result = result_decoder_for(call.cls).decode(body)  # type: ignore[arg-type]
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    call.future.set_exception(ValidationError(f"result of {type_name}: {exc}"))
+                else:
+                    call.future.set_result(result)
+            else:
+                etype, message = body  # type: ignore[misc]
+                call.future.set_exception(HandlerFailed(type_name, call.service, etype, message))
+
+    # -- what a handler produced -----------------------------------------------------------------
+
+    def send_outputs(self, job: OutputsOf, outputs: list[Message], on_done: Callable[[], None]) -> int:
+        """Send what a handler emitted/sent, with ids derived from its input; returns how many
+        envelopes must be acknowledged (each calls ``on_done`` when it is) before the input is."""
+        env = job.env
+        handler_id = job.handler.name.encode()
+        now = self.clock()
+        append = self.outbox.append
+        park = self.outbox.park
+        count = 0
+        for position, message in enumerate(outputs):
+            msg_id = idempotency_id(message) or core.derive_id(env.msg_id, handler_id, position)
+            for ch, item, service in self.router.plan(message, msg_id, env.trace_id, env.msg_id, on_done):
+                if ch is None:
+                    park(service, item)  # until an instance is back
+                else:
+                    append(ch, item, now)
+                count += 1
+        return count
+
+    # -- waiting for room ------------------------------------------------------------------------
+
+    def blocked(self, plan: list[PlannedCopy]) -> OutChannel | str | None:
+        """What stops the plan now: a channel without credit, a service without instances, or None."""
+        held = self.holds.by_key
+        for ch, item, service in plan:
+            if ch is None:
+                return service
+            hold = self.holds.held(ch.peer.service_name, item.partition) if held else None
+            if hold is not None:
+                if len(hold.queue) >= hold.channel.window.max_messages and not item.flags & wire.FLAG_UNKEYED:
+                    return hold.channel  # a long hold is backpressure too
+            elif not ch.can_accept(item.size):
+                return ch
+        return None
+
+    async def _await_credit(
+        self, plan: list[PlannedCopy], timeout: float, replan: Callable[[], list[PlannedCopy]]
+    ) -> list[PlannedCopy]:
+        """Wait until every destination can take it (all or nothing), re-planning when owners change."""
+        blocked = self.blocked(plan)
+        if blocked is None:
+            return plan
+        self.counters.backpressure_waits += 1
+        start = self.clock()
+        deadline = start + timeout
+        loop = asyncio.get_running_loop()
+        version = self.membership.version
+        while blocked is not None:
+            if self.membership.version != version or (not isinstance(blocked, str) and blocked.closed):
+                version = self.membership.version
+                plan = replan()
+                blocked = self.blocked(plan)
+                continue
+            if self.clock() >= deadline:
+                raise self._backpressure(blocked, self.clock() - start)
+            fut: asyncio.Future[None] = loop.create_future()
+            wake = partial(_wake, fut)
+            if isinstance(blocked, str):
+                self._service_waiters.setdefault(blocked, []).append(wake)
+            else:
+                blocked.credit_waiters.append(wake)
+            self.call_later(max(deadline - self.clock(), 0.0), wake)
+            await fut
+            blocked = self.blocked(plan)
+        return plan
+
+    def wake_services(self) -> None:
+        """Membership changed: wake the callers waiting for a service that now has instances."""
+        if self._service_waiters:
+            for service in [s for s in self._service_waiters if self.membership.instances(s)]:
+                for wake in self._service_waiters.pop(service):
+                    wake()
+
+    def _backpressure(self, blocked: OutChannel | str, waited: float) -> Backpressure:
+        self.counters.backpressure_errors += 1
+        if isinstance(blocked, str):
+            return Backpressure.unavailable(blocked, waited)
+        w = blocked.window
+        return Backpressure(blocked.peer.node, w.in_flight + len(blocked.backlog), w.max_messages, waited, w.in_flight_bytes)
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    def _check_origin(self, message: Message, verb: str) -> None:
+        if not isinstance(message, Message):
+            raise TypeError(f"{verb} takes a choreo message (Event, Command or Query), got {type(message).__name__}")
+        if self.service is None:
+            return
+        declared = self.service.emits if verb == "emit" else self.service.sends
+        if type(message) not in declared:
+            name = message_options(type(message)).name
+            raise UndeclaredMessage(
+                f"service {self.service.name} {verb}s {name} outside a handler without declaring it: "
+                f"add it to Service({self.service.name!r}, {verb}s=[...])"
+            )
+
+    def _origin_ids(self, message: Message, traceparent: str | None) -> tuple[bytes, bytes]:
+        """A new flow starts here: its trace id is the first message's id, unless the caller has one."""
+        msg_id = idempotency_id(message) or self.router.fresh_id()
+        trace_id = parse_traceparent(traceparent) if traceparent else msg_id
+        return msg_id, trace_id
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def ok_reply(body: bytes) -> bytes:
+    """The encoded answer of a handler that returned ``body`` (MessagePack)."""
+    return b"\x01" + body
+
+
+def error_reply(error_type: str, message: str) -> bytes:
+    """The encoded answer of a handler that failed (or of a message refused)."""
+    return b"\x00" + _reply_encoder.encode([error_type, message])
+
+
+def decode_reply(payload: bytes) -> tuple[bool, bytes | tuple[str, str]]:
+    """``(True, result body)`` or ``(False, (error type, message))``; msgspec errors if malformed.
+
+    >>> decode_reply(error_reply("KeyError", "no such order"))
+    (False, ('KeyError', 'no such order'))
+    """
+    if not payload:
+        return False, ("ProtocolError", "empty reply")
+    if payload[0] == 1:
+        return True, payload[1:]
+    etype, message = msgspec.msgpack.decode(payload[1:], type=tuple[str, str])
+    return False, (etype, message)

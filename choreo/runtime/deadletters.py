@@ -1,0 +1,107 @@
+"""The dead-letter store: messages whose handler kept failing, kept on the node that failed them.
+
+A message lands here after its retries (or at once, for a failure no retry can fix), with its
+payload, the error and its traceback, and is acknowledged to its sender, so one poison message
+cannot wedge a channel. Letters are listed, shown and replayed through the node's system queries
+(``choreo dlq``); the store keeps the newest ``limit`` letters, evicting the oldest first and
+counting what it evicted::
+
+    >>> store = DeadLetters(limit=2)
+    >>> for n in range(3):
+    ...     _ = store.add(DeadLetter(0, "T", "svc", "h", bytes(16), bytes(16), b"", 0, b"", "boom", "E", "", 1, 0.0, 0.0))
+    >>> [letter.id for letter in store], store.evicted
+    ([2, 3], 1)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["DeadLetter", "DeadLetters"]
+
+
+@dataclass
+class DeadLetter:
+    """A message whose handler kept failing: kept on the node that failed it, replayable."""
+
+    id: int
+    message_type: str
+    service: str
+    handler: str
+    msg_id: bytes
+    trace_id: bytes
+    key: bytes
+    partition: int
+    payload: bytes
+    error: str
+    error_type: str
+    traceback: str
+    attempts: int
+    first_failed: float
+    last_failed: float
+    replays: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.message_type,
+            "service": self.service,
+            "handler": self.handler,
+            "msg_id": self.msg_id.hex(),
+            "trace_id": self.trace_id.hex(),
+            "key": self.key.decode("utf-8", "replace"),
+            "partition": self.partition,
+            "error": self.error,
+            "error_type": self.error_type,
+            "attempts": self.attempts,
+            "replays": self.replays,
+            "failed_at": self.last_failed,
+        }
+
+
+class DeadLetters:
+    """The newest ``limit`` dead letters of one node, by id (ids are never reused)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._letters: OrderedDict[int, DeadLetter] = OrderedDict()
+        self._next = 1
+        self.added = 0  # letters ever stored (a counter)
+        self.evicted = 0  # letters dropped to stay within the limit
+
+    def add(self, letter: DeadLetter) -> DeadLetter:
+        """Store a new letter under a fresh id (the id it carries is replaced)."""
+        letter.id = self._next
+        self._next += 1
+        self._letters[letter.id] = letter
+        self.added += 1
+        while len(self._letters) > self.limit:
+            self._letters.popitem(last=False)
+            self.evicted += 1
+        return letter
+
+    def put_back(self, letter: DeadLetter) -> None:
+        """A replayed letter failed again (or could not run): it is stored again under its id."""
+        self._letters[letter.id] = letter
+
+    def take(self, letter_id: int) -> DeadLetter:
+        """Remove and return one letter (KeyError naming the id if there is none)."""
+        try:
+            return self._letters.pop(letter_id)
+        except KeyError:
+            raise KeyError(f"no dead letter #{letter_id} on this node") from None
+
+    def __getitem__(self, letter_id: int) -> DeadLetter:
+        try:
+            return self._letters[letter_id]
+        except KeyError:
+            raise KeyError(f"no dead letter #{letter_id} on this node") from None
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        return iter(list(self._letters.values()))
+
+    def __len__(self) -> int:
+        return len(self._letters)

@@ -1,0 +1,572 @@
+"""One node incarnation's logic, without sockets or clocks of its own: the parts, wired.
+
+An :class:`Engine` is one node incarnation: frames go in (:meth:`Engine.on_frame`), frames come
+out through the transport it is given, time comes from the clock it is given, and
+:meth:`Engine.tick` is called every few milliseconds. The real node (:mod:`choreo.node`) plugs
+in ZeroMQ and ``time.monotonic``; the test harness (:mod:`choreo.testing`) plugs in a lossy
+in-memory link and a virtual clock, and the same code runs under both.
+
+The engine owns no logic of its own beyond the receive path; each job is a part
+(:mod:`choreo.runtime` lists them), and what a frame does is one line of the frame table:
+
+* ``HELLO``/``HEARTBEAT``/``BYE``/``REFUSE`` go to :class:`~choreo.runtime.gossip.Gossip`;
+* ``DATA`` goes through the sender's in-channel (order) to the
+  :class:`~choreo.runtime.dispatch.Dispatcher` (dedup, per-key order, handlers), in turns of
+  ``RUN_BUDGET`` envelopes so that heartbeats and queries are answered under overload;
+* ``ACK`` frees credit in the :class:`~choreo.runtime.outbox.Outbox` and releases holds;
+* ``REPLY`` answers the callers in :class:`~choreo.runtime.calls.Calls`;
+* ``RPC`` is a system query (the CLI), answered on the connection it came on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import msgspec
+
+from .. import core, wire
+from ..config import NodeConfig
+from ..errors import ProtocolError
+from ..messages import Message
+from ..service import Service
+from ..tracing import Tracer
+from .calls import Calls
+from .channels import InChannel
+from .dispatch import Dispatcher, Job
+from .gossip import Gossip
+from .holds import Holds
+from .lifecycle import Lifecycle
+from .membership import Membership, Peer
+from .moves import Moves
+from .outbox import Outbox
+from .ownership import Ownership
+from .routing import ZERO_ID, Router
+from .stats import Counters, NodeStats, PeerStats
+
+__all__ = ["Engine", "Transport", "RUN_BUDGET"]
+
+log = logging.getLogger("choreo.node")
+RUN_BUDGET = 2048  # envelopes handled per turn of the event loop
+
+RpcHandler = Callable[[dict[str, Any]], Any]
+
+
+class Transport(Protocol):
+    """What the engine needs from the network."""
+
+    endpoint: str
+
+    def connect(self, endpoint: str) -> None: ...
+
+    def disconnect(self, endpoint: str) -> None: ...
+
+    def send(self, endpoint: str, frame: bytes) -> None: ...
+
+    def reply(self, identity: bytes, frame: bytes) -> None: ...
+
+
+class Engine:
+    """One node incarnation (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: Service | None,
+        transport: Transport,
+        *,
+        config: NodeConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        incarnation: int | None = None,
+        name: str | None = None,
+        ids: Any = None,
+    ) -> None:
+        """``ids`` is the source of fresh message ids (a seeded ``core.IdSource`` in tests)."""
+        if service is not None:
+            service.validate()
+        self.service = service
+        self.transport = transport
+        self.config = config = config or NodeConfig()
+        self.clock = clock
+        self.wall = wall
+        self.incarnation = incarnation or _new_incarnation()
+        self._label = service.name if service else "client"
+        self._auto_name = name is None
+        self.name = name or f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
+        self.spec = service.spec() if service else None
+        self.counters = Counters()
+        self.lifecycle = Lifecycle()
+        self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
+        self.membership = Membership(config.suspect_after, config.dead_after)
+        self.holds = Holds()
+        self.outbox = Outbox(transport, config, clock=clock, holds=self.holds, counters=self.counters)
+        self.router = Router(
+            self.membership, self.outbox, self.holds,
+            service=service, config=config, clock=clock, ids=self.ids, counters=self.counters,
+        )
+        self.calls = Calls(
+            self.router, self.outbox, self.holds, self.membership,
+            service=service, config=config, clock=clock, call_later=self.call_later, counters=self.counters,
+        )
+        self.gossip = Gossip(self.membership, self.outbox, transport, self.lifecycle, self, config=config, clock=clock)
+        self.moves = (
+            Moves(
+                Ownership(service.partitions, self.incarnation), self.membership, self.outbox, self.lifecycle,
+                service=service.name, config=config, clock=clock, fresh_id=self.ids.next, counters=self.counters,
+            )
+            if service is not None
+            else None
+        )
+        self.tracer = Tracer(self._label, self.name, config.span_ring, wall)
+        self.dispatcher = Dispatcher(self, service, config=config, tracer=self.tracer, moves=self.moves)
+        if self.moves is not None:
+            self.moves.work = self.dispatcher
+            self.moves.name = self.name
+        self.batch_wall = wall()  # when the batch being delivered arrived (the spans' clock)
+        self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
+        self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
+        self._run_scheduled = False
+        self._synced_version = -1
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._timer_seq = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._rpc: dict[str, RpcHandler] = {}
+        self._log_budget: dict[str, float] = {}
+        self._frames: dict[int, Callable[[int, bytes, int, bytes | None], None]] = {
+            wire.DATA: self._on_data,
+            wire.REPLY: self._on_replies,
+            wire.ACK: self._on_ack_frame,
+            wire.HELLO: lambda sender, data, flags, identity: self.gossip.on_hello(sender, wire.decode_control(wire.HELLO, data)),
+            wire.HEARTBEAT: lambda sender, data, flags, identity: self.gossip.on_heartbeat(
+                sender, wire.decode_control(wire.HEARTBEAT, data)
+            ),
+            wire.BYE: lambda sender, data, flags, identity: self.gossip.on_bye(sender),
+            wire.REFUSE: lambda sender, data, flags, identity: self.gossip.on_refuse(
+                sender, wire.decode_control(wire.REFUSE, data)
+            ),
+            wire.RPC: lambda sender, data, flags, identity: self._on_rpc(identity, wire.decode_control(wire.RPC, data)),
+        }
+
+    # ================================================================================ lifecycle
+
+    def start(self, seeds: Iterable[str] = ()) -> None:
+        """Join the mesh: register ourselves, then say hello to every seed."""
+        self._loop = asyncio.get_running_loop()
+        self.outbox.start(self._loop, self.incarnation)
+        self.gossip.start(self._me(), seeds)
+        self.sync_view()
+
+    def _me(self) -> Peer:
+        c = self.config
+        return Peer(
+            incarnation=self.incarnation,
+            endpoint=self.transport.endpoint,
+            node=self.name,
+            service=self.spec,
+            window=c.window,
+            max_message_bytes=c.max_message_bytes,
+            last_heard=self.clock(),
+        )
+
+    def begin_leave(self) -> None:
+        """Stop taking new work: peers route around us while we finish what we hold."""
+        self.gossip.begin_leave()
+        self.outbox.flush()
+
+    def finish_leave(self) -> None:
+        """Say goodbye to every peer (after draining)."""
+        self.gossip.finish_leave()
+        self.outbox.flush()
+
+    @property
+    def state(self) -> str:
+        """This node's lifecycle state (see :data:`~choreo.states.NODE_TRANSITIONS`)."""
+        return self.lifecycle.state
+
+    @property
+    def fatal(self) -> Exception | None:
+        """Why the mesh refused this node, once it has."""
+        return self.lifecycle.fatal
+
+    @property
+    def leaving(self) -> bool:
+        return self.lifecycle.leaving
+
+    @property
+    def serving(self) -> bool:
+        """Whether this node owns partitions already (a newcomer then waits for their handovers)."""
+        return self.moves is not None and self.moves.ownership.serving
+
+    @property
+    def ownership(self) -> Ownership | None:
+        return self.moves.ownership if self.moves is not None else None
+
+    @property
+    def drained(self) -> bool:
+        """Nothing in progress here and nothing of ours unacknowledged elsewhere."""
+        if not self.dispatcher.idle or self._runq:
+            return False
+        if self.moves is not None and self.moves.busy:
+            return False
+        if self.outbox.acks_owed:
+            return False
+        return all(ch.idle for ch in self.outbox.live_channels())
+
+    @property
+    def acknowledged(self) -> bool:
+        """Everything this node sent is acknowledged and nothing waits for an instance."""
+        return self.outbox.idle
+
+    # ================================================================================ timers
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after ``delay`` seconds of the engine's clock (checked at each tick)."""
+        heapq.heappush(self._timers, (self.clock() + delay, next(self._timer_seq), callback))
+
+    def tick(self) -> None:
+        """Timers: retransmissions, heartbeats, failure detection, retries and deadlines."""
+        now = self.clock()
+        self.outbox.retransmit(now)
+        self.gossip.tick(now)
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, callback = heapq.heappop(timers)
+            callback()
+        if self.membership.version != self._synced_version:
+            self.sync_view()
+        if self.moves is not None:
+            self.moves.tick(now)
+        self.dispatcher.pump()
+        self.outbox.flush()
+
+    # ================================================================================ input
+
+    def on_frame(self, data: bytes, identity: bytes | None = None) -> None:
+        """Handle one received frame. Invalid input is counted and dropped; nothing raises."""
+        self.counters.frames_in += 1
+        if len(data) > self.config.max_frame_bytes:
+            self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self.config.max_frame_bytes}")
+            return
+        try:
+            frame_type, flags, sender, receiver = wire.parse_header(data)
+            if receiver and receiver != self.incarnation:
+                self.gossip.refuse_stale(sender, receiver)
+                return
+            known = self.membership.peers.get(sender)
+            if known is not None and known.state == "dead" and frame_type != wire.REFUSE:
+                self.gossip.tell_dead(known)  # it must come back as a new incarnation
+                return
+            handle = self._frames.get(frame_type)
+            if handle is None:
+                raise ProtocolError("malformed", f"unexpected {wire.FRAME_NAMES[frame_type]} frame")
+            handle(sender, data, flags, identity)
+        except ProtocolError as exc:
+            self.count_refused(exc.reason, exc.detail)
+        if self.membership.version != self._synced_version:
+            self.sync_view()
+
+    def _on_replies(self, sender: int, data: bytes, flags: int, identity: bytes | None = None) -> None:
+        ack_at, ack_len, body_at = wire.split_ack(data, flags)
+        for msg_id, type_name, payload in wire.parse_replies(data, body_at):
+            self.calls.on_reply(msg_id, type_name, payload)
+        if ack_len:  # after the answers: the ack must not find their commands unanswered
+            self._on_ack(sender, data[: ack_at + ack_len], ack_at)
+
+    def _on_data(self, sender: int, data: bytes, flags: int = 0, identity: bytes | None = None) -> None:
+        ack_at, ack_len, body_at = wire.split_ack(data, flags)
+        if ack_len:
+            self._on_ack(sender, data[: ack_at + ack_len], ack_at)
+        ch = self.outbox.inbound.get(sender)
+        if ch is None:
+            peer = self.membership.peers.get(sender)
+            if peer is None or not peer.live:
+                raise ProtocolError("unknown_peer", f"data from {sender:016x}, which never said hello")
+            ch = self.outbox.inbound_from(peer)
+        self.membership.heard(sender, self.clock())
+        try:
+            released = ch.reorder.feed(data, body_at)
+        except core.MalformedFrame as exc:
+            raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
+        self.batch_wall = self.wall()
+        limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
+        for i, env in enumerate(released):
+            if env.size > limit:  # rare: refuse it and take the others one by one
+                ok = []
+                for e in released[i:]:
+                    if e.size > limit:
+                        self.count_refused("oversized", f"{e.type} envelope of {e.size} bytes from {ch.peer.node}")
+                        ch.reorder.complete(e.seq)
+                    else:
+                        ok.append(e)
+                released = released[:i] + ok
+                break
+        if released:
+            # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
+            # answering heartbeats and queries, and what waits here is its measurable lag
+            self._runq.append((ch, released, self.batch_wall))
+            if not self._run_scheduled and self._loop is not None:
+                self._run_scheduled = True
+                self.outbox.hold_acks = True
+                self._loop.call_soon(self._run)
+        if ch.reorder.ack_pending:
+            self.outbox.ack_later(ch)
+
+    def _run(self) -> None:
+        """Hand received envelopes to their handlers, at most RUN_BUDGET per turn of the loop."""
+        self._run_scheduled = False
+        runq = self._runq
+        budget = RUN_BUDGET
+        now = self.clock()
+        deliver_batch = self.dispatcher.deliver_batch
+        while runq and budget > 0:
+            ch, envs, received = runq.popleft()
+            if ch.closed:
+                continue  # its sender is gone and resends these to their owners elsewhere
+            self.batch_wall = received
+            deliver_batch(ch, envs, now)
+            budget -= len(envs)
+        self.dispatcher.pump()
+        if runq and self._loop is not None:
+            self._run_scheduled = True
+            self._loop.call_soon(self._run)
+        else:
+            self.outbox.hold_acks = False
+        self.outbox.flush()
+
+    def _on_ack_frame(self, sender: int, data: bytes, flags: int, identity: bytes | None = None) -> None:
+        self._on_ack(sender, data, wire.HEADER_SIZE)
+
+    def _on_ack(self, sender: int, data: bytes, offset: int) -> None:
+        ch = self.outbox.out.get(sender)
+        if ch is None:
+            return  # an ack for a channel we no longer have: harmless
+        self.membership.heard(sender, self.clock())
+        try:
+            ch.on_ack(data, offset, self.clock())
+        except core.MalformedFrame as exc:
+            raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
+        if self.holds.by_key:
+            self.router.release_holds(self.holds.release(ch))
+        if ch.window.pending:
+            self.outbox.dirty_out.add(ch)
+        self.dispatcher.pump()
+        self.outbox.schedule_flush()
+
+    # ================================================================================ membership changes
+
+    def sync_view(self) -> None:
+        """The membership changed: the producer's holds, waiting callers, partition ownership."""
+        self._synced_version = self.membership.version
+        self.holds.on_view(self.membership, self.outbox.out)
+        self.calls.wake_services()
+        if self.moves is not None:
+            self.moves.sync()
+
+    def on_joined(self) -> None:
+        """(GossipHost) This node has joined: take our partitions now."""
+        self._synced_version = -1
+
+    def peer_joined(self, peer: Peer) -> None:
+        """(GossipHost) A new instance: send it what had nowhere to go."""
+        self.router.rehome(peer.service_name)
+
+    def peer_gone(self, peer: Peer) -> None:
+        """(GossipHost) A peer died or left: resend what it had not acknowledged to the new owners, in order."""
+        self.router.invalidate()
+        ch = self.outbox.close(peer.incarnation)
+        if not any(p.endpoint == peer.endpoint and p.live for p in self.membership.peers.values()):
+            self.transport.disconnect(peer.endpoint)
+        if self.moves is not None:
+            self.moves.previous_gone(peer.incarnation, peer.node)
+        # a command waiting on the gone peer is resent below with its id: its caller keeps waiting
+        if ch is None:
+            return
+        held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
+        moved = self.router.resend(peer.service_name, ch.evacuate())
+        if moved:
+            log.info("%s: resent %d unacknowledged envelopes of %s to its new owners", self.name, moved, peer.node)
+        self.router.release_holds(held)
+
+    def declared_dead(self, reason: str) -> None:
+        """(GossipHost) The mesh declared this incarnation dead: rejoin under a new one.
+
+        The mesh moved its partitions and its channels are void on the other side. What it had
+        sent and not seen acknowledged is resent, under the new incarnation, to the current
+        owners; dedup ids and cached results stay valid.
+        """
+        if self.lifecycle.state in ("refused", "left"):
+            return
+        old_name = self.name
+        self.incarnation = _new_incarnation()
+        if self._auto_name:
+            self.name = f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
+        log.warning("%s: %s; rejoining as %s", old_name, reason, self.name)
+        self.lifecycle.on("declared_dead", self.clock())
+        self.counters.reincarnations += 1
+        leftovers = self.outbox.evacuate_all(self.incarnation)
+        for _, _, hold in self.holds.take_all():
+            leftovers.extend((hold.channel.peer.service_name, item) for item in hold.queue)
+        endpoints = {p.endpoint for p in self.membership.peers.values() if p.incarnation != self.gossip.incarnation}
+        self.membership.clear()
+        if self.moves is not None:
+            self.moves.reset(self.incarnation, self.name)
+        self.router.invalidate()
+        for service, item in leftovers:
+            if service is None:
+                if item.on_done is not None:
+                    item.on_done()  # its receiver's channel is void: nothing left to wait for
+            else:
+                self.outbox.park(service, item)
+        self._synced_version = -1
+        self.gossip.rejoin(self._me(), endpoints)
+        self.tracer.instance = self.name
+
+    # ================================================================================ the dispatcher's host
+
+    def ack_later(self, channel: InChannel) -> None:
+        self.outbox.ack_later(channel)
+
+    def schedule_flush(self) -> None:
+        self.outbox.schedule_flush()
+
+    def flush(self) -> None:
+        """Send every pending batch and ack now (the transport calls it when it is idle)."""
+        self.outbox.flush()
+
+    def send_outputs(self, job: Job, outputs: list[Message], on_done: Callable[[], None]) -> int:
+        return self.calls.send_outputs(job, outputs, on_done)
+
+    def send_reply(self, job: Job, reply: bytes) -> bool:
+        """Queue a command's or query's result for its sender; False if the sender is gone.
+
+        Replies travel in REPLY frames, ahead of the ack that covers their command. A reply lost
+        with its frame is recovered by the caller, who resends the command when it sees the
+        command acked but unanswered: dedup answers the resend from the cached result.
+        """
+        channel = job.channel
+        if channel is None or not channel.peer.live or channel.closed:
+            return False
+        env = job.env
+        self.outbox.queue_reply(channel.peer, wire.reply_entry(env.msg_id, env.type.encode(), reply))
+        return True
+
+    def has_owner(self, type_name: str) -> bool:
+        return bool(self.membership.owners(type_name))
+
+    # ================================================================================ the application's API
+
+    def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
+        """Publish an event now or raise :class:`~choreo.Backpressure` at once; returns its message id."""
+        return self.calls.try_emit(event, traceparent=traceparent)
+
+    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
+        """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
+        return await self.calls.emit(event, timeout=timeout, traceparent=traceparent)
+
+    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
+        """Send a command to its owner; returns the handler's result once it is processed."""
+        return await self.calls.send(command, timeout=timeout, traceparent=traceparent)
+
+    async def ask(
+        self,
+        query: Message,
+        *,
+        timeout: float | None = None,
+        trace_id: bytes | None = None,
+        cause_id: bytes = ZERO_ID,
+        traceparent: str | None = None,
+    ) -> Any:
+        """Ask a query; returns its answer."""
+        return await self.calls.ask(query, timeout=timeout, trace_id=trace_id, cause_id=cause_id, traceparent=traceparent)
+
+    # ================================================================================ diagnostics
+
+    def count_refused(self, reason: str, detail: str) -> None:
+        """Count and log (at most once a second per reason) something invalid a peer sent."""
+        self.counters.refused[reason] += 1
+        now = self.clock()
+        if now - self._log_budget.get(reason, -1e9) >= 1.0:
+            self._log_budget[reason] = now
+            log.warning("%s refused (%s): %s [%d so far]", self.name, reason, detail, self.counters.refused[reason])
+
+    def lag(self) -> dict[int, int]:
+        """Messages received but not yet handled, per partition (counted when asked)."""
+        lag = dict(self.dispatcher.stats.lag)
+        for _, envs, _ in self._runq:
+            for env in envs:
+                lag[env.partition] = lag.get(env.partition, 0) + 1
+        return dict(sorted(lag.items()))
+
+    def stats(self) -> NodeStats:
+        """Counters and gauges of this node (what ``choreo top`` and metrics read)."""
+        d = self.dispatcher.stats
+        c = self.counters
+        ownership = self.ownership
+        return NodeStats(
+            node=self.name,
+            service=self.service.name if self.service else None,
+            incarnation=f"{self.incarnation:016x}",
+            endpoint=self.transport.endpoint,
+            state=self.lifecycle.state,
+            time=self.wall(),
+            received=d.received,
+            processed=d.processed,
+            failed_attempts=d.failed_attempts,
+            dead_letters=len(self.dispatcher.dead_letters),
+            dead_lettered=d.dead_lettered,
+            duplicates=d.duplicates,
+            in_handler=d.in_handler,
+            lag=self.lag(),
+            emitted=c.emitted,
+            sent=c.sent,
+            in_flight=self.outbox.in_flight(),
+            redelivered=self.outbox.redelivered(),
+            backpressure_waits=c.backpressure_waits,
+            backpressure_errors=c.backpressure_errors,
+            unrouted=c.unrouted,
+            forwarded=c.forwarded,
+            reincarnations=c.reincarnations,
+            resent_requests=c.resent_requests,
+            partitions=ownership.summary() if ownership is not None else {},
+            holds=len(self.holds.by_key),
+            refused=dict(c.refused),
+            frames_in=c.frames_in,
+            frames_out=c.frames_out,
+            peers=tuple(
+                PeerStats(p.node, p.state, p.service_name, p.endpoint) for p in self.membership.peers.values()
+            ),
+        )
+
+    # ================================================================================ system queries
+
+    def register_rpc(self, method: str, fn: RpcHandler) -> None:
+        """Answer the system query ``method`` with ``fn(args)`` (see :mod:`choreo.introspect`)."""
+        self._rpc[method] = fn
+
+    def _on_rpc(self, identity: bytes | None, rpc: wire.Rpc) -> None:
+        if identity is None:
+            raise ProtocolError("malformed", "rpc without a connection to answer on")
+        fn = self._rpc.get(rpc.method)
+        if fn is None:
+            reply = wire.RpcReply(rpc.id, False, error=f"unknown method {rpc.method!r}; known: {sorted(self._rpc)}")
+        else:
+            try:
+                reply = wire.RpcReply(rpc.id, True, result=fn(rpc.args))
+            except Exception as exc:  # the client asked for something impossible: tell it why
+                reply = wire.RpcReply(rpc.id, False, error=f"{type(exc).__name__}: {exc}")
+        try:
+            frame = wire.encode_control(wire.RPC_REPLY, self.incarnation, 0, reply)
+        except (TypeError, msgspec.EncodeError) as exc:
+            frame = wire.encode_control(wire.RPC_REPLY, self.incarnation, 0, wire.RpcReply(rpc.id, False, error=str(exc)))
+        self.transport.reply(identity, frame)
+
+
+def _new_incarnation() -> int:
+    return int.from_bytes(os.urandom(8), "little") | 1

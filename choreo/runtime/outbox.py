@@ -1,0 +1,252 @@
+"""Everything this node sends its peers: channels, batches, acks, replies, and what waits for an instance.
+
+How this works. There is one :class:`~choreo.runtime.channels.OutChannel` per receiver
+incarnation and one :class:`~choreo.runtime.channels.InChannel` per sender incarnation.
+Envelopes appended to a channel collect into its pending batch; :meth:`Outbox.flush` (run
+when the event loop has nothing else to do, or when a batch fills) turns each pending batch
+into one DATA frame: adaptive batching, throughput without added latency at low load. Acks
+owed to senders are sent at the same moment, riding on a DATA or REPLY frame to the same peer
+when there is one (``FLAG_ACK``), as a frame of their own otherwise. Answers to commands and
+queries queue per peer and always leave before the ack that completes their command.
+
+Envelopes whose service has no live instance right now wait here (:meth:`Outbox.park`),
+in order, until routing finds them one.
+
+>>> from choreo.config import NodeConfig
+>>> from choreo.runtime.holds import Holds
+>>> from choreo.runtime.stats import Counters
+>>> class Wire:
+...     endpoint = "fake://me"
+...     def __init__(self): self.frames = []
+...     def send(self, endpoint, frame): self.frames.append(endpoint)
+>>> outbox = Outbox(Wire(), NodeConfig(), clock=lambda: 0.0, holds=Holds(), counters=Counters())
+>>> outbox.idle
+True
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from .. import wire
+from ..config import NodeConfig
+from .channels import InChannel, OutChannel, Outgoing
+from .holds import Holds
+from .membership import Peer
+from .stats import Counters
+
+__all__ = ["Outbox", "Sender"]
+
+
+class Sender(Protocol):
+    """What the outbox needs of the network: send one frame to an endpoint."""
+
+    def send(self, endpoint: str, frame: bytes) -> None: ...
+
+
+class Outbox:
+    """The sending side of one node incarnation (see the module docstring)."""
+
+    def __init__(
+        self, sender: Sender, config: NodeConfig, *, clock: Callable[[], float], holds: Holds, counters: Counters
+    ) -> None:
+        self.sender = sender
+        self.config = config
+        self.clock = clock
+        self.holds = holds
+        self.counters = counters
+        self.incarnation = 0
+        self.out: dict[int, OutChannel] = {}  # receiver incarnation -> channel
+        self.inbound: dict[int, InChannel] = {}  # sender incarnation -> channel (what we owe acks on)
+        self.dirty_out: set[OutChannel] = set()  # channels with a pending batch (shared with the emit lane)
+        self.dirty_in: set[InChannel] = set()  # channels with an ack due
+        self.replies: dict[int, tuple[Peer, list[bytes]]] = {}  # peer incarnation -> answers to send
+        self.waiting: dict[str, deque[Outgoing]] = {}  # service -> envelopes waiting for an instance
+        self.flush_scheduled = False
+        self.hold_acks = False  # received envelopes wait for their handlers: their acks wait too
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None, incarnation: int) -> None:
+        self._loop = loop
+        self.incarnation = incarnation
+
+    # -- frames out ------------------------------------------------------------------------------
+
+    def send(self, endpoint: str, frame: bytes) -> None:
+        """One frame to one endpoint (counted)."""
+        self.counters.frames_out += 1
+        self.sender.send(endpoint, frame)
+
+    def schedule_flush(self) -> None:
+        """Flush once the event loop gets control back (many appends, one frame per channel)."""
+        if not self.flush_scheduled and self._loop is not None:
+            self.flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def ack_later(self, channel: InChannel) -> None:
+        self.dirty_in.add(channel)
+        self.schedule_flush()
+
+    def flush(self) -> None:
+        """Send every pending batch, answer and ack: called when the loop has nothing else to do."""
+        self.flush_scheduled = False
+        if self.replies:  # before any ack that covers the commands they answer
+            replies, self.replies = self.replies, {}
+            for inc, (peer, entries) in replies.items():
+                if peer.live:
+                    self.send(peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(entries)))
+        dirty = self.dirty_out
+        if dirty:
+            channels = list(dirty)
+            dirty.clear()  # (the emit lane holds this set: it is cleared, never replaced)
+            for ch in channels:
+                body = ch.take_body()
+                if body is not None and ch.peer.live:
+                    self.send_data(ch, body)
+        if self.dirty_in and not self.hold_acks:
+            # (while received envelopes wait to be handled, their acks wait too: one ack after the
+            # handlers says more, and costs the sender one wake-up instead of two)
+            dirty_in, self.dirty_in = self.dirty_in, set()
+            for ich in dirty_in:
+                if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
+                    self.send_ack(ich)
+
+    def frame_to(self, frame_type: int, incarnation: int, body: bytes) -> bytes:
+        """A DATA or REPLY frame for a peer, carrying our ack of its data when one is due."""
+        ich = self.inbound.get(incarnation)
+        ack = ich.take_ack() if ich is not None else None
+        if ack is None:
+            return wire.frame(frame_type, self.incarnation, incarnation, body)
+        head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, frame_type, wire.FLAG_ACK, self.incarnation, incarnation)
+        return b"".join((head, wire.PIGGY.pack(len(ack)), ack, body))
+
+    def send_ack(self, ich: InChannel) -> None:
+        """A standalone ack; replies still queued for that peer go first (they carry it)."""
+        inc = ich.peer.incarnation
+        queued = self.replies.pop(inc, None) if self.replies else None
+        if queued:
+            self.send(ich.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued[1])))
+        else:
+            self.send(ich.peer.endpoint, ich.ack_frame())
+
+    def send_data(self, ch: OutChannel, body: bytes) -> None:
+        inc = ch.peer.incarnation
+        queued = self.replies.pop(inc, None) if self.replies else None
+        if queued:  # answers first: a piggybacked ack may cover their commands
+            self.send(ch.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued[1])))
+        self.send(ch.peer.endpoint, self.frame_to(wire.DATA, inc, body))
+
+    def queue_reply(self, peer: Peer, entry: bytes) -> None:
+        """An answer for ``peer``; it leaves with the next flush, ahead of any ack."""
+        queued = self.replies.get(peer.incarnation)
+        if queued is None:
+            self.replies[peer.incarnation] = (peer, [entry])
+        else:
+            queued[1].append(entry)
+        self.schedule_flush()
+
+    # -- channels --------------------------------------------------------------------------------
+
+    def channel(self, peer: Peer) -> OutChannel:
+        """The channel to ``peer`` (opened on first use)."""
+        ch = self.out.get(peer.incarnation)
+        if ch is None or ch.closed:
+            c = self.config
+            ch = OutChannel(self.incarnation, peer, c.window, c.window_bytes, c.rto, c.rto_max, c.max_batch, c.max_batch_bytes)
+            self.out[peer.incarnation] = ch
+        return ch
+
+    def inbound_from(self, peer: Peer) -> InChannel:
+        """The channel from ``peer`` (opened on its first data)."""
+        ich = self.inbound.get(peer.incarnation)
+        if ich is None:
+            ich = self.inbound[peer.incarnation] = InChannel(self.incarnation, peer, self.config.window)
+        return ich
+
+    def append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
+        """Put one envelope on a channel (or behind a hold, or in its backlog) and get it on its way."""
+        if self.holds.by_key and not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST):
+            hold = self.holds.held(ch.peer.service_name, item.partition)
+            if hold is not None:
+                hold.queue.append(item)  # behind what the partition's old owner still holds
+                return
+        ch.push(item, now)
+        self.dirty_out.add(ch)
+        if ch.batch_full:
+            body = ch.take_body()
+            if body is not None:
+                self.send_data(ch, body)
+        self.schedule_flush()
+
+    def retransmit(self, now: float) -> None:
+        """Resend what waited too long for its ack (the windows say what and when)."""
+        for ch in list(self.out.values()):
+            if ch.window.in_flight and ch.peer.live:
+                body = ch.window.due(now)
+                if body is not None:
+                    self.send_data(ch, body)
+
+    def close(self, incarnation: int) -> OutChannel | None:
+        """The peer is gone: close both channels with it; returns the outbound one to evacuate."""
+        gone_in = self.inbound.pop(incarnation, None)
+        if gone_in is not None:
+            gone_in.closed = True
+        ch = self.out.pop(incarnation, None)
+        if ch is not None:
+            self.counters.redelivered_closed += ch.window.stats().retransmitted
+        return ch
+
+    def evacuate_all(self, incarnation: int) -> list[tuple[str | None, Outgoing]]:
+        """This node re-incarnates: every channel is void. Returns what was not yet done, by service."""
+        leftovers: list[tuple[str | None, Outgoing]] = []
+        for ch in list(self.out.values()):
+            self.counters.redelivered_closed += ch.window.stats().retransmitted
+            leftovers.extend((ch.peer.service_name, item) for item in ch.evacuate())
+        for ich in self.inbound.values():
+            ich.closed = True
+        self.out.clear()
+        self.inbound.clear()
+        self.dirty_out.clear()
+        self.dirty_in.clear()
+        self.incarnation = incarnation
+        return leftovers
+
+    # -- waiting for an instance -------------------------------------------------------------------
+
+    def park(self, service: str, item: Outgoing) -> None:
+        """``item`` is for ``service``, which has no live instance now: it waits, in order."""
+        self.waiting.setdefault(service, deque()).append(item)
+
+    def take_waiting(self, service: str) -> deque[Outgoing] | None:
+        return self.waiting.pop(service, None)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def live_channels(self) -> Iterator[OutChannel]:
+        return (ch for ch in self.out.values() if ch.peer.live and not ch.closed)
+
+    @property
+    def idle(self) -> bool:
+        """Everything sent is acknowledged and nothing waits for an instance."""
+        return all(ch.idle for ch in self.live_channels()) and not self.waiting
+
+    @property
+    def acks_owed(self) -> bool:
+        """Some live sender still waits for us to finish (and acknowledge) what it sent."""
+        return any(not ich.idle for ich in self.inbound.values() if ich.peer.live)
+
+    def in_flight(self) -> int:
+        """Envelopes sent and not yet acknowledged, or waiting for credit."""
+        return sum(ch.window.in_flight + len(ch.backlog) for ch in self.out.values())
+
+    def redelivered(self) -> int:
+        return self.counters.redelivered_closed + sum(ch.window.stats().retransmitted for ch in self.out.values())
+
+    def load(self, peer: Peer) -> int:
+        """How much waits on the channel to ``peer`` (for spreading unkeyed messages)."""
+        ch = self.out.get(peer.incarnation)
+        return 0 if ch is None else ch.window.in_flight + len(ch.backlog)
+

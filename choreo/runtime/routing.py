@@ -1,0 +1,428 @@
+"""Where each message goes: destinations from declarations and membership, and the emit lane.
+
+How this works. A message type's *routes* come from what the live services declare (every
+service subscribed to an event; the one owner of a command or query), cached per membership
+version. A route becomes a *destination* per copy: keyed messages go to the owner of the key's
+partition (rendezvous over the service's live instances, the same answer on every node),
+unkeyed ones to the least loaded instance, broadcast ones to every instance.
+
+Events from outside handlers take a faster road: an :class:`EmitPlan` per event type, compiled
+for one membership version, holds the channel of every partition's owner; when one service
+subscribes, the core's ``EmitLane`` encodes, routes and appends the envelope in one call
+(:meth:`Router.emit_now`). Anything it cannot do at once (no credit, a held partition, several
+subscribers without credit for all) returns None, and the caller takes the waiting path.
+
+Envelopes that lost their receiver (it died or left) or waited for an instance are routed
+again here (:meth:`Router.resend`, :meth:`Router.rehome`), in order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from .. import core, wire
+from ..config import NodeConfig
+from ..errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
+from ..messages import Message, encode, idempotency_id, message_options
+from ..service import Service
+from .channels import OutChannel, Outgoing
+from .holds import Hold, Holds
+from .membership import Membership, Peer
+from .outbox import Outbox
+from .stats import Counters
+
+__all__ = ["Router", "Route", "Destination", "PlannedCopy", "EmitPlan", "key_bytes", "ZERO_ID"]
+
+log = logging.getLogger("choreo.node")
+ZERO_ID = bytes(16)
+_encode = msgspec.msgpack.Encoder().encode  # the same encoding as choreo.messages.encode
+_partition_of = core.partition_of
+_HEADER_SIZE = core.HEADER_SIZE
+_KIND_EVENT = wire.KIND_EVENT
+
+#: (peer, flags, key, partition, service): one copy of a message; peer None: no live instance now
+Destination = tuple[Peer | None, int, bytes, int, str]
+#: (channel or None when it must wait for an instance, envelope, service)
+PlannedCopy = tuple[OutChannel | None, Outgoing, str]
+
+
+def key_bytes(value: Any) -> bytes:
+    """The ordering key of a field value, identical on every host (``str()`` of it, UTF-8).
+
+    >>> key_bytes("c-1"), key_bytes(42)
+    (b'c-1', b'42')
+    """
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    return str(value).encode()
+
+
+class Route:
+    """One service that must get a copy of a message type."""
+
+    __slots__ = ("service", "partitions", "key_field", "broadcast")
+
+    def __init__(self, service: str, partitions: int, key_field: str | None, broadcast: bool) -> None:
+        self.service = service
+        self.partitions = partitions
+        self.key_field = key_field
+        self.broadcast = broadcast
+
+
+class _EmitTarget:
+    """Where copies of one event type go, compiled for one membership version."""
+
+    __slots__ = ("flags", "key_field", "partitions", "by_partition", "channels", "service")
+
+    def __init__(
+        self,
+        flags: int,
+        key_field: str | None,
+        partitions: int,
+        by_partition: list[OutChannel] | None,
+        channels: list[OutChannel],
+        service: str,
+    ) -> None:
+        self.flags = flags
+        self.key_field = key_field
+        self.partitions = partitions
+        self.by_partition = by_partition  # keyed: the owner's channel of every partition
+        self.channels = channels  # broadcast: every instance; unkeyed: candidates by load
+        self.service = service
+
+
+class EmitPlan:
+    """How events of one type leave this node, for one membership version."""
+
+    __slots__ = ("version", "tname", "targets", "idempotent", "max_bytes", "unavailable", "lane", "lane_channels")
+
+    def __init__(
+        self, version: int, tname: bytes, targets: list[_EmitTarget], idempotent: bool, max_bytes: int, unavailable: bool
+    ) -> None:
+        self.version = version
+        self.tname = tname
+        self.targets = targets
+        self.idempotent = idempotent
+        self.max_bytes = max_bytes
+        self.unavailable = unavailable  # a subscriber has no live instance: emits wait for one
+        self.lane: Any = None  # the core's EmitLane when one service subscribes
+        self.lane_channels: list[OutChannel] = []
+
+
+def _channel_load(ch: OutChannel) -> int:
+    return ch.window.in_flight + len(ch.backlog)
+
+
+class Router:
+    """Routes this node's messages (see the module docstring)."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        outbox: Outbox,
+        holds: Holds,
+        *,
+        service: Service | None,
+        config: NodeConfig,
+        clock: Callable[[], float],
+        ids: Any,
+        counters: Counters,
+    ) -> None:
+        self.membership = membership
+        self.outbox = outbox
+        self.holds = holds
+        self.service = service
+        self.config = config
+        self.clock = clock
+        self.ids = ids  # the core's IdSource: fresh message ids
+        self.counters = counters
+        self._routes: dict[str, tuple[int, list[Route]]] = {}
+        self._emit_plans: dict[type, EmitPlan] = {}
+        self._dirty_out = outbox.dirty_out  # the emit lane marks channels here directly
+        self._rr = 0  # turn of equally loaded instances for unkeyed messages
+
+    def invalidate(self) -> None:
+        """Forget cached routes and emit plans (membership is rebuilt from scratch)."""
+        self._routes.clear()
+        self._emit_plans.clear()
+
+    def fresh_id(self) -> bytes:
+        return self.ids.next()  # type: ignore[no-any-return]
+
+    # -- destinations ------------------------------------------------------------------------------
+
+    def routes(self, name: str, kind: str) -> list[Route]:
+        """The services that must get a ``kind`` message of type ``name`` (NoOwner for a command nobody owns)."""
+        version = self.membership.version
+        cached = self._routes.get(name)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        routes: list[Route] = []
+        if kind == "event":
+            for spec, h in self.membership.subscribers(name):
+                routes.append(Route(spec.name, spec.partitions, h.key, h.broadcast))
+        else:
+            owners = self.membership.owners(name)
+            if not owners:
+                known = ", ".join(sorted(self.membership.services())) or "none yet"
+                raise NoOwner(f"no live service in the mesh handles {kind} {name} (services known: {known})")
+            if len(owners) > 1:
+                raise ChoreoUsageError(f"{kind} {name} has two owners: {', '.join(s.name for s in owners)}")
+            spec = owners[0]
+            h = spec.handler_for(name)
+            if h is None:  # pragma: no cover - owners() lists only services with a handler
+                raise NoOwner(f"{spec.name} lists no handler for {kind} {name}")
+            routes.append(Route(spec.name, spec.partitions, h.key, False))
+        self._routes[name] = (version, routes)
+        return routes
+
+    def destinations(self, message: Message, name: str, kind: str) -> list[Destination]:
+        """Every copy of ``message`` to send (see :data:`Destination`)."""
+        out: list[Destination] = []
+        for r in self.routes(name, kind):
+            if r.key_field is not None:
+                kb = key_bytes(getattr(message, r.key_field))
+                partition = core.partition_of(kb, r.partitions)
+                flags = 0
+            else:
+                kb, partition, flags = b"", 0, wire.FLAG_UNKEYED
+            if r.broadcast:  # the instances alive now
+                for peer in self.membership.instances(r.service):
+                    out.append((peer, flags | wire.FLAG_BROADCAST, kb, partition, r.service))
+                continue
+            peer = self.membership.owner(r.service, partition) if r.key_field is not None else self.least_loaded(r.service)
+            if peer is None and r.service not in self.membership.lost:
+                if kind != "event":
+                    raise NoOwner(f"no live instance of {r.service} for {kind} {name}")
+                continue
+            out.append((peer, flags, kb, partition, r.service))
+        return out
+
+    def least_loaded(self, service: str) -> Peer | None:
+        """The instance with the fewest envelopes in flight; equally loaded ones take turns."""
+        peers = self.membership.instances(service)
+        best, best_load = None, None
+        self._rr += 1
+        load = self.outbox.load
+        for j in range(len(peers)):
+            peer = peers[(j + self._rr) % len(peers)]
+            n = load(peer)
+            if best_load is None or n < best_load:
+                best, best_load = peer, n
+        return best
+
+    def plan(
+        self, message: Message, msg_id: bytes, trace_id: bytes, cause_id: bytes, on_done: Callable[[], None] | None
+    ) -> list[PlannedCopy]:
+        """Encode ``message`` once and make an envelope per destination (MessageTooLarge if it cannot go)."""
+        options = message.__choreo_options__
+        payload = encode(message)
+        if len(payload) > self.config.max_message_bytes:
+            raise MessageTooLarge(
+                f"{options.name} body is {len(payload)} bytes, above max_message_bytes={self.config.max_message_bytes}"
+            )
+        kind = wire.KIND_CODES[options.kind]
+        tname = options.name.encode()
+        plan: list[PlannedCopy] = []
+        for peer, flags, kb, partition, service in self.destinations(message, options.name, options.kind):
+            if peer is not None and len(payload) > peer.max_message_bytes:
+                raise MessageTooLarge(
+                    f"{options.name} body is {len(payload)} bytes, above {peer.node}'s limit of {peer.max_message_bytes}"
+                )
+            item = Outgoing(kind, flags, tname, kb, partition, msg_id, trace_id, cause_id, payload, on_done)
+            plan.append((self.outbox.channel(peer) if peer is not None else None, item, service))
+        if not plan:
+            self.counters.unrouted += 1
+        return plan
+
+    def commit(self, plan: list[PlannedCopy]) -> None:
+        """Append every copy of a plan whose destinations all have room (see ``Calls.blocked``)."""
+        now = self.clock()
+        append = self.outbox.append
+        for ch, item, _ in plan:
+            if ch is None:  # pragma: no cover - a plan is committed only when nothing blocks it
+                raise RuntimeError("a copy without a channel was committed")
+            append(ch, item, now)
+
+    # -- the fast path of emit: one compiled plan per event type, straight into the windows -----
+
+    def compile_emit(self, cls: type) -> EmitPlan:
+        """The plan of an event type for the current membership (checked: an event this node may emit)."""
+        if not (isinstance(cls, type) and issubclass(cls, Message)):
+            raise TypeError(f"emit takes a choreo event, got {cls.__name__}")
+        options = message_options(cls)
+        if options.kind != "event":
+            raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        if self.service is not None and cls not in self.service.emits:
+            raise UndeclaredMessage(
+                f"service {self.service.name} emits {options.name} outside a handler without declaring it: "
+                f"add it to Service({self.service.name!r}, emits=[...])"
+            )
+        targets = []
+        max_bytes = self.config.max_message_bytes
+        unavailable = False
+        channel = self.outbox.channel
+        for r in self.routes(options.name, "event"):
+            peers = self.membership.instances(r.service)
+            if not peers:
+                unavailable = unavailable or (r.service in self.membership.lost and not r.broadcast)
+                continue
+            max_bytes = min(max_bytes, *(p.max_message_bytes for p in peers))
+            flags = 0 if r.key_field is not None else wire.FLAG_UNKEYED
+            by_partition = None
+            if r.broadcast:
+                flags |= wire.FLAG_BROADCAST
+            elif r.key_field is not None:
+                by_partition = []
+                for p in range(r.partitions):
+                    owner = self.membership.owner(r.service, p)
+                    if owner is None:  # pragma: no cover - a service with instances owns every partition
+                        raise RuntimeError(f"partition {p} of {r.service} has no owner")
+                    by_partition.append(channel(owner))
+            targets.append(_EmitTarget(flags, r.key_field, r.partitions, by_partition, [channel(p) for p in peers], r.service))
+        plan = EmitPlan(
+            self.membership.version, options.name.encode(), targets, options.idempotency is not None, max_bytes, unavailable
+        )
+        if len(targets) == 1 and not targets[0].flags & wire.FLAG_BROADCAST and not unavailable:
+            # one destination service: the compiled lane writes the envelope straight into its window
+            t = targets[0]
+            channels = t.by_partition if t.by_partition is not None else t.channels
+            plan.lane_channels = channels
+            plan.lane = core.EmitLane(
+                plan.tname, t.key_field, t.partitions, [ch.window for ch in channels], _encode, key_bytes, self.ids,
+                self.config.max_batch, self.config.max_batch_bytes, max_bytes,
+            )
+        self._emit_plans[cls] = plan
+        return plan
+
+    def emit_now(self, event: Message) -> bytes | None:
+        """Emit without waiting if every destination has credit; None means: take the waiting path.
+
+        Returns the new message's id. Raises for what no waiting can fix (not an event, an
+        event this service does not declare).
+        """
+        plan = self._emit_plans.get(type(event))
+        if plan is None or plan.version != self.membership.version:
+            plan = self.compile_emit(type(event))
+        lane = plan.lane
+        if lane is None or self.holds.by_key:
+            return self._emit_general(plan, event)
+        msg_id = lane.emit(event, self.clock(), idempotency_id(event) if plan.idempotent else None)
+        if msg_id is None:
+            return None  # no credit (or a message too large): the waiting path waits or explains
+        ch = plan.lane_channels[lane.last]
+        if lane.full:
+            self.outbox.send_data(ch, ch.take_body())  # type: ignore[arg-type]
+        else:
+            self._dirty_out.add(ch)
+            if not self.outbox.flush_scheduled:
+                self.outbox.schedule_flush()
+        self.counters.emitted += 1
+        return msg_id  # type: ignore[no-any-return]
+
+    def _emit_general(self, plan: EmitPlan, event: Message) -> bytes | None:
+        """Several destinations (all or none get it), or a partition held back: in Python."""
+        if plan.unavailable:
+            return None  # a subscriber has no live instance: the waiting path waits for one
+        payload = _encode(event)
+        if len(payload) > plan.max_bytes:
+            return None  # the waiting path raises MessageTooLarge with the details
+        msg_id = idempotency_id(event) if plan.idempotent else self.ids.next()
+        targets = plan.targets
+        tname = plan.tname
+        base = _HEADER_SIZE + len(tname) + len(payload)
+        if not targets:
+            self.counters.unrouted += 1
+            self.counters.emitted += 1
+            return msg_id
+        sends: list[tuple[OutChannel, int, bytes, int]] = []
+        held = self.holds.by_key
+        for t in targets:
+            if t.by_partition is not None:
+                kb = key_bytes(getattr(event, t.key_field))  # type: ignore[arg-type]
+                partition = _partition_of(kb, t.partitions)
+                ch = t.by_partition[partition]
+                if ch.backlog or not ch.window.has_credit(base + len(kb)) or (t.service, partition) in held:
+                    return None
+                sends.append((ch, t.flags, kb, partition))
+            elif t.flags & wire.FLAG_BROADCAST:
+                kb = key_bytes(getattr(event, t.key_field)) if t.key_field else b""
+                partition = _partition_of(kb, t.partitions) if t.key_field else 0
+                for ch in t.channels:
+                    if ch.backlog or not ch.window.has_credit(base + len(kb)):
+                        return None
+                    sends.append((ch, t.flags, kb, partition))
+            else:
+                best = min(t.channels, key=_channel_load)
+                if best.backlog or not best.window.has_credit(base):
+                    return None
+                sends.append((best, t.flags, b"", 0))
+        now = self.clock()
+        for ch, flags, kb, partition in sends:
+            ch.window.append(_KIND_EVENT, flags, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, now)
+            if ch.window.pending >= ch.max_batch or ch.window.pending_bytes >= ch.max_batch_bytes:
+                self.outbox.send_data(ch, ch.take_body())  # type: ignore[arg-type]
+            else:
+                self._dirty_out.add(ch)
+        if not self.outbox.flush_scheduled:
+            self.outbox.schedule_flush()
+        self.counters.emitted += 1
+        return msg_id
+
+    # -- routing again: receivers gone, instances back, holds released ---------------------------
+
+    def new_home(self, service: str, item: Outgoing) -> Peer | None:
+        """The instance an envelope of ``service`` goes to now (None: none is live)."""
+        if item.flags & wire.FLAG_UNKEYED:
+            return self.least_loaded(service)
+        return self.membership.owner(service, item.partition)
+
+    def resend(self, service: str | None, items: list[Outgoing]) -> int:
+        """Envelopes whose receiver is gone: to the current owners, in order; returns how many moved."""
+        now = self.clock()
+        moved = 0
+        for item in items:
+            if item.flags & wire.FLAG_BROADCAST or service is None:
+                if item.on_done is not None:
+                    item.on_done()  # its receiver is gone: nothing left to wait for
+                continue
+            target = self.new_home(service, item)
+            if target is None:
+                self.outbox.park(service, item)
+            else:
+                self.outbox.append(self.outbox.channel(target), item, now)
+                moved += 1
+        return moved
+
+    def rehome(self, service: str | None) -> None:
+        """An instance of ``service`` arrived: send it the envelopes that had nowhere to go."""
+        if service is None:
+            return
+        items = self.outbox.take_waiting(service)
+        if not items:
+            return
+        now = self.clock()
+        for item in items:
+            target = self.new_home(service, item)
+            if target is None:
+                self.outbox.park(service, item)
+            else:
+                self.outbox.append(self.outbox.channel(target), item, now)
+
+    def release_holds(self, released: list[tuple[str, int, Hold]]) -> None:
+        """Holds whose old owner is done: their queued envelopes go to the partition's owner now."""
+        now = self.clock()
+        for service, p, hold in released:
+            while hold.queue:
+                item = hold.queue.popleft()
+                target = self.membership.owner(service, p)
+                if target is None:
+                    self.outbox.park(service, item)
+                else:
+                    self.outbox.append(self.outbox.channel(target), item, now)
