@@ -1,0 +1,224 @@
+"""Routing against a hand-built membership, and the outbox's batches, acks and answers.
+
+No engine and no sockets: a :class:`Membership` filled with peers by hand, a
+:class:`Router` and an :class:`Outbox` whose sender records the frames it is given.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from choreo import Command, Event, Query, Service, core, wire
+from choreo.config import NodeConfig
+from choreo.errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
+from choreo.runtime.calls import Calls
+from choreo.runtime.holds import Holds
+from choreo.runtime.membership import Membership, Peer
+from choreo.runtime.outbox import Outbox
+from choreo.runtime.routing import Router, key_bytes
+from choreo.runtime.stats import Counters
+
+
+class Placed(Event, key="order"):
+    order: str
+
+
+class Clicked(Event):
+    page: str
+
+
+class Charge(Command, key="order"):
+    order: str
+
+
+class Lookup(Query):
+    order: str
+
+
+orders = Service("orders", partitions=16)
+orders.on(Placed)(lambda e: None)
+orders.command(Charge)(lambda c: None)
+audit = Service("audit")
+audit.on(Placed, broadcast=True)(lambda e: None)
+stats = Service("stats")
+stats.on(Clicked)(lambda e: None)
+shop = Service("shop", emits=[Placed, Clicked], sends=[Charge])
+
+
+class Recorder:
+    endpoint = "fake://me"
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[str, bytes]] = []
+
+    def send(self, endpoint: str, frame: bytes) -> None:
+        self.frames.append((endpoint, frame))
+
+    def of_type(self, frame_type: int) -> list[tuple[str, bytes]]:
+        return [(e, f) for e, f in self.frames if wire.parse_header(f)[0] == frame_type]
+
+
+class World:
+    def __init__(self, *peers: tuple[int, Service], service: Service | None = shop) -> None:
+        self.config = NodeConfig(window=8, max_batch=4)
+        self.now = 0.0
+        self.wire = Recorder()
+        self.counters = Counters()
+        self.membership = Membership(1.0, 3.0)
+        self.holds = Holds()
+        self.outbox = Outbox(self.wire, self.config, clock=lambda: self.now, holds=self.holds, counters=self.counters)
+        self.outbox.start(None, 1)
+        self.router = Router(
+            self.membership, self.outbox, self.holds,
+            service=service, config=self.config, clock=lambda: self.now, ids=core.IdSource(bytes(8)),
+            counters=self.counters,
+        )
+        self.peers = {inc: self.join(inc, svc) for inc, svc in peers}
+
+    def join(self, incarnation: int, service: Service) -> Peer:
+        peer = Peer(incarnation, f"fake://{service.name}-{incarnation}", f"{service.name}#{incarnation}",
+                    service.spec(), 8, 1 << 20, 0.0)
+        self.membership.upsert(peer)
+        return peer
+
+
+def test_a_keyed_event_goes_to_the_owner_of_its_partition_on_every_node() -> None:
+    w = World((10, orders), (20, orders), (30, orders))
+    ((peer, flags, kb, partition, service),) = w.router.destinations(Placed("o-7"), "Placed", "event")
+    assert service == "orders" and kb == b"o-7" and flags == 0
+    assert partition == core.partition_of(b"o-7", 16)
+    keys = [p.key for p in w.membership.instances("orders")]
+    assert peer is w.membership.instances("orders")[core.assign_partitions(16, keys)[partition]]
+    other = World((30, orders), (10, orders), (20, orders))  # the same mesh, learned in another order
+    assert other.router.destinations(Placed("o-7"), "Placed", "event")[0][0].incarnation == peer.incarnation
+
+
+def test_broadcast_reaches_every_instance_and_competing_reaches_one() -> None:
+    w = World((10, orders), (20, orders), (40, audit), (41, audit))
+    copies = w.router.destinations(Placed("o-1"), "Placed", "event")
+    to_audit = [d for d in copies if d[4] == "audit"]
+    to_orders = [d for d in copies if d[4] == "orders"]
+    assert sorted(d[0].incarnation for d in to_audit) == [40, 41]
+    assert all(d[1] & wire.FLAG_BROADCAST for d in to_audit)
+    assert len(to_orders) == 1
+
+
+def test_unkeyed_messages_spread_over_equally_loaded_instances() -> None:
+    w = World((50, stats), (51, stats))
+    chosen = {w.router.least_loaded("stats").incarnation for _ in range(4)}
+    assert chosen == {50, 51}, "equally loaded instances take turns"
+    plan = w.router.plan(Clicked("/"), b"i" * 16, b"t" * 16, bytes(16), None)
+    w.router.commit(plan)
+    busy = plan[0][0].peer.incarnation
+    assert all(w.router.least_loaded("stats").incarnation != busy for _ in range(3)), "the idle one first"
+
+
+def test_a_command_needs_exactly_one_owning_service() -> None:
+    w = World((10, orders))
+    assert w.router.routes("Charge", "command")[0].service == "orders"
+    with pytest.raises(NoOwner, match="no live service in the mesh handles query Lookup"):
+        w.router.destinations(Lookup("o"), "Lookup", "query")
+    rival = Service("billing")
+    rival.command(Charge)(lambda c: None)
+    w.join(60, rival)
+    with pytest.raises(ChoreoUsageError, match="two owners"):
+        w.router.routes("Charge", "command")
+
+
+def test_a_service_whose_instances_died_keeps_its_messages_waiting() -> None:
+    w = World((10, orders))
+    w.membership.check_silence(10.0, me=1)  # suspect
+    w.membership.check_silence(10.0, me=1)  # dead: orders has no live instance, and is not forgotten
+    assert w.membership.instances("orders") == []
+    plan = w.router.plan(Placed("o-1"), b"i" * 16, b"t" * 16, bytes(16), None)
+    assert [(ch, service) for ch, _, service in plan] == [(None, "orders")], "a copy that waits for an instance"
+
+
+def test_emit_now_writes_into_the_owners_window_and_batches_until_flush() -> None:
+    w = World((10, orders), (20, orders))
+    ids = [w.router.emit_now(Placed(f"o-{n}")) for n in range(3)]
+    assert all(isinstance(i, bytes) and len(i) == 16 for i in ids) and len(set(ids)) == 3
+    assert w.wire.frames == [], "nothing leaves before the flush"
+    w.outbox.flush()
+    data = w.wire.of_type(wire.DATA)
+    assert 1 <= len(data) <= 2, "one frame per receiving channel"
+    sent = [env for _, f in data for env in core.parse_envelopes(f[wire.HEADER_SIZE:])]
+    assert sorted(env.msg_id for env in sent) == sorted(ids)
+    for endpoint, f in data:
+        for env in core.parse_envelopes(f[wire.HEADER_SIZE:]):
+            owner = w.membership.owner("orders", env.partition)
+            assert owner is not None and owner.endpoint == endpoint
+
+
+def test_a_full_batch_leaves_at_once() -> None:
+    w = World((10, orders))
+    for n in range(4):  # max_batch=4
+        w.router.emit_now(Placed(f"o-{n}"))
+    assert len(w.wire.of_type(wire.DATA)) == 1
+
+
+def test_no_credit_means_the_waiting_path() -> None:
+    w = World((10, orders))
+    assert all(w.router.emit_now(Placed(f"o-{n}")) for n in range(8))  # window=8
+    assert w.router.emit_now(Placed("o-9")) is None, "no credit left: the caller waits or raises"
+
+
+def test_emit_refuses_what_this_service_does_not_declare() -> None:
+    w = World((10, orders), service=orders)
+    with pytest.raises(UndeclaredMessage, match="emits Placed outside a handler without declaring it"):
+        w.router.emit_now(Placed("o"))
+
+
+def test_a_message_above_the_limit_is_refused_before_it_leaves() -> None:
+    w = World((10, orders))
+    w.router.config = NodeConfig(max_message_bytes=64)
+    with pytest.raises(MessageTooLarge, match="above max_message_bytes=64"):
+        w.router.plan(Placed("x" * 100), b"i" * 16, b"t" * 16, bytes(16), None)
+
+
+def test_acks_free_credit_call_back_and_wake_the_backlog() -> None:
+    w = World((10, orders))
+    done: list[int] = []
+    plan_ids = []
+    for n in range(10):  # 8 fit the window, 2 wait in the backlog
+        plan = w.router.plan(Placed("o-1"), bytes([n]) * 16, bytes(16), bytes(16), lambda n=n: done.append(n))
+        w.router.commit(plan)
+        plan_ids.append(plan[0][1].msg_id)
+    ch = w.outbox.out[10]
+    assert ch.window.in_flight == 8 and len(ch.backlog) == 2
+    ack = core.encode_ack(6, 6, [])
+    ch.on_ack(ack, 0, w.now)
+    assert done == list(range(6)), "each envelope's callback runs once it is acknowledged, in order"
+    assert ch.window.in_flight == 4 and not ch.backlog, "the backlog moved into the freed credit"
+
+
+def test_answers_leave_before_the_ack_that_covers_their_command() -> None:
+    w = World((10, orders))
+    peer = w.peers[10]
+    ich = w.outbox.inbound_from(peer)
+    frame = wire.frame(wire.DATA, 10, 1, core.pack_envelope(1, wire.KIND_COMMAND, 0, b"Charge", b"o", 0,
+                                                            b"c" * 16, b"c" * 16, bytes(16), b"\x91\xa1o"))
+    (env,) = ich.reorder.feed(frame, wire.HEADER_SIZE)
+    ich.reorder.complete(env.seq)
+    w.outbox.queue_reply(peer, wire.reply_entry(b"c" * 16, b"Charge", b"\x01\xc0"))
+    w.outbox.ack_later(ich)
+    w.outbox.flush()
+    (endpoint, f), = w.wire.frames
+    frame_type, flags, _, _ = wire.parse_header(f)
+    assert frame_type == wire.REPLY and flags & wire.FLAG_ACK, "one frame: the answer, with the ack riding on it"
+    ack_at, ack_len, body_at = wire.split_ack(f, flags)
+    assert core.decode_ack(f[: ack_at + ack_len], ack_at)[0] == 1
+    assert wire.parse_replies(f, body_at) == [(b"c" * 16, "Charge", b"\x01\xc0")]
+
+
+def test_blocked_names_what_stops_a_plan() -> None:
+    w = World((10, orders))
+    calls = Calls(w.router, w.outbox, w.holds, w.membership, service=shop, config=w.config,
+                  clock=lambda: w.now, call_later=lambda d, cb: None, counters=w.counters)
+    for n in range(8):
+        w.router.commit(w.router.plan(Placed("o"), bytes([n]) * 16, bytes(16), bytes(16), None))
+    plan = w.router.plan(Placed("o"), b"z" * 16, bytes(16), bytes(16), None)
+    assert calls.blocked(plan) is w.outbox.out[10], "the full channel"
+    with pytest.raises(Exception, match="window 8/8 in flight to orders#10"):
+        calls.try_emit(Placed("o"))
+    assert key_bytes(7) == b"7"
