@@ -15,6 +15,14 @@ run replays exactly::
 Handlers may be plain functions or ``async def``; an async handler that waits on real time
 (``asyncio.sleep``) works but slows the test by that much. Every failure message of
 :meth:`Harness.run` carries the seed.
+
+Faults, besides the lossy link: :meth:`Harness.partition` and :meth:`Harness.heal` cut and
+restore links; :meth:`Harness.crash` stops a node dead, :meth:`Harness.restart` brings it back
+as a new incarnation at the same endpoint; :meth:`Harness.join` starts a new node mid-run and
+:meth:`Harness.leave` stops one gracefully (drain, hand over, goodbye); :meth:`Harness.pause`
+freezes a node (a long GC pause, a suspended VM: no ticks, its frames wait) and
+:meth:`Harness.jump` moves one node's clock forward. :mod:`choreo.nemesis` draws seeded random
+schedules of all of these.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ class FakeTransport:
     def __init__(self, harness: Harness, endpoint: str) -> None:
         self.harness = harness
         self.endpoint = endpoint
+        self.closed = False  # its node crashed: whatever it still tries to send is lost
 
     def connect(self, endpoint: str) -> None:
         pass
@@ -82,7 +91,8 @@ class FakeTransport:
         pass
 
     def send(self, endpoint: str, frame: bytes) -> None:
-        self.harness.link.transmit(self.harness.now, self.endpoint, endpoint, frame)
+        if not self.closed:
+            self.harness.link.transmit(self.harness.now, self.endpoint, endpoint, frame)
 
     def reply(self, identity: bytes, frame: bytes) -> None:
         self.send(identity.decode(), frame)
@@ -109,7 +119,13 @@ class Harness:
         self.now = 0.0
         self.engines: dict[str, Engine] = {}
         self.down: set[str] = set()
+        self.offset: dict[str, float] = {}  # endpoint -> how far its clock is ahead (jump)
+        self.paused: dict[str, float] = {}  # endpoint -> virtual time it resumes at
         self._names = itertools.count(1)
+        self._setup: dict[str, tuple[Service | None, str | None, NodeConfig | None]] = {}
+        self.history: list[Engine] = []  # every engine this harness made, restarted ones included
+        self.declared_dead: set[str] = set()  # names of incarnations some node declared dead
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
 
     def clock(self) -> float:
         return self.now
@@ -121,17 +137,33 @@ class Harness:
         """A new node on the link (not started: :meth:`start` starts them all)."""
         n = next(self._names)
         endpoint = f"fake://{name or (service.name if service else 'client')}-{n}"
+        self._setup[endpoint] = (service, name, config)
+        return self._make(endpoint)
+
+    def _make(self, endpoint: str) -> Engine:
+        service, name, config = self._setup[endpoint]
+        self.offset.setdefault(endpoint, 0.0)
         engine = Engine(
             service,
             FakeTransport(self, endpoint),
             config=config or self.config,
-            clock=self.clock,
-            wall=self.wall,
+            clock=lambda: self.now + self.offset[endpoint],
+            wall=lambda: 1_700_000_000.0 + self.now + self.offset[endpoint],
             incarnation=self.rng.getrandbits(63) | 1,
             name=name,
             ids=core.IdSource(self.rng.randbytes(8)),
+            incarnations=lambda: self.rng.getrandbits(63) | 1,
         )
         self.engines[endpoint] = engine
+        self.history.append(engine)
+        peer_gone = engine.peer_gone
+
+        def noted(peer: Any) -> None:  # what the nemesis checkers need: who was taken for dead
+            if peer.state == "dead":
+                self.declared_dead.add(peer.node)
+            peer_gone(peer)
+
+        engine.peer_gone = noted  # type: ignore[method-assign]
         return engine
 
     async def start(self, timeout: float = 30.0) -> None:
@@ -160,8 +192,77 @@ class Harness:
     def crash(self, engine: Engine) -> None:
         """The node stops at once: frames to and from it are lost from now on."""
         self.down.add(engine.transport.endpoint)
+        engine.transport.closed = True  # type: ignore[attr-defined]
+
+    def restart(self, engine: Engine, seeds: list[str] | None = None) -> Engine:
+        """A crashed (or running: then crashed first) node comes back at its endpoint, as a new
+        incarnation with empty memory, seeded by every other node unless ``seeds`` says otherwise."""
+        endpoint = engine.transport.endpoint
+        self.crash(engine)
+        new = self._make(endpoint)
+        self.down.discard(endpoint)
+        self.paused.pop(endpoint, None)
+        new.start(seeds if seeds is not None else [e for e in self.engines if e != endpoint and e not in self.down])
+        return new
+
+    def join(self, service: Service | None, name: str | None = None, config: NodeConfig | None = None) -> Engine:
+        """A new node starts mid-run, seeded by the first node that is up."""
+        engine = self.add(service, name, config)
+        seeds = [e for e in self.engines if e != engine.transport.endpoint and e not in self.down][:1]
+        engine.start(seeds)
+        return engine
+
+    async def leave(self, engine: Engine, timeout: float = 60.0) -> bool:
+        """Stop a node gracefully, as SIGTERM does: drain, hand over, goodbye; then it is down.
+
+        Returns whether it drained within ``timeout`` (virtual seconds); it leaves either way.
+        """
+        engine.begin_leave()
+        quiet_since = [self.now]
+
+        def quiet() -> bool:
+            if not engine.drained:
+                quiet_since[0] = self.now
+                return False
+            return self.now - quiet_since[0] >= 2 * engine.config.heartbeat
+
+        try:
+            await self.run_until(quiet, timeout, f"{engine.name} drained")
+            drained = True
+        except AssertionError:
+            drained = False
+        engine.finish_leave()
+        await self.step(self.config.tick)
+        self.crash(engine)
+        return drained
+
+    def pause(self, engine: Engine, seconds: float) -> None:
+        """Freeze a node for ``seconds`` of virtual time: no ticks; frames to it wait (a GC pause)."""
+        endpoint = engine.transport.endpoint
+        self.paused[endpoint] = max(self.paused.get(endpoint, 0.0), self.now + seconds)
+
+    def jump(self, engine: Engine, seconds: float) -> None:
+        """Move one node's clock ``seconds`` forward at once (its monotonic clock after a suspend)."""
+        self.offset[engine.transport.endpoint] += seconds
+
+    def up(self) -> list[Engine]:
+        """The nodes that are running (not crashed, not left)."""
+        return [e for endpoint, e in self.engines.items() if endpoint not in self.down]
 
     # -- running -------------------------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> asyncio.Future[None]:
+        """Wait ``seconds`` of virtual time (a workload's pacing): ``await harness.sleep(0.05)``."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + seconds, next(self._names), fut))
+        return fut
+
+    def _wake_sleepers(self) -> None:
+        sleepers = self._sleepers
+        while sleepers and sleepers[0][0] <= self.now:
+            fut = heapq.heappop(sleepers)[2]
+            if not fut.done():
+                fut.set_result(None)
 
     async def _settle(self) -> None:
         """Let the event loop run what is ready (flushes, handler tasks), several rounds."""
@@ -173,18 +274,23 @@ class Harness:
         await self._settle()
         horizon = self.now + tick
         link = self.link
+        paused = self.paused
         while link.queue and link.queue[0][0] <= horizon:
-            at, _, dst, frame, src = heapq.heappop(link.queue)
+            at, seq, dst, frame, src = heapq.heappop(link.queue)
             self.now = max(self.now, at)
             engine = self.engines.get(dst)
-            if engine is None or dst in self.down or src in self.down:
+            if engine is None or dst in self.down:
+                continue
+            if paused.get(dst, 0.0) > self.now:  # frozen: the frame waits in its socket buffer
+                heapq.heappush(link.queue, (paused[dst], seq, dst, frame, src))
                 continue
             engine.on_frame(frame, src.encode())
             engine.flush()
             await self._settle()
         self.now = horizon
-        for endpoint, engine in self.engines.items():
-            if endpoint not in self.down:
+        self._wake_sleepers()
+        for endpoint, engine in list(self.engines.items()):
+            if endpoint not in self.down and paused.get(endpoint, 0.0) <= self.now:
                 engine.tick()
         await self._settle()
 
