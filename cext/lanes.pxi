@@ -101,7 +101,7 @@ cdef class EmitLane:
     cdef object _key_name
     cdef Py_ssize_t _partitions
     cdef list _windows
-    cdef object _encode, _key_bytes
+    cdef object _encode, _key_bytes, _check
     cdef IdSource _ids
     cdef Py_ssize_t _max_batch, _max_batch_bytes, _max_bytes
     cdef readonly Py_ssize_t last
@@ -110,7 +110,7 @@ cdef class EmitLane:
 
     def __cinit__(self, bytes tname not None, key_name, Py_ssize_t partitions, list windows not None, encode,
                   key_bytes, IdSource ids not None, Py_ssize_t max_batch, Py_ssize_t max_batch_bytes,
-                  Py_ssize_t max_bytes):
+                  Py_ssize_t max_bytes, check=None):
         if not windows:
             raise ValueError("an emit lane needs at least one window")
         for w in windows:
@@ -130,6 +130,7 @@ cdef class EmitLane:
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         self._max_bytes = max_bytes
+        self._check = check
         self.last = -1
         self.full = False
 
@@ -144,6 +145,11 @@ cdef class EmitLane:
         cdef OutboundWindow w = None, cand
         if plen > self._max_bytes:
             return None
+        if self._check is not None:
+            try:
+                self._check(payload)
+            except Exception:
+                return None  # the slow path names the field that does not match its type
         if self._key_name is not None:
             value = getattr(event, self._key_name)
             if type(value) is str:

@@ -27,8 +27,10 @@ from .errors import (
     HandlerFailed,
     MessageTooLarge,
     NoOwner,
+    NotJoined,
     ProtocolError,
     UndeclaredMessage,
+    Undeliverable,
     ValidationError,
 )
 from .config import NodeConfig
@@ -72,11 +74,13 @@ __all__ = [
     "Node",
     "NodeConfig",
     "NodeProcess",
+    "NotJoined",
     "ProtocolError",
     "Query",
     "RetryPolicy",
     "Service",
     "UndeclaredMessage",
+    "Undeliverable",
     "ValidationError",
     "message_options",
 ]

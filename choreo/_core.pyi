@@ -277,6 +277,7 @@ class EmitLane:
         max_batch: int,
         max_batch_bytes: int,
         max_bytes: int,
+        check: Callable[[bytes], Any] | None = None,
     ) -> None: ...
     def emit(self, event: Any, now: float, msg_id: bytes | None = None) -> bytes | None: ...
 

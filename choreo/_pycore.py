@@ -1120,8 +1120,9 @@ class EmitLane:
     ``key_name`` (one per partition), or the candidate instances' windows when it is not (the
     one with the fewest envelopes in flight is chosen). :meth:`emit` encodes the event and
     writes its envelope straight into that window's pending batch; it returns None instead
-    when the window lacks credit, is ``held`` by the runtime, or the body exceeds ``max_bytes``
-    (the caller then takes its slow path, which waits or explains). After an emit, ``last`` is
+    when the window lacks credit, is ``held`` by the runtime, the body exceeds ``max_bytes`` or
+    ``check(body)`` raises (the body does not match its type: the caller then takes its slow
+    path, which waits or explains). After an emit, ``last`` is
     the index of the window used and ``full`` whether its batch should be flushed now.
     """
 
@@ -1137,6 +1138,7 @@ class EmitLane:
         max_batch: int,
         max_batch_bytes: int,
         max_bytes: int,
+        check: Any = None,
     ) -> None:
         if not windows:
             raise ValueError("an emit lane needs at least one window")
@@ -1154,6 +1156,7 @@ class EmitLane:
         self._max_batch = max_batch
         self._max_batch_bytes = max_batch_bytes
         self._max_bytes = max_bytes
+        self._check = check
         self.last = -1
         self.full = False
         self._rr = 0
@@ -1163,6 +1166,11 @@ class EmitLane:
         payload = self._encode(event)
         if len(payload) > self._max_bytes:
             return None
+        if self._check is not None:
+            try:
+                self._check(payload)
+            except Exception:
+                return None  # the slow path names the field that does not match its type
         if self._key_name is not None:
             value = getattr(event, self._key_name)
             kb = value.encode() if type(value) is str else self._key_bytes(value)

@@ -29,6 +29,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "choreo.run_commands",
     "choreo.up_commands",
     "choreo.observe.commands",
+    "choreo.admin_commands",
 )
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "HandlerFailed",
     "MessageTooLarge",
     "ValidationError",
+    "NotJoined",
+    "Undeliverable",
 ]
 
 
@@ -91,17 +93,31 @@ class Backpressure(ChoreoError):
         )
 
     @classmethod
-    def unavailable(cls, service: str, waited: float) -> Backpressure:
-        """No instance of ``service`` is reachable (they died or are cut off)."""
+    def unavailable(cls, service: str, waited: float, waiting: int = 0) -> Backpressure:
+        """No instance of ``service`` is reachable (they died, left or are cut off) and the
+        messages waiting for one at this node fill their room (a window's worth)."""
         return cls(
-            service, 0, 0, waited,
-            reason=f"no live instance of {service} for {waited:.1f} s: its instances died or are "
-            "unreachable; messages wait for one to come back (start one, or raise the timeout)",
+            service, waiting, waiting, waited,
+            reason=f"no live instance of {service} for {waited:.1f} s and {waiting} messages already wait for one "
+            "here (the most this node keeps for a service: its window): its instances died, left or are "
+            "unreachable; everything waiting leaves when one is back (start one, or raise the timeout)",
         )
 
 
 class DeliveryTimeout(ChoreoError, TimeoutError):
-    """A command or query got no answer within its timeout."""
+    """A command or query got no answer within its timeout (or a confirmed event no acknowledgement)."""
+
+
+class NotJoined(ChoreoError, TimeoutError):
+    """The node has not joined the mesh (its seeds do not answer), so it cannot route yet.
+
+    A node routes nothing until it has joined: ``emit``/``send``/``ask`` wait for it up to their
+    timeout, then raise this, naming the seeds that did not answer.
+    """
+
+
+class Undeliverable(ChoreoError):
+    """A message reached no one: no service in the mesh declares that it consumes its type."""
 
 
 class NoOwner(ChoreoError, LookupError):

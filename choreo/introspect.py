@@ -12,7 +12,9 @@ How this works: :func:`install` registers them all on an engine (``Engine.regist
   progress), with the node's name and service;
 * ``dlq.list``, ``dlq.show`` ``{"id": N}``, ``dlq.replay`` ``{"id": N}``: its dead letters;
 * ``dlq.letters`` ``{"payload": bool, "limit": N}``: the dead letters with their payload
-  (decoded from MessagePack when it is), reason and attempts, in one answer.
+  (decoded from MessagePack when it is), reason and attempts, in one answer;
+* ``retire`` ``{"service": NAME}``: forget a service with no live instance, in the whole mesh
+  (``choreo retire``): the one way to scale a service to zero.
 
 All read what the node keeps anyway (the span ring, the in-progress table, the dead-letter
 store) at the moment they are asked: nothing here runs per message.
@@ -42,6 +44,7 @@ def install(engine: Engine) -> None:
     engine.register_rpc("dlq.show", partial(_letter, engine))
     engine.register_rpc("dlq.replay", lambda args: engine.dispatcher.replay(int(args["id"])).summary())
     engine.register_rpc("dlq.letters", partial(_letters, engine))
+    engine.register_rpc("retire", lambda args: engine.retire(str(args["service"])))
 
 
 def _peers(engine: Engine, args: dict[str, Any]) -> list[dict[str, Any]]:

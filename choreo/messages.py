@@ -52,6 +52,7 @@ __all__ = [
     "MessageOptions",
     "encode",
     "decode",
+    "encode_checked",
     "idempotency_id",
     "message_options",
 ]
@@ -287,6 +288,40 @@ def result_decoder_for(cls: type[Message]) -> msgspec.msgpack.Decoder[Any]:
 def encode(message: Message) -> bytes:
     """The MessagePack body of a message."""
     return _encoder.encode(message)
+
+
+def encode_checked(message: Message) -> bytes:
+    """The body of a message whose fields match their declared types, or :class:`ValidationError`
+    naming the field and its value (a msgspec Struct does not check types when it is built).
+
+    >>> class Reading(Event):
+    ...     n: int
+    >>> encode_checked(Reading(n="7"))
+    Traceback (most recent call last):
+    ...
+    choreo.errors.ValidationError: Reading.n = '7': Expected `int`, got `str`
+    """
+    body = _encoder.encode(message)
+    try:
+        decoder_for(type(message)).decode(body)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(_explain(message, str(exc))) from None
+    return body
+
+
+def _explain(message: Message, error: str) -> str:
+    """``Type.field = value: what msgspec expected`` from msgspec's ``... - at `$.field[1]```."""
+    name = message_options(type(message)).name
+    text, _, path = error.rpartition(" - at `")
+    if not text or not path.startswith("$."):
+        return f"{name}: {error}"
+    path = path.rstrip("`")
+    field = path[2:].split("[", 1)[0].split(".", 1)[0]
+    value = getattr(message, field, None)
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    where = path[2:]
+    return f"{name}.{where} = {shown}: {text}" if where == field else f"{name}.{where} (in {field} = {shown}): {text}"
 
 
 def decode(cls: type[Message], body: bytes | memoryview) -> Message:

@@ -26,6 +26,7 @@ from typing import Any
 
 from . import introspect
 from .config import NodeConfig
+from .errors import Undeliverable
 from .messages import Message
 from .metrics import MetricsServer
 from .runtime.engine import Engine
@@ -252,14 +253,25 @@ class Node:
             raise self.engine.fatal
         return self.engine
 
-    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
-        """Publish an event; waits for credit up to ``timeout`` (then :class:`~choreo.Backpressure`)."""
+    async def emit(
+        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
+    ) -> bytes:
+        """Publish an event; returns its message id (the flow's trace id when it starts one).
+
+        Waits up to ``timeout`` (``emit_timeout``) for the node to have joined the mesh
+        (:class:`~choreo.NotJoined`), then for credit (:class:`~choreo.Backpressure`). A consuming
+        service with no live instance right now does not lose it: it waits here (up to a window's
+        worth per service) until one is back. With ``confirm=True`` it returns only once every
+        consuming service acknowledged it, like Kafka's send future::
+
+            msg_id = await node.emit(OrderPlaced(order_id="o-1"), confirm=True)
+        """
         engine = self.engine
-        if engine is not None and traceparent is None and engine.fatal is None:
+        if engine is not None and traceparent is None and not confirm and engine.fatal is None:
             msg_id = engine.emit_now(event)  # credit available: no waiting, no coroutine below
             if msg_id is not None:
                 return msg_id
-        return await self._engine().emit(event, timeout=timeout, traceparent=traceparent)
+        return await self._engine().emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
         """Publish an event now, or raise :class:`~choreo.Backpressure` at once."""
@@ -279,10 +291,19 @@ class Node:
         return await self._engine().ask(query, timeout=timeout, traceparent=traceparent)
 
     async def flush(self, timeout: float = 10.0) -> None:
-        """Wait until everything this node sent is acknowledged (processed downstream)."""
-        engine = self._engine()
+        """Wait until everything this node sent is acknowledged by every consuming service.
 
+        It covers what waits for a consumer's instance to come back, too. It never returns for a
+        message that reached no one: if some message since the last flush had no declared
+        consumer, it raises :class:`~choreo.Undeliverable` naming the types (once everything
+        else is acknowledged).
+        """
+        engine = self._engine()
         await self.until(lambda: engine.acknowledged, timeout, "all sent messages acknowledged")
+        undelivered = engine.take_undelivered()
+        if undelivered:
+            what = ", ".join(f"{n} {t}" for t, n in sorted(undelivered.items()))
+            raise Undeliverable(f"{what}: no service in the mesh declares that it consumes them, so nobody got them")
 
     # -- inspection ----------------------------------------------------------------------------
 

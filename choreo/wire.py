@@ -114,7 +114,12 @@ class PeerRef(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Hello(msgspec.Struct, frozen=True):
-    """A node introduces itself (on connect, and in answer to a hello that asks for one)."""
+    """A node introduces itself (on connect, and in answer to a hello that asks for one).
+
+    ``services``: the declared services the sender knows that have no live instance it knows
+    of (the others a newcomer learns from their instances); ``retired``: services an operator
+    retired, which gossip must not bring back.
+    """
 
     node: str
     incarnation: int
@@ -125,7 +130,9 @@ class Hello(msgspec.Struct, frozen=True):
     peers: list[PeerRef] = []
     reply: bool = False
     leaving: bool = False
-    serving: bool = False  # owns partitions already: a newcomer must wait for its handovers
+    holding: bytes = b""  # the partitions the sender owns or drains (a bitmap): a newcomer waits for their handover
+    services: list[ServiceSpec] = []
+    retired: list[str] = []
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -138,7 +145,8 @@ class Heartbeat(msgspec.Struct, frozen=True):
     peers: list[PeerRef] = []
     leaving: bool = False
     ack_please: bool = False
-    serving: bool = False
+    holding: bytes = b""
+    retired: list[str] = []
 
 
 class Bye(msgspec.Struct, frozen=True):
@@ -148,11 +156,16 @@ class Bye(msgspec.Struct, frozen=True):
 
 
 class Refuse(msgspec.Struct, frozen=True):
-    """A frame was not accepted; ``reason`` is a counter token, ``detail`` a sentence."""
+    """A frame was not accepted; ``reason`` is a counter token, ``detail`` a sentence.
+
+    ``stale``: the incarnation the refused frame was addressed to (reason ``"stale"``): that one
+    is over at this endpoint, the sender should say hello to learn who is there now.
+    """
 
     reason: str
     detail: str = ""
     seqs: list[int] = []
+    stale: int = 0
 
 
 class Rpc(msgspec.Struct, frozen=True):

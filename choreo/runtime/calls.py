@@ -1,12 +1,16 @@
 """The application's verbs: ``try_emit``, ``emit``, ``send``, ``ask``, and what a handler produced.
 
-How this works. Every verb plans its message with the :class:`~choreo.runtime.routing.Router`
-(one envelope per destination), then asks what blocks the plan: a channel without credit, a
-held partition whose queue is as long as a window, or a service without a live instance.
-``try_emit`` raises :class:`~choreo.Backpressure` at once; ``emit``/``send``/``ask`` wait (re-planning
-whenever membership changes) until nothing blocks it or their timeout passes, then raise the
-same error with the numbers. A plan is committed whole: every destination gets its copy, or
-none does.
+How this works. Nothing is routed before the node has joined the mesh: a verb called earlier
+waits for it (``try_emit`` raises at once), then raises :class:`~choreo.NotJoined` naming the
+seeds that did not answer. Every verb plans its message with the
+:class:`~choreo.runtime.routing.Router` (one envelope per destination; the message's fields
+are checked against their declared types first), then asks what blocks the plan: a channel
+without credit, a held partition whose queue is as long as a window, or a declared service
+with no live instance whose waiting room (a window's worth) is full. ``try_emit`` raises
+:class:`~choreo.Backpressure` at once; ``emit``/``send``/``ask`` wait (re-planning whenever
+membership changes) until nothing blocks it or their timeout passes, then raise the same error
+with the numbers. A plan is committed whole: every destination gets its copy, or none does.
+``emit(..., confirm=True)`` also waits until every copy is acknowledged by its service.
 
 ``send`` and ``ask`` wait for the answer, which comes back in a REPLY frame ahead of the ack
 that completes the command (:meth:`Calls.on_reply`). A command acknowledged without its answer
@@ -32,8 +36,12 @@ from ..errors import (
     ChoreoUsageError,
     DeliveryTimeout,
     HandlerFailed,
+    MessageTooLarge,
+    NoOwner,
+    NotJoined,
     ProtocolError,
     UndeclaredMessage,
+    Undeliverable,
     ValidationError,
 )
 from ..messages import Message, idempotency_id, message_options, result_decoder_for
@@ -41,14 +49,21 @@ from ..service import Service
 from ..tracing import parse_traceparent
 from .channels import OutChannel
 from .holds import Holds
+from .lifecycle import Lifecycle
 from .membership import Membership
 from .outbox import Outbox
 from .routing import ZERO_ID, PlannedCopy, Router
 from .stats import Counters
 
-__all__ = ["Calls", "OutputsOf", "decode_reply", "ok_reply", "error_reply"]
+__all__ = ["Calls", "OutputsOf", "decode_reply", "ok_reply", "error_reply", "REFUSALS"]
 
 _reply_encoder = msgspec.msgpack.Encoder()
+
+#: errors that no retry can fix, by name: a handler that raises one is dead-lettered at once, and
+#: a caller whose command or query was refused that way gets the same class back
+REFUSALS: dict[str, type[ChoreoError]] = {
+    cls.__name__: cls for cls in (ValidationError, UndeclaredMessage, MessageTooLarge, NoOwner, Undeliverable)
+}
 
 
 class OutputsOf(Protocol):
@@ -79,35 +94,77 @@ class Calls:
         holds: Holds,
         membership: Membership,
         *,
+        lifecycle: Lifecycle,
         service: Service | None,
         config: NodeConfig,
         clock: Callable[[], float],
         call_later: Callable[[float, Callable[[], None]], None],
         counters: Counters,
+        join_status: Callable[[], str] = lambda: "",
     ) -> None:
         self.router = router
         self.outbox = outbox
         self.holds = holds
         self.membership = membership
+        self.life = lifecycle
         self.service = service
         self.config = config
         self.clock = clock
         self.call_later = call_later
         self.counters = counters
+        self.join_status = join_status  # why this node has not joined yet (which seeds are silent)
         self.pending: dict[bytes, list[_Call]] = {}  # message id -> callers waiting for its answer
         self._service_waiters: dict[str, list[Callable[[], None]]] = {}
+        self._join_waiters: list[Callable[[], None]] = []
+
+    # -- joining ---------------------------------------------------------------------------------
+
+    @property
+    def routing(self) -> bool:
+        """Whether this node routes: it has joined the mesh (and may be leaving it)."""
+        return self.life.state in ("joined", "leaving")
+
+    async def _await_joined(self, deadline: float) -> None:
+        """Wait until this node has joined; NotJoined (naming the silent seeds) at ``deadline``."""
+        start = self.clock()
+        loop = asyncio.get_running_loop()
+        while not self.routing:
+            if self.life.fatal is not None:
+                raise self.life.fatal
+            if self.clock() >= deadline:
+                raise self._not_joined(self.clock() - start)
+            fut: asyncio.Future[None] = loop.create_future()
+            wake = partial(_wake, fut)
+            self._join_waiters.append(wake)
+            self.call_later(max(deadline - self.clock(), 0.0), wake)
+            await fut
+
+    def _not_joined(self, waited: float) -> NotJoined:
+        status = self.join_status()
+        return NotJoined(
+            f"this node has not joined the mesh after {waited:.1f} s ({self.life.state}), so it routes nothing yet"
+            + (f": {status}" if status else "")
+        )
+
+    def on_joined(self) -> None:
+        """The node has joined: wake every caller waiting for it."""
+        waiters, self._join_waiters = self._join_waiters, []
+        for wake in waiters:
+            wake()
 
     # -- events ----------------------------------------------------------------------------------
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
         """Publish an event now or raise :class:`Backpressure` at once; returns its message id."""
-        if traceparent is None:
+        if traceparent is None and self.routing:
             msg_id = self.router.emit_now(event)
             if msg_id is not None:
                 return msg_id
         self._check_origin(event, "emit")
         if message_options(type(event)).kind != "event":
             raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        if not self.routing:
+            raise self._not_joined(0.0)
         msg_id, trace_id = self._origin_ids(event, traceparent)
         plan = self.router.plan(event, msg_id, trace_id, ZERO_ID, None)
         blocked = self.blocked(plan)
@@ -117,25 +174,58 @@ class Calls:
         self.counters.emitted += 1
         return msg_id
 
-    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
-        """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
-        if traceparent is None:
+    async def emit(
+        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
+    ) -> bytes:
+        """Publish an event, waiting up to ``timeout`` for credit; returns its message id.
+
+        With ``confirm=True`` it returns only once every consuming service acknowledged it (its
+        handler ran, and what that emitted was acknowledged in turn), raising
+        :class:`~choreo.Undeliverable` if no declared service consumes the type and
+        :class:`~choreo.DeliveryTimeout` if the acknowledgements take longer than ``timeout``.
+        """
+        if traceparent is None and not confirm and self.routing:
             msg_id = self.router.emit_now(event)
             if msg_id is not None:
                 return msg_id
         self._check_origin(event, "emit")
-        if message_options(type(event)).kind != "event":
+        options = message_options(type(event))
+        if options.kind != "event":
             raise ChoreoUsageError("emit takes an event; use send() for commands and ask() for queries")
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if not self.routing:
+            await self._await_joined(deadline)
         msg_id, trace_id = self._origin_ids(event, traceparent)
+        acked: asyncio.Future[None] | None = asyncio.get_running_loop().create_future() if confirm else None
+        copies = [0]
+
+        def done() -> None:
+            copies[0] -= 1
+            if copies[0] == 0 and acked is not None and not acked.done():
+                acked.set_result(None)
 
         def replan() -> list[PlannedCopy]:
-            return self.router.plan(event, msg_id, trace_id, ZERO_ID, None)
+            plan = self.router.plan(event, msg_id, trace_id, ZERO_ID, done if confirm else None)
+            copies[0] = len(plan)
+            return plan
 
         plan = replan()
+        if confirm and not plan:
+            raise Undeliverable(f"no service in the mesh declares that it consumes {options.name}: nobody would get it")
         if self.blocked(plan) is not None:
-            plan = await self._await_credit(plan, self.config.emit_timeout if timeout is None else timeout, replan)
+            plan = await self._await_credit(plan, max(deadline - self.clock(), 0.0), replan)
         self.router.commit(plan)
         self.counters.emitted += 1
+        if acked is not None:
+            self.outbox.flush()
+            try:
+                await asyncio.wait_for(asyncio.shield(acked), max(deadline - self.clock(), 0.0))
+            except asyncio.TimeoutError:
+                raise DeliveryTimeout(
+                    f"event {options.name} not acknowledged by every consumer within {timeout:.1f} s "
+                    f"({copies[0]} of its copies still on their way: they are not withdrawn)"
+                ) from None
         return msg_id
 
     # -- commands and queries --------------------------------------------------------------------
@@ -155,10 +245,12 @@ class Calls:
         if origin_check:
             self._check_origin(message, "send")
         timeout = self.config.request_timeout if timeout is None else timeout
+        start = self.clock()
+        if not self.routing:
+            await self._await_joined(start + timeout)
         msg_id = idempotency_id(message) or self.router.fresh_id()
         if trace_id is None:
             trace_id = parse_traceparent(traceparent) if traceparent else msg_id
-        start = self.clock()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         resends = [0]
@@ -185,7 +277,7 @@ class Calls:
         self.pending.setdefault(msg_id, []).append(call)
         try:
             if self.blocked(plan) is not None:
-                plan = await self._await_credit(plan, timeout, replan)
+                plan = await self._await_credit(plan, max(start + timeout - self.clock(), 0.0), replan)
             self.router.commit(plan)
             self.outbox.flush()  # a caller waits on the answer: no turn of the loop before it leaves
             self.counters.sent += 1
@@ -258,7 +350,11 @@ class Calls:
                     call.future.set_result(result)
             else:
                 etype, message = body  # type: ignore[misc]
-                call.future.set_exception(HandlerFailed(type_name, call.service, etype, message))
+                refusal = REFUSALS.get(etype)
+                if refusal is not None:  # no retry could fix it: the same class as a local refusal
+                    call.future.set_exception(refusal(f"{call.service} refused {type_name}: {message}"))
+                else:
+                    call.future.set_exception(HandlerFailed(type_name, call.service, etype, message))
 
     # -- what a handler produced -----------------------------------------------------------------
 
@@ -288,7 +384,9 @@ class Calls:
         held = self.holds.by_key
         for ch, item, service in plan:
             if ch is None:
-                return service
+                if not self.outbox.has_room(service, item.size):
+                    return service  # its waiting room is full: wait for an instance
+                continue
             hold = self.holds.held(ch.peer.service_name, item.partition) if held else None
             if hold is not None:
                 if len(hold.queue) >= hold.channel.window.max_messages and not item.flags & wire.FLAG_UNKEYED:
@@ -309,12 +407,13 @@ class Calls:
         deadline = start + timeout
         loop = asyncio.get_running_loop()
         version = self.membership.version
-        while blocked is not None:
+        while True:
             if self.membership.version != version or (not isinstance(blocked, str) and blocked.closed):
-                version = self.membership.version
+                version = self.membership.version  # owners changed while we waited: plan again
                 plan = replan()
-                blocked = self.blocked(plan)
-                continue
+            blocked = self.blocked(plan)
+            if blocked is None:
+                return plan
             if self.clock() >= deadline:
                 raise self._backpressure(blocked, self.clock() - start)
             fut: asyncio.Future[None] = loop.create_future()
@@ -325,8 +424,6 @@ class Calls:
                 blocked.credit_waiters.append(wake)
             self.call_later(max(deadline - self.clock(), 0.0), wake)
             await fut
-            blocked = self.blocked(plan)
-        return plan
 
     def wake_services(self) -> None:
         """Membership changed: wake the callers waiting for a service that now has instances."""
@@ -338,7 +435,7 @@ class Calls:
     def _backpressure(self, blocked: OutChannel | str, waited: float) -> Backpressure:
         self.counters.backpressure_errors += 1
         if isinstance(blocked, str):
-            return Backpressure.unavailable(blocked, waited)
+            return Backpressure.unavailable(blocked, waited, len(self.outbox.waiting.get(blocked, ())))
         w = blocked.window
         return Backpressure(blocked.peer.node, w.in_flight + len(blocked.backlog), w.max_messages, waited, w.in_flight_bytes)
 

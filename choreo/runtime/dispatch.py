@@ -16,6 +16,9 @@ The path of one received envelope (a :class:`Job`):
    is the input acknowledged to its sender.
 5. **Failure.** An exception is retried with backoff, then the job goes to the dead-letter store
    (payload, error, attempts) and is acknowledged, so one poison message cannot wedge a channel.
+   A failure no retry can fix goes there at once, under its own class: a body that does not
+   match its declared type, an undeclared emit, a message too large, a misused API
+   (:data:`NOT_RETRIED`); a command's caller gets that same class back.
 
 Arrivals for a partition this node does not own go to :class:`~choreo.runtime.moves.Moves`
 (buffered until a handover, or forwarded to the owner). What the dispatcher needs of its node
@@ -38,7 +41,7 @@ import msgspec
 
 from .. import core
 from ..config import NodeConfig
-from ..errors import ChoreoUsageError, NoOwner, UndeclaredMessage, ValidationError
+from ..errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage, ValidationError
 from ..messages import Message, decode, decoder_for, message_options
 from ..service import Handler, Service
 from ..tracing import Tracer, format_traceparent
@@ -53,6 +56,10 @@ __all__ = ["Job", "HandlerContext", "Dispatcher", "Host"]
 log = logging.getLogger("choreo.dispatch")
 _reply_encoder = msgspec.msgpack.Encoder()
 _KIND_FOR = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
+
+
+#: failures that no retry can fix: dead-lettered at the first attempt
+NOT_RETRIED = (ValidationError, ChoreoUsageError, MessageTooLarge)
 
 
 class Host(Protocol):
@@ -201,6 +208,7 @@ class DispatchStats:
     dead_lettered: int = 0
     duplicates: int = 0
     in_handler: int = 0
+    abandoned: int = 0  # received, not run: their sender was declared gone (it resends them elsewhere)
     lag: dict[int, int] = field(default_factory=dict)
 
 
@@ -383,6 +391,8 @@ class Dispatcher:
 
     def deliver(self, channel: InChannel, env: Any, now: float) -> None:
         """Take one released envelope (called in sequence order per channel)."""
+        if channel.closed:
+            return  # its sender was declared gone: it resends this to the partition's owner
         moves = self.moves
         if env.kind == KIND_HANDOVER:
             if moves is not None:
@@ -441,6 +451,30 @@ class Dispatcher:
         else:
             self._start(job)
 
+    def _abandon(self, job: Job) -> None:
+        """A job whose channel closed before its handler ran: its sender was declared gone (or this
+        node re-incarnated), so its ack can never arrive and the sender resends the message to the
+        partition's owner. Running it here as well would run it twice: forget it, and its dedup id,
+        so that the resend runs wherever it lands (here too). A duplicate waiting on it runs instead."""
+        self.stats.abandoned += 1
+        env = job.env
+        if job.holds_key:
+            job.holds_key = False
+            nxt = self.keyed.done(env.key)
+            if nxt is not None:
+                nxt.holds_key = True
+                self.ready.append(nxt)
+        self._unlag(job)
+        if self.in_progress.get(env.msg_id) is job:
+            del self.in_progress[env.msg_id]
+            window = self.dedup.get(env.type)
+            if window is not None:
+                window.remove(env.msg_id)
+            now = self.host.clock()
+            for dup in job.duplicates:
+                if dup.channel is not None and not dup.channel.closed:
+                    self.deliver(dup.channel, dup.env, now)
+
     def _duplicate(self, job: Job) -> None:
         self.stats.duplicates += 1
         job.started = self.host.wall()
@@ -471,12 +505,17 @@ class Dispatcher:
     def _start(self, job: Job) -> None:
         handler = job.handler
         assert handler is not None
+        if job.channel is not None and job.channel.closed:
+            self._abandon(job)
+            return
         if job.message is None:
             try:
                 job.message = decode(handler.message, job.env.payload)
-            except ValidationError as exc:
+            except ValidationError as exc:  # an older or foreign sender: counted, and kept as a dead letter
                 self.host.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
-                self._finish_handler(job, reply=error_reply("ValidationError", str(exc)), dead=False)
+                self.stats.in_handler += 1
+                job.started = self.host.wall()
+                self._failed(job, exc)
                 return
         ctx = HandlerContext(self.host, job.env, handler, job.attempt)
         self.stats.in_handler += 1
@@ -535,7 +574,7 @@ class Dispatcher:
         job.attempt += 1
         job.error = f"{type(exc).__name__}: {exc}"
         self.tracer.finished(job, "error", job.error)
-        if job.attempt <= handler.retry.retries:
+        if job.attempt <= handler.retry.retries and not isinstance(exc, NOT_RETRIED):
             if not job.holds_key and not job.env.flags & FLAG_UNKEYED:
                 if self.keyed.admit(job.env.key, job):
                     job.holds_key = True

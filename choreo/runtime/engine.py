@@ -87,8 +87,9 @@ class Engine:
         incarnation: int | None = None,
         name: str | None = None,
         ids: Any = None,
+        incarnations: Callable[[], int] | None = None,
     ) -> None:
-        """``ids`` is the source of fresh message ids (a seeded ``core.IdSource`` in tests)."""
+        """``ids`` and ``incarnations`` draw fresh message ids and incarnations (seeded in tests)."""
         if service is not None:
             service.validate()
         self.service = service
@@ -96,10 +97,12 @@ class Engine:
         self.config = config = config or NodeConfig()
         self.clock = clock
         self.wall = wall
-        self.incarnation = incarnation or _new_incarnation()
+        self._incarnations = incarnations or _new_incarnation
+        self.incarnation = incarnation or self._incarnations()
         self._label = service.name if service else "client"
         self._auto_name = name is None
         self.name = name or f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
+        self.former_names: list[str] = []  # earlier incarnations of this node (declared dead), newest last
         self.spec = service.spec() if service else None
         self.counters = Counters()
         self.lifecycle = Lifecycle()
@@ -110,10 +113,12 @@ class Engine:
         self.router = Router(
             self.membership, self.outbox, self.holds,
             service=service, config=config, clock=clock, ids=self.ids, counters=self.counters,
+            routing=lambda: self.lifecycle.state in ("joined", "leaving"),
         )
         self.calls = Calls(
             self.router, self.outbox, self.holds, self.membership,
-            service=service, config=config, clock=clock, call_later=self.call_later, counters=self.counters,
+            lifecycle=self.lifecycle, service=service, config=config, clock=clock, call_later=self.call_later,
+            counters=self.counters, join_status=lambda: self.gossip.join_status(),
         )
         self.gossip = Gossip(self.membership, self.outbox, transport, self.lifecycle, self, config=config, clock=clock)
         self.moves = (
@@ -132,6 +137,7 @@ class Engine:
         self.batch_wall = wall()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
+        self._last_tick: float | None = None
         self._run_scheduled = False
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -200,9 +206,9 @@ class Engine:
         return self.lifecycle.leaving
 
     @property
-    def serving(self) -> bool:
-        """Whether this node owns partitions already (a newcomer then waits for their handovers)."""
-        return self.moves is not None and self.moves.ownership.serving
+    def holding(self) -> bytes:
+        """(GossipHost) The partitions this node owns or drains, as a bitmap."""
+        return self.moves.ownership.holding() if self.moves is not None else b""
 
     @property
     def ownership(self) -> Ownership | None:
@@ -224,15 +230,38 @@ class Engine:
         """Everything this node sent is acknowledged and nothing waits for an instance."""
         return self.outbox.idle
 
+    def take_undelivered(self) -> dict[str, int]:
+        """Message types that reached no one since the last call, with their counts."""
+        undelivered = dict(self.router.undelivered)
+        self.router.undelivered.clear()
+        return undelivered
+
     # ================================================================================ timers
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> None:
         """Run ``callback`` after ``delay`` seconds of the engine's clock (checked at each tick)."""
         heapq.heappush(self._timers, (self.clock() + delay, next(self._timer_seq), callback))
 
+    def _check_gap(self, now: float) -> None:
+        """Was this node frozen since its last tick (a GC pause, a suspended VM, a handler that
+        blocked the loop)? It sent nothing meanwhile: after ``dead_after`` of that, the mesh has
+        declared it dead and resent what it held to others, so it rejoins before handling
+        anything more; after a shorter gap, its peers' silence meanwhile does not count."""
+        last = self._last_tick
+        self._last_tick = now
+        if last is None:
+            return
+        gap = now - last
+        c = self.config
+        if gap >= c.dead_after - c.heartbeat:
+            self.declared_dead(f"this node was frozen for {gap:.1f} s, long enough for the mesh to declare it dead")
+        elif gap > c.suspect_after / 2:
+            self.gossip.forgive(gap, now)
+
     def tick(self) -> None:
         """Timers: retransmissions, heartbeats, failure detection, retries and deadlines."""
         now = self.clock()
+        self._check_gap(now)
         self.outbox.retransmit(now)
         self.gossip.tick(now)
         timers = self._timers
@@ -251,6 +280,8 @@ class Engine:
     def on_frame(self, data: bytes, identity: bytes | None = None) -> None:
         """Handle one received frame. Invalid input is counted and dropped; nothing raises."""
         self.counters.frames_in += 1
+        if self._last_tick is not None:
+            self._check_gap(self.clock())
         if len(data) > self.config.max_frame_bytes:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self.config.max_frame_bytes}")
             return
@@ -355,7 +386,7 @@ class Engine:
         if self.holds.by_key:
             self.router.release_holds(self.holds.release(ch))
         if ch.window.pending:
-            self.outbox.dirty_out.add(ch)
+            self.outbox.dirty_out[ch] = None
         self.dispatcher.pump()
         self.outbox.schedule_flush()
 
@@ -370,12 +401,39 @@ class Engine:
             self.moves.sync()
 
     def on_joined(self) -> None:
-        """(GossipHost) This node has joined: take our partitions now."""
+        """(GossipHost) This node has joined: take our partitions, route what waited, wake callers."""
         self._synced_version = -1
+        self.router.invalidate()  # emit plans compiled before joining route nothing
+        self.sync_view()
+        for service in list(self.outbox.waiting):
+            self.router.rehome(service)
+        self.calls.on_joined()
+        self.outbox.schedule_flush()
 
     def peer_joined(self, peer: Peer) -> None:
-        """(GossipHost) A new instance: send it what had nowhere to go."""
-        self.router.rehome(peer.service_name)
+        """(GossipHost) A new instance: send it what waited for one (once this node routes)."""
+        if self.calls.routing:
+            self.router.rehome(peer.service_name)
+
+    def service_retired(self, service: str) -> None:
+        """(GossipHost) An operator retired ``service``: what waited here for it has nobody to go to."""
+        dropped = self.outbox.take_waiting(service)
+        if dropped:
+            for item in dropped:
+                if item.on_done is not None:
+                    item.on_done()
+            self.counters.unrouted += len(dropped)
+            log.warning("%s: %s was retired: dropped the %d messages waiting for it", self.name, service, len(dropped))
+
+    def retire(self, service: str) -> dict[str, Any]:
+        """Forget ``service`` for good, here and (by gossip) in the whole mesh: scaling a service to
+        zero is only ever this explicit act. ChoreoUsageError while it has live instances."""
+        known = service in self.membership.declared
+        waiting = len(self.outbox.waiting.get(service, ()))
+        self.membership.retire(service)
+        self.service_retired(service)
+        log.info("%s: retired %s (an operator's order; gossip tells the mesh)", self.name, service)
+        return {"service": service, "known": known, "dropped": waiting, "node": self.name}
 
     def peer_gone(self, peer: Peer) -> None:
         """(GossipHost) A peer died or left: resend what it had not acknowledged to the new owners, in order."""
@@ -404,7 +462,8 @@ class Engine:
         if self.lifecycle.state in ("refused", "left"):
             return
         old_name = self.name
-        self.incarnation = _new_incarnation()
+        self.former_names = [*self.former_names[-15:], old_name]
+        self.incarnation = self._incarnations()
         if self._auto_name:
             self.name = f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
         log.warning("%s: %s; rejoining as %s", old_name, reason, self.name)
@@ -466,9 +525,11 @@ class Engine:
         """Publish an event now or raise :class:`~choreo.Backpressure` at once; returns its message id."""
         return self.calls.try_emit(event, traceparent=traceparent)
 
-    async def emit(self, event: Message, *, timeout: float | None = None, traceparent: str | None = None) -> bytes:
+    async def emit(
+        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
+    ) -> bytes:
         """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
-        return await self.calls.emit(event, timeout=timeout, traceparent=traceparent)
+        return await self.calls.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
 
     async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Send a command to its owner; returns the handler's result once it is processed."""

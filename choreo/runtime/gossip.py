@@ -3,8 +3,16 @@
 How this works. A node starts knowing only its seeds. It says HELLO to each (its id,
 endpoint, declarations, and the peers it knows); every node answers a hello with its own, and
 every hello and heartbeat lists the live peers its sender knows, so one seed is enough to
-find everybody. The node has *joined* once every peer the mesh told it about has answered (or
-its seeds stayed silent for ``dead_after``: it then acts on what it knows).
+find everybody. The node has *joined* once some peer answered and every endpoint it expects
+an answer from has answered or stayed silent for ``join_wait`` (its seeds, every peer they
+named, and, when it comes back as a new incarnation, every endpoint it knew: a node that
+routes on a partial view sends messages to owners that lack their partition's dedup ids).
+Until then it routes nothing; a seed that does not answer is reported by name within
+``SEED_REPORT_AFTER`` seconds, and asked again at every heartbeat.
+
+Hellos also carry the declared system: services the sender knows with no live instance, and
+services an operator retired (heartbeats carry the retirements too), so that every node knows
+whom a message is for even while nobody can take it (see :mod:`~choreo.runtime.membership`).
 
 Heartbeats go to every live peer every ``heartbeat`` seconds; silence makes a peer suspect,
 then dead (:data:`~choreo.states.PEER_TRANSITIONS`, applied by
@@ -12,6 +20,11 @@ then dead (:data:`~choreo.states.PEER_TRANSITIONS`, applied by
 so (REFUSE "dead") and rejoins as a new incarnation; a dead peer is knocked on now and then, so
 a healed network partition reunites the mesh. A leaving node says so in its heartbeats (no new
 work is routed to it) and says BYE once drained.
+
+A node that was frozen (a long GC pause, a suspended VM, a handler that blocked the event loop)
+sees a gap between two ticks: the silence of its peers during that gap is its own, not theirs,
+so it does not count towards their failure detection (:meth:`Gossip.forgive`; the engine
+decides, and rejoins at once after a gap long enough for the mesh to have declared it dead).
 
 Everything a peer's frame changes is reported to the node through :class:`GossipHost`.
 """
@@ -25,13 +38,16 @@ from typing import Protocol
 from .. import wire
 from ..config import NodeConfig
 from ..errors import ChoreoUsageError, ProtocolError
+from ..spec import ServiceSpec
 from .lifecycle import Lifecycle
 from .membership import Conflict, Membership, Peer
 from .outbox import Outbox
 
-__all__ = ["Gossip", "GossipHost", "Dialer"]
+__all__ = ["Gossip", "GossipHost", "Dialer", "SEED_REPORT_AFTER"]
 
 log = logging.getLogger("choreo.node")
+SEED_REPORT_AFTER = 2.0  # seconds without an answer before a seed is reported as unreachable
+SEED_REPORT_EVERY = 30.0  # and again this often while it stays silent
 
 
 class Dialer(Protocol):
@@ -46,8 +62,8 @@ class GossipHost(Protocol):
     """What gossip tells the node it serves."""
 
     @property
-    def serving(self) -> bool:
-        """Whether this node owns partitions already (a newcomer waits for their handovers)."""
+    def holding(self) -> bytes:
+        """The partitions this node owns or drains, as a bitmap (a newcomer waits for their handovers)."""
 
     def peer_joined(self, peer: Peer) -> None:
         """A new peer (messages waiting for an instance of its service may go to it now)."""
@@ -60,6 +76,9 @@ class GossipHost(Protocol):
 
     def declared_dead(self, reason: str) -> None:
         """The mesh declared this incarnation dead: come back as a new one."""
+
+    def service_retired(self, service: str) -> None:
+        """An operator retired a service (we learned it by gossip)."""
 
     def count_refused(self, reason: str, detail: str) -> None:
         """Something invalid arrived: count it and log it."""
@@ -92,6 +111,10 @@ class Gossip:
         self._hello_sent: dict[str, float] = {}
         self._told_dead: dict[int, float] = {}
         self._next_heartbeat = 0.0
+        self._seed_asked: dict[str, float] = {}  # seed -> when we first said hello to it
+        self._seed_reported: dict[str, float] = {}
+        self._expected: dict[str, float] = {}  # while joining: endpoint -> when we asked it (no answer yet)
+        self.join_wait = max(2 * config.heartbeat, 1.0)  # how long a silent endpoint holds up joining
 
     @property
     def incarnation(self) -> int:
@@ -109,8 +132,10 @@ class Gossip:
         self.seeds = [s for s in seeds if s != me.endpoint]
         self.initial_seeds = list(self.seeds)
         self.life.since = now
+        self._seed_asked = {s: now for s in self.seeds}
+        self._expected = dict(self._seed_asked)
         if not self.seeds:
-            self._joined(now)
+            self._joined(now)  # the first node: the mesh is what it knows
         for seed in self.seeds:
             self.say_hello(seed, reply=True)
 
@@ -119,23 +144,58 @@ class Gossip:
         self.me = me
         self._told_dead.clear()
         self.membership.upsert(me)
-        self.seeds = sorted(set(endpoints) - {me.endpoint})
+        self.seeds = sorted(set(endpoints) - {me.endpoint}) or list(self.initial_seeds)
+        now = self.clock()
+        self._seed_asked = {s: now for s in self.seeds}
+        self._expected = dict(self._seed_asked)
+        self._seed_reported.clear()
+        if not self.seeds:
+            self._joined(now)
         for endpoint in self.seeds:
             self.say_hello(endpoint, reply=True)
 
     def _joined(self, now: float) -> None:
         if self.life.joining:
+            self._expected.clear()
             self.life.on("joined", now)
             self.host.on_joined()
 
     def check_joined(self, now: float) -> None:
-        """The seeds never answered within ``dead_after``: act on what we know."""
-        if self.life.joining and now - self.life.since >= self.config.dead_after:
+        """Join once some peer answered and every endpoint we wait for answered or stayed silent for ``join_wait``."""
+        if not self.life.joining or not self._answered():
+            return
+        wait = self.join_wait
+        if all(now - asked >= wait for asked in self._expected.values()):
             self._joined(now)
+
+    def _answered(self) -> bool:
+        return any(p.live and p is not self.me for p in self.membership.peers.values())
+
+    def join_status(self) -> str:
+        """Why this node has not joined yet, naming the seeds that do not answer."""
+        if not self.life.joining:
+            return ""
+        now = self.clock()
+        silent = [f"{s} ({now - self._seed_asked.get(s, now):.1f} s)" for s in self.seeds]
+        if silent and not self._answered():
+            return "no answer from its seeds " + ", ".join(silent) + " (it keeps asking; is a node running there?)"
+        return "waiting for the peers its seeds named to answer"
+
+    def _report_silent_seeds(self, now: float) -> None:
+        for seed in self.seeds:
+            asked = self._seed_asked.setdefault(seed, now)
+            if now - asked < SEED_REPORT_AFTER or now - self._seed_reported.get(seed, -1e9) < SEED_REPORT_EVERY:
+                continue
+            self._seed_reported[seed] = now
+            log.warning("%s: seed %s does not answer (%.1f s without a hello back): is a node running there, and "
+                        "can it reach this node at %s? Still asking.", self._name, seed, now - asked,
+                        self.me.endpoint if self.me else "?")
 
     def hello(self, reply: bool) -> wire.Hello:
         me = self.me
         assert me is not None, "gossip not started"
+        m = self.membership
+        waiting = [spec for name, spec in sorted(m.declared.items()) if not m.instances(name) and spec is not me.service]
         return wire.Hello(
             node=me.node,
             incarnation=me.incarnation,
@@ -146,7 +206,9 @@ class Gossip:
             peers=self.peer_refs(),
             reply=reply,
             leaving=self.life.leaving,
-            serving=self.host.serving,
+            holding=self.host.holding,
+            services=waiting,
+            retired=sorted(m.retired),
         )
 
     def peer_refs(self) -> list[wire.PeerRef]:
@@ -194,13 +256,22 @@ class Gossip:
                 self.host.peer_gone(peer)
         self.check_joined(now)
 
+    def forgive(self, gap: float, now: float) -> None:
+        """This node was frozen for ``gap`` seconds: its peers' silence meanwhile was its own."""
+        log.warning("%s: no tick for %.1f s (this process paused, or its clock jumped): not counting it against "
+                    "its peers", self._name, gap)
+        self.membership.forgive(gap, now)
+        self._next_heartbeat = now  # and tell them at once that we are back
+
     def _heartbeat(self, now: float) -> None:
         # a seed that has not answered yet (its hello or ours was lost, or it starts later): again
         if self.seeds:
-            answered = {p.endpoint for p in self.membership.peers.values()}
+            answered = {p.endpoint for p in self.membership.peers.values() if p.live}
             self.seeds = [s for s in self.seeds if s not in answered]
             for seed in self.seeds:
                 self.say_hello(seed, reply=True)
+            if self.life.joining:
+                self._report_silent_seeds(now)
         # peers we declared dead may be cut off rather than gone: knock now and then, so that a
         # healed partition reunites the mesh (the side found dead rejoins as a new incarnation)
         live_endpoints = {p.endpoint for p in self.membership.live_peers()}
@@ -215,10 +286,15 @@ class Gossip:
                     self.say_hello(seed, reply=True)
         self.membership.forget_dead(now, keep=self.config.forget_dead_after)
         refs = self.peer_refs()
-        serving = self.host.serving
+        holding = self.host.holding
         leaving = self.life.leaving
-        plain = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, leaving, False, serving))
-        asking = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, leaving, True, serving))
+        retired = sorted(self.membership.retired)
+        plain = wire.encode_control(
+            wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, leaving, False, holding, retired)
+        )
+        asking = wire.encode_control(
+            wire.HEARTBEAT, self.incarnation, 0, wire.Heartbeat(refs, leaving, True, holding, retired)
+        )
         out = self.outbox.out
         for peer in self.membership.live_peers():
             if peer is not self.me:
@@ -257,7 +333,7 @@ class Gossip:
                 last_heard=now,
             )
         )
-        peer.serving = peer.serving or hello.serving
+        peer.holding = hello.holding
         for old in replaced:
             log.info("%s: %s replaced %s at %s", self._name, peer.node, old.node, old.endpoint)
             self.host.peer_gone(old)
@@ -267,21 +343,37 @@ class Gossip:
             self.host.peer_joined(peer)
         if hello.leaving:
             self.membership.leaving(sender)
+        self._learn_system(hello.services, hello.retired)
         if hello.reply or new:
             self.say_hello(hello.endpoint, reply=False, receiver=sender)
         self.learn(hello.peers)
         if self.life.joining:
-            # joined once every peer the mesh told us about has answered our hello
-            known_endpoints = {p.endpoint for p in self.membership.peers.values()}
-            if all(ref.endpoint in known_endpoints or ref.incarnation in self.membership.peers for ref in hello.peers):
-                self._joined(now)
+            self._expected.pop(hello.endpoint, None)
+            self.check_joined(now)
+
+    def _learn_system(self, services: list[ServiceSpec], retired: list[str]) -> None:
+        for name in retired:
+            if self.membership.retired_by_gossip(name):
+                log.info("%s: %s was retired (gossip)", self._name, name)
+                self.host.service_retired(name)
+        for spec in services:
+            if spec.name not in self.membership.retired:
+                try:
+                    self.membership.check_conflicts(spec)
+                except Conflict as exc:
+                    self.host.count_refused("conflict", f"gossiped declaration of {spec.name}: {exc}")
+                    continue
+                self.membership.declare(spec)
 
     def learn(self, refs: Iterable[wire.PeerRef]) -> None:
         """Say hello to peers we hear of and do not know yet (at most once per two heartbeats)."""
         now = self.clock()
+        joining = self.life.joining
         for ref in refs:
             if ref.incarnation == self.incarnation or ref.incarnation in self.membership.peers:
                 continue
+            if joining:
+                self._expected.setdefault(ref.endpoint, now)
             if now - self._hello_sent.get(ref.endpoint, -1e9) < self.config.heartbeat * 2:
                 continue
             self.say_hello(ref.endpoint, reply=True)
@@ -289,13 +381,15 @@ class Gossip:
     def on_heartbeat(self, sender: int, hb: wire.Heartbeat) -> None:
         peer = self.membership.heard(sender, self.clock())
         if peer is not None:
-            peer.serving = peer.serving or hb.serving
+            peer.holding = hb.holding
             if hb.leaving and peer.routable:
                 self.membership.leaving(sender)
             if hb.ack_please:
                 ich = self.outbox.inbound.get(sender)
                 if ich is not None:
                     self.outbox.send_ack(ich)
+            if hb.retired:
+                self._learn_system([], hb.retired)
         self.learn(hb.peers)
 
     def on_bye(self, sender: int) -> None:
@@ -313,6 +407,12 @@ class Gossip:
             peer = self.membership.peers.get(sender)
             who = peer.node if peer is not None else f"{sender:016x}"
             self.host.declared_dead(f"{who} declared us dead (a network partition, or a long pause)")
+        elif refuse.reason == "stale":
+            # we wrote to an incarnation that is over there: ask who is at that endpoint now (its
+            # hello replaces the old incarnation, whose unacknowledged envelopes go to the new owners)
+            old = self.membership.peers.get(refuse.stale)
+            if old is not None and old.live and self.clock() - self._hello_sent.get(old.endpoint, -1e9) >= 1.0:
+                self.say_hello(old.endpoint, reply=True)
 
     def tell_dead(self, peer: Peer) -> None:
         """Tell a peer we declared dead that it is (at most once a second)."""
@@ -329,7 +429,7 @@ class Gossip:
         self.host.count_refused("stale", f"frame for incarnation {receiver:016x}, this node is {self.incarnation:016x}")
         peer = self.membership.peers.get(sender)
         if peer is not None and peer.live:
-            refuse = wire.Refuse("stale")
+            refuse = wire.Refuse("stale", stale=receiver)
             self.outbox.send(peer.endpoint, wire.encode_control(wire.REFUSE, self.incarnation, sender, refuse))
 
     @property

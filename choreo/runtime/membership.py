@@ -1,14 +1,24 @@
-"""Who is in the mesh, what each node declares, and who owns what.
+"""Who is in the mesh, what the system declares, and who owns what.
 
-Every node keeps the same picture, built from hellos and gossip (there is no coordinator):
-the peers it has heard of with their state (see :mod:`choreo.states`), the declarations they
-carry, and the routing views derived from them, recomputed whenever the picture changes:
+Every node keeps the same picture, built from hellos and gossip (there is no coordinator). Two
+things in it must not be confused:
+
+* the **declared system** (:attr:`Membership.declared`): which services exist and what they
+  consume. It only grows: a service is learned from its instances' hellos and from gossip,
+  survives its instances' deaths, its last instance's graceful leave and this node's own
+  reincarnation, and goes only when an operator retires it (:meth:`Membership.retire`);
+* **who is live right now** (:attr:`Membership.peers` and their states, see
+  :mod:`choreo.states`), which changes every second.
+
+Routing asks the first whether anyone must get a message and the second where to send it now:
+a message for a declared service with no live instance waits at its sender, it is never
+dropped. The views, recomputed whenever the picture changes:
 
 * ``instances(service)``: the live instances of a service, in a stable order;
 * ``owner(service, partition)``: rendezvous over those instances, so every node that knows the
   same instances picks the same owner, and a join or leave moves only that instance's share;
-* ``subscribers(type)``: every service with a handler for an event type;
-* ``owners(type)``: the services handling a command or query type (exactly one is valid).
+* ``subscribers(type)``: every declared service with a handler for an event type;
+* ``owners(type)``: the declared services handling a command or query type (exactly one is valid).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .. import core
+from ..errors import ChoreoUsageError
 from ..spec import HandlerSpec, ServiceSpec, SystemSpec, system_spec
 from ..states import PEER_TRANSITIONS, transition
 
@@ -38,7 +49,12 @@ class Peer:
     max_message_bytes: int
     last_heard: float
     state: str = "alive"
-    serving: bool = False  # it owns partitions (a newcomer takes them over by handover)
+    holding: bytes = b""  # the partitions it says it owns or drains (a bitmap): they move by handover
+
+    def holds(self, partition: int) -> bool:
+        """Whether this peer said it owns or drains ``partition``."""
+        byte = partition >> 3
+        return byte < len(self.holding) and bool(self.holding[byte] >> (partition & 7) & 1)
     key: bytes = field(init=False)  # the rendezvous identity
 
     def __post_init__(self) -> None:
@@ -80,18 +96,52 @@ class Membership:
         self._assignment: dict[str, list[int]] = {}
         self._subscribers: dict[str, list[tuple[ServiceSpec, HandlerSpec]]] = {}
         self._owners: dict[str, list[ServiceSpec]] = {}
-        self._specs: dict[str, ServiceSpec] = {}
-        # services whose last instance died (not left): still routed to, so that producers
-        # wait for an instance to come back instead of dropping what is meant for them
-        self.lost: dict[str, ServiceSpec] = {}
+        self._specs: dict[str, ServiceSpec] = {}  # services with a routable instance now
+        self.declared: dict[str, ServiceSpec] = {}  # the declared system (see the module docstring)
+        self.retired: set[str] = set()  # services an operator retired (gossip never brings them back)
 
     # -- changes -------------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Forget every peer (this node re-incarnates and learns the mesh again); the version goes on."""
+        """Forget every peer (this node re-incarnates and learns who is live again).
+
+        The declared system stays: what was meant for a service still waits for its instances.
+        The version goes on, so views cached under an older one stay stale.
+        """
         self.peers.clear()
-        self.lost.clear()
         self._rebuild()
+
+    def declare(self, spec: ServiceSpec) -> bool:
+        """Learn a service from gossip (a third party's word); True if the declared system changed.
+
+        A service learned this way never replaces what its own instances said, and never
+        brings back a retired service: only an instance of it can (its hello, :meth:`upsert`).
+        """
+        if spec.name in self.retired or spec.name in self.declared:
+            return False
+        self.declared[spec.name] = spec
+        self._rebuild()
+        return True
+
+    def retire(self, service: str) -> None:
+        """An operator scales ``service`` to zero for good: forget it (ChoreoUsageError while it has
+        live instances; stop them first)."""
+        live = [p.node for p in self.peers.values() if p.live and p.service_name == service]
+        if live:
+            raise ChoreoUsageError(f"{service} still has live instances ({', '.join(live)}): stop them, then retire it")
+        self.retired.add(service)
+        if self.declared.pop(service, None) is not None:
+            self._rebuild()
+
+    def retired_by_gossip(self, service: str) -> bool:
+        """Another node says ``service`` was retired; True if we forgot it now."""
+        if service in self.retired:
+            return False
+        try:
+            self.retire(service)
+        except ChoreoUsageError:
+            return False  # an instance of it is live here: it came back since
+        return True
 
     def check_conflicts(self, candidate: ServiceSpec | None) -> None:
         """Raise :class:`Conflict` if ``candidate`` would give a command or query a second owner."""
@@ -122,6 +172,9 @@ class Membership:
                 other.state = transition(PEER_TRANSITIONS, other.state, "replaced")
                 replaced.append(other)
         self.peers[peer.incarnation] = peer
+        if peer.service is not None:  # an instance's own word: it (re)declares its service
+            self.retired.discard(peer.service.name)
+            self.declared[peer.service.name] = peer.service
         self._rebuild()
         return peer, True, replaced
 
@@ -171,6 +224,12 @@ class Membership:
             self._rebuild()
         return changed
 
+    def forgive(self, gap: float, now: float) -> None:
+        """This node itself was silent for ``gap`` seconds: do not count that against its peers."""
+        for peer in self.peers.values():
+            if peer.live:
+                peer.last_heard = min(peer.last_heard + gap, now)
+
     def forget_dead(self, now: float, keep: float = 60.0) -> None:
         """Drop peers gone for ``keep`` seconds (they stay a while so gossip cannot revive them)."""
         for inc in [i for i, p in self.peers.items() if not p.live and now - p.last_heard > keep]:
@@ -190,20 +249,13 @@ class Membership:
             peers.sort(key=lambda p: p.incarnation)
         self._instances = instances
         self._specs = specs
-        for name in [n for n in self.lost if n in specs]:
-            del self.lost[name]
-        for peer in self.peers.values():
-            if peer.state == "dead" and peer.service is not None and peer.service.name not in specs:
-                self.lost[peer.service.name] = peer.service
-            elif peer.state == "left" and peer.service is not None and peer.service.name not in specs:
-                self.lost.pop(peer.service.name, None)  # scaled to zero on purpose
         self._assignment = {
             name: core.assign_partitions(specs[name].partitions, [p.key for p in peers])
             for name, peers in instances.items()
         }
         subscribers: dict[str, list[tuple[ServiceSpec, HandlerSpec]]] = {}
         owners: dict[str, list[ServiceSpec]] = {}
-        for spec in sorted({**self.lost, **specs}.values(), key=lambda s: s.name):
+        for spec in sorted({**self.declared, **specs}.values(), key=lambda s: s.name):
             for h in spec.handlers:
                 if h.kind == "event":
                     subscribers.setdefault(h.message, []).append((spec, h))
@@ -236,11 +288,12 @@ class Membership:
         return self._owners.get(message_type, [])
 
     def services(self) -> dict[str, ServiceSpec]:
+        """The services with a routable instance now."""
         return dict(self._specs)
 
     def live_peers(self) -> Iterable[Peer]:
         return (p for p in self.peers.values() if p.live)
 
     def system_spec(self) -> SystemSpec:
-        """The declarations of every live service, as one system (what the analyzer reads)."""
-        return system_spec(sorted(self._specs.values(), key=lambda s: s.name))
+        """The declared system, live instances or not, as one system (what the analyzer reads)."""
+        return system_spec(sorted({**self.declared, **self._specs}.values(), key=lambda s: s.name))

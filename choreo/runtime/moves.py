@@ -98,14 +98,21 @@ class Moves:
             return
         view = [p.incarnation for p in self.membership.instances(self.service)]
         peers = self.membership.peers
-        changed = self.ownership.update(
-            view,
-            lambda inc: inc in peers and peers[inc].live,
-            self.clock(),
-            lambda inc: inc in peers and peers[inc].serving,
-        )
-        if changed:
-            self.release_buffered(changed)
+        ownership = self.ownership
+        me = ownership.me
+        holders = [p for p in peers.values() if p.live and p.incarnation != me and p.service_name == self.service]
+
+        def holder(partition: int) -> int | None:
+            for peer in holders:
+                if peer.holds(partition):
+                    return peer.incarnation
+            return None
+
+        changed = ownership.update(view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder)
+        # arrivals buffered before this node joined, for partitions it does not wait for: forward them
+        waited = [p for p in ownership.buffered if ownership.state[p] != "awaiting" and p not in changed]
+        if changed or waited:
+            self.release_buffered(changed + waited)
 
     def tick(self, now: float) -> None:
         """Stop waiting for late handovers; hand over partitions that finished draining."""

@@ -9,8 +9,10 @@ owed to senders are sent at the same moment, riding on a DATA or REPLY frame to 
 when there is one (``FLAG_ACK``), as a frame of their own otherwise. Answers to commands and
 queries queue per peer and always leave before the ack that completes their command.
 
-Envelopes whose service has no live instance right now wait here (:meth:`Outbox.park`),
-in order, until routing finds them one.
+Envelopes whose service is declared but has no live instance right now wait here
+(:meth:`Outbox.park`), in order, until routing finds them one. The application's own messages
+wait only while there is room (:meth:`Outbox.has_room`: a window's worth per service, in
+envelopes and bytes); beyond that the caller waits, then gets ``Backpressure``.
 
 >>> from choreo.config import NodeConfig
 >>> from choreo.runtime.holds import Holds
@@ -61,10 +63,13 @@ class Outbox:
         self.incarnation = 0
         self.out: dict[int, OutChannel] = {}  # receiver incarnation -> channel
         self.inbound: dict[int, InChannel] = {}  # sender incarnation -> channel (what we owe acks on)
-        self.dirty_out: set[OutChannel] = set()  # channels with a pending batch (shared with the emit lane)
-        self.dirty_in: set[InChannel] = set()  # channels with an ack due
+        # channels with a pending batch (shared with the emit lane) and with an ack due: dicts, not
+        # sets, so that frames leave in the same order on every run (the harness replays by seed)
+        self.dirty_out: dict[OutChannel, None] = {}
+        self.dirty_in: dict[InChannel, None] = {}
         self.replies: dict[int, tuple[Peer, list[bytes]]] = {}  # peer incarnation -> answers to send
         self.waiting: dict[str, deque[Outgoing]] = {}  # service -> envelopes waiting for an instance
+        self.waiting_bytes: dict[str, int] = {}
         self.flush_scheduled = False
         self.hold_acks = False  # received envelopes wait for their handlers: their acks wait too
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -87,7 +92,7 @@ class Outbox:
             self._loop.call_soon(self.flush)
 
     def ack_later(self, channel: InChannel) -> None:
-        self.dirty_in.add(channel)
+        self.dirty_in[channel] = None
         self.schedule_flush()
 
     def flush(self) -> None:
@@ -109,7 +114,7 @@ class Outbox:
         if self.dirty_in and not self.hold_acks:
             # (while received envelopes wait to be handled, their acks wait too: one ack after the
             # handlers says more, and costs the sender one wake-up instead of two)
-            dirty_in, self.dirty_in = self.dirty_in, set()
+            dirty_in, self.dirty_in = self.dirty_in, {}
             for ich in dirty_in:
                 if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
                     self.send_ack(ich)
@@ -174,7 +179,7 @@ class Outbox:
                 hold.queue.append(item)  # behind what the partition's old owner still holds
                 return
         ch.push(item, now)
-        self.dirty_out.add(ch)
+        self.dirty_out[ch] = None
         if ch.batch_full:
             body = ch.take_body()
             if body is not None:
@@ -218,10 +223,26 @@ class Outbox:
 
     def park(self, service: str, item: Outgoing) -> None:
         """``item`` is for ``service``, which has no live instance now: it waits, in order."""
-        self.waiting.setdefault(service, deque()).append(item)
+        queue = self.waiting.get(service)
+        if queue is None:
+            queue = self.waiting[service] = deque()
+        queue.append(item)
+        self.waiting_bytes[service] = self.waiting_bytes.get(service, 0) + item.size
+
+    def has_room(self, service: str, nbytes: int) -> bool:
+        """Whether one more envelope of the application's may wait for ``service`` (a window's worth)."""
+        queue = self.waiting.get(service)
+        if not queue:
+            return True
+        return len(queue) < self.config.window and self.waiting_bytes[service] + nbytes <= self.config.window_bytes
 
     def take_waiting(self, service: str) -> deque[Outgoing] | None:
+        """Everything waiting for ``service``, in order (to route it again)."""
+        self.waiting_bytes.pop(service, None)
         return self.waiting.pop(service, None)
+
+    def waiting_count(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -239,8 +260,8 @@ class Outbox:
         return any(not ich.idle for ich in self.inbound.values() if ich.peer.live)
 
     def in_flight(self) -> int:
-        """Envelopes sent and not yet acknowledged, or waiting for credit."""
-        return sum(ch.window.in_flight + len(ch.backlog) for ch in self.out.values())
+        """Envelopes sent and not yet acknowledged, or waiting for credit or for an instance."""
+        return sum(ch.window.in_flight + len(ch.backlog) for ch in self.out.values()) + self.waiting_count()
 
     def redelivered(self) -> int:
         return self.counters.redelivered_closed + sum(ch.window.stats().retransmitted for ch in self.out.values())

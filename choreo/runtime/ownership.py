@@ -16,6 +16,11 @@ service's routable instances, so all nodes with the same view agree. When the vi
   the new owner never runs a key's message before the old owner has finished the earlier ones;
 * a partition it gains from nobody (first instance) or from a dead owner is ``owned`` at once.
 
+Who the previous owner *is* comes from what the instances say they hold: every node advertises
+the partitions it owns or drains (a bitmap, :meth:`Ownership.holding`) in its hellos and
+heartbeats. A node that guessed from views instead would wait for a handover from an
+instance that never took the partition (two instances that started a moment apart).
+
 Producers do their part (see :mod:`choreo.runtime.holds`): after a move they hold back new messages of
 the partition until everything they had sent the old owner is done.
 """
@@ -64,35 +69,41 @@ class Ownership:
         # handovers that arrived before our own view said we gain the partition (views converge
         # at different moments on different nodes): partition -> when it arrived
         self.early: dict[int, float] = {}
-        self.serving = False
 
     def _move(self, p: int, event: str) -> None:
         self.state[p] = new = transition(PARTITION_TRANSITIONS, self.state[p], event)
         self.gate[p] = new in ROUTED_HERE
 
     def update(
-        self, view: list[int], live: Callable[[int], bool], now: float, serving: Callable[[int], bool] = lambda i: True
+        self,
+        view: list[int],
+        live: Callable[[int], bool],
+        now: float,
+        holder: Callable[[int], int | None] = lambda p: None,
     ) -> list[int]:
         """A new view of the routable instances (this node's own included when it is routable).
 
-        On the first view, the previous owners are the instances already *serving* (owning
-        partitions): instances that start together split the partitions at once, a newcomer to
-        an established service waits for the handovers of what it takes.
+        ``holder(p)`` is the instance that says it holds partition ``p`` (owns or drains it), if
+        any: a partition this node gains from a live holder waits for its handover. Without
+        one, the owner under this node's own previous view is taken as the holder; on the first
+        view there is none, so instances that start together split the partitions at once.
 
         Returns the partitions whose buffered arrivals must be looked at again (they became
         owned, or were lost to another owner).
         """
-        old = self.view if self.view is not None else [i for i in view if i != self.me and serving(i)]
+        first = self.view is None
+        old_owners = [None] * self.partitions if first else _owners(self.partitions, self.view or [])
         self.view = list(view)
-        self.serving = True
         new_owners = _owners(self.partitions, view)
-        old_owners = _owners(self.partitions, old)
         self.owners = new_owners
         changed = []
         for p in range(self.partitions):
-            new_owner, old_owner, state = new_owners[p], old_owners[p], self.state[p]
+            new_owner, state = new_owners[p], self.state[p]
             if new_owner == self.me:
                 if state in ("unowned", "handed_over"):
+                    old_owner = holder(p)
+                    if old_owner is None:
+                        old_owner = old_owners[p]
                     early = self.early.pop(p, None)
                     if early is not None and now - early < self.early_ttl:
                         self._move(p, "assigned")  # its previous owner already handed it over
@@ -146,6 +157,14 @@ class Ownership:
             self._move(p, "timeout")
             del self.awaiting[p]
         return late
+
+    def holding(self) -> bytes:
+        """The partitions this node owns or drains, as a bitmap (bit ``p % 8`` of byte ``p // 8``)."""
+        bits = bytearray((self.partitions + 7) // 8)
+        for p, state in enumerate(self.state):
+            if state in ("owned", "draining"):
+                bits[p >> 3] |= 1 << (p & 7)
+        return bytes(bits)
 
     def drained(self, p: int) -> None:
         self._move(p, "drained")

@@ -12,13 +12,18 @@ subscribes, the core's ``EmitLane`` encodes, routes and appends the envelope in 
 (:meth:`Router.emit_now`). Anything it cannot do at once (no credit, a held partition, several
 subscribers without credit for all) returns None, and the caller takes the waiting path.
 
-Envelopes that lost their receiver (it died or left) or waited for an instance are routed
-again here (:meth:`Router.resend`, :meth:`Router.rehome`), in order.
+Routes come from the *declared* system, not from who is live: a copy for a declared service
+with no live instance right now has no channel, and waits at this node (the outbox keeps it,
+bounded) until an instance appears. Only a type that no declared service consumes goes nowhere:
+counted as unrouted and logged once per type. Envelopes that lost their receiver (it died or
+left) or waited for an instance are routed again here (:meth:`Router.resend`,
+:meth:`Router.rehome`), in order.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +32,7 @@ import msgspec
 from .. import core, wire
 from ..config import NodeConfig
 from ..errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
-from ..messages import Message, encode, idempotency_id, message_options
+from ..messages import Message, decoder_for, encode_checked, idempotency_id, message_options
 from ..service import Service
 from .channels import OutChannel, Outgoing
 from .holds import Hold, Holds
@@ -133,8 +138,11 @@ class Router:
         clock: Callable[[], float],
         ids: Any,
         counters: Counters,
+        routing: Callable[[], bool] = lambda: True,
     ) -> None:
+        """``routing()`` says whether the node has joined (plans compiled before route nothing)."""
         self.membership = membership
+        self.routing = routing
         self.outbox = outbox
         self.holds = holds
         self.service = service
@@ -146,6 +154,8 @@ class Router:
         self._emit_plans: dict[type, EmitPlan] = {}
         self._dirty_out = outbox.dirty_out  # the emit lane marks channels here directly
         self._rr = 0  # turn of equally loaded instances for unkeyed messages
+        self._unrouted_logged: set[str] = set()
+        self.undelivered: Counter[str] = Counter()  # what reached no one since the caller last looked
 
     def invalidate(self) -> None:
         """Forget cached routes and emit plans (membership is rebuilt from scratch)."""
@@ -170,8 +180,8 @@ class Router:
         else:
             owners = self.membership.owners(name)
             if not owners:
-                known = ", ".join(sorted(self.membership.services())) or "none yet"
-                raise NoOwner(f"no live service in the mesh handles {kind} {name} (services known: {known})")
+                known = ", ".join(sorted(self.membership.declared)) or "none yet"
+                raise NoOwner(f"no service in the mesh declares a handler for {kind} {name} (services known: {known})")
             if len(owners) > 1:
                 raise ChoreoUsageError(f"{kind} {name} has two owners: {', '.join(s.name for s in owners)}")
             spec = owners[0]
@@ -183,7 +193,8 @@ class Router:
         return routes
 
     def destinations(self, message: Message, name: str, kind: str) -> list[Destination]:
-        """Every copy of ``message`` to send (see :data:`Destination`)."""
+        """Every copy of ``message`` to send (see :data:`Destination`); a declared service with no
+        live instance gets one copy with no peer: it waits for an instance."""
         out: list[Destination] = []
         for r in self.routes(name, kind):
             if r.key_field is not None:
@@ -192,15 +203,14 @@ class Router:
                 flags = 0
             else:
                 kb, partition, flags = b"", 0, wire.FLAG_UNKEYED
-            if r.broadcast:  # the instances alive now
-                for peer in self.membership.instances(r.service):
+            if r.broadcast:  # the instances alive now (or the first to come back)
+                instances = self.membership.instances(r.service)
+                for peer in instances:
                     out.append((peer, flags | wire.FLAG_BROADCAST, kb, partition, r.service))
+                if not instances:
+                    out.append((None, flags | wire.FLAG_BROADCAST, kb, partition, r.service))
                 continue
             peer = self.membership.owner(r.service, partition) if r.key_field is not None else self.least_loaded(r.service)
-            if peer is None and r.service not in self.membership.lost:
-                if kind != "event":
-                    raise NoOwner(f"no live instance of {r.service} for {kind} {name}")
-                continue
             out.append((peer, flags, kb, partition, r.service))
         return out
 
@@ -222,7 +232,7 @@ class Router:
     ) -> list[PlannedCopy]:
         """Encode ``message`` once and make an envelope per destination (MessageTooLarge if it cannot go)."""
         options = message.__choreo_options__
-        payload = encode(message)
+        payload = encode_checked(message)
         if len(payload) > self.config.max_message_bytes:
             raise MessageTooLarge(
                 f"{options.name} body is {len(payload)} bytes, above max_message_bytes={self.config.max_message_bytes}"
@@ -238,17 +248,32 @@ class Router:
             item = Outgoing(kind, flags, tname, kb, partition, msg_id, trace_id, cause_id, payload, on_done)
             plan.append((self.outbox.channel(peer) if peer is not None else None, item, service))
         if not plan:
-            self.counters.unrouted += 1
+            self.unrouted(options.name)
         return plan
 
+    def unrouted(self, type_name: str, count: int = 1) -> None:
+        """A message no declared service consumes: counted, and said once per type (or service)."""
+        self.counters.unrouted += count
+        self.undelivered[type_name] += count
+        if type_name not in self._unrouted_logged:
+            self._unrouted_logged.add(type_name)
+            known = ", ".join(sorted(self.membership.declared)) or "none yet"
+            log.warning("nobody consumes %s: no declared service subscribes to it, so it goes nowhere "
+                        "(services declared: %s); `choreo lint` reports it as unconsumed-event", type_name, known)
+
     def commit(self, plan: list[PlannedCopy]) -> None:
-        """Append every copy of a plan whose destinations all have room (see ``Calls.blocked``)."""
+        """Append every copy of a plan whose destinations all have room (see ``Calls.blocked``);
+        a copy for a service with no live instance waits for one."""
         now = self.clock()
-        append = self.outbox.append
-        for ch, item, _ in plan:
-            if ch is None:  # pragma: no cover - a plan is committed only when nothing blocks it
-                raise RuntimeError("a copy without a channel was committed")
-            append(ch, item, now)
+        outbox = self.outbox
+        for ch, item, service in plan:
+            if ch is None:  # planned while no instance was live: one may be back since
+                target = self.new_home(service, item)
+                if target is None:
+                    outbox.park(service, item)
+                    continue
+                ch = outbox.channel(target)
+            outbox.append(ch, item, now)
 
     # -- the fast path of emit: one compiled plan per event type, straight into the windows -----
 
@@ -266,12 +291,12 @@ class Router:
             )
         targets = []
         max_bytes = self.config.max_message_bytes
-        unavailable = False
+        unavailable = not self.routing()  # before joining: the waiting path waits for it
         channel = self.outbox.channel
-        for r in self.routes(options.name, "event"):
+        for r in self.routes(options.name, "event") if not unavailable else ():
             peers = self.membership.instances(r.service)
-            if not peers:
-                unavailable = unavailable or (r.service in self.membership.lost and not r.broadcast)
+            if not peers:  # declared, no live instance: the waiting path keeps the copy for one
+                unavailable = True
                 continue
             max_bytes = min(max_bytes, *(p.max_message_bytes for p in peers))
             flags = 0 if r.key_field is not None else wire.FLAG_UNKEYED
@@ -296,7 +321,7 @@ class Router:
             plan.lane_channels = channels
             plan.lane = core.EmitLane(
                 plan.tname, t.key_field, t.partitions, [ch.window for ch in channels], _encode, key_bytes, self.ids,
-                self.config.max_batch, self.config.max_batch_bytes, max_bytes,
+                self.config.max_batch, self.config.max_batch_bytes, max_bytes, decoder_for(cls).decode,
             )
         self._emit_plans[cls] = plan
         return plan
@@ -320,7 +345,7 @@ class Router:
         if lane.full:
             self.outbox.send_data(ch, ch.take_body())  # type: ignore[arg-type]
         else:
-            self._dirty_out.add(ch)
+            self._dirty_out[ch] = None
             if not self.outbox.flush_scheduled:
                 self.outbox.schedule_flush()
         self.counters.emitted += 1
@@ -330,7 +355,7 @@ class Router:
         """Several destinations (all or none get it), or a partition held back: in Python."""
         if plan.unavailable:
             return None  # a subscriber has no live instance: the waiting path waits for one
-        payload = _encode(event)
+        payload = encode_checked(event)
         if len(payload) > plan.max_bytes:
             return None  # the waiting path raises MessageTooLarge with the details
         msg_id = idempotency_id(event) if plan.idempotent else self.ids.next()
@@ -338,7 +363,7 @@ class Router:
         tname = plan.tname
         base = _HEADER_SIZE + len(tname) + len(payload)
         if not targets:
-            self.counters.unrouted += 1
+            self.unrouted(plan.tname.decode())
             self.counters.emitted += 1
             return msg_id
         sends: list[tuple[OutChannel, int, bytes, int]] = []
@@ -369,7 +394,7 @@ class Router:
             if ch.window.pending >= ch.max_batch or ch.window.pending_bytes >= ch.max_batch_bytes:
                 self.outbox.send_data(ch, ch.take_body())  # type: ignore[arg-type]
             else:
-                self._dirty_out.add(ch)
+                self._dirty_out[ch] = None
         if not self.outbox.flush_scheduled:
             self.outbox.schedule_flush()
         self.counters.emitted += 1
@@ -388,9 +413,9 @@ class Router:
         now = self.clock()
         moved = 0
         for item in items:
-            if item.flags & wire.FLAG_BROADCAST or service is None:
+            if service is None or (item.flags & wire.FLAG_BROADCAST and self.membership.instances(service)):
                 if item.on_done is not None:
-                    item.on_done()  # its receiver is gone: nothing left to wait for
+                    item.on_done()  # its receiver is gone, the other instances had their copies
                 continue
             target = self.new_home(service, item)
             if target is None:

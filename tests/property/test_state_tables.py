@@ -129,7 +129,8 @@ def test_partitions_only_move_along_their_table(ops: list[tuple[str, frozenset[i
         before = list(o.state)
         now += 1.0
         if op == "view":
-            o.update(sorted({1, *others}), live=lambda inc: True, now=now, serving=lambda inc: inc != 1)
+            view = sorted({1, *others})
+            o.update(view, live=lambda inc: True, now=now, holder=lambda p, view=view: view[p % len(view)])
         elif op == "handover":
             o.handed_over(p, now)
         elif op == "gone":

@@ -31,8 +31,11 @@ LAYERS: dict[int, tuple[str, ...]] = {
     2: ("service", "spec", "wire"),
     3: ("runtime", "runtime.*"),
     4: ("transport", "node", "metrics", "introspect", "otel", "client"),
-    5: ("launch", "_worker", "testing", "up"),
-    6: ("cli", "run_commands", "up_commands", "demo", "analyzer", "analyzer.*", "observe", "observe.*", "__main__"),
+    5: ("launch", "_worker", "testing", "nemesis", "up"),
+    6: (
+        "cli", "run_commands", "up_commands", "admin_commands", "demo", "analyzer", "analyzer.*", "observe",
+        "observe.*", "__main__",
+    ),
 }
 ANALYZER_MAY_IMPORT = ("client",)  # beyond layers 1 and 2
 

@@ -33,11 +33,12 @@ def on_ping(event: Ping) -> None: ...
 
 @dataclass
 class Host:
-    serving: bool = False
+    holding: bytes = b""
     joined: list[str] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    retired: list[str] = field(default_factory=list)
     joined_mesh: int = 0
 
     def peer_joined(self, peer: Peer) -> None:
@@ -51,6 +52,9 @@ class Host:
 
     def declared_dead(self, reason: str) -> None:
         self.dead.append(reason)
+
+    def service_retired(self, service: str) -> None:
+        self.retired.append(service)
 
     def count_refused(self, reason: str, detail: str) -> None:
         self.refused.append(reason)

@@ -63,7 +63,7 @@ class Env:
 class Node:
     """One service node's moves, and a mesh it sees."""
 
-    def __init__(self, me: int, *others: int, joined: bool = True, serving: tuple[int, ...] = ()) -> None:
+    def __init__(self, me: int, *others: int, joined: bool = True, holding: tuple[int, ...] = ()) -> None:
         self.now = 0.0
         self.config = NodeConfig(handover_timeout=5.0)
         self.sent: list[tuple[str, bytes]] = []
@@ -82,7 +82,7 @@ class Node:
         self.moves.work = self.work
         for inc in (me, *others):
             peer = self.add(inc)
-            peer.serving = inc in serving
+            peer.holding = b"\xff" * (PARTITIONS // 8) if inc in holding else b""  # it holds every partition
 
     endpoint = "fake://me"
 
@@ -134,7 +134,7 @@ def test_a_join_drains_what_moves_then_hands_it_over_after_its_last_message() ->
 
 
 def test_a_newcomer_buffers_until_the_handover_then_runs_in_arrival_order() -> None:
-    n = Node(2, 1, serving=(1,))
+    n = Node(2, 1, holding=(1,))
     n.moves.sync()
     waiting = set(n.moves.ownership.awaiting)
     assert waiting and not n.owned() & waiting
@@ -148,7 +148,7 @@ def test_a_newcomer_buffers_until_the_handover_then_runs_in_arrival_order() -> N
 
 
 def test_a_previous_owner_that_dies_is_not_waited_for() -> None:
-    n = Node(2, 1, serving=(1,))
+    n = Node(2, 1, holding=(1,))
     n.moves.sync()
     p = min(n.moves.ownership.awaiting)
     n.moves.buffer(None, Env(p, 7))
@@ -157,7 +157,7 @@ def test_a_previous_owner_that_dies_is_not_waited_for() -> None:
 
 
 def test_a_handover_that_never_comes_is_taken_after_the_timeout() -> None:
-    n = Node(2, 1, serving=(1,))
+    n = Node(2, 1, holding=(1,))
     n.moves.sync()
     waiting = set(n.moves.ownership.awaiting)
     n.now = n.config.handover_timeout - 0.1

@@ -13,6 +13,7 @@ from choreo.config import NodeConfig
 from choreo.errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
 from choreo.runtime.calls import Calls
 from choreo.runtime.holds import Holds
+from choreo.runtime.lifecycle import Lifecycle
 from choreo.runtime.membership import Membership, Peer
 from choreo.runtime.outbox import Outbox
 from choreo.runtime.routing import Router, key_bytes
@@ -116,7 +117,7 @@ def test_unkeyed_messages_spread_over_equally_loaded_instances() -> None:
 def test_a_command_needs_exactly_one_owning_service() -> None:
     w = World((10, orders))
     assert w.router.routes("Charge", "command")[0].service == "orders"
-    with pytest.raises(NoOwner, match="no live service in the mesh handles query Lookup"):
+    with pytest.raises(NoOwner, match="no service in the mesh declares a handler for query Lookup"):
         w.router.destinations(Lookup("o"), "Lookup", "query")
     rival = Service("billing")
     rival.command(Charge)(lambda c: None)
@@ -213,7 +214,9 @@ def test_answers_leave_before_the_ack_that_covers_their_command() -> None:
 
 def test_blocked_names_what_stops_a_plan() -> None:
     w = World((10, orders))
-    calls = Calls(w.router, w.outbox, w.holds, w.membership, service=shop, config=w.config,
+    life = Lifecycle()
+    life.on("joined")
+    calls = Calls(w.router, w.outbox, w.holds, w.membership, lifecycle=life, service=shop, config=w.config,
                   clock=lambda: w.now, call_later=lambda d, cb: None, counters=w.counters)
     for n in range(8):
         w.router.commit(w.router.plan(Placed("o"), bytes([n]) * 16, bytes(16), bytes(16), None))

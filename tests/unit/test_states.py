@@ -27,7 +27,7 @@ def test_moves_outside_the_table_are_refused() -> None:
 
 def test_a_join_moves_only_the_newcomers_share_and_the_newcomer_waits_for_handovers() -> None:
     old = Ownership(partitions=64, me=1)
-    old.update([1, 2], live=lambda i: True, now=0.0, serving=lambda i: False)  # started together
+    old.update([1, 2], live=lambda i: True, now=0.0)  # started together: nobody held anything
     mine_before = {p for p, s in enumerate(old.state) if s == "owned"}
     old.update([1, 2, 3], live=lambda i: True, now=1.0)
     draining = set(old.draining)
@@ -35,7 +35,8 @@ def test_a_join_moves_only_the_newcomers_share_and_the_newcomer_waits_for_handov
     assert set(old.draining.values()) == {3}
 
     newcomer = Ownership(partitions=64, me=3)
-    newcomer.update([1, 2, 3], live=lambda i: True, now=1.0, serving=lambda i: i in (1, 2))
+    # instance 1 holds what it owns or drains, instance 2 the rest
+    newcomer.update([1, 2, 3], live=lambda i: True, now=1.0, holder=lambda p: 1 if old.holding()[p >> 3] >> (p & 7) & 1 else 2)
     assert set(newcomer.awaiting) == {p for p, o in enumerate(newcomer.owners) if o == 3}
     assert not any(s == "owned" for s in newcomer.state), "nothing runs before its handover"
     p = next(iter(newcomer.awaiting))
@@ -48,7 +49,18 @@ def test_a_join_moves_only_the_newcomers_share_and_the_newcomer_waits_for_handov
 
 def test_instances_starting_together_split_partitions_at_once() -> None:
     a, b = Ownership(partitions=32, me=1), Ownership(partitions=32, me=2)
-    a.update([1, 2], live=lambda i: True, now=0.0, serving=lambda i: False)
-    b.update([1, 2], live=lambda i: True, now=0.0, serving=lambda i: False)
+    a.update([1, 2], live=lambda i: True, now=0.0)
+    b.update([1, 2], live=lambda i: True, now=0.0)
     assert not a.awaiting and not b.awaiting
+    assert all((x == "owned") != (y == "owned") for x, y in zip(a.state, b.state))
+
+
+def test_a_latecomer_takes_at_once_what_nobody_holds() -> None:
+    """Two instances start a moment apart: the first takes only its share (the second is in its
+    view), so the second must not wait for handovers of partitions the first never held."""
+    a, b = Ownership(partitions=32, me=1), Ownership(partitions=32, me=2)
+    a.update([1, 2], live=lambda i: True, now=0.0)
+    held = a.holding()
+    b.update([1, 2], live=lambda i: True, now=1.0, holder=lambda p: 1 if held[p >> 3] >> (p & 7) & 1 else None)
+    assert not b.awaiting, "nobody holds b's share: it is b's at once"
     assert all((x == "owned") != (y == "owned") for x, y in zip(a.state, b.state))
