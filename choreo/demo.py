@@ -40,7 +40,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from .analyzer._text import Style
+from .terminal import Style, style_for
 
 __all__ = ["Live", "main"]
 
@@ -208,11 +208,10 @@ def _section(title: str, style: Style) -> str:
 
 
 def _graph(style: Style, module: str) -> str:
-    from .analyzer import analyze, load_spec
-    from .analyzer._text import render_text
+    from .analyzer import analyze, load_spec, render
 
     spec, name = load_spec(module)
-    return render_text(analyze(spec, name=name), style)
+    return str(render(analyze(spec, name=name), "text", style))
 
 
 def _dedup_story(out: Any, api_processed: int) -> str:
@@ -242,9 +241,10 @@ def _pick_checkout(out: Any) -> tuple[str, str] | None:
 
 async def _complete_trace(seed: str, trace_id: str, timeout: float = 5.0) -> Any:
     """The trace, once nothing of it runs any more and the retry's duplicate is in (bounded)."""
-    from .observe.commands import _mesh_spec, fetch_trace
+    from .observe.commands import fetch_trace
+    from .observe.mesh import mesh_spec
 
-    spec = await asyncio.to_thread(_mesh_spec, seed, 5.0)
+    spec = await asyncio.to_thread(mesh_spec, seed, 5.0)
     deadline = time.monotonic() + timeout
     while True:
         trace = await asyncio.to_thread(fetch_trace, seed, trace_id, 5.0, spec)
@@ -363,18 +363,7 @@ async def _watch(system: Any) -> str:
 
 
 def _style(mode: str, stream: IO[str]) -> Style:
-    if mode == "always":
-        color = True
-    elif mode == "never":
-        color = False
-    else:
-        color = stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
-    try:
-        "├─└│★✗█░".encode(getattr(stream, "encoding", None) or "ascii")
-        unicode = True
-    except (UnicodeEncodeError, LookupError):
-        unicode = False
-    return Style(color=color, unicode=unicode)
+    return style_for(stream, mode, sample="├─└│★✗█░")
 
 
 def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:

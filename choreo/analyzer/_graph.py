@@ -22,6 +22,7 @@ import networkx as nx
 
 from ..errors import ChoreoUsageError
 from ..spec import HandlerSpec, MessageSpec, ServiceSpec, SystemSpec
+from ..terminal import short_name
 
 __all__ = [
     "GRAPH_FORMAT",
@@ -242,15 +243,6 @@ def services(g: nx.MultiDiGraph) -> list[str]:
 def messages(g: nx.MultiDiGraph) -> list[dict[str, Any]]:
     """The message nodes' attributes, in node order."""
     return [d for _, d in g.nodes(data=True) if d["type"] == "message"]
-
-
-def short_name(qualname: str) -> str:
-    """A handler's name for display: a function defined inside another loses the ``outer.<locals>.`` part.
-
-    >>> short_name("make_service.<locals>.on_placed"), short_name("Orders.place")
-    ('on_placed', 'Orders.place')
-    """
-    return qualname.rsplit(".<locals>.", 1)[-1]
 
 
 @dataclass(frozen=True)

@@ -8,51 +8,15 @@ files and pipes get clean text.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ..terminal import Style
 from ._analysis import Analysis
 from ._flows import Flow, Hop, Step
 from ._lints import Finding
 
 __all__ = ["Style", "render_text", "render_flows", "render_findings", "render_observed"]
 
-_ANSI = {
-    "bold": "1",
-    "dim": "2",
-    "red": "31",
-    "green": "32",
-    "yellow": "33",
-    "blue": "34",
-    "magenta": "35",
-    "cyan": "36",
-}
 _KIND_COLOUR = {"event": "yellow", "command": "green", "query": "magenta", "service": "cyan"}
 _SEVERITY_COLOUR = {"error": "red", "warning": "yellow"}
-
-
-@dataclass(frozen=True)
-class Style:
-    """How to draw: ``Style(color=True)`` for a terminal, ``Style(unicode=False)`` for ASCII only."""
-
-    color: bool = False
-    unicode: bool = True
-
-    def paint(self, text: str, *styles: str) -> str:
-        if not self.color or not styles:
-            return text
-        codes = ";".join(_ANSI[s] for s in styles)
-        return f"\x1b[{codes}m{text}\x1b[0m"
-
-    @property
-    def branch(self) -> tuple[str, str, str, str]:
-        """(middle child, last child, continuing line, blank) prefixes."""
-        if self.unicode:
-            return "├─ ", "└─ ", "│  ", "   "
-        return "|- ", "`- ", "|  ", "   "
-
-    @property
-    def loop(self) -> str:
-        return "↻" if self.unicode else "<-"
 
 
 def render_text(analysis: Analysis, style: Style = Style()) -> str:

@@ -22,7 +22,7 @@ from ._formats import FORMATS, format_for_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._analysis import Analysis
-    from ._text import Style
+    from ..terminal import Style
 
 __all__ = ["register", "run_graph", "run_lint", "run_flows"]
 
@@ -191,21 +191,9 @@ def _codes(values: list[str]) -> list[str]:
 
 
 def _style(args: argparse.Namespace, stream: IO[str]) -> Style:
-    from ._text import Style
+    from ..terminal import style_for
 
-    if args.color == "always":
-        color = True
-    elif args.color == "never" or args.output:
-        color = False
-    else:
-        color = stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
-    encoding = "utf-8" if args.output else (getattr(stream, "encoding", None) or "ascii")
-    try:
-        "├─└│↻".encode(encoding)
-        unicode = True
-    except (UnicodeEncodeError, LookupError):
-        unicode = False
-    return Style(color=color, unicode=unicode)
+    return style_for(stream, args.color, to_file=bool(args.output), sample="├─└│↻")
 
 
 def _write(args: argparse.Namespace, content: str | bytes) -> None:

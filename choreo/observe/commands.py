@@ -112,21 +112,9 @@ def _color_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _style(args: argparse.Namespace, stream: IO[str]) -> Any:
-    from ..analyzer._text import Style
+    from ..terminal import style_for
 
-    tty = stream.isatty()
-    if args.color == "always":
-        color = True
-    elif args.color == "never":
-        color = False
-    else:
-        color = tty and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
-    try:
-        "├─└│★✗".encode(getattr(stream, "encoding", None) or "ascii")
-        unicode = True
-    except (UnicodeEncodeError, LookupError):
-        unicode = False
-    return Style(color=color, unicode=unicode)
+    return style_for(stream, args.color, sample="├─└│★✗")
 
 
 def _print(text: str) -> None:
@@ -158,19 +146,10 @@ def fetch_trace(peer: str, trace_id: str, timeout: float, spec: Any = None) -> A
     return trace
 
 
-def _mesh_spec(peer: str, timeout: float) -> Any:
-    from ..client import fetch_system_spec
-
-    try:
-        return fetch_system_spec(peer, timeout)
-    except Exception:  # only used to tell which handler caused a step: the trace works without it
-        return None
-
-
 def run_trace(args: argparse.Namespace) -> int:
     """``choreo trace TRACE_ID --peer P [--json] [--follow]``."""
     from ..tracing import trace_id_of
-    from .mesh import check_peer
+    from .mesh import check_peer, mesh_spec
     from .trace_view import render_text, to_json
 
     check_peer(args.peer, args.timeout)
@@ -179,7 +158,7 @@ def run_trace(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ChoreoUsageError(str(exc)) from None
     style = _style(args, sys.stdout)
-    spec = _mesh_spec(args.peer, args.timeout)
+    spec = mesh_spec(args.peer, args.timeout)
 
     def show(trace: Any, redraw: bool) -> None:
         if args.json:

@@ -17,10 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ..client import rpc
+from ..client import fetch_system_spec, rpc
 from ..errors import ChoreoUsageError
+from ..spec import SystemSpec
 
-__all__ = ["MeshNode", "discover", "gather", "check_peer"]
+__all__ = ["MeshNode", "discover", "gather", "check_peer", "mesh_spec"]
 
 LIVE_STATES = ("alive", "suspect", "leaving")
 
@@ -71,3 +72,14 @@ def gather(
     with ThreadPoolExecutor(max_workers=min(16, len(nodes)), thread_name_prefix="choreo-ask") as pool:
         futures = [pool.submit(_ask, n.endpoint, method, args, timeout) for n in nodes]
         return [(n, f.result()) for n, f in zip(nodes, futures)]
+
+
+def mesh_spec(peer: str, timeout: float = 5.0) -> SystemSpec | None:
+    """The mesh's declarations (every service it knows), or None when the peer cannot give them.
+
+    Used to tell which handler caused a step; everything that uses it works without it.
+    """
+    try:
+        return fetch_system_spec(peer, timeout)
+    except Exception:  # unreachable, or a node too old to answer: callers do without
+        return None

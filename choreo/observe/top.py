@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..analyzer._text import Style
+from ..terminal import Style
 from .mesh import MeshNode, discover, gather
 
 __all__ = ["Sample", "sample", "table", "to_json", "render_text", "FORMAT", "NODE_FIELDS"]

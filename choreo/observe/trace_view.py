@@ -33,8 +33,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..analyzer._graph import short_name
-from ..analyzer._text import Style
+from ..terminal import Style, short_name
 
 __all__ = ["Attempt", "Step", "Trace", "assemble", "to_json", "render_text", "JSON_FIELDS", "FORMAT"]
 

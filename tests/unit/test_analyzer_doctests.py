@@ -29,6 +29,7 @@ MODULES = [
     "choreo.analyzer._observed",
     "choreo.analyzer.commands",
     "choreo.cli",
+    "choreo.terminal",
 ]
 
 
