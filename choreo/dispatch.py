@@ -663,7 +663,7 @@ class Dispatcher:
             raise ChoreoUsageError(f"this node no longer handles {letter.message_type}")
         letter.replays += 1
         env = _ReplayEnvelope(letter, _KIND_FOR[handler.kind])
-        job = Job(env, None, handler, self.engine.clock())
+        job = Job(env, None, handler, self.engine.wall())  # the span clock, like every other received time
         job.replay_of = letter
         self._admit(job)
         self.pump()

@@ -8,7 +8,10 @@ through ``Engine.register_rpc``, when a :class:`~choreo.node.Node` starts:
   running, queued for its key or waiting for a retry (so ``choreo trace --follow`` shows work in
   progress), with the node's name and service;
 * ``dlq.letters`` ``{"payload": bool, "limit": N}``: the dead letters with their payload
-  (decoded from MessagePack when it is), reason and attempts, in one answer.
+  (decoded from MessagePack when it is), reason and attempts, in one answer;
+* ``dlq.outcome`` ``{"id": N, "msg_id": HEX, "replay": n}``: how the n-th replay of a dead letter
+  ended: ``failed`` (the letter is back in the store, with its error), ``handled`` (its span
+  says ok), ``running`` (neither yet), or ``gone`` (not back, and no span to tell: tracing off);
 
 Both read what the node keeps anyway (the span ring, the in-progress table, the dead-letter
 store) at the moment they are asked: nothing here runs per message.
@@ -31,6 +34,7 @@ def install(engine: Engine) -> None:
     """Register this module's system queries on ``engine``."""
     engine.register_rpc("trace", partial(_trace, engine))
     engine.register_rpc("dlq.letters", partial(_letters, engine))
+    engine.register_rpc("dlq.outcome", partial(_outcome, engine))
 
 
 def _trace(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
@@ -40,13 +44,14 @@ def _trace(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
     trace_id = bytes.fromhex(raw)
     limit = int(args.get("limit", 10_000))
     tracer = engine.tracer
+    now = engine.wall()
     return {
         "node": engine.name,
         "service": engine.service.name if engine.service else None,
         "endpoint": engine.transport.endpoint,
-        "time": engine.wall(),
+        "time": now + tracer.offset,
         "spans": tracer.query(trace_id, limit),
-        "running": tracer.running(list(engine.dispatcher.in_progress.values()), trace_id, engine.wall()),
+        "running": tracer.running(list(engine.dispatcher.in_progress.values()), trace_id, now),
         "span_ring": engine.config.span_ring,
     }
 
@@ -71,3 +76,18 @@ def _letters(engine: Engine, args: dict[str, Any]) -> list[dict[str, Any]]:
             item["payload"] = payload_view(letter.payload)
         out.append(item)
     return out
+
+
+def _outcome(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
+    letter_id, replay = int(args["id"]), int(args["replay"])
+    msg_id = bytes.fromhex(str(args["msg_id"]))
+    letter = engine.dispatcher.dead_letters.get(letter_id)
+    if letter is not None and letter.replays >= replay:
+        return {"state": "failed", "error": f"{letter.error_type}: {letter.error}", "attempts": letter.attempts}
+    tracer = engine.tracer
+    for t in reversed(tracer.spans):
+        if len(t) > 13 and t[13] == replay and t[1] == msg_id and t[8] == "ok":
+            return {"state": "handled", "error": None, "attempts": t[10]}
+    if not tracer.enabled:
+        return {"state": "gone", "error": None, "attempts": None}
+    return {"state": "running", "error": None, "attempts": None}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -81,7 +82,8 @@ class Node:
         self.transport = ZmqTransport(
             self.bind, hwm=hwm, max_bytes=self.config.transport_max_bytes, advertise=self._advertise
         )
-        self.engine = Engine(self.service, self.transport, config=self.config, name=self._name)
+        # spans on one monotonic clock; the tracer anchors it to wall time to line nodes up
+        self.engine = Engine(self.service, self.transport, config=self.config, name=self._name, wall=time.monotonic)
         self.transport.start(loop, self.engine.on_frame, self.engine.flush)
         self.engine.start(self.peers)
         introspect.install(self.engine)  # the system queries of choreo trace / dlq

@@ -2,11 +2,20 @@
 
 A span is recorded when a handler attempt ends: the message's trace id, its id and the id of
 the message that caused it, the type, handler, service and instance, when the message was
-received, when the attempt started and finished (wall-clock seconds, so spans from several
-hosts line up), the outcome and the error. Spans live in a ring of fixed size per node, so
-memory stays bounded whatever the traffic; ``span_ring=0`` turns recording off. Recording is one
-tuple appended to a deque per attempt (the dispatcher's fast path appends it inline); everything
-else here (Span objects, hex ids, filtering by trace) happens when somebody asks.
+received, when the attempt started and finished, the outcome and the error. Spans live in a
+ring of fixed size per node, so memory stays bounded whatever the traffic; ``span_ring=0`` turns
+recording off. Recording is one tuple appended to a deque per attempt (the dispatcher's fast path
+appends it inline); everything else here (Span objects, hex ids, filtering by trace) happens
+when somebody asks.
+
+One clock per trace. Inside a node every time of a span comes from one monotonic clock (a
+node records with ``time.monotonic``, the same C call as ``time.time``), so a step's queue,
+handler and total times never jump when the system clock is set. Wall time is used only to
+line nodes up: the tracer anchors its clock to the wall clock once (:func:`wall_offset`) and
+adds that constant whenever a span leaves the node (:meth:`Tracer.query`, the OpenTelemetry
+export), so spans of several hosts share one time line as far as their clocks agree. A dead
+letter replayed later is recorded as the next attempts of the same step (``attempt`` counts
+on from the attempts before it; ``replay`` says which replay it was).
 
 Trace ids and W3C ``traceparent``. A flow's trace id is the id of its first message from
 outside, unless the caller passes a ``traceparent`` to ``emit``/``send``/``ask``: then it is that
@@ -30,6 +39,7 @@ So every ``traceparent`` is a pure function of ids the envelopes already carry:
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -49,7 +59,8 @@ __all__ = [
     "traceparent_of",
     "trace_id_of",
     "span_id",
-    ]
+    "wall_offset",
+]
 
 
 class Span(msgspec.Struct, frozen=True):
@@ -68,15 +79,37 @@ class Span(msgspec.Struct, frozen=True):
     attempt: int
     key: str = ""
     partition: int = 0
+    replay: int = 0  # 0: the message as it arrived; n: the n-th replay of its dead letter
+
+
+def wall_offset(clock: Callable[[], float]) -> float:
+    """What to add to readings of ``clock`` to read them as wall-clock seconds.
+
+    ``time.monotonic`` is anchored to ``time.time`` now, once; any other clock is taken to read
+    wall time already (``time.time``, or a test's virtual clock): 0.
+
+    >>> wall_offset(time.time)
+    0.0
+    >>> abs(time.monotonic() + wall_offset(time.monotonic) - time.time()) < 1.0
+    True
+    """
+    if clock is time.monotonic:
+        return time.time() - time.monotonic()
+    return 0.0
 
 
 class Tracer:
-    """Keeps the most recent spans of one node."""
+    """Keeps the most recent spans of one node.
+
+    ``wall`` is the clock spans are recorded with (the engine's, monotonic in a node);
+    ``offset`` turns its readings into wall-clock seconds when spans leave the node.
+    """
 
     def __init__(self, service: str, instance: str, size: int, wall: Callable[[], float]) -> None:
         self.service = service
         self.instance = instance
         self.wall = wall
+        self.offset = wall_offset(wall)
         self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.enabled = size > 0
 
@@ -85,6 +118,15 @@ class Tracer:
             return
         env = job.env
         handler = job.handler
+        attempt = job.attempt + 1 if outcome == "ok" else job.attempt  # failures bump it first
+        letter = job.replay_of
+        if letter is not None:  # a replayed dead letter: its attempts count on after the earlier ones
+            self.spans.append(
+                (env.trace_id, env.msg_id, env.cause_id, env.type, handler.name if handler else "", job.received,
+                 job.started, self.wall(), outcome, error, letter.attempts + attempt, env.key, env.partition,
+                 letter.replays)
+            )  # fmt: skip
+            return
         self.spans.append(
             (
                 env.trace_id,
@@ -97,7 +139,7 @@ class Tracer:
                 self.wall(),
                 outcome,
                 error,
-                job.attempt + 1 if outcome == "ok" else job.attempt,  # failures bump it first
+                attempt,
                 env.key,
                 env.partition,
             )
@@ -135,10 +177,11 @@ class Tracer:
         their key, or waiting for a retry (outcome ``running``, ``queued`` or ``retrying``).
 
         Jobs whose handler already finished (waiting for downstream acks) are left out: their
-        span is in the ring. ``jobs`` are the dispatcher's in-progress jobs. Nothing here is on
-        the hot path: it runs when ``choreo trace`` asks.
+        span is in the ring. ``jobs`` are the dispatcher's in-progress jobs; ``now`` is a reading
+        of the tracer's clock. Nothing here is on the hot path: it runs when ``choreo trace`` asks.
         """
         out = []
+        off = self.offset
         for job in jobs:
             env = job.env
             if env.trace_id != trace_id or job.pending or job.handler is None:
@@ -158,9 +201,9 @@ class Tracer:
                     handler=job.handler.name,
                     service=self.service,
                     instance=self.instance,
-                    received=job.received,
-                    started=job.started,
-                    finished=now,
+                    received=job.received + off,
+                    started=job.started + off if job.started else 0.0,
+                    finished=now + off,
                     outcome=outcome,
                     error=job.error,
                     attempt=job.attempt + (outcome == "running"),
@@ -178,6 +221,7 @@ class Tracer:
 
     def _span(self, t: tuple[Any, ...]) -> Span:
         t = unpack(t)
+        off = self.offset
         return Span(
             trace_id=t[0].hex(),
             msg_id=t[1].hex(),
@@ -186,14 +230,15 @@ class Tracer:
             handler=t[4],
             service=self.service,
             instance=self.instance,
-            received=t[5],
-            started=t[6],
-            finished=t[7],
+            received=t[5] + off,
+            started=t[6] + off if t[6] else 0.0,
+            finished=t[7] + off,
             outcome=t[8],
             error=t[9],
             attempt=t[10],
             key=t[11].decode("utf-8", "replace"),
             partition=t[12],
+            replay=t[13] if len(t) > 13 else 0,
         )
 
 

@@ -99,6 +99,8 @@ def observe(spans: Iterable[Mapping[str, Any]], g: nx.MultiDiGraph) -> Observati
             continue
         seen_messages.add((msg, s["service"], mtype))
         cause = s.get("cause_id", ZERO)
+        if s.get("replay"):
+            continue  # a replayed dead letter: handled again, but nobody produced it now
         if cause == ZERO:
             obs.from_outside.setdefault(mtype, set()).add(msg)
             continue

@@ -12,7 +12,8 @@ reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`).
     $ choreo dlq replay payments#1a2b3c:1 --peer tcp://127.0.0.1:7000
 
 Exit status: 0; ``trace`` 1 when a step of the flow failed; 2 when the mesh cannot be read or
-the trace is unknown (``choreo: error: ...``); ``dlq replay`` 1 when a replay was refused.
+the trace is unknown (``choreo: error: ...``); ``dlq replay`` 1 when a replay was refused or
+failed again.
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ def register(subparsers: Any) -> None:
     replay.add_argument("letters", nargs="*", metavar="LETTER", help="NODE:ID or ID (several allowed)")
     replay.add_argument("--all", action="store_true", help="every dead letter of the mesh (or of --type)")
     replay.add_argument("--type", metavar="TYPE", help="with --all: only letters of this message type")
+    replay.add_argument(
+        "--wait", type=float, default=10.0, metavar="SECONDS",
+        help="how long to wait for each replay's outcome (handled or failed again; default 10, 0: do not wait)",
+    )  # fmt: skip
     _mesh_arguments(replay)
     replay.add_argument("--json", action="store_true", help="print JSON")
     replay.set_defaults(func=run_dlq)
@@ -290,6 +295,8 @@ def run_dlq(args: argparse.Namespace) -> int:
         chosen = [d for d in found.letters if args.type in (None, d["type"])]
     else:
         chosen = [dlq.find(found, ref) for ref in args.letters]
+    if not args.wait >= 0:
+        raise ChoreoUsageError(f"--wait must be >= 0 seconds, got {args.wait}")
     replayed, failed = [], []
     for letter in chosen:
         try:
@@ -298,16 +305,31 @@ def run_dlq(args: argparse.Namespace) -> int:
             failed.append({"ref": letter["ref"], "error": str(exc)})
             continue
         replayed.append({"ref": letter["ref"], "type": letter["type"], "handler": letter["handler"],
-                         "node": letter["node"], "replays": summary.get("replays")})  # fmt: skip
+                         "node": letter["node"], "replays": summary.get("replays"), "letter": letter})  # fmt: skip
+    for r in replayed:  # all replays are started first; then their outcomes are collected
+        letter = r.pop("letter")
+        if args.wait > 0:
+            try:
+                r.update(dlq.outcome(letter, int(r["replays"]), args.timeout, args.wait))
+            except Exception as exc:  # the node went away meanwhile
+                r.update({"state": "unknown", "error": str(exc), "attempts": None})
+        else:
+            r.update({"state": "started", "error": None, "attempts": None})
     if args.json:
         _print(json.dumps({"replayed": replayed, "failed": failed}, indent=2) + "\n")
     else:
+        said = {
+            "handled": "handled",
+            "failed": "failed again: {error} (back in the store: 'choreo dlq list')",
+            "running": f"still running after {args.wait:g} s: 'choreo dlq list' shows it if it fails",
+            "started": "started (not waited for: 'choreo dlq list' shows it if it fails)",
+            "gone": "left the store (this node records no spans to tell how it ended)",
+            "unknown": "outcome unknown: {error}",
+        }
         for r in replayed:
-            _print(f"replayed {r['ref']} ({r['type']}, {r['handler']})\n")
+            _print(f"replayed {r['ref']} ({r['type']}, {r['handler']}): " + said[r["state"]].format(**r) + "\n")
         for f in failed:
             _print(f"could not replay {f['ref']}: {f['error']}\n")
         if not chosen:
             _print("no dead letters to replay\n")
-        elif replayed:
-            _print("a letter that fails again returns to the store: 'choreo dlq list' shows it\n")
-    return 1 if failed else 0
+    return 1 if failed or any(r["state"] in ("failed", "unknown") for r in replayed) else 0

@@ -279,6 +279,7 @@ def test_top_shows_lag_rising_while_a_consumer_is_slow_and_falling_after(procs, 
 
 
 def test_poison_message_lands_in_the_dlq_and_replay_after_a_fix_processes_it_once(procs, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    test_started = time.time()
     fix = tmp_path / "fixed"
     node = procs.start(ledger, config=FAST, env={"CHOREO_FIX_FLAG": str(fix)})
 
@@ -312,17 +313,18 @@ def test_poison_message_lands_in_the_dlq_and_replay_after_a_fix_processes_it_onc
     shown = json.loads(out)
     assert code == 0 and shown["payload"] == letter["payload"] and "ValueError: cannot book" in shown["traceback"]
 
-    # still broken: a replay fails again and the letter comes back, with the replay counted
+    # still broken: a replay fails again, says so, and the letter comes back with the replay counted
     code, out, _ = cli(capsys, "dlq", "replay", letter["ref"], "--peer", node.endpoint)
-    assert code == 0 and f"replayed {letter['ref']}" in out
-    again = poll("the letter back after a failed replay", lambda: [d for d in letters() if d["replays"] == 1])
-    assert again[0]["attempts"] == 6 and again[0]["id"] == letter["id"]
+    assert (code, out) == (1, f"replayed {letter['ref']} (Deposit, book): failed again: "
+                              "ValueError: cannot book 13 cents on acc-1 (back in the store: 'choreo dlq list')\n")  # fmt: skip
+    (again,) = [d for d in letters() if d["replays"] == 1]
+    assert again["attempts"] == 6 and again["id"] == letter["id"]
 
-    # fixed: replay processes it, exactly once
+    # fixed: replay processes it, exactly once, and says it was handled
     fix.touch()
     code, out, _ = cli(capsys, "dlq", "replay", str(letter["id"]), "--peer", node.endpoint)
-    assert code == 0, out
-    poll("the replayed deposit booked", lambda: "Deposit acc-1 13" in records(procs, "ledger"))
+    assert (code, out) == (0, f"replayed {letter['ref']} (Deposit, book): handled\n")
+    assert "Deposit acc-1 13" in records(procs, "ledger")
     code, _, err = cli(capsys, "dlq", "replay", letter["ref"], "--peer", node.endpoint)
     assert code == 2 and f"no dead letter {letter['ref']}" in err, "a second replay finds nothing to run"
     asyncio.run(asyncio.wait_for(deposit(3), 60))  # same key: booked after anything replayed before it
@@ -331,6 +333,25 @@ def test_poison_message_lands_in_the_dlq_and_replay_after_a_fix_processes_it_onc
     assert letters() == []
     stats = rpc(node.endpoint, "stats")
     assert stats["dead_letters"] == 0 and stats["dead_lettered"] == 2
+
+    # the letter's trace: one step whose replays are its later attempts, on one clock
+    code, out, _ = cli(capsys, "trace", letter["trace_id"], "--peer", node.endpoint, "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    (step,) = doc["steps"]
+    log = step["attempt_log"]
+    assert [(a["attempt"], a["replay"], a["outcome"]) for a in log] == [
+        (1, 0, "error"), (2, 0, "error"), (3, 0, "error"),  # as it arrived: first attempt and 2 retries
+        (4, 1, "error"), (5, 1, "error"), (6, 1, "error"),  # the first replay, still broken
+        (7, 2, "ok"),  # the second, after the fix
+    ]  # fmt: skip
+    assert (step["outcome"], step["attempts"], step["replays"], doc["status"]) == ("ok", 7, 2, "ok")
+    starts = [a["started"] for a in log]
+    assert starts == sorted(starts) and all(a["started"] <= a["finished"] for a in log)
+    # the whole flow, replays included, took no longer than this test has been running
+    assert 0 <= doc["duration_ms"] <= (time.time() - test_started) * 1000
+    code, out, _ = cli(capsys, "trace", letter["trace_id"], "--peer", node.endpoint, "--color", "never")
+    assert "Deposit -> ledger.book" in out and "7 attempts (1 in replay 2)" in out
 
 
 # ---- Prometheus metrics ------------------------------------------------------------------------
