@@ -7,6 +7,9 @@ through ``Engine.register_rpc``, when a :class:`~choreo.node.Node` starts:
 * ``trace`` ``{"trace_id": HEX}``: this node's finished spans of one trace, plus what is still
   running, queued for its key or waiting for a retry (so ``choreo trace --follow`` shows work in
   progress), with the node's name and service;
+* ``traces`` ``{"limit": N}``: a summary of each recent trace this node saw (its entry message,
+  first and last times, steps, types, keys, failed steps, whether it still runs here), most
+  recent first, for ``choreo traces``;
 * ``dlq.letters`` ``{"payload": bool, "limit": N}``: the dead letters with their payload
   (decoded from MessagePack when it is), reason and attempts, in one answer;
 * ``dlq.outcome`` ``{"id": N, "msg_id": HEX, "replay": n}``: how the n-th replay of a dead letter
@@ -33,6 +36,7 @@ __all__ = ["install", "payload_view"]
 def install(engine: Engine) -> None:
     """Register this module's system queries on ``engine``."""
     engine.register_rpc("trace", partial(_trace, engine))
+    engine.register_rpc("traces", partial(_traces, engine))
     engine.register_rpc("dlq.letters", partial(_letters, engine))
     engine.register_rpc("dlq.outcome", partial(_outcome, engine))
 
@@ -53,6 +57,18 @@ def _trace(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
         "spans": tracer.query(trace_id, limit),
         "running": tracer.running(list(engine.dispatcher.in_progress.values()), trace_id, now),
         "span_ring": engine.config.span_ring,
+    }
+
+
+def _traces(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
+    limit = int(args.get("limit", 1000))
+    tracer = engine.tracer
+    return {
+        "node": engine.name,
+        "service": engine.service.name if engine.service else None,
+        "span_ring": engine.config.span_ring,
+        "spans": len(tracer.spans) if tracer.enabled else 0,
+        "flows": tracer.flows(limit, list(engine.dispatcher.in_progress)),
     }
 
 

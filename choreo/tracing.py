@@ -172,6 +172,70 @@ class Tracer:
         new.reverse()
         return new, spans[-1], found or cursor is None
 
+    def flows(self, limit: int = 1000, busy: Iterable[bytes] = (), max_keys: int = 32) -> list[dict[str, Any]]:
+        """What this node saw of each recent trace, most recently active first: one summary per
+        trace id, for ``choreo traces`` (which merges the summaries of every node).
+
+        Each summary: ``trace_id``, ``first`` (earliest received) and ``last`` (latest finished),
+        in wall-clock seconds; ``steps`` (distinct message and handler pairs) and ``spans``;
+        ``types`` and ``keys`` seen (at most ``max_keys`` keys); ``entry``, the earliest step
+        whose message came from outside (``{"type", "handler", "service", "received"}``) or None;
+        ``failed``, the steps whose latest attempt raised and that are not being retried (``busy``
+        holds the ids of messages still in progress here); ``running``, whether one of them is;
+        ``duplicates``, how many copies were acknowledged without running the handler.
+
+        >>> t = Tracer("orders", "orders#1", 10, time.time)
+        >>> t.spans.append((b"T" * 16, b"M" * 16, bytes(16), "PlaceOrder", "place", 1.0, 1.5, 2.0, "ok", None, 1, b"c1", 0))
+        >>> [(f["entry"]["type"], f["steps"], f["keys"], f["failed"]) for f in t.flows()]
+        [('PlaceOrder', 1, ['c1'], [])]
+        """
+        busy = set(busy)
+        by_trace: dict[bytes, dict[str, Any]] = {}
+        latest: dict[tuple[bytes, bytes, str], tuple[Any, ...]] = {}
+        off = self.offset
+        for raw in self.spans:
+            t = unpack(raw)
+            trace_id, msg_id, cause_id, mtype, handler = t[0], t[1], t[2], t[3], t[4]
+            flow = by_trace.get(trace_id)
+            if flow is None:
+                flow = by_trace[trace_id] = {
+                    "trace_id": trace_id.hex(), "first": t[5], "last": t[7], "spans": 0, "types": set(),
+                    "keys": set(), "entry": None, "failed": [], "running": False, "duplicates": 0, "_steps": set(),
+                }  # fmt: skip
+            flow["spans"] += 1
+            flow["first"] = min(flow["first"], t[5])
+            flow["last"] = max(flow["last"], t[7])
+            flow["types"].add(mtype)
+            if t[11] and len(flow["keys"]) < max_keys:
+                flow["keys"].add(t[11].decode("utf-8", "replace"))
+            if t[8] == "duplicate":
+                flow["duplicates"] += 1
+                continue
+            flow["_steps"].add((msg_id, handler))
+            latest[(trace_id, msg_id, handler)] = t
+            if msg_id in busy:
+                flow["running"] = True
+            replayed = len(t) > 13 and t[13]
+            if cause_id == _ZERO16 and not replayed and (flow["entry"] is None or t[5] < flow["entry"]["received"]):
+                flow["entry"] = {"type": mtype, "handler": handler, "service": self.service, "received": t[5]}
+        for (trace_id, msg_id, handler), t in latest.items():
+            if t[8] == "error" and msg_id not in busy:
+                by_trace[trace_id]["failed"].append(
+                    {"type": t[3], "handler": handler, "service": self.service, "instance": self.instance, "error": t[9]}
+                )
+        out = sorted(by_trace.values(), key=lambda f: f["last"], reverse=True)[: max(limit, 0)]
+        for flow in out:
+            flow["steps"] = len(flow.pop("_steps"))
+            flow["types"] = sorted(flow["types"])
+            flow["keys"] = sorted(flow["keys"])
+            flow["first"] += off
+            flow["last"] += off
+            if flow["entry"] is not None:
+                flow["entry"]["received"] += off
+            flow["service"] = self.service
+            flow["instance"] = self.instance
+        return out
+
     def running(self, jobs: Iterable[Any], trace_id: bytes, now: float) -> list[Span]:
         """Span-shaped records of the jobs of one trace that are still in a handler, waiting for
         their key, or waiting for a retry (outcome ``running``, ``queued`` or ``retrying``).
@@ -240,6 +304,9 @@ class Tracer:
             partition=t[12],
             replay=t[13] if len(t) > 13 else 0,
         )
+
+
+_ZERO16 = bytes(16)
 
 
 def unpack(t: tuple[Any, ...]) -> tuple[Any, ...]:

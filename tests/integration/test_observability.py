@@ -182,6 +182,80 @@ def test_trace_shows_three_steps_with_timings_and_marks_the_failing_one(procs, c
     assert code == 2 and "no node of the mesh (" in err and "remembers trace abab" in err
 
 
+def test_traces_lists_recent_flows_with_their_ids_and_filters_them(procs, capsys) -> None:  # type: ignore[no-untyped-def]
+    seed = procs.start(orders, config=FAST)
+    procs.start(payments, peers=[seed.endpoint], config=FAST)
+    procs.start(shipping, peers=[seed.endpoint], config=FAST)
+    procs.start(ledger, peers=[seed.endpoint], config=FAST, env={"CHOREO_FIX_FLAG": "/nonexistent"})
+    placed = [trace_id_of(new_traceparent()) for _ in range(2)]
+
+    async def traffic() -> list[str]:
+        async with Node(None, peers=[seed.endpoint], config=FAST) as client:
+            await client.wait_for({"orders": 1, "payments": 1, "shipping": 1, "ledger": 1}, timeout=20)
+            for i, trace in enumerate(placed):
+                await client.send(PlaceOrder(order_id=f"o-{i}"), traceparent=f"00-{trace}-{'1' * 16}-01")
+            # an event from outside: its trace id is the message id emit returns
+            ids = [(await client.emit(Deposit(account=f"acc-{c}", cents=c))).hex() for c in (1, 13)]
+            await client.flush(timeout=20)
+            return ids
+
+    good, poison = asyncio.run(asyncio.wait_for(traffic(), 60))
+
+    def listed(*args: str) -> dict[str, dict[str, Any]]:
+        code, out, err = cli(capsys, "traces", "--peer", seed.endpoint, "--json", *args)
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["format"] == "choreo-traces/1" and doc["nodes"]["unreachable"] == []
+        return {t["trace_id"]: t for t in doc["traces"]}
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        flows = listed()
+        want = [*placed, good, poison]
+        if not all(t in flows for t in want) or any(flows[t]["status"] == "running" for t in want):
+            return None
+        return flows if flows[placed[0]]["steps"] == 3 and flows[poison]["status"] == "error" else None
+
+    flows = poll("all four flows listed and settled", settled, 30)
+    first = flows[placed[0]]
+    assert first["status"] == "error" and first["steps"] == 3
+    assert first["entry"] == {"type": "PlaceOrder", "handler": "place_order", "service": "orders"}
+    assert first["services"] == ["orders", "payments", "shipping"]
+    assert first["types"] == ["OrderPlaced", "PaymentTaken", "PlaceOrder"]
+    assert [(f["service"], f["handler"], f["error"]) for f in first["failed"]] == [
+        ("shipping", "ship", "RuntimeError: no courier for o-0")
+    ]
+    assert first["duration_ms"] == pytest.approx((first["finished"] - first["started"]) * 1000, abs=0.01)
+    assert first["duration_ms"] >= 20, "payments works 20 ms inside this flow"
+    assert flows[good]["status"] == "ok" and flows[good]["entry"]["type"] == "Deposit" and flows[good]["keys"] == ["acc-1"]
+    assert flows[poison]["status"] == "error" and flows[poison]["failed"][0]["error"] == "ValueError: cannot book 13 cents on acc-13"
+    # newest first
+    assert list(listed()).index(placed[1]) < list(listed()).index(placed[0])
+
+    # the filters
+    assert set(listed("--failed")) == {*placed, poison}
+    assert set(listed("--type", "Deposit")) == {good, poison}
+    assert set(listed("--type", "PaymentTaken")) == set(placed)
+    assert set(listed("--key", "acc-13")) == {poison}
+    slow = listed("--slow", "19")
+    assert set(placed) <= set(slow) and all(t["duration_ms"] >= 19 for t in slow.values())
+    assert placed[0] not in listed("--slow", str(first["duration_ms"] + 1))
+    assert len(listed("-n", "1")) == 1
+
+    # the text view: a line per flow that starts with the id 'choreo trace' takes
+    code, out, _ = cli(capsys, "traces", "--peer", seed.endpoint, "--failed", "--color", "never")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["TRACE", "ID", "STARTED", "STATUS"]
+    row = next(line for line in lines if line.startswith(placed[0]))
+    assert " error " in row and "PlaceOrder -> orders.place_order -> payments, shipping" in row
+    assert row.endswith("✗ PaymentTaken in shipping.ship: RuntimeError: no courier for o-0")
+    assert lines[-1].startswith("3 of 3 matching flows shown;") and f"choreo trace TRACE_ID --peer {seed.endpoint}" in lines[-1]
+    code, out, _ = cli(capsys, "trace", row.split()[0], "--peer", seed.endpoint, "--color", "never")
+    assert code == 1 and out.startswith(f"trace {placed[0]}: error, 3 steps")
+    code, _, err = cli(capsys, "traces", "--peer", seed.endpoint, "--slow", "-1")
+    assert code == 2 and err == "choreo: error: --slow takes milliseconds >= 0, got -1.0\n"
+
+
 def test_trace_follow_waits_for_a_flow_that_is_still_running(procs, capsys) -> None:  # type: ignore[no-untyped-def]
     seed = procs.start(orders, config=FAST)
     procs.start(payments, peers=[seed.endpoint], config=FAST)
