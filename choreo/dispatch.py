@@ -587,6 +587,8 @@ class Dispatcher:
             if job.replay_of is None:
                 self._unlag(job)
             self.stats.processed += 1
+            if self.engine.tracer.completed is not None:  # metrics watch: a flow from outside ends here
+                self.engine.tracer.flow_done(job)
             if self.in_progress.get(env.msg_id) is job:
                 del self.in_progress[env.msg_id]
                 cached = self.results.get(env.msg_id)

@@ -89,7 +89,9 @@ class Node:
         introspect.install(self.engine)  # the system queries of choreo trace / dlq
         if self.metrics_port is not None:
             try:
-                self.metrics = await MetricsServer.start(self.engine.snapshot, self.metrics_host, self.metrics_port)
+                self.metrics = await MetricsServer.start(
+                    self.engine.snapshot, self.metrics_host, self.metrics_port, tracer=self.engine.tracer
+                )
             except OSError:
                 self.transport.close()
                 raise

@@ -112,6 +112,46 @@ class Tracer:
         self.offset = wall_offset(wall)
         self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.enabled = size > 0
+        # flows from outside that completed here, while metrics watch (None: nobody watches)
+        self.completed: deque[tuple[bytes, str, str, float, float, str]] | None = None
+        self._watchers = 0
+
+    def watch_flows(self) -> None:
+        """Start reporting completed flows (:meth:`flow_done`, read with :meth:`take_flows`)."""
+        self._watchers += 1
+        if self.completed is None and self.enabled:
+            self.completed = deque(maxlen=self.spans.maxlen)
+
+    def unwatch_flows(self) -> None:
+        self._watchers = max(self._watchers - 1, 0)
+        if not self._watchers:
+            self.completed = None
+
+    def flow_done(self, job: Job) -> None:
+        """A job completed: everything it emitted was acknowledged downstream (the dispatcher calls
+        this only while :attr:`completed` is not None). For a message from outside, that is the end
+        of the whole flow it started: recorded as ``(trace_id, type, handler, received, now, outcome)``.
+        """
+        env = job.env
+        handler = job.handler
+        if (
+            self.completed is None
+            or handler is None
+            or job.message is None  # a duplicate or a refused body: no flow of its own
+            or job.replay_of is not None
+            or env.cause_id != _ZERO16
+        ):
+            return
+        dead = job.error is not None and job.attempt > handler.retry.retries
+        self.completed.append((env.trace_id, env.type, handler.name, job.received, self.wall(), "error" if dead else "ok"))
+
+    def take_flows(self) -> list[tuple[bytes, str, str, float, float, str]]:
+        """The completed flows reported since the last call (and forget them)."""
+        if not self.completed:
+            return []
+        out = list(self.completed)
+        self.completed.clear()
+        return out
 
     def finished(self, job: Job, outcome: str, error: str | None) -> None:
         if not self.enabled:

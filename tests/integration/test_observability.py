@@ -519,6 +519,84 @@ def test_prometheus_scrape_parses_counters_only_grow_and_no_port_without_the_opt
     assert any(k[0] == "choreo_peers" for k in third)
 
 
+def _openmetrics(url: str) -> dict[str, Any]:
+    """One OpenMetrics scrape (as Prometheus asks for it), parsed: family name -> family."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+
+def _histogram(families: dict[str, Any], name: str, **labels: str) -> dict[str, Any]:
+    """count, sum and the buckets (le -> sample) of one labelled series of a histogram family."""
+    out: dict[str, Any] = {"buckets": {}}
+    for s in families[name].samples:
+        if all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name.endswith("_bucket"):
+                out["buckets"][s.labels["le"]] = s
+            else:
+                out[s.name.rsplit("_", 1)[1]] = s.value
+    return out
+
+
+def test_metrics_histograms_of_handler_queue_and_flow_time_with_trace_exemplars(procs) -> None:  # type: ignore[no-untyped-def]
+    seed = procs.start(orders, config=FAST, metrics_port=0)
+    pay = procs.start(payments, peers=[seed.endpoint], config=FAST, metrics_port=0)
+    procs.start(shipping, peers=[seed.endpoint], config=FAST)
+    books = procs.start(ledger, peers=[seed.endpoint], config=FAST, metrics_port=0, env={"CHOREO_FIX_FLAG": "/nonexistent"})
+    placed = trace_id_of(new_traceparent())
+
+    async def traffic() -> list[str]:
+        async with Node(None, peers=[seed.endpoint], config=FAST) as client:
+            await client.wait_for({"orders": 1, "payments": 1, "shipping": 1, "ledger": 1}, timeout=20)
+            await client.send(PlaceOrder(order_id="o-9"), traceparent=f"00-{placed}-{'2' * 16}-01")
+            ids = [(await client.emit(Deposit(account=f"a{c % 3}", cents=c))).hex() for c in (1, 2, 3, 13)]
+            await client.flush(timeout=20)
+            return ids
+
+    deposits = asyncio.run(asyncio.wait_for(traffic(), 60))
+
+    def ledger_folded() -> dict[str, Any] | None:
+        families = _openmetrics(books.metrics_url)
+        error = _histogram(families, "choreo_handler_seconds", type="Deposit", handler="book", outcome="error")
+        return families if error.get("count") == 3 else None
+
+    families = poll("the ledger's spans folded", ledger_folded, 20)
+    ok = _histogram(families, "choreo_handler_seconds", type="Deposit", handler="book", outcome="ok")
+    assert ok["count"] == 3 and ok["buckets"]["+Inf"].value == 3
+    les = [float(le) for le in ok["buckets"]]
+    assert les == sorted(les) and les[-1] == float("inf")
+    counts = [ok["buckets"][le].value for le in ok["buckets"]]
+    assert counts == sorted(counts), "buckets are cumulative"
+    exemplars = {b.exemplar.labels["trace_id"] for b in ok["buckets"].values() if b.exemplar is not None}
+    assert exemplars and exemplars <= set(deposits), "exemplars name the traces of the deposits"
+    queue = _histogram(families, "choreo_queue_wait_seconds", type="Deposit", handler="book")
+    assert queue["count"] == 4, "one wait per message (first attempts)"
+    # each deposit came from outside and set nothing in motion: its flow ended with its handler
+    flow_ok = _histogram(families, "choreo_flow_seconds", type="Deposit", handler="book", outcome="ok")
+    assert flow_ok["count"] == 3
+    handled = {(s.labels["outcome"]): s.value for s in families["choreo_handled"].samples if s.labels["type"] == "Deposit"}
+    assert handled == {"ok": 3, "error": 3}
+    assert families["choreo_spans_unfolded"].samples[0].value == 0
+
+    # PlaceOrder's flow at orders ends only when payments (20 ms of work) and shipping acknowledged
+    def orders_flow() -> dict[str, Any] | None:
+        flow = _histogram(_openmetrics(seed.metrics_url), "choreo_flow_seconds", type="PlaceOrder", handler="place_order")
+        return flow if flow.get("count") == 1 else None
+
+    flow = poll("PlaceOrder's flow complete at orders", orders_flow, 30)
+    took = _histogram(_openmetrics(pay.metrics_url), "choreo_handler_seconds", type="OrderPlaced", handler="take_payment")
+    assert took["count"] == 1 and took["sum"] >= 0.02
+    assert flow["sum"] >= took["sum"], "the entry's flow time covers the steps downstream"
+    (exemplar,) = {b.exemplar.labels["trace_id"] for b in flow["buckets"].values() if b.exemplar is not None}
+    assert exemplar == placed
+    # the Prometheus text format (no Accept header) has the same series, without exemplars
+    assert ("choreo_flow_seconds_count", (("handler", "place_order"), ("node", seed.node_name), ("outcome", "ok"),
+            ("service", "orders"), ("type", "PlaceOrder"))) in _scrape(seed.metrics_url)  # fmt: skip
+
+
 # ---- observed vs declared ----------------------------------------------------------------------
 
 
