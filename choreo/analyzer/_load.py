@@ -16,6 +16,7 @@ import os
 import pkgutil
 from types import ModuleType
 
+from ..bundled import example_module
 from ..errors import ChoreoUsageError
 from ..service import Service
 from ..spec import SystemSpec, system_spec
@@ -60,7 +61,7 @@ def collect_services(module_name: str) -> list[Service]:
             f"{module_name!r} looks like a file path: give a module or package name (examples.shop) that Python "
             "can import from the current directory, or a .json spec written by 'choreo graph ... --format json'"
         )
-    root = _import(module_name, is_target=True)
+    root = _import(example_module(module_name), is_target=True)  # examples.X: the clone's, else the installed copy
     modules = [root]
     if hasattr(root, "__path__"):
         failed: list[str] = []
