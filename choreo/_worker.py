@@ -33,7 +33,10 @@ def load_service(target: str) -> Service:
     except ImportError as exc:
         raise ChoreoUsageError(f"cannot import {module_name!r} (from {os.getcwd()}): {exc}") from None
     if attr:
-        obj = getattr(module, attr, None)
+        if not hasattr(module, attr):
+            names = ", ".join(f"{module_name}:{k}" for k, v in vars(module).items() if isinstance(v, Service)) or "none"
+            raise ChoreoUsageError(f"{target}: {module_name} has no attribute {attr!r} (services there: {names})")
+        obj = getattr(module, attr)
         if not isinstance(obj, Service):
             raise ChoreoUsageError(f"{target}: {attr} is not a choreo.Service (got {type(obj).__name__})")
         return obj

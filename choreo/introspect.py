@@ -30,7 +30,7 @@ import msgspec
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
 
-__all__ = ["install", "payload_view"]
+__all__ = ["install", "payload_view", "join_hint", "unacknowledged", "undrained"]
 
 
 def install(engine: Engine) -> None:
@@ -107,3 +107,65 @@ def _outcome(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
     if not tracer.enabled:
         return {"state": "gone", "error": None, "attempts": None}
     return {"state": "running", "error": None, "attempts": None}
+
+
+def _waiting_on(engine: Engine) -> list[str]:
+    """``12 to payments#2b (tcp://10.0.0.7:7001), nothing heard from it for 9.8 s``, per peer with envelopes in flight."""
+    now = engine.clock()
+    out = []
+    for ch in engine.out.values():
+        n = ch.window.in_flight + len(ch.backlog)
+        if not n or ch.closed or not ch.peer.live:
+            continue
+        silent = now - ch.peer.last_heard
+        heard = f", nothing heard from it for {silent:.1f} s" if silent >= 2 * engine.config.heartbeat else ""
+        out.append(f"{n} to {ch.peer.node} ({ch.peer.endpoint}){heard}")
+    return out
+
+
+def unacknowledged(engine: Engine, timeout: float) -> str:
+    """Why a flush timed out, by peer: what each one has not acknowledged and whether it is heard from.
+
+    A peer that is never heard from while it holds our envelopes usually cannot dial back to this
+    node's endpoint: acks travel on connections the peer opens to the endpoint we advertise.
+    """
+    waiting = _waiting_on(engine)
+    text = (
+        f"{engine.name}: not everything sent was acknowledged within {timeout:.1f} s: "
+        + ("; ".join(waiting) or "messages wait for a live instance of the service that consumes them")
+    )
+    if any("nothing heard" in w for w in waiting):
+        text += (
+            f". A peer that is not heard from may be unable to dial back to this node's endpoint "
+            f"{engine.transport.endpoint}: bind an address it reaches, or pass --advertise (advertise= in Python)"
+        )
+    return text
+
+
+def undrained(engine: Engine, timeout: float) -> str:
+    """What a node leaves behind when its drain did not finish within ``timeout`` (for its log)."""
+    snap = engine.snapshot()
+    lag = sum((snap.get("lag") or {}).values())
+    waiting = _waiting_on(engine)
+    return (
+        f"{engine.name}: leaving before its drain finished ({timeout:.1f} s allowed): "
+        f"{snap['in_flight']} message(s) it sent not yet acknowledged"
+        + (f" ({'; '.join(waiting)})" if waiting else "")
+        + f", {lag} received and not yet handled. Their senders resend what it received to the instances "
+        "that take over; what it sent is resent only while it lives, so messages it originated itself may be lost"
+    )
+
+
+def join_hint(engine: Engine, seeds: list[str]) -> str:
+    """Why a node may not see the services it waits for, when no node of the mesh answered it ('' otherwise)."""
+    from .endpoints import is_loopback
+
+    if not seeds or any(p.live and p is not engine.me for p in engine.membership.peers.values()):
+        return ""
+    endpoint = engine.transport.endpoint
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    remote = [s for s in seeds if not is_loopback(s.removeprefix("tcp://").rsplit(":", 1)[0])]
+    hint = f"; no node answered: the seeds ({', '.join(seeds)}) are down, or cannot dial back to this node at {endpoint}"
+    if is_loopback(host) and remote:
+        hint += " (a loopback address: bind an address they reach, or pass --advertise)"
+    return hint
