@@ -41,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from .terminal import Style, style_for
+from .terminal import Style, plural, style_for
 
 __all__ = ["Live", "main"]
 
@@ -375,7 +375,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     example = load_example(str(SHOP) if (SHOP / "__init__.py").is_file() else "examples.shop")
     total = sum(n for _, _, n in example.services)
     print(style.paint("choreo demo", "bold") + f": {example.doc}", file=out)
-    print(_section(f"starting {total} processes, one per service instance", style), file=out, flush=True)
+    print(_section(f"starting {plural(total, 'process', 'processes')}, one per service instance", style), file=out, flush=True)
 
     system = System(example, log=lambda line: print(f"  {line}", file=out, flush=True))
     interrupted: list[int] = []
@@ -419,7 +419,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
 def _stop(system: Any, out: IO[str], style: Style, keep_logs: bool) -> None:
     running = system.running()
     if running:
-        print(_section(f"stopping {len(running)} processes", style), file=out, flush=True)
+        print(_section(f"stopping {plural(len(running), 'process', 'processes')}", style), file=out, flush=True)
     started = time.monotonic()
     statuses = system.stop(timeout=10.0)
     system.cleanup_logs(keep=keep_logs)

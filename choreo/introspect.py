@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .terminal import plural
+
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import Engine
 
@@ -142,14 +144,17 @@ def unacknowledged(engine: Engine, timeout: float) -> str:
     return text
 
 
-def undrained(engine: Engine, timeout: float) -> str:
-    """What a node leaves behind when its drain did not finish within ``timeout`` (for its log)."""
+def undrained(engine: Engine, timeout: float) -> str | None:
+    """What a node leaves behind when its drain did not finish within ``timeout`` (for its log);
+    None when nothing is left (only the quiet period after the last message was cut short)."""
     snap = engine.snapshot()
     lag = sum((snap.get("lag") or {}).values())
+    if not snap["in_flight"] and not lag and not snap.get("in_handler"):
+        return None
     waiting = _waiting_on(engine)
     return (
         f"{engine.name}: leaving before its drain finished ({timeout:.1f} s allowed): "
-        f"{snap['in_flight']} message(s) it sent not yet acknowledged"
+        f"{plural(snap['in_flight'], 'message')} it sent not yet acknowledged"
         + (f" ({'; '.join(waiting)})" if waiting else "")
         + f", {lag} received and not yet handled. Their senders resend what it received to the instances "
         "that take over; what it sent is resent only while it lives, so messages it originated itself may be lost"

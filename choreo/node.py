@@ -187,7 +187,9 @@ class Node:
             try:
                 await self.until(quiet, timeout, "drained")
             except TimeoutError:
-                log.warning("%s", introspect.undrained(engine, timeout))
+                left = introspect.undrained(engine, timeout)  # None: all acknowledged, only the quiet period cut
+                if left:
+                    log.warning("%s", left)
             except Exception as exc:  # the mesh refused us meanwhile: leave anyway
                 log.warning("%s: %s", self.name, exc)
         engine.finish_leave()  # a goodbye either way: peers need not wait for their failure detector

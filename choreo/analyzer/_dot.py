@@ -160,8 +160,8 @@ def _edges(analysis: Analysis) -> list[str]:
         else:
             target_kind = g.nodes[v]["kind"]
             verb = "asks" if target_kind == "query" else relation
-            who = [short_name(d["handler"]) if d["handler"] else "(outside handlers)" for d in ds]
-            tip = "\n".join(f"{g.nodes[u]['name']}.{w} {verb} {g.nodes[v]['name']}" for w in who)
+            who = [f".{short_name(d['handler'])}" if d["handler"] else " (outside handlers)" for d in ds]
+            tip = "\n".join(f"{g.nodes[u]['name']}{w} {verb} {g.nodes[v]['name']}" for w in who)
             style = "dashed" if target_kind == "query" else ("bold" if relation == "sends" else None)
         severity = analysis.edge_severity(u, v)
         colour = SEVERITY_COLOUR[severity] if severity else None

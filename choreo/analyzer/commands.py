@@ -219,12 +219,28 @@ def run_graph(args: argparse.Namespace) -> int:
     """``choreo graph TARGET [--format F] [-o FILE]``: render the graph; exit 0."""
     from ._render import render
 
-    fmt = args.format or (format_for_path(args.output) if args.output else None) or "text"
+    fmt = _graph_format(args)
     if args.observed and fmt in ("mermaid", "asyncapi"):
         raise ChoreoUsageError(f"--observed is shown in text, json, dot, svg, png and html output, not {fmt}")
     analysis = _analysis(args, ignore=_codes(args.ignore))
     _write(args, render(analysis, fmt, _style(args, sys.stdout)))
     return 0
+
+
+def _graph_format(args: argparse.Namespace) -> str:
+    """--format, else the one ``-o FILE``'s suffix names, else text; a suffix that names no format
+    (or another one than --format) is refused rather than written in the wrong format."""
+    if not args.output:
+        return args.format or "text"
+    by_suffix = format_for_path(args.output)
+    suffixes = ", ".join(s for f in FORMATS.values() for s in f.suffixes)
+    if by_suffix is None and args.format is None:
+        raise ChoreoUsageError(
+            f"cannot tell the format of {args.output!r} from its name: end it with one of {suffixes}, or give --format"
+        )
+    if by_suffix is not None and args.format is not None and by_suffix != args.format and FORMATS[args.format].suffixes:
+        raise ChoreoUsageError(f"-o {args.output} names {by_suffix} output, but --format says {args.format}")
+    return args.format or by_suffix or "text"
 
 
 def run_lint(args: argparse.Namespace) -> int:

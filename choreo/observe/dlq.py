@@ -18,6 +18,7 @@ from typing import Any
 
 from ..client import rpc
 from ..errors import ChoreoUsageError
+from ..terminal import plural
 from .mesh import discover, gather
 
 __all__ = ["Letters", "collect", "find", "show", "replay", "outcome", "render_list", "render_show", "jsonable"]
@@ -136,7 +137,7 @@ def render_show(letter: dict[str, Any], traceback: str | None = None) -> str:
         f"  handler    {letter['service']}.{letter['handler']} on {letter['node']} ({letter['endpoint']})",
         f"  message    {letter['msg_id']}  key {letter['key']!r}  partition {letter['partition']}",
         f"  trace      {letter['trace_id']}   (choreo trace {letter['trace_id']} --peer ...)",
-        f"  attempts   {letter['attempts']}" + (f", replayed {letter['replays']} time(s)" if letter.get("replays") else ""),
+        f"  attempts   {letter['attempts']}" + (f", replayed {plural(letter['replays'], 'time')}" if letter.get("replays") else ""),
         f"  failed at  {_when(letter.get('failed_at'))}",
         f"  error      {letter['error_type']}: {letter['error']}",
         "  payload",

@@ -199,3 +199,16 @@ def test_names_that_look_like_markup_stay_text() -> None:
     if shutil.which("dot"):
         done = subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr.decode()
+
+
+def test_what_a_service_sends_outside_handlers_is_named_once_in_parentheses(shop) -> None:
+    import dataclasses
+
+    from choreo.analyzer._observed import compare, observe
+
+    obs = observe([], shop.graph)
+    text = render(dataclasses.replace(shop, observed=compare(shop.graph, obs), observation=obs), "text")
+    line = next(line for line in text.splitlines() if "storefront --sends--> PlaceOrder" in line)
+    assert line.endswith("storefront --sends--> PlaceOrder  (outside handlers)"), line
+    assert "((" not in text
+    assert "storefront (outside handlers) sends PlaceOrder" in render(shop, "dot")
