@@ -10,6 +10,9 @@ through ``Engine.register_rpc``, when a :class:`~choreo.node.Node` starts:
 * ``traces`` ``{"limit": N}``: a summary of each recent trace this node saw (its entry message,
   first and last times, steps, types, keys, failed steps, whether it still runs here), most
   recent first, for ``choreo traces``;
+* ``rates`` ``{"window": S}``: the handler attempts of the last S seconds by type, handler and
+  outcome, with how many seconds the span ring covered, and the node's lag, in-flight envelopes,
+  dead letters and refusals (the live map of ``choreo graph --live``);
 * ``dlq.letters`` ``{"payload": bool, "limit": N}``: the dead letters with their payload
   (decoded from MessagePack when it is), reason and attempts, in one answer;
 * ``dlq.outcome`` ``{"id": N, "msg_id": HEX, "replay": n}``: how the n-th replay of a dead letter
@@ -39,6 +42,7 @@ def install(engine: Engine) -> None:
     """Register this module's system queries on ``engine``."""
     engine.register_rpc("trace", partial(_trace, engine))
     engine.register_rpc("traces", partial(_traces, engine))
+    engine.register_rpc("rates", partial(_rates, engine))
     engine.register_rpc("dlq.letters", partial(_letters, engine))
     engine.register_rpc("dlq.outcome", partial(_outcome, engine))
 
@@ -71,6 +75,36 @@ def _traces(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
         "span_ring": engine.config.span_ring,
         "spans": len(tracer.spans) if tracer.enabled else 0,
         "flows": tracer.flows(limit, list(engine.dispatcher.in_progress)),
+    }
+
+
+def _rates(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
+    window = float(args.get("window", 5.0))
+    if not window > 0:
+        raise ValueError(f"window must be > 0 seconds, got {window}")
+    tracer = engine.tracer
+    now = engine.wall()
+    since = now - window
+    counts: dict[tuple[str, str, str], int] = {}
+    covered = window
+    for t in reversed(tracer.spans):  # newest first: stop at the window's start
+        if t[7] < since:
+            break
+        key = (t[3], t[4], t[8])
+        counts[key] = counts.get(key, 0) + 1
+    else:  # every span is in the window: when the ring is full, it covers less than the window
+        if tracer.enabled and len(tracer.spans) == tracer.spans.maxlen:
+            covered = max(now - tracer.spans[0][7], 1e-3)
+    snap = engine.snapshot()
+    return {
+        "node": engine.name,
+        "service": engine.service.name if engine.service else None,
+        "covered": covered,  # seconds the counts are over
+        "handled": [{"type": k[0], "handler": k[1], "outcome": k[2], "count": n} for k, n in sorted(counts.items())],
+        "lag": sum((snap.get("lag") or {}).values()),
+        "in_flight": snap["in_flight"],
+        "dead_letters": snap["dead_letters"],
+        "refused": sum((snap.get("refused") or {}).values()),
     }
 
 

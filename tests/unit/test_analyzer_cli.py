@@ -202,7 +202,7 @@ def test_peer_reads_the_spec_through_the_client(capsys, monkeypatch) -> None:
 def test_png_refuses_a_terminal(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.setattr(commands, "_analysis", lambda args, ignore=None: None)
-    monkeypatch.setattr("choreo.analyzer._render.render", lambda analysis, fmt, style: b"\x89PNG")
+    monkeypatch.setattr("choreo.analyzer._render.render", lambda analysis, fmt, style, queries="fold": b"\x89PNG")
     status, _, err = run(capsys, "graph", "analyzer_systems.shop", "-f", "png")
     assert status == 2 and "-o FILE.png" in err
 

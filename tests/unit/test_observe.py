@@ -29,7 +29,7 @@ def span(msg: str, cause: str, mtype: str, service: str, handler: str, received:
 @pytest.mark.parametrize(
     "name",
     ["choreo.tracing", "choreo.metrics", "choreo.latency", "choreo.observe.trace_view", "choreo.observe.top",
-     "choreo.observe.traces"],
+     "choreo.observe.traces", "choreo.observe.live"],
 )
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
@@ -289,3 +289,29 @@ def test_the_grafana_dashboard_queries_only_series_the_nodes_export() -> None:
     assert {f"{name}_bucket" for _, name, _ in metrics.HISTOGRAMS} <= used, "every latency histogram has a panel"
     query = dashboard["templating"]["list"][1]["query"]["query"]
     assert re.findall(r"\bchoreo_[a-z_]+", query) == [metrics.INFO[0]]
+
+
+def test_live_labels_rates_errors_and_lag_per_edge_and_service() -> None:
+    from choreo.observe.live import labels
+
+    answers = [
+        {"service": "shipping", "covered": 4.0, "lag": 2, "dead_letters": 3, "refused": 0,
+         "handled": [{"type": "Paid", "handler": "ship", "outcome": "error", "count": 8}]},
+        {"service": "orders", "covered": 2.0, "lag": 0, "dead_letters": 0, "refused": 1,
+         "handled": [{"type": "Place", "handler": "place", "outcome": "ok", "count": 40},
+                     {"type": "Place", "handler": "place", "outcome": "duplicate", "count": 5}]},
+        {"service": "orders", "covered": 5.0, "lag": 1, "dead_letters": 0, "refused": 0,  # a second instance
+         "handled": [{"type": "Place", "handler": "place", "outcome": "ok", "count": 10}]},
+        {"service": None, "covered": 5.0, "handled": []},  # a client handles nothing
+    ]  # fmt: skip
+    edges = [("message:Place", "service:orders", "handles"), ("service:orders", "message:Paid", "emits"),
+             ("message:Paid", "service:shipping", "handles"), ("service:shipping", "message:Shipped", "emits")]  # fmt: skip
+    doc = labels(answers, edges)
+    assert doc["edges"] == {
+        "edge:message:Place->service:orders:handles": {"text": "22/s", "bad": False},  # 40/2 + 10/5 s, duplicates apart
+        "edge:message:Paid->service:shipping:handles": {"text": "2.0 err/s", "bad": True},
+    }
+    assert doc["nodes"] == {
+        "service:shipping": {"text": "lag 2, 3 dead letters, 2.0 err/s", "bad": True},
+        "service:orders": {"text": "lag 1, 1 refused", "bad": False},
+    }
