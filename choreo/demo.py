@@ -409,9 +409,12 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     if status == 0:
         print(_section("next (with the venv active: . .venv/bin/activate)", style), file=out)
         print("  choreo graph examples.shop -o shop.svg                      # the flow graph, drawn", file=out)
-        print("  choreo up examples/shop --port 7400 -o orders=3000 -o rate=30   # the shop, paced; then:", file=out)
+        print("  choreo up examples/shop --port 7400 -o orders=100000 -o rate=30   # the shop, paced (Ctrl-C stops); then:",
+              file=out)  # fmt: skip
         print("  choreo top --peer tcp://127.0.0.1:7400                      # in another terminal", file=out)
+        print("  choreo traces --peer tcp://127.0.0.1:7400                   # recent flows, with their ids", file=out)
         print("  choreo trace TRACE_ID --peer tcp://127.0.0.1:7400           # one flow across the mesh", file=out)
+        print("  choreo graph --peer tcp://127.0.0.1:7400 --live             # the map of the running shop", file=out)
         out.flush()
     return status
 

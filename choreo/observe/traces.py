@@ -220,6 +220,8 @@ def render_text(found: Found, flows: list[Flow], peer: str, style: Style = Style
         status = style.paint(f"{f.status:<7}", _STATUS_COLOUR[f.status])
         line = (f"{f.trace_id}  {stamp:<12}  {status} {_took(f.duration):>8} {f.steps:>6}  {style.paint(head, 'bold')}"
                 + (f" -> {', '.join(others)}" if others else ""))  # fmt: skip
+        if f.duplicates:
+            line += style.paint(f"  = {f.duplicates} duplicate{'' if f.duplicates == 1 else 's'} not run again", "magenta")
         if f.error:
             line += style.paint(f"  {'✗' if style.unicode else 'x'} {f.error}", "red")
         lines.append(line)
