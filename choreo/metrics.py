@@ -187,7 +187,7 @@ def _render_latency(
             extra = list(zip(label_names[attr], key))
             for i, (bound, total) in enumerate(zip(bounds, h.cumulative())):
                 line = f"{name}_bucket{_labels(base, [*extra, ('le', bound)])} {total}"
-                ex = h.exemplars.get(i) if openmetrics else None
+                ex = h.exemplar(i) if openmetrics else None
                 if ex is not None:
                     line += f' # {{trace_id="{ex.trace_id}"}} {round(ex.value, 9)!r} {ex.time:.3f}'
                 lines.append(line)

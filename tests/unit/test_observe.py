@@ -244,6 +244,11 @@ def test_latency_counts_the_spans_the_ring_overwrote_before_a_fold() -> None:
         tracer.spans.append(_lane_span(bytes([i]) * 16, bytes([i]) * 16, bytes(16), 0.0, 0.0, 0.001))
     assert latency.fold({"processed": 10}) == 4
     assert latency.unfolded == 6 and latency.handled == {("Deposit", "book", "ok"): 4}
+    # a visit folds at most max_per_fold spans, the newest; the rest are counted as unfolded too
+    bounded = Latency(Tracer("ledger", "ledger#1", 10, lambda: 0.0), max_per_fold=3)
+    for i in range(5):
+        bounded.tracer.spans.append(_lane_span(bytes([i]) * 16, bytes([i]) * 16, bytes(16), 0.0, 0.0, 0.001))
+    assert bounded.fold({"processed": 5}) == 3 and bounded.unfolded == 2
 
 
 def test_flows_completed_are_reported_only_while_watched() -> None:
