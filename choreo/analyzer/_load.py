@@ -17,6 +17,7 @@ import pkgutil
 from types import ModuleType
 
 from ..bundled import example_module
+from ..endpoints import check_endpoint
 from ..errors import ChoreoUsageError
 from ..service import Service
 from ..spec import SystemSpec, system_spec
@@ -130,8 +131,10 @@ def _from_file(path: str) -> tuple[SystemSpec, str]:
 
 
 def _from_peer(peer: str, timeout: float) -> SystemSpec:
-    if not peer.startswith(("tcp://", "ipc://")):
-        raise LoadError(f"--peer must look like tcp://HOST:PORT, got {peer!r}")
+    try:
+        check_endpoint(peer, "--peer")
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
     if not timeout > 0:
         raise LoadError(f"--timeout must be > 0 seconds, got {timeout}")
     try:
