@@ -58,6 +58,9 @@ async def run(
     metrics_host: str = "127.0.0.1",
     watch_parent: bool = False,
 ) -> int:
+    # the parent as it is now, before the ready line: once the parent has read that line it may
+    # die at any moment, and asking afterwards would name init, which never goes away
+    parent = os.getppid()
     node = Node(
         service,
         bind=bind,
@@ -73,7 +76,7 @@ async def run(
     sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}{metrics}\n")
     sys.stdout.flush()
     if watch_parent:
-        _stop_when_orphaned(node, os.getppid())
+        _stop_when_orphaned(node, parent)
     try:
         await node.serve()
     except ChoreoError as exc:
