@@ -16,11 +16,14 @@ $(STAMP): $(BUILD_INPUTS)
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
 
-# Graphviz renders the flow graph (svg/png); nftables partitions test hosts (network namespaces).
-# Both are installed when missing and we may (root + apt); the tests that need them skip otherwise.
+# Graphviz renders the flow graph (svg/png); nftables partitions test hosts (network namespaces);
+# Chromium (headless) shows the graph's HTML page to the tests as a person would see it.
+# Each is installed when missing and we may (root + apt); the tests that need one skip otherwise.
 tools:
 	@missing=""; command -v dot >/dev/null 2>&1 || missing="$$missing graphviz"; \
 	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing$$missing (apt)"; \

@@ -1,9 +1,13 @@
-"""Builds the compiled core (cext/_core.pyx -> choreo._core). CHOREO_DEBUG=1 builds with -O0 -g."""
+"""Builds the compiled core (cext/_core.pyx -> choreo._core). CHOREO_DEBUG=1 builds with -O0 -g.
+
+The examples/ tree ships inside the wheel as the package ``choreo.examples``, so that
+``choreo up examples/shop`` works after ``pip install`` (see choreo/bundled.py).
+"""
 
 import os
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 debug = os.environ.get("CHOREO_DEBUG") == "1"
 extensions = [
@@ -14,7 +18,11 @@ extensions = [
     )
 ]
 
+examples = ["choreo.examples", *(f"choreo.examples.{name}" for name in find_packages("examples"))]
+
 setup(
+    packages=[*find_packages(include=["choreo", "choreo.*"]), *examples],
+    package_dir={"choreo.examples": "examples"},
     ext_modules=cythonize(
         extensions,
         language_level=3,

@@ -58,6 +58,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'choreo' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # the lazy names too, so that help(choreo) and dir(choreo) list Node, NodeConfig, NodeProcess
+    return sorted({*globals(), *_LAZY})
+
+
 __all__ = [
     "Backpressure",
     "ChoreoError",

@@ -33,7 +33,10 @@ def load_service(target: str) -> Service:
     except ImportError as exc:
         raise ChoreoUsageError(f"cannot import {module_name!r} (from {os.getcwd()}): {exc}") from None
     if attr:
-        obj = getattr(module, attr, None)
+        if not hasattr(module, attr):
+            names = ", ".join(f"{module_name}:{k}" for k, v in vars(module).items() if isinstance(v, Service)) or "none"
+            raise ChoreoUsageError(f"{target}: {module_name} has no attribute {attr!r} (services there: {names})")
+        obj = getattr(module, attr)
         if not isinstance(obj, Service):
             raise ChoreoUsageError(f"{target}: {attr} is not a choreo.Service (got {type(obj).__name__})")
         return obj
@@ -55,6 +58,9 @@ async def run(
     metrics_host: str = "127.0.0.1",
     watch_parent: bool = False,
 ) -> int:
+    # the parent as it is now, before the ready line: once the parent has read that line it may
+    # die at any moment, and asking afterwards would name init, which never goes away
+    parent = os.getppid()
     node = Node(
         service,
         bind=bind,
@@ -70,7 +76,7 @@ async def run(
     sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}{metrics}\n")
     sys.stdout.flush()
     if watch_parent:
-        _stop_when_orphaned(node, os.getppid())
+        _stop_when_orphaned(node, parent)
     try:
         await node.serve()
     except ChoreoError as exc:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import io
 import os
 import shutil
@@ -40,7 +41,7 @@ import traceback
 from pathlib import Path
 from typing import IO, Any
 
-from .terminal import Style, style_for
+from .terminal import Style, plural, style_for
 
 __all__ = ["Live", "main"]
 
@@ -320,9 +321,9 @@ async def _drive(system: Any, args: argparse.Namespace, style: Style, out: IO[st
 
 
 async def _story(system: Any, result: Any, style: Style, out: IO[str]) -> int:
-    from examples.shop.mobile import print_report
-
     from .observe.trace_view import render_text
+
+    print_report = importlib.import_module(system.example.module + ".mobile").print_report
 
     print(_section("the outcome (what the shop's driver checked)", style), file=out, flush=True)
     report = io.StringIO()
@@ -370,14 +371,11 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     from .up import System, load_example
 
     style = _style(args.color, out)
-    if not (SHOP / "__init__.py").is_file():
-        print(f"choreo demo: the shop example is not at {SHOP}: run it from a clone of the repository "
-              "(pip install -e . there)", file=sys.stderr)  # fmt: skip
-        return 2
-    example = load_example(str(SHOP))
+    # the clone's shop wherever the demo runs from; after pip install, the copy installed with choreo
+    example = load_example(str(SHOP) if (SHOP / "__init__.py").is_file() else "examples.shop")
     total = sum(n for _, _, n in example.services)
     print(style.paint("choreo demo", "bold") + f": {example.doc}", file=out)
-    print(_section(f"starting {total} processes, one per service instance", style), file=out, flush=True)
+    print(_section(f"starting {plural(total, 'process', 'processes')}, one per service instance", style), file=out, flush=True)
 
     system = System(example, log=lambda line: print(f"  {line}", file=out, flush=True))
     interrupted: list[int] = []
@@ -411,9 +409,12 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
     if status == 0:
         print(_section("next (with the venv active: . .venv/bin/activate)", style), file=out)
         print("  choreo graph examples.shop -o shop.svg                      # the flow graph, drawn", file=out)
-        print("  choreo up examples/shop --port 7400 -o orders=3000 -o rate=30   # the shop, paced; then:", file=out)
+        print("  choreo up examples/shop --port 7400 -o orders=100000 -o rate=30   # the shop, paced (Ctrl-C stops); then:",
+              file=out)  # fmt: skip
         print("  choreo top --peer tcp://127.0.0.1:7400                      # in another terminal", file=out)
+        print("  choreo traces --peer tcp://127.0.0.1:7400                   # recent flows, with their ids", file=out)
         print("  choreo trace TRACE_ID --peer tcp://127.0.0.1:7400           # one flow across the mesh", file=out)
+        print("  choreo graph --peer tcp://127.0.0.1:7400 --live             # the map of the running shop", file=out)
         out.flush()
     return status
 
@@ -421,7 +422,7 @@ def run(args: argparse.Namespace, out: IO[str] = sys.stdout) -> int:
 def _stop(system: Any, out: IO[str], style: Style, keep_logs: bool) -> None:
     running = system.running()
     if running:
-        print(_section(f"stopping {len(running)} processes", style), file=out, flush=True)
+        print(_section(f"stopping {plural(len(running), 'process', 'processes')}", style), file=out, flush=True)
     started = time.monotonic()
     statuses = system.stop(timeout=10.0)
     system.cleanup_logs(keep=keep_logs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -82,8 +83,9 @@ class Node:
         loop = asyncio.get_running_loop()
         hwm = self.config.window + 1000
         self.transport = ZmqTransport(
-            self.bind, hwm=hwm, max_bytes=self.config.transport_max_bytes, advertise=self._advertise
+            self.bind, hwm=hwm, max_bytes=self.config.transport_max_bytes, advertise=self._advertise, seeds=self.peers
         )
+        # spans on one monotonic clock; the tracer anchors it to wall time to line nodes up
         self.engine = Engine(self.service, self.transport, config=self.config, name=self._name)
         self.transport.start(loop, self.engine.on_frame, self.engine.flush)
         self.engine.start(self.peers)
@@ -92,7 +94,7 @@ class Node:
             try:
                 engine = self.engine
                 self.metrics = await MetricsServer.start(
-                    lambda: engine.stats().to_dict(), self.metrics_host, self.metrics_port
+                    lambda: engine.stats().to_dict(), self.metrics_host, self.metrics_port, tracer=engine.tracer
                 )
             except OSError:
                 self.transport.close()
@@ -158,7 +160,10 @@ class Node:
             await self.until(ready, timeout, f"services {wanted}")
         except TimeoutError:
             have = {s: len(engine.membership.instances(s)) for s in wanted}
-            raise TimeoutError(f"{self.name}: waited {timeout:.1f} s for services {wanted}, the mesh has {have}") from None
+            raise TimeoutError(
+                f"{self.name}: waited {timeout:.1f} s for services {wanted}, the mesh has {have}"
+                + introspect.join_hint(engine, self.peers)
+            ) from None
 
     async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Leave the mesh; with ``drain`` (the default) finish and acknowledge everything first."""
@@ -172,6 +177,7 @@ class Node:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if drain:
+            log.info("%s: draining (up to %.1f s): no new work comes here; finishing what it holds", self.name, timeout)
             engine.begin_leave()
             # quiet for two heartbeats: peers have heard we leave and sent nothing new meanwhile
             quiet_since: list[float] = [engine.clock()]
@@ -184,12 +190,15 @@ class Node:
 
             try:
                 await self.until(quiet, timeout, "drained")
-            except TimeoutError as exc:
-                log.warning("%s", exc)
+            except TimeoutError:
+                left = introspect.undrained(engine, timeout)  # None: all acknowledged, only the quiet period cut
+                if left:
+                    log.warning("%s", left)
             except Exception as exc:  # the mesh refused us meanwhile: leave anyway
                 log.warning("%s: %s", self.name, exc)
         engine.finish_leave()  # a goodbye either way: peers need not wait for their failure detector
         self._close()
+        log.info("%s: left the mesh", self.name)
 
     def kill(self) -> None:
         """Stop at once, like a crash: no drain, no goodbye (for tests of failure handling)."""
@@ -299,7 +308,10 @@ class Node:
         else is acknowledged).
         """
         engine = self._engine()
-        await self.until(lambda: engine.acknowledged, timeout, "all sent messages acknowledged")
+        try:
+            await self.until(lambda: engine.acknowledged, timeout, "all sent messages acknowledged")
+        except TimeoutError:  # say who has not acknowledged what, and whether they are heard from
+            raise TimeoutError(introspect.unacknowledged(engine, timeout)) from None
         undelivered = engine.take_undelivered()
         if undelivered:
             what = ", ".join(f"{n} {t}" for t, n in sorted(undelivered.items()))

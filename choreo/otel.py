@@ -76,15 +76,18 @@ def _producers(spec: Any) -> dict[str, str]:
 
 
 def to_otel_spans(
-    raw: Sequence[tuple[Any, ...]], service: str, instance: str, spec: Any = None
+    raw: Sequence[tuple[Any, ...]], service: str, instance: str, spec: Any = None, offset: float = 0.0
 ) -> list[ReadableSpan]:
-    """Convert span tuples from a :class:`~choreo.tracing.Tracer` ring into SDK ``ReadableSpan`` s."""
+    """Convert span tuples from a :class:`~choreo.tracing.Tracer` ring into SDK ``ReadableSpan`` s.
+
+    ``offset`` turns the ring's clock into wall-clock seconds (``Tracer.offset``).
+    """
     producers = _producers(spec)
     resource = Resource.create({"service.name": service, "service.instance.id": instance})
     out = []
     for t in raw:
         trace_id, msg_id, cause_id, mtype, handler, received, started, finished, outcome, error, attempt, key, partition = (
-            unpack(t)
+            unpack(t)[:13]
         )
         trace_int = int.from_bytes(trace_id, "big")
         flags = _trace_api.TraceFlags(_trace_api.TraceFlags.SAMPLED)
@@ -125,8 +128,8 @@ def to_otel_spans(
                 attributes=attributes,
                 kind=_trace_api.SpanKind.CONSUMER,
                 status=status,
-                start_time=int(started * 1e9),
-                end_time=int(finished * 1e9),
+                start_time=int((started + offset) * 1e9),
+                end_time=int((finished + offset) * 1e9),
                 instrumentation_scope=_SCOPE,
             )
         )
@@ -166,7 +169,7 @@ class OtelExport:
         if not complete:
             self.lost_gaps += 1
             log.warning("otel: the span ring wrapped between two exports; raise NodeConfig.span_ring or export more often")
-        return to_otel_spans(raw, tracer.service, tracer.instance, self._system_spec()) if raw else []
+        return to_otel_spans(raw, tracer.service, tracer.instance, self._system_spec(), tracer.offset) if raw else []
 
     async def export_now(self) -> int:
         """Export what is new now; returns how many spans were handed to the exporter."""

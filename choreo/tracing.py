@@ -2,18 +2,28 @@
 
 A span is recorded when a handler attempt ends: the message's trace id, its id and the id of
 the message that caused it, the type, handler, service and instance, when the message was
-received, when the attempt started and finished (wall-clock seconds, so spans from several
-hosts line up), the outcome and the error. Spans live in a ring of fixed size per node, so
-memory stays bounded whatever the traffic; ``span_ring=0`` turns recording off. Recording is one
-tuple appended to a deque per attempt (the core's compiled lane appends the same tuple inline);
-everything else here (Span objects, hex ids, filtering by trace) happens when somebody asks.
+received, when the attempt started and finished, the outcome and the error. Spans live in a
+ring of fixed size per node, so memory stays bounded whatever the traffic; ``span_ring=0`` turns
+recording off. Recording is one tuple appended to a deque per attempt (the core's compiled lane
+appends the same tuple inline); everything else here (Span objects, hex ids, filtering by trace)
+happens when somebody asks.
 
 One layout for every recorded span, whoever records it (the ``SPAN_*`` indices)::
 
-    (ids, type, handler, received, started, finished, outcome, error, attempt, key, partition)
+    (ids, type, handler, received, started, finished, outcome, error, attempt, key, partition[, replay])
 
 where ``ids`` is the 48 bytes ``msg_id | trace_id | cause_id``, in the envelope's own order, so
-the lane records one bytes object instead of three per message; :func:`unpack` splits it.
+the lane records one bytes object instead of three per message (:func:`unpack` splits it), and
+``replay`` (present only on a replayed dead letter's attempts) says which replay it was.
+
+One clock per trace. Inside a node every time of a span comes from one monotonic clock (a
+node records with ``time.monotonic``, the same C call as ``time.time``), so a step's queue,
+handler and total times never jump when the system clock is set. Wall time is used only to
+line nodes up: the tracer anchors its clock to the wall clock once (:func:`wall_offset`) and
+adds that constant whenever a span leaves the node (:meth:`Tracer.query`, the OpenTelemetry
+export), so spans of several hosts share one time line as far as their clocks agree. A dead
+letter replayed later is recorded as the next attempts of the same step (``attempt`` counts
+on from the attempts before it; ``replay`` says which replay it was).
 
 Trace ids and W3C ``traceparent``. A flow's trace id is the id of its first message from
 outside, unless the caller passes a ``traceparent`` to ``emit``/``send``/``ask``: then it is that
@@ -37,6 +47,7 @@ So every ``traceparent`` is a pure function of ids the envelopes already carry:
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
@@ -53,13 +64,14 @@ __all__ = [
     "traceparent_of",
     "trace_id_of",
     "span_id",
+    "wall_offset",
     "unpack",
     "Attempt",
 ]
 
 # the fields of a recorded span tuple (see the module docstring)
 SPAN_IDS, SPAN_TYPE, SPAN_HANDLER, SPAN_RECEIVED, SPAN_STARTED, SPAN_FINISHED = range(6)
-SPAN_OUTCOME, SPAN_ERROR, SPAN_ATTEMPT, SPAN_KEY, SPAN_PARTITION = range(6, 11)
+SPAN_OUTCOME, SPAN_ERROR, SPAN_ATTEMPT, SPAN_KEY, SPAN_PARTITION, SPAN_REPLAY = range(6, 12)
 
 
 class Span(msgspec.Struct, frozen=True):
@@ -78,27 +90,95 @@ class Span(msgspec.Struct, frozen=True):
     attempt: int
     key: str = ""
     partition: int = 0
+    replay: int = 0  # 0: the message as it arrived; n: the n-th replay of its dead letter
+
+
+def wall_offset(clock: Callable[[], float]) -> float:
+    """What to add to readings of ``clock`` to read them as wall-clock seconds.
+
+    ``time.monotonic`` is anchored to ``time.time`` now, once; any other clock is taken to read
+    wall time already (``time.time``, or a test's virtual clock): 0.
+
+    >>> wall_offset(time.time)
+    0.0
+    >>> abs(time.monotonic() + wall_offset(time.monotonic) - time.time()) < 1.0
+    True
+    """
+    if clock is time.monotonic:
+        return time.time() - time.monotonic()
+    return 0.0
 
 
 class Attempt(Protocol):
     """What the tracer reads of one handler attempt (the dispatcher's job)."""
 
     env: Any  # the envelope: msg_id, trace_id, cause_id, type, key, partition
-    handler: Any  # the Handler (its name), or None
+    handler: Any  # the Handler (its name, retry policy), or None
     received: float
     started: float
     attempt: int
+    message: Any
+    error: str | None
+    replay_of: Any  # the DeadLetter being replayed, or None
 
 
 class Tracer:
-    """Keeps the most recent spans of one node."""
+    """Keeps the most recent spans of one node.
+
+    ``wall`` is the clock spans are recorded with (the engine's, monotonic in a node);
+    ``offset`` turns its readings into wall-clock seconds when spans leave the node.
+    """
 
     def __init__(self, service: str, instance: str, size: int, wall: Callable[[], float]) -> None:
         self.service = service
         self.instance = instance
         self.wall = wall
+        self.offset = wall_offset(wall)
         self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
         self.enabled = size > 0
+        # flows from outside that completed here, while metrics watch (None: nobody watches)
+        self.completed: deque[tuple[bytes, str, str, float, float, str]] | None = None
+        self._watchers = 0
+        # handlers that declare no emits or sends: their span ends the flow of a message from outside
+        self.terminal: set[str] = set()
+
+    def watch_flows(self) -> None:
+        """Start reporting completed flows (:meth:`flow_done`, read with :meth:`take_flows`)."""
+        self._watchers += 1
+        if self.completed is None and self.enabled:
+            self.completed = deque(maxlen=self.spans.maxlen)
+
+    def unwatch_flows(self) -> None:
+        self._watchers = max(self._watchers - 1, 0)
+        if not self._watchers:
+            self.completed = None
+
+    def flow_done(self, job: Attempt) -> None:
+        """A job completed: everything it emitted was acknowledged downstream (the dispatcher calls
+        this only while :attr:`completed` is not None). For a message from outside, that is the end
+        of the whole flow it started: recorded as ``(trace_id, type, handler, received, now, outcome)``.
+        """
+        env = job.env
+        handler = job.handler
+        if (
+            self.completed is None
+            or handler is None
+            or job.message is None  # a duplicate or a refused body: no flow of its own
+            or job.replay_of is not None
+            or env.cause_id != _ZERO16
+            or handler.name in self.terminal  # its span says it all (the lane records no job)
+        ):
+            return
+        dead = job.error is not None and job.attempt > handler.retry.retries
+        self.completed.append((env.trace_id, env.type, handler.name, job.received, self.wall(), "error" if dead else "ok"))
+
+    def take_flows(self) -> list[tuple[bytes, str, str, float, float, str]]:
+        """The completed flows reported since the last call (and forget them)."""
+        if not self.completed:
+            return []
+        out = list(self.completed)
+        self.completed.clear()
+        return out
 
     def finished(self, job: Attempt, outcome: str, error: str | None) -> None:
         """Record the end of one attempt."""
@@ -106,20 +186,18 @@ class Tracer:
             return
         env = job.env
         handler = job.handler
+        attempt = job.attempt + 1 if outcome == "ok" else job.attempt  # failures bump it first
+        ids = env.msg_id + env.trace_id + env.cause_id
+        name = handler.name if handler else ""
+        letter = job.replay_of
+        if letter is not None:  # a replayed dead letter: its attempts count on after the earlier ones
+            self.spans.append(
+                (ids, env.type, name, job.received, job.started, self.wall(), outcome, error,
+                 letter.attempts + attempt, env.key, env.partition, letter.replays)
+            )  # fmt: skip
+            return
         self.spans.append(
-            (
-                env.msg_id + env.trace_id + env.cause_id,
-                env.type,
-                handler.name if handler else "",
-                job.received,
-                job.started,
-                self.wall(),
-                outcome,
-                error,
-                job.attempt + 1 if outcome == "ok" else job.attempt,  # failures bump it first
-                env.key,
-                env.partition,
-            )
+            (ids, env.type, name, job.received, job.started, self.wall(), outcome, error, attempt, env.key, env.partition)
         )
 
     def query(self, trace_id: bytes | None = None, limit: int = 1000) -> list[Span]:
@@ -149,15 +227,80 @@ class Tracer:
         new.reverse()
         return new, spans[-1], found or cursor is None
 
+    def flows(self, limit: int = 1000, busy: Iterable[bytes] = (), max_keys: int = 32) -> list[dict[str, Any]]:
+        """What this node saw of each recent trace, most recently active first: one summary per
+        trace id, for ``choreo traces`` (which merges the summaries of every node).
+
+        Each summary: ``trace_id``, ``first`` (earliest received) and ``last`` (latest finished),
+        in wall-clock seconds; ``steps`` (distinct message and handler pairs) and ``spans``;
+        ``types`` and ``keys`` seen (at most ``max_keys`` keys); ``entry``, the earliest step
+        whose message came from outside (``{"type", "handler", "service", "received"}``) or None;
+        ``failed``, the steps whose latest attempt raised and that are not being retried (``busy``
+        holds the ids of messages still in progress here); ``running``, whether one of them is;
+        ``duplicates``, how many copies were acknowledged without running the handler.
+
+        >>> t = Tracer("orders", "orders#1", 10, time.time)
+        >>> t.spans.append((b"M" * 16 + b"T" * 16 + bytes(16), "PlaceOrder", "place", 1.0, 1.5, 2.0, "ok", None, 1, b"c1", 0))
+        >>> [(f["entry"]["type"], f["steps"], f["keys"], f["failed"]) for f in t.flows()]
+        [('PlaceOrder', 1, ['c1'], [])]
+        """
+        busy = set(busy)
+        by_trace: dict[bytes, dict[str, Any]] = {}
+        latest: dict[tuple[bytes, bytes, str], tuple[Any, ...]] = {}
+        off = self.offset
+        for raw in self.spans:
+            t = unpack(raw)
+            trace_id, msg_id, cause_id, mtype, handler = t[0], t[1], t[2], t[3], t[4]
+            flow = by_trace.get(trace_id)
+            if flow is None:
+                flow = by_trace[trace_id] = {
+                    "trace_id": trace_id.hex(), "first": t[5], "last": t[7], "spans": 0, "types": set(),
+                    "keys": set(), "entry": None, "failed": [], "running": False, "duplicates": 0, "_steps": set(),
+                }  # fmt: skip
+            flow["spans"] += 1
+            flow["first"] = min(flow["first"], t[5])
+            flow["last"] = max(flow["last"], t[7])
+            flow["types"].add(mtype)
+            if t[11] and len(flow["keys"]) < max_keys:
+                flow["keys"].add(t[11].decode("utf-8", "replace"))
+            if t[8] == "duplicate":
+                flow["duplicates"] += 1
+                continue
+            flow["_steps"].add((msg_id, handler))
+            latest[(trace_id, msg_id, handler)] = t
+            if msg_id in busy:
+                flow["running"] = True
+            replayed = len(t) > 13 and t[13]
+            if cause_id == _ZERO16 and not replayed and (flow["entry"] is None or t[5] < flow["entry"]["received"]):
+                flow["entry"] = {"type": mtype, "handler": handler, "service": self.service, "received": t[5]}
+        for (trace_id, msg_id, handler), t in latest.items():
+            if t[8] == "error" and msg_id not in busy:
+                by_trace[trace_id]["failed"].append(
+                    {"type": t[3], "handler": handler, "service": self.service, "instance": self.instance, "error": t[9]}
+                )
+        out = sorted(by_trace.values(), key=lambda f: f["last"], reverse=True)[: max(limit, 0)]
+        for flow in out:
+            flow["steps"] = len(flow.pop("_steps"))
+            flow["types"] = sorted(flow["types"])
+            flow["keys"] = sorted(flow["keys"])
+            flow["first"] += off
+            flow["last"] += off
+            if flow["entry"] is not None:
+                flow["entry"]["received"] += off
+            flow["service"] = self.service
+            flow["instance"] = self.instance
+        return out
+
     def running(self, jobs: Iterable[Any], trace_id: bytes, now: float) -> list[Span]:
         """Span-shaped records of the jobs of one trace that are still in a handler, waiting for
         their key, or waiting for a retry (outcome ``running``, ``queued`` or ``retrying``).
 
         Jobs whose handler already finished (waiting for downstream acks) are left out: their
-        span is in the ring. ``jobs`` are the dispatcher's in-progress jobs. Nothing here is on
-        the hot path: it runs when ``choreo trace`` asks.
+        span is in the ring. ``jobs`` are the dispatcher's in-progress jobs; ``now`` is a reading
+        of the tracer's clock. Nothing here is on the hot path: it runs when ``choreo trace`` asks.
         """
         out = []
+        off = self.offset
         for job in jobs:
             env = job.env
             if env.trace_id != trace_id or job.pending or job.handler is None:
@@ -177,9 +320,9 @@ class Tracer:
                     handler=job.handler.name,
                     service=self.service,
                     instance=self.instance,
-                    received=job.received,
-                    started=job.started,
-                    finished=now,
+                    received=job.received + off,
+                    started=job.started + off if job.started else 0.0,
+                    finished=now + off,
                     outcome=outcome,
                     error=job.error,
                     attempt=job.attempt + (outcome == "running"),
@@ -196,29 +339,34 @@ class Tracer:
         return 0.0
 
     def _span(self, t: tuple[Any, ...]) -> Span:
-        ids = t[SPAN_IDS]
+        t = unpack(t)
+        off = self.offset
         return Span(
-            trace_id=ids[16:32].hex(),
-            msg_id=ids[:16].hex(),
-            cause_id=ids[32:48].hex(),
-            type=t[SPAN_TYPE],
-            handler=t[SPAN_HANDLER],
+            trace_id=t[0].hex(),
+            msg_id=t[1].hex(),
+            cause_id=t[2].hex(),
+            type=t[3],
+            handler=t[4],
             service=self.service,
             instance=self.instance,
-            received=t[SPAN_RECEIVED],
-            started=t[SPAN_STARTED],
-            finished=t[SPAN_FINISHED],
-            outcome=t[SPAN_OUTCOME],
-            error=t[SPAN_ERROR],
-            attempt=t[SPAN_ATTEMPT],
-            key=t[SPAN_KEY].decode("utf-8", "replace"),
-            partition=t[SPAN_PARTITION],
+            received=t[5] + off,
+            started=t[6] + off if t[6] else 0.0,
+            finished=t[7] + off,
+            outcome=t[8],
+            error=t[9],
+            attempt=t[10],
+            key=t[11].decode("utf-8", "replace"),
+            partition=t[12],
+            replay=t[13] if len(t) > 13 else 0,
         )
+
+
+_ZERO16 = bytes(16)
 
 
 def unpack(t: tuple[Any, ...]) -> tuple[Any, ...]:
     """A recorded span with its ids apart: ``(trace_id, msg_id, cause_id, type, handler, received,
-    started, finished, outcome, error, attempt, key, partition)``."""
+    started, finished, outcome, error, attempt, key, partition[, replay])``."""
     ids = t[SPAN_IDS]
     return (ids[16:32], ids[:16], ids[32:48], *t[1:])
 

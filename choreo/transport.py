@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
-from urllib.parse import urlsplit
+from collections.abc import Callable, Iterable
 
 import zmq
+
+from .endpoints import advertised, check_endpoint
 
 __all__ = ["ZmqTransport"]
 
@@ -41,7 +42,12 @@ class ZmqTransport:
         max_bytes: int = 256 << 20,
         advertise: str | None = None,
         context: zmq.Context | None = None,
+        seeds: Iterable[str] = (),
     ) -> None:
+        check_endpoint(bind, "bind", bind=True)
+        if advertise is not None:
+            check_endpoint(advertise, "advertise")
+        seeds = [check_endpoint(seed, "peer") for seed in seeds]
         self.context = context or zmq.Context.instance()
         self.hwm = hwm
         self.router = self.context.socket(zmq.ROUTER)
@@ -55,7 +61,7 @@ class ZmqTransport:
             self.router.close(0)
             raise OSError(f"cannot bind {bind}: {exc}") from None
         bound = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.endpoint = advertise or _advertisable(bound)
+        self.endpoint = advertised(bound, seeds, advertise)  # a wildcard bind: the interface peers reach
         self.dealers: dict[str, zmq.Socket] = {}
         self.parked: dict[str, deque[bytes]] = {}
         self.dropped = 0
@@ -183,13 +189,3 @@ class ZmqTransport:
         self.dealers.clear()
         self.parked.clear()
         self.router.close(0)
-
-
-def _advertisable(bound: str) -> str:
-    """The endpoint peers should dial: a wildcard bind is advertised as loopback."""
-    parts = urlsplit(bound)
-    if parts.scheme == "tcp" and parts.hostname in ("0.0.0.0", "::", "*"):
-        port = parts.port
-        log.warning("bound to a wildcard address %s: advertising 127.0.0.1:%s (pass advertise= for other hosts)", bound, port)
-        return f"tcp://127.0.0.1:{port}"
-    return bound

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bundled import BUNDLED, example_module, example_names
 from .client import rpc
 from .config import NodeConfig
 from .errors import ChoreoError, ChoreoUsageError
@@ -75,7 +77,7 @@ class Example:
 
     @property
     def name(self) -> str:
-        return self.module.removeprefix("examples.")
+        return self.module.removeprefix(BUNDLED + ".").removeprefix("examples.")
 
     def count(self) -> dict[str, int]:
         return {name: n for name, _, n in self.services}
@@ -86,6 +88,8 @@ def resolve_target(target: str) -> str:
 
     A path is turned into a dotted name by walking up through the directories that hold an
     ``__init__.py``; the first one that does not is put on ``sys.path`` (like ``python -m``).
+    ``examples/NAME`` that does not exist here names the example installed with choreo
+    (:mod:`choreo.bundled`), so the README's commands work after ``pip install``.
 
     >>> resolve_target("examples.shop")
     'examples.shop'
@@ -94,10 +98,18 @@ def resolve_target(target: str) -> str:
     if "/" not in target and "\\" not in target and not path.is_dir():
         if os.getcwd() not in sys.path:
             sys.path.insert(0, os.getcwd())
-        return target
+        return example_module(target)
+    if not path.exists():
+        dotted = target.replace("\\", "/").removeprefix("./").strip("/").replace("/", ".")
+        module = example_module(dotted)
+        if module != dotted and _importable(module):
+            return module
+        raise ChoreoUsageError(f"{target}: no such directory{_known_examples()}")
     path = path.resolve()
     if not (path / "__init__.py").is_file():
-        raise ChoreoUsageError(f"{target}: not a package directory (no __init__.py): give an example like examples/shop")
+        raise ChoreoUsageError(
+            f"{target}: not a package directory (no __init__.py): give an example like examples/shop{_known_examples()}"
+        )
     parts = [path.name]
     root = path.parent
     while (root / "__init__.py").is_file():
@@ -108,13 +120,25 @@ def resolve_target(target: str) -> str:
     return ".".join(reversed(parts))
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _known_examples() -> str:
+    names = example_names()
+    return f"; the examples are: {', '.join(names)}" if names else ""
+
+
 def load_example(target: str) -> Example:
     """Import an example package and read its ``SYSTEM``, ``CLIENT``, ``CLIENT_CONFIG``, ``ENV``, ``drive``."""
     module_name = resolve_target(target)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ChoreoUsageError(f"cannot import {module_name!r} (from {os.getcwd()}): {exc}") from None
+        raise ChoreoUsageError(f"cannot import {module_name!r} (from {os.getcwd()}): {exc}{_known_examples()}") from None
     system = getattr(module, "SYSTEM", None)
     if not isinstance(system, Mapping) or not system:
         raise ChoreoUsageError(

@@ -100,6 +100,7 @@ def status_line(name: str, pid: int, stats: dict[str, Any] | None, state: str = 
 
 
 def _up(args: argparse.Namespace) -> int:
+    from .terminal import plural
     from .up import System, load_example
 
     example = load_example(args.example)
@@ -112,7 +113,7 @@ def _up(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{name}" + (f" x{n}" if n > 1 else "") for name, _, n in example.services)
     total = sum(n for _, _, n in example.services)
     print(f"choreo up {example.module}: {example.doc}" if example.doc else f"choreo up {example.module}", flush=True)
-    print(f"starting {total} processes: {counts}", flush=True)
+    print(f"starting {plural(total, 'process', 'processes')}: {counts}", flush=True)
     system = System(example, data_dir=args.data, port=args.port, log_level=args.log_level, log=say)
     status = 1
     ok = False
@@ -223,10 +224,13 @@ async def _statuses(system: Any, interval: float) -> None:
 
 
 def _stop(system: Any, timeout: float) -> None:
+    from .terminal import plural
+
     running = system.running()
     stats = system.stats() if running else {}
     if running:
-        print(f"stopping {len(running)} processes (SIGTERM: each drains what it holds, then leaves)", flush=True)
+        print(f"stopping {plural(len(running), 'process', 'processes')} (SIGTERM: each drains what it holds, then leaves)",
+              flush=True)  # fmt: skip
     system.stop(timeout=timeout)
     for inst in running:
         print(f"  {status_line(inst.name, inst.pid, stats.get(inst.name), f'exit {inst.returncode}')}", flush=True)

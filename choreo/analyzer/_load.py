@@ -16,6 +16,8 @@ import os
 import pkgutil
 from types import ModuleType
 
+from ..bundled import example_module
+from ..endpoints import check_endpoint
 from ..errors import ChoreoUsageError
 from ..service import Service
 from ..spec import SystemSpec, system_spec
@@ -60,7 +62,7 @@ def collect_services(module_name: str) -> list[Service]:
             f"{module_name!r} looks like a file path: give a module or package name (examples.shop) that Python "
             "can import from the current directory, or a .json spec written by 'choreo graph ... --format json'"
         )
-    root = _import(module_name, is_target=True)
+    root = _import(example_module(module_name), is_target=True)  # examples.X: the clone's, else the installed copy
     modules = [root]
     if hasattr(root, "__path__"):
         failed: list[str] = []
@@ -129,8 +131,10 @@ def _from_file(path: str) -> tuple[SystemSpec, str]:
 
 
 def _from_peer(peer: str, timeout: float) -> SystemSpec:
-    if not peer.startswith(("tcp://", "ipc://")):
-        raise LoadError(f"--peer must look like tcp://HOST:PORT, got {peer!r}")
+    try:
+        check_endpoint(peer, "--peer")
+    except ValueError as exc:
+        raise LoadError(str(exc)) from None
     if not timeout > 0:
         raise LoadError(f"--timeout must be > 0 seconds, got {timeout}")
     try:

@@ -28,6 +28,7 @@ from ._graph import message_id, service_id
 __all__ = ["ObservedEdge", "Observation", "observe", "compare"]
 
 ZERO = "0" * 32
+OUTSIDE_HANDLERS = "outside handlers"  # who produced a message the service originates itself
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ def observe(spans: Iterable[Mapping[str, Any]], g: nx.MultiDiGraph) -> Observati
             continue
         seen_messages.add((msg, s["service"], mtype))
         cause = s.get("cause_id", ZERO)
+        if s.get("replay"):
+            continue  # a replayed dead letter: handled again, but nobody produced it now
         if cause == ZERO:
             obs.from_outside.setdefault(mtype, set()).add(msg)
             continue
@@ -130,7 +133,7 @@ def compare(g: nx.MultiDiGraph, obs: Observation) -> list[ObservedEdge]:
         msgs = set(obs.edges.get((u, v, relation), ()))
         if relation != "handles" and any(d["handler"] is None for d in ds):
             msgs |= obs.from_outside.get(g.nodes[v]["name"], set())  # produced outside handlers
-        names = tuple(sorted({d["handler"] or "(outside handlers)" for d in ds}))
+        names = tuple(sorted({d["handler"] or OUTSIDE_HANDLERS for d in ds}))
         out.append(ObservedEdge(u, v, relation, "seen" if msgs else "never-seen", len(msgs), names))
     for (u, v, relation), msgs in obs.edges.items():
         if (u, v, relation) not in declared:

@@ -8,7 +8,7 @@ files and pipes get clean text.
 
 from __future__ import annotations
 
-from ..terminal import Style
+from ..terminal import Style, short_name
 from ._analysis import Analysis
 from ._flows import Flow, Hop, Step
 from ._lints import Finding
@@ -78,7 +78,7 @@ def render_observed(analysis: Analysis, style: Style = Style()) -> str:
         mark = uni if style.unicode else ascii_mark
         status = e.status.replace("-", " ")
         count = str(e.count) if e.count else "-"
-        who = f"  ({', '.join(h.rsplit('.<locals>.', 1)[-1] for h in e.handlers)})" if e.handlers else ""
+        who = f"  ({', '.join(short_name(h) for h in e.handlers)})" if e.handlers else ""
         lines.append(style.paint(f"  {mark} {status:<11}{count:>4}  {e.label(analysis.graph)}{who}", colour))
     if obs and obs.unattributed:
         lines.append(style.paint(f"  ({obs.unattributed} produced messages whose producer's span was not found)", "dim"))

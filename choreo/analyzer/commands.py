@@ -74,6 +74,18 @@ def register(subparsers: Any) -> None:
     graph.add_argument(
         "--spans", type=int, default=10_000, metavar="N", help="with --observed: recent spans read per node (10000)"
     )
+    graph.add_argument(
+        "--queries", choices=["fold", "draw"], default="fold",
+        help="in drawings (dot, svg, png, html): fold queries into the services that answer and ask them "
+        "(default), or draw them as nodes",
+    )  # fmt: skip
+    graph.add_argument(
+        "--live", action="store_true",
+        help="with --peer: serve the HTML page on 127.0.0.1 with the mesh's rates, lag and errors on the drawing, "
+        "refreshed every --interval seconds, until Ctrl-C",
+    )  # fmt: skip
+    graph.add_argument("--port", type=int, default=0, help="with --live: the port to serve on (default: a free one)")
+    graph.add_argument("--interval", type=float, default=2.0, help="with --live: seconds between refreshes (2)")
     graph.set_defaults(func=run_graph)
 
     lint = subparsers.add_parser(
@@ -219,12 +231,61 @@ def run_graph(args: argparse.Namespace) -> int:
     """``choreo graph TARGET [--format F] [-o FILE]``: render the graph; exit 0."""
     from ._render import render
 
-    fmt = args.format or (format_for_path(args.output) if args.output else None) or "text"
+    if args.live:
+        return _serve_live(args)
+    fmt = _graph_format(args)
     if args.observed and fmt in ("mermaid", "asyncapi"):
         raise ChoreoUsageError(f"--observed is shown in text, json, dot, svg, png and html output, not {fmt}")
     analysis = _analysis(args, ignore=_codes(args.ignore))
-    _write(args, render(analysis, fmt, _style(args, sys.stdout)))
+    _write(args, render(analysis, fmt, _style(args, sys.stdout), queries=args.queries))
     return 0
+
+
+def _serve_live(args: argparse.Namespace) -> int:
+    """``choreo graph --peer P --live``: the HTML page with the mesh's numbers, served until Ctrl-C."""
+    import importlib
+
+    from ._graph import drawn_edges
+    from ._html import render_html
+
+    if args.peer is None:
+        raise ChoreoUsageError("choreo graph --live shows a running mesh: give --peer tcp://HOST:PORT")
+    if args.output or args.format not in (None, "html"):
+        raise ChoreoUsageError("choreo graph --live serves the HTML page: leave out -o and --format")
+    if not args.interval > 0:
+        raise ChoreoUsageError(f"--interval must be > 0 seconds, got {args.interval}")
+    if not 0 <= args.port <= 65535:
+        raise ChoreoUsageError(f"--port must be in 0..65535, got {args.port}")
+    analysis = _analysis(args, ignore=_codes(args.ignore))
+    live = importlib.import_module("choreo.observe.live")  # the CLI's client side: only for --live
+    edges = [(u, v, rel) for u, v, rel, _ in drawn_edges(analysis.graph)]
+    collector = live.LiveMap(args.peer, edges, window=max(5.0, 2 * args.interval), timeout=args.timeout)
+    page = render_html(analysis, queries=args.queries, live={"url": "live.json", "interval": args.interval})
+
+    def ready(url: str) -> None:
+        print(f"serving the live map of {args.peer} at {url} (Ctrl-C stops)", flush=True)
+
+    try:
+        live.serve(page, collector.collect, port=args.port, ready=ready)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _graph_format(args: argparse.Namespace) -> str:
+    """--format, else the one ``-o FILE``'s suffix names, else text; a suffix that names no format
+    (or another one than --format) is refused rather than written in the wrong format."""
+    if not args.output:
+        return args.format or "text"
+    by_suffix = format_for_path(args.output)
+    suffixes = ", ".join(s for f in FORMATS.values() for s in f.suffixes)
+    if by_suffix is None and args.format is None:
+        raise ChoreoUsageError(
+            f"cannot tell the format of {args.output!r} from its name: end it with one of {suffixes}, or give --format"
+        )
+    if by_suffix is not None and args.format is not None and by_suffix != args.format and FORMATS[args.format].suffixes:
+        raise ChoreoUsageError(f"-o {args.output} names {by_suffix} output, but --format says {args.format}")
+    return args.format or by_suffix or "text"
 
 
 def run_lint(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ How this works: :func:`register` adds the parsers (cheap: nothing heavy is impor
 command runs). Every command takes ``--peer tcp://HOST:PORT``, one node of a running mesh, and
 reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`).
 
+    $ choreo traces --peer tcp://127.0.0.1:7000 --failed      # recent flows that failed, with their ids
+    $ choreo traces --peer tcp://127.0.0.1:7000 --slow 50 --type PlaceOrder
     $ choreo trace 84759a27c4f2bf7f0100000000000000 --peer tcp://127.0.0.1:7000
     $ choreo trace 00-84759a27...-a9593e141a44b863-01 --peer ... --follow      # a traceparent works too
     $ choreo top --peer tcp://127.0.0.1:7000                    # refreshes every second; Ctrl-C quits
@@ -12,7 +14,8 @@ reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`).
     $ choreo dlq replay payments#1a2b3c:1 --peer tcp://127.0.0.1:7000
 
 Exit status: 0; ``trace`` 1 when a step of the flow failed; 2 when the mesh cannot be read or
-the trace is unknown (``choreo: error: ...``); ``dlq replay`` 1 when a replay was refused.
+the trace is unknown (``choreo: error: ...``); ``dlq replay`` 1 when a replay was refused or
+failed again.
 """
 
 from __future__ import annotations
@@ -26,10 +29,28 @@ from typing import IO, Any
 
 from ..errors import ChoreoUsageError
 
-__all__ = ["register", "run_trace", "run_top", "run_dlq"]
+__all__ = ["register", "run_traces", "run_trace", "run_top", "run_dlq"]
 
 
 def register(subparsers: Any) -> None:
+    traces = subparsers.add_parser(
+        "traces",
+        help="list recent flows of the mesh (status, duration, entry message): the ids for 'choreo trace'",
+        description="The recent flows every node of the mesh remembers in its span ring, newest first: each one's "
+        "trace id (what 'choreo trace' takes), when it started, whether it succeeded, failed or still runs, how long "
+        "it took, how many steps, its entry message and the services it went through. Exit status: 0, 2 when "
+        "the mesh cannot be read.",
+    )
+    _mesh_arguments(traces)
+    traces.add_argument("--failed", action="store_true", help="only flows with a step that failed for good")
+    traces.add_argument("--slow", type=float, default=None, metavar="MS", help="only flows that took at least MS milliseconds")
+    traces.add_argument("--type", default=None, metavar="TYPE", help="only flows with a step of this message type")
+    traces.add_argument("--key", default=None, metavar="KEY", help="only flows with a step of this ordering key")
+    traces.add_argument("-n", "--limit", type=int, default=20, metavar="N", help="show at most N flows (default 20)")
+    traces.add_argument("--json", action="store_true", help="print the choreo-traces/1 JSON document")
+    _color_argument(traces)
+    traces.set_defaults(func=run_traces)
+
     trace = subparsers.add_parser(
         "trace",
         help="follow one flow across the mesh: steps, timings, critical path, failing step",
@@ -92,6 +113,10 @@ def register(subparsers: Any) -> None:
     replay.add_argument("letters", nargs="*", metavar="LETTER", help="NODE:ID or ID (several allowed)")
     replay.add_argument("--all", action="store_true", help="every dead letter of the mesh (or of --type)")
     replay.add_argument("--type", metavar="TYPE", help="with --all: only letters of this message type")
+    replay.add_argument(
+        "--wait", type=float, default=10.0, metavar="SECONDS",
+        help="how long to wait for each replay's outcome (handled or failed again; default 10, 0: do not wait)",
+    )  # fmt: skip
     _mesh_arguments(replay)
     replay.add_argument("--json", action="store_true", help="print JSON")
     replay.set_defaults(func=run_dlq)
@@ -123,6 +148,29 @@ def _print(text: str) -> None:
 
 
 _CLEAR = "\x1b[H\x1b[2J"
+
+
+# ---- traces --------------------------------------------------------------------------------------
+
+
+def run_traces(args: argparse.Namespace) -> int:
+    """``choreo traces --peer P [--failed] [--slow MS] [--type T] [--key K] [-n N] [--json]``."""
+    from . import traces
+    from .mesh import check_peer
+
+    check_peer(args.peer, args.timeout)
+    if args.limit < 1:
+        raise ChoreoUsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.slow is not None and not args.slow >= 0:
+        raise ChoreoUsageError(f"--slow takes milliseconds >= 0, got {args.slow}")
+    found = traces.collect(args.peer, args.timeout)
+    matching = traces.select(found.flows, failed=args.failed, slow_ms=args.slow, type=args.type, key=args.key)
+    shown = matching[: args.limit]
+    if args.json:
+        _print(json.dumps(traces.to_json(found, shown), indent=2) + "\n")
+    else:
+        _print(traces.render_text(found, shown, args.peer, _style(args, sys.stdout), shown_of=len(matching)))
+    return 0
 
 
 # ---- trace ---------------------------------------------------------------------------------------
@@ -290,6 +338,8 @@ def run_dlq(args: argparse.Namespace) -> int:
         chosen = [d for d in found.letters if args.type in (None, d["type"])]
     else:
         chosen = [dlq.find(found, ref) for ref in args.letters]
+    if not args.wait >= 0:
+        raise ChoreoUsageError(f"--wait must be >= 0 seconds, got {args.wait}")
     replayed, failed = [], []
     for letter in chosen:
         try:
@@ -298,16 +348,31 @@ def run_dlq(args: argparse.Namespace) -> int:
             failed.append({"ref": letter["ref"], "error": str(exc)})
             continue
         replayed.append({"ref": letter["ref"], "type": letter["type"], "handler": letter["handler"],
-                         "node": letter["node"], "replays": summary.get("replays")})  # fmt: skip
+                         "node": letter["node"], "replays": summary.get("replays"), "letter": letter})  # fmt: skip
+    for r in replayed:  # all replays are started first; then their outcomes are collected
+        letter = r.pop("letter")
+        if args.wait > 0:
+            try:
+                r.update(dlq.outcome(letter, int(r["replays"]), args.timeout, args.wait))
+            except Exception as exc:  # the node went away meanwhile
+                r.update({"state": "unknown", "error": str(exc), "attempts": None})
+        else:
+            r.update({"state": "started", "error": None, "attempts": None})
     if args.json:
         _print(json.dumps({"replayed": replayed, "failed": failed}, indent=2) + "\n")
     else:
+        said = {
+            "handled": "handled",
+            "failed": "failed again: {error} (back in the store: 'choreo dlq list')",
+            "running": f"still running after {args.wait:g} s: 'choreo dlq list' shows it if it fails",
+            "started": "started (not waited for: 'choreo dlq list' shows it if it fails)",
+            "gone": "left the store (this node records no spans to tell how it ended)",
+            "unknown": "outcome unknown: {error}",
+        }
         for r in replayed:
-            _print(f"replayed {r['ref']} ({r['type']}, {r['handler']})\n")
+            _print(f"replayed {r['ref']} ({r['type']}, {r['handler']}): " + said[r["state"]].format(**r) + "\n")
         for f in failed:
             _print(f"could not replay {f['ref']}: {f['error']}\n")
         if not chosen:
             _print("no dead letters to replay\n")
-        elif replayed:
-            _print("a letter that fails again returns to the store: 'choreo dlq list' shows it\n")
-    return 1 if failed else 0
+    return 1 if failed or any(r["state"] in ("failed", "unknown") for r in replayed) else 0

@@ -6,7 +6,8 @@ bare ``ID`` when only one node of the mesh has a letter with that id. ``replay``
 letter's own node to run its handler again, once: the node takes the letter out of its store
 and runs it with the handler's retry policy; if it fails again it comes back with ``replays``
 counted. A second replay of the same letter finds nothing to replay, so a replay that was
-retried by an impatient operator still processes the message once.
+retried by an impatient operator still processes the message once. :func:`outcome` waits (bounded)
+for how a replay ended: handled, failed again (the letter is back), or still running.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 from ..client import rpc
 from ..errors import ChoreoUsageError
+from ..terminal import plural
 from .mesh import discover, gather
 
-__all__ = ["Letters", "collect", "find", "show", "replay", "render_list", "render_show", "jsonable"]
+__all__ = ["Letters", "collect", "find", "show", "replay", "outcome", "render_list", "render_show", "jsonable"]
 
 
 @dataclass
@@ -78,6 +80,18 @@ def replay(letter: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     return rpc(letter["endpoint"], "dlq.replay", {"id": letter["id"]}, timeout=timeout)  # type: ignore[no-any-return]
 
 
+def outcome(letter: dict[str, Any], replays: int, timeout: float = 5.0, wait: float = 10.0) -> dict[str, Any]:
+    """How the replay number ``replays`` of ``letter`` ended, asked of its node until it is known or
+    ``wait`` seconds passed: ``{"state": "handled" | "failed" | "running" | "gone", "error", "attempts"}``."""
+    deadline = time.monotonic() + wait
+    args = {"id": letter["id"], "msg_id": letter["msg_id"], "replay": replays}
+    while True:
+        answer: dict[str, Any] = rpc(letter["endpoint"], "dlq.outcome", args, timeout=timeout)
+        if answer["state"] != "running" or time.monotonic() >= deadline:
+            return answer
+        time.sleep(0.05)
+
+
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
@@ -123,7 +137,7 @@ def render_show(letter: dict[str, Any], traceback: str | None = None) -> str:
         f"  handler    {letter['service']}.{letter['handler']} on {letter['node']} ({letter['endpoint']})",
         f"  message    {letter['msg_id']}  key {letter['key']!r}  partition {letter['partition']}",
         f"  trace      {letter['trace_id']}   (choreo trace {letter['trace_id']} --peer ...)",
-        f"  attempts   {letter['attempts']}" + (f", replayed {letter['replays']} time(s)" if letter.get("replays") else ""),
+        f"  attempts   {letter['attempts']}" + (f", replayed {plural(letter['replays'], 'time')}" if letter.get("replays") else ""),
         f"  failed at  {_when(letter.get('failed_at'))}",
         f"  error      {letter['error_type']}: {letter['error']}",
         "  payload",

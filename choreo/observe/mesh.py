@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..client import fetch_system_spec, rpc
+from ..endpoints import check_endpoint
 from ..errors import ChoreoUsageError
 from ..spec import SystemSpec
 
@@ -37,8 +38,10 @@ class MeshNode:
 
 
 def check_peer(peer: str, timeout: float) -> None:
-    if not peer.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ChoreoUsageError(f"--peer must look like tcp://HOST:PORT, got {peer!r}")
+    try:
+        check_endpoint(peer, "--peer")
+    except ValueError as exc:
+        raise ChoreoUsageError(str(exc)) from None
     if not timeout > 0:
         raise ChoreoUsageError(f"--timeout must be > 0 seconds, got {timeout}")
 

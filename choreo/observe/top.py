@@ -10,7 +10,8 @@ two samples; :func:`to_json` is the stable ``choreo-top/1`` document of ``--json
 Columns: ``IN/s`` messages received per second (ingestion), ``DONE/s`` processed per second,
 ``INFLT`` envelopes sent and not yet acknowledged, ``LAG`` received and not yet processed (with
 the busiest partitions), ``REDELIV`` retransmissions, ``DEDUP`` duplicates dropped, ``BP-WAIT``
-emits that waited for credit, ``DLQ`` dead letters stored.
+emits that waited for credit, ``REFUSED`` invalid input refused (malformed, oversized, unknown
+types: the reasons are in ``--json``), ``DLQ`` dead letters stored.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..terminal import Style
+from ..terminal import Style, plural
 from .mesh import MeshNode, discover, gather
 
 __all__ = ["Sample", "sample", "table", "to_json", "render_text", "FORMAT", "NODE_FIELDS"]
@@ -48,6 +49,7 @@ NODE_FIELDS = {
     "dead_letters": "dead letters stored now",
     "dead_lettered": "counter: messages sent to the dead-letter store",
     "refused": '{"reason": count}',
+    "refused_total": "counter: invalid input refused, all reasons",
 }
 _COUNTERS = ("received", "processed", "redelivered", "dedup_hits", "backpressure_waits", "backpressure_errors",
              "failed_attempts", "dead_lettered")  # fmt: skip
@@ -100,6 +102,7 @@ def _node_row(node: MeshNode, stats: dict[str, Any], before: dict[str, Any] | No
         "dead_letters": int(stats.get("dead_letters", 0)),
         "refused": dict(stats.get("refused") or {}),
     }
+    row["refused_total"] = sum(int(v) for v in row["refused"].values())
     for key in _COUNTERS:
         row[key] = int(stats.get(key, 0))
     return row
@@ -142,6 +145,8 @@ def table(current: Sample, previous: Sample | None = None) -> dict[str, Any]:
                 "dedup_hits": sum(r["dedup_hits"] for r in rows),
                 "backpressure_waits": sum(r["backpressure_waits"] for r in rows),
                 "dead_letters": sum(r["dead_letters"] for r in rows),
+                "refused": _sum_by_reason(r["refused"] for r in rows),
+                "refused_total": sum(r["refused_total"] for r in rows),
                 "nodes": rows,
             }
         )
@@ -155,13 +160,17 @@ def table(current: Sample, previous: Sample | None = None) -> dict[str, Any]:
     }
 
 
+def _sum_by_reason(dicts: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for reason, n in d.items():
+            out[reason] = out.get(reason, 0) + int(n)
+    return dict(sorted(out.items()))
+
+
 def to_json(view: dict[str, Any]) -> dict[str, Any]:
     """The document ``choreo top --json`` prints (the view itself: plain data)."""
     return view
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def _rate_text(value: float | None) -> str:
@@ -189,13 +198,14 @@ def render_text(view: dict[str, Any], seed: str, style: Style = Style()) -> str:
     >>> render_text(v, "tcp://127.0.0.1:7000").splitlines()[0].startswith("choreo top: tcp://127.0.0.1:7000")
     True
     """
-    header = f"{'SERVICE / INSTANCE':<26}{'IN/s':>8}{'DONE/s':>8}{'INFLT':>7}{'REDELIV':>8}{'DEDUP':>7}{'BP-WAIT':>8}{'DLQ':>5}  LAG"
+    header = (f"{'SERVICE / INSTANCE':<26}{'IN/s':>8}{'DONE/s':>8}{'INFLT':>7}{'REDELIV':>8}{'DEDUP':>7}{'BP-WAIT':>8}"
+              f"{'REFUSED':>8}{'DLQ':>5}  LAG")  # fmt: skip
     n_nodes = sum(s["instances"] for s in view["services"])
     stamp = time.strftime("%H:%M:%S", time.localtime(view["time"]))
     lines = [
         style.paint(f"choreo top: {seed}", "bold")
-        + f"  {_plural(len(view['services']), 'service')}, {_plural(n_nodes, 'instance')}, "
-        + f"{_plural(len(view['clients']), 'client')}  {stamp}",
+        + f"  {plural(len(view['services']), 'service')}, {plural(n_nodes, 'instance')}, "
+        + f"{plural(len(view['clients']), 'client')}  {stamp}",
         "",
         style.paint(header, "bold"),
     ]
@@ -205,7 +215,7 @@ def render_text(view: dict[str, Any], seed: str, style: Style = Style()) -> str:
         text = (
             f"{label:<26.26}{_rate_text(r['received_per_s']):>8}{_rate_text(r['processed_per_s']):>8}"
             f"{r['in_flight']:>7}{r['redelivered']:>8}{r['dedup_hits']:>7}{r['backpressure_waits']:>8}"
-            f"{r['dead_letters']:>5}  "
+            f"{r['refused_total']:>8}{r['dead_letters']:>5}  "
         )
         lag_text = style.paint(lag, "yellow") if r["lag"] else lag
         if r["dead_letters"]:

@@ -16,8 +16,11 @@ one whose declaration emits or sends this step's type is the parent), and then m
   request shows both its attempts and where the retry stopped. Duplicates cause nothing, so
   they are never a parent.
 
-Times are wall-clock seconds from the nodes (so hosts need synchronised clocks for cross-host
-gaps to mean something). Per step: ``offset_ms`` (received, from the start of the flow),
+Times are seconds on each node's monotonic clock, anchored to its wall clock (see
+:mod:`choreo.tracing`): the times of one node never jump, and hosts need synchronised clocks only
+for the gaps between steps on different hosts to mean something. A dead letter replayed from
+``choreo dlq replay`` shows as the next attempts of its step (``replay`` 1, 2... in the attempt
+log), not as a new step. Per step: ``offset_ms`` (received, from the start of the flow),
 ``queue_ms`` (received -> first attempt started), ``handler_ms`` (time inside the handler, all
 attempts), ``duration_ms`` (received -> last attempt finished, retries' backoff included) and
 ``transit_ms`` (the parent's handler finished -> this step received: network and batching).
@@ -84,7 +87,9 @@ STEP_FIELDS: dict[str, str] = {
     "outcome": '"ok" | "error" | "running" | "queued" | "retrying" | "duplicate" (not run again)',
     "error": "the last attempt's error (\"Type: message\"), or null",
     "attempts": "number of attempts so far",
-    "attempt_log": '[{"attempt", "started", "finished", "outcome", "error"}], oldest first',
+    "attempt_log": '[{"attempt", "started", "finished", "outcome", "error", "replay"}], oldest first; '
+    "replay is 0 for attempts as the message arrived, n for those of its n-th replay from the dead letters",
+    "replays": "how many times the step was replayed from the dead letters",
     "critical": "on the critical path",
     "failed": "outcome is error",
 }
@@ -97,6 +102,7 @@ class Attempt:
     finished: float
     outcome: str
     error: str | None
+    replay: int = 0
 
 
 @dataclass
@@ -157,6 +163,10 @@ class Step:
     @property
     def attempt_count(self) -> int:
         return max((a.attempt for a in self.attempts), default=0)
+
+    @property
+    def replays(self) -> int:
+        return max((a.replay for a in self.attempts), default=0)
 
     @property
     def label(self) -> str:
@@ -243,10 +253,14 @@ def assemble(
                     kind=kinds.get(r["type"]),
                 )
             step.received = min(step.received, r["received"])
-            step.attempts.append(Attempt(r["attempt"], r["started"], r["finished"], r["outcome"], r.get("error")))
+            if step.cause_id == ZERO:  # a replay does not carry its cause: the original's spans do
+                step.cause_id = r["cause_id"]
+            step.attempts.append(
+                Attempt(r["attempt"], r["started"], r["finished"], r["outcome"], r.get("error"), r.get("replay", 0))
+            )
     for step in steps.values():
         # finished attempts by time; an in-progress record (at most one) goes last
-        step.attempts.sort(key=lambda a: (a.outcome in IN_PROGRESS, a.started, a.attempt))
+        step.attempts.sort(key=lambda a: (a.outcome in IN_PROGRESS, a.replay, a.started, a.attempt))
         done = [a for a in step.attempts if a.outcome not in IN_PROGRESS]
         live = [a for a in step.attempts if a.outcome in IN_PROGRESS]
         if live and done and done[-1].outcome == "ok":
@@ -341,9 +355,11 @@ def to_json(trace: Trace) -> dict[str, Any]:
                 "error": s.error,
                 "attempts": s.attempt_count,
                 "attempt_log": [
-                    {"attempt": a.attempt, "started": a.started, "finished": a.finished, "outcome": a.outcome, "error": a.error}
+                    {"attempt": a.attempt, "started": a.started, "finished": a.finished, "outcome": a.outcome,
+                     "error": a.error, "replay": a.replay}
                     for a in s.attempts
-                ],
+                ],  # fmt: skip
+                "replays": s.replays,
                 "critical": s.critical,
                 "failed": s.failed,
             }
@@ -382,6 +398,17 @@ def _fmt_ms(seconds: float | None) -> str:
     return f"{ms:.1f}ms"
 
 
+def _attempts(step: Step) -> str:
+    """``3 attempts``, or ``5 attempts (2 in replay 1)`` for a step replayed from the dead letters."""
+    n = step.attempt_count
+    text = f"{n} attempt{'' if n == 1 else 's'}"
+    if step.replays:
+        last = step.replays
+        in_last = sum(1 for a in step.attempts if a.replay == last)
+        text += f" ({in_last} in replay {last})"
+    return text
+
+
 def render_text(trace: Trace, style: Style = Style(), now: float | None = None) -> str:
     """The flow as a tree, one line per step: when it was received (from the flow's start), how
     long it queued, ran in its handler (all attempts) and took in all (received to finished,
@@ -407,7 +434,7 @@ def render_text(trace: Trace, style: Style = Style(), now: float | None = None) 
     for s in trace.failures:
         lines.append(
             style.paint(f"  {cross} failed: ", "red", "bold")
-            + f"{s.type} in {s.label} on {s.instance} after {s.attempt_count} attempt{'' if s.attempt_count == 1 else 's'}: "
+            + f"{s.type} in {s.label} on {s.instance} after {_attempts(s)}: "
             + style.paint(s.error or "?", "red")
         )
     if trace.duplicates:
@@ -449,8 +476,8 @@ def render_text(trace: Trace, style: Style = Style(), now: float | None = None) 
         ]
         if s.key:
             bits.append(style.paint(f"key={s.key}", "dim"))
-        if s.attempt_count > 1:
-            bits.append(f"{s.attempt_count} attempts")
+        if s.attempt_count > 1 or s.replays:
+            bits.append(_attempts(s))
         if outcome == "error":
             bits.append(style.paint(f"{cross} {s.error}", "red", "bold"))
         elif outcome == DUPLICATE:

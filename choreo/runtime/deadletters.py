@@ -94,6 +94,9 @@ class DeadLetters:
         except KeyError:
             raise KeyError(f"no dead letter #{letter_id} on this node") from None
 
+    def get(self, letter_id: int) -> DeadLetter | None:
+        return self._letters.get(letter_id)
+
     def __getitem__(self, letter_id: int) -> DeadLetter:
         try:
             return self._letters[letter_id]

@@ -66,7 +66,7 @@ class Host(Protocol):
     """What the dispatcher needs of the node it runs in."""
 
     name: str  # the instance, as handlers see it (ctx.instance)
-    batch_wall: float  # wall-clock time the batch being delivered arrived
+    batch_received: float  # when the batch being delivered arrived (the node's clock: the spans' clock)
     clock: Callable[[], float]
     wall: Callable[[], float]
 
@@ -241,6 +241,8 @@ class Dispatcher:
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
+        # a handler that emits and sends nothing ends the flow of a message from outside at its span
+        tracer.terminal.update(h.name for h in self.handlers.values() if not h.emits and not h.sends)
         self.lane = core.FastLane()
         self._lane_ctx = HandlerContext(host, None, None)  # type: ignore[arg-type]  # reused by the lane
 
@@ -278,7 +280,7 @@ class Dispatcher:
         :class:`Job` here, and the lane resumes after it.
         """
         host = self.host
-        received = host.batch_wall
+        received = host.batch_received
         tracer = self.tracer
         spans_append = tracer.spans.append if tracer.enabled else None
         gate = self.moves.ownership.gate if self.moves is not None else None
@@ -291,7 +293,7 @@ class Dispatcher:
                     self.deliver(channel, env, now)
                 break
             handled, i, status, a, b, started = run(
-                envs, i, reorder, now, host.wall, received, gate, self.keyed, spans_append, self._lane_ctx
+                envs, i, reorder, now, host.clock, received, gate, self.keyed, spans_append, self._lane_ctx
             )
             done += handled
             if status == core.LANE_END:
@@ -421,12 +423,12 @@ class Dispatcher:
                 f"{env.type!r} (kind {env.kind}) from {channel.peer.node}: "
                 f"{self.service.name if self.service else 'this client'} has no handler for it",
             )
-            job = Job(env, channel, None, self.host.batch_wall)
+            job = Job(env, channel, None, self.host.batch_received)
             if env.kind in (KIND_COMMAND, KIND_QUERY):
                 job.reply = error_reply("UnknownType", f"{self._who()} does not handle {env.type}")
             self._effects_safe(job)
             return
-        job = Job(env, channel, handler, self.host.batch_wall)
+        job = Job(env, channel, handler, self.host.batch_received)
         self._track(env.partition)
         if handler.kind != "query" and not env.flags & FLAG_REPLAY and self.config.dedup:
             window = self.dedup.get(env.type)
@@ -477,7 +479,7 @@ class Dispatcher:
 
     def _duplicate(self, job: Job) -> None:
         self.stats.duplicates += 1
-        job.started = self.host.wall()
+        job.started = self.host.clock()
         self.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
         original = self.in_progress.get(job.env.msg_id)
         if original is not None:
@@ -514,12 +516,12 @@ class Dispatcher:
             except ValidationError as exc:  # an older or foreign sender: counted, and kept as a dead letter
                 self.host.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
                 self.stats.in_handler += 1
-                job.started = self.host.wall()
+                job.started = self.host.clock()
                 self._failed(job, exc)
                 return
         ctx = HandlerContext(self.host, job.env, handler, job.attempt)
         self.stats.in_handler += 1
-        job.started = self.host.wall()
+        job.started = self.host.clock()
         try:
             if handler.is_async:
                 coro = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
@@ -631,6 +633,8 @@ class Dispatcher:
             if job.replay_of is None:
                 self._unlag(job)
             self.stats.processed += 1
+            if self.tracer.completed is not None:  # metrics watch: a flow from outside ends here
+                self.tracer.flow_done(job)
             if self.in_progress.get(env.msg_id) is job:
                 del self.in_progress[env.msg_id]
                 cached = self.results.get(env.msg_id)
@@ -703,7 +707,7 @@ class Dispatcher:
             raise ChoreoUsageError(f"this node no longer handles {letter.message_type}")
         letter.replays += 1
         env = _ReplayEnvelope(letter, _KIND_FOR[handler.kind])
-        job = Job(env, None, handler, self.host.wall())  # a later attempt, on the spans' clock
+        job = Job(env, None, handler, self.host.clock())  # a later attempt, on the spans' clock
         job.replay_of = letter
         self._admit(job)
         self.pump()

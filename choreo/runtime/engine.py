@@ -129,12 +129,12 @@ class Engine:
             if service is not None
             else None
         )
-        self.tracer = Tracer(self._label, self.name, config.span_ring, wall)
+        self.tracer = Tracer(self._label, self.name, config.span_ring, clock)  # spans on the node's clock
         self.dispatcher = Dispatcher(self, service, config=config, tracer=self.tracer, moves=self.moves)
         if self.moves is not None:
             self.moves.work = self.dispatcher
             self.moves.name = self.name
-        self.batch_wall = wall()  # when the batch being delivered arrived (the spans' clock)
+        self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
         self._last_tick: float | None = None
@@ -325,7 +325,7 @@ class Engine:
             released = ch.reorder.feed(data, body_at)
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
-        self.batch_wall = self.wall()
+        self.batch_received = self.clock()
         limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
         for i, env in enumerate(released):
             if env.size > limit:  # rare: refuse it and take the others one by one
@@ -341,7 +341,7 @@ class Engine:
         if released:
             # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
             # answering heartbeats and queries, and what waits here is its measurable lag
-            self._runq.append((ch, released, self.batch_wall))
+            self._runq.append((ch, released, self.batch_received))
             if not self._run_scheduled and self._loop is not None:
                 self._run_scheduled = True
                 self.outbox.hold_acks = True
@@ -360,7 +360,7 @@ class Engine:
             ch, envs, received = runq.popleft()
             if ch.closed:
                 continue  # its sender is gone and resends these to their owners elsewhere
-            self.batch_wall = received
+            self.batch_received = received
             deliver_batch(ch, envs, now)
             budget -= len(envs)
         self.dispatcher.pump()

@@ -218,5 +218,6 @@ def test_ctrl_c_stops_every_process_the_demo_started(demo, moment: str) -> None:
     assert status == 130, run.output
     assert not left, "still running after the demo exited:\n" + "\n".join(left) + f"\n{run.output}"
     assert re.search(r"(interrupted|Ctrl-C): stopping every process", run.output), run.output
+    assert "not reached within" not in run.output, "a stop says what it leaves behind, or nothing"
     if moment == "driving":
         assert "all 7 stopped" in run.output, run.output

@@ -149,6 +149,7 @@ def test_the_drivers_outcome_is_the_exit_status(up_cmd) -> None:
     assert failing.finish(timeout=60) == 4, failing.output
     assert passing.finish(timeout=60) == 0, passing.output
     assert "echo answered 'pong'" in failing.output
+    assert "starting 1 process: echo" in failing.output and "stopping 1 process (SIGTERM" in failing.output
     bad = up_cmd("up_systems.failing_driver", "-o", "loud=1")
     assert bad.finish(timeout=30) == 2
     assert "the driver takes no option loud; its options: fail=True" in bad.output
@@ -163,6 +164,10 @@ def test_targets_and_options() -> None:
         load_example("examples")
     with pytest.raises(ChoreoUsageError, match="not a package directory"):
         resolve_target(str(REPO / "tests" / "examples"))
+    with pytest.raises(ChoreoUsageError) as missing:
+        resolve_target("examples/nope")
+    assert str(missing.value).startswith("examples/nope: no such directory; the examples are: examples/patterns/")
+    assert "examples/shop" in str(missing.value)
 
     async def drive(client, system, orders=10, name="x"): ...
 

@@ -90,6 +90,8 @@ class Hosts:
                 _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
                 _run("ip", "netns", "exec", ns, "ip", "link", "set", "eth0", "up")
                 _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+                # like a host on a LAN: its default route leaves by eth0 (the bridge: nothing goes further)
+                _run("ip", "netns", "exec", ns, "ip", "route", "add", "default", "via", self.gateway)
         except subprocess.CalledProcessError as exc:
             self.__exit__()
             pytest.skip(f"cannot build the test hosts: {' '.join(exc.cmd)}: {exc.stderr.strip()}")

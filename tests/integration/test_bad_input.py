@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -11,6 +12,7 @@ import pytest
 import zmq
 
 from choreo import MessageTooLarge, core, wire
+from choreo.cli import main
 from choreo.client import rpc
 from choreo.node import Node
 
@@ -34,7 +36,7 @@ def _envelope(type_name: str, kind: int, payload: bytes, seq: int) -> bytes:
     return core.pack_envelope(seq, kind, 0, type_name.encode(), b"k", 0, os.urandom(16), os.urandom(16), bytes(16), payload)
 
 
-def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs) -> None:
+def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs, capsys) -> None:
     server = procs.start(orders)
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
@@ -86,3 +88,16 @@ def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs)
 
     asyncio.run(asyncio.wait_for(good(), 60))
     assert server.alive()
+
+    # choreo top shows the refusals: a column with their total, the reasons in --json
+    refused = rpc(server.endpoint, "stats")["refused"]
+    capsys.readouterr()
+    assert main(["top", "--peer", server.endpoint, "--once", "--interval", "0.1", "--color", "never"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("SERVICE / INSTANCE"))
+    (row,) = [line for line in lines if line.startswith("orders ")]
+    column = header.index("REFUSED") + len("REFUSED")
+    assert row[: column].split()[-1] == str(sum(refused.values())) and sum(refused.values()) >= 8
+    assert main(["top", "--peer", server.endpoint, "--once", "--interval", "0.1", "--json"]) == 0
+    (service,) = json.loads(capsys.readouterr().out)["services"]
+    assert service["refused"] == refused and service["refused_total"] == sum(refused.values())

@@ -182,6 +182,80 @@ def test_trace_shows_three_steps_with_timings_and_marks_the_failing_one(procs, c
     assert code == 2 and "no node of the mesh (" in err and "remembers trace abab" in err
 
 
+def test_traces_lists_recent_flows_with_their_ids_and_filters_them(procs, capsys) -> None:  # type: ignore[no-untyped-def]
+    seed = procs.start(orders, config=FAST)
+    procs.start(payments, peers=[seed.endpoint], config=FAST)
+    procs.start(shipping, peers=[seed.endpoint], config=FAST)
+    procs.start(ledger, peers=[seed.endpoint], config=FAST, env={"CHOREO_FIX_FLAG": "/nonexistent"})
+    placed = [trace_id_of(new_traceparent()) for _ in range(2)]
+
+    async def traffic() -> list[str]:
+        async with Node(None, peers=[seed.endpoint], config=FAST) as client:
+            await client.wait_for({"orders": 1, "payments": 1, "shipping": 1, "ledger": 1}, timeout=20)
+            for i, trace in enumerate(placed):
+                await client.send(PlaceOrder(order_id=f"o-{i}"), traceparent=f"00-{trace}-{'1' * 16}-01")
+            # an event from outside: its trace id is the message id emit returns
+            ids = [(await client.emit(Deposit(account=f"acc-{c}", cents=c))).hex() for c in (1, 13)]
+            await client.flush(timeout=20)
+            return ids
+
+    good, poison = asyncio.run(asyncio.wait_for(traffic(), 60))
+
+    def listed(*args: str) -> dict[str, dict[str, Any]]:
+        code, out, err = cli(capsys, "traces", "--peer", seed.endpoint, "--json", *args)
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["format"] == "choreo-traces/1" and doc["nodes"]["unreachable"] == []
+        return {t["trace_id"]: t for t in doc["traces"]}
+
+    def settled() -> dict[str, dict[str, Any]] | None:
+        flows = listed()
+        want = [*placed, good, poison]
+        if not all(t in flows for t in want) or any(flows[t]["status"] == "running" for t in want):
+            return None
+        return flows if flows[placed[0]]["steps"] == 3 and flows[poison]["status"] == "error" else None
+
+    flows = poll("all four flows listed and settled", settled, 30)
+    first = flows[placed[0]]
+    assert first["status"] == "error" and first["steps"] == 3
+    assert first["entry"] == {"type": "PlaceOrder", "handler": "place_order", "service": "orders"}
+    assert first["services"] == ["orders", "payments", "shipping"]
+    assert first["types"] == ["OrderPlaced", "PaymentTaken", "PlaceOrder"]
+    assert [(f["service"], f["handler"], f["error"]) for f in first["failed"]] == [
+        ("shipping", "ship", "RuntimeError: no courier for o-0")
+    ]
+    assert first["duration_ms"] == pytest.approx((first["finished"] - first["started"]) * 1000, abs=0.01)
+    assert first["duration_ms"] >= 20, "payments works 20 ms inside this flow"
+    assert flows[good]["status"] == "ok" and flows[good]["entry"]["type"] == "Deposit" and flows[good]["keys"] == ["acc-1"]
+    assert flows[poison]["status"] == "error" and flows[poison]["failed"][0]["error"] == "ValueError: cannot book 13 cents on acc-13"
+    # newest first
+    assert list(listed()).index(placed[1]) < list(listed()).index(placed[0])
+
+    # the filters
+    assert set(listed("--failed")) == {*placed, poison}
+    assert set(listed("--type", "Deposit")) == {good, poison}
+    assert set(listed("--type", "PaymentTaken")) == set(placed)
+    assert set(listed("--key", "acc-13")) == {poison}
+    slow = listed("--slow", "19")
+    assert set(placed) <= set(slow) and all(t["duration_ms"] >= 19 for t in slow.values())
+    assert placed[0] not in listed("--slow", str(first["duration_ms"] + 1))
+    assert len(listed("-n", "1")) == 1
+
+    # the text view: a line per flow that starts with the id 'choreo trace' takes
+    code, out, _ = cli(capsys, "traces", "--peer", seed.endpoint, "--failed", "--color", "never")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["TRACE", "ID", "STARTED", "STATUS"]
+    row = next(line for line in lines if line.startswith(placed[0]))
+    assert " error " in row and "PlaceOrder -> orders.place_order -> payments, shipping" in row
+    assert row.endswith("✗ PaymentTaken in shipping.ship: RuntimeError: no courier for o-0")
+    assert lines[-1].startswith("3 of 3 matching flows shown;") and f"choreo trace TRACE_ID --peer {seed.endpoint}" in lines[-1]
+    code, out, _ = cli(capsys, "trace", row.split()[0], "--peer", seed.endpoint, "--color", "never")
+    assert code == 1 and out.startswith(f"trace {placed[0]}: error, 3 steps")
+    code, _, err = cli(capsys, "traces", "--peer", seed.endpoint, "--slow", "-1")
+    assert code == 2 and err == "choreo: error: --slow takes milliseconds >= 0, got -1.0\n"
+
+
 def test_trace_follow_waits_for_a_flow_that_is_still_running(procs, capsys) -> None:  # type: ignore[no-untyped-def]
     seed = procs.start(orders, config=FAST)
     procs.start(payments, peers=[seed.endpoint], config=FAST)
@@ -279,6 +353,7 @@ def test_top_shows_lag_rising_while_a_consumer_is_slow_and_falling_after(procs, 
 
 
 def test_poison_message_lands_in_the_dlq_and_replay_after_a_fix_processes_it_once(procs, capsys, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    test_started = time.time()
     fix = tmp_path / "fixed"
     node = procs.start(ledger, config=FAST, env={"CHOREO_FIX_FLAG": str(fix)})
 
@@ -312,17 +387,18 @@ def test_poison_message_lands_in_the_dlq_and_replay_after_a_fix_processes_it_onc
     shown = json.loads(out)
     assert code == 0 and shown["payload"] == letter["payload"] and "ValueError: cannot book" in shown["traceback"]
 
-    # still broken: a replay fails again and the letter comes back, with the replay counted
+    # still broken: a replay fails again, says so, and the letter comes back with the replay counted
     code, out, _ = cli(capsys, "dlq", "replay", letter["ref"], "--peer", node.endpoint)
-    assert code == 0 and f"replayed {letter['ref']}" in out
-    again = poll("the letter back after a failed replay", lambda: [d for d in letters() if d["replays"] == 1])
-    assert again[0]["attempts"] == 6 and again[0]["id"] == letter["id"]
+    assert (code, out) == (1, f"replayed {letter['ref']} (Deposit, book): failed again: "
+                              "ValueError: cannot book 13 cents on acc-1 (back in the store: 'choreo dlq list')\n")  # fmt: skip
+    (again,) = [d for d in letters() if d["replays"] == 1]
+    assert again["attempts"] == 6 and again["id"] == letter["id"]
 
-    # fixed: replay processes it, exactly once
+    # fixed: replay processes it, exactly once, and says it was handled
     fix.touch()
     code, out, _ = cli(capsys, "dlq", "replay", str(letter["id"]), "--peer", node.endpoint)
-    assert code == 0, out
-    poll("the replayed deposit booked", lambda: "Deposit acc-1 13" in records(procs, "ledger"))
+    assert (code, out) == (0, f"replayed {letter['ref']} (Deposit, book): handled\n")
+    assert "Deposit acc-1 13" in records(procs, "ledger")
     code, _, err = cli(capsys, "dlq", "replay", letter["ref"], "--peer", node.endpoint)
     assert code == 2 and f"no dead letter {letter['ref']}" in err, "a second replay finds nothing to run"
     asyncio.run(asyncio.wait_for(deposit(3), 60))  # same key: booked after anything replayed before it
@@ -331,6 +407,25 @@ def test_poison_message_lands_in_the_dlq_and_replay_after_a_fix_processes_it_onc
     assert letters() == []
     stats = rpc(node.endpoint, "stats")
     assert stats["dead_letters"] == 0 and stats["dead_lettered"] == 2
+
+    # the letter's trace: one step whose replays are its later attempts, on one clock
+    code, out, _ = cli(capsys, "trace", letter["trace_id"], "--peer", node.endpoint, "--json")
+    assert code == 0, out
+    doc = json.loads(out)
+    (step,) = doc["steps"]
+    log = step["attempt_log"]
+    assert [(a["attempt"], a["replay"], a["outcome"]) for a in log] == [
+        (1, 0, "error"), (2, 0, "error"), (3, 0, "error"),  # as it arrived: first attempt and 2 retries
+        (4, 1, "error"), (5, 1, "error"), (6, 1, "error"),  # the first replay, still broken
+        (7, 2, "ok"),  # the second, after the fix
+    ]  # fmt: skip
+    assert (step["outcome"], step["attempts"], step["replays"], doc["status"]) == ("ok", 7, 2, "ok")
+    starts = [a["started"] for a in log]
+    assert starts == sorted(starts) and all(a["started"] <= a["finished"] for a in log)
+    # the whole flow, replays included, took no longer than this test has been running
+    assert 0 <= doc["duration_ms"] <= (time.time() - test_started) * 1000
+    code, out, _ = cli(capsys, "trace", letter["trace_id"], "--peer", node.endpoint, "--color", "never")
+    assert "Deposit -> ledger.book" in out and "7 attempts (1 in replay 2)" in out
 
 
 # ---- Prometheus metrics ------------------------------------------------------------------------
@@ -422,6 +517,84 @@ def test_prometheus_scrape_parses_counters_only_grow_and_no_port_without_the_opt
         assert values == sorted(values), f"counter {key} went down: {values}"
     # a gauge is there too, labelled per partition
     assert any(k[0] == "choreo_peers" for k in third)
+
+
+def _openmetrics(url: str) -> dict[str, Any]:
+    """One OpenMetrics scrape (as Prometheus asks for it), parsed: family name -> family."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(url, headers={"Accept": "application/openmetrics-text;version=1.0.0,text/plain;q=0.5"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+        return {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+
+
+def _histogram(families: dict[str, Any], name: str, **labels: str) -> dict[str, Any]:
+    """count, sum and the buckets (le -> sample) of one labelled series of a histogram family."""
+    out: dict[str, Any] = {"buckets": {}}
+    for s in families[name].samples:
+        if all(s.labels.get(k) == v for k, v in labels.items()):
+            if s.name.endswith("_bucket"):
+                out["buckets"][s.labels["le"]] = s
+            else:
+                out[s.name.rsplit("_", 1)[1]] = s.value
+    return out
+
+
+def test_metrics_histograms_of_handler_queue_and_flow_time_with_trace_exemplars(procs) -> None:  # type: ignore[no-untyped-def]
+    seed = procs.start(orders, config=FAST, metrics_port=0)
+    pay = procs.start(payments, peers=[seed.endpoint], config=FAST, metrics_port=0)
+    procs.start(shipping, peers=[seed.endpoint], config=FAST)
+    books = procs.start(ledger, peers=[seed.endpoint], config=FAST, metrics_port=0, env={"CHOREO_FIX_FLAG": "/nonexistent"})
+    placed = trace_id_of(new_traceparent())
+
+    async def traffic() -> list[str]:
+        async with Node(None, peers=[seed.endpoint], config=FAST) as client:
+            await client.wait_for({"orders": 1, "payments": 1, "shipping": 1, "ledger": 1}, timeout=20)
+            await client.send(PlaceOrder(order_id="o-9"), traceparent=f"00-{placed}-{'2' * 16}-01")
+            ids = [(await client.emit(Deposit(account=f"a{c % 3}", cents=c))).hex() for c in (1, 2, 3, 13)]
+            await client.flush(timeout=20)
+            return ids
+
+    deposits = asyncio.run(asyncio.wait_for(traffic(), 60))
+
+    def ledger_folded() -> dict[str, Any] | None:
+        families = _openmetrics(books.metrics_url)
+        error = _histogram(families, "choreo_handler_seconds", type="Deposit", handler="book", outcome="error")
+        return families if error.get("count") == 3 else None
+
+    families = poll("the ledger's spans folded", ledger_folded, 20)
+    ok = _histogram(families, "choreo_handler_seconds", type="Deposit", handler="book", outcome="ok")
+    assert ok["count"] == 3 and ok["buckets"]["+Inf"].value == 3
+    les = [float(le) for le in ok["buckets"]]
+    assert les == sorted(les) and les[-1] == float("inf")
+    counts = [ok["buckets"][le].value for le in ok["buckets"]]
+    assert counts == sorted(counts), "buckets are cumulative"
+    exemplars = {b.exemplar.labels["trace_id"] for b in ok["buckets"].values() if b.exemplar is not None}
+    assert exemplars and exemplars <= set(deposits), "exemplars name the traces of the deposits"
+    queue = _histogram(families, "choreo_queue_wait_seconds", type="Deposit", handler="book")
+    assert queue["count"] == 4, "one wait per message (first attempts)"
+    # each deposit came from outside and set nothing in motion: its flow ended with its handler
+    flow_ok = _histogram(families, "choreo_flow_seconds", type="Deposit", handler="book", outcome="ok")
+    assert flow_ok["count"] == 3
+    handled = {(s.labels["outcome"]): s.value for s in families["choreo_handled"].samples if s.labels["type"] == "Deposit"}
+    assert handled == {"ok": 3, "error": 3}
+    assert families["choreo_spans_unfolded"].samples[0].value == 0
+
+    # PlaceOrder's flow at orders ends only when payments (20 ms of work) and shipping acknowledged
+    def orders_flow() -> dict[str, Any] | None:
+        flow = _histogram(_openmetrics(seed.metrics_url), "choreo_flow_seconds", type="PlaceOrder", handler="place_order")
+        return flow if flow.get("count") == 1 else None
+
+    flow = poll("PlaceOrder's flow complete at orders", orders_flow, 30)
+    took = _histogram(_openmetrics(pay.metrics_url), "choreo_handler_seconds", type="OrderPlaced", handler="take_payment")
+    assert took["count"] == 1 and took["sum"] >= 0.02
+    assert flow["sum"] >= took["sum"], "the entry's flow time covers the steps downstream"
+    (exemplar,) = {b.exemplar.labels["trace_id"] for b in flow["buckets"].values() if b.exemplar is not None}
+    assert exemplar == placed
+    # the Prometheus text format (no Accept header) has the same series, without exemplars
+    assert ("choreo_flow_seconds_count", (("handler", "place_order"), ("node", seed.node_name), ("outcome", "ok"),
+            ("service", "orders"), ("type", "PlaceOrder"))) in _scrape(seed.metrics_url)  # fmt: skip
 
 
 # ---- observed vs declared ----------------------------------------------------------------------

@@ -109,6 +109,19 @@ def test_graph_writes_files_and_takes_the_format_from_the_suffix(capsys, tmp_pat
     assert "several-owners" in target.read_text() and "\x1b[" not in target.read_text()
 
 
+def test_graph_refuses_a_file_name_that_names_no_format_or_another_one(capsys, tmp_path) -> None:
+    status, _, err = run(capsys, "graph", "analyzer_systems.shop", "-o", str(tmp_path / "shop.pdf"))
+    assert status == 2 and err.startswith(f"choreo: error: cannot tell the format of '{tmp_path / 'shop.pdf'}' from its name")
+    assert "--format" in err and err.count("\n") == 1
+    status, _, err = run(capsys, "graph", "analyzer_systems.shop", "-o", str(tmp_path / "shop.svg"), "--format", "mermaid")
+    assert (status, err) == (2, f"choreo: error: -o {tmp_path / 'shop.svg'} names svg output, but --format says mermaid\n")
+    assert not list(tmp_path.iterdir()), "nothing written"
+    # a name without a known suffix is fine when --format says what to write; AsyncAPI is JSON
+    assert run(capsys, "graph", "analyzer_systems.shop", "-o", str(tmp_path / "shop"), "--format", "mermaid")[0] == 0
+    assert run(capsys, "graph", "analyzer_systems.shop", "-o", str(tmp_path / "api.json"), "--format", "asyncapi")[0] == 0
+    assert (tmp_path / "shop").read_text().startswith("flowchart")
+
+
 def test_graph_json_reads_back_to_the_same_output(capsys, tmp_path) -> None:
     first = tmp_path / "shop.json"
     run(capsys, "graph", "analyzer_systems.shop", "-f", "json", "-o", str(first))
@@ -189,7 +202,7 @@ def test_peer_reads_the_spec_through_the_client(capsys, monkeypatch) -> None:
 def test_png_refuses_a_terminal(monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
     monkeypatch.setattr(commands, "_analysis", lambda args, ignore=None: None)
-    monkeypatch.setattr("choreo.analyzer._render.render", lambda analysis, fmt, style: b"\x89PNG")
+    monkeypatch.setattr("choreo.analyzer._render.render", lambda analysis, fmt, style, queries="fold": b"\x89PNG")
     status, _, err = run(capsys, "graph", "analyzer_systems.shop", "-f", "png")
     assert status == 2 and "-o FILE.png" in err
 

@@ -46,7 +46,8 @@ def _dot_edges(dot: str, u: str, v: str) -> list[str]:
 
 
 def test_dot_draws_each_kind_distinctly(shop) -> None:
-    dot = render(shop, "dot")
+    dot = render(shop, "dot", queries="draw")
+    assert 'rankdir="TB"' in dot, "flows read top to bottom, by stage"
     assert 'shape="box"' in _dot_node(dot, "service:orders")
     assert 'shape="ellipse"' in _dot_node(dot, "message:OrderPlaced")
     assert 'shape="cds"' in _dot_node(dot, "message:PlaceOrder")
@@ -60,7 +61,57 @@ def test_dot_draws_each_kind_distinctly(shop) -> None:
     # two handlers of orders emit OrderCancelled: one line drawn, both named in its tooltip
     (emit,) = _dot_edges(dot, "service:orders", "message:OrderCancelled")
     assert "orders.payment_failed emits OrderCancelled" in emit and "orders.refunded emits OrderCancelled" in emit
-    assert "#c53030" not in dot.split("subgraph cluster_legend")[0]  # a clean system has nothing red
+    assert "#c53030" not in dot  # a clean system has nothing red, not even in its legend
+
+
+def test_queries_are_folded_into_the_services_that_answer_and_ask_them(shop, broken) -> None:
+    dot = render(shop, "dot")
+    assert '"message:GetOrder"' not in dot and 'shape="hexagon"' not in dot
+    assert not _dot_edges(dot, "service:storefront", "message:GetOrder")
+    assert "answers GetOrder" in _dot_node(dot, "service:orders")
+    assert "asks GetOrder" in _dot_node(dot, "service:storefront")
+    # a query a finding names is drawn all the same, so the culprit can be seen
+    assert "<B>orders</B>" in _dot_node(render(broken, "dot"), "service:orders")
+    assert 'shape="hexagon"' in _dot_node(render(broken, "dot"), "message:GetOrder")
+    with pytest.raises(ValueError, match="queries must be one of fold, draw"):
+        render(shop, "dot", queries="hide")
+
+
+def _legend(dot: str) -> str:
+    return _dot_node(dot, "legend")
+
+
+def test_the_legend_explains_exactly_what_is_drawn(shop, broken) -> None:
+    folded, drawn = _legend(render(shop, "dot")), _legend(render(shop, "dot", queries="draw"))
+    for text in ("double border: an entry point", "bold arrow: a service sends a command", "black dot: outside the system"):
+        assert text in folded and text in drawn
+    assert "answers / asks" in folded and "answers / asks" not in drawn
+    assert "dashed arrow: a service asks a query" in drawn and "dashed arrow: a service asks a query" not in folded
+    assert ">query<" in drawn and ">query<" not in folded
+    assert "edge label: keyed by another field" in folded  # notifications takes OrderShipped broadcast
+    assert "outline" not in folded, "no error or warning boxes without findings"
+    bad = _legend(render(broken, "dot"))
+    assert "red outline: involved in an error-level finding" in bad and "orange outline: involved in a warning" in bad
+    # and nothing the drawing does not use: a system with one plain event flow
+    from choreo.spec import HandlerSpec, ServiceSpec, SystemSpec
+
+    plain = analyze(SystemSpec(services=(ServiceSpec("a", emits=("Go",)), ServiceSpec("b", handlers=(HandlerSpec("h", "event", "Go"),)))), ignore=["unknown-type"])
+    legend = _legend(render(plain, "dot"))
+    rows = re.findall(r'<TD ALIGN="LEFT" COLSPAN="\d">([^<]*)</TD>', legend)
+    assert rows == ["double border: an entry point (a flow starts there)",
+                    "arrow: a service emits an event; a message goes to the service that handles it"], rows
+    assert ">event<" in legend and ">command<" not in legend
+
+
+@needs_graphviz
+def test_the_shop_fits_a_readme_at_its_natural_size() -> None:
+    from choreo.analyzer import load_spec
+
+    svg = render(analyze(*load_spec("examples.shop")), "svg")
+    width_pt = float(re.search(r'<svg width="([\d.]+)pt"', svg).group(1))
+    assert width_pt * 4 / 3 <= 900, f"{width_pt * 4 / 3:.0f} px wide: shrunk to fit a README, its text gets small"
+    sizes = [float(x) for x in re.findall(r'font-size="([\d.]+)"', svg)]
+    assert min(sizes) * 4 / 3 >= 12, "the smallest text is 12 px at natural size"
 
 
 def test_dot_highlights_findings(broken) -> None:
@@ -95,8 +146,9 @@ def test_dot_renders_with_graphviz(system, request) -> None:
     assert done.returncode == 0, done.stderr.decode()
     assert done.stderr == b"", done.stderr.decode()  # no warnings either
     svg = done.stdout.decode()
+    folded = {n for n, d in analysis.graph.nodes(data=True) if d["kind"] == "query" and not analysis.node_notes.get(n)}
     for node in analysis.graph.nodes:
-        assert f'id="{node}"' in svg
+        assert (f'id="{node}"' in svg) == (node not in folded or system == "broken"), node
 
 
 @needs_graphviz
@@ -157,8 +209,9 @@ def test_html_is_one_self_contained_page(broken) -> None:
     assert "command ChargeCard has two owners: payments, billing" in page
     assert page.count("<tr class='error'>") == len(broken.errors)
     assert page.count("<tr class='warning'>") == len(broken.warnings)
-    # nothing fetched from anywhere: no scripts, no stylesheets, no images, no remote links
-    assert not re.search(r"<script|<link|<img|@import|url\(|(src|href)=\"?https?:", page, re.I)
+    # nothing fetched from anywhere: scripts and styles inline, no images, no remote links, no polling
+    assert not re.search(r"<script[^>]*src=|<link|<img|@import|url\(|(src|href)=[\"']?https?:", page, re.I)
+    assert '"live":null' in page
 
 
 def test_text_has_the_flow_tree_and_the_findings(broken) -> None:
@@ -199,3 +252,16 @@ def test_names_that_look_like_markup_stay_text() -> None:
     if shutil.which("dot"):
         done = subprocess.run(["dot", "-Tsvg"], input=dot.encode(), capture_output=True, timeout=60)
         assert done.returncode == 0, done.stderr.decode()
+
+
+def test_what_a_service_sends_outside_handlers_is_named_once_in_parentheses(shop) -> None:
+    import dataclasses
+
+    from choreo.analyzer._observed import compare, observe
+
+    obs = observe([], shop.graph)
+    text = render(dataclasses.replace(shop, observed=compare(shop.graph, obs), observation=obs), "text")
+    line = next(line for line in text.splitlines() if "storefront --sends--> PlaceOrder" in line)
+    assert line.endswith("storefront --sends--> PlaceOrder  (outside handlers)"), line
+    assert "((" not in text
+    assert "storefront (outside handlers) sends PlaceOrder" in render(shop, "dot")

@@ -45,6 +45,18 @@ def test_public_api_is_pinned() -> None:
         assert getattr(choreo, name) is not None
 
 
+def test_help_lists_every_public_class_even_those_loaded_lazily() -> None:
+    import subprocess
+    import sys
+
+    code = "import choreo, pydoc; print(pydoc.render_doc(choreo, renderer=pydoc.plaintext))"
+    text = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    classes = {line.strip().split("(")[0].removeprefix("class ") for line in text.splitlines() if line.strip().startswith("class ")}
+    public = {n for n in choreo.__all__ if isinstance(getattr(choreo, n), type)}
+    assert public <= classes, f"help(choreo) does not list {sorted(public - classes)}"
+    assert {"Node", "NodeConfig", "NodeProcess"} <= set(dir(choreo))
+
+
 def test_options_are_read_from_class_keywords() -> None:
     o = message_options(OrderPlaced)
     assert (o.name, o.kind, o.key, o.dedup_ttl, o.dedup_max) == ("OrderPlaced", "event", "order_id", 60, 500)

@@ -27,10 +27,13 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "choreo"
 
 LAYERS: dict[int, tuple[str, ...]] = {
-    1: ("errors", "messages", "tracing", "states", "config", "core", "_pycore", "_core", "terminal"),
+    1: (
+        "errors", "messages", "tracing", "states", "config", "core", "_pycore", "_core", "terminal", "endpoints",
+        "bundled",
+    ),
     2: ("service", "spec", "wire"),
     3: ("runtime", "runtime.*"),
-    4: ("transport", "node", "metrics", "introspect", "otel", "client"),
+    4: ("transport", "node", "metrics", "latency", "introspect", "otel", "client"),
     5: ("launch", "_worker", "testing", "nemesis", "up"),
     6: (
         "cli", "run_commands", "up_commands", "admin_commands", "demo", "analyzer", "analyzer.*", "observe",

@@ -27,7 +27,9 @@ def span(msg: str, cause: str, mtype: str, service: str, handler: str, received:
 
 
 @pytest.mark.parametrize(
-    "name", ["choreo.tracing", "choreo.metrics", "choreo.observe.trace_view", "choreo.observe.top"]
+    "name",
+    ["choreo.tracing", "choreo.metrics", "choreo.latency", "choreo.observe.trace_view", "choreo.observe.top",
+     "choreo.observe.traces", "choreo.observe.live"],
 )
 def test_docstring_examples(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
@@ -175,3 +177,147 @@ def test_a_retry_shows_its_duplicate_under_the_attempt_that_sent_it() -> None:
     dup_line = text.splitlines()[-3]
     assert "CreateOrder -> orders.create_order @orders#1" in dup_line and "deduplicated: not run again" in dup_line
     assert dup_line.split()[2] == "-", "its handler did not run: no handler time"
+
+
+# ---- latency histograms ------------------------------------------------------------------------
+
+
+def _lane_span(msg: bytes, trace: bytes, cause: bytes, received: float, started: float, finished: float) -> tuple:
+    """A span of a handler that emits nothing, handled at the first attempt (choreo.tracing's layout)."""
+    return (msg + trace + cause, "Deposit", "book", received, started, finished, "ok", None, 1, b"acc", 3)
+
+
+def _slow_span(msg: bytes, trace: bytes, outcome: str, attempt: int, received: float, started: float, finished: float,
+               mtype: str = "Deposit", handler: str = "book") -> tuple:  # fmt: skip
+    return (msg + trace + b"C" * 16, mtype, handler, received, started, finished, outcome,
+            None if outcome == "ok" else "ValueError: no", attempt, b"acc", 3)  # fmt: skip
+
+
+def test_latency_folds_spans_into_histograms_with_exemplars_and_openmetrics_parses_them() -> None:
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+    from prometheus_client.parser import text_string_to_metric_families as prometheus
+
+    from choreo.latency import Latency
+
+    tracer = Tracer("ledger", "ledger#1", 100, lambda: 0.0)
+    tracer.terminal.add("book")  # it emits nothing: a message from outside ends its flow there
+    latency = Latency(tracer)
+    zero = bytes(16)
+    ring = tracer.spans
+    ring.append(_lane_span(b"A" * 16, b"A" * 16, zero, 1.000, 1.001, 1.004))  # from outside: a whole flow of 4 ms
+    ring.append(_slow_span(b"B" * 16, b"T" * 16, "error", 1, 2.0, 2.010, 2.3))  # failed in 290 ms, waited 10
+    ring.append(_slow_span(b"B" * 16, b"T" * 16, "ok", 2, 2.0, 2.5, 2.502))  # its retry: not a first wait
+    ring.append(_slow_span(b"D" * 16, b"T" * 16, "duplicate", 0, 3.0, 3.0, 3.0))
+    assert latency.fold({"processed": 3, "failed_attempts": 1}) == 4
+    assert latency.handled == {("Deposit", "book", "ok"): 2, ("Deposit", "book", "error"): 1,
+                               ("Deposit", "book", "duplicate"): 1}  # fmt: skip
+    ok = latency.handler[("Deposit", "book", "ok")]
+    assert ok.count == 2 and ok.sum == pytest.approx(0.005)
+    assert latency.queue[("Deposit", "book")].count == 2, "first attempts only"
+    assert latency.queue[("Deposit", "book")].sum == pytest.approx(0.011)
+    (flow,) = latency.flow.values()
+    assert flow.count == 1 and flow.sum == pytest.approx(0.004)
+    assert latency.unfolded == 0
+    text = render({"service": "ledger", "node": "ledger#1"}, {}, latency, openmetrics=True)
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics(text)}
+    handler = families["choreo_handler_seconds"]
+    assert handler.type == "histogram"
+    buckets = {(s.labels["outcome"], s.labels["le"]): s for s in handler.samples if s.name.endswith("_bucket")}
+    assert buckets[("error", "0.25")].value == 0 and buckets[("error", "0.5")].value == 1
+    assert buckets[("error", "+Inf")].value == 1
+    assert buckets[("error", "0.5")].exemplar.labels == {"trace_id": ("54" * 16)}
+    assert buckets[("error", "0.5")].exemplar.value == pytest.approx(0.29)
+    assert families["choreo_handled"].type == "counter"
+    assert families["choreo_spans_unfolded"].samples[0].value == 0
+    # the Prometheus text format has the same histograms, without exemplars
+    plain = render({"service": "ledger", "node": "ledger#1"}, {}, latency)
+    assert " # {" not in plain and "# EOF" not in plain
+    assert {f.name for f in prometheus(plain)} >= {"choreo_handler_seconds", "choreo_queue_wait_seconds", "choreo_flow_seconds"}
+
+
+def test_latency_counts_the_spans_the_ring_overwrote_before_a_fold() -> None:
+    from choreo.latency import Latency
+
+    tracer = Tracer("ledger", "ledger#1", 4, lambda: 0.0)
+    latency = Latency(tracer)
+    for i in range(10):
+        tracer.spans.append(_lane_span(bytes([i]) * 16, bytes([i]) * 16, bytes(16), 0.0, 0.0, 0.001))
+    assert latency.fold({"processed": 10}) == 4
+    assert latency.unfolded == 6 and latency.handled == {("Deposit", "book", "ok"): 4}
+    # a visit folds at most max_per_fold spans, the newest; the rest are counted as unfolded too
+    bounded = Latency(Tracer("ledger", "ledger#1", 10, lambda: 0.0), max_per_fold=3)
+    for i in range(5):
+        bounded.tracer.spans.append(_lane_span(bytes([i]) * 16, bytes([i]) * 16, bytes(16), 0.0, 0.0, 0.001))
+    assert bounded.fold({"processed": 5}) == 3 and bounded.unfolded == 2
+
+
+def test_flows_completed_are_reported_only_while_watched() -> None:
+    from types import SimpleNamespace
+
+    from choreo.service import RetryPolicy
+
+    tracer = Tracer("orders", "orders#1", 10, lambda: 5.0)
+    handler = SimpleNamespace(name="place", retry=RetryPolicy(retries=1))
+    env = SimpleNamespace(trace_id=b"T" * 16, cause_id=bytes(16), type="PlaceOrder")
+    job = SimpleNamespace(env=env, handler=handler, message=object(), replay_of=None, error=None, attempt=0, received=1.0)
+    assert tracer.completed is None, "nobody watches: the dispatcher does not even call"
+    tracer.watch_flows()
+    tracer.flow_done(job)
+    tracer.flow_done(SimpleNamespace(**{**vars(job), "env": SimpleNamespace(**{**vars(env), "cause_id": b"C" * 16})}))
+    tracer.flow_done(SimpleNamespace(**{**vars(job), "message": None}))  # a duplicate
+    tracer.flow_done(SimpleNamespace(**{**vars(job), "error": "E: x", "attempt": 2}))  # dead-lettered
+    assert tracer.take_flows() == [(b"T" * 16, "PlaceOrder", "place", 1.0, 5.0, "ok"), (b"T" * 16, "PlaceOrder", "place", 1.0, 5.0, "error")]
+    assert tracer.take_flows() == []
+    tracer.unwatch_flows()
+    assert tracer.completed is None
+
+
+def test_the_grafana_dashboard_queries_only_series_the_nodes_export() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from choreo import metrics
+
+    dashboard = json.loads((Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json").read_text())
+    exported = {name for name, _ in [*metrics.COUNTERS.values(), *metrics.GAUGES.values()]}
+    exported |= {metrics.REFUSED[0], metrics.LAG[0], metrics.PEERS[0], metrics.INFO[0], metrics.HANDLED[0], metrics.UNFOLDED[0]}
+    exported |= {f"{name}_{part}" for _, name, _ in metrics.HISTOGRAMS for part in ("bucket", "count", "sum")}
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    used = set()
+    for panel in panels:
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel["targets"]:
+            used |= set(re.findall(r"\bchoreo_[a-z_]+", target["expr"]))
+    assert used and used <= exported, f"the dashboard queries series nobody exports: {sorted(used - exported)}"
+    assert {f"{name}_bucket" for _, name, _ in metrics.HISTOGRAMS} <= used, "every latency histogram has a panel"
+    query = dashboard["templating"]["list"][1]["query"]["query"]
+    assert re.findall(r"\bchoreo_[a-z_]+", query) == [metrics.INFO[0]]
+
+
+def test_live_labels_rates_errors_and_lag_per_edge_and_service() -> None:
+    from choreo.observe.live import labels
+
+    answers = [
+        {"service": "shipping", "covered": 4.0, "lag": 2, "dead_letters": 3, "refused": 0,
+         "handled": [{"type": "Paid", "handler": "ship", "outcome": "error", "count": 8}]},
+        {"service": "orders", "covered": 2.0, "lag": 0, "dead_letters": 0, "refused": 1,
+         "handled": [{"type": "Place", "handler": "place", "outcome": "ok", "count": 40},
+                     {"type": "Place", "handler": "place", "outcome": "duplicate", "count": 5}]},
+        {"service": "orders", "covered": 5.0, "lag": 1, "dead_letters": 0, "refused": 0,  # a second instance
+         "handled": [{"type": "Place", "handler": "place", "outcome": "ok", "count": 10}]},
+        {"service": None, "covered": 5.0, "handled": []},  # a client handles nothing
+    ]  # fmt: skip
+    edges = [("message:Place", "service:orders", "handles"), ("service:orders", "message:Paid", "emits"),
+             ("message:Paid", "service:shipping", "handles"), ("service:shipping", "message:Shipped", "emits")]  # fmt: skip
+    doc = labels(answers, edges)
+    assert doc["edges"] == {
+        "edge:message:Place->service:orders:handles": {"text": "22/s", "bad": False},  # 40/2 + 10/5 s, duplicates apart
+        "edge:message:Paid->service:shipping:handles": {"text": "2.0 err/s", "bad": True},
+    }
+    assert doc["nodes"] == {
+        "service:shipping": {"text": "lag 2, 3 dead letters, 2.0 err/s", "bad": True},
+        "service:orders": {"text": "lag 1, 1 refused", "bad": False},
+    }
