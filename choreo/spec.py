@@ -12,7 +12,7 @@ They encode to JSON and MessagePack and decode back with validation::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -66,7 +66,7 @@ class ServiceSpec(msgspec.Struct, frozen=True):
     emits: tuple[str, ...] = ()
     sends: tuple[str, ...] = ()
     messages: tuple[MessageSpec, ...] = ()
-    partitions: int = 64
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 64  # validated when decoded (a hello, a JSON spec)
     doc: str = ""
     module: str = ""
     line: int = 0
