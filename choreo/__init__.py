@@ -33,6 +33,7 @@ from .errors import (
 )
 from .messages import Command, Event, Message, Query, message_options
 from .service import Context, Handler, RetryPolicy, Service
+from .trust import Permissions, Policy, Security
 
 __version__ = "0.1.0"
 
@@ -72,9 +73,12 @@ __all__ = [
     "Node",
     "NodeConfig",
     "NodeProcess",
+    "Permissions",
+    "Policy",
     "ProtocolError",
     "Query",
     "RetryPolicy",
+    "Security",
     "Service",
     "UndeclaredMessage",
     "ValidationError",
