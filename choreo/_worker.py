@@ -21,6 +21,8 @@ from .errors import ChoreoError, ChoreoUsageError
 from .launch import READY_PREFIX
 from .node import Node
 from .service import Service
+from .transport import raise_fd_limit
+from .trust import Security
 
 
 def load_service(target: str) -> Service:
@@ -54,7 +56,10 @@ async def run(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     watch_parent: bool = False,
+    security: Security | None = None,
+    insecure: bool = False,
 ) -> int:
+    raise_fd_limit()  # a process of its own: each peer and each inbound connection costs descriptors
     node = Node(
         service,
         bind=bind,
@@ -64,6 +69,8 @@ async def run(
         advertise=advertise,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        security=security,
+        insecure=insecure,
     )
     await node.start()
     metrics = f" metrics={node.metrics_url}" if node.metrics_url else ""
@@ -109,6 +116,8 @@ def main() -> int:
             metrics_port=spec.get("metrics_port"),
             metrics_host=spec.get("metrics_host", "127.0.0.1"),
             watch_parent=True,
+            security=spec.get("security"),
+            insecure=spec.get("insecure", False),
         )
     )
 

@@ -129,8 +129,9 @@ def _from_file(path: str) -> tuple[SystemSpec, str]:
 
 
 def _from_peer(peer: str, timeout: float) -> SystemSpec:
-    if not peer.startswith(("tcp://", "ipc://")):
-        raise LoadError(f"--peer must look like tcp://HOST:PORT, got {peer!r}")
+    address = peer.partition("@")[2] if "@" in peer.split("://")[0] else peer  # KEY@tcp://... in a secure mesh
+    if not address.startswith(("tcp://", "ipc://")):
+        raise LoadError(f"--peer must look like tcp://HOST:PORT (KEY@tcp://HOST:PORT in a secure mesh), got {peer!r}")
     if not timeout > 0:
         raise LoadError(f"--timeout must be > 0 seconds, got {timeout}")
     try:

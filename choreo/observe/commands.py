@@ -2,7 +2,9 @@
 
 How this works: :func:`register` adds the parsers (cheap: nothing heavy is imported until a
 command runs). Every command takes ``--peer tcp://HOST:PORT``, one node of a running mesh, and
-reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`).
+reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`). A secure mesh is asked
+with a key it trusts: ``--peer KEY@tcp://HOST:PORT --keys DIR --key NAME`` (or ``$CHOREO_KEYS``
+and ``$CHOREO_KEY``).
 
     $ choreo trace 84759a27c4f2bf7f0100000000000000 --peer tcp://127.0.0.1:7000
     $ choreo trace 00-84759a27...-a9593e141a44b863-01 --peer ... --follow      # a traceparent works too
@@ -25,6 +27,7 @@ import time
 from typing import IO, Any
 
 from ..errors import ChoreoUsageError
+from ..keys_commands import add_client_key_options
 
 __all__ = ["register", "run_trace", "run_top", "run_dlq"]
 
@@ -98,8 +101,10 @@ def register(subparsers: Any) -> None:
 
 
 def _mesh_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--peer", required=True, metavar="tcp://HOST:PORT", help="any node of the mesh")
+    parser.add_argument("--peer", required=True, metavar="tcp://HOST:PORT",
+                        help="any node of the mesh (KEY@tcp://HOST:PORT in a secure mesh)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each node (default: 5)")
+    add_client_key_options(parser)
 
 
 def _color_argument(parser: argparse.ArgumentParser) -> None:
@@ -170,10 +175,12 @@ def _mesh_spec(peer: str, timeout: float) -> Any:
 def run_trace(args: argparse.Namespace) -> int:
     """``choreo trace TRACE_ID --peer P [--json] [--follow]``."""
     from ..tracing import trace_id_of
+    from ..keys_commands import use_client_keys
     from .mesh import check_peer
     from .trace_view import render_text, to_json
 
     check_peer(args.peer, args.timeout)
+    use_client_keys(args)  # --keys/--key: the key to ask a secure mesh with
     try:
         trace_id = trace_id_of(args.trace_id)
     except ValueError as exc:
@@ -240,10 +247,12 @@ def _not_found(trace: Any, trace_id: str) -> str:
 
 def run_top(args: argparse.Namespace) -> int:
     """``choreo top --peer P [--once] [--json] [--interval S]``."""
+    from ..keys_commands import use_client_keys
     from .mesh import check_peer
     from .top import render_text, sample, table
 
     check_peer(args.peer, args.timeout)
+    use_client_keys(args)  # --keys/--key: the key to ask a secure mesh with
     if not args.interval > 0:
         raise ChoreoUsageError(f"--interval must be > 0 seconds, got {args.interval}")
     style = _style(args, sys.stdout)
@@ -284,9 +293,11 @@ def run_top(args: argparse.Namespace) -> int:
 def run_dlq(args: argparse.Namespace) -> int:
     """``choreo dlq list|show|replay --peer P``."""
     from . import dlq
+    from ..keys_commands import use_client_keys
     from .mesh import check_peer
 
     check_peer(args.peer, args.timeout)
+    use_client_keys(args)  # --keys/--key: the key to ask a secure mesh with
     if args.dlq_command == "list":
         found = dlq.collect(args.peer, args.timeout, payload=not args.no_payload)
         if args.json:
