@@ -439,7 +439,9 @@ class ZmqTransport:
             del self.parked_bytes[endpoint]
 
     def retry_parked(self) -> None:
-        """Try again to send frames that met a full pipe (called at every tick)."""
+        """Try again to send frames that met a full pipe (called at every tick); follow the keys directory."""
+        if self.security is not None:
+            self.security.refresh(1.0)  # at most once a second: a listing and a stat per key file
         for endpoint, parked in list(self.parked.items()):
             sock = self.dealers.get(endpoint)
             if sock is None and endpoint in self._hold_off and not self._holding_off(endpoint):
@@ -515,6 +517,7 @@ def _start_authenticator(context: zmq.Context, security: Security, refuse: Refus
 
     class TrustedKeys:
         def callback(self, domain: str, key: bytes) -> bool:
+            security.refresh(1.0)  # a key deleted from the directory is refused within a second
             if security.name_of(key) is not None:
                 return True
             # a refused dialer never retries (libzmq), so a key added a moment ago must be seen now:

@@ -288,7 +288,7 @@ def test_running_out_of_descriptors_never_raises(tmp_path: Path) -> None:
     # a process with a small descriptor limit: the dials that cannot get a socket are refused and
     # counted, nothing raises out of connect/send, and dialling works again once descriptors are free
     script = textwrap.dedent("""
-        import asyncio, resource, sys
+        import asyncio, resource, sys, time
         from choreo.transport import ZmqTransport
         resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         loop = asyncio.new_event_loop()
@@ -300,7 +300,9 @@ def test_running_out_of_descriptors_never_raises(tmp_path: Path) -> None:
         opened, refused = len(t.dealers), t.refused["no_socket"]
         for endpoint in list(t.dealers)[:50]:
             t.disconnect(endpoint)
-        again = t.connect("tcp://127.0.0.1:30000")
+        deadline = time.monotonic() + 10  # libzmq frees a closed socket's descriptors in its reaper thread
+        while not (again := t.connect("tcp://127.0.0.1:30000")) and time.monotonic() < deadline:
+            time.sleep(0.05)
         t.close()
         print(opened, refused, again)
     """)
@@ -310,3 +312,29 @@ def test_running_out_of_descriptors_never_raises(tmp_path: Path) -> None:
     opened, refused, again = done.stdout.split()
     assert 0 < int(opened) < 300 and int(refused) >= 300 - int(opened), done.stdout
     assert again == "True"
+
+
+def test_a_key_deleted_from_the_directory_is_refused_from_then_on(io: Loop, keys: Path) -> None:
+    server_security = Security.load(keys, "server")
+    server, got = io.transport(server_security)
+    first, _ = io.transport(Security.load(keys, "client"))
+    first.send(server.endpoint, b"while trusted")
+    io.until(lambda: got, 5, "a frame while the key was trusted")
+    os.unlink(keys / "client.key")  # revoked
+    io.until(lambda: server_security.server_key("client") is None, 5, "the server to notice")
+    again, _ = io.transport(_client_elsewhere(keys))  # a new connection with the revoked key
+    again.send(server.endpoint, b"after revocation")
+    io.until(lambda: server.refused["untrusted_key"] >= 1, 10, "the revoked key refused")
+    assert [d for d, _, _ in got] == [b"while trusted"]
+
+
+def _client_elsewhere(keys: Path) -> Security:
+    # the revoked client still holds its secret and a copy of the server's public key
+    other = keys.parent / "revoked"
+    other.mkdir()
+    shutil.copy(keys / "client.key_secret", other)
+    shutil.copy(keys / "server.key", other)
+    text = (other / "client.key_secret").read_text()
+    public = [line for line in text.splitlines() if "secret-key" not in line]
+    (other / "client.key").write_text("\n".join(public) + "\n")
+    return Security.load(other, "client")
