@@ -162,5 +162,6 @@ def test_e2e_curve(benchmark) -> None:
     for variant in rates:
         record(f"e2e.curve.{variant}.events_per_s", median(rates[variant]))
         record(f"e2e.curve.{variant}.cpu_us_per_event", median(cpu[variant]) * 1e6)
-    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios], "cpu_ratios": [round(r, 3) for r in cpu_ratios],
+    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
+                                 "cpu_ratios": [round(r, 3) for r in cpu_ratios],
                                  **{k: [round(x) for x in v] for k, v in rates.items()}})

@@ -123,7 +123,10 @@ class RpcClient:
             if not reply.ok:
                 raise RpcError(f"{self.endpoint} {method}: {reply.error}")
             return reply.result
-        raise DeliveryTimeout(f"no answer from {self.endpoint} to {method!r} within {timeout:.1f} s: is a node running there?")
+        hint = "" if self.security is not None else " (a node of a secure mesh answers only at KEY@tcp://HOST:PORT)"
+        raise DeliveryTimeout(
+            f"no answer from {self.endpoint} to {method!r} within {timeout:.1f} s: is a node running there?{hint}"
+        )
 
     def close(self) -> None:
         if self._monitor is not None:
@@ -139,7 +142,12 @@ class RpcClient:
 
 
 def rpc(
-    endpoint: str, method: str, args: dict[str, Any] | None = None, timeout: float = 5.0, *, security: Security | None = None
+    endpoint: str,
+    method: str,
+    args: dict[str, Any] | None = None,
+    timeout: float = 5.0,
+    *,
+    security: Security | None = None,
 ) -> Any:
     """One system query to the node at ``endpoint`` (``KEY@tcp://...``: over CURVE with ``security``)."""
     with RpcClient(endpoint, security=security) as client:

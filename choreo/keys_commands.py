@@ -34,7 +34,8 @@ def register(subparsers: Any) -> None:
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     new = actions.add_parser("new", help="make a key pair NAME.key + NAME.key_secret, with its rights")
-    new.add_argument("name", metavar="NAME", help="the key's name: what nodes see as the sender (letters, digits, _ . -)")
+    new.add_argument("name", metavar="NAME",
+                     help="the key's name: what nodes see as the sender (letters, digits, _ . -)")
     _dir_option(new)
     new.add_argument("--serves", nargs="+", default=[], metavar="SERVICE",
                      help="services this key may run instances of (claim their partitions); '*': any")

@@ -596,9 +596,8 @@ def check_addresses(bind: str, peers: Iterable[str], security: Security | None, 
                     f"certificate that node runs as (in {security.keys_dir or 'the trusted keys'})"
                 )
             if security.server_key(key_name) is None and not (security.refresh(0.0) and security.server_key(key_name)):
-                raise ChoreoUsageError(
-                    f"peer {peer}: no trusted key {key_name!r} (no {key_name}.key in {security.keys_dir or 'the trusted keys'})"
-                )
+                where = security.keys_dir or "the trusted keys"
+                raise ChoreoUsageError(f"peer {peer}: no trusted key {key_name!r} (no {key_name}.key in {where})")
         elif key_name is not None:
             raise ChoreoUsageError(f"peer {peer} is a secure node: give this node keys (--keys DIR --key NAME)")
 

@@ -117,7 +117,8 @@ class Permissions:
     def from_metadata(cls, metadata: Mapping[str, str], where: str = "certificate") -> Permissions:
         """Read ``serves``, ``originates`` and ``admin`` (entries separated by spaces or commas)."""
         try:
-            return cls.of(*(re.split(r"[\s,]+", metadata.get(k, "").strip()) for k in ("serves", "originates", "admin")))
+            lists = (re.split(r"[\s,]+", metadata.get(k, "").strip()) for k in ("serves", "originates", "admin"))
+            return cls.of(*lists)
         except ChoreoUsageError as exc:
             raise ChoreoUsageError(f"{where}: {exc}") from None
 
@@ -319,7 +320,8 @@ _SECRET_NOTE = """#   DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its per
 
 
 def _certificate_text(kind: str, note: str, public: bytes, secret: bytes | None, perms: Permissions) -> str:
-    lines = [_BANNER.format(date=datetime.datetime.now().isoformat(timespec="seconds"), kind=kind, note=note), "metadata"]
+    date = datetime.datetime.now().isoformat(timespec="seconds")
+    lines = [_BANNER.format(date=date, kind=kind, note=note), "metadata"]
     lines += [f'    {k} = "{v}"' for k, v in perms.to_metadata().items()]
     lines += ["curve", f'    public-key = "{public.decode()}"']
     if secret is not None:
@@ -352,7 +354,7 @@ def create_key(
     public_path, secret_path = directory / (name + PUBLIC_SUFFIX), directory / (name + SECRET_SUFFIX)
     for p in (public_path, secret_path):
         if p.exists():
-            raise ChoreoUsageError(f"{p} exists: choose another name, or remove the old key first (rotating keys: README)")
+            raise ChoreoUsageError(f"{p} exists: choose another name, or remove the old key first")
     public, secret = zmq.curve_keypair()
     _write_new(secret_path, _certificate_text("**Secret**", _SECRET_NOTE, public, secret, perms), 0o600)
     _write_new(public_path, _certificate_text("Public", _PUBLIC_NOTE, public, None, perms), 0o644)

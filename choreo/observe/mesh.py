@@ -38,7 +38,9 @@ class MeshNode:
 def check_peer(peer: str, timeout: float) -> None:
     address = peer.partition("@")[2] if "@" in peer.split("://")[0] else peer  # KEY@tcp://... in a secure mesh
     if not address.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ChoreoUsageError(f"--peer must look like tcp://HOST:PORT (KEY@tcp://HOST:PORT in a secure mesh), got {peer!r}")
+        raise ChoreoUsageError(
+            f"--peer must look like tcp://HOST:PORT (KEY@tcp://HOST:PORT in a secure mesh), got {peer!r}"
+        )
     if not timeout > 0:
         raise ChoreoUsageError(f"--timeout must be > 0 seconds, got {timeout}")
 
