@@ -144,10 +144,15 @@ def _entries(values: Iterable[str], what: str) -> frozenset[str]:
     return frozenset(out)
 
 
-def _admin_allows(granted: frozenset[str], method: str) -> bool:
-    if "*" in granted or method in granted:
+_WORDS = {"serves": ("serve", "serves"), "originates": ("originate", "originates"), "admin": ("call", "may call")}
+
+
+def _allows(granted: frozenset[str], name: str, families: bool) -> bool:
+    if "*" in granted or name in granted:
         return True
-    head, dot, _ = method.rpartition(".")
+    if not families:
+        return False
+    head, dot, _ = name.rpartition(".")
     while dot:  # "dlq.*" allows "dlq.list"; "a.*" allows "a.b.c"
         if f"{head}.*" in granted:
             return True
@@ -185,32 +190,27 @@ class Policy:
             return None, f"key {principal!r} is not trusted by this mesh"
         return perms, None
 
-    def may_serve(self, principal: str | None, service: str) -> str | None:
-        """May ``principal`` run an instance of ``service`` (claim its partitions)?"""
+    def _check(self, principal: str | None, right: str, name: str) -> str | None:
         perms, why = self._who(principal)
         if perms is None:
             return why
-        if "*" in perms.serves or service in perms.serves:
+        granted: frozenset[str] = getattr(perms, right)
+        if _allows(granted, name, right == "admin"):
             return None
-        return f"key {principal!r} may not serve {service} (it serves: {_listed(perms.serves)})"
+        verb, has = _WORDS[right]
+        return f"key {principal!r} may not {verb} {name} (it {has}: {_listed(granted)})"
+
+    def may_serve(self, principal: str | None, service: str) -> str | None:
+        """May ``principal`` run an instance of ``service`` (claim its partitions)?"""
+        return self._check(principal, "serves", service)
 
     def may_originate(self, principal: str | None, message_type: str) -> str | None:
         """May ``principal`` send or emit ``message_type`` from outside a handler (an entry point)?"""
-        perms, why = self._who(principal)
-        if perms is None:
-            return why
-        if "*" in perms.originates or message_type in perms.originates:
-            return None
-        return f"key {principal!r} may not originate {message_type} (it originates: {_listed(perms.originates)})"
+        return self._check(principal, "originates", message_type)
 
     def may_call(self, principal: str | None, method: str) -> str | None:
         """May ``principal`` call the system query ``method`` (``stats``, ``dlq.replay``...)?"""
-        perms, why = self._who(principal)
-        if perms is None:
-            return why
-        if _admin_allows(perms.admin, method):
-            return None
-        return f"key {principal!r} may not call {method} (it may call: {_listed(perms.admin)})"
+        return self._check(principal, "admin", method)
 
     def __repr__(self) -> str:
         return f"Policy({', '.join(f'{n}: {p}' for n, p in sorted(self._grants.items()))})"
