@@ -30,6 +30,7 @@ from typing import Any
 
 from choreo.config import NodeConfig
 from choreo.launch import NodeProcess
+from choreo.trust import Security, create_key
 
 __all__ = [
     "BENCH_CONFIG",
@@ -89,10 +90,11 @@ class Procs:
         peers: list[str] = (),  # type: ignore[assignment]
         config: NodeConfig = BENCH_CONFIG,
         env: dict[str, str] | None = None,
+        security: Security | None = None,
     ) -> NodeProcess:
         """A node process running the service ``module:attribute``, ready when this returns."""
         full_env = {"CHOREO_BENCH": json.dumps(params or {}), **(env or {})}
-        proc = NodeProcess(target, peers=list(peers), config=config, env=full_env, start=False)
+        proc = NodeProcess(target, peers=list(peers), config=config, env=full_env, start=False, security=security)
         self.nodes.append(proc)
         proc.start(timeout=60)
         return proc
@@ -120,10 +122,12 @@ class Procs:
         *,
         config: NodeConfig = BENCH_CONFIG,
         timeout: float = 120.0,
+        security: Security | None = None,
     ) -> dict[str, Any]:
         """Run a producer node with ``params`` (see bench.nodes) and return its report."""
         out = self.path("producer")
-        self.node("bench.nodes:producer", {"role": "producer", "out": out, **params}, peers=peers, config=config)
+        self.node("bench.nodes:producer", {"role": "producer", "out": out, **params}, peers=peers, config=config,
+                  security=security)
         return self.report(out, timeout, "producer")
 
     def stderr(self) -> str:
@@ -283,29 +287,42 @@ def choreo_run(
     services: dict[str, int] | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
+    secure: bool = False,
 ) -> dict[str, Any]:
     """One producer node process emitting to fresh consumer node processes; their figures.
 
     ``services`` maps consumer services of bench.nodes to their instance counts (default one
     ``consumer``). Returns the producer's report plus ``events_per_s``, the consumers' reports
-    (``consumers``), their CPU seconds and resident memory (KiB) before and after.
+    (``consumers``), their CPU seconds and resident memory (KiB) before and after. ``secure``:
+    every node speaks CURVE, with a key of its own from a keys directory made for the run.
     """
     from choreo.client import rpc
 
     services = services or {"consumer": 1}
     with Procs() as procs:
+        keys = procs.dir / "keys"
+
+        def security(name: str, **rights: list[str]) -> Security | None:
+            if not secure:
+                return None
+            create_key(keys, name, **rights)
+            return Security.load(keys, name)
+
+        ops = security("ops", admin=["*"])
         nodes: list[tuple[str, NodeProcess]] = []
         for name, count in services.items():
             for _ in range(count):
                 seed = [nodes[0][1].endpoint] if nodes else []
-                nodes.append((name, procs.node(f"bench.nodes:{name}", peers=seed, config=consumer_config, env=env)))
+                key = security(f"{name}-{len(nodes) + 1}", serves=[name])
+                nodes.append((name, procs.node(f"bench.nodes:{name}", peers=seed, config=consumer_config, env=env,
+                                               security=key)))
         pids = [n.pid for _, n in nodes]
         rss_before = [rss_kb(pid) for pid in pids]
         cpu_before = [cpu_seconds(pid) for pid in pids]
         report = procs.produce({**params, "wait": services}, [nodes[0][1].endpoint], config=producer_config,
-                               timeout=timeout)
+                               timeout=timeout, security=security("producer", serves=["producer"], originates=["*"]))
         report["consumer_cpu_s"] = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
-        report["consumers"] = [rpc(n.endpoint, "bench", timeout=10) for _, n in nodes]
+        report["consumers"] = [rpc(n.endpoint, "bench", timeout=10, security=ops) for _, n in nodes]
         report["rss_before_kb"] = rss_before
         report["rss_after_kb"] = [rss_kb(pid) for pid in pids]
     report["events_per_s"] = report["count"] / report["elapsed"]

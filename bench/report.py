@@ -160,6 +160,14 @@ E2E_ROWS = [
         _cost("no_order")),
     Row("e2e.tracing.cpu_ns_per_event", "what tracing adds per event (the same)", " ns", None, False,
         _cost("no_tracing")),
+    Row("e2e.curve.ratio_vs_plain", "the all-on workload with CURVE on every socket (a key per node), over the "
+        "same without, rounds interleaved", "x", 0.8, True,
+        lambda f: (f"CURVE {_per_s(f, 'e2e.curve.curve.events_per_s')} vs plain "
+                   f"{_per_s(f, 'e2e.curve.plain.events_per_s')}")),
+    Row("e2e.curve.cpu_ratio_vs_plain", "CPU time per event, both processes, with CURVE over without (encryption "
+        "runs in ZeroMQ's I/O threads, counted here)", "x", None, False,
+        lambda f: (f"CURVE {_us(f, 'e2e.curve.curve.cpu_us_per_event')} vs plain "
+                   f"{_us(f, 'e2e.curve.plain.cpu_us_per_event')} per event")),
     Row("e2e.cpu.ratio_vs_raw", "CPU time per event, producer + consumer, over raw push + pull per message "
         "(independent of what other jobs take)", "x", None, False,
         lambda f: (f"raw push {_us(f, 'e2e.cpu_us.push')} + pull {_us(f, 'e2e.cpu_us.pull')} vs choreo producer "

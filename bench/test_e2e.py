@@ -25,6 +25,11 @@ Figures (bench/results.json): ``e2e.events_per_s``, ``e2e.raw_pushpull_per_s``,
 ``e2e.<guarantee>.cpu_ns_per_event`` (what switching it on costs per event, in CPU time of both
 processes), and the CPU time per event of each side beside raw pyzmq's per message
 (``e2e.cpu_us.*``): CPU time does not depend on how much of the machine other jobs took.
+
+``test_e2e_curve`` runs the ``events`` workload with CURVE on every socket (a key per node) and
+without, alternating round by round: ``e2e.curve.ratio_vs_plain`` is the median of the per-round
+ratios of their rates, ``e2e.curve.cpu_ratio_vs_plain`` the same for CPU time per event of both
+processes (which other jobs on the machine do not move).
 """
 
 from __future__ import annotations
@@ -124,3 +129,39 @@ def test_e2e_throughput(benchmark) -> None:
     record("e2e.cpu.ratio_vs_raw", (median(cpu["producer"]) + median(cpu["consumer"]))
            / (median(cpu["push"]) + median(cpu["pull"])))
     benchmark.extra_info.update({k: [round(x) for x in v] for k, v in rates.items()})
+
+
+CURVE_ROUNDS = 5
+
+
+def test_e2e_curve(benchmark) -> None:
+    rates: dict[str, list[float]] = {"plain": [], "curve": []}
+    cpu: dict[str, list[float]] = {"plain": [], "curve": []}
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+
+    def measure() -> None:
+        for i in range(CURVE_ROUNDS):
+            order = ("plain", "curve") if i % 2 == 0 else ("curve", "plain")  # neither always runs first
+            round_rates, round_cpu = {}, {}
+            for variant in order:
+                report = choreo_run({"count": COUNT, "seconds": SECONDS, "keys": KEYS, "size": 100},
+                                    secure=variant == "curve")
+                check_delivery("events", report)
+                round_rates[variant] = report["events_per_s"]
+                round_cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
+                rates[variant].append(round_rates[variant])
+                cpu[variant].append(round_cpu[variant])
+            ratios.append(round_rates["curve"] / round_rates["plain"])
+            cpu_ratios.append(round_cpu["curve"] / round_cpu["plain"])
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+
+    record("e2e.curve.ratio_vs_plain", median(ratios))
+    record("e2e.curve.cpu_ratio_vs_plain", median(cpu_ratios))
+    for variant in rates:
+        record(f"e2e.curve.{variant}.events_per_s", median(rates[variant]))
+        record(f"e2e.curve.{variant}.cpu_us_per_event", median(cpu[variant]) * 1e6)
+    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
+                                 "cpu_ratios": [round(r, 3) for r in cpu_ratios],
+                                 **{k: [round(x) for x in v] for k, v in rates.items()}})

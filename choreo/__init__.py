@@ -36,6 +36,7 @@ from .errors import (
 from .config import NodeConfig
 from .messages import Command, Event, Message, Query, message_options
 from .service import Context, Handler, RetryPolicy, Service
+from .trust import Permissions, Policy, Security
 
 __version__ = "0.1.0"
 
@@ -80,9 +81,12 @@ __all__ = [
     "NodeConfig",
     "NodeProcess",
     "NotJoined",
+    "Permissions",
+    "Policy",
     "ProtocolError",
     "Query",
     "RetryPolicy",
+    "Security",
     "Service",
     "UndeclaredMessage",
     "Undeliverable",

@@ -21,6 +21,8 @@ from .errors import ChoreoError, ChoreoUsageError
 from .launch import READY_PREFIX
 from .node import Node
 from .service import Service
+from .transport import raise_fd_limit
+from .trust import Security
 
 
 def load_service(target: str) -> Service:
@@ -57,10 +59,13 @@ async def run(
     metrics_port: int | None = None,
     metrics_host: str = "127.0.0.1",
     watch_parent: bool = False,
+    security: Security | None = None,
+    insecure: bool = False,
 ) -> int:
     # the parent as it is now, before the ready line: once the parent has read that line it may
     # die at any moment, and asking afterwards would name init, which never goes away
     parent = os.getppid()
+    raise_fd_limit()  # a process of its own: each peer and each inbound connection costs descriptors
     node = Node(
         service,
         bind=bind,
@@ -70,6 +75,8 @@ async def run(
         advertise=advertise,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        security=security,
+        insecure=insecure,
     )
     await node.start()
     metrics = f" metrics={node.metrics_url}" if node.metrics_url else ""
@@ -115,6 +122,8 @@ def main() -> int:
             metrics_port=spec.get("metrics_port"),
             metrics_host=spec.get("metrics_host", "127.0.0.1"),
             watch_parent=True,
+            security=spec.get("security"),
+            insecure=spec.get("insecure", False),
         )
     )
 

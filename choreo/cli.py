@@ -27,6 +27,7 @@ __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 COMMAND_MODULES: tuple[str, ...] = (
     "choreo.analyzer.commands",
     "choreo.run_commands",
+    "choreo.keys_commands",
     "choreo.up_commands",
     "choreo.observe.commands",
     "choreo.admin_commands",

@@ -20,16 +20,75 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-__all__ = ["check_endpoint", "advertised", "route_to", "is_loopback"]
+__all__ = [
+    "check_endpoint",
+    "endpoint_problem",
+    "split_endpoint",
+    "advertised",
+    "route_to",
+    "is_loopback",
+    "only_this_host",
+    "MAX_ENDPOINT",
+]
 
 log = logging.getLogger("choreo.transport")
 
 WILDCARDS = ("0.0.0.0", "::", "*", "")
 _OFF_HOST = "192.0.2.1"  # TEST-NET-1 (RFC 5737): never answered, only asked which interface routes there
+
+
+MAX_ENDPOINT = 300  # characters of one endpoint, key name included
+_KEY = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_HOST = r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\*)"
+_TCP = re.compile(rf"(?:({_KEY})@)?tcp://({_HOST}):([0-9]{{1,5}})")
+_LOCAL = re.compile(rf"(?:({_KEY})@)?(?:ipc://[^\x00-\x20\x7f]{{1,107}}|inproc://[^\x00-\x20\x7f]{{1,255}})")
+
+
+def split_endpoint(endpoint: str) -> tuple[str | None, str]:
+    """``(key name or None, ZeroMQ address)`` of an endpoint (no validation: see :func:`endpoint_problem`).
+
+    >>> split_endpoint("orders-1@tcp://10.0.0.5:7001")
+    ('orders-1', 'tcp://10.0.0.5:7001')
+    >>> split_endpoint("tcp://127.0.0.1:7000")
+    (None, 'tcp://127.0.0.1:7000')
+    """
+    at = endpoint.find("@")
+    scheme = endpoint.find("://")
+    if 0 < at and (scheme < 0 or at < scheme):
+        return endpoint[:at], endpoint[at + 1 :]
+    return None, endpoint
+
+
+def endpoint_problem(endpoint: object, *, bind: bool = False) -> str | None:
+    """None if ``endpoint`` is one a node may be dialled at, else what is wrong with it.
+
+    ``tcp://HOST:PORT`` (HOST a name, an IPv4 address or a bracketed IPv6 one; PORT 1..65535),
+    ``ipc://PATH`` or ``inproc://NAME``, optionally ``KEY@`` in front; ``bind=True`` also
+    allows the wildcard host ``*`` and port 0 (any free port).
+
+    >>> endpoint_problem("tcp://127.0.0.1:99999")
+    'port 99999 out of range 1..65535 in tcp://127.0.0.1:99999'
+    """
+    if not isinstance(endpoint, str):
+        return f"an endpoint is a string, got {type(endpoint).__name__}"
+    if len(endpoint) > MAX_ENDPOINT:
+        return f"endpoint of {len(endpoint)} characters (at most {MAX_ENDPOINT})"
+    m = _TCP.fullmatch(endpoint)
+    if m is not None:
+        port = int(m.group(3))
+        if not (0 if bind else 1) <= port <= 65535:
+            return f"port {port} out of range {0 if bind else 1}..65535 in {endpoint}"
+        if m.group(2) == "*" and not bind:
+            return f"{endpoint} names no host to dial (the wildcard * only binds)"
+        return None
+    if _LOCAL.fullmatch(endpoint):
+        return None
+    return f"{endpoint!r} is not tcp://HOST:PORT, ipc://PATH or inproc://NAME (optionally KEY@ in front)"
 
 
 def check_endpoint(value: str, what: str = "endpoint", *, bind: bool = False) -> str:
@@ -45,6 +104,13 @@ def check_endpoint(value: str, what: str = "endpoint", *, bind: bool = False) ->
     """
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a string like tcp://HOST:PORT, got {type(value).__name__}")
+    key, _ = split_endpoint(value)
+    if key is not None:  # a secure node's address: KEY@tcp://HOST:PORT
+        check_endpoint(value[len(key) + 1 :], what, bind=bind)
+        problem = endpoint_problem(value, bind=bind)
+        if problem is not None:
+            raise ValueError(f"{what}: {problem}")
+        return value
     form = "tcp://HOST:PORT (or ipc://PATH)"
     scheme, sep, rest = value.partition("://")
     if not sep:
@@ -81,6 +147,18 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def only_this_host(endpoint: str) -> bool:
+    """True when only this host can reach ``endpoint``: tcp on 127.0.0.0/8, ::1 or ``localhost``; ipc; inproc.
+
+    >>> only_this_host("tcp://127.0.0.1:0"), only_this_host("tcp://0.0.0.0:7000"), only_this_host("ipc:///tmp/n")
+    (True, False, True)
+    """
+    _, address = split_endpoint(endpoint)
+    if not address.startswith("tcp://"):
+        return address.startswith(("ipc://", "inproc://"))
+    return is_loopback(address[len("tcp://") :].rpartition(":")[0])
 
 
 def route_to(host: str, port: int = 9, family: int | None = None) -> str | None:

@@ -40,6 +40,7 @@ import msgspec
 from .config import NodeConfig
 from .messages import Command, Event, Message, Query
 from .service import Service
+from .trust import Security
 
 __all__ = ["NodeProcess", "READY_PREFIX"]
 
@@ -64,6 +65,8 @@ class NodeProcess:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         netns: str | None = None,
+        security: Security | None = None,
+        insecure: bool = False,
     ) -> None:
         self.service = service
         self.bind = bind
@@ -80,6 +83,8 @@ class NodeProcess:
         self.metrics_url: str | None = None  # http://HOST:PORT/metrics once started with metrics_port
         self.stderr_path: str | None = None
         self.netns = netns  # run inside this network namespace (ip netns exec), a host of its own
+        self.security = security  # the child's key pair and trusted keys, over the same private pipe
+        self.insecure = insecure
         if start:
             self.start(ready_timeout)
 
@@ -97,6 +102,8 @@ class NodeProcess:
                 "log_level": self.log_level,
                 "metrics_port": self.metrics_port,
                 "metrics_host": self.metrics_host,
+                "security": self.security,
+                "insecure": self.insecure,
             }
         )
         fd, self.stderr_path = tempfile.mkstemp(prefix="choreo-node-", suffix=".log")

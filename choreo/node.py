@@ -11,6 +11,10 @@ A node without a service is a *client*: it joins the mesh to emit, send and ask,
 nothing. ``stop()`` drains: it tells the mesh it is leaving (no new work is routed to it),
 finishes and acknowledges what it holds, waits until what it sent is acknowledged, says goodbye.
 
+Security: ``security=Security.load("keys", "orders-1")`` (:mod:`choreo.trust`) puts CURVE on
+every socket and admits only the keys of that directory; a node without keys refuses to bind a
+non-loopback address unless ``insecure=True``. In a secure mesh, peers are ``KEY@tcp://HOST:PORT``.
+
 Observability: every node answers the system queries of ``choreo trace``/``top``/``dlq``
 (:mod:`choreo.introspect`); ``metrics_port=`` also serves Prometheus metrics over HTTP
 (:mod:`choreo.metrics`, 127.0.0.1 unless ``metrics_host`` says otherwise; no port without it).
@@ -33,7 +37,8 @@ from .metrics import MetricsServer
 from .runtime.engine import Engine
 from .runtime.stats import NodeStats, PeerStats
 from .service import Service
-from .transport import ZmqTransport
+from .transport import ZmqTransport, check_addresses
+from .trust import Security
 
 __all__ = ["Node", "NodeConfig", "NodeStats", "PeerStats"]
 
@@ -54,12 +59,17 @@ class Node:
         advertise: str | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        security: Security | None = None,
+        insecure: bool = False,
     ) -> None:
         if metrics_port is not None and (not isinstance(metrics_port, int) or not 0 <= metrics_port <= 65535):
             raise ValueError(f"metrics_port must be None (no metrics) or a port in 0..65535, got {metrics_port!r}")
         self.service = service
         self.bind = bind
         self.peers = list(peers)
+        # CURVE with these keys (choreo.trust); without keys only loopback, unless insecure
+        check_addresses(bind, self.peers, security, insecure)
+        self.security = security
         self.config = config or NodeConfig()
         self._name = name
         self._advertise = advertise
@@ -83,11 +93,18 @@ class Node:
         loop = asyncio.get_running_loop()
         hwm = self.config.window + 1000
         self.transport = ZmqTransport(
-            self.bind, hwm=hwm, max_bytes=self.config.transport_max_bytes, advertise=self._advertise, seeds=self.peers
+            self.bind,
+            hwm=hwm,
+            max_bytes=self.config.max_frame_bytes,  # the engine refuses anything larger anyway
+            advertise=self._advertise,
+            security=self.security,
+            max_parked_bytes=2 * self.config.window_bytes,
+            seeds=self.peers,
         )
-        # spans on one monotonic clock; the tracer anchors it to wall time to line nodes up
         self.engine = Engine(self.service, self.transport, config=self.config, name=self._name)
-        self.transport.start(loop, self.engine.on_frame, self.engine.flush)
+        self.transport.on_refused = self.engine.count_refused
+        on_frame = self.engine.on_frame  # the engine does not read the principal yet
+        self.transport.start(loop, lambda data, identity, principal: on_frame(data, identity), self.engine.flush)
         self.engine.start(self.peers)
         introspect.install(self.engine)  # the system queries of choreo trace / dlq
         if self.metrics_port is not None:

@@ -1,12 +1,15 @@
 """``choreo run``: one service instance as a process, in the foreground.
 
     $ choreo run examples.shop.orders:orders --bind tcp://127.0.0.1:7001 --peer tcp://127.0.0.1:7000
+    $ choreo run examples.shop.orders:orders --bind tcp://10.0.0.5:7001 --keys keys --key orders-1 \\
+          --peer api-1@tcp://10.0.0.4:7000      # a secure mesh: CURVE, only the keys of keys/ admitted
 
 Prints ``choreo-ready <endpoint> <name>`` once bound and started (and `` metrics=<url>`` with
 ``--metrics-port``), serves until SIGTERM or
 SIGINT, then drains (finishes and acknowledges what it holds) and leaves the mesh. Exit
 status: 0 after a clean stop, 2 when the mesh refused the node (for instance a second owner of
-a command type).
+a command type) or the command line is wrong (binding a non-loopback address without keys and
+without ``--insecure``, say).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import asyncio
 import logging
 from typing import Any
+
+from .keys_commands import add_node_key_options, node_security
 
 __all__ = ["register"]
 
@@ -31,13 +36,16 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--bind", default="tcp://127.0.0.1:0", metavar="tcp://HOST:PORT",
         help="endpoint to listen on (default: a free port on 127.0.0.1); tcp://0.0.0.0:PORT listens on every "
-        "interface and advertises the one that routes to the peers",
+        "interface and advertises the one that routes to the peers (a non-loopback address needs keys, or --insecure)",
     )  # fmt: skip
     p.add_argument(
         "--advertise", default=None, metavar="tcp://HOST:PORT",
         help="endpoint the peers should dial, when it differs from --bind (behind NAT, or to choose the interface)",
     )  # fmt: skip
-    p.add_argument("--peer", action="append", default=[], metavar="ENDPOINT", help="a node of the mesh to join (repeatable)")
+    p.add_argument(
+        "--peer", action="append", default=[], metavar="ENDPOINT",
+        help="a node of the mesh to join (repeatable); in a secure mesh KEY@tcp://HOST:PORT",
+    )  # fmt: skip
     p.add_argument("--name", default=None, help="instance name shown in stats and traces (default: service#random)")
     p.add_argument("--window", type=int, default=None, help="credit per channel: envelopes in flight to one receiver")
     p.add_argument(
@@ -50,6 +58,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--metrics-host", default="127.0.0.1", metavar="HOST", help="address of the metrics port (default: 127.0.0.1)"
     )
+    add_node_key_options(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_run)
 
@@ -73,6 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     service = load_service(args.target)
+    security = node_security(args)
     config = NodeConfig() if args.window is None else NodeConfig(window=args.window)
     return asyncio.run(
         run(
@@ -84,5 +94,7 @@ def _run(args: argparse.Namespace) -> int:
             advertise=args.advertise,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            security=security,
+            insecure=args.insecure,
         )
     )

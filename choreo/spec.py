@@ -16,7 +16,7 @@ never the reverse.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 
@@ -69,7 +69,7 @@ class ServiceSpec(msgspec.Struct, frozen=True):
     emits: tuple[str, ...] = ()
     sends: tuple[str, ...] = ()
     messages: tuple[MessageSpec, ...] = ()
-    partitions: int = 64
+    partitions: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 64  # validated when decoded (a hello, a JSON spec)
     doc: str = ""
     module: str = ""
     line: int = 0

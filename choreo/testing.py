@@ -136,7 +136,8 @@ class Harness:
     def add(self, service: Service | None, name: str | None = None, config: NodeConfig | None = None) -> Engine:
         """A new node on the link (not started: :meth:`start` starts them all)."""
         n = next(self._names)
-        endpoint = f"fake://{name or (service.name if service else 'client')}-{n}"
+        label = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in name or (service.name if service else "client"))
+        endpoint = f"inproc://fake/{label}-{n}"  # an address hellos accept (choreo.wire), never dialled
         self._setup[endpoint] = (service, name, config)
         return self._make(endpoint)
 

@@ -3,36 +3,96 @@
 Every node binds one ROUTER socket; everything addressed to it (data, acks, membership, system
 queries from clients) arrives there, so the node reads exactly one socket. To send, a node
 keeps one DEALER connected to each peer's ROUTER. Replies to clients (the CLI) go back on the
-connection they came on, through the ROUTER.
+connection they came on, through the ROUTER. DEALERs are never read (nothing but replies to
+clients travels ROUTER -> DEALER, and nodes are not clients), so they accept almost nothing.
 
 The ROUTER's file descriptor is edge-triggered: the reader callback drains the socket with
 ``recv(NOBLOCK)`` until ``zmq.Again`` (bounded per call, then rescheduled, so one busy peer
 cannot starve the loop), and re-checks after its own sends on the ROUTER, which can swallow an
 edge. Per PERFORMANCE.md this is far cheaper than ``zmq.asyncio``: one callback per burst, not
 one await per message. Sends never block: a full pipe (the peer is slow or gone) parks frames
-in a bounded queue retried at every tick; the credit windows upstream keep that rare.
+in a queue bounded in frames and bytes, retried at every tick; the credit windows upstream keep
+that rare, and what overflows is dropped and counted (acks and retransmission recover it).
+
+**Security.** With a :class:`~choreo.trust.Security`, every socket speaks CURVE: the ROUTER is a
+CURVE server with the node's key pair, a ZAP handler (pyzmq's ``zmq.auth`` thread authenticator,
+in a ZeroMQ context of this transport's own) admits only the keys of the trusted directory and
+sets each connection's User-Id to the key's name, and every DEALER is a CURVE client with the
+node's key pair and the server key of the endpoint it dials, which it finds from the key name
+the endpoint carries (``orders-1@tcp://10.0.0.5:7001``, see :mod:`choreo.wire`). The node
+advertises itself as ``KEY@ADDRESS``. Everything between nodes is then encrypted and
+authenticated; a connection without a trusted key never delivers a frame.
+
+**What ``on_frame(data, identity, principal)`` is given.** ``principal`` is the name of the
+trusted key the frame's connection authenticated with (libzmq reads it from the connection's
+User-Id, per message: it cannot be forged by the peer), or None without security. ``identity``
+is the ROUTER's routing id of the connection: the routing id the dialing DEALER chose. Every
+choreo DEALER chooses a random, unguessable 17-byte id per (transport, dialled endpoint),
+kept across its reconnects, so one node's connection to one peer has one identity for as long
+as this transport lives (:meth:`renew_identity` draws new ones, for a new incarnation); another
+node cannot learn it (under CURVE it travels encrypted; each dialled endpoint gets a
+different one, so a peer cannot replay the id it sees elsewhere). Clients without a routing id
+(the CLI) get one libzmq makes up, starting with a zero byte. At any moment at most one
+connection holds an identity: the ROUTER runs with ``ROUTER_HANDOVER`` on, so a reconnect that
+presents the id of a connection the ROUTER still holds takes it over. Without handover, libzmq
+4.3 *ignores* such a connection and never reads it again, even after the old one is gone
+(tests/integration/test_transport_security.py pins this); a quick reconnect then loses its
+frames forever, which is why handover is on. So the engine may bind "incarnation X joined on
+identity C with principal P" and refuse X's frames arriving under any other (C, P).
+
+**Limits at the door.** ``max_bytes`` (ZMQ_MAXMSGSIZE; the node passes the engine's frame
+limit) disconnects a peer that sends a larger message; connections that do not finish their
+handshake in 5 s are dropped (ZMQ_HANDSHAKE_IVL), and ZMTP heartbeats drop connections whose
+peer went silent (half-open TCP); at most ``max_peers`` DEALERs. Nothing a peer sends, and no
+endpoint it names, raises out of the transport: a dial that ZeroMQ rejects (a bad endpoint, no
+descriptors left, the context's socket limit) and every exception from the frame callback are
+counted by reason (``refused``, and ``on_refused`` when set) and logged at most once a second.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections import deque
+import os
+import resource
+import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import zmq
 
-from .endpoints import advertised, check_endpoint
+from .endpoints import advertised, check_endpoint, endpoint_problem, only_this_host, split_endpoint
+from .errors import ChoreoUsageError
+from .trust import Security
 
-__all__ = ["ZmqTransport"]
+__all__ = ["ZmqTransport", "check_addresses", "raise_fd_limit"]
 
 log = logging.getLogger("choreo.transport")
-MAX_PARKED = 100_000  # frames per peer waiting for a full ZeroMQ pipe; beyond, drop (acks recover)
+MAX_PARKED = 100_000  # frames per peer waiting for a full ZeroMQ pipe; beyond, drop the oldest (acks recover)
+MAX_PARKED_BYTES = 64 << 20  # bytes per peer waiting likewise
+MAX_PEERS = 1024  # DEALERs (peers dialled) per node
 READ_BUDGET = 256  # frames per reader callback before yielding to the loop
+HANDSHAKE_MS = 5_000  # a connection that has not finished its ZMTP (and CURVE) handshake by then is dropped
+HEARTBEAT_MS = 2_000  # ZMTP PING interval on every connection ...
+HEARTBEAT_TIMEOUT_MS = 10_000  # ... and the silence after which it is closed (then redialled)
+REDIAL_AFTER = (1.0, 30.0)  # a peer that refused our key is dialled again after 1 s, doubling up to 30 s
+DEALER_MAX_IN = 4096  # DEALERs are never read: what a peer pushes back is capped at one small message
+
+Refuser = Callable[[str, str], None]
 
 
 class ZmqTransport:
-    """Sockets of one node. ``on_frame(data, identity)`` gets every frame, ``on_idle()`` each drain."""
+    """Sockets of one node. ``on_frame(data, identity, principal)`` gets every frame, ``on_idle()`` each drain.
+
+    ::
+
+        t = ZmqTransport("tcp://127.0.0.1:0", security=Security.load("keys", "orders-1"))
+        t.start(loop, lambda data, identity, principal: ..., lambda: None)
+        t.send("payments-1@tcp://127.0.0.1:7002", frame)
+        t.endpoint   # 'orders-1@tcp://127.0.0.1:40123'
+    """
 
     def __init__(
         self,
@@ -42,31 +102,66 @@ class ZmqTransport:
         max_bytes: int = 256 << 20,
         advertise: str | None = None,
         context: zmq.Context | None = None,
+        security: Security | None = None,
+        max_parked_bytes: int = MAX_PARKED_BYTES,
+        max_peers: int = MAX_PEERS,
+        on_refused: Refuser | None = None,
         seeds: Iterable[str] = (),
     ) -> None:
         check_endpoint(bind, "bind", bind=True)
         if advertise is not None:
             check_endpoint(advertise, "advertise")
-        seeds = [check_endpoint(seed, "peer") for seed in seeds]
-        self.context = context or zmq.Context.instance()
+        seeds = [split_endpoint(check_endpoint(seed, "peer"))[1] for seed in seeds]
+        if security is not None and context is not None:
+            raise ValueError("a secure transport makes its own ZeroMQ context (its ZAP handler admits only this "
+                             "node's trusted keys): do not pass context=")
+        self.security = security
         self.hwm = hwm
+        self.max_bytes = max_bytes
+        self.max_parked_bytes = max_parked_bytes
+        self.max_peers = max_peers
+        self.on_refused = on_refused
+        self.refused: Counter[str] = Counter()
+        self._log_budget: dict[str, float] = {}
+        self._own_context = security is not None and context is None
+        self._auth: Any = None
+        if self._own_context:
+            # a context of our own: its ZAP handler serves only this node's trusted keys
+            self.context = zmq.Context()
+            self.context.setsockopt(zmq.MAX_SOCKETS, 2 * max_peers + 64)  # a DEALER and its monitor per peer
+        else:
+            self.context = context or zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, hwm)
-        self.router.setsockopt(zmq.SNDHWM, hwm)
-        self.router.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         try:
+            if security is not None:
+                self._auth = _start_authenticator(self.context, security, self._refuse_threadsafe)
+                self.router.setsockopt(zmq.CURVE_SERVER, 1)
+                self.router.setsockopt(zmq.CURVE_PUBLICKEY, security.public_key)
+                self.router.setsockopt(zmq.CURVE_SECRETKEY, security.secret_key)
+            self.router.setsockopt(zmq.LINGER, 0)
+            self.router.setsockopt(zmq.RCVHWM, hwm)
+            self.router.setsockopt(zmq.SNDHWM, hwm)
+            self.router.setsockopt(zmq.MAXMSGSIZE, max_bytes)
+            self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            _set_liveness(self.router)
             self.router.bind(bind)
         except zmq.ZMQError as exc:
-            self.router.close(0)
+            self._close_sockets()
             raise OSError(f"cannot bind {bind}: {exc}") from None
         bound = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.endpoint = advertised(bound, seeds, advertise)  # a wildcard bind: the interface peers reach
+        address = advertised(bound, seeds, advertise)  # a wildcard bind: the interface peers reach
+        if security is not None and split_endpoint(address)[0] is None:
+            address = f"{security.key_name}@{address}"
+        self.endpoint = address
         self.dealers: dict[str, zmq.Socket] = {}
         self.parked: dict[str, deque[bytes]] = {}
+        self.parked_bytes: dict[str, int] = {}
         self.dropped = 0
+        self._monitors: dict[str, zmq.Socket] = {}  # secure: each DEALER's handshake failures
+        self._hold_off: dict[str, tuple[float, float]] = {}  # endpoint -> (dial again at, backoff)
+        self._id_key = os.urandom(16)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_frame: Callable[[bytes, bytes | None], None] | None = None
+        self._on_frame: Callable[[bytes, bytes, str | None], None] | None = None
         self._on_idle: Callable[[], None] | None = None
         self._read_scheduled = False
         self.closed = False
@@ -74,13 +169,16 @@ class ZmqTransport:
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_frame: Callable[[bytes, bytes | None], None],
+        on_frame: Callable[[bytes, bytes, str | None], None],
         on_idle: Callable[[], None],
     ) -> None:
         self._loop = loop
         self._on_frame = on_frame
         self._on_idle = on_idle
         loop.add_reader(self.router.getsockopt(zmq.FD), self._readable)
+        for endpoint, monitor in self._monitors.items():
+            loop.add_reader(monitor.getsockopt(zmq.FD), self._on_monitor, endpoint)
+            loop.call_soon(self._on_monitor, endpoint)
         self._schedule_read()
 
     def _schedule_read(self) -> None:
@@ -95,41 +193,220 @@ class ZmqTransport:
         assert self._on_frame is not None and self._on_idle is not None
         router = self.router
         on_frame = self._on_frame
+        secure = self.security is not None
+        NOBLOCK = zmq.NOBLOCK
         for _ in range(READ_BUDGET):
             try:
-                parts = router.recv_multipart(zmq.NOBLOCK)
+                if secure:
+                    first = router.recv(NOBLOCK, copy=False)
+                    identity = first.bytes
+                else:
+                    identity = router.recv(NOBLOCK)
+                part = router.recv(NOBLOCK, copy=False)  # a message arrives whole: the rest is here
+                if part.more:  # a peer that is not a choreo node: let the engine count the bad frame
+                    while part.more:
+                        part = router.recv(NOBLOCK, copy=False)
+                    data = b"\x00multipart"
+                else:
+                    data = part.bytes
             except zmq.Again:
                 break
-            if len(parts) == 2:
-                on_frame(parts[1], parts[0])
-            else:
-                # a peer that is not a choreo node: let the engine count the bad frame
-                on_frame(b"" if len(parts) < 2 else b"\x00multipart", parts[0] if parts else None)
+            except zmq.ZMQError as exc:  # cannot happen on a healthy socket; never raise out of the loop
+                self._refuse("transport_error", f"reading the ROUTER: {exc}")
+                break
+            principal: str | None = None
+            if secure:
+                # the key's name, as the ZAP handler set it for this connection: on every message, read
+                # per message (~0.5 us; a cache by routing id could outlive a connection that took its id over)
+                try:
+                    principal = first.get("User-Id")
+                except zmq.ZMQError:  # pragma: no cover - libzmq sets it on every message of a ZAP'd connection
+                    self._refuse("no_principal", "a frame without an authenticated key")
+                    continue
+            try:
+                on_frame(data, identity, principal)
+            except Exception as exc:  # the engine counts what it refuses; anything else stops here
+                self._refuse("internal_error", f"{type(exc).__name__}: {exc} (handling a frame)", exc)
         else:
             self._schedule_read()  # more may be waiting: continue after others had a turn
-        self._on_idle()
+        try:
+            self._on_idle()
+        except Exception as exc:
+            self._refuse("internal_error", f"{type(exc).__name__}: {exc} (after reading)", exc)
+
+    # -- refusals -----------------------------------------------------------------------------------
+
+    def _refuse(self, reason: str, detail: str, exc: BaseException | None = None) -> None:
+        """Count a refusal; hand it to ``on_refused`` (the engine's counter) or log it at most once a second."""
+        self.refused[reason] += 1
+        hook = self.on_refused
+        if hook is not None:
+            try:
+                hook(reason, detail)
+            except Exception:  # pragma: no cover - a broken hook must not break the transport
+                hook = None
+        if hook is not None and exc is None:
+            return  # the hook logs (the engine's count_refused does, once a second per reason)
+        now = time.monotonic()
+        if now - self._log_budget.get(reason, -1e9) >= 1.0:
+            self._log_budget[reason] = now
+            log.warning("transport refused (%s): %s [%d so far]", reason, detail, self.refused[reason],
+                        exc_info=exc)
+
+    def _refuse_threadsafe(self, reason: str, detail: str) -> None:
+        # from the ZAP thread: the counters and the engine belong to the loop's thread
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._refuse, reason, detail)
+                return
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        self.refused[reason] += 1
 
     # -- sending -------------------------------------------------------------------------------
 
-    def connect(self, endpoint: str) -> None:
-        if endpoint in self.dealers or self.closed:
+    def routing_id(self, endpoint: str) -> bytes:
+        """The routing id this transport presents to ``endpoint``: unguessable, the same on every reconnect."""
+        return b"c" + hashlib.blake2b(endpoint.encode(), key=self._id_key, digest_size=16).digest()
+
+    def renew_identity(self) -> None:
+        """Draw new routing ids (a new incarnation): every DEALER is closed, redialled on the next send."""
+        self._id_key = os.urandom(16)
+        for endpoint in list(self.dealers):
+            self.disconnect(endpoint)
+
+    def connect(self, endpoint: str) -> bool:
+        """Dial ``endpoint`` (no-op if dialled). False, with a counted refusal, when it cannot be."""
+        if endpoint in self.dealers:
+            return True
+        if self.closed or self._holding_off(endpoint):
+            return False
+        return self._dial(endpoint) is not None
+
+    def _holding_off(self, endpoint: str) -> bool:
+        hold = self._hold_off.get(endpoint)
+        return hold is not None and time.monotonic() < hold[0]
+
+    def _on_monitor(self, endpoint: str) -> None:
+        """A secure DEALER's handshake failed for good: the peer refused our key (ZAP) or spoke nonsense.
+
+        libzmq 4.3 never reconnects such a socket (the session ends on a protocol error), so the
+        peer would stay unreachable even after it comes to trust our key. Close it, count it, and
+        dial again after a back-off (1 s, doubling to 30 s); frames meanwhile wait parked.
+        """
+        monitor = self._monitors.get(endpoint)
+        if monitor is None:
             return
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.RCVHWM, 16)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.connect(endpoint)
+        failed = None
+        while True:
+            try:
+                event = monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError:
+                return
+            number = int.from_bytes(event[0][:2], "little")
+            failed = "refused this node's key" if number == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "failed the handshake"
+        if failed is None:
+            return
+        now = time.monotonic()
+        until, backoff = self._hold_off.get(endpoint, (0.0, REDIAL_AFTER[0] / 2))
+        if now - until > 60.0:  # the last refusal is long past: start again from the shortest wait
+            backoff = REDIAL_AFTER[0] / 2
+        backoff = min(backoff * 2, REDIAL_AFTER[1])
+        self._hold_off[endpoint] = (now + backoff, backoff)
+        name = self.security.key_name if self.security is not None else "?"
+        self._refuse("key_refused", f"{endpoint} {failed} ({name!r}: is it in that node's keys directory?); "
+                                    f"dialling again in {backoff:.0f} s")
+        self._close_dealer(endpoint)
+
+    def _dial(self, endpoint: str) -> zmq.Socket | None:
+        problem = endpoint_problem(endpoint)
+        if problem is not None:
+            self._refuse("bad_endpoint", f"not dialling {problem}")
+            return None
+        key_name, address = split_endpoint(endpoint)
+        security = self.security
+        server_key = None
+        if security is not None:
+            if key_name is None:
+                self._refuse("no_key", f"not dialling {endpoint}: this node is secure and the endpoint names "
+                                       f"no key (KEY@{endpoint})")
+                return None
+            server_key = security.server_key(key_name)
+            if server_key is None and security.refresh():
+                server_key = security.server_key(key_name)
+            if server_key is None:
+                self._refuse("untrusted_key", f"not dialling {endpoint}: {key_name!r} is not a trusted key")
+                return None
+        elif key_name is not None:
+            self._refuse("needs_keys", f"not dialling {endpoint}: a secure node, and this node has no keys")
+            return None
+        if len(self.dealers) >= self.max_peers:
+            self._refuse("too_many_peers", f"not dialling {endpoint}: {len(self.dealers)} peers already "
+                                           f"(max_peers {self.max_peers})")
+            return None
+        try:
+            sock = self.context.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:  # EMFILE: descriptors or the context's socket limit exhausted
+            self._refuse("no_socket", f"cannot open a socket to dial {endpoint}: {exc}")
+            return None
+        monitor = None
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, self.hwm)
+            sock.setsockopt(zmq.RCVHWM, 1)
+            sock.setsockopt(zmq.MAXMSGSIZE, DEALER_MAX_IN)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            sock.setsockopt(zmq.ROUTING_ID, self.routing_id(endpoint))
+            _set_liveness(sock)
+            if security is not None:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, security.public_key)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, security.secret_key)
+                monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(0)
+            sock.close(0)
+            reason = "no_socket" if exc.errno == zmq.EMFILE else "bad_endpoint"
+            self._refuse(reason, f"ZeroMQ cannot dial {endpoint}: {exc}")
+            return None
         self.dealers[endpoint] = sock
+        if monitor is not None:
+            self._monitors[endpoint] = monitor
+            if self._loop is not None:
+                self._loop.add_reader(monitor.getsockopt(zmq.FD), self._on_monitor, endpoint)
+                self._on_monitor(endpoint)  # a first read arms the edge-triggered descriptor
+        return sock
 
     def disconnect(self, endpoint: str) -> None:
-        sock = self.dealers.pop(endpoint, None)
+        self._close_dealer(endpoint)
         self.parked.pop(endpoint, None)
+        self.parked_bytes.pop(endpoint, None)
+        self._hold_off.pop(endpoint, None)
+
+    def _close_dealer(self, endpoint: str) -> None:
+        sock = self.dealers.pop(endpoint, None)
+        monitor = self._monitors.pop(endpoint, None)
+        if monitor is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                try:
+                    self._loop.remove_reader(monitor.getsockopt(zmq.FD))
+                except (ValueError, zmq.ZMQError):
+                    pass
+            if sock is not None:
+                sock.disable_monitor()
+            monitor.close(0)
         if sock is not None:
             sock.close(0)
 
     def send(self, endpoint: str, frame: bytes) -> None:
+        """Send now, or park when the pipe is full; a peer that cannot be dialled loses the frame (counted)."""
         if self.closed:
             return
         parked = self.parked.get(endpoint)
@@ -138,34 +415,60 @@ class ZmqTransport:
             return
         sock = self.dealers.get(endpoint)
         if sock is None:
-            self.connect(endpoint)
-            sock = self.dealers[endpoint]
+            if self._holding_off(endpoint):  # it refused our key a moment ago: wait parked
+                self._park(endpoint, self.parked.setdefault(endpoint, deque()), frame)
+                return
+            sock = self._dial(endpoint)
+            if sock is None:
+                self.dropped += 1
+                return
         try:
             sock.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
         except zmq.Again:
             self._park(endpoint, self.parked.setdefault(endpoint, deque()), frame)
+        except zmq.ZMQError as exc:
+            self.dropped += 1
+            self._refuse("transport_error", f"sending to {endpoint}: {exc}")
 
     def _park(self, endpoint: str, parked: deque[bytes], frame: bytes) -> None:
-        if len(parked) >= MAX_PARKED:
-            parked.popleft()
-            self.dropped += 1
+        size = self.parked_bytes.get(endpoint, 0) + len(frame)
         parked.append(frame)
+        while len(parked) > MAX_PARKED or (size > self.max_parked_bytes and parked):
+            size -= len(parked.popleft())  # the oldest first: retransmission brings it back
+            self.dropped += 1
+        self.parked_bytes[endpoint] = size
+        if not parked:
+            del self.parked[endpoint]
+            del self.parked_bytes[endpoint]
 
     def retry_parked(self) -> None:
-        """Try again to send frames that met a full pipe (called at every tick)."""
+        """Try again to send frames that met a full pipe (called at every tick); follow the keys directory."""
+        if self.security is not None:
+            self.security.refresh(1.0)  # at most once a second: a listing and a stat per key file
         for endpoint, parked in list(self.parked.items()):
             sock = self.dealers.get(endpoint)
+            if sock is None and endpoint in self._hold_off and not self._holding_off(endpoint):
+                sock = self._dial(endpoint)  # its back-off is over: try again
             if sock is None:
-                del self.parked[endpoint]
+                if not self._holding_off(endpoint):
+                    del self.parked[endpoint]
+                    self.parked_bytes.pop(endpoint, None)
                 continue
+            size = self.parked_bytes.get(endpoint, 0)
             while parked:
                 try:
                     sock.send(parked[0], zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                parked.popleft()
-            if not parked:
+                except zmq.ZMQError as exc:
+                    self._refuse("transport_error", f"sending to {endpoint}: {exc}")
+                    break
+                size -= len(parked.popleft())
+            if parked:
+                self.parked_bytes[endpoint] = size
+            else:
                 del self.parked[endpoint]
+                self.parked_bytes.pop(endpoint, None)
 
     def reply(self, identity: bytes, frame: bytes) -> None:
         """Answer a client on the connection its request came on."""
@@ -184,8 +487,112 @@ class ZmqTransport:
                 self._loop.remove_reader(self.router.getsockopt(zmq.FD))
             except (ValueError, zmq.ZMQError):
                 pass
-        for sock in self.dealers.values():
-            sock.close(0)
-        self.dealers.clear()
+        for endpoint in list(self.dealers):
+            self._close_dealer(endpoint)
         self.parked.clear()
+        self.parked_bytes.clear()
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         self.router.close(0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._own_context:
+            self.context.term()
+
+
+def _set_liveness(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+
+
+def _start_authenticator(context: zmq.Context, security: Security, refuse: Refuser) -> Any:
+    """pyzmq's thread authenticator, admitting the trusted keys of ``security`` under their names."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    class Authenticator(ThreadAuthenticator):
+        def curve_user_id(self, client_public_key: bytes) -> str:
+            # the name becomes the connection's User-Id; a key removed since the check gets a
+            # name no policy can grant anything to (':' is not allowed in key names)
+            return security.name_of(client_public_key) or "untrusted:" + client_public_key.hex()
+
+    class TrustedKeys:
+        def callback(self, domain: str, key: bytes) -> bool:
+            security.refresh(1.0)  # a key deleted from the directory is refused within a second
+            if security.name_of(key) is not None:
+                return True
+            # a refused dialer never retries (libzmq), so a key added a moment ago must be seen now:
+            # re-read the directory whenever it changed (a listing and a stat per file when it did not)
+            if security.refresh(0.0) and security.name_of(key) is not None:
+                return True
+            refuse("untrusted_key", f"handshake refused: public key {key.decode('ascii', 'replace')} is not in the "
+                                    "trusted keys directory")
+            return False
+
+    auth = Authenticator(context, log=logging.getLogger("choreo.zap"))
+    auth.start()
+    auth.configure_curve_callback("*", TrustedKeys())
+    return auth
+
+
+# ---------------------------------------------------------------------------------------- checks at start
+
+
+def check_addresses(bind: str, peers: Iterable[str], security: Security | None, insecure: bool) -> None:
+    """Refuse, before anything starts, what would expose a node or cannot be dialled (``ChoreoUsageError``).
+
+    A node without keys binds only loopback addresses unless ``insecure``; a secure node's
+    seeds must name a trusted key (``KEY@tcp://...``); a node without keys cannot dial one that has.
+    """
+    problem = endpoint_problem(bind, bind=True)
+    if problem is not None:
+        raise ChoreoUsageError(f"bind: {problem}")
+    if split_endpoint(bind)[0] is not None:
+        raise ChoreoUsageError(f"bind to an address without a key name ({split_endpoint(bind)[1]}); "
+                               "the node advertises itself with its key")
+    if security is None and not insecure and not only_this_host(bind):
+        raise ChoreoUsageError(
+            f"refusing to bind {bind} without keys: anyone who reaches it could join the mesh and act for any "
+            "service. Make keys ('choreo keys new NAME --dir keys', one per node, the .key files copied to every "
+            "node) and run with --keys keys --key NAME (Node(security=Security.load('keys', NAME))), or pass "
+            "--insecure (Node(insecure=True)) on a network you trust"
+        )
+    for peer in peers:
+        problem = endpoint_problem(peer)
+        if problem is not None:
+            raise ChoreoUsageError(f"peer: {problem}")
+        key_name, address = split_endpoint(peer)
+        if security is not None:
+            if key_name is None:
+                raise ChoreoUsageError(
+                    f"peer {peer} names no key: in a secure mesh give it as KEY@{address}, KEY the name of the "
+                    f"certificate that node runs as (in {security.keys_dir or 'the trusted keys'})"
+                )
+            if security.server_key(key_name) is None and not (security.refresh(0.0) and security.server_key(key_name)):
+                where = security.keys_dir or "the trusted keys"
+                raise ChoreoUsageError(f"peer {peer}: no trusted key {key_name!r} (no {key_name}.key in {where})")
+        elif key_name is not None:
+            raise ChoreoUsageError(f"peer {peer} is a secure node: give this node keys (--keys DIR --key NAME)")
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open descriptors to its hard limit; returns (soft, hard).
+
+    For node processes (``choreo run``): each peer costs a few descriptors, each idle inbound
+    connection one. A library does not change process limits behind its user's back, so
+    :class:`~choreo.node.Node` does not call this.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        target = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+    else:
+        target = hard
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard

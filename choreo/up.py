@@ -25,6 +25,13 @@ to read every node's stats. Every process gets ``CHOREO_DATA_DIR``: a directory 
 for files (an event log, a blob store). Leaving the ``with`` block stops every process
 (SIGTERM: drain, then leave; SIGKILL for any that does not exit in time), whatever happened.
 ``choreo up`` (:mod:`choreo.up_commands`) is the command line on top of this module.
+
+``System(..., secure=True)`` runs it as a secure mesh (:mod:`choreo.trust`): a temporary keys
+directory, removed at the end, gets one key per instance (``orders-1`` serves orders and may
+originate what the service's own tasks declare), ``driver`` for the driver's and the tests'
+client nodes (it serves ``CLIENT`` and originates the system's entry points: every type some
+service handles and no handler produces, plus what ``CLIENT`` declares), and ``ops``, with every
+admin right, for the system queries this module asks (``system.rpc``, ``stats``).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from typing import Any
 from .bundled import BUNDLED, example_module, example_names
 from .client import rpc
 from .config import NodeConfig
+from .trust import Permissions, Security, create_key
 from .errors import ChoreoError, ChoreoUsageError
 from .launch import NodeProcess
 from .node import Node
@@ -238,6 +246,7 @@ class System:
         log_level: str = "WARNING",
         log: Callable[[str], None] | None = None,
         ready_timeout: float = 30.0,
+        secure: bool = False,
     ) -> None:
         self.example = example
         self._own_data_dir = data_dir is None
@@ -252,6 +261,47 @@ class System:
         self._numbers: dict[str, int] = {}
         self._targets = {name: ref for name, ref, _ in example.services}
         self.started_at = time.monotonic()
+        self.keys_dir: Path | None = None
+        self._originates: dict[str, list[str]] = {}
+        self.security: Security | None = None  # the "ops" key: what this object asks the nodes with
+        self.client_security: Security | None = None  # the "driver" key: client nodes of this process
+        if secure:
+            self._make_keys()
+
+    # -- keys (secure=True) ------------------------------------------------------------------------
+
+    def _make_keys(self) -> None:
+        from ._worker import load_service
+
+        self.keys_dir = Path(tempfile.mkdtemp(prefix="choreo-keys-"))
+        handled: set[str] = set()
+        produced: set[str] = set()
+        for name, ref, _ in self.example.services:
+            spec = load_service(ref).spec()
+            handled.update(h.message for h in spec.handlers)
+            produced.update(t for h in spec.handlers for t in (*h.emits, *h.sends))
+            self._originates[name] = [*spec.emits, *spec.sends]  # what its own tasks send
+        entry = handled - produced
+        serves: list[str] = []
+        if self.example.client is not None:
+            client = load_service(self.example.client).spec()
+            serves = [client.name]
+            entry |= {*client.emits, *client.sends}
+        create_key(self.keys_dir, "ops", admin=["*"])
+        create_key(self.keys_dir, "driver", serves=serves, originates=sorted(entry))
+        self.security = Security.load(self.keys_dir, "ops")
+        self.client_security = Security.load(self.keys_dir, "driver")
+
+    def _instance_security(self, service: str, name: str) -> Security | None:
+        if self.keys_dir is None:
+            return None
+        key = name.replace("#", "-")
+        create_key(self.keys_dir, key, serves=[service], originates=self._originates.get(service, []))
+        return Security.load(self.keys_dir, key)
+
+    def rpc(self, endpoint: str, method: str, args: dict[str, Any] | None = None, timeout: float = 5.0) -> Any:
+        """A system query to one node of this system (with the ``ops`` key when it is secure)."""
+        return rpc(endpoint, method, args, timeout, security=self.security)
 
     # -- whole-system lifecycle ----------------------------------------------------------------
 
@@ -290,6 +340,8 @@ class System:
         statuses = {inst.name: inst.returncode for inst in self.instances}
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.keys_dir is not None:
+            shutil.rmtree(self.keys_dir, ignore_errors=True)
         return statuses
 
     @staticmethod
@@ -341,6 +393,7 @@ class System:
             env=env,
             log_level=self.log_level,
             start=False,
+            security=self._instance_security(service, name),
         )
         inst = Instance(service, name, proc)
         self.instances.append(inst)  # before it starts: reaped even if starting fails half-way
@@ -400,7 +453,7 @@ class System:
         out: dict[str, list[str]] = {}
         for endpoint in expected:
             try:
-                peers = rpc(endpoint, "peers", timeout=1.0)
+                peers = self.rpc(endpoint, "peers", timeout=1.0)
             except ChoreoError:
                 out[endpoint] = ["(no answer)"]
                 continue
@@ -459,7 +512,7 @@ class System:
             from ._worker import load_service
 
             service = load_service(service)
-        node = Node(service, peers=[self.seed], config=config)
+        node = Node(service, peers=[self.seed], config=config, security=self.client_security)
         await node.start()
         self.clients.append(node)
         try:
@@ -479,7 +532,7 @@ class System:
         out = {}
         for inst in self.running(service):
             try:
-                out[inst.name] = rpc(inst.endpoint, "stats", timeout=timeout)
+                out[inst.name] = self.rpc(inst.endpoint, "stats", timeout=timeout)
             except ChoreoError:
                 continue  # it went away between the two lines
         return out

@@ -3,6 +3,7 @@
     $ choreo up examples/shop                      # start, drive the scenario, stop; exit status of the driver
     $ choreo up examples.shop -o orders=500 -o loss=0.5
     $ choreo up examples/products --no-drive --port 7400   # just run it (Ctrl-C stops); join at tcp://127.0.0.1:7400
+    $ choreo up examples/shop --secure             # the same over CURVE, with a key per process (made for the run)
 
 How this works: the example package says what to run (``SYSTEM``, ``drive``...: see
 :mod:`choreo.up`). The seed starts first, the other instances in parallel; once every node sees
@@ -50,6 +51,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stop-timeout", type=float, default=15.0, help="seconds a process may take to drain (default 15)")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="log level of the service processes (their stderr is shown if one fails)")
+    p.add_argument("--secure", action="store_true",
+                   help="a secure mesh: CURVE on every socket, a key per process with only its own rights, made in a "
+                        "temporary keys directory removed at the end")
     p.set_defaults(func=_up)
 
 
@@ -114,12 +118,13 @@ def _up(args: argparse.Namespace) -> int:
     total = sum(n for _, _, n in example.services)
     print(f"choreo up {example.module}: {example.doc}" if example.doc else f"choreo up {example.module}", flush=True)
     print(f"starting {plural(total, 'process', 'processes')}: {counts}", flush=True)
-    system = System(example, data_dir=args.data, port=args.port, log_level=args.log_level, log=say)
+    system = System(example, data_dir=args.data, port=args.port, log_level=args.log_level, log=say, secure=args.secure)
     status = 1
     ok = False
     try:
         system.start()
-        print(f"mesh seed {system.seed}: choreo top|trace|graph --peer {system.seed}", flush=True)
+        keys = f" --keys {system.keys_dir} --as ops" if system.keys_dir is not None else ""
+        print(f"mesh seed {system.seed}: choreo top|trace|graph --peer {system.seed}{keys}", flush=True)
         status = asyncio.run(_main(system, args, options, drive))
         ok = status == 0
     except KeyboardInterrupt:  # Ctrl-C while the processes were starting

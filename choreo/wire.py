@@ -17,16 +17,32 @@ reaching the runtime. Nothing here is ever unpickled.
 An incarnation is a random 64-bit id a node draws at start: a restarted process on the same
 address is a new incarnation, and a frame addressed to an old one is refused, so state
 belonging to a previous life can never be confused with the present one.
+
+Endpoints. A node's address is ``tcp://HOST:PORT``, ``ipc://PATH`` or ``inproc://NAME``; a node
+of a secure mesh is addressed as ``KEY@tcp://HOST:PORT``, where KEY names the trusted
+certificate whose secret that node holds (:mod:`choreo.trust`). The key travels inside the
+address, so every place that stores or gossips an endpoint (hellos, peer lists, seeds, the CLI's
+``--peer``) also knows which server key to expect there, as libp2p's addresses carry a peer id;
+a dialer only ever uses a key from its own trusted directory, so a gossiped address can point
+at a key but never introduce one. :func:`~choreo.endpoints.split_endpoint` and
+:func:`~choreo.endpoints.endpoint_problem` read them.
+
+Bounds. Control bodies are checked at the door: a body larger than its type allows is refused
+before it is decoded (:data:`MAX_CONTROL_BYTES`), a hello or heartbeat lists at most
+:data:`MAX_PEERS` peers, every endpoint in them must parse, and a service declares 1..65535
+partitions. Each violation is a :class:`ProtocolError` with its reason.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from msgspec import Meta
 
 from . import core
+from .endpoints import MAX_ENDPOINT, endpoint_problem, split_endpoint
 from .errors import ProtocolError
 from .spec import ServiceSpec
 
@@ -62,6 +78,11 @@ __all__ = [
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
     "FLAG_REPLAY",
+    "MAX_CONTROL_BYTES",
+    "MAX_ENDPOINT",
+    "MAX_PEERS",
+    "endpoint_problem",
+    "split_endpoint",
 ]
 
 MAGIC = b"CHRO"
@@ -105,12 +126,38 @@ FLAG_BROADCAST = core.FLAG_BROADCAST  # delivered to every instance of the servi
 FLAG_REPLAY = 0x04  # a dead letter replayed on purpose: bypasses dedup once
 
 
+# ---------------------------------------------------------------------------------------- endpoints
+
+MAX_PEERS = 1024  # peers listed in one hello or heartbeat: a mesh of up to this many nodes
+
+
+def _check_endpoints(what: str, endpoint: str | None, peers: list[PeerRef]) -> None:
+    if endpoint is not None:
+        problem = endpoint_problem(endpoint)
+        if problem is not None:
+            raise ProtocolError("bad_endpoint", f"{what}: {problem}")
+    for i, ref in enumerate(peers):
+        problem = endpoint_problem(ref.endpoint)
+        if problem is not None:
+            raise ProtocolError("bad_endpoint", f"{what}: peer {i}: {problem}")
+
+
+# ---------------------------------------------------------------------------------------- control bodies
+
+_Endpoint = Annotated[str, Meta(max_length=MAX_ENDPOINT)]
+_Incarnation = Annotated[int, Meta(ge=0)]  # a u64 (msgpack rejects larger)
+_Name = Annotated[str, Meta(max_length=200)]
+
+
 class PeerRef(msgspec.Struct, array_like=True, frozen=True):
     """What one node tells another about a third: enough to connect and say hello."""
 
-    endpoint: str
-    incarnation: int
-    service: str | None = None
+    endpoint: _Endpoint
+    incarnation: _Incarnation
+    service: _Name | None = None
+
+
+_Peers = Annotated[list[PeerRef], Meta(max_length=MAX_PEERS)]
 
 
 class Hello(msgspec.Struct, frozen=True):
@@ -121,13 +168,13 @@ class Hello(msgspec.Struct, frozen=True):
     retired, which gossip must not bring back.
     """
 
-    node: str
-    incarnation: int
-    endpoint: str
+    node: _Name
+    incarnation: _Incarnation
+    endpoint: _Endpoint
     service: ServiceSpec | None
-    window: int
-    max_message_bytes: int
-    peers: list[PeerRef] = []
+    window: Annotated[int, Meta(ge=1, le=1 << 20)]
+    max_message_bytes: Annotated[int, Meta(ge=1)]
+    peers: _Peers = []
     reply: bool = False
     leaving: bool = False
     holding: bytes = b""  # the partitions the sender owns or drains (a bitmap): a newcomer waits for their handover
@@ -142,7 +189,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     with its current ack, so a lost final ack costs one heartbeat, never a stalled channel.
     """
 
-    peers: list[PeerRef] = []
+    peers: _Peers = []
     leaving: bool = False
     ack_please: bool = False
     holding: bytes = b""
@@ -194,6 +241,17 @@ _CONTROL_TYPES: dict[int, type[msgspec.Struct]] = {
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in _CONTROL_TYPES.items()}
 
+#: The largest body of each control frame, refused before decoding. A hello carries the
+#: sender's whole service declaration (message types with their JSON schemas) and its peers.
+MAX_CONTROL_BYTES = {
+    HELLO: 512 << 10,
+    HEARTBEAT: 256 << 10,
+    BYE: 4 << 10,
+    REFUSE: 64 << 10,
+    RPC: 64 << 10,
+    RPC_REPLY: 1 << 30,  # answers a client asked a node for (spans, dead letters): no cap of ours
+}
+
 
 def frame(frame_type: int, sender: int, receiver: int, body: bytes = b"", flags: int = 0) -> bytes:
     """One complete frame: header + body."""
@@ -219,11 +277,25 @@ def encode_control(frame_type: int, sender: int, receiver: int, body: msgspec.St
 
 
 def decode_control(frame_type: int, data: bytes) -> Any:
-    """Decode a control frame's body into its struct; :class:`ProtocolError` if invalid."""
+    """Decode a control frame's body into its struct; :class:`ProtocolError` if invalid.
+
+    Bounded and validated (see "Bounds" above): oversized bodies are refused undecoded
+    (reason ``oversized``), endpoints that do not parse as ``bad_endpoint``, anything else
+    that does not fit its struct as ``malformed``.
+    """
+    size = len(data) - HEADER_SIZE
+    limit = MAX_CONTROL_BYTES[frame_type]
+    if size > limit:
+        raise ProtocolError("oversized", f"{FRAME_NAMES[frame_type]} body of {size} bytes, limit {limit}")
     try:
-        return _decoders[frame_type].decode(memoryview(data)[HEADER_SIZE:])
+        body = _decoders[frame_type].decode(memoryview(data)[HEADER_SIZE:])
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError("malformed", f"{FRAME_NAMES[frame_type]} body: {exc}") from None
+    if frame_type == HELLO:
+        _check_endpoints(f"hello from {body.node}", body.endpoint, body.peers)
+    elif frame_type == HEARTBEAT:
+        _check_endpoints("heartbeat", None, body.peers)
+    return body
 
 
 def split_ack(data: bytes, flags: int) -> tuple[int, int, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import ChoreoUsageError
+from ..keys_commands import add_client_key_options, use_client_keys
 from ._formats import FORMATS, format_for_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -133,9 +134,11 @@ def _source_arguments(parser: argparse.ArgumentParser, required: bool = True) ->
     parser.add_argument(
         "--peer",
         metavar="tcp://HOST:PORT",
-        help="read the declarations of a running mesh from one of its nodes instead of TARGET",
+        help="read the declarations of a running mesh from one of its nodes instead of TARGET "
+        "(KEY@tcp://HOST:PORT in a secure mesh)",
     )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for --peer (default: 5)")
+    add_client_key_options(parser)
 
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,6 +167,8 @@ def _analysis(args: argparse.Namespace, ignore: list[str] | None = None) -> Anal
         raise ChoreoUsageError(f"choreo {args.command}: give a TARGET or --peer, not both (unless --observed)")
     if args.target is not None and os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # like `python -m`: modules of the current directory are importable
+    if args.peer is not None:
+        use_client_keys(args)  # --keys/--as: the key to ask a secure mesh with
     if args.target is not None:
         spec, name = load_spec(args.target, timeout=args.timeout)
     else:

@@ -2,7 +2,9 @@
 
 How this works: :func:`register` adds the parsers (cheap: nothing heavy is imported until a
 command runs). Every command takes ``--peer tcp://HOST:PORT``, one node of a running mesh, and
-reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`).
+reaches the rest of the mesh through it (:mod:`choreo.observe.mesh`). A secure mesh is asked
+with a key it trusts: ``--peer KEY@tcp://HOST:PORT --keys DIR --as NAME`` (or ``$CHOREO_KEYS``
+and ``$CHOREO_KEY``).
 
     $ choreo traces --peer tcp://127.0.0.1:7000 --failed      # recent flows that failed, with their ids
     $ choreo traces --peer tcp://127.0.0.1:7000 --slow 50 --type PlaceOrder
@@ -28,6 +30,7 @@ import time
 from typing import IO, Any
 
 from ..errors import ChoreoUsageError
+from ..keys_commands import add_client_key_options
 
 __all__ = ["register", "run_traces", "run_trace", "run_top", "run_dlq"]
 
@@ -123,8 +126,10 @@ def register(subparsers: Any) -> None:
 
 
 def _mesh_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--peer", required=True, metavar="tcp://HOST:PORT", help="any node of the mesh")
+    parser.add_argument("--peer", required=True, metavar="tcp://HOST:PORT",
+                        help="any node of the mesh (KEY@tcp://HOST:PORT in a secure mesh)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each node (default: 5)")
+    add_client_key_options(parser)
 
 
 def _color_argument(parser: argparse.ArgumentParser) -> None:
@@ -197,10 +202,12 @@ def fetch_trace(peer: str, trace_id: str, timeout: float, spec: Any = None) -> A
 def run_trace(args: argparse.Namespace) -> int:
     """``choreo trace TRACE_ID --peer P [--json] [--follow]``."""
     from ..tracing import trace_id_of
+    from ..keys_commands import use_client_keys
     from .mesh import check_peer, mesh_spec
     from .trace_view import render_text, to_json
 
     check_peer(args.peer, args.timeout)
+    use_client_keys(args)  # --keys/--as: the key to ask a secure mesh with
     try:
         trace_id = trace_id_of(args.trace_id)
     except ValueError as exc:
@@ -267,10 +274,12 @@ def _not_found(trace: Any, trace_id: str) -> str:
 
 def run_top(args: argparse.Namespace) -> int:
     """``choreo top --peer P [--once] [--json] [--interval S]``."""
+    from ..keys_commands import use_client_keys
     from .mesh import check_peer
     from .top import render_text, sample, table
 
     check_peer(args.peer, args.timeout)
+    use_client_keys(args)  # --keys/--as: the key to ask a secure mesh with
     if not args.interval > 0:
         raise ChoreoUsageError(f"--interval must be > 0 seconds, got {args.interval}")
     style = _style(args, sys.stdout)
@@ -311,9 +320,11 @@ def run_top(args: argparse.Namespace) -> int:
 def run_dlq(args: argparse.Namespace) -> int:
     """``choreo dlq list|show|replay --peer P``."""
     from . import dlq
+    from ..keys_commands import use_client_keys
     from .mesh import check_peer
 
     check_peer(args.peer, args.timeout)
+    use_client_keys(args)  # --keys/--as: the key to ask a secure mesh with
     if args.dlq_command == "list":
         found = dlq.collect(args.peer, args.timeout, payload=not args.no_payload)
         if args.json:

@@ -21,7 +21,7 @@ from .test_membership import FAST
 
 
 async def main(seed: str, bind: str, count: int, keys: int) -> None:
-    async with Node(None, bind=bind, peers=[seed], config=FAST) as client:
+    async with Node(None, bind=bind, peers=[seed], config=FAST, insecure=True) as client:
         print(json.dumps({"endpoint": client.endpoint}), flush=True)
         await client.wait_for({"elastic": 1}, timeout=30)
         peak = 0

@@ -27,13 +27,15 @@ FAST = NodeConfig(heartbeat=0.1, suspect_after=1.0, dead_after=3.0)
 
 def test_a_wildcard_bind_advertises_the_address_other_hosts_reach(procs) -> None:  # type: ignore[no-untyped-def]
     with Hosts(1) as hosts:
-        server = procs.start(ledger, netns=hosts.namespace(1), bind="tcp://0.0.0.0:0", config=FAST,
+        # hosts of a private test network, without keys: insecure on purpose
+        server = procs.start(ledger, netns=hosts.namespace(1), bind="tcp://0.0.0.0:0", config=FAST, insecure=True,
                              env={"CHOREO_FIX_FLAG": "/nonexistent"})  # fmt: skip
         host, port = server.endpoint.removeprefix("tcp://").rsplit(":", 1)
         assert host == hosts.address(1), f"advertised {server.endpoint}, not the bridge address"
 
         async def deposits() -> None:
-            async with Node(None, bind=f"tcp://{hosts.gateway}:0", peers=[server.endpoint], config=FAST) as client:
+            async with Node(None, bind=f"tcp://{hosts.gateway}:0", peers=[server.endpoint], config=FAST,
+                            insecure=True) as client:
                 await client.wait_for({"ledger": 1}, timeout=20)
                 for i in range(1000):
                     await client.emit(Deposit(account=f"a{i % 7}", cents=1))
@@ -45,7 +47,7 @@ def test_a_wildcard_bind_advertises_the_address_other_hosts_reach(procs) -> None
 
 def test_a_client_that_cannot_be_dialled_back_is_told_by_name(procs, caplog) -> None:  # type: ignore[no-untyped-def]
     with Hosts(1) as hosts:
-        server = procs.start(ledger, netns=hosts.namespace(1), bind=f"tcp://{hosts.address(1)}:0", config=FAST,
+        server = procs.start(ledger, netns=hosts.namespace(1), bind=f"tcp://{hosts.address(1)}:0", config=FAST, insecure=True,
                              env={"CHOREO_FIX_FLAG": "/nonexistent"})  # fmt: skip
         caplog.set_level(logging.WARNING, logger="choreo.transport")
         failure: list[str] = []

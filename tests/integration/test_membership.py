@@ -38,7 +38,9 @@ class Placement:
             return {"config": FAST}
         self._next += 1
         host = (self._next - 1) % self.hosts.count + 1
-        return {"config": FAST, "netns": self.hosts.namespace(host), "bind": f"tcp://{self.hosts.address(host)}:0"}
+        # hosts of a private test network, without keys: insecure on purpose
+        return {"config": FAST, "netns": self.hosts.namespace(host), "bind": f"tcp://{self.hosts.address(host)}:0",
+                "insecure": True}
 
     @property
     def client_bind(self) -> str:
@@ -56,7 +58,7 @@ def where(request) -> Iterator[Placement]:
 
 async def stream(seed: str, instances: int, action, at: int = AT, bind: str = "tcp://127.0.0.1:0") -> None:
     """Emit COUNT keyed events; run ``action()`` (a coroutine) once ``at`` have been emitted."""
-    async with Node(None, bind=bind, peers=[seed], config=FAST) as client:
+    async with Node(None, bind=bind, peers=[seed], config=FAST, insecure=True) as client:
         await client.wait_for({"elastic": instances}, timeout=30)
         for n in range(COUNT):
             if n == at:
@@ -153,7 +155,8 @@ def test_partition_between_two_hosts_backs_the_producer_off_and_heals(procs) -> 
     """Producer on host 1, consumer on host 2; a firewall rule cuts them apart, then goes."""
     count, window = 60_000, FAST.window
     with Hosts(2) as hosts:
-        consumer = procs.start(elastic, netns=hosts.namespace(2), bind=f"tcp://{hosts.address(2)}:0", config=FAST)
+        consumer = procs.start(elastic, netns=hosts.namespace(2), bind=f"tcp://{hosts.address(2)}:0", config=FAST,
+                               insecure=True)
         producer = subprocess.Popen(
             ["ip", "netns", "exec", hosts.namespace(1), sys.executable, "-m", "tests.integration.producer_proc",
              consumer.endpoint, f"tcp://{hosts.address(1)}:0", str(count), str(KEYS)],

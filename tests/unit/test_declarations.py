@@ -37,9 +37,8 @@ def test_public_api_is_pinned() -> None:
     assert set(choreo.__all__) == {
         "Backpressure", "ChoreoError", "ChoreoUsageError", "Command", "Context", "DeliveryTimeout", "Event",
         "Handler", "HandlerFailed", "Message", "MessageTooLarge", "NoOwner", "Node", "NodeConfig", "NodeProcess",
-        "NotJoined", "ProtocolError", "Query", "RetryPolicy", "Service", "UndeclaredMessage", "Undeliverable",
-        "ValidationError",
-        "message_options",
+        "NotJoined", "Permissions", "Policy", "ProtocolError", "Query", "RetryPolicy", "Security", "Service",
+        "UndeclaredMessage", "Undeliverable", "ValidationError", "message_options",
     }
     for name in choreo.__all__:
         assert getattr(choreo, name) is not None

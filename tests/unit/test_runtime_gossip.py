@@ -107,7 +107,7 @@ class Pair:
 class Side:
     def __init__(self, pair: Pair, name: str, incarnation: int, service: Service | None) -> None:
         self.pair = pair
-        self.endpoint = f"fake://{name}"
+        self.endpoint = f"inproc://fake/{name}"
         self.inbox: list[bytes] = []
         self.host = Host()
         self.membership = Membership(pair.config.suspect_after, pair.config.dead_after)
