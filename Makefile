@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd)
 
-.PHONY: demo test bench bench-peers peer-servers clean tools
+.PHONY: demo test soak bench bench-peers peer-servers clean tools
 
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(STAMP)
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
+
+# Longer runs of the seeded fault schedules (tests/sim/test_nemesis.py): 1,000 seeds, ~10 minutes.
+soak: $(STAMP)
+	NEMESIS_SEEDS=1000 $(BIN)/python -m pytest -p no:cacheprovider -q tests/sim/test_nemesis.py
 
 # The bench suite (bench/README.md): core micro-benchmarks, then end-to-end throughput, latency and
 # scaling with processes on 127.0.0.1, each beside raw pyzmq measured in the same run. A few minutes.

@@ -305,20 +305,19 @@ def encode_checked(message: Message) -> bytes:
     try:
         decoder_for(type(message)).decode(body)
     except msgspec.ValidationError as exc:
-        raise ValidationError(_explain(message, str(exc))) from None
+        name = message_options(type(message)).name
+        raise ValidationError(_explain(name, str(exc), lambda field: getattr(message, field, None))) from None
     return body
 
 
-def _explain(message: Message, error: str) -> str:
+def _explain(name: str, error: str, value_of: Any) -> str:
     """``Type.field = value: what msgspec expected`` from msgspec's ``... - at `$.field[1]```."""
-    name = message_options(type(message)).name
     text, _, path = error.rpartition(" - at `")
     if not text or not path.startswith("$."):
         return f"{name}: {error}"
     path = path.rstrip("`")
     field = path[2:].split("[", 1)[0].split(".", 1)[0]
-    value = getattr(message, field, None)
-    shown = repr(value)
+    shown = repr(value_of(field))
     shown = shown if len(shown) <= 80 else shown[:77] + "..."
     where = path[2:]
     return f"{name}.{where} = {shown}: {text}" if where == field else f"{name}.{where} (in {field} = {shown}): {text}"
@@ -329,7 +328,12 @@ def decode(cls: type[Message], body: bytes | memoryview) -> Message:
     try:
         return decoder_for(cls).decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
-        raise ValidationError(f"{message_options(cls).name}: {exc}") from None
+        try:
+            raw = msgspec.msgpack.decode(body)  # the fields as sent, to show the one that does not fit
+        except msgspec.DecodeError:
+            raw = None
+        fields = raw if isinstance(raw, dict) else {}
+        raise ValidationError(_explain(message_options(cls).name, str(exc), fields.get)) from None
     except msgspec.DecodeError as exc:
         raise ValidationError(f"{message_options(cls).name}: body is not valid MessagePack: {exc}") from None
 

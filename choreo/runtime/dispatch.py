@@ -555,6 +555,12 @@ class Dispatcher:
             except (TypeError, msgspec.EncodeError) as exc:
                 self._failed(job, TypeError(f"handler {handler.name} returned a value choreo cannot encode: {exc}"))
                 return
+            limit = self._reply_limit(job)
+            if len(reply) - 1 > limit:  # it ran (its effects stand), but its result cannot travel: say so, both sides
+                detail = (f"the result of {job.env.type} is {len(reply) - 1} bytes, above the limit of {limit} "
+                          "(max_message_bytes): return less (a page, or a reference to fetch it by)")
+                self.host.count_refused("result_too_large", f"{handler.name}: {detail}")
+                reply = error_reply("MessageTooLarge", detail)
         self.tracer.finished(job, "ok", None)
         outputs = ctx.outputs
         ctx.outputs = []
@@ -567,6 +573,13 @@ class Dispatcher:
                 return
             job.pending += routed
         self._finish_handler(job, reply=reply, dead=False)
+
+    def _reply_limit(self, job: Job) -> int:
+        """The largest result that may travel to this job's caller: its limit and ours."""
+        limit = self.config.max_message_bytes
+        if job.channel is not None:
+            limit = min(limit, job.channel.peer.max_message_bytes)
+        return limit
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         self.stats.in_handler -= 1

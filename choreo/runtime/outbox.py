@@ -49,6 +49,17 @@ class Sender(Protocol):
     def send(self, endpoint: str, frame: bytes) -> None: ...
 
 
+class _Answers:
+    """Answers waiting for one peer, and their size (one REPLY frame stays within a batch)."""
+
+    __slots__ = ("peer", "entries", "size")
+
+    def __init__(self, peer: Peer) -> None:
+        self.peer = peer
+        self.entries: list[bytes] = []
+        self.size = 0
+
+
 class Outbox:
     """The sending side of one node incarnation (see the module docstring)."""
 
@@ -67,7 +78,7 @@ class Outbox:
         # sets, so that frames leave in the same order on every run (the harness replays by seed)
         self.dirty_out: dict[OutChannel, None] = {}
         self.dirty_in: dict[InChannel, None] = {}
-        self.replies: dict[int, tuple[Peer, list[bytes]]] = {}  # peer incarnation -> answers to send
+        self.replies: dict[int, _Answers] = {}  # peer incarnation -> answers to send
         self.waiting: dict[str, deque[Outgoing]] = {}  # service -> envelopes waiting for an instance
         self.waiting_bytes: dict[str, int] = {}
         self.flush_scheduled = False
@@ -100,9 +111,9 @@ class Outbox:
         self.flush_scheduled = False
         if self.replies:  # before any ack that covers the commands they answer
             replies, self.replies = self.replies, {}
-            for inc, (peer, entries) in replies.items():
-                if peer.live:
-                    self.send(peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(entries)))
+            for inc, answers in replies.items():
+                if answers.peer.live:
+                    self.send(answers.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(answers.entries)))
         dirty = self.dirty_out
         if dirty:
             channels = list(dirty)
@@ -133,7 +144,7 @@ class Outbox:
         inc = ich.peer.incarnation
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:
-            self.send(ich.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued[1])))
+            self.send(ich.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued.entries)))
         else:
             self.send(ich.peer.endpoint, ich.ack_frame())
 
@@ -141,16 +152,22 @@ class Outbox:
         inc = ch.peer.incarnation
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:  # answers first: a piggybacked ack may cover their commands
-            self.send(ch.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued[1])))
+            self.send(ch.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued.entries)))
         self.send(ch.peer.endpoint, self.frame_to(wire.DATA, inc, body))
 
     def queue_reply(self, peer: Peer, entry: bytes) -> None:
-        """An answer for ``peer``; it leaves with the next flush, ahead of any ack."""
+        """An answer for ``peer``; it leaves with the next flush, ahead of any ack (at once when the
+        answers waiting for that peer fill a batch: one REPLY frame stays within the frame limit)."""
         queued = self.replies.get(peer.incarnation)
+        if queued is not None and queued.size + len(entry) > self.config.max_batch_bytes:
+            del self.replies[peer.incarnation]
+            if peer.live:
+                self.send(peer.endpoint, self.frame_to(wire.REPLY, peer.incarnation, b"".join(queued.entries)))
+            queued = None
         if queued is None:
-            self.replies[peer.incarnation] = (peer, [entry])
-        else:
-            queued[1].append(entry)
+            queued = self.replies[peer.incarnation] = _Answers(peer)
+        queued.entries.append(entry)
+        queued.size += len(entry)
         self.schedule_flush()
 
     # -- channels --------------------------------------------------------------------------------

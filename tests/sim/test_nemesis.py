@@ -13,7 +13,7 @@ After the schedule the mesh is healed, and the checker asserts:
   owner, which lacked the first handling's dedup id;
 * order: per key, first handlings come in the order the producer emitted them.
 
-``make test`` runs NEMESIS_SEEDS seeds (default 12); ``make soak`` runs many more.
+``make test`` runs NEMESIS_SEEDS seeds (default 30); ``make soak`` runs 1,000.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from choreo.errors import ChoreoError
 from choreo.nemesis import Nemesis
 from choreo.testing import Harness
 
-SEEDS = int(os.environ.get("NEMESIS_SEEDS", "12"))
+SEEDS = int(os.environ.get("NEMESIS_SEEDS", "30"))
 FIRST_SEED = int(os.environ.get("NEMESIS_FIRST_SEED", "1"))
 KEYS = 12
 

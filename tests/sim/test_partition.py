@@ -59,3 +59,32 @@ def test_partition_backs_producers_off_and_loses_nothing_after_the_heal(seed: in
     assert dict(seen) == dict(expected), f"each reading once and in order per sensor (seed {seed})"
     assert peak["in_flight"] <= window and peak["parked"] <= window, f"no unbounded queue: {peak} (seed {seed})"
     assert producer.counters.reincarnations + consumer.counters.reincarnations >= 1
+
+
+def test_after_a_long_partition_the_mesh_routes_again_within_the_stated_bound() -> None:
+    """README: after the heal, the mesh routes again within max(4 x heartbeat, 1 s) (a dead peer
+    is knocked on that often) + max(2 x heartbeat, 1 s) (joining waits that long for a silent
+    endpoint) of the heal: 3 s with the default heartbeat. Virtual time, so no machine noise."""
+    config = NodeConfig()
+    bound = max(4 * config.heartbeat, 1.0) + max(2 * config.heartbeat, 1.0)
+    seen: list[int] = []
+    sink = Service("sink")
+    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    harness = Harness(seed=21, config=config)
+    producer = harness.add(None)
+    consumer = harness.add(sink)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.run(producer.emit(Reading(sensor="s", n=0)))
+        harness.partition([producer], [consumer])
+        await harness.advance(config.dead_after * 2)
+        healed = harness.now
+        harness.heal()
+        task = asyncio.ensure_future(producer.emit(Reading(sensor="s", n=1), confirm=True, timeout=60))
+        await harness.run(task, timeout=60)
+        took = harness.now - healed
+        assert took <= bound + 0.1, f"routing again took {took:.2f} virtual s after the heal, bound {bound:.2f}"
+
+    asyncio.run(scenario())
+    assert seen == [0, 1]

@@ -84,7 +84,7 @@ def test_bad_options_are_refused_with_the_reason(kwargs: dict, error: str) -> No
 def test_decode_validates_and_names_the_field() -> None:
     body = encode(OrderPlaced(order_id="o-1", total_cents=5))
     assert decode(OrderPlaced, body) == OrderPlaced("o-1", 5)
-    with pytest.raises(ValidationError, match=r"OrderPlaced: Expected `int`, got `str` - at `\$.total_cents`"):
+    with pytest.raises(ValidationError, match=r"OrderPlaced.total_cents = 'five': Expected `int`, got `str`"):
         decode(OrderPlaced, msgspec.msgpack.encode({"order_id": "o", "total_cents": "five"}))
     with pytest.raises(ValidationError, match="missing required field `total_cents`"):
         decode(OrderPlaced, msgspec.msgpack.encode({"order_id": "o"}))

@@ -1,0 +1,151 @@
+"""The guarantees at the edges of membership, with real processes on 127.0.0.1.
+
+* a client that emits the moment it starts, before it knows the mesh: nothing goes nowhere;
+* the only instance of a service stops gracefully (SIGTERM) mid-stream and is started again
+  (a rolling restart of a one-instance service): what was emitted meanwhile waits at its
+  producer and is handled once the instance is back: nothing lost, nothing twice, order kept;
+* a seed that does not answer is named, and the node routes nothing meanwhile;
+* a result too large to travel fails at once on both sides, with the sizes.
+
+(The partition longer than ``dead_after`` with a rejoin runs across network namespaces in
+test_membership.py; the fault schedules of tests/sim/test_nemesis.py cover the rest.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from choreo import MessageTooLarge, NotJoined, Query, Service
+from choreo.client import rpc
+from choreo.node import Node, NodeConfig
+
+from .checks import check_exactly_once_in_order, expected_stream
+from .recording import Produced, elastic, read_timed
+
+pytestmark = pytest.mark.slow
+
+FAST = NodeConfig(heartbeat=0.2, suspect_after=1.0, dead_after=2.5, handover_timeout=5.0, rto=0.5, window=256)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(coro) -> None:  # type: ignore[no-untyped-def]
+    asyncio.run(asyncio.wait_for(coro, 180))
+
+
+def test_a_client_that_emits_at_once_loses_nothing(procs) -> None:  # type: ignore[no-untyped-def]
+    consumer = procs.start(elastic, config=FAST)
+
+    async def scenario() -> None:
+        # no wait_for: the first emits happen before the client has heard from anyone
+        async with Node(None, peers=[consumer.endpoint], config=FAST) as client:
+            for n in range(500):
+                await client.emit(Produced(k=f"k{n % 7}", n=n))
+            await client.flush(timeout=30)
+
+    run(scenario())
+    procs.close()
+    records = [("Produced", k, n, f) for k, n, _, f in read_timed(str(procs.record_dir), "elastic")]
+    check_exactly_once_in_order(records, expected_stream(500, 7), "emits right after start")
+
+
+def test_the_only_instance_stops_and_comes_back_and_nothing_is_lost(procs) -> None:  # type: ignore[no-untyped-def]
+    count, keys = 6_000, 50
+    first = procs.start(elastic, config=FAST)
+    seed = first.endpoint
+    restarted: dict[str, object] = {}
+
+    async def scenario() -> None:
+        async with Node(None, peers=[seed], config=FAST) as client:
+            await client.wait_for({"elastic": 1}, timeout=30)
+            for n in range(count):
+                if n == 2_000:
+                    # SIGTERM: it drains, hands over to nobody, says goodbye; elastic stays declared
+                    await asyncio.to_thread(first.stop, 30)
+                    assert client.stats().emitted >= n
+                if n == 2_000 + FAST.window // 2:
+                    # what was emitted since waits here; bring the service back (at a new address)
+                    restarted["proc"] = await asyncio.to_thread(procs.start, elastic, [client.endpoint], config=FAST)
+                await client.emit(Produced(k=f"k{n % keys}", n=n), timeout=60)
+            await client.flush(timeout=60)
+            assert client.stats().unrouted == 0, "nothing was counted as unrouted while elastic is declared"
+
+    run(scenario())
+    assert "proc" in restarted
+    procs.close()
+    records = [("Produced", k, n, f) for k, n, _, f in read_timed(str(procs.record_dir), "elastic")]
+    check_exactly_once_in_order(records, expected_stream(count, keys), "the only instance stopped and restarted")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nobody listens there once the socket is closed
+
+
+def test_a_silent_seed_is_named_and_nothing_is_routed() -> None:
+    seed = f"tcp://127.0.0.1:{_closed_port()}"
+
+    async def scenario() -> None:
+        async with Node(None, peers=[seed], config=FAST) as client:
+            with pytest.raises(NotJoined, match=rf"no answer from its seeds {seed} \(\d+\.\d s\)"):
+                await client.emit(Produced(k="k", n=1), timeout=1.0)
+            assert client.stats().state == "joining"
+            await client.stop(drain=False)
+
+    run(scenario())
+
+
+def test_choreo_run_names_a_seed_that_does_not_answer_on_stderr() -> None:
+    seed = f"tcp://127.0.0.1:{_closed_port()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "choreo", "run", "tests.integration.recording:elastic", "--peer", seed],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        lines: list[str] = []
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            lines.append(line)
+            if f"seed {seed} does not answer" in line:
+                break
+        assert any(f"seed {seed} does not answer" in line for line in lines), "".join(lines)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+class Ledger(Query):
+    account: str
+
+
+big = Service("big")
+
+
+@big.query(Ledger)
+def ledger(q: Ledger) -> str:
+    return "x" * 4096  # larger than the caller accepts (max_message_bytes=2048 below)
+
+
+def test_a_result_too_large_fails_at_once_on_both_sides(procs) -> None:  # type: ignore[no-untyped-def]
+    server = procs.start(big, config=FAST)
+    small = NodeConfig(heartbeat=0.2, suspect_after=1.0, dead_after=2.5, max_message_bytes=2048)
+
+    async def scenario() -> None:
+        async with Node(None, peers=[server.endpoint], config=small) as client:
+            await client.wait_for({"big": 1}, timeout=30)
+            # MessageTooLarge, not DeliveryTimeout: the owner said why instead of leaving the caller waiting
+            with pytest.raises(MessageTooLarge, match=r"big refused Ledger: the result of Ledger is \d+ bytes, above the limit of 2048"):
+                await client.ask(Ledger("a"), timeout=20)
+
+    run(scenario())
+    assert rpc(server.endpoint, "stats")["refused"].get("result_too_large") == 1

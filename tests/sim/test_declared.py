@@ -1,0 +1,179 @@
+"""The declared system apart from who is live, checked on the fake link.
+
+A service whose instances are all gone stays declared: what is meant for it waits at its
+producer (bounded, then Backpressure naming it) and leaves when an instance is back; only an
+operator's retire forgets it, everywhere. Messages are checked against their declared types
+before they leave, and a receiver that still gets an invalid body keeps it as a dead letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+
+from choreo import Backpressure, Command, Event, NodeConfig, Service, Undeliverable, ValidationError
+from choreo.errors import ChoreoUsageError
+from choreo.testing import Harness
+
+CONFIG = NodeConfig(window=8, suspect_after=1.0, dead_after=3.0, heartbeat=0.25, emit_timeout=2.0)
+
+
+class Reading(Event, key="sensor"):
+    sensor: str
+    value: int
+
+
+class Nobody(Event):
+    note: str
+
+
+class Reset(Command, key="sensor"):
+    sensor: str
+
+
+def meter(seen: list[int]) -> Service:
+    svc = Service("meter")
+
+    @svc.on(Reading)
+    def on_reading(ev: Reading) -> None:
+        seen.append(ev.value)
+
+    @svc.command(Reset)
+    def reset(cmd: Reset) -> int:
+        return 0
+
+    return svc
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+
+
+def test_messages_for_a_service_with_no_instance_wait_then_leave_in_order() -> None:
+    seen: list[int] = []
+    svc = meter(seen)
+    h = Harness(seed=3, config=CONFIG)
+    client = h.add(None)
+    consumer = h.add(svc)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(client.emit(Reading("s", 0)))
+        await h.leave(consumer)  # the last instance leaves gracefully: meter stays declared
+        await h.advance(1.0)
+        assert "meter" in client.membership.declared and not client.membership.instances("meter")
+        for n in range(1, CONFIG.window + 1):  # a window's worth waits at the producer
+            assert client.try_emit(Reading("s", n))
+        assert len(client.outbox.waiting["meter"]) == CONFIG.window
+        with pytest.raises(Backpressure, match=r"no live instance of meter .* 8 messages already wait for one"):
+            client.try_emit(Reading("s", 99))
+        h.restart(consumer)  # the service is back (a new incarnation at the same endpoint)
+        await h.run_until(lambda: client.acknowledged, 30, "what waited was delivered")
+        assert client.counters.unrouted == 0
+
+    run(scenario)
+    assert seen == list(range(CONFIG.window + 1)), "each once, in order"
+
+
+def test_only_an_operator_retires_a_service_and_the_mesh_learns_it() -> None:
+    seen: list[int] = []
+    svc = meter(seen)
+    h = Harness(seed=4, config=CONFIG)
+    client = h.add(None)
+    other = h.add(None)
+    consumer = h.add(svc)
+
+    async def scenario() -> None:
+        await h.start()
+        h.crash(consumer)
+        await h.advance(CONFIG.dead_after + 1)
+        for n in range(3):  # they wait for an instance of meter
+            client.try_emit(Reading("s", n))
+        answer = client.retire("meter")
+        assert answer == {"service": "meter", "known": True, "dropped": 3, "node": client.name}
+        assert "meter" not in client.membership.declared
+        await h.run_until(lambda: "meter" not in other.membership.declared, 10, "gossip tells the other node")
+        # a type nobody consumes now: counted, said once, and flush does not call it delivered
+        client.try_emit(Reading("s", 9))
+        assert client.take_undelivered() == {"Reading": 1}
+
+    run(scenario)
+    assert seen == []
+
+
+def test_retire_is_refused_while_an_instance_is_live() -> None:
+    svc = meter([])
+    h = Harness(seed=5, config=CONFIG)
+    client = h.add(None)
+    h.add(svc)
+
+    async def scenario() -> None:
+        await h.start()
+        with pytest.raises(ChoreoUsageError, match=r"meter still has live instances \(meter#[0-9a-f]+\): stop them"):
+            client.retire("meter")
+
+    run(scenario)
+
+
+def test_a_field_of_the_wrong_type_is_refused_before_anything_leaves() -> None:
+    seen: list[int] = []
+    h = Harness(seed=6, config=CONFIG)
+    client = h.add(None)
+    h.add(meter(seen))
+
+    async def scenario() -> None:
+        await h.start()
+        with pytest.raises(ValidationError, match=r"Reading.value = '7': Expected `int`, got `str`"):
+            client.try_emit(Reading("s", "7"))  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match=r"Reading.value = '7'"):
+            await h.run(client.emit(Reading("s", "7")))  # type: ignore[arg-type]
+        with pytest.raises(ValidationError, match=r"Reset.sensor = 5"):
+            await h.run(client.send(Reset(5)))  # type: ignore[arg-type]
+        assert client.outbox.in_flight() == 0 and client.counters.emitted == 0
+
+    run(scenario)
+    assert seen == []
+
+
+def test_an_invalid_body_from_an_older_sender_is_a_dead_letter_not_a_silent_drop() -> None:
+    class OldReading(Event, key="sensor", name="Reading"):  # the same type, as an older release declared it
+        sensor: str
+        value: str
+
+    seen: list[int] = []
+    svc = meter(seen)
+    old = Service("gateway", emits=[OldReading])
+    h = Harness(seed=7, config=CONFIG)
+    producer = h.add(old)
+    consumer = h.add(svc)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(producer.emit(OldReading("s", "seven")))
+        await h.run_until(lambda: len(consumer.dispatcher.dead_letters) == 1, 10, "dead-lettered")
+        await h.run_until(lambda: producer.acknowledged, 10, "acknowledged: it does not wedge the channel")
+
+    run(scenario)
+    (letter,) = list(consumer.dispatcher.dead_letters)
+    assert letter.error_type == "ValidationError" and letter.attempts == 1 and "Reading.value" in letter.error
+    assert consumer.counters.refused["invalid_payload"] == 1
+    assert seen == []
+
+
+def test_confirm_returns_once_every_consumer_acknowledged() -> None:
+    seen: list[int] = []
+    h = Harness(seed=8, config=CONFIG)
+    client = h.add(None)
+    h.add(meter(seen))
+
+    async def scenario() -> None:
+        await h.start()
+        msg_id = await h.run(client.emit(Reading("s", 1), confirm=True))
+        assert seen == [1] and len(msg_id) == 16, "handled before emit returned"
+        with pytest.raises(Undeliverable, match="no service in the mesh declares that it consumes Nobody"):
+            await h.run(client.emit(Nobody("hello"), confirm=True))
+
+    run(scenario)
