@@ -91,6 +91,8 @@ DEF _FLAG_BROADCAST = 0x02
 KIND_EVENT = _KIND_EVENT
 FLAG_UNKEYED = _FLAG_UNKEYED
 FLAG_BROADCAST = _FLAG_BROADCAST
+DEF SPAN_KEY_MAX = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
+SPAN_KEY_BYTES = SPAN_KEY_MAX
 DEF LANE_AHEAD = 4  # FastLane: prefetch the dedup slot of the message this many places ahead
 
 
@@ -308,7 +310,7 @@ cdef class FastLane:
                 # choreo.tracing's span layout; the three ids as one bytes object (msg_id | trace_id |
                 # cause_id, as on the wire), split when the span is read
                 span = (env._bytes_at(20, 48), env.type, e.name, received, t0, t1, self.ok, None, 1,
-                        env._bytes_at(HDR + env._tlen, env._klen), env.partition)
+                        env._bytes_at(HDR + env._tlen, min(env._klen, SPAN_KEY_MAX)), env.partition)
                 PyObject_GC_UnTrack(span)  # atoms only: the cycle collector need never visit it
                 spans_append(span)
             reorder._complete(env.seq)

@@ -249,6 +249,7 @@ class KeyedDispatch:
 KIND_EVENT: Final[int]
 FLAG_UNKEYED: Final[int]
 FLAG_BROADCAST: Final[int]
+SPAN_KEY_BYTES: Final[int]
 LANE_END: int
 LANE_SLOW: int
 LANE_DUPLICATE: int

@@ -59,6 +59,7 @@ __all__ = [
     "KIND_EVENT",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
+    "SPAN_KEY_BYTES",
     "LANE_END",
     "LANE_SLOW",
     "LANE_DUPLICATE",
@@ -1208,6 +1209,7 @@ class EmitLane:
 KIND_EVENT = 1
 FLAG_UNKEYED = 0x01
 FLAG_BROADCAST = 0x02
+SPAN_KEY_BYTES = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
 
 LANE_END = 0  # every envelope handled
 LANE_SLOW = 1  # envs[index] is not for the lane: the caller takes it
@@ -1305,7 +1307,7 @@ class FastLane:
                 # cause_id, as on the wire), split when the span is read
                 spans_append(
                     (env.msg_id + env.trace_id + env.cause_id, env.type, name, received, t0, t1, self.ok, None, 1,
-                     env.key, env.partition)
+                     env.key[:SPAN_KEY_BYTES], env.partition)
                 )
             reorder.complete(env.seq)
             handled += 1

@@ -28,7 +28,9 @@ class NodeConfig:
     spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
     of a partition waits for its live previous owner's handover before taking it anyway.
     ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
-    costs, or for handlers that are idempotent by themselves).
+    costs, or for handlers that are idempotent by themselves). ``dlq_max`` / ``dlq_max_bytes``:
+    the dead letters a node keeps (by count and by bytes of payload, error and traceback; the
+    oldest go first, counted).
 
     >>> NodeConfig(window=0)
     Traceback (most recent call last):
@@ -51,8 +53,8 @@ class NodeConfig:
     drain_timeout: float = 30.0
     tick: float = 0.01
     dlq_max: int = 10_000
+    dlq_max_bytes: int = 64 << 20
     span_ring: int = 10_000
-    transport_max_bytes: int = 256 << 20
     handover_timeout: float = 15.0
     forget_dead_after: float = 600.0
     dedup: bool = True

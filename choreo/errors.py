@@ -22,6 +22,7 @@ __all__ = [
     "ValidationError",
     "NotJoined",
     "Undeliverable",
+    "NotAllowed",
 ]
 
 
@@ -114,6 +115,11 @@ class NotJoined(ChoreoError, TimeoutError):
     A node routes nothing until it has joined: ``emit``/``send``/``ask`` wait for it up to their
     timeout, then raise this, naming the seeds that did not answer.
     """
+
+
+class NotAllowed(ChoreoError, PermissionError):
+    """The mesh's keys do not allow this: a key that may not originate a message type, call a
+    system query, or serve a service. The message names the key and what it may do instead."""
 
 
 class Undeliverable(ChoreoError):

@@ -101,10 +101,13 @@ class Node:
             max_parked_bytes=2 * self.config.window_bytes,
             seeds=self.peers,
         )
-        self.engine = Engine(self.service, self.transport, config=self.config, name=self._name)
+        security = self.security
+        self.engine = Engine(
+            self.service, self.transport, config=self.config, name=self._name,
+            policy=(lambda: security.policy) if security is not None else None,
+        )
         self.transport.on_refused = self.engine.count_refused
-        on_frame = self.engine.on_frame  # the engine does not read the principal yet
-        self.transport.start(loop, lambda data, identity, principal: on_frame(data, identity), self.engine.flush)
+        self.transport.start(loop, self.engine.on_frame, self.engine.flush)
         self.engine.start(self.peers)
         introspect.install(self.engine)  # the system queries of choreo trace / dlq
         if self.metrics_port is not None:
@@ -177,9 +180,10 @@ class Node:
             await self.until(ready, timeout, f"services {wanted}")
         except TimeoutError:
             have = {s: len(engine.membership.instances(s)) for s in wanted}
+            status = engine.gossip.join_status()
             raise TimeoutError(
                 f"{self.name}: waited {timeout:.1f} s for services {wanted}, the mesh has {have}"
-                + introspect.join_hint(engine, self.peers)
+                + (f"; not joined: {status}" if status.startswith("refused") else introspect.join_hint(engine, self.peers))
             ) from None
 
     async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:

@@ -34,7 +34,7 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from . import core
+from . import core, introspect
 from .config import NodeConfig
 from .runtime.engine import Engine
 from .service import Service
@@ -111,8 +111,13 @@ class Harness:
         delay: float = 0.0005,
         jitter: float = 0.02,
         config: NodeConfig | None = None,
+        policy: Any = None,
     ) -> None:
+        """``policy`` (a :class:`~choreo.trust.Policy`): the link behaves as a mesh with keys,
+        each node speaking as the key given to :meth:`add` (its frames' principal)."""
         self.seed = seed
+        self.policy = policy
+        self.keys: dict[str, str | None] = {}  # endpoint -> the key its frames authenticate as
         self.rng = random.Random(seed)
         self.link = FakeLink(self.rng, drop=drop, duplicate=duplicate, reorder=reorder, delay=delay, jitter=jitter)
         self.config = config or NodeConfig()
@@ -133,12 +138,16 @@ class Harness:
     def wall(self) -> float:
         return 1_700_000_000.0 + self.now
 
-    def add(self, service: Service | None, name: str | None = None, config: NodeConfig | None = None) -> Engine:
-        """A new node on the link (not started: :meth:`start` starts them all)."""
+    def add(
+        self, service: Service | None, name: str | None = None, config: NodeConfig | None = None, key: str | None = None
+    ) -> Engine:
+        """A new node on the link (not started: :meth:`start` starts them all); with a policy,
+        ``key`` names the key it speaks as."""
         n = next(self._names)
         label = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in name or (service.name if service else "client"))
         endpoint = f"inproc://fake/{label}-{n}"  # an address hellos accept (choreo.wire), never dialled
         self._setup[endpoint] = (service, name, config)
+        self.keys[endpoint] = key
         return self._make(endpoint)
 
     def _make(self, endpoint: str) -> Engine:
@@ -154,7 +163,9 @@ class Harness:
             name=name,
             ids=core.IdSource(self.rng.randbytes(8)),
             incarnations=lambda: self.rng.getrandbits(63) | 1,
+            policy=(lambda: self.policy) if self.policy is not None else None,
         )
+        introspect.install(engine)  # the system queries a real node answers
         self.engines[endpoint] = engine
         self.history.append(engine)
         peer_gone = engine.peer_gone
@@ -206,9 +217,11 @@ class Harness:
         new.start(seeds if seeds is not None else [e for e in self.engines if e != endpoint and e not in self.down])
         return new
 
-    def join(self, service: Service | None, name: str | None = None, config: NodeConfig | None = None) -> Engine:
+    def join(
+        self, service: Service | None, name: str | None = None, config: NodeConfig | None = None, key: str | None = None
+    ) -> Engine:
         """A new node starts mid-run, seeded by the first node that is up."""
-        engine = self.add(service, name, config)
+        engine = self.add(service, name, config, key)
         seeds = [e for e in self.engines if e != engine.transport.endpoint and e not in self.down][:1]
         engine.start(seeds)
         return engine
@@ -245,6 +258,12 @@ class Harness:
     def jump(self, engine: Engine, seconds: float) -> None:
         """Move one node's clock ``seconds`` forward at once (its monotonic clock after a suspend)."""
         self.offset[engine.transport.endpoint] += seconds
+
+    def inject(self, src: str, dst: Engine, frame: bytes, key: str | None = None) -> None:
+        """Put a raw frame on the link, from ``src`` (an endpoint no node need have: a stranger's
+        connection) to ``dst``, authenticated as ``key``: for tests of what a node refuses."""
+        self.keys.setdefault(src, key)
+        self.link.transmit(self.now, src, dst.transport.endpoint, frame)
 
     def up(self) -> list[Engine]:
         """The nodes that are running (not crashed, not left)."""
@@ -285,7 +304,7 @@ class Harness:
             if paused.get(dst, 0.0) > self.now:  # frozen: the frame waits in its socket buffer
                 heapq.heappush(link.queue, (paused[dst], seq, dst, frame, src))
                 continue
-            engine.on_frame(frame, src.encode())
+            engine.on_frame(frame, src.encode(), self.keys.get(src))
             engine.flush()
             await self._settle()
         self.now = horizon

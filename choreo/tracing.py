@@ -67,6 +67,7 @@ __all__ = [
     "wall_offset",
     "unpack",
     "Attempt",
+    "SPAN_KEY_BYTES",
 ]
 
 # the fields of a recorded span tuple (see the module docstring)
@@ -193,11 +194,12 @@ class Tracer:
         if letter is not None:  # a replayed dead letter: its attempts count on after the earlier ones
             self.spans.append(
                 (ids, env.type, name, job.received, job.started, self.wall(), outcome, error,
-                 letter.attempts + attempt, env.key, env.partition, letter.replays)
+                 letter.attempts + attempt, env.key[:SPAN_KEY_BYTES], env.partition, letter.replays)
             )  # fmt: skip
             return
         self.spans.append(
-            (ids, env.type, name, job.received, job.started, self.wall(), outcome, error, attempt, env.key, env.partition)
+            (ids, env.type, name, job.received, job.started, self.wall(), outcome, error, attempt,
+             env.key[:SPAN_KEY_BYTES], env.partition)
         )
 
     def query(self, trace_id: bytes | None = None, limit: int = 1000) -> list[Span]:
@@ -362,6 +364,7 @@ class Tracer:
 
 
 _ZERO16 = bytes(16)
+SPAN_KEY_BYTES = 128  # bytes of a message's key a span keeps; the core's lane keeps as many (core.SPAN_KEY_BYTES)
 
 
 def unpack(t: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -512,7 +512,16 @@ class System:
             from ._worker import load_service
 
             service = load_service(service)
-        node = Node(service, peers=[self.seed], config=config, security=self.client_security)
+        security = self.client_security
+        if security is not None and service is not None and security.policy.may_serve("driver", service.name):
+            # a service of the driver's own (its staff tools, say): a key that serves just that one
+            assert self.keys_dir is not None
+            spec = service.spec()
+            key = f"driver-{service.name}"
+            if not (self.keys_dir / f"{key}.key").exists():
+                create_key(self.keys_dir, key, serves=[service.name], originates=[*spec.emits, *spec.sends])
+            security = Security.load(self.keys_dir, key)
+        node = Node(service, peers=[self.seed], config=config, security=security)
         await node.start()
         self.clients.append(node)
         try:

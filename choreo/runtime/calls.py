@@ -38,6 +38,7 @@ from ..errors import (
     HandlerFailed,
     MessageTooLarge,
     NoOwner,
+    NotAllowed,
     NotJoined,
     ProtocolError,
     UndeclaredMessage,
@@ -62,7 +63,8 @@ _reply_encoder = msgspec.msgpack.Encoder()
 #: errors that no retry can fix, by name: a handler that raises one is dead-lettered at once, and
 #: a caller whose command or query was refused that way gets the same class back
 REFUSALS: dict[str, type[ChoreoError]] = {
-    cls.__name__: cls for cls in (ValidationError, UndeclaredMessage, MessageTooLarge, NoOwner, Undeliverable)
+    cls.__name__: cls
+    for cls in (ValidationError, UndeclaredMessage, MessageTooLarge, NoOwner, Undeliverable, NotAllowed)
 }
 
 

@@ -234,6 +234,7 @@ class InChannel:
         self.reorder = core.InboundReorder(window=window)
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
+        self.rights: dict[tuple[str, int], str | None] = {}  # with keys: (type, kind) -> None or why refused
 
     def ack_frame(self) -> bytes:
         return self.header + self.reorder.ack_frame()

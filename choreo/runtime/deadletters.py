@@ -3,8 +3,8 @@
 A message lands here after its retries (or at once, for a failure no retry can fix), with its
 payload, the error and its traceback, and is acknowledged to its sender, so one poison message
 cannot wedge a channel. Letters are listed, shown and replayed through the node's system queries
-(``choreo dlq``); the store keeps the newest ``limit`` letters, evicting the oldest first and
-counting what it evicted::
+(``choreo dlq``); the store keeps the newest ``limit`` letters and at most ``max_bytes`` of them
+(payload, error and traceback), evicting the oldest first and counting what it evicted::
 
     >>> store = DeadLetters(limit=2)
     >>> for n in range(3):
@@ -63,36 +63,46 @@ class DeadLetter:
 
 
 class DeadLetters:
-    """The newest ``limit`` dead letters of one node, by id (ids are never reused)."""
+    """The newest dead letters of one node, by id (ids are never reused), within ``limit`` letters
+    and ``max_bytes`` bytes."""
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: int = 10_000, max_bytes: int = 64 << 20) -> None:
         self.limit = limit
+        self.max_bytes = max_bytes
         self._letters: OrderedDict[int, DeadLetter] = OrderedDict()
         self._next = 1
+        self.bytes = 0  # what the stored letters hold (payloads, errors, tracebacks)
         self.added = 0  # letters ever stored (a counter)
-        self.evicted = 0  # letters dropped to stay within the limit
+        self.evicted = 0  # letters dropped to stay within the limits
 
     def add(self, letter: DeadLetter) -> DeadLetter:
         """Store a new letter under a fresh id (the id it carries is replaced)."""
         letter.id = self._next
         self._next += 1
-        self._letters[letter.id] = letter
+        self.put_back(letter)
         self.added += 1
-        while len(self._letters) > self.limit:
-            self._letters.popitem(last=False)
-            self.evicted += 1
         return letter
 
     def put_back(self, letter: DeadLetter) -> None:
-        """A replayed letter failed again (or could not run): it is stored again under its id."""
+        """Store ``letter`` under its id (a replayed letter that failed again comes back as the newest)."""
+        old = self._letters.pop(letter.id, None)
+        if old is not None:
+            self.bytes -= _size(old)
         self._letters[letter.id] = letter
+        self.bytes += _size(letter)
+        while len(self._letters) > self.limit or (self.bytes > self.max_bytes and len(self._letters) > 1):
+            _, dropped = self._letters.popitem(last=False)
+            self.bytes -= _size(dropped)
+            self.evicted += 1
 
     def take(self, letter_id: int) -> DeadLetter:
         """Remove and return one letter (KeyError naming the id if there is none)."""
         try:
-            return self._letters.pop(letter_id)
+            letter = self._letters.pop(letter_id)
         except KeyError:
             raise KeyError(f"no dead letter #{letter_id} on this node") from None
+        self.bytes -= _size(letter)
+        return letter
 
     def get(self, letter_id: int) -> DeadLetter | None:
         return self._letters.get(letter_id)
@@ -108,3 +118,7 @@ class DeadLetters:
 
     def __len__(self) -> int:
         return len(self._letters)
+
+
+def _size(letter: DeadLetter) -> int:
+    return len(letter.payload) + len(letter.error) + len(letter.traceback) + len(letter.key) + 256

@@ -237,7 +237,7 @@ class Dispatcher:
         # command id -> (time, ttl, reply, partition): a duplicate command gets the first result
         self.results: OrderedDict[bytes, tuple[float, float, bytes, int]] = OrderedDict()
         self.results_max = results_max
-        self.dead_letters = DeadLetters(config.dlq_max)
+        self.dead_letters = DeadLetters(config.dlq_max, config.dlq_max_bytes)
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
@@ -397,19 +397,32 @@ class Dispatcher:
             return  # its sender was declared gone: it resends this to the partition's owner
         moves = self.moves
         if env.kind == KIND_HANDOVER:
-            if moves is not None:
-                moves.on_handover(env)
+            if moves is None:
+                self.host.count_refused("unknown_type", f"a hand-over from {channel.peer.node}, and this is a client")
+            elif channel.peer.service_name != moves.service:
+                self.host.count_refused("not_allowed", f"a hand-over from {channel.peer.node}, which is not an "
+                                                       f"instance of {moves.service}")
+            elif env.partition >= moves.ownership.partitions:
+                self.host.count_refused("malformed", f"a hand-over of partition {env.partition} from "
+                                                     f"{channel.peer.node}: {moves.service} has {moves.ownership.partitions}")
             else:
-                self.host.count_refused("unknown_type", f"a handover from {channel.peer.node}, and this is a client")
+                moves.on_handover(env)
             channel.reorder.complete(env.seq)
             self.host.ack_later(channel)
+            return
+        if env.flags & FLAG_REPLAY:  # only this node replays its own dead letters: never a flag from the wire
+            self.refuse(channel, env, "malformed", f"{env.type} from {channel.peer.node} flagged as a replay")
+            return
+        if moves is not None and env.partition >= moves.ownership.partitions:
+            self.refuse(channel, env, "malformed", f"{env.type} from {channel.peer.node} for partition {env.partition}: "
+                                                   f"{moves.service} has {moves.ownership.partitions}")
             return
         handler = self.handlers.get(env.type)
         if (
             moves is not None
             and handler is not None
             and not moves.ownership.gate[env.partition]
-            and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST | FLAG_REPLAY)
+            and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST)
         ):
             if moves.buffer(channel, env):  # until the handover (or our own join)
                 self._track(env.partition)
@@ -430,7 +443,7 @@ class Dispatcher:
             return
         job = Job(env, channel, handler, self.host.batch_received)
         self._track(env.partition)
-        if handler.kind != "query" and not env.flags & FLAG_REPLAY and self.config.dedup:
+        if handler.kind != "query" and self.config.dedup:
             window = self.dedup.get(env.type)
             if window is None:
                 options = message_options(handler.message)
@@ -440,6 +453,15 @@ class Dispatcher:
                 return
             self.in_progress[env.msg_id] = job
         self._admit(job)
+
+    def refuse(self, channel: InChannel, env: Any, reason: str, detail: str) -> None:
+        """An envelope this node will not run: counted and logged, acknowledged (it cannot wedge its
+        channel), and answered with the reason when its sender waits for an answer."""
+        self.host.count_refused(reason, detail)
+        job = Job(env, channel, None, self.host.batch_received)
+        if env.kind in (KIND_COMMAND, KIND_QUERY):
+            job.reply = error_reply("NotAllowed" if reason == "not_allowed" else "ProtocolError", detail)
+        self._effects_safe(job)
 
     def _admit(self, job: Job) -> None:
         env = job.env

@@ -16,6 +16,10 @@ The engine owns no logic of its own beyond the receive path; each job is a part
 * ``ACK`` frees credit in the :class:`~choreo.runtime.outbox.Outbox` and releases holds;
 * ``REPLY`` answers the callers in :class:`~choreo.runtime.calls.Calls`;
 * ``RPC`` is a system query (the CLI), answered on the connection it came on.
+
+Before any of that, :class:`~choreo.runtime.admission.Admission` checks that the frame speaks
+for a sender on the connection (and key) that sender joined on, and, with keys, that the key
+may do what the frame asks.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..errors import ProtocolError
 from ..messages import Message
 from ..service import Service
 from ..tracing import Tracer
+from .admission import Admission, PolicySource
 from .calls import Calls
 from .channels import InChannel
 from .dispatch import Dispatcher, Job
@@ -57,6 +62,7 @@ log = logging.getLogger("choreo.node")
 RUN_BUDGET = 2048  # envelopes handled per turn of the event loop
 
 RpcHandler = Callable[[dict[str, Any]], Any]
+FrameHandler = Callable[[int, bytes, int, "bytes | None", "str | None"], None]
 
 
 class Transport(Protocol):
@@ -88,8 +94,10 @@ class Engine:
         name: str | None = None,
         ids: Any = None,
         incarnations: Callable[[], int] | None = None,
+        policy: PolicySource | None = None,
     ) -> None:
-        """``ids`` and ``incarnations`` draw fresh message ids and incarnations (seeded in tests)."""
+        """``ids`` and ``incarnations`` draw fresh message ids and incarnations (seeded in tests);
+        ``policy`` returns the mesh's :class:`~choreo.trust.Policy` (with keys; None without)."""
         if service is not None:
             service.validate()
         self.service = service
@@ -105,6 +113,7 @@ class Engine:
         self.former_names: list[str] = []  # earlier incarnations of this node (declared dead), newest last
         self.spec = service.spec() if service else None
         self.counters = Counters()
+        self.admission = Admission(policy, self.spec)
         self.lifecycle = Lifecycle()
         self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
         self.membership = Membership(config.suspect_after, config.dead_after)
@@ -145,19 +154,19 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rpc: dict[str, RpcHandler] = {}
         self._log_budget: dict[str, float] = {}
-        self._frames: dict[int, Callable[[int, bytes, int, bytes | None], None]] = {
+        self._frames: dict[int, FrameHandler] = {
             wire.DATA: self._on_data,
             wire.REPLY: self._on_replies,
             wire.ACK: self._on_ack_frame,
-            wire.HELLO: lambda sender, data, flags, identity: self.gossip.on_hello(sender, wire.decode_control(wire.HELLO, data)),
-            wire.HEARTBEAT: lambda sender, data, flags, identity: self.gossip.on_heartbeat(
-                sender, wire.decode_control(wire.HEARTBEAT, data)
+            wire.HELLO: self._on_hello,
+            wire.HEARTBEAT: lambda sender, data, flags, identity, principal: self.gossip.on_heartbeat(
+                sender, wire.decode_control(wire.HEARTBEAT, data), trusted_gossip=self.admission.may_gossip(principal)
             ),
-            wire.BYE: lambda sender, data, flags, identity: self.gossip.on_bye(sender),
-            wire.REFUSE: lambda sender, data, flags, identity: self.gossip.on_refuse(
-                sender, wire.decode_control(wire.REFUSE, data)
+            wire.BYE: lambda sender, data, flags, identity, principal: self.gossip.on_bye(sender),
+            wire.REFUSE: self._on_refuse,
+            wire.RPC: lambda sender, data, flags, identity, principal: self._on_rpc(
+                identity, wire.decode_control(wire.RPC, data), principal
             ),
-            wire.RPC: lambda sender, data, flags, identity: self._on_rpc(identity, wire.decode_control(wire.RPC, data)),
         }
 
     # ================================================================================ lifecycle
@@ -277,40 +286,74 @@ class Engine:
 
     # ================================================================================ input
 
-    def on_frame(self, data: bytes, identity: bytes | None = None) -> None:
-        """Handle one received frame. Invalid input is counted and dropped; nothing raises."""
+    def on_frame(self, data: bytes, identity: bytes | None = None, principal: str | None = None) -> None:
+        """Handle one received frame. Invalid input is counted and dropped; nothing raises.
+
+        ``identity`` is the connection it came on, ``principal`` the key that connection
+        authenticated as (None without keys): see :mod:`~choreo.runtime.admission`.
+        """
         self.counters.frames_in += 1
         if self._last_tick is not None:
             self._check_gap(self.clock())
         if len(data) > self.config.max_frame_bytes:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self.config.max_frame_bytes}")
             return
+        frame_type = 0
         try:
             frame_type, flags, sender, receiver = wire.parse_header(data)
+            known = self.membership.peers.get(sender)
+            why = self.admission.speaks_for(known, frame_type, identity, principal)
+            if why is not None:
+                raise ProtocolError("unknown_peer" if known is None else "impersonation", why)
             if receiver and receiver != self.incarnation:
                 self.gossip.refuse_stale(sender, receiver)
                 return
-            known = self.membership.peers.get(sender)
             if known is not None and known.state == "dead" and frame_type != wire.REFUSE:
                 self.gossip.tell_dead(known)  # it must come back as a new incarnation
                 return
             handle = self._frames.get(frame_type)
             if handle is None:
                 raise ProtocolError("malformed", f"unexpected {wire.FRAME_NAMES[frame_type]} frame")
-            handle(sender, data, flags, identity)
+            handle(sender, data, flags, identity, principal)
         except ProtocolError as exc:
             self.count_refused(exc.reason, exc.detail)
+        except Exception as exc:  # a bug, or input nobody foresaw: counted and logged, never out of the reader
+            what = wire.FRAME_NAMES.get(frame_type, "unknown")
+            self.count_refused("internal_error", f"{type(exc).__name__} handling a {what} frame: {exc}")
+            log.debug("%s: internal error in the frame path", self.name, exc_info=True)
         if self.membership.version != self._synced_version:
             self.sync_view()
 
-    def _on_replies(self, sender: int, data: bytes, flags: int, identity: bytes | None = None) -> None:
+    def _on_hello(self, sender: int, data: bytes, flags: int, identity: bytes | None, principal: str | None) -> None:
+        hello = wire.decode_control(wire.HELLO, data)
+        replaces = [p for p in self.membership.peers.values()
+                    if p.endpoint == hello.endpoint and p.live and p.incarnation != sender]
+        why = self.admission.may_join(hello, principal, replaces)
+        if why is not None:
+            raise ProtocolError("not_allowed", f"hello from {hello.node}: {why}")
+        self.gossip.on_hello(sender, hello, trusted_gossip=self.admission.may_gossip(principal))
+        peer = self.membership.peers.get(sender)
+        if peer is not None and peer.identity is None and sender != self.incarnation:
+            peer.identity, peer.principal = identity, principal  # its frames come only from there from now on
+
+    def _on_refuse(self, sender: int, data: bytes, flags: int, identity: bytes | None, principal: str | None) -> None:
+        refuse = wire.decode_control(wire.REFUSE, data)
+        peer = self.membership.peers.get(sender)
+        authoritative = self.admission.conflict_counts(peer, principal, refuse.detail)
+        self.gossip.on_refuse(sender, refuse, authoritative=authoritative)
+
+    def _on_replies(
+        self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
+    ) -> None:
         ack_at, ack_len, body_at = wire.split_ack(data, flags)
         for msg_id, type_name, payload in wire.parse_replies(data, body_at):
             self.calls.on_reply(msg_id, type_name, payload)
         if ack_len:  # after the answers: the ack must not find their commands unanswered
             self._on_ack(sender, data[: ack_at + ack_len], ack_at)
 
-    def _on_data(self, sender: int, data: bytes, flags: int = 0, identity: bytes | None = None) -> None:
+    def _on_data(
+        self, sender: int, data: bytes, flags: int = 0, identity: bytes | None = None, principal: str | None = None
+    ) -> None:
         ack_at, ack_len, body_at = wire.split_ack(data, flags)
         if ack_len:
             self._on_ack(sender, data[: ack_at + ack_len], ack_at)
@@ -326,6 +369,8 @@ class Engine:
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
         self.batch_received = self.clock()
+        if self.admission.secure and released:
+            released = self._rightful(ch, released)
         limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
         for i, env in enumerate(released):
             if env.size > limit:  # rare: refuse it and take the others one by one
@@ -349,6 +394,21 @@ class Engine:
         if ch.reorder.ack_pending:
             self.outbox.ack_later(ch)
 
+    def _rightful(self, ch: InChannel, released: list[Any]) -> list[Any]:
+        """With keys: the envelopes this channel's key may send; the others are refused (completed,
+        counted, and answered with the reason when they are commands or queries)."""
+        verdicts = ch.rights
+        kept = []
+        for env in released:
+            verdict = verdicts.get((env.type, env.kind), 0)
+            if verdict == 0:
+                verdict = verdicts[(env.type, env.kind)] = self.admission.may_send(ch.peer, env.type, env.kind)
+            if verdict is None:
+                kept.append(env)
+            else:
+                self.dispatcher.refuse(ch, env, "not_allowed", verdict)
+        return kept
+
     def _run(self) -> None:
         """Hand received envelopes to their handlers, at most RUN_BUDGET per turn of the loop."""
         self._run_scheduled = False
@@ -371,7 +431,9 @@ class Engine:
             self.outbox.hold_acks = False
         self.outbox.flush()
 
-    def _on_ack_frame(self, sender: int, data: bytes, flags: int, identity: bytes | None = None) -> None:
+    def _on_ack_frame(
+        self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
+    ) -> None:
         self._on_ack(sender, data, wire.HEADER_SIZE)
 
     def _on_ack(self, sender: int, data: bytes, offset: int) -> None:
@@ -611,11 +673,15 @@ class Engine:
         """Answer the system query ``method`` with ``fn(args)`` (see :mod:`choreo.introspect`)."""
         self._rpc[method] = fn
 
-    def _on_rpc(self, identity: bytes | None, rpc: wire.Rpc) -> None:
+    def _on_rpc(self, identity: bytes | None, rpc: wire.Rpc, principal: str | None = None) -> None:
         if identity is None:
             raise ProtocolError("malformed", "rpc without a connection to answer on")
         fn = self._rpc.get(rpc.method)
-        if fn is None:
+        refused = self.admission.may_call(principal, rpc.method) if fn is not None else None
+        if refused is not None:
+            self.count_refused("not_allowed", f"system query {rpc.method}: {refused}")
+            reply = wire.RpcReply(rpc.id, False, error=f"not allowed: {refused}")
+        elif fn is None:
             reply = wire.RpcReply(rpc.id, False, error=f"unknown method {rpc.method!r}; known: {sorted(self._rpc)}")
         else:
             try:

@@ -114,6 +114,7 @@ class Gossip:
         self._seed_asked: dict[str, float] = {}  # seed -> when we first said hello to it
         self._seed_reported: dict[str, float] = {}
         self._expected: dict[str, float] = {}  # while joining: endpoint -> when we asked it (no answer yet)
+        self.refusals: list[str] = []  # conflicts reported by nodes whose word does not stop this one
         self.join_wait = max(2 * config.heartbeat, 1.0)  # how long a silent endpoint holds up joining
 
     @property
@@ -177,6 +178,8 @@ class Gossip:
             return ""
         now = self.clock()
         silent = [f"{s} ({now - self._seed_asked.get(s, now):.1f} s)" for s in self.seeds]
+        if self.refusals and not self._answered():
+            return "refused: " + self.refusals[-1]
         if silent and not self._answered():
             return "no answer from its seeds " + ", ".join(silent) + " (it keeps asking; is a node running there?)"
         return "waiting for the peers its seeds named to answer"
@@ -303,7 +306,8 @@ class Gossip:
 
     # -- frames in -------------------------------------------------------------------------------
 
-    def on_hello(self, sender: int, hello: wire.Hello) -> None:
+    def on_hello(self, sender: int, hello: wire.Hello, *, trusted_gossip: bool = True) -> None:
+        """A hello; ``trusted_gossip`` says whether what it says of the declared system counts."""
         if hello.incarnation != sender or sender == 0:
             raise ProtocolError("malformed", "hello whose incarnation does not match its header")
         if sender == self.incarnation:
@@ -343,7 +347,8 @@ class Gossip:
             self.host.peer_joined(peer)
         if hello.leaving:
             self.membership.leaving(sender)
-        self._learn_system(hello.services, hello.retired)
+        if trusted_gossip:
+            self._learn_system(hello.services, hello.retired)
         if hello.reply or new:
             self.say_hello(hello.endpoint, reply=False, receiver=sender)
         self.learn(hello.peers)
@@ -378,7 +383,7 @@ class Gossip:
                 continue
             self.say_hello(ref.endpoint, reply=True)
 
-    def on_heartbeat(self, sender: int, hb: wire.Heartbeat) -> None:
+    def on_heartbeat(self, sender: int, hb: wire.Heartbeat, *, trusted_gossip: bool = True) -> None:
         peer = self.membership.heard(sender, self.clock())
         if peer is not None:
             peer.holding = hb.holding
@@ -388,7 +393,7 @@ class Gossip:
                 ich = self.outbox.inbound.get(sender)
                 if ich is not None:
                     self.outbox.send_ack(ich)
-            if hb.retired:
+            if hb.retired and trusted_gossip:
                 self._learn_system([], hb.retired)
         self.learn(hb.peers)
 
@@ -398,15 +403,24 @@ class Gossip:
             log.info("%s: %s left", self._name, peer.node)
             self.host.peer_gone(peer)
 
-    def on_refuse(self, sender: int, refuse: wire.Refuse) -> None:
+    def on_refuse(self, sender: int, refuse: wire.Refuse, *, authoritative: bool = True) -> None:
+        """A peer refused one of our frames. ``authoritative``: the refusal comes from a node whose
+        word may stop this one (see :mod:`~choreo.runtime.admission`); a stranger's is advisory."""
         self.host.count_refused("refused_by_peer", f"{refuse.reason}: {refuse.detail}")
+        peer = self.membership.peers.get(sender)
         if refuse.reason == "conflict":
+            if not authoritative:
+                self.refusals.append(refuse.detail)
+                log.warning("%s: a node this one does not know refuses it: %s (not taken as the mesh's word: "
+                            "without keys anyone can send this; still trying to join)", self._name, refuse.detail)
+                return
             self.life.fatal = ChoreoUsageError(f"the mesh refused this node: {refuse.detail}")
-            self.life.on("refused", self.clock())
+            if self.life.state != "refused":
+                self.life.on("refused", self.clock())
         elif refuse.reason == "dead":
-            peer = self.membership.peers.get(sender)
-            who = peer.node if peer is not None else f"{sender:016x}"
-            self.host.declared_dead(f"{who} declared us dead (a network partition, or a long pause)")
+            if peer is None:
+                return  # only a node we know can have declared us dead
+            self.host.declared_dead(f"{peer.node} declared us dead (a network partition, or a long pause)")
         elif refuse.reason == "stale":
             # we wrote to an incarnation that is over there: ask who is at that endpoint now (its
             # hello replaces the old incarnation, whose unacknowledged envelopes go to the new owners)

@@ -50,6 +50,8 @@ class Peer:
     last_heard: float
     state: str = "alive"
     holding: bytes = b""  # the partitions it says it owns or drains (a bitmap): they move by handover
+    identity: bytes | None = None  # the connection it joined on: its frames come only from there
+    principal: str | None = None  # the key that connection authenticated as (None without keys)
 
     def holds(self, partition: int) -> bool:
         """Whether this peer said it owns or drains ``partition``."""

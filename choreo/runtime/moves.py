@@ -152,7 +152,8 @@ class Moves:
         self.outbox.append(self.outbox.channel(peer), item, self.clock())
 
     def on_handover(self, env: Any) -> None:
-        """The previous owner of a partition finished draining it."""
+        """The previous owner of a partition finished draining it (the dispatcher checked that it
+        comes from an instance of this service, for a partition that exists)."""
         assert self.work is not None
         p = env.partition
         self.work.import_partition(p, env.payload)

@@ -41,6 +41,9 @@ def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs,
     ctx = zmq.Context.instance()
     raw = ctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
+    # a stable connection identity across reconnects, as choreo's own dealers have: the node binds a
+    # sender to the connection it joined on, and a reconnect under another identity is someone else
+    raw.setsockopt(zmq.ROUTING_ID, b"\x01raw-test-dealer")
     raw.connect(server.endpoint)
     me = int.from_bytes(os.urandom(8), "little") | 1
     try:

@@ -158,3 +158,9 @@ def test_fast_lane_stops_where_the_caller_is_needed_in_both_cores() -> None:
     assert seen == [1, 2, 7]
     assert spans[0] == ("Ev", "h", 1.5, 0, 1, "ok", 1, b"a", _core.partition_of(b"a", 4))
     assert done_upto == 2, "the lane completed what it handled; the rest is the caller's"
+
+
+def test_spans_keep_as_many_key_bytes_whoever_records_them() -> None:
+    from choreo import tracing
+
+    assert _core.SPAN_KEY_BYTES == _pycore.SPAN_KEY_BYTES == tracing.SPAN_KEY_BYTES == 128

@@ -1,0 +1,131 @@
+"""Admission: who may speak for whom, and say what, at the door of the receive path.
+
+Two checks, the first always on, the second when the mesh has keys:
+
+* **Sender binding.** A frame carries the incarnation it speaks for in its header; anyone could
+  write any incarnation there. So a node remembers the connection each peer joined on (the
+  identity the transport reports for its hello, and with keys the key that connection
+  authenticated as, its *principal*), and accepts a frame that speaks for that peer only from
+  that same connection and key. A forged BYE, heartbeat, ack, answer, data or REFUSE for
+  somebody else is refused and counted (``impersonation``); a frame from a sender that never
+  joined is refused too, except the few a stranger may legitimately send (a hello, a system
+  query, and a refusal of our own hello).
+* **Rights** (with keys, :class:`~choreo.trust.Policy`). A hello may claim a service only with a
+  key allowed to serve it; a client key's envelopes must be of types it may originate; a service
+  instance's envelopes must be of types its declarations produce (or, between instances of one
+  service, the types it consumes: forwards); a hand-over comes only from an instance of the
+  service; a system query needs the key's admin right. Every refusal is counted by reason and
+  logged with the key's name.
+
+A stranger's word never stops a node: a REFUSE "conflict" from a node this one has not joined
+is advisory (logged, counted) unless a key that may serve the conflicting service says it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .. import wire
+from ..spec import ServiceSpec
+from .membership import Peer
+
+__all__ = ["Admission", "PolicySource", "STRANGER_FRAMES"]
+
+#: frame types a sender that has not joined may send: its hello, a client's system query, and
+#: the REFUSE with which a seed answers our hello
+STRANGER_FRAMES = frozenset({wire.HELLO, wire.RPC, wire.REFUSE})
+
+PolicySource = Callable[[], Any]  # () -> choreo.trust.Policy (re-read when the keys directory changes)
+
+
+def _outputs(spec: ServiceSpec) -> frozenset[str]:
+    """Every type a service may put on the wire: what its handlers emit and send, and what it
+    declares it originates."""
+    out = set(spec.emits) | set(spec.sends)
+    for h in spec.handlers:
+        out.update(h.emits)
+        out.update(h.sends)
+    return frozenset(out)
+
+
+def _inputs(spec: ServiceSpec) -> frozenset[str]:
+    return frozenset(h.message for h in spec.handlers)
+
+
+class Admission:
+    """The checks of one node (see the module docstring). ``policy`` is None without keys."""
+
+    def __init__(self, policy: PolicySource | None, service: ServiceSpec | None) -> None:
+        self.policy = policy
+        self.service = service
+
+    @property
+    def secure(self) -> bool:
+        return self.policy is not None
+
+    # -- sender binding --------------------------------------------------------------------------
+
+    def speaks_for(self, peer: Peer | None, frame_type: int, identity: bytes | None, principal: str | None) -> str | None:
+        """None when a frame whose header names ``peer`` may be taken from this connection, else why not."""
+        if peer is None:
+            if frame_type in STRANGER_FRAMES:
+                return None
+            return "a frame from a node that never said hello"
+        if peer.identity is not None and identity != peer.identity:
+            return f"a frame that speaks for {peer.node} on a connection it did not join on"
+        if peer.principal != principal:
+            return f"a frame that speaks for {peer.node} (key {peer.principal!r}) under the key {principal!r}"
+        return None
+
+    # -- rights ------------------------------------------------------------------------------------
+
+    def may_join(self, hello: wire.Hello, principal: str | None, replaces: list[Peer]) -> str | None:
+        """None when a hello may be taken: its key may serve what it claims, and it replaces only
+        an incarnation of the same key at its endpoint."""
+        for old in replaces:
+            if old.principal != principal:
+                return (f"{hello.node} claims the endpoint of {old.node} (key {old.principal!r}) under the key "
+                        f"{principal!r}")
+        if self.policy is None or hello.service is None:
+            return None  # (a client's key was admitted at its handshake; its rights are checked per message)
+        return self.policy().may_serve(principal, hello.service.name)
+
+    def may_gossip(self, principal: str | None) -> bool:
+        """Whether a node's word about the declared system counts: with keys, only a key that may
+        serve some service (a client key's hello says nothing of the system)."""
+        if self.policy is None:
+            return True
+        perms = self.policy().permissions(principal)
+        return perms is not None and bool(perms.serves)
+
+    def may_send(self, peer: Peer, type_name: str, kind: int) -> str | None:
+        """May ``peer`` put an envelope of ``type_name`` on its channel to this node (keys only;
+        the engine asks once per channel and type)?"""
+        if kind == wire.KIND_HANDOVER:
+            mine = self.service
+            if mine is None or peer.service_name != mine.name:
+                return f"a hand-over from {peer.node}, which is not an instance of this service"
+            return None
+        if peer.service is not None:
+            if type_name in _outputs(peer.service):
+                return None
+            mine = self.service
+            if mine is not None and peer.service_name == mine.name and type_name in _inputs(mine):
+                return None  # forwarded by another instance of this service during a move
+            return f"{peer.node} (service {peer.service_name}) sent {type_name}, which its declarations do not produce"
+        assert self.policy is not None
+        return self.policy().may_originate(peer.principal, type_name)
+
+    def may_call(self, principal: str | None, method: str) -> str | None:
+        """May a client call the system query ``method``? (Always, without keys.)"""
+        if self.policy is None:
+            return None
+        return self.policy().may_call(principal, method)
+
+    def conflict_counts(self, peer: Peer | None, principal: str | None, detail: str) -> bool:
+        """Whether a REFUSE "conflict" should stop this node: only when it comes from a node of the
+        mesh that this node knows, or with keys from a key that may serve some service."""
+        if peer is not None and peer.live:
+            return True
+        return self.policy is not None and self.may_gossip(principal)

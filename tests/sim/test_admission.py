@@ -1,0 +1,248 @@
+"""What a stranger, or a member out of its lane, cannot do: the attacks of issue 17, on the fake link.
+
+Every test runs a small mesh on the fake link and injects frames from a connection of its own
+(``Harness.inject``): forged control frames that speak for somebody else, envelopes a key may not
+send, a hand-over from outside the service, a replay flag from the wire, an out-of-range
+partition. Each is refused and counted, and the mesh goes on as if nothing happened. With a
+policy, the link behaves as a mesh with keys (every frame's principal is its sender's key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+import pytest
+
+from choreo import Command, Event, NodeConfig, NotAllowed, Query, Service, core, wire
+from choreo.testing import Harness
+from choreo.trust import Permissions, Policy
+
+CONFIG = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
+STRANGER = "inproc://fake/mallory"
+
+
+class PlaceOrder(Command, key="order"):
+    order: str
+
+
+class CreateOrder(Command, key="order"):
+    order: str
+
+
+class OrderCreated(Event, key="order"):
+    order: str
+
+
+class GetCount(Query):
+    order: str
+
+
+def shop(created: list[str]) -> tuple[Service, Service]:
+    api = Service("api")
+    orders = Service("orders")
+
+    @api.command(PlaceOrder, sends=[CreateOrder])
+    def place(cmd: PlaceOrder, ctx) -> str:  # type: ignore[no-untyped-def]
+        ctx.send(CreateOrder(cmd.order))
+        return cmd.order
+
+    @orders.command(CreateOrder, emits=[OrderCreated])
+    def create(cmd: CreateOrder, ctx) -> str:  # type: ignore[no-untyped-def]
+        created.append(cmd.order)
+        return cmd.order
+
+    @orders.query(GetCount)
+    def count(q: GetCount) -> int:
+        return len(created)
+
+    return api, orders
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+
+
+def frame_from(sender: int, receiver: int, frame_type: int, body: msgspec.Struct | bytes = b"") -> bytes:
+    if isinstance(body, bytes):
+        return wire.frame(frame_type, sender, receiver, body)
+    return wire.encode_control(frame_type, sender, receiver, body)
+
+
+def envelope(type_name: str, kind: int, payload: bytes, seq: int, partition: int = 0, flags: int = 0) -> bytes:
+    return core.pack_envelope(seq, kind, flags, type_name.encode(), b"o-1", partition, os.urandom(16), os.urandom(16),
+                              bytes(16), payload)
+
+
+def test_forged_control_frames_for_another_node_are_refused() -> None:
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=1, config=CONFIG)
+    client = h.add(None)
+    h.add(api)
+    owner = h.add(orders)
+    victim_of = owner.incarnation
+
+    async def scenario() -> None:
+        await h.start()
+        before = client.counters.refused.copy()
+        # a BYE, a heartbeat saying "leaving", and an ACK, all under the orders node's incarnation
+        h.inject(STRANGER, client, frame_from(victim_of, 0, wire.BYE, wire.Bye()))
+        h.inject(STRANGER, client, frame_from(victim_of, 0, wire.HEARTBEAT, wire.Heartbeat(leaving=True)))
+        h.inject(STRANGER, client, frame_from(victim_of, client.incarnation, wire.ACK, core.encode_ack(99, 99, [])))
+        await h.advance(1.0)
+        assert client.counters.refused["impersonation"] - before["impersonation"] == 3
+        peer = client.membership.peers[victim_of]
+        assert peer.state == "alive", "the mesh keeps the node a stranger said goodbye for"
+        assert await h.run(client.send(PlaceOrder("o-1"))) == "o-1"
+
+    run(scenario)
+    assert created == ["o-1"]
+
+
+def test_a_strangers_refusal_never_stops_a_node() -> None:
+    h = Harness(seed=2, config=CONFIG)
+    client = h.add(None)
+    h.add(shop([])[1])
+
+    async def scenario() -> None:
+        await h.start()
+        conflict = wire.Refuse("conflict", "command CreateOrder has two owners: orders, evil")
+        h.inject(STRANGER, client, frame_from(0x1234_5679, client.incarnation, wire.REFUSE, conflict))
+        h.inject(STRANGER, client, frame_from(0x1234_5679, client.incarnation, wire.REFUSE, wire.Refuse("dead")))
+        await h.advance(1.0)
+        assert client.state == "joined" and client.fatal is None
+        assert client.counters.reincarnations == 0, "only a node we know can declare us dead"
+
+    run(scenario)
+
+
+def test_a_hand_over_comes_only_from_an_instance_of_the_service() -> None:
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=3, config=CONFIG)
+    client = h.add(None)
+    owner = h.add(orders)
+
+    async def scenario() -> None:
+        await h.start()
+        # the client plants a "hand-over" of partition 0 (dedup ids and cached results) on its own channel
+        planted = msgspec.msgpack.encode({"dedup": {}, "results": [[os.urandom(16), 0.0, 300.0, b"\x01\xa2ok"]], "now": 0.0})
+        mallory = client  # a member out of its lane: a client's channel, a hand-over's kind
+        ch = mallory.outbox.channel(mallory.membership.peers[owner.incarnation])
+        ch.push(_outgoing(wire.KIND_HANDOVER, b"choreo.handover", 0, planted), h.now)
+        mallory.outbox.dirty_out[ch] = None
+        mallory.outbox.flush()
+        await h.advance(1.0)
+        assert owner.counters.refused["not_allowed"] == 1
+        assert not owner.dispatcher.results, "nothing planted"
+        assert await h.run(client.send(CreateOrder("o-2"))) == "o-2"
+
+    run(scenario)
+    assert created == ["o-2"]
+
+
+def _outgoing(kind: int, type_name: bytes, partition: int, payload: bytes):  # type: ignore[no-untyped-def]
+    from choreo.runtime.channels import Outgoing
+
+    return Outgoing(kind, 0, type_name, b"", partition, os.urandom(16), bytes(16), bytes(16), payload, None)
+
+
+def test_a_replay_flag_from_the_wire_and_an_impossible_partition_are_refused() -> None:
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=4, config=CONFIG)
+    client = h.add(None)
+    owner = h.add(orders)
+
+    async def scenario() -> None:
+        await h.start()
+        ch = client.outbox.channel(client.membership.peers[owner.incarnation])
+        body = msgspec.msgpack.encode({"order": "o-1"})
+        replayed = _outgoing(wire.KIND_COMMAND, b"CreateOrder", 3, body)
+        replayed.flags = wire.FLAG_REPLAY
+        ch.push(replayed, h.now)
+        ch.push(_outgoing(wire.KIND_COMMAND, b"CreateOrder", 60_000, body), h.now)
+        client.outbox.dirty_out[ch] = None
+        client.outbox.flush()
+        await h.run_until(lambda: ch.idle, 10, "both acknowledged: refused, not wedged")
+        assert owner.counters.refused["malformed"] == 2
+        assert await h.run(client.send(CreateOrder("o-3"))) == "o-3", "the channel still works"
+
+    run(scenario)
+    assert created == ["o-3"]
+
+
+POLICY = Policy(
+    {
+        "api-1": Permissions.of(serves=["api"]),
+        "orders-1": Permissions.of(serves=["orders"]),
+        "mobile": Permissions.of(originates=["PlaceOrder"]),
+        "ops": Permissions.of(admin=["*"]),
+    }
+)
+
+
+def test_with_keys_a_client_may_originate_only_its_entry_points() -> None:
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=5, config=CONFIG, policy=POLICY)
+    mobile = h.add(None, key="mobile")
+    h.add(api, key="api-1")
+    owner = h.add(orders, key="orders-1")
+
+    async def scenario() -> None:
+        await h.start()
+        assert await h.run(mobile.send(PlaceOrder("o-4"))) == "o-4", "its entry point goes through"
+        with pytest.raises(NotAllowed, match=r"key 'mobile' may not originate CreateOrder \(it originates: PlaceOrder\)"):
+            await h.run(mobile.send(CreateOrder("o-5")))  # skipping the api's checks
+        assert owner.counters.refused["not_allowed"] == 1
+
+    run(scenario)
+    assert created == ["o-4"]
+
+
+def test_with_keys_a_node_serves_only_what_its_key_may_serve() -> None:
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=6, config=CONFIG, policy=POLICY)
+    mobile = h.add(None, key="mobile")
+    h.add(orders, key="orders-1")
+
+    async def scenario() -> None:
+        await h.start()
+        impostor = h.join(orders, key="api-1")  # a key that may serve api claims to be an instance of orders
+        await h.advance(2.0)
+        assert impostor.incarnation not in mobile.membership.peers, "its hello is refused everywhere"
+        assert len(mobile.membership.instances("orders")) == 1, "the real instance keeps every partition"
+        assert mobile.counters.refused["not_allowed"] >= 1
+        assert impostor.state == "joining", "nobody answers it: it never routes, never owns a partition"
+
+    run(scenario)
+
+
+def test_with_keys_system_queries_need_the_admin_right() -> None:
+    h = Harness(seed=7, config=CONFIG, policy=POLICY)
+    owner = h.add(shop([])[1], key="orders-1")
+    answers: list[wire.RpcReply] = []
+
+    async def scenario() -> None:
+        await h.start()
+        for key, src in (("mobile", "inproc://fake/phone"), ("ops", "inproc://fake/ops-console")):
+            h.inject(src, owner, frame_from(7, 0, wire.RPC, wire.Rpc(1, "dlq.list")), key=key)
+        await h.advance(0.5)
+
+    orig = h.engines[owner.transport.endpoint].transport.reply  # what the node answers, on the connection asked
+
+    def capture(identity: bytes, frame: bytes) -> None:
+        answers.append(wire.decode_control(wire.RPC_REPLY, frame))
+        orig(identity, frame)
+
+    owner.transport.reply = capture  # type: ignore[method-assign]
+    run(scenario)
+    refused, allowed = answers
+    assert not refused.ok and "key 'mobile' may not call dlq.list" in refused.error
+    assert allowed.ok and allowed.result == []
