@@ -130,3 +130,36 @@ def test_choreo_run_with_keys_or_insecure_starts(keys: Path) -> None:
         finally:
             proc.terminate()
             proc.wait(15)
+
+
+def test_keys_keep_members_in_their_lane(procs, keys: Path) -> None:
+    """Real processes: a member's key does only what its rights say."""
+    from choreo import NotAllowed
+
+    from .recording import OrderCount
+
+    create_key(keys, "rogue", serves=["billing"])  # a trusted member, of another service
+    server = procs.start(orders, security=Security.load(keys, "orders-1"))
+
+    async def scenario() -> None:
+        # a client key may send its entry point, but not ask what it may not originate
+        async with Node(None, peers=[server.endpoint], security=Security.load(keys, "mobile")) as client:
+            await client.wait_for({"orders": 1}, timeout=20)
+            with pytest.raises(NotAllowed, match=r"key 'mobile' may not originate OrderCount \(it originates: PlaceOrder\)"):
+                await client.ask(OrderCount(customer_id="c"), timeout=10)
+        # a key that serves billing cannot claim to be an instance of orders (its partitions, its commands)
+        impostor = Node(orders, peers=[server.endpoint], security=Security.load(keys, "rogue"))
+        await impostor.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await impostor.wait_for({"orders": 2}, timeout=3)
+            assert impostor.stats().state == "joining"
+        finally:
+            impostor.kill()
+        # nor read the node's dead letters or replay them: admin rights only
+        with pytest.raises(RpcError, match=r"not allowed: key 'mobile' may not call dlq.list"):
+            await asyncio.to_thread(rpc, server.endpoint, "dlq.list", security=Security.load(keys, "mobile"))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+    refused = rpc(server.endpoint, "stats", security=Security.load(keys, "ops"))["refused"]
+    assert refused["not_allowed"] >= 3, refused
