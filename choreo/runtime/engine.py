@@ -145,6 +145,11 @@ class Engine:
             self.moves.name = self.name
         self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
+        # the application's verbs are the calls part's own (see choreo.runtime.calls)
+        self.try_emit = self.calls.try_emit
+        self.emit = self.calls.emit
+        self.send = self.calls.send
+        self.ask = self.calls.ask
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
         self._last_tick: float | None = None
         self._run_scheduled = False
@@ -580,34 +585,6 @@ class Engine:
 
     def has_owner(self, type_name: str) -> bool:
         return bool(self.membership.owners(type_name))
-
-    # ================================================================================ the application's API
-
-    def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
-        """Publish an event now or raise :class:`~choreo.Backpressure` at once; returns its message id."""
-        return self.calls.try_emit(event, traceparent=traceparent)
-
-    async def emit(
-        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
-    ) -> bytes:
-        """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
-        return await self.calls.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
-
-    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
-        """Send a command to its owner; returns the handler's result once it is processed."""
-        return await self.calls.send(command, timeout=timeout, traceparent=traceparent)
-
-    async def ask(
-        self,
-        query: Message,
-        *,
-        timeout: float | None = None,
-        trace_id: bytes | None = None,
-        cause_id: bytes = ZERO_ID,
-        traceparent: str | None = None,
-    ) -> Any:
-        """Ask a query; returns its answer."""
-        return await self.calls.ask(query, timeout=timeout, trace_id=trace_id, cause_id=cause_id, traceparent=traceparent)
 
     # ================================================================================ diagnostics
 
