@@ -246,7 +246,7 @@ cdef class FastLane:
         Returns ``(handled, index, status, a, b, started)``: how many were handled here, the
         index where it stopped and why (``LANE_*``), and for FAILED/EFFECTS the decoded message,
         the error (FAILED) or the context (EFFECTS), and when the handler started. ``ctx`` is a
-        reusable context object (its ``_env``/``_handler``/``outputs`` are set here) or None.
+        reusable context object (its ``envelope``/``handler``/``writes`` are set here) or None.
         """
         cdef Py_ssize_t n = len(envs), i, handled = 0, glen = 0
         cdef const char *gptr = NULL
@@ -298,12 +298,15 @@ cdef class FastLane:
                 if e.takes_context:
                     ctx.envelope = env
                     ctx.handler = e.handler
+                    ctx.writes = None
                     e.fn(message, ctx)
                 else:
                     e.fn(message)
             except Exception as exc:
                 return handled, i, LANE_FAILED, message, exc, t0
-            if e.takes_context and ctx.outputs:
+            # emits, sends, or state writes that need a job (a standby must confirm them): the
+            # caller takes over; other state writes are applied here, as the handler succeeded
+            if e.takes_context and (ctx.outputs or (ctx.writes is not None and ctx.commit_writes())):
                 return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
             if spans_append is not None:

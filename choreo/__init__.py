@@ -36,7 +36,7 @@ from .errors import (
 )
 from .config import NodeConfig
 from .messages import Command, Event, Message, Query, message_options
-from .service import Context, Handler, RetryPolicy, Service
+from .service import Context, Handler, RetryPolicy, Service, State
 from .trust import Permissions, Policy, Security
 
 __version__ = "0.1.0"
@@ -90,6 +90,7 @@ __all__ = [
     "RetryPolicy",
     "Security",
     "Service",
+    "State",
     "UndeclaredMessage",
     "Undeliverable",
     "ValidationError",

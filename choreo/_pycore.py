@@ -1294,12 +1294,15 @@ class FastLane:
                 if takes_context:
                     ctx.envelope = env
                     ctx.handler = handler
+                    ctx.writes = None
                     fn(message, ctx)
                 else:
                     fn(message)
             except Exception as exc:
                 return handled, i, LANE_FAILED, message, exc, t0
-            if takes_context and ctx.outputs:
+            # emits, sends, or state writes that need a job (a standby must confirm them): the
+            # caller takes over; other state writes are applied here, as the handler succeeded
+            if takes_context and (ctx.outputs or (ctx.writes is not None and ctx.commit_writes())):
                 return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
             if spans_append is not None:

@@ -30,7 +30,9 @@ class NodeConfig:
     ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
     costs, or for handlers that are idempotent by themselves). ``dlq_max`` / ``dlq_max_bytes``:
     the dead letters a node keeps (by count and by bytes of payload, error and traceback; the
-    oldest go first, counted).
+    oldest go first, counted). ``max_state_bytes``: the largest state value a handler may
+    write (``ctx.state``); ``max_partition_bytes``: the most a partition's state stream may
+    carry to this node (a new owner or a standby stages that much before it installs it).
 
     >>> NodeConfig(window=0)
     Traceback (most recent call last):
@@ -58,8 +60,12 @@ class NodeConfig:
     handover_timeout: float = 15.0
     forget_dead_after: float = 600.0
     dedup: bool = True
+    max_state_bytes: int | None = None  # default: 256 KiB, or half of max_message_bytes if less
+    max_partition_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
+        if self.max_state_bytes is None:
+            object.__setattr__(self, "max_state_bytes", max(1, min(256 << 10, self.max_message_bytes // 2)))
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("span_ring", "dedup"):
@@ -68,6 +74,11 @@ class NodeConfig:
                 raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
         if self.window > 1 << 20:
             raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
+        if self.max_state_bytes > self.max_message_bytes // 2:  # type: ignore[operator]
+            raise ChoreoUsageError(
+                "NodeConfig.max_state_bytes must be at most half of max_message_bytes (one key's changes travel "
+                "in one message, with the message that made them)"
+            )
         if not self.suspect_after < self.dead_after:
             raise ChoreoUsageError("NodeConfig.suspect_after must be smaller than dead_after")
 

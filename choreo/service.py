@@ -35,12 +35,39 @@ from typing import Any, Protocol, TypeVar
 from .errors import ChoreoUsageError
 from .messages import Command, Event, Kind, Message, Query, message_options
 from .spec import HandlerSpec, ServiceSpec, message_spec
+from .statetypes import StateTypes, state_type_name
 
-__all__ = ["Service", "Handler", "Context", "RetryPolicy"]
+__all__ = ["Service", "Handler", "Context", "State", "RetryPolicy"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 MessageType = type[Message]
 DEFAULT_PARTITIONS = 64
+
+
+class State(Protocol):
+    """``ctx.state``: the values of declared state types for the message's key.
+
+    Writes are applied together with the handler's emits, sends and dedup mark, only if the
+    handler returns without raising; they move with the key's partition::
+
+        @inventory.on(StockAdded, key="sku")
+        def add(event: StockAdded, ctx: Context) -> None:
+            stock = ctx.state.get(Stock) or Stock(available=0)
+            ctx.state.put(Stock(available=stock.available + event.qty))
+    """
+
+    def get(self, cls: type[T], default: T | None = None) -> T | None:
+        """This key's value of type ``cls`` (or ``default``), including this handler's own writes."""
+
+    def put(self, value: Any) -> None:
+        """Set this key's value of ``type(value)``."""
+
+    def delete(self, cls: type) -> None:
+        """Remove this key's value of type ``cls``."""
+
+    def items(self, cls: type[T], prefix: str | bytes = "") -> list[tuple[str, T]]:
+        """``(key, value)`` for this partition's keys that start with ``prefix``, in key order."""
 
 
 class Context(Protocol):
@@ -56,6 +83,7 @@ class Context(Protocol):
     attempt: int
     service: str
     instance: str
+    state: State  # the message key's state (keyed handlers of a service that declares state=)
 
     def emit(self, event: Event) -> None:
         """Publish an event declared in the handler's ``emits=``."""
@@ -127,6 +155,9 @@ class Service:
     ``emits``/``sends`` here declare what the service produces *outside* handlers (from a
     timer, an HTTP endpoint, a client): those types enter the flow at this service.
     ``partitions`` is the number of key partitions spread over the service's instances.
+    ``state`` lists the msgspec Struct types its keyed handlers keep per key (``ctx.state``);
+    ``replicas=1`` keeps a standby copy of each partition's state on another instance, so that
+    a crashed instance loses none of it.
 
     >>> svc = Service("billing")
     >>> svc.name
@@ -138,6 +169,8 @@ class Service:
     sends: Iterable[MessageType] = ()
     partitions: int = DEFAULT_PARTITIONS
     doc: str = ""
+    state: Iterable[type] = ()
+    replicas: int = 0
     handlers: dict[str, Handler] = field(default_factory=dict, init=False, repr=False)
     background: list[Callable[..., Awaitable[None]]] = field(default_factory=list, init=False, repr=False)
     module: str = field(default="", init=False)
@@ -151,6 +184,12 @@ class Service:
         if not 1 <= self.partitions <= 65535:
             raise ChoreoUsageError(f"partitions must be between 1 and 65535, got {self.partitions}")
         self.emits = tuple(_check_types(self.emits, "event", f"service {self.name} emits"))
+        self.state = tuple([self.state] if isinstance(self.state, type) else self.state)
+        StateTypes(self.state)  # raises on a type that is not a Struct, or two with one name
+        if self.replicas not in (0, 1):
+            raise ChoreoUsageError(f"replicas must be 0 or 1, got {self.replicas!r}")
+        if self.replicas and not self.state:
+            raise ChoreoUsageError(f"service {self.name}: replicas=1 copies state, and it declares none (state=[...])")
         self.sends = tuple(_check_types(self.sends, ("command", "query"), f"service {self.name} sends"))
         caller = sys._getframe(2)
         self.module = caller.f_globals.get("__name__", "")
@@ -329,6 +368,8 @@ class Service:
             sends=tuple(message_options(t).name for t in self.sends),
             messages=tuple(message_spec(t) for _, t in sorted(types.items())),
             partitions=self.partitions,
+            state=tuple(state_type_name(t) for t in self.state),
+            replicas=self.replicas,
             doc=self.doc,
             module=self.module,
             line=self.line,

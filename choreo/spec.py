@@ -71,6 +71,8 @@ class ServiceSpec(msgspec.Struct, frozen=True):
     messages: tuple[MessageSpec, ...] = ()
     partitions: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 64  # validated when decoded (a hello, a JSON spec)
     doc: str = ""
+    state: tuple[str, ...] = ()  # the state types its handlers keep per key
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0
     module: str = ""
     line: int = 0
 

@@ -32,7 +32,7 @@ import logging
 import struct
 import traceback
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -44,12 +44,16 @@ from ..config import NodeConfig
 from ..errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage, ValidationError
 from ..messages import Message, decode, decoder_for, message_options
 from ..service import Handler, Service
+from ..statetypes import StateTypes
 from ..tracing import Tracer, format_traceparent
 from ..wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY
 from .calls import error_reply, ok_reply
 from .channels import InChannel
 from .deadletters import DeadLetter, DeadLetters
 from .moves import Moves
+from .replicas import Replicas
+from .state import StateTables, StateView
+from .transfer import Delta, Piece, Staged
 
 __all__ = ["Job", "HandlerContext", "Dispatcher", "Host"]
 
@@ -104,6 +108,8 @@ class Job:
         "started",
         "replay_of",
         "error",
+        "writes",
+        "before",
     )
 
     def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
@@ -120,6 +126,8 @@ class Job:
         self.started = 0.0
         self.replay_of: DeadLetter | None = None
         self.error: str | None = None
+        self.writes: dict[int, bytes | None] | None = None  # state writes a standby has yet to get
+        self.before: dict[int, bytes | None] | None = None  # the values they replaced
 
 
 class HandlerContext:
@@ -127,17 +135,34 @@ class HandlerContext:
 
     A plain-function handler may get the same context object for several messages of a batch:
     it is valid during the call it was passed to. ``envelope`` and ``handler`` are what is being
-    handled and by whom (the core's compiled lane sets both before each call).
+    handled and by whom (the core's compiled lane sets both before each call, and clears
+    ``writes``, the handler's buffered state writes).
     """
 
-    __slots__ = ("_host", "envelope", "handler", "_attempt", "outputs")
+    __slots__ = ("_host", "envelope", "handler", "_attempt", "outputs", "writes", "_tables", "_keeper", "state_limit")
 
-    def __init__(self, host: Host, envelope: Any, handler: Handler, attempt: int = 0) -> None:
+    def __init__(
+        self, host: Host, envelope: Any, handler: Handler, attempt: int = 0, keeper: Dispatcher | None = None
+    ) -> None:
         self._host = host
         self.envelope = envelope
         self.handler = handler
         self._attempt = attempt
         self.outputs: list[Message] = []
+        self.writes: dict[int, bytes | None] | None = None
+        self._keeper = keeper
+        self._tables = keeper.state if keeper is not None else None
+        self.state_limit = keeper.config.max_state_bytes if keeper is not None else 0
+
+    @property
+    def state(self) -> StateView:
+        """The state of this message's key (see :class:`choreo.State`)."""
+        return StateView(self)
+
+    def commit_writes(self) -> bool:
+        """The handler succeeded: apply its state writes now (True: they wait for a job instead)."""
+        assert self._keeper is not None
+        return self._keeper.commit_writes(self)
 
     @property
     def message_id(self) -> bytes:
@@ -224,6 +249,7 @@ class Dispatcher:
         tracer: Tracer,
         moves: Moves | None = None,
         results_max: int = 100_000,
+        replicas: Replicas | None = None,
     ) -> None:
         self.host = host
         self.service = service
@@ -244,7 +270,12 @@ class Dispatcher:
         # a handler that emits and sends nothing ends the flow of a message from outside at its span
         tracer.terminal.update(h.name for h in self.handlers.values() if not h.emits and not h.sends)
         self.lane = core.FastLane()
-        self._lane_ctx = HandlerContext(host, None, None)  # type: ignore[arg-type]  # reused by the lane
+        self.state: StateTables | None = None  # the state of this node's partitions
+        if service is not None and service.state:
+            self.state = StateTables(StateTypes(service.state), service.partitions)
+        self.replicas = replicas  # standby copies of the state (a service with replicas=1)
+        self.unshipped: dict[bytes, deque[Job]] = {}  # key -> jobs whose writes the standby has yet to get
+        self._lane_ctx = HandlerContext(host, None, None, keeper=self)  # type: ignore[arg-type]  # reused by the lane
 
     # -- arrival -------------------------------------------------------------------------------
 
@@ -341,30 +372,61 @@ class Dispatcher:
         else:
             lag.pop(partition, None)
 
-    # -- a partition moves: its dedup ids and cached results go with it ------------------------
+    # -- a partition moves: its dedup ids, cached results and state go with it -------------------
 
-    def export_partition(self, p: int) -> bytes:
-        """The dedup ids and cached command results of one partition (then forgotten here)."""
-        dedup = {}
-        for name, window in self.dedup.items():
+    def export_partition(self, p: int, settled: bool = False) -> Iterator[Piece]:
+        """Everything this node knows of partition ``p``, as stream pieces (read as they go; kept
+        here until :meth:`forget_partition`). Times are this node's clock: each chunk says what
+        that clock read, and the receiver shifts them onto its own.
+
+        ``settled`` (a standby's copy): only what its deltas will not bring later: no id of a
+        message still in progress, and a key's value before the writes its standby has yet to get.
+        """
+        for name, window in list(self.dedup.items()):
             blob = window.export_partition(p)
-            window.drop_partition(p)
-            dedup[name] = blob
-        results = [(k, v[0], v[1], v[2]) for k, v in self.results.items() if v[3] == p]
-        for k, *_ in results:
-            del self.results[k]
-        # times are this node's monotonic clock: the receiver shifts them onto its own
-        return _reply_encoder.encode({"dedup": dedup, "results": results, "now": self.host.clock()})
-
-    def import_partition(self, p: int, payload: bytes) -> None:
-        try:
-            data = msgspec.msgpack.decode(payload, type=_PartitionState)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            self.host.count_refused("malformed", f"handover of partition {p}: {exc}")
+            if settled and self.in_progress:
+                blob = _without(blob, self.in_progress)
+            for part in _split_dedup(blob, DEDUP_PER_PIECE):
+                yield Piece(dedup=[(name, part)])
+        for msg_id, (t, ttl, reply, partition) in list(self.results.items()):
+            if partition == p:
+                yield Piece(results=[(msg_id, t, ttl, reply)])
+        if self.state is None:
             return
-        now = self.host.clock()
-        shift = now - data.now
-        for name, blob in data.dedup.items():
+        names = self.state.types.names
+        before: dict[tuple[int, bytes], bytes | None] = {}
+        if settled:
+            for key, queue in self.unshipped.items():
+                if queue and queue[0].env.partition == p and queue[0].before is not None:
+                    for t, body in queue[0].before.items():
+                        before[(t, key)] = body
+        for t, key, body in self.state.entries(p):
+            if before:
+                if (t, key) in before:
+                    old = before.pop((t, key))
+                    if old is None:
+                        continue
+                    body = old
+            yield Piece(state=[(names[t], key, body)])
+        for (t, key), old in before.items():  # a value its pending writes created, or deleted
+            if old is not None:
+                yield Piece(state=[(names[t], key, old)])
+
+    def forget_partition(self, p: int) -> None:
+        """Partition ``p`` is its new owner's now: forget its dedup ids, results and state here."""
+        for window in self.dedup.values():
+            window.drop_partition(p)
+        for msg_id in [k for k, v in self.results.items() if v[3] == p]:
+            del self.results[msg_id]
+        if self.state is not None:
+            self.state.drop(p)
+
+    def install(self, staged: Staged) -> None:
+        """A partition received whole and checked (see :mod:`choreo.runtime.transfer`): its dedup
+        ids and results join ours; its state replaces ours, unless this node already runs the
+        partition (a race of views), where what it wrote itself since is newer and stays."""
+        p = staged.partition
+        for name, blob, shift in staged.dedup:
             handler = self.handlers.get(name)
             if handler is None:
                 continue
@@ -375,10 +437,50 @@ class Dispatcher:
             try:
                 window.import_entries(_shift_times(blob, shift), p)
             except (core.MalformedFrame, struct.error) as exc:
-                self.host.count_refused("malformed", f"handover of partition {p}: {exc}")
-        for msg_id, t, ttl, reply in data.results:
-            if now - (t + shift) < ttl:
-                self.results[msg_id] = (t + shift, ttl, reply, p)
+                self.host.count_refused("malformed", f"dedup ids of partition {p} in a hand-over: {exc}")
+        now = self.host.clock()
+        for msg_id, t, ttl, reply in staged.results:
+            if now - t < ttl:
+                self.results.setdefault(msg_id, (t, ttl, reply, p))
+        if self.state is None:
+            return
+        by_name = self.state.types.by_name
+        tables: list[dict[bytes, bytes]] = [{} for _ in by_name]
+        for name, key, body in staged.state:
+            t = by_name.get(name)
+            if t is None:
+                self.host.count_refused("unknown_type", f"state {name!r} of partition {p} in a hand-over: "
+                                                        f"{self._who()} declares {', '.join(by_name) or 'none'}")
+                continue
+            tables[t][key] = body
+        if self.moves is not None and self.moves.ownership.state[p] == "owned":
+            for t, table in enumerate(tables):
+                table.update(self.state.tables[t][p])
+        self.state.install(p, tables)
+
+    def apply_delta(self, delta: Delta) -> None:
+        """One handler's writes on its owner, applied to our standby copy with the message's id
+        (and a command's result): the message is a duplicate here from now on."""
+        p = delta.partition
+        if self.state is not None:
+            by_name = self.state.types.by_name
+            writes = {by_name[name]: body for name, body in delta.writes if name in by_name}
+            if len(writes) < len(delta.writes):
+                self.host.count_refused("unknown_type", f"a state delta of partition {p} names a type "
+                                                        f"{self._who()} does not declare")
+            self.state.apply(p, delta.key, writes)
+        handler = self.handlers.get(delta.message_type)
+        if handler is None:
+            return
+        now = self.host.clock()
+        options = message_options(handler.message)
+        if self.config.dedup and handler.kind != "query":
+            window = self.dedup.get(delta.message_type)
+            if window is None:
+                window = self.dedup[delta.message_type] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+            window.insert(delta.msg_id, now, p)
+        if delta.reply is not None and handler.kind == "command":
+            self.results[delta.msg_id] = (now, options.dedup_ttl, delta.reply, p)
 
     def _slow_path(self, channel: InChannel, env: Any, handler: Handler, received: float, message: Message | None) -> Job:
         """An envelope the fast path took through dedup becomes a tracked job."""
@@ -406,7 +508,7 @@ class Dispatcher:
                 self.host.count_refused("malformed", f"a hand-over of partition {env.partition} from "
                                                      f"{channel.peer.node}: {moves.service} has {moves.ownership.partitions}")
             else:
-                moves.on_handover(env)
+                moves.on_transfer(channel, env)
             channel.reorder.complete(env.seq)
             self.host.ack_later(channel)
             return
@@ -541,7 +643,7 @@ class Dispatcher:
                 job.started = self.host.clock()
                 self._failed(job, exc)
                 return
-        ctx = HandlerContext(self.host, job.env, handler, job.attempt)
+        ctx = HandlerContext(self.host, job.env, handler, job.attempt, self)
         self.stats.in_handler += 1
         job.started = self.host.clock()
         try:
@@ -583,9 +685,10 @@ class Dispatcher:
                           "(max_message_bytes): return less (a page, or a reference to fetch it by)")
                 self.host.count_refused("result_too_large", f"{handler.name}: {detail}")
                 reply = error_reply("MessageTooLarge", detail)
-        self.tracer.finished(job, "ok", None)
         outputs = ctx.outputs
         ctx.outputs = []
+        writes = ctx.writes
+        ctx.writes = None
         if outputs:
             try:
                 routed = self.host.send_outputs(job, outputs, partial(self.output_done, job))
@@ -594,7 +697,55 @@ class Dispatcher:
                 self._failed(job, exc)
                 return
             job.pending += routed
+        if writes is not None:  # in the same step as its outputs went to the outbox: both or neither
+            self._apply(job.env, writes, job)
+        self.tracer.finished(job, "ok", None)
         self._finish_handler(job, reply=reply, dead=False)
+        if job.writes is not None:
+            self._ship_ready(job.env.key)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def commit_writes(self, ctx: HandlerContext) -> bool:
+        """A handler the compiled lane ran succeeded with state writes and no outputs: apply them
+        (False: done here). See :meth:`HandlerContext.commit_writes`."""
+        if self.replicas is not None and self.replicas.copies(ctx.envelope.partition):
+            return True  # a job: its writes reach the standby before its input is acknowledged
+        writes = ctx.writes
+        ctx.writes = None
+        if writes:
+            self._apply(ctx.envelope, writes)
+        return False
+
+    def _apply(self, env: Any, writes: dict[int, bytes | None], job: Job | None = None) -> None:
+        state = self.state
+        assert state is not None
+        p, key = env.partition, env.key
+        if job is not None and self.replicas is not None and self.replicas.copies(p):
+            job.before = {t: state.get(t, p, key) for t in writes}
+            job.writes = writes
+            job.pending += 1  # its delta: shipped once its outputs are acknowledged (_ship_ready)
+            self.unshipped.setdefault(key, deque()).append(job)
+        state.apply(p, key, writes)
+
+    def _ship_ready(self, key: bytes) -> None:
+        """Send the standby the writes of this key's jobs whose outputs are all acknowledged, in
+        the order their handlers ran (a later write never overtakes an earlier one)."""
+        queue = self.unshipped.get(key)
+        assert self.state is not None and self.replicas is not None
+        names = self.state.types.names
+        while queue and queue[0].pending == 1:
+            job = queue.popleft()
+            env = job.env
+            assert job.writes is not None
+            delta = Delta(
+                env.partition, key, [(names[t], body) for t, body in job.writes.items()], env.type, env.msg_id,
+                self.host.clock(), job.reply if env.kind == KIND_COMMAND else None,
+            )
+            job.writes = job.before = None
+            self.replicas.ship(env.partition, delta, partial(self.output_done, job))
+        if not queue:
+            self.unshipped.pop(key, None)
 
     def _reply_limit(self, job: Job) -> int:
         """The largest result that may travel to this job's caller: its limit and ours."""
@@ -647,6 +798,8 @@ class Dispatcher:
         job.pending -= 1
         if job.pending == 0:
             self._effects_safe(job)
+        elif job.pending == 1 and job.writes is not None:
+            self._ship_ready(job.env.key)
 
     def _effects_safe(self, job: Job) -> None:
         """Everything the handler emitted is acknowledged: answer the caller, then ack the input."""
@@ -763,13 +916,25 @@ class Dispatcher:
         return not self.in_progress and not self.ready and self.stats.in_handler == 0 and self.keyed.busy_keys == 0
 
 
-class _PartitionState(msgspec.Struct):
-    dedup: dict[str, bytes]
-    results: list[tuple[bytes, float, float, bytes]]
-    now: float
-
-
 _DEDUP_RECORD = struct.Struct("<16sd")
+DEDUP_PER_PIECE = 4096  # dedup ids per stream piece (about 100 KB)
+
+
+def _without(blob: bytes, ids: dict[bytes, Any]) -> bytes:
+    """A DedupWindow export without the entries whose id is in ``ids``."""
+    n = int.from_bytes(blob[:4], "little")
+    size = _DEDUP_RECORD.size
+    kept = [blob[4 + i * size : 4 + (i + 1) * size] for i in range(n) if blob[4 + i * size : 20 + i * size] not in ids]
+    return len(kept).to_bytes(4, "little") + b"".join(kept)
+
+
+def _split_dedup(blob: bytes, per: int) -> Iterator[bytes]:
+    """A DedupWindow export (``u32 n | n x (16s id, f64 time)``) as exports of at most ``per`` ids."""
+    n = int.from_bytes(blob[:4], "little")
+    size = _DEDUP_RECORD.size
+    for lo in range(0, n, per):
+        hi = min(n, lo + per)
+        yield (hi - lo).to_bytes(4, "little") + blob[4 + lo * size : 4 + hi * size]
 
 
 def _shift_times(blob: bytes, shift: float) -> bytes:

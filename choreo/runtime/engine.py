@@ -51,6 +51,7 @@ from .holds import Holds
 from .lifecycle import Lifecycle
 from .membership import Membership, Peer
 from .moves import Moves
+from .replicas import Replicas
 from .outbox import Outbox
 from .ownership import Ownership
 from .routing import ZERO_ID, Router
@@ -134,15 +135,27 @@ class Engine:
             Moves(
                 Ownership(service.partitions, self.incarnation), self.membership, self.outbox, self.lifecycle,
                 service=service.name, config=config, clock=clock, fresh_id=self.ids.next, counters=self.counters,
+                refused=self.count_refused, stateful=bool(service.state),
             )
             if service is not None
             else None
         )
         self.tracer = Tracer(self._label, self.name, config.span_ring, clock)  # spans on the node's clock
-        self.dispatcher = Dispatcher(self, service, config=config, tracer=self.tracer, moves=self.moves)
+        replicas = None
+        if self.moves is not None and service is not None and service.replicas:
+            replicas = self.moves.replicas = Replicas(
+                self.moves.ownership, self.membership, self.moves.send_transfer,
+                service=service.name, config=config, clock=clock, refused=self.count_refused,
+            )
+        self.dispatcher = Dispatcher(
+            self, service, config=config, tracer=self.tracer, moves=self.moves, replicas=replicas
+        )
         if self.moves is not None:
             self.moves.work = self.dispatcher
             self.moves.name = self.name
+        if replicas is not None:
+            replicas.work = self.dispatcher
+            replicas.name = self.name
         self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         # the application's verbs are the calls part's own (see choreo.runtime.calls)
@@ -545,6 +558,8 @@ class Engine:
             self.moves.reset(self.incarnation, self.name)
         self.router.invalidate()
         for service, item in leftovers:
+            if item.kind == wire.KIND_HANDOVER:
+                continue  # streams were for that incarnation: moves start over under the new one
             if service is None:
                 if item.on_done is not None:
                     item.on_done()  # its receiver's channel is void: nothing left to wait for

@@ -398,6 +398,9 @@ class Gossip:
         self.learn(hb.peers)
 
     def on_bye(self, sender: int) -> None:
+        if sender == self.incarnation:  # this node says goodbye to others, never to itself
+            self.host.count_refused("malformed", "a BYE that claims to come from this node itself")
+            return
         peer = self.membership.left(sender)
         if peer is not None:
             log.info("%s: %s left", self._name, peer.node)

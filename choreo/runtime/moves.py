@@ -6,10 +6,15 @@ the new view of the service's instances. A partition this node **loses** while a
 what is in a handler or waiting for its key finishes here, new arrivals are *forwarded* to the
 new owner over this node's own acknowledged channel (:meth:`Moves.forward`; the original is
 acknowledged only once the forward is), and once nothing of it is left in progress its dedup
-ids and cached command results travel to the new owner in a HANDOVER envelope, after every
-forward (:meth:`Moves.hand_over`). A partition this node **gains** from a live previous owner
-buffers its arrivals until that handover (:meth:`Moves.on_handover`), the previous owner's
-death, or ``handover_timeout``; then they run in arrival order (:meth:`Moves.release_buffered`).
+ids, cached command results and handler state stream to the new owner after every forward
+(:meth:`Moves.hand_over`, chunks of :mod:`~choreo.runtime.transfer`). The partition stays
+``draining`` here, its state kept, until the new owner says the stream checked out: a stream
+refused (corrupt, cut) is sent again, a new owner that dies meanwhile is replaced by the next
+one, and a partition that comes back to this node is simply its own again. A partition this
+node **gains** from a live previous owner buffers its arrivals until that stream is installed
+(:meth:`Moves.on_transfer`), the previous owner's death, or ``handover_timeout`` (for a
+service with state: only once the previous owner no longer holds it); then they run in
+arrival order (:meth:`Moves.release_buffered`).
 
 Only service nodes have partitions: a client has no :class:`Moves`.
 """
@@ -17,32 +22,43 @@ Only service nodes have partitions: a client has no :class:`Moves`.
 from __future__ import annotations
 
 import logging
+import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, Protocol
 
 from .. import wire
 from ..config import NodeConfig
 from .channels import InChannel, Outgoing
 from .lifecycle import Lifecycle
-from .membership import Membership
+from .membership import Membership, Peer
 from .outbox import Outbox
 from .ownership import Ownership
 from .stats import Counters
+from .replicas import Replicas
+from .transfer import (
+    Chunk, Delta, Piece, Pump, Staged, StreamIn, StreamOut, TransferError, Verdict, decode_transfer, encode_transfer,
+)
 
 __all__ = ["Moves", "PartitionWork"]
 
 log = logging.getLogger("choreo.node")
 ZERO_ID = bytes(16)
 HANDOVER_TYPE = b"choreo.handover"
+CHUNKS_IN_FLIGHT = 4  # chunks of one stream sent and not yet acknowledged
 
 
 class PartitionWork(Protocol):
     """What moves need of the dispatcher: a partition's state, and its buffered arrivals run."""
 
-    def export_partition(self, p: int) -> bytes: ...
+    def export_partition(self, p: int) -> Iterator[Piece]: ...
 
-    def import_partition(self, p: int, payload: bytes) -> None: ...
+    def forget_partition(self, p: int) -> None: ...
+
+    def install(self, staged: Staged) -> None: ...
+
+    def apply_delta(self, delta: Delta) -> None: ...
 
     def deliver(self, channel: InChannel, env: Any, now: float) -> None: ...
 
@@ -68,6 +84,8 @@ class Moves:
         clock: Callable[[], float],
         fresh_id: Callable[[], bytes],
         counters: Counters,
+        refused: Callable[[str, str], None] = lambda reason, detail: None,
+        stateful: bool = False,
     ) -> None:
         self.ownership = ownership
         self.membership = membership
@@ -78,17 +96,34 @@ class Moves:
         self.clock = clock
         self.fresh_id = fresh_id
         self.counters = counters
+        self.refused = refused  # count and log what a peer sent that cannot be used
+        self.stateful = stateful  # the service keeps handler state: never start a partition without it
         self.work: PartitionWork | None = None  # the dispatcher, set once both exist
         self.name = service  # this node's name, for the log
+        self.sending: dict[int, _Sending] = {}  # partition -> the stream that hands it over
+        # partition -> (sender, stream, since): a stream that came before our view gave us the partition
+        self.early: dict[int, tuple[int, Staged, float]] = {}
+        self.inbound: dict[tuple[int, int], StreamIn | None] = {}  # (sender, partition) -> stream (None: refused)
+        self.transfers = TransferStats()
+        self.replicas: Replicas | None = None  # standby copies (a service with replicas=1)
+        self._rng = random.Random()
 
     @property
     def me(self) -> int:
         return self.ownership.me
 
     def reset(self, incarnation: int, name: str) -> None:
-        """This node re-incarnates: it owns nothing until the new view says so."""
+        """This node re-incarnates: it owns nothing until the new view says so (what it knows of
+        its partitions stays: a partition nobody else took is still right here)."""
         self.ownership.reset(incarnation)
         self.name = name
+        for sending in self.sending.values():
+            sending.pump.stop()
+        self.sending.clear()
+        self.inbound.clear()
+        self.early.clear()
+        if self.replicas is not None:
+            self.replicas.reset(name)
 
     # -- the view ----------------------------------------------------------------------------------
 
@@ -109,6 +144,10 @@ class Moves:
             return None
 
         changed = ownership.update(view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder)
+        if self.early:
+            self._settle_early()
+        if self.replicas is not None:
+            self.replicas.sync()
         # arrivals buffered before this node joined, for partitions it does not wait for: forward them
         waited = [p for p in ownership.buffered if ownership.state[p] != "awaiting" and p not in changed]
         if changed or waited:
@@ -118,19 +157,38 @@ class Moves:
         """Stop waiting for late handovers; hand over partitions that finished draining."""
         ownership = self.ownership
         if ownership.awaiting:
-            late = ownership.expire(now, self.config.handover_timeout)
+            late = ownership.expire(now, self.config.handover_timeout, self._still_held if self.stateful else None)
             if late:
                 log.warning("%s: no handover for partitions %s within %.0f s: taking them", self.name, late,
                             self.config.handover_timeout)
                 self.release_buffered(late)
+        if self.early:
+            self._settle_early()
         if ownership.draining and self.work is not None:
             lag_of = self.work.lag_of
             for p, target in list(ownership.draining.items()):
-                if lag_of(p) == 0:
+                sending = self.sending.get(p)
+                if lag_of(p) == 0 and (sending is None or sending.target != target) or (
+                    sending is not None and sending.retry_at is not None and now >= sending.retry_at
+                ):
                     self.hand_over(p, target)
 
+    def _still_held(self, p: int, previous: int) -> bool:
+        """Does a live instance still say it holds ``p`` (its state is there: wait for it)?"""
+        return any(
+            peer.live and peer.service_name == self.service and peer.incarnation != self.me and peer.holds(p)
+            for peer in self.membership.peers.values()
+        )
+
     def previous_gone(self, incarnation: int, name: str) -> None:
-        """A peer died or left: partitions we waited for it to hand over are ours now."""
+        """A peer died or left: partitions we waited for it to hand over are ours now; streams
+        to it or from it are void (a partition it was getting goes to its next owner)."""
+        for p in [p for p, s in self.sending.items() if s.target == incarnation]:
+            self.sending.pop(p).pump.stop()
+        for key in [k for k in self.inbound if k[0] == incarnation]:
+            del self.inbound[key]
+        if self.replicas is not None:
+            self.replicas.gone(incarnation)
         owned = self.ownership.previous_gone(incarnation)
         if owned:
             log.info("%s: took over %d partitions %s was handing over", self.name, len(owned), name)
@@ -139,26 +197,170 @@ class Moves:
     # -- handing over ----------------------------------------------------------------------------
 
     def hand_over(self, p: int, target: int) -> None:
-        """Partition ``p`` is drained: send its dedup ids to its new owner, after every forward."""
+        """Partition ``p`` is drained: stream what this node knows of it to its new owner, after
+        every forward. It stays draining here until the new owner says the stream checked out."""
         assert self.work is not None
-        self.ownership.drained(p)
-        payload = self.work.export_partition(p)
         peer = self.membership.peers.get(target)
         if peer is None or not peer.live:
             peer = self.membership.owner(self.service, p)
-        if peer is None or peer.incarnation == self.me:
+        if peer is None or peer.incarnation == self.me:  # nobody to give it to (the last instance leaves)
+            gone = self.sending.pop(p, None)
+            if gone is not None:
+                gone.pump.stop()
+            self.ownership.drained(p)
             return
-        item = Outgoing(wire.KIND_HANDOVER, 0, HANDOVER_TYPE, b"", p, self.fresh_id(), ZERO_ID, ZERO_ID, payload, None)
-        self.outbox.append(self.outbox.channel(peer), item, self.clock())
+        stream = StreamOut(
+            "handover", self._rng.getrandbits(62), p, self.work.export_partition(p),
+            chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock,
+        )
+        pump = Pump(stream, partial(self.send_transfer, peer, p), CHUNKS_IN_FLIGHT)
+        sending = self.sending.get(p)
+        if sending is None:
+            sending = self.sending[p] = _Sending(pump, peer.incarnation)
+        else:  # its receiver changed, or refused it: a fresh stream
+            sending.pump.stop()
+            sending.pump, sending.target, sending.retry_at = pump, peer.incarnation, None
+        sending.ids.add(stream.stream)
+        self.transfers.streams_sent += 1
+        pump.run()
 
-    def on_handover(self, env: Any) -> None:
-        """The previous owner of a partition finished draining it (the dispatcher checked that it
-        comes from an instance of this service, for a partition that exists)."""
+    def send_transfer(self, peer: Peer, p: int, payload: bytes, on_done: Callable[[], None] | None = None) -> None:
+        """Put a transfer message for partition ``p`` on the acknowledged channel to ``peer``."""
+        item = Outgoing(wire.KIND_HANDOVER, 0, HANDOVER_TYPE, b"", p, self.fresh_id(), ZERO_ID, ZERO_ID, payload, on_done)
+        self.outbox.append(self.outbox.channel(peer), item, self.clock())
+        self.outbox.schedule_flush()
+
+    def _verdict_on(self, sender: Peer, verdict: Verdict) -> None:
+        """The receiver of one of our streams installed it, or refused it."""
+        p = verdict.partition
+        sending = self.sending.get(p)
+        if sending is None or verdict.stream not in sending.ids:
+            return
+        if verdict.ok:  # the receiver owns it now (even one we since redirected: it passes it on)
+            del self.sending[p]
+            sending.pump.stop()
+            self.transfers.streams_done += 1
+            self.transfers.entries_sent += sending.pump.stream.items
+            self.transfers.bytes_sent += sending.pump.stream.bytes
+            if self.ownership.state[p] == "draining":
+                self.ownership.drained(p)
+                assert self.work is not None
+                self.work.forget_partition(p)
+                if self.replicas is not None:
+                    self.replicas.sync()
+            return
+        if verdict.stream != sending.pump.stream.stream:
+            return  # a refusal of a stream we already replaced
+        self.transfers.streams_refused += 1
+        delay = min(self.config.rto * 2 ** min(sending.refusals, 6), self.config.rto_max)
+        sending.refusals += 1
+        sending.retry_at = self.clock() + delay
+        log.error(
+            "%s: %s refused the hand-over of partition %d (%s): keeping it, sending it again in %.1f s",
+            self.name, sender.node, p, verdict.error, delay,
+        )
+
+    def on_transfer(self, channel: InChannel, env: Any) -> None:
+        """A HANDOVER envelope from another instance of this service (the dispatcher checked that
+        much, and that the partition exists): a chunk of a stream, a verdict on ours, or a delta."""
         assert self.work is not None
-        p = env.partition
-        self.work.import_partition(p, env.payload)
+        sender = channel.peer
+        try:
+            message = decode_transfer(env.payload)
+            if message.partition != env.partition:
+                raise TransferError(f"it names partition {message.partition} in an envelope of partition {env.partition}")
+        except TransferError as exc:
+            self.refused("malformed", f"a hand-over message from {sender.node}: {exc}")
+            return
+        replicas = self.replicas
+        if isinstance(message, Chunk):
+            if message.purpose == "copy" and replicas is not None:
+                replicas.chunk_in(sender, message)
+            elif message.purpose == "handover":
+                self._chunk_in(sender, message)
+            else:
+                self.refused("malformed", f"a {message.purpose!r} stream from {sender.node}: {self.service} keeps no copies")
+        elif isinstance(message, Verdict):
+            if message.purpose == "copy" and replicas is not None:
+                replicas.verdict(sender, message)
+            else:
+                self._verdict_on(sender, message)
+        elif replicas is not None:
+            replicas.delta_in(sender, message)
+        else:
+            self.refused("malformed", f"a state delta from {sender.node}: {self.service} keeps no copies")
+
+    def _chunk_in(self, sender: Peer, chunk: Chunk) -> None:
+        assert self.work is not None
+        p = chunk.partition
+        key = (sender.incarnation, p)
+        inbound = self.inbound.get(key)
+        if chunk.seq == 0:
+            inbound = self.inbound[key] = StreamIn(
+                chunk.stream, chunk.purpose, p, max_bytes=self.config.max_partition_bytes
+            )
+        elif inbound is None or inbound.stream != chunk.stream:
+            if key in self.inbound and inbound is None:
+                return  # the rest of a stream already refused
+            self._refuse_stream(sender, chunk, "a chunk of a stream whose start never came")
+            return
+        try:
+            staged = inbound.take(chunk, self.clock())
+        except TransferError as exc:
+            self._refuse_stream(sender, chunk, str(exc))
+            return
+        if staged is None:
+            return
+        for other in [k for k in self.inbound if k[1] == p]:  # streams of p cut short elsewhere: void
+            del self.inbound[other]
+        self.transfers.streams_received += 1
+        self.transfers.entries_received += staged.items
+        self.transfers.bytes_received += staged.bytes
+        state = self.ownership.state[p]
+        if state == "awaiting" or state == "owned":
+            self._take(sender, staged)
+        else:  # our view does not give us the partition yet: it waits for the view (or is refused)
+            self.early[p] = (sender.incarnation, staged, self.clock())
+            self.ownership.handed_over(p, self.clock())  # remembered as early
+
+    def _take(self, sender: Peer, staged: Staged) -> None:
+        """Install a handed-over partition and tell its sender: from now on it is ours."""
+        assert self.work is not None
+        p = staged.partition
+        self.work.install(staged)
+        self.send_transfer(sender, p, encode_transfer(Verdict(staged.purpose, staged.stream, p, True)))
         if self.ownership.handed_over(p, self.clock()):
             self.release_buffered([p])
+        self.outbox.schedule_flush()
+
+    def _settle_early(self) -> None:
+        """Streams that came before our view gave us their partition: take them, or send them back."""
+        now = self.clock()
+        for p, (sender_inc, staged, since) in list(self.early.items()):
+            state = self.ownership.state[p]
+            sender = self.membership.peers.get(sender_inc)
+            if state == "awaiting" or state == "owned":
+                del self.early[p]
+                if sender is not None and sender.live:
+                    self._take(sender, staged)
+                else:
+                    assert self.work is not None
+                    self.work.install(staged)
+            elif self.ownership.owners[p] not in (None, self.me) or now - since >= self.ownership.early_ttl:
+                del self.early[p]  # someone else owns it in our view (or it waited too long)
+                if sender is not None and sender.live:
+                    self.send_transfer(sender, p, encode_transfer(
+                        Verdict(staged.purpose, staged.stream, p, False, f"{self.name} does not own partition {p} in its view")
+                    ))
+
+    def _refuse_stream(self, sender: Peer, chunk: Chunk, why: str) -> None:
+        """A stream that cannot be installed: nothing of it is used, and its sender hears why."""
+        self.inbound[(sender.incarnation, chunk.partition)] = None
+        self.transfers.streams_refused += 1
+        self.refused("malformed", f"the {chunk.purpose} of partition {chunk.partition} from {sender.node}: {why}")
+        self.send_transfer(sender, chunk.partition, encode_transfer(
+            Verdict(chunk.purpose, chunk.stream, chunk.partition, False, why)
+        ))
 
     # -- arrivals for partitions that are not (yet) ours -------------------------------------------
 
@@ -174,6 +376,8 @@ class Moves:
         """Arrivals buffered for partitions that became ours (run them) or someone else's (forward)."""
         assert self.work is not None
         work = self.work
+        if self.replicas is not None:  # a partition now ours has its standby before its first write
+            self.replicas.sync()
         now = self.clock()
         for p in partitions:
             queue = self.ownership.buffered.pop(p, None)
@@ -207,3 +411,30 @@ class Moves:
     def busy(self) -> bool:
         """Partitions still draining, or arrivals still buffered."""
         return bool(self.ownership.draining or self.ownership.buffered)
+
+
+class _Sending:
+    """One partition's hand-over stream, to one receiver."""
+
+    __slots__ = ("pump", "target", "refusals", "retry_at", "ids")
+
+    def __init__(self, pump: Pump, target: int) -> None:
+        self.pump = pump
+        self.target = target
+        self.ids: set[int] = set()  # every stream sent for this move: a verdict on any of them counts
+        self.refusals = 0
+        self.retry_at: float | None = None  # refused: send a fresh stream then
+
+
+class TransferStats:
+    """What this node streamed and received (partitions moving, their keys and bytes)."""
+
+    __slots__ = ("streams_sent", "streams_done", "streams_received", "streams_refused", "entries_sent", "entries_received",
+                 "bytes_sent", "bytes_received")
+
+    def __init__(self) -> None:
+        self.streams_sent = self.streams_done = self.streams_received = self.streams_refused = 0
+        self.entries_sent = self.entries_received = self.bytes_sent = self.bytes_received = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}

@@ -65,6 +65,7 @@ class Ownership:
         self.buffered: dict[int, deque[tuple[Any, Any]]] = {}  # partition -> (channel, envelope)
         self.view: list[int] | None = None
         self.owners: list[int | None] = [None] * partitions
+        self.standbys: list[int | None] = [None] * partitions  # who would own each partition next
         self.moves = 0
         # handovers that arrived before our own view said we gain the partition (views converge
         # at different moments on different nodes): partition -> when it arrived
@@ -96,6 +97,7 @@ class Ownership:
         self.view = list(view)
         new_owners = _owners(self.partitions, view)
         self.owners = new_owners
+        self.standbys = _standbys(self.partitions, view, new_owners)
         changed = []
         for p in range(self.partitions):
             new_owner, state = new_owners[p], self.state[p]
@@ -150,9 +152,21 @@ class Ownership:
             del self.awaiting[p]
         return gone
 
-    def expire(self, now: float, timeout: float) -> list[int]:
-        """Stop waiting for handovers older than ``timeout`` (liveness over perfect order)."""
+    def expire(
+        self, now: float, timeout: float, still_held: Callable[[int, int], bool] | None = None
+    ) -> list[int]:
+        """Stop waiting for handovers older than ``timeout`` (liveness over perfect order).
+
+        ``still_held(p, previous)``: keep waiting for a partition whose state is still held by a
+        live instance (a service with state never starts a partition without it); it is looked
+        at again after another ``timeout``.
+        """
         late = [p for p, (since, _) in self.awaiting.items() if now - since >= timeout]
+        if still_held is not None:
+            kept = [p for p in late if still_held(p, self.awaiting[p][1])]
+            for p in kept:
+                self.awaiting[p] = (now, self.awaiting[p][1])
+            late = [p for p in late if p not in kept]
         for p in late:
             self._move(p, "timeout")
             del self.awaiting[p]
@@ -175,6 +189,18 @@ class Ownership:
         for s in self.state:
             out[s] = out.get(s, 0) + 1
         return out
+
+
+def _standbys(partitions: int, view: list[int], owners: list[int | None]) -> list[int | None]:
+    """The instance that owns each partition if its owner goes (rendezvous without the owner)."""
+    if len(view) < 2:
+        return [None] * partitions
+    keys = [inc.to_bytes(8, "little") for inc in view]
+    out: list[int | None] = []
+    for p, owner in enumerate(owners):
+        others = [i for i, inc in enumerate(view) if inc != owner]
+        out.append(view[others[core.rendezvous_owner(p, [keys[i] for i in others])]])
+    return out
 
 
 def _owners(partitions: int, view: list[int]) -> list[int | None]:

@@ -413,6 +413,8 @@ class Router:
         now = self.clock()
         moved = 0
         for item in items:
+            if item.kind == wire.KIND_HANDOVER:
+                continue  # a partition's stream or verdict was for that instance alone: moves start over
             if service is None or (item.flags & wire.FLAG_BROADCAST and self.membership.instances(service)):
                 if item.on_done is not None:
                     item.on_done()  # its receiver is gone, the other instances had their copies

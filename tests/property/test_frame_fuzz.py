@@ -14,7 +14,7 @@ import asyncio
 import struct
 from collections import Counter
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from choreo import Command, Event, NodeConfig, Query, Service, wire
@@ -87,6 +87,7 @@ def _record() -> list[tuple[str, str, bytes]]:
 
 RECORDED = _record()
 TYPES = sorted({wire.parse_header(f)[0] for _, _, f in RECORDED})
+SELF_FRAME = next(i for i, (src, dst, _) in enumerate(RECORDED) if src == dst)  # the bank's data to itself
 REASONS: Counter[str] = Counter()  # what the fuzz made the node refuse, over all examples (for reading)
 
 
@@ -138,6 +139,7 @@ def mutate(frame: bytes, ops: list[tuple[str, object, int]]) -> bytes:
         max_size=12,
     )
 )
+@example([(SELF_FRAME, [("header", 2, wire.BYE)], False)])  # a node's frame to itself made a BYE: it stays
 def test_no_frame_breaks_a_node(frames: list[tuple[int, list[tuple[str, object, int]], bool]]) -> None:
     h = Harness(seed=SEED, config=CONFIG)
     client = h.add(None)

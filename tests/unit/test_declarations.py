@@ -37,7 +37,7 @@ def test_public_api_is_pinned() -> None:
     assert set(choreo.__all__) == {
         "Backpressure", "ChoreoError", "ChoreoUsageError", "Command", "Context", "DeliveryTimeout", "Event",
         "Handler", "HandlerFailed", "Message", "MessageTooLarge", "NoOwner", "Node", "NodeConfig", "NodeProcess",
-        "NotAllowed", "NotJoined", "Permissions", "Policy", "ProtocolError", "Query", "RetryPolicy", "Security", "Service",
+        "NotAllowed", "NotJoined", "Permissions", "Policy", "ProtocolError", "Query", "RetryPolicy", "Security", "Service", "State",
         "UndeclaredMessage", "Undeliverable", "ValidationError", "message_options",
     }
     for name in choreo.__all__:

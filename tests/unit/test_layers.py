@@ -30,7 +30,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "choreo"
 LAYERS: dict[int, tuple[str, ...]] = {
     1: (
         "errors", "messages", "tracing", "states", "config", "core", "_pycore", "_core", "terminal", "endpoints",
-        "bundled", "trust",
+        "bundled", "trust", "statetypes",
     ),
     2: ("service", "spec", "wire"),
     3: ("runtime", "runtime.*"),

@@ -1,8 +1,8 @@
 """Partition moves through a join, a death and a timeout, without an engine.
 
 A :class:`Moves` over a hand-built membership, an outbox that records what it sends, and a stub
-dispatcher (:class:`~choreo.runtime.moves.PartitionWork`) that records what it is asked to run
-and export.
+dispatcher (:class:`~choreo.runtime.moves.PartitionWork`) that records what it is asked to run,
+export, install and forget. Streams travel as the real chunks of :mod:`choreo.runtime.transfer`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from choreo.runtime.moves import Moves
 from choreo.runtime.outbox import Outbox
 from choreo.runtime.ownership import Ownership
 from choreo.runtime.stats import Counters
+from choreo.runtime.transfer import Chunk, Piece, StreamOut, Verdict, decode_transfer, encode_transfer
 
 PARTITIONS = 8
 
@@ -34,15 +35,21 @@ class Work:
     def __init__(self) -> None:
         self.delivered: list[tuple[int, int]] = []  # (partition, seq)
         self.exported: list[int] = []
-        self.imported: list[int] = []
+        self.imported: list[tuple[int, list[tuple[str, bytes, bytes]]]] = []
+        self.forgotten: list[int] = []
         self.lag: dict[int, int] = {}
 
-    def export_partition(self, p: int) -> bytes:
+    def export_partition(self, p: int) -> Any:
         self.exported.append(p)
-        return b"state-of-%d" % p
+        return iter([Piece(state=[("Tally", b"key-%d" % p, b"x" * 300)]) for _ in range(3)])
 
-    def import_partition(self, p: int, payload: bytes) -> None:
-        self.imported.append(p)
+    def forget_partition(self, p: int) -> None:
+        self.forgotten.append(p)
+
+    def install(self, staged: Any) -> None:
+        self.imported.append((staged.partition, staged.state))
+
+    def apply_delta(self, delta: Any) -> None: ...
 
     def deliver(self, channel: Any, env: Any, now: float) -> None:
         self.delivered.append((env.partition, env.seq))
@@ -63,7 +70,9 @@ class Env:
 class Node:
     """One service node's moves, and a mesh it sees."""
 
-    def __init__(self, me: int, *others: int, joined: bool = True, holding: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, me: int, *others: int, joined: bool = True, holding: tuple[int, ...] = (), stateful: bool = True
+    ) -> None:
         self.now = 0.0
         self.config = NodeConfig(handover_timeout=5.0)
         self.sent: list[tuple[str, bytes]] = []
@@ -74,10 +83,12 @@ class Node:
         if joined:
             self.life.on("joined")
         self.work = Work()
+        self.refusals: list[tuple[str, str]] = []
         self.moves = Moves(
             Ownership(PARTITIONS, me), self.membership, self.outbox, self.life,
             service="meter", config=self.config, clock=lambda: self.now, fresh_id=core.IdSource(bytes(8)).next,
-            counters=Counters(),
+            counters=Counters(), refused=lambda reason, detail: self.refusals.append((reason, detail)),
+            stateful=stateful,
         )
         self.moves.work = self.work
         for inc in (me, *others):
@@ -95,13 +106,29 @@ class Node:
         return peer
 
     def handovers(self) -> list[tuple[str, int]]:
+        return [(endpoint, m.partition) for endpoint, m in self.transfers() if isinstance(m, Chunk) and m.seq == 0]
+
+    def transfers(self) -> list[tuple[str, Any]]:
+        """Every transfer message sent so far, decoded, with where it went."""
         self.outbox.flush()
         out = []
         for endpoint, frame in self.sent:
             for env in core.parse_envelopes(frame[wire.HEADER_SIZE:]):
                 if env.kind == wire.KIND_HANDOVER:
-                    out.append((endpoint, env.partition))
+                    out.append((endpoint, decode_transfer(env.payload)))
         return out
+
+    def receive(self, sender: int, message: Any) -> None:
+        """A transfer message from instance ``sender`` arrives."""
+        channel = type("In", (), {"peer": self.membership.peers[sender]})()
+        env = type("E", (), {"partition": message.partition, "payload": encode_transfer(message)})()
+        self.moves.on_transfer(channel, env)
+
+    def ack_all(self, inc: int) -> None:
+        """The instance ``inc`` acknowledges everything sent to it so far."""
+        ch = self.outbox.out[inc]
+        self.outbox.flush()
+        ch.on_ack(core.encode_ack(ch.window.next_seq - 1, ch.window.next_seq - 1, []), 0, self.now)
 
     def owned(self) -> set[int]:
         return {p for p, s in enumerate(self.moves.ownership.state) if s == "owned"}
@@ -126,11 +153,17 @@ def test_a_join_drains_what_moves_then_hands_it_over_after_its_last_message() ->
     assert p in n.moves.ownership.draining and p not in n.work.exported, "no handover before the drain ends"
     n.work.lag = {}
     n.moves.tick(n.now)
-    assert not n.moves.ownership.draining
     assert sorted(n.work.exported) == sorted(moving)
     assert sorted(p for _, p in n.handovers()) == sorted(moving)
     assert {e for e, _ in n.handovers()} == {"fake://2"}
+    assert set(n.moves.ownership.draining) == moving, "kept here until the newcomer says it has them"
+    assert n.work.forgotten == []
+    for endpoint, m in n.transfers():
+        if m.last:
+            n.receive(2, Verdict("handover", m.stream, m.partition, True))
+    assert not n.moves.ownership.draining
     assert all(n.moves.ownership.state[q] == "handed_over" for q in moving)
+    assert sorted(n.work.forgotten) == sorted(moving)
 
 
 def test_a_newcomer_buffers_until_the_handover_then_runs_in_arrival_order() -> None:
@@ -142,9 +175,83 @@ def test_a_newcomer_buffers_until_the_handover_then_runs_in_arrival_order() -> N
     for seq in (1, 2, 3):
         assert n.moves.buffer(None, Env(p, seq)) is True
     assert n.work.delivered == []
-    n.moves.on_handover(type("E", (), {"partition": p, "payload": b"ids"})())
-    assert n.work.imported == [p] and n.work.delivered == [(p, 1), (p, 2), (p, 3)]
+    for chunk in stream_of(p, 77):
+        n.receive(1, chunk)
+    assert [q for q, _ in n.work.imported] == [p] and n.work.delivered == [(p, 1), (p, 2), (p, 3)]
+    assert len(n.work.imported[0][1]) == 20, "every entry of every chunk"
     assert p in n.owned()
+    (verdict,) = [m for _, m in n.transfers() if isinstance(m, Verdict)]
+    assert verdict.ok and verdict.stream == 77 and verdict.partition == p
+
+
+def stream_of(p: int, stream: int, entries: int = 20) -> list[Chunk]:
+    """A real stream of partition ``p``: ``entries`` state values, several chunks."""
+    pieces = iter([Piece(state=[("Tally", b"k%d" % i, b"v" * 100)]) for i in range(entries)])
+    out = StreamOut("handover", stream, p, pieces, chunk_bytes=500, clock=lambda: 0.0)
+    chunks = []
+    while (raw := out.next_chunk()) is not None:
+        chunks.append(decode_transfer(raw))
+    assert len(chunks) > 2
+    return chunks
+
+
+def test_a_corrupt_or_cut_stream_is_refused_and_the_partition_still_waits() -> None:
+    n = Node(2, 1, holding=(1,))
+    n.moves.sync()
+    p = min(n.moves.ownership.awaiting)
+    n.moves.buffer(None, Env(p, 1))
+    chunks = stream_of(p, 5)
+    chunks[1].body = chunks[1].body[:-1] + bytes([chunks[1].body[-1] ^ 1])  # one bit flipped in transit
+    for chunk in chunks:
+        n.receive(1, chunk)
+    assert n.work.imported == [] and n.work.delivered == [], "nothing of it used, nothing run"
+    assert p in n.moves.ownership.awaiting
+    (verdict,) = [m for _, m in n.transfers() if isinstance(m, Verdict)]
+    assert not verdict.ok and "digest" in verdict.error
+    assert n.refusals and n.refusals[0][0] == "malformed"
+    cut = stream_of(p, 6)
+    for chunk in cut[:1] + cut[2:]:  # a chunk missing
+        n.receive(1, chunk)
+    verdicts = [m for _, m in n.transfers() if isinstance(m, Verdict)]
+    assert len(verdicts) == 2 and "missing" in verdicts[1].error, "refused once, the rest of it ignored"
+    for chunk in stream_of(p, 7):  # the sender tries again: taken
+        n.receive(1, chunk)
+    assert [q for q, _ in n.work.imported] == [p] and n.work.delivered == [(p, 1)]
+
+
+def test_a_refused_stream_is_sent_again_and_the_partition_kept_meanwhile() -> None:
+    n = Node(1)
+    n.moves.sync()
+    n.add(2)
+    n.moves.sync()
+    p = min(n.moves.ownership.draining)
+    n.moves.tick(n.now)
+    first = [m for _, m in n.transfers() if isinstance(m, Chunk) and m.partition == p]
+    n.receive(2, Verdict("handover", first[0].stream, p, False, "digest does not match"))
+    assert p in n.moves.ownership.draining and p not in n.work.forgotten
+    n.now += n.config.rto + 0.01
+    n.ack_all(2)
+    n.moves.tick(n.now)
+    again = [m for _, m in n.transfers() if isinstance(m, Chunk) and m.partition == p and m.seq == 0]
+    assert len(again) == 2 and again[1].stream != again[0].stream, "a fresh stream"
+    n.receive(2, Verdict("handover", again[1].stream, p, True))
+    assert p in n.work.forgotten and p not in n.moves.ownership.draining
+
+
+def test_a_receiver_that_dies_mid_stream_is_replaced_by_the_next_owner() -> None:
+    n = Node(1, 2)
+    n.moves.sync()
+    n.add(3)
+    n.moves.sync()
+    going = {p: t for p, t in n.moves.ownership.draining.items() if t == 3}
+    assert going
+    n.moves.tick(n.now)
+    n.membership.left(3)
+    n.moves.previous_gone(3, "meter#3")
+    n.moves.sync()  # 3 is gone from the view: what it was getting goes back to its owner
+    for p in going:
+        assert p in n.owned() or n.moves.ownership.draining.get(p) == 2
+    assert not set(going) & set(n.work.forgotten), "nothing forgotten: 3 never said it had them"
 
 
 def test_a_previous_owner_that_dies_is_not_waited_for() -> None:
@@ -157,7 +264,7 @@ def test_a_previous_owner_that_dies_is_not_waited_for() -> None:
 
 
 def test_a_handover_that_never_comes_is_taken_after_the_timeout() -> None:
-    n = Node(2, 1, holding=(1,))
+    n = Node(2, 1, holding=(1,), stateful=False)
     n.moves.sync()
     waiting = set(n.moves.ownership.awaiting)
     n.now = n.config.handover_timeout - 0.1
@@ -166,6 +273,19 @@ def test_a_handover_that_never_comes_is_taken_after_the_timeout() -> None:
     n.now = n.config.handover_timeout + 0.1
     n.moves.tick(n.now)
     assert waiting <= n.owned() and not n.moves.ownership.awaiting
+
+
+def test_with_state_a_partition_is_not_taken_while_a_live_instance_still_holds_it() -> None:
+    n = Node(2, 1, holding=(1,), stateful=True)
+    n.moves.sync()
+    waiting = set(n.moves.ownership.awaiting)
+    n.now = n.config.handover_timeout + 0.1
+    n.moves.tick(n.now)
+    assert not n.owned() & waiting, "its state is there: starting without it would lose it"
+    n.membership.peers[1].holding = b""  # it handed them on (to someone else) meanwhile
+    n.now += n.config.handover_timeout
+    n.moves.tick(n.now)
+    assert waiting <= n.owned()
 
 
 def test_before_joining_arrivals_wait_and_nothing_is_owned() -> None:

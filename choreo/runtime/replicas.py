@@ -1,0 +1,280 @@
+"""Standby copies of a service's partitions (``Service(..., replicas=1)``): a crash loses no state.
+
+How this works. For each partition its *standby* is the instance that would own it if its
+owner went (rendezvous without the owner: :attr:`Ownership.standbys`), so a crash of the owner
+makes the standby the new owner, with the copy already in place.
+
+The owner's half. When a partition becomes ours, or its standby changes, a ``"copy"`` stream
+(:mod:`~choreo.runtime.transfer`) sends the standby the whole partition; from the moment it
+starts, every handler that writes state in the partition sends the standby a :class:`Delta`
+(its writes, the message's id, a command's result) on the same acknowledged channel, after
+the chunks already sent. A delta leaves only once the handler's emitted messages are
+acknowledged, and the deltas of one key leave in the order their handlers ran; the handler's
+input is acknowledged to its sender only once its delta is. So a standby that has a message's
+id has its writes and knows its emitted messages are delivered: after the owner crashes, a
+message redelivered to the standby either is a duplicate (and its result is there) or runs
+again on the state before it. The copy stream reads the partition as it goes; it leaves out
+what is not settled that way yet (a key's value before its pending writes, the ids of messages
+still in progress), which their deltas bring after.
+
+The standby's half. It stages a copy until the stream checks out, keeping the deltas that
+arrive meanwhile, then installs the copy and applies them in order; later deltas apply at
+once. A copy of a partition it is no longer standby of is dropped.
+
+The fine print: until a standby's copy is complete (:attr:`Replicas.complete`), a crash of the
+owner loses what the copy had not reached. An owner with no other instance has no standby.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, Protocol
+
+from ..config import NodeConfig
+from .membership import Membership, Peer
+from .ownership import Ownership
+from .transfer import Chunk, Delta, Piece, Pump, Staged, StreamIn, StreamOut, TransferError, Verdict, encode_transfer
+
+__all__ = ["Replicas", "ReplicaWork", "Shipment"]
+
+log = logging.getLogger("choreo.node")
+
+
+class ReplicaWork(Protocol):
+    """What replicas need of the dispatcher."""
+
+    def export_partition(self, p: int, settled: bool = False) -> Iterator[Piece]: ...
+
+    def install(self, staged: Staged) -> None: ...
+
+    def apply_delta(self, delta: Delta) -> None: ...
+
+    def forget_partition(self, p: int) -> None: ...
+
+
+class Shipment:
+    """One delta on its way to a standby: its job's last wait. ``done`` runs once, whichever
+    standby acknowledges it first (it is sent again to a new standby if the old one changes)."""
+
+    __slots__ = ("partition", "payload", "_done", "finished")
+
+    def __init__(self, partition: int, payload: bytes, done: Callable[[], None]) -> None:
+        self.partition = partition
+        self.payload = payload
+        self._done = done
+        self.finished = False
+
+    def acked(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._done()
+
+
+class Replicas:
+    """The standby copies of one service node's partitions (see the module docstring)."""
+
+    def __init__(
+        self,
+        ownership: Ownership,
+        membership: Membership,
+        send: Callable[[Peer, int, bytes, Callable[[], None] | None], None],
+        *,
+        service: str,
+        config: NodeConfig,
+        clock: Callable[[], float],
+        refused: Callable[[str, str], None],
+    ) -> None:
+        self.ownership = ownership
+        self.membership = membership
+        self.send = send  # (peer, partition, payload, on_acked): a HANDOVER envelope to that peer
+        self.service = service
+        self.config = config
+        self.clock = clock
+        self.refused = refused
+        self.work: ReplicaWork | None = None
+        self.name = service
+        partitions = ownership.partitions
+        self.standby: list[int | None] = [None] * partitions  # owned partitions: who gets our deltas
+        self.copying: dict[int, Pump] = {}  # owned partitions: the copy stream to their standby
+        self.complete: set[int] = set()  # owned partitions whose standby's copy checked out
+        self.in_flight: dict[int, dict[int, Shipment]] = {}  # partition -> deltas not yet acknowledged
+        self.held: set[int] = set()  # partitions this node keeps a standby copy of
+        self.inbound: dict[tuple[int, int], StreamIn | None] = {}  # (owner, partition) -> copy coming in
+        self.stash: dict[int, list[Delta]] = {}  # partition -> deltas that came during its copy
+        self._rng = random.Random()
+        self.copies_sent = self.copies_received = self.deltas_sent = self.deltas_applied = 0
+
+    def reset(self, name: str) -> None:
+        for pump in self.copying.values():
+            pump.stop()
+        self.copying.clear()
+        self.complete.clear()
+        self.standby = [None] * self.ownership.partitions
+        self.inbound.clear()
+        self.stash.clear()
+        self.name = name
+        for shipments in self.in_flight.values():  # their standby's channel is void: nothing to wait for
+            for shipment in list(shipments.values()):
+                shipment.acked()
+        self.in_flight.clear()
+
+    # -- the owner's half ------------------------------------------------------------------------
+
+    def copies(self, p: int) -> bool:
+        """Must a write in partition ``p`` reach a standby before its input is acknowledged?"""
+        return self.standby[p] is not None
+
+    def sync(self) -> None:
+        """The view changed: start copies to new standbys, drop copies we no longer stand by for."""
+        ownership = self.ownership
+        me = ownership.me
+        for p in range(ownership.partitions):
+            state = ownership.state[p]
+            target = ownership.standbys[p] if state == "owned" else None
+            if target is not None:
+                peer = self.membership.peers.get(target)
+                if peer is None or not peer.live:
+                    target = None
+            if target != self.standby[p]:
+                self._switch(p, target)
+            if p in self.held and ownership.standbys[p] != me and state not in ("owned", "awaiting", "draining"):
+                self.held.discard(p)
+                self.stash.pop(p, None)
+                assert self.work is not None
+                self.work.forget_partition(p)
+
+    def _switch(self, p: int, target: int | None) -> None:
+        """Partition ``p``'s standby is now ``target`` (None: none): a fresh copy, and the deltas
+        still unacknowledged sent again after it (the old standby's acks still count)."""
+        old = self.copying.pop(p, None)
+        if old is not None:
+            old.stop()
+        self.complete.discard(p)
+        self.standby[p] = target
+        shipments = self.in_flight.get(p, {})
+        if target is None:
+            for shipment in list(shipments.values()):
+                shipment.acked()  # no standby to wait for: the write stands on this node alone
+            self.in_flight.pop(p, None)
+            return
+        peer = self.membership.peers[target]
+        assert self.work is not None
+        stream = StreamOut(
+            "copy", self._rng.getrandbits(62), p, self.work.export_partition(p, settled=True),
+            chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock,
+        )
+        pump = self.copying[p] = Pump(stream, partial(self.send, peer, p), 4)
+        self.copies_sent += 1
+        pump.run()
+        for key, shipment in list(shipments.items()):
+            self.send(peer, p, shipment.payload, partial(self._acked, p, key, shipment))
+
+    def ship(self, p: int, delta: Delta, done: Callable[[], None]) -> None:
+        """Send one handler's writes to the standby of ``p``; ``done`` once it acknowledged them."""
+        target = self.standby[p]
+        if target is None:
+            done()
+            return
+        shipment = Shipment(p, encode_transfer(delta), done)
+        key = id(shipment)
+        self.in_flight.setdefault(p, {})[key] = shipment
+        self.deltas_sent += 1
+        self.send(self.membership.peers[target], p, shipment.payload, partial(self._acked, p, key, shipment))
+
+    def _acked(self, p: int, key: int, shipment: Shipment) -> None:
+        shipments = self.in_flight.get(p)
+        if shipments is not None and shipments.pop(key, None) is not None and not shipments:
+            del self.in_flight[p]
+        shipment.acked()
+
+    def verdict(self, sender: Peer, verdict: Verdict) -> None:
+        """Our standby installed its copy, or refused it (then a fresh copy, at once)."""
+        p = verdict.partition
+        pump = self.copying.get(p)
+        if pump is None or pump.stream.stream != verdict.stream or self.standby[p] != sender.incarnation:
+            return
+        del self.copying[p]
+        if verdict.ok:
+            self.complete.add(p)
+            return
+        log.error("%s: %s refused the copy of partition %d (%s): sending a fresh one", self.name, sender.node, p,
+                  verdict.error)
+        self.standby[p] = None
+        self._switch(p, sender.incarnation)
+
+    # -- the standby's half ----------------------------------------------------------------------
+
+    def chunk_in(self, sender: Peer, chunk: Chunk) -> None:
+        """A chunk of a copy for a partition we stand by for."""
+        p = chunk.partition
+        key = (sender.incarnation, p)
+        inbound = self.inbound.get(key)
+        if chunk.seq == 0:
+            inbound = self.inbound[key] = StreamIn(chunk.stream, "copy", p, max_bytes=self.config.max_partition_bytes)
+            self.stash[p] = []
+        elif inbound is None or inbound.stream != chunk.stream:
+            if key not in self.inbound:
+                self._refuse(sender, chunk, "a chunk of a copy whose start never came")
+            return
+        try:
+            staged = inbound.take(chunk, self.clock())
+        except TransferError as exc:
+            self._refuse(sender, chunk, str(exc))
+            return
+        if staged is None:
+            return
+        del self.inbound[key]
+        if self.ownership.state[p] in ("owned", "draining"):  # views crossed: what we run is newer
+            self._refuse(sender, chunk, f"{self.name} owns partition {p} in its view")
+            return
+        assert self.work is not None
+        self.work.install(staged)
+        self.held.add(p)
+        self.copies_received += 1
+        for delta in self.stash.pop(p, []):
+            self.work.apply_delta(delta)
+            self.deltas_applied += 1
+        self.send(sender, p, encode_transfer(Verdict("copy", chunk.stream, p, True)), None)
+
+    def _refuse(self, sender: Peer, chunk: Chunk, why: str) -> None:
+        self.inbound[(sender.incarnation, chunk.partition)] = None
+        self.stash.pop(chunk.partition, None)
+        self.refused("malformed", f"the copy of partition {chunk.partition} from {sender.node}: {why}")
+        self.send(sender, chunk.partition, encode_transfer(Verdict("copy", chunk.stream, chunk.partition, False, why)),
+                  None)
+
+    def delta_in(self, sender: Peer, delta: Delta) -> None:
+        """One handler's writes, from the owner of a partition we stand by for."""
+        p = delta.partition
+        if self.ownership.state[p] in ("owned", "draining"):
+            return  # from an owner that lost it to us meanwhile: what we run is newer
+        stash = self.stash.get(p)
+        if stash is not None:  # its copy is still coming: after it
+            stash.append(delta)
+            return
+        assert self.work is not None
+        self.work.apply_delta(delta)
+        self.held.add(p)
+        self.deltas_applied += 1
+
+    def gone(self, incarnation: int) -> None:
+        """An instance died or left: copies it was sending us are void."""
+        for key in [k for k in self.inbound if k[0] == incarnation]:
+            del self.inbound[key]
+            self.stash.pop(key[1], None)
+
+    def stats(self) -> dict[str, int]:
+        owned = [p for p, s in enumerate(self.ownership.state) if s == "owned"]
+        return {
+            "owned": len(owned),
+            "standby_complete": sum(1 for p in owned if p in self.complete),
+            "standby_copying": len(self.copying),
+            "held": len(self.held),
+            "copies_sent": self.copies_sent,
+            "copies_received": self.copies_received,
+            "deltas_sent": self.deltas_sent,
+            "deltas_applied": self.deltas_applied,
+        }

@@ -1,0 +1,353 @@
+"""Handler state (``ctx.state``) on the fake link: committed with the handler, moving with its partition.
+
+A counter per key is the witness: every event adds its amount to its key's total, so a total
+that is off by anything means an event applied twice, lost, or applied to a state that did not
+move with its partition. Queries read the totals back from whichever instance owns each key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
+
+import msgspec
+import pytest
+
+from choreo import ChoreoUsageError, Command, Event, HandlerFailed, MessageTooLarge, NodeConfig, Query, Service, ValidationError, core, wire
+from choreo.runtime.transfer import Chunk, decode_transfer
+from choreo.testing import Harness
+
+CONFIG = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25, handover_timeout=5.0)
+
+
+class Tally(msgspec.Struct):
+    total: int = 0
+    events: int = 0
+
+
+class Note(msgspec.Struct):
+    text: str
+
+
+class Bounded(msgspec.Struct):
+    n: Annotated[int, msgspec.Meta(ge=0)]  # checked when written, as a message's fields are when sent
+
+
+class Add(Event, key="k"):
+    k: str
+    amount: int
+
+
+class Mark(Command, key="k"):
+    k: str
+    what: str  # "note", "negative", "huge", "undeclared", "raise"
+
+
+class GetTally(Query, key="k"):
+    k: str
+
+
+class Listing(Query, key="k"):
+    k: str
+    prefix: str
+
+
+class Tamper(Query, key="k"):
+    k: str
+
+
+class Undeclared(msgspec.Struct):
+    x: int
+
+
+def counter(flaky: set[str] | None = None, partitions: int = 16) -> Service:
+    """The counter service; keys in ``flaky`` fail their first attempt once each (after writing)."""
+    svc = Service("counter", state=[Tally, Note, Bounded], partitions=partitions)
+    failed: set[str] = set()
+
+    @svc.on(Add, retries=3, backoff=0.01)
+    def add(event: Add, ctx: Any) -> None:
+        tally = ctx.state.get(Tally) or Tally()
+        ctx.state.put(Tally(tally.total + event.amount, tally.events + 1))
+        assert ctx.state.get(Tally).total == tally.total + event.amount, "a handler reads its own writes"
+        if flaky is not None and event.k in flaky and event.k not in failed:
+            failed.add(event.k)
+            raise RuntimeError("the first attempt fails after it wrote: its write must not stay")
+
+    @svc.command(Mark, retries=0)
+    def mark(cmd: Mark, ctx: Any) -> str:
+        if cmd.what == "note":
+            ctx.state.put(Note("seen"))
+        elif cmd.what == "negative":
+            ctx.state.put(Note("before the bad value"))
+            ctx.state.put(Bounded(-1))
+        elif cmd.what == "huge":
+            ctx.state.put(Note("x" * (CONFIG.max_state_bytes + 1)))
+        elif cmd.what == "undeclared":
+            ctx.state.put(Undeclared(1))
+        elif cmd.what == "delete":
+            ctx.state.delete(Note)
+        return cmd.what
+
+    @svc.query(GetTally)
+    def get_tally(query: GetTally, ctx: Any) -> int:
+        tally = ctx.state.get(Tally)
+        return tally.total if tally else 0
+
+    @svc.query(Listing)
+    def listing(query: Listing, ctx: Any) -> list[tuple[str, int]]:
+        return [(k, t.total) for k, t in ctx.state.items(Tally, query.prefix)]
+
+    @svc.query(Tamper)
+    def tamper(query: Tamper, ctx: Any) -> None:
+        ctx.state.put(Tally(999))
+
+    return svc
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    asyncio.run(scenario())
+
+
+async def totals(h: Harness, client: Any, keys: list[str]) -> dict[str, int]:
+    return {k: await h.run(client.ask(GetTally(k)), timeout=30) for k in keys}
+
+
+def test_a_handler_that_raises_leaves_no_change_and_its_retry_applies_once() -> None:
+    h = Harness(seed=1, config=CONFIG)
+    client = h.add(None)
+    h.add(counter(flaky={"a", "c"}))
+
+    async def scenario() -> None:
+        await h.start()
+        for n in range(30):
+            await h.run(client.emit(Add(k="abc"[n % 3], amount=n)))
+        await h.run_until(lambda: client.acknowledged, 30, "acknowledged")
+        assert await totals(h, client, ["a", "b", "c"]) == {
+            k: sum(n for n in range(30) if "abc"[n % 3] == k) for k in "abc"
+        }
+
+    run(scenario)
+
+
+def test_duplicates_on_a_lossy_link_never_apply_twice() -> None:
+    h = Harness(seed=2, drop=0.05, duplicate=0.1, reorder=0.1, config=CONFIG)
+    client = h.add(None)
+    h.add(counter())
+    keys = [f"k{i}" for i in range(12)]
+
+    async def scenario() -> None:
+        await h.start()
+        for n in range(600):
+            client.try_emit(Add(k=keys[n % 12], amount=1))
+            if n % 50 == 49:
+                await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
+        await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
+        assert await totals(h, client, keys) == {k: 50 for k in keys}
+
+    run(scenario)
+
+
+def test_state_follows_its_partitions_through_joins_and_graceful_leaves() -> None:
+    h = Harness(seed=3, drop=0.01, duplicate=0.01, config=CONFIG)
+    client = h.add(None)
+    first = h.add(counter())
+    keys = [f"key-{i}" for i in range(40)]
+    expected: Counter[str] = Counter()
+
+    async def burst(count: int, start: int) -> None:
+        for n in range(start, start + count):
+            k = keys[n % len(keys)]
+            expected[k] += n
+            await h.run(client.emit(Add(k=k, amount=n)), timeout=60)
+
+    async def scenario() -> None:
+        await h.start()
+        await burst(200, 0)
+        second = h.join(counter())
+        await burst(200, 200)  # while partitions move to the newcomer
+        third = h.join(counter())
+        await burst(200, 400)
+        await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
+        assert second.dispatcher.state.keys() and third.dispatcher.state.keys(), "the newcomers own keys"
+        await h.leave(first)
+        await burst(100, 600)
+        await h.leave(second)  # the last instance standing has every key
+        await burst(100, 700)
+        await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
+        assert third.dispatcher.state.keys() == len(keys)
+        assert await totals(h, client, keys) == dict(expected)
+        moved = sum(e.moves.transfers.streams_done for e in (first, second))
+        assert moved > 0 and third.moves.transfers.streams_refused == 0
+
+    run(scenario)
+
+
+def test_a_stream_corrupted_in_transit_is_refused_then_sent_again_and_nothing_is_lost() -> None:
+    h = Harness(seed=4, config=CONFIG)
+    client = h.add(None)
+    first = h.add(counter(partitions=4))
+    keys = [f"key-{i}" for i in range(20)]
+    transmit = h.link.transmit
+    corrupted: list[int] = []
+
+    def corrupt_one_chunk(now: float, src: str, dst: str, frame: bytes) -> None:
+        if not corrupted and len(frame) > wire.HEADER_SIZE and wire.parse_header(frame)[0] == wire.DATA:
+            try:
+                envs = core.parse_envelopes(frame[wire.HEADER_SIZE:])
+            except core.MalformedFrame:
+                envs = []
+            for env in envs:
+                if env.kind == wire.KIND_HANDOVER:
+                    message = decode_transfer(env.payload)
+                    if isinstance(message, Chunk) and message.body.count(b"key-") >= 2:
+                        at = frame.find(message.body) + message.body.find(b"key-") + 1
+                        frame = frame[:at] + b"Z" + frame[at + 1:]  # a key's name changed in transit
+                        corrupted.append(message.partition)
+                        break
+        transmit(now, src, dst, frame)
+
+    h.link.transmit = corrupt_one_chunk  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await h.start()
+        for n in range(100):
+            await h.run(client.emit(Add(k=keys[n % 20], amount=1)))
+        second = h.join(counter(partitions=4))
+        await h.run_until(lambda: bool(corrupted) and not first.moves.busy, 60, "the moves done, one chunk corrupted")
+        assert second.moves.transfers.streams_refused == 1 and second.counters.refused["malformed"] == 1
+        assert first.moves.transfers.streams_refused == 1, "the old owner heard why and sent it again"
+        assert await totals(h, client, keys) == {k: 5 for k in keys}, "no key lost, none renamed"
+
+    run(scenario)
+
+
+def test_bad_writes_are_refused_clearly_and_change_nothing() -> None:
+    h = Harness(seed=5, config=CONFIG)
+    client = h.add(None)
+    node = h.add(counter())
+
+    async def scenario() -> None:
+        await h.start()
+        assert await h.run(client.send(Mark(k="x", what="note"))) == "note"
+        with pytest.raises(ValidationError, match=r"state Bounded: Expected `int` >= 0"):
+            await h.run(client.send(Mark(k="x", what="negative")))
+        with pytest.raises(MessageTooLarge, match=r"state Note is \d+ bytes, above the limit of \d+"):
+            await h.run(client.send(Mark(k="x", what="huge")))
+        # the handler's own mistakes: its caller hears what failed, by name
+        with pytest.raises(HandlerFailed, match=r"ChoreoUsageError: 'Undeclared' is not a state type of this service"):
+            await h.run(client.send(Mark(k="x", what="undeclared")))
+        with pytest.raises(HandlerFailed, match=r"may read state, not change it"):
+            await h.run(client.ask(Tamper(k="x")))
+        assert node.dispatcher.stats.dead_lettered == 4, "each failed write at its first attempt, kept"
+        tables = node.dispatcher.state
+        p = core.partition_of(b"x", 16)
+        assert tables.get(tables.types.by_name["Note"], p, b"x") == msgspec.msgpack.encode(Note("seen"))
+        assert tables.get(tables.types.by_name["Bounded"], p, b"x") is None
+        assert await h.run(client.send(Mark(k="x", what="delete"))) == "delete"
+        assert tables.get(tables.types.by_name["Note"], p, b"x") is None
+
+    run(scenario)
+
+
+def test_a_query_lists_the_keys_of_its_partition_by_prefix() -> None:
+    h = Harness(seed=6, config=CONFIG)
+    client = h.add(None)
+    h.add(counter(partitions=1))  # one partition: every key is in it
+
+    async def scenario() -> None:
+        await h.start()
+        for k, amount in [("eu/fr", 1), ("eu/de", 2), ("us/ny", 3), ("eu/it", 4)]:
+            await h.run(client.emit(Add(k=k, amount=amount)))
+        await h.run_until(lambda: client.acknowledged, 30, "acknowledged")
+        assert await h.run(client.ask(Listing(k="eu/fr", prefix="eu/"))) == [["eu/de", 2], ["eu/fr", 1], ["eu/it", 4]]
+        assert await h.run(client.ask(Listing(k="eu/fr", prefix=""))) == [
+            ["eu/de", 2], ["eu/fr", 1], ["eu/it", 4], ["us/ny", 3]
+        ]
+
+    run(scenario)
+
+
+def test_state_is_declared_and_only_keyed_handlers_have_it() -> None:
+    with pytest.raises(ChoreoUsageError, match="must be a msgspec.Struct class"):
+        Service("bad", state=[int])
+    with pytest.raises(ChoreoUsageError, match="replicas=1 copies state, and it declares none"):
+        Service("bad", replicas=1)
+    assert Service("good", state=[Tally], replicas=1).spec().state == ("Tally",)
+
+    class Ping(Event):  # no key
+        n: int
+
+    svc = Service("pinger", state=[Tally])
+
+    @svc.on(Ping, retries=0)
+    def ping(event: Ping, ctx: Any) -> None:
+        ctx.state.get(Tally)
+
+    h = Harness(seed=7, config=CONFIG)
+    client = h.add(None)
+    node = h.add(svc)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(client.emit(Ping(1)))
+        await h.run_until(lambda: node.dispatcher.stats.dead_lettered == 1, 10, "dead-lettered")
+        (letter,) = list(node.dispatcher.dead_letters)
+        assert letter.error_type == "ChoreoUsageError" and "only keyed, competing handlers" in letter.error
+
+    run(scenario)
+
+
+def replicated(partitions: int = 8) -> Service:
+    svc = Service("counter", state=[Tally], partitions=partitions, replicas=1)
+
+    @svc.on(Add)
+    def add(event: Add, ctx: Any) -> None:
+        tally = ctx.state.get(Tally) or Tally()
+        ctx.state.put(Tally(tally.total + event.amount, tally.events + 1))
+
+    @svc.query(GetTally)
+    def get_tally(query: GetTally, ctx: Any) -> int:
+        tally = ctx.state.get(Tally)
+        return tally.total if tally else 0
+
+    return svc
+
+
+def copied(nodes: list[Any]) -> bool:
+    """Every partition these nodes own has a complete standby copy."""
+    return all(n.moves.replicas.stats()["standby_complete"] == n.moves.replicas.stats()["owned"] for n in nodes)
+
+
+@pytest.mark.parametrize("seed", [8, 9, 10])
+def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
+    h = Harness(seed=seed, drop=0.01, duplicate=0.01, reorder=0.02, config=CONFIG)
+    client = h.add(None)
+    nodes = [h.add(replicated()) for _ in range(3)]
+    keys = [f"key-{i}" for i in range(24)]
+    expected: Counter[str] = Counter()
+
+    async def produce(start: int, count: int) -> None:
+        for n in range(start, start + count):
+            k = keys[n % len(keys)]
+            expected[k] += 1
+            await client.emit(Add(k=k, amount=1), timeout=120)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(produce(0, 200), timeout=120)
+        await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
+        task = asyncio.ensure_future(produce(200, 400))
+        await h.run_until(lambda: sum(expected.values()) > 350, 60, "mid-stream")
+        h.crash(nodes[0])  # SIGKILL: its memory is gone
+        await h.run(task, timeout=300)
+        await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
+        assert await totals(h, client, keys) == dict(expected), f"seed {seed}"
+        await h.run_until(lambda: copied(nodes[1:]), 30, "the survivors copied each other's partitions")
+        h.crash(nodes[1])  # the last copy of some partitions is now on nodes[2] alone, up to date
+        await h.advance(CONFIG.dead_after + 2)
+        assert await totals(h, client, keys) == dict(expected), f"seed {seed}: after a second crash"
+
+    run(scenario)
