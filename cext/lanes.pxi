@@ -306,8 +306,13 @@ cdef class FastLane:
                 return handled, i, LANE_FAILED, message, exc, t0
             # emits, sends, or state writes that need a job (a standby must confirm them): the
             # caller takes over; other state writes are applied here, as the handler succeeded
-            if e.takes_context and (ctx.outputs or (ctx.writes is not None and ctx.commit_writes())):
-                return handled, i, LANE_EFFECTS, message, ctx, t0
+            if e.takes_context:
+                if ctx.outputs:
+                    return handled, i, LANE_EFFECTS, message, ctx, t0
+                if ctx.writes is not None:
+                    view = ctx.state
+                    if (<StateView>view)._commit(env) if type(view) is StateView else view.commit(env):
+                        return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
             if spans_append is not None:
                 # choreo.tracing's span layout; the three ids as one bytes object (msg_id | trace_id |

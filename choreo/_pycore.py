@@ -56,6 +56,7 @@ __all__ = [
     "IdSource",
     "EmitLane",
     "FastLane",
+    "StateView",
     "KIND_EVENT",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
@@ -1302,7 +1303,7 @@ class FastLane:
                 return handled, i, LANE_FAILED, message, exc, t0
             # emits, sends, or state writes that need a job (a standby must confirm them): the
             # caller takes over; other state writes are applied here, as the handler succeeded
-            if takes_context and (ctx.outputs or (ctx.writes is not None and ctx.commit_writes())):
+            if takes_context and (ctx.outputs or (ctx.writes is not None and ctx.state.commit(env))):
                 return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
             if spans_append is not None:
@@ -1315,3 +1316,145 @@ class FastLane:
             reorder.complete(env.seq)
             handled += 1
         return handled, len(envs), LANE_END, None, None, 0.0
+
+
+# ---------------------------------------------------------------------------------------- state
+
+_KIND_QUERY = 3  # (choreo.wire.KIND_QUERY)
+
+
+class StateView:
+    """``ctx.state``: the values of declared types for the message's key (``choreo.State``).
+
+    One view serves one handler context for every message it sees (the compiled lane reuses its
+    context): each call reads the message from ``ctx.envelope``. Writes are buffered in
+    ``ctx.writes`` (type index -> body, None for a delete) and applied by :meth:`commit` once
+    the handler returned without raising. ``tables[t][partition]`` maps a key to the body of
+    its value of type ``t``; ``index`` maps a declared type to ``t``; ``decoders[t]`` decodes
+    (and so checks) a body; ``encode`` encodes a value. Every refusal goes through
+    ``fail(what, t, detail)``, which raises the caller's error (``what``: ``"no_key"``,
+    ``"read_only"``, ``"undeclared"``, ``"invalid"``, ``"too_large"``, ``"too_large_total"``).
+    ``standby[partition]``, when given, is not None where a standby must get a write before its
+    input is acknowledged: :meth:`commit` leaves those writes to the caller.
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        tables: list[list[dict[bytes, bytes]]],
+        index: dict[type, int],
+        decoders: list[Any],
+        encode: Any,
+        limit: int,
+        fail: Any,
+        standby: list[Any] | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._tables = tables
+        self._index = index
+        self._decoders = decoders
+        self._encode = encode
+        self._limit = limit
+        self._fail = fail
+        self._standby = standby
+
+    def _key_of(self, env: Any) -> None:
+        if env.flags & (FLAG_UNKEYED | FLAG_BROADCAST):
+            self._fail("no_key", None, None)
+
+    def _type(self, cls: Any) -> int:
+        t = self._index.get(cls)
+        if t is None:
+            self._fail("undeclared", cls, None)
+        return t  # type: ignore[no-any-return]
+
+    def get(self, cls: Any, default: Any = None) -> Any:
+        ctx = self._ctx
+        env = ctx.envelope
+        self._key_of(env)
+        t = self._type(cls)
+        writes = ctx.writes
+        if writes is not None and t in writes:
+            body = writes[t]
+        else:
+            body = self._tables[t][env.partition].get(env.key)
+        if body is None:
+            return default
+        return self._decoders[t](body)
+
+    def put(self, value: Any) -> None:
+        ctx = self._ctx
+        env = ctx.envelope
+        self._key_of(env)
+        if env.kind == _KIND_QUERY:
+            self._fail("read_only", None, None)
+        t = self._type(type(value))
+        body = self._encode(value)
+        try:
+            self._decoders[t](body)  # a value is checked against its type when it is written
+        except Exception as exc:
+            self._fail("invalid", t, exc)
+        if len(body) > self._limit:
+            self._fail("too_large", t, len(body))
+        writes = ctx.writes
+        if writes is None:
+            ctx.writes = {t: body}
+            return
+        writes[t] = body
+        if len(writes) > 1:
+            total = sum(len(b) for b in writes.values() if b is not None)
+            if total > self._limit:
+                del writes[t]
+                self._fail("too_large_total", t, total)
+
+    def delete(self, cls: Any) -> None:
+        ctx = self._ctx
+        env = ctx.envelope
+        self._key_of(env)
+        if env.kind == _KIND_QUERY:
+            self._fail("read_only", None, None)
+        t = self._type(cls)
+        writes = ctx.writes
+        if writes is None:
+            ctx.writes = {t: None}
+        else:
+            writes[t] = None
+
+    def items(self, cls: Any, prefix: str | bytes = "") -> list[tuple[str, Any]]:
+        ctx = self._ctx
+        env = ctx.envelope
+        self._key_of(env)
+        t = self._type(cls)
+        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
+        found = {k: v for k, v in self._tables[t][env.partition].items() if k.startswith(raw)}
+        writes = ctx.writes
+        key = env.key
+        if writes is not None and t in writes and key.startswith(raw):
+            body = writes[t]
+            if body is None:
+                found.pop(key, None)
+            else:
+                found[key] = body
+        decode = self._decoders[t]
+        return [(k.decode("utf-8", "surrogateescape"), decode(found[k])) for k in sorted(found)]
+
+    def commit(self, env: Any) -> bool:
+        """The handler of ``env`` succeeded: apply its buffered writes (False), or leave them
+        to the caller (True: the partition has a standby that must get them first)."""
+        standby = self._standby
+        partition = env.partition
+        if standby is not None and standby[partition] is not None:
+            return True
+        ctx = self._ctx
+        writes = ctx.writes
+        ctx.writes = None
+        if writes:
+            key = env.key
+            tables = self._tables
+            for t, body in writes.items():
+                table = tables[t][partition]
+                if body is None:
+                    table.pop(key, None)
+                else:
+                    table[key] = body
+        return False

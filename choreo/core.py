@@ -52,6 +52,7 @@ assign_partitions = _impl.assign_partitions
 IdSource = _impl.IdSource
 EmitLane = _impl.EmitLane
 FastLane = _impl.FastLane
+StateView = _impl.StateView
 KIND_EVENT = _impl.KIND_EVENT
 FLAG_UNKEYED = _impl.FLAG_UNKEYED
 FLAG_BROADCAST = _impl.FLAG_BROADCAST
@@ -92,6 +93,7 @@ __all__ = [
     "IdSource",
     "EmitLane",
     "FastLane",
+    "StateView",
     "KIND_EVENT",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",

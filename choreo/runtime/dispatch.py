@@ -52,7 +52,7 @@ from .channels import InChannel
 from .deadletters import DeadLetter, DeadLetters
 from .moves import Moves
 from .replicas import Replicas
-from .state import StateTables, StateView
+from .state import StateTables, state_view
 from .transfer import Delta, Piece, Staged
 
 __all__ = ["Job", "HandlerContext", "Dispatcher", "Host"]
@@ -139,7 +139,7 @@ class HandlerContext:
     ``writes``, the handler's buffered state writes).
     """
 
-    __slots__ = ("_host", "envelope", "handler", "_attempt", "outputs", "writes", "_tables", "_keeper", "state_limit")
+    __slots__ = ("_host", "envelope", "handler", "_attempt", "outputs", "writes", "_keeper", "state")
 
     def __init__(
         self, host: Host, envelope: Any, handler: Handler, attempt: int = 0, keeper: Dispatcher | None = None
@@ -151,18 +151,15 @@ class HandlerContext:
         self.outputs: list[Message] = []
         self.writes: dict[int, bytes | None] | None = None
         self._keeper = keeper
-        self._tables = keeper.state if keeper is not None else None
-        self.state_limit = keeper.config.max_state_bytes if keeper is not None else 0
-
-    @property
-    def state(self) -> StateView:
-        """The state of this message's key (see :class:`choreo.State`)."""
-        return StateView(self)
-
-    def commit_writes(self) -> bool:
-        """The handler succeeded: apply its state writes now (True: they wait for a job instead)."""
-        assert self._keeper is not None
-        return self._keeper.commit_writes(self)
+        # the state of this message's key (see choreo.State): a plain attribute, read per message
+        self.state: Any = (
+            state_view(
+                self, keeper.state, keeper.config.max_state_bytes,
+                keeper.replicas.standby if keeper.replicas is not None else None,
+            )
+            if keeper is not None and keeper.state is not None
+            else NoState(self)
+        )
 
     @property
     def message_id(self) -> bytes:
@@ -223,6 +220,22 @@ class HandlerContext:
         self._declared(query, self.handler.sends, "send")
         env = self.envelope
         return await self._host.ask(query, timeout=timeout, trace_id=env.trace_id, cause_id=env.msg_id)
+
+
+class NoState:
+    """``ctx.state`` of a service that declares no state types: every use says how to declare them."""
+
+    __slots__ = ("_ctx",)
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self._ctx = ctx
+
+    def __getattr__(self, name: str) -> Any:
+        handler = self._ctx.handler
+        raise ChoreoUsageError(
+            f"handler {handler.name} ({handler.where}) uses ctx.state, but service {handler.service} "
+            "declares no state types: Service(..., state=[YourType])"
+        )
 
 
 @dataclass
@@ -705,17 +718,6 @@ class Dispatcher:
             self._ship_ready(job.env.key)
 
     # -- state ---------------------------------------------------------------------------------
-
-    def commit_writes(self, ctx: HandlerContext) -> bool:
-        """A handler the compiled lane ran succeeded with state writes and no outputs: apply them
-        (False: done here). See :meth:`HandlerContext.commit_writes`."""
-        if self.replicas is not None and self.replicas.copies(ctx.envelope.partition):
-            return True  # a job: its writes reach the standby before its input is acknowledged
-        writes = ctx.writes
-        ctx.writes = None
-        if writes:
-            self._apply(ctx.envelope, writes)
-        return False
 
     def _apply(self, env: Any, writes: dict[int, bytes | None], job: Job | None = None) -> None:
         state = self.state

@@ -112,7 +112,7 @@ class Replicas:
             pump.stop()
         self.copying.clear()
         self.complete.clear()
-        self.standby = [None] * self.ownership.partitions
+        self.standby[:] = [None] * self.ownership.partitions  # in place: the state views read this list
         self.inbound.clear()
         self.stash.clear()
         self.name = name

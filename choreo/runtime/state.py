@@ -22,17 +22,20 @@ Everything of one partition can be exported (:meth:`StateTables.entries`) and in
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import ChoreoUsageError, MessageTooLarge
+from .. import core
+from ..errors import ChoreoUsageError, MessageTooLarge, ValidationError
 from ..statetypes import StateTypes
 
-__all__ = ["StateTables", "StateView"]
+__all__ = ["StateTables", "state_view"]
 
 T = TypeVar("T", bound=msgspec.Struct)
 Writes = dict[int, "bytes | None"]  # a handler's buffered writes: type index -> value (None: delete)
+_encoder = msgspec.msgpack.Encoder()
 
 
 class StateTables:
@@ -52,30 +55,19 @@ class StateTables:
         self.types = types
         self.partitions = partitions
         self.tables: list[list[dict[bytes, bytes]]] = [[{} for _ in range(partitions)] for _ in types.types]
-        self.bytes = 0  # keys and bodies held, all partitions
 
     def get(self, t: int, p: int, key: bytes) -> bytes | None:
         return self.tables[t][p].get(key)
 
     def apply(self, p: int, key: bytes, writes: Writes) -> None:
-        """Apply one handler's writes to the value of ``key`` in partition ``p``."""
+        """Apply one handler's writes to the value of ``key`` in partition ``p`` (the core's
+        StateView.commit does the same for the compiled lane)."""
         for t, body in writes.items():
             table = self.tables[t][p]
-            old = table.get(key)
-            if old is not None:
-                self.bytes -= len(key) + len(old)
             if body is None:
-                if old is not None:
-                    del table[key]
+                table.pop(key, None)
             else:
                 table[key] = body
-                self.bytes += len(key) + len(body)
-
-    def scan(self, t: int, p: int, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """The keys of type ``t`` in partition ``p`` that start with ``prefix``, in key order."""
-        table = self.tables[t][p]
-        for key in sorted(k for k in table if k.startswith(prefix)):
-            yield key, table[key]
 
     # -- a partition as a whole -----------------------------------------------------------------
 
@@ -95,112 +87,58 @@ class StateTables:
     def drop(self, p: int) -> None:
         """Forget partition ``p`` (it moved away)."""
         for per_partition in self.tables:
-            table = per_partition[p]
-            self.bytes -= sum(len(k) + len(v) for k, v in table.items())
-            per_partition[p] = {}
+            per_partition[p].clear()  # the same dict: views hold the tables, not copies
 
     def install(self, p: int, staged: list[dict[bytes, bytes]]) -> None:
         """Replace partition ``p`` with ``staged`` (one dict per type), received whole."""
-        self.drop(p)
         for t, table in enumerate(staged):
-            self.tables[t][p] = table
-            self.bytes += sum(len(k) + len(v) for k, v in table.items())
+            mine = self.tables[t][p]
+            mine.clear()
+            mine.update(table)
 
     def keys(self) -> int:
         return sum(len(table) for per_partition in self.tables for table in per_partition)
 
+    def size(self) -> int:
+        """Bytes of keys and values held (what they take in memory is more: see the bench)."""
+        return sum(len(k) + len(v) for per_partition in self.tables for table in per_partition for k, v in table.items())
 
-class StateView:
-    """``ctx.state``: the state of the message's key (see :class:`choreo.State`).
 
-    Writes are buffered in the handler's context and applied only if the handler returns
-    without raising; reads see the handler's own earlier writes.
-    """
+def state_view(ctx: Any, tables: StateTables, limit: int, standby: list[Any] | None = None) -> Any:
+    """``ctx.state`` for one handler context: the core's :class:`~choreo.core.StateView` over
+    ``tables``, refusing with choreo's errors. ``standby``: the replicas' standby list (a write
+    in a partition with a standby waits for a job, see :mod:`~choreo.runtime.replicas`)."""
+    types = tables.types
+    return core.StateView(
+        ctx, tables.tables, types.index, [d.decode for d in types.decoders], _encoder.encode, limit,
+        partial(_refuse, ctx, types, limit), standby,
+    )
 
-    __slots__ = ("_ctx",)
 
-    def __init__(self, ctx: Any) -> None:
-        self._ctx = ctx
-
-    def _where(self) -> tuple[StateTables, int, bytes]:
-        ctx = self._ctx
-        tables = ctx._tables
-        handler = ctx.handler
-        if tables is None:
-            raise ChoreoUsageError(
-                f"handler {handler.name} ({handler.where}) uses ctx.state, but service {handler.service} "
-                "declares no state types: Service(..., state=[YourType])"
-            )
-        env = ctx.envelope
-        if handler.broadcast or handler.key is None or not env.key:
-            raise ChoreoUsageError(
-                f"handler {handler.name} ({handler.where}) uses ctx.state, which belongs to a key: "
-                "only keyed, competing handlers and queries have state (give the handler key=...)"
-            )
-        return tables, env.partition, env.key
-
-    def get(self, cls: type[T], default: T | None = None) -> T | None:
-        """The value of type ``cls`` for this message's key, or ``default``.
-
-        >>> # stock = ctx.state.get(Stock) or Stock(sku=event.sku)
-        """
-        tables, p, key = self._where()
-        t = tables.types.of(cls)
-        writes = self._ctx.writes
-        if writes is not None and t in writes:
-            body = writes[t]
-        else:
-            body = tables.tables[t][p].get(key)
-        if body is None:
-            return default
-        return tables.types.decoders[t].decode(body)  # type: ignore[no-any-return]
-
-    def put(self, value: msgspec.Struct) -> None:
-        """Set this key's value of ``type(value)`` (applied when the handler succeeds)."""
-        tables, _, _ = self._where()
-        ctx = self._ctx
-        self._writable()
-        t, body = tables.types.encode(value, ctx.state_limit)
-        writes = ctx.writes
-        if writes is None:
-            writes = ctx.writes = {}
-        writes[t] = body
-        if len(writes) > 1 and sum(len(b) for b in writes.values() if b) > ctx.state_limit:
-            del writes[t]
-            raise MessageTooLarge(
-                f"the state values handler {ctx.handler.name} writes are over {ctx.state_limit} bytes together "
-                "(NodeConfig.max_state_bytes: one key's changes travel in one message)"
-            )
-
-    def delete(self, cls: type) -> None:
-        """Remove this key's value of type ``cls`` (applied when the handler succeeds)."""
-        tables, _, _ = self._where()
-        ctx = self._ctx
-        self._writable()
-        t = tables.types.of(cls)
-        writes = ctx.writes
-        if writes is None:
-            writes = ctx.writes = {}
-        writes[t] = None
-
-    def items(self, cls: type[T], prefix: str | bytes = "") -> list[tuple[str, T]]:
-        """``(key, value)`` of type ``cls`` for every key of this partition that starts with
-        ``prefix``, in key order (only this partition: keys elsewhere live on their owners)."""
-        tables, p, key = self._where()
-        t = tables.types.of(cls)
-        raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
-        found = dict(tables.scan(t, p, raw))
-        writes = self._ctx.writes
-        if writes is not None and t in writes and key.startswith(raw):
-            body = writes[t]
-            if body is None:
-                found.pop(key, None)
-            else:
-                found[key] = body
-        decode = tables.types.decoders[t].decode
-        return [(k.decode("utf-8", "surrogateescape"), decode(found[k])) for k in sorted(found)]
-
-    def _writable(self) -> None:
-        handler = self._ctx.handler
-        if handler.kind == "query":
-            raise ChoreoUsageError(f"query handler {handler.name} ({handler.where}) may read state, not change it")
+def _refuse(ctx: Any, types: StateTypes, limit: int, what: str, t: Any, detail: Any) -> None:
+    """Raise the error for a refused use of ``ctx.state`` (called by the core's StateView)."""
+    handler = ctx.handler
+    if what == "no_key":
+        raise ChoreoUsageError(
+            f"handler {handler.name} ({handler.where}) uses ctx.state, which belongs to a key: "
+            "only keyed, competing handlers and queries have state (give the handler key=...)"
+        )
+    if what == "read_only":
+        raise ChoreoUsageError(f"query handler {handler.name} ({handler.where}) may read state, not change it")
+    if what == "undeclared":
+        types.of(t)  # raises, naming what is declared
+    if what == "invalid":
+        if isinstance(detail, msgspec.ValidationError):
+            raise ValidationError(f"state {types.names[t]}: {detail}") from None
+        raise detail
+    if what == "too_large":
+        raise MessageTooLarge(
+            f"state {types.names[t]} is {detail} bytes, above the limit of {limit} "
+            "(NodeConfig.max_state_bytes): keep large data elsewhere and store a reference"
+        )
+    if what == "too_large_total":
+        raise MessageTooLarge(
+            f"the state values handler {handler.name} writes are {detail} bytes together, above {limit} "
+            "(NodeConfig.max_state_bytes: one key's changes travel in one message)"
+        )
+    raise ChoreoUsageError(f"ctx.state refused ({what})")  # pragma: no cover - every case is above

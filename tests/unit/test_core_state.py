@@ -1,0 +1,128 @@
+"""ctx.state's core (StateView): reads, buffered writes and their commit, the same in both cores."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+import pytest
+
+from choreo import _core, _pycore
+
+CORES = [pytest.param(_core, id="compiled"), pytest.param(_pycore, id="pure")]
+Z = bytes(16)
+QUERY = 3
+
+
+class Tally(msgspec.Struct):
+    n: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class Note(msgspec.Struct):
+    text: str
+
+
+class Refused(Exception):
+    pass
+
+
+class Ctx:
+    """What a StateView reads of a handler context."""
+
+    def __init__(self) -> None:
+        self.envelope: Any = None
+        self.writes: dict[int, bytes | None] | None = None
+
+
+def env(core: Any, key: bytes, partition: int = 1, kind: int = 1, flags: int = 0) -> Any:
+    raw = core.pack_envelope(1, kind, flags, b"T", key, partition, b"m" * 16, Z, Z, b"\x90")
+    (e,) = core.parse_envelopes(raw)
+    return e
+
+
+def view(core: Any, standby: list[Any] | None = None, limit: int = 64) -> tuple[Any, Ctx, list[list[dict]]]:
+    ctx = Ctx()
+    tables: list[list[dict[bytes, bytes]]] = [[{} for _ in range(4)] for _ in range(2)]
+    decoders = [msgspec.msgpack.Decoder(Tally).decode, msgspec.msgpack.Decoder(Note).decode]
+
+    def fail(what: str, t: Any, detail: Any) -> None:
+        raise Refused(what, t if not isinstance(t, type) else t.__name__, type(detail).__name__)
+
+    v = core.StateView(ctx, tables, {Tally: 0, Note: 1}, decoders, msgspec.msgpack.encode, limit, fail, standby)
+    return v, ctx, tables
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_writes_wait_for_the_commit_and_reads_see_them_first(core: Any) -> None:
+    v, ctx, tables = view(core)
+    ctx.envelope = env(core, b"k")
+    assert v.get(Tally) is None and v.get(Tally, Tally(7)) == Tally(7)
+    v.put(Tally(3))
+    assert v.get(Tally) == Tally(3), "a handler reads its own write"
+    assert tables[0][1] == {}, "nothing applied before the commit"
+    assert v.commit(ctx.envelope) is False
+    assert ctx.writes is None and tables[0][1] == {b"k": msgspec.msgpack.encode(Tally(3))}
+    v.delete(Tally)
+    assert v.get(Tally) is None and b"k" in tables[0][1]
+    v.commit(ctx.envelope)
+    assert tables[0][1] == {}
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_items_list_the_partition_by_prefix_with_the_handlers_own_writes(core: Any) -> None:
+    v, ctx, tables = view(core)
+    tables[1][1].update({b"eu/fr": msgspec.msgpack.encode(Note("a")), b"us/ny": msgspec.msgpack.encode(Note("b"))})
+    ctx.envelope = env(core, b"eu/de")
+    v.put(Note("c"))
+    assert v.items(Note, "eu/") == [("eu/de", Note("c")), ("eu/fr", Note("a"))]
+    assert [k for k, _ in v.items(Note)] == ["eu/de", "eu/fr", "us/ny"]
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_every_misuse_is_refused_and_changes_nothing(core: Any) -> None:
+    v, ctx, tables = view(core, limit=24)
+    ctx.envelope = env(core, b"k")
+    with pytest.raises(Refused, match="'invalid', 0, 'ValidationError'"):
+        v.put(Tally(-1))
+    with pytest.raises(Refused, match="'too_large', 1, 'int'"):
+        v.put(Note("x" * 20))
+    with pytest.raises(Refused, match="'undeclared', 'dict'"):
+        v.put({"n": 1})
+    v.put(Tally(1))
+    with pytest.raises(Refused, match="'too_large_total', 1, 'int'"):
+        v.put(Note("x" * 14))  # alone it fits; with the Tally it does not
+    assert ctx.writes == {0: msgspec.msgpack.encode(Tally(1))}, "the refused write is not kept"
+    ctx.writes = None
+    ctx.envelope = env(core, b"", flags=1)  # unkeyed
+    with pytest.raises(Refused, match="no_key"):
+        v.get(Tally)
+    ctx.envelope = env(core, b"k", kind=QUERY)
+    assert v.get(Tally) is None
+    with pytest.raises(Refused, match="read_only"):
+        v.put(Tally(1))
+    with pytest.raises(Refused, match="read_only"):
+        v.delete(Tally)
+    assert all(not t for per_type in tables for t in per_type)
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_partition_with_a_standby_leaves_its_writes_to_a_job(core: Any) -> None:
+    standby: list[Any] = [None, 42, None, None]
+    v, ctx, tables = view(core, standby=standby)
+    ctx.envelope = env(core, b"k", partition=1)
+    v.put(Tally(5))
+    assert v.commit(ctx.envelope) is True and ctx.writes is not None and tables[0][1] == {}
+    standby[1] = None  # the standby went: the write is applied here at once
+    assert v.commit(ctx.envelope) is False and tables[0][1] == {b"k": msgspec.msgpack.encode(Tally(5))}
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_any_envelope_shaped_object_works(core: Any) -> None:
+    class Replayed:  # a replayed dead letter is not a core Envelope
+        flags, kind, partition, key = 0, 1, 2, b"r"
+
+    v, ctx, tables = view(core)
+    ctx.envelope = Replayed()
+    v.put(Tally(9))
+    v.commit(ctx.envelope)
+    assert v.get(Tally) == Tally(9) and b"r" in tables[0][2]
