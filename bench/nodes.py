@@ -13,6 +13,8 @@ there by ``"out"``: no parsing of logs, no shared memory.
   ``k`` (or ``TickU``, unkeyed), check per-key order, answer the ``Echo`` command (latency), and
   answer the system query ``bench`` with what they saw.
 * ``pinger``: sends ``Echo`` commands one after another and reports each round trip.
+* ``counter_state`` / ``counter_plain``: count ``Tick`` per key, in ``ctx.state`` or in a dict
+  (the same handler otherwise), and answer ``bench`` with their counts, memory and moves.
 
 Event bodies: ``k`` (the key), ``n`` (the producer's sequence number, for the order check) and
 ``body`` (padding): ``body_for`` sizes the padding so the encoded event has the wanted size.
@@ -26,9 +28,14 @@ import os
 import time
 from typing import Any
 
+import msgspec
+
 from choreo import Backpressure, Command, Event, Service
 
-__all__ = ["CONSUMERS", "Echo", "Tick", "TickU", "body_for", "consumer", "encoded", "pinger", "producer"]
+__all__ = [
+    "CONSUMERS", "Count", "Echo", "Tick", "TickU", "body_for", "consumer", "counter_plain", "counter_state", "encoded",
+    "pinger", "producer",
+]
 
 
 class Tick(Event, key="k"):
@@ -265,3 +272,66 @@ async def ping(node: Any) -> None:
     except Exception as exc:
         result = {"error": f"{type(exc).__name__}: {exc}"}
     _write(p.get("out"), result)
+
+
+# ---------------------------------------------------------------------------------------- state
+
+class Count(msgspec.Struct):
+    """A counter per key: the value a read-modify-write handler keeps."""
+
+    n: int = 0
+
+
+def _make_counter(name: str, stateful: bool) -> Service:
+    """A consumer that counts ``Tick`` per key: in ``ctx.state`` (``counter_state``) or in a module
+    dict (``counter_plain``), with the same read, the same new value and the same write."""
+    svc = Service(name, state=[Count] if stateful else [])
+    seen = {"handled": 0}
+    plain: dict[str, Count] = {}
+
+    if stateful:
+
+        @svc.on(Tick)
+        def count_in_state(ev: Tick, ctx: Any) -> None:
+            state = ctx.state
+            c = state.get(Count)
+            state.put(Count(c.n + 1) if c is not None else Count(1))
+
+    else:
+
+        @svc.on(Tick)
+        def count_in_dict(ev: Tick) -> None:
+            c = plain.get(ev.k)
+            plain[ev.k] = Count(c.n + 1) if c is not None else Count(1)
+
+    @svc.task
+    async def report(node: Any) -> None:
+        rss_start = rss_kb()
+
+        def answer(args: dict[str, Any]) -> dict[str, Any]:
+            engine = node.engine
+            tables = engine.dispatcher.state
+            if tables is not None:
+                decode = msgspec.msgpack.Decoder(Count).decode
+                counts = [decode(v).n for per_type in tables.tables for t in per_type for v in t.values()]
+            else:
+                counts = [c.n for c in plain.values()]
+            moves = engine.moves
+            return {
+                "handled": engine.dispatcher.stats.processed,
+                "keys": len(counts),
+                "counted": sum(counts),
+                "state_bytes": tables.size() if tables is not None else 0,
+                "rss_start_kb": rss_start,
+                "rss_kb": rss_kb(),
+                "transfers": moves.transfers.to_dict() if moves is not None else {},
+                "moving": bool(moves is not None and moves.busy),
+            }
+
+        node.engine.register_rpc("bench", answer)
+
+    return svc
+
+
+counter_plain = _make_counter("counter_plain", stateful=False)
+counter_state = _make_counter("counter_state", stateful=True)

@@ -404,8 +404,11 @@ class Dispatcher:
         for msg_id, (t, ttl, reply, partition) in list(self.results.items()):
             if partition == p:
                 yield Piece(results=[(msg_id, t, ttl, reply)])
-        if self.state is None:
-            return
+        if self.state is not None:
+            yield from _bunched(self._state_entries(p, settled))
+
+    def _state_entries(self, p: int, settled: bool) -> Iterator[tuple[str, bytes, bytes]]:
+        assert self.state is not None
         names = self.state.types.names
         before: dict[tuple[int, bytes], bytes | None] = {}
         if settled:
@@ -420,10 +423,10 @@ class Dispatcher:
                     if old is None:
                         continue
                     body = old
-            yield Piece(state=[(names[t], key, body)])
+            yield names[t], key, body
         for (t, key), old in before.items():  # a value its pending writes created, or deleted
             if old is not None:
-                yield Piece(state=[(names[t], key, old)])
+                yield names[t], key, old
 
     def forget_partition(self, p: int) -> None:
         """Partition ``p`` is its new owner's now: forget its dedup ids, results and state here."""
@@ -920,6 +923,20 @@ class Dispatcher:
 
 _DEDUP_RECORD = struct.Struct("<16sd")
 DEDUP_PER_PIECE = 4096  # dedup ids per stream piece (about 100 KB)
+
+
+def _bunched(entries: Iterator[tuple[str, bytes, bytes]], limit: int = 32 << 10) -> Iterator[Piece]:
+    """State entries as pieces of about ``limit`` bytes (a stream cuts its chunks from pieces)."""
+    bunch: list[tuple[str, bytes, bytes]] = []
+    size = 0
+    for entry in entries:
+        bunch.append(entry)
+        size += len(entry[1]) + len(entry[2])
+        if size >= limit:
+            yield Piece(state=bunch)
+            bunch, size = [], 0
+    if bunch:
+        yield Piece(state=bunch)
 
 
 def _without(blob: bytes, ids: dict[bytes, Any]) -> bytes:

@@ -221,6 +221,8 @@ class Moves:
             sending.pump.stop()
             sending.pump, sending.target, sending.retry_at = pump, peer.incarnation, None
         sending.ids.add(stream.stream)
+        if not self.transfers.streams_sent:
+            self.transfers.first_sent_at = self.clock()
         self.transfers.streams_sent += 1
         pump.run()
 
@@ -240,6 +242,7 @@ class Moves:
             del self.sending[p]
             sending.pump.stop()
             self.transfers.streams_done += 1
+            self.transfers.last_done_at = self.clock()
             self.transfers.entries_sent += sending.pump.stream.items
             self.transfers.bytes_sent += sending.pump.stream.bytes
             if self.ownership.state[p] == "draining":
@@ -430,11 +433,12 @@ class TransferStats:
     """What this node streamed and received (partitions moving, their keys and bytes)."""
 
     __slots__ = ("streams_sent", "streams_done", "streams_received", "streams_refused", "entries_sent", "entries_received",
-                 "bytes_sent", "bytes_received")
+                 "bytes_sent", "bytes_received", "first_sent_at", "last_done_at")
 
     def __init__(self) -> None:
         self.streams_sent = self.streams_done = self.streams_received = self.streams_refused = 0
         self.entries_sent = self.entries_received = self.bytes_sent = self.bytes_received = 0
+        self.first_sent_at = self.last_done_at = 0.0  # the node's clock: how long moves took
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, float]:
         return {name: getattr(self, name) for name in self.__slots__}
