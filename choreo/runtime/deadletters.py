@@ -17,10 +17,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
-__all__ = ["DeadLetter", "DeadLetters"]
+import msgspec
+
+__all__ = ["DeadLetter", "DeadLetters", "LetterJournal"]
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class LetterJournal(Protocol):
+    """Where a durable node's dead letters are kept (:class:`~choreo.runtime.journal.Journal`)."""
+
+    def letter(self, letter_id: int, encoded: bytes) -> None: ...
+
+    def letter_gone(self, letter_id: int) -> None: ...
 
 
 @dataclass
@@ -61,12 +73,22 @@ class DeadLetter:
             "failed_at": self.last_failed,
         }
 
+    def encode(self) -> bytes:
+        """The letter as bytes (a durable node's store keeps it so)."""
+        return _encoder.encode(asdict(self))
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeadLetter:
+        """A letter from :meth:`encode`'s bytes (msgspec errors or TypeError if they are not one)."""
+        return cls(**msgspec.msgpack.decode(data, type=dict[str, Any]))
+
 
 class DeadLetters:
     """The newest ``limit`` dead letters of one node, by id (ids are never reused)."""
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: int = 10_000, journal: LetterJournal | None = None) -> None:
         self.limit = limit
+        self.journal = journal  # a durable node keeps its letters in its store
         self._letters: OrderedDict[int, DeadLetter] = OrderedDict()
         self._next = 1
         self.added = 0  # letters ever stored (a counter)
@@ -78,14 +100,25 @@ class DeadLetters:
         self._next += 1
         self._letters[letter.id] = letter
         self.added += 1
+        if self.journal is not None:
+            self.journal.letter(letter.id, letter.encode())
         while len(self._letters) > self.limit:
-            self._letters.popitem(last=False)
+            gone, _ = self._letters.popitem(last=False)
             self.evicted += 1
+            if self.journal is not None:
+                self.journal.letter_gone(gone)
         return letter
 
     def put_back(self, letter: DeadLetter) -> None:
         """A replayed letter failed again (or could not run): it is stored again under its id."""
         self._letters[letter.id] = letter
+        if self.journal is not None:
+            self.journal.letter(letter.id, letter.encode())
+
+    def restore(self, letter: DeadLetter) -> None:
+        """A letter from a durable node's store, under its own id (ids stay unique)."""
+        self._letters[letter.id] = letter
+        self._next = max(self._next, letter.id + 1)
 
     def take(self, letter_id: int) -> DeadLetter:
         """Remove and return one letter (KeyError naming the id if there is none)."""

@@ -43,13 +43,15 @@ from .channels import InChannel
 from .dispatch import Dispatcher, Job
 from .gossip import Gossip
 from .holds import Holds
+from .journal import Journal
 from .lifecycle import Lifecycle
-from .membership import Membership, Peer
+from .membership import Membership, Peer, durable_key
 from .moves import Moves
 from .outbox import Outbox
 from .ownership import Ownership
 from .routing import ZERO_ID, Router
 from .stats import Counters, NodeStats, PeerStats
+from .store import Store
 
 __all__ = ["Engine", "Transport", "RUN_BUDGET"]
 
@@ -88,8 +90,13 @@ class Engine:
         name: str | None = None,
         ids: Any = None,
         incarnations: Callable[[], int] | None = None,
+        store: Store | None = None,
     ) -> None:
-        """``ids`` and ``incarnations`` draw fresh message ids and incarnations (seeded in tests)."""
+        """``ids`` and ``incarnations`` draw fresh message ids and incarnations (seeded in tests).
+
+        ``store``: a durable node's store (:mod:`~choreo.runtime.store`), opened for it: the node
+        takes its name from it, and a rendezvous key derived from that name.
+        """
         if service is not None:
             service.validate()
         self.service = service
@@ -100,8 +107,17 @@ class Engine:
         self._incarnations = incarnations or _new_incarnation
         self.incarnation = incarnation or self._incarnations()
         self._label = service.name if service else "client"
+        if store is not None and name is None:
+            name = store.identity.name
         self._auto_name = name is None
         self.name = name or f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
+        # a durable node: what must commit before it acks, and a key that keeps its partitions
+        self.journal = (
+            Journal(store, clock=clock, wall=wall, call_later=self.call_later, max_delay=config.tick)
+            if store is not None
+            else None
+        )
+        self._key = durable_key(self.name) if store is not None else b""
         self.former_names: list[str] = []  # earlier incarnations of this node (declared dead), newest last
         self.spec = service.spec() if service else None
         self.counters = Counters()
@@ -109,7 +125,9 @@ class Engine:
         self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
         self.membership = Membership(config.suspect_after, config.dead_after)
         self.holds = Holds()
-        self.outbox = Outbox(transport, config, clock=clock, holds=self.holds, counters=self.counters)
+        self.outbox = Outbox(
+            transport, config, clock=clock, holds=self.holds, counters=self.counters, journal=self.journal
+        )
         self.router = Router(
             self.membership, self.outbox, self.holds,
             service=service, config=config, clock=clock, ids=self.ids, counters=self.counters,
@@ -130,7 +148,9 @@ class Engine:
             else None
         )
         self.tracer = Tracer(self._label, self.name, config.span_ring, clock)  # spans on the node's clock
-        self.dispatcher = Dispatcher(self, service, config=config, tracer=self.tracer, moves=self.moves)
+        self.dispatcher = Dispatcher(
+            self, service, config=config, tracer=self.tracer, moves=self.moves, journal=self.journal
+        )
         if self.moves is not None:
             self.moves.work = self.dispatcher
             self.moves.name = self.name
@@ -166,6 +186,10 @@ class Engine:
         """Join the mesh: register ourselves, then say hello to every seed."""
         self._loop = asyncio.get_running_loop()
         self.outbox.start(self._loop, self.incarnation)
+        if self.journal is not None:  # a restart: what the store kept (sent again once joined)
+            resent = self.journal.restore(self.outbox, self.dispatcher, self.membership)
+            if resent:
+                log.info("%s: %d unacknowledged messages from the data dir wait to be sent again", self.name, resent)
         self.gossip.start(self._me(), seeds)
         self.sync_view()
 
@@ -179,6 +203,7 @@ class Engine:
             window=c.window,
             max_message_bytes=c.max_message_bytes,
             last_heard=self.clock(),
+            key=self._key,
         )
 
     def begin_leave(self) -> None:
@@ -272,6 +297,8 @@ class Engine:
             self.sync_view()
         if self.moves is not None:
             self.moves.tick(now)
+        if self.journal is not None:
+            self.journal.tick(now)
         self.dispatcher.pump()
         self.outbox.flush()
 
@@ -528,8 +555,19 @@ class Engine:
     async def emit(
         self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
     ) -> bytes:
-        """Publish an event, waiting up to ``timeout`` for credit; returns its message id."""
-        return await self.calls.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
+        """Publish an event, waiting up to ``timeout`` for credit; returns its message id (on a
+        durable node, once it is committed to the store)."""
+        if self.journal is None:
+            return await self.calls.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if self.journal.failing is not None:  # a full disk is backpressure: wait for a commit, or raise
+            await self.journal.durable(timeout)
+        msg_id = await self.calls.emit(event, timeout=max(deadline - self.clock(), 0.0), traceparent=traceparent,
+                                       confirm=confirm)
+        # (its commit is the next flush's: even after a long wait for credit, a little time for it)
+        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
+        return msg_id
 
     async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Send a command to its owner; returns the handler's result once it is processed."""
@@ -603,6 +641,7 @@ class Engine:
             peers=tuple(
                 PeerStats(p.node, p.state, p.service_name, p.endpoint) for p in self.membership.peers.values()
             ),
+            store=self.journal.stats() if self.journal is not None else {},
         )
 
     # ================================================================================ system queries

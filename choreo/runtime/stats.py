@@ -58,6 +58,8 @@ class NodeStats:
     out, and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
     acknowledged, or waiting for credit or an instance), ``dead_letters`` (in the store),
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``.
+    ``store``: a durable node's data dir, fsync policy, lives, commits and their mean time,
+    bytes on disk, dedup ids kept, and why commits fail if they do (empty without a data dir).
     """
 
     node: str
@@ -90,6 +92,7 @@ class NodeStats:
     frames_in: int
     frames_out: int
     peers: tuple[PeerStats, ...]
+    store: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``stats`` system query's JSON (what ``choreo top`` and ``/metrics`` read)."""
@@ -97,6 +100,7 @@ class NodeStats:
         out["lag"] = dict(self.lag)
         out["partitions"] = dict(self.partitions)
         out["refused"] = dict(self.refused)
+        out["store"] = dict(self.store)
         out["dedup_hits"] = self.duplicates  # the name /metrics has always used for it
         out["peers"] = {p.node: {"state": p.state, "service": p.service, "endpoint": p.endpoint} for p in self.peers}
         return out
