@@ -118,26 +118,27 @@ class Node:
         if self.engine is not None:
             raise RuntimeError("node already started")
         loop = asyncio.get_running_loop()
-        hwm = self.config.window + 1000
-        self.transport = ZmqTransport(
-            self.bind,
-            hwm=hwm,
-            max_bytes=self.config.max_frame_bytes,  # the engine refuses anything larger anyway
-            advertise=self._advertise,
-            security=self.security,
-            max_parked_bytes=2 * self.config.window_bytes,
-            seeds=self.peers,
-        )
-        store = None
+        store = None  # a data dir that cannot be used is refused before anything binds
         if self.data_dir is not None:
-            try:
-                store = SqliteStore.open(
-                    self.data_dir, service=self.service.name if self.service is not None else None, name=self._name,
-                    fsync=self.fsync, interval=self.fsync_interval,
-                )
-            except BaseException:
-                self.transport.close()
-                raise
+            store = SqliteStore.open(
+                self.data_dir, service=self.service.name if self.service is not None else None, name=self._name,
+                fsync=self.fsync, interval=self.fsync_interval,
+            )
+        hwm = self.config.window + 1000
+        try:
+            self.transport = ZmqTransport(
+                self.bind,
+                hwm=hwm,
+                max_bytes=self.config.max_frame_bytes,  # the engine refuses anything larger anyway
+                advertise=self._advertise,
+                security=self.security,
+                max_parked_bytes=2 * self.config.window_bytes,
+                seeds=self.peers,
+            )
+        except BaseException:
+            if store is not None:
+                store.close()
+            raise
         self.engine = Engine(self.service, self.transport, config=self.config, name=self._name, store=store)
         self.transport.on_refused = self.engine.count_refused
         on_frame = self.engine.on_frame  # the engine does not read the principal yet
