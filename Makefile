@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd)
 
-.PHONY: demo test bench bench-peers peer-servers clean tools
+.PHONY: demo test soak bench bench-peers peer-servers clean tools
 
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ demo: $(STAMP)
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
+
+# Longer runs of the seeded fault schedules: the nemesis over the fake link (memory and durable
+# nodes), and real durable processes killed with SIGKILL at seeded moments. SOAK_SEEDS per kind.
+SOAK_SEEDS ?= 200
+soak: $(STAMP)
+	NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) $(BIN)/python -m pytest tests/sim/test_nemesis.py
+	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 10 )) $(BIN)/python -m pytest tests/integration/test_durable.py -k sigkill
 
 # The bench suite (bench/README.md): core micro-benchmarks, then end-to-end throughput, latency and
 # scaling with processes on 127.0.0.1, each beside raw pyzmq measured in the same run. A few minutes.
