@@ -586,6 +586,7 @@ class Journal:
             "sync_ms": round(1000 * self.sync_seconds / self.syncs, 3) if self.syncs else 0.0,
             "rows_written": self.rows_written,
             "bytes": self.store.size(),
+            "used_bytes": self.store.used(),
             "dedup_ids": sum(self._dedup_ids.values()),
             "failing": str(self.failing) if self.failing is not None else None,
         }

@@ -58,8 +58,9 @@ class NodeStats:
     out, and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
     acknowledged, or waiting for credit or an instance), ``dead_letters`` (in the store),
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``.
-    ``store``: a durable node's data dir, fsync policy, lives, commits and their mean time,
-    bytes on disk, dedup ids kept, and why commits fail if they do (empty without a data dir).
+    ``store``: a durable node's data dir, fsync policy, lives, commits and syncs and their mean
+    times, bytes on disk (``bytes``: the files; ``used_bytes``: the pages in use), dedup ids kept,
+    and why commits fail if they do (empty without a data dir).
     """
 
     node: str

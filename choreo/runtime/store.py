@@ -125,6 +125,8 @@ class Store(Protocol):
 
     def size(self) -> int: ...
 
+    def used(self) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -276,6 +278,9 @@ class MemoryStore:
     def size(self) -> int:
         return sum(len(r[2]) for r in self.outbox.values()) + sum(len(r[4]) for r in self.dedup.values())
 
+    def used(self) -> int:
+        return self.size()
+
     def close(self) -> None:
         self.is_open = False
 
@@ -400,6 +405,12 @@ class SqliteStore:
             except OSError:
                 pass
         return total
+
+    def used(self) -> int:
+        """Bytes of the database in use (pages not free; the file keeps freed pages for reuse)."""
+        c = self._conn
+        pages = c.execute("PRAGMA page_count").fetchone()[0] - c.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages * c.execute("PRAGMA page_size").fetchone()[0])
 
     # -- writing -------------------------------------------------------------------------------
 
