@@ -165,3 +165,123 @@ def test_e2e_curve(benchmark) -> None:
     benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
                                  "cpu_ratios": [round(r, 3) for r in cpu_ratios],
                                  **{k: [round(x) for x in v] for k, v in rates.items()}})
+
+
+# ------------------------------------------------------------------------------------------------ durable
+
+DURABLE_ROUNDS = 5
+
+
+def test_e2e_durable(benchmark) -> None:
+    """The ``events`` workload with every node durable (``fsync="batch"``: each commit on disk
+    before the acks it covers leave) and with none, alternating round by round.
+
+    ``e2e.durable.ratio_vs_memory`` is the median of the per-round ratios of their rates;
+    ``e2e.durable.cpu_ratio_vs_memory`` the same for CPU time per event of both processes. Each
+    durable consumer's store says how many ids it keeps and the bytes it uses for them
+    (``e2e.durable.store_bytes_per_dedup_id``) and how many events each commit carried.
+    """
+    rates: dict[str, list[float]] = {"memory": [], "durable": []}
+    cpu: dict[str, list[float]] = {"memory": [], "durable": []}
+    ratios: list[float] = []
+    cpu_ratios: list[float] = []
+    per_id: list[float] = []
+    per_commit: list[float] = []
+
+    def measure() -> None:
+        for i in range(DURABLE_ROUNDS):
+            order = ("memory", "durable") if i % 2 == 0 else ("durable", "memory")
+            round_rates, round_cpu = {}, {}
+            for variant in order:
+                report = choreo_run({"count": COUNT, "seconds": SECONDS, "keys": KEYS, "size": 100},
+                                    fsync="batch" if variant == "durable" else None)
+                check_delivery("events", report)
+                round_rates[variant] = report["events_per_s"]
+                round_cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
+                rates[variant].append(round_rates[variant])
+                cpu[variant].append(round_cpu[variant])
+                if variant == "durable":
+                    store = report["consumer_stores"][0]
+                    per_id.append(store["used_bytes"] / max(store["dedup_ids"], 1))
+                    per_commit.append((report["count"] + min(2000, COUNT)) / max(store["commits"], 1))
+            ratios.append(round_rates["durable"] / round_rates["memory"])
+            cpu_ratios.append(round_cpu["durable"] / round_cpu["memory"])
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+
+    record("e2e.durable.ratio_vs_memory", median(ratios))
+    record("e2e.durable.cpu_ratio_vs_memory", median(cpu_ratios))
+    for variant in rates:
+        record(f"e2e.durable.{variant}.events_per_s", median(rates[variant]))
+        record(f"e2e.durable.{variant}.cpu_us_per_event", median(cpu[variant]) * 1e6)
+    record("e2e.durable.store_bytes_per_dedup_id", median(per_id))
+    record("e2e.durable.consumer_events_per_commit", median(per_commit))
+    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
+                                 "cpu_ratios": [round(r, 3) for r in cpu_ratios],
+                                 **{k: [round(x) for x in v] for k, v in rates.items()}})
+
+
+def test_e2e_durable_store(benchmark) -> None:
+    """What a durable node's store holds, and that it stays bounded.
+
+    In flight: a durable producer emits 4,000 events (less than its window) to a consumer the
+    benchmark has stopped (SIGSTOP): nothing is acknowledged, everything stays in the producer's
+    outbox; ``e2e.durable.store_bytes_per_in_flight`` is the growth of the bytes its store uses
+    over the events in flight. Steady load: a producer emits at a fixed rate for a while to a
+    durable consumer, whose store is sampled every half second:
+    ``e2e.durable.steady.store_mb`` is its largest size (bytes in use) in the second half of the
+    run, ``e2e.durable.steady.growth`` that over its largest size in the first half once the
+    dedup window is full (1.0: bounded).
+    """
+    import os
+    import signal
+    import time
+
+    from bench.harness import BENCH_CONFIG as CONFIG
+    from bench.harness import Procs
+    from choreo.client import rpc
+
+    figures: dict[str, float] = {}
+
+    def measure() -> None:
+        with Procs() as procs:  # in flight: the consumer stopped, nothing acknowledged
+            consumer = procs.node("bench.nodes:consumer", fsync="batch")
+            started, out = procs.path("started"), procs.path("producer")
+            procs.node("bench.nodes:producer", {"role": "producer", "out": out, "count": 4000, "keys": KEYS,
+                                                "size": 100, "started": started, "hold": True},
+                       peers=[consumer.endpoint], config=CONFIG, fsync="batch")
+            before = procs.report(started, 60, "producer warm-up")["store"]["used_bytes"]
+            os.kill(consumer.pid, signal.SIGSTOP)
+            try:
+                with open(started + ".go", "w"):
+                    pass
+                report = procs.report(out, 60, "producer")
+                figures["in_flight"] = report["in_flight"]
+                figures["per_in_flight"] = (report["store"]["used_bytes"] - before) / report["in_flight"]
+            finally:
+                os.kill(consumer.pid, signal.SIGCONT)
+        with Procs() as procs:  # steady load
+            consumer = procs.node("bench.nodes:consumer", fsync="batch")
+            out = procs.path("producer")
+            seconds, rate = 12.0, 40_000
+            procs.node("bench.nodes:producer", {"role": "producer", "out": out, "count": int(seconds * rate),
+                                                "seconds": seconds, "rate": rate, "keys": KEYS, "size": 100},
+                       peers=[consumer.endpoint], config=CONFIG, fsync="batch")
+            samples: list[tuple[float, int]] = []
+            t0 = time.monotonic()
+            while not os.path.exists(out) and time.monotonic() - t0 < seconds + 60:
+                store = rpc(consumer.endpoint, "stats", timeout=10)["store"]
+                samples.append((time.monotonic() - t0, store["used_bytes"]))
+                time.sleep(0.5)
+            procs.report(out, 60, "producer")
+        full = [s for s in samples if s[0] > 100_000 / rate + 1.0]  # after the dedup window (100,000 ids) filled
+        half = len(full) // 2
+        figures["steady_mb"] = max(b for _, b in full[half:]) / 2**20
+        figures["growth"] = max(b for _, b in full[half:]) / max(b for _, b in full[:half])
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+
+    record("e2e.durable.store_bytes_per_in_flight", figures["per_in_flight"])
+    record("e2e.durable.in_flight", figures["in_flight"])
+    record("e2e.durable.steady.store_mb", figures["steady_mb"])
+    record("e2e.durable.steady.growth", figures["growth"])
