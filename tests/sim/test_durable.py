@@ -178,6 +178,38 @@ def test_a_restarted_instance_takes_back_the_partitions_whose_ids_it_kept(tmp_pa
     run(scenario)
 
 
+def test_an_instance_down_longer_than_dead_after_comes_back_to_its_partitions(tmp_path: Path) -> None:
+    """While it is down the survivors own its partitions (as in memory mode); once back it takes them
+    back, with the dedup ids the survivors gathered meanwhile (the handover), and nothing repeats."""
+    ledger = Ledger()
+    h = Harness(seed=21, data_root=tmp_path, config=FAST)
+    client = h.add(None)
+    instances = [h.add(ledger.service()) for _ in range(2)]
+
+    async def scenario() -> None:
+        await h.start()
+        victim = instances[0]
+        mine = sorted(victim.membership.partitions_of("meter", victim.incarnation))
+        for n in range(60):
+            await h.run(client.emit(reading(n)))
+        h.crash(victim)
+        for n in range(60, 120):  # waits, then goes to the survivor once the victim is declared dead
+            await h.run(client.emit(reading(n)))
+        await h.run_until(lambda: client.acknowledged, 60, "the survivor took over")
+        assert victim.name in h.declared_dead
+        back = h.restart(victim)
+        await h.run_until(lambda: sorted(back.membership.partitions_of("meter", back.incarnation)) == mine
+                          and back.ownership.summary().get("owned", 0) == len(mine), 60, "its partitions back")
+        for n in range(120):  # everything again: whoever owns a partition now knows what was handled
+            await h.run(client.emit(reading(n)))
+        for n in range(120, 180):
+            await h.run(client.emit(reading(n)))
+        await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
+        ledger.check([(f"k{n % KEYS}", n) for n in range(180)])
+
+    run(scenario)
+
+
 def test_crashes_of_consumers_and_producers_mid_stream_lose_nothing_and_repeat_nothing(tmp_path: Path) -> None:
     ledger = Ledger()
     h = Harness(seed=14, drop=0.02, duplicate=0.02, reorder=0.05, data_root=tmp_path, config=FAST)
