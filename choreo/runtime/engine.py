@@ -550,6 +550,8 @@ class Engine:
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
         """Publish an event now or raise :class:`~choreo.Backpressure` at once; returns its message id."""
+        if self.journal is not None:
+            self.journal.check()  # a full disk: StoreFull (a Backpressure) at once
         return self.calls.try_emit(event, traceparent=traceparent)
 
     async def emit(

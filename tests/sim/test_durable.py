@@ -301,12 +301,15 @@ def test_emit_returns_only_once_its_event_is_on_disk() -> None:
             msg_id = await h.run(client.emit(reading(n)))
             on_disk = envelope_ids([body for _, _, body, _ in store.on_disk().outbox])
             assert msg_id in on_disk, f"emit of event {n} returned before it was on disk"
+        commits = store.commits
+        await h.run(asyncio.gather(*(client.emit(reading(n)) for n in range(30, 60))))  # concurrent emits
+        assert store.commits - commits <= 2, f"30 concurrent emits took {store.commits - commits} commits"
         store.lose_power()
         h.crash(client)
         client = h.restart(client)
         h.restart(consumer)
         await h.run_until(lambda: client.state == "joined" and client.acknowledged, 60, "acknowledged")
-        ledger.check([(f"k{n % KEYS}", n) for n in range(30)])
+        ledger.check([(f"k{n % KEYS}", n) for n in range(60)])
 
     run(scenario)
 
@@ -364,7 +367,7 @@ def test_a_full_disk_is_backpressure_and_nothing_is_lost_or_repeated_once_space_
 
     async def scenario() -> None:
         await h.start()
-        emitted, refused = [], 0
+        emitted, refused, tried = [], 0, 0
         for n in range(300):
             try:
                 await h.run(client.emit(reading(n), timeout=1.0))
@@ -373,9 +376,13 @@ def test_a_full_disk_is_backpressure_and_nothing_is_lost_or_repeated_once_space_
                 # and what the producer sent and nobody acknowledges fills the producer's disk too
                 assert isinstance(exc, Backpressure) and "the disk is full" in str(exc), exc
                 refused += 1
+                if client.journal.failing is not None:
+                    with pytest.raises(StoreFull):  # try_emit refuses at once while commits fail
+                        client.try_emit(reading(n))
+                    tried += 1
             if n == 250:
                 producer_store.capacity = consumer_store.capacity = None  # space freed
-        assert refused > 50, f"only {refused} emits met a full disk"
+        assert refused > 50 and tried > 0, f"only {refused} emits met a full disk ({tried} try_emits)"
         await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
         assert client.stats().store["failing"] is None and consumer.stats().store["failing"] is None
         ledger.check(emitted)
@@ -415,6 +422,48 @@ def test_store_rows_stay_bounded_under_steady_load(tmp_path: Path) -> None:
         assert len(counted) == 3000
         assert all(ids <= 150 + 50 for _, ids in sizes), f"(rows, dedup ids) kept: {sizes} (dedup_max=150)"
         assert max(rows for rows, _ in sizes) <= 50, sizes
+
+    run(scenario)
+
+
+class Measured(Event, key="k", idempotency=["k", "n"]):
+    k: str
+    n: int
+
+
+def test_a_durable_relay_acknowledges_once_what_it_emitted_is_stored(tmp_path: Path) -> None:
+    """Its input's ack waits for its output's commit, not for the output's receiver; an output that
+    cannot leave (no live instance) keeps the input waiting for the receiver, as in memory mode."""
+    relay = Service("relay")
+    sink = Service("sink")
+    relayed: list[int] = []
+
+    @relay.on(Reading, emits=[Measured])
+    def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
+        ctx.emit(Measured(k=ev.k, n=ev.n))
+
+    @sink.on(Measured)
+    def on_measured(ev: Measured) -> None:
+        relayed.append(ev.n)
+
+    h = Harness(seed=22, config=FAST)
+    client = h.add(None, durable=False)
+    relay_node = h.add(relay, store=MemoryStore())
+    sink_node = h.add(sink, durable=False)
+
+    async def scenario() -> None:
+        await h.start()
+        h.crash(sink_node)  # it acknowledges nothing, and is not declared dead yet
+        await h.run(client.emit(reading(1)))
+        await h.run_until(lambda: client.acknowledged, 1.0, "the relay acknowledged its input")
+        assert not relay_node.acknowledged, "its output is still unacknowledged downstream"
+        await h.run_until(lambda: "sink" not in relay_node.membership.services(), 30, "the sink declared dead")
+        await h.run(client.emit(reading(2)))  # its output has nowhere to go: the input waits for the receiver
+        await h.advance(1.0)
+        assert not client.acknowledged
+        h.restart(sink_node)
+        await h.run_until(lambda: client.acknowledged and relay_node.acknowledged, 60, "everything acknowledged")
+        assert sorted(set(relayed)) == [1, 2]
 
     run(scenario)
 
