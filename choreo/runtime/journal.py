@@ -395,7 +395,7 @@ class Journal:
         if not self._slices and not self._envs:
             return []
         by_type: dict[str, tuple[list[bytes], array[int]]] = {}
-        for envs, lo, hi in self._slices:
+        for envs, lo, hi in [*self._slices, (self._envs, 0, len(self._envs))]:
             for env in islice(envs, lo, hi):
                 name = env.type
                 entry = by_type.get(name)
@@ -403,13 +403,6 @@ class Journal:
                     entry = by_type[name] = ([], array("H"))
                 entry[0].append(env.msg_id)
                 entry[1].append(env.partition)
-        for env in self._envs:
-            name = env.type
-            entry = by_type.get(name)
-            if entry is None:
-                entry = by_type[name] = ([], array("H"))
-            entry[0].append(env.msg_id)
-            entry[1].append(env.partition)
         rows = []
         for name, (ids, parts) in by_type.items():
             window = self.windows(name)

@@ -300,6 +300,20 @@ CREATE TABLE IF NOT EXISTS system(id INTEGER PRIMARY KEY CHECK (id = 1), spec BL
 """
 
 
+#: how a Batch is written: (its field, the statement, whether the field holds bare keys), in order
+_WRITES = (
+    ("outbox_del", "DELETE FROM outbox WHERE id = ?", True),
+    ("outbox_put", "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?)", False),
+    ("outbox_acked", "UPDATE outbox SET acked = ? WHERE id = ?", False),
+    ("dedup_del", "DELETE FROM dedup WHERE id = ?", True),
+    ("dedup_put", "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?, ?)", False),
+    ("results_del", "DELETE FROM results WHERE msg_id = ?", True),
+    ("results_put", "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", False),
+    ("letters_del", "DELETE FROM letters WHERE id = ?", True),
+    ("letters_put", "INSERT OR REPLACE INTO letters VALUES (?, ?)", False),
+)
+
+
 class SqliteStore:
     """The store in SQLite (WAL mode) in a data dir: ``SqliteStore.open(DIR, service=..., name=...)``.
 
@@ -419,24 +433,10 @@ class SqliteStore:
         c = self._conn
         try:
             c.execute("BEGIN IMMEDIATE")
-            if batch.outbox_del:
-                c.executemany("DELETE FROM outbox WHERE id = ?", [(row,) for row in batch.outbox_del])
-            if batch.outbox_put:
-                c.executemany("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?)", batch.outbox_put)
-            if batch.outbox_acked:
-                c.executemany("UPDATE outbox SET acked = ? WHERE id = ?", batch.outbox_acked)
-            if batch.dedup_del:
-                c.executemany("DELETE FROM dedup WHERE id = ?", [(row,) for row in batch.dedup_del])
-            if batch.dedup_put:
-                c.executemany("INSERT OR REPLACE INTO dedup VALUES (?, ?, ?, ?, ?)", batch.dedup_put)
-            if batch.results_del:
-                c.executemany("DELETE FROM results WHERE msg_id = ?", [(m,) for m in batch.results_del])
-            if batch.results_put:
-                c.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)", batch.results_put)
-            if batch.letters_del:
-                c.executemany("DELETE FROM letters WHERE id = ?", [(i,) for i in batch.letters_del])
-            if batch.letters_put:
-                c.executemany("INSERT OR REPLACE INTO letters VALUES (?, ?)", batch.letters_put)
+            for field, sql, keys_only in _WRITES:  # deletes before puts: a row may go and come back
+                rows = getattr(batch, field)
+                if rows:
+                    c.executemany(sql, [(key,) for key in rows] if keys_only else rows)
             if batch.system is not None:
                 c.execute("INSERT OR REPLACE INTO system VALUES (1, ?)", (batch.system,))
             c.execute("COMMIT")
