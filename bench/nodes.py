@@ -118,15 +118,24 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
     cls = TickU if p.get("unkeyed") else Tick
     keys = [f"k{i}" for i in range(nkeys)]
     body = body_for(int(p.get("size", 100)), keys[nkeys // 2], count // 2)
+    try_emit = node.try_emit
+    emit = node.emit
+
+    async def send(lo: int, hi: int) -> int:
+        """Events lo..hi-1: try_emit each, await emit only when credit is out; how often it waited."""
+        waited = 0
+        for i in range(lo, hi):
+            ev = cls(k=keys[i % nkeys], n=i, body=body)
+            try:
+                try_emit(ev)
+            except Backpressure:
+                waited += 1
+                await emit(ev, timeout=30)
+        return waited
+
     # a short warm-up: connections made, emit plans compiled, the consumer's decoders built (sent the
     # way the measured part sends: an await per event would cost a durable node a commit each)
-    warm = min(2000, count)
-    for i in range(warm):
-        ev = cls(k=keys[i % nkeys], n=-warm + i, body=body)
-        try:
-            node.try_emit(ev)
-        except Backpressure:
-            await node.emit(ev, timeout=30)
+    await send(-min(2000, count), 0)
     await node.flush(timeout=30)
     if p.get("started"):  # tells a pinger that the load is on (latency under load), or that the warm-up is over
         _write(p["started"], {"store": node.stats().store})
@@ -135,8 +144,6 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
             while not os.path.exists(p["started"] + ".go") and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
 
-    try_emit = node.try_emit
-    emit = node.emit
     perf = time.perf_counter
     cpu0 = time.process_time()
     start = perf()
@@ -147,13 +154,7 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
         while sent < count:
             # time is read once per 256 events; an await per batch lets acks in
             stop = min(sent + 256, count)
-            for i in range(sent, stop):
-                ev = cls(k=keys[i % nkeys], n=i, body=body)
-                try:
-                    try_emit(ev)
-                except Backpressure:
-                    waits += 1
-                    await emit(ev, timeout=30)
+            waits += await send(sent, stop)
             sent = stop
             if perf() > deadline:
                 break
@@ -165,13 +166,7 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
             if now > deadline:
                 break
             due = min(int((now - start) * rate) + 1, count)
-            for i in range(sent, due):
-                ev = cls(k=keys[i % nkeys], n=i, body=body)
-                try:
-                    try_emit(ev)
-                except Backpressure:
-                    waits += 1
-                    await emit(ev, timeout=30)
+            waits += await send(sent, due)
             sent = max(sent, due)
             await node.sync()  # a durable producer: this tick's events committed (no-op without a data dir)
             await asyncio.sleep(tick)

@@ -134,28 +134,46 @@ def test_e2e_throughput(benchmark) -> None:
 CURVE_ROUNDS = 5
 
 
-def test_e2e_curve(benchmark) -> None:
-    rates: dict[str, list[float]] = {"plain": [], "curve": []}
-    cpu: dict[str, list[float]] = {"plain": [], "curve": []}
-    ratios: list[float] = []
-    cpu_ratios: list[float] = []
+class Alternating:
+    """Two variants of the ``events`` workload, alternating round by round (neither always first):
+    their rates and CPU per event, and per round the ratio of the second to the first."""
 
-    def measure() -> None:
-        for i in range(CURVE_ROUNDS):
-            order = ("plain", "curve") if i % 2 == 0 else ("curve", "plain")  # neither always runs first
-            round_rates, round_cpu = {}, {}
+    def __init__(self, base: str, other: str) -> None:
+        self.base, self.other = base, other
+        self.rates: dict[str, list[float]] = {base: [], other: []}
+        self.cpu: dict[str, list[float]] = {base: [], other: []}
+        self.ratios: list[float] = []
+        self.cpu_ratios: list[float] = []
+
+    def run(self, rounds: int, **options_of: dict) -> list[dict]:
+        """``options_of[variant]``: choreo_run's keyword arguments; returns every report."""
+        reports = []
+        for i in range(rounds):
+            order = (self.base, self.other) if i % 2 == 0 else (self.other, self.base)
+            rate, cpu = {}, {}
             for variant in order:
                 report = choreo_run({"count": COUNT, "seconds": SECONDS, "keys": KEYS, "size": 100},
-                                    secure=variant == "curve")
+                                    **options_of[variant])
                 check_delivery("events", report)
-                round_rates[variant] = report["events_per_s"]
-                round_cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
-                rates[variant].append(round_rates[variant])
-                cpu[variant].append(round_cpu[variant])
-            ratios.append(round_rates["curve"] / round_rates["plain"])
-            cpu_ratios.append(round_cpu["curve"] / round_cpu["plain"])
+                report["variant"] = variant
+                reports.append(report)
+                rate[variant] = report["events_per_s"]
+                cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
+                self.rates[variant].append(rate[variant])
+                self.cpu[variant].append(cpu[variant])
+            self.ratios.append(rate[self.other] / rate[self.base])
+            self.cpu_ratios.append(cpu[self.other] / cpu[self.base])
+        return reports
+
+
+def test_e2e_curve(benchmark) -> None:
+    runs = Alternating("plain", "curve")
+
+    def measure() -> None:
+        runs.run(CURVE_ROUNDS, plain={}, curve={"secure": True})
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
+    rates, cpu, ratios, cpu_ratios = runs.rates, runs.cpu, runs.ratios, runs.cpu_ratios
 
     record("e2e.curve.ratio_vs_plain", median(ratios))
     record("e2e.curve.cpu_ratio_vs_plain", median(cpu_ratios))
@@ -181,33 +199,19 @@ def test_e2e_durable(benchmark) -> None:
     durable consumer's store says how many ids it keeps and the bytes it uses for them
     (``e2e.durable.store_bytes_per_dedup_id``) and how many events each commit carried.
     """
-    rates: dict[str, list[float]] = {"memory": [], "durable": []}
-    cpu: dict[str, list[float]] = {"memory": [], "durable": []}
-    ratios: list[float] = []
-    cpu_ratios: list[float] = []
+    runs = Alternating("memory", "durable")
     per_id: list[float] = []
     per_commit: list[float] = []
 
     def measure() -> None:
-        for i in range(DURABLE_ROUNDS):
-            order = ("memory", "durable") if i % 2 == 0 else ("durable", "memory")
-            round_rates, round_cpu = {}, {}
-            for variant in order:
-                report = choreo_run({"count": COUNT, "seconds": SECONDS, "keys": KEYS, "size": 100},
-                                    fsync="batch" if variant == "durable" else None)
-                check_delivery("events", report)
-                round_rates[variant] = report["events_per_s"]
-                round_cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
-                rates[variant].append(round_rates[variant])
-                cpu[variant].append(round_cpu[variant])
-                if variant == "durable":
-                    store = report["consumer_stores"][0]
-                    per_id.append(store["used_bytes"] / max(store["dedup_ids"], 1))
-                    per_commit.append((report["count"] + min(2000, COUNT)) / max(store["commits"], 1))
-            ratios.append(round_rates["durable"] / round_rates["memory"])
-            cpu_ratios.append(round_cpu["durable"] / round_cpu["memory"])
+        for report in runs.run(DURABLE_ROUNDS, memory={}, durable={"fsync": "batch"}):
+            if report["variant"] == "durable":
+                store = report["consumer_stores"][0]
+                per_id.append(store["used_bytes"] / max(store["dedup_ids"], 1))
+                per_commit.append((report["count"] + min(2000, COUNT)) / max(store["commits"], 1))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
+    rates, cpu, ratios, cpu_ratios = runs.rates, runs.cpu, runs.ratios, runs.cpu_ratios
 
     record("e2e.durable.ratio_vs_memory", median(ratios))
     record("e2e.durable.cpu_ratio_vs_memory", median(cpu_ratios))
