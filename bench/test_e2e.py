@@ -165,6 +165,18 @@ class Alternating:
             self.cpu_ratios.append(cpu[self.other] / cpu[self.base])
         return reports
 
+    def record(self, prefix: str, benchmark) -> None:  # type: ignore[no-untyped-def]
+        """``PREFIX.ratio_vs_BASE``, ``PREFIX.cpu_ratio_vs_BASE`` (medians of the per-round ratios) and
+        each variant's ``events_per_s`` and ``cpu_us_per_event``."""
+        record(f"{prefix}.ratio_vs_{self.base}", median(self.ratios))
+        record(f"{prefix}.cpu_ratio_vs_{self.base}", median(self.cpu_ratios))
+        for variant in self.rates:
+            record(f"{prefix}.{variant}.events_per_s", median(self.rates[variant]))
+            record(f"{prefix}.{variant}.cpu_us_per_event", median(self.cpu[variant]) * 1e6)
+        benchmark.extra_info.update({"ratios": [round(r, 3) for r in self.ratios],
+                                     "cpu_ratios": [round(r, 3) for r in self.cpu_ratios],
+                                     **{k: [round(x) for x in v] for k, v in self.rates.items()}})
+
 
 def test_e2e_curve(benchmark) -> None:
     runs = Alternating("plain", "curve")
@@ -173,16 +185,7 @@ def test_e2e_curve(benchmark) -> None:
         runs.run(CURVE_ROUNDS, plain={}, curve={"secure": True})
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    rates, cpu, ratios, cpu_ratios = runs.rates, runs.cpu, runs.ratios, runs.cpu_ratios
-
-    record("e2e.curve.ratio_vs_plain", median(ratios))
-    record("e2e.curve.cpu_ratio_vs_plain", median(cpu_ratios))
-    for variant in rates:
-        record(f"e2e.curve.{variant}.events_per_s", median(rates[variant]))
-        record(f"e2e.curve.{variant}.cpu_us_per_event", median(cpu[variant]) * 1e6)
-    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
-                                 "cpu_ratios": [round(r, 3) for r in cpu_ratios],
-                                 **{k: [round(x) for x in v] for k, v in rates.items()}})
+    runs.record("e2e.curve", benchmark)
 
 
 # ------------------------------------------------------------------------------------------------ durable
@@ -211,18 +214,9 @@ def test_e2e_durable(benchmark) -> None:
                 per_commit.append((report["count"] + min(2000, COUNT)) / max(store["commits"], 1))
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
-    rates, cpu, ratios, cpu_ratios = runs.rates, runs.cpu, runs.ratios, runs.cpu_ratios
-
-    record("e2e.durable.ratio_vs_memory", median(ratios))
-    record("e2e.durable.cpu_ratio_vs_memory", median(cpu_ratios))
-    for variant in rates:
-        record(f"e2e.durable.{variant}.events_per_s", median(rates[variant]))
-        record(f"e2e.durable.{variant}.cpu_us_per_event", median(cpu[variant]) * 1e6)
+    runs.record("e2e.durable", benchmark)
     record("e2e.durable.store_bytes_per_dedup_id", median(per_id))
     record("e2e.durable.consumer_events_per_commit", median(per_commit))
-    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
-                                 "cpu_ratios": [round(r, 3) for r in cpu_ratios],
-                                 **{k: [round(x) for x in v] for k, v in rates.items()}})
 
 
 def test_e2e_durable_store(benchmark) -> None:
