@@ -141,6 +141,9 @@ class Harness:
         self._setup: dict[str, tuple[Service | None, str | None, NodeConfig | None]] = {}
         self.history: list[Engine] = []  # every engine this harness made, restarted ones included
         self.declared_dead: set[str] = set()  # names of incarnations some node declared dead
+        # (node name, message id): handled by a durable node that crashed before committing it; that
+        # handler may run again (the one at-least-once a durable node keeps, see the README)
+        self.uncommitted: set[tuple[str, bytes]] = set()
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
 
     def clock(self) -> float:
@@ -162,13 +165,16 @@ class Harness:
         self._setup[endpoint] = (service, name, config)
         if store is not None:
             self.stores[endpoint] = store
-            return self._make(endpoint)
-        if durable is None:
+        elif durable is None:
             durable = self.data_root is not None
-        if durable:
+        if durable and store is None:
             if self.data_root is None:
                 raise ValueError("durable=True needs Harness(data_root=...)")
             self.data_dirs[endpoint] = os.path.join(os.fspath(self.data_root), f"{label.replace('#', '_')}-{n}")
+        if (durable or store is not None) and name is None:
+            # a durable node's name decides its partitions (its rendezvous key): from the seed, not at random
+            durable_name = f"{service.name if service else 'client'}#{self.rng.getrandbits(24):06x}"
+            self._setup[endpoint] = (service, durable_name, config)
         return self._make(endpoint)
 
     def _make(self, endpoint: str) -> Engine:
@@ -229,11 +235,15 @@ class Harness:
         self.link.cut.clear()
 
     def crash(self, engine: Engine) -> None:
-        """The node stops at once: frames to and from it are lost from now on (a durable node's
-        data dir keeps what it had committed, nothing more)."""
+        """The node stops at once: frames to and from it are lost from now on, and nothing it had
+        received runs any more (a durable node's data dir keeps what it had committed, nothing
+        more; :attr:`uncommitted` notes what it had handled and not committed)."""
         self.down.add(engine.transport.endpoint)
         engine.transport.closed = True  # type: ignore[attr-defined]
-        if engine.journal is not None:
+        for channel in engine.outbox.inbound.values():
+            channel.closed = True  # what the event loop still holds for it is dropped, as in a dead process
+        if engine.journal is not None and not engine.journal.is_closed:
+            self.uncommitted.update((engine.name, msg_id) for msg_id in engine.journal.uncommitted())
             engine.journal.close(commit=False)
 
     def restart(self, engine: Engine, seeds: list[str] | None = None) -> Engine:

@@ -451,6 +451,12 @@ class Journal:
                 raise self.failing
             raise DeliveryTimeout(f"not committed to data dir {self.store.path} within {timeout:.1f} s")
 
+    def uncommitted(self) -> set[bytes]:
+        """Ids of the messages handled since the last commit: what a crash now would make run again."""
+        ids = {env.msg_id for envs, lo, hi in self._slices for env in islice(envs, lo, hi)}
+        ids.update(env.msg_id for env in self._envs)
+        return ids
+
     def check(self) -> None:
         """Raise the store's error while it refuses commits (``try_emit`` refuses at once then)."""
         if self.failing is not None:
