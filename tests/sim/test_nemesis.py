@@ -111,7 +111,9 @@ def calls_on(harness: Harness, clients: list[Engine], durable: bool) -> Callable
     return unless_crashed if durable else direct
 
 
-async def produce(harness: Harness, call, ledger: Ledger, events: int, commands_every: int, pace: float) -> None:  # type: ignore[no-untyped-def]
+async def produce(  # type: ignore[no-untyped-def]
+    harness: Harness, call, ledger: Ledger, events: int, commands_every: int, pace: float
+) -> None:
     for i in range(events):
         await harness.sleep(pace)
         ev = Reading(k=f"k{i % KEYS}", n=i)
@@ -168,7 +170,9 @@ def run_one(seed: int, *, events: int = 1500, duration: float = 50.0, data_root:
         await harness.run(nemesis.run(plan), timeout=duration * 4)
         await nemesis.settle()
         await harness.run(producer, timeout=600)
-        await harness.run_until(lambda: nemesis.clients[0].acknowledged, 120, "everything the producer sent acknowledged")
+        await harness.run_until(
+            lambda: nemesis.clients[0].acknowledged, 120, "everything the producer sent acknowledged"
+        )
 
     try:
         asyncio.run(scenario())
