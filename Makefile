@@ -38,9 +38,12 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
-# Longer runs of the seeded fault schedules (tests/sim/test_nemesis.py): 1,000 seeds, ~10 minutes.
+# Longer runs of the seeded fault schedules: the nemesis over the fake link (memory and durable
+# nodes), and real durable processes killed with SIGKILL at seeded moments. SOAK_SEEDS per kind.
+SOAK_SEEDS ?= 1000
 soak: $(STAMP)
-	NEMESIS_SEEDS=1000 $(BIN)/python -m pytest -p no:cacheprovider -q tests/sim/test_nemesis.py
+	NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) $(BIN)/python -m pytest -p no:cacheprovider -q tests/sim/test_nemesis.py
+	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
 
 # The bench suite (bench/README.md): core micro-benchmarks, then end-to-end throughput, latency and
 # scaling with processes on 127.0.0.1, each beside raw pyzmq measured in the same run. A few minutes.

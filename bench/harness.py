@@ -91,10 +91,14 @@ class Procs:
         config: NodeConfig = BENCH_CONFIG,
         env: dict[str, str] | None = None,
         security: Security | None = None,
+        fsync: str | None = None,
     ) -> NodeProcess:
-        """A node process running the service ``module:attribute``, ready when this returns."""
+        """A node process running the service ``module:attribute``, ready when this returns;
+        ``fsync``: durable, with a data dir of its own in the scratch directory and that policy."""
         full_env = {"CHOREO_BENCH": json.dumps(params or {}), **(env or {})}
-        proc = NodeProcess(target, peers=list(peers), config=config, env=full_env, start=False, security=security)
+        data_dir = self.dir / f"data-{len(self.nodes) + 1}" if fsync is not None else None
+        proc = NodeProcess(target, peers=list(peers), config=config, env=full_env, start=False, security=security,
+                           data_dir=data_dir, fsync=fsync or "batch")
         self.nodes.append(proc)
         proc.start(timeout=60)
         return proc
@@ -123,11 +127,12 @@ class Procs:
         config: NodeConfig = BENCH_CONFIG,
         timeout: float = 120.0,
         security: Security | None = None,
+        fsync: str | None = None,
     ) -> dict[str, Any]:
         """Run a producer node with ``params`` (see bench.nodes) and return its report."""
         out = self.path("producer")
         self.node("bench.nodes:producer", {"role": "producer", "out": out, **params}, peers=peers, config=config,
-                  security=security)
+                  security=security, fsync=fsync)
         return self.report(out, timeout, "producer")
 
     def stderr(self) -> str:
@@ -288,6 +293,7 @@ def choreo_run(
     env: dict[str, str] | None = None,
     timeout: float = 120.0,
     secure: bool = False,
+    fsync: str | None = None,
 ) -> dict[str, Any]:
     """One producer node process emitting to fresh consumer node processes; their figures.
 
@@ -295,6 +301,8 @@ def choreo_run(
     ``consumer``). Returns the producer's report plus ``events_per_s``, the consumers' reports
     (``consumers``), their CPU seconds and resident memory (KiB) before and after. ``secure``:
     every node speaks CURVE, with a key of its own from a keys directory made for the run.
+    ``fsync``: every node is durable (a data dir of its own) with that fsync policy; the report
+    then has each node's ``store`` statistics (``producer_store``, ``consumer_stores``).
     """
     from choreo.client import rpc
 
@@ -315,14 +323,17 @@ def choreo_run(
                 seed = [nodes[0][1].endpoint] if nodes else []
                 key = security(f"{name}-{len(nodes) + 1}", serves=[name])
                 nodes.append((name, procs.node(f"bench.nodes:{name}", peers=seed, config=consumer_config, env=env,
-                                               security=key)))
+                                               security=key, fsync=fsync)))
         pids = [n.pid for _, n in nodes]
         rss_before = [rss_kb(pid) for pid in pids]
         cpu_before = [cpu_seconds(pid) for pid in pids]
         report = procs.produce({**params, "wait": services}, [nodes[0][1].endpoint], config=producer_config,
-                               timeout=timeout, security=security("producer", serves=["producer"], originates=["*"]))
+                               timeout=timeout, security=security("producer", serves=["producer"], originates=["*"]),
+                               fsync=fsync)
         report["consumer_cpu_s"] = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
         report["consumers"] = [rpc(n.endpoint, "bench", timeout=10, security=ops) for _, n in nodes]
+        if fsync is not None:
+            report["consumer_stores"] = [rpc(n.endpoint, "stats", timeout=10, security=ops)["store"] for _, n in nodes]
         report["rss_before_kb"] = rss_before
         report["rss_after_kb"] = [rss_kb(pid) for pid in pids]
     report["events_per_s"] = report["count"] / report["elapsed"]

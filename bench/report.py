@@ -168,6 +168,24 @@ E2E_ROWS = [
         "runs in ZeroMQ's I/O threads, counted here)", "x", None, False,
         lambda f: (f"CURVE {_us(f, 'e2e.curve.curve.cpu_us_per_event')} vs plain "
                    f"{_us(f, 'e2e.curve.plain.cpu_us_per_event')} per event")),
+    Row("e2e.durable.ratio_vs_memory", "the all-on workload with both nodes durable (a data dir each, "
+        "fsync=\"batch\": every commit on disk before the acks it covers leave), over the same in memory, rounds "
+        "interleaved", "x", 0.5, True,
+        lambda f: (f"durable {_per_s(f, 'e2e.durable.durable.events_per_s')} vs memory "
+                   f"{_per_s(f, 'e2e.durable.memory.events_per_s')}; "
+                   f"{fmt(num(f, 'e2e.durable.consumer_events_per_commit'), '')} events per consumer commit")),
+    Row("e2e.durable.cpu_ratio_vs_memory", "CPU time per event, both processes, durable over memory", "x", None,
+        False, lambda f: (f"durable {_us(f, 'e2e.durable.durable.cpu_us_per_event')} vs memory "
+                          f"{_us(f, 'e2e.durable.memory.cpu_us_per_event')} per event")),
+    Row("e2e.durable.store_bytes_per_in_flight", "a durable producer's store, per event sent and not acknowledged "
+        "(its consumer stopped), 100 B payloads", " B", None, False,
+        lambda f: f"{fmt(num(f, 'e2e.durable.in_flight'), '')} events in flight"),
+    Row("e2e.durable.store_bytes_per_dedup_id", "a durable consumer's store, per message id it remembers "
+        "(the dedup window of its type)", " B", None, False, lambda f: "bytes in use (pages not free) over ids kept"),
+    Row("e2e.durable.steady.growth", "a durable consumer's store under steady load (40,000 events/s for 12 s): "
+        "its largest size in the second half of the run over that in the first (once the dedup window is full; "
+        "1.00: bounded)", "x", None, False,
+        lambda f: f"largest {fmt(num(f, 'e2e.durable.steady.store_mb'), ' MiB')} in use"),
     Row("e2e.cpu.ratio_vs_raw", "CPU time per event, producer + consumer, over raw push + pull per message "
         "(independent of what other jobs take)", "x", None, False,
         lambda f: (f"raw push {_us(f, 'e2e.cpu_us.push')} + pull {_us(f, 'e2e.cpu_us.pull')} vs choreo producer "
@@ -212,6 +230,12 @@ PEER_ROWS = [
         True, _peer("redis_streams")),
     Row("peers.rabbitmq.ratio", "choreo e2e over RabbitMQ (pika)", "x", 25.0, True, _peer("rabbitmq")),
     Row("peers.nats_js.ratio", "choreo e2e over NATS JetStream (nats-py)", "x", 25.0, True, _peer("nats_js")),
+    Row("peers.redis_streams_aof_everysec.ratio", "choreo durable (a data dir per node, fsync=batch) over Redis "
+        "Streams with AOF appendfsync everysec, same workload", "x", 3.0, True, _peer("redis_streams_aof_everysec")),
+    Row("peers.nats_js_file.ratio", "choreo durable over NATS JetStream with file storage", "x", 10.0, True,
+        _peer("nats_js_file")),
+    Row("peers.rabbitmq_durable.ratio", "choreo durable over RabbitMQ, durable queue and persistent messages", "x",
+        10.0, True, _peer("rabbitmq_durable")),
 ]
 SECTIONS = [
     ("Core micro-benchmarks", "make bench", "bench/test_core.py", ROWS),

@@ -134,34 +134,152 @@ def test_e2e_throughput(benchmark) -> None:
 CURVE_ROUNDS = 5
 
 
-def test_e2e_curve(benchmark) -> None:
-    rates: dict[str, list[float]] = {"plain": [], "curve": []}
-    cpu: dict[str, list[float]] = {"plain": [], "curve": []}
-    ratios: list[float] = []
-    cpu_ratios: list[float] = []
+class Alternating:
+    """Two variants of the ``events`` workload, alternating round by round (neither always first):
+    their rates and CPU per event, and per round the ratio of the second to the first."""
 
-    def measure() -> None:
-        for i in range(CURVE_ROUNDS):
-            order = ("plain", "curve") if i % 2 == 0 else ("curve", "plain")  # neither always runs first
-            round_rates, round_cpu = {}, {}
+    def __init__(self, base: str, other: str) -> None:
+        self.base, self.other = base, other
+        self.rates: dict[str, list[float]] = {base: [], other: []}
+        self.cpu: dict[str, list[float]] = {base: [], other: []}
+        self.ratios: list[float] = []
+        self.cpu_ratios: list[float] = []
+
+    def run(self, rounds: int, **options_of: dict) -> list[dict]:
+        """``options_of[variant]``: choreo_run's keyword arguments; returns every report."""
+        reports = []
+        for i in range(rounds):
+            order = (self.base, self.other) if i % 2 == 0 else (self.other, self.base)
+            rate, cpu = {}, {}
             for variant in order:
                 report = choreo_run({"count": COUNT, "seconds": SECONDS, "keys": KEYS, "size": 100},
-                                    secure=variant == "curve")
+                                    **options_of[variant])
                 check_delivery("events", report)
-                round_rates[variant] = report["events_per_s"]
-                round_cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
-                rates[variant].append(round_rates[variant])
-                cpu[variant].append(round_cpu[variant])
-            ratios.append(round_rates["curve"] / round_rates["plain"])
-            cpu_ratios.append(round_cpu["curve"] / round_cpu["plain"])
+                report["variant"] = variant
+                reports.append(report)
+                rate[variant] = report["events_per_s"]
+                cpu[variant] = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
+                self.rates[variant].append(rate[variant])
+                self.cpu[variant].append(cpu[variant])
+            self.ratios.append(rate[self.other] / rate[self.base])
+            self.cpu_ratios.append(cpu[self.other] / cpu[self.base])
+        return reports
+
+    def record(self, prefix: str, benchmark) -> None:  # type: ignore[no-untyped-def]
+        """``PREFIX.ratio_vs_BASE``, ``PREFIX.cpu_ratio_vs_BASE`` (medians of the per-round ratios) and
+        each variant's ``events_per_s`` and ``cpu_us_per_event``."""
+        record(f"{prefix}.ratio_vs_{self.base}", median(self.ratios))
+        record(f"{prefix}.cpu_ratio_vs_{self.base}", median(self.cpu_ratios))
+        for variant in self.rates:
+            record(f"{prefix}.{variant}.events_per_s", median(self.rates[variant]))
+            record(f"{prefix}.{variant}.cpu_us_per_event", median(self.cpu[variant]) * 1e6)
+        benchmark.extra_info.update({"ratios": [round(r, 3) for r in self.ratios],
+                                     "cpu_ratios": [round(r, 3) for r in self.cpu_ratios],
+                                     **{k: [round(x) for x in v] for k, v in self.rates.items()}})
+
+
+def test_e2e_curve(benchmark) -> None:
+    runs = Alternating("plain", "curve")
+
+    def measure() -> None:
+        runs.run(CURVE_ROUNDS, plain={}, curve={"secure": True})
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    runs.record("e2e.curve", benchmark)
+
+
+# ------------------------------------------------------------------------------------------------ durable
+
+DURABLE_ROUNDS = 5
+
+
+def test_e2e_durable(benchmark) -> None:
+    """The ``events`` workload with every node durable (``fsync="batch"``: each commit on disk
+    before the acks it covers leave) and with none, alternating round by round.
+
+    ``e2e.durable.ratio_vs_memory`` is the median of the per-round ratios of their rates;
+    ``e2e.durable.cpu_ratio_vs_memory`` the same for CPU time per event of both processes. Each
+    durable consumer's store says how many ids it keeps and the bytes it uses for them
+    (``e2e.durable.store_bytes_per_dedup_id``) and how many events each commit carried.
+    """
+    runs = Alternating("memory", "durable")
+    per_id: list[float] = []
+    per_commit: list[float] = []
+
+    def measure() -> None:
+        for report in runs.run(DURABLE_ROUNDS, memory={}, durable={"fsync": "batch"}):
+            if report["variant"] == "durable":
+                store = report["consumer_stores"][0]
+                per_id.append(store["used_bytes"] / max(store["dedup_ids"], 1))
+                per_commit.append((report["count"] + min(2000, COUNT)) / max(store["commits"], 1))
+
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    runs.record("e2e.durable", benchmark)
+    record("e2e.durable.store_bytes_per_dedup_id", median(per_id))
+    record("e2e.durable.consumer_events_per_commit", median(per_commit))
+
+
+def test_e2e_durable_store(benchmark) -> None:
+    """What a durable node's store holds, and that it stays bounded.
+
+    In flight: a durable producer emits 4,000 events (less than its window) to a consumer the
+    benchmark has stopped (SIGSTOP): nothing is acknowledged, everything stays in the producer's
+    outbox; ``e2e.durable.store_bytes_per_in_flight`` is the growth of the bytes its store uses
+    over the events in flight. Steady load: a producer emits at a fixed rate for a while to a
+    durable consumer, whose store is sampled every half second:
+    ``e2e.durable.steady.store_mb`` is its largest size (bytes in use) in the second half of the
+    run, ``e2e.durable.steady.growth`` that over its largest size in the first half once the
+    dedup window is full (1.0: bounded).
+    """
+    import os
+    import signal
+    import time
+
+    from bench.harness import BENCH_CONFIG as CONFIG
+    from bench.harness import Procs
+    from choreo.client import rpc
+
+    figures: dict[str, float] = {}
+
+    def measure() -> None:
+        with Procs() as procs:  # in flight: the consumer stopped, nothing acknowledged
+            consumer = procs.node("bench.nodes:consumer", fsync="batch")
+            started, out = procs.path("started"), procs.path("producer")
+            procs.node("bench.nodes:producer", {"role": "producer", "out": out, "count": 4000, "keys": KEYS,
+                                                "size": 100, "started": started, "hold": True},
+                       peers=[consumer.endpoint], config=CONFIG, fsync="batch")
+            before = procs.report(started, 60, "producer warm-up")["store"]["used_bytes"]
+            os.kill(consumer.pid, signal.SIGSTOP)
+            try:
+                with open(started + ".go", "w"):
+                    pass
+                report = procs.report(out, 60, "producer")
+                figures["in_flight"] = report["in_flight"]
+                figures["per_in_flight"] = (report["store"]["used_bytes"] - before) / report["in_flight"]
+            finally:
+                os.kill(consumer.pid, signal.SIGCONT)
+        with Procs() as procs:  # steady load
+            consumer = procs.node("bench.nodes:consumer", fsync="batch")
+            out = procs.path("producer")
+            seconds, rate = 12.0, 40_000
+            procs.node("bench.nodes:producer", {"role": "producer", "out": out, "count": int(seconds * rate),
+                                                "seconds": seconds, "rate": rate, "keys": KEYS, "size": 100},
+                       peers=[consumer.endpoint], config=CONFIG, fsync="batch")
+            samples: list[tuple[float, int]] = []
+            t0 = time.monotonic()
+            while not os.path.exists(out) and time.monotonic() - t0 < seconds + 60:
+                store = rpc(consumer.endpoint, "stats", timeout=10)["store"]
+                samples.append((time.monotonic() - t0, store["used_bytes"]))
+                time.sleep(0.5)
+            procs.report(out, 60, "producer")
+        full = [s for s in samples if s[0] > 100_000 / rate + 1.0]  # after the dedup window (100,000 ids) filled
+        half = len(full) // 2
+        figures["steady_mb"] = max(b for _, b in full[half:]) / 2**20
+        figures["growth"] = max(b for _, b in full[half:]) / max(b for _, b in full[:half])
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
 
-    record("e2e.curve.ratio_vs_plain", median(ratios))
-    record("e2e.curve.cpu_ratio_vs_plain", median(cpu_ratios))
-    for variant in rates:
-        record(f"e2e.curve.{variant}.events_per_s", median(rates[variant]))
-        record(f"e2e.curve.{variant}.cpu_us_per_event", median(cpu[variant]) * 1e6)
-    benchmark.extra_info.update({"ratios": [round(r, 3) for r in ratios],
-                                 "cpu_ratios": [round(r, 3) for r in cpu_ratios],
-                                 **{k: [round(x) for x in v] for k, v in rates.items()}})
+    record("e2e.durable.store_bytes_per_in_flight", figures["per_in_flight"])
+    record("e2e.durable.in_flight", figures["in_flight"])
+    record("e2e.durable.steady.store_mb", figures["steady_mb"])
+    record("e2e.durable.steady.growth", figures["growth"])

@@ -16,9 +16,10 @@ cdef class StateView:
     cdef Py_ssize_t _limit
     cdef object _fail
     cdef object _standby
+    cdef object _log
 
     def __init__(self, ctx, list tables not None, dict index not None, list decoders not None, encode,
-                 Py_ssize_t limit, fail, standby=None):
+                 Py_ssize_t limit, fail, standby=None, log=None):
         self._ctx = ctx
         self._tables = tables
         self._index = index
@@ -27,6 +28,7 @@ cdef class StateView:
         self._limit = limit
         self._fail = fail
         self._standby = standby
+        self._log = log
 
     cdef inline int _flags(self, env) except -1:
         if type(env) is Envelope:
@@ -139,6 +141,8 @@ cdef class StateView:
                     table.pop(key, None)
                 else:
                     table[key] = body
+            if self._log is not None:
+                self._log(partition, key, writes)
         return 0
 
     def commit(self, env):

@@ -1335,7 +1335,8 @@ class StateView:
     ``fail(what, t, detail)``, which raises the caller's error (``what``: ``"no_key"``,
     ``"read_only"``, ``"undeclared"``, ``"invalid"``, ``"too_large"``, ``"too_large_total"``).
     ``standby[partition]``, when given, is not None where a standby must get a write before its
-    input is acknowledged: :meth:`commit` leaves those writes to the caller.
+    input is acknowledged: :meth:`commit` leaves those writes to the caller. ``log(partition,
+    key, writes)``, when given, hears of every write :meth:`commit` applies (a durable node's store).
     """
 
     def __init__(
@@ -1348,8 +1349,10 @@ class StateView:
         limit: int,
         fail: Any,
         standby: list[Any] | None = None,
+        log: Any = None,
     ) -> None:
         self._ctx = ctx
+        self._log = log
         self._tables = tables
         self._index = index
         self._decoders = decoders
@@ -1457,4 +1460,6 @@ class StateView:
                     table.pop(key, None)
                 else:
                     table[key] = body
+            if self._log is not None:
+                self._log(partition, key, writes)
         return False

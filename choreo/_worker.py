@@ -61,6 +61,9 @@ async def run(
     watch_parent: bool = False,
     security: Security | None = None,
     insecure: bool = False,
+    data_dir: str | None = None,
+    fsync: str = "batch",
+    fsync_interval: float = 0.1,
 ) -> int:
     # the parent as it is now, before the ready line: once the parent has read that line it may
     # die at any moment, and asking afterwards would name init, which never goes away
@@ -77,8 +80,15 @@ async def run(
         metrics_host=metrics_host,
         security=security,
         insecure=insecure,
+        data_dir=data_dir,
+        fsync=fsync,
+        fsync_interval=fsync_interval,
     )
-    await node.start()
+    try:
+        await node.start()
+    except ChoreoUsageError as exc:  # a data dir that cannot be used: say why, in one line
+        print(f"choreo: {exc}", file=sys.stderr)
+        return 2
     metrics = f" metrics={node.metrics_url}" if node.metrics_url else ""
     sys.stdout.write(f"{READY_PREFIX}{node.endpoint} {node.name}{metrics}\n")
     sys.stdout.flush()
@@ -124,6 +134,9 @@ def main() -> int:
             watch_parent=True,
             security=spec.get("security"),
             insecure=spec.get("insecure", False),
+            data_dir=spec.get("data_dir"),
+            fsync=spec.get("fsync", "batch"),
+            fsync_interval=spec.get("fsync_interval", 0.1),
         )
     )
 

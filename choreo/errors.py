@@ -4,7 +4,9 @@
 plain ``TypeError``/``ValueError`` raised by argument checks. *Something outside went wrong*:
 :class:`ProtocolError` (a peer sent something invalid; the node counts it, logs it and keeps
 serving), :class:`Backpressure`, :class:`DeliveryTimeout`, :class:`NoOwner`,
-:class:`HandlerFailed`. Every message says what happened and, where there is one, the fix.
+:class:`HandlerFailed`, :class:`StoreError` (a durable node cannot write its data dir).
+A data dir that cannot be used (another node's, corrupt, in use) is :class:`DataDirError`, a
+usage error. Every message says what happened and, where there is one, the fix.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ __all__ = [
     "NotJoined",
     "Undeliverable",
     "NotAllowed",
+    "DataDirError",
+    "StoreError",
+    "StoreFull",
 ]
 
 
@@ -142,3 +147,33 @@ class HandlerFailed(ChoreoError):
         self.remote_type = remote_type
         self.remote_message = remote_message
         super().__init__(f"{service} failed to handle {message_type}: {remote_type}: {remote_message}")
+
+
+class DataDirError(ChoreoUsageError):
+    """A durable node's data dir cannot be used: in use by another node, another node's, corrupt,
+    not a choreo store, or written by a newer choreo. Nothing in it was changed::
+
+        data dir /var/lib/orders is in use by another node (pid 4242): one node per data dir
+    """
+
+
+class StoreError(ChoreoError):
+    """A durable node could not commit to its data dir (an I/O error). Until a commit succeeds
+    it acknowledges nothing and ``emit`` waits: what is not committed is never reported safe."""
+
+
+class StoreFull(StoreError, Backpressure):
+    """The disk of a durable node's data dir is full: backpressure until space frees.
+
+    The node keeps serving what it can without writing: it holds its acknowledgements (so its
+    producers slow down and wait) and ``emit`` waits, then raises this; the store is never left
+    half written, and everything resumes once space frees.
+    """
+
+    def __init__(self, path: str, detail: str, waited: float = 0.0) -> None:
+        Backpressure.__init__(
+            self, path, 0, 0, waited,
+            reason=f"data dir {path}: the disk is full ({detail}); this node holds its acknowledgements and emits "
+            "until a commit succeeds again: free space there (nothing committed is lost)",
+        )
+        self.path = path

@@ -9,6 +9,9 @@ endpoint, and is driven through a :class:`NodeProcess` handle::
         proc.stop()      # SIGTERM: drain, then leave
         # or proc.kill() # SIGKILL: a crash
 
+``data_dir=`` makes the child durable (see :class:`choreo.node.Node`): killed and started again
+on the same dir, it keeps its name and what it had committed.
+
 Classes and functions from importable modules travel by reference (the child gets the
 parent's ``sys.path``); those defined in ``__main__`` or a notebook travel by value. Message
 types are msgspec structs, whose fields must exist when the class is created, so they get a
@@ -67,6 +70,9 @@ class NodeProcess:
         netns: str | None = None,
         security: Security | None = None,
         insecure: bool = False,
+        data_dir: str | os.PathLike[str] | None = None,
+        fsync: str = "batch",
+        fsync_interval: float = 0.1,
     ) -> None:
         self.service = service
         self.bind = bind
@@ -85,6 +91,9 @@ class NodeProcess:
         self.netns = netns  # run inside this network namespace (ip netns exec), a host of its own
         self.security = security  # the child's key pair and trusted keys, over the same private pipe
         self.insecure = insecure
+        self.data_dir = os.fspath(data_dir) if data_dir is not None else None
+        self.fsync = fsync
+        self.fsync_interval = fsync_interval
         if start:
             self.start(ready_timeout)
 
@@ -104,6 +113,9 @@ class NodeProcess:
                 "metrics_host": self.metrics_host,
                 "security": self.security,
                 "insecure": self.insecure,
+                "data_dir": self.data_dir,
+                "fsync": self.fsync,
+                "fsync_interval": self.fsync_interval,
             }
         )
         fd, self.stderr_path = tempfile.mkstemp(prefix="choreo-node-", suffix=".log")

@@ -20,6 +20,13 @@ failing run replays exactly, and :meth:`Schedule.describe` says what happened wh
 The schedule ends healed, with at least one instance of every service up. Clients are
 partitioned, paused and jumped, never crashed: what a client was told is acknowledged stays the
 yardstick of "nothing lost".
+
+Durable nodes (a harness with data dirs) add one fault, ``bounce``: a node killed and started
+again on its data dir a moment later (a fraction of ``dead_after``, as a supervisor restarts a
+process), instances and, with ``bounce_clients=True``, clients too: a durable client keeps what
+it was told is committed. :data:`DURABLE_FAULTS` are the faults after which nothing may be
+handled twice at all: bounces, partitions and pauses shorter than ``dead_after``, joins and
+graceful leaves.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from .runtime.engine import Engine
 from .service import Service
 from .testing import Harness
 
-__all__ = ["Fault", "Schedule", "Nemesis", "FAULTS"]
+__all__ = ["Fault", "Schedule", "Nemesis", "FAULTS", "DURABLE_FAULTS"]
 
-#: every kind of fault a schedule may contain
+#: every kind of fault a schedule may contain (``bounce``: durable nodes, see the module docstring)
 FAULTS = ("partition", "long_partition", "crash", "restart", "join", "leave", "pause", "long_pause", "jump")
+DURABLE_FAULTS = ("bounce", "bounce", "partition", "pause", "join", "leave")
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,14 @@ class Nemesis:
         clients: list[Engine] = (),  # type: ignore[assignment]
         min_instances: int = 0,
         max_instances: int = 4,
+        bounce_clients: bool = False,
     ) -> None:
         self.harness = harness
         self.services = services
         self.clients = list(clients)
         self.min_instances = min_instances
         self.max_instances = max_instances
+        self.bounce_clients = bounce_clients  # durable clients may be killed and started again too
         self.crashed: list[Engine] = []  # instances down, waiting for a restart
         self.died: set[int] = set()  # incarnations that crashed (their unacknowledged work may run again)
         self._now0 = 0.0
@@ -100,6 +110,7 @@ class Nemesis:
                 "pause": rng.uniform(0.2, 0.6) * dead_after,
                 "long_pause": rng.uniform(1.3, 2.0) * dead_after,
                 "jump": rng.uniform(0.5, 2.0) * dead_after,
+                "bounce": rng.uniform(0.05, 0.5) * dead_after,
             }.get(kind, 0.0)
             faults.append(Fault(round(t, 3), kind, round(seconds, 3), rng.randrange(1 << 16), rng.randrange(1, 1 << 16)))
             t += rng.uniform(*every) + seconds
@@ -152,6 +163,18 @@ class Nemesis:
             h.crash(target)
             self.crashed.append(target)
             return f"crash {target.name}"
+        if kind == "bounce":
+            candidates = instances + ([e for e in self.clients if e in up] if self.bounce_clients else [])
+            if not candidates:
+                return "bounce: nothing up"
+            target = candidates[fault.pick % len(candidates)]
+            self.died.add(target.incarnation)
+            h.crash(target)
+            await h.advance(fault.seconds)
+            new = h.restart(target)
+            if target in self.clients:
+                self.clients[self.clients.index(target)] = new
+            return f"bounce {target.name}: down {fault.seconds:.2f}s, back as incarnation {new.incarnation:016x}"
         if kind == "restart":
             if not self.crashed:
                 return "restart: nothing crashed"

@@ -23,6 +23,14 @@ as a new incarnation at the same endpoint; :meth:`Harness.join` starts a new nod
 freezes a node (a long GC pause, a suspended VM: no ticks, its frames wait) and
 :meth:`Harness.jump` moves one node's clock forward. :mod:`choreo.nemesis` draws seeded random
 schedules of all of these.
+
+Durable nodes: ``Harness(data_root=tmp_path)`` gives every node a data dir of its own there
+(``add(..., durable=False)`` opts one out), as ``Node(data_dir=...)`` does; ``add(...,
+store=MemoryStore())`` gives one node a store in memory instead (it models the OS and the disk:
+:meth:`~choreo.runtime.store.MemoryStore.lose_power`). A crash is then a crash of the process:
+what the node had committed survives, nothing else does, and :meth:`Harness.restart` opens the
+same store again. Data dirs sync with ``fsync="off"`` by default: a crashed process loses the
+same either way, and the tests run faster.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import os
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -37,6 +46,7 @@ from typing import Any, TypeVar
 from . import core, introspect
 from .config import NodeConfig
 from .runtime.engine import Engine
+from .runtime.store import MemoryStore, SqliteStore
 from .service import Service
 
 __all__ = ["Harness", "FakeLink", "FakeTransport"]
@@ -112,6 +122,8 @@ class Harness:
         jitter: float = 0.02,
         config: NodeConfig | None = None,
         policy: Any = None,
+        data_root: str | os.PathLike[str] | None = None,
+        fsync: str = "off",
     ) -> None:
         """``policy`` (a :class:`~choreo.trust.Policy`): the link behaves as a mesh with keys,
         each node speaking as the key given to :meth:`add` (its frames' principal)."""
@@ -127,9 +139,16 @@ class Harness:
         self.offset: dict[str, float] = {}  # endpoint -> how far its clock is ahead (jump)
         self.paused: dict[str, float] = {}  # endpoint -> virtual time it resumes at
         self._names = itertools.count(1)
+        self.data_root = data_root  # every node gets a data dir here (durable), unless it opts out
+        self.fsync = fsync
+        self.data_dirs: dict[str, str] = {}  # endpoint -> its data dir
+        self.stores: dict[str, MemoryStore] = {}  # endpoint -> its store in memory
         self._setup: dict[str, tuple[Service | None, str | None, NodeConfig | None]] = {}
         self.history: list[Engine] = []  # every engine this harness made, restarted ones included
         self.declared_dead: set[str] = set()  # names of incarnations some node declared dead
+        # (node name, message id): handled by a durable node that crashed before committing it; that
+        # handler may run again (the one at-least-once a durable node keeps, see the README)
+        self.uncommitted: set[tuple[str, bytes]] = set()
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
 
     def clock(self) -> float:
@@ -139,20 +158,41 @@ class Harness:
         return 1_700_000_000.0 + self.now
 
     def add(
-        self, service: Service | None, name: str | None = None, config: NodeConfig | None = None, key: str | None = None
+        self, service: Service | None, name: str | None = None, config: NodeConfig | None = None,
+        key: str | None = None, durable: bool | None = None, store: MemoryStore | None = None,
     ) -> Engine:
-        """A new node on the link (not started: :meth:`start` starts them all); with a policy,
-        ``key`` names the key it speaks as."""
+        """A new node on the link (not started: :meth:`start` starts them all). With a policy,
+        ``key`` names the key it speaks as. Durable (a data dir of its own under ``data_root``)
+        unless ``durable=False`` or the harness has no root, or on ``store``."""
         n = next(self._names)
         label = "".join(c if c.isalnum() or c in "-_.#" else "_" for c in name or (service.name if service else "client"))
         endpoint = f"inproc://fake/{label}-{n}"  # an address hellos accept (choreo.wire), never dialled
         self._setup[endpoint] = (service, name, config)
         self.keys[endpoint] = key
+        if store is not None:
+            self.stores[endpoint] = store
+        elif durable is None:
+            durable = self.data_root is not None
+        if durable and store is None:
+            if self.data_root is None:
+                raise ValueError("durable=True needs Harness(data_root=...)")
+            self.data_dirs[endpoint] = os.path.join(os.fspath(self.data_root), f"{label.replace('#', '_')}-{n}")
+        if (durable or store is not None) and name is None:
+            # a durable node's name decides its partitions (its rendezvous key): from the seed, not at random
+            durable_name = f"{service.name if service else 'client'}#{self.rng.getrandbits(24):06x}"
+            self._setup[endpoint] = (service, durable_name, config)
         return self._make(endpoint)
 
     def _make(self, endpoint: str) -> Engine:
         service, name, config = self._setup[endpoint]
         self.offset.setdefault(endpoint, 0.0)
+        store: MemoryStore | SqliteStore | None = None
+        if endpoint in self.stores:
+            store = self.stores[endpoint].open(service=service.name if service else None, name=name, fsync=self.fsync)
+        elif endpoint in self.data_dirs:
+            store = SqliteStore.open(
+                self.data_dirs[endpoint], service=service.name if service else None, name=name, fsync=self.fsync
+            )
         engine = Engine(
             service,
             FakeTransport(self, endpoint),
@@ -164,6 +204,7 @@ class Harness:
             ids=core.IdSource(self.rng.randbytes(8)),
             incarnations=lambda: self.rng.getrandbits(63) | 1,
             policy=(lambda: self.policy) if self.policy is not None else None,
+            store=store,
         )
         introspect.install(engine)  # the system queries a real node answers
         self.engines[endpoint] = engine
@@ -202,13 +243,21 @@ class Harness:
         self.link.cut.clear()
 
     def crash(self, engine: Engine) -> None:
-        """The node stops at once: frames to and from it are lost from now on."""
+        """The node stops at once: frames to and from it are lost from now on, and nothing it had
+        received runs any more (a durable node's data dir keeps what it had committed, nothing
+        more; :attr:`uncommitted` notes what it had handled and not committed)."""
         self.down.add(engine.transport.endpoint)
         engine.transport.closed = True  # type: ignore[attr-defined]
+        for channel in engine.outbox.inbound.values():
+            channel.closed = True  # what the event loop still holds for it is dropped, as in a dead process
+        if engine.journal is not None and not engine.journal.is_closed:
+            self.uncommitted.update((engine.name, msg_id) for msg_id in engine.journal.uncommitted())
+            engine.journal.close(commit=False)
 
     def restart(self, engine: Engine, seeds: list[str] | None = None) -> Engine:
         """A crashed (or running: then crashed first) node comes back at its endpoint, as a new
-        incarnation with empty memory, seeded by every other node unless ``seeds`` says otherwise."""
+        incarnation with empty memory (a durable node: with its data dir), seeded by every other
+        node unless ``seeds`` says otherwise."""
         endpoint = engine.transport.endpoint
         self.crash(engine)
         new = self._make(endpoint)
@@ -218,10 +267,11 @@ class Harness:
         return new
 
     def join(
-        self, service: Service | None, name: str | None = None, config: NodeConfig | None = None, key: str | None = None
+        self, service: Service | None, name: str | None = None, config: NodeConfig | None = None,
+        key: str | None = None, durable: bool | None = None, store: MemoryStore | None = None,
     ) -> Engine:
-        """A new node starts mid-run, seeded by the first node that is up."""
-        engine = self.add(service, name, config, key)
+        """A new node starts mid-run, seeded by the first node that is up (see :meth:`add`)."""
+        engine = self.add(service, name, config, key, durable, store)
         seeds = [e for e in self.engines if e != engine.transport.endpoint and e not in self.down][:1]
         engine.start(seeds)
         return engine
@@ -247,6 +297,8 @@ class Harness:
             drained = False
         engine.finish_leave()
         await self.step(self.config.tick)
+        if engine.journal is not None:
+            engine.journal.close()
         self.crash(engine)
         return drained
 

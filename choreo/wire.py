@@ -180,6 +180,9 @@ class Hello(msgspec.Struct, frozen=True):
     holding: bytes = b""  # the partitions the sender owns or drains (a bitmap): a newcomer waits for their handover
     services: list[ServiceSpec] = []
     retired: list[str] = []
+    # the sender's rendezvous key when it is not its incarnation: a durable node's, derived from its
+    # persisted name, so that its next life owns the same partitions (empty: the incarnation)
+    key: Annotated[bytes, Meta(max_length=32)] = b""
 
 
 class Heartbeat(msgspec.Struct, frozen=True):

@@ -11,28 +11,61 @@ envelopes come out strictly in order, and the ack to send back is read from it.
 
 Both are thin: the decisions are the core's; these classes hold the Python-side bookkeeping
 (callbacks, frames, the backlog) that the core deliberately knows nothing about.
+
+On a durable node (one with a :class:`~choreo.runtime.journal.Journal`) an out-channel also
+tells the journal what it sends and what its receiver acknowledged, and an in-channel sends
+only acknowledgements the node has committed (:attr:`InChannel.last_ack`).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import core, wire
 
 if TYPE_CHECKING:  # pragma: no cover
     from .membership import Peer
 
-__all__ = ["Outgoing", "OutChannel", "InChannel"]
+__all__ = ["Outgoing", "OutChannel", "InChannel", "SafeOnceStored", "ChannelJournal"]
 
 Callback = Callable[[], None]
+EMPTY_ACK = core.encode_ack(0, 0, [])
+
+
+class SafeOnceStored(partial):  # type: ignore[type-arg]
+    """The ``on_done`` of what a handler emitted, on a durable node: the output is safe once it is
+    in a window (its batch commits before the handler's input is acknowledged), so it is called
+    then, instead of when the receiver acknowledges it. While the output waits outside a window
+    (no credit, no instance) it keeps waiting for the receiver, as on a node without a store:
+    that bounds what a node stores for a slow or absent receiver by its producers' windows."""
+
+    __slots__ = ()
+
+
+class ChannelJournal(Protocol):
+    """What a durable node's out-channels tell its journal (:class:`~choreo.runtime.journal.Journal`)."""
+
+    def body(self, ch: OutChannel, body: bytes) -> None: ...
+
+    def acked(self, ch: OutChannel) -> None: ...
+
+    def closed(self, ch: OutChannel) -> None: ...
+
+    def limbo(self, item: Outgoing, service: str | None) -> None: ...
+
+    def unlimbo(self, item: Outgoing) -> None: ...
 
 
 class Outgoing:
     """One envelope waiting for credit, with what to call once it is done downstream."""
 
-    __slots__ = ("kind", "flags", "type", "key", "partition", "msg_id", "trace_id", "cause_id", "payload", "on_done", "raw")
+    __slots__ = (
+        "kind", "flags", "type", "key", "partition", "msg_id", "trace_id", "cause_id", "payload", "on_done", "raw",
+        "row",
+    )
 
     def __init__(
         self,
@@ -59,6 +92,7 @@ class Outgoing:
         self.payload = payload
         self.on_done = on_done
         self.raw = raw  # an already encoded envelope being moved from another channel
+        self.row = 0  # durable nodes: its outbox row while it waits outside a window (0: none)
 
     @property
     def size(self) -> int:
@@ -93,6 +127,9 @@ class OutChannel:
         self.credit_waiters: list[Callback] = []
         self.closed = False
         self.done_upto = 0  # every seq up to here is done (the receiver's cumulative ack)
+        # durable nodes: the journal, and the batch bodies sent here that are not all acknowledged
+        self.journal: ChannelJournal | None = None
+        self.records: deque[Any] | None = None  # the journal's Records
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -117,8 +154,15 @@ class OutChannel:
                 item.payload,
                 now,
             )
-        if item.on_done is not None:
-            self.watch[seq] = item.on_done
+        done = item.on_done
+        if done is not None:
+            if self.records is not None and type(done) is SafeOnceStored:
+                item.on_done = None
+                done()  # a handler's output on a durable node: safe once this body commits
+            else:
+                self.watch[seq] = done
+        if item.row:
+            self.journal.unlimbo(item)  # type: ignore[union-attr]
         return seq
 
     def push(self, item: Outgoing, now: float) -> None:
@@ -128,6 +172,8 @@ class OutChannel:
         else:
             self.backlog.append(item)
             self.window.held = True  # the emit lanes stay out while anything waits here
+            if self.journal is not None:
+                self.journal.limbo(item, self.peer.service_name)
 
     @property
     def batch_full(self) -> bool:
@@ -135,7 +181,10 @@ class OutChannel:
 
     def take_body(self) -> bytes | None:
         """The batch body of everything appended since the last call, or None."""
-        return self.window.flush()
+        body = self.window.flush()
+        if body is not None and self.journal is not None:
+            self.journal.body(self, body)
+        return body
 
     # -- acks ----------------------------------------------------------------------------------
 
@@ -145,6 +194,8 @@ class OutChannel:
         freed = self.window.on_ack(cumulative, received, ranges, now)
         if cumulative > self.done_upto:
             self.done_upto = min(cumulative, self.window.next_seq - 1)
+            if self.records:
+                self.journal.acked(self)  # type: ignore[union-attr]
         if freed and self.watch:
             self._notify(cumulative, ranges)
         if freed:
@@ -192,6 +243,8 @@ class OutChannel:
         """
         self.closed = True
         self.window.flush()
+        if self.journal is not None:
+            self.journal.closed(self)
         out: list[Outgoing] = []
         for raw in self.window.unacked():
             seq = int.from_bytes(raw[:8], "little")
@@ -229,19 +282,24 @@ def _from_raw(raw: bytes, on_done: Callback | None) -> Outgoing:
 class InChannel:
     """The receiver side from one sender incarnation."""
 
-    def __init__(self, me: int, peer: Peer, window: int) -> None:
+    def __init__(self, me: int, peer: Peer, window: int, durable: bool = False) -> None:
         self.peer = peer
         self.reorder = core.InboundReorder(window=window)
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
         self.rights: dict[tuple[str, int], str | None] = {}  # with keys: (type, kind) -> None or why refused
+        # durable nodes ack only what they committed: the last committed ack (the outbox sends them)
+        self.durable = durable
+        self.last_ack: bytes = EMPTY_ACK
 
     def ack_frame(self) -> bytes:
+        if self.durable:
+            return self.header + self.last_ack
         return self.header + self.reorder.ack_frame()
 
     def take_ack(self) -> bytes | None:
         """The ack to send, if one is due (to ride on a frame going to the same peer)."""
-        if not self.reorder.ack_pending or self.closed:
+        if not self.reorder.ack_pending or self.closed or self.durable:
             return None
         return self.reorder.ack_frame()
 

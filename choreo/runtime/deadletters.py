@@ -17,10 +17,22 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
-__all__ = ["DeadLetter", "DeadLetters"]
+import msgspec
+
+__all__ = ["DeadLetter", "DeadLetters", "LetterJournal"]
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class LetterJournal(Protocol):
+    """Where a durable node's dead letters are kept (:class:`~choreo.runtime.journal.Journal`)."""
+
+    def letter(self, letter_id: int, encoded: bytes) -> None: ...
+
+    def letter_gone(self, letter_id: int) -> None: ...
 
 
 @dataclass
@@ -61,14 +73,24 @@ class DeadLetter:
             "failed_at": self.last_failed,
         }
 
+    def encode(self) -> bytes:
+        """The letter as bytes (a durable node's store keeps it so)."""
+        return _encoder.encode(asdict(self))
+
+    @classmethod
+    def decode(cls, data: bytes) -> DeadLetter:
+        """A letter from :meth:`encode`'s bytes (msgspec errors or TypeError if they are not one)."""
+        return cls(**msgspec.msgpack.decode(data, type=dict[str, Any]))
+
 
 class DeadLetters:
     """The newest dead letters of one node, by id (ids are never reused), within ``limit`` letters
     and ``max_bytes`` bytes."""
 
-    def __init__(self, limit: int = 10_000, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, limit: int = 10_000, max_bytes: int = 64 << 20, journal: LetterJournal | None = None) -> None:
         self.limit = limit
         self.max_bytes = max_bytes
+        self.journal = journal  # a durable node keeps its letters in its store
         self._letters: OrderedDict[int, DeadLetter] = OrderedDict()
         self._next = 1
         self.bytes = 0  # what the stored letters hold (payloads, errors, tracebacks)
@@ -90,10 +112,20 @@ class DeadLetters:
             self.bytes -= _size(old)
         self._letters[letter.id] = letter
         self.bytes += _size(letter)
+        if self.journal is not None:
+            self.journal.letter(letter.id, letter.encode())
         while len(self._letters) > self.limit or (self.bytes > self.max_bytes and len(self._letters) > 1):
-            _, dropped = self._letters.popitem(last=False)
+            gone, dropped = self._letters.popitem(last=False)
             self.bytes -= _size(dropped)
             self.evicted += 1
+            if self.journal is not None:
+                self.journal.letter_gone(gone)
+
+    def restore(self, letter: DeadLetter) -> None:
+        """A letter from a durable node's store, under its own id (ids stay unique)."""
+        self._letters[letter.id] = letter
+        self.bytes += _size(letter)
+        self._next = max(self._next, letter.id + 1)
 
     def take(self, letter_id: int) -> DeadLetter:
         """Remove and return one letter (KeyError naming the id if there is none)."""

@@ -20,6 +20,13 @@ The path of one received envelope (a :class:`Job`):
    match its declared type, an undeclared emit, a message too large, a misused API
    (:data:`NOT_RETRIED`); a command's caller gets that same class back.
 
+On a durable node (with a :class:`~choreo.runtime.journal.Journal`) the dispatcher also tells
+the journal what it finished: the ids of the messages it handled (a slice of each batch the
+compiled lane ran), command results, the partitions handed over to it and its dead letters, all
+committed before the acks that cover them leave. What a handler emitted is safe there once it is
+in the node's store (:class:`~choreo.runtime.channels.SafeOnceStored`), so its input is
+acknowledged without waiting for the emitted messages' receivers.
+
 Arrivals for a partition this node does not own go to :class:`~choreo.runtime.moves.Moves`
 (buffered until a handover, or forwarded to the owner). What the dispatcher needs of its node
 (sending, acks, timers, the caller API for ``ctx.ask``) is the small :class:`Host` protocol.
@@ -30,7 +37,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import sys
 import traceback
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -48,12 +57,14 @@ from ..statetypes import StateTypes
 from ..tracing import Tracer, format_traceparent
 from ..wire import FLAG_BROADCAST, FLAG_REPLAY, FLAG_UNKEYED, KIND_COMMAND, KIND_EVENT, KIND_HANDOVER, KIND_QUERY
 from .calls import error_reply, ok_reply
-from .channels import InChannel
+from .channels import InChannel, SafeOnceStored
 from .deadletters import DeadLetter, DeadLetters
+from .journal import ENTRY_SIZE, Journal
 from .moves import Moves
 from .replicas import Replicas
 from .state import StateTables, state_view
 from .transfer import Delta, Piece, Staged
+from .store import Snapshot
 
 __all__ = ["Job", "HandlerContext", "Dispatcher", "Host"]
 
@@ -156,6 +167,7 @@ class HandlerContext:
             state_view(
                 self, keeper.state, keeper.config.max_state_bytes,
                 keeper.replicas.standby if keeper.replicas is not None else None,
+                keeper.log_writes if keeper.journal is not None else None,
             )
             if keeper is not None and keeper.state is not None
             else NoState(self)
@@ -263,6 +275,7 @@ class Dispatcher:
         moves: Moves | None = None,
         results_max: int = 100_000,
         replicas: Replicas | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.host = host
         self.service = service
@@ -276,7 +289,11 @@ class Dispatcher:
         # command id -> (time, ttl, reply, partition): a duplicate command gets the first result
         self.results: OrderedDict[bytes, tuple[float, float, bytes, int]] = OrderedDict()
         self.results_max = results_max
-        self.dead_letters = DeadLetters(config.dlq_max, config.dlq_max_bytes)
+        self.journal = journal  # durable nodes: what must commit before an ack leaves
+        self.dead_letters = DeadLetters(config.dlq_max, config.dlq_max_bytes, journal=journal)
+        if journal is not None:
+            journal.windows = self.dedup.get
+            journal.results_max = results_max
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
@@ -330,6 +347,7 @@ class Dispatcher:
         gate = self.moves.ownership.gate if self.moves is not None else None
         reorder = channel.reorder
         run = self.lane.run
+        journal = self.journal if self.config.dedup else None
         done, i, n = 0, 0, len(envs)
         while i < n:
             if self.ready:  # jobs wait to start: everything after them waits too (per-key order)
@@ -340,6 +358,8 @@ class Dispatcher:
                 envs, i, reorder, now, host.clock, received, gate, self.keyed, spans_append, self._lane_ctx
             )
             done += handled
+            if handled and journal is not None:
+                journal.handled_slice(envs, i - handled, i)  # their ids commit before their ack leaves
             if status == core.LANE_END:
                 break
             env = envs[i]
@@ -436,6 +456,8 @@ class Dispatcher:
             del self.results[msg_id]
         if self.state is not None:
             self.state.drop(p)
+            if self.journal is not None:
+                self.journal.state_dropped(p)
 
     def install(self, staged: Staged) -> None:
         """A partition received whole and checked (see :mod:`choreo.runtime.transfer`): its dedup
@@ -451,13 +473,19 @@ class Dispatcher:
                 options = message_options(handler.message)
                 window = self.dedup[name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
             try:
-                window.import_entries(_shift_times(blob, shift), p)
+                shifted = _shift_times(blob, shift)
+                window.import_entries(shifted, p)
             except (core.MalformedFrame, struct.error) as exc:
                 self.host.count_refused("malformed", f"dedup ids of partition {p} in a hand-over: {exc}")
+                continue
+            if self.journal is not None:  # a durable node keeps what it was handed
+                self.journal.imported(name, list(_DEDUP_RECORD.iter_unpack(shifted[4:])), p)
         now = self.host.clock()
         for msg_id, t, ttl, reply in staged.results:
-            if now - t < ttl:
-                self.results.setdefault(msg_id, (t, ttl, reply, p))
+            if now - t < ttl and msg_id not in self.results:
+                self.results[msg_id] = (t, ttl, reply, p)
+                if self.journal is not None:
+                    self.journal.result(msg_id, ttl - (now - t), reply, p)
         if self.state is None:
             return
         by_name = self.state.types.by_name
@@ -473,6 +501,12 @@ class Dispatcher:
             for t, table in enumerate(tables):
                 table.update(self.state.tables[t][p])
         self.state.install(p, tables)
+        if self.journal is not None:  # the partition's state, replaced whole in the store too
+            self.journal.state_dropped(p)
+            names = self.state.types.names
+            for t, table in enumerate(tables):
+                for key, body in table.items():
+                    self.journal.state(names[t], key, p, body)
 
     def apply_delta(self, delta: Delta) -> None:
         """One handler's writes on its owner, applied to our standby copy with the message's id
@@ -485,6 +519,8 @@ class Dispatcher:
                 self.host.count_refused("unknown_type", f"a state delta of partition {p} names a type "
                                                         f"{self._who()} does not declare")
             self.state.apply(p, delta.key, writes)
+            if self.journal is not None:
+                self.log_writes(p, delta.key, writes)
         handler = self.handlers.get(delta.message_type)
         if handler is None:
             return
@@ -495,8 +531,60 @@ class Dispatcher:
             if window is None:
                 window = self.dedup[delta.message_type] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
             window.insert(delta.msg_id, now, p)
+            if self.journal is not None:
+                self.journal.imported(delta.message_type, [(delta.msg_id, now)], p)
         if delta.reply is not None and handler.kind == "command":
             self.results[delta.msg_id] = (now, options.dedup_ttl, delta.reply, p)
+            if self.journal is not None:
+                self.journal.result(delta.msg_id, options.dedup_ttl, delta.reply, p)
+
+    def restore(self, snapshot: Snapshot, shift: float) -> None:
+        """A restarted node: its dedup ids, cached results and dead letters from its store.
+
+        ``shift`` turns the store's wall-clock times into this node's clock.
+        """
+        now = self.host.clock()
+        for _, name, t, expires, entries in snapshot.dedup:
+            handler = self.handlers.get(name)
+            if handler is None or expires + shift <= now:
+                continue
+            window = self._window(name, handler)
+            n = len(entries) // ENTRY_SIZE
+            parts = array("H")
+            parts.frombytes(entries[16 * n : ENTRY_SIZE * n])
+            if sys.byteorder == "big":  # pragma: no cover
+                parts.byteswap()
+            by_partition: dict[int, list[bytes]] = {}
+            for k, p in enumerate(parts):
+                by_partition.setdefault(p, []).append(entries[16 * k : 16 * k + 16])
+            at = t + shift
+            for p, ids in by_partition.items():
+                blob = len(ids).to_bytes(4, "little") + b"".join(_DEDUP_RECORD.pack(i, at) for i in ids)
+                window.import_entries(blob, p)
+        for msg_id, t, expires, partition, reply in snapshot.results:
+            if expires + shift > now:
+                self.results[msg_id] = (t + shift, expires - t, reply, partition)
+        if self.state is not None:
+            by_name = self.state.types.by_name
+            for type_name, key, partition, body in snapshot.state:
+                t = by_name.get(type_name)
+                if t is None or partition >= self.state.partitions:
+                    log.warning("state %s of key %r in the store is not this service's any more: left there",
+                                type_name, key[:64])
+                    continue
+                self.state.tables[t][partition][key] = body
+        for letter_id, encoded in snapshot.letters:
+            try:
+                self.dead_letters.restore(DeadLetter.decode(encoded))
+            except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+                log.warning("dead letter #%d in the store cannot be read (%s): skipped", letter_id, exc)
+
+    def _window(self, name: str, handler: Handler) -> core.DedupWindow:
+        window = self.dedup.get(name)
+        if window is None:
+            options = message_options(handler.message)
+            window = self.dedup[name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+        return window
 
     def _slow_path(self, channel: InChannel, env: Any, handler: Handler, received: float, message: Message | None) -> Job:
         """An envelope the fast path took through dedup becomes a tracked job."""
@@ -706,8 +794,10 @@ class Dispatcher:
         writes = ctx.writes
         ctx.writes = None
         if outputs:
+            # on a durable node an output is safe once it is in a window: its batch commits first
+            done = SafeOnceStored(self.output_done, job) if self.journal is not None else partial(self.output_done, job)
             try:
-                routed = self.host.send_outputs(job, outputs, partial(self.output_done, job))
+                routed = self.host.send_outputs(job, outputs, done)
             except Exception as exc:  # routing failed (no owner any more...): the attempt failed
                 self.stats.in_handler += 1
                 self._failed(job, exc)
@@ -732,6 +822,15 @@ class Dispatcher:
             job.pending += 1  # its delta: shipped once its outputs are acknowledged (_ship_ready)
             self.unshipped.setdefault(key, deque()).append(job)
         state.apply(p, key, writes)
+        if self.journal is not None:
+            self.log_writes(p, key, writes)
+
+    def log_writes(self, p: int, key: bytes, writes: dict[int, bytes | None]) -> None:
+        """A durable node: state writes commit with the message that made them."""
+        assert self.journal is not None and self.state is not None
+        names = self.state.types.names
+        for t, body in writes.items():
+            self.journal.state(names[t], key, p, body)
 
     def _ship_ready(self, key: bytes) -> None:
         """Send the standby the writes of this key's jobs whose outputs are all acknowledged, in
@@ -828,7 +927,12 @@ class Dispatcher:
             self.stats.processed += 1
             if self.tracer.completed is not None:  # metrics watch: a flow from outside ends here
                 self.tracer.flow_done(job)
+            if job.replay_of is not None and self.journal is not None:
+                if self.dead_letters.get(job.replay_of.id) is None:  # replayed and handled: gone
+                    self.journal.letter_gone(job.replay_of.id)
             if self.in_progress.get(env.msg_id) is job:
+                if self.journal is not None:
+                    self.journal.handled(env)  # its id commits before its ack leaves
                 del self.in_progress[env.msg_id]
                 cached = self.results.get(env.msg_id)
                 for dup in job.duplicates:
@@ -844,6 +948,8 @@ class Dispatcher:
             return
         options = message_options(job.handler.message)
         self.results[job.env.msg_id] = (self.host.clock(), options.dedup_ttl, reply, job.env.partition)
+        if self.journal is not None:
+            self.journal.result(job.env.msg_id, options.dedup_ttl, reply, job.env.partition)
         while len(self.results) > self.results_max:
             self.results.popitem(last=False)
         # forget results older than their dedup window, oldest first

@@ -48,14 +48,16 @@ from .channels import InChannel
 from .dispatch import Dispatcher, Job
 from .gossip import Gossip
 from .holds import Holds
+from .journal import Journal
 from .lifecycle import Lifecycle
-from .membership import Membership, Peer
+from .membership import Membership, Peer, durable_key
 from .moves import Moves
 from .replicas import Replicas
 from .outbox import Outbox
 from .ownership import Ownership
 from .routing import ZERO_ID, Router
 from .stats import Counters, NodeStats, PeerStats
+from .store import Store
 
 __all__ = ["Engine", "Transport", "RUN_BUDGET"]
 
@@ -96,9 +98,14 @@ class Engine:
         ids: Any = None,
         incarnations: Callable[[], int] | None = None,
         policy: PolicySource | None = None,
+        store: Store | None = None,
     ) -> None:
         """``ids`` and ``incarnations`` draw fresh message ids and incarnations (seeded in tests);
-        ``policy`` returns the mesh's :class:`~choreo.trust.Policy` (with keys; None without)."""
+        ``policy`` returns the mesh's :class:`~choreo.trust.Policy` (with keys; None without).
+
+        ``store``: a durable node's store (:mod:`~choreo.runtime.store`), opened for it: the node
+        takes its name from it, and a rendezvous key derived from that name.
+        """
         if service is not None:
             service.validate()
         self.service = service
@@ -109,8 +116,17 @@ class Engine:
         self._incarnations = incarnations or _new_incarnation
         self.incarnation = incarnation or self._incarnations()
         self._label = service.name if service else "client"
+        if store is not None and name is None:
+            name = store.identity.name
         self._auto_name = name is None
         self.name = name or f"{self._label}#{self.incarnation & 0xFFFFFF:06x}"
+        # a durable node: what must commit before it acks, and a key that keeps its partitions
+        self.journal = (
+            Journal(store, clock=clock, wall=wall, call_later=self.call_later, max_delay=config.tick)
+            if store is not None
+            else None
+        )
+        self._key = durable_key(self.name) if store is not None else b""
         self.former_names: list[str] = []  # earlier incarnations of this node (declared dead), newest last
         self.spec = service.spec() if service else None
         self.counters = Counters()
@@ -119,7 +135,9 @@ class Engine:
         self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
         self.membership = Membership(config.suspect_after, config.dead_after)
         self.holds = Holds()
-        self.outbox = Outbox(transport, config, clock=clock, holds=self.holds, counters=self.counters)
+        self.outbox = Outbox(
+            transport, config, clock=clock, holds=self.holds, counters=self.counters, journal=self.journal
+        )
         self.router = Router(
             self.membership, self.outbox, self.holds,
             service=service, config=config, clock=clock, ids=self.ids, counters=self.counters,
@@ -148,7 +166,8 @@ class Engine:
                 service=service.name, config=config, clock=clock, refused=self.count_refused,
             )
         self.dispatcher = Dispatcher(
-            self, service, config=config, tracer=self.tracer, moves=self.moves, replicas=replicas
+            self, service, config=config, tracer=self.tracer, moves=self.moves, journal=self.journal,
+            replicas=replicas,
         )
         if self.moves is not None:
             self.moves.work = self.dispatcher
@@ -159,8 +178,8 @@ class Engine:
         self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         # the application's verbs are the calls part's own (see choreo.runtime.calls)
-        self.try_emit = self.calls.try_emit
-        self.emit = self.calls.emit
+        self.try_emit = self.calls.try_emit if self.journal is None else self._try_emit_durable
+        self.emit = self.calls.emit if self.journal is None else self._emit_durable
         self.send = self.calls.send
         self.ask = self.calls.ask
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
@@ -193,6 +212,10 @@ class Engine:
         """Join the mesh: register ourselves, then say hello to every seed."""
         self._loop = asyncio.get_running_loop()
         self.outbox.start(self._loop, self.incarnation)
+        if self.journal is not None:  # a restart: what the store kept (sent again once joined)
+            resent = self.journal.restore(self.outbox, self.dispatcher, self.membership)
+            if resent:
+                log.info("%s: %d unacknowledged messages from the data dir wait to be sent again", self.name, resent)
         self.gossip.start(self._me(), seeds)
         self.sync_view()
 
@@ -206,6 +229,7 @@ class Engine:
             window=c.window,
             max_message_bytes=c.max_message_bytes,
             last_heard=self.clock(),
+            key=self._key,
         )
 
     def begin_leave(self) -> None:
@@ -299,6 +323,8 @@ class Engine:
             self.sync_view()
         if self.moves is not None:
             self.moves.tick(now)
+        if self.journal is not None:
+            self.journal.tick(now)
         self.dispatcher.pump()
         self.outbox.flush()
 
@@ -601,6 +627,29 @@ class Engine:
     def has_owner(self, type_name: str) -> bool:
         return bool(self.membership.owners(type_name))
 
+    # ================================================================================ a durable node's verbs
+
+    def _try_emit_durable(self, event: Message, *, traceparent: str | None = None) -> bytes:
+        """try_emit on a durable node: a full disk raises StoreFull (a Backpressure) at once."""
+        assert self.journal is not None
+        self.journal.check()
+        return self.calls.try_emit(event, traceparent=traceparent)
+
+    async def _emit_durable(
+        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
+    ) -> bytes:
+        """emit on a durable node: returns once the event is committed to the store."""
+        assert self.journal is not None
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if self.journal.failing is not None:  # a full disk is backpressure: wait for a commit, or raise
+            await self.journal.durable(timeout)
+        msg_id = await self.calls.emit(event, timeout=max(deadline - self.clock(), 0.0), traceparent=traceparent,
+                                       confirm=confirm)
+        # (its commit is the next flush's: even after a long wait for credit, a little time for it)
+        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
+        return msg_id
+
     # ================================================================================ diagnostics
 
     def count_refused(self, reason: str, detail: str) -> None:
@@ -657,7 +706,19 @@ class Engine:
             peers=tuple(
                 PeerStats(p.node, p.state, p.service_name, p.endpoint) for p in self.membership.peers.values()
             ),
+            store=self.journal.stats() if self.journal is not None else {},
+            handler_state=self._state_stats(),
         )
+
+    def _state_stats(self) -> dict[str, Any]:
+        """What ``stats`` says of handler state: keys held, partitions moved, standby copies."""
+        tables = self.dispatcher.state
+        if tables is None or self.moves is None:
+            return {}
+        out: dict[str, Any] = {"keys": tables.keys(), "moves": self.moves.transfers.to_dict()}
+        if self.moves.replicas is not None:
+            out["replicas"] = self.moves.replicas.stats()
+        return out
 
     # ================================================================================ system queries
 

@@ -212,6 +212,7 @@ class Gossip:
             holding=self.host.holding,
             services=waiting,
             retired=sorted(m.retired),
+            key=me.own_key,
         )
 
     def peer_refs(self) -> list[wire.PeerRef]:
@@ -335,6 +336,7 @@ class Gossip:
                 window=hello.window,
                 max_message_bytes=hello.max_message_bytes,
                 last_heard=now,
+                key=hello.key,
             )
         )
         peer.holding = hello.holding

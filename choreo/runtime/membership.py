@@ -15,8 +15,11 @@ a message for a declared service with no live instance waits at its sender, it i
 dropped. The views, recomputed whenever the picture changes:
 
 * ``instances(service)``: the live instances of a service, in a stable order;
-* ``owner(service, partition)``: rendezvous over those instances, so every node that knows the
-  same instances picks the same owner, and a join or leave moves only that instance's share;
+* ``owner(service, partition)``: rendezvous over those instances' keys, so every node that knows
+  the same instances picks the same owner, and a join or leave moves only that instance's share.
+  An instance's key is its incarnation, unless it is durable: then it is derived from its
+  persisted name (:func:`durable_key`), so that a restarted instance takes back the partitions
+  whose dedup ids it kept on disk;
 * ``subscribers(type)``: every declared service with a handler for an event type;
 * ``owners(type)``: the declared services handling a command or query type (exactly one is valid).
 """
@@ -24,17 +27,28 @@ dropped. The views, recomputed whenever the picture changes:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import core
 from ..errors import ChoreoUsageError
 from ..spec import HandlerSpec, ServiceSpec, SystemSpec, system_spec
 from ..states import PEER_TRANSITIONS, transition
 
-__all__ = ["Peer", "Membership", "Conflict", "LIVE_STATES", "ROUTABLE_STATES"]
+__all__ = ["Peer", "Membership", "Conflict", "LIVE_STATES", "ROUTABLE_STATES", "durable_key"]
 
 LIVE_STATES = frozenset({"alive", "suspect", "leaving"})  # still answers and acks
 ROUTABLE_STATES = frozenset({"alive", "suspect"})  # may be given new work
+
+
+def durable_key(name: str) -> bytes:
+    """The rendezvous key of a durable node: the same in every life of the node named ``name``.
+
+    16 bytes, so it never equals an incarnation's 8-byte key::
+
+    >>> durable_key("orders#1") == durable_key("orders#1"), len(durable_key("orders#1"))
+    (True, 16)
+    """
+    return core.hash128(b"choreo-durable:" + name.encode())
 
 
 @dataclass(eq=False)
@@ -57,10 +71,17 @@ class Peer:
         """Whether this peer said it owns or drains ``partition``."""
         byte = partition >> 3
         return byte < len(self.holding) and bool(self.holding[byte] >> (partition & 7) & 1)
-    key: bytes = field(init=False)  # the rendezvous identity
+
+    key: bytes = b""  # the rendezvous identity: the incarnation's bytes unless given (durable nodes)
 
     def __post_init__(self) -> None:
-        self.key = self.incarnation.to_bytes(8, "little")
+        if not self.key:
+            self.key = self.incarnation.to_bytes(8, "little")
+
+    @property
+    def own_key(self) -> bytes:
+        """The key to announce in hellos: empty when it is the incarnation's (peers derive that)."""
+        return b"" if self.key == self.incarnation.to_bytes(8, "little") else self.key
 
     @property
     def service_name(self) -> str | None:

@@ -131,7 +131,8 @@ class Moves:
         """Membership changed: update which partitions are ours (once the node has joined)."""
         if not self.life.joined:
             return
-        view = [p.incarnation for p in self.membership.instances(self.service)]
+        instances = self.membership.instances(self.service)
+        view = [p.incarnation for p in instances]
         peers = self.membership.peers
         ownership = self.ownership
         me = ownership.me
@@ -143,7 +144,9 @@ class Moves:
                     return peer.incarnation
             return None
 
-        changed = ownership.update(view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder)
+        changed = ownership.update(
+            view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder, [p.key for p in instances]
+        )
         if self.early:
             self._settle_early()
         if self.replicas is not None:

@@ -14,6 +14,13 @@ Envelopes whose service is declared but has no live instance right now wait here
 wait only while there is room (:meth:`Outbox.has_room`: a window's worth per service, in
 envelopes and bytes); beyond that the caller waits, then gets ``Backpressure``.
 
+A durable node (with a :class:`~choreo.runtime.journal.Journal`) flushes differently: batches
+leave as they fill, but answers and acknowledgements wait for the commit that covers them. Its
+flush takes every pending batch (the journal keeps each body until it is acknowledged) and a
+snapshot of every ack due, commits, and sends the answers, then the acks, once that commit is
+durable (at once under ``fsync="interval"``/``"off"``; after its sync under ``"batch"``); no ack
+rides on a data frame. A commit that fails holds them until one succeeds.
+
 >>> from choreo.config import NodeConfig
 >>> from choreo.runtime.holds import Holds
 >>> from choreo.runtime.stats import Counters
@@ -37,6 +44,7 @@ from .. import wire
 from ..config import NodeConfig
 from .channels import InChannel, OutChannel, Outgoing
 from .holds import Holds
+from .journal import Journal
 from .membership import Peer
 from .stats import Counters
 
@@ -47,6 +55,22 @@ class Sender(Protocol):
     """What the outbox needs of the network: send one frame to an endpoint."""
 
     def send(self, endpoint: str, frame: bytes) -> None: ...
+
+
+def _split(entries: list[bytes], limit: int) -> list[bytes]:
+    """Answer entries as REPLY bodies of at most ``limit`` bytes each (one entry may be alone above it)."""
+    bodies: list[bytes] = []
+    part: list[bytes] = []
+    size = 0
+    for entry in entries:
+        if part and size + len(entry) > limit:
+            bodies.append(b"".join(part))
+            part, size = [], 0
+        part.append(entry)
+        size += len(entry)
+    if part:
+        bodies.append(b"".join(part))
+    return bodies
 
 
 class _Answers:
@@ -64,7 +88,14 @@ class Outbox:
     """The sending side of one node incarnation (see the module docstring)."""
 
     def __init__(
-        self, sender: Sender, config: NodeConfig, *, clock: Callable[[], float], holds: Holds, counters: Counters
+        self,
+        sender: Sender,
+        config: NodeConfig,
+        *,
+        clock: Callable[[], float],
+        holds: Holds,
+        counters: Counters,
+        journal: Journal | None = None,
     ) -> None:
         self.sender = sender
         self.config = config
@@ -84,6 +115,14 @@ class Outbox:
         self.flush_scheduled = False
         self.hold_acks = False  # received envelopes wait for their handlers: their acks wait too
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.journal = journal
+        self.held_acks: dict[InChannel, bytes] = {}  # durable nodes: acks taken, waiting for their commit
+        # and, committed, waiting for their commit to be durable: (generation, answers, acks)
+        self._unreleased: deque[tuple[int, dict[int, tuple[Peer, list[bytes]]], dict[InChannel, bytes]]] = deque()
+        if journal is not None:
+            self.flush = self._flush_durable  # type: ignore[method-assign]
+            journal.wake = self.schedule_flush
+            journal.on_durable = self._release
 
     def start(self, loop: asyncio.AbstractEventLoop | None, incarnation: int) -> None:
         self._loop = loop
@@ -130,6 +169,46 @@ class Outbox:
                 if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
                     self.send_ack(ich)
 
+    def _flush_durable(self) -> None:
+        """The flush of a durable node (see the module docstring)."""
+        self.flush_scheduled = False
+        journal = self.journal
+        assert journal is not None
+        dirty = self.dirty_out
+        if dirty:
+            channels = list(dirty)
+            dirty.clear()
+            for ch in channels:
+                body = ch.take_body()  # the journal keeps it until it is acknowledged
+                if body is not None and ch.peer.live:
+                    self.send(ch.peer.endpoint, wire.frame(wire.DATA, self.incarnation, ch.peer.incarnation, body))
+        if self.dirty_in and not self.hold_acks:
+            dirty_in, self.dirty_in = self.dirty_in, {}
+            held = self.held_acks
+            for ich in dirty_in:
+                if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
+                    held[ich] = ich.reorder.ack_frame()  # what is done now: its ids commit below
+        if journal.should_commit(bool(self.held_acks or self.replies)) and journal.commit():
+            if self.replies or self.held_acks:
+                self._unreleased.append((journal.written, self.replies, self.held_acks))
+                self.replies, self.held_acks = {}, {}
+            journal.settle()  # releases them (_release) once their commit is durable
+
+    def _release(self, durable: int) -> None:
+        """Commits up to ``durable`` are safe: send the answers, then the acks, that waited for them."""
+        queue = self._unreleased
+        while queue and queue[0][0] <= durable:
+            _, replies, acks = queue.popleft()
+            for inc, answers in replies.items():  # answers first: acks complete their commands
+                peer = answers.peer
+                if peer.live:
+                    for body in _split(answers.entries, self.config.max_batch_bytes):
+                        self.send(peer.endpoint, wire.frame(wire.REPLY, self.incarnation, inc, body))
+            for ich, ack in acks.items():
+                ich.last_ack = ack
+                if ich.peer.live and not ich.closed:
+                    self.send(ich.peer.endpoint, ich.header + ack)
+
     def frame_to(self, frame_type: int, incarnation: int, body: bytes) -> bytes:
         """A DATA or REPLY frame for a peer, carrying our ack of its data when one is due."""
         ich = self.inbound.get(incarnation)
@@ -141,6 +220,9 @@ class Outbox:
 
     def send_ack(self, ich: InChannel) -> None:
         """A standalone ack; replies still queued for that peer go first (they carry it)."""
+        if self.journal is not None:  # the last committed ack; replies wait for their commit
+            self.send(ich.peer.endpoint, ich.ack_frame())
+            return
         inc = ich.peer.incarnation
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:
@@ -150,6 +232,9 @@ class Outbox:
 
     def send_data(self, ch: OutChannel, body: bytes) -> None:
         inc = ch.peer.incarnation
+        if self.journal is not None:  # no piggybacked ack, no answer before its commit
+            self.send(ch.peer.endpoint, wire.frame(wire.DATA, self.incarnation, inc, body))
+            return
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:  # answers first: a piggybacked ack may cover their commands
             self.send(ch.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued.entries)))
@@ -159,7 +244,7 @@ class Outbox:
         """An answer for ``peer``; it leaves with the next flush, ahead of any ack (at once when the
         answers waiting for that peer fill a batch: one REPLY frame stays within the frame limit)."""
         queued = self.replies.get(peer.incarnation)
-        if queued is not None and queued.size + len(entry) > self.config.max_batch_bytes:
+        if queued is not None and queued.size + len(entry) > self.config.max_batch_bytes and self.journal is None:
             del self.replies[peer.incarnation]
             if peer.live:
                 self.send(peer.endpoint, self.frame_to(wire.REPLY, peer.incarnation, b"".join(queued.entries)))
@@ -178,6 +263,9 @@ class Outbox:
         if ch is None or ch.closed:
             c = self.config
             ch = OutChannel(self.incarnation, peer, c.window, c.window_bytes, c.rto, c.rto_max, c.max_batch, c.max_batch_bytes)
+            if self.journal is not None:
+                ch.journal = self.journal
+                ch.records = deque()
             self.out[peer.incarnation] = ch
         return ch
 
@@ -185,7 +273,9 @@ class Outbox:
         """The channel from ``peer`` (opened on its first data)."""
         ich = self.inbound.get(peer.incarnation)
         if ich is None:
-            ich = self.inbound[peer.incarnation] = InChannel(self.incarnation, peer, self.config.window)
+            ich = self.inbound[peer.incarnation] = InChannel(
+                self.incarnation, peer, self.config.window, durable=self.journal is not None
+            )
         return ich
 
     def append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
@@ -194,6 +284,8 @@ class Outbox:
             hold = self.holds.held(ch.peer.service_name, item.partition)
             if hold is not None:
                 hold.queue.append(item)  # behind what the partition's old owner still holds
+                if self.journal is not None:
+                    self.journal.limbo(item, ch.peer.service_name)
                 return
         ch.push(item, now)
         self.dirty_out[ch] = None
@@ -245,6 +337,8 @@ class Outbox:
             queue = self.waiting[service] = deque()
         queue.append(item)
         self.waiting_bytes[service] = self.waiting_bytes.get(service, 0) + item.size
+        if self.journal is not None:
+            self.journal.limbo(item, service)
 
     def has_room(self, service: str, nbytes: int) -> bool:
         """Whether one more envelope of the application's may wait for ``service`` (a window's worth)."""
@@ -275,6 +369,18 @@ class Outbox:
     def acks_owed(self) -> bool:
         """Some live sender still waits for us to finish (and acknowledge) what it sent."""
         return any(not ich.idle for ich in self.inbound.values() if ich.peer.live)
+
+    def live_rows(self) -> set[int]:
+        """Durable nodes: the outbox rows that envelopes still refer to (the journal's sweep)."""
+        rows: set[int] = set()
+        for ch in self.out.values():
+            rows.update(r.row for r in ch.records or () if r.written)
+            rows.update(item.row for item in ch.backlog if item.row)
+        for queue in self.waiting.values():
+            rows.update(item.row for item in queue if item.row)
+        for hold in self.holds.by_key.values():
+            rows.update(item.row for item in hold.queue if item.row)
+        return rows
 
     def in_flight(self) -> int:
         """Envelopes sent and not yet acknowledged, or waiting for credit or for an instance."""

@@ -64,6 +64,7 @@ class Ownership:
         self.draining: dict[int, int] = {}  # partition -> new owner
         self.buffered: dict[int, deque[tuple[Any, Any]]] = {}  # partition -> (channel, envelope)
         self.view: list[int] | None = None
+        self.keys: list[bytes] | None = None  # the view's rendezvous keys (None: their incarnations)
         self.owners: list[int | None] = [None] * partitions
         self.standbys: list[int | None] = [None] * partitions  # who would own each partition next
         self.moves = 0
@@ -81,8 +82,12 @@ class Ownership:
         live: Callable[[int], bool],
         now: float,
         holder: Callable[[int], int | None] = lambda p: None,
+        keys: list[bytes] | None = None,
     ) -> list[int]:
         """A new view of the routable instances (this node's own included when it is routable).
+
+        ``keys`` are their rendezvous keys, in the same order (default: their incarnations; a
+        durable instance's key comes from its name, see :func:`~choreo.runtime.membership.durable_key`).
 
         ``holder(p)`` is the instance that says it holds partition ``p`` (owns or drains it), if
         any: a partition this node gains from a live holder waits for its handover. Without
@@ -93,11 +98,12 @@ class Ownership:
         owned, or were lost to another owner).
         """
         first = self.view is None
-        old_owners = [None] * self.partitions if first else _owners(self.partitions, self.view or [])
+        old_owners = [None] * self.partitions if first else _owners(self.partitions, self.view or [], self.keys)
         self.view = list(view)
-        new_owners = _owners(self.partitions, view)
+        self.keys = list(keys) if keys is not None else None
+        new_owners = _owners(self.partitions, view, self.keys)
         self.owners = new_owners
-        self.standbys = _standbys(self.partitions, view, new_owners)
+        self.standbys = _standbys(self.partitions, view, new_owners, self.keys)
         changed = []
         for p in range(self.partitions):
             new_owner, state = new_owners[p], self.state[p]
@@ -191,11 +197,14 @@ class Ownership:
         return out
 
 
-def _standbys(partitions: int, view: list[int], owners: list[int | None]) -> list[int | None]:
+def _standbys(
+    partitions: int, view: list[int], owners: list[int | None], keys: list[bytes] | None = None
+) -> list[int | None]:
     """The instance that owns each partition if its owner goes (rendezvous without the owner)."""
     if len(view) < 2:
         return [None] * partitions
-    keys = [inc.to_bytes(8, "little") for inc in view]
+    if keys is None:
+        keys = [inc.to_bytes(8, "little") for inc in view]
     out: list[int | None] = []
     for p, owner in enumerate(owners):
         others = [i for i, inc in enumerate(view) if inc != owner]
@@ -203,8 +212,9 @@ def _standbys(partitions: int, view: list[int], owners: list[int | None]) -> lis
     return out
 
 
-def _owners(partitions: int, view: list[int]) -> list[int | None]:
+def _owners(partitions: int, view: list[int], keys: list[bytes] | None = None) -> list[int | None]:
     if not view:
         return [None] * partitions
-    keys = [inc.to_bytes(8, "little") for inc in view]
+    if keys is None:
+        keys = [inc.to_bytes(8, "little") for inc in view]
     return [view[i] for i in core.assign_partitions(partitions, keys)]

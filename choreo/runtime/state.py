@@ -104,14 +104,17 @@ class StateTables:
         return sum(len(k) + len(v) for per_partition in self.tables for table in per_partition for k, v in table.items())
 
 
-def state_view(ctx: Any, tables: StateTables, limit: int, standby: list[Any] | None = None) -> Any:
+def state_view(
+    ctx: Any, tables: StateTables, limit: int, standby: list[Any] | None = None, log: Any = None
+) -> Any:
     """``ctx.state`` for one handler context: the core's :class:`~choreo.core.StateView` over
     ``tables``, refusing with choreo's errors. ``standby``: the replicas' standby list (a write
-    in a partition with a standby waits for a job, see :mod:`~choreo.runtime.replicas`)."""
+    in a partition with a standby waits for a job, see :mod:`~choreo.runtime.replicas`);
+    ``log(partition, key, writes)``: a durable node's journal hears of every write."""
     types = tables.types
     return core.StateView(
         ctx, tables.tables, types.index, [d.decode for d in types.decoders], _encoder.encode, limit,
-        partial(_refuse, ctx, types, limit), standby,
+        partial(_refuse, ctx, types, limit), standby, log,
     )
 
 

@@ -58,6 +58,12 @@ class NodeStats:
     out, and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
     acknowledged, or waiting for credit or an instance), ``dead_letters`` (in the store),
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``.
+    ``store``: a durable node's data dir, fsync policy, lives, commits and syncs and their mean
+    times, bytes on disk (``bytes``: the files; ``used_bytes``: the pages in use), dedup ids kept,
+    and why commits fail if they do (empty without a data dir). ``handler_state`` (a service that
+    declares state): ``keys`` held, ``moves`` (streams of partitions sent, received, refused, their
+    entries and bytes) and, with ``replicas=1``, ``replicas`` (owned partitions, how many have a
+    complete standby copy, copies and deltas sent and applied).
     """
 
     node: str
@@ -90,6 +96,8 @@ class NodeStats:
     frames_in: int
     frames_out: int
     peers: tuple[PeerStats, ...]
+    store: Mapping[str, Any] = field(default_factory=dict)
+    handler_state: Mapping[str, Any] = field(default_factory=dict)  # ctx.state: keys, moves, standby copies
 
     def to_dict(self) -> dict[str, Any]:
         """The ``stats`` system query's JSON (what ``choreo top`` and ``/metrics`` read)."""
@@ -97,6 +105,8 @@ class NodeStats:
         out["lag"] = dict(self.lag)
         out["partitions"] = dict(self.partitions)
         out["refused"] = dict(self.refused)
+        out["store"] = dict(self.store)
+        out["handler_state"] = dict(self.handler_state)
         out["dedup_hits"] = self.duplicates  # the name /metrics has always used for it
         out["peers"] = {p.node: {"state": p.state, "service": p.service, "endpoint": p.endpoint} for p in self.peers}
         return out

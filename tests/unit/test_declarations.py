@@ -35,7 +35,8 @@ class GetOrder(Query, key="order_id"):
 
 def test_public_api_is_pinned() -> None:
     assert set(choreo.__all__) == {
-        "Backpressure", "ChoreoError", "ChoreoUsageError", "Command", "Context", "DeliveryTimeout", "Event",
+        "Backpressure", "ChoreoError", "ChoreoUsageError", "Command", "Context", "DataDirError", "DeliveryTimeout",
+        "Event", "StoreError", "StoreFull",
         "Handler", "HandlerFailed", "Message", "MessageTooLarge", "NoOwner", "Node", "NodeConfig", "NodeProcess",
         "NotAllowed", "NotJoined", "Permissions", "Policy", "ProtocolError", "Query", "RetryPolicy", "Security", "Service", "State",
         "UndeclaredMessage", "Undeliverable", "ValidationError", "message_options",

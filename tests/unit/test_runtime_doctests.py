@@ -18,6 +18,7 @@ MODULES = [
     "choreo.runtime.routing",
     "choreo.runtime.calls",
     "choreo.runtime.deadletters",
+    "choreo.runtime.store",
 ]
 
 

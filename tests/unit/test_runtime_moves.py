@@ -319,3 +319,24 @@ def test_an_arrival_for_another_owner_is_forwarded_and_acknowledged_after_the_fo
     ch = n.outbox.out[2]
     ch.on_ack(core.encode_ack(1, 1, []), 0, n.now)
     assert Channel.completed == [5]
+
+
+def test_a_durable_instance_owns_the_same_partitions_in_its_next_life() -> None:
+    """Its rendezvous key comes from its persisted name, not its incarnation: a restarted instance
+    takes back the partitions whose dedup ids it kept on disk, and every node agrees."""
+    from choreo.runtime.membership import durable_key
+
+    def ours(me: int, name: str | None, other: int = 7) -> set[int]:
+        n = Node(me)
+        if name is not None:
+            n.membership.peers.pop(me)
+            n.membership.upsert(Peer(me, f"fake://{me}", name, svc.spec(), 64, 1 << 20, 0.0, key=durable_key(name)))
+        n.add(other)
+        n.moves.sync()
+        assert {p for p in range(PARTITIONS) if n.membership.owner("meter", p).incarnation == me} == n.owned()
+        return n.owned()
+
+    first, second = ours(101, "meter#east"), ours(202, "meter#east")  # two lives, two incarnations
+    assert first == second and first
+    lives = [ours(inc, None) for inc in (101, 202, 303, 404)]  # memory nodes: their incarnations decide
+    assert len({frozenset(x) for x in lives}) > 1
