@@ -280,7 +280,11 @@ class Outbox:
 
     def append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
         """Put one envelope on a channel (or behind a hold, or in its backlog) and get it on its way."""
-        if self.holds.by_key and not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST):
+        if (
+            self.holds.by_key
+            and not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST)
+            and item.kind != wire.KIND_HANDOVER  # a partition's state between its instances: never held
+        ):
             hold = self.holds.held(ch.peer.service_name, item.partition)
             if hold is not None:
                 hold.queue.append(item)  # behind what the partition's old owner still holds

@@ -32,6 +32,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 
 from choreo import Command, Event, NodeConfig, Service
@@ -57,6 +58,12 @@ class Tally(Command, key="k", idempotency=["k", "n"]):
     n: int
 
 
+class Seen(msgspec.Struct):
+    """The meter's state per key: how many readings it counted (committed with each reading)."""
+
+    readings: int = 0
+
+
 class Ledger:
     """What happened, to check afterwards."""
 
@@ -68,7 +75,7 @@ class Ledger:
         self.answered: dict[tuple[str, int], int] = {}
 
     def service(self) -> Service:
-        meter = Service("meter", partitions=16)
+        meter = Service("meter", partitions=16, state=[Seen])
 
         @meter.on(Reading)
         def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
@@ -76,6 +83,8 @@ class Ledger:
             if not seen:
                 self.order[ev.k].append(ev.n)
             seen.append(ctx.instance)
+            count = ctx.state.get(Seen) or Seen()
+            ctx.state.put(Seen(count.readings + 1))
 
         @meter.command(Tally)
         def on_tally(cmd: Tally, ctx) -> int:  # type: ignore[no-untyped-def]
@@ -164,8 +173,17 @@ def run_one(seed: int, *, events: int = 1500, duration: float = 50.0, data_root:
     plan = nemesis.draw(duration=duration, kinds=DURABLE_FAULTS if durable else FAULTS)
     call = calls_on(harness, nemesis.clients, durable)
 
+    emptied = []  # the service had no instance that could come back with its data dir (all left)
+
+    async def watch_instances() -> None:
+        while True:
+            await harness.sleep(0.05)
+            if not any(e.service is not None and e.lifecycle.state != "left" for e in harness.engines.values()):
+                emptied.append(harness.now)
+
     async def scenario() -> None:
         await harness.start()
+        watcher = asyncio.ensure_future(watch_instances())
         producer = asyncio.ensure_future(produce(harness, call, ledger, events, 25, pace=duration / events))
         await harness.run(nemesis.run(plan), timeout=duration * 4)
         await nemesis.settle()
@@ -173,6 +191,9 @@ def run_one(seed: int, *, events: int = 1500, duration: float = 50.0, data_root:
         await harness.run_until(
             lambda: nemesis.clients[0].acknowledged, 120, "everything the producer sent acknowledged"
         )
+        watcher.cancel()
+        if durable:  # every partition with one owner again, none moving
+            await harness.run_until(lambda: settled(harness, meter.partitions), 60, "partitions settled")
 
     try:
         asyncio.run(scenario())
@@ -198,6 +219,36 @@ def run_one(seed: int, *, events: int = 1500, duration: float = 50.0, data_root:
     assert all(v == n * 2 for (_, n), v in ledger.answered.items())
     for k, ns in ledger.order.items():
         assert ns == sorted(ns), f"key {k} handled out of order: {ns[:20]}...\n{story}"
+    # state commits with each reading's id: every key counted each of its readings once (unless the
+    # last instance left: its state is in its data dir, and a newcomer starts on another one)
+    if durable and not emptied:
+        counted = state_counts(harness, meter.partitions)
+        expected = {f"k{i}": len([n for (k, n) in ledger.handled if k == f"k{i}"]) for i in range(KEYS)}
+        assert counted == expected, f"state per key {counted} != readings handled {expected}\n{story}"
+
+
+def settled(harness: Harness, partitions: int) -> bool:
+    live = [e for e in harness.engines.values() if e.transport.endpoint not in harness.down and e.moves is not None]
+    return all(sum(e.moves.ownership.state[p] == "owned" for e in live) == 1 for p in range(partitions)) and not any(
+        e.moves.busy for e in live
+    )
+
+
+def state_counts(harness: Harness, partitions: int) -> dict[str, int]:
+    """Each key's count, read from the instance that owns its partition now."""
+    from choreo import core
+
+    out = {}
+    for i in range(KEYS):
+        key = f"k{i}".encode()
+        p = core.partition_of(key, partitions)
+        owners = [e for e in harness.engines.values() if e.transport.endpoint not in harness.down
+                  and e.moves is not None and e.moves.ownership.state[p] == "owned"]
+        assert len(owners) == 1, f"partition {p} owned by {[e.name for e in owners]}"
+        tables = owners[0].dispatcher.state
+        body = tables.get(0, p, key)
+        out[key.decode()] = msgspec.msgpack.decode(body, type=Seen).readings if body is not None else 0
+    return out
 
 
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + SEEDS))
