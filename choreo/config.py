@@ -24,7 +24,14 @@ class NodeConfig:
     receiver): the high-water mark at which ``emit`` waits. ``emit_timeout``: how long it
     waits before raising :class:`~choreo.Backpressure`. ``max_message_bytes``: the largest
     body accepted or sent. ``rto``/``rto_max``: first and largest retransmission timeout.
-    ``heartbeat``/``suspect_after``/``dead_after``: failure detection. ``span_ring``: how many
+
+    Membership (SWIM, :mod:`choreo.runtime.gossip`): ``heartbeat`` is the protocol period, in
+    which a node probes one member; a probe unanswered for ``suspect_after`` (directly for half
+    of it, then through ``indirect_probes`` other members) makes its target suspect, and a
+    suspicion the member does not refute within ``dead_after`` makes it dead: a crashed node is
+    dead everywhere about ``suspect_after + dead_after`` (plus a period or two) after it crashed.
+    More indirect probes and a longer ``suspect_after`` make false suspicions on a lossy network
+    rarer; ``dead_after`` is how long a falsely suspected node has to refute. ``span_ring``: how many
     spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
     of a partition waits for its live previous owner's handover before taking it anyway.
     ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
@@ -43,8 +50,9 @@ class NodeConfig:
     rto: float = 1.0
     rto_max: float = 8.0
     heartbeat: float = 0.5
-    suspect_after: float = 2.0
-    dead_after: float = 6.0
+    suspect_after: float = 1.0
+    dead_after: float = 5.0
+    indirect_probes: int = 3
     max_message_bytes: int = 1 << 20
     emit_timeout: float = 10.0
     request_timeout: float = 10.0
@@ -60,10 +68,12 @@ class NodeConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("span_ring", "dedup"):
+            if f.name in ("span_ring", "dedup", "indirect_probes"):
                 continue
             if not value > 0:
                 raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
+        if self.indirect_probes < 0:
+            raise ChoreoUsageError(f"NodeConfig.indirect_probes must be >= 0, got {self.indirect_probes!r}")
         if self.window > 1 << 20:
             raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
         if not self.suspect_after < self.dead_after:

@@ -2,14 +2,16 @@
 
 An :class:`Engine` is one node incarnation: frames go in (:meth:`Engine.on_frame`), frames come
 out through the transport it is given, time comes from the clock it is given, and
-:meth:`Engine.tick` is called every few milliseconds. The real node (:mod:`choreo.node`) plugs
+:meth:`Engine.tick` is called when :meth:`Engine.next_tick` says (every few milliseconds while
+messages are in flight, else at the next timer or membership deadline). The real node (:mod:`choreo.node`) plugs
 in ZeroMQ and ``time.monotonic``; the test harness (:mod:`choreo.testing`) plugs in a lossy
 in-memory link and a virtual clock, and the same code runs under both.
 
 The engine owns no logic of its own beyond the receive path; each job is a part
 (:mod:`choreo.runtime` lists them), and what a frame does is one line of the frame table:
 
-* ``HELLO``/``HEARTBEAT``/``BYE``/``REFUSE`` go to :class:`~choreo.runtime.gossip.Gossip`;
+* membership frames (``HELLO``, ``PING``, ``PONG``, ``SYNC``..., :meth:`Gossip.handlers
+  <choreo.runtime.gossip.Gossip.handlers>`) go to :class:`~choreo.runtime.gossip.Gossip`;
 * ``DATA`` goes through the sender's in-channel (order) to the
   :class:`~choreo.runtime.dispatch.Dispatcher` (dedup, per-key order, handlers), in turns of
   ``RUN_BUDGET`` envelopes so that heartbeats and queries are answered under overload;
@@ -107,7 +109,7 @@ class Engine:
         self.counters = Counters()
         self.lifecycle = Lifecycle()
         self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
-        self.membership = Membership(config.suspect_after, config.dead_after)
+        self.membership = Membership()
         self.holds = Holds()
         self.outbox = Outbox(transport, config, clock=clock, holds=self.holds, counters=self.counters)
         self.router = Router(
@@ -120,7 +122,7 @@ class Engine:
             lifecycle=self.lifecycle, service=service, config=config, clock=clock, call_later=self.call_later,
             counters=self.counters, join_status=lambda: self.gossip.join_status(),
         )
-        self.gossip = Gossip(self.membership, self.outbox, transport, self.lifecycle, self, config=config, clock=clock)
+        self.gossip = Gossip(self.membership, self.outbox, self.lifecycle, self, config=config, clock=clock)
         self.moves = (
             Moves(
                 Ownership(service.partitions, self.incarnation), self.membership, self.outbox, self.lifecycle,
@@ -141,6 +143,7 @@ class Engine:
         self._run_scheduled = False
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
         self._timer_seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rpc: dict[str, RpcHandler] = {}
@@ -149,16 +152,10 @@ class Engine:
             wire.DATA: self._on_data,
             wire.REPLY: self._on_replies,
             wire.ACK: self._on_ack_frame,
-            wire.HELLO: lambda sender, data, flags, identity: self.gossip.on_hello(sender, wire.decode_control(wire.HELLO, data)),
-            wire.HEARTBEAT: lambda sender, data, flags, identity: self.gossip.on_heartbeat(
-                sender, wire.decode_control(wire.HEARTBEAT, data)
-            ),
-            wire.BYE: lambda sender, data, flags, identity: self.gossip.on_bye(sender),
-            wire.REFUSE: lambda sender, data, flags, identity: self.gossip.on_refuse(
-                sender, wire.decode_control(wire.REFUSE, data)
-            ),
             wire.RPC: lambda sender, data, flags, identity: self._on_rpc(identity, wire.decode_control(wire.RPC, data)),
         }
+        for frame_type, handle in self.gossip.handlers().items():  # membership: hello, ping, pong, sync...
+            self._frames[frame_type] = lambda sender, data, flags, identity, handle=handle: handle(sender, data)
 
     # ================================================================================ lifecycle
 
@@ -255,11 +252,25 @@ class Engine:
         c = self.config
         if gap >= c.dead_after - c.heartbeat:
             self.declared_dead(f"this node was frozen for {gap:.1f} s, long enough for the mesh to declare it dead")
-        elif gap > c.suspect_after / 2:
+        elif now - max(last, self._idle_until) > c.suspect_after / 2:  # (asleep on purpose until _idle_until)
             self.gossip.forgive(gap, now)
 
+    def next_tick(self) -> float:
+        """When :meth:`tick` next has work (the engine's clock): a tick away while messages are in
+        flight or being handled, else the next timer or membership deadline (an idle node sleeps)."""
+        now = self.clock()
+        if self._runq or self.membership.version != self._synced_version or not self.drained:
+            return now + self.config.tick
+        due = self.gossip.next_due
+        if self._timers:
+            due = min(due, self._timers[0][0])
+        if self.moves is not None and self.moves.ownership.awaiting:
+            return now + self.config.tick
+        self._idle_until = max(due, now)
+        return self._idle_until
+
     def tick(self) -> None:
-        """Timers: retransmissions, heartbeats, failure detection, retries and deadlines."""
+        """Timers: retransmissions, membership (probes, suspicions, news), retries and deadlines."""
         now = self.clock()
         self._check_gap(now)
         self.outbox.retransmit(now)
