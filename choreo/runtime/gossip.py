@@ -521,6 +521,10 @@ class Gossip:
         self.rumors.add(key, rumor, len(_encode(rumor)))
         if self._next_gossip == float("inf"):
             self._next_gossip = self.clock() + self.period / 4
+        if key[0] == "s" and self.me is not None:
+            # the declared system changed (rare): spread it at once, every hop, since a node that does
+            # not know a service yet has nobody to send its messages to
+            self._spread()
 
     def _news(self) -> list[Any]:
         return self.rumors.take(PIGGYBACK_BYTES, self.membership.live_count)
@@ -729,6 +733,9 @@ class Gossip:
             self._learn_member(record, now, spread=False)
         if sync.full and self.life.joining and not self._synced:
             self._synced = True
+            me = self.me
+            if me is not None and me.service is not None:
+                self._rumor(wire.Declared(me.service))  # our own word, to whoever lacks it
             self._expected.pop(peer.endpoint, None)
             self.seeds = [s for s in self.seeds if s != peer.endpoint]
             for other in self._own_service():  # which partitions they hold: we may wait for their handovers
