@@ -31,7 +31,9 @@ class NodeConfig:
     suspicion the member does not refute within ``dead_after`` makes it dead: a crashed node is
     dead everywhere about ``suspect_after + dead_after`` (plus a period or two) after it crashed.
     More indirect probes and a longer ``suspect_after`` make false suspicions on a lossy network
-    rarer; ``dead_after`` is how long a falsely suspected node has to refute. ``span_ring``: how many
+    rarer; ``dead_after`` is how long a falsely suspected node has to refute.
+    ``max_connections``: sockets a node keeps open to peers (it dials on demand, closes those
+    unused for a minute, and beyond this many the least recently used). ``span_ring``: how many
     spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
     of a partition waits for its live previous owner's handover before taking it anyway.
     ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
@@ -53,6 +55,7 @@ class NodeConfig:
     suspect_after: float = 1.0
     dead_after: float = 5.0
     indirect_probes: int = 3
+    max_connections: int = 256
     max_message_bytes: int = 1 << 20
     emit_timeout: float = 10.0
     request_timeout: float = 10.0

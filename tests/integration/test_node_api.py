@@ -312,3 +312,38 @@ def test_a_task_must_be_async() -> None:
     svc = Service("bad")
     with pytest.raises(ChoreoUsageError, match="needs an 'async def' function"):
         svc.task(lambda node: None)
+
+
+def test_an_idle_node_sleeps_between_membership_deadlines_and_wakes_for_work() -> None:
+    # no fixed fast tick: an idle node wakes for its probes (one per heartbeat) and the frames it
+    # gets, not every `tick`; a command arriving while it sleeps is answered all the same
+    svc, balances, _ = bank()
+    config = NodeConfig(heartbeat=0.5, tick=0.005)
+
+    async def scenario() -> None:
+        a = Node(svc, bind=f"inproc://idle-{id(config)}-a", config=config)
+        await a.start()
+        b = Node(None, bind=f"inproc://idle-{id(config)}-b", peers=[a.endpoint], config=config)
+        await b.start()
+        try:
+            await b.wait_for({"bank": 1})
+            engine = a.engine
+            assert engine is not None
+            await a.until(lambda: engine.drained and engine.state == "joined", 10, "a idle")
+            ticks = [0]
+            tick = engine.tick
+
+            def counted() -> None:
+                ticks[0] += 1
+                tick()
+
+            engine.tick = counted  # type: ignore[method-assign]
+            await asyncio.sleep(2.0)
+            idle_ticks = ticks[0]
+            assert idle_ticks < 2.0 / config.tick / 10, f"{idle_ticks} ticks in 2 s of idling (tick is {config.tick} s)"
+            assert await b.send(Deposit("acc-1", 5)) == 5 and balances == {"acc-1": 5}
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(scenario)
