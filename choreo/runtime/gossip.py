@@ -23,9 +23,10 @@ their partition's dedup ids). A seed that does not answer is reported by name wi
 ``SEED_REPORT_AFTER`` seconds, and asked again every period.
 
 Partitions held travel where they matter, to the other instances of the node's service: in
-hellos, and in HEARTBEATs to them whenever they change (repeated ``HOLDING_REPEATS`` times
-against loss, and refreshed with every anti-entropy round). HEARTBEATs also go, every period,
-to the peers this node has messages in flight to (asking for their ack).
+hellos, and in HEARTBEATs to them whenever they change (repeated ``HOLDING_REPEATS`` periods
+against loss), and to one that joins or refutes a suspicion (it may have missed them).
+HEARTBEATs also go, every period, to the peers this node has messages in flight to (asking
+for their ack).
 
 A peer declared dead that speaks again is told so (REFUSE "dead"), as is a node that hears a
 rumor of its own death: it rejoins as a new incarnation. A dead peer that once spoke to this
@@ -146,6 +147,7 @@ class Gossip:
         self._periods = 0
         self._holding_sent = b""
         self._holding_repeats = 0
+        self._holding_owed: set[int] = set()  # instances of our service that may lack our partitions
         self._spec_asked: dict[str, float] = {}
         self._retired_told: set[str] = set()  # retirements we spread (or learned by gossip)
         self._suspecting: set[int] = set()  # suspicions our own probes raised (we tell the suspect each period)
@@ -400,7 +402,6 @@ class Gossip:
             self._retired_told.add(name)
             self._rumor(wire.Retired(name))
         if self._periods % SYNC_EVERY == 0:
-            self._holding_repeats = max(self._holding_repeats, 1)
             self.membership.forget_dead(now, keep=self.config.forget_dead_after)
             self._spoke &= set(self.membership.peers)
             self.probes.sweep(now)
@@ -450,16 +451,23 @@ class Gossip:
                     self._greet_later(seed, sync=True)
 
     def _announce_holding(self) -> None:
+        """Our partitions, to the other instances of our service: all of them when they changed
+        (``HOLDING_REPEATS`` periods in a row, against loss), else those that may have missed them."""
         holding = self.host.holding
         if holding != self._holding_sent:
             self._holding_sent = holding
             self._holding_repeats = HOLDING_REPEATS
-        if self._holding_repeats <= 0 or not self.life.joined:
+        if not self.life.joined or not (self._holding_repeats > 0 or self._holding_owed):
             return
-        self._holding_repeats -= 1
+        if self._holding_repeats > 0:
+            self._holding_repeats -= 1
+            peers = self._own_service()
+        else:
+            peers = [p for p in self._own_service() if p.incarnation in self._holding_owed]
+        self._holding_owed.clear()
         hb = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0,
                                  wire.Heartbeat(leaving=self.life.leaving, holding=holding))
-        for peer in self._own_service():
+        for peer in peers:
             self.outbox.send(peer.endpoint, hb)
 
     def forgive(self, gap: float, now: float) -> None:
@@ -590,7 +598,7 @@ class Gossip:
     def _same_service_changed(self, peer: Peer) -> None:
         me = self.me
         if me is not None and me.service is not None and peer.service_name == me.service.name:
-            self._holding_repeats = max(self._holding_repeats, 1)  # it may have missed our partitions
+            self._holding_owed.add(peer.incarnation)  # it may have missed our partitions
 
     def _about_me(self, record: wire.Member) -> bool:
         me = self.me
