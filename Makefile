@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd)
 
-.PHONY: demo test bench bench-peers peer-servers clean tools
+.PHONY: demo test soak bench bench-peers peer-servers clean tools
 
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ demo: $(STAMP)
 
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
+
+# Longer runs of the simulations: membership alone at 1,000 nodes (tests/sim/test_mesh_scale.py),
+# and many more seeds of the nemesis. A few minutes on 2 cores.
+soak: $(STAMP)
+	CHOREO_SIM_NODES=$${CHOREO_SIM_NODES:-1000} NEMESIS_SEEDS=$${NEMESIS_SEEDS:-300} \
+	  $(BIN)/python -m pytest -p no:cacheprovider --timeout 3600 tests/sim
 
 # The bench suite (bench/README.md): core micro-benchmarks, then end-to-end throughput, latency and
 # scaling with processes on 127.0.0.1, each beside raw pyzmq measured in the same run. A few minutes.

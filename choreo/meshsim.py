@@ -312,6 +312,23 @@ class MeshSim:
             self.run(period / 10)
         return (self.now - start) / period
 
+    def churn(self, service: ServiceSpec | None = None, limit: float = 200) -> dict[str, float]:
+        """A join, then a crash (of the newcomer), then a graceful leave (of another node): how many
+        periods until every node up sees each (``crash_spread``: from the first node that declared
+        the crash dead until every node knows); AssertionError after ``limit`` periods."""
+        out: dict[str, float] = {}
+        newcomer = self.join(service)
+        out["join"] = self.until(lambda: newcomer.life.joined and self.everyone_sees(newcomer, "alive"), limit,
+                                 "everyone sees the newcomer")
+        self.crash(newcomer)
+        out["crash"] = self.until(lambda: self.everyone_sees(newcomer, "dead"), limit, "everyone sees the crash")
+        first = min(t for t, _, whom in self.deaths if whom == newcomer.name)
+        out["crash_spread"] = (self.now - first) / self.config.heartbeat
+        leaver = self.rng.choice(self.up())
+        self.leave(leaver)
+        out["leave"] = self.until(lambda: self.everyone_sees(leaver, "left"), limit, "everyone sees the leave")
+        return out
+
     # -- reading -----------------------------------------------------------------------------------
 
     def everyone_sees(self, node: SimNode, *states: str) -> bool:

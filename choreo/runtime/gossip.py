@@ -492,6 +492,7 @@ class Gossip:
         record = peer.record()
         for helper in helpers:
             self._send(helper, wire.PING_REQ, wire.PingReq(seq, record, self._news()))
+        self._ping(peer, seq)  # and directly again (memberlist's fallback ping): one lost frame is not a failure
 
     def _probe_failed(self, target: int, now: float) -> None:
         peer = self.membership.suspect(target)

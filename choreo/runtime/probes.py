@@ -5,8 +5,8 @@ protocol period (``NodeConfig.heartbeat``) a node probes *one* member, taking th
 round-robin order, so that every member is probed at least once per round whatever the mesh's
 size, and the cost per node stays one ping and one pong per period. The probe is a PING; no PONG
 within half of ``suspect_after`` sends PING_REQs to ``indirect_probes`` other members, who ping
-the target for us and pass its pong on (a lossy link between two nodes is not a dead node);
-still nothing at ``suspect_after``: the target becomes *suspect*. A suspicion runs for
+the target for us and pass its pong on (a lossy link between two nodes is not a dead node),
+and the PING goes again; still nothing at ``suspect_after``: the target becomes *suspect*. A suspicion runs for
 ``dead_after``; only the member itself can end it early, by refuting it with a newer version of
 its record (it hears the suspicion by gossip); otherwise it is declared dead.
 
