@@ -761,7 +761,7 @@ class Gossip:
         elif sync.want:
             self._send(peer, wire.SYNC, self._table(sync.want, bool(sync.services)))
 
-    def _table(self, buckets: list[int] | None, system: bool, want: list[int] = ()) -> wire.Sync:  # type: ignore[assignment]
+    def _table(self, buckets: list[int] | None, system: bool, want: Iterable[int] = ()) -> wire.Sync:
         """Our records (of ``buckets``; None: all of them), and the declared system if ``system``."""
         m = self.membership
         peers = m.peers.values() if buckets is None else m.in_buckets(buckets)
