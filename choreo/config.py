@@ -81,6 +81,12 @@ class NodeConfig:
             raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
         if not self.suspect_after < self.dead_after:
             raise ChoreoUsageError("NodeConfig.suspect_after must be smaller than dead_after")
+        if not 2 * self.heartbeat < self.suspect_after + self.dead_after:
+            raise ChoreoUsageError(
+                f"NodeConfig.heartbeat ({self.heartbeat} s, the protocol period) must be shorter than half of "
+                f"suspect_after + dead_after ({self.suspect_after + self.dead_after} s): an idle node sleeps up to a "
+                "period, and a sleep that long would look like a freeze the mesh took for a death"
+            )
 
     @property
     def max_frame_bytes(self) -> int:

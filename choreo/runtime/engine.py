@@ -241,16 +241,17 @@ class Engine:
 
     def _check_gap(self, now: float) -> None:
         """Was this node frozen since its last tick (a GC pause, a suspended VM, a handler that
-        blocked the loop)? It sent nothing meanwhile: after ``dead_after`` of that, the mesh has
-        declared it dead and resent what it held to others, so it rejoins before handling
-        anything more; after a shorter gap, its peers' silence meanwhile does not count."""
+        blocked the loop)? It answered nothing meanwhile: after ``suspect_after + dead_after`` of
+        that (a probe unanswered, then a suspicion unrefuted) the mesh may have declared it dead
+        and resent what it held to others, so it rejoins before handling anything more; after a
+        shorter gap, its peers' silence meanwhile does not count."""
         last = self._last_tick
         self._last_tick = now
         if last is None:
             return
         gap = now - last
         c = self.config
-        if gap >= c.dead_after - c.heartbeat:
+        if gap >= c.suspect_after + c.dead_after - c.heartbeat:
             self.declared_dead(f"this node was frozen for {gap:.1f} s, long enough for the mesh to declare it dead")
         elif now - max(last, self._idle_until) > c.suspect_after / 2:  # (asleep on purpose until _idle_until)
             self.gossip.forgive(gap, now)
