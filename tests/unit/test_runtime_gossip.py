@@ -162,3 +162,27 @@ def test_a_table_naming_thousands_of_strangers_opens_no_socket_to_most_of_them()
     assert len(strangers) <= 2 * periods, len(strangers)
     assert not [e for e, kind in sent if kind == wire.HELLO and "10.9." in e], "no greeting, no knocking on strangers"
     assert sum(p.state == "dead" for p in a.membership.peers.values()) > 0, "those probed were found dead"
+
+
+def test_a_hello_listing_thousands_of_peers_makes_a_node_contact_none_of_them() -> None:
+    # peers are learned from tables and rumors of members, never from the list a hello carries
+    # (older nodes sent one): a newcomer's hello naming 5,000 endpoints dials none of them
+    import msgspec
+
+    sim, a, b = two()
+    sent: list[str] = []
+    send = a.send
+
+    def recording(endpoint: str, frame: bytes) -> None:
+        sent.append(endpoint)
+        send(endpoint, frame)
+
+    a.send = recording  # type: ignore[method-assign]
+    a.outbox.sender = a
+    listed = [[f"tcp://10.9.{i // 250}.{i % 250 + 1}:7000", 1000 + i, None] for i in range(5000)]
+    hello = {"node": "x", "incarnation": 777, "endpoint": "inproc://sim/x", "service": None, "window": 10,
+             "max_message_bytes": 10, "reply": True, "peers": listed}
+    a.receive(wire.frame(wire.HELLO, 777, 0, msgspec.msgpack.encode(hello)))
+    sim.run(10 * sim.config.heartbeat)
+    assert a.state_of(b) == "alive" and 777 in a.membership.peers, "the newcomer is a member; the list is ignored"
+    assert not [e for e in sent if "10.9." in e]
