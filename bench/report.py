@@ -235,10 +235,11 @@ MESH_ROWS = [
         _sim("crash_spread_periods")),
     Row("scale.sim.leave_periods.1000", "periods until every node sees a graceful leave", "", None, False,
         _sim("leave_periods")),
-    Row("scale.sim.false_suspicions_per_1000.loss_5", "suspicions of live nodes per 1,000 node-periods, 1,000 nodes, 5 % of "
-        "frames lost (beside: 1 %; nodes declared dead at 1 % / 5 %)", "", None, False,
+    Row("scale.sim.false_suspicions_per_1000.loss_5", "suspicions of live nodes per 1,000 node-periods, 1,000 nodes, "
+        "5 % of frames lost (beside: 1 %; nodes declared dead at 1 % / 5 %)", "", None, False,
         lambda f: (f"1 %: {fmt(num(f, 'scale.sim.false_suspicions_per_1000.loss_1'))}; dead: "
-                   f"{fmt(num(f, 'scale.sim.false_deaths.loss_1'), '', 0)} / {fmt(num(f, 'scale.sim.false_deaths.loss_5'), '', 0)}; "
+                   f"{fmt(num(f, 'scale.sim.false_deaths.loss_1'), '', 0)} / "
+                   f"{fmt(num(f, 'scale.sim.false_deaths.loss_5'), '', 0)}; "
                    f"bytes per node per period {fmt(num(f, 'scale.sim.bytes_per_node.loss_1'), ' B')} / "
                    f"{fmt(num(f, 'scale.sim.bytes_per_node.loss_5'), ' B')}")),
 ]

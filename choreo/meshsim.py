@@ -227,7 +227,9 @@ class MeshSim:
             self._schedule(node)
         return nodes
 
-    def join(self, service: ServiceSpec | None = None, name: str | None = None, seeds: list[SimNode] | None = None) -> SimNode:
+    def join(
+        self, service: ServiceSpec | None = None, name: str | None = None, seeds: list[SimNode] | None = None
+    ) -> SimNode:
         """A new node starts now, seeded by ``seeds`` (default: one random node that is up)."""
         up = self.up()
         seeds = seeds if seeds is not None else ([self.rng.choice(up)] if up else [])
