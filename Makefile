@@ -38,11 +38,13 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
-# Longer runs of the seeded fault schedules: the nemesis over the fake link (memory and durable
-# nodes), and real durable processes killed with SIGKILL at seeded moments. SOAK_SEEDS per kind.
+# Longer runs: the seeded fault schedules over the fake link (memory and durable nodes), the
+# membership simulated at 1,000 nodes (tests/sim/test_mesh_scale.py), and real durable processes
+# killed with SIGKILL at seeded moments. SOAK_SEEDS per kind of schedule.
 SOAK_SEEDS ?= 1000
 soak: $(STAMP)
-	NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) $(BIN)/python -m pytest -p no:cacheprovider -q tests/sim/test_nemesis.py
+	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) \
+	  $(BIN)/python -m pytest -p no:cacheprovider -q --timeout 7200 tests/sim
 	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
 
 # The bench suite (bench/README.md): core micro-benchmarks, then end-to-end throughput, latency and

@@ -225,6 +225,42 @@ SCALE_ROWS = [
     Row("scale.fanout.8.deliveries_per_s", "deliveries/s (events × subscribing services), 1 .. 8 services", "/s", None,
         True, _points("fanout", ("1", "2", "4", "8"), "deliveries_per_s")),
 ]
+def _mesh(what: str, unit: str, sizes: tuple[str, ...] = ("5", "20", "60")) -> Callable[[Figures], str]:
+    return lambda f: " / ".join(f"{n}: {fmt(num(f, f'scale.mesh.{what}.{n}'), unit)}" for n in sizes)
+
+
+def _sim(what: str, unit: str = "", sizes: tuple[str, ...] = ("10", "100", "1000")) -> Callable[[Figures], str]:
+    return lambda f: " / ".join(f"{n}: {fmt(num(f, f'scale.sim.{what}.{n}'), unit)}" for n in sizes)
+
+
+MESH_ROWS = [
+    Row("scale.mesh.idle_cpu_per_node.60", "CPU of an idle node, % of one core (all its threads), 60 processes of "
+        "`choreo run` on 2 cores; by processes 5 / 20 / 60", "%", 0.5, False, _mesh("idle_cpu_per_node", "%")),
+    Row("scale.mesh.idle_cpu_per_node.flatness", "idle CPU per node, max / min over 5, 20 and 60 processes", "", 1.5,
+        False, _mesh("idle_cpu_per_node", "%")),
+    Row("scale.mesh.join_seconds.60", "from starting the first process until every node sees all alive; by "
+        "processes (beside: until all printed choreo-ready)", " s", None, False,
+        lambda f: _mesh("join_seconds", " s")(f) + " (ready: " + _mesh("ready_seconds", " s")(f) + ")"),
+    Row("scale.sim.bytes_per_node_flatness", "membership bytes per node per period, max / min over 10, 100 and "
+        "1,000 simulated nodes (quiet mesh)", "", 2.0, False, _sim("bytes_per_node", " B")),
+    Row("scale.sim.frames_per_node.1000", "membership frames per node per period at 1,000 nodes", "", None, False,
+        _sim("frames_per_node")),
+    Row("scale.sim.join_periods.1000", "periods until every node sees a newcomer, at 1,000 nodes", "", None, False,
+        _sim("join_periods")),
+    Row("scale.sim.crash_periods.1000", "periods until every node sees a crash (suspect_after + dead_after are 12 "
+        "of them by default)", "", None, False, _sim("crash_periods")),
+    Row("scale.sim.crash_spread_periods.1000", "of which from the first node that declared it dead", "", None, False,
+        _sim("crash_spread_periods")),
+    Row("scale.sim.leave_periods.1000", "periods until every node sees a graceful leave", "", None, False,
+        _sim("leave_periods")),
+    Row("scale.sim.false_suspicions_per_1000.loss_5", "suspicions of live nodes per 1,000 node-periods, 1,000 nodes, "
+        "5 % of frames lost (beside: 1 %; nodes declared dead at 1 % / 5 %)", "", None, False,
+        lambda f: (f"1 %: {fmt(num(f, 'scale.sim.false_suspicions_per_1000.loss_1'))}; dead: "
+                   f"{fmt(num(f, 'scale.sim.false_deaths.loss_1'), '', 0)} / "
+                   f"{fmt(num(f, 'scale.sim.false_deaths.loss_5'), '', 0)}; "
+                   f"bytes per node per period {fmt(num(f, 'scale.sim.bytes_per_node.loss_1'), ' B')} / "
+                   f"{fmt(num(f, 'scale.sim.bytes_per_node.loss_5'), ' B')}")),
+]
 PEER_ROWS = [
     Row("peers.redis_streams.ratio", "choreo e2e over Redis Streams (redis-py + hiredis), same workload", "x", 5.0,
         True, _peer("redis_streams")),
@@ -242,6 +278,7 @@ SECTIONS = [
     ("End to end", "make bench", "bench/test_e2e.py", E2E_ROWS),
     ("Latency", "make bench", "bench/test_latency.py", LATENCY_ROWS),
     ("How cost grows (chart: docs/bench-scaling.png)", "make bench", "bench/test_scaling.py", SCALE_ROWS),
+    ("What membership costs", "make bench", "bench/test_mesh.py", MESH_ROWS),
     ("Beside the brokers users pick instead", "make bench-peers", "bench/test_peers.py", PEER_ROWS),
 ]
 
@@ -280,12 +317,58 @@ def table(figures: Figures) -> str:
     return "\n".join(lines)
 
 
-def splice(readme: str, body: str) -> str | None:
+def mesh_summary(figures: Figures) -> str | None:
+    """What a mesh of n nodes costs, for the README's membership section (None before a run of test_mesh)."""
+    if num(figures, "scale.mesh.idle_cpu_per_node.5") is None or num(figures, "scale.sim.bytes_per_node.10") is None:
+        return None
+
+    def f(name: str, unit: str = "", digits: int = 2) -> str:
+        return fmt(num(figures, name), unit, digits)
+
+    def row(what: str, *cells: str) -> str:
+        return f"| {what} | " + " | ".join(cells) + " |"
+
+    mesh, sim = ("5", "20", "60"), ("10", "100", "1000")
+    period = num(figures, "scale.sim.period_seconds") or 0.5
+    crash = [num(figures, f"scale.sim.crash_periods.{n}") or 0.0 for n in sim]
+    lines = [
+        "| | 5 / 10 nodes | 20 / 100 nodes | 60 / 1,000 nodes |",
+        "|---|---:|---:|---:|",
+        row("idle node, real processes (5 / 20 / 60 `choreo run`), % of one core, all threads",
+            *(f(f"scale.mesh.idle_cpu_per_node.{n}") for n in mesh)),
+        row("from starting the processes until every node sees all (of which: the processes starting)",
+            *(f"{f(f'scale.mesh.join_seconds.{n}', ' s', 1)} ({f(f'scale.mesh.ready_seconds.{n}', ' s', 1)})"
+              for n in mesh)),
+        row("membership bytes per node per period, simulated (10 / 100 / 1,000 nodes)",
+            *(f(f"scale.sim.bytes_per_node.{n}", "", 0) for n in sim)),
+        row("membership frames per node per period, simulated", *(f(f"scale.sim.frames_per_node.{n}") for n in sim)),
+        row("periods until every node sees a join / a graceful leave, simulated",
+            *(f"{f(f'scale.sim.join_periods.{n}', '', 1)} / {f(f'scale.sim.leave_periods.{n}', '', 1)}" for n in sim)),
+        row("periods until every node sees a crash (of which after the first node declared it dead), simulated",
+            *(f"{f(f'scale.sim.crash_periods.{n}', '', 1)} ({f(f'scale.sim.crash_spread_periods.{n}', '', 1)})"
+              for n in sim)),
+        "",
+        f"A crash is known everywhere {min(crash):.1f} to {max(crash):.1f} periods after it happened "
+        f"({min(crash) * period:.1f} to {max(crash) * period:.1f} s with the default period). At 1,000 simulated "
+        f"nodes with 1 % of frames lost for 100 periods: {f('scale.sim.false_suspicions_per_1000.loss_1')} "
+        f"suspicions of live nodes per 1,000 node-periods, {f('scale.sim.false_deaths.loss_1', '', 0)} deaths, "
+        f"{f('scale.sim.bytes_per_node.loss_1', ' B', 0)} per node per period; with 5 %: "
+        f"{f('scale.sim.false_suspicions_per_1000.loss_5')} suspicions per 1,000 node-periods, "
+        f"{f('scale.sim.false_deaths.loss_5', '', 0)} deaths, {f('scale.sim.bytes_per_node.loss_5', ' B', 0)} per "
+        "node per period (each suspicion and its refutation travel to every node).",
+    ]
+    return "\n".join(lines)
+
+
+MESH_START, MESH_END = "<!-- bench:mesh:start -->", "<!-- bench:mesh:end -->"
+
+
+def splice(readme: str, body: str, start_marker: str = START, end_marker: str = END) -> str | None:
     """``readme`` with ``body`` between the markers, or None when the markers are missing or out of order."""
-    start, end = readme.find(START), readme.find(END)
+    start, end = readme.find(start_marker), readme.find(end_marker)
     if start < 0 or end < 0 or end < start:
         return None
-    return readme[: start + len(START)] + "\n" + body + "\n" + readme[end:]
+    return readme[: start + len(start_marker)] + "\n" + body + "\n" + readme[end:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
               "performance table belongs (under a '## Performance' heading), then run 'python -m bench.report' "
               "again. README.md was not changed.", file=sys.stderr)
         return 0
+    summary = mesh_summary(figures)
+    if summary is not None:
+        new = splice(new, summary, MESH_START, MESH_END) or new
     if new != readme:
         README.write_text(new)
     print(f"performance table written to {README} from {RESULTS}")

@@ -24,7 +24,16 @@ class NodeConfig:
     receiver): the high-water mark at which ``emit`` waits. ``emit_timeout``: how long it
     waits before raising :class:`~choreo.Backpressure`. ``max_message_bytes``: the largest
     body accepted or sent. ``rto``/``rto_max``: first and largest retransmission timeout.
-    ``heartbeat``/``suspect_after``/``dead_after``: failure detection. ``span_ring``: how many
+
+    Membership (SWIM, :mod:`choreo.runtime.gossip`): ``heartbeat`` is the protocol period, in
+    which a node probes one member; a probe unanswered for ``suspect_after`` (directly for half
+    of it, then through ``indirect_probes`` other members) makes its target suspect, and a
+    suspicion the member does not refute within ``dead_after`` makes it dead: a crashed node is
+    dead everywhere about ``suspect_after + dead_after`` (plus a period or two) after it crashed.
+    More indirect probes and a longer ``suspect_after`` make false suspicions on a lossy network
+    rarer; ``dead_after`` is how long a falsely suspected node has to refute.
+    ``max_connections``: sockets a node keeps open to peers (it dials on demand, closes those
+    unused for a minute, and beyond this many the least recently used). ``span_ring``: how many
     spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
     of a partition waits for its live previous owner's handover before taking it anyway.
     ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
@@ -47,8 +56,10 @@ class NodeConfig:
     rto: float = 1.0
     rto_max: float = 8.0
     heartbeat: float = 0.5
-    suspect_after: float = 2.0
-    dead_after: float = 6.0
+    suspect_after: float = 1.0
+    dead_after: float = 5.0
+    indirect_probes: int = 3
+    max_connections: int = 256
     max_message_bytes: int = 1 << 20
     emit_timeout: float = 10.0
     request_timeout: float = 10.0
@@ -68,10 +79,12 @@ class NodeConfig:
             object.__setattr__(self, "max_state_bytes", max(1, min(256 << 10, self.max_message_bytes // 2)))
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("span_ring", "dedup"):
+            if f.name in ("span_ring", "dedup", "indirect_probes"):
                 continue
             if not value > 0:
                 raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
+        if self.indirect_probes < 0:
+            raise ChoreoUsageError(f"NodeConfig.indirect_probes must be >= 0, got {self.indirect_probes!r}")
         if self.window > 1 << 20:
             raise ChoreoUsageError(f"NodeConfig.window must be at most 1048576, got {self.window}")
         if self.max_state_bytes > self.max_message_bytes // 2:  # type: ignore[operator]
@@ -81,6 +94,12 @@ class NodeConfig:
             )
         if not self.suspect_after < self.dead_after:
             raise ChoreoUsageError("NodeConfig.suspect_after must be smaller than dead_after")
+        if not 2 * self.heartbeat < self.suspect_after + self.dead_after:
+            raise ChoreoUsageError(
+                f"NodeConfig.heartbeat ({self.heartbeat} s, the protocol period) must be shorter than half of "
+                f"suspect_after + dead_after ({self.suspect_after + self.dead_after} s): an idle node sleeps up to a "
+                "period, and a sleep that long would look like a freeze the mesh took for a death"
+            )
 
     @property
     def max_frame_bytes(self) -> int:

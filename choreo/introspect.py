@@ -64,7 +64,9 @@ def install(engine: Engine) -> None:
 
 def _peers(engine: Engine, args: dict[str, Any]) -> list[dict[str, Any]]:
     return [
-        {"node": p.node, "endpoint": p.endpoint, "service": p.service_name, "state": p.state}
+        {"node": p.node, "endpoint": p.endpoint, "service": p.service_name, "state": p.state,
+         # a member known by name only (gossip) until its declarations arrive: nothing routes to it yet
+         "declared": p.service is not None or p.claims is None}
         for p in engine.membership.peers.values()
     ]
 

@@ -102,7 +102,9 @@ class Node:
         self.engine: Engine | None = None
         self.transport: ZmqTransport | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
+        self._tick_at = 0.0  # when the scheduled tick runs (the loop's clock)
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
+        self._fatal_waiters: list[asyncio.Future[None]] = []  # serve(): woken when the mesh refuses us
         self._stopped: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -133,6 +135,7 @@ class Node:
                 advertise=self._advertise,
                 security=self.security,
                 max_parked_bytes=2 * self.config.window_bytes,
+                max_peers=self.config.max_connections,
                 seeds=self.peers,
             )
         except BaseException:
@@ -145,7 +148,7 @@ class Node:
             policy=(lambda: security.policy) if security is not None else None,
         )
         self.transport.on_refused = self.engine.count_refused
-        self.transport.start(loop, self.engine.on_frame, self.engine.flush)
+        self.transport.start(loop, self.engine.on_frame, self._after_reading)
         self.engine.start(self.peers)
         introspect.install(self.engine)  # the system queries of choreo trace / dlq
         if self.metrics_port is not None:
@@ -160,7 +163,7 @@ class Node:
                     self.engine.journal.close()
                 raise
         self._stopped = asyncio.Event()
-        self._tick_handle = loop.call_later(self.config.tick, self._tick)
+        self._schedule_tick(self.config.tick)
         log.info("%s listening on %s", self.engine.name, self.transport.endpoint)
         for fn in self.service.background if self.service is not None else ():
             self._tasks.append(loop.create_task(self._background(fn), name=f"{self.name}:{fn.__name__}"))
@@ -175,14 +178,65 @@ class Node:
             log.exception("%s: background task %s failed", self.name, getattr(fn, "__qualname__", fn))
 
     def _tick(self) -> None:
+        """The engine's timers, then the conditions callers wait for; then sleep until the engine
+        has work again (a tick away while messages are in flight, else its next deadline: an idle
+        node wakes a few times a second, to probe a member and answer probes)."""
+        self._tick_handle = None
         engine, transport = self.engine, self.transport
         if engine is None or transport is None or transport.closed:
             return
         try:
             engine.tick()
             transport.retry_parked()
+            transport.sweep()
         except Exception:  # a bug must not silently stop the node's clock
             log.exception("%s: error in tick", engine.name)
+        self._check_conditions()
+        delay = self.config.tick
+        if not self._conditions and not transport.parked:
+            delay = max(delay, engine.next_tick() - engine.clock())
+        self._schedule_tick(delay)
+
+    def _schedule_tick(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._tick_at = loop.time() + delay
+        self._tick_handle = loop.call_later(delay, self._tick)
+
+    def _wake(self) -> None:
+        """Something may have given the engine work sooner than its planned tick: tick then."""
+        engine = self.engine
+        if engine is None or self._tick_handle is None:
+            return
+        left = self._tick_at - asyncio.get_running_loop().time()
+        tick = self.config.tick
+        if left <= tick:
+            return
+        due = tick if self._conditions else engine.next_tick() - engine.clock()
+        if due < left - tick:
+            self._schedule_tick(max(due, tick))
+
+    def _after_reading(self) -> None:
+        """(the transport's idle callback) Frames were read: send what they caused, tick sooner if
+        they brought work, and tell whoever waits on serve() if the mesh refused us."""
+        engine = self.engine
+        if engine is None:
+            return
+        engine.flush()
+        if engine.fatal is not None:
+            self._check_conditions()
+        self._wake()
+
+    def _check_conditions(self) -> None:
+        engine = self.engine
+        if engine is None:
+            return
+        if engine.fatal is not None and self._fatal_waiters:
+            for fut in self._fatal_waiters:
+                if not fut.done():
+                    fut.set_exception(engine.fatal)
+            self._fatal_waiters.clear()
         if self._conditions:
             still = []
             for predicate, fut in self._conditions:
@@ -195,7 +249,6 @@ class Node:
                 else:
                     still.append((predicate, fut))
             self._conditions = still
-        self._tick_handle = asyncio.get_running_loop().call_later(self.config.tick, self._tick)
 
     async def until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
         """Wait (checked every tick) until ``predicate()`` holds; TimeoutError naming ``what``."""
@@ -203,6 +256,7 @@ class Node:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._conditions.append((predicate, fut))
+        self._wake()
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
@@ -286,6 +340,10 @@ class Node:
             if not fut.done():
                 fut.cancel()
         self._conditions.clear()
+        for fut in self._fatal_waiters:
+            if not fut.done():
+                fut.cancel()
+        self._fatal_waiters.clear()
         if self._stopped is not None:
             self._stopped.set()
 
@@ -305,7 +363,8 @@ class Node:
                     pass
         try:
             fatal: asyncio.Future[None] = loop.create_future()
-            self._conditions.append((lambda: False, fatal))
+            self._fatal_waiters.append(fatal)
+            self._check_conditions()
             stopped = asyncio.ensure_future(self._stopped.wait())
             done, _ = await asyncio.wait({fatal, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if fatal in done and not fatal.cancelled() and fatal.exception() is not None:
@@ -354,9 +413,12 @@ class Node:
             elif journal.failing is None:
                 msg_id = engine.emit_now(event)
                 if msg_id is not None:
+                    asyncio.get_running_loop().call_soon(self._wake)  # its commit has a deadline: tick by it
                     await journal.durable(self.config.emit_timeout if timeout is None else timeout)
                     return msg_id
-        return await self._engine().emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
+        engine = self._engine()
+        asyncio.get_running_loop().call_soon(self._wake)  # what it waits for has deadlines: tick by them
+        return await engine.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
         """Publish an event now, or raise :class:`~choreo.Backpressure` at once.
@@ -388,11 +450,15 @@ class Node:
 
     async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Send a command to its owning service; returns the handler's result."""
-        return await self._engine().send(command, timeout=timeout, traceparent=traceparent)
+        engine = self._engine()
+        asyncio.get_running_loop().call_soon(self._wake)
+        return await engine.send(command, timeout=timeout, traceparent=traceparent)
 
     async def ask(self, query: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Ask a query; returns the answer."""
-        return await self._engine().ask(query, timeout=timeout, traceparent=traceparent)
+        engine = self._engine()
+        asyncio.get_running_loop().call_soon(self._wake)
+        return await engine.ask(query, timeout=timeout, traceparent=traceparent)
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything this node sent is acknowledged by every consuming service.

@@ -11,10 +11,10 @@ The node itself (what one node incarnation is doing in the mesh)::
     joining/joined/rejoined --leave--> leaving --bye--> left
     any but left --refused--> refused                     (the mesh refused this node: fatal)
 
-Peers (what a node believes about another node)::
+Peers (what a node believes about another node; SWIM, see :mod:`choreo.runtime.gossip`)::
 
-    alive --silence--> suspect --silence--> dead          suspect --heard--> alive
-    alive/suspect --leaving--> leaving --bye--> left      any live --replaced--> dead
+    alive --silence/suspected--> suspect --silence--> dead      suspect --refuted--> alive
+    alive/suspect --leaving--> leaving --bye--> left            any live --confirmed/replaced--> dead
 
 Partitions (what a node does with one partition of its service)::
 
@@ -56,14 +56,16 @@ NODE_TRANSITIONS: Mapping[tuple[str, str], str] = {
 }
 
 PEER_TRANSITIONS: Mapping[tuple[str, str], str] = {
-    ("alive", "heard"): "alive",
-    ("alive", "silence"): "suspect",
-    ("suspect", "heard"): "alive",
-    ("suspect", "silence"): "dead",
+    ("alive", "silence"): "suspect",  # our probe went unanswered, directly and through others (SWIM)
+    ("alive", "suspected"): "suspect",  # another node's probe did (gossip)
+    ("suspect", "refuted"): "alive",  # it said it is alive, with a newer version than the suspicion's
+    ("suspect", "silence"): "dead",  # no refutation within dead_after
     ("alive", "leaving"): "leaving",  # draining: still acks and answers, gets no new work
     ("suspect", "leaving"): "leaving",
-    ("leaving", "heard"): "leaving",
-    ("leaving", "silence"): "dead",
+    ("leaving", "silence"): "dead",  # suspected while leaving, and no word within dead_after
+    ("alive", "confirmed"): "dead",  # gossip: another node declared it dead
+    ("suspect", "confirmed"): "dead",
+    ("leaving", "confirmed"): "dead",
     ("alive", "bye"): "left",
     ("suspect", "bye"): "left",
     ("leaving", "bye"): "left",
@@ -102,7 +104,7 @@ class IllegalTransition(RuntimeError):
 def transition(table: Mapping[tuple[str, str], str], state: str, event: str) -> str:
     """The state after ``event`` in ``state``; raises :class:`IllegalTransition` if not allowed.
 
-    >>> transition(PEER_TRANSITIONS, "suspect", "heard")
+    >>> transition(PEER_TRANSITIONS, "suspect", "refuted")
     'alive'
     """
     try:

@@ -1,10 +1,16 @@
-"""ZeroMQ transport: one ROUTER in, one DEALER out per peer, driven by the asyncio loop.
+"""ZeroMQ transport: one ROUTER in, DEALERs out on demand, driven by the asyncio loop.
 
 Every node binds one ROUTER socket; everything addressed to it (data, acks, membership, system
 queries from clients) arrives there, so the node reads exactly one socket. To send, a node
-keeps one DEALER connected to each peer's ROUTER. Replies to clients (the CLI) go back on the
-connection they came on, through the ROUTER. DEALERs are never read (nothing but replies to
-clients travels ROUTER -> DEALER, and nodes are not clients), so they accept almost nothing.
+dials a DEALER to a peer's ROUTER when it first sends there: it keeps sockets only to the peers
+it sends data to or probes. A DEALER unused for ``idle_close`` seconds is closed (checked once a
+second, :meth:`ZmqTransport.sweep`), and at most ``max_peers`` are open: dialling one more
+closes the least recently used (its queued frames are lost and counted; the engine's
+retransmissions and membership's probes recover them), so a mesh larger than the limit works,
+redialling as it goes. The ZeroMQ context's socket limit is set to match. Replies to clients
+(the CLI) go back on the connection they came on, through the ROUTER. DEALERs are never read
+(nothing but replies to clients travels ROUTER -> DEALER, and nodes are not clients), so they
+accept almost nothing.
 
 The ROUTER's file descriptor is edge-triggered: the reader callback drains the socket with
 ``recv(NOBLOCK)`` until ``zmq.Again`` (bounded per call, then rescheduled, so one busy peer
@@ -72,11 +78,12 @@ __all__ = ["ZmqTransport", "check_addresses", "raise_fd_limit"]
 log = logging.getLogger("choreo.transport")
 MAX_PARKED = 100_000  # frames per peer waiting for a full ZeroMQ pipe; beyond, drop the oldest (acks recover)
 MAX_PARKED_BYTES = 64 << 20  # bytes per peer waiting likewise
-MAX_PEERS = 1024  # DEALERs (peers dialled) per node
+MAX_PEERS = 256  # DEALERs open at once per node (least recently used closed beyond)
+IDLE_CLOSE = 60.0  # seconds after which an unused DEALER is closed
 READ_BUDGET = 256  # frames per reader callback before yielding to the loop
 HANDSHAKE_MS = 5_000  # a connection that has not finished its ZMTP (and CURVE) handshake by then is dropped
-HEARTBEAT_MS = 2_000  # ZMTP PING interval on every connection ...
-HEARTBEAT_TIMEOUT_MS = 10_000  # ... and the silence after which it is closed (then redialled)
+HEARTBEAT_MS = 15_000  # ZMTP PING interval on every connection (SWIM finds dead peers; this finds dead connections) ...
+HEARTBEAT_TIMEOUT_MS = 45_000  # ... and the silence after which it is closed (then redialled)
 REDIAL_AFTER = (1.0, 30.0)  # a peer that refused our key is dialled again after 1 s, doubling up to 30 s
 DEALER_MAX_IN = 4096  # DEALERs are never read: what a peer pushes back is capped at one small message
 
@@ -105,9 +112,12 @@ class ZmqTransport:
         security: Security | None = None,
         max_parked_bytes: int = MAX_PARKED_BYTES,
         max_peers: int = MAX_PEERS,
+        idle_close: float = IDLE_CLOSE,
         on_refused: Refuser | None = None,
         seeds: Iterable[str] = (),
     ) -> None:
+        if max_peers < 1 or idle_close <= 0:
+            raise ValueError(f"max_peers must be >= 1 and idle_close > 0, got {max_peers}, {idle_close}")
         check_endpoint(bind, "bind", bind=True)
         if advertise is not None:
             check_endpoint(advertise, "advertise")
@@ -120,17 +130,21 @@ class ZmqTransport:
         self.max_bytes = max_bytes
         self.max_parked_bytes = max_parked_bytes
         self.max_peers = max_peers
+        self.idle_close = idle_close
         self.on_refused = on_refused
         self.refused: Counter[str] = Counter()
         self._log_budget: dict[str, float] = {}
         self._own_context = security is not None and context is None
         self._auth: Any = None
+        sockets = 2 * max_peers + 64  # a DEALER and its monitor per peer, the ROUTER, the ZAP handler's
         if self._own_context:
             # a context of our own: its ZAP handler serves only this node's trusted keys
             self.context = zmq.Context()
-            self.context.setsockopt(zmq.MAX_SOCKETS, 2 * max_peers + 64)  # a DEALER and its monitor per peer
+            self.context.setsockopt(zmq.MAX_SOCKETS, sockets)
         else:
             self.context = context or zmq.Context.instance()
+            if self.context.get(zmq.MAX_SOCKETS) < sockets:  # (libzmq reads it when the first socket opens)
+                self.context.set(zmq.MAX_SOCKETS, sockets)
         self.router = self.context.socket(zmq.ROUTER)
         try:
             if security is not None:
@@ -154,6 +168,10 @@ class ZmqTransport:
             address = f"{security.key_name}@{address}"
         self.endpoint = address
         self.dealers: dict[str, zmq.Socket] = {}
+        self.evicted = 0  # DEALERs closed to make room for another (the limit), counted
+        self._used: dict[str, int] = {}  # endpoint -> the sweep epoch it was last sent to in, least recent first
+        self._epoch = 0
+        self._swept = time.monotonic()
         self.parked: dict[str, deque[bytes]] = {}
         self.parked_bytes: dict[str, int] = {}
         self.dropped = 0
@@ -277,7 +295,8 @@ class ZmqTransport:
             self.disconnect(endpoint)
 
     def connect(self, endpoint: str) -> bool:
-        """Dial ``endpoint`` (no-op if dialled). False, with a counted refusal, when it cannot be."""
+        """Dial ``endpoint`` now (no-op if dialled; :meth:`send` dials by itself). False, with a
+        counted refusal, when it cannot be."""
         if endpoint in self.dealers:
             return True
         if self.closed or self._holding_off(endpoint):
@@ -343,10 +362,11 @@ class ZmqTransport:
         elif key_name is not None:
             self._refuse("needs_keys", f"not dialling {endpoint}: a secure node, and this node has no keys")
             return None
-        if len(self.dealers) >= self.max_peers:
-            self._refuse("too_many_peers", f"not dialling {endpoint}: {len(self.dealers)} peers already "
-                                           f"(max_peers {self.max_peers})")
-            return None
+        if len(self.dealers) >= self.max_peers:  # make room: the least recently used goes
+            victim = next((e for e in self._used if e in self.dealers), next(iter(self.dealers)))
+            self.evicted += 1
+            self.dropped += len(self.parked.get(victim, ()))
+            self.disconnect(victim)
         try:
             sock = self.context.socket(zmq.DEALER)
         except zmq.ZMQError as exc:  # EMFILE: descriptors or the context's socket limit exhausted
@@ -377,6 +397,8 @@ class ZmqTransport:
             self._refuse(reason, f"ZeroMQ cannot dial {endpoint}: {exc}")
             return None
         self.dealers[endpoint] = sock
+        self._used.pop(endpoint, None)
+        self._used[endpoint] = self._epoch
         if monitor is not None:
             self._monitors[endpoint] = monitor
             if self._loop is not None:
@@ -392,6 +414,7 @@ class ZmqTransport:
 
     def _close_dealer(self, endpoint: str) -> None:
         sock = self.dealers.pop(endpoint, None)
+        self._used.pop(endpoint, None)
         monitor = self._monitors.pop(endpoint, None)
         if monitor is not None:
             if self._loop is not None and not self._loop.is_closed():
@@ -422,6 +445,9 @@ class ZmqTransport:
             if sock is None:
                 self.dropped += 1
                 return
+        used = self._used
+        used.pop(endpoint, None)  # to the end: the most recently used
+        used[endpoint] = self._epoch
         try:
             sock.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
         except zmq.Again:
@@ -469,6 +495,23 @@ class ZmqTransport:
             else:
                 del self.parked[endpoint]
                 self.parked_bytes.pop(endpoint, None)
+
+    def sweep(self) -> None:
+        """Close DEALERs unused for ``idle_close`` seconds (checked at most once a second)."""
+        now = time.monotonic()
+        if now - self._swept < 1.0:
+            return
+        self._swept = now
+        self._epoch += 1
+        oldest = self._epoch - int(self.idle_close)
+        idle = []
+        for endpoint, used in self._used.items():  # least recent first
+            if used > oldest:
+                break
+            idle.append(endpoint)
+        for endpoint in idle:
+            if endpoint not in self.parked and endpoint not in self._hold_off:
+                self._close_dealer(endpoint)
 
     def reply(self, identity: bytes, frame: bytes) -> None:
         """Answer a client on the connection its request came on."""

@@ -448,7 +448,8 @@ class System:
         return [*self.endpoints(), *(c.endpoint for c in self.clients if c.engine is not None)]
 
     def missing(self) -> dict[str, list[str]]:
-        """For every node that does not yet see the whole mesh alive: the endpoints it lacks."""
+        """For every node that does not yet see the whole mesh alive (and know what each node
+        declares): the endpoints it lacks."""
         expected = self._expected()
         out: dict[str, list[str]] = {}
         for endpoint in expected:
@@ -457,7 +458,8 @@ class System:
             except ChoreoError:
                 out[endpoint] = ["(no answer)"]
                 continue
-            alive = {p["endpoint"] for p in peers if p["state"] == "alive"}
+            # alive, and its declarations known (a service's messages route to it only then)
+            alive = {p["endpoint"] for p in peers if p["state"] == "alive" and p.get("declared", True)}
             lacking = [e for e in expected if e not in alive]
             if lacking:
                 out[endpoint] = lacking

@@ -10,9 +10,16 @@ compiled core without a copy. ``ACK`` bodies are the core's ack encoding. ``REPL
 the answers to commands and queries, each ``16s msg_id | u8 type_len | type | u32 len | body``.
 A ``DATA`` or ``REPLY`` frame with ``FLAG_ACK`` set starts with ``u16 len | ack``: the sender's
 ack of what it received from the receiver rides along instead of taking a frame of its own. Control bodies
-(``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``) are MessagePack maps
-decoded into the structs below, so a malformed or hostile body fails validation instead of
-reaching the runtime. Nothing here is ever unpickled.
+(``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``, and membership's ``PING``,
+``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are MessagePack decoded into the structs below, so a
+malformed or hostile body fails validation instead of reaching the runtime. Nothing here is ever
+unpickled.
+
+Membership (:mod:`choreo.runtime.gossip`) speaks SWIM: a ``PING`` asks "are you there?", a
+``PONG`` answers it, a ``PING_REQ`` asks a third node to ping someone on the sender's behalf;
+each of them, and ``NEWS``, carries *rumors* (:data:`Rumor`): a member's record (:class:`Member`),
+a declared service (:class:`Declared`), a retirement (:class:`Retired`). ``SYNC`` compares and
+exchanges whole membership tables (anti-entropy).
 
 An incarnation is a random 64-bit id a node draws at start: a restarted process on the same
 address is a new incarnation, and a frame addressed to an old one is refused, so state
@@ -28,9 +35,9 @@ at a key but never introduce one. :func:`~choreo.endpoints.split_endpoint` and
 :func:`~choreo.endpoints.endpoint_problem` read them.
 
 Bounds. Control bodies are checked at the door: a body larger than its type allows is refused
-before it is decoded (:data:`MAX_CONTROL_BYTES`), a hello or heartbeat lists at most
-:data:`MAX_PEERS` peers, every endpoint in them must parse, and a service declares 1..65535
-partitions. Each violation is a :class:`ProtocolError` with its reason.
+before it is decoded (:data:`MAX_CONTROL_BYTES`), a frame carries at most :data:`MAX_RUMORS`
+rumors and a SYNC at most :data:`MAX_MEMBERS` members, every endpoint in them must parse, and a
+service declares 1..65535 partitions. Each violation is a :class:`ProtocolError` with its reason.
 """
 
 from __future__ import annotations
@@ -58,11 +65,26 @@ __all__ = [
     "RPC",
     "RPC_REPLY",
     "REPLY",
+    "PING",
+    "PING_REQ",
+    "PONG",
+    "NEWS",
+    "SYNC",
     "FLAG_ACK",
     "FRAME_NAMES",
-    "PeerRef",
     "Hello",
     "Heartbeat",
+    "Member",
+    "Declared",
+    "Retired",
+    "Rumor",
+    "Ping",
+    "PingReq",
+    "Pong",
+    "News",
+    "Sync",
+    "MEMBER_STATES",
+    "SYNC_BUCKETS",
     "Bye",
     "Refuse",
     "Rpc",
@@ -80,7 +102,7 @@ __all__ = [
     "FLAG_REPLAY",
     "MAX_CONTROL_BYTES",
     "MAX_ENDPOINT",
-    "MAX_PEERS",
+    "MAX_MEMBERS",
     "endpoint_problem",
     "split_endpoint",
 ]
@@ -91,7 +113,13 @@ HEADER = struct.Struct("<4sBBHQQ")
 HEADER_SIZE = HEADER.size  # 24
 
 DATA, ACK, HELLO, HEARTBEAT, BYE, REFUSE, RPC, RPC_REPLY, REPLY = range(1, 10)
+PING, PING_REQ, PONG, NEWS, SYNC = range(10, 15)  # membership (SWIM): see the module docstring
 FRAME_NAMES = {
+    PING: "ping",
+    PING_REQ: "ping_req",
+    PONG: "pong",
+    NEWS: "news",
+    SYNC: "sync",
     REPLY: "reply",
     DATA: "data",
     ACK: "ack",
@@ -128,18 +156,21 @@ FLAG_REPLAY = 0x04  # a dead letter replayed on purpose: bypasses dedup once
 
 # ---------------------------------------------------------------------------------------- endpoints
 
-MAX_PEERS = 1024  # peers listed in one hello or heartbeat: a mesh of up to this many nodes
+MAX_MEMBERS = 1 << 16  # member records in one SYNC: a mesh of up to this many nodes
+MAX_RUMORS = 256  # rumors piggybacked on one membership frame
+SYNC_BUCKETS = 64  # anti-entropy compares tables as this many digests (members by incarnation % 64)
 
 
-def _check_endpoints(what: str, endpoint: str | None, peers: list[PeerRef]) -> None:
-    if endpoint is not None:
-        problem = endpoint_problem(endpoint)
-        if problem is not None:
-            raise ProtocolError("bad_endpoint", f"{what}: {problem}")
-    for i, ref in enumerate(peers):
-        problem = endpoint_problem(ref.endpoint)
-        if problem is not None:
-            raise ProtocolError("bad_endpoint", f"{what}: peer {i}: {problem}")
+def _check_endpoint(what: str, endpoint: str) -> None:
+    problem = endpoint_problem(endpoint)
+    if problem is not None:
+        raise ProtocolError("bad_endpoint", f"{what}: {problem}")
+
+
+def _check_members(what: str, members: list[Any]) -> None:
+    for i, m in enumerate(members):
+        if isinstance(m, Member):
+            _check_endpoint(f"{what}: member {i}", m.endpoint)
 
 
 # ---------------------------------------------------------------------------------------- control bodies
@@ -149,23 +180,111 @@ _Incarnation = Annotated[int, Meta(ge=0)]  # a u64 (msgpack rejects larger)
 _Name = Annotated[str, Meta(max_length=200)]
 
 
-class PeerRef(msgspec.Struct, array_like=True, frozen=True):
-    """What one node tells another about a third: enough to connect and say hello."""
+_Version = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
 
-    endpoint: _Endpoint
+#: a member's state as gossip carries it (index = code on the wire)
+MEMBER_STATES = ("alive", "suspect", "leaving", "dead", "left")
+
+
+class Member(msgspec.Struct, array_like=True, frozen=True, tag=0):
+    """One node's record, as gossip spreads it: who it is, where, what it serves, what state it is in.
+
+    ``version`` is the member's own counter (the "incarnation number" of the SWIM paper; choreo's
+    incarnation is the node-life id): the member raises it to refute a suspicion and whenever its
+    own record changes (it starts leaving), and a record replaces a known one of the same
+    incarnation only with a higher version (or, for "suspect", "dead" and "left", an equal one).
+    ``state`` is an index into :data:`MEMBER_STATES`.
+    """
+
     incarnation: _Incarnation
+    version: _Version
+    state: Annotated[int, Meta(ge=0, le=len(MEMBER_STATES) - 1)]
+    endpoint: _Endpoint
+    node: _Name
     service: _Name | None = None
+    window: Annotated[int, Meta(ge=1, le=1 << 20)] = 1
+    max_message_bytes: Annotated[int, Meta(ge=1)] = 1
+    # its rendezvous key when it is not its incarnation (a durable node's, see Hello.key)
+    key: Annotated[bytes, Meta(max_length=32)] = b""
 
 
-_Peers = Annotated[list[PeerRef], Meta(max_length=MAX_PEERS)]
+class Declared(msgspec.Struct, array_like=True, frozen=True, tag=1):
+    """A service the mesh declares (the declared system spreads as these)."""
+
+    spec: ServiceSpec
+
+
+class Retired(msgspec.Struct, array_like=True, frozen=True, tag=2):
+    """An operator retired a service: gossip must never bring it back."""
+
+    service: _Name
+
+
+#: what membership frames carry besides their own fields
+Rumor = Member | Declared | Retired
+_Rumors = Annotated[list[Rumor], Meta(max_length=MAX_RUMORS)]
+
+
+class Ping(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """SWIM's probe: answer with a :class:`Pong` of the same ``seq``.
+
+    ``source``: the sender's own record, for a receiver that may not know it yet (a newcomer).
+    """
+
+    seq: _Version
+    source: Member | None = None
+    rumors: _Rumors = []
+
+
+class PingReq(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """Ping ``target`` for me and pass its pong on with my ``seq`` (SWIM's indirect probe)."""
+
+    seq: _Version
+    target: Member
+    rumors: _Rumors = []
+
+
+class Pong(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """The answer to a :class:`Ping` (from its target, or relayed by the node a :class:`PingReq` asked)."""
+
+    seq: _Version
+    rumors: _Rumors = []
+
+
+class News(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """Rumors alone: what a node spreads to a few random members while it has news."""
+
+    rumors: _Rumors = []
+
+
+class Sync(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
+    """Anti-entropy: two nodes compare their tables and send each other what differs.
+
+    ``buckets``: the sender's 32-bit digests (:data:`SYNC_BUCKETS` of them, members by incarnation),
+    ``system`` a digest of its declared system. The answer carries the records of the buckets
+    that differ (``members``, tombstones included) and asks for the asker's (``want``); with
+    ``full``, ``members`` is the whole table (what a joining node gets from its seed). ``services``
+    and ``retired`` carry the declared system when the digests say it differs.
+    """
+
+    buckets: Annotated[list[Annotated[int, Meta(ge=0, lt=1 << 32)]], Meta(max_length=SYNC_BUCKETS)] = []
+    system: int = 0
+    members: Annotated[list[Member], Meta(max_length=MAX_MEMBERS)] = []
+    services: Annotated[list[ServiceSpec], Meta(max_length=MAX_MEMBERS)] = []
+    retired: Annotated[list[_Name], Meta(max_length=MAX_MEMBERS)] = []
+    want: Annotated[list[Annotated[int, Meta(ge=0, lt=SYNC_BUCKETS)]], Meta(max_length=SYNC_BUCKETS)] = []
+    full: bool = False
+    reply: bool = False
 
 
 class Hello(msgspec.Struct, frozen=True):
-    """A node introduces itself (on connect, and in answer to a hello that asks for one).
+    """A node introduces itself (to its seeds, to the instances of its own service while it
+    joins, to a member whose declarations it lacks) and answers a hello that asks for one.
 
     ``services``: the declared services the sender knows that have no live instance it knows
     of (the others a newcomer learns from their instances); ``retired``: services an operator
-    retired, which gossip must not bring back.
+    retired, which gossip must not bring back; ``sync``: the sender (joining) asks for the
+    receiver's whole membership table (a full :class:`Sync`) along with the answer.
     """
 
     node: _Name
@@ -174,7 +293,6 @@ class Hello(msgspec.Struct, frozen=True):
     service: ServiceSpec | None
     window: Annotated[int, Meta(ge=1, le=1 << 20)]
     max_message_bytes: Annotated[int, Meta(ge=1)]
-    peers: _Peers = []
     reply: bool = False
     leaving: bool = False
     holding: bytes = b""  # the partitions the sender owns or drains (a bitmap): a newcomer waits for their handover
@@ -183,16 +301,19 @@ class Hello(msgspec.Struct, frozen=True):
     # the sender's rendezvous key when it is not its incarnation: a durable node's, derived from its
     # persisted name, so that its next life owns the same partitions (empty: the incarnation)
     key: Annotated[bytes, Meta(max_length=32)] = b""
+    sync: bool = False
+    version: _Version = 0  # the sender's own record version (see Member)
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
-    """'I am alive', with the peers the sender knows, so membership spreads by gossip.
+    """Direct word to a partner, not to the whole mesh: to the peers a node has messages in flight
+    to, and to the other instances of its service when its partitions change.
 
     ``ack_please``: the sender still waits for acks from the receiver; the receiver answers
     with its current ack, so a lost final ack costs one heartbeat, never a stalled channel.
+    ``holding``: the partitions the sender owns or drains (a bitmap).
     """
 
-    peers: _Peers = []
     leaving: bool = False
     ack_please: bool = False
     holding: bytes = b""
@@ -234,6 +355,11 @@ class RpcReply(msgspec.Struct, frozen=True):
 
 
 _CONTROL_TYPES: dict[int, type[msgspec.Struct]] = {
+    PING: Ping,
+    PING_REQ: PingReq,
+    PONG: Pong,
+    NEWS: News,
+    SYNC: Sync,
     HELLO: Hello,
     HEARTBEAT: Heartbeat,
     BYE: Bye,
@@ -245,8 +371,14 @@ _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in _CONTROL_TYPES.items()}
 
 #: The largest body of each control frame, refused before decoding. A hello carries the
-#: sender's whole service declaration (message types with their JSON schemas) and its peers.
+#: sender's whole service declaration (message types with their JSON schemas); rumors may
+#: carry one too; a full SYNC carries a whole membership table and the declared system.
 MAX_CONTROL_BYTES = {
+    PING: 1 << 20,
+    PING_REQ: 1 << 20,
+    PONG: 1 << 20,
+    NEWS: 1 << 20,
+    SYNC: 64 << 20,
     HELLO: 512 << 10,
     HEARTBEAT: 256 << 10,
     BYE: 4 << 10,
@@ -295,10 +427,20 @@ def decode_control(frame_type: int, data: bytes) -> Any:
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError("malformed", f"{FRAME_NAMES[frame_type]} body: {exc}") from None
     if frame_type == HELLO:
-        _check_endpoints(f"hello from {body.node}", body.endpoint, body.peers)
-    elif frame_type == HEARTBEAT:
-        _check_endpoints("heartbeat", None, body.peers)
+        _check_endpoint(f"hello from {body.node}", body.endpoint)
+    elif frame_type in _RUMORS_IN:
+        name = FRAME_NAMES[frame_type]
+        _check_members(name, body.rumors)
+        if frame_type == PING and body.source is not None:
+            _check_endpoint(f"{name}: source", body.source.endpoint)
+        elif frame_type == PING_REQ:
+            _check_endpoint(f"{name}: target", body.target.endpoint)
+    elif frame_type == SYNC:
+        _check_members("sync", body.members)
     return body
+
+
+_RUMORS_IN = frozenset({PING, PING_REQ, PONG, NEWS})
 
 
 def split_ack(data: bytes, flags: int) -> tuple[int, int, int]:

@@ -12,7 +12,9 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.outbox`: channels by peer, batching, acks, replies, messages waiting for an instance;
 * :mod:`~choreo.runtime.routing`: destinations, emit plans and the compiled emit lane;
 * :mod:`~choreo.runtime.calls`: ``emit``/``try_emit``/``send``/``ask``, credit waits, answers;
-* :mod:`~choreo.runtime.gossip`: hellos, heartbeats, failure detection, goodbyes;
+* :mod:`~choreo.runtime.probes`, :mod:`~choreo.runtime.rumors`: SWIM's failure detector (whom to
+  probe, when silence means suspicion) and its dissemination queue (news piggybacked, O(log n) times);
+* :mod:`~choreo.runtime.gossip`: membership: probes, rumors, anti-entropy, joining, leaving, goodbyes;
 * :mod:`~choreo.runtime.moves`: view sync, drain, forward, hand-over, buffered arrivals;
 * :mod:`~choreo.runtime.deadletters`, :mod:`~choreo.runtime.dispatch`: dedup, per-key order,
   handlers, retries, dead letters, the ack after the effects;

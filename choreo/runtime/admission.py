@@ -6,7 +6,8 @@ Two checks, the first always on, the second when the mesh has keys:
   write any incarnation there. So a node remembers the connection each peer joined on (the
   identity the transport reports for its hello, and with keys the key that connection
   authenticated as, its *principal*), and accepts a frame that speaks for that peer only from
-  that same connection and key. A forged BYE, heartbeat, ack, answer, data or REFUSE for
+  that same connection and key (a member it only heard of by gossip is bound to the connection
+  of its first frame, whose key must be allowed to serve what it claims). A forged BYE, heartbeat, ack, answer, data or REFUSE for
   somebody else is refused and counted (``impersonation``); a frame from a sender that never
   joined is refused too, except the few a stranger may legitimately send (a hello, a system
   query, and a refusal of our own hello).
@@ -32,9 +33,10 @@ from .membership import Peer
 
 __all__ = ["Admission", "PolicySource", "STRANGER_FRAMES"]
 
-#: frame types a sender that has not joined may send: its hello, a client's system query, and
-#: the REFUSE with which a seed answers our hello
-STRANGER_FRAMES = frozenset({wire.HELLO, wire.RPC, wire.REFUSE})
+#: frame types a sender that is not a member here may send: its hello, a client's system query,
+#: the REFUSE with which a seed answers our hello, and the PING with which a newcomer introduces
+#: itself (its own record rides on it; gossip takes nothing else from a stranger)
+STRANGER_FRAMES = frozenset({wire.HELLO, wire.RPC, wire.REFUSE, wire.PING})
 
 PolicySource = Callable[[], Any]  # () -> choreo.trust.Policy (re-read when the keys directory changes)
 
@@ -71,8 +73,10 @@ class Admission:
         if peer is None:
             if frame_type in STRANGER_FRAMES:
                 return None
-            return "a frame from a node that never said hello"
-        if peer.identity is not None and identity != peer.identity:
+            return "a frame from a node that is not a member here"
+        if peer.identity is None:
+            return None  # a member we only heard of: its first frame binds it (see may_bind)
+        if identity != peer.identity:
             return f"a frame that speaks for {peer.node} on a connection it did not join on"
         if peer.principal != principal:
             return f"a frame that speaks for {peer.node} (key {peer.principal!r}) under the key {principal!r}"
@@ -90,6 +94,13 @@ class Admission:
         if self.policy is None or hello.service is None:
             return None  # (a client's key was admitted at its handshake; its rights are checked per message)
         return self.policy().may_serve(principal, hello.service.name)
+
+    def may_bind(self, peer: Peer, principal: str | None) -> str | None:
+        """None when the first frame of a member we only heard of (by gossip) may bind it to its
+        connection and key: with keys, that key must be allowed to serve what the member claims."""
+        if self.policy is None or peer.service_name is None:
+            return None
+        return self.policy().may_serve(principal, peer.service_name)
 
     def may_gossip(self, principal: str | None) -> bool:
         """Whether a node's word about the declared system counts: with keys, only a key that may

@@ -2,14 +2,16 @@
 
 An :class:`Engine` is one node incarnation: frames go in (:meth:`Engine.on_frame`), frames come
 out through the transport it is given, time comes from the clock it is given, and
-:meth:`Engine.tick` is called every few milliseconds. The real node (:mod:`choreo.node`) plugs
+:meth:`Engine.tick` is called when :meth:`Engine.next_tick` says (every few milliseconds while
+messages are in flight, else at the next timer or membership deadline). The real node (:mod:`choreo.node`) plugs
 in ZeroMQ and ``time.monotonic``; the test harness (:mod:`choreo.testing`) plugs in a lossy
 in-memory link and a virtual clock, and the same code runs under both.
 
 The engine owns no logic of its own beyond the receive path; each job is a part
 (:mod:`choreo.runtime` lists them), and what a frame does is one line of the frame table:
 
-* ``HELLO``/``HEARTBEAT``/``BYE``/``REFUSE`` go to :class:`~choreo.runtime.gossip.Gossip`;
+* membership frames (``HELLO``, ``PING``, ``PONG``, ``SYNC``..., :meth:`Gossip.handlers
+  <choreo.runtime.gossip.Gossip.handlers>`) go to :class:`~choreo.runtime.gossip.Gossip`;
 * ``DATA`` goes through the sender's in-channel (order) to the
   :class:`~choreo.runtime.dispatch.Dispatcher` (dedup, per-key order, handlers), in turns of
   ``RUN_BUDGET`` envelopes so that heartbeats and queries are answered under overload;
@@ -133,7 +135,7 @@ class Engine:
         self.admission = Admission(policy, self.spec)
         self.lifecycle = Lifecycle()
         self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
-        self.membership = Membership(config.suspect_after, config.dead_after)
+        self.membership = Membership()
         self.holds = Holds()
         self.outbox = Outbox(
             transport, config, clock=clock, holds=self.holds, counters=self.counters, journal=self.journal
@@ -148,7 +150,7 @@ class Engine:
             lifecycle=self.lifecycle, service=service, config=config, clock=clock, call_later=self.call_later,
             counters=self.counters, join_status=lambda: self.gossip.join_status(),
         )
-        self.gossip = Gossip(self.membership, self.outbox, transport, self.lifecycle, self, config=config, clock=clock)
+        self.gossip = Gossip(self.membership, self.outbox, self.lifecycle, self, config=config, clock=clock)
         self.moves = (
             Moves(
                 Ownership(service.partitions, self.incarnation), self.membership, self.outbox, self.lifecycle,
@@ -187,6 +189,7 @@ class Engine:
         self._run_scheduled = False
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
         self._timer_seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rpc: dict[str, RpcHandler] = {}
@@ -196,15 +199,16 @@ class Engine:
             wire.REPLY: self._on_replies,
             wire.ACK: self._on_ack_frame,
             wire.HELLO: self._on_hello,
-            wire.HEARTBEAT: lambda sender, data, flags, identity, principal: self.gossip.on_heartbeat(
-                sender, wire.decode_control(wire.HEARTBEAT, data), trusted_gossip=self.admission.may_gossip(principal)
-            ),
-            wire.BYE: lambda sender, data, flags, identity, principal: self.gossip.on_bye(sender),
             wire.REFUSE: self._on_refuse,
             wire.RPC: lambda sender, data, flags, identity, principal: self._on_rpc(
                 identity, wire.decode_control(wire.RPC, data), principal
             ),
         }
+        may_gossip = self.admission.may_gossip
+        for frame_type, handle in self.gossip.handlers().items():  # membership: ping, pong, news, sync, bye...
+            self._frames[frame_type] = (
+                lambda sender, data, flags, identity, principal, handle=handle: handle(sender, data, may_gossip(principal))
+            )
 
     # ================================================================================ lifecycle
 
@@ -295,22 +299,41 @@ class Engine:
 
     def _check_gap(self, now: float) -> None:
         """Was this node frozen since its last tick (a GC pause, a suspended VM, a handler that
-        blocked the loop)? It sent nothing meanwhile: after ``dead_after`` of that, the mesh has
-        declared it dead and resent what it held to others, so it rejoins before handling
-        anything more; after a shorter gap, its peers' silence meanwhile does not count."""
+        blocked the loop)? It answered nothing meanwhile: after ``suspect_after + dead_after`` of
+        that (a probe unanswered, then a suspicion unrefuted) the mesh may have declared it dead
+        and resent what it held to others, so it rejoins before handling anything more; after a
+        shorter gap, its peers' silence meanwhile does not count."""
         last = self._last_tick
         self._last_tick = now
         if last is None:
             return
         gap = now - last
         c = self.config
-        if gap >= c.dead_after - c.heartbeat:
+        if gap >= c.suspect_after + c.dead_after - c.heartbeat:
             self.declared_dead(f"this node was frozen for {gap:.1f} s, long enough for the mesh to declare it dead")
-        elif gap > c.suspect_after / 2:
+        elif now - max(last, self._idle_until) > c.suspect_after / 2:  # (asleep on purpose until _idle_until)
             self.gossip.forgive(gap, now)
 
+    def next_tick(self) -> float:
+        """When :meth:`tick` next has work (the engine's clock): a tick away while messages are in
+        flight or being handled, else the next timer or membership deadline (an idle node sleeps)."""
+        now = self.clock()
+        if self._runq or self.membership.version != self._synced_version or not self.drained:
+            return now + self.config.tick
+        due = self.gossip.next_due
+        if self._timers:
+            due = min(due, self._timers[0][0])
+        moves = self.moves
+        if moves is not None and (moves.ownership.awaiting or moves.early or moves.sending):
+            return now + self.config.tick  # hand-overs waited for, settled, or sent again
+        journal = self.journal
+        if journal is not None and (journal.dirty or journal.failing is not None):
+            return now + self.config.tick  # a commit due within max_delay, or one to retry
+        self._idle_until = max(due, now)
+        return self._idle_until
+
     def tick(self) -> None:
-        """Timers: retransmissions, heartbeats, failure detection, retries and deadlines."""
+        """Timers: retransmissions, membership (probes, suspicions, news), retries and deadlines."""
         now = self.clock()
         self._check_gap(now)
         self.outbox.retransmit(now)
@@ -349,6 +372,11 @@ class Engine:
             why = self.admission.speaks_for(known, frame_type, identity, principal)
             if why is not None:
                 raise ProtocolError("unknown_peer" if known is None else "impersonation", why)
+            if known is not None and known.identity is None and frame_type != wire.HELLO and sender != self.incarnation:
+                why = self.admission.may_bind(known, principal)
+                if why is not None:
+                    raise ProtocolError("not_allowed", f"a frame that speaks for {known.node}: {why}")
+                known.identity, known.principal = identity, principal  # its frames come only from there now
             if receiver and receiver != self.incarnation:
                 self.gossip.refuse_stale(sender, receiver)
                 return
@@ -375,7 +403,7 @@ class Engine:
         why = self.admission.may_join(hello, principal, replaces)
         if why is not None:
             raise ProtocolError("not_allowed", f"hello from {hello.node}: {why}")
-        self.gossip.on_hello(sender, hello, trusted_gossip=self.admission.may_gossip(principal))
+        self.gossip.on_hello(sender, hello, trusted=self.admission.may_gossip(principal))
         peer = self.membership.peers.get(sender)
         if peer is not None and peer.identity is None and sender != self.incarnation:
             peer.identity, peer.principal = identity, principal  # its frames come only from there from now on

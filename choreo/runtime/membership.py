@@ -1,7 +1,7 @@
 """Who is in the mesh, what the system declares, and who owns what.
 
-Every node keeps the same picture, built from hellos and gossip (there is no coordinator). Two
-things in it must not be confused:
+Every node keeps the same picture, built from gossip (there is no coordinator). Two things in it
+must not be confused:
 
 * the **declared system** (:attr:`Membership.declared`): which services exist and what they
   consume. It only grows: a service is learned from its instances' hellos and from gossip,
@@ -12,7 +12,7 @@ things in it must not be confused:
 
 Routing asks the first whether anyone must get a message and the second where to send it now:
 a message for a declared service with no live instance waits at its sender, it is never
-dropped. The views, recomputed whenever the picture changes:
+dropped. The views, recomputed when first read after the picture changed:
 
 * ``instances(service)``: the live instances of a service, in a stable order;
 * ``owner(service, partition)``: rendezvous over those instances' keys, so every node that knows
@@ -22,22 +22,31 @@ dropped. The views, recomputed whenever the picture changes:
   whose dedup ids it kept on disk;
 * ``subscribers(type)``: every declared service with a handler for an event type;
 * ``owners(type)``: the declared services handling a command or query type (exactly one is valid).
+
+Failure detection is :mod:`~choreo.runtime.gossip`'s (SWIM). This table applies what it
+concludes and what other nodes say (:meth:`Membership.merge`, the precedence rules of SWIM's
+records: a member's own higher ``version`` refutes a suspicion; "dead" and "left" are final for
+an incarnation), always through :data:`~choreo.states.PEER_TRANSITIONS`. It also keeps a digest
+of its live members in :data:`~choreo.wire.SYNC_BUCKETS` buckets (:attr:`Membership.buckets`),
+updated on every change, so that two nodes find what they disagree on by comparing 64 numbers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
-from .. import core
+from .. import core, wire
 from ..errors import ChoreoUsageError
 from ..spec import HandlerSpec, ServiceSpec, SystemSpec, system_spec
 from ..states import PEER_TRANSITIONS, transition
 
-__all__ = ["Peer", "Membership", "Conflict", "LIVE_STATES", "ROUTABLE_STATES", "durable_key"]
+__all__ = ["Peer", "Membership", "Update", "Conflict", "LIVE_STATES", "ROUTABLE_STATES", "durable_key"]
 
 LIVE_STATES = frozenset({"alive", "suspect", "leaving"})  # still answers and acks
 ROUTABLE_STATES = frozenset({"alive", "suspect"})  # may be given new work
+STATE_CODES = {name: code for code, name in enumerate(wire.MEMBER_STATES)}
+_MASK = (1 << 64) - 1
 
 
 def durable_key(name: str) -> bytes:
@@ -51,7 +60,7 @@ def durable_key(name: str) -> bytes:
     return core.hash128(b"choreo-durable:" + name.encode())
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Peer:
     """One node as this node sees it."""
 
@@ -64,14 +73,10 @@ class Peer:
     last_heard: float
     state: str = "alive"
     holding: bytes = b""  # the partitions it says it owns or drains (a bitmap): they move by handover
-    identity: bytes | None = None  # the connection it joined on: its frames come only from there
+    version: int = 0  # its own counter (wire.Member.version): raised to refute a suspicion or to leave
+    claims: str | None = None  # the service it serves, by name, while its declarations are not known here
+    identity: bytes | None = None  # the connection its frames come on (bound at its first frame)
     principal: str | None = None  # the key that connection authenticated as (None without keys)
-
-    def holds(self, partition: int) -> bool:
-        """Whether this peer said it owns or drains ``partition``."""
-        byte = partition >> 3
-        return byte < len(self.holding) and bool(self.holding[byte] >> (partition & 7) & 1)
-
     key: bytes = b""  # the rendezvous identity: the incarnation's bytes unless given (durable nodes)
 
     def __post_init__(self) -> None:
@@ -83,9 +88,14 @@ class Peer:
         """The key to announce in hellos: empty when it is the incarnation's (peers derive that)."""
         return b"" if self.key == self.incarnation.to_bytes(8, "little") else self.key
 
+    def holds(self, partition: int) -> bool:
+        """Whether this peer said it owns or drains ``partition``."""
+        byte = partition >> 3
+        return byte < len(self.holding) and bool(self.holding[byte] >> (partition & 7) & 1)
+
     @property
     def service_name(self) -> str | None:
-        return self.service.name if self.service else None
+        return self.service.name if self.service else self.claims
 
     @property
     def live(self) -> bool:
@@ -95,6 +105,23 @@ class Peer:
     def routable(self) -> bool:
         return self.state in ROUTABLE_STATES
 
+    def record(self, state: str | None = None) -> wire.Member:
+        """This peer as gossip carries it (``state`` overrides its own, e.g. "suspect" for a leaving peer)."""
+        return wire.Member(
+            self.incarnation, self.version, STATE_CODES[state or self.state], self.endpoint, self.node,
+            self.service_name, self.window, self.max_message_bytes, self.own_key,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """What a record changed (:meth:`Membership.merge`): ``event`` is ``joined``, ``suspected``,
+    ``refuted``, ``leaving``, ``dead``, ``left`` or ``newer`` (a newer version, nothing else)."""
+
+    peer: Peer
+    event: str
+    replaced: tuple[Peer, ...] = ()
+
 
 class Conflict(Exception):
     """A peer's declarations contradict the mesh's (a second owner of a command type)."""
@@ -103,18 +130,16 @@ class Conflict(Exception):
 class Membership:
     """The peer table and the routing views derived from it.
 
-    >>> m = Membership(suspect_after=1.5, dead_after=5.0)
+    >>> m = Membership()
     >>> m.instances("orders")
     []
     """
 
-    def __init__(self, suspect_after: float = 1.5, dead_after: float = 5.0) -> None:
-        if not 0 < suspect_after < dead_after:
-            raise ValueError(f"need 0 < suspect_after < dead_after, got {suspect_after}, {dead_after}")
-        self.suspect_after = suspect_after
-        self.dead_after = dead_after
+    def __init__(self) -> None:
         self.peers: dict[int, Peer] = {}
         self.version = 0  # bumped on every change of the routing views
+        self.buckets = [0] * wire.SYNC_BUCKETS  # a digest of the live members, by incarnation % SYNC_BUCKETS
+        self._stale = True
         self._instances: dict[str, list[Peer]] = {}
         self._assignment: dict[str, list[int]] = {}
         self._subscribers: dict[str, list[tuple[ServiceSpec, HandlerSpec]]] = {}
@@ -122,6 +147,9 @@ class Membership:
         self._specs: dict[str, ServiceSpec] = {}  # services with a routable instance now
         self.declared: dict[str, ServiceSpec] = {}  # the declared system (see the module docstring)
         self.retired: set[str] = set()  # services an operator retired (gossip never brings them back)
+        self.live_count = 0  # live peers, this node included
+        self._at: dict[str, Peer] = {}  # endpoint -> the live peer there
+        self.gained: list[Peer] = []  # after upsert: known members that got their declarations with it
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -132,19 +160,29 @@ class Membership:
         The version goes on, so views cached under an older one stay stale.
         """
         self.peers.clear()
-        self._rebuild()
+        self._at.clear()
+        self.buckets = [0] * wire.SYNC_BUCKETS
+        self.live_count = 0
+        self._changed()
 
-    def declare(self, spec: ServiceSpec) -> bool:
-        """Learn a service from gossip (a third party's word); True if the declared system changed.
+    def declare(self, spec: ServiceSpec) -> list[Peer] | None:
+        """Learn a service from gossip (a third party's word); None if the declared system did not
+        change, else the members known to serve it by name only, which get its declarations now.
 
         A service learned this way never replaces what its own instances said, and never
         brings back a retired service: only an instance of it can (its hello, :meth:`upsert`).
         """
         if spec.name in self.retired or spec.name in self.declared:
-            return False
+            return None
+        return self._declare(spec)
+
+    def _declare(self, spec: ServiceSpec) -> list[Peer]:
         self.declared[spec.name] = spec
-        self._rebuild()
-        return True
+        gained = [p for p in self.peers.values() if p.service is None and p.claims == spec.name]
+        for peer in gained:
+            peer.service = spec
+        self._changed()
+        return gained
 
     def retire(self, service: str) -> None:
         """An operator scales ``service`` to zero for good: forget it (ChoreoUsageError while it has
@@ -154,7 +192,7 @@ class Membership:
             raise ChoreoUsageError(f"{service} still has live instances ({', '.join(live)}): stop them, then retire it")
         self.retired.add(service)
         if self.declared.pop(service, None) is not None:
-            self._rebuild()
+            self._changed()
 
     def retired_by_gossip(self, service: str) -> bool:
         """Another node says ``service`` was retired; True if we forgot it now."""
@@ -170,46 +208,120 @@ class Membership:
         """Raise :class:`Conflict` if ``candidate`` would give a command or query a second owner."""
         if candidate is None:
             return
+        owners = self._views()._owners
         for h in candidate.handlers:
             if h.kind == "event":
                 continue
-            for other in self._owners.get(h.message, ()):
+            for other in owners.get(h.message, ()):
                 if other.name != candidate.name:
                     raise Conflict(f"{h.kind} {h.message} has two owners: {other.name}, {candidate.name}")
 
     def upsert(self, peer: Peer) -> tuple[Peer, bool, list[Peer]]:
-        """Add or refresh a peer. Returns (the peer, whether it is new, peers it replaced).
+        """Add a peer (or note a sign of life of a known one). Returns (the peer, whether it is
+        new, peers it replaced): a new incarnation at the endpoint of a known one replaces it.
 
-        A new incarnation at the endpoint of a known one replaces it: the old one is dead.
+        A peer that brings its own declarations (a hello: its own word) (re)declares its service;
+        members known to serve it by name only get them too (see :attr:`gained`).
         """
-        replaced: list[Peer] = []
+        self.gained = []
         existing = self.peers.get(peer.incarnation)
         if existing is not None:
             existing.last_heard = max(existing.last_heard, peer.last_heard)
-            if existing.state == "suspect":
-                existing.state = transition(PEER_TRANSITIONS, existing.state, "heard")
-                self._rebuild()
-            return existing, False, replaced
-        for other in self.peers.values():
-            if other.endpoint == peer.endpoint and other.live:
-                other.state = transition(PEER_TRANSITIONS, other.state, "replaced")
-                replaced.append(other)
+            if existing.service is None and peer.service is not None:  # its own word on what it serves
+                self.retired.discard(peer.service.name)
+                self.gained = self._declare(peer.service)
+            return existing, False, []
+        replaced = []
+        other = self._at.get(peer.endpoint)
+        if other is not None and other.live:
+            self._move(other, "replaced")
+            replaced.append(other)
         self.peers[peer.incarnation] = peer
         if peer.service is not None:  # an instance's own word: it (re)declares its service
             self.retired.discard(peer.service.name)
-            self.declared[peer.service.name] = peer.service
-        self._rebuild()
+            self.gained = self._declare(peer.service)
+        elif peer.claims is not None:
+            peer.service = self.declared.get(peer.claims)
+        if peer.live:
+            self.live_count += 1
+            self._at[peer.endpoint] = peer
+            self._rehash(peer, 0)
+        self._changed()
         return peer, True, replaced
 
+    def merge(self, record: wire.Member, now: float) -> Update | None:
+        """Apply what gossip says of a member (not this node: gossip answers for itself); None if
+        nothing changed. SWIM's precedence: a record of a known incarnation counts only with a
+        newer ``version`` (or an equal one, for a suspicion); "dead" and "left" are final."""
+        state = wire.MEMBER_STATES[record.state]
+        peer = self.peers.get(record.incarnation)
+        if peer is None:
+            gone = state in ("dead", "left")
+            peer = Peer(
+                record.incarnation, record.endpoint, record.node, None, record.window, record.max_message_bytes,
+                now, state if gone else "alive", version=record.version, claims=record.service, key=record.key,
+            )
+            if gone:  # a tombstone: stale news of this incarnation can never bring it back
+                self.peers[record.incarnation] = peer
+                return None
+            _, _, replaced = self.upsert(peer)
+            if state in ("suspect", "leaving"):
+                self._move(peer, "suspected" if state == "suspect" else "leaving")
+            return Update(peer, "joined", tuple(replaced))
+        if not peer.live:
+            return None
+        if state in ("dead", "left"):
+            self._move(peer, "bye" if state == "left" else "confirmed")
+            return Update(peer, state)
+        if record.version < peer.version or (record.version == peer.version and state != "suspect"):
+            return None
+        newer = record.version > peer.version
+        if newer:
+            old = self._hash(peer)
+            peer.version = record.version
+            self._rehash(peer, old)
+        if state == "suspect":
+            if peer.state == "alive":
+                self._move(peer, "suspected")
+                return Update(peer, "suspected")
+            return Update(peer, "suspected") if peer.state == "leaving" or newer else None
+        if state == "leaving" and peer.routable:
+            self._move(peer, "leaving")
+            return Update(peer, "leaving")
+        if peer.state == "suspect":
+            self._move(peer, "refuted")
+            return Update(peer, "refuted")
+        return Update(peer, "newer")
+
+    def suspect(self, incarnation: int) -> Peer | None:
+        """Our probe of it went unanswered: suspect it (a leaving peer keeps its state; gossip times
+        the suspicion either way). None if unknown, gone, or suspect already."""
+        peer = self.peers.get(incarnation)
+        if peer is None or peer.state not in ("alive", "leaving"):
+            return None
+        if peer.state == "alive":
+            self._move(peer, "silence")
+        return peer
+
+    def expire(self, incarnation: int) -> Peer | None:
+        """A suspicion ran out without a refutation: the peer is dead. None if it was not live."""
+        peer = self.peers.get(incarnation)
+        if peer is None or peer.state not in ("suspect", "leaving"):
+            return None
+        self._move(peer, "silence")
+        return peer
+
     def heard(self, incarnation: int, now: float) -> Peer | None:
-        """Note a sign of life; a suspect peer becomes alive again. None if unknown or gone."""
+        """Note a sign of life (a frame from it). None if unknown or gone.
+
+        A suspicion stays: only the peer's own refutation (a newer version) clears it, so that
+        every node that heard the suspicion hears its end.
+        """
         peer = self.peers.get(incarnation)
         if peer is None or not peer.live:
             return None
-        peer.last_heard = max(peer.last_heard, now)
-        if peer.state == "suspect":
-            peer.state = transition(PEER_TRANSITIONS, peer.state, "heard")
-            self._rebuild()
+        if now > peer.last_heard:
+            peer.last_heard = now
         return peer
 
     def leaving(self, incarnation: int) -> Peer | None:
@@ -217,8 +329,7 @@ class Membership:
         peer = self.peers.get(incarnation)
         if peer is None or not peer.routable:
             return None
-        peer.state = transition(PEER_TRANSITIONS, peer.state, "leaving")
-        self._rebuild()
+        self._move(peer, "leaving")
         return peer
 
     def left(self, incarnation: int) -> Peer | None:
@@ -226,42 +337,73 @@ class Membership:
         peer = self.peers.get(incarnation)
         if peer is None or not peer.live:
             return None
-        peer.state = transition(PEER_TRANSITIONS, peer.state, "bye")
-        self._rebuild()
+        self._move(peer, "bye")
         return peer
 
-    def check_silence(self, now: float, me: int) -> list[Peer]:
-        """Apply timeouts; returns the peers whose state changed."""
-        changed = []
-        for peer in self.peers.values():
-            if peer.incarnation == me or not peer.live:
-                continue
-            silent = now - peer.last_heard
-            if peer.state == "alive" and silent >= self.suspect_after:
-                peer.state = transition(PEER_TRANSITIONS, peer.state, "silence")
-                changed.append(peer)
-            if peer.state in ("suspect", "leaving") and silent >= self.dead_after:
-                peer.state = transition(PEER_TRANSITIONS, peer.state, "silence")
-                changed.append(peer)
-        if changed:
-            self._rebuild()
-        return changed
-
-    def forgive(self, gap: float, now: float) -> None:
-        """This node itself was silent for ``gap`` seconds: do not count that against its peers."""
-        for peer in self.peers.values():
-            if peer.live:
-                peer.last_heard = min(peer.last_heard + gap, now)
+    def bump(self, peer: Peer, above: int = 0) -> int:
+        """Raise ``peer``'s version (this node's own, to refute a suspicion or announce a change)
+        past ``above``; returns the new version."""
+        old = self._hash(peer)
+        peer.version = max(peer.version, above) + 1
+        self._rehash(peer, old)
+        return peer.version
 
     def forget_dead(self, now: float, keep: float = 60.0) -> None:
         """Drop peers gone for ``keep`` seconds (they stay a while so gossip cannot revive them)."""
         for inc in [i for i, p in self.peers.items() if not p.live and now - p.last_heard > keep]:
             del self.peers[inc]
 
+    def _move(self, peer: Peer, event: str) -> None:
+        """Every state change of a peer, through the table."""
+        was_live = peer.live
+        old = self._hash(peer)
+        peer.state = transition(PEER_TRANSITIONS, peer.state, event)
+        if was_live and not peer.live:
+            self.live_count -= 1
+            if self._at.get(peer.endpoint) is peer:
+                del self._at[peer.endpoint]
+        self._rehash(peer, old)
+        self._changed()
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._stale = True
+
+    def touch(self) -> None:
+        """The routing views change meaning (this node joined: they route now): a new version."""
+        self._changed()
+
+    # -- digests -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _hash(peer: Peer) -> int:
+        if not peer.live:
+            return 0
+        h = (peer.incarnation ^ (peer.version * 0x9E3779B97F4A7C15)) & _MASK  # splitmix64's finalizer
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK
+        return (h ^ (h >> 31)) & 0xFFFFFFFF
+
+    def _rehash(self, peer: Peer, old: int) -> None:
+        new = self._hash(peer)
+        if new != old:
+            self.buckets[peer.incarnation % wire.SYNC_BUCKETS] ^= old ^ new
+
+    def in_buckets(self, buckets: Iterable[int]) -> list[Peer]:
+        """The peers (tombstones too) whose incarnation falls in ``buckets``."""
+        wanted = set(buckets)
+        n = wire.SYNC_BUCKETS
+        return [p for p in self.peers.values() if p.incarnation % n in wanted]
+
     # -- views ---------------------------------------------------------------------------------
 
+    def _views(self) -> Membership:
+        if self._stale:
+            self._rebuild()
+        return self
+
     def _rebuild(self) -> None:
-        self.version += 1
+        self._stale = False
         instances: dict[str, list[Peer]] = {}
         specs: dict[str, ServiceSpec] = {}
         for peer in self.peers.values():
@@ -288,9 +430,11 @@ class Membership:
         self._owners = owners
 
     def instances(self, service: str) -> list[Peer]:
-        return self._instances.get(service, [])
+        return self._views()._instances.get(service, [])
 
     def owner(self, service: str, partition: int) -> Peer | None:
+        if self._stale:
+            self._rebuild()
         peers = self._instances.get(service)
         if not peers:
             return None
@@ -298,25 +442,26 @@ class Membership:
 
     def partitions_of(self, service: str, incarnation: int) -> list[int]:
         """The partitions of ``service`` owned by one instance."""
-        peers = self._instances.get(service, [])
+        peers = self._views()._instances.get(service, [])
         idx = next((i for i, p in enumerate(peers) if p.incarnation == incarnation), None)
         if idx is None:
             return []
         return [p for p, owner in enumerate(self._assignment[service]) if owner == idx]
 
     def subscribers(self, message_type: str) -> list[tuple[ServiceSpec, HandlerSpec]]:
-        return self._subscribers.get(message_type, [])
+        return self._views()._subscribers.get(message_type, [])
 
     def owners(self, message_type: str) -> list[ServiceSpec]:
-        return self._owners.get(message_type, [])
+        return self._views()._owners.get(message_type, [])
 
     def services(self) -> dict[str, ServiceSpec]:
         """The services with a routable instance now."""
-        return dict(self._specs)
+        return dict(self._views()._specs)
 
-    def live_peers(self) -> Iterable[Peer]:
+    def live_peers(self) -> Iterator[Peer]:
         return (p for p in self.peers.values() if p.live)
 
     def system_spec(self) -> SystemSpec:
         """The declared system, live instances or not, as one system (what the analyzer reads)."""
-        return system_spec(sorted({**self.declared, **self._specs}.values(), key=lambda s: s.name))
+        specs = self._views()._specs
+        return system_spec(sorted({**self.declared, **specs}.values(), key=lambda s: s.name))

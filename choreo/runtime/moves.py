@@ -371,9 +371,15 @@ class Moves:
     # -- arrivals for partitions that are not (yet) ours -------------------------------------------
 
     def buffer(self, channel: InChannel, env: Any) -> bool:
-        """Keep an arrival for a partition we wait for (its handover, or our own join); False if not."""
+        """Keep an arrival for a partition we wait for (its handover, or our own join), or whose
+        owner we suspect (its sender may have found it dead already and sent it here: it runs
+        here, in order, once we do too; or goes on to the owner once it refutes); False if not."""
         p = env.partition
         if self.ownership.state[p] == "awaiting" or not self.life.joined:
+            self.ownership.buffered.setdefault(p, deque()).append((channel, env))
+            return True
+        owner = self.membership.owner(self.service, p)
+        if owner is not None and owner.state == "suspect":
             self.ownership.buffered.setdefault(p, deque()).append((channel, env))
             return True
         return False

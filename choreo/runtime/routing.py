@@ -194,8 +194,10 @@ class Router:
 
     def destinations(self, message: Message, name: str, kind: str) -> list[Destination]:
         """Every copy of ``message`` to send (see :data:`Destination`); a declared service with no
-        live instance gets one copy with no peer: it waits for an instance."""
+        live instance gets one copy with no peer: it waits for an instance. So does every copy
+        before this node has joined: it queues behind what already waits, which joining sends first."""
         out: list[Destination] = []
+        joined = self.routing()
         for r in self.routes(name, kind):
             if r.key_field is not None:
                 kb = key_bytes(getattr(message, r.key_field))
@@ -204,13 +206,18 @@ class Router:
             else:
                 kb, partition, flags = b"", 0, wire.FLAG_UNKEYED
             if r.broadcast:  # the instances alive now (or the first to come back)
-                instances = self.membership.instances(r.service)
+                instances = self.membership.instances(r.service) if joined else []
                 for peer in instances:
                     out.append((peer, flags | wire.FLAG_BROADCAST, kb, partition, r.service))
                 if not instances:
                     out.append((None, flags | wire.FLAG_BROADCAST, kb, partition, r.service))
                 continue
-            peer = self.membership.owner(r.service, partition) if r.key_field is not None else self.least_loaded(r.service)
+            if not joined:
+                peer = None
+            elif r.key_field is not None:
+                peer = self.membership.owner(r.service, partition)
+            else:
+                peer = self.least_loaded(r.service)
             out.append((peer, flags, kb, partition, r.service))
         return out
 
@@ -267,8 +274,8 @@ class Router:
         now = self.clock()
         outbox = self.outbox
         for ch, item, service in plan:
-            if ch is None:  # planned while no instance was live: one may be back since
-                target = self.new_home(service, item)
+            if ch is None:  # planned while no instance was live (or before joining): one may be back since
+                target = self.new_home(service, item) if self.routing() else None
                 if target is None:
                     outbox.park(service, item)
                     continue

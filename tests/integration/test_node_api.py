@@ -314,3 +314,67 @@ def test_a_task_must_be_async() -> None:
     svc = Service("bad")
     with pytest.raises(ChoreoUsageError, match="needs an 'async def' function"):
         svc.task(lambda node: None)
+
+
+def test_an_idle_node_sleeps_between_membership_deadlines_and_wakes_for_work() -> None:
+    # no fixed fast tick: an idle node wakes for its probes (one per heartbeat) and the frames it
+    # gets, not every `tick`; a command arriving while it sleeps is answered all the same
+    svc, balances, _ = bank()
+    config = NodeConfig(heartbeat=0.5, tick=0.005)
+
+    async def scenario() -> None:
+        a = Node(svc, bind=f"inproc://idle-{id(config)}-a", config=config)
+        await a.start()
+        b = Node(None, bind=f"inproc://idle-{id(config)}-b", peers=[a.endpoint], config=config)
+        await b.start()
+        try:
+            await b.wait_for({"bank": 1})
+            engine = a.engine
+            assert engine is not None
+            await a.until(lambda: engine.drained and engine.state == "joined", 10, "a idle")
+            ticks = [0]
+            tick = engine.tick
+
+            def counted() -> None:
+                ticks[0] += 1
+                tick()
+
+            engine.tick = counted  # type: ignore[method-assign]
+            await asyncio.sleep(2.0)
+            idle_ticks = ticks[0]
+            assert idle_ticks < 2.0 / config.tick / 10, f"{idle_ticks} ticks in 2 s of idling (tick is {config.tick} s)"
+            assert await b.send(Deposit("acc-1", 5)) == 5 and balances == {"acc-1": 5}
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(scenario)
+
+
+def test_a_mesh_larger_than_the_connection_limit_still_works() -> None:
+    # every node may keep two sockets to peers, and talks to four: it closes the least recently
+    # used and dials again as it goes; membership converges and every command is answered
+    svc, balances, _ = bank()
+    config = NodeConfig(heartbeat=0.05, suspect_after=0.5, dead_after=1.0, tick=0.005, max_connections=2)
+
+    async def scenario() -> None:
+        nodes: list[Node] = []
+        for i in range(4):
+            node = Node(svc, bind=f"inproc://narrow-{id(config)}-{i}", peers=[n.endpoint for n in nodes[:1]],
+                        config=config)
+            await node.start()
+            nodes.append(node)
+        client = Node(None, bind=f"inproc://narrow-{id(config)}-c", peers=[nodes[0].endpoint], config=config)
+        await client.start()
+        try:
+            for node in (*nodes, client):
+                await node.wait_for({"bank": 4}, timeout=20)
+            results = [await client.send(Deposit(f"acc-{i}", 1), timeout=20) for i in range(40)]
+            assert results == [1] * 40 and sum(balances.values()) == 40
+            assert all(len(n.transport.dealers) <= 2 for n in (*nodes, client) if n.transport is not None)
+            assert sum(n.transport.evicted for n in (*nodes, client) if n.transport is not None) > 0
+        finally:
+            for node in (client, *nodes):
+                await node.stop(timeout=5)
+
+    run(scenario, timeout=90)

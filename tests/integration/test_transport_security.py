@@ -259,7 +259,9 @@ def test_endpoints_zeromq_rejects_are_counted_refusals(io: Loop, keys: Path) -> 
         plain.send(bad, b"x")
     assert plain.refused["bad_endpoint"] == 8 and plain.dealers == {}
     assert plain.connect("tcp://127.0.0.1:9") and plain.connect("tcp://127.0.0.1:10")
-    assert plain.connect("tcp://127.0.0.1:11") is False and plain.refused["too_many_peers"] == 1
+    plain.send("tcp://127.0.0.1:9", b"x")  # used last: the other one goes to make room
+    assert plain.connect("tcp://127.0.0.1:11") and set(plain.dealers) == {"tcp://127.0.0.1:9", "tcp://127.0.0.1:11"}
+    assert plain.evicted == 1 and not plain.refused["too_many_peers"]
     assert plain.connect("k@tcp://127.0.0.1:12") is False and plain.refused["needs_keys"] == 1
     secure, _ = io.transport(Security.load(keys, "client"))
     assert secure.connect("tcp://127.0.0.1:12") is False and secure.refused["no_key"] == 1
@@ -338,3 +340,19 @@ def _client_elsewhere(keys: Path) -> Security:
     public = [line for line in text.splitlines() if "secret-key" not in line]
     (other / "client.key").write_text("\n".join(public) + "\n")
     return Security.load(other, "client")
+
+
+def test_a_connection_unused_for_idle_close_is_closed_and_the_next_send_dials_again(io: Loop) -> None:
+    server, got = io.transport()
+    client, _ = io.transport(idle_close=0.5)
+    client.send(server.endpoint, b"first")
+    io.until(lambda: len(got) == 1, 10, "the first frame")
+
+    def swept() -> bool:
+        client.sweep()  # (the node calls it at every tick)
+        return server.endpoint not in client.dealers
+
+    io.until(swept, 10, "the idle DEALER closed")
+    client.send(server.endpoint, b"second")
+    io.until(lambda: len(got) == 2, 10, "the second frame, on a new connection")
+    assert [d for d, _, _ in got] == [b"first", b"second"] and client.evicted == 0

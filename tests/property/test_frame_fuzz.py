@@ -1,6 +1,6 @@
 """A fuzz of the whole frame path: every frame type, valid frames mutated, from peers and strangers.
 
-The frames a small mesh really exchanges (hellos, heartbeats, data, acks, answers, refusals,
+The frames a small mesh really exchanges (hellos, probes, news, syncs, data, acks, answers, refusals,
 system queries) are recorded on the fake link, then hypothesis mutates them (bytes flipped,
 cut, repeated or appended; header fields replaced) and feeds them to a node, as if from the
 peer that sent the original or from a stranger. Whatever arrives, the node never raises, counts
@@ -92,7 +92,7 @@ REASONS: Counter[str] = Counter()  # what the fuzz made the node refuse, over al
 
 
 def test_the_recording_covers_every_frame_type_a_mesh_sends() -> None:
-    assert {wire.HELLO, wire.HEARTBEAT, wire.DATA, wire.ACK, wire.REPLY} <= set(TYPES)
+    assert {wire.HELLO, wire.PING, wire.PONG, wire.NEWS, wire.SYNC, wire.DATA, wire.ACK, wire.REPLY} <= set(TYPES)
 
 
 mutation = st.one_of(

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from choreo import wire
 from choreo.runtime.lifecycle import Lifecycle
 from choreo.runtime.membership import Membership, Peer
 from choreo.runtime.ownership import Ownership
@@ -75,40 +76,54 @@ def test_a_node_lifecycle_follows_its_table_whatever_happens(events: list[str]) 
 
 
 PEER_OPS = st.lists(
-    st.tuples(st.sampled_from(["heard", "leaving", "bye", "silence", "replace"]), st.integers(0, 3), st.floats(0, 3)),
+    st.tuples(
+        st.sampled_from(["heard", "leaving", "bye", "suspect", "expire", "gossip", "replace"]),
+        st.integers(0, 3),
+        st.integers(0, len(wire.MEMBER_STATES) - 1),
+        st.integers(0, 3),
+    ),
     max_size=40,
 )
 
 
 @settings(max_examples=300, deadline=None)
 @given(PEER_OPS)
-def test_peers_only_move_along_their_table(ops: list[tuple[str, int, float]]) -> None:
-    m = Membership(suspect_after=1.0, dead_after=2.0)
-    now = 0.0
+def test_peers_only_move_along_their_table_and_the_digests_follow(ops: list[tuple[str, int, int, int]]) -> None:
+    m = Membership()
     for inc in range(1, 5):
-        m.upsert(Peer(inc, f"e{inc}", f"n{inc}", None, 1, 1, now))
+        m.upsert(Peer(inc, f"e{inc}", f"n{inc}", None, 1, 1, 0.0))
     incarnations = 100
-    for op, idx, dt in ops:
+    for now, (op, idx, state, version) in enumerate(ops):
         before = {inc: p.state for inc, p in m.peers.items()}
-        now += dt
         inc = list(m.peers)[idx % len(m.peers)]
+        peer = m.peers[inc]
         if op == "heard":
-            m.heard(inc, now)
+            m.heard(inc, float(now))
         elif op == "leaving":
             m.leaving(inc)
         elif op == "bye":
             m.left(inc)
-        elif op == "silence":
-            m.check_silence(now, me=0)
+        elif op == "suspect":  # our probe of it went unanswered
+            m.suspect(inc)
+        elif op == "expire":  # a suspicion ran out
+            m.expire(inc)
+        elif op == "gossip":  # what another node says of it (any state, any version)
+            m.merge(wire.Member(inc, version, state, peer.endpoint, peer.node), float(now))
         else:  # a new incarnation at the same endpoint
             incarnations += 1
-            m.upsert(Peer(incarnations, m.peers[inc].endpoint, "again", None, 1, 1, now))
-        for i, peer in m.peers.items():
+            m.upsert(Peer(incarnations, peer.endpoint, "again", None, 1, 1, float(now)))
+        for i, p in m.peers.items():
             was = before.get(i)
-            if was is not None and was != peer.state:
-                assert any(TABLES["peer"].get((was, e)) == peer.state for e in _events(TABLES["peer"])), (
-                    f"{was} -> {peer.state} is not in the peer table"
+            if was is not None and was != p.state:
+                assert any(TABLES["peer"].get((was, e)) == p.state for e in _events(TABLES["peer"])), (
+                    f"{was} -> {p.state} is not in the peer table"
                 )
+        # the digests anti-entropy compares are kept up to date, change by change
+        fresh = Membership()
+        for p in m.peers.values():
+            if p.live:
+                fresh.upsert(Peer(p.incarnation, p.endpoint, p.node, None, 1, 1, 0.0, version=p.version))
+        assert m.buckets == fresh.buckets and m.live_count == fresh.live_count
 
 
 @settings(max_examples=200, deadline=None)

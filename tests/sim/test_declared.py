@@ -89,7 +89,7 @@ def test_only_an_operator_retires_a_service_and_the_mesh_learns_it() -> None:
     async def scenario() -> None:
         await h.start()
         h.crash(consumer)
-        await h.advance(CONFIG.dead_after + 1)
+        await h.advance(CONFIG.suspect_after + CONFIG.dead_after + 2)  # taken for dead by now
         for n in range(3):  # they wait for an instance of meter
             client.try_emit(Reading("s", n))
         answer = client.retire("meter")

@@ -347,7 +347,7 @@ def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
         assert await totals(h, client, keys) == dict(expected), f"seed {seed}"
         await h.run_until(lambda: copied(nodes[1:]), 30, "the survivors copied each other's partitions")
         h.crash(nodes[1])  # the last copy of some partitions is now on nodes[2] alone, up to date
-        await h.advance(CONFIG.dead_after + 2)
+        await h.advance(CONFIG.suspect_after + CONFIG.dead_after + 2)
         assert await totals(h, client, keys) == dict(expected), f"seed {seed}: after a second crash"
 
     run(scenario)

@@ -13,6 +13,8 @@ MODULES = [
     "choreo.service",
     "choreo.runtime.lifecycle",
     "choreo.runtime.membership",
+    "choreo.runtime.probes",
+    "choreo.runtime.rumors",
     "choreo.runtime.ownership",
     "choreo.runtime.outbox",
     "choreo.runtime.routing",

@@ -1,248 +1,188 @@
-"""Two gossip parts over an in-memory pair: join, suspect, dead, leave, and a declared death.
+"""The gossip part on its own (choreo.meshsim): joining, probes, suspicion and refutation, death,
+leaving, a declared death, refusals, and what strangers cannot make a node do.
 
-No engine and no sockets: each side is a :class:`Gossip` with its own membership and outbox;
-frames go straight from one side's outbox into the other side's handlers, under a clock the
-test moves. What the node would do about a change is recorded by a stub host.
+No engine and no sockets: each node is a :class:`Gossip` with its membership and outbox, on the
+simulation's fake link under its virtual clock; times are in protocol periods.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from choreo import Event, Service, wire
+from choreo import Command, Event, Service, wire
 from choreo.config import NodeConfig
 from choreo.errors import ProtocolError
-from choreo.runtime.gossip import Gossip
-from choreo.runtime.holds import Holds
-from choreo.runtime.lifecycle import Lifecycle
-from choreo.runtime.membership import Membership, Peer
-from choreo.runtime.outbox import Outbox
-from choreo.runtime.stats import Counters
+from choreo.meshsim import MeshSim
 
 
 class Ping(Event, key="k"):
     k: str
 
 
+class Charge(Command):
+    order: str
+
+
 pings = Service("pings")
+pings.on(Ping)(lambda event: None)
+payments, billing = Service("payments"), Service("billing")
+payments.command(Charge)(lambda cmd: None)
+billing.command(Charge)(lambda cmd: None)
 
 
-@pings.on(Ping)
-def on_ping(event: Ping) -> None: ...
+def two(seed: int = 1) -> tuple[MeshSim, object, object]:
+    sim = MeshSim(seed=seed)
+    a = sim.join(pings.spec(), "a", seeds=[])
+    b = sim.join(pings.spec(), "b", seeds=[a])
+    sim.until(lambda: a.life.joined and b.life.joined and b.state_of(a) == a.state_of(b) == "alive", 10)
+    return sim, a, b
 
 
-@dataclass
-class Host:
-    holding: bytes = b""
-    joined: list[str] = field(default_factory=list)
-    gone: list[str] = field(default_factory=list)
-    dead: list[str] = field(default_factory=list)
-    refused: list[str] = field(default_factory=list)
-    retired: list[str] = field(default_factory=list)
-    joined_mesh: int = 0
-
-    def peer_joined(self, peer: Peer) -> None:
-        self.joined.append(peer.node)
-
-    def peer_gone(self, peer: Peer) -> None:
-        self.gone.append(peer.node)
-
-    def on_joined(self) -> None:
-        self.joined_mesh += 1
-
-    def declared_dead(self, reason: str) -> None:
-        self.dead.append(reason)
-
-    def service_retired(self, service: str) -> None:
-        self.retired.append(service)
-
-    def count_refused(self, reason: str, detail: str) -> None:
-        self.refused.append(reason)
-
-
-class Pair:
-    """Two gossip parts whose frames reach each other unless the link is cut."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.config = NodeConfig()
-        self.cut = False
-        self.sides: dict[str, Side] = {}
-
-    def clock(self) -> float:
-        return self.now
-
-    def add(self, name: str, incarnation: int, service: Service | None = pings) -> Side:
-        side = Side(self, name, incarnation, service)
-        self.sides[side.endpoint] = side
-        return side
-
-    def deliver(self, src: str, dst: str, frame: bytes) -> None:
-        side = self.sides.get(dst)
-        if side is None or self.cut or src == dst:
-            return
-        side.inbox.append(frame)
-
-    def pump(self) -> None:
-        """Deliver every frame in flight (and what the answers send), until none is left."""
-        for _ in range(100):
-            busy = False
-            for side in self.sides.values():
-                while side.inbox:
-                    busy = True
-                    side.receive(side.inbox.pop(0))
-            if not busy:
-                return
-        raise AssertionError("gossip did not settle")
-
-    def advance(self, seconds: float, step: float = 0.1) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.now = round(self.now + step, 6)
-            for side in self.sides.values():
-                side.gossip.tick(self.now)
-            self.pump()
-
-
-class Side:
-    def __init__(self, pair: Pair, name: str, incarnation: int, service: Service | None) -> None:
-        self.pair = pair
-        self.endpoint = f"inproc://fake/{name}"
-        self.inbox: list[bytes] = []
-        self.host = Host()
-        self.membership = Membership(pair.config.suspect_after, pair.config.dead_after)
-        self.outbox = Outbox(self, pair.config, clock=pair.clock, holds=Holds(), counters=Counters())
-        self.outbox.start(None, incarnation)
-        self.life = Lifecycle()
-        self.gossip = Gossip(self.membership, self.outbox, self, self.life, self.host, config=pair.config, clock=pair.clock)
-        self.me = Peer(incarnation, self.endpoint, name, service.spec() if service else None, 4096, 1 << 20, 0.0)
-
-    # the transport, as gossip and the outbox see it
-    def connect(self, endpoint: str) -> None: ...
-
-    def disconnect(self, endpoint: str) -> None: ...
-
-    def send(self, endpoint: str, frame: bytes) -> None:
-        self.pair.deliver(self.endpoint, endpoint, frame)
-
-    def receive(self, frame: bytes) -> None:
-        frame_type, _, sender, receiver = wire.parse_header(frame)
-        g = self.gossip
-        if receiver and receiver != g.incarnation:
-            g.refuse_stale(sender, receiver)
-            return
-        known = self.membership.peers.get(sender)
-        if known is not None and known.state == "dead" and frame_type != wire.REFUSE:
-            g.tell_dead(known)
-            return
-        body = wire.decode_control(frame_type, frame) if frame_type != wire.BYE else None
-        {wire.HELLO: g.on_hello, wire.HEARTBEAT: g.on_heartbeat, wire.REFUSE: g.on_refuse}.get(
-            frame_type, lambda s, b: g.on_bye(s)
-        )(sender, body)
-
-    def state_of(self, other: Side) -> str | None:
-        peer = self.membership.peers.get(other.me.incarnation)
-        return peer.state if peer is not None else None
-
-
-def joined_pair() -> tuple[Pair, Side, Side]:
-    pair = Pair()
-    a, b = pair.add("a", 11), pair.add("b", 22)
-    a.gossip.start(a.me, [])
-    b.gossip.start(b.me, [a.endpoint])
-    pair.pump()
-    return pair, a, b
-
-
-def test_a_seed_is_enough_to_join_and_both_sides_join() -> None:
-    pair, a, b = joined_pair()
+def test_a_seed_is_enough_to_join_and_both_sides_see_both_instances() -> None:
+    sim, a, b = two()
     assert a.life.state == b.life.state == "joined", "alone and through the seed, both joined"
-    assert a.state_of(b) == b.state_of(a) == "alive"
-    assert a.host.joined == ["b"] and b.host.joined == ["a"]
-    assert b.host.joined_mesh == 1
-    assert [p.node for p in a.membership.instances("pings")] == ["a", "b"]
+    for node in (a, b):
+        assert sorted(p.node for p in node.membership.instances("pings")) == ["a", "b"]
 
 
-def test_a_third_node_learns_the_first_through_gossip_from_the_second() -> None:
-    pair, a, b = joined_pair()
-    c = pair.add("c", 33)
-    c.gossip.start(c.me, [b.endpoint])  # only knows b
-    pair.pump()
-    pair.advance(1.0)
-    assert c.state_of(a) == "alive" and a.state_of(c) == "alive"
-    assert c.life.state == "joined"
+def test_a_third_node_learns_the_first_from_the_seed_it_joins_through() -> None:
+    sim, a, b = two()
+    c = sim.join(pings.spec(), "c", seeds=[b])  # knows only b
+    sim.until(lambda: c.life.joined and a.state_of(c) == "alive", 10)
+    assert c.state_of(a) == "alive", "b's table named a"
+    assert sorted(p.node for p in c.membership.instances("pings")) == ["a", "b", "c"]
 
 
-def test_silence_makes_a_peer_suspect_then_dead_and_a_word_makes_it_alive_again() -> None:
-    pair, a, b = joined_pair()
-    pair.cut = True
-    pair.advance(pair.config.suspect_after + 0.2)
-    assert a.state_of(b) == "suspect" and not a.host.gone
-    pair.cut = False
-    pair.advance(0.6)
-    assert a.state_of(b) == "alive", "a heartbeat brings a suspect back"
-    pair.cut = True
-    pair.advance(pair.config.dead_after + 0.2)
-    assert a.state_of(b) == "dead" and a.host.gone == ["b"]
+def test_an_unanswered_probe_makes_a_peer_suspect_and_hearing_of_it_the_peer_refutes() -> None:
+    sim, a, b = two()
+    sim.partition([a], [b])
+    sim.until(lambda: a.state_of(b) == "suspect", 20)
+    assert b.state_of(a) in ("alive", "suspect") and not a.gone, "suspect is not dead: nothing moves yet"
+    version = b.gossip.me.version
+    sim.heal()
+    sim.until(lambda: a.state_of(b) == "alive" and b.state_of(a) == "alive", 20)
+    assert a.membership.peers[b.incarnation].version > version, "b refuted with a newer version of its record"
+    assert not sim.deaths and b.rejoins == 0
 
 
-def test_a_peer_declared_dead_is_told_so_and_rejoins_as_a_new_incarnation() -> None:
-    pair, a, b = joined_pair()
-    pair.cut = True
-    pair.advance(pair.config.dead_after + 0.2)
-    assert a.state_of(b) == "dead" and b.state_of(a) == "dead"
-    pair.cut = False
-    pair.advance(2.0)
-    assert b.host.dead or a.host.dead, "the first to speak after the heal is told it was declared dead"
-    side = b if b.host.dead else a
-    assert "declared us dead" in side.host.dead[0]
-    # the node comes back as a new incarnation and is welcomed as a new peer
-    other = a if side is b else b
-    side.membership.clear()
-    side.life.on("declared_dead", pair.now)
-    side.me = Peer(99, side.endpoint, side.me.node + "'", side.me.service, 4096, 1 << 20, pair.now)
-    side.outbox.incarnation = 99
-    side.gossip.rejoin(side.me, [other.endpoint])
-    pair.pump()
-    pair.advance(1.0)
-    assert other.membership.peers[99].state == "alive" and side.life.state == "joined"
+def test_a_suspicion_nobody_refutes_ends_in_death_and_the_peer_is_gone() -> None:
+    sim, a, b = two()
+    sim.crash(b)
+    periods = sim.until(lambda: a.state_of(b) == "dead", 40)
+    config = sim.config
+    assert periods * config.heartbeat >= config.suspect_after + config.dead_after, "never before the suspicion ran out"
+    assert [p.node for p in a.gone] == ["b"]
+    assert a.membership.instances("pings") == [a.membership.peers[a.incarnation]]
+
+
+def test_a_peer_declared_dead_hears_so_after_the_heal_and_rejoins_as_a_new_incarnation() -> None:
+    sim, a, b = two()
+    old = b.incarnation
+    sim.partition([a], [b])
+    sim.until(lambda: a.state_of(b) == "dead" and b.state_of(a) == "dead", 40)
+    sim.heal()
+    sim.until(lambda: a.rejoins + b.rejoins >= 1, 20)
+    sim.until(lambda: a.life.joined and b.life.joined and a.state_of(b) == b.state_of(a) == "alive", 20)
+    assert b.incarnation != old or a.rejoins, "whoever rejoined is a new incarnation, welcomed as a new peer"
+    assert len(a.membership.instances("pings")) == 2
 
 
 def test_a_leaving_peer_gets_no_new_work_then_says_goodbye() -> None:
-    pair, a, b = joined_pair()
+    sim, a, b = two()
     b.gossip.begin_leave()
-    pair.pump()
+    sim.run(0.1)
     assert a.state_of(b) == "leaving" and [p.node for p in a.membership.instances("pings")] == ["a"]
     assert b.life.state == "leaving"
     b.gossip.finish_leave()
-    pair.pump()
-    assert a.state_of(b) == "left" and a.host.gone == ["b"] and b.life.state == "left"
+    sim.run(0.1)
+    assert a.state_of(b) == "left" and [p.node for p in a.gone] == ["b"] and b.life.state == "left"
+
+
+def test_everyone_hears_of_a_leave_though_the_leaver_told_only_a_few() -> None:
+    sim = MeshSim(seed=3)
+    nodes = sim.bootstrap(30)
+    leaver = nodes[7]
+    sim.leave(leaver)
+    sim.until(lambda: sim.everyone_sees(leaver, "left"), 20)
+    assert not sim.deaths, "a goodbye is not a death"
 
 
 def test_a_second_owner_of_a_command_is_refused_and_the_refused_node_stops() -> None:
-    from choreo import Command
-
-    class Charge(Command):
-        order: str
-
-    payments, billing = Service("payments"), Service("billing")
-    payments.command(Charge)(lambda cmd: None)
-    billing.command(Charge)(lambda cmd: None)
-    pair = Pair()
-    a, b = pair.add("a", 11, payments), pair.add("b", 22, billing)
-    a.gossip.start(a.me, [])
-    b.gossip.start(b.me, [a.endpoint])
-    pair.pump()
-    assert a.host.refused == ["conflict"] and a.state_of(b) is None
-    assert b.life.state == "refused" and "two owners" in str(b.life.fatal)
+    sim = MeshSim(seed=1)
+    a = sim.join(payments.spec(), "a", seeds=[])
+    b = sim.join(billing.spec(), "b", seeds=[a])
+    sim.until(lambda: b.life.state == "refused", 10)
+    assert a.refused["conflict"] == 1 and a.state_of(b) is None
+    assert "two owners" in str(b.life.fatal)
 
 
 def test_a_hello_that_lies_about_its_incarnation_is_refused() -> None:
-    pair, a, b = joined_pair()
-    hello = wire.Hello("x", 5, "fake://x", None, 10, 10)
+    sim, a, b = two()
+    hello = wire.Hello("x", 5, "inproc://x", None, 10, 10)
     try:
         a.gossip.on_hello(6, hello)
     except ProtocolError as exc:
         assert exc.reason == "malformed"
     else:  # pragma: no cover
         raise AssertionError("a hello whose incarnation differs from its header must be refused")
+
+
+def test_a_stranger_cannot_tell_a_node_about_the_mesh() -> None:
+    sim, a, b = two()
+    fake = wire.Member(99, 0, wire.MEMBER_STATES.index("dead"), "inproc://x", "x")
+    news = wire.encode_control(wire.NEWS, 1234, a.incarnation, wire.News([b.gossip.me.record(), fake]))
+    a.receive(news)
+    sync = wire.encode_control(wire.SYNC, 1234, a.incarnation, wire.Sync(members=[fake], full=True))
+    a.receive(sync)
+    assert a.refused["unknown_peer"] == 2 and 99 not in a.membership.peers
+
+
+def test_a_table_naming_thousands_of_strangers_opens_no_socket_to_most_of_them() -> None:
+    # a member (a bug, or a stolen key) lists 5,000 nodes that do not exist: the node probes them
+    # one per period like any member, finds them dead, and never greets or knocks on them
+    sim = MeshSim(seed=5, config=NodeConfig(indirect_probes=3))
+    a = sim.join(None, "a", seeds=[])
+    b = sim.join(None, "b", seeds=[a])
+    sim.until(lambda: a.life.joined and b.life.joined, 10)
+    sent: list[tuple[str, int]] = []
+    send = a.send
+
+    def recording(endpoint: str, frame: bytes) -> None:
+        sent.append((endpoint, frame[5]))
+        send(endpoint, frame)
+
+    a.send = recording  # type: ignore[method-assign]
+    a.outbox.sender = a
+    fakes = [wire.Member(1000 + i, 0, 0, f"tcp://10.9.{i // 250}.{i % 250 + 1}:7000", f"fake{i}") for i in range(5000)]
+    a.receive(wire.encode_control(wire.SYNC, b.incarnation, a.incarnation, wire.Sync(members=fakes)))
+    assert a.membership.live_count == 5002, "they are members now, by b's word"
+    periods = 20
+    sim.run(periods * sim.config.heartbeat)
+    strangers = {endpoint for endpoint, _ in sent if "10.9." in endpoint}
+    # a probe per period, and the news that a probed one is suspect to that one; news, indirect
+    # probes and anti-entropy go to members that spoke to us: nowhere near 5,000
+    assert len(strangers) <= 2 * periods, len(strangers)
+    assert not [e for e, kind in sent if kind == wire.HELLO and "10.9." in e], "no greeting, no knocking on strangers"
+    assert sum(p.state == "dead" for p in a.membership.peers.values()) > 0, "those probed were found dead"
+
+
+def test_a_hello_listing_thousands_of_peers_makes_a_node_contact_none_of_them() -> None:
+    # peers are learned from tables and rumors of members, never from the list a hello carries
+    # (older nodes sent one): a newcomer's hello naming 5,000 endpoints dials none of them
+    import msgspec
+
+    sim, a, b = two()
+    sent: list[str] = []
+    send = a.send
+
+    def recording(endpoint: str, frame: bytes) -> None:
+        sent.append(endpoint)
+        send(endpoint, frame)
+
+    a.send = recording  # type: ignore[method-assign]
+    a.outbox.sender = a
+    listed = [[f"tcp://10.9.{i // 250}.{i % 250 + 1}:7000", 1000 + i, None] for i in range(5000)]
+    hello = {"node": "x", "incarnation": 777, "endpoint": "inproc://sim/x", "service": None, "window": 10,
+             "max_message_bytes": 10, "reply": True, "peers": listed}
+    a.receive(wire.frame(wire.HELLO, 777, 0, msgspec.msgpack.encode(hello)))
+    sim.run(10 * sim.config.heartbeat)
+    assert a.state_of(b) == "alive" and 777 in a.membership.peers, "the newcomer is a member; the list is ignored"
+    assert not [e for e in sent if "10.9." in e]

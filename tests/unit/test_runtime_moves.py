@@ -76,7 +76,7 @@ class Node:
         self.now = 0.0
         self.config = NodeConfig(handover_timeout=5.0)
         self.sent: list[tuple[str, bytes]] = []
-        self.membership = Membership(1.0, 3.0)
+        self.membership = Membership()
         self.outbox = Outbox(self, self.config, clock=lambda: self.now, holds=Holds(), counters=Counters())
         self.outbox.start(None, me)
         self.life = Lifecycle()

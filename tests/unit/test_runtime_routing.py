@@ -65,7 +65,7 @@ class World:
         self.now = 0.0
         self.wire = Recorder()
         self.counters = Counters()
-        self.membership = Membership(1.0, 3.0)
+        self.membership = Membership()
         self.holds = Holds()
         self.outbox = Outbox(self.wire, self.config, clock=lambda: self.now, holds=self.holds, counters=self.counters)
         self.outbox.start(None, 1)
@@ -128,8 +128,8 @@ def test_a_command_needs_exactly_one_owning_service() -> None:
 
 def test_a_service_whose_instances_died_keeps_its_messages_waiting() -> None:
     w = World((10, orders))
-    w.membership.check_silence(10.0, me=1)  # suspect
-    w.membership.check_silence(10.0, me=1)  # dead: orders has no live instance, and is not forgotten
+    w.membership.suspect(10)  # its probe went unanswered
+    w.membership.expire(10)  # and nobody heard it refute: dead; orders has no live instance, and is not forgotten
     assert w.membership.instances("orders") == []
     plan = w.router.plan(Placed("o-1"), b"i" * 16, b"t" * 16, bytes(16), None)
     assert [(ch, service) for ch, _, service in plan] == [(None, "orders")], "a copy that waits for an instance"

@@ -1,4 +1,4 @@
-"""choreo.wire at the door: endpoints (with their key names), and hellos and heartbeats bounded and validated."""
+"""choreo.wire at the door: endpoints (with their key names), and membership frames bounded and validated."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ME = 0x1234
 def hello(**changes: object) -> dict[str, object]:
     body: dict[str, object] = {
         "node": "orders#1", "incarnation": ME, "endpoint": "tcp://127.0.0.1:7001",
-        "service": {"name": "orders", "partitions": 64}, "window": 1024, "max_message_bytes": 1 << 20, "peers": [],
+        "service": {"name": "orders", "partitions": 64}, "window": 1024, "max_message_bytes": 1 << 20,
     }
     body.update(changes)
     return body
@@ -76,9 +76,18 @@ def test_split_endpoint_reads_the_key_name() -> None:
 # ---------------------------------------------------------------------------------------- hello
 
 
-def test_a_valid_hello_decodes() -> None:
-    h = wire.decode_control(wire.HELLO, frame(wire.HELLO, hello(peers=[["orders-2@tcp://127.0.0.1:7002", 7, "orders"]])))
-    assert h.endpoint == "tcp://127.0.0.1:7001" and h.peers[0].endpoint == "orders-2@tcp://127.0.0.1:7002"
+def member(i: int, endpoint: str | None = None) -> wire.Member:
+    return wire.Member(i + 1, 0, 0, endpoint or f"tcp://10.0.{i // 250}.{i % 250 + 1}:7000", f"n{i}", "orders")
+
+
+def test_a_valid_hello_and_member_records_with_key_names_decode() -> None:
+    h = wire.decode_control(wire.HELLO, frame(wire.HELLO, hello(endpoint="orders-1@tcp://127.0.0.1:7001")))
+    assert h.endpoint == "orders-1@tcp://127.0.0.1:7001" and h.version == 0 and not h.sync
+    keyed = member(1, "orders-2@tcp://127.0.0.1:7002")
+    news = wire.decode_control(wire.NEWS, wire.encode_control(wire.NEWS, ME, 0, wire.News([keyed, wire.Retired("x")])))
+    assert news.rumors == [keyed, wire.Retired("x")]
+    ping = wire.decode_control(wire.PING, wire.encode_control(wire.PING, ME, 0, wire.Ping(7, keyed)))
+    assert ping.source == keyed
 
 
 @pytest.mark.parametrize("partitions", [0, -1, 65536, 1 << 40])
@@ -93,24 +102,29 @@ def test_partition_count_is_checked_in_a_json_spec_too() -> None:
     assert ServiceSpec("orders", partitions=65535).partitions == 65535
 
 
-def test_too_many_peers_are_refused() -> None:
-    peers = [[f"tcp://10.0.{i // 250}.{i % 250 + 1}:7000", i + 1, None] for i in range(wire.MAX_PEERS + 1)]
-    exc = refused(wire.HELLO, hello(peers=peers))
-    assert exc.reason == "malformed" and f"length <= {wire.MAX_PEERS}" in exc.detail
-    assert refused(wire.HEARTBEAT, {"peers": peers}).reason == "malformed"
-    assert wire.decode_control(wire.HELLO, frame(wire.HELLO, hello(peers=peers[: wire.MAX_PEERS]))).peers
+def test_too_many_members_or_rumors_are_refused() -> None:
+    many = [member(i) for i in range(wire.MAX_MEMBERS + 1)]
+    exc = refused(wire.SYNC, wire.Sync(members=many))
+    assert exc.reason == "malformed" and f"length <= {wire.MAX_MEMBERS}" in exc.detail
+    assert wire.decode_control(wire.SYNC, frame(wire.SYNC, wire.Sync(members=many[:1000]))).members[999] == many[999]
+    exc = refused(wire.NEWS, wire.News(many[: wire.MAX_RUMORS + 1]))
+    assert exc.reason == "malformed" and f"length <= {wire.MAX_RUMORS}" in exc.detail
 
 
-@pytest.mark.parametrize("where", ["endpoint", "peer"])
+@pytest.mark.parametrize("where", ["hello", "news", "sync", "ping", "ping_req"])
 def test_an_endpoint_that_does_not_parse_is_refused(where: str) -> None:
     bad = "tcp://127.0.0.1:99999"
-    body = hello(endpoint=bad) if where == "endpoint" else hello(peers=[["tcp://127.0.0.1:7002", 2, None], [bad, 3, None]])
-    exc = refused(wire.HELLO, body)
-    assert exc.reason == "bad_endpoint"
-    assert exc.detail == ("hello from orders#1: " + ("" if where == "endpoint" else "peer 1: ")
-                          + "port 99999 out of range 1..65535 in tcp://127.0.0.1:99999")
-    exc = refused(wire.HEARTBEAT, {"peers": [["garbage", 3, None]]})
-    assert exc.reason == "bad_endpoint" and exc.detail.startswith("heartbeat: peer 0: 'garbage' is not")
+    problem = "port 99999 out of range 1..65535 in tcp://127.0.0.1:99999"
+    good, wrong = member(1), member(2, bad)
+    frame_type, body, what = {
+        "hello": (wire.HELLO, hello(endpoint=bad), "hello from orders#1"),
+        "news": (wire.NEWS, wire.News([good, wrong]), "news: member 1"),
+        "sync": (wire.SYNC, wire.Sync(members=[good, wrong]), "sync: member 1"),
+        "ping": (wire.PING, wire.Ping(1, wrong), "ping: source"),
+        "ping_req": (wire.PING_REQ, wire.PingReq(1, wrong), "ping_req: target"),
+    }[where]
+    exc = refused(frame_type, body)
+    assert exc.reason == "bad_endpoint" and exc.detail == f"{what}: {problem}"
 
 
 def test_an_oversized_hello_is_refused_before_decoding() -> None:
