@@ -299,7 +299,8 @@ def choreo_run(
 
     ``services`` maps consumer services of bench.nodes to their instance counts (default one
     ``consumer``). Returns the producer's report plus ``events_per_s``, the consumers' reports
-    (``consumers``), their CPU seconds and resident memory (KiB) before and after. ``secure``:
+    (``consumers``), their CPU seconds (``consumer_cpu_s``, and each one's: ``consumer_cpu_each``)
+    and resident memory (KiB) before and after. ``secure``:
     every node speaks CURVE, with a key of its own from a keys directory made for the run.
     ``fsync``: every node is durable (a data dir of its own) with that fsync policy; the report
     then has each node's ``store`` statistics (``producer_store``, ``consumer_stores``).
@@ -330,7 +331,8 @@ def choreo_run(
         report = procs.produce({**params, "wait": services}, [nodes[0][1].endpoint], config=producer_config,
                                timeout=timeout, security=security("producer", serves=["producer"], originates=["*"]),
                                fsync=fsync)
-        report["consumer_cpu_s"] = sum(cpu_seconds(pid) for pid in pids) - sum(cpu_before)
+        report["consumer_cpu_each"] = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
+        report["consumer_cpu_s"] = sum(report["consumer_cpu_each"])
         report["consumers"] = [rpc(n.endpoint, "bench", timeout=10, security=ops) for _, n in nodes]
         if fsync is not None:
             report["consumer_stores"] = [rpc(n.endpoint, "stats", timeout=10, security=ops)["store"] for _, n in nodes]

@@ -6,14 +6,15 @@ there by ``"out"``: no parsing of logs, no shared memory.
 
 * ``producer``: a background task waits for the consumers, then emits keyed (or unkeyed)
   ``Tick`` events as fast as credit allows (``try_emit``, and ``await emit`` only when the
-  window is full), or at a fixed rate (the same, and a durable producer waits for the commit of
-  each millisecond's events: ``await node.sync()``); it stops after ``count`` events or ``seconds``,
+  window is full), or ``TickB`` events ``batch`` at a time with ``emit_many``, or at a fixed rate
+  (the same, and a durable producer waits for the commit of each millisecond's events: ``await
+  node.sync()``); it stops after ``count`` events or ``seconds``,
   whichever comes first, waits until every event is acknowledged (handled downstream), and
   reports how many it sent and how long that took, from the first emit to the last ack.
   With ``hold`` (a durable producer whose consumer was stopped) it waits for its commit
   instead of the acks, reports its store, and holds what it sent until it is stopped.
 * ``consumer`` (and ``consumer_1`` .. ``consumer_7`` for fan-out): handle ``Tick`` keyed by
-  ``k`` (or ``TickU``, unkeyed), check per-key order, answer the ``Echo`` command (latency), and
+  ``k`` (or ``TickU``, unkeyed; ``TickB`` with a batch handler), check per-key order, answer the ``Echo`` command (latency), and
   answer the system query ``bench`` with what they saw.
 * ``pinger``: sends ``Echo`` commands one after another and reports each round trip.
 * ``counter_state`` / ``counter_plain``: count ``Tick`` per key, in ``ctx.state`` or in a dict
@@ -36,8 +37,8 @@ import msgspec
 from choreo import Backpressure, Command, Event, Service
 
 __all__ = [
-    "CONSUMERS", "Count", "Echo", "Tick", "TickU", "body_for", "consumer", "counter_plain", "counter_state", "encoded",
-    "pinger", "producer",
+    "CONSUMERS", "Count", "Echo", "Tick", "TickB", "TickU", "body_for", "consumer", "counter_plain", "counter_state",
+    "encoded", "pinger", "producer",
 ]
 
 
@@ -51,6 +52,14 @@ class Tick(Event, key="k"):
 
 class TickU(Event):
     """The same event without a key: no per-key order (spread over instances by load)."""
+
+    k: str
+    n: int
+    body: bytes
+
+
+class TickB(Event, key="k"):
+    """The keyed event of the batch variant: emitted with ``emit_many``, handled by a batch handler."""
 
     k: str
     n: int
@@ -98,7 +107,7 @@ def body_for(size: int, key: str = "k500", n: int = 1 << 20) -> bytes:
 
 # ---------------------------------------------------------------------------------------- producer
 
-producer = Service("producer", emits=[Tick, TickU])
+producer = Service("producer", emits=[Tick, TickU, TickB])
 
 
 @producer.task
@@ -122,7 +131,8 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
     seconds = float(p.get("seconds", 10.0))
     nkeys = int(p.get("keys", 1000))
     rate = float(p.get("rate", 0.0))  # events/s; 0: as fast as credit allows
-    cls = TickU if p.get("unkeyed") else Tick
+    batch = int(p.get("batch", 0))  # > 0: emit_many of this many events at a time (to a batch handler)
+    cls = TickB if batch else TickU if p.get("unkeyed") else Tick
     keys = [f"k{i}" for i in range(nkeys)]
     body = body_for(int(p.get("size", 100)), keys[nkeys // 2], count // 2)
     try_emit = node.try_emit
@@ -157,7 +167,16 @@ async def _produce(node: Any, p: dict[str, Any]) -> dict[str, Any]:
     deadline = start + seconds
     waits = 0
     sent = 0
-    if rate <= 0:
+    if batch and rate <= 0:
+        emit_many = node.emit_many
+        while sent < count:
+            stop = min(sent + batch, count)
+            await emit_many([cls(k=keys[i % nkeys], n=i, body=body) for i in range(sent, stop)], timeout=30)
+            sent = stop
+            if perf() > deadline:
+                break
+            await asyncio.sleep(0)
+    elif rate <= 0:
         while sent < count:
             # time is read once per 256 events; an await per batch lets acks in
             stop = min(sent + 256, count)
@@ -208,6 +227,16 @@ def _make_consumer(name: str) -> Service:
     @svc.on(TickU)
     def on_ticku(ev: TickU) -> None:
         seen["handled"] += 1
+
+    @svc.on(TickB, batch=True)
+    def on_tickb(events: list[TickB]) -> None:
+        seen["handled"] += len(events)
+        if check:
+            for ev in events:
+                k = ev.k
+                if ev.n <= last.get(k, -1 << 62):
+                    seen["out_of_order"] += 1
+                last[k] = ev.n
 
     if name == "consumer":
 

@@ -140,10 +140,33 @@ def _peer_guarantee(peer: str) -> str:
     return GUARANTEES.get(peer, "")
 
 
+def _spread(name: str) -> str:
+    """`` (rounds a–b)``: the spread of a median ratio over its rounds, when recorded."""
+    return lambda f: (f" (rounds {fmt(num(f, f'{name}.min'), 'x')}–{fmt(num(f, f'{name}.max'), 'x')})"  # type: ignore[return-value]
+                      if num(f, f"{name}.min") is not None else "")
+
+
+def _with_spread(name: str, text: Callable[[Figures], str]) -> Callable[[Figures], str]:
+    spread = _spread(name)
+    return lambda f: text(f) + spread(f)  # type: ignore[operator]
+
+
 E2E = "producer process → consumer process, keyed 100-byte events, 1,000 keys"
 E2E_ROWS = [
-    Row("e2e.events.ratio_vs_raw_pushpull", f"{E2E}; acks + dedup + per-key order + tracing on", "x", 0.5, True,
-        _raw_e2e),
+    Row("e2e.events.ratio_vs_raw_pushpull", f"{E2E}; acks + dedup + per-key order + tracing on", "x", 1.0, True,
+        _with_spread("e2e.events.ratio_vs_raw_pushpull", _raw_e2e)),
+    Row("e2e.events.cpu_ratio_vs_raw", "the same, CPU time per event of both processes over the same round's raw "
+        "push + pull per message", "x", 1.0, False,
+        _with_spread("e2e.events.cpu_ratio_vs_raw", lambda f: (
+            f"raw push {_us(f, 'e2e.cpu_us.push')} + pull {_us(f, 'e2e.cpu_us.pull')} vs choreo "
+            f"{_us(f, 'e2e.events.cpu_us_per_event')}"))),
+    Row("e2e.batch.ratio_vs_raw_pushpull", "the same guarantees, `emit_many` of 256 events to a batch handler "
+        "(`@svc.on(Event, batch=True)`)", "x", 1.5, True,
+        _with_spread("e2e.batch.ratio_vs_raw_pushpull", _variant("batch"))),
+    Row("e2e.batch.cpu_ratio_vs_raw", "the same, CPU time per event of both processes over raw push + pull", "x",
+        None, False, _with_spread("e2e.batch.cpu_ratio_vs_raw", lambda f: (
+            f"raw push {_us(f, 'e2e.cpu_us.push')} + pull {_us(f, 'e2e.cpu_us.pull')} vs choreo "
+            f"{_us(f, 'e2e.batch.cpu_us_per_event')}"))),
     Row("e2e.no_dedup.ratio_vs_raw_pushpull", "the same, dedup off on the consumer (at-least-once)", "x", None, True,
         _variant("no_dedup")),
     Row("e2e.no_order.ratio_vs_raw_pushpull", "the same, an unkeyed type (no per-key order)", "x", None, True,
@@ -187,27 +210,33 @@ E2E_ROWS = [
         "1.00: bounded)", "x", None, False,
         lambda f: f"largest {fmt(num(f, 'e2e.durable.steady.store_mb'), ' MiB')} in use"),
     Row("e2e.cpu.ratio_vs_raw", "CPU time per event, producer + consumer, over raw push + pull per message "
-        "(independent of what other jobs take)", "x", None, False,
+        "(independent of what other jobs take; medians over rounds, each side on its own)", "x", 1.0, False,
         lambda f: (f"raw push {_us(f, 'e2e.cpu_us.push')} + pull {_us(f, 'e2e.cpu_us.pull')} vs choreo producer "
                    f"{_us(f, 'e2e.cpu_us.producer')} + consumer {_us(f, 'e2e.cpu_us.consumer')}")),
 ]
 LATENCY_ROWS = [
     Row("latency.command.p50_ratio_vs_raw_pingpong", "command round trip (send → handler → result), 100 B, p50", "x",
         None, False, _latency("latency.command", "p50")),
-    Row("latency.command.p99_ratio_vs_raw_pingpong", "the same, p99", "x", 2.0, False, _latency("latency.command", "p99")),
+    Row("latency.command.p99_ratio_vs_raw_pingpong", "the same, p99", "x", 1.5, False,
+        _with_spread("latency.command.p99_ratio_vs_raw_pingpong", _latency("latency.command", "p99"))),
     Row("latency.command.p999_ratio_vs_raw_pingpong", "the same, p99.9", "x", None, False,
         _latency("latency.command", "p999")),
     Row("latency.command.cpu_ratio_vs_raw_pingpong", "CPU time per round trip, both processes (independent of "
-        "what other jobs take)", "x", None, False,
+        "what other jobs take)", "x", 2.0, False, _with_spread("latency.command.cpu_ratio_vs_raw_pingpong",
         lambda f: (f"raw client {_us(f, 'latency.cpu_us.raw.client')} + echo {_us(f, 'latency.cpu_us.raw.server')} vs "
                    f"choreo caller {_us(f, 'latency.cpu_us.command.client')} + owner "
-                   f"{_us(f, 'latency.cpu_us.command.server')}")),
+                   f"{_us(f, 'latency.cpu_us.command.server')}"))),
     Row("latency.command_under_load.p99_ratio_vs_raw_pingpong", "command round trip p99 while a producer emits to the "
-        "same consumer at half the peak rate (3 busy processes on 2 cores)", "x", None, False,
+        "same consumer at half the peak rate (3 busy processes on 2 cores)", "x", 5.0, False,
+        _with_spread("latency.command_under_load.p99_ratio_vs_raw_pingpong",
         lambda f: (f"idle raw p99 {_us(f, 'latency.raw_pingpong.p99_us')} vs {_us(f, 'latency.command_under_load.p99_us')}"
                    f" (p50 {_us(f, 'latency.command_under_load.p50_us')}, p99.9 "
                    f"{_us(f, 'latency.command_under_load.p999_us')}) at "
-                   f"{_per_s(f, 'latency.command_under_load.events_per_s')}")),
+                   f"{_per_s(f, 'latency.command_under_load.events_per_s')}"))),
+    Row("latency.command_under_load.client_cpu_ratio_vs_raw_pingpong", "the caller's CPU time per round trip under "
+        "that load, over the idle raw caller's", "x", None, False,
+        lambda f: (f"raw client {_us(f, 'latency.cpu_us.raw.client')} vs choreo caller "
+                   f"{_us(f, 'latency.cpu_us.command_under_load.client')}")),
 ]
 SCALE_ROWS = [
     Row("scale.keys.flatness", "events/s, max / min over 10 .. 1,000,000 distinct keys", "", 2.0, False,
@@ -222,6 +251,9 @@ SCALE_ROWS = [
         "x", None, True, _points("payload", ("16", "256", "4096", "65536"), "ratio_vs_raw_pushpull", "x")),
     Row("scale.consumers.4.events_per_s", "events/s by instances of the consuming service (2 cores: a producer "
         "and 4 consumers share them)", "/s", None, True, _points("consumers", ("1", "2", "3", "4"))),
+    Row("scale.consumers.4.cpu_us_per_event.max_instance", "CPU time per event sent of the busiest consuming "
+        "instance, 1 .. 4 instances (each one's share of the work, which 2 cores cannot run at once)", " µs", None,
+        False, _points("consumers", ("1", "2", "3", "4"), "cpu_us_per_event.max_instance", " µs")),
     Row("scale.fanout.8.deliveries_per_s", "deliveries/s (events × subscribing services), 1 .. 8 services", "/s", None,
         True, _points("fanout", ("1", "2", "4", "8"), "deliveries_per_s")),
 ]

@@ -13,6 +13,7 @@ variant                   what changes
 ``no_order``              an unkeyed event type (no per-key order, spread by load)
 ``no_tracing``            ``NodeConfig(span_ring=0)`` on both nodes (no spans recorded)
 ``no_guarantees``         all three off (acks stay: they are the delivery itself)
+``batch``                 every guarantee on; ``emit_many`` of 256 events to a batch handler
 ========================  =====================================================================
 
 Every run is bounded in count and time (the producer stops at whichever comes first and the
@@ -21,7 +22,9 @@ to the moment the last event is acknowledged, i.e. handled by the consumer. Corr
 checked too (every event handled, none out of order per key), never a timing.
 
 Figures (bench/results.json): ``e2e.events_per_s``, ``e2e.raw_pushpull_per_s``,
-``e2e.events.ratio_vs_raw_pushpull`` (median of the per-round ratios), ``e2e.<variant>.*``,
+``e2e.events.ratio_vs_raw_pushpull`` (median of the per-round ratios; ``.min``/``.max`` their spread),
+``e2e.<variant>.cpu_ratio_vs_raw`` beside each (CPU time per event of both processes over the
+same round's raw push + pull per message, median and spread), ``e2e.<variant>.*``,
 ``e2e.<guarantee>.cpu_ns_per_event`` (what switching it on costs per event, in CPU time of both
 processes), and the CPU time per event of each side beside raw pyzmq's per message
 (``e2e.cpu_us.*``): CPU time does not depend on how much of the machine other jobs took.
@@ -58,6 +61,7 @@ VARIANTS = {
     "no_order": ({"unkeyed": True}, BENCH_CONFIG, BENCH_CONFIG),
     "no_tracing": ({}, NO_SPANS, NO_SPANS),
     "no_guarantees": ({"unkeyed": True}, NO_BOTH, NO_SPANS),
+    "batch": ({"batch": 256}, BENCH_CONFIG, BENCH_CONFIG),
 }
 COSTS = {"dedup": "no_dedup", "order": "no_order", "tracing": "no_tracing"}
 
@@ -78,6 +82,7 @@ def test_e2e_throughput(benchmark) -> None:
     ratios: dict[str, list[float]] = {v: [] for v in [*VARIANTS, "packed"]}
     cpu: dict[str, list[float]] = {"push": [], "pull": [], "producer": [], "consumer": []}
     variant_cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu_ratios: dict[str, list[float]] = {v: [] for v in VARIANTS}  # per round: over that round's raw push + pull
     sizes = []
 
     def measure() -> None:
@@ -102,6 +107,7 @@ def test_e2e_throughput(benchmark) -> None:
                 sizes.append(report["payload_bytes"])
                 both = (report["cpu_s"] + report["consumer_cpu_s"]) / report["count"]
                 variant_cpu[variant].append(both)
+                cpu_ratios[variant].append(both / (raw["push_cpu_per"] + raw["pull_cpu_per"]))
                 if variant == "events":
                     cpu["producer"].append(report["cpu_s"] / report["count"])
                     cpu["consumer"].append(report["consumer_cpu_s"] / report["count"])
@@ -116,6 +122,12 @@ def test_e2e_throughput(benchmark) -> None:
         prefix = "e2e" if variant == "events" else f"e2e.{variant}"
         record(f"{prefix}.events_per_s", median(rates[variant]))
         record(f"e2e.{variant}.ratio_vs_raw_pushpull", median(ratios[variant]))
+        # the spread of the per-round ratios, and the CPU ratio beside the wall-clock one
+        record(f"e2e.{variant}.ratio_vs_raw_pushpull.min", min(ratios[variant]))
+        record(f"e2e.{variant}.ratio_vs_raw_pushpull.max", max(ratios[variant]))
+        record(f"e2e.{variant}.cpu_ratio_vs_raw", median(cpu_ratios[variant]))
+        record(f"e2e.{variant}.cpu_ratio_vs_raw.min", min(cpu_ratios[variant]))
+        record(f"e2e.{variant}.cpu_ratio_vs_raw.max", max(cpu_ratios[variant]))
     SESSION["e2e.events_per_s"] = median(rates["events"])
     for variant, values in variant_cpu.items():
         record(f"e2e.{variant}.cpu_us_per_event", median(values) * 1e6)

@@ -10,6 +10,9 @@ half the peak rate measured by the end-to-end benchmark of this run (or, run alo
 measurement of its own). That is three busy processes on this machine's two cores: said beside
 the figure.
 
+Rounds are interleaved (raw, then choreo, three times); the ratios' spread over rounds is
+recorded beside them (``.min``/``.max``), and a CPU ratio beside every wall-clock ratio.
+
 Figures: ``latency.command.{p50,p99,p999}_us``, ``latency.raw_pingpong.{p50,p99,p999}_us``,
 ``latency.command.{p50,p99,p999}_ratio_vs_raw_pingpong``, and ``latency.command_under_load.*``
 with ``latency.command_under_load.events_per_s`` (the load actually carried), and the CPU time per
@@ -21,7 +24,8 @@ from __future__ import annotations
 from bench.harness import SESSION, Procs, choreo_run, cpu_seconds, median, percentiles, raw_pingpong, scaled
 from bench.results import record
 
-ROUNDS = 2
+ROUNDS = 3
+UNDER_LOAD_ROUNDS = 3
 PINGS = scaled(10_000)  # per round (or SECONDS, whichever comes first)
 SECONDS = 6.0
 SIZE = 100
@@ -63,19 +67,24 @@ def test_command_round_trip(benchmark) -> None:
     raw: list[int] = []
     cmd: list[int] = []
     cpu: dict[str, list[float]] = {"raw.client": [], "raw.server": [], "command.client": [], "command.server": []}
+    round_p99: list[float] = []  # per round: choreo p99 over the same round's raw p99
+    round_cpu: list[float] = []  # per round: CPU per round trip (both sides) over raw's
 
     def measure() -> None:
         for _ in range(ROUNDS):
             with Procs() as procs:
-                rtts, used = raw_pingpong(procs, PINGS, SIZE, SECONDS)
-                raw.extend(rtts)
+                raw_rtts, used = raw_pingpong(procs, PINGS, SIZE, SECONDS)
+                raw.extend(raw_rtts)
             for side, value in used.items():
                 cpu[f"raw.{side}"].append(value)
+            raw_cpu = used["client"] + used["server"]
             with Procs() as procs:
                 rtts, _, used = choreo_pings(procs)
                 cmd.extend(rtts)
             for side, value in used.items():
                 cpu[f"command.{side}"].append(value)
+            round_p99.append(percentiles(rtts)[99] / percentiles(raw_rtts)[99])
+            round_cpu.append((used["client"] + used["server"]) / raw_cpu)
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     base = record_percentiles("latency.raw_pingpong", raw)
@@ -88,6 +97,12 @@ def test_command_round_trip(benchmark) -> None:
     record("latency.command.cpu_ratio_vs_raw_pingpong",
            (median(cpu["command.client"]) + median(cpu["command.server"]))
            / (median(cpu["raw.client"]) + median(cpu["raw.server"])))
+    # the spread over rounds, each choreo round beside the raw round before it
+    record("latency.command.p99_ratio_vs_raw_pingpong.min", min(round_p99))
+    record("latency.command.p99_ratio_vs_raw_pingpong.max", max(round_p99))
+    record("latency.command.cpu_ratio_vs_raw_pingpong.min", min(round_cpu))
+    record("latency.command.cpu_ratio_vs_raw_pingpong.max", max(round_cpu))
+    SESSION["latency.raw_cpu.client"] = median(cpu["raw.client"])
     SESSION["latency.raw_pingpong.p99_ns"] = base[99]
     SESSION["latency.raw_pingpong.p50_ns"] = base[50]
     SESSION["latency.raw_pingpong.p999_ns"] = base[99.9]
@@ -102,21 +117,35 @@ def test_command_round_trip_under_load(benchmark) -> None:
     seconds = SECONDS + 6  # the load outlasts the pings (they start once it is on)
     cmd: list[int] = []
     carried: list[float] = []
+    round_p99: list[float] = []
+    client_cpu: list[float] = []
 
     def measure() -> None:
-        with Procs() as procs:
-            rtts, produced, _ = choreo_pings(
-                procs, {"count": int(rate * seconds), "seconds": seconds, "rate": rate, "keys": 1000, "size": 100}
-            )
-            cmd.extend(rtts)
-            assert produced is not None
-            carried.append(produced["count"] / produced["elapsed"])
+        for _ in range(UNDER_LOAD_ROUNDS):
+            with Procs() as procs:
+                rtts, produced, used = choreo_pings(
+                    procs, {"count": int(rate * seconds), "seconds": seconds, "rate": rate, "keys": 1000, "size": 100}
+                )
+                cmd.extend(rtts)
+                assert produced is not None
+                carried.append(produced["count"] / produced["elapsed"])
+                round_p99.append(percentiles(rtts)[99])
+                client_cpu.append(used["client"])
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     mine = record_percentiles("latency.command_under_load", cmd)
     record("latency.command_under_load.target_events_per_s", rate)
-    record("latency.command_under_load.events_per_s", carried[0])
+    record("latency.command_under_load.events_per_s", median(carried))
+    record("latency.cpu_us.command_under_load.client", median(client_cpu) * 1e6)
     if "latency.raw_pingpong.p99_ns" in SESSION:  # the idle raw baseline of this run
         for q, name in NAMES.items():
             record(f"latency.command_under_load.{name}_ratio_vs_raw_pingpong",
                    mine[q] / SESSION[f"latency.raw_pingpong.{name}_ns"])
+        record("latency.command_under_load.p99_ratio_vs_raw_pingpong.min",
+               min(round_p99) / SESSION["latency.raw_pingpong.p99_ns"])
+        record("latency.command_under_load.p99_ratio_vs_raw_pingpong.max",
+               max(round_p99) / SESSION["latency.raw_pingpong.p99_ns"])
+        # the caller's CPU per round trip under load over the idle raw caller's (the owner's CPU
+        # time is mostly the events then)
+        record("latency.command_under_load.client_cpu_ratio_vs_raw_pingpong",
+               median(client_cpu) / SESSION["latency.raw_cpu.client"])

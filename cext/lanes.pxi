@@ -96,6 +96,49 @@ SPAN_KEY_BYTES = SPAN_KEY_MAX
 DEF LANE_AHEAD = 4  # FastLane: prefetch the dedup slot of the message this many places ahead
 
 
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        const char *name
+        int type
+        Py_ssize_t offset
+        int flags
+    int T_OBJECT_EX
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef *d_member
+    PyTypeObject PyMemberDescr_Type
+
+
+cdef Py_ssize_t slot_offset(cls, str name) except -2:
+    """Where instances of ``cls`` keep field ``name`` (a slot read without a lookup), or -1 (use getattr)."""
+    if cls is None or name is None:
+        return -1
+    descr = None
+    for klass in cls.__mro__:
+        descr = klass.__dict__.get(name)
+        if descr is not None:
+            break
+    if descr is None or Py_TYPE(descr) is not &PyMemberDescr_Type:
+        return -1
+    cdef PyMemberDef *m = (<PyMemberDescrObject *><PyObject *>descr).d_member
+    if m == NULL or m.type != T_OBJECT_EX or m.offset <= 0:
+        return -1
+    return m.offset
+
+
+cdef inline PyObject *slot_at(object obj, Py_ssize_t offset) noexcept:
+    """The object in a slot (NULL: unset), borrowed."""
+    return (<PyObject **>((<char *><PyObject *>obj) + offset))[0]
+
+
+# EmitLane.emit_many statuses
+EMIT_END = 0       # every event from ``start`` on went in
+EMIT_OTHER = 1     # events[index] is of another type (the caller takes it to its own lane)
+EMIT_BLOCKED = 2   # events[index] did not go in (no credit, a held window, too large): the caller waits
+EMIT_INVALID = 3   # events[index] fails its type's check: nothing of this call went in
+
+
 cdef class EmitLane:
     """Where one event type goes from this producer, compiled (see the twin for the contract)."""
 
@@ -109,10 +152,19 @@ cdef class EmitLane:
     cdef readonly Py_ssize_t last
     cdef readonly bint full
     cdef Py_ssize_t _rr
+    # the runtime's side (optional): channel per window, the dirty set, flush hooks, clock, type
+    cdef list _channels
+    cdef dict _dirty
+    cdef object _schedule, _send_full, _clock, _cls, _idempotency
+    cdef tuple _fields
+    cdef Py_ssize_t _key_off            # where an event of exactly ``cls`` keeps its key (-1: getattr)
+    cdef Py_ssize_t *_field_offs        # the same for each of ``fields`` (NULL: getattr)
+    cdef readonly Py_ssize_t emitted
 
     def __cinit__(self, bytes tname not None, key_name, Py_ssize_t partitions, list windows not None, encode,
                   key_bytes, IdSource ids not None, Py_ssize_t max_batch, Py_ssize_t max_batch_bytes,
-                  Py_ssize_t max_bytes, check=None):
+                  Py_ssize_t max_bytes, check=None, list channels=None, dict dirty=None, schedule=None,
+                  send_full=None, clock=None, cls=None, idempotency=None, tuple fields=None):
         if not windows:
             raise ValueError("an emit lane needs at least one window")
         for w in windows:
@@ -122,6 +174,9 @@ cdef class EmitLane:
             raise ValueError(f"a keyed lane needs one window per partition: {len(windows)} for {partitions}")
         if PyBytes_GET_SIZE(tname) < 1 or PyBytes_GET_SIZE(tname) > 255:
             raise ValueError("type must be 1 to 255 bytes")
+        if channels is not None and (len(channels) != len(windows) or dirty is None or schedule is None
+                                     or send_full is None):
+            raise ValueError("channels need one per window, and dirty, schedule and send_full")
         self._tname = tname
         self._key_name = key_name
         self._partitions = partitions
@@ -133,27 +188,49 @@ cdef class EmitLane:
         self._max_batch_bytes = max_batch_bytes
         self._max_bytes = max_bytes
         self._check = check
+        self._channels = channels
+        self._dirty = dirty
+        self._schedule = schedule
+        self._send_full = send_full
+        self._clock = clock
+        self._cls = cls
+        self._idempotency = idempotency
+        if fields is not None:
+            for f in fields:
+                if type(f) is not tuple or len(f) != 2 or type(f[0]) is not str or (
+                        f[1] is not None and type(f[1]) is not tuple):
+                    raise TypeError("fields must be (name, tuple of types or None) pairs")
+        self._fields = fields
+        self._key_off = slot_offset(cls, key_name)
+        cdef Py_ssize_t i
+        if fields is not None and cls is not None:
+            self._field_offs = <Py_ssize_t *>malloc((len(fields) + 1) * sizeof(Py_ssize_t))
+            if self._field_offs == NULL:
+                raise MemoryError()
+            for i in range(len(fields)):
+                self._field_offs[i] = slot_offset(cls, fields[i][0])
+                if self._field_offs[i] < 0:
+                    free(self._field_offs)
+                    self._field_offs = NULL
+                    break
         self.last = -1
         self.full = False
 
-    def emit(self, event, double now, msg_id=None):
-        """Write one event into its window; returns its id, or None (caller: take the slow path)."""
-        cdef bytes payload = self._encode(event)
+    def __dealloc__(self):
+        free(self._field_offs)
+
+    cdef object _write(self, event, bytes payload, double now, msg_id):
+        """Route and write one encoded event; its id, or None (it did not go in)."""
         cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), klen = 0, tlen = PyBytes_GET_SIZE(self._tname)
         cdef const char *k = ""
         cdef object value, kb
         cdef int partition = 0, flags = 0
         cdef Py_ssize_t index, i, j, best_load = -1, load
         cdef OutboundWindow w = None, cand
-        if plen > self._max_bytes:
-            return None
-        if self._check is not None:
-            try:
-                self._check(payload)
-            except Exception:
-                return None  # the slow path names the field that does not match its type
+        cdef PyObject *slot
         if self._key_name is not None:
-            value = getattr(event, self._key_name)
+            slot = slot_at(event, self._key_off) if self._key_off >= 0 and type(event) is self._cls else NULL
+            value = <object>slot if slot != NULL else getattr(event, self._key_name)
             if type(value) is str:
                 k = PyUnicode_AsUTF8AndSize(value, &klen)
             else:
@@ -196,7 +273,91 @@ cdef class EmitLane:
         w._admit(size, now)
         self.last = index
         self.full = w._pending >= self._max_batch or <Py_ssize_t>w._buf_len >= self._max_batch_bytes
+        self.emitted += 1
+        if self._channels is not None:
+            ch = self._channels[index]
+            if self.full:
+                self._send_full(ch)  # the batch leaves now
+            elif w._pending == 1:  # the window's first pending envelope: its channel joins the dirty set
+                if not self._dirty:
+                    self._schedule()  # nothing was waiting for a flush: one is due
+                self._dirty[ch] = None
         return out_id
+
+    cdef inline bint _fields_fit(self, event) except -1:
+        """Every field's value is of exactly one of its declared simple types (then the check of the
+        body could only pass); False sends the body to the full check."""
+        cdef tuple pair, types
+        cdef object t
+        cdef Py_ssize_t j, f = 0
+        cdef PyObject *slot
+        cdef bint direct = self._field_offs != NULL and type(event) is self._cls
+        for pair in self._fields:
+            f += 1
+            if pair[1] is None:
+                continue
+            types = <tuple>pair[1]
+            slot = slot_at(event, self._field_offs[f - 1]) if direct else NULL
+            t = <object>Py_TYPE(<object>slot) if slot != NULL else type(getattr(event, <str>pair[0]))
+            for j in range(len(types)):
+                if t is types[j]:
+                    break
+            else:
+                return False
+        return True
+
+    cdef inline bint _valid(self, event, bytes payload) except -1:
+        if PyBytes_GET_SIZE(payload) > self._max_bytes:
+            return False
+        if self._fields is not None and self._fields_fit(event):
+            return True
+        if self._check is not None:
+            try:
+                self._check(payload)
+            except Exception:
+                return False  # the slow path names the field that does not match its type
+        return True
+
+    def emit(self, event, now=None, msg_id=None):
+        """Write one event into its window; returns its id, or None (caller: take the slow path)."""
+        cdef bytes payload = self._encode(event)
+        if not self._valid(event, payload):
+            return None
+        if msg_id is None and self._idempotency is not None:
+            msg_id = self._idempotency(event)
+        return self._write(event, payload, self._clock() if now is None else <double>now, msg_id)
+
+    def emit_many(self, list events not None, Py_ssize_t start, list ids not None):
+        """Write ``events[start:]`` in order while they are of this lane's type and go in.
+
+        Every event of the lane's type from ``start`` on is checked first: if one fails, nothing
+        is written. Returns ``(index, status)`` (``EMIT_*``): where it stopped and why; the id of
+        every event written is appended to ``ids``.
+        """
+        cdef Py_ssize_t n = len(events), i, end = start
+        cdef double now
+        cdef list payloads = []
+        cdef object payload, msg_id = None
+        if self._cls is None or self._clock is None:
+            raise ValueError("emit_many needs the lane's message class (cls=) and clock")
+        while end < n and type(events[end]) is self._cls:
+            payload = self._encode(events[end])
+            if not self._valid(events[end], <bytes>payload):
+                return end, EMIT_INVALID
+            payloads.append(payload)
+            end += 1
+        now = self._clock()
+        for i in range(start, end):
+            if self._idempotency is not None:
+                msg_id = self._idempotency(events[i])
+            out_id = self._write(events[i], <bytes>payloads[i - start], now, msg_id)
+            if out_id is None:
+                return i, EMIT_BLOCKED
+            ids.append(out_id)
+        return end, EMIT_END if end == n else EMIT_OTHER
+
+
+cdef class SpanRing  # (below: the lanes record into it)
 
 
 # FastLane.run statuses
@@ -206,12 +367,13 @@ LANE_DUPLICATE = 2   # envs[index] is a duplicate (its id was seen): the caller 
 LANE_BAD = 3         # envs[index]'s body failed to decode (its id is now remembered)
 LANE_FAILED = 4      # envs[index]'s handler raised: (message, error, started) come back
 LANE_EFFECTS = 5     # envs[index]'s handler emitted or sent: (message, ctx, started) come back
+LANE_BATCH_FAILED = 6  # a batch handler raised on envs[index:index + len(messages)]: (messages, error, started)
 
 
 cdef class _LaneEntry:
     cdef object decode, fn, name, handler
     cdef DedupWindow window
-    cdef bint takes_context
+    cdef bint takes_context, batch
 
 
 cdef class FastLane:
@@ -224,13 +386,18 @@ cdef class FastLane:
         self._entries = {}
         self.ok = "ok"
 
-    def set(self, str type_name not None, decode, window, fn, str name not None, bint takes_context, handler=None):
-        """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup)."""
+    def set(self, str type_name not None, decode, window, fn, str name not None, bint takes_context, handler=None,
+            bint batch=False):
+        """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup);
+        ``batch``: ``fn`` takes a list of messages (every run of them), never a context."""
         cdef _LaneEntry e = _LaneEntry.__new__(_LaneEntry)
         if window is not None and type(window) is not DedupWindow:
             raise TypeError("window must be a DedupWindow or None")
+        if batch and takes_context:
+            raise ValueError("a batch handler takes no context")
         e.decode, e.fn, e.name, e.window, e.takes_context = decode, fn, name, window, takes_context
         e.handler = handler
+        e.batch = batch
         self._entries[type_name] = e
 
     def forget(self, str type_name not None):
@@ -239,51 +406,135 @@ cdef class FastLane:
     def handles(self, type_name):
         return type_name in self._entries
 
+    cdef inline int _prefetch(self, list envs, Py_ssize_t k, Py_ssize_t n, Envelope env, _LaneEntry e) except -1:
+        """Warm the dedup table slot of ``envs[k]`` (a few messages ahead of ``env``, handled by ``e``)."""
+        cdef object obj, entry
+        cdef Envelope ahead
+        cdef _LaneEntry ea = e
+        if k >= n:
+            return 0
+        obj = envs[k]
+        if type(obj) is not Envelope:
+            return 0
+        ahead = <Envelope>obj
+        if ahead.type is not env.type:  # (mostly the same type: no lookup)
+            entry = self._entries.get(ahead.type)
+            if entry is None:
+                return 0
+            ea = <_LaneEntry>entry
+        if ea.window is not None:
+            ea.window._prefetch_id(ahead.id_ptr())
+            ea.window._prefetch_tail(LANE_AHEAD)  # the ring slot that insert fills (cold: freed long ago)
+        return 0
+
+    cdef inline int _admissible(self, Envelope env, const char *gptr, Py_ssize_t glen, KeyedDispatch keyed) except -1:
+        """1 when a keyed envelope's partition is routed here and its key is idle (or it waits on no key)."""
+        if not env.flags & (_FLAG_UNKEYED | _FLAG_BROADCAST):  # keyed, not broadcast: ours now? key idle?
+            if gptr != NULL and (env.partition >= glen or not gptr[env.partition]):
+                return 0
+            if keyed._waiting and env.key in keyed._waiting:
+                return 0
+        return 1
+
+    cdef inline int _done(self, Envelope env, _LaneEntry e, InboundReorder reorder, spans_append, object received,
+                          object t0, object t1) except -1:
+        """A handled envelope: its span (choreo.tracing's layout), then complete in its channel."""
+        cdef tuple span
+        if type(spans_append) is SpanRing:  # the ids, key and times copied in: no object per span
+            (<SpanRing>spans_append)._record(env, env.type, e.name, received, t0, t1)
+        elif spans_append is not None:
+            # the three ids as one bytes object (msg_id | trace_id | cause_id, as on the wire), split
+            # when the span is read
+            span = (env._bytes_at(20, 48), env.type, e.name, received, t0, t1, self.ok, None, 1,
+                    env._bytes_at(HDR + env._tlen, min(env._klen, SPAN_KEY_MAX)), env.partition)
+            PyObject_GC_UnTrack(span)  # atoms only: the cycle collector need never visit it
+            spans_append(span)
+        reorder._complete(env.seq)
+        return 0
+
     def run(self, list envs not None, Py_ssize_t start, InboundReorder reorder not None, double now, clock,
             received, gate, KeyedDispatch keyed not None, spans_append, ctx):
         """Handle ``envs[start:]`` in order until one needs the caller.
 
         Returns ``(handled, index, status, a, b, started)``: how many were handled here, the
         index where it stopped and why (``LANE_*``), and for FAILED/EFFECTS the decoded message,
-        the error (FAILED) or the context (EFFECTS), and when the handler started. ``ctx`` is a
-        reusable context object (its ``envelope``/``handler``/``writes`` are set here) or None.
+        the error (FAILED) or the context (EFFECTS), and when the handler started (for
+        BATCH_FAILED the messages of the batch that raised). ``ctx`` is a reusable context object
+        (its ``envelope``/``handler``/``writes`` are set here) or None.
         """
-        cdef Py_ssize_t n = len(envs), i, handled = 0, glen = 0
+        cdef Py_ssize_t n = len(envs), i = start, j, handled = 0, glen = 0, stop_at
+        cdef int stop_status
         cdef const char *gptr = NULL
-        cdef Envelope env, ahead
-        cdef _LaneEntry e, ea
-        cdef object entry, message, t0, t1, obj_ahead
-        cdef tuple span
+        cdef Envelope env, envj
+        cdef _LaneEntry e
+        cdef object entry, message, t0, t1, obj
+        cdef list batch
         cdef uint64_t h
         cdef const uint8_t *idp
-        cdef bint keyed_busy
         if gate is not None:
             gptr = PyByteArray_AS_STRING(gate)
             glen = PyByteArray_GET_SIZE(gate)
+        cdef object last_type = None, last_entry = None  # the entry of the previous envelope's type
         t1 = clock()  # one reading per message: each one's start is the previous one's end
-        for i in range(start, n):
-            if i + LANE_AHEAD < n:  # warm the dedup table slot a few messages ahead
-                obj_ahead = envs[i + LANE_AHEAD]
-                if type(obj_ahead) is Envelope:
-                    ahead = <Envelope>obj_ahead
-                    entry = self._entries.get(ahead.type)
-                    if entry is not None:
-                        ea = <_LaneEntry>entry
-                        if ea.window is not None:
-                            ea.window._prefetch_id(ahead.id_ptr())
+        while i < n:
             obj = envs[i]
             if type(obj) is not Envelope:
                 return handled, i, LANE_SLOW, None, None, 0.0
             env = <Envelope>obj
-            entry = self._entries.get(env.type)
+            if env.type is last_type:  # (type names are interned: mostly one type per batch, no lookup)
+                entry = last_entry
+            else:
+                entry = last_entry = self._entries.get(env.type)
+                last_type = env.type
             if entry is None or env.kind != _KIND_EVENT:
                 return handled, i, LANE_SLOW, None, None, 0.0
             e = <_LaneEntry>entry
-            if not env.flags & (_FLAG_UNKEYED | _FLAG_BROADCAST):  # keyed, not broadcast: ours now? key idle?
-                if gptr != NULL and (env.partition >= glen or not gptr[env.partition]):
-                    return handled, i, LANE_SLOW, None, None, 0.0
-                if keyed._waiting and env.key in keyed._waiting:
-                    return handled, i, LANE_SLOW, None, None, 0.0
+            self._prefetch(envs, i + LANE_AHEAD, n, env, e)
+            if not self._admissible(env, gptr, glen, keyed):
+                return handled, i, LANE_SLOW, None, None, 0.0
+            if e.batch:
+                # a batch handler: the run of envelopes of this type the lane can take, in one call
+                batch = []
+                j = i
+                stop_at, stop_status = -1, LANE_END
+                while j < n:
+                    obj = envs[j]
+                    if type(obj) is not Envelope:
+                        break
+                    envj = <Envelope>obj
+                    if j > i:
+                        self._prefetch(envs, j + LANE_AHEAD, n, env, e)
+                    if envj.type is not env.type and self._entries.get(envj.type) is not entry:
+                        break
+                    if envj.kind != _KIND_EVENT or not self._admissible(envj, gptr, glen, keyed):
+                        break
+                    if e.window is not None:
+                        idp = envj.id_ptr()
+                        if e.window._insert(idp, e.window._id_hash(idp), now, <uint16_t>envj.partition) == 0:
+                            stop_at, stop_status = j, LANE_DUPLICATE
+                            break
+                    try:
+                        message = e.decode(envj._bytes_at(HDR + envj._tlen + envj._klen, envj._plen))
+                    except Exception:
+                        stop_at, stop_status = j, LANE_BAD
+                        break
+                    batch.append(message)
+                    j += 1
+                if batch:
+                    t0 = t1
+                    try:
+                        e.fn(batch)
+                    except Exception as exc:
+                        # the caller runs them one by one (and then takes envs[stop_at], if any, afresh)
+                        return handled, i, LANE_BATCH_FAILED, batch, exc, t0
+                    t1 = clock()
+                    while i < j:
+                        self._done(<Envelope>envs[i], e, reorder, spans_append, received, t0, t1)
+                        i += 1
+                    handled += len(batch)
+                if stop_at >= 0:
+                    return handled, stop_at, stop_status, None, None, 0.0
+                continue
             if e.window is not None:
                 idp = env.id_ptr()
                 h = e.window._id_hash(idp)
@@ -314,13 +565,144 @@ cdef class FastLane:
                     if (<StateView>view)._commit(env) if type(view) is StateView else view.commit(env):
                         return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
-            if spans_append is not None:
-                # choreo.tracing's span layout; the three ids as one bytes object (msg_id | trace_id |
-                # cause_id, as on the wire), split when the span is read
-                span = (env._bytes_at(20, 48), env.type, e.name, received, t0, t1, self.ok, None, 1,
-                        env._bytes_at(HDR + env._tlen, min(env._klen, SPAN_KEY_MAX)), env.partition)
-                PyObject_GC_UnTrack(span)  # atoms only: the cycle collector need never visit it
-                spans_append(span)
-            reorder._complete(env.seq)
+            self._done(env, e, reorder, spans_append, received, t0, t1)
             handled += 1
+            i += 1
         return handled, n, LANE_END, None, None, 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the span ring: the most recent spans, without a Python object per span until one is read
+
+cdef struct SpanSlot:
+    PyObject *span      # the span tuple: appended as it is, or built at its first read (NULL until then)
+    PyObject *type      # recorded by the lane: the message type (str) and the handler's name (str)
+    PyObject *name
+    double received, started, finished
+    int partition
+    uint16_t klen
+    uint8_t ids[48]     # msg_id | trace_id | cause_id, as on the wire
+    uint8_t key[SPAN_KEY_MAX]
+
+
+cdef class SpanRing:
+    """The ``maxlen`` most recent spans, oldest first, read like a ``deque`` of span tuples.
+
+    See the twin for the contract. The compiled fast lane records into it without building a
+    tuple (the ids and key are copied into the ring, the names referenced); a recorded span's
+    tuple is built when it is first read and kept, so reading it again gives the same object.
+    """
+
+    cdef SpanSlot *_slots
+    cdef Py_ssize_t _head, _len
+    cdef readonly Py_ssize_t maxlen
+    cdef readonly uint64_t total
+    cdef object _ok
+
+    def __cinit__(self, Py_ssize_t maxlen):
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        self._slots = <SpanSlot *>calloc(maxlen, sizeof(SpanSlot))
+        if self._slots == NULL:
+            raise MemoryError()
+        self.maxlen = maxlen
+        self._ok = "ok"
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self._slots != NULL:
+            for i in range(self.maxlen):
+                self._clear_slot(&self._slots[i])
+            free(self._slots)
+
+    cdef inline void _clear_slot(self, SpanSlot *s) noexcept:
+        Py_XDECREF(s.span)
+        Py_XDECREF(s.type)
+        Py_XDECREF(s.name)
+        s.span = s.type = s.name = NULL
+
+    cdef inline SpanSlot *_push(self) noexcept:
+        """The slot of a new span (the oldest one's when full, forgotten first)."""
+        cdef Py_ssize_t at
+        if self._len == self.maxlen:
+            at = self._head
+            self._head = (self._head + 1) % self.maxlen
+        else:
+            at = (self._head + self._len) % self.maxlen
+            self._len += 1
+        self.total += 1
+        cdef SpanSlot *s = &self._slots[at]
+        self._clear_slot(s)
+        return s
+
+    def append(self, tuple span not None):
+        """Keep ``span`` (a tuple in choreo.tracing's layout) as the newest; the oldest goes when full."""
+        cdef SpanSlot *s = self._push()
+        Py_INCREF(span)
+        s.span = <PyObject *>span
+
+    cdef int _record(self, Envelope env, object type_name, object name, double received, double started,
+                     double finished) except -1:
+        """What the lane records of a handled envelope (outcome ok, attempt 1)."""
+        cdef SpanSlot *s = self._push()
+        cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(env._frame) + env._off
+        memcpy(s.ids, p + 20, 48)
+        s.klen = <uint16_t>min(<Py_ssize_t>env._klen, SPAN_KEY_MAX)
+        memcpy(s.key, p + HDR + env._tlen, s.klen)
+        Py_INCREF(type_name)
+        s.type = <PyObject *>type_name
+        Py_INCREF(name)
+        s.name = <PyObject *>name
+        s.received, s.started, s.finished = received, started, finished
+        s.partition = env.partition
+        return 0
+
+    def record(self, Envelope env not None, str type_name not None, str name not None, double received,
+               double started, double finished):
+        """Record a handled envelope as the lane does (for tests and the twin's contract)."""
+        self._record(env, type_name, name, received, started, finished)
+
+    cdef object _at(self, Py_ssize_t i):
+        """The span at position ``i`` (0 = oldest), built and kept at its first read."""
+        cdef SpanSlot *s = &self._slots[(self._head + i) % self.maxlen]
+        cdef tuple span
+        if s.span == NULL:
+            span = (PyBytes_FromStringAndSize(<const char *>s.ids, 48), <object>s.type, <object>s.name,
+                    s.received, s.started, s.finished, self._ok, None, 1,
+                    PyBytes_FromStringAndSize(<const char *>s.key, s.klen), s.partition)
+            PyObject_GC_UnTrack(span)  # atoms only: the cycle collector need never visit it
+            Py_INCREF(span)
+            s.span = <PyObject *>span
+        return <object>s.span
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, Py_ssize_t i):
+        if i < 0:
+            i += self._len
+        if i < 0 or i >= self._len:
+            raise IndexError("span ring index out of range")
+        return self._at(i)
+
+    def __iter__(self):
+        cdef Py_ssize_t i
+        cdef uint64_t start = self.total
+        for i in range(self._len):
+            if self.total != start:
+                raise RuntimeError("span ring mutated during iteration")
+            yield self._at(i)
+
+    def __reversed__(self):
+        cdef Py_ssize_t i
+        cdef uint64_t start = self.total
+        for i in range(self._len - 1, -1, -1):
+            if self.total != start:
+                raise RuntimeError("span ring mutated during iteration")
+            yield self._at(i)
+
+    def clear(self):
+        cdef Py_ssize_t i
+        for i in range(self.maxlen):
+            self._clear_slot(&self._slots[i])
+        self._head = self._len = 0

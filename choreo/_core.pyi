@@ -5,7 +5,7 @@ specification; see its docstrings for the contract of each call. A unit test
 (tests/unit/test_core_stubs.py) keeps these stubs and the compiled module in step.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, NamedTuple
 
 from typing_extensions import Buffer
@@ -256,6 +256,11 @@ LANE_DUPLICATE: int
 LANE_BAD: int
 LANE_FAILED: int
 LANE_EFFECTS: int
+LANE_BATCH_FAILED: int
+EMIT_END: int
+EMIT_OTHER: int
+EMIT_BLOCKED: int
+EMIT_INVALID: int
 
 class IdSource:
     def __init__(self, prefix: bytes) -> None: ...
@@ -266,6 +271,8 @@ class EmitLane:
     def last(self) -> int: ...
     @property
     def full(self) -> bool: ...
+    @property
+    def emitted(self) -> int: ...
     def __init__(
         self,
         tname: bytes,
@@ -279,8 +286,33 @@ class EmitLane:
         max_batch_bytes: int,
         max_bytes: int,
         check: Callable[[bytes], Any] | None = None,
+        channels: list[Any] | None = None,
+        dirty: dict[Any, None] | None = None,
+        schedule: Callable[[], None] | None = None,
+        send_full: Callable[[Any], None] | None = None,
+        clock: Callable[[], float] | None = None,
+        cls: type | None = None,
+        idempotency: Callable[[Any], bytes | None] | None = None,
+        fields: tuple[tuple[str, tuple[type, ...] | None], ...] | None = None,
     ) -> None: ...
-    def emit(self, event: Any, now: float, msg_id: bytes | None = None) -> bytes | None: ...
+    def emit(self, event: Any, now: float | None = None, msg_id: bytes | None = None) -> bytes | None: ...
+    def emit_many(self, events: list[Any], start: int, ids: list[bytes]) -> tuple[int, int]: ...
+
+class SpanRing:
+    @property
+    def maxlen(self) -> int: ...
+    @property
+    def total(self) -> int: ...
+    def __init__(self, maxlen: int) -> None: ...
+    def append(self, span: tuple[Any, ...]) -> None: ...
+    def record(
+        self, env: Envelope, type_name: str, name: str, received: float, started: float, finished: float
+    ) -> None: ...
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> tuple[Any, ...]: ...
+    def __iter__(self) -> Iterator[tuple[Any, ...]]: ...
+    def __reversed__(self) -> Iterator[tuple[Any, ...]]: ...
+    def clear(self) -> None: ...
 
 class FastLane:
     ok: str
@@ -294,6 +326,7 @@ class FastLane:
         name: str,
         takes_context: bool,
         handler: Any = None,
+        batch: bool = False,
     ) -> None: ...
     def forget(self, type_name: str) -> None: ...
     def handles(self, type_name: str) -> bool: ...
@@ -307,7 +340,7 @@ class FastLane:
         received: float,
         gate: bytearray | None,
         keyed: KeyedDispatch,
-        spans_append: Callable[[tuple[Any, ...]], None] | None,
+        spans_append: SpanRing | Callable[[tuple[Any, ...]], None] | None,
         ctx: Any,
     ) -> tuple[int, int, int, Any, Any, float]: ...
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -67,6 +67,12 @@ __all__ = [
     "LANE_BAD",
     "LANE_FAILED",
     "LANE_EFFECTS",
+    "LANE_BATCH_FAILED",
+    "SpanRing",
+    "EMIT_END",
+    "EMIT_OTHER",
+    "EMIT_BLOCKED",
+    "EMIT_INVALID",
 ]
 
 IMPLEMENTATION = "pure"
@@ -1115,6 +1121,12 @@ class IdSource:
         return self._prefix + self._n.to_bytes(8, "little")
 
 
+EMIT_END = 0  # every event from ``start`` on went in
+EMIT_OTHER = 1  # events[index] is of another type (the caller takes it to its own lane)
+EMIT_BLOCKED = 2  # events[index] did not go in (no credit, a held window, too large): the caller waits
+EMIT_INVALID = 3  # events[index] fails its type's check: nothing of this call went in
+
+
 class EmitLane:
     """Where one event type goes from this producer: key, partition, window, envelope.
 
@@ -1124,8 +1136,17 @@ class EmitLane:
     writes its envelope straight into that window's pending batch; it returns None instead
     when the window lacks credit, is ``held`` by the runtime, the body exceeds ``max_bytes`` or
     ``check(body)`` raises (the body does not match its type: the caller then takes its slow
-    path, which waits or explains). After an emit, ``last`` is
-    the index of the window used and ``full`` whether its batch should be flushed now.
+    path, which waits or explains). After an emit, ``last`` is the index of the window used,
+    ``full`` whether its batch should be flushed now, and ``emitted`` counts what went in.
+
+    The runtime's side, all optional: with ``channels`` (one per window), the lane also does
+    what follows a write: a full batch goes to ``send_full(channel)`` at once; a window's first
+    pending envelope puts its channel in the ``dirty`` dict, calling ``schedule()`` first when
+    the dict was empty (a flush is due). ``clock()`` gives the time when :meth:`emit` is not
+    given one; ``cls`` is the lane's message class (for :meth:`emit_many`); ``idempotency(event)``
+    gives the id of an event whose type declares an idempotency key. ``fields`` (``(name, types)``
+    pairs, ``types`` None for a field of any type) lets the lane skip ``check``: when every field's
+    value is exactly of one of its types, the check could only pass; otherwise it runs.
     """
 
     def __init__(
@@ -1141,6 +1162,14 @@ class EmitLane:
         max_batch_bytes: int,
         max_bytes: int,
         check: Any = None,
+        channels: list[Any] | None = None,
+        dirty: dict[Any, None] | None = None,
+        schedule: Any = None,
+        send_full: Any = None,
+        clock: Any = None,
+        cls: type | None = None,
+        idempotency: Any = None,
+        fields: tuple[tuple[str, tuple[type, ...] | None], ...] | None = None,
     ) -> None:
         if not windows:
             raise ValueError("an emit lane needs at least one window")
@@ -1148,6 +1177,9 @@ class EmitLane:
             raise ValueError(f"a keyed lane needs one window per partition: {len(windows)} for {partitions}")
         if not 1 <= len(tname) <= 255:
             raise ValueError("type must be 1 to 255 bytes")
+        if channels is not None and (len(channels) != len(windows) or dirty is None or schedule is None
+                                     or send_full is None):
+            raise ValueError("channels need one per window, and dirty, schedule and send_full")
         self._tname = tname
         self._key_name = key_name
         self._partitions = partitions
@@ -1159,20 +1191,46 @@ class EmitLane:
         self._max_batch_bytes = max_batch_bytes
         self._max_bytes = max_bytes
         self._check = check
+        self._channels = channels
+        self._dirty = dirty
+        self._schedule = schedule
+        self._send_full = send_full
+        self._clock = clock
+        self._cls = cls
+        self._idempotency = idempotency
+        if fields is not None:
+            for f in fields:
+                if type(f) is not tuple or len(f) != 2 or type(f[0]) is not str or (
+                        f[1] is not None and type(f[1]) is not tuple):
+                    raise TypeError("fields must be (name, tuple of types or None) pairs")
+        self._fields = fields
         self.last = -1
         self.full = False
+        self.emitted = 0
         self._rr = 0
 
-    def emit(self, event: Any, now: float, msg_id: bytes | None = None) -> bytes | None:
-        """Write one event into its window; returns its id, or None (caller: take the slow path)."""
-        payload = self._encode(event)
+    def _fields_fit(self, event: Any) -> bool:
+        """Every field's value is of exactly one of its declared simple types (then the check of the
+        body could only pass); False sends the body to the full check."""
+        for name, types in self._fields:  # type: ignore[union-attr]
+            if types is not None and type(getattr(event, name)) not in types:
+                return False
+        return True
+
+    def _valid(self, event: Any, payload: bytes) -> bool:
         if len(payload) > self._max_bytes:
-            return None
+            return False
+        if self._fields is not None and self._fields_fit(event):
+            return True
         if self._check is not None:
             try:
                 self._check(payload)
             except Exception:
-                return None  # the slow path names the field that does not match its type
+                return False  # the slow path names the field that does not match its type
+        return True
+
+    def _write(self, event: Any, payload: bytes, now: float, msg_id: bytes | None) -> bytes | None:
+        """Route and write one encoded event; its id, or None (it did not go in)."""
         if self._key_name is not None:
             value = getattr(event, self._key_name)
             kb = value.encode() if type(value) is str else self._key_bytes(value)
@@ -1202,7 +1260,52 @@ class EmitLane:
         w.append(KIND_EVENT, flags, self._tname, kb, partition, msg_id, msg_id, _ZERO_ID, payload, now)
         self.last = index
         self.full = w.pending >= self._max_batch or w.pending_bytes >= self._max_batch_bytes
+        self.emitted += 1
+        if self._channels is not None:
+            ch = self._channels[index]
+            if self.full:
+                self._send_full(ch)  # the batch leaves now
+            elif w.pending == 1:  # the window's first pending envelope: its channel joins the dirty set
+                if not self._dirty:
+                    self._schedule()  # nothing was waiting for a flush: one is due
+                self._dirty[ch] = None  # type: ignore[index]
         return msg_id
+
+    def emit(self, event: Any, now: float | None = None, msg_id: bytes | None = None) -> bytes | None:
+        """Write one event into its window; returns its id, or None (caller: take the slow path)."""
+        payload = self._encode(event)
+        if not self._valid(event, payload):
+            return None
+        if msg_id is None and self._idempotency is not None:
+            msg_id = self._idempotency(event)
+        return self._write(event, payload, self._clock() if now is None else now, msg_id)
+
+    def emit_many(self, events: list[Any], start: int, ids: list[bytes]) -> tuple[int, int]:
+        """Write ``events[start:]`` in order while they are of this lane's type and go in.
+
+        Every event of the lane's type from ``start`` on is checked first: if one fails, nothing
+        is written. Returns ``(index, status)`` (``EMIT_*``): where it stopped and why; the id of
+        every event written is appended to ``ids``.
+        """
+        if self._cls is None or self._clock is None:
+            raise ValueError("emit_many needs the lane's message class (cls=) and clock")
+        n = len(events)
+        end = start
+        payloads = []
+        while end < n and type(events[end]) is self._cls:
+            payload = self._encode(events[end])
+            if not self._valid(events[end], payload):
+                return end, EMIT_INVALID
+            payloads.append(payload)
+            end += 1
+        now = self._clock()
+        for i in range(start, end):
+            msg_id = self._idempotency(events[i]) if self._idempotency is not None else None
+            out_id = self._write(events[i], payloads[i - start], now, msg_id)
+            if out_id is None:
+                return i, EMIT_BLOCKED
+            ids.append(out_id)
+        return end, EMIT_END if end == n else EMIT_OTHER
 
 
 # The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
@@ -1212,23 +1315,81 @@ FLAG_UNKEYED = 0x01
 FLAG_BROADCAST = 0x02
 SPAN_KEY_BYTES = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
 
+class SpanRing:
+    """The ``maxlen`` most recent spans, oldest first, read like a ``deque`` of span tuples.
+
+    ``append(span)`` keeps a tuple in :mod:`choreo.tracing`'s layout as the newest (the oldest
+    goes when the ring is full); ``record(env, type_name, name, received, started, finished)``
+    keeps what the fast lane records of a handled envelope (outcome ``"ok"``, attempt 1, the
+    ids as one 48-byte string, at most ``SPAN_KEY_BYTES`` of the key). Reading (``len``, an
+    index, iteration either way) gives tuples; reading one twice gives the same object (the
+    compiled ring builds a recorded span's tuple at its first read and keeps it). ``total``
+    counts every span ever kept.
+
+    >>> ring = SpanRing(2)
+    >>> for n in range(3):
+    ...     ring.append((n,))
+    >>> list(ring), ring[-1], ring.total
+    ([(1,), (2,)], (2,), 3)
+    """
+
+    def __init__(self, maxlen: int) -> None:
+        if maxlen < 1:
+            raise ValueError(f"maxlen must be >= 1, got {maxlen}")
+        self.maxlen = maxlen
+        self.total = 0
+        self._spans: deque[tuple[Any, ...]] = deque(maxlen=maxlen)
+
+    def append(self, span: tuple[Any, ...]) -> None:
+        if type(span) is not tuple:
+            raise TypeError(f"a span is a tuple, got {type(span).__name__}")
+        self._spans.append(span)
+        self.total += 1
+
+    def record(self, env: Envelope, type_name: str, name: str, received: float, started: float, finished: float) -> None:
+        self.append((env.msg_id + env.trace_id + env.cause_id, type_name, name, float(received), float(started),
+                     float(finished), "ok", None, 1, env.key[:SPAN_KEY_BYTES], env.partition))
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        if not -len(self._spans) <= i < len(self._spans):
+            raise IndexError("span ring index out of range")
+        return self._spans[i]
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        return iter(self._spans)
+
+    def __reversed__(self) -> Iterator[tuple[Any, ...]]:
+        return reversed(self._spans)
+
+    def clear(self) -> None:
+        self._spans.clear()
+
+
 LANE_END = 0  # every envelope handled
 LANE_SLOW = 1  # envs[index] is not for the lane: the caller takes it
 LANE_DUPLICATE = 2  # envs[index] is a duplicate (its id was seen): the caller answers it
 LANE_BAD = 3  # envs[index]'s body failed to decode (its id is now remembered)
 LANE_FAILED = 4  # envs[index]'s handler raised: (message, error, started) come back
 LANE_EFFECTS = 5  # envs[index]'s handler emitted or sent: (message, ctx, started) come back
+LANE_BATCH_FAILED = 6  # a batch handler raised on envs[index:index + len(messages)]: (messages, error, started)
 
 
 class FastLane:
     """Runs received events whose handler is a plain function, in one loop.
 
     An entry per type says how: its decoder, its :class:`DedupWindow` (or None), the handler
-    function and whether it takes a context. :meth:`run` goes through a released batch in
-    order and stops at the first envelope that needs the caller (not an event of a registered
-    type, a keyed one whose partition is not routed here (``gate``) or whose key is busy in
-    ``keyed``, a duplicate, a body that fails to decode, a handler that raised or emitted),
-    returning where and why. Each handled message is completed in ``reorder`` and, when
+    function and whether it takes a context, or is a *batch* handler (it takes a list of
+    messages, never a context). :meth:`run` goes through a released batch in order and stops at
+    the first envelope that needs the caller (not an event of a registered type, a keyed one
+    whose partition is not routed here (``gate``) or whose key is busy in ``keyed``, a
+    duplicate, a body that fails to decode, a handler that raised or emitted), returning where
+    and why. A batch handler is called once per run of consecutive envelopes of its type that
+    the lane can take (each one deduplicated and decoded first; the run ends before the first
+    that cannot go); if it raises, the whole run comes back (``LANE_BATCH_FAILED``) for the
+    caller to run one by one. Each handled message is completed in ``reorder`` and, when
     ``spans_append`` is given, recorded as a span tuple.
     """
 
@@ -1239,18 +1400,43 @@ class FastLane:
 
     def set(
         self, type_name: str, decode: Any, window: DedupWindow | None, fn: Any, name: str, takes_context: bool,
-        handler: Any = None,
+        handler: Any = None, batch: bool = False,
     ) -> None:
-        """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup)."""
+        """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup);
+        ``batch``: ``fn`` takes a list of messages (every run of them), never a context."""
         if window is not None and not isinstance(window, DedupWindow):
             raise TypeError("window must be a DedupWindow or None")
-        self._entries[type_name] = (decode, window, fn, name, takes_context, handler)
+        if batch and takes_context:
+            raise ValueError("a batch handler takes no context")
+        self._entries[type_name] = (decode, window, fn, name, takes_context, handler, batch)
 
     def forget(self, type_name: str) -> None:
         self._entries.pop(type_name, None)
 
     def handles(self, type_name: str) -> bool:
         return type_name in self._entries
+
+    @staticmethod
+    def _admissible(env: Any, gate: bytearray | None, keyed: KeyedDispatch) -> bool:
+        if not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST):
+            if gate is not None and (env.partition >= len(gate) or not gate[env.partition]):
+                return False
+            if keyed.busy_keys and keyed.busy(env.key):
+                return False
+        return True
+
+    def _done(self, env: Any, name: str, reorder: InboundReorder, spans_append: Any, received: float,
+              t0: float, t1: float) -> None:
+        if isinstance(spans_append, SpanRing):
+            spans_append.record(env, env.type, name, received, t0, t1)
+        elif spans_append is not None:
+            # choreo.tracing's span layout; the three ids as one bytes object (msg_id | trace_id |
+            # cause_id, as on the wire), split when the span is read
+            spans_append(
+                (env.msg_id + env.trace_id + env.cause_id, env.type, name, received, t0, t1, self.ok, None, 1,
+                 env.key[:SPAN_KEY_BYTES], env.partition)
+            )
+        reorder.complete(env.seq)
 
     def run(
         self,
@@ -1269,21 +1455,55 @@ class FastLane:
 
         Returns ``(handled, index, status, a, b, started)``: how many were handled here, where it
         stopped and why (``LANE_*``), and for FAILED/EFFECTS the decoded message, the error
-        (FAILED) or the context (EFFECTS), and when the handler started.
+        (FAILED) or the context (EFFECTS), and when the handler started (for BATCH_FAILED the
+        messages of the batch that raised).
         """
         handled = 0
+        n = len(envs)
+        i = start
         t1 = clock()  # one reading per message: each one's start is the previous one's end
-        for i in range(start, len(envs)):
+        while i < n:
             env = envs[i]
             entry = self._entries.get(env.type)
             if entry is None or env.kind != KIND_EVENT:
                 return handled, i, LANE_SLOW, None, None, 0.0
-            decode, window, fn, name, takes_context, handler = entry
-            if not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST):
-                if gate is not None and (env.partition >= len(gate) or not gate[env.partition]):
-                    return handled, i, LANE_SLOW, None, None, 0.0
-                if keyed.busy_keys and keyed.busy(env.key):
-                    return handled, i, LANE_SLOW, None, None, 0.0
+            decode, window, fn, name, takes_context, handler, batch = entry
+            if not self._admissible(env, gate, keyed):
+                return handled, i, LANE_SLOW, None, None, 0.0
+            if batch:
+                messages = []
+                j = i
+                stop_at, stop_status = -1, LANE_END
+                while j < n:
+                    envj = envs[j]
+                    if self._entries.get(envj.type) is not entry or envj.kind != KIND_EVENT:
+                        break
+                    if not self._admissible(envj, gate, keyed):
+                        break
+                    if window is not None and not window.insert(envj.msg_id, now, envj.partition):
+                        stop_at, stop_status = j, LANE_DUPLICATE
+                        break
+                    try:
+                        message = decode(envj.payload)
+                    except Exception:
+                        stop_at, stop_status = j, LANE_BAD
+                        break
+                    messages.append(message)
+                    j += 1
+                if messages:
+                    t0 = t1
+                    try:
+                        fn(messages)
+                    except Exception as exc:
+                        return handled, i, LANE_BATCH_FAILED, messages, exc, t0
+                    t1 = clock()
+                    while i < j:
+                        self._done(envs[i], name, reorder, spans_append, received, t0, t1)
+                        i += 1
+                    handled += len(messages)
+                if stop_at >= 0:
+                    return handled, stop_at, stop_status, None, None, 0.0
+                continue
             if window is not None and not window.insert(env.msg_id, now, env.partition):
                 return handled, i, LANE_DUPLICATE, None, None, 0.0
             try:
@@ -1306,16 +1526,10 @@ class FastLane:
             if takes_context and (ctx.outputs or (ctx.writes is not None and ctx.state.commit(env))):
                 return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
-            if spans_append is not None:
-                # choreo.tracing's span layout; the three ids as one bytes object (msg_id | trace_id |
-                # cause_id, as on the wire), split when the span is read
-                spans_append(
-                    (env.msg_id + env.trace_id + env.cause_id, env.type, name, received, t0, t1, self.ok, None, 1,
-                     env.key[:SPAN_KEY_BYTES], env.partition)
-                )
-            reorder.complete(env.seq)
+            self._done(env, name, reorder, spans_append, received, t0, t1)
             handled += 1
-        return handled, len(envs), LANE_END, None, None, 0.0
+            i += 1
+        return handled, n, LANE_END, None, None, 0.0
 
 
 # ---------------------------------------------------------------------------------------- state

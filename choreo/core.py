@@ -53,6 +53,7 @@ IdSource = _impl.IdSource
 EmitLane = _impl.EmitLane
 FastLane = _impl.FastLane
 StateView = _impl.StateView
+SpanRing = _impl.SpanRing
 KIND_EVENT = _impl.KIND_EVENT
 FLAG_UNKEYED = _impl.FLAG_UNKEYED
 FLAG_BROADCAST = _impl.FLAG_BROADCAST
@@ -63,6 +64,11 @@ LANE_DUPLICATE = _impl.LANE_DUPLICATE
 LANE_BAD = _impl.LANE_BAD
 LANE_FAILED = _impl.LANE_FAILED
 LANE_EFFECTS = _impl.LANE_EFFECTS
+LANE_BATCH_FAILED = _impl.LANE_BATCH_FAILED
+EMIT_END = _impl.EMIT_END
+EMIT_OTHER = _impl.EMIT_OTHER
+EMIT_BLOCKED = _impl.EMIT_BLOCKED
+EMIT_INVALID = _impl.EMIT_INVALID
 
 __all__ = [
     "IMPLEMENTATION",
@@ -94,6 +100,7 @@ __all__ = [
     "EmitLane",
     "FastLane",
     "StateView",
+    "SpanRing",
     "KIND_EVENT",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
@@ -104,4 +111,9 @@ __all__ = [
     "LANE_BAD",
     "LANE_FAILED",
     "LANE_EFFECTS",
+    "LANE_BATCH_FAILED",
+    "EMIT_END",
+    "EMIT_OTHER",
+    "EMIT_BLOCKED",
+    "EMIT_INVALID",
 ]

@@ -72,7 +72,9 @@ class Backpressure(ChoreoError):
     """Credit towards a receiver is exhausted: the receiver is slower than its producers.
 
     Raised at once by the non-waiting variants (``try_emit``), and by ``await emit()`` /
-    ``await send()`` once their timeout expires. The message carries the numbers::
+    ``await send()`` / ``await emit_many()`` once their timeout expires (for ``emit_many``,
+    ``emitted`` holds the ids of the events that went before: they are not withdrawn). The
+    message carries the numbers::
 
         window 1000/1000 in flight to payments#2 for 5.0 s
     """
@@ -91,6 +93,8 @@ class Backpressure(ChoreoError):
         self.window = window
         self.waited = waited
         self.in_flight_bytes = in_flight_bytes
+        # emit_many: the ids of the events of the batch that went before credit ran out (not withdrawn)
+        self.emitted: list[bytes] = []
         super().__init__(
             reason
             or f"window {in_flight}/{window} in flight to {destination} for {waited:.1f} s "

@@ -55,6 +55,7 @@ __all__ = [
     "encode_checked",
     "idempotency_id",
     "message_options",
+    "simple_fields",
 ]
 
 Kind = Literal["event", "command", "query"]
@@ -308,6 +309,61 @@ def encode_checked(message: Message) -> bytes:
         name = message_options(type(message)).name
         raise ValidationError(_explain(name, str(exc), lambda field: getattr(message, field, None))) from None
     return body
+
+
+def _simple_types(info: Any) -> tuple[type, ...] | None | bool:
+    """The exact Python types a value of this msgspec type may have for decoding to surely pass
+    (None: any value passes), or False when no such short list says it (constraints, containers...)."""
+    import msgspec.inspect as mi
+
+    if isinstance(info, mi.AnyType):
+        return None
+    if isinstance(info, (mi.StrType, mi.BytesType)):
+        if info.min_length is not None or info.max_length is not None or getattr(info, "pattern", None) is not None:
+            return False
+        return (str,) if isinstance(info, mi.StrType) else (bytes,)
+    if isinstance(info, (mi.IntType, mi.FloatType)):
+        if any(getattr(info, c) is not None for c in ("gt", "ge", "lt", "le", "multiple_of")):
+            return False
+        return (int,) if isinstance(info, mi.IntType) else (float,)
+    if isinstance(info, mi.BoolType):
+        return (bool,)
+    if isinstance(info, mi.NoneType):
+        return (type(None),)
+    if isinstance(info, mi.UnionType):
+        out: tuple[type, ...] = ()
+        for t in info.types:
+            sub = _simple_types(t)
+            if sub is False or sub is None:
+                return False
+            out += sub  # type: ignore[operator]
+        return out
+    return False
+
+
+def simple_fields(cls: type[Message]) -> tuple[tuple[str, tuple[type, ...] | None], ...] | None:
+    """``(field, exact types)`` of a message type whose fields all have plain types, else None.
+
+    When every field's value is exactly of one of its types, :func:`encode_checked`'s check of
+    the body could only pass, so the compiled emit lane skips it (it runs whenever a value is of
+    any other type, subclasses included, so the decision is always the check's own)::
+
+        >>> class Reading(Event):
+        ...     sensor: str
+        ...     value: float | None = None
+        >>> simple_fields(Reading)
+        (('sensor', (<class 'str'>,)), ('value', (<class 'float'>, <class 'NoneType'>)))
+    """
+    import msgspec.inspect as mi
+
+    info = mi.type_info(cls)
+    out = []
+    for f in info.fields:  # type: ignore[attr-defined]
+        types = _simple_types(f.type)
+        if types is False:
+            return None
+        out.append((f.name, types))
+    return tuple(out)  # type: ignore[arg-type]
 
 
 def _explain(name: str, error: str, value_of: Any) -> str:

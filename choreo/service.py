@@ -138,6 +138,7 @@ class Handler:
     takes_context: bool
     module: str
     line: int
+    batch: bool = False  # the function takes a list of messages (see Service.on)
 
     @property
     def message_name(self) -> str:
@@ -208,13 +209,32 @@ class Service:
         retries: int = 3,
         backoff: float = 0.05,
         backoff_max: float = 2.0,
+        batch: bool = False,
     ) -> Callable[[F], F]:
         """Subscribe a handler to an event type.
 
         ``key`` is the field whose value orders the events (default: the type's ``key``);
         ``broadcast=True`` runs the handler on every instance instead of one.
+
+        ``batch=True``: the handler takes a *list* of events, every run of them that arrived
+        together (as Kafka and FastStream batch consumers do), in order, each one deduplicated
+        first; each event is acknowledged on its own once the call returns. If the call raises,
+        the events of that batch are run again one by one (each as a list of one, with the
+        retry policy, then the dead-letter store), so one bad event does not fail its neighbours.
+        A batch handler is a plain function of one argument that emits and sends nothing::
+
+            @sink.on(OrderPlaced, batch=True)
+            def store(events: list[OrderPlaced]) -> None:
+                db.insert_many(e.order_id for e in events)
         """
-        return self._register("event", event, key, broadcast, emits, sends, RetryPolicy(retries, backoff, backoff_max))
+        if batch and (emits or sends):
+            raise ChoreoUsageError(
+                f"a batch handler of {message_options(event).name} cannot emit or send: the ids of what it produced "
+                "would have no single input to derive from; use a handler per message"
+            )
+        return self._register(
+            "event", event, key, broadcast, emits, sends, RetryPolicy(retries, backoff, backoff_max), batch=batch
+        )
 
     def command(
         self,
@@ -254,6 +274,7 @@ class Service:
         emits: Iterable[MessageType],
         sends: Iterable[MessageType],
         retry: RetryPolicy,
+        batch: bool = False,
     ) -> Callable[[F], F]:
         options = message_options(message)
         if options.kind != kind:
@@ -274,6 +295,13 @@ class Service:
             if not callable(fn):
                 raise ChoreoUsageError(f"@{self.name}.{kind}({options.name}) decorates {fn!r}, which is not callable")
             code = getattr(fn, "__code__", None)
+            is_async = inspect.iscoroutinefunction(fn)
+            takes_context = _takes_context(fn)
+            if batch and (is_async or takes_context):
+                raise ChoreoUsageError(
+                    f"@{self.name}.on({options.name}, batch=True) needs a plain function of one argument (the list "
+                    f"of events), got {'an async function' if is_async else 'one that takes a context'}"
+                )
             handler = Handler(
                 service=self.name,
                 name=getattr(fn, "__qualname__", repr(fn)),
@@ -285,10 +313,11 @@ class Service:
                 emits=emits_t,
                 sends=sends_t,
                 retry=retry,
-                is_async=inspect.iscoroutinefunction(fn),
-                takes_context=_takes_context(fn),
+                is_async=is_async,
+                takes_context=takes_context,
                 module=getattr(fn, "__module__", "") or "",
                 line=code.co_firstlineno if code else 0,
+                batch=batch,
             )
             self.handlers[options.name] = handler
             return fn

@@ -20,7 +20,8 @@ Faults, besides the lossy link: :meth:`Harness.partition` and :meth:`Harness.hea
 restore links; :meth:`Harness.crash` stops a node dead, :meth:`Harness.restart` brings it back
 as a new incarnation at the same endpoint; :meth:`Harness.join` starts a new node mid-run and
 :meth:`Harness.leave` stops one gracefully (drain, hand over, goodbye); :meth:`Harness.pause`
-freezes a node (a long GC pause, a suspended VM: no ticks, its frames wait) and
+freezes a node (a long GC pause, a suspended VM: no ticks, its frames wait; :meth:`Harness.burst`
+then hands it all of them in one read) and
 :meth:`Harness.jump` moves one node's clock forward. :mod:`choreo.nemesis` draws seeded random
 schedules of all of these.
 
@@ -306,6 +307,25 @@ class Harness:
         """Freeze a node for ``seconds`` of virtual time: no ticks; frames to it wait (a GC pause)."""
         endpoint = engine.transport.endpoint
         self.paused[endpoint] = max(self.paused.get(endpoint, 0.0), self.now + seconds)
+
+    def burst(self, engine: Engine) -> int:
+        """Hand a paused node every frame waiting for it in one read, with no turn of its loop
+        between them (as a busy socket does), and end its pause; returns how many it got."""
+        endpoint = engine.transport.endpoint
+        until = self.paused.pop(endpoint, self.now)  # (frames that met the pause wait until its end)
+
+        def arrived(q: tuple[float, int, str, bytes, str]) -> bool:
+            return q[2] == endpoint and (q[0] <= self.now or q[0] == until)
+
+        waiting = sorted(q for q in self.link.queue if arrived(q))
+        if not waiting:
+            return 0
+        self.link.queue = [q for q in self.link.queue if not arrived(q)]
+        heapq.heapify(self.link.queue)
+        for _, _, _, frame, src in waiting:
+            engine.on_frame(frame, src.encode(), self.keys.get(src))
+        engine.flush()
+        return len(waiting)
 
     def jump(self, engine: Engine, seconds: float) -> None:
         """Move one node's clock ``seconds`` forward at once (its monotonic clock after a suspend)."""

@@ -4,8 +4,10 @@ A span is recorded when a handler attempt ends: the message's trace id, its id a
 the message that caused it, the type, handler, service and instance, when the message was
 received, when the attempt started and finished, the outcome and the error. Spans live in a
 ring of fixed size per node, so memory stays bounded whatever the traffic; ``span_ring=0`` turns
-recording off. Recording is one tuple appended to a deque per attempt (the core's compiled lane
-appends the same tuple inline); everything else here (Span objects, hex ids, filtering by trace)
+recording off. The ring is the core's ``SpanRing``, read like a deque of span tuples: recording
+an attempt here appends one tuple; the core's compiled lane copies the same fields into the ring
+without building one (it is built, once, when the span is first read); everything else here
+(Span objects, hex ids, filtering by trace)
 happens when somebody asks.
 
 One layout for every recorded span, whoever records it (the ``SPAN_*`` indices)::
@@ -53,6 +55,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
+
+from . import core
 
 __all__ = [
     "Span",
@@ -135,7 +139,7 @@ class Tracer:
         self.instance = instance
         self.wall = wall
         self.offset = wall_offset(wall)
-        self.spans: deque[tuple[Any, ...]] = deque(maxlen=max(size, 1))
+        self.spans = core.SpanRing(max(size, 1))  # read like a deque of span tuples, oldest first
         self.enabled = size > 0
         # flows from outside that completed here, while metrics watch (None: nobody watches)
         self.completed: deque[tuple[bytes, str, str, float, float, str]] | None = None

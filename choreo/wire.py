@@ -9,7 +9,9 @@ Every frame opens with a fixed 24-byte header, then a body whose meaning depends
 compiled core without a copy. ``ACK`` bodies are the core's ack encoding. ``REPLY`` bodies are
 the answers to commands and queries, each ``16s msg_id | u8 type_len | type | u32 len | body``.
 A ``DATA`` or ``REPLY`` frame with ``FLAG_ACK`` set starts with ``u16 len | ack``: the sender's
-ack of what it received from the receiver rides along instead of taking a frame of its own. Control bodies
+ack of what it received from the receiver rides along instead of taking a frame of its own. A
+``DATA`` frame with ``FLAG_URGENT`` holds commands or queries, which the receiver handles at once,
+ahead of the events queued there. Control bodies
 (``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``, and membership's ``PING``,
 ``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are MessagePack decoded into the structs below, so a
 malformed or hostile body fails validation instead of reaching the runtime. Nothing here is ever
@@ -71,6 +73,7 @@ __all__ = [
     "NEWS",
     "SYNC",
     "FLAG_ACK",
+    "FLAG_URGENT",
     "FRAME_NAMES",
     "Hello",
     "Heartbeat",
@@ -133,6 +136,9 @@ FRAME_NAMES = {
 
 # frame flags
 FLAG_ACK = 0x0001  # the body starts with a piggybacked ack (u16 length, then the ack)
+# a DATA body that holds commands or queries: the receiver takes those ahead of the events queued
+# there (a receiver that does not know the flag handles the frame in order, as before)
+FLAG_URGENT = 0x0002
 PIGGY = struct.Struct("<H")
 REPLY_ENTRY = struct.Struct("<16sB")
 REPLY_LEN = struct.Struct("<I")

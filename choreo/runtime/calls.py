@@ -22,7 +22,8 @@ with ids derived from its input, so a retried handler emits the same ids.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, Protocol
 
@@ -76,14 +77,18 @@ class OutputsOf(Protocol):
 
 
 class _Call:
-    """A command or query waiting for its reply."""
+    """A command or query waiting for its reply (until ``deadline`` on the node's clock)."""
 
-    __slots__ = ("future", "cls", "service")
+    __slots__ = ("future", "cls", "service", "deadline", "timeout")
 
-    def __init__(self, future: asyncio.Future[Any], cls: type[Message], service: str) -> None:
+    def __init__(
+        self, future: asyncio.Future[Any], cls: type[Message], service: str, deadline: float, timeout: float
+    ) -> None:
         self.future = future
         self.cls = cls
         self.service = service
+        self.deadline = deadline
+        self.timeout = timeout
 
 
 class Calls:
@@ -116,6 +121,10 @@ class Calls:
         self.counters = counters
         self.join_status = join_status  # why this node has not joined yet (which seeds are silent)
         self.pending: dict[bytes, list[_Call]] = {}  # message id -> callers waiting for its answer
+        # (deadline, message id) of every request, oldest deadline first: checked at each tick by
+        # expire(), and left behind when answered (atoms only: the cycle collector never visits them)
+        self._deadlines: list[tuple[float, bytes]] = []
+        self.loop: asyncio.AbstractEventLoop | None = None  # the node's loop, once it started
         self._service_waiters: dict[str, list[Callable[[], None]]] = {}
         self._join_waiters: list[Callable[[], None]] = []
 
@@ -230,6 +239,43 @@ class Calls:
                 ) from None
         return msg_id
 
+    async def emit_many(self, events: Iterable[Message], *, timeout: float | None = None) -> list[bytes]:
+        """Publish events in order, in one crossing into the core per run of one type; returns their ids.
+
+        The rules: every event is checked before any goes (an event this node may emit, fields
+        that match their types); then each goes as ``emit`` would send it (its type's
+        subscribers, its key's partition; its id is its idempotency id when the type declares
+        one). When credit runs out part-way, what went stays on its way and the rest waits for
+        credit, in order, up to ``timeout`` in all; then :class:`~choreo.Backpressure` is raised
+        with ``emitted``, the ids of the events that went.
+        """
+        batch = events if isinstance(events, list) else list(events)
+        ids: list[bytes] = []
+        if not batch:
+            return ids
+        types = set(map(type, batch))
+        for cls in types:
+            self.router.check_emittable(cls)
+        if len(types) > 1 or not self.router.has_lane(batch[0]):
+            for event in batch:  # several runs (or no lane): checked whole here, before any goes
+                self.router.check_body(event, self.config.max_message_bytes)
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if not self.routing:
+            await self._await_joined(deadline)
+        n = len(batch)
+        i = 0
+        while True:
+            i = self.router.emit_many_now(batch, i, ids)
+            if i >= n:
+                return ids
+            try:  # events[i] waits for credit (or an instance), as emit() does; then the lanes again
+                ids.append(await self.emit(batch[i], timeout=max(deadline - self.clock(), 0.0)))
+            except Backpressure as exc:
+                exc.emitted = ids
+                raise
+            i += 1
+
     # -- commands and queries --------------------------------------------------------------------
 
     async def request(
@@ -253,7 +299,7 @@ class Calls:
         msg_id = idempotency_id(message) or self.router.fresh_id()
         if trace_id is None:
             trace_id = parse_traceparent(traceparent) if traceparent else msg_id
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         resends = [0]
 
@@ -275,22 +321,17 @@ class Calls:
 
         plan = replan()
         owner = plan[0][2]
-        call = _Call(future, type(message), owner)
+        call = _Call(future, type(message), owner, start + timeout, timeout)
         self.pending.setdefault(msg_id, []).append(call)
         try:
             if self.blocked(plan) is not None:
                 plan = await self._await_credit(plan, max(start + timeout - self.clock(), 0.0), replan)
+            # a caller waits on the answer: it leaves now, with no flush scheduled for a later turn
+            self.outbox.flush_scheduled = True
             self.router.commit(plan)
-            self.outbox.flush()  # a caller waits on the answer: no turn of the loop before it leaves
+            self.outbox.flush()
             self.counters.sent += 1
-
-            def expire() -> None:
-                if not future.done():
-                    future.set_exception(
-                        DeliveryTimeout(f"{options.kind} {options.name} to {owner}: no answer within {timeout:.1f} s")
-                    )
-
-            self.call_later(max(start + timeout - self.clock(), 0.0), expire)
+            heapq.heappush(self._deadlines, (call.deadline, msg_id))
             return await future
         finally:
             calls = self.pending.get(msg_id)
@@ -326,6 +367,18 @@ class Calls:
             traceparent=traceparent,
             origin_check=cause_id == ZERO_ID,
         )
+
+    def expire(self, now: float) -> None:
+        """Fail every request whose answer did not come before its deadline (called at each tick)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, msg_id = heapq.heappop(deadlines)
+            for call in self.pending.get(msg_id, ()):
+                if call.deadline <= now and not call.future.done():
+                    options = message_options(call.cls)
+                    call.future.set_exception(DeliveryTimeout(
+                        f"{options.kind} {options.name} to {call.service}: no answer within {call.timeout:.1f} s"
+                    ))
 
     def on_reply(self, msg_id: bytes, type_name: str, payload: bytes) -> None:
         """An answer arrived: resolve every caller waiting on that message id."""
@@ -422,6 +475,8 @@ class Calls:
             wake = partial(_wake, fut)
             if isinstance(blocked, str):
                 self._service_waiters.setdefault(blocked, []).append(wake)
+            elif plan and plan[0][1].kind != wire.KIND_EVENT:  # a command or query: first when credit frees
+                blocked.urgent_waiters.append(wake)
             else:
                 blocked.credit_waiters.append(wake)
             self.call_later(max(deadline - self.clock(), 0.0), wake)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Outgoing", "OutChannel", "InChannel", "SafeOnceStored", "ChannelJournal"]
 
 Callback = Callable[[], None]
+_KIND_COMMAND, _KIND_QUERY = wire.KIND_COMMAND, wire.KIND_QUERY
+
 EMPTY_ACK = core.encode_ack(0, 0, [])
 
 
@@ -125,11 +127,13 @@ class OutChannel:
         self.max_batch_bytes = max_batch_bytes
         self.me = me
         self.credit_waiters: list[Callback] = []
+        self.urgent_waiters: list[Callback] = []  # callers of commands and queries: woken first
         self.closed = False
         self.done_upto = 0  # every seq up to here is done (the receiver's cumulative ack)
         # durable nodes: the journal, and the batch bodies sent here that are not all acknowledged
         self.journal: ChannelJournal | None = None
         self.records: deque[Any] | None = None  # the journal's Records
+        self.urgent = False  # the pending batch holds a command or query (its frame says so)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -163,6 +167,8 @@ class OutChannel:
                 self.watch[seq] = done
         if item.row:
             self.journal.unlimbo(item)  # type: ignore[union-attr]
+        if item.kind == _KIND_COMMAND or item.kind == _KIND_QUERY:
+            self.urgent = True  # the next batch holds a command or query
         return seq
 
     def push(self, item: Outgoing, now: float) -> None:
@@ -180,11 +186,16 @@ class OutChannel:
         return self.window.pending >= self.max_batch or self.window.pending_bytes >= self.max_batch_bytes
 
     def take_body(self) -> bytes | None:
-        """The batch body of everything appended since the last call, or None."""
+        """The batch body of everything appended since the last call, or None (see :attr:`urgent`)."""
         body = self.window.flush()
         if body is not None and self.journal is not None:
             self.journal.body(self, body)
         return body
+
+    def take_urgent(self) -> bool:
+        """Whether the body just taken holds a command or query (and forget it)."""
+        urgent, self.urgent = self.urgent, False
+        return urgent
 
     # -- acks ----------------------------------------------------------------------------------
 
@@ -229,8 +240,10 @@ class OutChannel:
             self.append(backlog.popleft(), now)
         if not backlog:
             self.window.held = False
-        if not backlog and self.credit_waiters and self.window.has_credit(0):
-            waiters, self.credit_waiters = self.credit_waiters, []
+        if not backlog and (self.credit_waiters or self.urgent_waiters) and self.window.has_credit(0):
+            # commands and queries first: their callers resume before the emitters that waited
+            waiters = self.urgent_waiters + self.credit_waiters
+            self.urgent_waiters, self.credit_waiters = [], []
             for wake in waiters:
                 wake()
 
@@ -252,7 +265,8 @@ class OutChannel:
         out.extend(self.backlog)
         self.backlog.clear()
         self.watch.clear()
-        waiters, self.credit_waiters = self.credit_waiters, []
+        waiters = self.urgent_waiters + self.credit_waiters
+        self.urgent_waiters, self.credit_waiters = [], []
         for wake in waiters:
             wake()
         return out
@@ -287,6 +301,7 @@ class InChannel:
         self.reorder = core.InboundReorder(window=window)
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
+        self.acked_upto = 0  # the cumulative ack last sent
         self.rights: dict[tuple[str, int], str | None] = {}  # with keys: (type, kind) -> None or why refused
         # durable nodes ack only what they committed: the last committed ack (the outbox sends them)
         self.durable = durable
@@ -295,13 +310,20 @@ class InChannel:
     def ack_frame(self) -> bytes:
         if self.durable:
             return self.header + self.last_ack
+        self.acked_upto = self.reorder.done_upto
         return self.header + self.reorder.ack_frame()
 
     def take_ack(self) -> bytes | None:
         """The ack to send, if one is due (to ride on a frame going to the same peer)."""
         if not self.reorder.ack_pending or self.closed or self.durable:
             return None
+        self.acked_upto = self.reorder.done_upto
         return self.reorder.ack_frame()
+
+    @property
+    def unacked_done(self) -> int:
+        """Envelopes done since the last ack sent (credit their sender does not have back yet)."""
+        return self.reorder.done_upto - self.acked_upto  # type: ignore[no-any-return]
 
     @property
     def idle(self) -> bool:

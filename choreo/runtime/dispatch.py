@@ -327,6 +327,7 @@ class Dispatcher:
                 handler.name,
                 handler.takes_context,
                 handler,
+                handler.batch,
             )
         self._fast[type_name] = ok
         return ok
@@ -343,7 +344,7 @@ class Dispatcher:
         host = self.host
         received = host.batch_received
         tracer = self.tracer
-        spans_append = tracer.spans.append if tracer.enabled else None
+        spans_append = tracer.spans if tracer.enabled else None  # the lane records into the ring itself
         gate = self.moves.ownership.gate if self.moves is not None else None
         reorder = channel.reorder
         run = self.lane.run
@@ -375,6 +376,15 @@ class Dispatcher:
                     self._duplicate(Job(env, channel, handler, received))
                 elif status == core.LANE_BAD:
                     self._slow_path(channel, env, handler, received, None)  # refused, counted, acked
+                elif status == core.LANE_BATCH_FAILED:
+                    # the batch raised: each of its messages runs again on its own, in order (keys kept)
+                    error = f"{type(b).__name__}: {b} (in a batch of {len(a)}; each is run again on its own)"
+                    for k, message in enumerate(a):
+                        job = self._slow_path(channel, envs[i + k], handler, received, message)
+                        job.started = started
+                        self.tracer.finished(job, "error", error)
+                        self._admit(job)
+                    i += len(a) - 1
                 else:
                     job = self._slow_path(channel, env, handler, received, a)
                     job.started = started
@@ -756,7 +766,10 @@ class Dispatcher:
                 task = asyncio.get_running_loop().create_task(coro)
                 task.add_done_callback(lambda t, job=job, ctx=ctx: self._async_done(job, ctx, t))
                 return
-            result = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
+            if handler.batch:  # a batch handler, given one message: a list of one
+                result = handler.fn([job.message])
+            else:
+                result = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
         except Exception as exc:
             self._failed(job, exc)
         else:

@@ -64,7 +64,8 @@ from .store import Store
 __all__ = ["Engine", "Transport", "RUN_BUDGET"]
 
 log = logging.getLogger("choreo.node")
-RUN_BUDGET = 2048  # envelopes handled per turn of the event loop
+_URGENT_KINDS = (wire.KIND_COMMAND, wire.KIND_QUERY)  # handled as they arrive, ahead of queued events
+RUN_BUDGET = 512  # envelopes handled per turn of the event loop: a command waits at most one turn
 
 RpcHandler = Callable[[dict[str, Any]], Any]
 FrameHandler = Callable[[int, bytes, int, "bytes | None", "str | None"], None]
@@ -182,6 +183,7 @@ class Engine:
         # the application's verbs are the calls part's own (see choreo.runtime.calls)
         self.try_emit = self.calls.try_emit if self.journal is None else self._try_emit_durable
         self.emit = self.calls.emit if self.journal is None else self._emit_durable
+        self.emit_many = self.calls.emit_many if self.journal is None else self._emit_many_durable
         self.send = self.calls.send
         self.ask = self.calls.ask
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
@@ -215,6 +217,7 @@ class Engine:
     def start(self, seeds: Iterable[str] = ()) -> None:
         """Join the mesh: register ourselves, then say hello to every seed."""
         self._loop = asyncio.get_running_loop()
+        self.calls.loop = self._loop
         self.outbox.start(self._loop, self.incarnation)
         if self.journal is not None:  # a restart: what the store kept (sent again once joined)
             resent = self.journal.restore(self.outbox, self.dispatcher, self.membership)
@@ -342,6 +345,7 @@ class Engine:
         while timers and timers[0][0] <= now:
             _, _, callback = heapq.heappop(timers)
             callback()
+        self.calls.expire(now)
         if self.membership.version != self._synced_version:
             self.sync_view()
         if self.moves is not None:
@@ -356,10 +360,15 @@ class Engine:
     def on_frame(self, data: bytes, identity: bytes | None = None, principal: str | None = None) -> None:
         """Handle one received frame. Invalid input is counted and dropped; nothing raises.
 
+        The caller calls :meth:`flush` after a run of frames (what they produced leaves then).
+
         ``identity`` is the connection it came on, ``principal`` the key that connection
         authenticated as (None without keys): see :mod:`~choreo.runtime.admission`.
         """
         self.counters.frames_in += 1
+        # the caller flushes after a run of frames (the transport after each read, the harness after
+        # each frame): what this frame's handling appends leaves then, without a turn of the loop
+        self.outbox.flush_scheduled = True
         if self._last_tick is not None:
             self._check_gap(self.clock())
         if len(data) > self.config.max_frame_bytes:
@@ -444,7 +453,8 @@ class Engine:
         if self.admission.secure and released:
             released = self._rightful(ch, released)
         limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
-        for i, env in enumerate(released):
+        # an envelope larger than the limit needs a body larger than it: only then look at each one
+        for i, env in enumerate(released if len(data) - body_at > limit else ()):
             if env.size > limit:  # rare: refuse it and take the others one by one
                 ok = []
                 for e in released[i:]:
@@ -455,9 +465,18 @@ class Engine:
                         ok.append(e)
                 released = released[:i] + ok
                 break
+        if released and flags & wire.FLAG_URGENT:
+            # the frame holds commands or queries: they are handled now, ahead of every event
+            # queued here (from this sender or any other); its events queue as usual
+            # (a hand-over stays in order: it must follow the events its old owner sent before it)
+            urgent = [env for env in released if env.kind in _URGENT_KINDS]
+            if urgent:
+                released = [env for env in released if env.kind not in _URGENT_KINDS] if len(urgent) < len(released) else []
+                self.dispatcher.deliver_batch(ch, urgent, self.clock())
+                self.dispatcher.pump()
         if released:
             # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
-            # answering heartbeats and queries, and what waits here is its measurable lag
+            # answering heartbeats, commands and queries, and what waits here is its measurable lag
             self._runq.append((ch, released, self.batch_received))
             if not self._run_scheduled and self._loop is not None:
                 self._run_scheduled = True
@@ -522,7 +541,6 @@ class Engine:
         if ch.window.pending:
             self.outbox.dirty_out[ch] = None
         self.dispatcher.pump()
-        self.outbox.schedule_flush()
 
     # ================================================================================ membership changes
 
@@ -678,6 +696,17 @@ class Engine:
         await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
         return msg_id
 
+    async def _emit_many_durable(self, events: Iterable[Message], *, timeout: float | None = None) -> list[bytes]:
+        """emit_many on a durable node: returns once every event is committed to the store (one commit)."""
+        assert self.journal is not None
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if self.journal.failing is not None:
+            await self.journal.durable(timeout)
+        ids = await self.calls.emit_many(events, timeout=max(deadline - self.clock(), 0.0))
+        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
+        return ids
+
     # ================================================================================ diagnostics
 
     def count_refused(self, reason: str, detail: str) -> None:
@@ -716,7 +745,7 @@ class Engine:
             duplicates=d.duplicates,
             in_handler=d.in_handler,
             lag=self.lag(),
-            emitted=c.emitted,
+            emitted=self.router.emitted(),
             sent=c.sent,
             in_flight=self.outbox.in_flight(),
             redelivered=self.outbox.redelivered(),

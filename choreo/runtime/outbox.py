@@ -160,13 +160,21 @@ class Outbox:
             for ch in channels:
                 body = ch.take_body()
                 if body is not None and ch.peer.live:
-                    self.send_data(ch, body)
+                    self.send_data(ch, body, ch.take_urgent())
         if self.dirty_in and not self.hold_acks:
             # (while received envelopes wait to be handled, their acks wait too: one ack after the
             # handlers says more, and costs the sender one wake-up instead of two)
             dirty_in, self.dirty_in = self.dirty_in, {}
             for ich in dirty_in:
                 if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
+                    self.send_ack(ich)
+        elif self.dirty_in:
+            # ... unless a quarter of a window is done and unacknowledged on a channel: its sender
+            # gets that credit back now, so it need not stop while this node works through its queue
+            quarter = self.config.window // 4
+            for ich in [ich for ich in self.dirty_in if ich.unacked_done >= quarter]:
+                del self.dirty_in[ich]
+                if ich.peer.live and not ich.closed:
                     self.send_ack(ich)
 
     def _flush_durable(self) -> None:
@@ -179,9 +187,11 @@ class Outbox:
             channels = list(dirty)
             dirty.clear()
             for ch in channels:
+                urgent = ch.take_urgent()
                 body = ch.take_body()  # the journal keeps it until it is acknowledged
                 if body is not None and ch.peer.live:
-                    self.send(ch.peer.endpoint, wire.frame(wire.DATA, self.incarnation, ch.peer.incarnation, body))
+                    flags = wire.FLAG_URGENT if urgent else 0
+                    self.send(ch.peer.endpoint, wire.frame(wire.DATA, self.incarnation, ch.peer.incarnation, body, flags))
         if self.dirty_in and not self.hold_acks:
             dirty_in, self.dirty_in = self.dirty_in, {}
             held = self.held_acks
@@ -209,13 +219,13 @@ class Outbox:
                 if ich.peer.live and not ich.closed:
                     self.send(ich.peer.endpoint, ich.header + ack)
 
-    def frame_to(self, frame_type: int, incarnation: int, body: bytes) -> bytes:
+    def frame_to(self, frame_type: int, incarnation: int, body: bytes, flags: int = 0) -> bytes:
         """A DATA or REPLY frame for a peer, carrying our ack of its data when one is due."""
         ich = self.inbound.get(incarnation)
         ack = ich.take_ack() if ich is not None else None
         if ack is None:
-            return wire.frame(frame_type, self.incarnation, incarnation, body)
-        head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, frame_type, wire.FLAG_ACK, self.incarnation, incarnation)
+            return wire.frame(frame_type, self.incarnation, incarnation, body, flags)
+        head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, frame_type, flags | wire.FLAG_ACK, self.incarnation, incarnation)
         return b"".join((head, wire.PIGGY.pack(len(ack)), ack, body))
 
     def send_ack(self, ich: InChannel) -> None:
@@ -230,15 +240,22 @@ class Outbox:
         else:
             self.send(ich.peer.endpoint, ich.ack_frame())
 
-    def send_data(self, ch: OutChannel, body: bytes) -> None:
+    def send_data(self, ch: OutChannel, body: bytes, urgent: bool = False) -> None:
+        """One DATA frame; ``urgent``: its body holds commands or queries (the receiver takes them first)."""
         inc = ch.peer.incarnation
         if self.journal is not None:  # no piggybacked ack, no answer before its commit
-            self.send(ch.peer.endpoint, wire.frame(wire.DATA, self.incarnation, inc, body))
+            self.send(ch.peer.endpoint, wire.frame(wire.DATA, self.incarnation, inc, body, wire.FLAG_URGENT if urgent else 0))
             return
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:  # answers first: a piggybacked ack may cover their commands
             self.send(ch.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued.entries)))
-        self.send(ch.peer.endpoint, self.frame_to(wire.DATA, inc, body))
+        self.send(ch.peer.endpoint, self.frame_to(wire.DATA, inc, body, wire.FLAG_URGENT if urgent else 0))
+
+    def send_full(self, ch: OutChannel) -> None:
+        """A channel's pending batch is full: it leaves now."""
+        body = ch.take_body()
+        if body is not None:
+            self.send_data(ch, body, ch.take_urgent())
 
     def queue_reply(self, peer: Peer, entry: bytes) -> None:
         """An answer for ``peer``; it leaves with the next flush, ahead of any ack (at once when the
@@ -296,7 +313,7 @@ class Outbox:
         if ch.batch_full:
             body = ch.take_body()
             if body is not None:
-                self.send_data(ch, body)
+                self.send_data(ch, body, ch.take_urgent())
         self.schedule_flush()
 
     def retransmit(self, now: float) -> None:
@@ -304,8 +321,8 @@ class Outbox:
         for ch in list(self.out.values()):
             if ch.window.in_flight and ch.peer.live:
                 body = ch.window.due(now)
-                if body is not None:
-                    self.send_data(ch, body)
+                if body is not None:  # it may hold commands: the receiver looks (retransmissions are rare)
+                    self.send_data(ch, body, True)
 
     def close(self, incarnation: int) -> OutChannel | None:
         """The peer is gone: close both channels with it; returns the outbound one to evacuate."""

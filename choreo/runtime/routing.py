@@ -32,7 +32,9 @@ import msgspec
 from .. import core, wire
 from ..config import NodeConfig
 from ..errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
-from ..messages import Message, decoder_for, encode_checked, idempotency_id, message_options
+from ..messages import (
+    Message, MessageOptions, decoder_for, encode_checked, idempotency_id, message_options, simple_fields,
+)
 from ..service import Service
 from .channels import OutChannel, Outgoing
 from .holds import Hold, Holds
@@ -48,6 +50,7 @@ _encode = msgspec.msgpack.Encoder().encode  # the same encoding as choreo.messag
 _partition_of = core.partition_of
 _HEADER_SIZE = core.HEADER_SIZE
 _KIND_EVENT = wire.KIND_EVENT
+_EMIT_INVALID, _EMIT_BLOCKED = core.EMIT_INVALID, core.EMIT_BLOCKED
 
 #: (peer, flags, key, partition, service): one copy of a message; peer None: no live instance now
 Destination = tuple[Peer | None, int, bytes, int, str]
@@ -160,6 +163,7 @@ class Router:
     def invalidate(self) -> None:
         """Forget cached routes and emit plans (membership is rebuilt from scratch)."""
         self._routes.clear()
+        self.counters.emitted = self.emitted()  # what the lanes emitted, before they go
         self._emit_plans.clear()
 
     def fresh_id(self) -> bytes:
@@ -284,8 +288,9 @@ class Router:
 
     # -- the fast path of emit: one compiled plan per event type, straight into the windows -----
 
-    def compile_emit(self, cls: type) -> EmitPlan:
-        """The plan of an event type for the current membership (checked: an event this node may emit)."""
+    def check_emittable(self, cls: type) -> MessageOptions:
+        """The options of ``cls`` if it is an event type this node may emit outside a handler (else
+        the error that says why: TypeError, ChoreoUsageError, UndeclaredMessage)."""
         if not (isinstance(cls, type) and issubclass(cls, Message)):
             raise TypeError(f"emit takes a choreo event, got {cls.__name__}")
         options = message_options(cls)
@@ -296,6 +301,11 @@ class Router:
                 f"service {self.service.name} emits {options.name} outside a handler without declaring it: "
                 f"add it to Service({self.service.name!r}, emits=[...])"
             )
+        return options
+
+    def compile_emit(self, cls: type) -> EmitPlan:
+        """The plan of an event type for the current membership (checked: an event this node may emit)."""
+        options = self.check_emittable(cls)
         targets = []
         max_bytes = self.config.max_message_bytes
         unavailable = not self.routing()  # before joining: the waiting path waits for it
@@ -322,16 +332,28 @@ class Router:
             self.membership.version, options.name.encode(), targets, options.idempotency is not None, max_bytes, unavailable
         )
         if len(targets) == 1 and not targets[0].flags & wire.FLAG_BROADCAST and not unavailable:
-            # one destination service: the compiled lane writes the envelope straight into its window
+            # one destination service: the compiled lane encodes, checks, routes and writes the
+            # envelope straight into its window, and marks the channel for the next flush
             t = targets[0]
             channels = t.by_partition if t.by_partition is not None else t.channels
             plan.lane_channels = channels
+            outbox = self.outbox
             plan.lane = core.EmitLane(
                 plan.tname, t.key_field, t.partitions, [ch.window for ch in channels], _encode, key_bytes, self.ids,
                 self.config.max_batch, self.config.max_batch_bytes, max_bytes, decoder_for(cls).decode,
+                channels=channels, dirty=self._dirty_out, schedule=outbox.schedule_flush, send_full=outbox.send_full,
+                clock=self.clock, cls=cls, idempotency=idempotency_id if plan.idempotent else None,
+                fields=simple_fields(cls),
             )
+        old = self._emit_plans.get(cls)
+        if old is not None and old.lane is not None:
+            self.counters.emitted += old.lane.emitted  # what the replaced lane emitted
         self._emit_plans[cls] = plan
         return plan
+
+    def emitted(self) -> int:
+        """Events this node emitted (the lanes count their own)."""
+        return self.counters.emitted + sum(p.lane.emitted for p in self._emit_plans.values() if p.lane is not None)
 
     def emit_now(self, event: Message) -> bytes | None:
         """Emit without waiting if every destination has credit; None means: take the waiting path.
@@ -345,18 +367,57 @@ class Router:
         lane = plan.lane
         if lane is None or self.holds.by_key:
             return self._emit_general(plan, event)
-        msg_id = lane.emit(event, self.clock(), idempotency_id(event) if plan.idempotent else None)
-        if msg_id is None:
-            return None  # no credit (or a message too large): the waiting path waits or explains
-        ch = plan.lane_channels[lane.last]
-        if lane.full:
-            self.outbox.send_data(ch, ch.take_body())  # type: ignore[arg-type]
-        else:
-            self._dirty_out[ch] = None
-            if not self.outbox.flush_scheduled:
-                self.outbox.schedule_flush()
-        self.counters.emitted += 1
-        return msg_id  # type: ignore[no-any-return]
+        return lane.emit(event)  # type: ignore[no-any-return]  # None: no credit (or an invalid or too large body)
+
+    def has_lane(self, event: Message) -> bool:
+        """Whether events of this type go through a compiled lane now (it checks them itself)."""
+        plan = self._emit_plans.get(type(event))
+        if plan is None or plan.version != self.membership.version:
+            if not self.routing():
+                return False
+            plan = self.compile_emit(type(event))
+        return plan.lane is not None and not self.holds.by_key
+
+    def emit_many_now(self, events: list[Message], start: int, ids: list[bytes]) -> int:
+        """Emit ``events[start:]`` in order while each has credit (one crossing per run of a type);
+        returns the index of the first one that must take the waiting path (``len(events)``: none).
+
+        The ids of the events emitted are appended to ``ids``. Every event of a run is checked
+        before any of it goes (a body that does not match its type: ``ValidationError``).
+        """
+        n = len(events)
+        plans = self._emit_plans
+        version = self.membership.version
+        i = start
+        while i < n:
+            event = events[i]
+            plan = plans.get(type(event))
+            if plan is None or plan.version != version:
+                plan = self.compile_emit(type(event))
+            lane = plan.lane
+            if lane is None or self.holds.by_key:
+                msg_id = self._emit_general(plan, event)
+                if msg_id is None:
+                    return i
+                ids.append(msg_id)
+                i += 1
+                continue
+            i, status = lane.emit_many(events, i, ids)
+            if status == _EMIT_INVALID:
+                self.check_body(events[i], plan.max_bytes)  # raises with the field (or the size)
+                return i  # pragma: no cover - the lane's check and the codec's agree
+            if status == _EMIT_BLOCKED:
+                return i
+        return n
+
+    def check_body(self, message: Message, max_bytes: int) -> bytes:
+        """The checked body of ``message`` (``ValidationError``, ``MessageTooLarge`` if it cannot go)."""
+        payload = encode_checked(message)
+        if len(payload) > max_bytes:
+            raise MessageTooLarge(
+                f"{message.__choreo_options__.name} body is {len(payload)} bytes, above the limit of {max_bytes}"
+            )
+        return payload
 
     def _emit_general(self, plan: EmitPlan, event: Message) -> bytes | None:
         """Several destinations (all or none get it), or a partition held back: in Python."""
@@ -399,7 +460,7 @@ class Router:
         for ch, flags, kb, partition in sends:
             ch.window.append(_KIND_EVENT, flags, tname, kb, partition, msg_id, msg_id, ZERO_ID, payload, now)
             if ch.window.pending >= ch.max_batch or ch.window.pending_bytes >= ch.max_batch_bytes:
-                self.outbox.send_data(ch, ch.take_body())  # type: ignore[arg-type]
+                self.outbox.send_full(ch)
             else:
                 self._dirty_out[ch] = None
         if not self.outbox.flush_scheduled:

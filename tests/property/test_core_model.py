@@ -18,6 +18,7 @@ import math
 import os
 import random
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -404,6 +405,226 @@ class DispatchMachine(RuleBasedStateMachine):
             assert self.c.busy(k) == self.p.busy(k)
 
 
+# -------------------------------------------------------------------------------------------------
+# EmitLane: emit and emit_many with the runtime's bookkeeping (dirty set, full batches, ids)
+
+
+class _LaneEv(msgspec.Struct):
+    k: str
+    n: int
+
+
+class _OtherEv(msgspec.Struct):
+    n: int
+
+
+_lane_encode = msgspec.msgpack.Encoder().encode
+_lane_check = msgspec.msgpack.Decoder(_LaneEv).decode
+
+
+def _lane_key_bytes(value):
+    return str(value).encode()
+
+
+class EmitLaneMachine(RuleBasedStateMachine):
+    """Both cores' emit lanes over windows of their own core: the same ids, statuses, dirty sets,
+    batches sent when full, and bytes on the wire, whatever mix of emits, batches, flushes and acks."""
+
+    @initialize(keyed=st.booleans(), n_windows=st.integers(1, 3), max_messages=st.integers(1, 10),
+                max_batch=st.integers(1, 6), idem=st.booleans(), fields=st.booleans())
+    def setup(self, keyed, n_windows, max_messages, max_batch, idem, fields):
+        self.sides = {}
+        for name, core in (("c", C), ("p", P)):
+            windows = [core.OutboundWindow(max_messages=max_messages) for _ in range(n_windows if not keyed else 3)]
+            side = {"windows": windows, "dirty": {}, "sent": [], "scheduled": [0]}
+            channels = [f"ch{i}" for i in range(len(windows))]
+
+            def send_full(ch, side=side, windows=windows):
+                side["sent"].append((ch, windows[int(ch[2:])].flush()))
+
+            def schedule(side=side):
+                side["scheduled"][0] += 1
+
+            side["lane"] = core.EmitLane(
+                b"Ev", "k" if keyed else None, 3 if keyed else 1, windows, _lane_encode, _lane_key_bytes,
+                core.IdSource(b"\x07" * 8), max_batch, 1 << 20, 200, _lane_check, channels=channels,
+                dirty=side["dirty"], schedule=schedule, send_full=send_full, clock=lambda: 1.0, cls=_LaneEv,
+                idempotency=(lambda ev: ev.n.to_bytes(16, "little")) if idem else None,
+                fields=(("k", (str,)), ("n", (int,))) if fields else None,
+            )
+            self.sides[name] = side
+        self.n = 0
+
+    def events(self, data, size):
+        out = []
+        for _ in range(size):
+            kind = data.draw(st.sampled_from(["ok", "ok", "ok", "other", "bad", "big"]))
+            self.n += 1
+            if kind == "other":
+                out.append(_OtherEv(self.n))
+            elif kind == "bad":
+                out.append(_LaneEv(k="x", n="not an int"))  # type: ignore[arg-type]
+            elif kind == "big":
+                out.append(_LaneEv(k="y" * 300, n=self.n))  # above max_bytes
+            else:
+                out.append(_LaneEv(k=data.draw(st.sampled_from(["a", "b", "c", "d"])), n=self.n))
+        return out
+
+    @rule(data=st.data())
+    def emit(self, data):
+        (ev,) = self.events(data, 1)
+        if type(ev) is not _LaneEv:
+            return
+        c, p = self.sides["c"]["lane"], self.sides["p"]["lane"]
+        same(c.emit, p.emit, ev)
+        assert (c.last, c.full, c.emitted) == (p.last, p.full, p.emitted)
+
+    @rule(data=st.data(), size=st.integers(0, 8), start=st.integers(0, 2))
+    def emit_many(self, data, size, start):
+        evs = self.events(data, size)
+        ids = {"c": [], "p": []}
+        same(lambda: self.sides["c"]["lane"].emit_many(evs, min(start, len(evs)), ids["c"]),
+             lambda: self.sides["p"]["lane"].emit_many(evs, min(start, len(evs)), ids["p"]))
+        assert ids["c"] == ids["p"]
+
+    @rule(i=st.integers(0, 2))
+    def flush(self, i):
+        for side in self.sides.values():
+            if i < len(side["windows"]):
+                side["dirty"].pop(f"ch{i}", None)
+                side["sent"].append((f"ch{i}", side["windows"][i].flush()))
+
+    @rule(i=st.integers(0, 2))
+    def ack_all(self, i):
+        for side in self.sides.values():
+            if i < len(side["windows"]):
+                w = side["windows"][i]
+                w.on_ack(w.next_seq - 1, w.next_seq - 1, [], 2.0)
+
+    @rule(i=st.integers(0, 2), held=st.booleans())
+    def hold(self, i, held):
+        for side in self.sides.values():
+            if i < len(side["windows"]):
+                side["windows"][i].held = held
+
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "sides"):
+            return
+        c, p = self.sides["c"], self.sides["p"]
+        assert c["sent"] == p["sent"] and list(c["dirty"]) == list(p["dirty"]) and c["scheduled"] == p["scheduled"]
+        assert [w.stats() for w in c["windows"]] == [w.stats() for w in p["windows"]]
+        for side in (c, p):  # a window with pending envelopes is always in the dirty set
+            for i, w in enumerate(side["windows"]):
+                assert not w.pending or f"ch{i}" in side["dirty"]
+
+
+# -------------------------------------------------------------------------------------------------
+# FastLane: handlers per message and per batch, duplicates, bad bodies, failures, busy keys
+
+
+@settings(max_examples=40 if CI else 150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(
+        st.tuples(st.sampled_from(["Ev", "Ev", "Ev", "Bt", "Bt", "Other"]), st.sampled_from([b"a", b"b", b"busy", b""]),
+                  st.integers(0, 12), st.sampled_from(["ok", "ok", "ok", "bad", "boom"])),
+        max_size=30,
+    ),
+    gate_closed=st.sets(st.integers(0, 3), max_size=2),
+    ring=st.booleans(),
+)
+def test_both_fast_lanes_run_the_same_way(items, gate_closed, ring):
+    """Compiled and pure lanes stop at the same places with the same results, call the handlers
+    with the same messages (batch handlers with the same runs), and complete the same seqs."""
+    outcomes = []
+    for core in (C, P):
+        w = core.OutboundWindow(max_messages=64)
+        for i, (tname, key, id_n, body) in enumerate(items):
+            payload = b"\xc1" if body == "bad" else _lane_encode(_LaneEv(k=body, n=i))
+            flags = 0 if key else core.FLAG_UNKEYED
+            w.append(1, flags, tname.encode(), key, core.partition_of(key, 4), ident(id_n), ident(id_n), Z, payload, 0.0)
+        reorder = core.InboundReorder(window=64)
+        envs = reorder.feed(w.flush() or b"") if items else []
+        calls = []
+
+        def one(ev):
+            calls.append(("one", ev.n))
+            if ev.k == "boom":
+                raise RuntimeError("boom")
+
+        def many(evs):
+            calls.append(("many", [e.n for e in evs]))
+            if any(e.k == "boom" for e in evs):
+                raise RuntimeError("boom")
+
+        decode = msgspec.msgpack.Decoder(_LaneEv).decode
+        lane = core.FastLane()
+        lane.set("Ev", decode, core.DedupWindow(60.0, 100), one, "one", False)
+        lane.set("Bt", decode, core.DedupWindow(60.0, 100), many, "many", False, None, True)
+        keyed = core.KeyedDispatch()
+        keyed.admit(b"busy", "someone")
+        gate = bytearray(0 if p in gate_closed else 1 for p in range(4))
+        spans = core.SpanRing(64) if ring else []
+        clock = iter(range(10_000)).__next__
+        stops, i = [], 0
+        while True:
+            handled, i, status, a, b, started = lane.run(envs, i, reorder, 5.0, clock, 1.5, gate, keyed,
+                                                         spans if ring else spans.append, None)
+            msgs = [m.n for m in a] if status == core.LANE_BATCH_FAILED else (a.n if a is not None else None)
+            stops.append((handled, i, status, msgs, type(b).__name__ if b is not None else None, started))
+            if status == core.LANE_END:
+                break
+            i += len(a) if status == core.LANE_BATCH_FAILED else 1
+        outcomes.append((stops, calls, list(spans), reorder.stats()))
+    assert outcomes[0] == outcomes[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# SpanRing: appended tuples and lane records, read like a deque, the same in both cores
+
+
+class SpanRingMachine(RuleBasedStateMachine):
+    @initialize(maxlen=st.integers(1, 6))
+    def setup(self, maxlen):
+        self.c, self.p = C.SpanRing(maxlen), P.SpanRing(maxlen)
+        self.n = 0
+
+    @rule(data=st.data())
+    def append(self, data):
+        self.n += 1
+        span = data.draw(st.sampled_from([(self.n,), (b"x" * 48, "T", "h", 1.0, 2.0, 3.0, "error", "boom", 2, b"k", 3)]))
+        same(self.c.append, self.p.append, span)
+
+    @rule(key=st.binary(max_size=200), partition=st.integers(0, 3), t=st.sampled_from([0, 1.5, 2.25]))
+    def record(self, key, partition, t):
+        self.n += 1
+        raw = P.pack_envelope(self.n, 1, 0, b"Evt", key, partition, ident(self.n), ident(self.n + 1000), Z, b"body")
+        for ring, core in ((self.c, C), (self.p, P)):
+            ring.record(core.Envelope(raw), "Evt", "handler", t, t + 1, t + 2)
+
+    @rule(data=st.data())
+    def index(self, data):
+        i = data.draw(st.integers(-8, 8))
+        if -len(self.c) <= i < len(self.c):
+            assert self.c[i] == self.p[i]
+            assert self.c[i] is self.c[i], "a span read twice is the same object"
+        else:
+            for ring in (self.c, self.p):
+                with pytest.raises(IndexError):
+                    ring[i]
+
+    @rule()
+    def clear(self):
+        same(self.c.clear, self.p.clear)
+
+    @invariant()
+    def agree(self):
+        if not hasattr(self, "c"):
+            return
+        assert (len(self.c), self.c.total, self.c.maxlen) == (len(self.p), self.p.total, self.p.maxlen)
+        assert list(self.c) == list(self.p) and list(reversed(self.c)) == list(reversed(self.p))
+
+
 TestWindow = WindowMachine.TestCase
 TestWindow.settings = MACHINE_SETTINGS
 TestReorder = ReorderMachine.TestCase
@@ -412,6 +633,10 @@ TestDedup = DedupMachine.TestCase
 TestDedup.settings = MACHINE_SETTINGS
 TestDispatch = DispatchMachine.TestCase
 TestDispatch.settings = settings(MACHINE_SETTINGS, max_examples=30 if CI else 80)
+TestEmitLane = EmitLaneMachine.TestCase
+TestEmitLane.settings = MACHINE_SETTINGS
+TestSpanRing = SpanRingMachine.TestCase
+TestSpanRing.settings = MACHINE_SETTINGS
 
 
 # -------------------------------------------------------------------------------------------------

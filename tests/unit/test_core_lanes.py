@@ -164,3 +164,79 @@ def test_spans_keep_as_many_key_bytes_whoever_records_them() -> None:
     from choreo import tracing
 
     assert _core.SPAN_KEY_BYTES == _pycore.SPAN_KEY_BYTES == tracing.SPAN_KEY_BYTES == 128
+
+
+def _bookkept_lane(core, windows, sent, dirty, scheduled, max_batch=3):
+    channels = [f"ch{i}" for i in range(len(windows))]
+    return core.EmitLane(
+        b"Ev", "k", len(windows), windows, encode, lambda v: str(v).encode(), core.IdSource(b"\x02" * 8), max_batch,
+        1 << 20, 1 << 20, decode, channels=channels, dirty=dirty, schedule=lambda: scheduled.append(1),
+        send_full=lambda ch: sent.append((ch, windows[int(ch[2:])].flush())), clock=lambda: 3.0, cls=Ev,
+    )
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_emit_many_writes_a_run_marks_channels_and_sends_full_batches(core) -> None:
+    windows = [core.OutboundWindow(max_messages=64)]
+    sent, dirty, scheduled = [], {}, []
+    emit = _bookkept_lane(core, windows, sent, dirty, scheduled)
+    ids: list[bytes] = []
+    assert emit.emit_many([Ev("a", n) for n in range(7)], 0, ids) == (7, core.EMIT_END)
+    assert len(ids) == 7 and emit.emitted == 7
+    assert [len(core.parse_envelopes(body)) for _, body in sent] == [3, 3], "two full batches left at once"
+    assert list(dirty) == ["ch0"] and scheduled == [1], "the seventh waits for the flush it scheduled"
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_emit_many_stops_at_another_type_at_no_credit_and_writes_nothing_of_an_invalid_run(core) -> None:
+    windows = [core.OutboundWindow(max_messages=4)]
+    sent, dirty, scheduled = [], {}, []
+    emit = _bookkept_lane(core, windows, sent, dirty, scheduled, max_batch=100)
+    ids: list[bytes] = []
+    assert emit.emit_many([Ev("a", 1), Ev("a", 2), "other", Ev("a", 3)], 0, ids) == (2, core.EMIT_OTHER)
+    assert emit.emit_many([Ev("a", 3), Ev("a", "x"), Ev("a", 5)], 0, ids) == (1, core.EMIT_INVALID)
+    assert len(ids) == 2 and windows[0].pending == 2, "a run with an invalid event writes nothing"
+    assert emit.emit_many([Ev("a", n) for n in range(3, 9)], 0, ids) == (2, core.EMIT_BLOCKED)
+    assert len(ids) == 4 and windows[0].pending == 4, "credit ran out part-way: the prefix went"
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_batch_handler_gets_each_run_and_a_failing_one_comes_back_whole(core) -> None:
+    ids = [bytes([i]) * 16 for i in range(10)]
+    items = [(b"Ev", b"a", encode(Ev("a", n)), ids[n]) for n in range(4)]
+    items.append((b"Ev", b"a", encode(Ev("a", 9)), ids[0]))  # a duplicate: the run ends before it
+    items += [(b"Ev", b"b", encode(Ev("b", n)), ids[n]) for n in range(5, 8)]
+    reorder, envs = _batch(core, items)
+    calls: list[list[int]] = []
+
+    def handler(evs: list[Ev]) -> None:
+        calls.append([e.n for e in evs])
+        if any(e.n == 6 for e in evs):
+            raise ValueError("six")
+
+    fast = core.FastLane()
+    fast.set("Ev", decode, core.DedupWindow(60.0, 100), handler, "h", False, None, True)
+    clock = iter(range(100)).__next__
+    first = fast.run(envs, 0, reorder, 5.0, clock, 1.5, None, core.KeyedDispatch(), None, None)
+    assert first[:3] == (4, 4, core.LANE_DUPLICATE) and calls == [[0, 1, 2, 3]]
+    handled, i, status, messages, error, _ = fast.run(envs, 5, reorder, 5.0, clock, 1.5, None, core.KeyedDispatch(),
+                                                      None, None)
+    assert (handled, i, status) == (0, 5, core.LANE_BATCH_FAILED) and [m.n for m in messages] == [5, 6, 7]
+    assert isinstance(error, ValueError) and reorder.stats().done_upto == 4, "only the first run is complete"
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_lane_with_plain_fields_checks_a_body_only_when_a_value_is_of_another_type(core) -> None:
+    checked: list[bytes] = []
+
+    def check(body: bytes) -> Ev:
+        checked.append(body)
+        return decode(body)
+
+    emit = core.EmitLane(b"Ev", "k", 1, [core.OutboundWindow()], encode, lambda v: str(v).encode(),
+                         core.IdSource(b"\x03" * 8), 100, 1 << 20, 1 << 20, check,
+                         fields=(("k", (str,)), ("n", (int, bool))))
+    assert emit.emit(Ev("a", 1), 0.0) is not None and checked == [], "exact types: the check could only pass"
+    assert emit.emit(Ev("a", 2.0), 0.0) is None and len(checked) == 1, "another type: the check decides (no)"
+    assert emit.emit(Ev(None, 3), 0.0) is None and len(checked) == 2, "another type: the check decides (no)"
+    assert emit.emit(Ev("a", True), 0.0) is not None and len(checked) == 2, "one of the listed types"

@@ -70,6 +70,7 @@ def instances(core) -> dict[str, object]:
         "MalformedFrame": core.MalformedFrame("truncated", "detail"),
         "IdSource": core.IdSource(bytes(8)),
         "FastLane": core.FastLane(),
+        "SpanRing": core.SpanRing(4),
         "EmitLane": core.EmitLane(
             b"T", "k", 1, [core.OutboundWindow()], bytes, bytes, core.IdSource(bytes(8)), 256, 1 << 18, 1 << 20
         ),
