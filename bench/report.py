@@ -257,6 +257,32 @@ SCALE_ROWS = [
     Row("scale.fanout.8.deliveries_per_s", "deliveries/s (events × subscribing services), 1 .. 8 services", "/s", None,
         True, _points("fanout", ("1", "2", "4", "8"), "deliveries_per_s")),
 ]
+STATE_ROWS = [
+    Row("e2e.state.ratio_vs_stateless", "keyed read-modify-write events (a counter per key in `ctx.state`, 1,000 "
+        "keys), over the same handler keeping nothing, in memory, rounds interleaved", "x", 0.7, True,
+        lambda f: (f"with state {_per_s(f, 'e2e.state.state.events_per_s')} vs without "
+                   f"{_per_s(f, 'e2e.state.plain.events_per_s')}")),
+    Row("e2e.state.cpu_ratio_vs_stateless", "the same, CPU time per event of both processes", "x", None, False,
+        lambda f: (f"with state {_us(f, 'e2e.state.state.cpu_us_per_event')} vs without "
+                   f"{_us(f, 'e2e.state.plain.cpu_us_per_event')} per event")),
+    Row("e2e.state.durable.ratio_vs_stateless", "the same on durable nodes (fsync=\"batch\": each write commits "
+        "with its message's dedup id)", "x", None, True,
+        lambda f: (f"with state {_per_s(f, 'e2e.state.state_durable.events_per_s')} vs without "
+                   f"{_per_s(f, 'e2e.state.plain_durable.events_per_s')}")),
+    Row("state.handover.keys_per_s", "a graceful scale-out: the keys a second instance takes over, streamed with "
+        "their dedup ids from the first, per second", " keys/s", None, True,
+        lambda f: f"{fmt(num(f, 'state.handover.keys'), '')} keys moved"),
+    Row("state.handover.mb_per_s", "the same in bytes (chunks of half a batch, 128 KiB by default, sent as the earlier "
+        "ones are acknowledged, BLAKE2b-checked)",
+        " MB/s", None, True,
+        lambda f: f"raw PUSH/PULL of 128 KiB frames {fmt(num(f, 'state.handover.raw_pushpull_mb_per_s'), ' MB/s')}"),
+    Row("state.memory_bytes_per_key", "resident memory a key's state takes in its owner (a one-field Struct)", " B",
+        None, False, lambda f: f"of which value bytes {fmt(num(f, 'state.payload_bytes_per_key'), ' B')}"),
+    Row("state.disk_bytes_per_key", "store bytes in use per key on a durable instance (its message's dedup id "
+        "included)", " B", None, False, lambda f: "SQLite pages in use, before over after"),
+]
+
+
 def _mesh(what: str, unit: str, sizes: tuple[str, ...] = ("5", "20", "60")) -> Callable[[Figures], str]:
     return lambda f: " / ".join(f"{n}: {fmt(num(f, f'scale.mesh.{what}.{n}'), unit)}" for n in sizes)
 
@@ -309,6 +335,7 @@ SECTIONS = [
     ("Core micro-benchmarks", "make bench", "bench/test_core.py", ROWS),
     ("End to end", "make bench", "bench/test_e2e.py", E2E_ROWS),
     ("Latency", "make bench", "bench/test_latency.py", LATENCY_ROWS),
+    ("Handler state", "make bench", "bench/test_state.py", STATE_ROWS),
     ("How cost grows (chart: docs/bench-scaling.png)", "make bench", "bench/test_scaling.py", SCALE_ROWS),
     ("What membership costs", "make bench", "bench/test_mesh.py", MESH_ROWS),
     ("Beside the brokers users pick instead", "make bench-peers", "bench/test_peers.py", PEER_ROWS),
