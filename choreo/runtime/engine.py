@@ -47,7 +47,8 @@ from ..tracing import Tracer
 from .admission import Admission, PolicySource
 from .calls import Calls
 from .channels import InChannel
-from .dispatch import Dispatcher, Job
+from .context import Job
+from .dispatch import Dispatcher
 from .gossip import Gossip
 from .holds import Holds
 from .journal import Journal
@@ -173,10 +174,10 @@ class Engine:
             replicas=replicas,
         )
         if self.moves is not None:
-            self.moves.work = self.dispatcher
+            self.moves.work, self.moves.data = self.dispatcher, self.dispatcher.data
             self.moves.name = self.name
         if replicas is not None:
-            replicas.work = self.dispatcher
+            replicas.work = self.dispatcher.data
             replicas.name = self.name
         self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
@@ -220,7 +221,7 @@ class Engine:
         self.calls.loop = self._loop
         self.outbox.start(self._loop, self.incarnation)
         if self.journal is not None:  # a restart: what the store kept (sent again once joined)
-            resent = self.journal.restore(self.outbox, self.dispatcher, self.membership)
+            resent = self.journal.restore(self.outbox, self.dispatcher.data, self.membership)
             if resent:
                 log.info("%s: %d unacknowledged messages from the data dir wait to be sent again", self.name, resent)
         self.gossip.start(self._me(), seeds)
