@@ -26,7 +26,6 @@ from typing import Protocol
 import msgspec
 
 from .. import wire
-from ..config import NodeConfig
 from .lifecycle import Lifecycle
 from .membership import Membership, Peer
 from .outbox import Outbox
@@ -56,18 +55,19 @@ class Contacts:
         lifecycle: Lifecycle,
         host: ContactsHost,
         *,
-        config: NodeConfig,
+        period: float,
         clock: Callable[[], float],
         rng: random.Random,
     ) -> None:
+        """``period``: the protocol period (``NodeConfig.heartbeat``); ``rng``: gossip's own (seeded)."""
+        self.me: Peer | None = None
         self.membership = membership
         self.outbox = outbox
         self.life = lifecycle
         self.host = host
-        self.config = config
         self.clock = clock
         self.rng = rng
-        self.me: Peer | None = None
+        self.knock_every = max(4 * period, 1.0)  # how often a dead peer or a silent seed is knocked on
         self.hello_sent: dict[str, float] = {}
         self.told_dead: dict[int, float] = {}
         self.spoke: set[int] = set()  # incarnations that sent us a frame (they know us; we may knock)
@@ -128,10 +128,6 @@ class Contacts:
         while self._greet and self._budget > 0:
             endpoint = next(iter(self._greet))
             self.greet_later(endpoint, self._greet.pop(endpoint))
-
-    @property
-    def knock_every(self) -> float:
-        return max(4 * self.config.heartbeat, 1.0)
 
     def knock(self, now: float, seeds: list[str]) -> None:
         """Peers we declared dead may be cut off rather than gone: knock on one (that once spoke to

@@ -128,7 +128,7 @@ class Gossip:
         self.rng = random.Random(0)  # reseeded by the incarnation at start: replays under the harness's seed
         self.probes = Probes(suspect_after=config.suspect_after, dead_after=config.dead_after, rng=self.rng)
         self.rumors = Rumors(mult=RETRANSMIT_MULT)
-        self.contacts = Contacts(membership, outbox, lifecycle, host, config=config, clock=clock, rng=self.rng)
+        self.contacts = Contacts(membership, outbox, lifecycle, host, period=self.period, clock=clock, rng=self.rng)
         self.joining = Joining(self.contacts, membership, lifecycle, host, config=config, clock=clock)
         self._next_period = 0.0
         self._next_gossip = float("inf")
