@@ -4,7 +4,8 @@ How this works: :func:`install` registers them all on an engine (``Engine.regist
 :class:`~choreo.node.Node` starts; a client asks with :func:`choreo.client.rpc`:
 
 * ``spec``: the declared system the node knows, live instances or not (one system, for the analyzer);
-* ``stats``: the node's counters and gauges (:meth:`~choreo.runtime.stats.NodeStats.to_dict`);
+* ``stats``: the node's counters and gauges (:func:`node_stats`, as
+  :meth:`~choreo.runtime.stats.NodeStats.to_dict`);
 * ``peers``: the nodes it knows, with their state;
 * ``spans`` ``{"trace_id": HEX?, "limit": N}``: its recent spans (of one trace);
 * ``trace`` ``{"trace_id": HEX}``: its finished spans of one trace, plus what is still running,
@@ -36,19 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .runtime.stats import NodeStats, PeerStats
 from .terminal import plural
 from .tracing import SPAN_ATTEMPT, SPAN_FINISHED, SPAN_HANDLER, SPAN_IDS, SPAN_OUTCOME, SPAN_REPLAY, SPAN_TYPE
 
 if TYPE_CHECKING:  # pragma: no cover
     from .runtime.engine import Engine
 
-__all__ = ["install", "payload_view", "join_hint", "unacknowledged", "undrained"]
+__all__ = ["install", "node_stats", "payload_view", "join_hint", "unacknowledged", "undrained"]
 
 
 def install(engine: Engine) -> None:
     """Register every system query on ``engine``."""
     engine.register_rpc("spec", lambda args: engine.membership.system_spec())
-    engine.register_rpc("stats", lambda args: engine.stats().to_dict())
+    engine.register_rpc("stats", lambda args: node_stats(engine).to_dict())
     engine.register_rpc("peers", partial(_peers, engine))
     engine.register_rpc("spans", partial(_spans, engine))
     engine.register_rpc("trace", partial(_trace, engine))
@@ -60,6 +62,59 @@ def install(engine: Engine) -> None:
     engine.register_rpc("traces", partial(_traces, engine))
     engine.register_rpc("rates", partial(_rates, engine))
     engine.register_rpc("retire", lambda args: engine.retire(str(args["service"])))
+
+
+def node_stats(engine: Engine) -> NodeStats:
+    """Counters and gauges of one node (what ``Node.stats()``, ``choreo top`` and metrics read)."""
+    d = engine.dispatcher.stats
+    c = engine.counters
+    ownership = engine.ownership
+    return NodeStats(
+        node=engine.name,
+        service=engine.service.name if engine.service else None,
+        incarnation=f"{engine.incarnation:016x}",
+        endpoint=engine.transport.endpoint,
+        state=engine.lifecycle.state,
+        time=engine.wall(),
+        received=d.received,
+        processed=d.processed,
+        failed_attempts=d.failed_attempts,
+        dead_letters=len(engine.dispatcher.dead_letters),
+        dead_lettered=d.dead_lettered,
+        duplicates=d.duplicates,
+        in_handler=d.in_handler,
+        lag=engine.lag(),
+        emitted=engine.router.emitted(),
+        sent=c.sent,
+        in_flight=engine.outbox.in_flight(),
+        redelivered=engine.outbox.redelivered(),
+        backpressure_waits=c.backpressure_waits,
+        backpressure_errors=c.backpressure_errors,
+        unrouted=c.unrouted,
+        forwarded=c.forwarded,
+        reincarnations=c.reincarnations,
+        resent_requests=c.resent_requests,
+        partitions=ownership.summary() if ownership is not None else {},
+        holds=len(engine.holds.by_key),
+        refused=dict(c.refused),
+        frames_in=c.frames_in,
+        frames_out=c.frames_out,
+        peers=tuple(
+            PeerStats(p.node, p.state, p.service_name, p.endpoint) for p in engine.membership.peers.values()
+        ),
+        store=engine.journal.stats() if engine.journal is not None else {},
+        handler_state=_state_stats(engine),
+    )
+
+def _state_stats(engine: Engine) -> dict[str, Any]:
+    """What ``stats`` says of handler state: keys held, partitions moved, standby copies."""
+    tables = engine.dispatcher.state
+    if tables is None or engine.moves is None:
+        return {}
+    out: dict[str, Any] = {"keys": tables.keys(), "moves": engine.moves.transfers.to_dict()}
+    if engine.moves.replicas is not None:
+        out["replicas"] = engine.moves.replicas.stats()
+    return out
 
 
 def _peers(engine: Engine, args: dict[str, Any]) -> list[dict[str, Any]]:
@@ -132,7 +187,7 @@ def _rates(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
     else:  # every span is in the window: when the ring is full, it covers less than the window
         if tracer.enabled and len(tracer.spans) == tracer.spans.maxlen:
             covered = max(now - tracer.spans[0][SPAN_FINISHED], 1e-3)
-    stats = engine.stats()
+    stats = node_stats(engine)
     return {
         "node": engine.name,
         "service": engine.service.name if engine.service else None,
@@ -218,7 +273,7 @@ def unacknowledged(engine: Engine, timeout: float) -> str:
 def undrained(engine: Engine, timeout: float) -> str | None:
     """What a node leaves behind when its drain did not finish within ``timeout`` (for its log);
     None when nothing is left (only the quiet period after the last message was cut short)."""
-    stats = engine.stats()
+    stats = node_stats(engine)
     lag = sum(stats.lag.values())
     if not stats.in_flight and not lag and not stats.in_handler:
         return None

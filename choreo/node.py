@@ -155,7 +155,8 @@ class Node:
             try:
                 engine = self.engine
                 self.metrics = await MetricsServer.start(
-                    lambda: engine.stats().to_dict(), self.metrics_host, self.metrics_port, tracer=engine.tracer
+                    lambda: introspect.node_stats(engine).to_dict(), self.metrics_host, self.metrics_port,
+                    tracer=engine.tracer,
                 )
             except OSError:
                 self.transport.close()
@@ -519,7 +520,7 @@ class Node:
         >>> stats.processed, stats.in_flight, stats.refused.get("malformed", 0)  # doctest: +SKIP
         (1042, 0, 0)
         """
-        return self._engine().stats()
+        return introspect.node_stats(self._engine())
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """The dead letters kept on this node (a summary of each)."""

@@ -11,15 +11,23 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.lifecycle`, :mod:`~choreo.runtime.stats`: the node's own state, its numbers;
 * :mod:`~choreo.runtime.outbox`: channels by peer, batching, acks, replies, messages waiting for an instance;
 * :mod:`~choreo.runtime.routing`: destinations, emit plans and the compiled emit lane;
-* :mod:`~choreo.runtime.calls`: ``emit``/``try_emit``/``send``/``ask``, credit waits, answers;
+* :mod:`~choreo.runtime.calls`: ``emit``/``try_emit``/``send``/``ask``, credit waits, answers
+  (a durable node's emits wait for the commit);
 * :mod:`~choreo.runtime.probes`, :mod:`~choreo.runtime.rumors`: SWIM's failure detector (whom to
   probe, when silence means suspicion) and its dissemination queue (news piggybacked, O(log n) times);
-* :mod:`~choreo.runtime.gossip`: membership: probes, rumors, anti-entropy, joining, leaving, goodbyes;
+* :mod:`~choreo.runtime.contacts`: whom gossip talks to directly: hellos, the dial budget, partners,
+  partitions held, the dead and stale refusals;
+* :mod:`~choreo.runtime.joining`: the seeds asked and the answers waited for, until joined;
+* :mod:`~choreo.runtime.gossip`: membership: probes, rumors, anti-entropy, leaving, goodbyes;
 * :mod:`~choreo.runtime.moves`: view sync, drain, forward, hand-over, buffered arrivals;
-* :mod:`~choreo.runtime.deadletters`, :mod:`~choreo.runtime.dispatch`: dedup, per-key order,
-  handlers, retries, dead letters, the ack after the effects;
+* :mod:`~choreo.runtime.deadletters`: the dead-letter store, and a letter dressed for its replay;
+* :mod:`~choreo.runtime.context`: a received message on its way (``Job``) and the handler's context;
+* :mod:`~choreo.runtime.partdata`: what a partition carries when it moves (dedup ids, results,
+  state): exported, installed, a standby's deltas, restored after a restart;
+* :mod:`~choreo.runtime.dispatch`: dedup, per-key order, handlers, retries, the ack after the effects;
+* :mod:`~choreo.runtime.queries`: the system query table and its answers;
 * :mod:`~choreo.runtime.engine`: the wiring: the frame table, the receive path, tick, peers gone,
-  reincarnation, statistics, system queries.
+  reincarnation.
 
 The node on ZeroMQ and asyncio (:mod:`choreo.node`) and the fake-link harness
 (:mod:`choreo.testing`) both run an :class:`~choreo.runtime.engine.Engine`.

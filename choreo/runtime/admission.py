@@ -29,6 +29,7 @@ from typing import Any
 
 from .. import wire
 from ..spec import ServiceSpec
+from .channels import InChannel
 from .membership import Peer
 
 __all__ = ["Admission", "PolicySource", "STRANGER_FRAMES"]
@@ -127,6 +128,22 @@ class Admission:
             return f"{peer.node} (service {peer.service_name}) sent {type_name}, which its declarations do not produce"
         assert self.policy is not None
         return self.policy().may_originate(peer.principal, type_name)
+
+    def rightful(self, ch: InChannel, released: list[Any], refuse: Callable[[InChannel, Any, str, str], None]) -> list[Any]:
+        """With keys: the envelopes this channel's key may send; the others go to ``refuse(ch, env,
+        reason, detail)`` (completed, counted, and answered with the reason when they are commands
+        or queries). Verdicts are cached per channel (``ch.rights``)."""
+        verdicts = ch.rights
+        kept = []
+        for env in released:
+            verdict = verdicts.get((env.type, env.kind), 0)
+            if verdict == 0:
+                verdict = verdicts[(env.type, env.kind)] = self.may_send(ch.peer, env.type, env.kind)
+            if verdict is None:
+                kept.append(env)
+            else:
+                refuse(ch, env, "not_allowed", verdict)
+        return kept
 
     def may_call(self, principal: str | None, method: str) -> str | None:
         """May a client call the system query ``method``? (Always, without keys.)"""

@@ -17,6 +17,10 @@ that completes the command (:meth:`Calls.on_reply`). A command acknowledged with
 (the answer's frame was lost) is sent again under the same id; dedup answers it from the
 cached result. What a handler emits and sends goes out through :meth:`Calls.send_outputs`
 with ids derived from its input, so a retried handler emits the same ids.
+
+On a durable node the application's ``try_emit``, ``emit`` and ``emit_many`` are
+:class:`DurableCalls`': the same verbs, returning once the store has committed what they emitted
+(a full disk is backpressure).
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ from ..service import Service
 from ..tracing import parse_traceparent
 from .channels import OutChannel
 from .holds import Holds
+from .journal import Journal
 from .lifecycle import Lifecycle
 from .membership import Membership
 from .outbox import Outbox
 from .routing import ZERO_ID, PlannedCopy, Router
 from .stats import Counters
 
-__all__ = ["Calls", "OutputsOf", "decode_reply", "ok_reply", "error_reply", "REFUSALS"]
+__all__ = ["Calls", "DurableCalls", "OutputsOf", "decode_reply", "ok_reply", "error_reply", "REFUSALS"]
 
 _reply_encoder = msgspec.msgpack.Encoder()
 
@@ -516,6 +521,45 @@ class Calls:
         msg_id = idempotency_id(message) or self.router.fresh_id()
         trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         return msg_id, trace_id
+
+
+class DurableCalls:
+    """The emitting verbs of a durable node: :class:`Calls`' own, then a wait for the store's commit."""
+
+    def __init__(self, calls: Calls, journal: Journal, *, config: NodeConfig, clock: Callable[[], float]) -> None:
+        self.calls = calls
+        self.journal = journal
+        self.config = config
+        self.clock = clock
+
+    def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
+        """try_emit on a durable node: a full disk raises StoreFull (a Backpressure) at once."""
+        self.journal.check()
+        return self.calls.try_emit(event, traceparent=traceparent)
+
+    async def emit(
+        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
+    ) -> bytes:
+        """emit on a durable node: returns once the event is committed to the store."""
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if self.journal.failing is not None:  # a full disk is backpressure: wait for a commit, or raise
+            await self.journal.durable(timeout)
+        msg_id = await self.calls.emit(event, timeout=max(deadline - self.clock(), 0.0), traceparent=traceparent,
+                                       confirm=confirm)
+        # (its commit is the next flush's: even after a long wait for credit, a little time for it)
+        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
+        return msg_id
+
+    async def emit_many(self, events: Iterable[Message], *, timeout: float | None = None) -> list[bytes]:
+        """emit_many on a durable node: returns once every event is committed to the store (one commit)."""
+        timeout = self.config.emit_timeout if timeout is None else timeout
+        deadline = self.clock() + timeout
+        if self.journal.failing is not None:
+            await self.journal.durable(timeout)
+        ids = await self.calls.emit_many(events, timeout=max(deadline - self.clock(), 0.0))
+        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
+        return ids
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -3,7 +3,8 @@
 A message lands here after its retries (or at once, for a failure no retry can fix), with its
 payload, the error and its traceback, and is acknowledged to its sender, so one poison message
 cannot wedge a channel. Letters are listed, shown and replayed through the node's system queries
-(``choreo dlq``); the store keeps the newest ``limit`` letters and at most ``max_bytes`` of them
+(``choreo dlq``; a replay runs the letter, dressed as a :class:`ReplayEnvelope`, through the
+dispatcher again); the store keeps the newest ``limit`` letters and at most ``max_bytes`` of them
 (payload, error and traceback), evicting the oldest first and counting what it evicted::
 
     >>> store = DeadLetters(limit=2)
@@ -15,6 +16,7 @@ cannot wedge a channel. Letters are listed, shown and replayed through the node'
 
 from __future__ import annotations
 
+import traceback
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -22,7 +24,10 @@ from typing import Any, Protocol
 
 import msgspec
 
-__all__ = ["DeadLetter", "DeadLetters", "LetterJournal"]
+from ..service import Handler
+from ..wire import FLAG_REPLAY, FLAG_UNKEYED
+
+__all__ = ["DeadLetter", "DeadLetters", "LetterJournal", "ReplayEnvelope"]
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -105,6 +110,39 @@ class DeadLetters:
         self.added += 1
         return letter
 
+    def failed(
+        self, env: Any, handler: Handler, exc: BaseException, attempts: int, now: float,
+        replay_of: DeadLetter | None = None,
+    ) -> DeadLetter:
+        """``handler`` failed for good on the envelope ``env`` (after ``attempts``; ``now``: the wall
+        clock): a new letter, or, for a replay, its letter put back with the new attempts and error."""
+        if replay_of is not None:
+            letter = replay_of
+            letter.attempts += attempts
+            letter.error, letter.error_type = str(exc), type(exc).__name__
+            letter.last_failed = now
+            self.put_back(letter)
+        else:
+            letter = DeadLetter(
+                id=0,
+                message_type=env.type,
+                service=handler.service,
+                handler=handler.name,
+                msg_id=env.msg_id,
+                trace_id=env.trace_id,
+                key=env.key,
+                partition=env.partition,
+                payload=env.payload,
+                error=str(exc),
+                error_type=type(exc).__name__,
+                traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=20)),
+                attempts=attempts,
+                first_failed=now,
+                last_failed=now,
+            )
+            self.add(letter)
+        return letter
+
     def put_back(self, letter: DeadLetter) -> None:
         """Store ``letter`` under its id (a replayed letter that failed again comes back as the newest)."""
         old = self._letters.pop(letter.id, None)
@@ -154,3 +192,21 @@ class DeadLetters:
 
 def _size(letter: DeadLetter) -> int:
     return len(letter.payload) + len(letter.error) + len(letter.traceback) + len(letter.key) + 256
+
+
+class ReplayEnvelope:
+    """A dead letter dressed as a received envelope, for its replay."""
+
+    __slots__ = ("seq", "kind", "flags", "partition", "type", "key", "msg_id", "trace_id", "cause_id", "payload")
+
+    def __init__(self, letter: DeadLetter, kind: int) -> None:
+        self.seq = 0
+        self.kind = kind
+        self.flags = FLAG_REPLAY | (FLAG_UNKEYED if not letter.key else 0)
+        self.partition = letter.partition
+        self.type = letter.message_type
+        self.key = letter.key
+        self.msg_id = letter.msg_id
+        self.trace_id = letter.trace_id
+        self.cause_id = bytes(16)
+        self.payload = letter.payload

@@ -17,7 +17,8 @@ The engine owns no logic of its own beyond the receive path; each job is a part
   ``RUN_BUDGET`` envelopes so that heartbeats and queries are answered under overload;
 * ``ACK`` frees credit in the :class:`~choreo.runtime.outbox.Outbox` and releases holds;
 * ``REPLY`` answers the callers in :class:`~choreo.runtime.calls.Calls`;
-* ``RPC`` is a system query (the CLI), answered on the connection it came on.
+* ``RPC`` is a system query (the CLI), answered on the connection it came on by
+  :class:`~choreo.runtime.queries.SystemQueries`.
 
 Before any of that, :class:`~choreo.runtime.admission.Admission` checks that the frame speaks
 for a sender on the connection (and key) that sender joined on, and, with keys, that the key
@@ -36,18 +37,16 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import msgspec
-
 from .. import core, wire
 from ..config import NodeConfig
 from ..errors import ProtocolError
-from ..messages import Message
 from ..service import Service
 from ..tracing import Tracer
 from .admission import Admission, PolicySource
-from .calls import Calls
+from .calls import Calls, DurableCalls
 from .channels import InChannel
-from .dispatch import Dispatcher, Job
+from .context import Job
+from .dispatch import Dispatcher
 from .gossip import Gossip
 from .holds import Holds
 from .journal import Journal
@@ -57,8 +56,9 @@ from .moves import Moves
 from .replicas import Replicas
 from .outbox import Outbox
 from .ownership import Ownership
+from .queries import SystemQueries
 from .routing import ZERO_ID, Router
-from .stats import Counters, NodeStats, PeerStats
+from .stats import Counters
 from .store import Store
 
 __all__ = ["Engine", "Transport", "RUN_BUDGET"]
@@ -67,7 +67,6 @@ log = logging.getLogger("choreo.node")
 _URGENT_KINDS = (wire.KIND_COMMAND, wire.KIND_QUERY)  # handled as they arrive, ahead of queued events
 RUN_BUDGET = 512  # envelopes handled per turn of the event loop: a command waits at most one turn
 
-RpcHandler = Callable[[dict[str, Any]], Any]
 FrameHandler = Callable[[int, bytes, int, "bytes | None", "str | None"], None]
 
 
@@ -162,6 +161,11 @@ class Engine:
             else None
         )
         self.tracer = Tracer(self._label, self.name, config.span_ring, clock)  # spans on the node's clock
+        # what the dispatcher asks of its node (its Host) is mostly the outbox's and the calls' own
+        self.ack_later = self.outbox.ack_later
+        self.schedule_flush = self.outbox.schedule_flush
+        self.flush = self.outbox.flush  # every pending batch and ack, now (the transport calls it when idle)
+        self.send_outputs = self.calls.send_outputs
         replicas = None
         if self.moves is not None and service is not None and service.replicas:
             replicas = self.moves.replicas = Replicas(
@@ -173,17 +177,18 @@ class Engine:
             replicas=replicas,
         )
         if self.moves is not None:
-            self.moves.work = self.dispatcher
+            self.moves.work, self.moves.data = self.dispatcher, self.dispatcher.data
             self.moves.name = self.name
         if replicas is not None:
-            replicas.work = self.dispatcher
+            replicas.work = self.dispatcher.data
             replicas.name = self.name
         self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         # the application's verbs are the calls part's own (see choreo.runtime.calls)
-        self.try_emit = self.calls.try_emit if self.journal is None else self._try_emit_durable
-        self.emit = self.calls.emit if self.journal is None else self._emit_durable
-        self.emit_many = self.calls.emit_many if self.journal is None else self._emit_many_durable
+        durable = DurableCalls(self.calls, self.journal, config=config, clock=clock) if self.journal else None
+        self.try_emit = self.calls.try_emit if durable is None else durable.try_emit
+        self.emit = self.calls.emit if durable is None else durable.emit
+        self.emit_many = self.calls.emit_many if durable is None else durable.emit_many
         self.send = self.calls.send
         self.ask = self.calls.ask
         self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
@@ -194,15 +199,20 @@ class Engine:
         self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
         self._timer_seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._rpc: dict[str, RpcHandler] = {}
         self._log_budget: dict[str, float] = {}
+        self.queries = SystemQueries(
+            self.admission, refused=self.count_refused, incarnation=lambda: self.incarnation,
+            reply=lambda identity, frame: self.transport.reply(identity, frame),  # (read when answering)
+        )
+        self.register_rpc = self.queries.register
+        on_rpc = self.queries.on_rpc
         self._frames: dict[int, FrameHandler] = {
             wire.DATA: self._on_data,
             wire.REPLY: self._on_replies,
             wire.ACK: self._on_ack_frame,
             wire.HELLO: self._on_hello,
             wire.REFUSE: self._on_refuse,
-            wire.RPC: lambda sender, data, flags, identity, principal: self._on_rpc(
+            wire.RPC: lambda sender, data, flags, identity, principal: on_rpc(
                 identity, wire.decode_control(wire.RPC, data), principal
             ),
         }
@@ -220,7 +230,7 @@ class Engine:
         self.calls.loop = self._loop
         self.outbox.start(self._loop, self.incarnation)
         if self.journal is not None:  # a restart: what the store kept (sent again once joined)
-            resent = self.journal.restore(self.outbox, self.dispatcher, self.membership)
+            resent = self.journal.restore(self.outbox, self.dispatcher.data, self.membership)
             if resent:
                 log.info("%s: %d unacknowledged messages from the data dir wait to be sent again", self.name, resent)
         self.gossip.start(self._me(), seeds)
@@ -451,7 +461,7 @@ class Engine:
             raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
         self.batch_received = self.clock()
         if self.admission.secure and released:
-            released = self._rightful(ch, released)
+            released = self.admission.rightful(ch, released, self.dispatcher.refuse)
         limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
         # an envelope larger than the limit needs a body larger than it: only then look at each one
         for i, env in enumerate(released if len(data) - body_at > limit else ()):
@@ -484,21 +494,6 @@ class Engine:
                 self._loop.call_soon(self._run)
         if ch.reorder.ack_pending:
             self.outbox.ack_later(ch)
-
-    def _rightful(self, ch: InChannel, released: list[Any]) -> list[Any]:
-        """With keys: the envelopes this channel's key may send; the others are refused (completed,
-        counted, and answered with the reason when they are commands or queries)."""
-        verdicts = ch.rights
-        kept = []
-        for env in released:
-            verdict = verdicts.get((env.type, env.kind), 0)
-            if verdict == 0:
-                verdict = verdicts[(env.type, env.kind)] = self.admission.may_send(ch.peer, env.type, env.kind)
-            if verdict is None:
-                kept.append(env)
-            else:
-                self.dispatcher.refuse(ch, env, "not_allowed", verdict)
-        return kept
 
     def _run(self) -> None:
         """Hand received envelopes to their handlers, at most RUN_BUDGET per turn of the loop."""
@@ -643,19 +638,6 @@ class Engine:
 
     # ================================================================================ the dispatcher's host
 
-    def ack_later(self, channel: InChannel) -> None:
-        self.outbox.ack_later(channel)
-
-    def schedule_flush(self) -> None:
-        self.outbox.schedule_flush()
-
-    def flush(self) -> None:
-        """Send every pending batch and ack now (the transport calls it when it is idle)."""
-        self.outbox.flush()
-
-    def send_outputs(self, job: Job, outputs: list[Message], on_done: Callable[[], None]) -> int:
-        return self.calls.send_outputs(job, outputs, on_done)
-
     def send_reply(self, job: Job, reply: bytes) -> bool:
         """Queue a command's or query's result for its sender; False if the sender is gone.
 
@@ -673,40 +655,6 @@ class Engine:
     def has_owner(self, type_name: str) -> bool:
         return bool(self.membership.owners(type_name))
 
-    # ================================================================================ a durable node's verbs
-
-    def _try_emit_durable(self, event: Message, *, traceparent: str | None = None) -> bytes:
-        """try_emit on a durable node: a full disk raises StoreFull (a Backpressure) at once."""
-        assert self.journal is not None
-        self.journal.check()
-        return self.calls.try_emit(event, traceparent=traceparent)
-
-    async def _emit_durable(
-        self, event: Message, *, timeout: float | None = None, traceparent: str | None = None, confirm: bool = False
-    ) -> bytes:
-        """emit on a durable node: returns once the event is committed to the store."""
-        assert self.journal is not None
-        timeout = self.config.emit_timeout if timeout is None else timeout
-        deadline = self.clock() + timeout
-        if self.journal.failing is not None:  # a full disk is backpressure: wait for a commit, or raise
-            await self.journal.durable(timeout)
-        msg_id = await self.calls.emit(event, timeout=max(deadline - self.clock(), 0.0), traceparent=traceparent,
-                                       confirm=confirm)
-        # (its commit is the next flush's: even after a long wait for credit, a little time for it)
-        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
-        return msg_id
-
-    async def _emit_many_durable(self, events: Iterable[Message], *, timeout: float | None = None) -> list[bytes]:
-        """emit_many on a durable node: returns once every event is committed to the store (one commit)."""
-        assert self.journal is not None
-        timeout = self.config.emit_timeout if timeout is None else timeout
-        deadline = self.clock() + timeout
-        if self.journal.failing is not None:
-            await self.journal.durable(timeout)
-        ids = await self.calls.emit_many(events, timeout=max(deadline - self.clock(), 0.0))
-        await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
-        return ids
-
     # ================================================================================ diagnostics
 
     def count_refused(self, reason: str, detail: str) -> None:
@@ -718,91 +666,13 @@ class Engine:
             log.warning("%s refused (%s): %s [%d so far]", self.name, reason, detail, self.counters.refused[reason])
 
     def lag(self) -> dict[int, int]:
-        """Messages received but not yet handled, per partition (counted when asked)."""
+        """Messages received but not yet handled, per partition (counted when asked; the node's
+        statistics are :func:`choreo.introspect.node_stats`)."""
         lag = dict(self.dispatcher.stats.lag)
         for _, envs, _ in self._runq:
             for env in envs:
                 lag[env.partition] = lag.get(env.partition, 0) + 1
         return dict(sorted(lag.items()))
-
-    def stats(self) -> NodeStats:
-        """Counters and gauges of this node (what ``choreo top`` and metrics read)."""
-        d = self.dispatcher.stats
-        c = self.counters
-        ownership = self.ownership
-        return NodeStats(
-            node=self.name,
-            service=self.service.name if self.service else None,
-            incarnation=f"{self.incarnation:016x}",
-            endpoint=self.transport.endpoint,
-            state=self.lifecycle.state,
-            time=self.wall(),
-            received=d.received,
-            processed=d.processed,
-            failed_attempts=d.failed_attempts,
-            dead_letters=len(self.dispatcher.dead_letters),
-            dead_lettered=d.dead_lettered,
-            duplicates=d.duplicates,
-            in_handler=d.in_handler,
-            lag=self.lag(),
-            emitted=self.router.emitted(),
-            sent=c.sent,
-            in_flight=self.outbox.in_flight(),
-            redelivered=self.outbox.redelivered(),
-            backpressure_waits=c.backpressure_waits,
-            backpressure_errors=c.backpressure_errors,
-            unrouted=c.unrouted,
-            forwarded=c.forwarded,
-            reincarnations=c.reincarnations,
-            resent_requests=c.resent_requests,
-            partitions=ownership.summary() if ownership is not None else {},
-            holds=len(self.holds.by_key),
-            refused=dict(c.refused),
-            frames_in=c.frames_in,
-            frames_out=c.frames_out,
-            peers=tuple(
-                PeerStats(p.node, p.state, p.service_name, p.endpoint) for p in self.membership.peers.values()
-            ),
-            store=self.journal.stats() if self.journal is not None else {},
-            handler_state=self._state_stats(),
-        )
-
-    def _state_stats(self) -> dict[str, Any]:
-        """What ``stats`` says of handler state: keys held, partitions moved, standby copies."""
-        tables = self.dispatcher.state
-        if tables is None or self.moves is None:
-            return {}
-        out: dict[str, Any] = {"keys": tables.keys(), "moves": self.moves.transfers.to_dict()}
-        if self.moves.replicas is not None:
-            out["replicas"] = self.moves.replicas.stats()
-        return out
-
-    # ================================================================================ system queries
-
-    def register_rpc(self, method: str, fn: RpcHandler) -> None:
-        """Answer the system query ``method`` with ``fn(args)`` (see :mod:`choreo.introspect`)."""
-        self._rpc[method] = fn
-
-    def _on_rpc(self, identity: bytes | None, rpc: wire.Rpc, principal: str | None = None) -> None:
-        if identity is None:
-            raise ProtocolError("malformed", "rpc without a connection to answer on")
-        fn = self._rpc.get(rpc.method)
-        refused = self.admission.may_call(principal, rpc.method) if fn is not None else None
-        if refused is not None:
-            self.count_refused("not_allowed", f"system query {rpc.method}: {refused}")
-            reply = wire.RpcReply(rpc.id, False, error=f"not allowed: {refused}")
-        elif fn is None:
-            reply = wire.RpcReply(rpc.id, False, error=f"unknown method {rpc.method!r}; known: {sorted(self._rpc)}")
-        else:
-            try:
-                reply = wire.RpcReply(rpc.id, True, result=fn(rpc.args))
-            except Exception as exc:  # the client asked for something impossible: tell it why
-                reply = wire.RpcReply(rpc.id, False, error=f"{type(exc).__name__}: {exc}")
-        try:
-            frame = wire.encode_control(wire.RPC_REPLY, self.incarnation, 0, reply)
-        except (TypeError, msgspec.EncodeError) as exc:
-            frame = wire.encode_control(wire.RPC_REPLY, self.incarnation, 0, wire.RpcReply(rpc.id, False, error=str(exc)))
-        self.transport.reply(identity, frame)
 
 
 def _new_incarnation() -> int:

@@ -87,7 +87,7 @@ class Record:
 
 
 class Restorable(Protocol):
-    """What :meth:`Journal.restore` needs of the dispatcher."""
+    """What :meth:`Journal.restore` needs of the partitions' data (:class:`~choreo.runtime.partdata.PartitionData`)."""
 
     def restore(self, snapshot: Snapshot, shift: float) -> None: ...
 
@@ -539,7 +539,7 @@ class Journal:
 
     # -- a restarted node ------------------------------------------------------------------------
 
-    def restore(self, outbox: Any, dispatcher: Restorable | None, membership: Any) -> int:
+    def restore(self, outbox: Any, data: Restorable | None, membership: Any) -> int:
         """Load what the store holds into a node that starts: returns how many envelopes wait to be
         sent again (for instances, in the order they were first sent)."""
         snap = self.store.load()
@@ -567,8 +567,8 @@ class Journal:
                 resent += 1
         self._track_dedup(snap.dedup)
         self._results.update((msg_id, expires) for msg_id, _, expires, _, _ in snap.results)
-        if dispatcher is not None:
-            dispatcher.restore(snap, self.clock() - self.wall())
+        if data is not None:  # dedup ids, results, handler state and dead letters
+            data.restore(snap, self.clock() - self.wall())
         self._compact(self.wall())
         return resent
 

@@ -28,11 +28,14 @@ concludes and what other nodes say (:meth:`Membership.merge`, the precedence rul
 records: a member's own higher ``version`` refutes a suspicion; "dead" and "left" are final for
 an incarnation), always through :data:`~choreo.states.PEER_TRANSITIONS`. It also keeps a digest
 of its live members in :data:`~choreo.wire.SYNC_BUCKETS` buckets (:attr:`Membership.buckets`),
-updated on every change, so that two nodes find what they disagree on by comparing 64 numbers.
+updated on every change, so that two nodes find what they disagree on by comparing 64 numbers
+(anti-entropy: :meth:`Membership.table` is what one sends the other of the buckets that differ,
+and :meth:`Membership.system_digest` tells whether their declared systems do).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -394,6 +397,24 @@ class Membership:
         wanted = set(buckets)
         n = wire.SYNC_BUCKETS
         return [p for p in self.peers.values() if p.incarnation % n in wanted]
+
+    def system_digest(self) -> int:
+        """A digest of the declared system (services and retirements), for anti-entropy."""
+        names = sorted(self.declared) + ["!" + name for name in sorted(self.retired)]
+        return int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=4).digest(), "little")
+
+    def table(self, buckets: list[int] | None, system: bool, want: Iterable[int] = ()) -> wire.Sync:
+        """Our records (of ``buckets``; None: all of them), and the declared system if ``system``:
+        a SYNC frame's body, asking for the peer's side of ``want``."""
+        peers = self.peers.values() if buckets is None else self.in_buckets(buckets)
+        return wire.Sync(
+            system=self.system_digest(),
+            members=[p.record() for p in peers],
+            services=list(self.declared.values()) if system else [],
+            retired=sorted(self.retired) if system else [],
+            want=list(want),
+            full=buckets is None,
+        )
 
     # -- views ---------------------------------------------------------------------------------
 

@@ -38,10 +38,10 @@ from .ownership import Ownership
 from .stats import Counters
 from .replicas import Replicas
 from .transfer import (
-    Chunk, Delta, Piece, Pump, Staged, StreamIn, StreamOut, TransferError, Verdict, decode_transfer, encode_transfer,
+    Chunk, Piece, Pump, Staged, StreamIn, StreamOut, TransferError, Verdict, decode_transfer, encode_transfer,
 )
 
-__all__ = ["Moves", "PartitionWork"]
+__all__ = ["Moves", "PartitionWork", "PartitionKeeping"]
 
 log = logging.getLogger("choreo.node")
 ZERO_ID = bytes(16)
@@ -49,8 +49,8 @@ HANDOVER_TYPE = b"choreo.handover"
 CHUNKS_IN_FLIGHT = 4  # chunks of one stream sent and not yet acknowledged
 
 
-class PartitionWork(Protocol):
-    """What moves need of the dispatcher: a partition's state, and its buffered arrivals run."""
+class PartitionKeeping(Protocol):
+    """What moves need of a partition's data (:class:`~choreo.runtime.partdata.PartitionData`)."""
 
     def export_partition(self, p: int) -> Iterator[Piece]: ...
 
@@ -58,7 +58,9 @@ class PartitionWork(Protocol):
 
     def install(self, staged: Staged) -> None: ...
 
-    def apply_delta(self, delta: Delta) -> None: ...
+
+class PartitionWork(Protocol):
+    """What moves need of the dispatcher: buffered arrivals run, and how many wait per partition."""
 
     def deliver(self, channel: InChannel, env: Any, now: float) -> None: ...
 
@@ -99,6 +101,7 @@ class Moves:
         self.refused = refused  # count and log what a peer sent that cannot be used
         self.stateful = stateful  # the service keeps handler state: never start a partition without it
         self.work: PartitionWork | None = None  # the dispatcher, set once both exist
+        self.data: PartitionKeeping | None = None  # and its partitions' data
         self.name = service  # this node's name, for the log
         self.sending: dict[int, _Sending] = {}  # partition -> the stream that hands it over
         # partition -> (sender, stream, since): a stream that came before our view gave us the partition
@@ -202,7 +205,7 @@ class Moves:
     def hand_over(self, p: int, target: int) -> None:
         """Partition ``p`` is drained: stream what this node knows of it to its new owner, after
         every forward. It stays draining here until the new owner says the stream checked out."""
-        assert self.work is not None
+        assert self.data is not None
         peer = self.membership.peers.get(target)
         if peer is None or not peer.live:
             peer = self.membership.owner(self.service, p)
@@ -213,7 +216,7 @@ class Moves:
             self.ownership.drained(p)
             return
         stream = StreamOut(
-            "handover", self._rng.getrandbits(62), p, self.work.export_partition(p),
+            "handover", self._rng.getrandbits(62), p, self.data.export_partition(p),
             chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock,
         )
         pump = Pump(stream, partial(self.send_transfer, peer, p), CHUNKS_IN_FLIGHT)
@@ -250,8 +253,8 @@ class Moves:
             self.transfers.bytes_sent += sending.pump.stream.bytes
             if self.ownership.state[p] == "draining":
                 self.ownership.drained(p)
-                assert self.work is not None
-                self.work.forget_partition(p)
+                assert self.data is not None
+                self.data.forget_partition(p)
                 if self.replicas is not None:
                     self.replicas.sync()
             return
@@ -331,9 +334,9 @@ class Moves:
 
     def _take(self, sender: Peer, staged: Staged) -> None:
         """Install a handed-over partition and tell its sender: from now on it is ours."""
-        assert self.work is not None
+        assert self.data is not None
         p = staged.partition
-        self.work.install(staged)
+        self.data.install(staged)
         self.send_transfer(sender, p, encode_transfer(Verdict(staged.purpose, staged.stream, p, True)))
         if self.ownership.handed_over(p, self.clock()):
             self.release_buffered([p])
@@ -350,8 +353,8 @@ class Moves:
                 if sender is not None and sender.live:
                     self._take(sender, staged)
                 else:
-                    assert self.work is not None
-                    self.work.install(staged)
+                    assert self.data is not None
+                    self.data.install(staged)
             elif self.ownership.owners[p] not in (None, self.me) or now - since >= self.ownership.early_ttl:
                 del self.early[p]  # someone else owns it in our view (or it waited too long)
                 if sender is not None and sender.live:

@@ -44,7 +44,7 @@ log = logging.getLogger("choreo.node")
 
 
 class ReplicaWork(Protocol):
-    """What replicas need of the dispatcher."""
+    """What replicas need of the partitions' data (:class:`~choreo.runtime.partdata.PartitionData`)."""
 
     def export_partition(self, p: int, settled: bool = False) -> Iterator[Piece]: ...
 

@@ -20,6 +20,7 @@ import pytest
 from choreo import Command, Event, NodeConfig, Service
 from choreo.core import decode_ack, parse_envelopes
 from choreo.errors import Backpressure, ChoreoError, StoreFull
+from choreo.introspect import node_stats
 from choreo.messages import idempotency_id
 from choreo.runtime.store import MemoryStore
 from choreo.testing import Harness
@@ -121,7 +122,7 @@ def test_a_restarted_producer_sends_again_in_order_what_was_not_acknowledged(tmp
         client = h.restart(client)
         consumer = h.restart(consumer)
         await h.run_until(lambda: client.state == "joined" and client.acknowledged, 60, "everything acknowledged")
-        assert client.name == name and client.stats().store["lives"] == 2
+        assert client.name == name and node_stats(client).store["lives"] == 2
         ledger.check([(ev.k, ev.n) for ev in emitted])
 
     run(scenario)
@@ -149,7 +150,7 @@ def test_a_restarted_consumer_answers_duplicates_from_its_store(tmp_path: Path) 
         await h.run_until(lambda: client.acknowledged, 30, "acknowledged again")
         assert again == results == [0, 2, 4, 6, 8]
         assert all(count == 1 for count in ledger.tallied.values()), dict(ledger.tallied)
-        assert consumer.stats().duplicates == 55
+        assert node_stats(consumer).duplicates == 55
         ledger.check([(f"k{n % KEYS}", n) for n in range(50)])
 
     run(scenario)
@@ -388,7 +389,7 @@ def test_a_full_disk_is_backpressure_and_nothing_is_lost_or_repeated_once_space_
                 producer_store.capacity = consumer_store.capacity = None  # space freed
         assert refused > 50 and tried > 0, f"only {refused} emits met a full disk ({tried} try_emits)"
         await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
-        assert client.stats().store["failing"] is None and consumer.stats().store["failing"] is None
+        assert node_stats(client).store["failing"] is None and node_stats(consumer).store["failing"] is None
         ledger.check(emitted)
 
     run(scenario)

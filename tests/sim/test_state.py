@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from choreo import ChoreoUsageError, Command, Event, HandlerFailed, MessageTooLarge, NodeConfig, Query, Service, ValidationError, core, wire
+from choreo.introspect import node_stats
 from choreo.runtime.transfer import Chunk, decode_transfer
 from choreo.testing import Harness
 
@@ -378,7 +379,7 @@ def test_a_durable_instance_killed_mid_stream_comes_back_with_its_state(tmp_path
         await h.run(task, timeout=300)
         await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
         assert await totals(h, client, keys) == dict(expected)
-        assert node.stats().store is not None
+        assert node_stats(node).store is not None
 
     run(scenario)
 

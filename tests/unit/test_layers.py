@@ -10,10 +10,12 @@ them all. On top of the layers:
   (its command-line glue, ``analyzer.commands``, is a program of layer 6 like the others);
 * a private module (``_name``) is imported only from inside its own package, and no module
   imports another's private names;
-* the import graph has no cycle.
+* the import graph has no cycle;
+* no module is longer than ``MAX_MODULE_LINES`` and no class than ``MAX_CLASS_LINES`` (issue 15:
+  one job per part; the compiled core's pure twin, ``_pycore.py``, is the one exception).
 
-The checker is a plain function, so a test can run it on a copy of the package with a violation
-injected and see it caught.
+The checkers are plain functions, so a test can run them on a copy of the package with a
+violation injected and see it caught.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ LAYERS: dict[int, tuple[str, ...]] = {
     ),
 }
 ANALYZER_MAY_IMPORT = ("client",)  # beyond layers 1 and 2
+MAX_MODULE_LINES = 800
+MAX_CLASS_LINES = 600
+SIZE_EXEMPT = ("_pycore",)  # the compiled core's pure-Python twin: one reference model, kept whole
 
 
 def layer_of(module: str) -> int | None:
@@ -142,6 +147,26 @@ def check(root: Path) -> list[str]:
     return problems
 
 
+def check_sizes(root: Path) -> list[str]:
+    """Every module over ``MAX_MODULE_LINES`` lines and class over ``MAX_CLASS_LINES``, one line each."""
+    problems = []
+    for name, path in modules(root).items():
+        if path.suffix == ".pyi" or name in SIZE_EXEMPT:
+            continue
+        text = path.read_text()
+        where = path.relative_to(root.parent)
+        lines = len(text.splitlines())
+        if lines > MAX_MODULE_LINES:
+            problems.append(f"{where} has {lines} lines, more than {MAX_MODULE_LINES}: cut it along its seams")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    problems.append(f"{where}:{node.lineno} class {node.name} has {size} lines, more than "
+                                    f"{MAX_CLASS_LINES}: give a part of its job to a class of its own")
+    return problems
+
+
 def test_the_package_keeps_its_layers() -> None:
     problems = check(PACKAGE)
     assert not problems, "\n".join(problems)
@@ -168,3 +193,30 @@ def test_the_checker_catches_an_injected_violation(tmp_path: Path, module: str, 
     target.write_text(head + sep + injected + rest if sep else injected + text)
     problems = check(copy)
     assert any(expected in p for p in problems), problems
+
+
+def test_no_module_or_class_outgrows_its_job() -> None:
+    problems = check_sizes(PACKAGE)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize(
+    ("module", "injected", "expected"),
+    [
+        ("runtime/holds.py", "\n" * MAX_MODULE_LINES, "choreo/runtime/holds.py has"),
+        ("runtime/lifecycle.py", "\n\nclass Big:\n" + "    x = 0\n" * MAX_CLASS_LINES, "class Big has 601 lines"),
+        ("_pycore.py", "\n" * MAX_MODULE_LINES, None),  # the twin is exempt
+    ],
+)
+def test_the_size_check_catches_an_injected_violation(
+    tmp_path: Path, module: str, injected: str, expected: str | None
+) -> None:
+    copy = tmp_path / "choreo"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.c"))
+    target = copy / module
+    target.write_text(target.read_text() + injected)
+    problems = check_sizes(copy)
+    if expected is None:
+        assert not problems, problems
+    else:
+        assert any(expected in p for p in problems), problems

@@ -19,6 +19,7 @@ MODULES = [
     "choreo.runtime.outbox",
     "choreo.runtime.routing",
     "choreo.runtime.calls",
+    "choreo.runtime.queries",
     "choreo.runtime.deadletters",
     "choreo.runtime.store",
 ]

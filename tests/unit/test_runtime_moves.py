@@ -90,7 +90,7 @@ class Node:
             counters=Counters(), refused=lambda reason, detail: self.refusals.append((reason, detail)),
             stateful=stateful,
         )
-        self.moves.work = self.work
+        self.moves.work = self.moves.data = self.work
         for inc in (me, *others):
             peer = self.add(inc)
             peer.holding = b"\xff" * (PARTITIONS // 8) if inc in holding else b""  # it holds every partition

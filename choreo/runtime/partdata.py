@@ -1,0 +1,373 @@
+"""What a service node keeps per partition, and how it travels: dedup ids, command results, state.
+
+How this works. The dispatcher (:mod:`~choreo.runtime.dispatch`) fills these tables as it runs
+handlers: the ids of the messages it handled (``DedupWindow`` per message type), the results of
+commands (a duplicate gets the first answer), and the handler state of each key
+(:class:`~choreo.runtime.state.StateTables`, written by :meth:`PartitionData.apply` in the step
+that sends a handler's outputs). :class:`PartitionData` shares those tables with the dispatcher and
+does everything else with them, the jobs of a partition on the move:
+
+* a hand-over or a standby copy reads a partition out (:meth:`~PartitionData.export_partition`,
+  as stream pieces, see :mod:`~choreo.runtime.transfer`), and the old owner forgets it
+  (:meth:`~PartitionData.forget_partition`);
+* the receiver installs it (:meth:`~PartitionData.install`); a standby applies its owner's
+  deltas (:meth:`~PartitionData.apply_delta`), which :meth:`~PartitionData.ship_ready` sends in
+  the order the handlers ran, once their outputs are acknowledged;
+* a restarted durable node reloads them from its store (:meth:`~PartitionData.restore`), and
+  every write is logged to its journal first (:meth:`~PartitionData.log_writes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import sys
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from .. import core
+from ..config import NodeConfig
+from ..messages import message_options
+from ..service import Handler
+from ..wire import KIND_COMMAND
+from .context import Host, Job
+from .deadletters import DeadLetter, DeadLetters
+from .journal import ENTRY_SIZE, Journal
+from .ownership import Ownership
+from .replicas import Replicas
+from .state import StateTables
+from .store import Snapshot
+from .transfer import Delta, Piece, Staged
+
+__all__ = ["PartitionData", "DEDUP_PER_PIECE"]
+
+log = logging.getLogger("choreo.dispatch")
+
+
+class PartitionData:
+    """The dispatcher's per-partition tables, exported, installed, restored (see the module docstring)."""
+
+    def __init__(
+        self,
+        host: Host,
+        handlers: dict[str, Handler],
+        *,
+        config: NodeConfig,
+        dedup: dict[str, core.DedupWindow],
+        results: OrderedDict[bytes, tuple[float, float, bytes, int]],
+        results_max: int,
+        in_progress: dict[bytes, Job],
+        state: StateTables | None,
+        dead_letters: DeadLetters,
+        output_done: Callable[[Job], None],
+        who: str,
+        ownership: Ownership | None = None,
+        replicas: Replicas | None = None,
+        journal: Journal | None = None,
+    ) -> None:
+        """The tables are the dispatcher's own (shared, not copied); ``output_done(job)`` tells it
+        that one of a job's waits is over (here: its state delta reached the standby)."""
+        self.host = host
+        self.handlers = handlers
+        self.config = config
+        self.dedup = dedup  # message type -> ids handled (and their partitions)
+        self.results = results  # command id -> (time, ttl, reply, partition)
+        self.results_max = results_max
+        self.in_progress = in_progress  # message id -> the job handling it
+        self.state = state  # the state of this node's partitions (a service that declares state types)
+        self.dead_letters = dead_letters
+        self.output_done = output_done
+        self.who = who  # the service, or "this client" (for what is refused)
+        self.ownership = ownership
+        self.replicas = replicas  # standby copies of the state (a service with replicas=1)
+        self.journal = journal  # durable nodes: what must commit before an ack leaves
+        self.unshipped: dict[bytes, deque[Job]] = {}  # key -> jobs whose writes the standby has yet to get
+
+    def window(self, name: str, handler: Handler) -> core.DedupWindow:
+        """The dedup window of message type ``name`` (made on first use, sized by its options)."""
+        window = self.dedup.get(name)
+        if window is None:
+            options = message_options(handler.message)
+            window = self.dedup[name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
+        return window
+
+    def export_partition(self, p: int, settled: bool = False) -> Iterator[Piece]:
+        """Everything this node knows of partition ``p``, as stream pieces (read as they go; kept
+        here until :meth:`forget_partition`). Times are this node's clock: each chunk says what
+        that clock read, and the receiver shifts them onto its own.
+
+        ``settled`` (a standby's copy): only what its deltas will not bring later: no id of a
+        message still in progress, and a key's value before the writes its standby has yet to get.
+        """
+        for name, window in list(self.dedup.items()):
+            blob = window.export_partition(p)
+            if settled and self.in_progress:
+                blob = _without(blob, self.in_progress)
+            for part in _split_dedup(blob, DEDUP_PER_PIECE):
+                yield Piece(dedup=[(name, part)])
+        for msg_id, (t, ttl, reply, partition) in list(self.results.items()):
+            if partition == p:
+                yield Piece(results=[(msg_id, t, ttl, reply)])
+        if self.state is not None:
+            yield from _bunched(self._state_entries(p, settled))
+
+    def _state_entries(self, p: int, settled: bool) -> Iterator[tuple[str, bytes, bytes]]:
+        assert self.state is not None
+        names = self.state.types.names
+        before: dict[tuple[int, bytes], bytes | None] = {}
+        if settled:
+            for key, queue in self.unshipped.items():
+                if queue and queue[0].env.partition == p and queue[0].before is not None:
+                    for t, body in queue[0].before.items():
+                        before[(t, key)] = body
+        for t, key, body in self.state.entries(p):
+            if before:
+                if (t, key) in before:
+                    old = before.pop((t, key))
+                    if old is None:
+                        continue
+                    body = old
+            yield names[t], key, body
+        for (t, key), old in before.items():  # a value its pending writes created, or deleted
+            if old is not None:
+                yield names[t], key, old
+
+    def forget_partition(self, p: int) -> None:
+        """Partition ``p`` is its new owner's now: forget its dedup ids, results and state here."""
+        for window in self.dedup.values():
+            window.drop_partition(p)
+        for msg_id in [k for k, v in self.results.items() if v[3] == p]:
+            del self.results[msg_id]
+        if self.state is not None:
+            self.state.drop(p)
+            if self.journal is not None:
+                self.journal.state_dropped(p)
+
+    def install(self, staged: Staged) -> None:
+        """A partition received whole and checked (see :mod:`choreo.runtime.transfer`): its dedup
+        ids and results join ours; its state replaces ours, unless this node already runs the
+        partition (a race of views), where what it wrote itself since is newer and stays."""
+        p = staged.partition
+        for name, blob, shift in staged.dedup:
+            handler = self.handlers.get(name)
+            if handler is None:
+                continue
+            window = self.window(name, handler)
+            try:
+                shifted = _shift_times(blob, shift)
+                window.import_entries(shifted, p)
+            except (core.MalformedFrame, struct.error) as exc:
+                self.host.count_refused("malformed", f"dedup ids of partition {p} in a hand-over: {exc}")
+                continue
+            if self.journal is not None:  # a durable node keeps what it was handed
+                self.journal.imported(name, list(_DEDUP_RECORD.iter_unpack(shifted[4:])), p)
+        now = self.host.clock()
+        for msg_id, t, ttl, reply in staged.results:
+            if now - t < ttl and msg_id not in self.results:
+                self.results[msg_id] = (t, ttl, reply, p)
+                if self.journal is not None:
+                    self.journal.result(msg_id, ttl - (now - t), reply, p)
+        if self.state is None:
+            return
+        by_name = self.state.types.by_name
+        tables: list[dict[bytes, bytes]] = [{} for _ in by_name]
+        for name, key, body in staged.state:
+            t = by_name.get(name)
+            if t is None:
+                self.host.count_refused("unknown_type", f"state {name!r} of partition {p} in a hand-over: "
+                                                        f"{self.who} declares {', '.join(by_name) or 'none'}")
+                continue
+            tables[t][key] = body
+        if self.ownership is not None and self.ownership.state[p] == "owned":
+            for t, table in enumerate(tables):
+                table.update(self.state.tables[t][p])
+        self.state.install(p, tables)
+        if self.journal is not None:  # the partition's state, replaced whole in the store too
+            self.journal.state_dropped(p)
+            names = self.state.types.names
+            for t, table in enumerate(tables):
+                for key, body in table.items():
+                    self.journal.state(names[t], key, p, body)
+
+    def apply_delta(self, delta: Delta) -> None:
+        """One handler's writes on its owner, applied to our standby copy with the message's id
+        (and a command's result): the message is a duplicate here from now on."""
+        p = delta.partition
+        if self.state is not None:
+            by_name = self.state.types.by_name
+            writes = {by_name[name]: body for name, body in delta.writes if name in by_name}
+            if len(writes) < len(delta.writes):
+                self.host.count_refused("unknown_type", f"a state delta of partition {p} names a type "
+                                                        f"{self.who} does not declare")
+            self.state.apply(p, delta.key, writes)
+            if self.journal is not None:
+                self.log_writes(p, delta.key, writes)
+        handler = self.handlers.get(delta.message_type)
+        if handler is None:
+            return
+        now = self.host.clock()
+        options = message_options(handler.message)
+        if self.config.dedup and handler.kind != "query":
+            self.window(delta.message_type, handler).insert(delta.msg_id, now, p)
+            if self.journal is not None:
+                self.journal.imported(delta.message_type, [(delta.msg_id, now)], p)
+        if delta.reply is not None and handler.kind == "command":
+            self.results[delta.msg_id] = (now, options.dedup_ttl, delta.reply, p)
+            if self.journal is not None:
+                self.journal.result(delta.msg_id, options.dedup_ttl, delta.reply, p)
+
+    def restore(self, snapshot: Snapshot, shift: float) -> None:
+        """A restarted node: its dedup ids, cached results and dead letters from its store.
+
+        ``shift`` turns the store's wall-clock times into this node's clock.
+        """
+        now = self.host.clock()
+        for _, name, t, expires, entries in snapshot.dedup:
+            handler = self.handlers.get(name)
+            if handler is None or expires + shift <= now:
+                continue
+            window = self.window(name, handler)
+            n = len(entries) // ENTRY_SIZE
+            parts = array("H")
+            parts.frombytes(entries[16 * n : ENTRY_SIZE * n])
+            if sys.byteorder == "big":  # pragma: no cover
+                parts.byteswap()
+            by_partition: dict[int, list[bytes]] = {}
+            for k, p in enumerate(parts):
+                by_partition.setdefault(p, []).append(entries[16 * k : 16 * k + 16])
+            at = t + shift
+            for p, ids in by_partition.items():
+                blob = len(ids).to_bytes(4, "little") + b"".join(_DEDUP_RECORD.pack(i, at) for i in ids)
+                window.import_entries(blob, p)
+        for msg_id, t, expires, partition, reply in snapshot.results:
+            if expires + shift > now:
+                self.results[msg_id] = (t + shift, expires - t, reply, partition)
+        if self.state is not None:
+            by_name = self.state.types.by_name
+            for type_name, key, partition, body in snapshot.state:
+                t = by_name.get(type_name)
+                if t is None or partition >= self.state.partitions:
+                    log.warning("state %s of key %r in the store is not this service's any more: left there",
+                                type_name, key[:64])
+                    continue
+                self.state.tables[t][partition][key] = body
+        for letter_id, encoded in snapshot.letters:
+            try:
+                self.dead_letters.restore(DeadLetter.decode(encoded))
+            except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as exc:
+                log.warning("dead letter #%d in the store cannot be read (%s): skipped", letter_id, exc)
+
+
+    def apply(self, env: Any, writes: dict[int, bytes | None], job: Job | None = None) -> None:
+        """A handler's state writes, for the key of ``env``: applied, logged, and (with a standby)
+        held on ``job`` until its outputs are acknowledged (then :meth:`ship_ready`)."""
+        state = self.state
+        assert state is not None
+        p, key = env.partition, env.key
+        if job is not None and self.replicas is not None and self.replicas.copies(p):
+            job.before = {t: state.get(t, p, key) for t in writes}
+            job.writes = writes
+            job.pending += 1  # its delta: shipped once its outputs are acknowledged (ship_ready)
+            self.unshipped.setdefault(key, deque()).append(job)
+        state.apply(p, key, writes)
+        if self.journal is not None:
+            self.log_writes(p, key, writes)
+
+    def log_writes(self, p: int, key: bytes, writes: dict[int, bytes | None]) -> None:
+        """A durable node: state writes commit with the message that made them."""
+        assert self.journal is not None and self.state is not None
+        names = self.state.types.names
+        for t, body in writes.items():
+            self.journal.state(names[t], key, p, body)
+
+    def ship_ready(self, key: bytes) -> None:
+        """Send the standby the writes of this key's jobs whose outputs are all acknowledged, in
+        the order their handlers ran (a later write never overtakes an earlier one)."""
+        queue = self.unshipped.get(key)
+        assert self.state is not None and self.replicas is not None
+        names = self.state.types.names
+        while queue and queue[0].pending == 1:
+            job = queue.popleft()
+            env = job.env
+            assert job.writes is not None
+            delta = Delta(
+                env.partition, key, [(names[t], body) for t, body in job.writes.items()], env.type, env.msg_id,
+                self.host.clock(), job.reply if env.kind == KIND_COMMAND else None,
+            )
+            job.writes = job.before = None
+            self.replicas.ship(env.partition, delta, partial(self.output_done, job))
+        if not queue:
+            self.unshipped.pop(key, None)
+
+
+    def remember(self, job: Job, reply: bytes) -> None:
+        """A command's result, for its duplicates (kept for its type's dedup window, at most ``results_max``)."""
+        if job.env.kind != KIND_COMMAND or job.handler is None:
+            return
+        options = message_options(job.handler.message)
+        self.results[job.env.msg_id] = (self.host.clock(), options.dedup_ttl, reply, job.env.partition)
+        if self.journal is not None:
+            self.journal.result(job.env.msg_id, options.dedup_ttl, reply, job.env.partition)
+        while len(self.results) > self.results_max:
+            self.results.popitem(last=False)
+        # forget results older than their dedup window, oldest first
+        now = self.host.clock()
+        while self.results:
+            t, ttl, _, _ = next(iter(self.results.values()))
+            if now - t < ttl:
+                break
+            self.results.popitem(last=False)
+
+
+
+_DEDUP_RECORD = struct.Struct("<16sd")
+DEDUP_PER_PIECE = 4096  # dedup ids per stream piece (about 100 KB)
+
+
+def _bunched(entries: Iterator[tuple[str, bytes, bytes]], limit: int = 32 << 10) -> Iterator[Piece]:
+    """State entries as pieces of about ``limit`` bytes (a stream cuts its chunks from pieces)."""
+    bunch: list[tuple[str, bytes, bytes]] = []
+    size = 0
+    for entry in entries:
+        bunch.append(entry)
+        size += len(entry[1]) + len(entry[2])
+        if size >= limit:
+            yield Piece(state=bunch)
+            bunch, size = [], 0
+    if bunch:
+        yield Piece(state=bunch)
+
+
+def _without(blob: bytes, ids: dict[bytes, Any]) -> bytes:
+    """A DedupWindow export without the entries whose id is in ``ids``."""
+    n = int.from_bytes(blob[:4], "little")
+    size = _DEDUP_RECORD.size
+    kept = [blob[4 + i * size : 4 + (i + 1) * size] for i in range(n) if blob[4 + i * size : 20 + i * size] not in ids]
+    return len(kept).to_bytes(4, "little") + b"".join(kept)
+
+
+def _split_dedup(blob: bytes, per: int) -> Iterator[bytes]:
+    """A DedupWindow export (``u32 n | n x (16s id, f64 time)``) as exports of at most ``per`` ids."""
+    n = int.from_bytes(blob[:4], "little")
+    size = _DEDUP_RECORD.size
+    for lo in range(0, n, per):
+        hi = min(n, lo + per)
+        yield (hi - lo).to_bytes(4, "little") + blob[4 + lo * size : 4 + hi * size]
+
+
+def _shift_times(blob: bytes, shift: float) -> bytes:
+    """Move the times of a dedup export (``u32 n | n x (16s id, f64 time)``) by ``shift`` seconds."""
+    if len(blob) < 4:
+        raise struct.error("dedup export shorter than its count")
+    n = int.from_bytes(blob[:4], "little")
+    out = bytearray(blob)
+    for i in range(n):
+        offset = 4 + i * _DEDUP_RECORD.size
+        key, t = _DEDUP_RECORD.unpack_from(blob, offset)
+        _DEDUP_RECORD.pack_into(out, offset, key, t + shift)
+    return bytes(out)
