@@ -42,6 +42,9 @@ class NodeConfig:
     oldest go first, counted). ``max_state_bytes``: the largest state value a handler may
     write (``ctx.state``); ``max_partition_bytes``: the most a partition's state stream may
     carry to this node (a new owner or a standby stages that much before it installs it).
+    ``standby_gate_timeout``: how long a handler's state writes may wait for its outputs'
+    acknowledgements before they go to the standby anyway, when a later write of the same key
+    waits behind them (a flow that came back to a key it wrote: see the README's Handler state).
 
     >>> NodeConfig(window=0)
     Traceback (most recent call last):
@@ -73,6 +76,7 @@ class NodeConfig:
     dedup: bool = True
     max_state_bytes: int | None = None  # default: 256 KiB, or half of max_message_bytes if less
     max_partition_bytes: int = 1 << 30
+    standby_gate_timeout: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_state_bytes is None:

@@ -82,6 +82,7 @@ class Job:
         "error",
         "writes",
         "before",
+        "mark_owed",
     )
 
     def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
@@ -100,6 +101,7 @@ class Job:
         self.error: str | None = None
         self.writes: dict[int, bytes | None] | None = None  # state writes a standby has yet to get
         self.before: dict[int, bytes | None] | None = None  # the values they replaced
+        self.mark_owed = False  # its writes reached the standby ahead of its id (PartitionData.ungate)
 
 
 class HandlerContext:

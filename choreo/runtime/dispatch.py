@@ -523,8 +523,11 @@ class Dispatcher:
         job.pending -= 1
         if job.pending == 0:
             self._effects_safe(job)
-        elif job.pending == 1 and job.writes is not None:
-            self.data.ship_ready(job.env.key)
+        elif job.pending == 1:
+            if job.writes is not None:
+                self.data.ship_ready(job.env.key)
+            elif job.mark_owed:
+                self.data.ship_mark(job)
 
     def _effects_safe(self, job: Job) -> None:
         """Everything the handler emitted is acknowledged: answer the caller, then ack the input."""

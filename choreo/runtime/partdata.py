@@ -49,6 +49,10 @@ __all__ = ["PartitionData", "DEDUP_PER_PIECE"]
 log = logging.getLogger("choreo.dispatch")
 
 
+def _nothing() -> None:
+    """An ungated job's writes reached the standby: its id, which it still owes, is what counts."""
+
+
 class PartitionData:
     """The dispatcher's per-partition tables, exported, installed, restored (see the module docstring)."""
 
@@ -87,6 +91,9 @@ class PartitionData:
         self.replicas = replicas  # standby copies of the state (a service with replicas=1)
         self.journal = journal  # durable nodes: what must commit before an ack leaves
         self.unshipped: dict[bytes, deque[Job]] = {}  # key -> jobs whose writes the standby has yet to get
+        self.waiting: dict[bytes, Job] = {}  # message id -> its job, while in unshipped
+        self.ungated = 0  # writes sent to the standby ahead of their outputs' acks (see ungate)
+        self._ungated_by: set[str] = set()  # handlers already logged for it
 
     def window(self, name: str, handler: Handler) -> core.DedupWindow:
         """The dedup window of message type ``name`` (made on first use, sized by its options)."""
@@ -208,7 +215,7 @@ class PartitionData:
             if self.journal is not None:
                 self.log_writes(p, delta.key, writes)
         handler = self.handlers.get(delta.message_type)
-        if handler is None:
+        if handler is None or not delta.marked:
             return
         now = self.host.clock()
         options = message_options(handler.message)
@@ -273,7 +280,14 @@ class PartitionData:
             job.before = {t: state.get(t, p, key) for t in writes}
             job.writes = writes
             job.pending += 1  # its delta: shipped once its outputs are acknowledged (ship_ready)
+            queue = self.unshipped.get(key)
+            if queue and queue[0].pending > 1:  # behind writes that wait for their outputs' acks
+                if env.cause_id in self.waiting:  # ... which may be waiting for this very flow
+                    self.ungate(key)
+                else:  # ... or for a flow through other nodes that comes back here: we cannot tell
+                    self.host.call_later(self.config.standby_gate_timeout, partial(self._gate_expired, key))
             self.unshipped.setdefault(key, deque()).append(job)
+            self.waiting[env.msg_id] = job
         state.apply(p, key, writes)
         if self.journal is not None:
             self.log_writes(p, key, writes)
@@ -300,9 +314,62 @@ class PartitionData:
                 self.host.clock(), job.reply if env.kind == KIND_COMMAND else None,
             )
             job.writes = job.before = None
+            self.waiting.pop(env.msg_id, None)
             self.replicas.ship(env.partition, delta, partial(self.output_done, job))
         if not queue:
             self.unshipped.pop(key, None)
+
+    def ungate(self, key: bytes) -> None:
+        """Ship every write of ``key`` still held, in order, without waiting for outputs.
+
+        A write waits for its handler's outputs to be acknowledged so that its standby never
+        counts a message done whose outputs a crash could lose. But an output's ack waits for
+        the handler it reaches, and when that handler writes the same key (a flow that came back
+        to a key it wrote), its write waits behind the first: neither would ever leave. Here the
+        writes of a job still waiting go alone (``marked=False``); its id follows once its
+        outputs are acknowledged (:meth:`ship_mark`). The price, stated in the README: a crash
+        between the two runs that message again on the standby, over its own writes.
+        """
+        queue = self.unshipped.pop(key, None)
+        if not queue:
+            return
+        assert self.state is not None and self.replicas is not None
+        names = self.state.types.names
+        for job in queue:
+            env = job.env
+            assert job.writes is not None
+            self.waiting.pop(env.msg_id, None)
+            writes = [(names[t], body) for t, body in job.writes.items()]
+            job.writes = job.before = None
+            if job.pending == 1:  # ready anyway: writes and id together, as usual
+                delta = Delta(env.partition, key, writes, env.type, env.msg_id, self.host.clock(),
+                              job.reply if env.kind == KIND_COMMAND else None)
+                self.replicas.ship(env.partition, delta, partial(self.output_done, job))
+                continue
+            self.ungated += 1
+            job.mark_owed = True
+            handler = job.handler.name if job.handler is not None else env.type
+            if handler not in self._ungated_by:
+                self._ungated_by.add(handler)
+                log.warning("%s: %s's state writes went to the standby before its outputs were acknowledged "
+                            "(a flow came back to a key it wrote): a crash before they are would run it again "
+                            "there", self.who, handler)
+            self.replicas.ship(env.partition, Delta(env.partition, key, writes, env.type, env.msg_id,
+                                                    self.host.clock(), None, False), _nothing)
+
+    def _gate_expired(self, key: bytes) -> None:
+        queue = self.unshipped.get(key)
+        if queue and len(queue) > 1 and queue[0].pending > 1:
+            self.ungate(key)
+
+    def ship_mark(self, job: Job) -> None:
+        """An ungated job's outputs are acknowledged: its id (and a command's result) to the standby."""
+        assert self.replicas is not None
+        env = job.env
+        job.mark_owed = False
+        delta = Delta(env.partition, env.key, [], env.type, env.msg_id, self.host.clock(),
+                      job.reply if env.kind == KIND_COMMAND else None)
+        self.replicas.ship(env.partition, delta, partial(self.output_done, job))
 
 
     def remember(self, job: Job, reply: bytes) -> None:

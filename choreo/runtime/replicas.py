@@ -54,6 +54,8 @@ class ReplicaWork(Protocol):
 
     def forget_partition(self, p: int) -> None: ...
 
+    ungated: int  # writes shipped ahead of their outputs' acks (a flow that came back to its key)
+
 
 class Shipment:
     """One delta on its way to a standby: its job's last wait. ``done`` runs once, whichever
@@ -277,4 +279,5 @@ class Replicas:
             "copies_received": self.copies_received,
             "deltas_sent": self.deltas_sent,
             "deltas_applied": self.deltas_applied,
+            "ungated": self.work.ungated if self.work is not None else 0,
         }

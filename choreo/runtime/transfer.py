@@ -85,6 +85,7 @@ class Delta(msgspec.Struct, array_like=True, tag=3):
     msg_id: bytes
     now: float
     reply: bytes | None = None  # a command's result, for a retry that reaches the standby
+    marked: bool = True  # False: the writes alone, the message not done yet (see PartitionData.ungate)
 
 
 Transfer = Chunk | Verdict | Delta
