@@ -1,4 +1,5 @@
-"""The shop's message types: what the mobile app sends, and what the services tell each other."""
+"""The shop's message types: what the mobile app sends, what the services tell each other, and
+the state each service keeps per key (``ctx.state``)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,46 @@ class OrderPlaced(Event, key="order_id"):
     total_cents: int
 
 
+class NumberOrder(Command, key="book"):
+    """orders -> orders: give the order the next number of the shop's order book. Every
+    NumberOrder has the same key, so the book is one key's state, numbered one at a time."""
+
+    order_id: str
+    book: str = "orders"
+
+
+class OrderNumbered(Event, key="order_id"):
+    """orders -> orders: the number, back under the order's key."""
+
+    order_id: str
+    number: int
+
+
+class ReserveStock(Command, key="sku"):
+    """inventory -> inventory: set aside one line of an order, at the SKU's key (where its stock is)."""
+
+    sku: str
+    order_id: str
+    qty: int
+
+
+class ReleaseStock(Command, key="sku"):
+    """inventory -> inventory: put a reserved line back (the order was cancelled)."""
+
+    sku: str
+    order_id: str
+    qty: int
+
+
+class StockChecked(Event, key="order_id"):
+    """inventory -> inventory: one line's answer, back under the order's key."""
+
+    order_id: str
+    sku: str
+    qty: int
+    reserved: bool  # False: not enough on hand
+
+
 class StockReserved(Event, key="order_id"):
     order_id: str
     customer_id: str
@@ -87,10 +128,10 @@ class OrderCancelled(Event, key="order_id"):
 
 
 class OrderView(msgspec.Struct, frozen=True):
-    """The read model's row of one order (what GET /orders/{id} shows)."""
+    """The read model's row of one order (what GET /orders/{id} shows): orders' state per order."""
 
     order_id: str
-    number: int  # the shop's order number, given when the order is created: 1, 2, 3...
+    number: int  # the shop's order number, 1, 2, 3... (0 until the order book has given it)
     customer_id: str
     status: str  # placed, reserved, paid, shipped, cancelled
     lines: list[Line]
@@ -103,8 +144,22 @@ class GetOrder(Query, key="order_id", returns=OrderView | None):
     order_id: str
 
 
-class GetOrders(Query, returns=list[OrderView]):
-    """Back office: every order created, by order number."""
+class OrderBook(msgspec.Struct, frozen=True):
+    """orders' state under the book's key: how many orders it has numbered."""
+
+    numbered: int = 0
+
+
+class GetOrderBook(Query, key="book", returns=OrderBook):
+    """Back office: how many orders were created (each got the next number)."""
+
+    book: str = "orders"
+
+
+class GetStock(Query, key="sku", returns=int):
+    """Back office: units of one SKU on hand (ask each SKU of the catalog for the whole stock)."""
+
+    sku: str
 
 
 class Charge(msgspec.Struct, frozen=True):
@@ -113,12 +168,10 @@ class Charge(msgspec.Struct, frozen=True):
     amount_cents: int
 
 
-class GetCharges(Query, returns=list[Charge]):
-    """Back office: every charge payments made, in order."""
+class GetCharges(Query, key="order_id", returns=list[Charge]):
+    """Back office: the charges payments made for one order."""
 
-
-class GetStock(Query, returns=dict[str, int]):
-    """Back office: units on hand per SKU."""
+    order_id: str
 
 
 class Notice(msgspec.Struct, frozen=True):
@@ -127,5 +180,7 @@ class Notice(msgspec.Struct, frozen=True):
     text: str
 
 
-class GetNotices(Query, returns=list[Notice]):
-    """Back office: every notice sent to customers, in order."""
+class GetNotices(Query, key="order_id", returns=list[Notice]):
+    """Back office: the notices sent about one order."""
+
+    order_id: str
