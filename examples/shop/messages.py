@@ -34,36 +34,24 @@ class PlaceOrder(Command, returns=OrderAccepted):
     lines: list[Line]
 
 
-class CreateOrder(Command, key="order_id", idempotency=["customer_id", "cart_id"]):
+class CreateOrder(Command, key="book", idempotency=["customer_id", "cart_id"]):
     """api -> orders. Identified by the *intent* (this customer checks out this cart): the
-    retries of one checkout, whatever their request ids, are one message to orders."""
+    retries of one checkout, whatever their request ids, are one message to orders. Keyed by
+    the order book, which gives each order the next number: one sequence, one key."""
 
     order_id: str
     customer_id: str
     cart_id: str
     lines: list[Line]
+    book: str = "orders"
 
 
 class OrderPlaced(Event, key="order_id"):
     order_id: str
+    number: int  # the shop's order number
     customer_id: str
     lines: list[Line]
     total_cents: int
-
-
-class NumberOrder(Command, key="book"):
-    """orders -> orders: give the order the next number of the shop's order book. Every
-    NumberOrder has the same key, so the book is one key's state, numbered one at a time."""
-
-    order_id: str
-    book: str = "orders"
-
-
-class OrderNumbered(Event, key="order_id"):
-    """orders -> orders: the number, back under the order's key."""
-
-    order_id: str
-    number: int
 
 
 class ReserveStock(Command, key="sku"):
@@ -128,10 +116,10 @@ class OrderCancelled(Event, key="order_id"):
 
 
 class OrderView(msgspec.Struct, frozen=True):
-    """The read model's row of one order (what GET /orders/{id} shows): orders' state per order."""
+    """The read model's row of one order (what GET /orders/{id} shows)."""
 
     order_id: str
-    number: int  # the shop's order number, 1, 2, 3... (0 until the order book has given it)
+    number: int  # the shop's order number: 1, 2, 3...
     customer_id: str
     status: str  # placed, reserved, paid, shipped, cancelled
     lines: list[Line]

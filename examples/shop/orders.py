@@ -1,10 +1,11 @@
 """orders: owns each order's life, and keeps the read model that GetOrder answers from.
 
-Its state is per key (``ctx.state``, moving with its partition, with a standby copy): an
-:class:`OrderView` under each order's key, built from the flow's events; since events from
-different services may arrive in either order, a row's status only moves forward. Orders are
-numbered 1, 2, 3... by the order book, one more key: the order sends it NumberOrder (all keyed
-by the book), and the number comes back as OrderNumbered under the order's key.
+Its state is per key (``ctx.state``, moving with its partition, with a standby copy). CreateOrder
+is keyed by the order book, whose :class:`OrderBook` gives each order the next number (1, 2,
+3...: one sequence, so one key, and order creation goes one at a time through its owner). The
+read model is an :class:`Order` under each order's key, built from the flow's events, OrderPlaced
+included; since events from different services may arrive in any order, a status only moves
+forward, and each event fills in what it knows.
 """
 
 import msgspec
@@ -16,10 +17,9 @@ from .messages import (
     CreateOrder,
     GetOrder,
     GetOrderBook,
-    NumberOrder,
+    Line,
     OrderBook,
     OrderCancelled,
-    OrderNumbered,
     OrderPlaced,
     OrderShipped,
     OrderView,
@@ -29,40 +29,45 @@ from .messages import (
     StockReserved,
 )
 
-orders = Service("orders", state=[OrderView, OrderBook], replicas=1)
 
-_RANK = {"placed": 0, "reserved": 1, "paid": 2, "shipped": 3, "cancelled": 3}
+class Order(msgspec.Struct, frozen=True):
+    """Per order: what the events told so far (number 0: OrderPlaced has not come yet)."""
+
+    number: int = 0
+    customer_id: str = ""
+    lines: list[Line] = []
+    total_cents: int = 0
+    status: str = ""
+    tracking: str = ""
+    reason: str = ""
+
+
+orders = Service("orders", state=[OrderBook, Order], replicas=1)
+
+_RANK = {"": -1, "placed": 0, "reserved": 1, "paid": 2, "shipped": 3, "cancelled": 3}
 
 
 def _advance(ctx, status: str, **changes) -> None:
-    view = ctx.state.get(OrderView)
-    if view is None or _RANK[status] < _RANK[view.status]:
-        return
-    ctx.state.put(msgspec.structs.replace(view, status=status, **changes))
+    order = ctx.state.get(Order) or Order()
+    if _RANK[status] > _RANK[order.status]:
+        changes["status"] = status
+    ctx.state.put(msgspec.structs.replace(order, **changes))
 
 
-@orders.command(CreateOrder, emits=[OrderPlaced], sends=[NumberOrder])
+@orders.command(CreateOrder, emits=[OrderPlaced])
 def create_order(cmd: CreateOrder, ctx) -> None:
     # Runs once per checkout: the retries of this cart carry the same idempotency key, so the
     # node acknowledges them without calling this handler.
-    total = total_cents(cmd.lines)
-    ctx.state.put(OrderView(cmd.order_id, 0, cmd.customer_id, "placed", cmd.lines, total))
-    ctx.send(NumberOrder(order_id=cmd.order_id))
-    ctx.emit(OrderPlaced(order_id=cmd.order_id, customer_id=cmd.customer_id, lines=cmd.lines, total_cents=total))
-
-
-@orders.command(NumberOrder, emits=[OrderNumbered])
-def number_order(cmd: NumberOrder, ctx) -> None:
     book = ctx.state.get(OrderBook) or OrderBook()
     ctx.state.put(OrderBook(book.numbered + 1))
-    ctx.emit(OrderNumbered(order_id=cmd.order_id, number=book.numbered + 1))
+    ctx.emit(OrderPlaced(order_id=cmd.order_id, number=book.numbered + 1, customer_id=cmd.customer_id,
+                         lines=cmd.lines, total_cents=total_cents(cmd.lines)))
 
 
-@orders.on(OrderNumbered)
-def order_numbered(event: OrderNumbered, ctx) -> None:
-    view = ctx.state.get(OrderView)
-    if view is not None:
-        ctx.state.put(msgspec.structs.replace(view, number=event.number))
+@orders.on(OrderPlaced)
+def order_placed(event: OrderPlaced, ctx) -> None:
+    _advance(ctx, "placed", number=event.number, customer_id=event.customer_id, lines=event.lines,
+             total_cents=event.total_cents)
 
 
 @orders.on(StockReserved)
@@ -96,7 +101,11 @@ def order_shipped(event: OrderShipped, ctx) -> None:
 
 @orders.query(GetOrder)
 def get_order(query: GetOrder, ctx) -> OrderView | None:
-    return ctx.state.get(OrderView)
+    order = ctx.state.get(Order)
+    if order is None or not order.number:
+        return None
+    return OrderView(query.order_id, order.number, order.customer_id, order.status, order.lines, order.total_cents,
+                     order.tracking, order.reason)
 
 
 @orders.query(GetOrderBook)

@@ -11,7 +11,6 @@ import pytest
 from example_run import ask_all, drive, drive_with, run, standbys_complete
 
 from choreo.client import rpc
-from choreo.errors import DeliveryTimeout
 from examples.shop.catalog import INITIAL_STOCK
 from examples.shop.messages import GetCharges, GetNotices, GetOrder, GetOrderBook, GetStock
 from examples.shop.mobile import checkouts
@@ -90,18 +89,19 @@ def run_checks(system, order_ids):
 
 # -- state that moves with its partition: instances killed, added and stopped mid-run -----------
 
-STATEFUL = ["orders", "inventory", "payments"]  # each keeps ctx.state, with a standby copy (replicas=1)
-
-# A runtime bug stops the shop as soon as a stateful service has a standby: in memory mode with
-# replicas=1, a handler's state writes reach the standby only once its outputs are acknowledged,
-# the writes of one key in the order their handlers ran, and a handler's input is acknowledged
-# only once its writes reached the standby. A flow that comes back to a key it wrote (orders
-# writes an order's row, and StockReserved comes back to that row) then waits for itself: the
-# first PlaceOrder never gets its answer. Strict, so that these pass the day the bug is fixed.
-STANDBY_BUG = pytest.mark.xfail(
-    strict=True, raises=(DeliveryTimeout, TimeoutError),
-    reason="runtime: with a standby (replicas=1, 2+ instances), a flow that comes back to a key it wrote never ends",
+# A runtime bug stops the shop once inventory has a standby: in memory mode with replicas=1, a
+# handler's state writes reach the standby only once its outputs are acknowledged (the writes of
+# one key in the order their handlers ran), and its input is acknowledged only once its writes
+# reached the standby. A flow that comes back to a key it wrote then waits for itself: inventory
+# writes an order's reservation and the SKUs' answers come back to it (and a cancelled order's
+# ReleaseStock comes back to a SKU whose reservation it follows from). orders and payments never
+# come back to a key they wrote, so they run with a standby today. Strict: these pass once fixed.
+INVENTORY_TOO = pytest.param(
+    ["orders", "payments", "inventory"], id="inventory-too",
+    marks=pytest.mark.xfail(strict=True, raises=TimeoutError, reason="runtime: with a standby (replicas=1, 2+ "
+                            "instances), a flow that comes back to a key it wrote never ends"),
 )
+STATEFUL = [pytest.param(["orders", "payments"], id="orders-payments"), INVENTORY_TOO]
 
 
 def progress_at(fraction: float) -> tuple[asyncio.Event, Callable[[int, int], None]]:
@@ -115,51 +115,52 @@ def progress_at(fraction: float) -> tuple[asyncio.Event, Callable[[int, int], No
     return moment, progress
 
 
-@STANDBY_BUG
-def test_killing_an_instance_of_each_stateful_service_loses_no_state(up) -> None:
-    system = up("examples.shop", instances={s: 2 for s in STATEFUL})
+@pytest.mark.parametrize("stateful", STATEFUL)
+def test_killing_an_instance_of_each_stateful_service_loses_no_state(up, stateful) -> None:
+    system = up("examples.shop", instances={s: 2 for s in stateful})
     orders, seed = 60, 7
     moment, progress = progress_at(0.3)
     killed = []
 
     async def kill_one_of_each() -> None:
-        await standbys_complete(system, STATEFUL)
-        for service in STATEFUL:  # SIGKILL: no drain, no hand-over; the standby takes over
+        await standbys_complete(system, stateful)  # from then on, a crash of an owner loses no state
+        for service in stateful:  # SIGKILL: no drain, no hand-over; each partition's standby takes over
             victim = system.running(service)[0]
             await system.kill(victim)
             killed.append(victim)
 
     out = run(drive_with(system, moment, kill_one_of_each, orders=orders, phones=4, loss=0.3, double_tap=0.1,
                          seed=seed, rate=10, progress=progress, report=False), timeout=90)
-    assert [v.returncode for v in killed] == [-9, -9, -9]
-    assert [len(system.running(s)) for s in STATEFUL] == [1, 1, 1]
+    assert [v.returncode for v in killed] == [-9] * len(stateful)
+    assert [len(system.running(s)) for s in stateful] == [1] * len(stateful)
     assert out.done == orders and out.problems == [], out.problems
     shipped, cancelled = assert_exact(system, orders, seed)
     assert shipped and cancelled
     assert system.total("dead_letters") == 0
 
 
-@STANDBY_BUG
-def test_scaling_out_then_in_mid_run_moves_the_state(up) -> None:
-    system = up("examples.shop", instances={s: 2 for s in STATEFUL})
+@pytest.mark.parametrize("stateful", STATEFUL)
+def test_scaling_out_then_in_mid_run_moves_the_state(up, stateful) -> None:
+    system = up("examples.shop", instances={s: 2 for s in stateful})
     orders, seed = 60, 5
     moment, progress = progress_at(0.2)
     added, stopped = [], []
+    scaled = [s for s in ("orders", "inventory") if s in stateful]
 
     async def scale_out_then_in() -> None:
-        for service in ("inventory", "orders"):  # a third instance: it takes its share, with its state
+        for service in scaled:  # a third instance: it takes its share of the partitions, with their state
             added.append(await system.add(service))
-        for service in ("inventory", "orders"):  # SIGTERM one of the first two: it hands its partitions over
+        for service in scaled:  # SIGTERM one of the first two: it hands its partitions over, state included
             inst = system.running(service)[0]
-            stopped.append((inst, await system.stop_instance(inst)))
+            stopped.append(await system.stop_instance(inst))
 
     out = run(drive_with(system, moment, scale_out_then_in, orders=orders, phones=4, loss=0.3, double_tap=0.1,
                          seed=seed, rate=10, progress=progress, report=False), timeout=90)
-    assert [status for _, status in stopped] == [0, 0]
+    assert stopped == [0] * len(scaled)
     for inst in added:  # the newcomers received partitions with state in them
         moves = system.stats(inst.service)[inst.name]["handler_state"]["moves"]
         assert moves["streams_received"] > 0 and moves["entries_received"] > 0, (inst.name, moves)
-    assert [len(system.running(s)) for s in STATEFUL] == [2, 2, 2]
+    assert [len(system.running(s)) for s in stateful] == [2] * len(stateful)
     assert out.done == orders and out.problems == [], out.problems
     shipped, cancelled = assert_exact(system, orders, seed)
     assert shipped and cancelled
