@@ -218,7 +218,7 @@ def _graph(style: Style, module: str) -> str:
 def _dedup_story(out: Any, api_processed: int) -> str:
     """How the phones' retries became one order each (from the driver's outcome and the nodes' counters)."""
     retries = out.attempts - out.checkouts
-    created = len(out.created)
+    created = out.numbered
     verdict = "every checkout placed once" if created == out.checkouts and not out.problems else "NOT once each"
     return "\n".join([
         (f"  retries  {retries} = {out.lost} answers lost (the phone tried again, under a new request id)"

@@ -5,7 +5,9 @@ intent (customer + cart) and hands it to orders as a CreateOrder. Answers get lo
 phones retry, each time under a new request id from the API gateway; CreateOrder's idempotency
 key is the intent, so orders handles each checkout once. Then inventory reserves stock, payments
 charges (or declines), shipping ships, notifications tells the customer, and orders keeps the
-read model GetOrder answers from.
+read model GetOrder answers from. Every service that remembers something keeps it in ``ctx.state``
+under a message key (an order, a SKU, the order book), so it moves with its partition; see each
+service's docstring for how its keys are chosen.
 
     choreo up examples/shop                       # 40 orders from 4 phones, 30 % of answers lost
     choreo up examples/shop -o orders=400 -o loss=0.5

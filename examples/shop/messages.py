@@ -1,4 +1,5 @@
-"""The shop's message types: what the mobile app sends, and what the services tell each other."""
+"""The shop's message types: what the mobile app sends, what the services tell each other, and
+the state each service keeps per key (``ctx.state``)."""
 
 from __future__ import annotations
 
@@ -33,21 +34,49 @@ class PlaceOrder(Command, returns=OrderAccepted):
     lines: list[Line]
 
 
-class CreateOrder(Command, key="order_id", idempotency=["customer_id", "cart_id"]):
+class CreateOrder(Command, key="book", idempotency=["customer_id", "cart_id"]):
     """api -> orders. Identified by the *intent* (this customer checks out this cart): the
-    retries of one checkout, whatever their request ids, are one message to orders."""
+    retries of one checkout, whatever their request ids, are one message to orders. Keyed by
+    the order book, which gives each order the next number: one sequence, one key."""
 
     order_id: str
     customer_id: str
     cart_id: str
     lines: list[Line]
+    book: str = "orders"
 
 
 class OrderPlaced(Event, key="order_id"):
     order_id: str
+    number: int  # the shop's order number
     customer_id: str
     lines: list[Line]
     total_cents: int
+
+
+class ReserveStock(Command, key="sku"):
+    """inventory -> inventory: set aside one line of an order, at the SKU's key (where its stock is)."""
+
+    sku: str
+    order_id: str
+    qty: int
+
+
+class ReleaseStock(Command, key="sku"):
+    """inventory -> inventory: put a reserved line back (the order was cancelled)."""
+
+    sku: str
+    order_id: str
+    qty: int
+
+
+class StockChecked(Event, key="order_id"):
+    """inventory -> inventory: one line's answer, back under the order's key."""
+
+    order_id: str
+    sku: str
+    qty: int
+    reserved: bool  # False: not enough on hand
 
 
 class StockReserved(Event, key="order_id"):
@@ -90,7 +119,7 @@ class OrderView(msgspec.Struct, frozen=True):
     """The read model's row of one order (what GET /orders/{id} shows)."""
 
     order_id: str
-    number: int  # the shop's order number, given when the order is created: 1, 2, 3...
+    number: int  # the shop's order number: 1, 2, 3...
     customer_id: str
     status: str  # placed, reserved, paid, shipped, cancelled
     lines: list[Line]
@@ -103,8 +132,22 @@ class GetOrder(Query, key="order_id", returns=OrderView | None):
     order_id: str
 
 
-class GetOrders(Query, returns=list[OrderView]):
-    """Back office: every order created, by order number."""
+class OrderBook(msgspec.Struct, frozen=True):
+    """orders' state under the book's key: how many orders it has numbered."""
+
+    numbered: int = 0
+
+
+class GetOrderBook(Query, key="book", returns=OrderBook):
+    """Back office: how many orders were created (each got the next number)."""
+
+    book: str = "orders"
+
+
+class GetStock(Query, key="sku", returns=int):
+    """Back office: units of one SKU on hand (ask each SKU of the catalog for the whole stock)."""
+
+    sku: str
 
 
 class Charge(msgspec.Struct, frozen=True):
@@ -113,12 +156,10 @@ class Charge(msgspec.Struct, frozen=True):
     amount_cents: int
 
 
-class GetCharges(Query, returns=list[Charge]):
-    """Back office: every charge payments made, in order."""
+class GetCharges(Query, key="order_id", returns=list[Charge]):
+    """Back office: the charges payments made for one order."""
 
-
-class GetStock(Query, returns=dict[str, int]):
-    """Back office: units on hand per SKU."""
+    order_id: str
 
 
 class Notice(msgspec.Struct, frozen=True):
@@ -127,5 +168,7 @@ class Notice(msgspec.Struct, frozen=True):
     text: str
 
 
-class GetNotices(Query, returns=list[Notice]):
-    """Back office: every notice sent to customers, in order."""
+class GetNotices(Query, key="order_id", returns=list[Notice]):
+    """Back office: the notices sent about one order."""
+
+    order_id: str

@@ -5,8 +5,9 @@ connection dropped after the api had done its work), so it tries again: a new HT
 with a new request id. Sometimes an impatient user taps twice (two attempts at once). All of
 it is seeded: the same seed gives the same carts, losses and taps.
 
-Then the back office checks the result: GetOrder for every order, the stock, the charges and
-the notices, which must all agree.
+Then the back office checks the result: GetOrder, GetCharges and GetNotices for every order,
+GetStock for every SKU of the catalog and the order book's count, which must all agree. Each
+of these is a keyed query, answered by the instance that holds its key's state.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from dataclasses import dataclass, field
 from choreo import Service
 
 from .catalog import INITIAL_STOCK, PRICES, order_id
-from .messages import GetCharges, GetNotices, GetOrder, GetOrders, GetStock, Line, OrderAccepted, OrderView, PlaceOrder
+from .messages import GetCharges, GetNotices, GetOrder, GetOrderBook, GetStock, Line, OrderAccepted, OrderView, PlaceOrder
 
 # What the app and the back office originate (the driver's nodes run as these services).
 mobile = Service("mobile", sends=[PlaceOrder, GetOrder], doc="the customers' phones")
-backoffice = Service("backoffice", sends=[GetOrders, GetStock, GetCharges, GetNotices], doc="the shop's staff tools")
+backoffice = Service("backoffice", sends=[GetOrderBook, GetStock, GetCharges, GetNotices], doc="the shop's staff tools")
 
 CUSTOMERS = [f"c{n:02d}" for n in range(1, 13)]
 
@@ -69,7 +70,8 @@ class Outcome:
     traces: dict[str, str] = field(default_factory=dict)  # order id -> trace id (hex) of all its attempts
     retried: list[str] = field(default_factory=list)  # order ids whose first answer was lost
     views: dict[str, OrderView | None] = field(default_factory=dict)  # GetOrder's answer for each checkout
-    created: list[OrderView] = field(default_factory=list)  # every order orders created, by number
+    created: list[OrderView] = field(default_factory=list)  # the orders GetOrder knows, by number
+    numbered: int = 0  # orders the order book numbered (one per order created)
     stock: dict[str, int] = field(default_factory=dict)
     charges: list = field(default_factory=list)
     notices: list = field(default_factory=list)
@@ -129,14 +131,11 @@ def check(out: Outcome, carts: list[Checkout]) -> list[str]:
     """Everything that must hold whatever the losses and retries (empty: all consistent)."""
     problems = []
     by_id = {c.order_id: c for c in carts}
-    numbers: dict[str, list[int]] = {}
-    for view in out.created:
-        numbers.setdefault(view.order_id, []).append(view.number)
-    twice = {oid: ns for oid, ns in numbers.items() if len(ns) > 1}
-    if twice:
-        problems.append(f"{len(twice)} checkouts became several orders (e.g. {list(twice.items())[:3]})")
-    if sorted(numbers) != sorted(by_id):
-        problems.append(f"orders created {len(numbers)} orders for {len(by_id)} checkouts")
+    if out.numbered != len(by_id):
+        problems.append(f"orders created {out.numbered} orders for {len(by_id)} checkouts")
+    numbers = [v.number for v in out.created]
+    if numbers != list(range(1, len(by_id) + 1)):
+        problems.append(f"the orders' numbers are not 1..{len(by_id)}, one each: {numbers[:10]}...")
     missing = [oid for oid in by_id if out.views.get(oid) is None]
     if missing:
         problems.append(f"GetOrder knows nothing of {len(missing)} orders (e.g. {missing[:3]})")
@@ -198,16 +197,28 @@ async def drive(client, system, orders: int = 40, phones: int = 4, loss: float =
     ))
     out.views = dict(zip([c.order_id for c in carts], await asyncio.gather(*(final_view(client, c.order_id) for c in carts))))
     async with system.client(backoffice) as office:
-        out.created = await office.ask(GetOrders())
-        out.stock = await office.ask(GetStock())
-        out.charges = await office.ask(GetCharges())
-        out.notices = await office.ask(GetNotices())
+        await audit(office, out, [c.order_id for c in carts])
     out.orders_deduplicated = system.total("duplicates", "orders")
     out.seconds = time.monotonic() - started
     out.problems = check(out, carts)
     if report:
         print_report(out, system)
     return out
+
+
+async def audit(node, out: Outcome, order_ids: list[str]) -> None:
+    """The back office's queries, one per key (an order, a SKU, the book), into ``out``."""
+    async def each(queries) -> list:
+        found: list = []
+        for n in range(0, len(queries), 200):  # at most 200 at once
+            found += await asyncio.gather(*(node.ask(q) for q in queries[n:n + 200]))
+        return found
+
+    out.numbered = (await node.ask(GetOrderBook())).numbered
+    out.created = sorted((v for v in out.views.values() if v is not None), key=lambda v: v.number)
+    out.stock = dict(zip(sorted(INITIAL_STOCK), await each([GetStock(sku) for sku in sorted(INITIAL_STOCK)])))
+    out.charges = [c for charges in await each([GetCharges(oid) for oid in order_ids]) for c in charges]
+    out.notices = [n for notices in await each([GetNotices(oid) for oid in order_ids]) for n in notices]
 
 
 def print_report(out: Outcome, system) -> None:
@@ -219,7 +230,7 @@ def print_report(out: Outcome, system) -> None:
     retries = out.attempts - out.checkouts
     print(f"mobile: {out.checkouts} checkouts, {out.attempts} PlaceOrder attempts in {out.seconds:.1f} s: "
           f"{out.lost} answers lost and retried under new request ids, {out.double_taps} double taps")
-    print(f"api handled {system.total('processed', 'api')} attempts; orders created {len(out.created)} orders, "
+    print(f"api handled {system.total('processed', 'api')} attempts; orders created {out.numbered} orders, "
           f"{out.orders_deduplicated} duplicate CreateOrders acknowledged without running the handler "
           f"({retries} retries)")
     print("orders: " + ", ".join(f"{n} {k}" for k, n in sorted(statuses.items(), key=lambda kv: -kv[1])))

@@ -2,8 +2,9 @@
 
 ``up("examples.shop")`` starts an example's every service (a :class:`choreo.up.System` with a
 data directory under the test's tmp_path) and returns it once the mesh is complete; at the end
-of the test every process is stopped, and killed if it will not stop. ``drive(system, ...)``
-runs the example's driver and returns its outcome (helpers in ``example_run.py``).
+of the test every process is stopped, and killed if it will not stop; ``instances={"orders": 2}``
+runs other numbers of instances than the example's SYSTEM says. ``drive(system, ...)`` runs the
+example's driver and returns its outcome (helpers in ``example_run.py``).
 
 This directory has no ``__init__.py`` on purpose: ``tests/`` is on ``sys.path``, and a package
 ``tests/examples`` would shadow the repository's ``examples`` package.
@@ -11,8 +12,9 @@ This directory has no ``__init__.py`` on purpose: ``tests/`` is on ``sys.path``,
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,14 @@ if str(REPO) not in sys.path:
 def up(tmp_path: Path) -> Iterator[Callable[..., System]]:
     systems: list[System] = []
 
-    def start(target: str, **kwargs: Any) -> System:
-        system = System(load_example(target), data_dir=tmp_path / "data", log=lambda line: print(line), **kwargs)
+    def start(target: str, instances: Mapping[str, int] | None = None, **kwargs: Any) -> System:
+        example = load_example(target)
+        if instances:
+            unknown = set(instances) - set(example.count())
+            assert not unknown, f"{target} runs no {sorted(unknown)}"
+            services = [(name, ref, instances.get(name, n)) for name, ref, n in example.services]
+            example = dataclasses.replace(example, services=services)
+        system = System(example, data_dir=tmp_path / "data", log=lambda line: print(line), **kwargs)
         systems.append(system)
         system.start()
         return system

@@ -172,7 +172,7 @@ def test_the_demo_drives_the_shop_and_tells_the_story(demo) -> None:
     assert "consistent: every order placed once" in out, out
 
     # the flow graph, as the analyzer draws it
-    assert "PlaceOrder (command, from mobile): depth 6" in out, out
+    assert "PlaceOrder (command, from mobile): depth 8" in out, out
     assert re.search(r"└─ sends CreateOrder \(command\)\n +└─ orders\.create_order", out), out
     assert "no findings" in out
 

@@ -8,9 +8,20 @@ from dataclasses import dataclass, field
 
 from choreo import Service
 
-from .messages import AssignTicket, CloseTicket, Counts, Decision, GetCounts, GetWorkload, OpenTicket, Row
+from .messages import (
+    CLOSED,
+    UNASSIGNED,
+    AssignTicket,
+    CloseTicket,
+    Decision,
+    GetLane,
+    GetWorkload,
+    LaneView,
+    OpenTicket,
+    Row,
+)
 
-helpdesk = Service("helpdesk", sends=[OpenTicket, AssignTicket, CloseTicket, GetWorkload, GetCounts],
+helpdesk = Service("helpdesk", sends=[OpenTicket, AssignTicket, CloseTicket, GetWorkload, GetLane],
                    doc="the helpdesk app")
 
 AGENTS = ["ana", "bo", "cy", "di"]
@@ -64,7 +75,8 @@ def model(commands) -> tuple[list[bool], dict[str, list[str]], tuple[int, int, i
 class Outcome:
     decisions: list[Decision] = field(default_factory=list)
     workloads: dict[str, list[Row]] = field(default_factory=dict)
-    counts: list[Counts] = field(default_factory=list)
+    lanes: dict[str, LaneView] = field(default_factory=dict)  # every lane, agents' included
+    counts: tuple[int, int, int] = (0, 0, 0)  # tickets unassigned, assigned, closed: from the lanes
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -79,23 +91,31 @@ async def drive(client, system, tickets: int = 25, seed: int = 8) -> Outcome:
         out.decisions.append(await client.send(cmd))
     # No waiting for the read side to catch up: a command's answer comes once the events it
     # emitted were acknowledged, i.e. handled by every dashboard replica.
+    # Each lane is one key of the read model: the counts are its lanes' sizes, asked lane by lane.
     for agent in AGENTS:
         out.workloads[agent] = await client.ask(GetWorkload(agent))
-    out.counts = [await client.ask(GetCounts()) for _ in range(6)]
+    for lane in [UNASSIGNED, *AGENTS, CLOSED]:
+        out.lanes[lane] = await client.ask(GetLane(lane))
+    out.counts = (len(out.lanes[UNASSIGNED].rows), sum(len(out.lanes[a].rows) for a in AGENTS),
+                  len(out.lanes[CLOSED].rows))
     decisions, workload, counts = model(commands)
     if [d.accepted for d in out.decisions] != decisions:
         out.problems.append("the write side decided differently from the rules' model")
     got = {a: [r.ticket_id for r in rows] for a, rows in out.workloads.items() if rows}
     if got != workload:
         out.problems.append(f"workloads {got} differ from the model {workload}")
-    if any((c.unassigned, c.assigned, c.closed) != counts for c in out.counts):
+    if out.counts != counts:
         out.problems.append(f"counts {out.counts} differ from the model {counts}")
+    if any(out.lanes[a].rows != out.workloads[a] for a in AGENTS):
+        out.problems.append("an agent's lane and workload differ")
     refused = [d.reason for d in out.decisions if not d.accepted]
-    replicas = sorted({c.answered_by for c in out.counts})
+    holders: dict[str, list[str]] = {}
+    for lane, view in out.lanes.items():
+        holders.setdefault(view.answered_by, []).append(lane)
     print(f"{len(commands)} commands to the write side: {len(commands) - len(refused)} accepted, {len(refused)} refused "
           f"by its rules (e.g. {refused[0] if refused else '-'})")
     print("read side, workloads: " + ", ".join(f"{a} {len(r)}" for a, r in out.workloads.items())
           + f"; tickets unassigned/assigned/closed: {counts[0]}/{counts[1]}/{counts[2]}")
-    print(f"queries answered by {', '.join(replicas)}: each replica holds the whole read model")
+    print("read side, partitioned by lane: " + "; ".join(f"{i} holds {', '.join(ls)}" for i, ls in sorted(holders.items())))
     print("read model matches the model of the accepted commands" if not out.problems else "PROBLEMS: " + "; ".join(out.problems))
     return out

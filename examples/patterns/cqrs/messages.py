@@ -42,23 +42,43 @@ class TicketClosed(Event, key="ticket_id"):
     agent: str | None
 
 
+UNASSIGNED = "(unassigned)"  # the lanes that are not an agent's: no agent has a name in parentheses
+CLOSED = "(closed)"
+
+
+class JoinLane(Command, key="lane"):
+    """dashboard -> dashboard: a ticket enters a lane (an agent's, unassigned or closed)."""
+
+    lane: str
+    ticket_id: str
+    title: str
+
+
+class LeaveLane(Command, key="lane"):
+    """dashboard -> dashboard: a ticket leaves a lane."""
+
+    lane: str
+    ticket_id: str
+
+
 class Row(msgspec.Struct, frozen=True):
     ticket_id: str
     title: str
 
 
-class GetWorkload(Query, returns=list[Row]):
-    """The open tickets assigned to an agent, oldest first."""
+class GetWorkload(Query, key="agent", returns=list[Row]):
+    """The open tickets assigned to an agent, oldest first (the agent's lane)."""
 
     agent: str
 
 
-class Counts(msgspec.Struct, frozen=True):
-    unassigned: int
-    assigned: int
-    closed: int
-    answered_by: str
+class LaneView(msgspec.Struct, frozen=True):
+    lane: str
+    rows: list[Row]
+    answered_by: str  # the dashboard instance that holds the lane
 
 
-class GetCounts(Query, returns=Counts):
-    pass
+class GetLane(Query, key="lane", returns=LaneView):
+    """Any lane: an agent's, UNASSIGNED or CLOSED (the team lead counts tickets with these)."""
+
+    lane: str

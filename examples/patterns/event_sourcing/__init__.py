@@ -1,9 +1,9 @@
-"""Event sourcing: a service keeps its state as a log of events and rebuilds it after a restart.
+"""Event sourcing: a service keeps each account as its log of events, and folds it into a balance.
 
     choreo up examples/patterns/event_sourcing
 """
 
 from .teller import drive
 
-SYSTEM = {"accounts": 1}
+SYSTEM = {"accounts": 2}
 CLIENT = "teller"

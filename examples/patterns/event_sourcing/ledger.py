@@ -1,20 +1,16 @@
-"""The account ledger, event-sourced: its state is a fold over its own event log.
+"""The account ledger, event-sourced: an account's state is a fold over its own events.
 
 ``decide`` turns a command into an event (checking the rules against the current state),
 ``evolve`` applies an event to the state. Nothing else changes the state: a handled command
-appends its event to the log (a file, flushed and fsync'ed *before* the command is answered
-and acknowledged), then evolves the state with it. A process that starts reads the log and
-evolves an empty state through every event in it: the same state, rebuilt. The log also holds
-every transaction id, so a transaction retried after a restart (when the node's in-memory
-dedup window is gone) is still recognised.
+appends its event to the account's :class:`AccountLog` (what the service keeps in ``ctx.state``
+under the account's key) and answers with the state that follows. The log also holds every
+transaction id, so a transaction retried long after (when the node's dedup window has
+forgotten it) is still recognised, and answered as the first time.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import msgspec
 
@@ -43,85 +39,65 @@ class WithdrawalRefused(msgspec.Struct, frozen=True, tag=True):
 AccountEvent = Deposited | Withdrawn | WithdrawalRefused
 
 
-class EventLog:
-    """An append-only file of JSON lines, one event each."""
+class AccountLog(msgspec.Struct, frozen=True):
+    """One account's events, oldest first: the whole of its state."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._decoder = msgspec.json.Decoder(AccountEvent)
-        self._file = None
-
-    def replay(self) -> Iterator[AccountEvent]:
-        if not self.path.exists():
-            return
-        with open(self.path, "rb") as f:
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # a crash in the middle of an append: that event was never acknowledged
-                yield self._decoder.decode(line)
-
-    def append(self, event: AccountEvent) -> None:
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab")
-        self._file.write(msgspec.json.encode(event) + b"\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    events: list[AccountEvent] = []
 
 
 @dataclass
 class Account:
     balance_cents: int = 0
-    version: int = 0
+    version: int = 0  # how many events it has
 
 
-@dataclass
-class Ledger:
-    log: EventLog
-    accounts: dict[str, Account] = field(default_factory=dict)
-    receipts: dict[str, Receipt] = field(default_factory=dict)  # tx id -> its receipt
-    history: dict[str, list[str]] = field(default_factory=dict)
-    replayed: int = 0
+def evolve(account: Account, event: AccountEvent) -> Account:
+    if isinstance(event, Deposited):
+        return Account(account.balance_cents + event.amount_cents, account.version + 1)
+    if isinstance(event, Withdrawn):
+        return Account(account.balance_cents - event.amount_cents, account.version + 1)
+    return Account(account.balance_cents, account.version + 1)
 
-    @classmethod
-    def load(cls, log: EventLog) -> Ledger:
-        ledger = cls(log)
-        for event in log.replay():
-            ledger.evolve(event)
-            ledger.replayed += 1
-        return ledger
 
-    def decide(self, cmd: Deposit | Withdraw) -> AccountEvent:
-        if cmd.amount_cents <= 0:
-            raise ValueError(f"{cmd.tx_id}: amount must be positive, got {cmd.amount_cents}")
-        if isinstance(cmd, Deposit):
-            return Deposited(cmd.account_id, cmd.tx_id, cmd.amount_cents)
-        balance = self.accounts.get(cmd.account_id, Account()).balance_cents
-        if balance < cmd.amount_cents:
-            return WithdrawalRefused(cmd.account_id, cmd.tx_id, cmd.amount_cents, f"balance {balance} is too low")
-        return Withdrawn(cmd.account_id, cmd.tx_id, cmd.amount_cents)
+def fold(events: list[AccountEvent]) -> Account:
+    account = Account()
+    for event in events:
+        account = evolve(account, event)
+    return account
 
-    def evolve(self, event: AccountEvent) -> Receipt:
-        account = self.accounts.setdefault(event.account_id, Account())
-        if isinstance(event, Deposited):
-            account.balance_cents += event.amount_cents
-        elif isinstance(event, Withdrawn):
-            account.balance_cents -= event.amount_cents
-        account.version += 1
-        accepted = not isinstance(event, WithdrawalRefused)
-        receipt = Receipt(event.tx_id, event.account_id, accepted, account.balance_cents, account.version,
-                          "" if accepted else event.reason)
-        self.receipts[event.tx_id] = receipt
-        self.history.setdefault(event.account_id, []).append(
-            f"{type(event).__name__} {event.amount_cents} ({event.tx_id}) -> {account.balance_cents}"
-        )
-        return receipt
 
-    def handle(self, cmd: Deposit | Withdraw) -> Receipt:
-        done = self.receipts.get(cmd.tx_id)
-        if done is not None:  # already in the log: answer as the first time, change nothing
-            return Receipt(done.tx_id, done.account_id, done.accepted, done.balance_cents, done.version,
-                           "already done: " + (done.note or "accepted"))
-        event = self.decide(cmd)
-        self.log.append(event)  # durable first...
-        return self.evolve(event)  # ...then the state
+def decide(account: Account, cmd: Deposit | Withdraw) -> AccountEvent:
+    if cmd.amount_cents <= 0:
+        raise ValueError(f"{cmd.tx_id}: amount must be positive, got {cmd.amount_cents}")
+    if isinstance(cmd, Deposit):
+        return Deposited(cmd.account_id, cmd.tx_id, cmd.amount_cents)
+    if account.balance_cents < cmd.amount_cents:
+        return WithdrawalRefused(cmd.account_id, cmd.tx_id, cmd.amount_cents, f"balance {account.balance_cents} is too low")
+    return Withdrawn(cmd.account_id, cmd.tx_id, cmd.amount_cents)
+
+
+def receipt(event: AccountEvent, after: Account, note: str = "") -> Receipt:
+    accepted = not isinstance(event, WithdrawalRefused)
+    return Receipt(event.tx_id, event.account_id, accepted, after.balance_cents, after.version,
+                   note or ("" if accepted else event.reason))
+
+
+def handle(log: AccountLog, cmd: Deposit | Withdraw) -> tuple[AccountLog | None, Receipt]:
+    """The account's new log (None: unchanged) and the command's receipt."""
+    account = Account()
+    for event in log.events:
+        account = evolve(account, event)
+        if event.tx_id == cmd.tx_id:  # already in the log: answer as the first time, change nothing
+            first = receipt(event, account)
+            return None, receipt(event, account, "already done: " + (first.note or "accepted"))
+    event = decide(account, cmd)
+    return AccountLog([*log.events, event]), receipt(event, evolve(account, event))
+
+
+def history(log: AccountLog) -> list[str]:
+    """How the account got where it is, one line per event."""
+    lines, account = [], Account()
+    for event in log.events:
+        account = evolve(account, event)
+        lines.append(f"{type(event).__name__} {event.amount_cents} ({event.tx_id}) -> {account.balance_cents}")
+    return lines

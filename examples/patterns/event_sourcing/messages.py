@@ -31,9 +31,8 @@ class Withdraw(Command, key="account_id", idempotency=["tx_id"], returns=Receipt
 class AccountView(msgspec.Struct, frozen=True):
     account_id: str
     balance_cents: int
-    version: int
-    replayed: int  # events this instance rebuilt its state from when it started
-    instance: str
+    version: int  # how many events the account has
+    instance: str  # the instance that answered: the one holding the account's partition
 
 
 class GetAccount(Query, key="account_id", returns=AccountView | None):
