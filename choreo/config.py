@@ -43,8 +43,9 @@ class NodeConfig:
     write (``ctx.state``); ``max_partition_bytes``: the most a partition's state stream may
     carry to this node (a new owner or a standby stages that much before it installs it).
     ``standby_gate_timeout``: how long a handler's state writes may wait for its outputs'
-    acknowledgements before they go to the standby anyway, when a later write of the same key
-    waits behind them (a flow that came back to a key it wrote: see the README's Handler state).
+    acknowledgements before they go to the standby anyway, when a later write of the same key,
+    of another flow, waits behind them (two flows that wait for each other: see the README's
+    Handler state; a flow that comes back to a key it wrote does not wait for this).
 
     >>> NodeConfig(window=0)
     Traceback (most recent call last):
@@ -76,7 +77,7 @@ class NodeConfig:
     dedup: bool = True
     max_state_bytes: int | None = None  # default: 256 KiB, or half of max_message_bytes if less
     max_partition_bytes: int = 1 << 30
-    standby_gate_timeout: float = 0.5
+    standby_gate_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_state_bytes is None:

@@ -282,9 +282,10 @@ class PartitionData:
             job.pending += 1  # its delta: shipped once its outputs are acknowledged (ship_ready)
             queue = self.unshipped.get(key)
             if queue and queue[0].pending > 1:  # behind writes that wait for their outputs' acks
-                if env.cause_id in self.waiting:  # ... which may be waiting for this very flow
-                    self.ungate(key)
-                else:  # ... or for a flow through other nodes that comes back here: we cannot tell
+                trace = env.trace_id
+                if env.cause_id in self.waiting or any(j.env.trace_id == trace for j in queue):
+                    self.ungate(key)  # ... which wait for this very flow: it came back to their key
+                else:  # ... for another flow (two flows may still wait for each other: a bound)
                     self.host.call_later(self.config.standby_gate_timeout, partial(self._gate_expired, key))
             self.unshipped.setdefault(key, deque()).append(job)
             self.waiting[env.msg_id] = job

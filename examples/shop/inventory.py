@@ -5,9 +5,9 @@ order. OrderPlaced comes keyed by the order, and the stock lives under each SKU'
 inventory sends itself one ReserveStock per SKU (keyed by the SKU: handled where its stock is);
 each answers with a StockChecked keyed by the order, and the order's reservation collects them.
 All reserved: StockReserved. Some short: the reserved units go back (ReleaseStock), OutOfStock.
-Both kinds of state move with their partition, and have a standby copy (``replicas=1``). Run
-it as one instance for now: with a standby, a flow that comes back to a key it wrote (the SKUs'
-answers to the order's reservation) does not finish yet (tests/examples/test_shop.py).
+Both kinds of state move with their partition, and have a standby copy (``replicas=1``): the
+SKUs' answers come back to the order's key, so its writes there reach the standby ahead of
+their acknowledgements (see the README's Handler state).
 """
 
 import msgspec
