@@ -150,6 +150,11 @@ class Moves:
         changed = ownership.update(
             view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder, [p.key for p in instances]
         )
+        if ownership.stale:  # restored from our store, but another instance holds them now
+            assert self.data is not None
+            for p in ownership.stale:
+                self.data.forget_partition(p)
+            ownership.stale.clear()
         if self.early:
             self._settle_early()
         if self.replicas is not None:

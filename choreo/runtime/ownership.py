@@ -52,6 +52,10 @@ class Ownership:
     def __init__(self, partitions: int, me: int) -> None:
         self.partitions = partitions
         self.gate = bytearray(partitions)  # 1 where arrivals are handled here right now
+        # a durable node's partitions whose state it read back from its store, until its first
+        # views say what becomes of them: they count as held (a newcomer waits for them)
+        self.restored: set[int] = set()
+        self.stale: list[int] = []  # restored partitions another instance holds now: forget ours
         self.reset(me)
 
     def reset(self, me: int) -> None:
@@ -105,9 +109,23 @@ class Ownership:
         self.owners = new_owners
         self.standbys = _standbys(self.partitions, view, new_owners, self.keys)
         changed = []
+        restored = self.restored
         for p in range(self.partitions):
             new_owner, state = new_owners[p], self.state[p]
+            if restored and p in restored and new_owner != self.me and new_owner is not None:
+                # what the store gave back goes to the partition's owner now, as a drain would,
+                # unless another instance holds the partition (it has it newer than our store)
+                restored.discard(p)
+                if holder(p) is None and state == "unowned":
+                    self._move(p, "assigned")
+                    self._move(p, "rebalance")
+                    self.draining[p] = new_owner
+                    self.moves += 1
+                else:
+                    self.stale.append(p)
+                continue
             if new_owner == self.me:
+                restored.discard(p)
                 if state in ("unowned", "handed_over"):
                     old_owner = holder(p)
                     if old_owner is None:
@@ -182,7 +200,7 @@ class Ownership:
         """The partitions this node owns or drains, as a bitmap (bit ``p % 8`` of byte ``p // 8``)."""
         bits = bytearray((self.partitions + 7) // 8)
         for p, state in enumerate(self.state):
-            if state in ("owned", "draining"):
+            if state in ("owned", "draining") or p in self.restored:
                 bits[p >> 3] |= 1 << (p & 7)
         return bytes(bits)
 

@@ -263,6 +263,8 @@ class PartitionData:
                                 type_name, key[:64])
                     continue
                 self.state.tables[t][partition][key] = body
+                if self.ownership is not None:
+                    self.ownership.restored.add(partition)
         for letter_id, encoded in snapshot.letters:
             try:
                 self.dead_letters.restore(DeadLetter.decode(encoded))
