@@ -118,6 +118,10 @@ class Moves:
     def reset(self, incarnation: int, name: str) -> None:
         """This node re-incarnates: it owns nothing until the new view says so (what it knows of
         its partitions stays: a partition nobody else took is still right here)."""
+        if self.work is not None:  # arrivals it buffered go: their senders resend them (our channels closed)
+            for p, queue in self.ownership.buffered.items():
+                for _ in queue:
+                    self.work.untrack(p)
         self.ownership.reset(incarnation)
         self.name = name
         for sending in self.sending.values():

@@ -252,7 +252,12 @@ def state_counts(harness: Harness, partitions: int) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + SEEDS))
+# seeds that once failed, beyond the default range: 69, a node that re-incarnated with arrivals
+# buffered for a partition it awaited, counted as lag for ever (its hand-over of it never came)
+REGRESSIONS = [69]
+
+
+@pytest.mark.parametrize("seed", sorted(set(range(FIRST_SEED, FIRST_SEED + SEEDS)) | set(REGRESSIONS if SEEDS else [])))
 def test_nothing_lost_nothing_twice_order_kept_under_the_nemesis(seed: int) -> None:
     run_one(seed)
 
