@@ -302,23 +302,26 @@ class PartitionData:
         for t, body in writes.items():
             self.journal.state(names[t], key, p, body)
 
+    def _ship(self, job: Job, *, marked: bool = True) -> None:
+        """Send the standby ``job``'s held writes (none left: its id alone), with its id unless
+        ``marked`` is False; a marked delta counts as one of the job's waits until acknowledged."""
+        assert self.state is not None and self.replicas is not None
+        env = job.env
+        names = self.state.types.names
+        writes = [(names[t], body) for t, body in job.writes.items()] if job.writes is not None else []
+        if job.writes is not None:
+            job.writes = job.before = None
+            self.waiting.pop(env.msg_id, None)
+        reply = job.reply if marked and env.kind == KIND_COMMAND else None
+        delta = Delta(env.partition, env.key, writes, env.type, env.msg_id, self.host.clock(), reply, marked)
+        self.replicas.ship(env.partition, delta, partial(self.output_done, job) if marked else _nothing)
+
     def ship_ready(self, key: bytes) -> None:
         """Send the standby the writes of this key's jobs whose outputs are all acknowledged, in
         the order their handlers ran (a later write never overtakes an earlier one)."""
         queue = self.unshipped.get(key)
-        assert self.state is not None and self.replicas is not None
-        names = self.state.types.names
         while queue and queue[0].pending == 1:
-            job = queue.popleft()
-            env = job.env
-            assert job.writes is not None
-            delta = Delta(
-                env.partition, key, [(names[t], body) for t, body in job.writes.items()], env.type, env.msg_id,
-                self.host.clock(), job.reply if env.kind == KIND_COMMAND else None,
-            )
-            job.writes = job.before = None
-            self.waiting.pop(env.msg_id, None)
-            self.replicas.ship(env.partition, delta, partial(self.output_done, job))
+            self._ship(queue.popleft())
         if not queue:
             self.unshipped.pop(key, None)
 
@@ -334,31 +337,19 @@ class PartitionData:
         between the two runs that message again on the standby, over its own writes.
         """
         queue = self.unshipped.pop(key, None)
-        if not queue:
-            return
-        assert self.state is not None and self.replicas is not None
-        names = self.state.types.names
-        for job in queue:
-            env = job.env
-            assert job.writes is not None
-            self.waiting.pop(env.msg_id, None)
-            writes = [(names[t], body) for t, body in job.writes.items()]
-            job.writes = job.before = None
+        for job in queue or ():
             if job.pending == 1:  # ready anyway: writes and id together, as usual
-                delta = Delta(env.partition, key, writes, env.type, env.msg_id, self.host.clock(),
-                              job.reply if env.kind == KIND_COMMAND else None)
-                self.replicas.ship(env.partition, delta, partial(self.output_done, job))
+                self._ship(job)
                 continue
             self.ungated += 1
             job.mark_owed = True
-            handler = job.handler.name if job.handler is not None else env.type
+            handler = job.handler.name if job.handler is not None else job.env.type
             if handler not in self._ungated_by:
                 self._ungated_by.add(handler)
                 log.warning("%s: %s's state writes went to the standby before its outputs were acknowledged "
                             "(a flow came back to a key it wrote): a crash before they are would run it again "
                             "there", self.who, handler)
-            self.replicas.ship(env.partition, Delta(env.partition, key, writes, env.type, env.msg_id,
-                                                    self.host.clock(), None, False), _nothing)
+            self._ship(job, marked=False)
 
     def _gate_expired(self, key: bytes) -> None:
         queue = self.unshipped.get(key)
@@ -367,12 +358,8 @@ class PartitionData:
 
     def ship_mark(self, job: Job) -> None:
         """An ungated job's outputs are acknowledged: its id (and a command's result) to the standby."""
-        assert self.replicas is not None
-        env = job.env
         job.mark_owed = False
-        delta = Delta(env.partition, env.key, [], env.type, env.msg_id, self.host.clock(),
-                      job.reply if env.kind == KIND_COMMAND else None)
-        self.replicas.ship(env.partition, delta, partial(self.output_done, job))
+        self._ship(job)
 
 
     def remember(self, job: Job, reply: bytes) -> None:

@@ -47,6 +47,30 @@ def test_a_join_moves_only_the_newcomers_share_and_the_newcomer_waits_for_handov
     assert gone and all(newcomer.state[q] == "owned" for q in gone)
 
 
+def test_a_restarted_durable_node_holds_what_its_store_gave_back_until_its_views_place_it() -> None:
+    """A durable node read partitions' state back from its store; instances start beside it."""
+    back = Ownership(partitions=32, me=1)
+    back.restored = set(range(32))  # it held everything before it stopped
+    held = back.holding()
+    assert all(held[p >> 3] >> (p & 7) & 1 for p in range(32)), "held from its first hello"
+    # a newcomer sees it holding: what the view gives the newcomer waits for its hand-over
+    newcomer = Ownership(partitions=32, me=2)
+    newcomer.update([1, 2], live=lambda i: True, now=0.0, holder=lambda p: 1 if held[p >> 3] >> (p & 7) & 1 else None)
+    theirs = {p for p, o in enumerate(newcomer.owners) if o == 2}
+    assert theirs and set(newcomer.awaiting) == theirs and not any(s == "owned" for s in newcomer.state)
+    # the restarted node keeps its own share and drains the rest to the newcomer, as a move would
+    back.update([1, 2], live=lambda i: True, now=0.0)
+    assert {p for p, s in enumerate(back.state) if s == "owned"} == set(range(32)) - theirs
+    assert back.draining == {p: 2 for p in theirs} and not back.restored and not back.stale
+    # a partition another live instance holds is newer there: what the store gave back is stale
+    other = Ownership(partitions=32, me=1)
+    other.restored = set(range(32))
+    other.update([1, 2], live=lambda i: True, now=0.0, holder=lambda p: 2)
+    mine = {p for p, o in enumerate(other.owners) if o == 1}
+    assert set(other.awaiting) == mine, "its own share comes back from the instance that has it"
+    assert set(other.stale) == set(range(32)) - mine and not other.draining
+
+
 def test_instances_starting_together_split_partitions_at_once() -> None:
     a, b = Ownership(partitions=32, me=1), Ownership(partitions=32, me=2)
     a.update([1, 2], live=lambda i: True, now=0.0)
