@@ -91,7 +91,6 @@ class PartitionData:
         self.replicas = replicas  # standby copies of the state (a service with replicas=1)
         self.journal = journal  # durable nodes: what must commit before an ack leaves
         self.unshipped: dict[bytes, deque[Job]] = {}  # key -> jobs whose writes the standby has yet to get
-        self.waiting: dict[bytes, Job] = {}  # message id -> its job, while in unshipped
         self.ungated = 0  # writes sent to the standby ahead of their outputs' acks (see ungate)
         self._ungated_by: set[str] = set()  # handlers already logged for it
 
@@ -284,13 +283,12 @@ class PartitionData:
             job.pending += 1  # its delta: shipped once its outputs are acknowledged (ship_ready)
             queue = self.unshipped.get(key)
             if queue and queue[0].pending > 1:  # behind writes that wait for their outputs' acks
-                trace = env.trace_id
-                if env.cause_id in self.waiting or any(j.env.trace_id == trace for j in queue):
+                trace = env.trace_id  # (every output carries its input's trace: a flow is one trace)
+                if any(j.env.trace_id == trace for j in queue):
                     self.ungate(key)  # ... which wait for this very flow: it came back to their key
                 else:  # ... for another flow (two flows may still wait for each other: a bound)
                     self.host.call_later(self.config.standby_gate_timeout, partial(self._gate_expired, key))
             self.unshipped.setdefault(key, deque()).append(job)
-            self.waiting[env.msg_id] = job
         state.apply(p, key, writes)
         if self.journal is not None:
             self.log_writes(p, key, writes)
@@ -309,9 +307,7 @@ class PartitionData:
         env = job.env
         names = self.state.types.names
         writes = [(names[t], body) for t, body in job.writes.items()] if job.writes is not None else []
-        if job.writes is not None:
-            job.writes = job.before = None
-            self.waiting.pop(env.msg_id, None)
+        job.writes = job.before = None
         reply = job.reply if marked and env.kind == KIND_COMMAND else None
         delta = Delta(env.partition, env.key, writes, env.type, env.msg_id, self.host.clock(), reply, marked)
         self.replicas.ship(env.partition, delta, partial(self.output_done, job) if marked else _nothing)
