@@ -320,12 +320,21 @@ cdef class EmitLane:
 
     def emit(self, event, now=None, msg_id=None):
         """Write one event into its window; returns its id, or None (caller: take the slow path)."""
+        if now is None and msg_id is None:
+            return self._emit(event)
         cdef bytes payload = self._encode(event)
         if not self._valid(event, payload):
             return None
         if msg_id is None and self._idempotency is not None:
             msg_id = self._idempotency(event)
         return self._write(event, payload, self._clock() if now is None else <double>now, msg_id)
+
+    cdef object _emit(self, event):
+        """:meth:`emit` at the lane's clock, with the event's own idempotency id (EmitTable's call)."""
+        cdef bytes payload = self._encode(event)
+        if not self._valid(event, payload):
+            return None
+        return self._write(event, payload, self._clock(), self._idempotency(event) if self._idempotency is not None else None)
 
     def emit_many(self, list events not None, Py_ssize_t start, list ids not None):
         """Write ``events[start:]`` in order while they are of this lane's type and go in.
@@ -355,6 +364,43 @@ cdef class EmitLane:
                 return i, EMIT_BLOCKED
             ids.append(out_id)
         return end, EMIT_END if end == n else EMIT_OTHER
+
+
+cdef class EmitTable:
+    """A sender's fast path in one call: the lane of the event's type, while nothing it depends on
+    changed. See the twin (choreo._pycore.EmitTable) for the contract."""
+
+    cdef dict _lanes
+    cdef object _life
+    cdef dict _holds
+
+    def __cinit__(self, dict holds not None, life):
+        self._lanes = {}
+        self._holds, self._life = holds, life
+
+    def put(self, cls, lane):
+        """``cls``'s events go through ``lane`` (None: never here) until :meth:`clear`."""
+        if not isinstance(cls, type):
+            raise TypeError("cls must be a class")
+        if lane is not None and type(lane) is not EmitLane:
+            raise TypeError("lane must be an EmitLane or None")
+        if lane is None:
+            self._lanes.pop(cls, None)
+        else:
+            self._lanes[cls] = lane
+
+    def clear(self):
+        self._lanes.clear()
+
+    def __len__(self):
+        return len(self._lanes)
+
+    def emit(self, event):
+        """Write ``event`` through its type's lane; its id, or None: take the general path."""
+        cdef PyObject *lane = PyDict_GetItem(self._lanes, <object>Py_TYPE(event))
+        if lane == NULL or self._holds or self._life.fatal is not None:
+            return None
+        return (<EmitLane>lane)._emit(event)
 
 
 cdef class SpanRing  # (below: the lanes record into it)

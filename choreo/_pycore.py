@@ -1308,6 +1308,55 @@ class EmitLane:
         return end, EMIT_END if end == n else EMIT_OTHER
 
 
+class EmitTable:
+    """A sender's fast path in one call: the lane of the event's type, while nothing it depends on
+    changed (``node.try_emit`` calls :meth:`emit` and nothing else when it succeeds).
+
+    :meth:`put` registers the lane of an event class (until :meth:`clear`: the router clears
+    the table whenever the membership changes). :meth:`emit` writes an event through its
+    class's lane (:meth:`EmitLane.emit`, at the lane's clock, with the event's idempotency id)
+    and returns the lane's answer: its id, or None. It also returns None, writing nothing, when
+    no lane is registered for ``type(event)``, while ``holds`` (a dict: messages held per key)
+    is not empty, or once ``life.fatal`` is set. None always means: take the general path,
+    which knows why.
+
+    >>> class Life: fatal = None
+    >>> table = EmitTable({}, Life())
+    >>> table.emit(object()) is None  # no lane for it
+    True
+    """
+
+    def __init__(self, holds: dict[Any, Any], life: Any) -> None:
+        if type(holds) is not dict:
+            raise TypeError("holds must be a dict")
+        self._lanes: dict[type, EmitLane] = {}
+        self._holds, self._life = holds, life
+
+    def put(self, cls: type, lane: EmitLane | None) -> None:
+        """``cls``'s events go through ``lane`` (None: never here) until :meth:`clear`."""
+        if not isinstance(cls, type):
+            raise TypeError("cls must be a class")
+        if lane is not None and type(lane) is not EmitLane:
+            raise TypeError("lane must be an EmitLane or None")
+        if lane is None:
+            self._lanes.pop(cls, None)
+        else:
+            self._lanes[cls] = lane
+
+    def clear(self) -> None:
+        self._lanes.clear()
+
+    def __len__(self) -> int:
+        return len(self._lanes)
+
+    def emit(self, event: Any) -> bytes | None:
+        """Write ``event`` through its type's lane; its id, or None: take the general path."""
+        lane = self._lanes.get(type(event))
+        if lane is None or self._holds or self._life.fatal is not None:
+            return None
+        return lane.emit(event)
+
+
 # The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
 # envelope kind, and the flags of envelopes that wait on no key.
 KIND_EVENT = 1

@@ -51,6 +51,7 @@ rendezvous_owner = _impl.rendezvous_owner
 assign_partitions = _impl.assign_partitions
 IdSource = _impl.IdSource
 EmitLane = _impl.EmitLane
+EmitTable = _impl.EmitTable
 FastLane = _impl.FastLane
 StateView = _impl.StateView
 SpanRing = _impl.SpanRing
@@ -98,6 +99,7 @@ __all__ = [
     "assign_partitions",
     "IdSource",
     "EmitLane",
+    "EmitTable",
     "FastLane",
     "StateView",
     "SpanRing",

@@ -36,7 +36,7 @@ and :meth:`Membership.system_digest` tells whether their declared systems do).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import core, wire
@@ -153,6 +153,7 @@ class Membership:
         self.live_count = 0  # live peers, this node included
         self._at: dict[str, Peer] = {}  # endpoint -> the live peer there
         self.gained: list[Peer] = []  # after upsert: known members that got their declarations with it
+        self.on_change: list[Callable[[], None]] = []  # called at each new version (caches built on a view)
 
     # -- changes -------------------------------------------------------------------------------
 
@@ -371,6 +372,8 @@ class Membership:
     def _changed(self) -> None:
         self.version += 1
         self._stale = True
+        for hook in self.on_change:
+            hook()
 
     def touch(self) -> None:
         """The routing views change meaning (this node joined: they route now): a new version."""

@@ -123,6 +123,10 @@ class EmitPlan:
         self.lane_channels: list[OutChannel] = []
 
 
+class _Alive:
+    fatal = None  # (a router without a lifecycle is never refused)
+
+
 def _channel_load(ch: OutChannel) -> int:
     return ch.window.in_flight + len(ch.backlog)
 
@@ -142,8 +146,10 @@ class Router:
         ids: Any,
         counters: Counters,
         routing: Callable[[], bool] = lambda: True,
+        life: Any = None,
     ) -> None:
-        """``routing()`` says whether the node has joined (plans compiled before route nothing)."""
+        """``routing()`` says whether the node has joined (plans compiled before route nothing);
+        ``life.fatal`` set (the mesh refused this node) closes :attr:`emit_table`."""
         self.membership = membership
         self.routing = routing
         self.outbox = outbox
@@ -155,6 +161,9 @@ class Router:
         self.counters = counters
         self._routes: dict[str, tuple[int, list[Route]]] = {}
         self._emit_plans: dict[type, EmitPlan] = {}
+        # the caller's fast path (node.try_emit): each plan's lane, looked up and called in one crossing
+        self.emit_table = core.EmitTable(holds.by_key, life if life is not None else _Alive())
+        membership.on_change.append(self.emit_table.clear)  # lanes of an older view are stale
         self._dirty_out = outbox.dirty_out  # the emit lane marks channels here directly
         self._rr = 0  # turn of equally loaded instances for unkeyed messages
         self._unrouted_logged: set[str] = set()
@@ -165,6 +174,7 @@ class Router:
         self._routes.clear()
         self.counters.emitted = self.emitted()  # what the lanes emitted, before they go
         self._emit_plans.clear()
+        self.emit_table.clear()
 
     def fresh_id(self) -> bytes:
         return self.ids.next()  # type: ignore[no-any-return]
@@ -349,6 +359,7 @@ class Router:
         if old is not None and old.lane is not None:
             self.counters.emitted += old.lane.emitted  # what the replaced lane emitted
         self._emit_plans[cls] = plan
+        self.emit_table.put(cls, plan.lane)
         return plan
 
     def emitted(self) -> int:

@@ -240,3 +240,43 @@ def test_a_lane_with_plain_fields_checks_a_body_only_when_a_value_is_of_another_
     assert emit.emit(Ev("a", 2.0), 0.0) is None and len(checked) == 1, "another type: the check decides (no)"
     assert emit.emit(Ev(None, 3), 0.0) is None and len(checked) == 2, "another type: the check decides (no)"
     assert emit.emit(Ev("a", True), 0.0) is not None and len(checked) == 2, "one of the listed types"
+
+
+class _Life:
+    fatal: Exception | None = None
+
+
+class Other(msgspec.Struct):
+    k: str
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_the_emit_table_writes_through_its_types_lane_until_anything_it_depends_on_changes(core) -> None:
+    windows = [core.OutboundWindow(max_messages=2)]
+    sent, dirty, scheduled = [], {}, []
+    emit = _bookkept_lane(core, windows, sent, dirty, scheduled, max_batch=100)
+    holds: dict[object, object] = {}
+    life = _Life()
+    table = core.EmitTable(holds, life)
+    assert table.emit(Ev("a", 1)) is None and windows[0].pending == 0, "no lane registered: the general path"
+    table.put(Ev, emit)
+    first = table.emit(Ev("a", 1))
+    assert first is not None and windows[0].pending == 1 and emit.emitted == 1
+    assert table.emit(Other("a")) is None, "another type has no lane here"
+    holds["held"] = object()
+    assert table.emit(Ev("a", 2)) is None and windows[0].pending == 1, "messages held per key: never past them"
+    holds.clear()
+    life.fatal = RuntimeError("refused")
+    assert table.emit(Ev("a", 2)) is None and windows[0].pending == 1, "a refused node emits nothing this way"
+    life.fatal = None
+    assert table.emit(Ev("a", 2)) is not None
+    assert table.emit(Ev("a", 3)) is None, "no credit: the lane's own answer"
+    table.clear()
+    assert len(table) == 0 and table.emit(Ev("a", 3)) is None
+    table.put(Ev, emit)
+    table.put(Ev, None)
+    assert len(table) == 0, "a type whose plan has no lane is taken out"
+    with pytest.raises(TypeError):
+        table.put(Ev, "not a lane")
+    with pytest.raises(TypeError):
+        table.put("not a class", emit)

@@ -74,6 +74,7 @@ def instances(core) -> dict[str, object]:
         "EmitLane": core.EmitLane(
             b"T", "k", 1, [core.OutboundWindow()], bytes, bytes, core.IdSource(bytes(8)), 256, 1 << 18, 1 << 20
         ),
+        "EmitTable": core.EmitTable({}, None),
     }
 
 
