@@ -10,7 +10,13 @@ Two checks, the first always on, the second when the mesh has keys:
   of its first frame, whose key must be allowed to serve what it claims). A forged BYE, heartbeat, ack, answer, data or REFUSE for
   somebody else is refused and counted (``impersonation``); a frame from a sender that never
   joined is refused too, except the few a stranger may legitimately send (a hello, a system
-  query, and a refusal of our own hello).
+  query, and a refusal of our own hello). A node's connections always carry the routing id its
+  transport chose; a connection without one has an id ZeroMQ made up, starting with a zero
+  byte: a socket that never named itself, or a node's connection that its reconnection took
+  over (``ROUTER_HANDOVER`` renames the old one, and frames still queued on it arrive under
+  the made-up id). Such a connection never binds a member, and a member's frames on it are
+  dropped (``replaced_connection``): its sender resends what matters on the connection it
+  uses now.
 * **Rights** (with keys, :class:`~choreo.trust.Policy`). A hello may claim a service only with a
   key allowed to serve it; a client key's envelopes must be of types it may originate; a service
   instance's envelopes must be of types its declarations produce (or, between instances of one
@@ -32,12 +38,18 @@ from ..spec import ServiceSpec
 from .channels import InChannel
 from .membership import Peer
 
-__all__ = ["Admission", "PolicySource", "STRANGER_FRAMES"]
+__all__ = ["Admission", "PolicySource", "STRANGER_FRAMES", "unnamed"]
 
 #: frame types a sender that is not a member here may send: its hello, a client's system query,
 #: the REFUSE with which a seed answers our hello, and the PING with which a newcomer introduces
 #: itself (its own record rides on it; gossip takes nothing else from a stranger)
 STRANGER_FRAMES = frozenset({wire.HELLO, wire.RPC, wire.REFUSE, wire.PING})
+
+def unnamed(identity: bytes | None) -> bool:
+    """Whether a connection's routing id is one ZeroMQ made up (see the module docstring): it
+    never binds a member."""
+    return identity is not None and identity[:1] == b"\x00"
+
 
 PolicySource = Callable[[], Any]  # () -> choreo.trust.Policy (re-read when the keys directory changes)
 
@@ -69,18 +81,25 @@ class Admission:
 
     # -- sender binding --------------------------------------------------------------------------
 
-    def speaks_for(self, peer: Peer | None, frame_type: int, identity: bytes | None, principal: str | None) -> str | None:
-        """None when a frame whose header names ``peer`` may be taken from this connection, else why not."""
+    def speaks_for(
+        self, peer: Peer | None, frame_type: int, identity: bytes | None, principal: str | None
+    ) -> tuple[str, str] | None:
+        """None when a frame whose header names ``peer`` may be taken from this connection, else
+        the reason it is refused under and why."""
         if peer is None:
             if frame_type in STRANGER_FRAMES:
                 return None
-            return "a frame from a node that is not a member here"
+            return "unknown_peer", "a frame from a node that is not a member here"
+        if unnamed(identity):
+            return "replaced_connection", (f"a frame that speaks for {peer.node} on a connection without its routing id "
+                                           f"(one its reconnection took over, or a socket that is not {peer.node})")
         if peer.identity is None:
             return None  # a member we only heard of: its first frame binds it (see may_bind)
         if identity != peer.identity:
-            return f"a frame that speaks for {peer.node} on a connection it did not join on"
+            return "impersonation", f"a frame that speaks for {peer.node} on a connection it did not join on"
         if peer.principal != principal:
-            return f"a frame that speaks for {peer.node} (key {peer.principal!r}) under the key {principal!r}"
+            return "impersonation", (f"a frame that speaks for {peer.node} (key {peer.principal!r}) under the key "
+                                     f"{principal!r}")
         return None
 
     # -- rights ------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from ..config import NodeConfig
 from ..errors import ProtocolError
 from ..service import Service
 from ..tracing import Tracer
-from .admission import Admission, PolicySource
+from .admission import Admission, PolicySource, unnamed
 from .calls import Calls, DurableCalls
 from .channels import InChannel
 from .context import Job
@@ -391,9 +391,9 @@ class Engine:
         try:
             frame_type, flags, sender, receiver = wire.parse_header(data)
             known = self.membership.peers.get(sender)
-            why = self.admission.speaks_for(known, frame_type, identity, principal)
-            if why is not None:
-                raise ProtocolError("unknown_peer" if known is None else "impersonation", why)
+            refused = self.admission.speaks_for(known, frame_type, identity, principal)
+            if refused is not None:
+                raise ProtocolError(*refused)
             if known is not None and known.identity is None and frame_type != wire.HELLO and sender != self.incarnation:
                 why = self.admission.may_bind(known, principal)
                 if why is not None:
@@ -427,7 +427,7 @@ class Engine:
             raise ProtocolError("not_allowed", f"hello from {hello.node}: {why}")
         self.gossip.on_hello(sender, hello, trusted=self.admission.may_gossip(principal))
         peer = self.membership.peers.get(sender)
-        if peer is not None and peer.identity is None and sender != self.incarnation:
+        if peer is not None and peer.identity is None and sender != self.incarnation and not unnamed(identity):
             peer.identity, peer.principal = identity, principal  # its frames come only from there from now on
 
     def _on_refuse(self, sender: int, data: bytes, flags: int, identity: bytes | None, principal: str | None) -> None:

@@ -103,6 +103,34 @@ def test_forged_control_frames_for_another_node_are_refused() -> None:
     assert created == ["o-1"]
 
 
+def test_a_members_frame_on_a_connection_without_its_routing_id_never_binds_it() -> None:
+    # a node's connections carry the routing id its transport chose; ZeroMQ makes one up (a zero
+    # byte first) for a socket that named none, and for a connection that a reconnection took
+    # over. Such a frame, taken as a member's first, used to bind the member to that connection:
+    # every later frame on its real one was refused as an impersonation, and its commands hung
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=3, config=CONFIG)
+    client = h.add(None)
+    h.add(api)
+    owner = h.add(orders)
+
+    async def scenario() -> None:
+        await h.start()
+        peer = client.membership.peers[owner.incarnation]
+        peer.identity = None  # as for a member the client only heard of by gossip: its next frame binds it
+        before = client.counters.refused.copy()
+        h.inject("\x00renamed", client, frame_from(owner.incarnation, 0, wire.HEARTBEAT, wire.Heartbeat()))
+        await h.advance(0.5)
+        assert await h.run(client.send(PlaceOrder("o-1")), timeout=10) == "o-1"
+        assert client.counters.refused["impersonation"] == before["impersonation"]
+        assert client.counters.refused["replaced_connection"] - before["replaced_connection"] == 1
+        assert peer.identity == owner.transport.endpoint.encode(), "bound to the connection the node dialled"
+
+    run(scenario)
+    assert created == ["o-1"]
+
+
 def test_a_strangers_refusal_never_stops_a_node() -> None:
     h = Harness(seed=2, config=CONFIG)
     client = h.add(None)
