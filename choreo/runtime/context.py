@@ -83,6 +83,7 @@ class Job:
         "writes",
         "before",
         "mark_owed",
+        "outputs",
     )
 
     def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
@@ -102,6 +103,7 @@ class Job:
         self.writes: dict[int, bytes | None] | None = None  # state writes a standby has yet to get
         self.before: dict[int, bytes | None] | None = None  # the values they replaced
         self.mark_owed = False  # its writes reached the standby ahead of its id (PartitionData.ungate)
+        self.outputs: list[Message] | None = None  # what it emitted and sent, while its writes wait to ship
 
 
 class HandlerContext:

@@ -467,6 +467,8 @@ class Dispatcher:
             job.pending += routed
         if writes is not None:  # in the same step as its outputs went to the outbox: both or neither
             self.data.apply(job.env, writes, job)
+            if outputs and job.writes is not None:
+                job.outputs = outputs  # while its writes wait to ship: an ungated delta carries them
         self.tracer.finished(job, "ok", None)
         self._finish_handler(job, reply=reply, dead=False)
         if job.writes is not None:

@@ -58,6 +58,8 @@ class PartitionKeeping(Protocol):
 
     def install(self, staged: Staged) -> None: ...
 
+    def take_over(self, p: int) -> int: ...
+
 
 class PartitionWork(Protocol):
     """What moves need of the dispatcher: buffered arrivals run, and how many wait per partition."""
@@ -404,6 +406,8 @@ class Moves:
             self.replicas.sync()
         now = self.clock()
         for p in partitions:
+            if self.data is not None and self.ownership.state[p] == "owned":
+                self.data.take_over(p)  # what its last owner owed, before anything newer runs here
             queue = self.ownership.buffered.pop(p, None)
             while queue:
                 ch, env = queue.popleft()

@@ -32,7 +32,8 @@ import msgspec
 
 from .. import core
 from ..config import NodeConfig
-from ..messages import message_options
+from ..errors import ChoreoError
+from ..messages import Message, decoder_for, encode, message_options
 from ..service import Handler
 from ..wire import KIND_COMMAND
 from .context import Host, Job
@@ -51,6 +52,23 @@ log = logging.getLogger("choreo.dispatch")
 
 def _nothing() -> None:
     """An ungated job's writes reached the standby: its id, which it still owes, is what counts."""
+
+
+class _OwedEnvelope:
+    __slots__ = ("msg_id", "trace_id")
+
+    def __init__(self, msg_id: bytes, trace_id: bytes) -> None:
+        self.msg_id, self.trace_id = msg_id, trace_id
+
+
+class _Owed:
+    """What :meth:`Calls.send_outputs` reads of a job, for the outputs an ungated delta carried."""
+
+    __slots__ = ("env", "handler")
+
+    def __init__(self, delta: Delta, handler: Handler) -> None:
+        self.env = _OwedEnvelope(delta.msg_id, delta.trace_id or delta.msg_id)
+        self.handler = handler
 
 
 class PartitionData:
@@ -93,6 +111,9 @@ class PartitionData:
         self.unshipped: dict[bytes, deque[Job]] = {}  # key -> jobs whose writes the standby has yet to get
         self.ungated = 0  # writes sent to the standby ahead of their outputs' acks (see ungate)
         self._ungated_by: set[str] = set()  # handlers already logged for it
+        # a standby's: the ungated deltas whose mark has not come, by message id (see take_over)
+        self.owed: dict[bytes, Delta] = {}
+        self.owed_sent = 0  # messages whose outputs this node sent for a dead owner (see take_over)
 
     def window(self, name: str, handler: Handler) -> core.DedupWindow:
         """The dedup window of message type ``name`` (made on first use, sized by its options)."""
@@ -149,6 +170,8 @@ class PartitionData:
             window.drop_partition(p)
         for msg_id in [k for k, v in self.results.items() if v[3] == p]:
             del self.results[msg_id]
+        for msg_id in [k for k, d in self.owed.items() if d.partition == p]:
+            del self.owed[msg_id]
         if self.state is not None:
             self.state.drop(p)
             if self.journal is not None:
@@ -202,7 +225,8 @@ class PartitionData:
 
     def apply_delta(self, delta: Delta) -> None:
         """One handler's writes on its owner, applied to our standby copy with the message's id
-        (and a command's result): the message is a duplicate here from now on."""
+        (and a command's result): the message is a duplicate here from now on. An ungated
+        delta's outputs are kept until its mark comes (:meth:`take_over` sends them)."""
         p = delta.partition
         if self.state is not None:
             by_name = self.state.types.by_name
@@ -214,8 +238,14 @@ class PartitionData:
             if self.journal is not None:
                 self.log_writes(p, delta.key, writes)
         handler = self.handlers.get(delta.message_type)
-        if handler is None or not delta.marked:
+        if handler is None:
             return
+        if delta.marked:
+            self.owed.pop(delta.msg_id, None)
+        elif delta.outputs:
+            self.owed[delta.msg_id] = delta
+        else:
+            return  # the writes alone: the message is not done yet
         now = self.host.clock()
         options = message_options(handler.message)
         if self.config.dedup and handler.kind != "query":
@@ -307,9 +337,13 @@ class PartitionData:
         env = job.env
         names = self.state.types.names
         writes = [(names[t], body) for t, body in job.writes.items()] if job.writes is not None else []
+        outputs = [(message_options(type(m)).name, encode(m)) for m in job.outputs or ()] if not marked else []
         job.writes = job.before = None
-        reply = job.reply if marked and env.kind == KIND_COMMAND else None
-        delta = Delta(env.partition, env.key, writes, env.type, env.msg_id, self.host.clock(), reply, marked)
+        if marked:
+            job.outputs = None  # (an ungated job keeps them until its mark: a new standby gets them too)
+        reply = job.reply if env.kind == KIND_COMMAND else None
+        delta = Delta(env.partition, env.key, writes, env.type, env.msg_id, self.host.clock(), reply, marked, outputs,
+                      env.trace_id)
         self.replicas.ship(env.partition, delta, partial(self.output_done, job) if marked else _nothing)
 
     def ship_ready(self, key: bytes) -> None:
@@ -329,8 +363,9 @@ class PartitionData:
         the handler it reaches, and when that handler writes the same key (a flow that came back
         to a key it wrote), its write waits behind the first: neither would ever leave. Here the
         writes of a job still waiting go alone (``marked=False``); its id follows once its
-        outputs are acknowledged (:meth:`ship_mark`). The price, stated in the README: a crash
-        between the two runs that message again on the standby, over its own writes.
+        outputs are acknowledged (:meth:`ship_mark`). The delta carries the job's outputs, so a
+        standby that takes the partition over in between sends them (the same ids: whoever got
+        them already drops them) instead of running the message again (:meth:`take_over`).
         """
         queue = self.unshipped.pop(key, None)
         for job in queue or ():
@@ -342,15 +377,51 @@ class PartitionData:
             handler = job.handler.name if job.handler is not None else job.env.type
             if handler not in self._ungated_by:
                 self._ungated_by.add(handler)
-                log.warning("%s: %s's state writes went to the standby before its outputs were acknowledged "
-                            "(a flow came back to a key it wrote): a crash before they are would run it again "
-                            "there", self.who, handler)
+                log.info("%s: %s's state writes went to the standby with its outputs, before they were "
+                         "acknowledged (a flow came back to a key it wrote)", self.who, handler)
             self._ship(job, marked=False)
 
     def _gate_expired(self, key: bytes) -> None:
         queue = self.unshipped.get(key)
         if queue and len(queue) > 1 and queue[0].pending > 1:
             self.ungate(key)
+
+    def reship_owed(self, p: int) -> None:
+        """Partition ``p`` has a new standby: the ungated jobs that still owe their mark send it
+        their outputs again (their writes are in the copy; their ids are not, yet)."""
+        assert self.replicas is not None
+        for job in [j for j in self.in_progress.values() if j.mark_owed and j.env.partition == p]:
+            self._ship(job, marked=False)
+
+    def take_over(self, p: int) -> int:
+        """Partition ``p`` is ours now: send the outputs of the ungated messages its last owner
+        had not marked done (it may have died before they all arrived). Each goes under the id
+        it had, so a destination that has it already drops it; the message itself is a duplicate
+        here (its id came with its writes). Returns how many messages' outputs went."""
+        owed = [d for d in self.owed.values() if d.partition == p]
+        for delta in owed:
+            del self.owed[delta.msg_id]
+            handler = self.handlers.get(delta.message_type)
+            if handler is None:
+                continue
+            classes = {message_options(c).name: c for c in (*handler.emits, *handler.sends)}
+            try:
+                outputs: list[Message] = [decoder_for(classes[name]).decode(body) for name, body in delta.outputs]
+            except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.host.count_refused("malformed", f"the outputs of {delta.message_type} in a delta of partition "
+                                                     f"{p}: {exc!r}")
+                continue
+            try:
+                self.host.send_outputs(_Owed(delta, handler), outputs, _nothing)  # type: ignore[arg-type]
+            except ChoreoError as exc:  # (a command whose service has no owner any more, say)
+                log.warning("%s: the outputs %s owed for %s could not be sent: %s", self.who,
+                            delta.message_type, delta.msg_id.hex(), exc)
+                continue
+            self.owed_sent += 1
+        if owed:
+            log.info("%s: took over partition %d: sent the outputs of %d messages its last owner had not "
+                     "seen acknowledged", self.who, p, len(owed))
+        return len(owed)
 
     def ship_mark(self, job: Job) -> None:
         """An ungated job's outputs are acknowledged: its id (and a command's result) to the standby."""

@@ -54,7 +54,10 @@ class ReplicaWork(Protocol):
 
     def forget_partition(self, p: int) -> None: ...
 
+    def reship_owed(self, p: int) -> None: ...
+
     ungated: int  # writes shipped ahead of their outputs' acks (a flow that came back to its key)
+    owed_sent: int  # messages whose outputs it sent for a dead owner (PartitionData.take_over)
 
 
 class Shipment:
@@ -173,6 +176,7 @@ class Replicas:
         pump.run()
         for key, shipment in list(shipments.items()):
             self.send(peer, p, shipment.payload, partial(self._acked, p, key, shipment))
+        self.work.reship_owed(p)  # ungated messages still owe their mark: their outputs, to this standby too
 
     def ship(self, p: int, delta: Delta, done: Callable[[], None]) -> None:
         """Send one handler's writes to the standby of ``p``; ``done`` once it acknowledged them."""
@@ -280,4 +284,5 @@ class Replicas:
             "deltas_sent": self.deltas_sent,
             "deltas_applied": self.deltas_applied,
             "ungated": self.work.ungated if self.work is not None else 0,
+            "owed_sent": self.work.owed_sent if self.work is not None else 0,
         }

@@ -85,7 +85,11 @@ class Delta(msgspec.Struct, array_like=True, tag=3):
     msg_id: bytes
     now: float
     reply: bytes | None = None  # a command's result, for a retry that reaches the standby
-    marked: bool = True  # False: the writes alone, the message not done yet (see PartitionData.ungate)
+    marked: bool = True  # False: its outputs are not all acknowledged yet (see PartitionData.ungate)
+    # an unmarked delta's outputs, (type, body), as its handler made them: the standby sends them,
+    # under the same ids, if it takes the partition over before the mark comes
+    outputs: list[tuple[str, bytes]] = []
+    trace_id: bytes = b""  # the message's trace (its outputs carry it)
 
 
 Transfer = Chunk | Verdict | Delta

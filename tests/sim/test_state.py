@@ -427,6 +427,97 @@ def test_with_a_standby_a_flow_that_comes_back_to_a_key_it_wrote_finishes_and_co
     run(scenario)
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_an_owner_killed_between_an_ungated_write_and_its_mark_runs_nothing_twice(seed: int) -> None:
+    # the window ungating opens: the standby has a message's writes, its outputs are not all
+    # acknowledged, and the owner dies. The standby must neither run the message again over its
+    # own writes (a total of 3) nor lose what it emitted: the delta carried its outputs
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    nodes = [h.add(looping()) for _ in range(2)]
+    crashed: list[Any] = []
+
+    def crash_the_other_at_the_first_ungated_delta(standby: Any) -> None:
+        data = standby.dispatcher.data
+        apply_delta = data.apply_delta
+
+        def applying(delta: Any) -> None:
+            apply_delta(delta)
+            if not delta.marked and not crashed:
+                owner = next(n for n in nodes if n is not standby)
+                crashed.append(owner)
+                h.crash(owner)  # SIGKILL, with the delta's mark (and maybe its outputs) still to come
+
+        data.apply_delta = applying
+
+    for node in nodes:
+        crash_the_other_at_the_first_ungated_delta(node)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
+        assert await h.run(client.send(Start(k="a", back="a"), timeout=30), timeout=60) == 1
+        assert crashed, "the owner ungated its write and died before the mark"
+        await h.run_until(lambda: client.acknowledged, 60, "everything acknowledged")
+        assert await totals(h, client, ["a"]) == {"a": 2}, "Start and its Echo each counted once"
+        survivor = next(n for n in nodes if n not in crashed)
+        assert not survivor.dispatcher.data.owed and survivor.dispatcher.data.owed_sent == 1, \
+            "the standby sent the Echo its dead owner owed (its id: dropped if it had it already)"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_new_standby_gets_what_an_ungated_message_still_owes(seed: int) -> None:
+    # the same window, with the standby changing inside it: the standby that acknowledged the
+    # ungated delta dies, the new one gets a copy (the writes, not yet the id), then the owner
+    # dies before its mark. The new standby must have the outputs and the id from the owner too
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    nodes = [h.add(looping()) for _ in range(3)]
+    got: list[Any] = []  # the standbys that applied an ungated delta, in order
+
+    def watch(standby: Any) -> None:
+        data = standby.dispatcher.data
+        apply_delta = data.apply_delta
+
+        def applying(delta: Any) -> None:
+            apply_delta(delta)
+            if not delta.marked:
+                got.append(standby)
+
+        data.apply_delta = applying
+
+    for node in nodes:
+        watch(node)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
+                                      for s in n.moves.ownership.state),
+                          30, "the partitions settled on their owners")
+        await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
+        p = core.partition_of(b"a", 8)
+        owner = next(n for n in nodes if n.moves.ownership.state[p] == "owned")
+        owner.dispatcher.data.ship_mark = lambda job: None  # its mark is slow to come (its outputs' acks)
+        task = asyncio.ensure_future(client.send(Start(k="a", back="a"), timeout=60))
+        await h.run_until(lambda: got, 30, "the ungated delta at the standby")
+        await h.advance(0.5)
+        assert not owner.moves.replicas.in_flight, "the standby acknowledged it: nothing to send again"
+        first = got[0]
+        h.crash(first)
+        replicas = owner.moves.replicas
+        await h.run_until(lambda: replicas.standby[p] not in (None, first.incarnation) and p in replicas.complete,
+                          30, "a new standby with its copy")
+        await h.advance(0.5)
+        h.crash(owner)
+        assert await h.run(task, timeout=90) == 1
+        await h.run_until(lambda: client.acknowledged, 60, "everything acknowledged")
+        assert await totals(h, client, ["a"]) == {"a": 2}, "Start and its Echo each counted once"
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("seed", [20, 21])
 def test_a_durable_instance_killed_mid_stream_comes_back_with_its_state(tmp_path: Any, seed: int) -> None:
     """Without replicas, on a data dir: SIGKILL at a seeded moment, restart on the same dir, and

@@ -51,6 +51,11 @@ class Work:
 
     def apply_delta(self, delta: Any) -> None: ...
 
+    def take_over(self, p: int) -> int:
+        return 0
+
+    def reship_owed(self, p: int) -> None: ...
+
     def deliver(self, channel: Any, env: Any, now: float) -> None:
         self.delivered.append((env.partition, env.seq))
 
