@@ -43,7 +43,7 @@ test: $(STAMP) tools
 # killed with SIGKILL at seeded moments. SOAK_SEEDS per kind of schedule.
 SOAK_SEEDS ?= 1000
 soak: $(STAMP)
-	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) \
+	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) NEMESIS_REPLICA_SEEDS=$(SOAK_SEEDS) \
 	  $(BIN)/python -m pytest -p no:cacheprovider -q --timeout 7200 tests/sim
 	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
 

@@ -19,9 +19,14 @@ partitions and pauses shorter than ``dead_after``, joins and graceful leaves. Th
 stricter: nothing handled twice, events or commands, whoever crashed, except what a crash caught
 after its handler ran and before its commit (the harness notes those: ``Harness.uncommitted``).
 
-``make test`` runs NEMESIS_SEEDS seeds (default 30) and NEMESIS_DURABLE_SEEDS durable ones
-(default 10: seeds 8 and 9 once caught a restarted node losing its state to a newcomer); ``make
-soak`` runs 1,000 of each.
+The same schedules run with standby copies (``replicas=1``: every write waits for its standby,
+copy streams restart as standbys change, owners die with copies in flight) under the memory
+checker: nothing may wedge, be lost, or run twice outside the crash window.
+
+``make test`` runs NEMESIS_SEEDS seeds (default 30), NEMESIS_DURABLE_SEEDS durable ones
+(default 10: seeds 8 and 9 once caught a restarted node losing its state to a newcomer) and
+NEMESIS_REPLICA_SEEDS with replicas (default 10; seeds 1 to 200 passed when they were added);
+``make soak`` runs 1,000 of each.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from choreo.testing import Harness
 
 SEEDS = int(os.environ.get("NEMESIS_SEEDS", "30"))
 DURABLE_SEEDS = int(os.environ.get("NEMESIS_DURABLE_SEEDS", "10"))
+REPLICA_SEEDS = int(os.environ.get("NEMESIS_REPLICA_SEEDS", "10"))
 FIRST_SEED = int(os.environ.get("NEMESIS_FIRST_SEED", "1"))
 KEYS = 12
 
@@ -75,8 +81,8 @@ class Ledger:
         self.emitted: list[tuple[str, int]] = []
         self.answered: dict[tuple[str, int], int] = {}
 
-    def service(self) -> Service:
-        meter = Service("meter", partitions=16, state=[Seen])
+    def service(self, replicas: int = 0) -> Service:
+        meter = Service("meter", partitions=16, state=[Seen], replicas=replicas)
 
         @meter.on(Reading)
         def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
@@ -160,10 +166,12 @@ def died_names(harness: Harness, nemesis: Nemesis) -> set[str]:
     return names
 
 
-def run_one(seed: int, *, events: int = 1500, duration: float = 50.0, data_root: str | None = None) -> None:
+def run_one(
+    seed: int, *, events: int = 1500, duration: float = 50.0, data_root: str | None = None, replicas: int = 0
+) -> None:
     durable = data_root is not None
     ledger = Ledger()
-    meter = ledger.service()
+    meter = ledger.service(replicas)
     config = NodeConfig(window=64, suspect_after=1.0, dead_after=3.0, heartbeat=0.25, handover_timeout=6.0,
                         emit_timeout=5.0, request_timeout=5.0)
     harness = Harness(seed=seed, drop=0.01, duplicate=0.01, reorder=0.02, config=config, data_root=data_root)
@@ -260,6 +268,13 @@ REGRESSIONS = [69]
 @pytest.mark.parametrize("seed", sorted(set(range(FIRST_SEED, FIRST_SEED + SEEDS)) | set(REGRESSIONS if SEEDS else [])))
 def test_nothing_lost_nothing_twice_order_kept_under_the_nemesis(seed: int) -> None:
     run_one(seed)
+
+
+@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + REPLICA_SEEDS))
+def test_with_standby_copies_the_same_holds_under_the_nemesis(seed: int) -> None:
+    # replicas=1: every write waits for its standby's ack before its input is acknowledged, copy
+    # streams restart as standbys change, owners die with copies in flight: nothing may wedge
+    run_one(seed, replicas=1)
 
 
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + DURABLE_SEEDS))
