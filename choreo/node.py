@@ -104,6 +104,7 @@ class Node:
         self.transport: ZmqTransport | None = None
         self._tick_handle: asyncio.TimerHandle | None = None
         self._tick_at = 0.0  # when the scheduled tick runs (the loop's clock)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it started on (kept: asking costs a syscall)
         self._conditions: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
         self._fatal_waiters: list[asyncio.Future[None]] = []  # serve(): woken when the mesh refuses us
         self._stopped: asyncio.Event | None = None
@@ -120,7 +121,7 @@ class Node:
         """Bind, join the mesh through the seed peers, start ticking. Returns self."""
         if self.engine is not None:
             raise RuntimeError("node already started")
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         store = None  # a data dir that cannot be used is refused before anything binds
         if self.data_dir is not None:
             store = SqliteStore.open(
@@ -219,6 +220,17 @@ class Node:
         due = tick if self._conditions else engine.next_tick() - engine.clock()
         if due < left - tick:
             self._schedule_tick(max(due, tick))
+
+    def _expect_work(self) -> None:
+        """Something is about to be in flight or waited for (a request, events, a commit): tick
+        within ``tick`` from now, as :meth:`_wake` would decide once it is (retransmissions and
+        deadlines are timers), without a turn of the loop for it."""
+        loop = self._loop
+        if loop is None or self._tick_handle is None or self.engine is None:
+            return
+        tick = self.config.tick
+        if self._tick_at - loop.time() > tick:
+            self._schedule_tick(tick)
 
     def _after_reading(self) -> None:
         """(the transport's idle callback) Frames were read: send what they caused, tick sooner if
@@ -420,11 +432,11 @@ class Node:
             elif journal.failing is None:
                 msg_id = engine.emit_now(event)
                 if msg_id is not None:
-                    asyncio.get_running_loop().call_soon(self._wake)  # its commit has a deadline: tick by it
+                    self._expect_work()  # its commit has a deadline: tick by it
                     await journal.durable(self.config.emit_timeout if timeout is None else timeout)
                     return msg_id
         engine = self._engine()
-        asyncio.get_running_loop().call_soon(self._wake)  # what it waits for has deadlines: tick by them
+        self._expect_work()  # what it waits for has deadlines: tick by them
         return await engine.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
 
     async def emit_many(self, events: Iterable[Message], *, timeout: float | None = None) -> list[bytes]:
@@ -441,7 +453,7 @@ class Node:
         raised, its ``emitted`` holding the ids of the events that went.
         """
         engine = self._engine()
-        asyncio.get_running_loop().call_soon(self._wake)  # what it waits for has deadlines: tick by them
+        self._expect_work()  # what it waits for has deadlines: tick by them
         return await engine.emit_many(events, timeout=timeout)
 
     def try_emit(self, event: Message, *, traceparent: str | None = None) -> bytes:
@@ -479,13 +491,13 @@ class Node:
     async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Send a command to its owning service; returns the handler's result."""
         engine = self._engine()
-        asyncio.get_running_loop().call_soon(self._wake)
+        self._expect_work()
         return await engine.send(command, timeout=timeout, traceparent=traceparent)
 
     async def ask(self, query: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Ask a query; returns the answer."""
         engine = self._engine()
-        asyncio.get_running_loop().call_soon(self._wake)
+        self._expect_work()
         return await engine.ask(query, timeout=timeout, traceparent=traceparent)
 
     async def flush(self, timeout: float = 10.0) -> None:
