@@ -62,6 +62,15 @@ def shop(created: list[str]) -> tuple[Service, Service]:
     return api, orders
 
 
+def shop_mesh(seed: int, created: list[str]) -> tuple[Harness, Any, Any]:
+    """A client, an api node and an orders node on the fake link: (harness, client, orders node)."""
+    api, orders = shop(created)
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    h.add(api)
+    return h, client, h.add(orders)
+
+
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
 
@@ -79,11 +88,7 @@ def envelope(type_name: str, kind: int, payload: bytes, seq: int, partition: int
 
 def test_forged_control_frames_for_another_node_are_refused() -> None:
     created: list[str] = []
-    api, orders = shop(created)
-    h = Harness(seed=1, config=CONFIG)
-    client = h.add(None)
-    h.add(api)
-    owner = h.add(orders)
+    h, client, owner = shop_mesh(1, created)
     victim_of = owner.incarnation
 
     async def scenario() -> None:
@@ -109,11 +114,7 @@ def test_a_members_frame_on_a_connection_without_its_routing_id_never_binds_it()
     # over. Such a frame, taken as a member's first, used to bind the member to that connection:
     # every later frame on its real one was refused as an impersonation, and its commands hung
     created: list[str] = []
-    api, orders = shop(created)
-    h = Harness(seed=3, config=CONFIG)
-    client = h.add(None)
-    h.add(api)
-    owner = h.add(orders)
+    h, client, owner = shop_mesh(3, created)
 
     async def scenario() -> None:
         await h.start()
