@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 import msgspec
@@ -317,14 +317,11 @@ def replicated(partitions: int = 8) -> Service:
     return svc
 
 
-def copied(nodes: list[Any]) -> bool:
-    """Every partition these nodes own has a complete standby copy."""
-    return all(n.moves.replicas.stats()["standby_complete"] == n.moves.replicas.stats()["owned"] for n in nodes)
-
-
-@pytest.mark.parametrize("seed", [8, 9, 10])
-def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
-    h = Harness(seed=seed, drop=0.01, duplicate=0.01, reorder=0.02, config=CONFIG)
+def replicated_mesh(
+    h: Harness,
+) -> tuple[Any, list[Any], list[str], Counter[str], Callable[[int, int], Awaitable[None]]]:
+    """A client and three replicated counters on ``h``, 24 keys, what they should count, and
+    ``produce(start, count)``: Add(1) to the keys in turn, each counted in ``expected``."""
     client = h.add(None)
     nodes = [h.add(replicated()) for _ in range(3)]
     keys = [f"key-{i}" for i in range(24)]
@@ -335,6 +332,19 @@ def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
             k = keys[n % len(keys)]
             expected[k] += 1
             await client.emit(Add(k=k, amount=1), timeout=120)
+
+    return client, nodes, keys, expected, produce
+
+
+def copied(nodes: list[Any]) -> bool:
+    """Every partition these nodes own has a complete standby copy."""
+    return all(n.moves.replicas.stats()["standby_complete"] == n.moves.replicas.stats()["owned"] for n in nodes)
+
+
+@pytest.mark.parametrize("seed", [8, 9, 10])
+def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
+    h = Harness(seed=seed, drop=0.01, duplicate=0.01, reorder=0.02, config=CONFIG)
+    client, nodes, keys, expected, produce = replicated_mesh(h)
 
     async def scenario() -> None:
         await h.start()
@@ -360,16 +370,7 @@ def test_with_a_standby_an_owner_restarted_at_once_loses_no_state() -> None:
     # a supervisor restarts a crashed process at once: a new incarnation at the same endpoint
     # joins as the old one is found gone, and may win some of its partitions by rendezvous
     h = Harness(seed=8, config=CONFIG)
-    client = h.add(None)
-    nodes = [h.add(replicated()) for _ in range(3)]
-    keys = [f"key-{i}" for i in range(24)]
-    expected: Counter[str] = Counter()
-
-    async def produce(start: int, count: int) -> None:
-        for n in range(start, start + count):
-            k = keys[n % len(keys)]
-            expected[k] += 1
-            await client.emit(Add(k=k, amount=1), timeout=120)
+    client, nodes, keys, expected, produce = replicated_mesh(h)
 
     async def scenario() -> None:
         await h.start()
