@@ -320,21 +320,16 @@ cdef class EmitLane:
 
     def emit(self, event, now=None, msg_id=None):
         """Write one event into its window; returns its id, or None (caller: take the slow path)."""
-        if now is None and msg_id is None:
-            return self._emit(event)
+        return self._emit(event, now, msg_id)
+
+    cdef object _emit(self, event, now, msg_id):
+        """:meth:`emit`, callable from C (EmitTable calls it with neither ``now`` nor ``msg_id``)."""
         cdef bytes payload = self._encode(event)
         if not self._valid(event, payload):
             return None
         if msg_id is None and self._idempotency is not None:
             msg_id = self._idempotency(event)
         return self._write(event, payload, self._clock() if now is None else <double>now, msg_id)
-
-    cdef object _emit(self, event):
-        """:meth:`emit` at the lane's clock, with the event's own idempotency id (EmitTable's call)."""
-        cdef bytes payload = self._encode(event)
-        if not self._valid(event, payload):
-            return None
-        return self._write(event, payload, self._clock(), self._idempotency(event) if self._idempotency is not None else None)
 
     def emit_many(self, list events not None, Py_ssize_t start, list ids not None):
         """Write ``events[start:]`` in order while they are of this lane's type and go in.
@@ -400,7 +395,7 @@ cdef class EmitTable:
         cdef PyObject *lane = PyDict_GetItem(self._lanes, <object>Py_TYPE(event))
         if lane == NULL or self._holds or self._life.fatal is not None:
             return None
-        return (<EmitLane>lane)._emit(event)
+        return (<EmitLane>lane)._emit(event, None, None)
 
 
 cdef class SpanRing  # (below: the lanes record into it)

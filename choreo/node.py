@@ -149,7 +149,7 @@ class Node:
             self.service, self.transport, config=self.config, name=self._name, store=store,
             policy=(lambda: security.policy) if security is not None else None,
         )
-        self._emit_fast = self.engine.emit_fast
+        self._emit_fast = self.engine.emit_fast or _no_fast_path
         self.transport.on_refused = self.engine.count_refused
         self.transport.start(loop, self.engine.on_frame, self._after_reading)
         self.engine.start(self.peers)
@@ -554,4 +554,4 @@ class Node:
 
 
 def _no_fast_path(event: Message) -> None:
-    return None  # (before start: the general path says why not)
+    return None  # (before start, and on a durable node: the general path says why not)

@@ -184,9 +184,11 @@ class Engine:
             replicas.name = self.name
         self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
-        # ... and the fastest: the compiled lane of the event's type, or None (a durable node's emits
-        # are checked against its disk first: never this way)
-        self.emit_fast = self.router.emit_table.emit if self.journal is None else _no_fast_path
+        # ... and the fastest: the compiled lane of the event's type; None for a durable node (its
+        # emits are checked against its disk first)
+        self.emit_fast: Callable[[Any], bytes | None] | None = (
+            self.router.emit_table.emit if self.journal is None else None
+        )
         # the application's verbs are the calls part's own (see choreo.runtime.calls)
         durable = DurableCalls(self.calls, self.journal, config=config, clock=clock) if self.journal else None
         self.try_emit = self.calls.try_emit if durable is None else durable.try_emit
@@ -676,10 +678,6 @@ class Engine:
             for env in envs:
                 lag[env.partition] = lag.get(env.partition, 0) + 1
         return dict(sorted(lag.items()))
-
-
-def _no_fast_path(event: Any) -> None:
-    return None
 
 
 def _new_incarnation() -> int:

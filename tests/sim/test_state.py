@@ -377,8 +377,8 @@ def test_with_a_standby_an_owner_restarted_at_once_loses_no_state() -> None:
         for round_ in range(3):
             await h.run(produce(200 * round_, 200), timeout=120)
             await h.run_until(lambda: client.acknowledged and copied(nodes), 60, "every standby has its copy")
-            nodes[0] = h.restart(nodes[0])  # crashed, and at once back under a new incarnation
-            await h.advance(CONFIG.suspect_after + CONFIG.dead_after + 2)
+            nodes[0] = restarted = h.restart(nodes[0])  # crashed, and at once back under a new incarnation
+            await h.run_until(lambda: restarted.lifecycle.joined, 30, "the restarted instance joined")
         await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
         assert await totals(h, client, keys) == dict(expected)
 
@@ -533,14 +533,12 @@ def test_a_new_standby_gets_what_an_ungated_message_still_owes(seed: int) -> Non
         owner.dispatcher.data.ship_mark = lambda job: None  # its mark is slow to come (its outputs' acks)
         task = asyncio.ensure_future(client.send(Start(k="a", back="a"), timeout=60))
         await h.run_until(lambda: got, 30, "the ungated delta at the standby")
-        await h.advance(0.5)
-        assert not owner.moves.replicas.in_flight, "the standby acknowledged it: nothing to send again"
+        replicas = owner.moves.replicas
+        await h.run_until(lambda: not replicas.in_flight, 5, "the standby acknowledged it: nothing to send again")
         first = got[0]
         h.crash(first)
-        replicas = owner.moves.replicas
-        await h.run_until(lambda: replicas.standby[p] not in (None, first.incarnation) and p in replicas.complete,
-                          30, "a new standby with its copy")
-        await h.advance(0.5)
+        await h.run_until(lambda: replicas.standby[p] not in (None, first.incarnation) and p in replicas.complete
+                          and not replicas.in_flight, 30, "a new standby with its copy, every delta acknowledged")
         h.crash(owner)
         assert await h.run(task, timeout=90) == 1
         await h.run_until(lambda: client.acknowledged, 60, "everything acknowledged")

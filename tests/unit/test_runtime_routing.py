@@ -151,6 +151,24 @@ def test_emit_now_writes_into_the_owners_window_and_batches_until_flush() -> Non
             assert owner is not None and owner.endpoint == endpoint
 
 
+def test_the_emit_table_keeps_a_lane_only_for_the_view_it_was_compiled_under() -> None:
+    w = World((10, orders))
+    table = w.router.emit_table
+    assert table.emit(Placed("o-1")) is None, "no plan yet: the general path compiles one"
+    assert w.router.emit_now(Placed("o-1")) is not None
+    assert table.emit(Placed("o-2")) is not None, "the plan's lane, in one call"
+    w.join(20, orders)
+    assert len(table) == 0 and table.emit(Placed("o-3")) is None, "a new view: the old view's lanes are gone"
+    assert w.router.emit_now(Placed("o-3")) is not None
+    assert all(table.emit(Placed(f"o-{n}")) is not None for n in range(4, 7))
+    w.outbox.flush()
+    for endpoint, f in w.wire.of_type(wire.DATA):
+        for env in core.parse_envelopes(f[wire.HEADER_SIZE:]):
+            if env.key != b"o-1" and env.key != b"o-2":  # (sent before the second instance came)
+                owner = w.membership.owner("orders", env.partition)
+                assert owner is not None and owner.endpoint == endpoint, "routed by the new view"
+
+
 def test_a_full_batch_leaves_at_once() -> None:
     w = World((10, orders))
     for n in range(4):  # max_batch=4
