@@ -70,7 +70,7 @@ class SimNode:
         self.gone: list[Peer] = []
         self.joined_at: float | None = None
         self.rejoins = 0
-        self.holding = b""
+        self.holding = self.copies = b""
         self.wake_at = float("inf")
         self.membership = Membership()
         self.life = Lifecycle()

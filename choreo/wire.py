@@ -309,6 +309,9 @@ class Hello(msgspec.Struct, frozen=True):
     key: Annotated[bytes, Meta(max_length=32)] = b""
     sync: bool = False
     version: _Version = 0  # the sender's own record version (see Member)
+    # the partitions the sender keeps a standby copy of (a bitmap, ``replicas=1``): when their owner
+    # is gone and nobody holds them, a newcomer that wins one waits for the copy rather than start empty
+    copies: bytes = b""
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -317,13 +320,15 @@ class Heartbeat(msgspec.Struct, frozen=True):
 
     ``ack_please``: the sender still waits for acks from the receiver; the receiver answers
     with its current ack, so a lost final ack costs one heartbeat, never a stalled channel.
-    ``holding``: the partitions the sender owns or drains (a bitmap).
+    ``holding``: the partitions the sender owns or drains (a bitmap); ``copies``: those it keeps a
+    standby copy of (see :class:`Hello`).
     """
 
     leaving: bool = False
     ack_please: bool = False
     holding: bytes = b""
     retired: list[str] = []
+    copies: bytes = b""
 
 
 class Bye(msgspec.Struct, frozen=True):

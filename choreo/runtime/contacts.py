@@ -42,6 +42,9 @@ class ContactsHost(Protocol):
     @property
     def holding(self) -> bytes: ...
 
+    @property
+    def copies(self) -> bytes: ...
+
     def count_refused(self, reason: str, detail: str) -> None: ...
 
 
@@ -73,7 +76,7 @@ class Contacts:
         self.spoke: set[int] = set()  # incarnations that sent us a frame (they know us; we may knock)
         self._greet: dict[str, bool] = {}  # endpoints to say hello to when the budget allows (-> ask for a table)
         self._budget = NEW_DIALS
-        self._holding_sent = b""
+        self._holding_sent: tuple[bytes, bytes] = (b"", b"")
         self._holding_repeats = 0
         self._holding_owed: set[int] = set()  # instances of our service that may lack our partitions
 
@@ -102,6 +105,7 @@ class Contacts:
             reply=reply,
             leaving=self.life.leaving,
             holding=self.host.holding,
+            copies=self.host.copies,
             services=waiting,
             retired=sorted(m.retired),
             sync=sync,
@@ -205,11 +209,12 @@ class Contacts:
             self._holding_owed.add(peer.incarnation)  # it may have missed our partitions
 
     def announce_holding(self) -> None:
-        """Our partitions, to the other instances of our service: all of them when they changed
-        (``HOLDING_REPEATS`` periods in a row, against loss), else those that may have missed them."""
-        holding = self.host.holding
-        if holding != self._holding_sent:
-            self._holding_sent = holding
+        """Our partitions (held, and standby copies), to the other instances of our service: all of
+        them when they changed (``HOLDING_REPEATS`` periods in a row, against loss), else those that
+        may have missed them."""
+        holding, copies = self.host.holding, self.host.copies
+        if (holding, copies) != self._holding_sent:
+            self._holding_sent = (holding, copies)
             self._holding_repeats = HOLDING_REPEATS
         if not self.life.joined or not (self._holding_repeats > 0 or self._holding_owed):
             return
@@ -220,7 +225,7 @@ class Contacts:
             peers = [p for p in self.own_service() if p.incarnation in self._holding_owed]
         self._holding_owed.clear()
         hb = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0,
-                                 wire.Heartbeat(leaving=self.life.leaving, holding=holding))
+                                 wire.Heartbeat(leaving=self.life.leaving, holding=holding, copies=copies))
         for peer in peers:
             self.outbox.send(peer.endpoint, hb)
 

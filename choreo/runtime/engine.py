@@ -284,6 +284,11 @@ class Engine:
         return self.moves.ownership.holding() if self.moves is not None else b""
 
     @property
+    def copies(self) -> bytes:
+        """(GossipHost) The partitions this node keeps a standby copy of, as a bitmap."""
+        return self.moves.replicas.keeping() if self.moves is not None and self.moves.replicas is not None else b""
+
+    @property
     def ownership(self) -> Ownership | None:
         return self.moves.ownership if self.moves is not None else None
 

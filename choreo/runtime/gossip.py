@@ -86,6 +86,10 @@ class GossipHost(Protocol):
     def holding(self) -> bytes:
         """The partitions this node owns or drains, as a bitmap (a newcomer waits for their handovers)."""
 
+    @property
+    def copies(self) -> bytes:
+        """The partitions this node keeps a standby copy of, as a bitmap."""
+
     def peer_joined(self, peer: Peer) -> None:
         """A new peer (messages waiting for an instance of its service may go to it now)."""
 
@@ -206,7 +210,7 @@ class Gossip:
         self.membership.leaving(me.incarnation)
         self.membership.bump(me)
         self._rumor(me.record())
-        hb = wire.Heartbeat(leaving=True, holding=self.host.holding)
+        hb = wire.Heartbeat(leaving=True, holding=self.host.holding, copies=self.host.copies)
         for peer in self.contacts.partners():
             self.outbox.send(peer.endpoint, wire.encode_control(wire.HEARTBEAT, self.incarnation, peer.incarnation, hb))
 
@@ -289,7 +293,8 @@ class Gossip:
             if ch.window.in_flight and ch.peer.live and not ch.closed:
                 asking = asking or wire.encode_control(
                     wire.HEARTBEAT, self.incarnation, 0,
-                    wire.Heartbeat(leaving=self.life.leaving, ack_please=True, holding=self.host.holding),
+                    wire.Heartbeat(leaving=self.life.leaving, ack_please=True, holding=self.host.holding,
+                                   copies=self.host.copies),
                 )
                 self.outbox.send(ch.peer.endpoint, asking)
         for name in self.membership.retired - self._retired_told:  # an operator's order, given here
@@ -601,7 +606,7 @@ class Gossip:
             )
         )
         self.contacts.spoke.add(sender)
-        peer.holding = hello.holding
+        peer.holding, peer.copies = hello.holding, hello.copies
         if news and hello.service is not None and trusted:  # a service new to us: the mesh learns it by gossip
             self._rumor(wire.Declared(hello.service))
         self._gained([p for p in self.membership.gained if p is not peer])
@@ -635,7 +640,7 @@ class Gossip:
         peer = self.contacts.heard(sender, self.clock())
         if peer is None:
             return
-        peer.holding = hb.holding
+        peer.holding, peer.copies = hb.holding, hb.copies
         if hb.leaving and peer.routable:
             self.membership.leaving(sender)
             self.probes.cleared(sender)

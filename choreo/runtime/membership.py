@@ -63,6 +63,12 @@ def durable_key(name: str) -> bytes:
     return core.hash128(b"choreo-durable:" + name.encode())
 
 
+def _bit(bitmap: bytes, partition: int) -> bool:
+    """Bit ``partition % 8`` of byte ``partition // 8`` (the bitmaps of :meth:`Ownership.holding`)."""
+    byte = partition >> 3
+    return byte < len(bitmap) and bool(bitmap[byte] >> (partition & 7) & 1)
+
+
 @dataclass(eq=False, slots=True)
 class Peer:
     """One node as this node sees it."""
@@ -81,6 +87,7 @@ class Peer:
     identity: bytes | None = None  # the connection its frames come on (bound at its first frame)
     principal: str | None = None  # the key that connection authenticated as (None without keys)
     key: bytes = b""  # the rendezvous identity: the incarnation's bytes unless given (durable nodes)
+    copies: bytes = b""  # the partitions it says it keeps a standby copy of (a bitmap)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -93,8 +100,11 @@ class Peer:
 
     def holds(self, partition: int) -> bool:
         """Whether this peer said it owns or drains ``partition``."""
-        byte = partition >> 3
-        return byte < len(self.holding) and bool(self.holding[byte] >> (partition & 7) & 1)
+        return _bit(self.holding, partition)
+
+    def keeps(self, partition: int) -> bool:
+        """Whether this peer said it keeps a standby copy of ``partition``."""
+        return _bit(self.copies, partition)
 
     @property
     def service_name(self) -> str | None:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
 
-from .. import wire
+from .. import core, wire
 from ..config import NodeConfig
 from .channels import InChannel, Outgoing
 from .lifecycle import Lifecycle
@@ -153,10 +153,13 @@ class Moves:
                     return peer.incarnation
             return None
 
+        if self.replicas is not None:  # standby copies whose owner is gone: ours now, as if restored
+            ownership.restored.update(self.replicas.orphans(lambda p: self.keeper(p, me_too=True) == me))
         changed = ownership.update(
-            view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder, [p.key for p in instances]
+            view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder, [p.key for p in instances],
+            self.keeper,
         )
-        if ownership.stale:  # restored from our store, but another instance holds them now
+        if ownership.stale:  # restored (from our store, or a copy), but another instance holds them now
             assert self.data is not None
             for p in ownership.stale:
                 self.data.forget_partition(p)
@@ -169,6 +172,22 @@ class Moves:
         waited = [p for p in ownership.buffered if ownership.state[p] != "awaiting" and p not in changed]
         if changed or waited:
             self.release_buffered(changed + waited)
+
+    def keeper(self, p: int, me_too: bool = False) -> int | None:
+        """The live instance whose standby copy of ``p`` counts (None: nobody keeps one): the
+        rendezvous winner among those that say they keep one (this node too, with ``me_too``), so
+        that every node picks the same one, and an old standby whose copy lingers loses to the
+        current one (it won the partition's standby place from it)."""
+        if self.replicas is None:
+            return None
+        me = self.me
+        keepers = [peer for peer in self.membership.peers.values()
+                   if peer.keeps(p) and peer.live and peer.incarnation != me and peer.service_name == self.service]
+        if me_too and (mine := self.membership.peers.get(me)) is not None:
+            keepers.append(mine)
+        if not keepers:
+            return None
+        return keepers[core.rendezvous_owner(p, [peer.key for peer in keepers])].incarnation
 
     def tick(self, now: float) -> None:
         """Stop waiting for late handovers; hand over partitions that finished draining."""
@@ -191,9 +210,10 @@ class Moves:
                     self.hand_over(p, target)
 
     def _still_held(self, p: int, previous: int) -> bool:
-        """Does a live instance still say it holds ``p`` (its state is there: wait for it)?"""
+        """Does a live instance still say it holds ``p``, or keeps its copy (its state is there: wait for it)?"""
         return any(
-            peer.live and peer.service_name == self.service and peer.incarnation != self.me and peer.holds(p)
+            peer.live and peer.service_name == self.service and peer.incarnation != self.me and (
+                peer.holds(p) or peer.keeps(p))
             for peer in self.membership.peers.values()
         )
 
@@ -206,7 +226,7 @@ class Moves:
             del self.inbound[key]
         if self.replicas is not None:
             self.replicas.gone(incarnation)
-        owned = self.ownership.previous_gone(incarnation)
+        owned = self.ownership.previous_gone(incarnation, self.keeper)
         if owned:
             log.info("%s: took over %d partitions %s was handing over", self.name, len(owned), name)
             self.release_buffered(owned)
@@ -267,6 +287,8 @@ class Moves:
                 assert self.data is not None
                 self.data.forget_partition(p)
                 if self.replicas is not None:
+                    self.replicas.forgotten(p)
+                    self.replicas.release(p)
                     self.replicas.sync()
             return
         if verdict.stream != sending.pump.stream.stream:
@@ -303,6 +325,8 @@ class Moves:
         elif isinstance(message, Verdict):
             if message.purpose == "copy" and replicas is not None:
                 replicas.verdict(sender, message)
+            elif message.purpose == "release" and replicas is not None:
+                replicas.released(sender, message.partition)
             else:
                 self._verdict_on(sender, message)
         elif replicas is not None:

@@ -14,7 +14,9 @@ service's routable instances, so all nodes with the same view agree. When the vi
 * a partition it **gains** from a live previous owner is ``awaiting``: arrivals are buffered,
   in order, until the handover comes (or the previous owner dies, or a timeout passes), so
   the new owner never runs a key's message before the old owner has finished the earlier ones;
-* a partition it gains from nobody (first instance) or from a dead owner is ``owned`` at once.
+* a partition it gains from nobody (first instance) or from a dead owner is ``owned`` at once,
+  unless another instance keeps a standby copy of it (``replicas=1``): then it is ``awaiting``
+  that copy, which its keeper hands over as a drain would (see :mod:`~choreo.runtime.replicas`).
 
 Who the previous owner *is* comes from what the instances say they hold: every node advertises
 the partitions it owns or drains (a bitmap, :meth:`Ownership.holding`) in its hellos and
@@ -87,6 +89,7 @@ class Ownership:
         now: float,
         holder: Callable[[int], int | None] = lambda p: None,
         keys: list[bytes] | None = None,
+        keeper: Callable[[int], int | None] = lambda p: None,
     ) -> list[int]:
         """A new view of the routable instances (this node's own included when it is routable).
 
@@ -97,6 +100,9 @@ class Ownership:
         any: a partition this node gains from a live holder waits for its handover. Without
         one, the owner under this node's own previous view is taken as the holder; on the first
         view there is none, so instances that start together split the partitions at once.
+        ``keeper(p)`` is the live instance whose standby copy of ``p`` counts, if any: a partition
+        gained with no live holder waits for that copy (its owner is gone), unless this node has
+        the partition's data itself (:attr:`restored`).
 
         Returns the partitions whose buffered arrivals must be looked at again (they became
         owned, or were lost to another owner).
@@ -113,10 +119,10 @@ class Ownership:
         for p in range(self.partitions):
             new_owner, state = new_owners[p], self.state[p]
             if restored and p in restored and new_owner != self.me and new_owner is not None:
-                # what the store gave back goes to the partition's owner now, as a drain would,
-                # unless another instance holds the partition (it has it newer than our store)
+                # what the store (or a standby copy) gave back goes to the partition's owner now, as
+                # a drain would, unless another instance holds the partition (it has it newer)
                 restored.discard(p)
-                if holder(p) is None and state == "unowned":
+                if holder(p) is None and state in ("unowned", "handed_over"):
                     self._move(p, "assigned")
                     self._move(p, "rebalance")
                     self.draining[p] = new_owner
@@ -125,6 +131,7 @@ class Ownership:
                     self.stale.append(p)
                 continue
             if new_owner == self.me:
+                here = p in restored
                 restored.discard(p)
                 if state in ("unowned", "handed_over"):
                     old_owner = holder(p)
@@ -137,6 +144,9 @@ class Ownership:
                     elif old_owner is not None and old_owner != self.me and live(old_owner):
                         self._move(p, "gained")
                         self.awaiting[p] = (now, old_owner)
+                    elif not here and (copy := keeper(p)) is not None:
+                        self._move(p, "gained")  # its owner is gone, its standby copy is not
+                        self.awaiting[p] = (now, copy)
                     else:
                         self._move(p, "assigned")
                         changed.append(p)
@@ -168,12 +178,20 @@ class Ownership:
         del self.awaiting[p]
         return True
 
-    def previous_gone(self, incarnation: int) -> list[int]:
-        """A previous owner died: stop waiting for its handovers."""
-        gone = [p for p, (_, prev) in self.awaiting.items() if prev == incarnation]
-        for p in gone:
+    def previous_gone(self, incarnation: int, keeper: Callable[[int], int | None] = lambda p: None) -> list[int]:
+        """A previous owner died: stop waiting for its handovers (wait for ``keeper(p)``'s standby
+        copy instead, where there is one). Returns the partitions that are owned now."""
+        gone = []
+        for p, (since, prev) in list(self.awaiting.items()):
+            if prev != incarnation:
+                continue
+            copy = keeper(p)
+            if copy is not None and copy != incarnation:
+                self.awaiting[p] = (since, copy)
+                continue
             self._move(p, "previous_gone")
             del self.awaiting[p]
+            gone.append(p)
         return gone
 
     def expire(

@@ -19,7 +19,19 @@ still in progress), which their deltas bring after.
 
 The standby's half. It stages a copy until the stream checks out, keeping the deltas that
 arrive meanwhile, then installs the copy and applies them in order; later deltas apply at
-once. A copy of a partition it is no longer standby of is dropped.
+once. It keeps the copy until its owner releases it (below), or the copy becomes its own.
+
+When the owner is gone. Each instance advertises the partitions it keeps a copy of (a bitmap
+beside the partitions it holds, in its hellos and heartbeats: :meth:`Replicas.keeping`). Once the
+owner a copy came from is dead, the copy becomes the keeper's own data, as a durable node's store
+does after a restart (:attr:`Ownership.restored`): the keeper runs the partition if the view
+gives it the partition, and otherwise drains it to its owner, a newcomer that won the partition
+and waits for the copy rather than start it empty. Only one copy counts: if more than one
+instance keeps one (an old standby whose copy still lingers), the rendezvous winner among them
+(:meth:`Moves.keeper`). A standby that the view replaces keeps its copy until the owner *releases*
+it (a ``"release"`` verdict: once the new standby's copy checked out, or the partition was handed
+over): the owner may be dead without anyone knowing yet, and a newcomer can take the standby's
+place at the moment the owner dies.
 
 The fine print: until a standby's copy is complete (:attr:`Replicas.complete`), a crash of the
 owner loses what the copy had not reached. An owner with no other instance has no standby.
@@ -107,6 +119,8 @@ class Replicas:
         self.complete: set[int] = set()  # owned partitions whose standby's copy checked out
         self.in_flight: dict[int, dict[int, Shipment]] = {}  # partition -> deltas not yet acknowledged
         self.held: set[int] = set()  # partitions this node keeps a standby copy of
+        self.source: dict[int, int] = {}  # held partition -> the owner whose copy it is
+        self.releasing: dict[int, set[int]] = {}  # partition -> former standbys to release (see the docstring)
         self.inbound: dict[tuple[int, int], StreamIn | None] = {}  # (owner, partition) -> copy coming in
         self.stash: dict[int, list[Delta]] = {}  # partition -> deltas that came during its copy
         self._rng = random.Random()
@@ -117,6 +131,7 @@ class Replicas:
             pump.stop()
         self.copying.clear()
         self.complete.clear()
+        self.releasing.clear()
         self.standby[:] = [None] * self.ownership.partitions  # in place: the state views read this list
         self.inbound.clear()
         self.stash.clear()
@@ -145,11 +160,61 @@ class Replicas:
                     target = None
             if target != self.standby[p]:
                 self._switch(p, target)
-            if p in self.held and ownership.standbys[p] != me and state not in ("owned", "awaiting", "draining"):
-                self.held.discard(p)
+
+    def released(self, sender: Peer, p: int) -> None:
+        """The owner of our copy of ``p`` has a newer one elsewhere (its new standby's, or its new
+        owner's): ours can go."""
+        if p in self.held and self.source.get(p) == sender.incarnation and self.ownership.state[p] not in (
+            "owned", "awaiting", "draining"
+        ):
+            self._drop(p)
+
+    def release(self, p: int) -> None:
+        """Tell the former standbys of ``p`` that their copies can go: the current standby's copy
+        checked out, or ``p`` checked out at its new owner."""
+        release = encode_transfer(Verdict("release", 0, p, True))
+        for former in self.releasing.pop(p, ()):
+            peer = self.membership.peers.get(former)
+            if peer is not None and peer.live:
+                self.send(peer, p, release, None)
+
+    def _drop(self, p: int) -> None:
+        self.forgotten(p)
+        self.stash.pop(p, None)
+        assert self.work is not None
+        self.work.forget_partition(p)
+
+    def forgotten(self, p: int) -> None:
+        """Partition ``p``'s data here went to its new owner: no copy of it is left here."""
+        self.held.discard(p)
+        self.source.pop(p, None)
+
+    def keeping(self) -> bytes:
+        """The partitions this node keeps a standby copy of (not those it holds), as a bitmap."""
+        bits = bytearray((self.ownership.partitions + 7) // 8)
+        state, restored = self.ownership.state, self.ownership.restored
+        for p in self.held:
+            if state[p] not in ("owned", "draining") and p not in restored:
+                bits[p >> 3] |= 1 << (p & 7)
+        return bytes(bits)
+
+    def orphans(self, counts: Callable[[int], bool]) -> list[int]:
+        """The copies whose owner is gone: this node's own data now if ``counts(p)`` (its copy is
+        the one that counts), else forgotten. Returns the partitions to add to
+        :attr:`Ownership.restored`."""
+        peers, state = self.membership.peers, self.ownership.state
+        out = []
+        for p in list(self.held):
+            source = peers.get(self.source.get(p, 0))
+            if source is not None and source.live or state[p] in ("owned", "awaiting", "draining"):
+                continue
+            if counts(p):
+                self.forgotten(p)
                 self.stash.pop(p, None)
-                assert self.work is not None
-                self.work.forget_partition(p)
+                out.append(p)
+            else:
+                self._drop(p)
+        return out
 
     def _switch(self, p: int, target: int | None) -> None:
         """Partition ``p``'s standby is now ``target`` (None: none): a fresh copy, and the deltas
@@ -158,6 +223,11 @@ class Replicas:
         if old is not None:
             old.stop()
         self.complete.discard(p)
+        former = self.standby[p]
+        if former is not None:  # it keeps its copy until the new one is whole (or p handed over)
+            self.releasing.setdefault(p, set()).add(former)
+        if target is not None and p in self.releasing:
+            self.releasing[p].discard(target)
         self.standby[p] = target
         shipments = self.in_flight.get(p, {})
         if target is None:
@@ -205,6 +275,7 @@ class Replicas:
         del self.copying[p]
         if verdict.ok:
             self.complete.add(p)
+            self.release(p)
             return
         log.error("%s: %s refused the copy of partition %d (%s): sending a fresh one", self.name, sender.node, p,
                   verdict.error)
@@ -239,6 +310,7 @@ class Replicas:
         assert self.work is not None
         self.work.install(staged)
         self.held.add(p)
+        self.source[p] = sender.incarnation
         self.copies_received += 1
         for delta in self.stash.pop(p, []):
             self.work.apply_delta(delta)
@@ -264,6 +336,7 @@ class Replicas:
         assert self.work is not None
         self.work.apply_delta(delta)
         self.held.add(p)
+        self.source[p] = sender.incarnation
         self.deltas_applied += 1
 
     def gone(self, incarnation: int) -> None:

@@ -364,8 +364,6 @@ def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap (README, handler state): a newcomer that wins a dead owner's "
-                                       "partition starts it empty; the standby's copy is not handed over")
 def test_with_a_standby_an_owner_restarted_at_once_loses_no_state() -> None:
     # a supervisor restarts a crashed process at once: a new incarnation at the same endpoint
     # joins as the old one is found gone, and may win some of its partitions by rendezvous
@@ -381,6 +379,27 @@ def test_with_a_standby_an_owner_restarted_at_once_loses_no_state() -> None:
             await h.run_until(lambda: restarted.lifecycle.joined, 30, "the restarted instance joined")
         await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
         assert await totals(h, client, keys) == dict(expected)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("seed", [8, 9, 10, 11])
+def test_with_a_standby_an_owner_replaced_elsewhere_before_it_is_found_dead_loses_no_state(seed: int) -> None:
+    # the crashed process comes back at another endpoint (a new pod, a new port): for a few
+    # seconds its old incarnation still looks alive, and the newcomer may take a standby's place
+    h = Harness(seed=seed, config=CONFIG)
+    client, nodes, keys, expected, produce = replicated_mesh(h)
+
+    async def scenario() -> None:
+        await h.start()
+        for round_ in range(3):
+            await h.run(produce(200 * round_, 200), timeout=120)
+            await h.run_until(lambda: client.acknowledged and copied(nodes), 60, "every standby has its copy")
+            h.crash(nodes[0])
+            nodes[0] = newcomer = h.join(replicated())
+            await h.run_until(lambda: newcomer.lifecycle.joined, 30, "the newcomer joined")
+        await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
+        assert await totals(h, client, keys) == dict(expected), f"seed {seed}"
 
     run(scenario)
 

@@ -71,6 +71,38 @@ def test_a_restarted_durable_node_holds_what_its_store_gave_back_until_its_views
     assert set(other.stale) == set(range(32)) - mine and not other.draining
 
 
+def test_a_partition_whose_owner_is_gone_waits_for_its_standby_copy() -> None:
+    """replicas=1: instance 1 owned everything, 2 kept the copies; 1 crashed and came back at
+    once as 3. What 3 wins has no holder, but 2's copy is its state: 3 waits for it."""
+    newcomer = Ownership(partitions=32, me=3)
+    newcomer.update([2, 3], live=lambda i: i != 1, now=0.0, keeper=lambda p: 2)
+    theirs = {p for p, o in enumerate(newcomer.owners) if o == 3}
+    assert theirs and set(newcomer.awaiting) == theirs and not any(s == "owned" for s in newcomer.state)
+    assert {prev for _, prev in newcomer.awaiting.values()} == {2}
+    # without a copy anywhere, it starts them at once, as before
+    alone = Ownership(partitions=32, me=3)
+    alone.update([2, 3], live=lambda i: i != 1, now=0.0)
+    assert not alone.awaiting and {p for p, s in enumerate(alone.state) if s == "owned"} == theirs
+    # a node that has the data itself (its copy became its own: restored) does not wait for others
+    keeper = Ownership(partitions=32, me=2)
+    keeper.restored = set(range(32))
+    keeper.update([2, 3], live=lambda i: i != 1, now=0.0, keeper=lambda p: 4)
+    mine = set(range(32)) - theirs
+    assert {p for p, s in enumerate(keeper.state) if s == "owned"} == mine
+    assert keeper.draining == {p: 3 for p in theirs}, "the rest of the copy goes to the newcomer, as a drain"
+
+
+def test_a_previous_owner_that_dies_hands_the_wait_to_its_standby_copy() -> None:
+    gainer = Ownership(partitions=16, me=3)
+    gainer.update([1, 3], live=lambda i: True, now=0.0, holder=lambda p: 1)
+    waiting = set(gainer.awaiting)
+    assert waiting
+    assert gainer.previous_gone(1, keeper=lambda p: 2) == [], "its standby has the state: wait for that"
+    assert set(gainer.awaiting) == waiting and {prev for _, prev in gainer.awaiting.values()} == {2}
+    assert gainer.previous_gone(2, keeper=lambda p: None) == sorted(waiting), "the copy is gone too: start"
+    assert all(gainer.state[p] == "owned" for p in waiting)
+
+
 def test_instances_starting_together_split_partitions_at_once() -> None:
     a, b = Ownership(partitions=32, me=1), Ownership(partitions=32, me=2)
     a.update([1, 2], live=lambda i: True, now=0.0)
