@@ -253,6 +253,10 @@ class Harness:
             channel.closed = True  # what the event loop still holds for it is dropped, as in a dead process
         if engine.journal is not None and not engine.journal.is_closed:
             self.uncommitted.update((engine.name, msg_id) for msg_id in engine.journal.uncommitted())
+            # handled, and not done yet (its outputs or its standby's copy not acknowledged): its id
+            # is not in the journal either
+            self.uncommitted.update((engine.name, msg_id) for msg_id, job in engine.dispatcher.in_progress.items()
+                                    if job.started)
             engine.journal.close(commit=False)
 
     def restart(self, engine: Engine, seeds: list[str] | None = None) -> Engine:

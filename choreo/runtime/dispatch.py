@@ -466,7 +466,7 @@ class Dispatcher:
                 return
             job.pending += routed
         if writes is not None:  # in the same step as its outputs went to the outbox: both or neither
-            self.data.apply(job.env, writes, job)
+            self.data.apply(job.env, writes, job, reply)
             if outputs and job.writes is not None:
                 job.outputs = outputs  # while its writes wait to ship: an ungated delta carries them
         self.tracer.finished(job, "ok", None)

@@ -604,6 +604,7 @@ class Engine:
         if ch is None:
             return
         held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
+        self.holds.on_view(self.membership, self.outbox.out)  # the owners the resend routes by (see Holds)
         moved = self.router.resend(peer.service_name, ch.evacuate())
         if moved:
             log.info("%s: resent %d unacknowledged envelopes of %s to its new owners", self.name, moved, peer.node)

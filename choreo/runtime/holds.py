@@ -7,6 +7,11 @@ So the producer opens a *hold* on ``(service, p)``: its barrier is the last sequ
 had appended to ``X``; new messages of ``p`` queue behind the hold; once ``X`` has acknowledged
 everything up to the barrier (or ``X`` is gone and its unacknowledged envelopes were resent,
 first), the queue goes to the partition's current owner, in order.
+
+The holds' view of the owners is taken at every view, and also just before the envelopes of a
+gone peer are resent to their new owners: if the view moves again before the next sync (the
+gone peer's successor arrives in the same frame), what was resent is in flight to the owner it
+moves from, and the next messages of its partition wait for it.
 """
 
 from __future__ import annotations

@@ -154,7 +154,9 @@ class Moves:
             return None
 
         if self.replicas is not None:  # standby copies whose owner is gone: ours now, as if restored
-            ownership.restored.update(self.replicas.orphans(lambda p: self.keeper(p, me_too=True) == me))
+            ownership.restored.update(self.replicas.orphans(
+                lambda p: holder(p) is None and self.keeper(p, me_too=True) == me
+            ))
         changed = ownership.update(
             view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder, [p.key for p in instances],
             self.keeper,
@@ -163,6 +165,8 @@ class Moves:
             assert self.data is not None
             for p in ownership.stale:
                 self.data.forget_partition(p)
+                if self.replicas is not None:
+                    self.replicas.forgotten(p)
             ownership.stale.clear()
         if self.early:
             self._settle_early()

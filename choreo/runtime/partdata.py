@@ -180,8 +180,13 @@ class PartitionData:
     def install(self, staged: Staged) -> None:
         """A partition received whole and checked (see :mod:`choreo.runtime.transfer`): its dedup
         ids and results join ours; its state replaces ours, unless this node already runs the
-        partition (a race of views), where what it wrote itself since is newer and stays."""
+        partition (a race of views), where what it wrote itself since is newer and stays.
+
+        A durable node keeps a standby's copy in memory only: its store holds the partitions it
+        owns, which are what it reads back after a restart (:meth:`persist` writes a copy that
+        became its own)."""
         p = staged.partition
+        journal = self.journal if staged.purpose != "copy" else None
         for name, blob, shift in staged.dedup:
             handler = self.handlers.get(name)
             if handler is None:
@@ -193,14 +198,14 @@ class PartitionData:
             except (core.MalformedFrame, struct.error) as exc:
                 self.host.count_refused("malformed", f"dedup ids of partition {p} in a hand-over: {exc}")
                 continue
-            if self.journal is not None:  # a durable node keeps what it was handed
-                self.journal.imported(name, list(_DEDUP_RECORD.iter_unpack(shifted[4:])), p)
+            if journal is not None:  # a durable node keeps what it was handed
+                journal.imported(name, list(_DEDUP_RECORD.iter_unpack(shifted[4:])), p)
         now = self.host.clock()
         for msg_id, t, ttl, reply in staged.results:
             if now - t < ttl and msg_id not in self.results:
                 self.results[msg_id] = (t, ttl, reply, p)
-                if self.journal is not None:
-                    self.journal.result(msg_id, ttl - (now - t), reply, p)
+                if journal is not None:
+                    journal.result(msg_id, ttl - (now - t), reply, p)
         if self.state is None:
             return
         by_name = self.state.types.by_name
@@ -216,12 +221,33 @@ class PartitionData:
             for t, table in enumerate(tables):
                 table.update(self.state.tables[t][p])
         self.state.install(p, tables)
-        if self.journal is not None:  # the partition's state, replaced whole in the store too
-            self.journal.state_dropped(p)
-            names = self.state.types.names
-            for t, table in enumerate(tables):
-                for key, body in table.items():
-                    self.journal.state(names[t], key, p, body)
+        if journal is not None:  # the partition's state, replaced whole in the store too
+            self._journal_state(journal, p)
+
+    def _journal_state(self, journal: Journal, p: int) -> None:
+        """Partition ``p``'s state, replaced whole in the store by what this node holds of it."""
+        assert self.state is not None
+        journal.state_dropped(p)
+        names = self.state.types.names
+        for t, table in enumerate(self.state.tables):
+            for key, body in table[p].items():
+                journal.state(names[t], key, p, body)
+
+    def persist(self, p: int) -> None:
+        """A durable node: partition ``p``, a standby's copy kept in memory until now, is this
+        node's own from now on: its dedup ids, results and state go to the store."""
+        journal = self.journal
+        if journal is None:
+            return
+        for name, window in self.dedup.items():
+            blob = window.export_partition(p)
+            journal.imported(name, list(_DEDUP_RECORD.iter_unpack(blob[4:])), p)
+        now = self.host.clock()
+        for msg_id, (t, ttl, reply, partition) in self.results.items():
+            if partition == p and now - t < ttl:
+                journal.result(msg_id, ttl - (now - t), reply, p)
+        if self.state is not None:
+            self._journal_state(journal, p)
 
     def apply_delta(self, delta: Delta) -> None:
         """One handler's writes on its owner, applied to our standby copy with the message's id
@@ -234,9 +260,7 @@ class PartitionData:
             if len(writes) < len(delta.writes):
                 self.host.count_refused("unknown_type", f"a state delta of partition {p} names a type "
                                                         f"{self.who} does not declare")
-            self.state.apply(p, delta.key, writes)
-            if self.journal is not None:
-                self.log_writes(p, delta.key, writes)
+            self.state.apply(p, delta.key, writes)  # (a copy: memory only, see install)
         handler = self.handlers.get(delta.message_type)
         if handler is None:
             return
@@ -250,12 +274,8 @@ class PartitionData:
         options = message_options(handler.message)
         if self.config.dedup and handler.kind != "query":
             self.window(delta.message_type, handler).insert(delta.msg_id, now, p)
-            if self.journal is not None:
-                self.journal.imported(delta.message_type, [(delta.msg_id, now)], p)
         if delta.reply is not None and handler.kind == "command":
             self.results[delta.msg_id] = (now, options.dedup_ttl, delta.reply, p)
-            if self.journal is not None:
-                self.journal.result(delta.msg_id, options.dedup_ttl, delta.reply, p)
 
     def restore(self, snapshot: Snapshot, shift: float) -> None:
         """A restarted node: its dedup ids, cached results and dead letters from its store.
@@ -301,9 +321,15 @@ class PartitionData:
                 log.warning("dead letter #%d in the store cannot be read (%s): skipped", letter_id, exc)
 
 
-    def apply(self, env: Any, writes: dict[int, bytes | None], job: Job | None = None) -> None:
+    def apply(
+        self, env: Any, writes: dict[int, bytes | None], job: Job | None = None, reply: bytes | None = None
+    ) -> None:
         """A handler's state writes, for the key of ``env``: applied, logged, and (with a standby)
-        held on ``job`` until its outputs are acknowledged (then :meth:`ship_ready`)."""
+        held on ``job`` until its outputs are acknowledged (then :meth:`ship_ready`).
+
+        On a durable node the message's id (and a command's ``reply``) commits with its writes:
+        its completion may wait for its outputs' or its standby's acks, and a crash in between
+        must find the message done, not run it again on the state it already changed."""
         state = self.state
         assert state is not None
         p, key = env.partition, env.key
@@ -320,8 +346,14 @@ class PartitionData:
                     self.host.call_later(self.config.standby_gate_timeout, partial(self._gate_expired, key))
             self.unshipped.setdefault(key, deque()).append(job)
         state.apply(p, key, writes)
-        if self.journal is not None:
+        journal = self.journal
+        if journal is not None:
             self.log_writes(p, key, writes)
+            handler = self.handlers.get(env.type)
+            if job is not None and handler is not None and self.config.dedup:
+                journal.imported(env.type, [(env.msg_id, self.host.clock())], p)
+                if reply is not None and handler.kind == "command":
+                    journal.result(env.msg_id, message_options(handler.message).dedup_ttl, reply, p)
 
     def log_writes(self, p: int, key: bytes, writes: dict[int, bytes | None]) -> None:
         """A durable node: state writes commit with the message that made them."""
@@ -397,7 +429,12 @@ class PartitionData:
         """Partition ``p`` is ours now: send the outputs of the ungated messages its last owner
         had not marked done (it may have died before they all arrived). Each goes under the id
         it had, so a destination that has it already drops it; the message itself is a duplicate
-        here (its id came with its writes). Returns how many messages' outputs went."""
+        here (its id came with its writes). Returns how many messages' outputs went.
+
+        A standby's copy of ``p`` is no copy any more: a durable node stores it now."""
+        if self.replicas is not None and p in self.replicas.held:
+            self.replicas.forgotten(p)
+            self.persist(p)
         owed = [d for d in self.owed.values() if d.partition == p]
         for delta in owed:
             del self.owed[delta.msg_id]

@@ -119,7 +119,7 @@ class Replicas:
         self.complete: set[int] = set()  # owned partitions whose standby's copy checked out
         self.in_flight: dict[int, dict[int, Shipment]] = {}  # partition -> deltas not yet acknowledged
         self.held: set[int] = set()  # partitions this node keeps a standby copy of
-        self.source: dict[int, int] = {}  # held partition -> the owner whose copy it is
+        self.source: dict[int, Peer] = {}  # held partition -> the owner whose copy it is
         self.releasing: dict[int, set[int]] = {}  # partition -> former standbys to release (see the docstring)
         self.inbound: dict[tuple[int, int], StreamIn | None] = {}  # (owner, partition) -> copy coming in
         self.stash: dict[int, list[Delta]] = {}  # partition -> deltas that came during its copy
@@ -164,7 +164,7 @@ class Replicas:
     def released(self, sender: Peer, p: int) -> None:
         """The owner of our copy of ``p`` has a newer one elsewhere (its new standby's, or its new
         owner's): ours can go."""
-        if p in self.held and self.source.get(p) == sender.incarnation and self.ownership.state[p] not in (
+        if p in self.held and self.source.get(p) is sender and self.ownership.state[p] not in (
             "owned", "awaiting", "draining"
         ):
             self._drop(p)
@@ -191,6 +191,7 @@ class Replicas:
 
     def keeping(self) -> bytes:
         """The partitions this node keeps a standby copy of (not those it holds), as a bitmap."""
+        # (a copy whose owner is gone counts as held once :meth:`orphans` gave it to us: restored)
         bits = bytearray((self.ownership.partitions + 7) // 8)
         state, restored = self.ownership.state, self.ownership.restored
         for p in self.held:
@@ -202,19 +203,27 @@ class Replicas:
         """The copies whose owner is gone: this node's own data now if ``counts(p)`` (its copy is
         the one that counts), else forgotten. Returns the partitions to add to
         :attr:`Ownership.restored`."""
-        peers, state = self.membership.peers, self.ownership.state
+        state, peers = self.ownership.state, self.membership.peers
         out = []
         for p in list(self.held):
-            source = peers.get(self.source.get(p, 0))
-            if source is not None and source.live or state[p] in ("owned", "awaiting", "draining"):
+            source = self.source.get(p)
+            # (live, and still in the table: a peer replaced at its endpoint leaves it as it was)
+            if source is not None and source.live and peers.get(source.incarnation) is source:
                 continue
-            if counts(p):
-                self.forgotten(p)
+            if state[p] in ("owned", "awaiting", "draining"):
+                continue
+            if source is not None and self._restarted(source):
+                self._drop(p)  # a durable owner back on its data dir: its store has all our copy has
+            elif counts(p):  # (held until it is owned here, handed on, or found stale)
                 self.stash.pop(p, None)
                 out.append(p)
             else:
                 self._drop(p)
         return out
+
+    def _restarted(self, source: Peer) -> bool:
+        """Is a new life of ``source`` live: a durable node, under the same rendezvous key?"""
+        return any(peer.live and peer.key == source.key and peer is not source for peer in self.membership.peers.values())
 
     def _switch(self, p: int, target: int | None) -> None:
         """Partition ``p``'s standby is now ``target`` (None: none): a fresh copy, and the deltas
@@ -310,7 +319,7 @@ class Replicas:
         assert self.work is not None
         self.work.install(staged)
         self.held.add(p)
-        self.source[p] = sender.incarnation
+        self.source[p] = sender
         self.copies_received += 1
         for delta in self.stash.pop(p, []):
             self.work.apply_delta(delta)
@@ -336,7 +345,7 @@ class Replicas:
         assert self.work is not None
         self.work.apply_delta(delta)
         self.held.add(p)
-        self.source[p] = sender.incarnation
+        self.source[p] = sender
         self.deltas_applied += 1
 
     def gone(self, incarnation: int) -> None:

@@ -364,29 +364,9 @@ def test_with_a_standby_a_crashed_owner_loses_no_state(seed: int) -> None:
     run(scenario)
 
 
-def test_with_a_standby_an_owner_restarted_at_once_loses_no_state() -> None:
-    # a supervisor restarts a crashed process at once: a new incarnation at the same endpoint
-    # joins as the old one is found gone, and may win some of its partitions by rendezvous
-    h = Harness(seed=8, config=CONFIG)
-    client, nodes, keys, expected, produce = replicated_mesh(h)
-
-    async def scenario() -> None:
-        await h.start()
-        for round_ in range(3):
-            await h.run(produce(200 * round_, 200), timeout=120)
-            await h.run_until(lambda: client.acknowledged and copied(nodes), 60, "every standby has its copy")
-            nodes[0] = restarted = h.restart(nodes[0])  # crashed, and at once back under a new incarnation
-            await h.run_until(lambda: restarted.lifecycle.joined, 30, "the restarted instance joined")
-        await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
-        assert await totals(h, client, keys) == dict(expected)
-
-    run(scenario)
-
-
-@pytest.mark.parametrize("seed", [8, 9, 10, 11])
-def test_with_a_standby_an_owner_replaced_elsewhere_before_it_is_found_dead_loses_no_state(seed: int) -> None:
-    # the crashed process comes back at another endpoint (a new pod, a new port): for a few
-    # seconds its old incarnation still looks alive, and the newcomer may take a standby's place
+def replace_an_owner_three_times(seed: int, replace: Callable[[Harness, Any], Any]) -> None:
+    """The replicated mesh, three rounds of: counts, every standby's copy whole, ``nodes[0]``
+    crashed and replaced (``replace(h, node)`` returns its successor); then every total exact."""
     h = Harness(seed=seed, config=CONFIG)
     client, nodes, keys, expected, produce = replicated_mesh(h)
 
@@ -395,9 +375,46 @@ def test_with_a_standby_an_owner_replaced_elsewhere_before_it_is_found_dead_lose
         for round_ in range(3):
             await h.run(produce(200 * round_, 200), timeout=120)
             await h.run_until(lambda: client.acknowledged and copied(nodes), 60, "every standby has its copy")
-            h.crash(nodes[0])
-            nodes[0] = newcomer = h.join(replicated())
-            await h.run_until(lambda: newcomer.lifecycle.joined, 30, "the newcomer joined")
+            nodes[0] = successor = replace(h, nodes[0])
+            await h.run_until(lambda: successor.lifecycle.joined, 30, "the successor joined")
+        await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
+        assert await totals(h, client, keys) == dict(expected), f"seed {seed}"
+
+    run(scenario)
+
+
+def test_with_a_standby_an_owner_restarted_at_once_loses_no_state() -> None:
+    # a supervisor restarts a crashed process at once: a new incarnation at the same endpoint
+    # joins as the old one is found gone, and may win some of its partitions by rendezvous
+    replace_an_owner_three_times(8, lambda h, node: h.restart(node))
+
+
+@pytest.mark.parametrize("seed", [8, 9, 10, 11])
+def test_with_a_standby_an_owner_replaced_elsewhere_before_it_is_found_dead_loses_no_state(seed: int) -> None:
+    # the crashed process comes back at another endpoint (a new pod, a new port): for a few
+    # seconds its old incarnation still looks alive, and the newcomer may take a standby's place
+    def elsewhere(h: Harness, node: Any) -> Any:
+        h.crash(node)
+        return h.join(replicated())
+
+    replace_an_owner_three_times(seed, elsewhere)
+
+
+@pytest.mark.parametrize("seed", [8, 9, 10])
+def test_durable_instances_with_standbys_restarted_at_once_lose_nothing(tmp_path: Any, seed: int) -> None:
+    # a durable owner comes back on its data dir under the same rendezvous key: its store, not
+    # its standby's copy (which may lack writes still in flight to it), has the partition
+    h = Harness(seed=seed, config=CONFIG, data_root=tmp_path, fsync="batch")
+    client, nodes, keys, expected, produce = replicated_mesh(h)
+
+    async def scenario() -> None:
+        await h.start()
+        for round_ in range(3):
+            task = asyncio.ensure_future(produce(200 * round_, 200))
+            await h.run_until(lambda: sum(expected.values()) > 200 * round_ + 100, 60, "mid-stream")
+            nodes[round_] = restarted = h.restart(nodes[round_])
+            await h.run(task, timeout=300)
+            await h.run_until(lambda: restarted.lifecycle.joined and client.acknowledged, 60, "rejoined")
         await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
         assert await totals(h, client, keys) == dict(expected), f"seed {seed}"
 
@@ -566,13 +583,11 @@ def test_a_new_standby_gets_what_an_ungated_message_still_owes(seed: int) -> Non
     run(scenario)
 
 
-@pytest.mark.parametrize("seed", [20, 21])
-def test_a_durable_instance_killed_mid_stream_comes_back_with_its_state(tmp_path: Any, seed: int) -> None:
-    """Without replicas, on a data dir: SIGKILL at a seeded moment, restart on the same dir, and
-    every key's total is exact (each write committed with the message that made it)."""
-    h = Harness(seed=seed, data_root=tmp_path, config=CONFIG, fsync="batch")
-    client = h.add(None, durable=False)
-    node = h.add(counter())
+def adding(
+    h: Harness, client: Any, pace: float = 0.0
+) -> tuple[list[str], Counter[str], Callable[[int, int], Awaitable[None]]]:
+    """16 keys, what they should total, and ``produce(start, count)``: Add(n) to the keys in turn
+    (``pace`` virtual seconds apart), each counted in the totals."""
     keys = [f"key-{i}" for i in range(16)]
     expected: Counter[str] = Counter()
 
@@ -581,6 +596,20 @@ def test_a_durable_instance_killed_mid_stream_comes_back_with_its_state(tmp_path
             k = keys[n % len(keys)]
             expected[k] += n
             await client.emit(Add(k=k, amount=n), timeout=120)
+            if pace:
+                await h.sleep(pace)
+
+    return keys, expected, produce
+
+
+@pytest.mark.parametrize("seed", [20, 21])
+def test_a_durable_instance_killed_mid_stream_comes_back_with_its_state(tmp_path: Any, seed: int) -> None:
+    """Without replicas, on a data dir: SIGKILL at a seeded moment, restart on the same dir, and
+    every key's total is exact (each write committed with the message that made it)."""
+    h = Harness(seed=seed, data_root=tmp_path, config=CONFIG, fsync="batch")
+    client = h.add(None, durable=False)
+    node = h.add(counter())
+    keys, expected, produce = adding(h, client)
 
     async def scenario() -> None:
         nonlocal node
@@ -592,6 +621,56 @@ def test_a_durable_instance_killed_mid_stream_comes_back_with_its_state(tmp_path
         await h.run_until(lambda: client.acknowledged, 120, "everything acknowledged")
         assert await totals(h, client, keys) == dict(expected)
         assert node_stats(node).store is not None
+
+    run(scenario)
+
+
+class Added(Event, key="k"):
+    k: str
+    amount: int
+
+
+@pytest.mark.parametrize("seed", [20, 21, 22, 23])
+def test_a_durable_step_that_writes_and_emits_killed_mid_stream_counts_each_message_once(tmp_path: Any, seed: int) -> None:
+    """A saga's step on a data dir: it writes its key's state and emits. Its completion waits
+    for the emitted event to be stored, so its id must commit with its writes, not a commit
+    later: a SIGKILL between the two would otherwise run it again on the state it changed."""
+    h = Harness(seed=seed, data_root=tmp_path, config=CONFIG, fsync="batch")
+    client = h.add(None, durable=False)
+    step = Service("step", state=[Tally], partitions=8)
+    sink = Service("sink", partitions=8)
+    received: Counter[str] = Counter()
+
+    @step.on(Add, emits=[Added])
+    def add(event: Add, ctx: Any) -> None:
+        tally = ctx.state.get(Tally) or Tally()
+        ctx.state.put(Tally(tally.total + event.amount, tally.events + 1))
+        ctx.emit(Added(k=event.k, amount=event.amount))
+
+    @step.query(GetTally)
+    def get_tally(query: GetTally, ctx: Any) -> int:
+        tally = ctx.state.get(Tally)
+        return tally.total if tally else 0
+
+    @sink.on(Added)
+    def added(event: Added) -> None:
+        received[event.k] += event.amount
+
+    node = h.add(step)
+    h.add(sink, durable=False)
+    keys, expected, produce = adding(h, client, pace=0.005)  # 2 virtual s in all: the kills land mid-stream
+
+    async def scenario() -> None:
+        nonlocal node
+        await h.start()
+        task = asyncio.ensure_future(produce(0, 400))
+        for kill in range(3):  # three kills at seeded moments, each restarted on its data dir
+            await h.advance(0.4 + 0.037 * ((seed * 7 + kill) % 5))
+            node = h.restart(node)
+        await h.run(task, timeout=300)
+        await h.run_until(lambda: client.acknowledged and node.acknowledged, 120, "everything acknowledged")
+        assert await totals(h, client, keys) == dict(expected), f"seed {seed}: state counts a message twice"
+        assert received == expected, f"seed {seed}: the sink got each emitted event once"
 
     run(scenario)
 
