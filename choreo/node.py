@@ -202,7 +202,7 @@ class Node:
         self._schedule_tick(delay)
 
     def _schedule_tick(self, delay: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         self._tick_at = loop.time() + delay
@@ -210,10 +210,10 @@ class Node:
 
     def _wake(self) -> None:
         """Something may have given the engine work sooner than its planned tick: tick then."""
-        engine = self.engine
-        if engine is None or self._tick_handle is None:
+        engine, loop = self.engine, self._loop
+        if engine is None or self._tick_handle is None or loop is None:
             return
-        left = self._tick_at - asyncio.get_running_loop().time()
+        left = self._tick_at - loop.time()
         tick = self.config.tick
         if left <= tick:
             return
