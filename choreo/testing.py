@@ -254,9 +254,9 @@ class Harness:
         if engine.journal is not None and not engine.journal.is_closed:
             self.uncommitted.update((engine.name, msg_id) for msg_id in engine.journal.uncommitted())
             # handled, and not done yet (its outputs or its standby's copy not acknowledged): its id
-            # is not in the journal either
+            # is not in the journal either, unless it went there with its writes
             self.uncommitted.update((engine.name, msg_id) for msg_id, job in engine.dispatcher.in_progress.items()
-                                    if job.started)
+                                    if job.started and not job.logged)
             engine.journal.close(commit=False)
 
     def restart(self, engine: Engine, seeds: list[str] | None = None) -> Engine:

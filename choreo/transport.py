@@ -15,11 +15,12 @@ accept almost nothing.
 The ROUTER's file descriptor is edge-triggered: the reader callback drains the socket while
 ``ZMQ_EVENTS`` says a message is waiting (bounded per call, then rescheduled, so one busy peer
 cannot starve the loop), and re-checks after its own sends on the ROUTER, which can swallow an
-edge. It asks ``ZMQ_EVENTS`` rather than reading until ``zmq.Again``: the exception pyzmq
-raises for that last empty read costs 2.5 times the question (3.9 against 1.5 µs here). Per PERFORMANCE.md this is far cheaper than ``zmq.asyncio``: one callback per burst, not
-one await per message. Sends never block: a full pipe (the peer is slow or gone) parks frames
-in a queue bounded in frames and bytes, retried at every tick; the credit windows upstream keep
-that rare, and what overflows is dropped and counted (acks and retransmission recover it).
+edge. Per PERFORMANCE.md this is far cheaper than ``zmq.asyncio``: one callback per burst, not
+one await per message. It asks ``ZMQ_EVENTS`` rather than reading until ``zmq.Again``: the
+exception pyzmq raises for that last empty read costs 2.5 times the question (3.9 against
+1.5 µs here). Sends never block: a full pipe (the peer is slow or gone) parks frames in a queue
+bounded in frames and bytes, retried at every tick; the credit windows upstream keep that rare,
+and what overflows is dropped and counted (acks and retransmission recover it).
 
 **Security.** With a :class:`~choreo.trust.Security`, every socket speaks CURVE: the ROUTER is a
 CURVE server with the node's key pair, a ZAP handler (pyzmq's ``zmq.auth`` thread authenticator,

@@ -84,6 +84,7 @@ class Job:
         "before",
         "mark_owed",
         "outputs",
+        "logged",
     )
 
     def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
@@ -103,6 +104,7 @@ class Job:
         self.writes: dict[int, bytes | None] | None = None  # state writes a standby has yet to get
         self.before: dict[int, bytes | None] | None = None  # the values they replaced
         self.mark_owed = False  # its writes reached the standby ahead of its id (PartitionData.ungate)
+        self.logged = False  # a durable node: its id (and result) went to the journal with its writes
         self.outputs: list[Message] | None = None  # what it emitted and sent, while its writes wait to ship
 
 

@@ -557,7 +557,7 @@ class Dispatcher:
                 if self.dead_letters.get(job.replay_of.id) is None:  # replayed and handled: gone
                     self.journal.letter_gone(job.replay_of.id)
             if self.in_progress.get(env.msg_id) is job:
-                if self.journal is not None:
+                if self.journal is not None and not job.logged:
                     self.journal.handled(env)  # its id commits before its ack leaves
                 del self.in_progress[env.msg_id]
                 cached = self.results.get(env.msg_id)

@@ -186,7 +186,6 @@ class PartitionData:
         owns, which are what it reads back after a restart (:meth:`persist` writes a copy that
         became its own)."""
         p = staged.partition
-        journal = self.journal if staged.purpose != "copy" else None
         for name, blob, shift in staged.dedup:
             handler = self.handlers.get(name)
             if handler is None:
@@ -197,17 +196,18 @@ class PartitionData:
                 window.import_entries(shifted, p)
             except (core.MalformedFrame, struct.error) as exc:
                 self.host.count_refused("malformed", f"dedup ids of partition {p} in a hand-over: {exc}")
-                continue
-            if journal is not None:  # a durable node keeps what it was handed
-                journal.imported(name, list(_DEDUP_RECORD.iter_unpack(shifted[4:])), p)
         now = self.host.clock()
         for msg_id, t, ttl, reply in staged.results:
             if now - t < ttl and msg_id not in self.results:
                 self.results[msg_id] = (t, ttl, reply, p)
-                if journal is not None:
-                    journal.result(msg_id, ttl - (now - t), reply, p)
-        if self.state is None:
-            return
+        if self.state is not None:
+            self._install_state(p, staged)
+        if staged.purpose != "copy":  # a durable node keeps what it was handed
+            self.persist(p)
+
+    def _install_state(self, p: int, staged: Staged) -> None:
+        """The staged state of ``p`` replaces ours (what we wrote ourselves while owning it stays)."""
+        assert self.state is not None
         by_name = self.state.types.by_name
         tables: list[dict[bytes, bytes]] = [{} for _ in by_name]
         for name, key, body in staged.state:
@@ -221,21 +221,11 @@ class PartitionData:
             for t, table in enumerate(tables):
                 table.update(self.state.tables[t][p])
         self.state.install(p, tables)
-        if journal is not None:  # the partition's state, replaced whole in the store too
-            self._journal_state(journal, p)
-
-    def _journal_state(self, journal: Journal, p: int) -> None:
-        """Partition ``p``'s state, replaced whole in the store by what this node holds of it."""
-        assert self.state is not None
-        journal.state_dropped(p)
-        names = self.state.types.names
-        for t, table in enumerate(self.state.tables):
-            for key, body in table[p].items():
-                journal.state(names[t], key, p, body)
 
     def persist(self, p: int) -> None:
-        """A durable node: partition ``p``, a standby's copy kept in memory until now, is this
-        node's own from now on: its dedup ids, results and state go to the store."""
+        """A durable node: what this node holds of partition ``p`` (its dedup ids, results and
+        state) goes to the store, the state replacing the store's whole: a partition handed over
+        to it, or a standby's copy (kept in memory until then) that became its own."""
         journal = self.journal
         if journal is None:
             return
@@ -247,7 +237,11 @@ class PartitionData:
             if partition == p and now - t < ttl:
                 journal.result(msg_id, ttl - (now - t), reply, p)
         if self.state is not None:
-            self._journal_state(journal, p)
+            journal.state_dropped(p)
+            names = self.state.types.names
+            for t, table in enumerate(self.state.tables):
+                for key, body in table[p].items():
+                    journal.state(names[t], key, p, body)
 
     def apply_delta(self, delta: Delta) -> None:
         """One handler's writes on its owner, applied to our standby copy with the message's id
@@ -349,11 +343,11 @@ class PartitionData:
         journal = self.journal
         if journal is not None:
             self.log_writes(p, key, writes)
-            handler = self.handlers.get(env.type)
-            if job is not None and handler is not None and self.config.dedup:
-                journal.imported(env.type, [(env.msg_id, self.host.clock())], p)
-                if reply is not None and handler.kind == "command":
-                    journal.result(env.msg_id, message_options(handler.message).dedup_ttl, reply, p)
+            if job is not None and self.in_progress.get(env.msg_id) is job:  # (its id is remembered)
+                journal.handled(env)  # in this commit, not at its completion (Dispatcher._complete)
+                if reply is not None:
+                    self.remember(job, reply)
+                job.logged = True
 
     def log_writes(self, p: int, key: bytes, writes: dict[int, bytes | None]) -> None:
         """A durable node: state writes commit with the message that made them."""
@@ -470,6 +464,8 @@ class PartitionData:
         """A command's result, for its duplicates (kept for its type's dedup window, at most ``results_max``)."""
         if job.env.kind != KIND_COMMAND or job.handler is None:
             return
+        if job.logged and job.env.msg_id in self.results:
+            return  # remembered (and logged) with its writes already
         options = message_options(job.handler.message)
         self.results[job.env.msg_id] = (self.host.clock(), options.dedup_ttl, reply, job.env.partition)
         if self.journal is not None:

@@ -632,9 +632,10 @@ class Added(Event, key="k"):
 
 @pytest.mark.parametrize("seed", [20, 21, 22, 23])
 def test_a_durable_step_that_writes_and_emits_killed_mid_stream_counts_each_message_once(tmp_path: Any, seed: int) -> None:
-    """A saga's step on a data dir: it writes its key's state and emits. Its completion waits
-    for the emitted event to be stored, so its id must commit with its writes, not a commit
-    later: a SIGKILL between the two would otherwise run it again on the state it changed."""
+    """A saga's step on a data dir: it writes its key's state and emits, and is killed three
+    times mid-stream: its state counts each message once, and the sink gets each event once.
+    (The commit window between a write and a later id is too short to hit here: the next test
+    holds a completion open on purpose.)"""
     h = Harness(seed=seed, data_root=tmp_path, config=CONFIG, fsync="batch")
     client = h.add(None, durable=False)
     step = Service("step", state=[Tally], partitions=8)
@@ -671,6 +672,36 @@ def test_a_durable_step_that_writes_and_emits_killed_mid_stream_counts_each_mess
         await h.run_until(lambda: client.acknowledged and node.acknowledged, 120, "everything acknowledged")
         assert await totals(h, client, keys) == dict(expected), f"seed {seed}: state counts a message twice"
         assert received == expected, f"seed {seed}: the sink got each emitted event once"
+
+    run(scenario)
+
+
+def test_a_durable_owner_killed_before_its_standby_acknowledged_counts_the_message_once(tmp_path: Any) -> None:
+    """The message's id commits with its writes: the owner's write is on disk while its
+    completion still waits for the standby (cut off), and the kill comes then. Started again on
+    its data dir, the owner finds the resent message done; with the id a commit later it would
+    add it twice."""
+    h = Harness(seed=5, config=CONFIG, data_root=tmp_path, fsync="batch")
+    client = h.add(None, durable=False)
+    nodes = [h.add(replicated()) for _ in range(2)]
+    key = "key-7"
+    p = core.partition_of(key.encode(), 8)
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run_until(lambda: copied(nodes) and any(n.moves.ownership.state[p] == "owned" for n in nodes), 30,
+                          "the owner and its standby's copy")
+        owner = next(n for n in nodes if n.moves.ownership.state[p] == "owned")
+        standby = next(n for n in nodes if n is not owner)
+        h.partition([owner, client], [standby])  # its delta can never be acknowledged now
+        await h.run(client.emit(Add(k=key, amount=5)), timeout=10)
+        await h.run_until(lambda: owner.dispatcher.state.get(0, p, key.encode()) is not None
+                          and not owner.journal.dirty, 10, "its write committed, its completion waiting")
+        assert not client.acknowledged, "the standby never acknowledged: neither did the owner"
+        h.restart(owner)
+        h.heal()
+        await h.run_until(lambda: client.acknowledged, 60, "acknowledged after the restart")
+        assert await totals(h, client, [key]) == {key: 5}
 
     run(scenario)
 
