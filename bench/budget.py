@@ -316,8 +316,8 @@ def _runtime_receiver(frames: list[bytes]) -> dict[str, float]:
                 frame = wire.frame(wire.DATA, 9, engine.incarnation, w.flush())
                 t0 = time.process_time()
                 engine.on_frame(frame, b"producer", None)
-                while engine._runq:
-                    engine._run()
+                while engine.intake.queue:
+                    engine.intake.run()
                 engine.flush()
                 run_pass.cpu += time.process_time() - t0  # type: ignore[attr-defined]
             return N

@@ -208,6 +208,20 @@ class ZmqTransport:
             self._read_scheduled = True
             self._loop.call_soon(self._readable)
 
+    def input_waiting(self) -> bool:
+        """Frames wait to be read; if so, a read is scheduled (asking ZeroMQ consumes the edge the
+        loop waits for, so that read cannot be left to the loop). The engine asks between long runs
+        of handlers, so that a command that arrived meanwhile runs before the rest of them."""
+        if self._read_scheduled or self.closed:
+            return self._read_scheduled
+        try:
+            waiting = self.router.get(_EVENTS) & _POLLIN
+        except zmq.ZMQError:  # pragma: no cover - a closing socket: nothing to read
+            return False
+        if waiting:
+            self._schedule_read()
+        return bool(waiting)
+
     def _readable(self) -> None:
         self._read_scheduled = False
         if self.closed:

@@ -25,8 +25,10 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.partdata`: what a partition carries when it moves (dedup ids, results,
   state): exported, installed, a standby's deltas, restored after a restart;
 * :mod:`~choreo.runtime.dispatch`: dedup, per-key order, handlers, retries, the ack after the effects;
+* :mod:`~choreo.runtime.intake`: received data on its way to the dispatcher: in order, commands
+  first, events in turns of the loop;
 * :mod:`~choreo.runtime.queries`: the system query table and its answers;
-* :mod:`~choreo.runtime.engine`: the wiring: the frame table, the receive path, tick, peers gone,
+* :mod:`~choreo.runtime.engine`: the wiring: the frame table, tick, peers gone,
   reincarnation.
 
 The node on ZeroMQ and asyncio (:mod:`choreo.node`) and the fake-link harness

@@ -7,14 +7,14 @@ messages are in flight, else at the next timer or membership deadline). The real
 in ZeroMQ and ``time.monotonic``; the test harness (:mod:`choreo.testing`) plugs in a lossy
 in-memory link and a virtual clock, and the same code runs under both.
 
-The engine owns no logic of its own beyond the receive path; each job is a part
+The engine owns no logic of its own; each job is a part
 (:mod:`choreo.runtime` lists them), and what a frame does is one line of the frame table:
 
 * membership frames (``HELLO``, ``PING``, ``PONG``, ``SYNC``..., :meth:`Gossip.handlers
   <choreo.runtime.gossip.Gossip.handlers>`) go to :class:`~choreo.runtime.gossip.Gossip`;
-* ``DATA`` goes through the sender's in-channel (order) to the
-  :class:`~choreo.runtime.dispatch.Dispatcher` (dedup, per-key order, handlers), in turns of
-  ``RUN_BUDGET`` envelopes so that heartbeats and queries are answered under overload;
+* ``DATA`` goes to the :class:`~choreo.runtime.intake.Intake`: through the sender's in-channel
+  (order) to the :class:`~choreo.runtime.dispatch.Dispatcher` (dedup, per-key order, handlers),
+  commands first, events in turns so that heartbeats and commands are answered under load;
 * ``ACK`` frees credit in the :class:`~choreo.runtime.outbox.Outbox` and releases holds;
 * ``REPLY`` answers the callers in :class:`~choreo.runtime.calls.Calls`;
 * ``RPC`` is a system query (the CLI), answered on the connection it came on by
@@ -33,7 +33,6 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -44,11 +43,11 @@ from ..service import Service
 from ..tracing import Tracer
 from .admission import Admission, PolicySource, unnamed
 from .calls import Calls, DurableCalls
-from .channels import InChannel
 from .context import Job
 from .dispatch import Dispatcher
 from .gossip import Gossip
 from .holds import Holds
+from .intake import Intake
 from .journal import Journal
 from .lifecycle import Lifecycle
 from .membership import Membership, Peer, durable_key
@@ -61,11 +60,9 @@ from .routing import ZERO_ID, Router
 from .stats import Counters
 from .store import Store
 
-__all__ = ["Engine", "Transport", "RUN_BUDGET"]
+__all__ = ["Engine", "Transport"]
 
 log = logging.getLogger("choreo.node")
-_URGENT_KINDS = (wire.KIND_COMMAND, wire.KIND_QUERY)  # handled as they arrive, ahead of queued events
-RUN_BUDGET = 512  # envelopes handled per turn of the event loop: a command waits at most one turn
 
 FrameHandler = Callable[[int, bytes, int, "bytes | None", "str | None"], None]
 
@@ -82,6 +79,8 @@ class Transport(Protocol):
     def send(self, endpoint: str, frame: bytes) -> None: ...
 
     def reply(self, identity: bytes, frame: bytes) -> None: ...
+
+    # optional: ``input_waiting() -> bool``, frames wait to be read (and are read next)
 
 
 class Engine:
@@ -182,7 +181,10 @@ class Engine:
         if replicas is not None:
             replicas.work = self.dispatcher.data
             replicas.name = self.name
-        self.batch_received = clock()  # when the batch being delivered arrived (the spans' clock)
+        self.intake = Intake(
+            self.outbox, self.membership, self.admission, self.dispatcher, config=config, clock=clock,
+            refused=self.count_refused, on_ack=self._on_ack, input_waiting=getattr(transport, "input_waiting", None),
+        )
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         # ... and the fastest: the compiled lane of the event's type; None for a durable node (its
         # emits are checked against its disk first)
@@ -196,9 +198,7 @@ class Engine:
         self.emit_many = self.calls.emit_many if durable is None else durable.emit_many
         self.send = self.calls.send
         self.ask = self.calls.ask
-        self._runq: deque[tuple[InChannel, list[Any], float]] = deque()
         self._last_tick: float | None = None
-        self._run_scheduled = False
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
@@ -212,7 +212,7 @@ class Engine:
         self.register_rpc = self.queries.register
         on_rpc = self.queries.on_rpc
         self._frames: dict[int, FrameHandler] = {
-            wire.DATA: self._on_data,
+            wire.DATA: self.intake.on_data,
             wire.REPLY: self._on_replies,
             wire.ACK: self._on_ack_frame,
             wire.HELLO: self._on_hello,
@@ -232,7 +232,7 @@ class Engine:
     def start(self, seeds: Iterable[str] = ()) -> None:
         """Join the mesh: register ourselves, then say hello to every seed."""
         self._loop = asyncio.get_running_loop()
-        self.calls.loop = self._loop
+        self.calls.loop = self.intake.loop = self._loop
         self.outbox.start(self._loop, self.incarnation)
         if self.journal is not None:  # a restart: what the store kept (sent again once joined)
             resent = self.journal.restore(self.outbox, self.dispatcher.data, self.membership)
@@ -293,9 +293,14 @@ class Engine:
         return self.moves.ownership if self.moves is not None else None
 
     @property
+    def batch_received(self) -> float:
+        """When the batch being handled arrived (the dispatcher's Host: the spans' clock)."""
+        return self.intake.received
+
+    @property
     def drained(self) -> bool:
         """Nothing in progress here and nothing of ours unacknowledged elsewhere."""
-        if not self.dispatcher.idle or self._runq:
+        if not self.dispatcher.idle or self.intake.queue:
             return False
         if self.moves is not None and self.moves.busy:
             return False
@@ -341,7 +346,7 @@ class Engine:
         """When :meth:`tick` next has work (the engine's clock): a tick away while messages are in
         flight or being handled, else the next timer or membership deadline (an idle node sleeps)."""
         now = self.clock()
-        if self._runq or self.membership.version != self._synced_version or not self.drained:
+        if self.intake.queue or self.membership.version != self._synced_version or not self.drained:
             return now + self.config.tick
         due = self.gossip.next_due
         if self._timers:
@@ -451,81 +456,6 @@ class Engine:
             self.calls.on_reply(msg_id, type_name, payload)
         if ack_len:  # after the answers: the ack must not find their commands unanswered
             self._on_ack(sender, data[: ack_at + ack_len], ack_at)
-
-    def _on_data(
-        self, sender: int, data: bytes, flags: int = 0, identity: bytes | None = None, principal: str | None = None
-    ) -> None:
-        ack_at, ack_len, body_at = wire.split_ack(data, flags)
-        if ack_len:
-            self._on_ack(sender, data[: ack_at + ack_len], ack_at)
-        ch = self.outbox.inbound.get(sender)
-        if ch is None:
-            peer = self.membership.peers.get(sender)
-            if peer is None or not peer.live:
-                raise ProtocolError("unknown_peer", f"data from {sender:016x}, which never said hello")
-            ch = self.outbox.inbound_from(peer)
-        self.membership.heard(sender, self.clock())
-        try:
-            released = ch.reorder.feed(data, body_at)
-        except core.MalformedFrame as exc:
-            raise ProtocolError("malformed", f"data frame from {ch.peer.node}: {exc}") from None
-        self.batch_received = self.clock()
-        if self.admission.secure and released:
-            released = self.admission.rightful(ch, released, self.dispatcher.refuse)
-        limit = self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
-        # an envelope larger than the limit needs a body larger than it: only then look at each one
-        for i, env in enumerate(released if len(data) - body_at > limit else ()):
-            if env.size > limit:  # rare: refuse it and take the others one by one
-                ok = []
-                for e in released[i:]:
-                    if e.size > limit:
-                        self.count_refused("oversized", f"{e.type} envelope of {e.size} bytes from {ch.peer.node}")
-                        ch.reorder.complete(e.seq)
-                    else:
-                        ok.append(e)
-                released = released[:i] + ok
-                break
-        if released and flags & wire.FLAG_URGENT:
-            # the frame holds commands or queries: they are handled now, ahead of every event
-            # queued here (from this sender or any other); its events queue as usual
-            # (a hand-over stays in order: it must follow the events its old owner sent before it)
-            urgent = [env for env in released if env.kind in _URGENT_KINDS]
-            if urgent:
-                released = [env for env in released if env.kind not in _URGENT_KINDS] if len(urgent) < len(released) else []
-                self.dispatcher.deliver_batch(ch, urgent, self.clock())
-                self.dispatcher.pump()
-        if released:
-            # taken in now, handled in turns of RUN_BUDGET envelopes: under overload the node keeps
-            # answering heartbeats, commands and queries, and what waits here is its measurable lag
-            self._runq.append((ch, released, self.batch_received))
-            if not self._run_scheduled and self._loop is not None:
-                self._run_scheduled = True
-                self.outbox.hold_acks = True
-                self._loop.call_soon(self._run)
-        if ch.reorder.ack_pending:
-            self.outbox.ack_later(ch)
-
-    def _run(self) -> None:
-        """Hand received envelopes to their handlers, at most RUN_BUDGET per turn of the loop."""
-        self._run_scheduled = False
-        runq = self._runq
-        budget = RUN_BUDGET
-        now = self.clock()
-        deliver_batch = self.dispatcher.deliver_batch
-        while runq and budget > 0:
-            ch, envs, received = runq.popleft()
-            if ch.closed:
-                continue  # its sender is gone and resends these to their owners elsewhere
-            self.batch_received = received
-            deliver_batch(ch, envs, now)
-            budget -= len(envs)
-        self.dispatcher.pump()
-        if runq and self._loop is not None:
-            self._run_scheduled = True
-            self._loop.call_soon(self._run)
-        else:
-            self.outbox.hold_acks = False
-        self.outbox.flush()
 
     def _on_ack_frame(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
@@ -679,11 +609,7 @@ class Engine:
     def lag(self) -> dict[int, int]:
         """Messages received but not yet handled, per partition (counted when asked; the node's
         statistics are :func:`choreo.introspect.node_stats`)."""
-        lag = dict(self.dispatcher.stats.lag)
-        for _, envs, _ in self._runq:
-            for env in envs:
-                lag[env.partition] = lag.get(env.partition, 0) + 1
-        return dict(sorted(lag.items()))
+        return dict(sorted(self.intake.lag(dict(self.dispatcher.stats.lag)).items()))
 
 
 def _new_incarnation() -> int:

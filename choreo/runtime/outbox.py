@@ -145,14 +145,18 @@ class Outbox:
         self.dirty_in[channel] = None
         self.schedule_flush()
 
-    def flush(self) -> None:
-        """Send every pending batch, answer and ack: called when the loop has nothing else to do."""
-        self.flush_scheduled = False
-        if self.replies:  # before any ack that covers the commands they answer
+    def send_replies(self) -> None:
+        """The answers queued so far leave now (a durable node's wait for their commit)."""
+        if self.replies and self.journal is None:
             replies, self.replies = self.replies, {}
             for inc, answers in replies.items():
                 if answers.peer.live:
                     self.send(answers.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(answers.entries)))
+
+    def flush(self) -> None:
+        """Send every pending batch, answer and ack: called when the loop has nothing else to do."""
+        self.flush_scheduled = False
+        self.send_replies()  # before any ack that covers the commands they answer
         dirty = self.dirty_out
         if dirty:
             channels = list(dirty)

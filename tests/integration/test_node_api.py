@@ -37,6 +37,15 @@ class Balance(Query, key="account"):
     account: str
 
 
+class Tally(Command):
+    pass
+
+
+class Work(Event, key="k"):
+    k: str
+    n: int
+
+
 class Audit(Event):
     line: str
 
@@ -271,6 +280,46 @@ def test_a_reply_is_acknowledged_at_once_not_at_the_next_heartbeat() -> None:
         # both ends settle within a few ticks, far less than a heartbeat (0.05 s here)
         await client.until(lambda: client.stats().in_flight == 0 and server.stats().in_flight == 0,
                            FAST.heartbeat * 0.8, "both ends acknowledged")
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_a_command_waits_behind_at_most_a_chunk_of_queued_events() -> None:
+    """Events queued at a busy consumer: a command sent meanwhile runs after at most a chunk or
+    two of them (RUN_CHUNK each), not after a whole turn's budget, nor the whole backlog."""
+    import time
+
+    from choreo.runtime.intake import RUN_BUDGET, RUN_CHUNK
+
+    sink = Service("sink")
+    handled: list[int] = []
+
+    @sink.on(Work)
+    def work(ev: Work) -> None:
+        time.sleep(0.0003)  # work that holds the loop, as a CPU-bound handler does
+        handled.append(ev.n)
+
+    @sink.command(Tally)
+    def tally(cmd: Tally) -> int:
+        return len(handled)
+
+    client_svc = Service("client", emits=[Work], sends=[Tally])
+    total = 3000
+
+    async def scenario() -> None:
+        nodes = await mesh(sink, client_svc, transport="tcp")
+        client = nodes[1]
+        await client.emit_many([Work("one", n) for n in range(total)])
+        await client.until(lambda: len(handled) >= 100, 10, "the sink is working through the events")
+        before = len(handled)
+        during = await client.send(Tally(), timeout=10)
+        assert total - during > RUN_BUDGET, "the command was answered while the backlog was still long"
+        assert during - before <= 3 * RUN_CHUNK, (
+            f"{during - before} events ran between the command's sending and its handling"
+        )
+        await client.until(lambda: len(handled) == total, 30, "every event, after it")
+        assert handled == list(range(total)), "the events kept their order (one key)"
         await stop_all(nodes)
 
     run(scenario)
