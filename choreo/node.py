@@ -208,23 +208,11 @@ class Node:
         self._tick_at = loop.time() + delay
         self._tick_handle = loop.call_later(delay, self._tick)
 
-    def _wake(self) -> None:
-        """Something may have given the engine work sooner than its planned tick: tick then."""
-        engine, loop = self.engine, self._loop
-        if engine is None or self._tick_handle is None or loop is None:
-            return
-        left = self._tick_at - loop.time()
-        tick = self.config.tick
-        if left <= tick:
-            return
-        due = tick if self._conditions else engine.next_tick() - engine.clock()
-        if due < left - tick:
-            self._schedule_tick(max(due, tick))
-
     def _expect_work(self) -> None:
-        """Something is about to be in flight or waited for (a request, events, a commit): tick
-        within ``tick`` from now, as :meth:`_wake` would decide once it is (retransmissions and
-        deadlines are timers), without a turn of the loop for it."""
+        """Something may have given the engine work (frames read, a request, events, a commit, a
+        condition waited for): tick within ``tick`` from now, unless a tick is due sooner. That
+        tick asks the engine when it next has work, and sleeps until then: asking here instead
+        would cost every read of a busy node a look at every channel."""
         loop = self._loop
         if loop is None or self._tick_handle is None or self.engine is None:
             return
@@ -233,15 +221,15 @@ class Node:
             self._schedule_tick(tick)
 
     def _after_reading(self) -> None:
-        """(the transport's idle callback) Frames were read: send what they caused, tick sooner if
-        they brought work, and tell whoever waits on serve() if the mesh refused us."""
+        """(the transport's idle callback) Frames were read: send what they caused, tick soon (they
+        may have brought work), and tell whoever waits on serve() if the mesh refused us."""
         engine = self.engine
         if engine is None:
             return
         engine.flush()
         if engine.fatal is not None:
             self._check_conditions()
-        self._wake()
+        self._expect_work()
 
     def _check_conditions(self) -> None:
         engine = self.engine
@@ -271,7 +259,7 @@ class Node:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._conditions.append((predicate, fut))
-        self._wake()
+        self._expect_work()
         try:
             await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:

@@ -199,6 +199,7 @@ class Engine:
         self.send = self.calls.send
         self.ask = self.calls.ask
         self._last_tick: float | None = None
+        self._max_frame = config.max_frame_bytes
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
@@ -396,8 +397,8 @@ class Engine:
         self.outbox.flush_scheduled = True
         if self._last_tick is not None:
             self._check_gap(self.clock())
-        if len(data) > self.config.max_frame_bytes:
-            self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self.config.max_frame_bytes}")
+        if len(data) > self._max_frame:
+            self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self._max_frame}")
             return
         frame_type = 0
         try:
