@@ -57,10 +57,11 @@ class Intake:
         self.membership = membership
         self.admission = admission
         self.dispatcher = dispatcher
-        self.config = config
         self.clock = clock
         self.refused = refused
         self.on_ack = on_ack
+        # the largest envelope taken: the largest message, with its header, type and key
+        self.envelope_limit = config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
         self.input_waiting = input_waiting or (lambda: False)
         self.loop: asyncio.AbstractEventLoop | None = None  # (set when the node starts)
         self.received = clock()  # when the batch being handled arrived (the spans' clock)
@@ -90,7 +91,7 @@ class Intake:
         self.received = now
         if released and self.admission.secure:
             released = self.admission.rightful(ch, released, self.dispatcher.refuse)
-        if released and len(data) - body_at > self._limit():  # only then can an envelope be too large
+        if released and len(data) - body_at > self.envelope_limit:  # only then can one be too large
             released = self._within_limit(ch, released)
         if released and flags & wire.FLAG_URGENT:
             # commands or queries: handled now, ahead of every event queued here (from this sender
@@ -111,13 +112,9 @@ class Intake:
         if ch.reorder.ack_pending:
             outbox.ack_later(ch)
 
-    def _limit(self) -> int:
-        """The largest envelope taken: the largest message, with its header, type and key."""
-        return self.config.max_message_bytes + core.HEADER_SIZE + 255 + 65535
-
     def _within_limit(self, ch: InChannel, released: list[Any]) -> list[Any]:
         """``released`` without the envelopes above the limit (refused, counted, completed)."""
-        limit = self._limit()
+        limit = self.envelope_limit
         kept = []
         for env in released:
             if env.size > limit:

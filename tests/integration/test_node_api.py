@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from choreo import (
     UndeclaredMessage,
 )
 from choreo.node import Node, NodeConfig
+from choreo.runtime.intake import RUN_BUDGET, RUN_CHUNK
 
 FAST = NodeConfig(heartbeat=0.05, suspect_after=0.5, dead_after=1.0, tick=0.005)
 
@@ -288,9 +290,6 @@ def test_a_reply_is_acknowledged_at_once_not_at_the_next_heartbeat() -> None:
 def test_a_command_waits_behind_at_most_a_chunk_of_queued_events() -> None:
     """Events queued at a busy consumer: a command sent meanwhile runs after at most a chunk or
     two of them (RUN_CHUNK each), not after a whole turn's budget, nor the whole backlog."""
-    import time
-
-    from choreo.runtime.intake import RUN_BUDGET, RUN_CHUNK
 
     sink = Service("sink")
     handled: list[int] = []
