@@ -84,13 +84,16 @@ cdef class IdSource:
 
 
 # The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
-# envelope kind, and the flags of envelopes that wait on no key.
+# envelope kind, the flags of envelopes that wait on no key, and the flag of a replayed dead
+# letter (set by its own node only: the lane leaves one from the wire to the caller, who refuses it).
 DEF _KIND_EVENT = 1
 DEF _FLAG_UNKEYED = 0x01
 DEF _FLAG_BROADCAST = 0x02
+DEF _FLAG_REPLAY = 0x04
 KIND_EVENT = _KIND_EVENT
 FLAG_UNKEYED = _FLAG_UNKEYED
 FLAG_BROADCAST = _FLAG_BROADCAST
+FLAG_REPLAY = _FLAG_REPLAY
 DEF SPAN_KEY_MAX = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
 SPAN_KEY_BYTES = SPAN_KEY_MAX
 DEF LANE_AHEAD = 4  # FastLane: prefetch the dedup slot of the message this many places ahead
@@ -409,16 +412,19 @@ LANE_BAD = 3         # envs[index]'s body failed to decode (its id is now rememb
 LANE_FAILED = 4      # envs[index]'s handler raised: (message, error, started) come back
 LANE_EFFECTS = 5     # envs[index]'s handler emitted or sent: (message, ctx, started) come back
 LANE_BATCH_FAILED = 6  # a batch handler raised on envs[index:index + len(messages)]: (messages, error, started)
+LANE_RESULT = 7      # envs[index]'s command or query returned, and its answer needs the caller:
+                     # (message, (ctx, result), started) come back
 
 
 cdef class _LaneEntry:
     cdef object decode, fn, name, handler
     cdef DedupWindow window
     cdef bint takes_context, batch
+    cdef int kind
 
 
 cdef class FastLane:
-    """Runs received events whose handler is a plain function, in a C loop (see the twin)."""
+    """Runs received messages whose handler is a plain function, in a C loop (see the twin)."""
 
     cdef dict _entries
     cdef readonly object ok  # the span outcome of a handled message
@@ -428,14 +434,18 @@ cdef class FastLane:
         self.ok = "ok"
 
     def set(self, str type_name not None, decode, window, fn, str name not None, bint takes_context, handler=None,
-            bint batch=False):
+            bint batch=False, int kind=_KIND_EVENT):
         """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup);
-        ``batch``: ``fn`` takes a list of messages (every run of them), never a context."""
+        ``batch``: ``fn`` takes a list of messages (every run of them), never a context;
+        ``kind``: the envelope kind it takes (a command's or query's result goes to ``run``'s ``answer``)."""
         cdef _LaneEntry e = _LaneEntry.__new__(_LaneEntry)
         if window is not None and type(window) is not DedupWindow:
             raise TypeError("window must be a DedupWindow or None")
         if batch and takes_context:
             raise ValueError("a batch handler takes no context")
+        if batch and kind != _KIND_EVENT:
+            raise ValueError("only an event handler takes batches")
+        e.kind = kind
         e.decode, e.fn, e.name, e.window, e.takes_context = decode, fn, name, window, takes_context
         e.handler = handler
         e.batch = batch
@@ -470,6 +480,8 @@ cdef class FastLane:
 
     cdef inline int _admissible(self, Envelope env, const char *gptr, Py_ssize_t glen, KeyedDispatch keyed) except -1:
         """1 when a keyed envelope's partition is routed here and its key is idle (or it waits on no key)."""
+        if env.flags & _FLAG_REPLAY:
+            return 0
         if not env.flags & (_FLAG_UNKEYED | _FLAG_BROADCAST):  # keyed, not broadcast: ours now? key idle?
             if gptr != NULL and (env.partition >= glen or not gptr[env.partition]):
                 return 0
@@ -494,21 +506,24 @@ cdef class FastLane:
         return 0
 
     def run(self, list envs not None, Py_ssize_t start, InboundReorder reorder not None, double now, clock,
-            received, gate, KeyedDispatch keyed not None, spans_append, ctx):
+            received, gate, KeyedDispatch keyed not None, spans_append, ctx, answer=None, channel=None):
         """Handle ``envs[start:]`` in order until one needs the caller.
 
         Returns ``(handled, index, status, a, b, started)``: how many were handled here, the
-        index where it stopped and why (``LANE_*``), and for FAILED/EFFECTS the decoded message,
-        the error (FAILED) or the context (EFFECTS), and when the handler started (for
-        BATCH_FAILED the messages of the batch that raised). ``ctx`` is a reusable context object
-        (its ``envelope``/``handler``/``writes`` are set here) or None.
+        index where it stopped and why (``LANE_*``), and for FAILED/EFFECTS/RESULT the decoded
+        message, the error (FAILED), the context (EFFECTS) or ``(context, result)`` (RESULT), and
+        when the handler started (for BATCH_FAILED the messages of the batch that raised). ``ctx``
+        is a reusable context object (its ``envelope``/``handler``/``writes`` are set here) or None.
+        A command's or query's result goes to ``answer(channel, env, result)``, which answers the
+        caller and returns True, or returns False (having done nothing) when the result cannot
+        travel as it is; without ``answer`` commands and queries are left to the caller.
         """
         cdef Py_ssize_t n = len(envs), i = start, j, handled = 0, glen = 0, stop_at
         cdef int stop_status
         cdef const char *gptr = NULL
         cdef Envelope env, envj
         cdef _LaneEntry e
-        cdef object entry, message, t0, t1, obj
+        cdef object entry, message, t0, t1, obj, result
         cdef list batch
         cdef uint64_t h
         cdef const uint8_t *idp
@@ -527,9 +542,11 @@ cdef class FastLane:
             else:
                 entry = last_entry = self._entries.get(env.type)
                 last_type = env.type
-            if entry is None or env.kind != _KIND_EVENT:
+            if entry is None:
                 return handled, i, LANE_SLOW, None, None, 0.0
             e = <_LaneEntry>entry
+            if env.kind != e.kind or (answer is None and e.kind != _KIND_EVENT):
+                return handled, i, LANE_SLOW, None, None, 0.0
             self._prefetch(envs, i + LANE_AHEAD, n, env, e)
             if not self._admissible(env, gptr, glen, keyed):
                 return handled, i, LANE_SLOW, None, None, 0.0
@@ -591,14 +608,19 @@ cdef class FastLane:
                     ctx.envelope = env
                     ctx.handler = e.handler
                     ctx.writes = None
-                    e.fn(message, ctx)
+                    result = e.fn(message, ctx)
                 else:
-                    e.fn(message)
+                    result = e.fn(message)
             except Exception as exc:
                 return handled, i, LANE_FAILED, message, exc, t0
+            if e.kind != _KIND_EVENT:
+                # a command's or query's answer: here only when it has no effects and can travel
+                # (state writes are the caller's too: a result is logged with them)
+                if (e.takes_context and (ctx.outputs or ctx.writes is not None)) or not answer(channel, env, result):
+                    return handled, i, LANE_RESULT, message, (ctx, result), t0
             # emits, sends, or state writes that need a job (a standby must confirm them): the
             # caller takes over; other state writes are applied here, as the handler succeeded
-            if e.takes_context:
+            elif e.takes_context:
                 if ctx.outputs:
                     return handled, i, LANE_EFFECTS, message, ctx, t0
                 if ctx.writes is not None:

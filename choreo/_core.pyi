@@ -249,6 +249,7 @@ class KeyedDispatch:
 KIND_EVENT: Final[int]
 FLAG_UNKEYED: Final[int]
 FLAG_BROADCAST: Final[int]
+FLAG_REPLAY: Final[int]
 SPAN_KEY_BYTES: Final[int]
 LANE_END: int
 LANE_SLOW: int
@@ -257,6 +258,7 @@ LANE_BAD: int
 LANE_FAILED: int
 LANE_EFFECTS: int
 LANE_BATCH_FAILED: int
+LANE_RESULT: int
 EMIT_END: int
 EMIT_OTHER: int
 EMIT_BLOCKED: int
@@ -334,6 +336,7 @@ class FastLane:
         takes_context: bool,
         handler: Any = None,
         batch: bool = False,
+        kind: int = ...,
     ) -> None: ...
     def forget(self, type_name: str) -> None: ...
     def handles(self, type_name: str) -> bool: ...
@@ -349,6 +352,8 @@ class FastLane:
         keyed: KeyedDispatch,
         spans_append: SpanRing | Callable[[tuple[Any, ...]], None] | None,
         ctx: Any,
+        answer: Callable[[Any, Envelope, Any], bool] | None = None,
+        channel: Any = None,
     ) -> tuple[int, int, int, Any, Any, float]: ...
 
 class StateView:

@@ -60,6 +60,7 @@ __all__ = [
     "KIND_EVENT",
     "FLAG_UNKEYED",
     "FLAG_BROADCAST",
+    "FLAG_REPLAY",
     "SPAN_KEY_BYTES",
     "LANE_END",
     "LANE_SLOW",
@@ -68,6 +69,7 @@ __all__ = [
     "LANE_FAILED",
     "LANE_EFFECTS",
     "LANE_BATCH_FAILED",
+    "LANE_RESULT",
     "SpanRing",
     "EMIT_END",
     "EMIT_OTHER",
@@ -1358,10 +1360,12 @@ class EmitTable:
 
 
 # The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
-# envelope kind, and the flags of envelopes that wait on no key.
+# envelope kind, the flags of envelopes that wait on no key, and the flag of a replayed dead
+# letter (set by its own node only: the lane leaves one from the wire to the caller, who refuses it).
 KIND_EVENT = 1
 FLAG_UNKEYED = 0x01
 FLAG_BROADCAST = 0x02
+FLAG_REPLAY = 0x04
 SPAN_KEY_BYTES = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
 
 class SpanRing:
@@ -1424,18 +1428,22 @@ LANE_BAD = 3  # envs[index]'s body failed to decode (its id is now remembered)
 LANE_FAILED = 4  # envs[index]'s handler raised: (message, error, started) come back
 LANE_EFFECTS = 5  # envs[index]'s handler emitted or sent: (message, ctx, started) come back
 LANE_BATCH_FAILED = 6  # a batch handler raised on envs[index:index + len(messages)]: (messages, error, started)
+LANE_RESULT = 7  # envs[index]'s command or query returned, and its answer needs the caller: (message, (ctx, result), started)
 
 
 class FastLane:
-    """Runs received events whose handler is a plain function, in one loop.
+    """Runs received messages whose handler is a plain function, in one loop.
 
     An entry per type says how: its decoder, its :class:`DedupWindow` (or None), the handler
     function and whether it takes a context, or is a *batch* handler (it takes a list of
-    messages, never a context). :meth:`run` goes through a released batch in order and stops at
-    the first envelope that needs the caller (not an event of a registered type, a keyed one
-    whose partition is not routed here (``gate``) or whose key is busy in ``keyed``, a
-    duplicate, a body that fails to decode, a handler that raised or emitted), returning where
-    and why. A batch handler is called once per run of consecutive envelopes of its type that
+    messages, never a context), and the envelope kind it takes (events by default). :meth:`run`
+    goes through a released batch in order and stops at the first envelope that needs the
+    caller (not of a registered type and kind, flagged as a replay, a keyed one whose partition
+    is not routed here (``gate``) or whose key is busy in ``keyed``, a duplicate, a body that
+    fails to decode, a handler that raised or emitted), returning where and why. A command's or
+    query's result goes to ``answer(channel, env, result)``, which answers its caller (True) or
+    says it cannot travel as it is (False, nothing done); one that emitted, sent or wrote state,
+    or whose answer cannot travel, comes back as ``LANE_RESULT``. A batch handler is called once per run of consecutive envelopes of its type that
     the lane can take (each one deduplicated and decoded first; the run ends before the first
     that cannot go); if it raises, the whole run comes back (``LANE_BATCH_FAILED``) for the
     caller to run one by one. Each handled message is completed in ``reorder`` and, when
@@ -1449,15 +1457,18 @@ class FastLane:
 
     def set(
         self, type_name: str, decode: Any, window: DedupWindow | None, fn: Any, name: str, takes_context: bool,
-        handler: Any = None, batch: bool = False,
+        handler: Any = None, batch: bool = False, kind: int = KIND_EVENT,
     ) -> None:
         """Let the lane handle ``type_name``; ``window`` is its DedupWindow (None: no dedup);
-        ``batch``: ``fn`` takes a list of messages (every run of them), never a context."""
+        ``batch``: ``fn`` takes a list of messages (every run of them), never a context;
+        ``kind``: the envelope kind it takes (a command's or query's result goes to ``run``'s ``answer``)."""
         if window is not None and not isinstance(window, DedupWindow):
             raise TypeError("window must be a DedupWindow or None")
         if batch and takes_context:
             raise ValueError("a batch handler takes no context")
-        self._entries[type_name] = (decode, window, fn, name, takes_context, handler, batch)
+        if batch and kind != KIND_EVENT:
+            raise ValueError("only an event handler takes batches")
+        self._entries[type_name] = (decode, window, fn, name, takes_context, handler, batch, kind)
 
     def forget(self, type_name: str) -> None:
         self._entries.pop(type_name, None)
@@ -1467,6 +1478,8 @@ class FastLane:
 
     @staticmethod
     def _admissible(env: Any, gate: bytearray | None, keyed: KeyedDispatch) -> bool:
+        if env.flags & FLAG_REPLAY:
+            return False
         if not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST):
             if gate is not None and (env.partition >= len(gate) or not gate[env.partition]):
                 return False
@@ -1499,13 +1512,15 @@ class FastLane:
         keyed: KeyedDispatch,
         spans_append: Any,
         ctx: Any,
+        answer: Any = None,
+        channel: Any = None,
     ) -> tuple[int, int, int, Any, Any, float]:
         """Handle ``envs[start:]`` in order until one needs the caller (see the class docstring).
 
         Returns ``(handled, index, status, a, b, started)``: how many were handled here, where it
-        stopped and why (``LANE_*``), and for FAILED/EFFECTS the decoded message, the error
-        (FAILED) or the context (EFFECTS), and when the handler started (for BATCH_FAILED the
-        messages of the batch that raised).
+        stopped and why (``LANE_*``), and for FAILED/EFFECTS/RESULT the decoded message, the error
+        (FAILED), the context (EFFECTS) or ``(context, result)`` (RESULT), and when the handler
+        started (for BATCH_FAILED the messages of the batch that raised).
         """
         handled = 0
         n = len(envs)
@@ -1514,9 +1529,11 @@ class FastLane:
         while i < n:
             env = envs[i]
             entry = self._entries.get(env.type)
-            if entry is None or env.kind != KIND_EVENT:
+            if entry is None:
                 return handled, i, LANE_SLOW, None, None, 0.0
-            decode, window, fn, name, takes_context, handler, batch = entry
+            decode, window, fn, name, takes_context, handler, batch, kind = entry
+            if env.kind != kind or (answer is None and kind != KIND_EVENT):
+                return handled, i, LANE_SLOW, None, None, 0.0
             if not self._admissible(env, gate, keyed):
                 return handled, i, LANE_SLOW, None, None, 0.0
             if batch:
@@ -1565,14 +1582,19 @@ class FastLane:
                     ctx.envelope = env
                     ctx.handler = handler
                     ctx.writes = None
-                    fn(message, ctx)
+                    result = fn(message, ctx)
                 else:
-                    fn(message)
+                    result = fn(message)
             except Exception as exc:
                 return handled, i, LANE_FAILED, message, exc, t0
+            if kind != KIND_EVENT:
+                # a command's or query's answer: here only when it has no effects and can travel
+                # (state writes are the caller's too: a result is logged with them)
+                if (takes_context and (ctx.outputs or ctx.writes is not None)) or not answer(channel, env, result):
+                    return handled, i, LANE_RESULT, message, (ctx, result), t0
             # emits, sends, or state writes that need a job (a standby must confirm them): the
             # caller takes over; other state writes are applied here, as the handler succeeded
-            if takes_context and (ctx.outputs or (ctx.writes is not None and ctx.state.commit(env))):
+            elif takes_context and (ctx.outputs or (ctx.writes is not None and ctx.state.commit(env))):
                 return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
             self._done(env, name, reorder, spans_append, received, t0, t1)

@@ -177,6 +177,12 @@ class Tracer:
         dead = job.error is not None and job.attempt > handler.retry.retries
         self.completed.append((env.trace_id, env.type, handler.name, job.received, self.wall(), "error" if dead else "ok"))
 
+    def flow_answered(self, env: Any, name: str, received: float) -> None:
+        """:meth:`flow_done` of a command or query the compiled lane answered (it had no effects,
+        so a flow from outside ends there), by handler ``name``."""
+        if self.completed is not None and name not in self.terminal and env.cause_id == _ZERO16:
+            self.completed.append((env.trace_id, env.type, name, received, self.wall(), "ok"))
+
     def take_flows(self) -> list[tuple[bytes, str, str, float, float, str]]:
         """The completed flows reported since the last call (and forget them)."""
         if not self.completed:

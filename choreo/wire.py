@@ -157,7 +157,7 @@ KIND_CODES = {"event": KIND_EVENT, "command": KIND_COMMAND, "query": KIND_QUERY}
 # envelope flags
 FLAG_UNKEYED = core.FLAG_UNKEYED  # no ordering key: the receiver runs it without waiting on a key
 FLAG_BROADCAST = core.FLAG_BROADCAST  # delivered to every instance of the service (broadcast handler)
-FLAG_REPLAY = 0x04  # a dead letter replayed on purpose: bypasses dedup once
+FLAG_REPLAY = core.FLAG_REPLAY  # a dead letter replayed on purpose: bypasses dedup once
 
 
 # ---------------------------------------------------------------------------------------- endpoints

@@ -142,21 +142,23 @@ class Dispatcher:
     # -- arrival -------------------------------------------------------------------------------
 
     def _fast_entry(self, type_name: str) -> bool:
-        """Register a type with the fast lane when its handler is a plain event function."""
+        """Register a type with the fast lane when its handler is a plain function (a command's or
+        query's takes one message at a time, and its result goes to :meth:`_answer`)."""
         handler = self.handlers.get(type_name)
-        ok = handler is not None and handler.kind == "event" and not handler.is_async
+        ok = handler is not None and not handler.is_async and (handler.kind == "event" or not handler.batch)
         if ok:
             assert handler is not None
-            window = self.data.window(type_name, handler)
+            deduped = self.config.dedup and handler.kind != "query"  # a query changes nothing: no dedup
             self.lane.set(
                 type_name,
                 decoder_for(handler.message).decode,
-                window if self.config.dedup else None,
+                self.data.window(type_name, handler) if deduped else None,
                 handler.fn,
                 handler.name,
                 handler.takes_context,
                 handler,
                 handler.batch,
+                _KIND_FOR[handler.kind],
             )
         self._fast[type_name] = ok
         return ok
@@ -164,11 +166,12 @@ class Dispatcher:
     def deliver_batch(self, channel: InChannel, envs: list[Any], now: float) -> None:
         """Take a channel's released envelopes, in order.
 
-        The common case, an event for a plain-function handler whose key is idle, is handled
-        by the core's compiled lane (dedup, decode, call, complete, span) without any
-        bookkeeping object. Wherever the lane stops (commands, async handlers, duplicates,
-        failures, emitted effects, busy keys, partitions not ours), the envelope becomes a
-        :class:`Job` here, and the lane resumes after it.
+        The common case, a message for a plain-function handler whose key is idle, is handled
+        by the core's compiled lane (dedup, decode, call, complete, span; a command's or query's
+        answer through :meth:`_answer`) without any bookkeeping object. Wherever the lane stops
+        (async handlers, duplicates, failures, emitted effects, state a command wrote, busy keys,
+        partitions not ours), the envelope becomes a :class:`Job` here, and the lane resumes
+        after it.
         """
         host = self.host
         received = host.batch_received
@@ -185,7 +188,8 @@ class Dispatcher:
                     self.deliver(channel, env, now)
                 break
             handled, i, status, a, b, started = run(
-                envs, i, reorder, now, host.clock, received, gate, self.keyed, spans_append, self._lane_ctx
+                envs, i, reorder, now, host.clock, received, gate, self.keyed, spans_append, self._lane_ctx,
+                self._answer, channel,
             )
             done += handled
             if handled and journal is not None:
@@ -220,6 +224,8 @@ class Dispatcher:
                     self.stats.in_handler += 1
                     if status == core.LANE_FAILED:
                         self._failed(job, b)
+                    elif status == core.LANE_RESULT:  # a command's effects, or an answer that cannot travel
+                        self._succeeded(job, b[0], b[1])
                     else:  # LANE_EFFECTS: the handler emitted or sent; they go out, then the ack
                         self._succeeded(job, b, None)
             i += 1
@@ -227,6 +233,24 @@ class Dispatcher:
             self.stats.received += done
             self.stats.processed += done
             host.ack_later(channel)
+
+    def _answer(self, channel: InChannel, env: Any, result: Any) -> bool:
+        """The lane ran a command or query that had no effects: answer its caller (False, with
+        nothing done, when the result cannot travel: :meth:`_succeeded` then says why, both sides)."""
+        try:
+            body = _reply_encoder.encode(result)
+        except (TypeError, msgspec.EncodeError):
+            return False
+        if len(body) > self._reply_limit(channel):
+            return False
+        reply = ok_reply(body)
+        handler = self.handlers[env.type]
+        if env.kind == KIND_COMMAND and self.config.dedup:
+            self.data.keep_result(env, handler, reply)  # a duplicate gets the same answer
+        self.host.send_reply(channel, env, reply)
+        if self.tracer.completed is not None:  # metrics watch: a flow from outside may end here
+            self.tracer.flow_answered(env, handler.name, self.host.batch_received)
+        return True
 
     def _track(self, partition: int) -> None:
         lag = self.stats.lag
@@ -445,7 +469,7 @@ class Dispatcher:
             except (TypeError, msgspec.EncodeError) as exc:
                 self._failed(job, TypeError(f"handler {handler.name} returned a value choreo cannot encode: {exc}"))
                 return
-            limit = self._reply_limit(job)
+            limit = self._reply_limit(job.channel)
             if len(reply) - 1 > limit:  # it ran (its effects stand), but its result cannot travel: say so, both sides
                 detail = (f"the result of {job.env.type} is {len(reply) - 1} bytes, above the limit of {limit} "
                           "(max_message_bytes): return less (a page, or a reference to fetch it by)")
@@ -474,11 +498,11 @@ class Dispatcher:
         if job.writes is not None:
             self.data.ship_ready(job.env.key)
 
-    def _reply_limit(self, job: Job) -> int:
-        """The largest result that may travel to this job's caller: its limit and ours."""
+    def _reply_limit(self, channel: InChannel | None) -> int:
+        """The largest result that may travel to the caller on ``channel``: its limit and ours."""
         limit = self.config.max_message_bytes
-        if job.channel is not None:
-            limit = min(limit, job.channel.peer.max_message_bytes)
+        if channel is not None:
+            limit = min(limit, channel.peer.max_message_bytes)
         return limit
 
     def _failed(self, job: Job, exc: BaseException) -> None:
@@ -539,7 +563,7 @@ class Dispatcher:
             if self.in_progress.get(job.env.msg_id) is job:
                 self.data.remember(job, reply)
             if job.channel is not None:
-                self.host.send_reply(job, reply)  # ahead of the ack that completes the command
+                self.host.send_reply(job.channel, job.env, reply)  # ahead of the ack that completes the command
         self._complete(job)
 
     def _complete(self, job: Job) -> None:

@@ -43,7 +43,7 @@ from ..service import Service
 from ..tracing import Tracer
 from .admission import Admission, PolicySource, unnamed
 from .calls import Calls, DurableCalls
-from .context import Job
+from .channels import InChannel
 from .dispatch import Dispatcher
 from .gossip import Gossip
 from .holds import Holds
@@ -580,17 +580,15 @@ class Engine:
 
     # ================================================================================ the dispatcher's host
 
-    def send_reply(self, job: Job, reply: bytes) -> bool:
+    def send_reply(self, channel: InChannel, env: Any, reply: bytes) -> bool:
         """Queue a command's or query's result for its sender; False if the sender is gone.
 
         Replies travel in REPLY frames, ahead of the ack that covers their command. A reply lost
         with its frame is recovered by the caller, who resends the command when it sees the
         command acked but unanswered: dedup answers the resend from the cached result.
         """
-        channel = job.channel
-        if channel is None or not channel.peer.live or channel.closed:
+        if not channel.peer.live or channel.closed:
             return False
-        env = job.env
         self.outbox.queue_reply(channel.peer, wire.reply_entry(env.msg_id, env.type.encode(), reply))
         return True
 

@@ -466,10 +466,14 @@ class PartitionData:
             return
         if job.logged and job.env.msg_id in self.results:
             return  # remembered (and logged) with its writes already
-        options = message_options(job.handler.message)
-        self.results[job.env.msg_id] = (self.host.clock(), options.dedup_ttl, reply, job.env.partition)
+        self.keep_result(job.env, job.handler, reply)
+
+    def keep_result(self, env: Any, handler: Handler, reply: bytes) -> None:
+        """The result of command ``env``, handled by ``handler`` (see :meth:`remember`)."""
+        ttl = message_options(handler.message).dedup_ttl
+        self.results[env.msg_id] = (self.host.clock(), ttl, reply, env.partition)
         if self.journal is not None:
-            self.journal.result(job.env.msg_id, options.dedup_ttl, reply, job.env.partition)
+            self.journal.result(env.msg_id, ttl, reply, env.partition)
         while len(self.results) > self.results_max:
             self.results.popitem(last=False)
         # forget results older than their dedup window, oldest first

@@ -280,3 +280,59 @@ def test_the_emit_table_writes_through_its_types_lane_until_anything_it_depends_
         table.put(Ev, "not a lane")
     with pytest.raises(TypeError):
         table.put("not a class", emit)
+
+
+def _command_run(core):
+    """Commands through the lane: answered, left to the caller, or not the lane's at all."""
+    from choreo.wire import FLAG_REPLAY, KIND_COMMAND
+
+    ids = [bytes([i]) * 16 for i in range(10)]
+    w = core.OutboundWindow(max_messages=64)
+    rows = [
+        (KIND_COMMAND, 0, Ev("a", 1), ids[1]),
+        (KIND_COMMAND, 0, Ev("b", 2), ids[2]),  # its answer cannot travel: back to the caller
+        (KIND_COMMAND, 0, Ev("a", 1), ids[1]),  # a resend of the first: a duplicate
+        (KIND_COMMAND, FLAG_REPLAY, Ev("c", 3), ids[3]),  # a replay flag from the wire: the caller refuses it
+        (1, 0, Ev("d", 4), ids[4]),  # an event of a command's type: not the lane's
+    ]
+    for kind, flags, ev, msg_id in rows:
+        key = ev.k.encode()
+        w.append(kind, flags, b"Ev", key, core.partition_of(key, 4), msg_id, msg_id, Z, encode(ev), 0.0)
+    reorder = core.InboundReorder(window=64)
+    envs = reorder.feed(w.flush())
+    answered: list[tuple] = []
+
+    def answer(channel, env, result):
+        answered.append((channel, env.msg_id, result))
+        return result != "B"
+
+    fast = core.FastLane()
+    fast.set("Ev", decode, core.DedupWindow(60.0, 100), lambda ev: ev.k.upper(), "h", False, kind=KIND_COMMAND)
+    clock = iter(range(100)).__next__
+    stops, i = [], 0
+    while True:
+        handled, i, status, a, b, _ = fast.run(envs, i, reorder, 5.0, clock, 1.5, None, core.KeyedDispatch(), None,
+                                               None, answer, "ch")
+        stops.append((handled, i, status, b[1] if status == core.LANE_RESULT else None))
+        if status == core.LANE_END:
+            break
+        i += 1
+    without = fast.run(envs, 0, core.InboundReorder(window=64), 5.0, clock, 1.5, None, core.KeyedDispatch(), None, None)
+    return stops, answered, reorder.stats().done_upto, without[:3]
+
+
+def test_a_command_is_answered_in_the_lane_or_left_to_the_caller_in_both_cores() -> None:
+    compiled, pure = _command_run(_core), _command_run(_pycore)
+    assert compiled == pure
+    stops, answered, done_upto, without = compiled
+    assert [(s[1], s[2], s[3]) for s in stops] == [
+        (1, _core.LANE_RESULT, "B"),  # the handler ran once; the caller answers (and says why)
+        (2, _core.LANE_DUPLICATE, None),
+        (3, _core.LANE_SLOW, None),
+        (4, _core.LANE_SLOW, None),
+        (5, _core.LANE_END, None),
+    ]
+    assert stops[0][0] == 1, "the first was answered in the lane"
+    assert answered == [("ch", bytes([1]) * 16, "A"), ("ch", bytes([2]) * 16, "B")]
+    assert done_upto == 1, "only the answered command is complete: the rest are the caller's"
+    assert without == (0, 0, _core.LANE_SLOW), "without an answer function the lane takes no command"

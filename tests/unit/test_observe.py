@@ -269,8 +269,16 @@ def test_flows_completed_are_reported_only_while_watched() -> None:
     tracer.flow_done(SimpleNamespace(**{**vars(job), "error": "E: x", "attempt": 2}))  # dead-lettered
     assert tracer.take_flows() == [(b"T" * 16, "PlaceOrder", "place", 1.0, 5.0, "ok"), (b"T" * 16, "PlaceOrder", "place", 1.0, 5.0, "error")]
     assert tracer.take_flows() == []
+    # a command the compiled lane answered: its flow ends there, unless its span says so already
+    tracer.flow_answered(env, "place", 2.0)
+    tracer.flow_answered(SimpleNamespace(**{**vars(env), "cause_id": b"C" * 16}), "place", 2.0)  # not from outside
+    tracer.terminal.add("quote")
+    tracer.flow_answered(env, "quote", 2.0)  # a terminal handler's span is its flow
+    assert tracer.take_flows() == [(b"T" * 16, "PlaceOrder", "place", 2.0, 5.0, "ok")]
     tracer.unwatch_flows()
     assert tracer.completed is None
+    tracer.flow_answered(env, "place", 2.0)
+    assert tracer.take_flows() == []
 
 
 def test_the_grafana_dashboard_queries_only_series_the_nodes_export() -> None:
