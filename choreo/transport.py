@@ -85,6 +85,9 @@ IDLE_CLOSE = 60.0  # seconds after which an unused DEALER is closed
 READ_BUDGET = 256  # frames per reader callback before yielding to the loop
 # plain ints: pyzmq's constants are enums, and an operation on one builds a new enum (about 1 us)
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+# pyzmq's compiled send, without the Python wrapper of zmq.Socket.send (which only adds the
+# routing_id and group arguments of draft sockets): a frame leaves in one call
+_send = zmq.backend.Socket.send
 HANDSHAKE_MS = 5_000  # a connection that has not finished its ZMTP (and CURVE) handshake by then is dropped
 HEARTBEAT_MS = 15_000  # ZMTP PING interval on every connection (SWIM finds dead peers; this finds dead connections) ...
 HEARTBEAT_TIMEOUT_MS = 45_000  # ... and the silence after which it is closed (then redialled)
@@ -471,7 +474,7 @@ class ZmqTransport:
         used.pop(endpoint, None)  # to the end: the most recently used
         used[endpoint] = self._epoch
         try:
-            sock.send(frame, _NOBLOCK, copy=len(frame) < 65536)
+            _send(sock, frame, _NOBLOCK, len(frame) < 65536)  # (copy: a large frame is not copied)
         except zmq.Again:
             self._park(endpoint, self.parked.setdefault(endpoint, deque()), frame)
         except zmq.ZMQError as exc:

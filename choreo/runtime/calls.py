@@ -293,8 +293,7 @@ class Calls:
         traceparent: str | None = None,
         origin_check: bool = True,
     ) -> Any:
-        """Send a command or query and await its result (shared by send and ask)."""
-        options = message_options(type(message))
+        """Send a command or query and await its result (shared by send and ask, which check its kind)."""
         if origin_check:
             self._check_origin(message, "send")
         timeout = self.config.request_timeout if timeout is None else timeout
