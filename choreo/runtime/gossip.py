@@ -607,8 +607,6 @@ class Gossip:
         )
         self.contacts.spoke.add(sender)
         peer.holding, peer.copies = hello.holding, hello.copies
-        if news and hello.service is not None and trusted:  # a service new to us: the mesh learns it by gossip
-            self._rumor(wire.Declared(hello.service))
         self._gained([p for p in self.membership.gained if p is not peer])
         for old in replaced:
             log.info("%s: %s replaced %s at %s", self.contacts.name, peer.node, old.node, old.endpoint)
@@ -632,6 +630,10 @@ class Gossip:
             self._learn_system(hello.services, hello.retired)
         if hello.reply or new:
             self.contacts.say_hello(hello.endpoint, reply=False, receiver=sender)
+        if news and hello.service is not None and trusted:
+            # a service new to us: the mesh learns it by gossip, spread at once (to the newcomer too,
+            # perhaps), so only after our answer: it refuses a frame from a node it does not know yet
+            self._rumor(wire.Declared(hello.service))
         if hello.sync:
             self.contacts.send(peer, wire.SYNC, self.membership.table(None, True))
         self.joining.answered(hello.endpoint, now)

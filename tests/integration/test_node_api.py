@@ -116,6 +116,23 @@ def test_commands_queries_and_events_in_one_process_over_inproc() -> None:
     run(scenario)
 
 
+def test_a_new_service_joins_without_a_refusal_on_either_side() -> None:
+    """The seed tells the mesh of a service it has not seen at once: not before it has answered the
+    newcomer's hello, or the newcomer refuses the news from a node it does not know yet (and logs
+    a warning on every first start of a service)."""
+    svc, _, _ = bank()
+    teller = Service("teller", sends=[Deposit])
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, teller, transport="tcp")
+        assert await nodes[1].send(Deposit("acc-1", 5)) == 5
+        refused = {n.name: dict(n.engine.counters.refused) for n in nodes if n.engine is not None}
+        await stop_all(nodes)
+        assert all(not counts for counts in refused.values()), refused
+
+    run(scenario)
+
+
 def test_send_without_owner_names_the_type_and_what_the_mesh_has() -> None:
     svc, _, _ = bank()
 
