@@ -163,11 +163,12 @@ cdef class EmitLane:
     cdef Py_ssize_t _key_off            # where an event of exactly ``cls`` keeps its key (-1: getattr)
     cdef Py_ssize_t *_field_offs        # the same for each of ``fields`` (NULL: getattr)
     cdef readonly Py_ssize_t emitted
+    cdef int _kind                      # the envelope kind it writes (a command's or query's: request())
 
     def __cinit__(self, bytes tname not None, key_name, Py_ssize_t partitions, list windows not None, encode,
                   key_bytes, IdSource ids not None, Py_ssize_t max_batch, Py_ssize_t max_batch_bytes,
                   Py_ssize_t max_bytes, check=None, list channels=None, dict dirty=None, schedule=None,
-                  send_full=None, clock=None, cls=None, idempotency=None, tuple fields=None):
+                  send_full=None, clock=None, cls=None, idempotency=None, tuple fields=None, int kind=_KIND_EVENT):
         if not windows:
             raise ValueError("an emit lane needs at least one window")
         for w in windows:
@@ -198,6 +199,7 @@ cdef class EmitLane:
         self._clock = clock
         self._cls = cls
         self._idempotency = idempotency
+        self._kind = kind
         if fields is not None:
             for f in fields:
                 if type(f) is not tuple or len(f) != 2 or type(f[0]) is not str or (
@@ -222,8 +224,8 @@ cdef class EmitLane:
     def __dealloc__(self):
         free(self._field_offs)
 
-    cdef object _write(self, event, bytes payload, double now, msg_id):
-        """Route and write one encoded event; its id, or None (it did not go in)."""
+    cdef object _write(self, event, bytes payload, double now, msg_id, trace_id=None, cause_id=None, on_done=None):
+        """Route and write one encoded message; its id, or None (it did not go in)."""
         cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), klen = 0, tlen = PyBytes_GET_SIZE(self._tname)
         cdef const char *k = ""
         cdef object value, kb
@@ -269,16 +271,31 @@ cdef class EmitLane:
             if type(msg_id) is not bytes or PyBytes_GET_SIZE(msg_id) != 16:
                 raise ValueError("msg_id must be 16 bytes")
             mid = <const uint8_t *>PyBytes_AS_STRING(msg_id)
+        cdef const uint8_t *tid = mid
+        cdef const uint8_t *cid = _ZEROS
+        if trace_id is not None:
+            if type(trace_id) is not bytes or PyBytes_GET_SIZE(trace_id) != 16:
+                raise ValueError("trace_id must be 16 bytes")
+            tid = <const uint8_t *>PyBytes_AS_STRING(trace_id)
+        if cause_id is not None:
+            if type(cause_id) is not bytes or PyBytes_GET_SIZE(cause_id) != 16:
+                raise ValueError("cause_id must be 16 bytes")
+            cid = <const uint8_t *>PyBytes_AS_STRING(cause_id)
         cdef bytes out_id = PyBytes_FromStringAndSize(<const char *>mid, 16)
+        cdef uint64_t seq = w.next_seq
         w._reserve(size)
-        write_raw(w._buf + w._buf_len, w.next_seq, _KIND_EVENT, flags, PyBytes_AS_STRING(self._tname), tlen, k, klen,
-                  partition, mid, mid, _ZEROS, PyBytes_AS_STRING(payload), plen)
+        write_raw(w._buf + w._buf_len, seq, self._kind, flags, PyBytes_AS_STRING(self._tname), tlen, k, klen,
+                  partition, mid, tid, cid, PyBytes_AS_STRING(payload), plen)
         w._admit(size, now)
         self.last = index
         self.full = w._pending >= self._max_batch or <Py_ssize_t>w._buf_len >= self._max_batch_bytes
         self.emitted += 1
         if self._channels is not None:
             ch = self._channels[index]
+            if self._kind != _KIND_EVENT:
+                ch.urgent = True  # its batch's frame says so: the receiver takes it first
+            if on_done is not None:
+                ch.watch[seq] = on_done  # called when its receiver acknowledges it
             if self.full:
                 self._send_full(ch)  # the batch leaves now
             elif w._pending == 1:  # the window's first pending envelope: its channel joins the dirty set
@@ -324,6 +341,15 @@ cdef class EmitLane:
     def emit(self, event, now=None, msg_id=None):
         """Write one event into its window; returns its id, or None (caller: take the slow path)."""
         return self._emit(event, now, msg_id)
+
+    def request(self, message, msg_id, trace_id=None, cause_id=None, on_done=None):
+        """Write one command or query (see the twin); its id, or None (caller: take the slow path)."""
+        if self._channels is None or self._clock is None:
+            raise ValueError("request needs the lane's channels and clock")
+        cdef bytes payload = self._encode(message)
+        if not self._valid(message, payload):
+            return None
+        return self._write(message, payload, self._clock(), msg_id, trace_id, cause_id, on_done)
 
     cdef object _emit(self, event, now, msg_id):
         """:meth:`emit`, callable from C (EmitTable calls it with neither ``now`` nor ``msg_id``)."""

@@ -296,8 +296,17 @@ class EmitLane:
         cls: type | None = None,
         idempotency: Callable[[Any], bytes | None] | None = None,
         fields: tuple[tuple[str, tuple[type, ...] | None], ...] | None = None,
+        kind: int = ...,
     ) -> None: ...
     def emit(self, event: Any, now: float | None = None, msg_id: bytes | None = None) -> bytes | None: ...
+    def request(
+        self,
+        message: Any,
+        msg_id: bytes | None,
+        trace_id: bytes | None = None,
+        cause_id: bytes | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> bytes | None: ...
     def emit_many(self, events: list[Any], start: int, ids: list[bytes]) -> tuple[int, int]: ...
 
 class EmitTable:

@@ -1129,6 +1129,16 @@ EMIT_BLOCKED = 2  # events[index] did not go in (no credit, a held window, too l
 EMIT_INVALID = 3  # events[index] fails its type's check: nothing of this call went in
 
 
+# The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
+# envelope kind, the flags of envelopes that wait on no key, and the flag of a replayed dead
+# letter (set by its own node only: the lane leaves one from the wire to the caller, who refuses it).
+KIND_EVENT = 1
+FLAG_UNKEYED = 0x01
+FLAG_BROADCAST = 0x02
+FLAG_REPLAY = 0x04
+SPAN_KEY_BYTES = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
+
+
 class EmitLane:
     """Where one event type goes from this producer: key, partition, window, envelope.
 
@@ -1149,6 +1159,11 @@ class EmitLane:
     gives the id of an event whose type declares an idempotency key. ``fields`` (``(name, types)``
     pairs, ``types`` None for a field of any type) lets the lane skip ``check``: when every field's
     value is exactly of one of its types, the check could only pass; otherwise it runs.
+
+    A lane of another ``kind`` (a command or query type) writes with :meth:`request`: the caller's
+    ids (the message's, its trace's and its cause's), ``on_done`` put in the channel's ``watch``
+    under the envelope's seq (called when it is acknowledged), and the channel's ``urgent`` flag
+    set (its batch's frame tells the receiver to take it first).
     """
 
     def __init__(
@@ -1172,6 +1187,7 @@ class EmitLane:
         cls: type | None = None,
         idempotency: Any = None,
         fields: tuple[tuple[str, tuple[type, ...] | None], ...] | None = None,
+        kind: int = KIND_EVENT,
     ) -> None:
         if not windows:
             raise ValueError("an emit lane needs at least one window")
@@ -1206,6 +1222,7 @@ class EmitLane:
                         f[1] is not None and type(f[1]) is not tuple):
                     raise TypeError("fields must be (name, tuple of types or None) pairs")
         self._fields = fields
+        self._kind = kind
         self.last = -1
         self.full = False
         self.emitted = 0
@@ -1231,8 +1248,11 @@ class EmitLane:
                 return False  # the slow path names the field that does not match its type
         return True
 
-    def _write(self, event: Any, payload: bytes, now: float, msg_id: bytes | None) -> bytes | None:
-        """Route and write one encoded event; its id, or None (it did not go in)."""
+    def _write(
+        self, event: Any, payload: bytes, now: float, msg_id: bytes | None, trace_id: bytes | None = None,
+        cause_id: bytes | None = None, on_done: Any = None,
+    ) -> bytes | None:
+        """Route and write one encoded message; its id, or None (it did not go in)."""
         if self._key_name is not None:
             value = getattr(event, self._key_name)
             kb = value.encode() if type(value) is str else self._key_bytes(value)
@@ -1259,12 +1279,20 @@ class EmitLane:
             msg_id = self._ids.next()
         elif type(msg_id) is not bytes or len(msg_id) != ID_SIZE:
             raise ValueError("msg_id must be 16 bytes")
-        w.append(KIND_EVENT, flags, self._tname, kb, partition, msg_id, msg_id, _ZERO_ID, payload, now)
+        for name, value in (("trace_id", trace_id), ("cause_id", cause_id)):
+            if value is not None and (type(value) is not bytes or len(value) != ID_SIZE):
+                raise ValueError(f"{name} must be 16 bytes")
+        seq = w.append(self._kind, flags, self._tname, kb, partition, msg_id, trace_id or msg_id, cause_id or _ZERO_ID,
+                       payload, now)
         self.last = index
         self.full = w.pending >= self._max_batch or w.pending_bytes >= self._max_batch_bytes
         self.emitted += 1
         if self._channels is not None:
             ch = self._channels[index]
+            if self._kind != KIND_EVENT:
+                ch.urgent = True  # its batch's frame says so: the receiver takes it first
+            if on_done is not None:
+                ch.watch[seq] = on_done  # called when its receiver acknowledges it
             if self.full:
                 self._send_full(ch)  # the batch leaves now
             elif w.pending == 1:  # the window's first pending envelope: its channel joins the dirty set
@@ -1281,6 +1309,18 @@ class EmitLane:
         if msg_id is None and self._idempotency is not None:
             msg_id = self._idempotency(event)
         return self._write(event, payload, self._clock() if now is None else now, msg_id)
+
+    def request(
+        self, message: Any, msg_id: bytes | None, trace_id: bytes | None = None, cause_id: bytes | None = None,
+        on_done: Any = None,
+    ) -> bytes | None:
+        """Write one command or query (see the class docstring); its id, or None (caller: take the slow path)."""
+        if self._channels is None or self._clock is None:
+            raise ValueError("request needs the lane's channels and clock")
+        payload = self._encode(message)
+        if not self._valid(message, payload):
+            return None
+        return self._write(message, payload, self._clock(), msg_id, trace_id, cause_id, on_done)
 
     def emit_many(self, events: list[Any], start: int, ids: list[bytes]) -> tuple[int, int]:
         """Write ``events[start:]`` in order while they are of this lane's type and go in.
@@ -1358,15 +1398,6 @@ class EmitTable:
             return None
         return lane.emit(event)
 
-
-# The lanes' part of the wire contract (choreo.wire takes its constants from here): an event's
-# envelope kind, the flags of envelopes that wait on no key, and the flag of a replayed dead
-# letter (set by its own node only: the lane leaves one from the wire to the caller, who refuses it).
-KIND_EVENT = 1
-FLAG_UNKEYED = 0x01
-FLAG_BROADCAST = 0x02
-FLAG_REPLAY = 0x04
-SPAN_KEY_BYTES = 128  # bytes of a message's key a span keeps (keys may be 64 KiB; the span ring is not)
 
 class SpanRing:
     """The ``maxlen`` most recent spans, oldest first, read like a ``deque`` of span tuples.

@@ -42,7 +42,7 @@ from .membership import Membership, Peer
 from .outbox import Outbox
 from .stats import Counters
 
-__all__ = ["Router", "Route", "Destination", "PlannedCopy", "EmitPlan", "key_bytes", "ZERO_ID"]
+__all__ = ["Router", "Route", "Destination", "PlannedCopy", "EmitPlan", "RequestLane", "key_bytes", "ZERO_ID"]
 
 log = logging.getLogger("choreo.node")
 ZERO_ID = bytes(16)
@@ -123,6 +123,18 @@ class EmitPlan:
         self.lane_channels: list[OutChannel] = []
 
 
+class RequestLane:
+    """How a command or query type leaves this node while the membership stays as it is: the
+    core's lane (its ``request`` encodes, checks, routes and writes one into its window, marked
+    urgent) and the service that owns the type (named in a timeout)."""
+
+    __slots__ = ("lane", "service")
+
+    def __init__(self, lane: Any, service: str) -> None:
+        self.lane = lane
+        self.service = service
+
+
 class _Alive:
     fatal = None  # (a router without a lifecycle is never refused)
 
@@ -161,6 +173,9 @@ class Router:
         self.counters = counters
         self._routes: dict[str, tuple[int, list[Route]]] = {}
         self._emit_plans: dict[type, EmitPlan] = {}
+        # a command's or query's compiled lane and its owning service, per membership version (None:
+        # its requests take the general path)
+        self._request_lanes: dict[type, tuple[int, RequestLane | None]] = {}
         # the caller's fast path (node.try_emit): each plan's lane, looked up and called in one crossing
         self.emit_table = core.EmitTable(holds.by_key, life if life is not None else _Alive())
         membership.on_change.append(self.emit_table.clear)  # lanes of an older view are stale
@@ -175,6 +190,7 @@ class Router:
         self.counters.emitted = self.emitted()  # what the lanes emitted, before they go
         self._emit_plans.clear()
         self.emit_table.clear()
+        self._request_lanes.clear()
 
     def fresh_id(self) -> bytes:
         return self.ids.next()  # type: ignore[no-any-return]
@@ -361,6 +377,42 @@ class Router:
         self._emit_plans[cls] = plan
         self.emit_table.put(cls, plan.lane)
         return plan
+
+    def request_lane(self, cls: type) -> RequestLane | None:
+        """The compiled lane of command or query type ``cls`` and the service that owns it, while
+        the membership stays as it is; None while its requests must take the general path (this
+        node has not joined, its owner has no live instance)."""
+        version = self.membership.version
+        cached = self._request_lanes.get(cls)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        lane = self._compile_request(cls) if self.routing() else None
+        self._request_lanes[cls] = (version, lane)
+        return lane
+
+    def _compile_request(self, cls: type) -> RequestLane | None:
+        options = message_options(cls)
+        (route,) = self.routes(options.name, options.kind)  # (NoOwner, or two owners: the general path says)
+        peers = self.membership.instances(route.service)
+        if not peers:
+            return None
+        channel = self.outbox.channel
+        if route.key_field is not None:
+            owners = [self.membership.owner(route.service, p) for p in range(route.partitions)]
+            if any(o is None for o in owners):  # pragma: no cover - a service with instances owns every partition
+                return None
+            channels = [channel(o) for o in owners]  # type: ignore[arg-type]
+        else:
+            channels = [channel(p) for p in peers]
+        outbox = self.outbox
+        lane = core.EmitLane(
+            options.name.encode(), route.key_field, route.partitions, [ch.window for ch in channels], _encode, key_bytes,
+            self.ids, self.config.max_batch, self.config.max_batch_bytes,
+            min(self.config.max_message_bytes, *(p.max_message_bytes for p in peers)), decoder_for(cls).decode,
+            channels=channels, dirty=self._dirty_out, schedule=outbox.schedule_flush, send_full=outbox.send_full,
+            clock=self.clock, cls=cls, fields=simple_fields(cls), kind=wire.KIND_CODES[options.kind],
+        )
+        return RequestLane(lane, route.service)
 
     def emitted(self) -> int:
         """Events this node emitted (the lanes count their own)."""

@@ -336,3 +336,55 @@ def test_a_command_is_answered_in_the_lane_or_left_to_the_caller_in_both_cores()
     assert answered == [("ch", bytes([1]) * 16, "A"), ("ch", bytes([2]) * 16, "B")]
     assert done_upto == 1, "only the answered command is complete: the rest are the caller's"
     assert without == (0, 0, _core.LANE_SLOW), "without an answer function the lane takes no command"
+
+
+class _Channel:
+    """What a request lane touches of a channel: its urgent flag and the callbacks by seq."""
+
+    def __init__(self) -> None:
+        self.urgent = False
+        self.watch: dict[int, object] = {}
+
+
+def _request_lane(core, windows, channels, sent):
+    from choreo.wire import KIND_COMMAND
+
+    return core.EmitLane(
+        b"Ev", "k", len(windows), windows, encode, lambda v: str(v).encode(), core.IdSource(b"\x03" * 8), 64,
+        1 << 20, 1 << 20, decode, channels=channels, dirty={}, schedule=lambda: None,
+        send_full=lambda ch: sent.append(ch), clock=lambda: 3.0, cls=Ev, kind=KIND_COMMAND,
+    )
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_request_lane_writes_a_command_with_the_callers_ids_marks_it_urgent_and_watches_its_ack(core) -> None:
+    from choreo.wire import KIND_COMMAND
+
+    windows = [core.OutboundWindow(max_messages=1) for _ in range(4)]
+    channels = [_Channel() for _ in windows]
+    lane = _request_lane(core, windows, channels, [])
+    msg_id, trace_id, cause_id = b"M" * 16, b"T" * 16, b"C" * 16
+    done = []
+    assert lane.request(Ev("a", "x"), b"O" * 16) is None, "a body not of its type: the general path says why"
+    assert lane.request(Ev("a", 1), msg_id, trace_id, cause_id, lambda: done.append(1)) == msg_id
+    p = core.partition_of(b"a", 4)
+    (env,) = core.InboundReorder(window=8).feed(windows[p].flush())
+    assert (env.kind, env.type, env.key, env.msg_id, env.trace_id, env.cause_id) == (
+        KIND_COMMAND, "Ev", b"a", msg_id, trace_id, cause_id)
+    assert channels[p].urgent and list(channels[p].watch) == [env.seq]
+    channels[p].watch[env.seq]()
+    assert done == [1]
+    assert not any(ch.urgent or ch.watch for i, ch in enumerate(channels) if i != p)
+    assert lane.request(Ev("a", 2), b"N" * 16) is None, "no credit left: the general path waits for it"
+    with pytest.raises(ValueError):
+        lane.request(Ev("b", 1), b"P" * 16, b"short")
+
+
+def test_both_cores_write_the_same_request() -> None:
+    bodies = []
+    for core in (_core, _pycore):
+        windows = [core.OutboundWindow(max_messages=8) for _ in range(4)]
+        lane = _request_lane(core, windows, [_Channel() for _ in windows], [])
+        lane.request(Ev("k", 7), b"M" * 16, b"T" * 16)
+        bodies.append(windows[core.partition_of(b"k", 4)].flush())
+    assert bodies[0] == bodies[1]
