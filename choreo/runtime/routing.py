@@ -347,12 +347,7 @@ class Router:
             if r.broadcast:
                 flags |= wire.FLAG_BROADCAST
             elif r.key_field is not None:
-                by_partition = []
-                for p in range(r.partitions):
-                    owner = self.membership.owner(r.service, p)
-                    if owner is None:  # pragma: no cover - a service with instances owns every partition
-                        raise RuntimeError(f"partition {p} of {r.service} has no owner")
-                    by_partition.append(channel(owner))
+                by_partition = self._owner_channels(r)
             targets.append(_EmitTarget(flags, r.key_field, r.partitions, by_partition, [channel(p) for p in peers], r.service))
         plan = EmitPlan(
             self.membership.version, options.name.encode(), targets, options.idempotency is not None, max_bytes, unavailable
@@ -363,14 +358,8 @@ class Router:
             t = targets[0]
             channels = t.by_partition if t.by_partition is not None else t.channels
             plan.lane_channels = channels
-            outbox = self.outbox
-            plan.lane = core.EmitLane(
-                plan.tname, t.key_field, t.partitions, [ch.window for ch in channels], _encode, key_bytes, self.ids,
-                self.config.max_batch, self.config.max_batch_bytes, max_bytes, decoder_for(cls).decode,
-                channels=channels, dirty=self._dirty_out, schedule=outbox.schedule_flush, send_full=outbox.send_full,
-                clock=self.clock, cls=cls, idempotency=idempotency_id if plan.idempotent else None,
-                fields=simple_fields(cls),
-            )
+            plan.lane = self._lane(cls, plan.tname, t.key_field, t.partitions, channels, max_bytes, wire.KIND_EVENT,
+                                   idempotency_id if plan.idempotent else None)
         old = self._emit_plans.get(cls)
         if old is not None and old.lane is not None:
             self.counters.emitted += old.lane.emitted  # what the replaced lane emitted
@@ -396,23 +385,38 @@ class Router:
         peers = self.membership.instances(route.service)
         if not peers:
             return None
-        channel = self.outbox.channel
         if route.key_field is not None:
-            owners = [self.membership.owner(route.service, p) for p in range(route.partitions)]
-            if any(o is None for o in owners):  # pragma: no cover - a service with instances owns every partition
-                return None
-            channels = [channel(o) for o in owners]  # type: ignore[arg-type]
+            channels = self._owner_channels(route)
         else:
-            channels = [channel(p) for p in peers]
-        outbox = self.outbox
-        lane = core.EmitLane(
-            options.name.encode(), route.key_field, route.partitions, [ch.window for ch in channels], _encode, key_bytes,
-            self.ids, self.config.max_batch, self.config.max_batch_bytes,
-            min(self.config.max_message_bytes, *(p.max_message_bytes for p in peers)), decoder_for(cls).decode,
-            channels=channels, dirty=self._dirty_out, schedule=outbox.schedule_flush, send_full=outbox.send_full,
-            clock=self.clock, cls=cls, fields=simple_fields(cls), kind=wire.KIND_CODES[options.kind],
-        )
+            channels = [self.outbox.channel(p) for p in peers]
+        max_bytes = min(self.config.max_message_bytes, *(p.max_message_bytes for p in peers))
+        lane = self._lane(cls, options.name.encode(), route.key_field, route.partitions, channels, max_bytes,
+                          wire.KIND_CODES[options.kind], None)
         return RequestLane(lane, route.service)
+
+    def _owner_channels(self, route: Route) -> list[OutChannel]:
+        """The channel to the owner of each partition of ``route``'s (keyed) service."""
+        channels = []
+        for p in range(route.partitions):
+            owner = self.membership.owner(route.service, p)
+            if owner is None:  # pragma: no cover - a service with instances owns every partition
+                raise RuntimeError(f"partition {p} of {route.service} has no owner")
+            channels.append(self.outbox.channel(owner))
+        return channels
+
+    def _lane(
+        self, cls: type, tname: bytes, key_field: str | None, partitions: int, channels: list[OutChannel],
+        max_bytes: int, kind: int, idempotency: Callable[[Any], bytes | None] | None,
+    ) -> Any:
+        """The core's lane of ``cls`` into ``channels``: it encodes, checks, routes and writes an
+        envelope straight into its window, and marks the channel for the next flush."""
+        outbox = self.outbox
+        return core.EmitLane(
+            tname, key_field, partitions, [ch.window for ch in channels], _encode, key_bytes, self.ids,
+            self.config.max_batch, self.config.max_batch_bytes, max_bytes, decoder_for(cls).decode,
+            channels=channels, dirty=self._dirty_out, schedule=outbox.schedule_flush, send_full=outbox.send_full,
+            clock=self.clock, cls=cls, idempotency=idempotency, fields=simple_fields(cls), kind=kind,
+        )
 
     def emitted(self) -> int:
         """Events this node emitted (the lanes count their own)."""
