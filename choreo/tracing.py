@@ -183,6 +183,21 @@ class Tracer:
         if self.completed is not None and name not in self.terminal and env.cause_id == _ZERO16:
             self.completed.append((env.trace_id, env.type, name, received, self.wall(), "ok"))
 
+    def flows_ran(self, envs: Iterable[Any], handlers: Any, received: float) -> None:
+        """:meth:`flow_done` of the events the compiled lane ran (``envs``, by the handlers in
+        ``handlers``, a type -> handler mapping): it runs only what emitted and sent nothing, so a
+        flow from outside ends there. Commands are :meth:`flow_answered` when answered."""
+        completed = self.completed
+        if completed is None:
+            return
+        now = self.wall()
+        terminal = self.terminal
+        for env in envs:
+            if env.kind == core.KIND_EVENT and env.cause_id == _ZERO16:
+                name = handlers[env.type].name
+                if name not in terminal:
+                    completed.append((env.trace_id, env.type, name, received, now, "ok"))
+
     def take_flows(self) -> list[tuple[bytes, str, str, float, float, str]]:
         """The completed flows reported since the last call (and forget them)."""
         if not self.completed:

@@ -192,8 +192,11 @@ class Dispatcher:
                 self._answer, channel,
             )
             done += handled
-            if handled and journal is not None:
-                journal.handled_slice(envs, i - handled, i)  # their ids commit before their ack leaves
+            if handled:
+                if journal is not None:
+                    journal.handled_slice(envs, i - handled, i)  # their ids commit before their ack leaves
+                if tracer.completed is not None:  # metrics watch: flows from outside may end here
+                    tracer.flows_ran(envs[i - handled : i], self.handlers, received)
             if status == core.LANE_END:
                 break
             env = envs[i]
