@@ -328,6 +328,35 @@ cdef int parse_ack(const uint8_t *p, Py_ssize_t n, uint64_t *cum, uint64_t *rec,
     return count
 
 
+def decode_replies(frame, Py_ssize_t offset=0):
+    """The ``(msg_id, type, body)`` entries of a REPLY frame's body at ``offset``, or MalformedFrame.
+
+    An entry is the 16-byte message id, the type name's length (one byte) and name (UTF-8), the
+    body's length (four bytes, little-endian) and body."""
+    cdef bytes b = as_bytes(frame)
+    cdef const uint8_t *p = <const uint8_t *>PyBytes_AS_STRING(b)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(b), pos = offset, tlen, blen
+    cdef list out = []
+    if pos < 0 or pos > end:
+        raise MalformedFrame("truncated", f"offset {offset} beyond frame of {end} bytes")
+    while pos < end:
+        if end - pos < ID_SIZE + 1:
+            raise MalformedFrame("truncated", "a reply entry is cut short")
+        tlen = p[pos + ID_SIZE]
+        if end - pos - ID_SIZE - 1 < tlen + 4:
+            raise MalformedFrame("truncated", "a reply entry is cut short")
+        blen = ld32(p + pos + ID_SIZE + 1 + tlen)
+        if end - pos - ID_SIZE - 5 - tlen < blen:
+            raise MalformedFrame("truncated", "a reply body overruns the frame")
+        out.append((
+            PyBytes_FromStringAndSize(<const char *>p + pos, ID_SIZE),
+            (<const char *>p)[pos + ID_SIZE + 1 : pos + ID_SIZE + 1 + tlen].decode("utf-8", "replace"),
+            PyBytes_FromStringAndSize(<const char *>p + pos + ID_SIZE + 5 + tlen, blen),
+        ))
+        pos += ID_SIZE + 5 + tlen + blen
+    return out
+
+
 def decode_ack(frame, Py_ssize_t offset=0):
     """``(cumulative, received, ranges)`` of an encoded ack, or MalformedFrame."""
     cdef bytes b = as_bytes(frame)

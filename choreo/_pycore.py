@@ -47,6 +47,7 @@ __all__ = [
     "parse_envelopes",
     "encode_ack",
     "decode_ack",
+    "decode_replies",
     "hash64",
     "hash128",
     "derive_id",
@@ -403,6 +404,42 @@ def decode_ack(frame: bytes | bytearray | memoryview, offset: int = 0) -> tuple[
         if lo > hi:
             raise MalformedFrame("bad_ack", f"ack range [{lo}, {hi}] is reversed")
     return cumulative, received, ranges
+
+
+_REPLY_ENTRY = struct.Struct("<16sB")
+_REPLY_LEN = struct.Struct("<I")
+
+
+def decode_replies(frame: bytes | bytearray | memoryview, offset: int = 0) -> list[tuple[bytes, str, bytes]]:
+    """The ``(msg_id, type, body)`` entries of a REPLY frame's body at ``offset``, or :class:`MalformedFrame`.
+
+    An entry is the 16-byte message id, the type name's length (one byte) and name (UTF-8), the
+    body's length (four bytes, little-endian) and body.
+
+    >>> decode_replies(b"i" * 16 + b"\x04Echo" + b"\x02\x00\x00\x00" + b"\x01\xc0")
+    [(b'iiiiiiiiiiiiiiii', 'Echo', b'\x01\xc0')]
+    """
+    view = memoryview(frame)
+    end = len(view)
+    if offset < 0 or offset > end:
+        raise MalformedFrame("truncated", f"offset {offset} beyond frame of {end} bytes")
+    out = []
+    while offset < end:
+        if end - offset < _REPLY_ENTRY.size:
+            raise MalformedFrame("truncated", "a reply entry is cut short")
+        msg_id, tlen = _REPLY_ENTRY.unpack_from(view, offset)
+        offset += _REPLY_ENTRY.size
+        if end - offset < tlen + _REPLY_LEN.size:
+            raise MalformedFrame("truncated", "a reply entry is cut short")
+        type_name = bytes(view[offset : offset + tlen]).decode("utf-8", "replace")
+        offset += tlen
+        (n,) = _REPLY_LEN.unpack_from(view, offset)
+        offset += _REPLY_LEN.size
+        if end - offset < n:
+            raise MalformedFrame("truncated", "a reply body overruns the frame")
+        out.append((msg_id, type_name, bytes(view[offset : offset + n])))
+        offset += n
+    return out
 
 
 def _column(values: Any, n: int, name: str) -> Sequence[Any]:

@@ -43,6 +43,7 @@ pack_envelope = _impl.pack_envelope
 parse_envelopes = _impl.parse_envelopes
 encode_ack = _impl.encode_ack
 decode_ack = _impl.decode_ack
+decode_replies = _impl.decode_replies
 hash64 = _impl.hash64
 hash128 = _impl.hash128
 derive_id = _impl.derive_id
@@ -93,6 +94,7 @@ __all__ = [
     "parse_envelopes",
     "encode_ack",
     "decode_ack",
+    "decode_replies",
     "hash64",
     "hash128",
     "derive_id",

@@ -473,22 +473,7 @@ def reply_entry(msg_id: bytes, type_name: bytes, body: bytes) -> bytes:
 
 def parse_replies(data: bytes, offset: int) -> list[tuple[bytes, str, bytes]]:
     """The ``(msg_id, type, body)`` entries of a REPLY frame, or :class:`ProtocolError`."""
-    out = []
-    end = len(data)
-    view = memoryview(data)
-    while offset < end:
-        if end - offset < REPLY_ENTRY.size:
-            raise ProtocolError("malformed", "truncated reply entry")
-        msg_id, tlen = REPLY_ENTRY.unpack_from(data, offset)
-        offset += REPLY_ENTRY.size
-        if end - offset < tlen + REPLY_LEN.size:
-            raise ProtocolError("malformed", "truncated reply entry")
-        type_name = bytes(view[offset : offset + tlen]).decode("utf-8", "replace")
-        offset += tlen
-        (n,) = REPLY_LEN.unpack_from(data, offset)
-        offset += REPLY_LEN.size
-        if end - offset < n:
-            raise ProtocolError("malformed", "reply body overruns the frame")
-        out.append((msg_id, type_name, bytes(view[offset : offset + n])))
-        offset += n
-    return out
+    try:
+        return core.decode_replies(data, offset)  # type: ignore[no-any-return]
+    except core.MalformedFrame as exc:
+        raise ProtocolError("malformed", str(exc)) from None

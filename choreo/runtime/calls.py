@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from functools import partial
 from typing import Any, Protocol
 
@@ -65,6 +65,7 @@ from .stats import Counters
 __all__ = ["Calls", "DurableCalls", "OutputsOf", "decode_reply", "ok_reply", "error_reply", "REFUSALS"]
 
 _reply_encoder = msgspec.msgpack.Encoder()
+_ROUTING = ("joined", "leaving")  # the lifecycle states in which a node routes (see Calls.routing)
 
 #: errors that no retry can fix, by name: a handler that raises one is dead-lettered at once, and
 #: a caller whose command or query was refused that way gets the same class back
@@ -138,7 +139,7 @@ class Calls:
     @property
     def routing(self) -> bool:
         """Whether this node routes: it has joined the mesh (and may be leaving it)."""
-        return self.life.state in ("joined", "leaving")
+        return self.life.state in _ROUTING
 
     async def _await_joined(self, deadline: float) -> None:
         """Wait until this node has joined; NotJoined (naming the silent seeds) at ``deadline``."""
@@ -298,9 +299,10 @@ class Calls:
             self._check_origin(message, "send")
         timeout = self.config.request_timeout if timeout is None else timeout
         start = self.clock()
-        if not self.routing:
+        if self.life.state not in _ROUTING:  # (self.routing, inline: every request asks)
             await self._await_joined(start + timeout)
-        msg_id = idempotency_id(message) or self.router.fresh_id()
+        msg_id = (idempotency_id(message) if message.__choreo_options__.idempotency is not None else None
+                  ) or self.router.fresh_id()
         if trace_id is None:
             trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         loop = self.loop or asyncio.get_running_loop()
@@ -354,13 +356,18 @@ class Calls:
                 if not calls:
                     del self.pending[msg_id]
 
-    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
-        """Send a command to its owner; returns the handler's result once it is processed."""
+    def send(
+        self, command: Message, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """Send a command to its owner: await it for the handler's result once it is processed.
+
+        (Not a coroutine itself: the request is the one the caller awaits, one frame fewer to
+        resume when the answer comes; a message of another kind is refused here, at the call.)"""
         if message_options(type(command)).kind != "command":
             raise ChoreoUsageError("send takes a command; use emit() for events and ask() for queries")
-        return await self.request(command, timeout=timeout, traceparent=traceparent)
+        return self.request(command, timeout=timeout, traceparent=traceparent)
 
-    async def ask(
+    def ask(
         self,
         query: Message,
         *,
@@ -368,11 +375,11 @@ class Calls:
         trace_id: bytes | None = None,
         cause_id: bytes = ZERO_ID,
         traceparent: str | None = None,
-    ) -> Any:
-        """Ask a query; returns its answer."""
+    ) -> Coroutine[Any, Any, Any]:
+        """Ask a query: await it for its answer (refused at the call if it is not a query, as :meth:`send`)."""
         if message_options(type(query)).kind != "query":
             raise ChoreoUsageError("ask takes a query; use send() for commands and emit() for events")
-        return await self.request(
+        return self.request(
             query,
             timeout=timeout,
             trace_id=trace_id,

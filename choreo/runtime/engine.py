@@ -404,14 +404,16 @@ class Engine:
         try:
             frame_type, flags, sender, receiver = wire.parse_header(data)
             known = self.membership.peers.get(sender)
-            refused = self.admission.speaks_for(known, frame_type, identity, principal)
-            if refused is not None:
-                raise ProtocolError(*refused)
-            if known is not None and known.identity is None and frame_type != wire.HELLO and sender != self.incarnation:
-                why = self.admission.may_bind(known, principal)
-                if why is not None:
-                    raise ProtocolError("not_allowed", f"a frame that speaks for {known.node}: {why}")
-                known.identity, known.principal = identity, principal  # its frames come only from there now
+            if known is None or identity is None or identity != known.identity or principal != known.principal:
+                # (a member's frame on the connection it is bound to, under its key, needs none of this)
+                refused = self.admission.speaks_for(known, frame_type, identity, principal)
+                if refused is not None:
+                    raise ProtocolError(*refused)
+                if known is not None and known.identity is None and frame_type != wire.HELLO and sender != self.incarnation:
+                    why = self.admission.may_bind(known, principal)
+                    if why is not None:
+                        raise ProtocolError("not_allowed", f"a frame that speaks for {known.node}: {why}")
+                    known.identity, known.principal = identity, principal  # its frames come only from there now
             if receiver and receiver != self.incarnation:
                 self.gossip.refuse_stale(sender, receiver)
                 return

@@ -156,7 +156,8 @@ class Outbox:
     def flush(self) -> None:
         """Send every pending batch, answer and ack: called when the loop has nothing else to do."""
         self.flush_scheduled = False
-        self.send_replies()  # before any ack that covers the commands they answer
+        if self.replies:
+            self.send_replies()  # before any ack that covers the commands they answer
         dirty = self.dirty_out
         if dirty:
             channels = list(dirty)

@@ -471,18 +471,19 @@ class PartitionData:
     def keep_result(self, env: Any, handler: Handler, reply: bytes) -> None:
         """The result of command ``env``, handled by ``handler`` (see :meth:`remember`)."""
         ttl = message_options(handler.message).dedup_ttl
-        self.results[env.msg_id] = (self.host.clock(), ttl, reply, env.partition)
+        now = self.host.clock()
+        results = self.results
+        results[env.msg_id] = (now, ttl, reply, env.partition)
         if self.journal is not None:
             self.journal.result(env.msg_id, ttl, reply, env.partition)
-        while len(self.results) > self.results_max:
-            self.results.popitem(last=False)
+        while len(results) > self.results_max:
+            results.popitem(last=False)
         # forget results older than their dedup window, oldest first
-        now = self.host.clock()
-        while self.results:
-            t, ttl, _, _ = next(iter(self.results.values()))
-            if now - t < ttl:
+        while results:
+            t, kept_for, _, _ = next(iter(results.values()))
+            if now - t < kept_for:
                 break
-            self.results.popitem(last=False)
+            results.popitem(last=False)
 
 
 

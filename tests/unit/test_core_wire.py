@@ -224,3 +224,30 @@ def test_ack_offset_outside_frame(core, offset: int) -> None:
     with pytest.raises(core.MalformedFrame) as info:
         core.decode_ack(frame, offset)
     assert info.value.reason == "truncated"
+
+
+def _reply(msg_id: bytes, type_name: bytes, body: bytes) -> bytes:
+    return msg_id + bytes([len(type_name)]) + type_name + struct.pack("<I", len(body)) + body
+
+
+def test_reply_entries_decode_in_order_from_an_offset(core) -> None:
+    frame = b"head" + _reply(b"a" * 16, b"Echo", b"\x01\xc0") + _reply(b"b" * 16, b"", b"") + _reply(b"c" * 16, b"T\xff", b"x" * 300)
+    assert core.decode_replies(frame, 4) == [(b"a" * 16, "Echo", b"\x01\xc0"), (b"b" * 16, "", b""), (b"c" * 16, "T\ufffd", b"x" * 300)]
+    assert core.decode_replies(bytearray(frame), 4) == core.decode_replies(frame[4:])
+    assert core.decode_replies(frame, len(frame)) == []
+
+
+@pytest.mark.parametrize("cut", [1, 16, 17, 20, 21, 22, 25])
+def test_a_reply_entry_cut_short_is_malformed_whatever_it_lost(core, cut: int) -> None:
+    whole = _reply(b"a" * 16, b"Echo", b"\x01\xc0\xc0")  # 16 + 1 + 4 + 4 + 3 = 28 bytes
+    with pytest.raises(core.MalformedFrame) as err:
+        core.decode_replies(_reply(b"z" * 16, b"Ok", b"") + whole[:cut])
+    assert err.value.reason == "truncated"
+
+
+def test_a_reply_body_longer_than_the_frame_is_malformed_and_offsets_are_checked(core) -> None:
+    with pytest.raises(core.MalformedFrame, match="overruns"):
+        core.decode_replies(b"a" * 16 + b"\x00" + struct.pack("<I", 0xFFFFFFFF) + b"xy")
+    for offset in (-1, 3):
+        with pytest.raises(core.MalformedFrame, match="beyond"):
+            core.decode_replies(b"xy", offset)
