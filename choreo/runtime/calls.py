@@ -57,7 +57,7 @@ from .channels import OutChannel
 from .holds import Holds
 from .journal import Journal
 from .lifecycle import Lifecycle
-from .membership import Membership
+from .membership import Membership, Peer
 from .outbox import Outbox
 from .routing import ZERO_ID, PlannedCopy, Router
 from .stats import Counters
@@ -400,11 +400,19 @@ class Calls:
                         f"{options.kind} {options.name} to {call.service}: no answer within {call.timeout:.1f} s"
                     ))
 
-    def on_reply(self, msg_id: bytes, type_name: str, payload: bytes) -> None:
-        """An answer arrived: resolve every caller waiting on that message id."""
-        calls = self.pending.pop(msg_id, None)
+    def on_reply(self, msg_id: bytes, type_name: str, payload: bytes, peer: Peer | None = None) -> None:
+        """An answer arrived (from ``peer``): resolve every caller waiting on that message id.
+
+        Only an instance of the service the request went to answers it: an answer from any other
+        member (it may have computed the id of an idempotent command) is refused, and the callers
+        go on waiting for the real one."""
+        calls = self.pending.get(msg_id)
         if not calls:
             return
+        if peer is not None and peer.service_name != calls[0].service:
+            raise ProtocolError("not_allowed", f"an answer to {type_name} from {peer.node}, which does not serve "
+                                               f"{calls[0].service}")
+        del self.pending[msg_id]
         try:
             ok, body = decode_reply(payload)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:

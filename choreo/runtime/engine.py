@@ -455,8 +455,12 @@ class Engine:
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
     ) -> None:
         ack_at, ack_len, body_at = wire.split_ack(data, flags)
+        peer = self.membership.peers.get(sender)
         for msg_id, type_name, payload in wire.parse_replies(data, body_at):
-            self.calls.on_reply(msg_id, type_name, payload)
+            try:
+                self.calls.on_reply(msg_id, type_name, payload, peer)
+            except ProtocolError as exc:  # this answer only: the frame's others (and its ack) still count
+                self.count_refused(exc.reason, exc.detail)
         if ack_len:  # after the answers: the ack must not find their commands unanswered
             self._on_ack(sender, data[: ack_at + ack_len], ack_at)
 

@@ -149,6 +149,28 @@ def test_a_strangers_refusal_never_stops_a_node() -> None:
     run(scenario)
 
 
+def test_only_the_service_a_command_went_to_answers_it() -> None:
+    # a member of another service (here the api node) that knows a pending command's id (an
+    # idempotent command's is computable from its fields) answers it first, on its own connection
+    created: list[str] = []
+    h, client, owner = shop_mesh(4, created)
+    api = next(e for e in h.engines.values() if e.service is not None and e.service.name == "api")
+
+    async def scenario() -> None:
+        await h.start()
+        before = client.counters.refused["not_allowed"]
+        pending = asyncio.ensure_future(client.send(CreateOrder("o-1")))
+        await asyncio.sleep(0)  # written to the link; its answer is two hops away, the forgery one
+        (msg_id,) = client.calls.pending
+        forged = wire.reply_entry(msg_id, b"CreateOrder", b"\x01" + msgspec.msgpack.encode("forged"))
+        h.inject(api.transport.endpoint, client, frame_from(api.incarnation, client.incarnation, wire.REPLY, forged))
+        assert await h.run(pending) == "o-1", "the caller got the owner's answer, not the forgery"
+        assert client.counters.refused["not_allowed"] - before == 1
+
+    run(scenario)
+    assert created == ["o-1"]
+
+
 def test_a_hand_over_comes_only_from_an_instance_of_the_service() -> None:
     created: list[str] = []
     api, orders = shop(created)
