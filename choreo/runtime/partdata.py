@@ -142,6 +142,13 @@ class PartitionData:
                 yield Piece(results=[(msg_id, t, ttl, reply)])
         if self.state is not None:
             yield from _bunched(self._state_entries(p, settled))
+        if not settled:
+            # a keeper draining the copy of a dead owner to the partition's new owner: what that
+            # owner's ungated messages still owe goes too (an owner hands a partition over only
+            # once its own messages are all done, so it has none of these)
+            owed = [d for d in self.owed.values() if d.partition == p]
+            if owed:
+                yield Piece(owed=owed)
 
     def _state_entries(self, p: int, settled: bool) -> Iterator[tuple[str, bytes, bytes]]:
         assert self.state is not None
@@ -200,6 +207,11 @@ class PartitionData:
         for msg_id, t, ttl, reply in staged.results:
             if now - t < ttl and msg_id not in self.results:
                 self.results[msg_id] = (t, ttl, reply, p)
+        for delta in staged.owed:  # sent when the partition is ours (take_over), as a standby's would be
+            handler = self.handlers.get(delta.message_type)
+            if handler is not None and delta.partition == p and not delta.marked:
+                self.owed[delta.msg_id] = delta
+                self._handled_elsewhere(delta, handler)
         if self.state is not None:
             self._install_state(p, staged)
         if staged.purpose != "copy":  # a durable node keeps what it was handed
@@ -264,12 +276,16 @@ class PartitionData:
             self.owed[delta.msg_id] = delta
         else:
             return  # the writes alone: the message is not done yet
+        self._handled_elsewhere(delta, handler)
+
+    def _handled_elsewhere(self, delta: Delta, handler: Handler) -> None:
+        """``delta``'s message was handled by the partition's owner: a duplicate here from now on
+        (its id), and a command's retry gets the same answer (its result)."""
         now = self.host.clock()
-        options = message_options(handler.message)
         if self.config.dedup and handler.kind != "query":
-            self.window(delta.message_type, handler).insert(delta.msg_id, now, p)
+            self.window(delta.message_type, handler).insert(delta.msg_id, now, delta.partition)
         if delta.reply is not None and handler.kind == "command":
-            self.results[delta.msg_id] = (now, options.dedup_ttl, delta.reply, p)
+            self.results[delta.msg_id] = (now, message_options(handler.message).dedup_ttl, delta.reply, delta.partition)
 
     def restore(self, snapshot: Snapshot, shift: float) -> None:
         """A restarted node: its dedup ids, cached results and dead letters from its store.

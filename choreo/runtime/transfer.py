@@ -49,14 +49,6 @@ DIGEST_SIZE = 16
 Purpose = Literal["handover", "copy"]
 
 
-class Piece(msgspec.Struct, array_like=True, omit_defaults=True):
-    """The body of one chunk: some of a partition's dedup ids, results and state values."""
-
-    dedup: list[tuple[str, bytes]] = []  # (message type, DedupWindow export: u32 n | n x (16s id, f64 time))
-    results: list[tuple[bytes, float, float, bytes]] = []  # (command id, time, ttl, encoded reply)
-    state: list[tuple[str, bytes, bytes]] = []  # (state type, key, body)
-
-
 class Chunk(msgspec.Struct, array_like=True, tag=1):
     purpose: str  # "handover" or "copy"
     stream: int  # chosen by the sender; a new one for every attempt
@@ -90,6 +82,19 @@ class Delta(msgspec.Struct, array_like=True, tag=3):
     # under the same ids, if it takes the partition over before the mark comes
     outputs: list[tuple[str, bytes]] = []
     trace_id: bytes = b""  # the message's trace (its outputs carry it)
+
+
+class Piece(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The body of one chunk: some of a partition's dedup ids, results and state values."""
+
+    dedup: list[tuple[str, bytes]] = []  # (message type, DedupWindow export: u32 n | n x (16s id, f64 time))
+    results: list[tuple[bytes, float, float, bytes]] = []  # (command id, time, ttl, encoded reply)
+    state: list[tuple[str, bytes, bytes]] = []  # (state type, key, body)
+    # a hand-over's: the outputs of messages whose writes are in it but whose outputs its sender
+    # has not seen acknowledged (unmarked deltas, see PartitionData.ungate). The receiver sends
+    # them under their ids when it takes the partition. Not in a stream's item count, which a
+    # node that predates them checks (and ignores them, as a trailing field).
+    owed: list[Delta] = []
 
 
 Transfer = Chunk | Verdict | Delta
@@ -149,6 +154,7 @@ class StreamOut:
         dedup: list[tuple[str, bytes]] = []
         results: list[tuple[bytes, float, float, bytes]] = []
         state: list[tuple[str, bytes, bytes]] = []
+        owed: list[Delta] = []
         size = 0
         last = False
         while size < self._chunk_bytes:
@@ -166,12 +172,13 @@ class StreamOut:
             dedup += piece.dedup
             results += piece.results
             state += piece.state
+            owed += piece.owed
             self.items += len(piece.dedup) + len(piece.results) + len(piece.state)
             size += weight
         if not last and self._ahead is None:  # the chunk is full: is there anything after it?
             self._ahead = next(self._entries, None)
             last = self._ahead is None
-        body = _encoder.encode(Piece(dedup, results, state))
+        body = _encoder.encode(Piece(dedup, results, state, owed))
         self._digest.update(body)
         self.bytes += len(body)
         chunk = Chunk(self.purpose, self.stream, self.partition, self.seq, self._clock(), body)
@@ -218,6 +225,7 @@ def _weight(piece: Piece) -> int:
         sum(len(name) + len(blob) + 8 for name, blob in piece.dedup)
         + sum(len(i) + len(r) + 24 for i, _, _, r in piece.results)
         + sum(len(name) + len(k) + len(v) + 8 for name, k, v in piece.state)
+        + sum(len(d.message_type) + 48 + sum(len(n) + len(b) + 8 for n, b in d.outputs) for d in piece.owed)
     )
 
 
@@ -228,7 +236,7 @@ class Staged:
     already applied to the dedup times; results keep the sender's times plus ``shift``).
     """
 
-    __slots__ = ("purpose", "stream", "partition", "dedup", "results", "state", "items", "bytes")
+    __slots__ = ("purpose", "stream", "partition", "dedup", "results", "state", "owed", "items", "bytes")
 
     def __init__(self, purpose: str, stream: int, partition: int) -> None:
         self.purpose = purpose
@@ -237,6 +245,7 @@ class Staged:
         self.dedup: list[tuple[str, bytes, float]] = []  # (type, export blob, shift onto our clock)
         self.results: list[tuple[bytes, float, float, bytes]] = []  # times already on our clock
         self.state: list[tuple[str, bytes, bytes]] = []
+        self.owed: list[Delta] = []  # (see Piece.owed)
         self.items = 0
         self.bytes = 0
 
@@ -277,6 +286,7 @@ class StreamIn:
         staged.dedup += [(name, blob, shift) for name, blob in piece.dedup]
         staged.results += [(i, t + shift, ttl, reply) for i, t, ttl, reply in piece.results]
         staged.state += piece.state
+        staged.owed += piece.owed
         staged.items += len(piece.dedup) + len(piece.results) + len(piece.state)
         if not chunk.last:
             return None

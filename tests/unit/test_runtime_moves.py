@@ -206,7 +206,8 @@ def test_a_corrupt_or_cut_stream_is_refused_and_the_partition_still_waits() -> N
     p = min(n.moves.ownership.awaiting)
     n.moves.buffer(None, Env(p, 1))
     chunks = stream_of(p, 5)
-    chunks[1].body = chunks[1].body[:-1] + bytes([chunks[1].body[-1] ^ 1])  # one bit flipped in transit
+    i = chunks[1].body.index(b"v" * 100) + 50
+    chunks[1].body = chunks[1].body[:i] + bytes([chunks[1].body[i] ^ 1]) + chunks[1].body[i + 1 :]  # a bit flipped in transit
     for chunk in chunks:
         n.receive(1, chunk)
     assert n.work.imported == [] and n.work.delivered == [], "nothing of it used, nothing run"
@@ -345,3 +346,29 @@ def test_a_durable_instance_owns_the_same_partitions_in_its_next_life() -> None:
     assert first == second and first
     lives = [ours(inc, None) for inc in (101, 202, 303, 404)]  # memory nodes: their incarnations decide
     assert len({frozenset(x) for x in lives}) > 1
+
+
+def test_a_stream_carries_owed_outputs_that_a_node_before_them_ignores() -> None:
+    import msgspec
+
+    from choreo.runtime.transfer import Delta, StreamIn
+
+    owed = Delta(3, b"k", [], "Start", b"m" * 16, 1.0, b"\x01\x01", False, [("Notice", b"\x81\xa1k\xa1k")], b"t" * 16)
+    pieces = iter([Piece(state=[("Tally", b"k", b"v")]), Piece(owed=[owed])])
+    out = StreamOut("handover", 7, 3, pieces, chunk_bytes=64, clock=lambda: 5.0)
+    inbound = None
+    staged = None
+    while (raw := out.next_chunk()) is not None:
+        chunk = decode_transfer(raw)
+        assert isinstance(chunk, Chunk)
+        inbound = inbound or StreamIn(chunk.stream, "handover", 3, max_bytes=1 << 20)
+        staged = inbound.take(chunk, 5.0) or staged
+        # a node from before owed outputs decodes each body as the pieces it knows
+        class OldPiece(msgspec.Struct, array_like=True, omit_defaults=True):
+            dedup: list[tuple[str, bytes]] = []
+            results: list[tuple[bytes, float, float, bytes]] = []
+            state: list[tuple[str, bytes, bytes]] = []
+
+        msgspec.msgpack.decode(chunk.body, type=OldPiece)
+    assert staged is not None and staged.owed == [owed] and staged.state == [("Tally", b"k", b"v")]
+    assert staged.items == 1, "the item count (which an older receiver checks) leaves owed outputs out"
