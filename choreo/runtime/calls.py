@@ -351,7 +351,10 @@ class Calls:
         finally:
             # the two closures refer to each other: without this their cycle (and the future, the
             # message) would wait for the cyclic GC, whose runs every few dozen requests cost the
-            # tail latency. (An ack still to come finds the future done and stops before replan.)
+            # tail latency. An ack still to come finds the future done and stops before replan: it is
+            # cancelled here if this request ended another way (credit never came, say)
+            if not future.done():
+                future.cancel()
             acked = replan = None  # type: ignore[assignment]
             calls = self.pending.get(msg_id)
             if calls is not None:
