@@ -37,6 +37,9 @@ __all__ = ["COUNTERS", "GAUGES", "HISTOGRAMS", "render", "MetricsServer", "CONTE
 log = logging.getLogger("choreo.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: scrapes answered at once; a connection beyond them gets a 503 at once, so that idle
+#: connections (each held up to 5 s) cannot take the node's file descriptors
+MAX_SCRAPES = 16
 OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 #: snapshot key -> (metric name, help). Each is a counter: it only grows.
@@ -207,7 +210,8 @@ class MetricsServer:
     with the node. With a ``tracer`` (one that records spans), the server also folds the spans
     into latency histograms every ``fold_interval`` seconds and at each scrape, until closed.
     Each connection gets one answer and is closed; a client that sends nothing for 5 s, or a
-    request head above 8 KiB, is dropped.
+    request head above 8 KiB, is dropped; beyond :data:`MAX_SCRAPES` connections at once, a new
+    one is answered ``503`` and closed at once (counted in :attr:`turned_away`).
 
     >>> async def main():
     ...     server = await MetricsServer.start(lambda: {"node": "n#1", "processed": 1})
@@ -233,6 +237,8 @@ class MetricsServer:
         self.latency: Latency | None = None
         self._fold_handle: asyncio.TimerHandle | None = None
         self._fold_interval = fold_interval
+        self._open = 0  # connections being answered
+        self.turned_away = 0  # connections answered 503: MAX_SCRAPES were open
         if tracer is not None and tracer.enabled:
             from .latency import Latency
 
@@ -285,6 +291,13 @@ class MetricsServer:
         return render(snapshot, self._floor, self.latency, openmetrics=openmetrics)
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_SCRAPES:
+            self.turned_away += 1
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n"
+                         b"Connection: close\r\n\r\n")
+            writer.close()  # (what is buffered goes out; nothing here waits on this client)
+            return
+        self._open += 1
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
@@ -308,6 +321,7 @@ class MetricsServer:
         except Exception:  # a bug in rendering must not take the node down: log it, close the connection
             log.exception("metrics: error answering a scrape")
         finally:
+            self._open -= 1
             writer.close()
 
     def close(self) -> None:

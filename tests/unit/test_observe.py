@@ -329,3 +329,31 @@ def test_live_labels_rates_errors_and_lag_per_edge_and_service() -> None:
         "service:shipping": {"text": "lag 2, 3 dead letters, 2.0 err/s", "bad": True},
         "service:orders": {"text": "lag 1, 1 refused", "bad": False},
     }
+
+
+def test_idle_connections_to_the_metrics_port_cannot_take_every_descriptor() -> None:
+    import asyncio
+
+    from choreo.metrics import MAX_SCRAPES, MetricsServer
+
+    async def scenario() -> None:
+        server = await MetricsServer.start(lambda: {"node": "n#1", "processed": 7})
+        idle = [await asyncio.open_connection(server.host, server.port) for _ in range(MAX_SCRAPES)]
+        await asyncio.sleep(0.05)  # each is being answered: it holds its place until it speaks or 5 s pass
+        extra = [await asyncio.open_connection(server.host, server.port) for _ in range(10)]
+        for reader, writer in extra:  # turned away at once, not held
+            answer = await asyncio.wait_for(reader.read(), 2.0)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            writer.close()
+        assert server.turned_away == 10
+        for _, writer in idle:
+            writer.close()
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 2.0)
+        assert answer.startswith(b"HTTP/1.1 200 OK") and b"choreo_processed_total" in answer
+        writer.close()
+        server.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
