@@ -46,6 +46,9 @@ class NodeConfig:
     acknowledgements before they go to the standby anyway, when a later write of the same key,
     of another flow, waits behind them (two flows that wait for each other: see the README's
     Handler state; a flow that comes back to a key it wrote does not wait for this).
+    ``max_members_per_key`` (with keys): the live members one key may have here at once; a hello
+    beyond them is refused, so that a stolen key cannot fill the membership table by joining
+    under endpoint after endpoint (raise it if more instances than that share one key).
 
     >>> NodeConfig(window=0)
     Traceback (most recent call last):
@@ -78,6 +81,7 @@ class NodeConfig:
     max_state_bytes: int | None = None  # default: 256 KiB, or half of max_message_bytes if less
     max_partition_bytes: int = 1 << 30
     standby_gate_timeout: float = 5.0
+    max_members_per_key: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_state_bytes is None:

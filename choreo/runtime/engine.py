@@ -438,12 +438,25 @@ class Engine:
         replaces = [p for p in self.membership.peers.values()
                     if p.endpoint == hello.endpoint and p.live and p.incarnation != sender]
         why = self.admission.may_join(hello, principal, replaces)
+        if why is None and principal is not None and sender not in self.membership.peers:
+            why = self._key_full(principal, hello.endpoint)
         if why is not None:
             raise ProtocolError("not_allowed", f"hello from {hello.node}: {why}")
         self.gossip.on_hello(sender, hello, trusted=self.admission.may_gossip(principal))
         peer = self.membership.peers.get(sender)
         if peer is not None and peer.identity is None and sender != self.incarnation and not unnamed(identity):
             peer.identity, peer.principal = identity, principal  # its frames come only from there from now on
+
+    def _key_full(self, principal: str, endpoint: str) -> str | None:
+        """Why a new member under key ``principal`` at ``endpoint`` is one too many, or None (a
+        member that replaces one at its own endpoint takes its place: it is not counted)."""
+        limit = self.config.max_members_per_key
+        under_key = sum(1 for p in self.membership.peers.values()
+                        if p.live and p.principal == principal and p.endpoint != endpoint)
+        if under_key < limit:
+            return None
+        return (f"the key {principal!r} has {under_key} live members here already "
+                f"(NodeConfig.max_members_per_key = {limit})")
 
     def _on_refuse(self, sender: int, data: bytes, flags: int, identity: bytes | None, principal: str | None) -> None:
         refuse = wire.decode_control(wire.REFUSE, data)

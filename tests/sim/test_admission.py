@@ -275,6 +275,33 @@ def test_with_keys_a_node_serves_only_what_its_key_may_serve() -> None:
     run(scenario)
 
 
+def test_with_keys_one_key_cannot_fill_the_membership_table() -> None:
+    # a stolen client key joins again and again, each time under a new endpoint and incarnation
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=8, config=NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25, max_members_per_key=3),
+                policy=POLICY)
+    mobile = h.add(None, key="mobile")
+    h.add(api, key="api-1")
+    owner = h.add(orders, key="orders-1")
+
+    async def scenario() -> None:
+        await h.start()
+        before = owner.counters.refused["not_allowed"]
+        for i in range(5):
+            inc = 0x7000_0000 + i
+            hello = wire.Hello(f"phone-{i}", inc, f"inproc://fake/phone-{i}", None, 64, 1 << 20)
+            h.inject(f"inproc://fake/phone-{i}", owner, frame_from(inc, 0, wire.HELLO, hello), key="mobile")
+        await h.advance(0.5)
+        under_key = [p for p in owner.membership.peers.values() if p.live and p.principal == "mobile"]
+        assert len(under_key) == 3, "the real client and two of the five: the key's limit"
+        assert owner.counters.refused["not_allowed"] - before == 3
+        assert await h.run(mobile.send(PlaceOrder("o-6"))) == "o-6", "the key's first member is served as before"
+
+    run(scenario)
+    assert created == ["o-6"]
+
+
 def test_with_keys_system_queries_need_the_admin_right() -> None:
     h = Harness(seed=7, config=CONFIG, policy=POLICY)
     owner = h.add(shop([])[1], key="orders-1")
