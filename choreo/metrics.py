@@ -37,10 +37,10 @@ __all__ = ["COUNTERS", "GAUGES", "HISTOGRAMS", "render", "MetricsServer", "CONTE
 log = logging.getLogger("choreo.metrics")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 #: scrapes answered at once; a connection beyond them gets a 503 at once, so that idle
 #: connections (each held up to 5 s) cannot take the node's file descriptors
 MAX_SCRAPES = 16
-OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 #: snapshot key -> (metric name, help). Each is a counter: it only grows.
 COUNTERS: dict[str, tuple[str, str]] = {

@@ -51,7 +51,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import msgspec
@@ -183,7 +183,7 @@ class Tracer:
         if self.completed is not None and name not in self.terminal and env.cause_id == _ZERO16:
             self.completed.append((env.trace_id, env.type, name, received, self.wall(), "ok"))
 
-    def flows_ran(self, envs: Iterable[Any], handlers: Any, received: float) -> None:
+    def flows_ran(self, envs: Iterable[Any], handlers: Mapping[str, Any], received: float) -> None:
         """:meth:`flow_done` of the events the compiled lane ran (``envs``, by the handlers in
         ``handlers``, a type -> handler mapping): it runs only what emitted and sent nothing, so a
         flow from outside ends there. Commands are :meth:`flow_answered` when answered."""

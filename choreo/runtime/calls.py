@@ -301,8 +301,7 @@ class Calls:
         start = self.clock()
         if self.life.state not in _ROUTING:  # (self.routing, inline: every request asks)
             await self._await_joined(start + timeout)
-        msg_id = (idempotency_id(message) if message.__choreo_options__.idempotency is not None else None
-                  ) or self.router.fresh_id()
+        msg_id = idempotency_id(message) or self.router.fresh_id()
         if trace_id is None:
             trace_id = parse_traceparent(traceparent) if traceparent else msg_id
         loop = self.loop or asyncio.get_running_loop()

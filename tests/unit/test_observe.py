@@ -333,13 +333,23 @@ def test_live_labels_rates_errors_and_lag_per_edge_and_service() -> None:
 
 def test_idle_connections_to_the_metrics_port_cannot_take_every_descriptor() -> None:
     import asyncio
+    from collections.abc import Callable
 
     from choreo.metrics import MAX_SCRAPES, MetricsServer
 
     async def scenario() -> None:
         server = await MetricsServer.start(lambda: {"node": "n#1", "processed": 7})
+
+        async def until(condition: Callable[[], bool], what: str) -> None:
+            for _ in range(200):
+                if condition():
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"{what}: not within 2 s")
+
         idle = [await asyncio.open_connection(server.host, server.port) for _ in range(MAX_SCRAPES)]
-        await asyncio.sleep(0.05)  # each is being answered: it holds its place until it speaks or 5 s pass
+        # each is being answered: it holds its place until it speaks or 5 s pass
+        await until(lambda: server._open == MAX_SCRAPES, "every idle connection taken in")
         extra = [await asyncio.open_connection(server.host, server.port) for _ in range(10)]
         for reader, writer in extra:  # turned away at once, not held
             answer = await asyncio.wait_for(reader.read(), 2.0)
@@ -348,7 +358,7 @@ def test_idle_connections_to_the_metrics_port_cannot_take_every_descriptor() -> 
         assert server.turned_away == 10
         for _, writer in idle:
             writer.close()
-        await asyncio.sleep(0.05)
+        await until(lambda: server._open == 0, "the idle connections let go")
         reader, writer = await asyncio.open_connection(server.host, server.port)
         writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = await asyncio.wait_for(reader.read(), 2.0)
