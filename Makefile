@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd choreo/*.pyx)
 
 .PHONY: demo test soak bench bench-peers peer-servers clean tools
 
@@ -86,4 +86,4 @@ bench-peers: $(STAMP) $(PEERS_STAMP) peer-servers
 	$(BIN)/python -m bench.report
 
 clean:
-	rm -rf $(VENV) build choreo/_core*.so cext/_core.c .pytest_cache .benchmarks
+	rm -rf $(VENV) build choreo/_core*.so choreo/_zmqio*.so cext/_core.c choreo/_zmqio.c .pytest_cache .benchmarks

@@ -1,4 +1,5 @@
-"""Builds the compiled core (cext/_core.pyx -> choreo._core). CHOREO_DEBUG=1 builds with -O0 -g.
+"""Builds the compiled core (cext/_core.pyx -> choreo._core) and the transport's compiled reads
+(choreo/_zmqio.pyx -> choreo._zmqio). CHOREO_DEBUG=1 builds with -O0 -g.
 
 The examples/ tree ships inside the wheel as the package ``choreo.examples``, so that
 ``choreo up examples/shop`` works after ``pip install`` (see choreo/bundled.py).
@@ -11,11 +12,8 @@ from setuptools import Extension, find_packages, setup
 
 debug = os.environ.get("CHOREO_DEBUG") == "1"
 extensions = [
-    Extension(
-        "choreo._core",
-        ["cext/_core.pyx"],
-        extra_compile_args=["-O0", "-g"] if debug else ["-O2"],
-    )
+    Extension(name, [source], extra_compile_args=["-O0", "-g"] if debug else ["-O2"])
+    for name, source in (("choreo._core", "cext/_core.pyx"), ("choreo._zmqio", "choreo/_zmqio.pyx"))
 ]
 
 examples = ["choreo.examples", *(f"choreo.examples.{name}" for name in find_packages("examples"))]

@@ -18,9 +18,12 @@ cannot starve the loop), and re-checks after its own sends on the ROUTER, which 
 edge. Per PERFORMANCE.md this is far cheaper than ``zmq.asyncio``: one callback per burst, not
 one await per message. It asks ``ZMQ_EVENTS`` rather than reading until ``zmq.Again``: the
 exception pyzmq raises for that last empty read costs 2.5 times the question (3.9 against
-1.5 µs here). Sends never block: a full pipe (the peer is slow or gone) parks frames in a queue
-bounded in frames and bytes, retried at every tick; the credit windows upstream keep that rare,
-and what overflows is dropped and counted (acks and retransmission recover it).
+1.5 µs here). The reads, that question and the sends of frames under 64 KiB go through
+:mod:`choreo._zmqio` (the same libzmq calls made from C, a quarter of pyzmq's cost per frame),
+or through pyzmq where that module is not available or ``CHOREO_PURE=1``. Sends never block:
+a full pipe (the peer is slow or gone) parks frames in a queue bounded in frames and bytes,
+retried at every tick; the credit windows upstream keep that rare, and what overflows is
+dropped and counted (acks and retransmission recover it).
 
 **Security.** With a :class:`~choreo.trust.Security`, every socket speaks CURVE: the ROUTER is a
 CURVE server with the node's key pair, a ZAP handler (pyzmq's ``zmq.auth`` thread authenticator,
@@ -75,6 +78,20 @@ from .endpoints import advertised, check_endpoint, endpoint_problem, only_this_h
 from .errors import ChoreoUsageError
 from .trust import Security
 
+_zmqio: Any = None
+if os.environ.get("CHOREO_PURE") != "1":
+    try:
+        from . import _zmqio
+    except ModuleNotFoundError as exc:  # pragma: no cover - a broken build must not hide behind pyzmq
+        if exc.name != "choreo._zmqio":
+            raise
+        raise ImportError("choreo._zmqio is not built: run 'pip install -e .' (or 'make test', which does it) "
+                          "in the choreo checkout, or set CHOREO_PURE=1 to read through pyzmq") from exc
+    except ImportError as exc:  # pragma: no cover - pyzmq's libzmq out of its reach: read through pyzmq
+        logging.getLogger("choreo.transport").info("reading through pyzmq: %s", exc)
+# which reads and sends the transport makes: "compiled" (choreo._zmqio) or "pyzmq"
+IO_IMPLEMENTATION = "compiled" if _zmqio is not None else "pyzmq"
+
 __all__ = ["ZmqTransport", "check_addresses", "raise_fd_limit"]
 
 log = logging.getLogger("choreo.transport")
@@ -88,6 +105,7 @@ _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 # pyzmq's compiled send, without the Python wrapper of zmq.Socket.send (which only adds the
 # routing_id and group arguments of draft sockets): a frame leaves in one call
 _send = zmq.backend.Socket.send
+ZERO_COPY_BYTES = 65536  # a frame this large is handed to libzmq without a copy (pyzmq keeps it alive)
 HANDSHAKE_MS = 5_000  # a connection that has not finished its ZMTP (and CURVE) handshake by then is dropped
 HEARTBEAT_MS = 15_000  # ZMTP PING interval on every connection (SWIM finds dead peers; this finds dead connections) ...
 HEARTBEAT_TIMEOUT_MS = 45_000  # ... and the silence after which it is closed (then redialled)
@@ -95,6 +113,70 @@ REDIAL_AFTER = (1.0, 30.0)  # a peer that refused our key is dialled again after
 DEALER_MAX_IN = 4096  # DEALERs are never read: what a peer pushes back is capped at one small message
 
 Refuser = Callable[[str, str], None]
+
+
+def _send_copied(sock: zmq.Socket, frame: bytes) -> None:
+    _send(sock, frame, _NOBLOCK, True)
+
+
+# a frame under ZERO_COPY_BYTES, copied, without blocking (zmq.Again when the pipe is full)
+_send_small = _zmqio.send if _zmqio is not None else _send_copied
+
+
+class PyzmqReader:
+    """:class:`choreo._zmqio.Reader` through pyzmq's calls: what the transport reads with where
+    that module is not available (the same contract; see it)."""
+
+    def __init__(self, socket: zmq.Socket, on_frame: Callable[[bytes, bytes, str | None], None],
+                 refuse: Callable[..., None], secure: bool) -> None:
+        self.socket = socket
+        self.on_frame = on_frame
+        self.refuse = refuse
+        self.secure = secure
+
+    def waiting(self) -> bool:
+        return bool(self.socket.get(_EVENTS) & _POLLIN)
+
+    def read(self, budget: int) -> bool:
+        router, on_frame, secure = self.socket, self.on_frame, self.secure
+        NOBLOCK, EVENTS, POLLIN = _NOBLOCK, _EVENTS, _POLLIN
+        events = router.get
+        for n in range(budget):
+            try:
+                # the first read trusts the wake-up; the last question leaves the edge armed again
+                if n and not events(EVENTS) & POLLIN:
+                    return False
+                if secure:
+                    first = router.recv(NOBLOCK, copy=False)
+                    identity = first.bytes
+                else:
+                    identity = router.recv(NOBLOCK)
+                part = router.recv(NOBLOCK, copy=False)  # a message arrives whole: the rest is here
+                if part.more:  # a peer that is not a choreo node: let the engine count the bad frame
+                    while part.more:
+                        part = router.recv(NOBLOCK, copy=False)
+                    data = b"\x00multipart"
+                else:
+                    data = part.bytes
+            except zmq.Again:
+                return False
+            except zmq.ZMQError as exc:  # cannot happen on a healthy socket; never raise out of the loop
+                self.refuse("transport_error", f"reading the ROUTER: {exc}")
+                return False
+            principal: str | None = None
+            if secure:
+                # the key's name, as the ZAP handler set it for this connection: on every message, read
+                # per message (~0.5 us; a cache by routing id could outlive a connection that took its id over)
+                try:
+                    principal = first.get("User-Id")
+                except zmq.ZMQError:  # pragma: no cover - libzmq sets it on every message of a ZAP'd connection
+                    self.refuse("no_principal", "a frame without an authenticated key")
+                    continue
+            try:
+                on_frame(data, identity, principal)
+            except Exception as exc:  # the engine counts what it refuses; anything else stops here
+                self.refuse("internal_error", f"{type(exc).__name__}: {exc} (handling a frame)", exc)
+        return True
 
 
 class ZmqTransport:
@@ -186,7 +268,7 @@ class ZmqTransport:
         self._hold_off: dict[str, tuple[float, float]] = {}  # endpoint -> (dial again at, backoff)
         self._id_key = os.urandom(16)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_frame: Callable[[bytes, bytes, str | None], None] | None = None
+        self._reader: Any = None  # a choreo._zmqio.Reader or a PyzmqReader, from start()
         self._on_idle: Callable[[], None] | None = None
         self._read_scheduled = False
         self.closed = False
@@ -198,7 +280,8 @@ class ZmqTransport:
         on_idle: Callable[[], None],
     ) -> None:
         self._loop = loop
-        self._on_frame = on_frame
+        reader = _zmqio.Reader if _zmqio is not None else PyzmqReader
+        self._reader = reader(self.router, on_frame, self._refuse, self.security is not None)
         self._on_idle = on_idle
         loop.add_reader(self.router.getsockopt(zmq.FD), self._readable)
         for endpoint, monitor in self._monitors.items():
@@ -218,59 +301,19 @@ class ZmqTransport:
         if self._read_scheduled or self.closed:
             return self._read_scheduled
         try:
-            waiting = self.router.get(_EVENTS) & _POLLIN
+            waiting = self._reader.waiting()
         except zmq.ZMQError:  # pragma: no cover - a closing socket: nothing to read
             return False
         if waiting:
             self._schedule_read()
-        return bool(waiting)
+        return waiting
 
     def _readable(self) -> None:
         self._read_scheduled = False
         if self.closed:
             return
-        assert self._on_frame is not None and self._on_idle is not None
-        router = self.router
-        on_frame = self._on_frame
-        secure = self.security is not None
-        NOBLOCK, EVENTS, POLLIN = _NOBLOCK, _EVENTS, _POLLIN
-        events = router.get
-        for n in range(READ_BUDGET):
-            try:
-                # the first read trusts the wake-up; the last question leaves the edge armed again
-                if n and not events(EVENTS) & POLLIN:
-                    break
-                if secure:
-                    first = router.recv(NOBLOCK, copy=False)
-                    identity = first.bytes
-                else:
-                    identity = router.recv(NOBLOCK)
-                part = router.recv(NOBLOCK, copy=False)  # a message arrives whole: the rest is here
-                if part.more:  # a peer that is not a choreo node: let the engine count the bad frame
-                    while part.more:
-                        part = router.recv(NOBLOCK, copy=False)
-                    data = b"\x00multipart"
-                else:
-                    data = part.bytes
-            except zmq.Again:
-                break
-            except zmq.ZMQError as exc:  # cannot happen on a healthy socket; never raise out of the loop
-                self._refuse("transport_error", f"reading the ROUTER: {exc}")
-                break
-            principal: str | None = None
-            if secure:
-                # the key's name, as the ZAP handler set it for this connection: on every message, read
-                # per message (~0.5 us; a cache by routing id could outlive a connection that took its id over)
-                try:
-                    principal = first.get("User-Id")
-                except zmq.ZMQError:  # pragma: no cover - libzmq sets it on every message of a ZAP'd connection
-                    self._refuse("no_principal", "a frame without an authenticated key")
-                    continue
-            try:
-                on_frame(data, identity, principal)
-            except Exception as exc:  # the engine counts what it refuses; anything else stops here
-                self._refuse("internal_error", f"{type(exc).__name__}: {exc} (handling a frame)", exc)
-        else:
+        assert self._reader is not None and self._on_idle is not None
+        if self._reader.read(READ_BUDGET):
             self._schedule_read()  # more may be waiting: continue after others had a turn
         try:
             self._on_idle()
@@ -474,7 +517,10 @@ class ZmqTransport:
         used.pop(endpoint, None)  # to the end: the most recently used
         used[endpoint] = self._epoch
         try:
-            _send(sock, frame, _NOBLOCK, len(frame) < 65536)  # (copy: a large frame is not copied)
+            if len(frame) < ZERO_COPY_BYTES:
+                _send_small(sock, frame)
+            else:
+                _send(sock, frame, _NOBLOCK, False)
         except zmq.Again:
             self._park(endpoint, self.parked.setdefault(endpoint, deque()), frame)
         except zmq.ZMQError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from choreo import transport
 from choreo.transport import ZmqTransport
 from choreo.trust import Security, create_key
 
@@ -66,8 +67,14 @@ class Loop:
         self.loop.close()
 
 
-@pytest.fixture
-def io() -> Iterator[Loop]:
+@pytest.fixture(params=["compiled", "pyzmq"])
+def io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Loop]:
+    """Each test runs with the transport's compiled reads and sends, and again through pyzmq."""
+    if request.param == "pyzmq":
+        monkeypatch.setattr(transport, "_zmqio", None)
+        monkeypatch.setattr(transport, "_send_small", transport._send_copied)
+    elif transport._zmqio is None:
+        pytest.skip("choreo._zmqio is not in use (CHOREO_PURE=1)")
     loop = Loop()
     try:
         yield loop
@@ -246,6 +253,31 @@ def test_a_message_over_the_limit_never_reaches_the_node(io: Loop) -> None:
     assert [d for d, _, _ in got] == [b"small"]
 
 
+def test_frames_of_every_size_arrive_whole_and_in_order(io: Loop) -> None:
+    # under 64 KiB a frame is copied into ZeroMQ, from there on handed over without a copy
+    server, got = io.transport()
+    client, _ = io.transport()
+    sizes = [0, 1, 100, 65535, 65536, 1 << 20, 7]
+    frames = [bytes([i]) * size for i, size in enumerate(sizes)]
+    for frame in frames:
+        client.send(server.endpoint, frame)
+    io.until(lambda: len(got) == len(frames), 10, "every frame")
+    assert [d for d, _, _ in got] == frames and server.refused == {} and client.dropped == 0
+
+
+def test_a_multipart_message_is_read_whole_and_handed_over_as_one_bad_frame(io: Loop) -> None:
+    server, got = io.transport()
+    stranger = raw_dealer()
+    try:
+        stranger.connect(address(server.endpoint))
+        stranger.send_multipart([b"one", b"two", b"three"])
+        stranger.send(b"after")
+        io.until(lambda: len(got) == 2, 5, "the multipart message and the frame after it")
+    finally:
+        stranger.close(0)
+    assert [d for d, _, _ in got] == [b"\x00multipart", b"after"]  # (the engine refuses the first as malformed)
+
+
 def test_parked_bytes_are_capped_per_peer(io: Loop) -> None:
     client, _ = io.transport(hwm=4, max_parked_bytes=100_000)
     nobody = "tcp://127.0.0.1:9"  # nothing listens: ZeroMQ takes hwm frames, the rest parks
@@ -362,3 +394,23 @@ def test_a_connection_unused_for_idle_close_is_closed_and_the_next_send_dials_ag
     client.send(server.endpoint, b"second")
     io.until(lambda: len(got) == 2, 10, "the second frame, on a new connection")
     assert [d for d, _, _ in got] == [b"first", b"second"] and client.evicted == 0
+
+
+def test_the_compiled_sends_and_reads_fail_as_pyzmq_does_and_never_touch_a_closed_socket() -> None:
+    zmqio = transport._zmqio
+    if zmqio is None:
+        pytest.skip("choreo._zmqio is not in use (CHOREO_PURE=1)")
+    lonely = raw_dealer()  # no peer: nowhere to queue a frame
+    with pytest.raises(zmq.Again):
+        zmqio.send(lonely, b"x")
+    lonely.close(0)
+    with pytest.raises(zmq.ZMQError):
+        zmqio.send(lonely, b"x")
+    router = zmq.Context.instance().socket(zmq.ROUTER)
+    refused: list[tuple] = []
+    reader = zmqio.Reader(router, lambda *frame: None, lambda *why: refused.append(why), False)
+    assert reader.read(8) is False and not reader.waiting()  # nothing yet: no error either
+    router.close(0)
+    assert reader.read(8) is False and refused == []
+    with pytest.raises(zmq.ZMQError):
+        reader.waiting()

@@ -8,12 +8,20 @@ import sys
 import textwrap
 
 import choreo.core
+import choreo.transport
 
 
 def test_compiled_core_is_in_use_unless_pure_was_requested(expect_compiled_core: bool) -> None:
     expected = "compiled" if expect_compiled_core else "pure"
     assert choreo.core.IMPLEMENTATION == expected, (
         f"expected the {expected} core, got {choreo.core.IMPLEMENTATION}: is choreo._core built? run 'make test'"
+    )
+
+
+def test_the_transport_reads_through_the_compiled_module_unless_pure_was_requested(expect_compiled_core: bool) -> None:
+    expected = "compiled" if expect_compiled_core else "pyzmq"
+    assert choreo.transport.IO_IMPLEMENTATION == expected, (
+        f"expected the {expected} reads, got {choreo.transport.IO_IMPLEMENTATION}: is choreo._zmqio built?"
     )
 
 

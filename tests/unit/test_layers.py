@@ -36,7 +36,7 @@ LAYERS: dict[int, tuple[str, ...]] = {
     ),
     2: ("service", "spec", "wire"),
     3: ("runtime", "runtime.*"),
-    4: ("transport", "node", "metrics", "latency", "introspect", "otel", "client"),
+    4: ("transport", "_zmqio", "node", "metrics", "latency", "introspect", "otel", "client"),
     5: ("launch", "_worker", "testing", "nemesis", "meshsim", "up"),
     6: (
         "cli", "run_commands", "up_commands", "admin_commands", "keys_commands", "demo", "analyzer", "analyzer.*",
