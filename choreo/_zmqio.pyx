@@ -182,8 +182,9 @@ cdef class Reader:
             try:
                 if n and not self._events() & POLLIN:
                     return False
-            except zmq.ZMQError as exc:  # cannot happen on a healthy socket
-                self._refuse("transport_error", f"reading the ROUTER: {exc}")
+            except zmq.ZMQError as exc:
+                if not self._socket.closed:  # (closed by a frame's handling: nothing to say)
+                    self._refuse("transport_error", f"reading the ROUTER: {exc}")
                 return False
             z_msg_init(&first)
             if z_msg_recv(&first, sock, DONTWAIT) < 0:

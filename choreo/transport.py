@@ -160,8 +160,9 @@ class PyzmqReader:
                     data = part.bytes
             except zmq.Again:
                 return False
-            except zmq.ZMQError as exc:  # cannot happen on a healthy socket; never raise out of the loop
-                self.refuse("transport_error", f"reading the ROUTER: {exc}")
+            except zmq.ZMQError as exc:  # never raise out of the loop
+                if not router.closed:  # (closed by a frame's handling: nothing to say)
+                    self.refuse("transport_error", f"reading the ROUTER: {exc}")
                 return False
             principal: str | None = None
             if secure:

@@ -324,6 +324,25 @@ def test_an_exception_in_the_frame_callback_is_counted_and_reading_goes_on(io: L
     assert got == [b"one", b"two"] and server.refused["internal_error"] == 1
 
 
+def test_a_transport_closed_by_a_frame_stops_reading_without_complaint(io: Loop) -> None:
+    got: list[bytes] = []
+    server = ZmqTransport("tcp://127.0.0.1:0")
+
+    def on_frame(data: bytes, identity: bytes, principal: str | None) -> None:
+        got.append(data)
+        if data == b"stop":
+            server.close()  # (as a node does when a frame tells it it was declared dead)
+
+    io.transports.append(server)
+    server.start(io.loop, on_frame, lambda: None)
+    client, _ = io.transport()
+    for data in (b"one", b"stop", b"two"):
+        client.send(server.endpoint, data)
+    io.until(lambda: b"stop" in got, 5, "the frame that closes the transport")
+    io.tick(0.2)
+    assert got == [b"one", b"stop"] and server.refused == {}
+
+
 def test_running_out_of_descriptors_never_raises(tmp_path: Path) -> None:
     # a process with a small descriptor limit: the dials that cannot get a socket are refused and
     # counted, nothing raises out of connect/send, and dialling works again once descriptors are free
