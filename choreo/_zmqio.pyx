@@ -111,6 +111,13 @@ cdef inline void *_handle(object socket) except NULL:
     return <void *><uintptr_t>socket.underlying
 
 
+cdef inline int _recv(choreo_zmq_msg *msg, void *sock) noexcept:
+    """Initialise ``msg`` and receive the socket's next part into it, without blocking: 0, or
+    libzmq's errno. The caller closes ``msg`` either way."""
+    z_msg_init(msg)
+    return 0 if z_msg_recv(msg, sock, DONTWAIT) >= 0 else z_errno()
+
+
 cdef inline bytes _take(choreo_zmq_msg *msg):
     return PyBytes_FromStringAndSize(<char *>z_msg_data(msg), <Py_ssize_t>z_msg_size(msg))
 
@@ -151,6 +158,10 @@ cdef class Reader:
         self._refuse = refuse
         self._secure = secure
 
+    cdef int _read_failed(self, int errno) except -1:
+        self._refuse("transport_error", f"reading the ROUTER: {zmq.ZMQError(errno)}")
+        return 0
+
     cdef int _events(self) except? -1:
         cdef int events = 0
         cdef size_t size = sizeof(int)
@@ -184,32 +195,26 @@ cdef class Reader:
                     return False
             except zmq.ZMQError as exc:
                 if not self._socket.closed:  # (closed by a frame's handling: nothing to say)
-                    self._refuse("transport_error", f"reading the ROUTER: {exc}")
+                    self._read_failed(exc.errno)
                 return False
-            z_msg_init(&first)
-            if z_msg_recv(&first, sock, DONTWAIT) < 0:
-                errno = z_errno()
+            errno = _recv(&first, sock)
+            if errno:
                 z_msg_close(&first)
                 if errno != EAGAIN_:
-                    self._refuse("transport_error", f"reading the ROUTER: {zmq.ZMQError(errno)}")
+                    self._read_failed(errno)
                 return False
-            # a message arrives whole: its other parts are here
-            z_msg_init(&part)
-            if z_msg_recv(&part, sock, DONTWAIT) < 0:
-                errno = z_errno()
+            errno = _recv(&part, sock)  # a message arrives whole: its other parts are here
+            if errno:
                 z_msg_close(&part)
                 z_msg_close(&first)
-                self._refuse("transport_error", f"reading the ROUTER: {zmq.ZMQError(errno)}")
+                self._read_failed(errno)
                 return False
             more = z_msg_more(&part)
             if more:  # not a choreo node: read it whole, let the engine count the bad frame
                 data = MULTIPART
                 while more:
                     z_msg_close(&part)
-                    z_msg_init(&part)
-                    if z_msg_recv(&part, sock, DONTWAIT) < 0:
-                        break
-                    more = z_msg_more(&part)
+                    more = _recv(&part, sock) == 0 and z_msg_more(&part)
             else:
                 data = _take(&part)
             z_msg_close(&part)
