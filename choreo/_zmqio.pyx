@@ -38,6 +38,7 @@ cdef extern from *:
     typedef const char *(*choreo_zmq_msg_gets_fn)(const choreo_zmq_msg *, const char *);
     typedef int (*choreo_zmq_send_fn)(void *, const void *, size_t, int);
     typedef int (*choreo_zmq_errno_fn)(void);
+    typedef void (*choreo_zmq_version_fn)(int *, int *, int *);
     """
     ctypedef struct choreo_zmq_msg:
         pass
@@ -51,6 +52,7 @@ cdef extern from *:
     ctypedef const char *(*choreo_zmq_msg_gets_fn)(const choreo_zmq_msg *, const char *)
     ctypedef int (*choreo_zmq_send_fn)(void *, const void *, size_t, int)
     ctypedef int (*choreo_zmq_errno_fn)()
+    ctypedef void (*choreo_zmq_version_fn)(int *, int *, int *)
 
 cdef choreo_zmq_getsockopt_fn z_getsockopt
 cdef choreo_zmq_msg_init_fn z_msg_init
@@ -80,6 +82,7 @@ cdef uintptr_t _symbol(object lib, str name) except 0:
 
 cdef int _bind() except -1:
     """Point the function pointers at the libzmq pyzmq runs on (ImportError when it cannot)."""
+    cdef choreo_zmq_version_fn version
     global z_getsockopt, z_msg_init, z_msg_recv, z_msg_close, z_msg_data, z_msg_size, z_msg_more
     global z_msg_gets, z_send, z_errno
     if zmq.zmq_version_info()[0] != 4:  # the zmq_msg_t layout above is libzmq 4's
@@ -97,8 +100,13 @@ cdef int _bind() except -1:
         z_msg_gets = <choreo_zmq_msg_gets_fn>_symbol(lib, "zmq_msg_gets")
         z_send = <choreo_zmq_send_fn>_symbol(lib, "zmq_send")
         z_errno = <choreo_zmq_errno_fn>_symbol(lib, "zmq_errno")
+        version = <choreo_zmq_version_fn>_symbol(lib, "zmq_version")
     except (OSError, AttributeError) as exc:
         raise ImportError(f"cannot reach the libzmq pyzmq loaded: {exc}") from None
+    cdef int major = 0, minor = 0, patch = 0
+    version(&major, &minor, &patch)
+    if (major, minor, patch) != zmq.zmq_version_info():  # not the library pyzmq's sockets live in
+        raise ImportError(f"found libzmq {major}.{minor}.{patch}, pyzmq runs on {zmq.zmq_version()}")
     return 0
 
 
