@@ -72,6 +72,7 @@ from .rumors import Rumors
 __all__ = ["Gossip", "GossipHost", "SEED_REPORT_AFTER", "GOSSIP_FANOUT", "SYNC_EVERY", "NEW_DIALS"]
 
 log = logging.getLogger("choreo.node")
+_ALIVE = wire.MEMBER_STATES.index("alive")
 GOSSIP_FANOUT = 3  # members a node sends its news to, every quarter period, while it has news
 RETRANSMIT_MULT = 4  # each rumor goes out RETRANSMIT_MULT * ceil(log10(n + 1)) times per node
 PIGGYBACK_BYTES = 4096  # rumors per frame, at most (one always goes, however large)
@@ -378,10 +379,12 @@ class Gossip:
             self.contacts.send(peer, wire.NEWS, wire.News(news))
 
     def _hear(self, rumors: list[Any], now: float, sender: Peer | None = None, trusted: bool = True) -> None:
-        """Rumors a member passed on; ``trusted``: whether its word about the declared system counts
-        (see :meth:`~choreo.runtime.admission.Admission.may_gossip`)."""
+        """Rumors a member passed on; ``trusted``: whether its word about the declared system and
+        about other members counts (see :meth:`~choreo.runtime.admission.Admission.may_gossip`)."""
         for rumor in rumors:
             if isinstance(rumor, wire.Member):
+                if not self._may_speak_of(rumor, sender, trusted):
+                    continue
                 if self._learn_member(rumor, now, spread=True) and sender is not None and self.me is not None:
                     self.contacts.send(sender, wire.NEWS, wire.News([self.me.record()]))  # our refutation, to who told us
             elif not trusted:
@@ -391,6 +394,19 @@ class Gossip:
                     self._rumor(rumor)
             elif self._learn_system([], [rumor.service]):
                 self._rumor(rumor)
+
+    def _may_speak_of(self, record: wire.Member, sender: Peer | None, trusted: bool) -> bool:
+        """Whether ``sender``'s word about ``record``'s member counts. With keys, a node whose key
+        serves nothing (a client's) speaks for itself, and of others only to introduce them: a
+        member alive, unknown here, at an endpoint no live member holds (a client may be a
+        newcomer's seed). So it cannot declare a member suspect or dead (a member told it is dead
+        starts a new life, and everyone drops its channels) nor put another incarnation in a
+        member's place. (Not counted as a refusal: a client passes on what it heard, as every
+        member does.)"""
+        if trusted or (sender is not None and record.incarnation == sender.incarnation):
+            return True
+        return (record.state == _ALIVE and record.incarnation not in self.membership.peers
+                and self.membership.live_at(record.endpoint) is None)
 
     def _learn_member(self, record: wire.Member, now: float, spread: bool) -> bool:
         """Apply a member's record; True if it was about us and we refuted it."""
@@ -521,7 +537,7 @@ class Gossip:
         if req.target.incarnation == self.incarnation:
             return
         target = self.membership.peers.get(req.target.incarnation)
-        if target is None:
+        if target is None and self._may_speak_of(req.target, requester, trusted):
             self._learn_member(req.target, now, spread=False)
             target = self.membership.peers.get(req.target.incarnation)
         if target is not None and target.live:
@@ -554,7 +570,8 @@ class Gossip:
         if trusted:
             self._learn_system(sync.services, sync.retired)
         for record in sync.members:
-            self._learn_member(record, now, spread=False)
+            if self._may_speak_of(record, peer, trusted):
+                self._learn_member(record, now, spread=False)
         if sync.full and self.life.joining and not self.joining.synced:
             self.joining.synced = True
             me = self.me

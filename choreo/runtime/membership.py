@@ -165,6 +165,11 @@ class Membership:
         self.gained: list[Peer] = []  # after upsert: known members that got their declarations with it
         self.on_change: list[Callable[[], None]] = []  # called at each new version (caches built on a view)
 
+    def live_at(self, endpoint: str) -> Peer | None:
+        """The live peer at ``endpoint``, if any."""
+        peer = self._at.get(endpoint)
+        return peer if peer is not None and peer.live else None
+
     # -- changes -------------------------------------------------------------------------------
 
     def clear(self) -> None:

@@ -324,3 +324,39 @@ def test_with_keys_system_queries_need_the_admin_right() -> None:
     refused, allowed = answers
     assert not refused.ok and "key 'mobile' may not call dlq.list" in refused.error
     assert allowed.ok and allowed.result == []
+
+
+def test_with_keys_a_client_speaks_of_no_member_but_itself() -> None:
+    # a stolen client key joins as a member, then tells the mesh that the orders node is dead (at a
+    # version above its own) and that another incarnation now holds the orders node's endpoint
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=9, config=CONFIG, policy=POLICY)
+    mobile = h.add(None, key="mobile")
+    front = h.add(api, key="api-1")
+    owner = h.add(orders, key="orders-1")
+
+    async def scenario() -> None:
+        await h.start()
+        me = owner.gossip.me.record()
+        dead = msgspec.structs.replace(me, version=me.version + 100, state=wire.MEMBER_STATES.index("dead"))
+        ghost = wire.Member(0x7300_0000, 1, wire.MEMBER_STATES.index("alive"), me.endpoint, "ghost", "orders",
+                            64, 1 << 20)
+        inc = 0x7200_0000
+        hello = wire.Hello("phone", inc, "inproc://fake/phone", None, 64, 1 << 20)
+        for victim in (front, owner):
+            h.inject("inproc://fake/phone", victim, frame_from(inc, 0, wire.HELLO, hello), key="mobile")
+        await h.advance(0.2)
+        for victim in (front, owner):
+            for frame_type, body in ((wire.NEWS, wire.News([dead, ghost])),
+                                     (wire.SYNC, wire.Sync(members=[dead, ghost]))):
+                h.inject("inproc://fake/phone", victim, frame_from(inc, victim.incarnation, frame_type, body),
+                         key="mobile")
+        await h.advance(2.0)
+        assert owner.incarnation == me.incarnation, "the orders node was made to start a new life"
+        assert front.membership.peers[me.incarnation].live
+        assert all(ghost.incarnation not in n.membership.peers for n in (front, owner, mobile))
+        assert await h.run(mobile.send(PlaceOrder("o-7"))) == "o-7"
+
+    run(scenario)
+    assert created == ["o-7"]
