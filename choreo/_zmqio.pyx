@@ -158,9 +158,11 @@ cdef class Reader:
     """
 
     cdef object _socket, _on_frame, _refuse
+    cdef void *_sock  # the libzmq socket (fixed for the socket's life: used only while it is open)
     cdef bint _secure
 
     def __init__(self, socket, on_frame, refuse, bint secure):
+        self._sock = _handle(socket)
         self._socket = socket
         self._on_frame = on_frame
         self._refuse = refuse
@@ -173,7 +175,9 @@ cdef class Reader:
     cdef int _events(self) except? -1:
         cdef int events = 0
         cdef size_t size = sizeof(int)
-        if z_getsockopt(_handle(self._socket), EVENTS, &events, &size) < 0:
+        if self._socket.closed:  # (a frame's handling may close it)
+            raise zmq.ZMQError(ENOTSOCK_)
+        if z_getsockopt(self._sock, EVENTS, &events, &size) < 0:
             raise zmq.ZMQError(z_errno())
         return events
 
@@ -189,13 +193,11 @@ cdef class Reader:
         """
         cdef Py_ssize_t n
         cdef choreo_zmq_msg first, part
-        cdef void *sock
+        cdef void *sock = self._sock
         cdef const char *user
         cdef int errno
         cdef bint more
-        try:
-            sock = _handle(self._socket)
-        except zmq.ZMQError:
+        if self._socket.closed:
             return False
         for n in range(budget):
             try:

@@ -105,6 +105,7 @@ _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 # pyzmq's compiled send, without the Python wrapper of zmq.Socket.send (which only adds the
 # routing_id and group arguments of draft sockets): a frame leaves in one call
 _send = zmq.backend.Socket.send
+MULTIPART = b"\x00multipart"  # what a multipart message becomes (the engine refuses it as malformed)
 ZERO_COPY_BYTES = 65536  # a frame this large is handed to libzmq without a copy (pyzmq keeps it alive)
 HANDSHAKE_MS = 5_000  # a connection that has not finished its ZMTP (and CURVE) handshake by then is dropped
 HEARTBEAT_MS = 15_000  # ZMTP PING interval on every connection (SWIM finds dead peers; this finds dead connections) ...
@@ -155,7 +156,7 @@ class PyzmqReader:
                 if part.more:  # a peer that is not a choreo node: let the engine count the bad frame
                     while part.more:
                         part = router.recv(NOBLOCK, copy=False)
-                    data = b"\x00multipart"
+                    data = MULTIPART
                 else:
                     data = part.bytes
             except zmq.Again:

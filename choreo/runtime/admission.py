@@ -22,8 +22,8 @@ Two checks, the first always on, the second when the mesh has keys:
   instance's envelopes must be of types its declarations produce (or, between instances of one
   service, the types it consumes: forwards); a hand-over comes only from an instance of the
   service; a system query needs the key's admin right. (And, keys or not, a caller takes an
-  answer only from an instance of the service its request went to: :meth:`Calls.on_reply`.) Every refusal is counted by reason and
-  logged with the key's name.
+  answer only from an instance of the service its request went to: :meth:`Calls.on_reply`.)
+  Every refusal is counted by reason and logged with the key's name.
 
 A stranger's word never stops a node: a REFUSE "conflict" from a node this one has not joined
 is advisory (logged, counted) unless a key that may serve the conflicting service says it.
