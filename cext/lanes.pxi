@@ -500,7 +500,7 @@ cdef class FastLane:
                 return 0
             ea = <_LaneEntry>entry
         if ea.window is not None:
-            ea.window._prefetch_id(ahead.id_ptr())
+            CHOREO_PREFETCH(ea.window._home(ahead.id_ptr()))
             ea.window._prefetch_tail(LANE_AHEAD)  # the ring slot that insert fills (cold: freed long ago)
         return 0
 
