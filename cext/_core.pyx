@@ -65,8 +65,11 @@ MAX_ACK_RANGES = _MAX_ACK_RANGES
 
 cdef extern from *:
     """
-    #define CHOREO_PREFETCH(p) __builtin_prefetch((const void *)(p))
-    #define CHOREO_PREFETCH_W(p) __builtin_prefetch((const void *)(p), 1)
+    /* GCC counts __builtin_prefetch as free of side effects, so a function holding only
+       prefetches is inferred pure and a call to it is dropped: the empty volatile asm is a side
+       effect that keeps every prefetch where it is written, in a helper or not. */
+    #define CHOREO_PREFETCH(p) do { __builtin_prefetch((const void *)(p)); __asm__ __volatile__(""); } while (0)
+    #define CHOREO_PREFETCH_W(p) do { __builtin_prefetch((const void *)(p), 1); __asm__ __volatile__(""); } while (0)
     #include <stdlib.h>
     #include <string.h>
     #if defined(__linux__)

@@ -112,12 +112,7 @@ cdef class DedupWindow:
         return fmix64(id_hash(p) ^ self._seed)
 
     cdef inline const uint64_t *_home(self, const uint8_t *p) noexcept:
-        """The table slot where the probe for id ``p`` starts: what a caller prefetches.
-
-        The caller writes the prefetch itself: GCC counts ``__builtin_prefetch`` as no side
-        effect, so a function holding nothing else is "pure", and a call to it whose result
-        is unused gets removed (that took the fast lane's prefetch out until 2026-12-03).
-        """
+        """The table slot where the probe for id ``p`` starts: what a caller prefetches."""
         return &self._table[<size_t>(self._id_hash(p) >> 32) & self._tmask]
 
     cdef inline DEntry *_entry(self, uint64_t seq) noexcept:

@@ -483,11 +483,15 @@ cdef class FastLane:
     def handles(self, type_name):
         return type_name in self._entries
 
-    cdef inline int _prefetch(self, list envs, Py_ssize_t k, Py_ssize_t n, Envelope env, _LaneEntry e) except -1:
-        """Warm the dedup table slot of ``envs[k]`` (a few messages ahead of ``env``, handled by ``e``)."""
+    cdef inline int _prefetch(self, list envs, Py_ssize_t k, Py_ssize_t n, Envelope env, _LaneEntry e,
+                              SpanRing ring) except -1:
+        """Warm the dedup table slot of ``envs[k]`` (a few messages ahead of ``env``, handled by ``e``)
+        and the span slot its record fills."""
         cdef object obj, entry
         cdef Envelope ahead
         cdef _LaneEntry ea = e
+        if ring is not None:
+            ring._prefetch_ahead(LANE_AHEAD)
         if k >= n:
             return 0
         obj = envs[k]
@@ -557,6 +561,7 @@ cdef class FastLane:
             gptr = PyByteArray_AS_STRING(gate)
             glen = PyByteArray_GET_SIZE(gate)
         cdef object last_type = None, last_entry = None  # the entry of the previous envelope's type
+        cdef SpanRing ring = <SpanRing>spans_append if type(spans_append) is SpanRing else None
         t1 = clock()  # one reading per message: each one's start is the previous one's end
         while i < n:
             obj = envs[i]
@@ -573,7 +578,7 @@ cdef class FastLane:
             e = <_LaneEntry>entry
             if env.kind != e.kind or (answer is None and e.kind != _KIND_EVENT):
                 return handled, i, LANE_SLOW, None, None, 0.0
-            self._prefetch(envs, i + LANE_AHEAD, n, env, e)
+            self._prefetch(envs, i + LANE_AHEAD, n, env, e, ring)
             if not self._admissible(env, gptr, glen, keyed):
                 return handled, i, LANE_SLOW, None, None, 0.0
             if e.batch:
@@ -587,7 +592,7 @@ cdef class FastLane:
                         break
                     envj = <Envelope>obj
                     if j > i:
-                        self._prefetch(envs, j + LANE_AHEAD, n, env, e)
+                        self._prefetch(envs, j + LANE_AHEAD, n, env, e, ring)
                     if envj.type is not env.type and self._entries.get(envj.type) is not entry:
                         break
                     if envj.kind != _KIND_EVENT or not self._admissible(envj, gptr, glen, keyed):
@@ -703,6 +708,15 @@ cdef class SpanRing:
             for i in range(self.maxlen):
                 self._clear_slot(&self._slots[i])
             free(self._slots)
+
+    cdef inline void _prefetch_ahead(self, Py_ssize_t k) noexcept:
+        """Warm, for writing, the slot the ``k``-th push from now fills: it was filled ``maxlen``
+        spans ago, so it is cold, and recording into it starts by reading it (the old span's
+        references). A record touches the slot's first 104 bytes and its key's first bytes."""
+        cdef char *s = <char *>&self._slots[(self._head + self._len + k) % self.maxlen]
+        CHOREO_PREFETCH_W(s)
+        CHOREO_PREFETCH_W(s + 64)
+        CHOREO_PREFETCH_W(s + 127)
 
     cdef inline void _clear_slot(self, SpanSlot *s) noexcept:
         Py_XDECREF(s.span)
