@@ -24,6 +24,9 @@ class NodeConfig:
     receiver): the high-water mark at which ``emit`` waits. ``emit_timeout``: how long it
     waits before raising :class:`~choreo.Backpressure`. ``max_message_bytes``: the largest
     body accepted or sent. ``rto``/``rto_max``: first and largest retransmission timeout.
+    ``tick``: how often a node looks at its work while it has some (handlers running, hand-overs,
+    a commit due, callers waiting on a condition); what is only in flight wakes it by its own
+    deadlines (a retransmission, an answer's timeout), and at least every ``rto / 8``.
 
     Membership (SWIM, :mod:`choreo.runtime.gossip`): ``heartbeat`` is the protocol period, in
     which a node probes one member; a probe unanswered for ``suspect_after`` (directly for half

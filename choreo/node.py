@@ -208,17 +208,19 @@ class Node:
         self._tick_at = loop.time() + delay
         self._tick_handle = loop.call_later(delay, self._tick)
 
-    def _expect_work(self) -> None:
+    def _expect_work(self, within: float | None = None) -> None:
         """Something may have given the engine work (frames read, a request, events, a commit, a
-        condition waited for): tick within ``tick`` from now, unless a tick is due sooner. That
-        tick asks the engine when it next has work, and sleeps until then: asking here instead
-        would cost every read of a busy node a look at every channel."""
+        condition waited for): tick within ``within`` seconds (``tick`` by default) from now,
+        unless a tick is due sooner. That tick asks the engine when it next has work, and sleeps
+        until then: asking here instead would cost every read of a busy node a look at every
+        channel."""
         loop = self._loop
         if loop is None or self._tick_handle is None or self.engine is None:
             return
-        tick = self.config.tick
-        if self._tick_at - loop.time() > tick:
-            self._schedule_tick(tick)
+        if within is None:
+            within = self.config.tick
+        if self._tick_at - loop.time() > within:
+            self._schedule_tick(within)
 
     def _after_reading(self) -> None:
         """(the transport's idle callback) Frames were read: send what they caused, tick soon (they
@@ -229,7 +231,10 @@ class Node:
         engine.flush()
         if engine.fatal is not None:
             self._check_conditions()
-        self._expect_work()
+        # work to look at, or callers waiting on a condition: a tick away; what is only in flight
+        # (an ack, an answer, a retransmission) has deadlines that tick computes
+        prompt = engine.busy or self._conditions or self.transport is None or self.transport.parked
+        self._expect_work(None if prompt else engine.in_flight_tick)
 
     def _check_conditions(self) -> None:
         engine = self.engine
@@ -479,14 +484,19 @@ class Node:
     async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Send a command to its owning service; returns the handler's result."""
         engine = self._engine()
-        self._expect_work()
+        self._expect_request(engine, timeout)
         return await engine.send(command, timeout=timeout, traceparent=traceparent)
 
     async def ask(self, query: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
         """Ask a query; returns the answer."""
         engine = self._engine()
-        self._expect_work()
+        self._expect_request(engine, timeout)
         return await engine.ask(query, timeout=timeout, traceparent=traceparent)
+
+    def _expect_request(self, engine: Engine, timeout: float | None) -> None:
+        """A request is about to be in flight: tick by its deadlines (its answer's timeout, its
+        retransmission), not every ``tick`` while it travels."""
+        self._expect_work(min(engine.in_flight_tick, self.config.request_timeout if timeout is None else timeout))
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything this node sent is acknowledged by every consuming service.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import math
 from collections.abc import Callable, Coroutine, Iterable
 from functools import partial
 from typing import Any, Protocol
@@ -393,6 +394,17 @@ class Calls:
             traceparent=traceparent,
             origin_check=cause_id == ZERO_ID,
         )
+
+    def next_deadline(self) -> float:
+        """The earliest deadline of a request still waiting for its answer (inf: none).
+
+        Answered requests leave their entries behind (see ``_deadlines``): those at the top go
+        here, or a node answering requests for longer than their timeout would find one due at
+        every tick. (An entry of an id sent again is kept: it only makes a tick early.)"""
+        deadlines, pending = self._deadlines, self.pending
+        while deadlines and deadlines[0][1] not in pending:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else math.inf
 
     def expire(self, now: float) -> None:
         """Fail every request whose answer did not come before its deadline (called at each tick)."""

@@ -3,7 +3,7 @@
 An :class:`Engine` is one node incarnation: frames go in (:meth:`Engine.on_frame`), frames come
 out through the transport it is given, time comes from the clock it is given, and
 :meth:`Engine.tick` is called when :meth:`Engine.next_tick` says (every few milliseconds while
-messages are in flight, else at the next timer or membership deadline). The real node (:mod:`choreo.node`) plugs
+messages are being handled, else at the next deadline: a timer, membership, a retransmission). The real node (:mod:`choreo.node`) plugs
 in ZeroMQ and ``time.monotonic``; the test harness (:mod:`choreo.testing`) plugs in a lossy
 in-memory link and a virtual clock, and the same code runs under both.
 
@@ -203,6 +203,10 @@ class Engine:
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
+        # how long a tick may wait while messages are only in flight: their deadlines (an ack's
+        # retransmission, an answer's timeout) are known, this bounds what a tick cannot see (a
+        # batch sent since it looked); a tenth of a second with the default rto
+        self.in_flight_tick = max(config.tick, config.rto / 8)
         self._timer_seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._log_budget: dict[str, float] = {}
@@ -343,21 +347,31 @@ class Engine:
         elif now - max(last, self._idle_until) > c.suspect_after / 2:  # (asleep on purpose until _idle_until)
             self.gossip.forgive(gap, now)
 
+    @property
+    def busy(self) -> bool:
+        """Work that a tick must look at within ``tick``: messages being handled or waiting for
+        a handler, a membership change not yet applied, hand-overs, a commit due. Cheap: it looks
+        at no channel (it is asked after every read)."""
+        if self.intake.queue or self.membership.version != self._synced_version or not self.dispatcher.idle:
+            return True
+        moves = self.moves
+        if moves is not None and (moves.busy or moves.ownership.awaiting or moves.early or moves.sending):
+            return True  # hand-overs in progress, waited for, settled, or sent again
+        journal = self.journal
+        return journal is not None and (journal.dirty or journal.failing is not None)  # a commit due, or to retry
+
     def next_tick(self) -> float:
-        """When :meth:`tick` next has work (the engine's clock): a tick away while messages are in
-        flight or being handled, else the next timer or membership deadline (an idle node sleeps)."""
+        """When :meth:`tick` next has work (the engine's clock): a tick away while the engine is
+        :attr:`busy`; else the next deadline of a timer, of membership, of a request's answer or of
+        a retransmission, and no later than :attr:`in_flight_tick` while messages are in flight."""
         now = self.clock()
-        if self.intake.queue or self.membership.version != self._synced_version or not self.drained:
+        if self.busy:
             return now + self.config.tick
-        due = self.gossip.next_due
+        due = min(self.gossip.next_due, self.calls.next_deadline())
         if self._timers:
             due = min(due, self._timers[0][0])
-        moves = self.moves
-        if moves is not None and (moves.ownership.awaiting or moves.early or moves.sending):
-            return now + self.config.tick  # hand-overs waited for, settled, or sent again
-        journal = self.journal
-        if journal is not None and (journal.dirty or journal.failing is not None):
-            return now + self.config.tick  # a commit due within max_delay, or one to retry
+        if not self.drained:  # sent and not yet acknowledged, or received and not yet done
+            due = min(due, now + self.in_flight_tick, self.outbox.next_retransmission())
         self._idle_until = max(due, now)
         return self._idle_until
 

@@ -36,6 +36,7 @@ True
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -328,6 +329,14 @@ class Outbox:
                 body = ch.window.due(now)
                 if body is not None:  # it may hold commands: the receiver looks (retransmissions are rare)
                     self.send_data(ch, body, True)
+
+    def next_retransmission(self) -> float:
+        """The earliest time :meth:`retransmit` may have something to resend (inf: nothing)."""
+        due = math.inf
+        for ch in self.out.values():
+            if ch.window.in_flight and ch.peer.live:
+                due = min(due, ch.window.next_deadline())
+        return due
 
     def close(self, incarnation: int) -> OutChannel | None:
         """The peer is gone: close both channels with it; returns the outbound one to evacuate."""
