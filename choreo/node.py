@@ -271,12 +271,19 @@ class Node:
             raise TimeoutError(f"{self.name}: {what} not reached within {timeout:.1f} s") from None
 
     async def wait_for(self, services: Mapping[str, int] | Iterable[str], timeout: float = 10.0) -> None:
-        """Wait until the mesh has these services (with at least N instances each, for a mapping)."""
+        """Wait until this node has joined the mesh and the mesh has these services (with at
+        least N instances each, for a mapping): what it sends next is routed to them::
+
+            await node.wait_for({"billing": 2})
+            node.try_emit(OrderPlaced(order_id="o-1"))   # never NotJoined here
+        """
         wanted = dict(services) if isinstance(services, Mapping) else {s: 1 for s in services}
         engine = self._engine()
 
         def ready() -> bool:
-            return all(len(engine.membership.instances(s)) >= n for s, n in wanted.items())
+            # a seed's hello names its service before its table arrives, and a node routes
+            # nothing until it has the table (joined): both, or try_emit would still refuse
+            return engine.calls.routing and all(len(engine.membership.instances(s)) >= n for s, n in wanted.items())
 
         try:
             await self.until(ready, timeout, f"services {wanted}")

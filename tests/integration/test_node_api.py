@@ -19,7 +19,9 @@ from choreo import (
     Service,
     UndeclaredMessage,
 )
+from choreo import wire
 from choreo.node import Node, NodeConfig
+from choreo.runtime.engine import Engine
 from choreo.runtime.intake import RUN_BUDGET, RUN_CHUNK
 
 FAST = NodeConfig(heartbeat=0.05, suspect_after=0.5, dead_after=1.0, tick=0.005)
@@ -412,6 +414,87 @@ def test_an_idle_node_sleeps_between_membership_deadlines_and_wakes_for_work() -
         finally:
             await b.stop()
             await a.stop()
+
+    run(scenario)
+
+
+def test_back_to_back_requests_wake_both_nodes_by_deadlines_not_every_tick() -> None:
+    # something is always in flight between a caller and its owner; what is only in flight has
+    # deadlines (a retransmission, the answer's timeout): neither node looks every `tick`
+    svc = Service("counter")
+    balances: dict[str, int] = {}
+
+    @svc.command(Deposit)
+    def deposit(cmd: Deposit) -> int:
+        balances[cmd.account] = balances.get(cmd.account, 0) + cmd.cents
+        return balances[cmd.account]
+
+    config = NodeConfig(heartbeat=0.5, tick=0.005)
+
+    async def scenario() -> None:
+        a = Node(svc, bind=f"inproc://busy-{id(config)}-a", config=config)
+        await a.start()
+        b = Node(None, bind=f"inproc://busy-{id(config)}-b", peers=[a.endpoint], config=config)
+        await b.start()
+        try:
+            await b.wait_for({"counter": 1})
+            ticks = {"owner": 0, "caller": 0}
+            for name, node in (("owner", a), ("caller", b)):
+                engine = node.engine
+                assert engine is not None
+                tick = engine.tick
+
+                def counted(name: str = name, tick: Callable[[], None] = tick) -> None:
+                    ticks[name] += 1
+                    tick()
+
+                engine.tick = counted  # type: ignore[method-assign]
+            n, start = 0, time.monotonic()
+            while time.monotonic() - start < 2.0:
+                n += 1
+                assert await b.send(Deposit("acc-1", 1)) == n
+            assert balances == {"acc-1": n} and n > 50
+            for name, count in ticks.items():
+                assert count < 2.0 / config.tick / 10, f"the {name} ticked {count} times in 2 s of {n} requests"
+        finally:
+            await b.stop()
+            await a.stop()
+
+    run(scenario)
+
+
+def test_after_wait_for_a_new_node_routes_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a seed's hello names its service before its table (SYNC) arrives, and a node routes
+    # nothing until it has the table: wait_for returns once this node has joined, so the first
+    # try_emit after it is routed, never refused with NotJoined. The client's first SYNC is
+    # lost here, so that it knows the service well before it has joined.
+    svc, _, audit = bank()
+    lost: list[bytes] = []
+    on_frame = Engine.on_frame
+
+    def losing_first_sync(self: Engine, data: bytes, identity: bytes | None = None, principal: str | None = None) -> None:
+        if self.name.startswith("client") and not lost and wire.parse_header(data)[0] == wire.SYNC:
+            lost.append(data)
+            return
+        on_frame(self, data, identity, principal)
+
+    monkeypatch.setattr(Engine, "on_frame", losing_first_sync)
+    config = NodeConfig(heartbeat=0.3, suspect_after=3.0, dead_after=6.0, tick=0.005)
+
+    async def scenario() -> None:
+        seed = Node(svc, bind=f"inproc://first-{id(audit)}", config=config)
+        await seed.start()
+        client = Node(None, name="client-1", bind=f"inproc://first-{id(audit)}-c", peers=[seed.endpoint], config=config)
+        await client.start()
+        try:
+            await client.wait_for({"bank": 1})
+            assert lost, "the first SYNC was not lost: the test did not test anything"
+            assert client.engine is not None and client.engine.state == "joined"
+            client.try_emit(Deposited("acc-1", 1))
+            assert await client.send(Deposit("acc-1", 2)) == 2
+        finally:
+            await client.stop(timeout=5)
+            await seed.stop(timeout=5)
 
     run(scenario)
 
