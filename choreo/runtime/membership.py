@@ -88,10 +88,20 @@ class Peer:
     principal: str | None = None  # the key that connection authenticated as (None without keys)
     key: bytes = b""  # the rendezvous identity: the incarnation's bytes unless given (durable nodes)
     copies: bytes = b""  # the partitions it says it keeps a standby copy of (a bitmap)
+    # derived from ``state`` (kept by Membership._move, its one writer): read on every frame's
+    # path, so attributes rather than properties
+    live: bool = field(default=True, init=False)
+    routable: bool = field(default=True, init=False)
 
     def __post_init__(self) -> None:
         if not self.key:
             self.key = self.incarnation.to_bytes(8, "little")
+        self._derive()
+
+    def _derive(self) -> None:
+        """``live`` and ``routable`` from ``state``."""
+        self.live = self.state in LIVE_STATES
+        self.routable = self.state in ROUTABLE_STATES
 
     @property
     def own_key(self) -> bytes:
@@ -109,14 +119,6 @@ class Peer:
     @property
     def service_name(self) -> str | None:
         return self.service.name if self.service else self.claims
-
-    @property
-    def live(self) -> bool:
-        return self.state in LIVE_STATES
-
-    @property
-    def routable(self) -> bool:
-        return self.state in ROUTABLE_STATES
 
     def record(self, state: str | None = None) -> wire.Member:
         """This peer as gossip carries it (``state`` overrides its own, e.g. "suspect" for a leaving peer)."""
@@ -377,6 +379,7 @@ class Membership:
         was_live = peer.live
         old = self._hash(peer)
         peer.state = transition(PEER_TRANSITIONS, peer.state, event)
+        peer._derive()
         if was_live and not peer.live:
             self.live_count -= 1
             if self._at.get(peer.endpoint) is peer:
