@@ -383,6 +383,30 @@ def test_a_task_must_be_async() -> None:
         svc.task(lambda node: None)
 
 
+async def owner_and_caller(svc: Service, tag: str, config: NodeConfig) -> tuple[Node, Node]:
+    """A node serving ``svc`` and a client seeded by it, both started."""
+    a = Node(svc, bind=f"inproc://{tag}-{id(config)}-a", config=config)
+    await a.start()
+    b = Node(None, bind=f"inproc://{tag}-{id(config)}-b", peers=[a.endpoint], config=config)
+    await b.start()
+    return a, b
+
+
+def counting_ticks(node: Node) -> list[int]:
+    """Count the ticks of ``node``'s engine from now on (the count is the list's one item)."""
+    engine = node.engine
+    assert engine is not None
+    count = [0]
+    tick = engine.tick
+
+    def counted() -> None:
+        count[0] += 1
+        tick()
+
+    engine.tick = counted  # type: ignore[method-assign]
+    return count
+
+
 def test_an_idle_node_sleeps_between_membership_deadlines_and_wakes_for_work() -> None:
     # no fixed fast tick: an idle node wakes for its probes (one per heartbeat) and the frames it
     # gets, not every `tick`; a command arriving while it sleeps is answered all the same
@@ -390,23 +414,13 @@ def test_an_idle_node_sleeps_between_membership_deadlines_and_wakes_for_work() -
     config = NodeConfig(heartbeat=0.5, tick=0.005)
 
     async def scenario() -> None:
-        a = Node(svc, bind=f"inproc://idle-{id(config)}-a", config=config)
-        await a.start()
-        b = Node(None, bind=f"inproc://idle-{id(config)}-b", peers=[a.endpoint], config=config)
-        await b.start()
+        a, b = await owner_and_caller(svc, "idle", config)
         try:
             await b.wait_for({"bank": 1})
             engine = a.engine
             assert engine is not None
             await a.until(lambda: engine.drained and engine.state == "joined", 10, "a idle")
-            ticks = [0]
-            tick = engine.tick
-
-            def counted() -> None:
-                ticks[0] += 1
-                tick()
-
-            engine.tick = counted  # type: ignore[method-assign]
+            ticks = counting_ticks(a)
             await asyncio.sleep(2.0)
             idle_ticks = ticks[0]
             assert idle_ticks < 2.0 / config.tick / 10, f"{idle_ticks} ticks in 2 s of idling (tick is {config.tick} s)"
@@ -432,30 +446,17 @@ def test_back_to_back_requests_wake_both_nodes_by_deadlines_not_every_tick() -> 
     config = NodeConfig(heartbeat=0.5, tick=0.005)
 
     async def scenario() -> None:
-        a = Node(svc, bind=f"inproc://busy-{id(config)}-a", config=config)
-        await a.start()
-        b = Node(None, bind=f"inproc://busy-{id(config)}-b", peers=[a.endpoint], config=config)
-        await b.start()
+        a, b = await owner_and_caller(svc, "busy", config)
         try:
             await b.wait_for({"counter": 1})
-            ticks = {"owner": 0, "caller": 0}
-            for name, node in (("owner", a), ("caller", b)):
-                engine = node.engine
-                assert engine is not None
-                tick = engine.tick
-
-                def counted(name: str = name, tick: Callable[[], None] = tick) -> None:
-                    ticks[name] += 1
-                    tick()
-
-                engine.tick = counted  # type: ignore[method-assign]
+            ticks = {"owner": counting_ticks(a), "caller": counting_ticks(b)}
             n, start = 0, time.monotonic()
             while time.monotonic() - start < 2.0:
                 n += 1
                 assert await b.send(Deposit("acc-1", 1)) == n
             assert balances == {"acc-1": n} and n > 50
             for name, count in ticks.items():
-                assert count < 2.0 / config.tick / 10, f"the {name} ticked {count} times in 2 s of {n} requests"
+                assert count[0] < 2.0 / config.tick / 10, f"the {name} ticked {count[0]} times in 2 s of {n} requests"
         finally:
             await b.stop()
             await a.stop()
