@@ -519,12 +519,13 @@ cdef class FastLane:
                 return 0
         return 1
 
-    cdef inline int _done(self, Envelope env, _LaneEntry e, InboundReorder reorder, spans_append, object received,
-                          object t0, object t1) except -1:
-        """A handled envelope: its span (choreo.tracing's layout), then complete in its channel."""
+    cdef inline int _done(self, Envelope env, _LaneEntry e, InboundReorder reorder, SpanRing ring, spans_append,
+                          object received, object t0, object t1) except -1:
+        """A handled envelope: its span (choreo.tracing's layout; ``ring``: ``spans_append`` when it
+        is a SpanRing), then complete in its channel."""
         cdef tuple span
-        if type(spans_append) is SpanRing:  # the ids, key and times copied in: no object per span
-            (<SpanRing>spans_append)._record(env, env.type, e.name, received, t0, t1)
+        if ring is not None:  # the ids, key and times copied in: no object per span
+            ring._record(env, env.type, e.name, received, t0, t1)
         elif spans_append is not None:
             # the three ids as one bytes object (msg_id | trace_id | cause_id, as on the wire), split
             # when the span is read
@@ -618,7 +619,7 @@ cdef class FastLane:
                         return handled, i, LANE_BATCH_FAILED, batch, exc, t0
                     t1 = clock()
                     while i < j:
-                        self._done(<Envelope>envs[i], e, reorder, spans_append, received, t0, t1)
+                        self._done(<Envelope>envs[i], e, reorder, ring, spans_append, received, t0, t1)
                         i += 1
                     handled += len(batch)
                 if stop_at >= 0:
@@ -659,7 +660,7 @@ cdef class FastLane:
                     if (<StateView>view)._commit(env) if type(view) is StateView else view.commit(env):
                         return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()
-            self._done(env, e, reorder, spans_append, received, t0, t1)
+            self._done(env, e, reorder, ring, spans_append, received, t0, t1)
             handled += 1
             i += 1
         return handled, n, LANE_END, None, None, 0.0

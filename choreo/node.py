@@ -183,8 +183,8 @@ class Node:
 
     def _tick(self) -> None:
         """The engine's timers, then the conditions callers wait for; then sleep until the engine
-        has work again (a tick away while messages are in flight, else its next deadline: an idle
-        node wakes a few times a second, to probe a member and answer probes)."""
+        has work again (a tick away while it is busy or callers wait, else its next deadline: an
+        idle node wakes a few times a second, to probe a member and answer probes)."""
         self._tick_handle = None
         engine, transport = self.engine, self.transport
         if engine is None or transport is None or transport.closed:
@@ -197,9 +197,15 @@ class Node:
             log.exception("%s: error in tick", engine.name)
         self._check_conditions()
         delay = self.config.tick
-        if not self._conditions and not transport.parked:
+        if not self._looks_every_tick():
             delay = max(delay, engine.next_tick() - engine.clock())
         self._schedule_tick(delay)
+
+    def _looks_every_tick(self) -> bool:
+        """Callers wait on a condition, or frames wait to be sent: the node looks every ``tick``,
+        whatever the engine's deadlines."""
+        transport = self.transport
+        return bool(self._conditions) or transport is None or transport.parked
 
     def _schedule_tick(self, delay: float) -> None:
         loop = self._loop or asyncio.get_running_loop()
@@ -233,8 +239,7 @@ class Node:
             self._check_conditions()
         # work to look at, or callers waiting on a condition: a tick away; what is only in flight
         # (an ack, an answer, a retransmission) has deadlines that tick computes
-        prompt = engine.busy or self._conditions or self.transport is None or self.transport.parked
-        self._expect_work(None if prompt else engine.in_flight_tick)
+        self._expect_work(None if engine.busy or self._looks_every_tick() else engine.in_flight_tick)
 
     def _check_conditions(self) -> None:
         engine = self.engine
