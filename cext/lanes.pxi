@@ -593,7 +593,11 @@ cdef class FastLane:
                         break
                     envj = <Envelope>obj
                     if j > i:
-                        self._prefetch(envs, j + LANE_AHEAD, n, env, e, ring)
+                        self._prefetch(envs, j + LANE_AHEAD, n, env, e, None)
+                    if ring is not None:
+                        # the span slot this message records into, after the batch returns: the
+                        # ring's head stands still while a batch is gathered (its records come last)
+                        ring._prefetch_ahead(j - i)
                     if envj.type is not env.type and self._entries.get(envj.type) is not entry:
                         break
                     if envj.kind != _KIND_EVENT or not self._admissible(envj, gptr, glen, keyed):
