@@ -42,6 +42,7 @@ __all__ = [
     "median",
     "percentiles",
     "raw_pingpong",
+    "raw_pingpong_under_load",
     "raw_pushpull",
     "rss_kb",
     "scaled",
@@ -272,6 +273,26 @@ def raw_pingpong(procs: Procs, count: int, size: int, seconds: float) -> tuple[l
     echo.wait(30)
     rtts = list(result["rtt_ns"])
     return rtts, {"client": result["cpu_s"] / len(rtts), "server": echoed["cpu_s"] / max(echoed["echoed"], 1)}
+
+
+def raw_pingpong_under_load(
+    procs: Procs, count: int, size: int, seconds: float, rate: float, payload: bytes
+) -> tuple[list[int], float]:
+    """Round trips (ns) as :func:`raw_pingpong`, to an echo that also pulls ``payload`` at ``rate``
+    a second from a PUSH process (the load outlasts the pings); also the rate carried."""
+    echo = procs.program("loaded_echo")
+    router, sink = procs.line(echo, 30).split()
+    path = procs.path("payload")
+    with open(path, "wb") as f:
+        f.write(payload)
+    push = procs.program("push_at", sink, str(rate), str(seconds + 6), path)
+    procs.line(push, 30)  # started
+    ping = procs.program("ping", router, str(count), str(size), str(seconds))
+    result = json.loads(procs.line(ping, seconds + 60))
+    pushed = json.loads(procs.line(push, seconds + 60))
+    procs.line(echo, 30)
+    echo.wait(30)
+    return list(result["rtt_ns"]), pushed["count"] / pushed["elapsed"]
 
 
 def cpu_seconds(pid: int) -> float:

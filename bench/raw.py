@@ -9,7 +9,11 @@ The figures choreo is divided by, measured in the same run as choreo's (shared/P
   (PACK=1, single-frame sends) or PACK payloads concatenated per message;
 * ``echo`` binds a ROUTER, prints its endpoint and sends every message back until it gets an
   empty one; ``ping ENDPOINT COUNT SIZE SECONDS`` sends SIZE bytes on a DEALER and waits for
-  the echo, COUNT times (fewer if SECONDS pass), and prints every round trip in ns.
+  the echo, COUNT times (fewer if SECONDS pass), and prints every round trip in ns;
+* ``loaded_echo`` is that echo with a PULL socket beside it in the same process, which a
+  ``push_at ENDPOINT RATE SECONDS PAYLOAD_FILE`` process feeds at RATE payloads a second: the
+  ping-pong under the load choreo's commands meet in ``latency.command_under_load`` (pings are
+  served first, then at most ``CHUNK`` payloads before the next look, as a node's intake does).
 
 Every receive has a timeout, so a lost peer ends a run with an error instead of a hang.
 """
@@ -121,6 +125,74 @@ def ping(endpoint: str, count: int, size: int, seconds: float) -> dict[str, obje
     return {"rtt_ns": rtts, "cpu_s": cpu}
 
 
+CHUNK = 64  # payloads pulled between two looks for a ping (choreo.runtime.intake.RUN_CHUNK)
+
+
+def loaded_echo() -> dict[str, float]:
+    router, sink = _socket(zmq.ROUTER), _socket(zmq.PULL)
+    router.bind("tcp://127.0.0.1:0")
+    sink.bind("tcp://127.0.0.1:0")
+    print(router.getsockopt_string(zmq.LAST_ENDPOINT), sink.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    poller.register(sink, zmq.POLLIN)
+    echoed = pulled = 0
+    pings_done = load_done = False  # each side ends with an empty message
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    while not (pings_done and load_done):
+        ready = dict(poller.poll(1000))
+        if not ready:
+            if time.monotonic() > deadline:
+                raise TimeoutError("loaded_echo: no ping and no payload for 20 s")
+            continue
+        deadline = time.monotonic() + TIMEOUT_MS / 1000
+        if router in ready:  # pings first
+            identity, data = router.recv_multipart()
+            if data:
+                router.send_multipart([identity, data])
+                echoed += 1
+            else:
+                pings_done = True
+        if sink in ready:
+            for _ in range(CHUNK):
+                try:
+                    data = sink.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if not data:
+                    load_done = True
+                    break
+                pulled += 1
+    router.close(0)
+    sink.close(0)
+    return {"echoed": echoed, "pulled": pulled}
+
+
+def push_at(endpoint: str, rate: float, seconds: float, payload: bytes) -> dict[str, float]:
+    """PUSH ``rate`` payloads a second for ``seconds``, in a burst every millisecond it is behind;
+    prints ``started`` once the first has left (the pings start then), and ends with an empty one."""
+    sock = _socket(zmq.PUSH)
+    sock.connect(endpoint)
+    send = sock.send
+    send(payload)
+    print("started", flush=True)
+    start = time.perf_counter()
+    sent = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+        due = int(elapsed * rate)
+        while sent < due:
+            send(payload)
+            sent += 1
+        time.sleep(0.001)
+    elapsed = time.perf_counter() - start
+    send(b"")
+    sock.close(linger=TIMEOUT_MS)
+    return {"count": sent, "elapsed": elapsed}
+
+
 def main(argv: list[str]) -> int:
     mode, args = argv[0], argv[1:]
     if mode == "pull":
@@ -133,8 +205,14 @@ def main(argv: list[str]) -> int:
         result = echo()
     elif mode == "ping":
         result = ping(args[0], int(args[1]), int(args[2]), float(args[3]))
+    elif mode == "loaded_echo":
+        result = loaded_echo()
+    elif mode == "push_at":
+        with open(args[3], "rb") as f:
+            payload = f.read()
+        result = push_at(args[0], float(args[1]), float(args[2]), payload)
     else:
-        print(f"unknown mode {mode!r}: pull, push, echo or ping", file=sys.stderr)
+        print(f"unknown mode {mode!r}: pull, push, echo, ping, loaded_echo or push_at", file=sys.stderr)
         return 2
     # term() waits for the linger of closed sockets: without it, what a PUSH still queues at
     # exit is lost

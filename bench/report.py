@@ -233,6 +233,12 @@ LATENCY_ROWS = [
                    f" (p50 {_us(f, 'latency.command_under_load.p50_us')}, p99.9 "
                    f"{_us(f, 'latency.command_under_load.p999_us')}) at "
                    f"{_per_s(f, 'latency.command_under_load.events_per_s')}"))),
+    Row("latency.command_under_load.p99_ratio_vs_raw_under_load", "the same p99 over raw ZeroMQ's under the same "
+        "load (a raw echo that also pulls 100 B payloads at that rate from a raw PUSH process), rounds interleaved",
+        "x", None, False, _with_spread("latency.command_under_load.p99_ratio_vs_raw_under_load",
+        lambda f: (f"raw under load p99 {_us(f, 'latency.raw_under_load.p99_us')} (p50 "
+                   f"{_us(f, 'latency.raw_under_load.p50_us')}; "
+                   f"{fmt(num(f, 'latency.raw_under_load.p99_ratio_vs_raw_pingpong'), 'x')} the idle raw p99)"))),
     Row("latency.command_under_load.client_cpu_ratio_vs_raw_pingpong", "the caller's CPU time per round trip under "
         "that load, over the idle raw caller's", "x", None, False,
         lambda f: (f"raw client {_us(f, 'latency.cpu_us.raw.client')} vs choreo caller "

@@ -13,6 +13,11 @@ the figure.
 Rounds are interleaved (raw, then choreo, three times); the ratios' spread over rounds is
 recorded beside them (``.min``/``.max``), and a CPU ratio beside every wall-clock ratio.
 
+The same load on raw ZeroMQ, interleaved round by round: the raw echo also pulls 100-byte
+payloads, at the same rate, from a raw PUSH process (serving pings first, as a node does). Its
+p99 over the idle one says how much the machine's two cores alone inflate a round trip under that
+load; ``latency.command_under_load.p99_ratio_vs_raw_under_load`` is choreo's over it.
+
 Figures: ``latency.command.{p50,p99,p999}_us``, ``latency.raw_pingpong.{p50,p99,p999}_us``,
 ``latency.command.{p50,p99,p999}_ratio_vs_raw_pingpong``, and ``latency.command_under_load.*``
 with ``latency.command_under_load.events_per_s`` (the load actually carried), and the CPU time per
@@ -21,7 +26,17 @@ round trip of each side (``latency.cpu_us.*``, ``latency.command.cpu_ratio_vs_ra
 
 from __future__ import annotations
 
-from bench.harness import SESSION, Procs, choreo_run, cpu_seconds, median, percentiles, raw_pingpong, scaled
+from bench.harness import (
+    SESSION,
+    Procs,
+    choreo_run,
+    cpu_seconds,
+    median,
+    percentiles,
+    raw_pingpong,
+    raw_pingpong_under_load,
+    scaled,
+)
 from bench.results import record
 
 ROUNDS = 3
@@ -116,12 +131,17 @@ def test_command_round_trip_under_load(benchmark) -> None:
     rate = peak / 2
     seconds = SECONDS + 6  # the load outlasts the pings (they start once it is on)
     cmd: list[int] = []
+    raw: list[int] = []  # raw ping-pong under a raw PUSH of the same rate, round by round
     carried: list[float] = []
     round_p99: list[float] = []
+    round_vs_raw: list[float] = []
     client_cpu: list[float] = []
 
     def measure() -> None:
         for _ in range(UNDER_LOAD_ROUNDS):
+            with Procs() as procs:
+                raw_rtts, _ = raw_pingpong_under_load(procs, PINGS, SIZE, SECONDS, rate, b"x" * 100)
+                raw.extend(raw_rtts)
             with Procs() as procs:
                 rtts, produced, used = choreo_pings(
                     procs, {"count": int(rate * seconds), "seconds": seconds, "rate": rate, "keys": 1000, "size": 100}
@@ -130,10 +150,18 @@ def test_command_round_trip_under_load(benchmark) -> None:
                 assert produced is not None
                 carried.append(produced["count"] / produced["elapsed"])
                 round_p99.append(percentiles(rtts)[99])
+                round_vs_raw.append(percentiles(rtts)[99] / percentiles(raw_rtts)[99])
                 client_cpu.append(used["client"])
 
     benchmark.pedantic(measure, rounds=1, iterations=1)
     mine = record_percentiles("latency.command_under_load", cmd)
+    base = record_percentiles("latency.raw_under_load", raw)
+    # what the same load does to raw ZeroMQ on this machine: how much of the ratio below is the
+    # two cores', not choreo's
+    for q, name in NAMES.items():
+        record(f"latency.command_under_load.{name}_ratio_vs_raw_under_load", mine[q] / base[q])
+    record("latency.command_under_load.p99_ratio_vs_raw_under_load.min", min(round_vs_raw))
+    record("latency.command_under_load.p99_ratio_vs_raw_under_load.max", max(round_vs_raw))
     record("latency.command_under_load.target_events_per_s", rate)
     record("latency.command_under_load.events_per_s", median(carried))
     record("latency.cpu_us.command_under_load.client", median(client_cpu) * 1e6)
@@ -145,6 +173,7 @@ def test_command_round_trip_under_load(benchmark) -> None:
                min(round_p99) / SESSION["latency.raw_pingpong.p99_ns"])
         record("latency.command_under_load.p99_ratio_vs_raw_pingpong.max",
                max(round_p99) / SESSION["latency.raw_pingpong.p99_ns"])
+        record("latency.raw_under_load.p99_ratio_vs_raw_pingpong", base[99] / SESSION["latency.raw_pingpong.p99_ns"])
         # the caller's CPU per round trip under load over the idle raw caller's (the owner's CPU
         # time is mostly the events then)
         record("latency.command_under_load.client_cpu_ratio_vs_raw_pingpong",
