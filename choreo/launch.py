@@ -98,7 +98,8 @@ class NodeProcess:
             self.start(ready_timeout)
 
     def start(self, timeout: float = 30.0) -> NodeProcess:
-        """Spawn the child and wait for its ready line (TimeoutError with its stderr otherwise)."""
+        """Spawn the child and wait for its ready line (otherwise TimeoutError with its stderr and,
+        when it exited, its exit status)."""
         if self.proc is not None:
             raise RuntimeError("already started")
         payload = dumps(
@@ -137,20 +138,28 @@ class NodeProcess:
         self.proc.stdin.close()
         deadline = time.monotonic() + timeout
         line = b""
+        eof = False
         while time.monotonic() < deadline:
             ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 break
             chunk = os.read(self.proc.stdout.fileno(), 4096)
             if not chunk:
+                eof = True
                 break
             line += chunk
             if b"\n" in line:
                 break
         text = line.decode(errors="replace").strip()
         if not text.startswith(READY_PREFIX):
+            try:  # its stdout closed: it is exiting, and its status says more than a timeout would
+                status = self.proc.wait(1.0) if eof else self.proc.poll()
+            except subprocess.TimeoutExpired:
+                status = None
             self.kill()
-            raise TimeoutError(f"node process did not become ready within {timeout:.0f} s: {self.stderr()[-2000:]}")
+            what = (f"exited with status {status} before it was ready" if status is not None
+                    else f"did not become ready within {timeout:.0f} s")
+            raise TimeoutError(f"node process {what}: {self.stderr()[-2000:]}")
         fields = text[len(READY_PREFIX) :].split()
         self.endpoint = fields[0]
         self.node_name = fields[1] if len(fields) > 1 else None

@@ -51,3 +51,12 @@ def test_node_processes_stop_when_their_parent_is_killed() -> None:
             parent.kill()
         if child is not None and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_node_process_that_exits_before_it_is_ready_says_how() -> None:
+    from choreo.launch import NodeProcess
+
+    # (it used to wait out ready_timeout, then blame the time: the exit status tells the truth)
+    with pytest.raises(TimeoutError, match=r"exited with status 1 before it was ready: (?s:.*)"
+                                           r"No module named 'no_such_module_xyz'"):
+        NodeProcess("no_such_module_xyz:svc", ready_timeout=60)
