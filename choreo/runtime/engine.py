@@ -428,6 +428,8 @@ class Engine:
                     if why is not None:
                         raise ProtocolError("not_allowed", f"a frame that speaks for {known.node}: {why}")
                     known.identity, known.principal = identity, principal  # its frames come only from there now
+                    if not known.vouched:
+                        self.gossip.vouched(known)  # it speaks for itself, under a key that may serve
             if receiver and receiver != self.incarnation:
                 self.gossip.refuse_stale(sender, receiver)
                 return
@@ -460,6 +462,8 @@ class Engine:
         peer = self.membership.peers.get(sender)
         if peer is not None and peer.identity is None and sender != self.incarnation and not unnamed(identity):
             peer.identity, peer.principal = identity, principal  # its frames come only from there from now on
+            if not peer.vouched:
+                self.gossip.vouched(peer)
 
     def _key_full(self, principal: str, endpoint: str) -> str | None:
         """Why a new member under key ``principal`` at ``endpoint`` is one too many, or None (a

@@ -256,7 +256,7 @@ class Gossip:
                 self._rumor(record)
                 # its service's other instances take its partitions: they hear it first, before
                 # anything we resend them of what it had not acknowledged (one connection: in order)
-                for other in self.membership.instances(peer.service_name or ""):
+                for other in self.membership.instances(peer.service_name or "") if peer.vouched else ():
                     if other is not self.me:
                         self.contacts.send(other, wire.NEWS, wire.News([record]))
                 self.host.peer_gone(peer)
@@ -333,7 +333,7 @@ class Gossip:
         seq = self.probes.seq_of(target)
         if peer is None or seq is None:
             return
-        helpers = self.contacts.random_members(self.config.indirect_probes, besides=target)
+        helpers = self.contacts.random_members(self.config.indirect_probes, besides=target) if peer.vouched else []
         record = peer.record()
         for helper in helpers:
             self.contacts.send(helper, wire.PING_REQ, wire.PingReq(seq, record, self._news()))
@@ -355,6 +355,9 @@ class Gossip:
 
     def _rumor(self, rumor: wire.Member | wire.Declared | wire.Retired) -> None:
         if isinstance(rumor, wire.Member):
+            known = self.membership.peers.get(rumor.incarnation)
+            if known is not None and not known.vouched:
+                return  # only a client's word for it: we pass on nothing of it (see introducer)
             key: tuple[str, Any] = ("m", rumor.incarnation)
         elif isinstance(rumor, wire.Declared):
             key = ("s", rumor.spec.name)
@@ -385,7 +388,8 @@ class Gossip:
             if isinstance(rumor, wire.Member):
                 if not self._may_speak_of(rumor, sender, trusted):
                     continue
-                if self._learn_member(rumor, now, spread=True) and sender is not None and self.me is not None:
+                if (self._learn_member(rumor, now, spread=True, introduced_by=introducer(rumor, sender, trusted))
+                        and sender is not None and self.me is not None):
                     self.contacts.send(sender, wire.NEWS, wire.News([self.me.record()]))  # our refutation, to who told us
             elif not trusted:
                 continue
@@ -396,26 +400,19 @@ class Gossip:
                 self._rumor(rumor)
 
     def _may_speak_of(self, record: wire.Member, sender: Peer | None, trusted: bool) -> bool:
-        """Whether ``sender``'s word about ``record``'s member counts. With keys, a node whose key
-        serves nothing (a client's) speaks for itself, and of others only to introduce them: a
-        member alive, unknown here, at an endpoint no live member holds (a client may be a
-        newcomer's seed). So it cannot declare a member suspect or dead (a member told it is dead
-        starts a new life, and everyone drops its channels) nor put another incarnation in a
-        member's place. (Not counted as a refusal: a client passes on what it heard, as every
-        member does.)"""
-        if trusted or (sender is not None and record.incarnation == sender.incarnation):
-            return True
-        return (record.state == _ALIVE and record.incarnation not in self.membership.peers
-                and self.membership.live_at(record.endpoint) is None)
+        return may_speak_of(self.membership, record, sender, trusted, self.config.max_members_per_key)
 
-    def _learn_member(self, record: wire.Member, now: float, spread: bool) -> bool:
-        """Apply a member's record; True if it was about us and we refuted it."""
+    def _learn_member(self, record: wire.Member, now: float, spread: bool, introduced_by: str | None = None) -> bool:
+        """Apply a member's record (``introduced_by``: see :func:`introducer`); True if about us and refuted."""
         me = self.me
         if me is None:
             return False
         if record.incarnation == me.incarnation:
             return self._about_me(record)
-        update = self.membership.merge(record, now)
+        known = self.membership.peers.get(record.incarnation) if introduced_by is None else None
+        if known is not None and known.live:
+            self.vouched(known)  # (a member we trust, or the member itself, speaks of it)
+        update = self.membership.merge(record, now, introduced_by)
         if update is None:
             return False
         if spread or update.event != "joined":
@@ -492,6 +489,13 @@ class Gossip:
                     self._gained(gained)
         return news
 
+    def vouched(self, peer: Peer) -> None:
+        """``peer``, only a client's introduction so far, is vouched for: it may have work, the mesh hears of it."""
+        if self.membership.vouch(peer):
+            self._rumor(peer.record())
+            if peer.routable and peer.service is not None and peer is not self.me:
+                self.host.peer_joined(peer)
+
     def _gained(self, peers: list[Peer]) -> None:
         """Members we knew by name only got their declarations: they are instances now."""
         for peer in peers:
@@ -538,7 +542,7 @@ class Gossip:
             return
         target = self.membership.peers.get(req.target.incarnation)
         if target is None and self._may_speak_of(req.target, requester, trusted):
-            self._learn_member(req.target, now, spread=False)
+            self._learn_member(req.target, now, spread=False, introduced_by=introducer(req.target, requester, trusted))
             target = self.membership.peers.get(req.target.incarnation)
         if target is not None and target.live:
             self._ping(target, self.probes.relay(sender, req.seq, now))
@@ -571,7 +575,7 @@ class Gossip:
             self._learn_system(sync.services, sync.retired)
         for record in sync.members:
             if self._may_speak_of(record, peer, trusted):
-                self._learn_member(record, now, spread=False)
+                self._learn_member(record, now, spread=False, introduced_by=introducer(record, peer, trusted))
         if sync.full and self.life.joining and not self.joining.synced:
             self.joining.synced = True
             me = self.me
@@ -709,3 +713,31 @@ class Gossip:
 
     # -- frames out ------------------------------------------------------------------------------
 
+
+# -- whose word about a member counts ----------------------------------------------------------
+
+def may_speak_of(membership: Membership, record: wire.Member, sender: Peer | None, trusted: bool, limit: int) -> bool:
+    """Whether ``sender``'s word about ``record``'s member counts. With keys, a node whose key
+    serves nothing (a client's) speaks for itself, and of others only to introduce them: a member
+    alive, unknown here, at an endpoint no live member holds (a client may be a newcomer's seed),
+    and no more than ``limit`` (``max_members_per_key``) at once, each costing a dial. So it cannot
+    declare a member suspect or dead (a member told it is dead starts a new life, and everyone
+    drops its channels) nor put another incarnation in a member's place. (Not counted as a
+    refusal: a client passes on what it heard, as every member does.)"""
+    key = introducer(record, sender, trusted)
+    if key is None:
+        return True
+    return (record.state == _ALIVE and record.incarnation not in membership.peers
+            and membership.live_at(record.endpoint) is None and membership.introduced(key) < limit)
+
+
+def introducer(record: wire.Member, sender: Peer | None, trusted: bool) -> str | None:
+    """The key of the client whose word alone would bring ``record``'s member here, or None when
+    the word vouches for it (a member we trust, or the member itself). A member only a client
+    introduced gets no work and is passed on to nobody (no rumor, no SYNC, no digest, no indirect
+    probe: a helper would learn it) until its own frame, on a connection its key may serve from,
+    vouches for it (:meth:`Gossip.vouched`): otherwise a client key could add phantom instances at
+    free endpoints, which every node would route to, then wait for their death."""
+    if trusted or sender is None or record.incarnation == sender.incarnation:
+        return None
+    return sender.principal or "?"

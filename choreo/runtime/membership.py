@@ -88,8 +88,12 @@ class Peer:
     principal: str | None = None  # the key that connection authenticated as (None without keys)
     key: bytes = b""  # the rendezvous identity: the incarnation's bytes unless given (durable nodes)
     copies: bytes = b""  # the partitions it says it keeps a standby copy of (a bitmap)
-    # derived from ``state`` (kept by Membership._move, its one writer): read on every frame's
-    # path, so attributes rather than properties
+    # False while the only word for it is a client's introduction (with keys: gossip.introducer):
+    # no work goes to it, and we pass it on to nobody, until it speaks for itself
+    vouched: bool = True
+    introduced_by: str | None = None  # the key that introduced it, while it is not vouched
+    # derived from ``state`` and ``vouched`` (kept by Membership._move and vouch, their writers):
+    # read on every frame's path, so attributes rather than properties
     live: bool = field(default=True, init=False)
     routable: bool = field(default=True, init=False)
 
@@ -99,9 +103,9 @@ class Peer:
         self._derive()
 
     def _derive(self) -> None:
-        """``live`` and ``routable`` from ``state``."""
+        """``live`` and ``routable`` from ``state`` (and ``vouched``)."""
         self.live = self.state in LIVE_STATES
-        self.routable = self.state in ROUTABLE_STATES
+        self.routable = self.vouched and self.state in ROUTABLE_STATES
 
     @property
     def own_key(self) -> bytes:
@@ -270,10 +274,12 @@ class Membership:
         self._changed()
         return peer, True, replaced
 
-    def merge(self, record: wire.Member, now: float) -> Update | None:
+    def merge(self, record: wire.Member, now: float, introduced_by: str | None = None) -> Update | None:
         """Apply what gossip says of a member (not this node: gossip answers for itself); None if
         nothing changed. SWIM's precedence: a record of a known incarnation counts only with a
-        newer ``version`` (or an equal one, for a suspicion); "dead" and "left" are final."""
+        newer ``version`` (or an equal one, for a suspicion); "dead" and "left" are final.
+        ``introduced_by``: the key of a client whose introduction is the only word for a new
+        member (it joins not vouched for)."""
         state = wire.MEMBER_STATES[record.state]
         peer = self.peers.get(record.incarnation)
         if peer is None:
@@ -281,6 +287,7 @@ class Membership:
             peer = Peer(
                 record.incarnation, record.endpoint, record.node, None, record.window, record.max_message_bytes,
                 now, state if gone else "alive", version=record.version, claims=record.service, key=record.key,
+                vouched=introduced_by is None, introduced_by=introduced_by,
             )
             if gone:  # a tombstone: stale news of this incarnation can never bring it back
                 self.peers[record.incarnation] = peer
@@ -306,7 +313,7 @@ class Membership:
                 self._move(peer, "suspected")
                 return Update(peer, "suspected")
             return Update(peer, "suspected") if peer.state == "leaving" or newer else None
-        if state == "leaving" and peer.routable:
+        if state == "leaving" and peer.state in ROUTABLE_STATES:
             self._move(peer, "leaving")
             return Update(peer, "leaving")
         if peer.state == "suspect":
@@ -348,7 +355,7 @@ class Membership:
     def leaving(self, incarnation: int) -> Peer | None:
         """The peer announced it is draining: no new work for it, but it still acks."""
         peer = self.peers.get(incarnation)
-        if peer is None or not peer.routable:
+        if peer is None or peer.state not in ROUTABLE_STATES:
             return None
         self._move(peer, "leaving")
         return peer
@@ -360,6 +367,23 @@ class Membership:
             return None
         self._move(peer, "bye")
         return peer
+
+    def vouch(self, peer: Peer) -> bool:
+        """``peer`` spoke for itself (its own frame, on a connection its key may serve from) or a
+        member we trust spoke of it: work may go to it, and gossip passes it on. True if it was
+        not vouched for until now."""
+        if peer.vouched:
+            return False
+        old = self._hash(peer)
+        peer.vouched, peer.introduced_by = True, None
+        peer._derive()
+        self._rehash(peer, old)
+        self._changed()
+        return True
+
+    def introduced(self, principal: str | None) -> int:
+        """How many live members here have only ``principal``'s introduction to vouch for them."""
+        return sum(1 for p in self.peers.values() if not p.vouched and p.live and p.introduced_by == principal)
 
     def bump(self, peer: Peer, above: int = 0) -> int:
         """Raise ``peer``'s version (this node's own, to refute a suspicion or announce a change)
@@ -401,7 +425,7 @@ class Membership:
 
     @staticmethod
     def _hash(peer: Peer) -> int:
-        if not peer.live:
+        if not peer.live or not peer.vouched:  # (an introduced member is in no digest: we pass it on to none)
             return 0
         h = (peer.incarnation ^ (peer.version * 0x9E3779B97F4A7C15)) & _MASK  # splitmix64's finalizer
         h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
@@ -430,7 +454,7 @@ class Membership:
         peers = self.peers.values() if buckets is None else self.in_buckets(buckets)
         return wire.Sync(
             system=self.system_digest(),
-            members=[p.record() for p in peers],
+            members=[p.record() for p in peers if p.vouched],
             services=list(self.declared.values()) if system else [],
             retired=sorted(self.retired) if system else [],
             want=list(want),

@@ -360,3 +360,97 @@ def test_with_keys_a_client_speaks_of_no_member_but_itself() -> None:
 
     run(scenario)
     assert created == ["o-7"]
+
+
+def _introduce(h: Harness, victim: Any, members: list[wire.Member], phone: int = 0x7500_0000) -> None:
+    """A stolen client key joins ``victim`` as a phone, then introduces ``members`` to it."""
+    hello = wire.Hello("phone", phone, "inproc://fake/phone", None, 64, 1 << 20)
+    h.inject("inproc://fake/phone", victim, frame_from(phone, 0, wire.HELLO, hello), key="mobile")
+    h.inject("inproc://fake/phone", victim, frame_from(phone, victim.incarnation, wire.NEWS, wire.News(members)),
+             key="mobile")
+
+
+def _phantom(n: int) -> wire.Member:
+    """An "orders" member at an endpoint where nothing answers."""
+    return wire.Member(0x7400_0000 + n, 1, wire.MEMBER_STATES.index("alive"), f"inproc://fake/phantom-{n}",
+                       f"phantom-{n}", "orders", 64, 1 << 20)
+
+
+def test_with_keys_a_member_a_client_introduces_gets_no_work_until_it_speaks_for_itself() -> None:
+    # the introduction is allowed (a client may be a newcomer's seed), so the api node used to give
+    # the phantom its share of the partitions, and pass it on: every command routed there waited
+    # until the phantom was declared dead (suspect_after + dead_after)
+    created: list[str] = []
+    api, orders = shop(created)
+    h = Harness(seed=11, config=CONFIG, policy=POLICY)
+    mobile = h.add(None, key="mobile")
+    front = h.add(api, key="api-1")
+    owner = h.add(orders, key="orders-1")
+    phantom = _phantom(0)
+
+    async def scenario() -> None:
+        await h.start()
+        _introduce(h, front, [phantom])
+        await h.advance(0.2)
+        known = front.membership.peers[phantom.incarnation]
+        assert known.live and not known.vouched and not known.routable, "kept, as a newcomer might be, but idle"
+        assert [p.node for p in front.membership.instances("orders")] == [owner.name]
+        start = h.now
+        for i in range(16):  # their keys spread over the partitions: none goes to the phantom
+            assert await h.run(mobile.send(PlaceOrder(f"o-{i}"))) == f"o-{i}"
+        assert h.now - start < 1.0, "no command waited for the phantom's death (virtual time)"
+        await h.advance(1.0)
+        assert phantom.incarnation not in owner.membership.peers, "the api node passed the phantom on"
+        assert phantom.incarnation not in mobile.membership.peers
+        await h.advance(CONFIG.suspect_after + CONFIG.dead_after + 1.0)
+        assert not front.membership.peers[phantom.incarnation].live, "probed, silent: dead"
+        assert phantom.incarnation not in owner.membership.peers, "nor its death (nobody else knew it)"
+
+    run(scenario)
+    assert created == [f"o-{i}" for i in range(16)]
+
+
+def test_with_keys_a_client_introduces_at_most_a_keys_share_of_members() -> None:
+    h = Harness(seed=12, config=NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25, max_members_per_key=3),
+                policy=POLICY)
+    h.add(None, key="mobile")
+    front = h.add(shop([])[0], key="api-1")
+
+    async def scenario() -> None:
+        await h.start()
+        _introduce(h, front, [_phantom(n) for n in range(10)])
+        await h.advance(0.2)
+        introduced = [p for p in front.membership.peers.values() if not p.vouched]
+        assert len(introduced) == 3, "max_members_per_key bounds the endpoints a client key makes us dial"
+
+    run(scenario)
+
+
+def test_with_keys_a_newcomer_whose_seed_is_a_client_joins_and_is_given_work() -> None:
+    # the honest case the introduction exists for: a new orders node knows only the client; the
+    # client's word brings it to the others, and its own frames vouch for it
+    created: list[str] = []
+    api, orders = shop(created)
+    policy = Policy({**{k: POLICY.permissions(k) for k in ("api-1", "orders-1", "mobile")},
+                     "orders-2": Permissions.of(serves=["orders"])})
+    h = Harness(seed=13, config=CONFIG, policy=policy)
+    mobile = h.add(None, key="mobile")
+    front = h.add(api, key="api-1")
+    h.add(orders, key="orders-1")
+
+    async def scenario() -> None:
+        await h.start()
+        newcomer = h.join(orders, key="orders-2")  # seeded by the first node: the client
+        assert h.engines[next(iter(h.engines))] is mobile
+
+        def serving() -> bool:
+            peer = front.membership.peers.get(newcomer.incarnation)
+            return peer is not None and peer.routable and newcomer.calls.routing
+        await h.run_until(serving, 30.0, "the newcomer is routable at the api node")
+        assert front.membership.peers[newcomer.incarnation].vouched
+        for i in range(16):
+            assert await h.run(mobile.send(PlaceOrder(f"n-{i}"))) == f"n-{i}"
+        assert newcomer.dispatcher.stats.processed > 0, "it owns a share of the partitions"
+
+    run(scenario)
+    assert sorted(created) == sorted(f"n-{i}" for i in range(16))
