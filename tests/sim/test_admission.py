@@ -237,13 +237,17 @@ POLICY = Policy(
 )
 
 
+def keyed_shop_mesh(seed: int, created: list[str]) -> tuple[Harness, Any, Any, Any]:
+    """The shop with keys: a client (``mobile``), an api node (``api-1``) and an orders node
+    (``orders-1``) on the fake link: (harness, client, api node, orders node)."""
+    api, orders = shop(created)
+    h = Harness(seed=seed, config=CONFIG, policy=POLICY)
+    return h, h.add(None, key="mobile"), h.add(api, key="api-1"), h.add(orders, key="orders-1")
+
+
 def test_with_keys_a_client_may_originate_only_its_entry_points() -> None:
     created: list[str] = []
-    api, orders = shop(created)
-    h = Harness(seed=5, config=CONFIG, policy=POLICY)
-    mobile = h.add(None, key="mobile")
-    h.add(api, key="api-1")
-    owner = h.add(orders, key="orders-1")
+    h, mobile, _, owner = keyed_shop_mesh(5, created)
 
     async def scenario() -> None:
         await h.start()
@@ -330,11 +334,7 @@ def test_with_keys_a_client_speaks_of_no_member_but_itself() -> None:
     # a stolen client key joins as a member, then tells the mesh that the orders node is dead (at a
     # version above its own) and that another incarnation now holds the orders node's endpoint
     created: list[str] = []
-    api, orders = shop(created)
-    h = Harness(seed=9, config=CONFIG, policy=POLICY)
-    mobile = h.add(None, key="mobile")
-    front = h.add(api, key="api-1")
-    owner = h.add(orders, key="orders-1")
+    h, mobile, front, owner = keyed_shop_mesh(9, created)
 
     async def scenario() -> None:
         await h.start()
@@ -381,11 +381,7 @@ def test_with_keys_a_member_a_client_introduces_gets_no_work_until_it_speaks_for
     # the phantom its share of the partitions, and pass it on: every command routed there waited
     # until the phantom was declared dead (suspect_after + dead_after)
     created: list[str] = []
-    api, orders = shop(created)
-    h = Harness(seed=11, config=CONFIG, policy=POLICY)
-    mobile = h.add(None, key="mobile")
-    front = h.add(api, key="api-1")
-    owner = h.add(orders, key="orders-1")
+    h, mobile, front, owner = keyed_shop_mesh(11, created)
     phantom = _phantom(0)
 
     async def scenario() -> None:
