@@ -135,6 +135,29 @@ cdef inline PyObject *slot_at(object obj, Py_ssize_t offset) noexcept:
     return (<PyObject **>((<char *><PyObject *>obj) + offset))[0]
 
 
+cdef bint fields_fit(object obj, tuple fields, Py_ssize_t *offs) except -1:
+    """Every field's value is of exactly one of its declared simple types (``fields``:
+    ``messages.simple_fields``), so decoding ``obj``'s encoding could only pass; False: check it
+    in full. ``offs``: each field's slot offset in ``obj`` (NULL: read them with getattr)."""
+    cdef tuple pair, types
+    cdef object t
+    cdef Py_ssize_t j, f = 0
+    cdef PyObject *slot
+    for pair in fields:
+        f += 1
+        if pair[1] is None:
+            continue
+        types = <tuple>pair[1]
+        slot = slot_at(obj, offs[f - 1]) if offs != NULL else NULL
+        t = <object>Py_TYPE(<object>slot) if slot != NULL else type(getattr(obj, <str>pair[0]))
+        for j in range(len(types)):
+            if t is types[j]:
+                break
+        else:
+            return False
+    return True
+
+
 # EmitLane.emit_many statuses
 EMIT_END = 0       # every event from ``start`` on went in
 EMIT_OTHER = 1     # events[index] is of another type (the caller takes it to its own lane)
@@ -307,24 +330,8 @@ cdef class EmitLane:
     cdef inline bint _fields_fit(self, event) except -1:
         """Every field's value is of exactly one of its declared simple types (then the check of the
         body could only pass); False sends the body to the full check."""
-        cdef tuple pair, types
-        cdef object t
-        cdef Py_ssize_t j, f = 0
-        cdef PyObject *slot
         cdef bint direct = self._field_offs != NULL and type(event) is self._cls
-        for pair in self._fields:
-            f += 1
-            if pair[1] is None:
-                continue
-            types = <tuple>pair[1]
-            slot = slot_at(event, self._field_offs[f - 1]) if direct else NULL
-            t = <object>Py_TYPE(<object>slot) if slot != NULL else type(getattr(event, <str>pair[0]))
-            for j in range(len(types)):
-                if t is types[j]:
-                    break
-            else:
-                return False
-        return True
+        return fields_fit(event, self._fields, self._field_offs if direct else NULL)
 
     cdef inline bint _valid(self, event, bytes payload) except -1:
         if PyBytes_GET_SIZE(payload) > self._max_bytes:

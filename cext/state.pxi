@@ -17,9 +17,10 @@ cdef class StateView:
     cdef object _fail
     cdef object _standby
     cdef object _log
+    cdef list _simple
 
     def __init__(self, ctx, list tables not None, dict index not None, list decoders not None, encode,
-                 Py_ssize_t limit, fail, standby=None, log=None):
+                 Py_ssize_t limit, fail, standby=None, log=None, list simple=None):
         self._ctx = ctx
         self._tables = tables
         self._index = index
@@ -29,6 +30,7 @@ cdef class StateView:
         self._fail = fail
         self._standby = standby
         self._log = log
+        self._simple = simple
 
     cdef inline int _flags(self, env) except -1:
         if type(env) is Envelope:
@@ -70,10 +72,12 @@ cdef class StateView:
             self._fail("read_only", None, None)
         t = self._type(type(value))
         body = self._encode(value)
-        try:
-            self._decoders[<Py_ssize_t>t](body)  # a value is checked against its type when it is written
-        except Exception as exc:
-            self._fail("invalid", t, exc)
+        fields = (<list>self._simple)[<Py_ssize_t>t] if self._simple is not None else None
+        if fields is None or not fields_fit(value, <tuple>fields, NULL):
+            try:
+                self._decoders[<Py_ssize_t>t](body)  # a value is checked against its type when it is written
+            except Exception as exc:
+                self._fail("invalid", t, exc)
         cdef Py_ssize_t size = len(body)
         if size > self._limit:
             self._fail("too_large", t, size)

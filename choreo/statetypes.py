@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from .errors import ChoreoUsageError, MessageTooLarge, ValidationError
+from .messages import simple_fields
 
 __all__ = ["StateTypes", "state_type_name", "check_state_type"]
 
@@ -49,6 +50,9 @@ class StateTypes:
         self.index: dict[type, int] = {}
         self.by_name: dict[str, int] = {}
         self.decoders: list[msgspec.msgpack.Decoder[Any]] = []
+        # per type, its fields' plain types (messages.simple_fields): a value whose fields all have
+        # exactly those types needs no decoding to be checked (None: always decode it)
+        self.simple: list[tuple[tuple[str, tuple[type, ...] | None], ...] | None] = []
         for cls in types:
             check_state_type(cls)
             name = state_type_name(cls)
@@ -58,6 +62,7 @@ class StateTypes:
             self.types.append(cls)
             self.names.append(name)
             self.decoders.append(msgspec.msgpack.Decoder(cls))
+            self.simple.append(simple_fields(cls))
 
     def __len__(self) -> int:
         return len(self.types)

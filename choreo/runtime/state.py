@@ -114,7 +114,7 @@ def state_view(
     types = tables.types
     return core.StateView(
         ctx, tables.tables, types.index, [d.decode for d in types.decoders], _encoder.encode, limit,
-        partial(_refuse, ctx, types, limit), standby, log,
+        partial(_refuse, ctx, types, limit), standby, log, types.simple,
     )
 
 

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from choreo import _core, _pycore
+from choreo.messages import simple_fields
 
 CORES = [pytest.param(_core, id="compiled"), pytest.param(_pycore, id="pure")]
 Z = bytes(16)
@@ -40,15 +41,23 @@ def env(core: Any, key: bytes, partition: int = 1, kind: int = 1, flags: int = 0
     return e
 
 
-def view(core: Any, standby: list[Any] | None = None, limit: int = 64) -> tuple[Any, Ctx, list[list[dict]]]:
+def view(
+    core: Any, standby: list[Any] | None = None, limit: int = 64, simple: list[Any] | None = None,
+    decoded: list[str] | None = None,
+) -> tuple[Any, Ctx, list[list[dict]]]:
+    """A view over two types; ``decoded``, when given, notes the name of each type decoded."""
     ctx = Ctx()
     tables: list[list[dict[bytes, bytes]]] = [[{} for _ in range(4)] for _ in range(2)]
     decoders = [msgspec.msgpack.Decoder(Tally).decode, msgspec.msgpack.Decoder(Note).decode]
+    if decoded is not None:
+        decoders = [lambda b, d=d, name=name: decoded.append(name) or d(b)  # type: ignore[misc]
+                    for d, name in zip(decoders, ("Tally", "Note"))]
 
     def fail(what: str, t: Any, detail: Any) -> None:
         raise Refused(what, t if not isinstance(t, type) else t.__name__, type(detail).__name__)
 
-    v = core.StateView(ctx, tables, {Tally: 0, Note: 1}, decoders, msgspec.msgpack.encode, limit, fail, standby)
+    v = core.StateView(ctx, tables, {Tally: 0, Note: 1}, decoders, msgspec.msgpack.encode, limit, fail, standby,
+                       None, simple)
     return v, ctx, tables
 
 
@@ -103,6 +112,27 @@ def test_every_misuse_is_refused_and_changes_nothing(core: Any) -> None:
     with pytest.raises(Refused, match="read_only"):
         v.delete(Tally)
     assert all(not t for per_type in tables for t in per_type)
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_value_whose_fields_have_their_plain_types_is_written_unchecked_and_no_other(core: Any) -> None:
+    # Tally's field has a constraint (it is always checked); Note's is a plain str
+    simple = [simple_fields(Tally), simple_fields(Note)]
+    assert simple == [None, (("text", (str,)),)]
+    decoded: list[str] = []
+    v, ctx, tables = view(core, simple=simple, decoded=decoded)
+    ctx.envelope = env(core, b"k")
+    v.put(Note("hello"))
+    assert decoded == [], "its check could only pass: skipped"
+    with pytest.raises(Refused, match="'invalid', 1, 'ValidationError'"):
+        v.put(Note(7))  # type: ignore[arg-type]  # (a Struct does not check its fields when built)
+    with pytest.raises(Refused, match="'invalid', 0, 'ValidationError'"):
+        v.put(Tally(-1))
+    assert decoded == ["Note", "Tally"], "a field of another type, or a constrained one: decoded"
+    v.put(Tally(2))
+    v.commit(ctx.envelope)
+    decoded.clear()
+    assert (v.get(Note), v.get(Tally)) == (Note("hello"), Tally(2))
 
 
 @pytest.mark.parametrize("core", CORES)
