@@ -410,7 +410,7 @@ class Gossip:
         if record.incarnation == me.incarnation:
             return self._about_me(record)
         known = self.membership.peers.get(record.incarnation) if introduced_by is None else None
-        if known is not None and known.live:
+        if known is not None and not known.vouched and known.live:
             self.vouched(known)  # (a member we trust, or the member itself, speaks of it)
         update = self.membership.merge(record, now, introduced_by)
         if update is None:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from choreo.launch import NodeProcess
+
 pytestmark = pytest.mark.slow
 
 
@@ -54,8 +56,6 @@ def test_node_processes_stop_when_their_parent_is_killed() -> None:
 
 
 def test_a_node_process_that_exits_before_it_is_ready_says_how() -> None:
-    from choreo.launch import NodeProcess
-
     # (it used to wait out ready_timeout, then blame the time: the exit status tells the truth)
     with pytest.raises(TimeoutError, match=r"exited with status 1 before it was ready: (?s:.*)"
                                            r"No module named 'no_such_module_xyz'"):
