@@ -16,7 +16,8 @@ event (or µs per round trip), CPU time (``time.process_time``):
   released batch (dedup with 100,000 ids remembered, decode, handler, span, complete; then without
   spans, without dedup), and the whole ``Engine.on_frame`` +
   run turn of a DATA frame (the receive path through the runtime; its acks dropped); a batch
-  handler the same way where this checkout has them;
+  handler and a handler that reads and writes its key's state (``bench.nodes``' ``counter_state``)
+  the same way where this checkout has them;
 * a command round trip between two engines wired in one process (both sides' runtime and
   asyncio, each frame read at a turn of the loop; no sockets): CPU per round trip.
 
@@ -282,14 +283,28 @@ def _runtime_receiver(frames: list[bytes]) -> dict[str, float]:
     from choreo.runtime.membership import Peer
 
     out: dict[str, float] = {}
-    for batch in (False, True):
-        svc = Service("consumer")
+    for variant in ("plain", "batch", "state"):
+        batch = variant == "batch"
+        if variant == "state":
+            try:
+                from bench.nodes import Count
+            except ImportError:
+                continue
+            svc = Service("consumer", state=[Count])
+
+            @svc.on(Tick)
+            def count(ev: Tick, ctx: Any) -> None:  # bench.nodes' counter_state: a read and a write per event
+                state = ctx.state
+                c = state.get(Count)
+                state.put(Count(c.n + 1) if c is not None else Count(1))
+        else:
+            svc = Service("consumer")
         if batch:
             try:
                 svc.on(Tick, batch=True)(lambda evs: None)
             except TypeError:
                 continue
-        else:
+        elif variant == "plain":
             svc.on(Tick)(lambda ev: None)
         drop = _Drop()
         config = NodeConfig(window=1 << 20, window_bytes=1 << 40)
@@ -327,7 +342,11 @@ def _runtime_receiver(frames: list[bytes]) -> dict[str, float]:
             run_pass()
             return run_pass.cpu / N * 1e9  # type: ignore[attr-defined,no-any-return]
 
-        name = "engine.on_frame + run turn, batch handler" if batch else "engine.on_frame + run turn (whole receive path)"
+        name = {
+            "plain": "engine.on_frame + run turn (whole receive path)",
+            "batch": "engine.on_frame + run turn, batch handler",
+            "state": "engine.on_frame + run turn, a state read and write",
+        }[variant]
         out[name] = min(timed() for _ in range(PASSES))
     return out
 

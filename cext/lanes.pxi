@@ -135,6 +135,53 @@ cdef inline PyObject *slot_at(object obj, Py_ssize_t offset) noexcept:
     return (<PyObject **>((<char *><PyObject *>obj) + offset))[0]
 
 
+cdef inline int slot_put(object obj, Py_ssize_t offset, object value) except -1:
+    """Store ``value`` in a slot found by :func:`slot_offset` (the old value released last)."""
+    cdef PyObject **p = <PyObject **>((<char *><PyObject *>obj) + offset)
+    cdef PyObject *old = p[0]
+    Py_INCREF(value)
+    p[0] = <PyObject *>value
+    Py_XDECREF(old)
+    return 0
+
+
+# The handler context's per-message fields (choreo.runtime.context.HandlerContext), read and
+# written by the lane and by ctx.state for every message: through their slots, without the
+# attribute lookup a getattr makes, when the context's class keeps them all in plain slots.
+cdef struct CtxLayout:
+    Py_ssize_t envelope, handler, writes, outputs, state  # slot offsets; -1: use getattr/setattr
+
+
+cdef int ctx_layout(CtxLayout *lay, cls) except -1:
+    """Fill ``lay`` for contexts of class ``cls`` (all -1 unless every field is a plain slot)."""
+    lay.envelope = slot_offset(cls, "envelope")
+    lay.handler = slot_offset(cls, "handler")
+    lay.writes = slot_offset(cls, "writes")
+    lay.outputs = slot_offset(cls, "outputs")
+    lay.state = slot_offset(cls, "state")
+    if lay.envelope < 0 or lay.handler < 0 or lay.writes < 0 or lay.outputs < 0 or lay.state < 0:
+        lay.envelope = lay.handler = lay.writes = lay.outputs = lay.state = -1
+    return 0
+
+
+cdef inline object ctx_get(object ctx, Py_ssize_t offset, str name):
+    """``ctx.<name>``, from its slot when ``offset`` >= 0 (an unset slot: getattr, which says so)."""
+    cdef PyObject *p
+    if offset >= 0:
+        p = slot_at(ctx, offset)
+        if p != NULL:
+            return <object>p
+    return getattr(ctx, name)
+
+
+cdef inline int ctx_set(object ctx, Py_ssize_t offset, str name, object value) except -1:
+    """``ctx.<name> = value``, into its slot when ``offset`` >= 0."""
+    if offset >= 0:
+        return slot_put(ctx, offset, value)
+    setattr(ctx, name, value)
+    return 0
+
+
 cdef bint fields_fit(object obj, tuple fields, Py_ssize_t *offs) except -1:
     """Every field's value is of exactly one of its declared simple types (``fields``:
     ``messages.simple_fields``), so decoding ``obj``'s encoding could only pass; False: check it
@@ -435,6 +482,7 @@ cdef class EmitTable:
 
 
 cdef class SpanRing  # (below: the lanes record into it)
+cdef class StateView  # (state.pxi: the lane commits a handler's writes)
 
 
 # FastLane.run statuses
@@ -461,6 +509,8 @@ cdef class FastLane:
 
     cdef dict _entries
     cdef readonly object ok  # the span outcome of a handled message
+    cdef object _ctx_type    # the class _ctx_lay is for
+    cdef CtxLayout _ctx_lay
 
     def __cinit__(self):
         self._entries = {}
@@ -570,6 +620,13 @@ cdef class FastLane:
             glen = PyByteArray_GET_SIZE(gate)
         cdef object last_type = None, last_entry = None  # the entry of the previous envelope's type
         cdef SpanRing ring = <SpanRing>spans_append if type(spans_append) is SpanRing else None
+        cdef CtxLayout lay
+        lay.envelope = lay.handler = lay.writes = lay.outputs = lay.state = -1
+        if ctx is not None:
+            if type(ctx) is not self._ctx_type:
+                ctx_layout(&self._ctx_lay, type(ctx))
+                self._ctx_type = type(ctx)
+            lay = self._ctx_lay
         t1 = clock()  # one reading per message: each one's start is the previous one's end
         while i < n:
             obj = envs[i]
@@ -648,9 +705,9 @@ cdef class FastLane:
             t0 = t1
             try:
                 if e.takes_context:
-                    ctx.envelope = env
-                    ctx.handler = e.handler
-                    ctx.writes = None
+                    ctx_set(ctx, lay.envelope, "envelope", env)
+                    ctx_set(ctx, lay.handler, "handler", e.handler)
+                    ctx_set(ctx, lay.writes, "writes", None)
                     result = e.fn(message, ctx)
                 else:
                     result = e.fn(message)
@@ -659,15 +716,17 @@ cdef class FastLane:
             if e.kind != _KIND_EVENT:
                 # a command's or query's answer: here only when it has no effects and can travel
                 # (state writes are the caller's too: a result is logged with them)
-                if (e.takes_context and (ctx.outputs or ctx.writes is not None)) or not answer(channel, env, result):
+                if (e.takes_context and (ctx_get(ctx, lay.outputs, "outputs")
+                                         or ctx_get(ctx, lay.writes, "writes") is not None)) \
+                        or not answer(channel, env, result):
                     return handled, i, LANE_RESULT, message, (ctx, result), t0
             # emits, sends, or state writes that need a job (a standby must confirm them): the
             # caller takes over; other state writes are applied here, as the handler succeeded
             elif e.takes_context:
-                if ctx.outputs:
+                if ctx_get(ctx, lay.outputs, "outputs"):
                     return handled, i, LANE_EFFECTS, message, ctx, t0
-                if ctx.writes is not None:
-                    view = ctx.state
+                if ctx_get(ctx, lay.writes, "writes") is not None:
+                    view = ctx_get(ctx, lay.state, "state")
                     if (<StateView>view)._commit(env) if type(view) is StateView else view.commit(env):
                         return handled, i, LANE_EFFECTS, message, ctx, t0
             t1 = clock()

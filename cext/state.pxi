@@ -18,6 +18,12 @@ cdef class StateView:
     cdef object _standby
     cdef object _log
     cdef list _simple
+    cdef object _ctx_type   # the class _lay is for (the context's, when the view was made)
+    cdef CtxLayout _lay
+    cdef object _last_cls, _last_t  # the type a handler used last (mostly one type, many calls)
+    # the key of the envelope handled (a read, then the commit, ask for it: made and hashed once)
+    cdef object _key_env, _key_frame, _key_bytes
+    cdef Py_ssize_t _key_off
 
     def __init__(self, ctx, list tables not None, dict index not None, list decoders not None, encode,
                  Py_ssize_t limit, fail, standby=None, log=None, list simple=None):
@@ -31,6 +37,41 @@ cdef class StateView:
         self._standby = standby
         self._log = log
         self._simple = simple
+        self._ctx_type = type(ctx)
+        ctx_layout(&self._lay, self._ctx_type)
+
+    cdef inline Py_ssize_t _at(self, Py_ssize_t offset):
+        """A field's slot offset in the context, or -1 (its class changed: use getattr)."""
+        return offset if type(self._ctx) is self._ctx_type else -1
+
+    cdef inline object _envelope(self):
+        return ctx_get(self._ctx, self._at(self._lay.envelope), "envelope")
+
+    cdef inline object _writes(self):
+        return ctx_get(self._ctx, self._at(self._lay.writes), "writes")
+
+    cdef inline int _set_writes(self, writes) except -1:
+        return ctx_set(self._ctx, self._at(self._lay.writes), "writes", writes)
+
+    cdef inline object _key(self, env):
+        cdef Envelope e
+        if type(env) is not Envelope:
+            return env.key
+        e = <Envelope>env
+        # (the references held keep both alive: the same objects are the same envelope)
+        if env is self._key_env and e._frame is self._key_frame and e._off == self._key_off:
+            return self._key_bytes
+        key = e._bytes_at(HDR + e._tlen, e._klen)
+        self._key_env, self._key_frame, self._key_off, self._key_bytes = env, e._frame, e._off, key
+        return key
+
+    cdef inline void _forget_key(self) noexcept:
+        self._key_env = self._key_frame = self._key_bytes = None
+
+    cdef inline int _kind(self, env) except -1:
+        if type(env) is Envelope:
+            return (<Envelope>env).kind
+        return env.kind
 
     cdef inline int _flags(self, env) except -1:
         if type(env) is Envelope:
@@ -43,32 +84,33 @@ cdef class StateView:
         return env.partition
 
     cdef inline object _type(self, cls):
+        if cls is self._last_cls:
+            return self._last_t
         t = self._index.get(cls)
         if t is None:
             self._fail("undeclared", cls, None)
+        self._last_cls, self._last_t = cls, t
         return t
 
     def get(self, cls, default=None):
-        ctx = self._ctx
-        env = ctx.envelope
+        env = self._envelope()
         if self._flags(env) & _NOT_KEYED:
             self._fail("no_key", None, None)
         t = self._type(cls)
-        writes = ctx.writes
+        writes = self._writes()
         if writes is not None and t in <dict>writes:
             body = (<dict>writes)[t]
         else:
-            body = (<dict>(<list>self._tables[<Py_ssize_t>t])[self._partition(env)]).get(env.key)
+            body = (<dict>(<list>self._tables[<Py_ssize_t>t])[self._partition(env)]).get(self._key(env))
         if body is None:
             return default
         return self._decoders[<Py_ssize_t>t](body)
 
     def put(self, value):
-        ctx = self._ctx
-        env = ctx.envelope
+        env = self._envelope()
         if self._flags(env) & _NOT_KEYED:
             self._fail("no_key", None, None)
-        if env.kind == _KIND_QUERY:
+        if self._kind(env) == _KIND_QUERY:
             self._fail("read_only", None, None)
         t = self._type(type(value))
         body = self._encode(value)
@@ -81,9 +123,9 @@ cdef class StateView:
         cdef Py_ssize_t size = len(body)
         if size > self._limit:
             self._fail("too_large", t, size)
-        writes = ctx.writes
+        writes = self._writes()
         if writes is None:
-            ctx.writes = {t: body}
+            self._set_writes({t: body})
             return
         (<dict>writes)[t] = body
         cdef Py_ssize_t total = 0
@@ -96,30 +138,28 @@ cdef class StateView:
                 self._fail("too_large_total", t, total)
 
     def delete(self, cls):
-        ctx = self._ctx
-        env = ctx.envelope
+        env = self._envelope()
         if self._flags(env) & _NOT_KEYED:
             self._fail("no_key", None, None)
-        if env.kind == _KIND_QUERY:
+        if self._kind(env) == _KIND_QUERY:
             self._fail("read_only", None, None)
         t = self._type(cls)
-        writes = ctx.writes
+        writes = self._writes()
         if writes is None:
-            ctx.writes = {t: None}
+            self._set_writes({t: None})
         else:
             (<dict>writes)[t] = None
 
     def items(self, cls, prefix=""):
-        ctx = self._ctx
-        env = ctx.envelope
+        env = self._envelope()
         if self._flags(env) & _NOT_KEYED:
             self._fail("no_key", None, None)
         t = self._type(cls)
         raw = prefix.encode() if isinstance(prefix, str) else bytes(prefix)
         table = <dict>(<list>self._tables[<Py_ssize_t>t])[self._partition(env)]
         found = {k: v for k, v in table.items() if k.startswith(raw)}
-        writes = ctx.writes
-        key = env.key
+        writes = self._writes()
+        key = self._key(env)
         if writes is not None and t in <dict>writes and key.startswith(raw):
             body = (<dict>writes)[t]
             if body is None:
@@ -134,11 +174,11 @@ cdef class StateView:
         standby = self._standby
         if standby is not None and (<list>standby)[partition] is not None:
             return 1
-        ctx = self._ctx
-        writes = ctx.writes
-        ctx.writes = None
+        writes = self._writes()
+        self._set_writes(None)
         if writes:
-            key = env.key
+            key = self._key(env)
+            self._forget_key()  # (nor is the frame it came in kept alive past its commit)
             for t, body in (<dict>writes).items():
                 table = <dict>(<list>self._tables[<Py_ssize_t>t])[partition]
                 if body is None:

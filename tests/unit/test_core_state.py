@@ -43,10 +43,10 @@ def env(core: Any, key: bytes, partition: int = 1, kind: int = 1, flags: int = 0
 
 def view(
     core: Any, standby: list[Any] | None = None, limit: int = 64, simple: list[Any] | None = None,
-    decoded: list[str] | None = None,
-) -> tuple[Any, Ctx, list[list[dict]]]:
+    decoded: list[str] | None = None, ctx: Any = None,
+) -> tuple[Any, Any, list[list[dict]]]:
     """A view over two types; ``decoded``, when given, notes the name of each type decoded."""
-    ctx = Ctx()
+    ctx = Ctx() if ctx is None else ctx
     tables: list[list[dict[bytes, bytes]]] = [[{} for _ in range(4)] for _ in range(2)]
     decoders = [msgspec.msgpack.Decoder(Tally).decode, msgspec.msgpack.Decoder(Note).decode]
     if decoded is not None:
@@ -156,3 +156,40 @@ def test_any_envelope_shaped_object_works(core: Any) -> None:
     v.put(Tally(9))
     v.commit(ctx.envelope)
     assert v.get(Tally) == Tally(9) and b"r" in tables[0][2]
+
+
+class SlotCtx:
+    """A context that keeps its fields in slots, as the runtime's HandlerContext does (the
+    compiled view then reads and writes them without an attribute lookup)."""
+
+    __slots__ = ("envelope", "handler", "writes", "outputs", "state")
+
+    def __init__(self) -> None:
+        self.envelope: Any = None
+        self.handler = None
+        self.writes: dict[int, bytes | None] | None = None
+        self.outputs: list[Any] = []
+        self.state = None
+
+
+@pytest.mark.parametrize("ctx_class", [SlotCtx, Ctx])
+@pytest.mark.parametrize("core", CORES)
+def test_each_envelope_of_a_frame_counts_under_its_own_key(core: Any, ctx_class: type) -> None:
+    """The envelopes of one frame, one after the other through one context: each reads and
+    writes its own key's value, whatever the key the one before it had."""
+    v, ctx, tables = view(core, ctx=ctx_class())
+    keys = [b"a", b"b", b"a", b"c", b"b", b"a"]
+    frame = b"".join(core.pack_envelope(i + 1, 1, 0, b"T", k, 1, bytes([i]) * 16, Z, Z, b"\x90")
+                     for i, k in enumerate(keys))
+    for e in core.parse_envelopes(frame):
+        ctx.envelope = e
+        ctx.writes = None
+        t = v.get(Tally)
+        v.put(Tally(t.n + 1) if t is not None else Tally(1))
+        assert v.commit(e) is False and ctx.writes is None
+    assert {k: msgspec.msgpack.decode(b, type=Tally).n for k, b in tables[0][1].items()} == {
+        b"a": 3, b"b": 2, b"c": 1}
+    counts = {b"a": 3, b"b": 2, b"c": 1}
+    for e in core.parse_envelopes(frame):  # reads alone (no commit between them)
+        ctx.envelope = e
+        assert v.get(Tally) == Tally(counts[e.key])
