@@ -117,6 +117,8 @@ class HandlerContext:
     ``writes``, the handler's buffered state writes).
     """
 
+    # (the core reads and writes envelope, handler, writes, outputs and state in their slots, per
+    # message, where it finds all five as plain slots: see slot_offset in cext/lanes.pxi)
     __slots__ = ("_host", "envelope", "handler", "_attempt", "outputs", "writes", "_keeper", "state")
 
     def __init__(
