@@ -51,6 +51,22 @@ class Row:
             return "(reported)"
         return f"{'≥' if self.higher_is_better else '≤'} {fmt(self.target, self.unit)}"
 
+    def value_text(self, value: float | None) -> str:
+        """The value as the table shows it, with the digits that tell it from its target when it
+        rounds to the target's figure (0.797 is not 0.80x).
+
+        >>> Row("r", "", "x", 0.8, True, str).value_text(0.797)
+        '0.797x'
+        >>> Row("r", "", "x", 0.8, True, str).value_text(0.81)
+        '0.81x'
+        """
+        if value is None or self.target is None or abs(value) >= 100:
+            return fmt(value, self.unit)
+        digits = 2
+        while round(value, digits) == round(self.target, digits) and value != self.target and digits < 6:
+            digits += 1
+        return fmt(value, self.unit, digits)
+
     def verdict(self, value: float | None) -> str:
         if value is None or self.target is None:
             return ""
@@ -355,7 +371,7 @@ def rows_table(figures: Figures, rows: list[Row]) -> list[str]:
     ]
     for row in rows:
         value = num(figures, row.figure)
-        lines.append(f"| `{row.figure}` | {fmt(value, row.unit)} | {row.target_text()} | {row.verdict(value)} | "
+        lines.append(f"| `{row.figure}` | {row.value_text(value)} | {row.target_text()} | {row.verdict(value)} | "
                      f"{row.baseline(figures)} | {row.what} |")
     return lines
 
