@@ -84,7 +84,7 @@ cdef class StateView:
         return env.partition
 
     cdef inline object _type(self, cls):
-        if cls is self._last_cls:
+        if cls is self._last_cls and self._last_t is not None:  # (nothing cached yet: None is no type)
             return self._last_t
         t = self._index.get(cls)
         if t is None:

@@ -91,6 +91,9 @@ def test_items_list_the_partition_by_prefix_with_the_handlers_own_writes(core: A
 def test_every_misuse_is_refused_and_changes_nothing(core: Any) -> None:
     v, ctx, tables = view(core, limit=24)
     ctx.envelope = env(core, b"k")
+    for undeclared in (None, dict):  # (None: also before any type was used)
+        with pytest.raises(Refused, match="'undeclared'"):
+            v.get(undeclared)
     with pytest.raises(Refused, match="'invalid', 0, 'ValidationError'"):
         v.put(Tally(-1))
     with pytest.raises(Refused, match="'too_large', 1, 'int'"):
