@@ -153,7 +153,11 @@ cdef struct CtxLayout:
 
 
 cdef int ctx_layout(CtxLayout *lay, cls) except -1:
-    """Fill ``lay`` for contexts of class ``cls`` (all -1 unless every field is a plain slot)."""
+    """Fill ``lay`` for contexts of class ``cls`` (all -1 unless every field is a plain slot, and
+    the class reads and writes attributes as object does: nothing of its own to bypass)."""
+    lay.envelope = lay.handler = lay.writes = lay.outputs = lay.state = -1
+    if cls.__getattribute__ is not object.__getattribute__ or cls.__setattr__ is not object.__setattr__:
+        return 0
     lay.envelope = slot_offset(cls, "envelope")
     lay.handler = slot_offset(cls, "handler")
     lay.writes = slot_offset(cls, "writes")

@@ -196,3 +196,29 @@ def test_each_envelope_of_a_frame_counts_under_its_own_key(core: Any, ctx_class:
     for e in core.parse_envelopes(frame):  # reads alone (no commit between them)
         ctx.envelope = e
         assert v.get(Tally) == Tally(counts[e.key])
+
+
+class WatchedCtx(SlotCtx):
+    """A slot-keeping context whose class has its own ``__setattr__``: the core must go through it."""
+
+    __slots__ = ("set_names",)
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "set_names", [])
+        super().__init__()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name != "set_names":
+            self.set_names.append(name)
+        object.__setattr__(self, name, value)
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_a_context_class_with_its_own_setattr_sees_every_write(core: Any) -> None:
+    v, ctx, tables = view(core, ctx=WatchedCtx())
+    ctx.envelope = env(core, b"k")
+    del ctx.set_names[:]
+    v.put(Tally(2))
+    assert v.commit(ctx.envelope) is False
+    assert ctx.set_names == ["writes", "writes"], "the write buffered, then cleared by the commit"
+    assert tables[0][1] == {b"k": msgspec.msgpack.encode(Tally(2))}
