@@ -276,6 +276,26 @@ def _reseq(body: bytes, first: int) -> bytes:
     return bytes(out)
 
 
+def _receiving_service(variant: str) -> Service | None:
+    """The consumer of a receive-path stage, or None where this checkout lacks what it needs: a
+    plain handler, a batch handler, or ``bench.nodes``' ``counter_state`` (a state read and write)."""
+    if variant == "state":
+        try:
+            from bench.nodes import counter_state
+        except ImportError:
+            return None
+        return counter_state  # type: ignore[no-any-return]
+    svc = Service("consumer")
+    if variant == "batch":
+        try:
+            svc.on(Tick, batch=True)(lambda evs: None)
+        except TypeError:
+            return None
+    else:
+        svc.on(Tick)(lambda ev: None)
+    return svc
+
+
 def _runtime_receiver(frames: list[bytes]) -> dict[str, float]:
     """The whole receive path: DATA frames into a consumer engine, handled by a plain handler."""
     from choreo import wire
@@ -284,28 +304,9 @@ def _runtime_receiver(frames: list[bytes]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for variant in ("plain", "batch", "state"):
-        batch = variant == "batch"
-        if variant == "state":
-            try:
-                from bench.nodes import Count
-            except ImportError:
-                continue
-            svc = Service("consumer", state=[Count])
-
-            @svc.on(Tick)
-            def count(ev: Tick, ctx: Any) -> None:  # bench.nodes' counter_state: a read and a write per event
-                state = ctx.state
-                c = state.get(Count)
-                state.put(Count(c.n + 1) if c is not None else Count(1))
-        else:
-            svc = Service("consumer")
-        if batch:
-            try:
-                svc.on(Tick, batch=True)(lambda evs: None)
-            except TypeError:
-                continue
-        elif variant == "plain":
-            svc.on(Tick)(lambda ev: None)
+        svc = _receiving_service(variant)
+        if svc is None:
+            continue
         drop = _Drop()
         config = NodeConfig(window=1 << 20, window_bytes=1 << 40)
         engine = Engine(svc, drop, config=config, clock=time.monotonic)
