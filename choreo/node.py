@@ -41,7 +41,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from . import introspect
@@ -235,7 +235,7 @@ class Node:
         if engine is None:
             return
         engine.flush()
-        if engine.fatal is not None:
+        if engine.lifecycle.fatal is not None:  # (engine.fatal, without the property: every read asks)
             self._check_conditions()
         # work to look at, or callers waiting on a condition: a tick away; what is only in flight
         # (an ack, an answer, a retransmission) has deadlines that tick computes
@@ -406,8 +406,9 @@ class Node:
     def _engine(self) -> Engine:
         if self.engine is None:
             raise RuntimeError("node not started: use 'async with Node(...)' or 'await node.start()'")
-        if self.engine.fatal is not None:
-            raise self.engine.fatal
+        fatal = self.engine.lifecycle.fatal  # (engine.fatal, without the property: every verb asks)
+        if fatal is not None:
+            raise fatal
         return self.engine
 
     async def emit(
@@ -493,22 +494,27 @@ class Node:
         if engine.journal is not None:
             await engine.journal.durable(timeout)
 
-    async def send(self, command: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
-        """Send a command to its owning service; returns the handler's result."""
-        engine = self._engine()
-        self._expect_request(engine, timeout)
-        return await engine.send(command, timeout=timeout, traceparent=traceparent)
+    def send(
+        self, command: Message, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """Send a command to its owning service; await it for the handler's result.
 
-    async def ask(self, query: Message, *, timeout: float | None = None, traceparent: str | None = None) -> Any:
-        """Ask a query; returns the answer."""
-        engine = self._engine()
-        self._expect_request(engine, timeout)
-        return await engine.ask(query, timeout=timeout, traceparent=traceparent)
+        A message of another kind, or a node not started, is refused at the call (it returns the
+        request itself, one coroutine fewer to resume when the answer comes)::
 
-    def _expect_request(self, engine: Engine, timeout: float | None) -> None:
-        """A request is about to be in flight: tick by its deadlines (its answer's timeout, its
-        retransmission), not every ``tick`` while it travels."""
+            total = await node.send(PlaceOrder(cart_id="c-1"))
+        """
+        engine = self._engine()
         self._expect_work(min(engine.in_flight_tick, self.config.request_timeout if timeout is None else timeout))
+        return engine.send(command, timeout=timeout, traceparent=traceparent)
+
+    def ask(
+        self, query: Message, *, timeout: float | None = None, traceparent: str | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """Ask a query; await it for the answer (refused at the call as :meth:`send`)."""
+        engine = self._engine()
+        self._expect_work(min(engine.in_flight_tick, self.config.request_timeout if timeout is None else timeout))
+        return engine.ask(query, timeout=timeout, traceparent=traceparent)
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything this node sent is acknowledged by every consuming service.

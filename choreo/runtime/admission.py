@@ -75,10 +75,7 @@ class Admission:
     def __init__(self, policy: PolicySource | None, service: ServiceSpec | None) -> None:
         self.policy = policy
         self.service = service
-
-    @property
-    def secure(self) -> bool:
-        return self.policy is not None
+        self.secure = policy is not None  # (an attribute: every data frame asks)
 
     # -- sender binding --------------------------------------------------------------------------
 

@@ -83,6 +83,15 @@ class OutputsOf(Protocol):
     handler: Any  # the Handler that ran (its name seeds the output ids)
 
 
+def _wrong_kind(message: Message, verb: str) -> ChoreoUsageError:
+    """The error for a message ``verb`` (send or ask) does not take (a clear one for a non-message)."""
+    options = message_options(type(message))  # (raises for anything not a message type)
+    what = f"{options.name} is {'an' if options.kind == 'event' else 'a'} {options.kind}"
+    if verb == "send":
+        return ChoreoUsageError(f"send takes a command and {what}: use emit() for events and ask() for queries")
+    return ChoreoUsageError(f"ask takes a query and {what}: use send() for commands and emit() for events")
+
+
 class _Call:
     """A command or query waiting for its reply (until ``deadline`` on the node's clock)."""
 
@@ -296,15 +305,20 @@ class Calls:
         origin_check: bool = True,
     ) -> Any:
         """Send a command or query and await its result (shared by send and ask, which check its kind)."""
+        cls = type(message)
         if origin_check:
-            self._check_origin(message, "send")
+            service = self.service  # (a declared type needs no further look: Service checked it)
+            if service is None or cls not in service.sends:
+                self._check_origin(message, "send")
         timeout = self.config.request_timeout if timeout is None else timeout
         start = self.clock()
         if self.life.state not in _ROUTING:  # (self.routing, inline: every request asks)
             await self._await_joined(start + timeout)
-        msg_id = idempotency_id(message) or self.router.fresh_id()
-        if trace_id is None:
-            trace_id = parse_traceparent(traceparent) if traceparent else msg_id
+        # an idempotent type's id is its intent's; any other's is drawn by the lane that writes it
+        # (or here, for the general path)
+        msg_id = idempotency_id(message) if cls.__choreo_options__.idempotency is not None else None
+        if trace_id is None and traceparent:
+            trace_id = parse_traceparent(traceparent)
         loop = self.loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         resends = [0]
@@ -323,20 +337,25 @@ class Calls:
                 future.set_exception(exc)
 
         def replan() -> list[PlannedCopy]:
-            return self.router.plan(message, msg_id, trace_id, cause_id, acked)
+            return self.router.plan(message, msg_id, trace_id or msg_id, cause_id, acked)
 
         # the common case in one call into the core: its owner's channel has credit, nothing is held
-        fast = None if self.holds.by_key else self.router.request_lane(type(message))
+        fast = None if self.holds.by_key else self.router.request_lane(cls)
         if fast is not None:
             outbox = self.outbox
             scheduled = outbox.flush_scheduled
             outbox.flush_scheduled = True  # a caller waits on the answer: it leaves now, not a turn later
-            if fast.lane.request(message, msg_id, trace_id, cause_id, acked) is None:
+            written = fast.lane.request(message, msg_id, trace_id, cause_id, acked)
+            if written is None:
                 fast = None  # no credit, or a body the general path explains
                 outbox.flush_scheduled = scheduled
+            else:
+                msg_id = written
+        if fast is None and msg_id is None:
+            msg_id = self.router.fresh_id()
         plan = replan() if fast is None else []
         owner = fast.service if fast is not None else plan[0][2]
-        call = _Call(future, type(message), owner, start + timeout, timeout)
+        call = _Call(future, cls, owner, start + timeout, timeout)
         self.pending.setdefault(msg_id, []).append(call)
         try:
             if fast is None:
@@ -370,8 +389,9 @@ class Calls:
 
         (Not a coroutine itself: the request is the one the caller awaits, one frame fewer to
         resume when the answer comes; a message of another kind is refused here, at the call.)"""
-        if message_options(type(command)).kind != "command":
-            raise ChoreoUsageError("send takes a command; use emit() for events and ask() for queries")
+        options = getattr(type(command), "__choreo_options__", None)  # (message_options, inline)
+        if options is None or options.kind != "command":
+            raise _wrong_kind(command, "send")
         return self.request(command, timeout=timeout, traceparent=traceparent)
 
     def ask(
@@ -384,8 +404,9 @@ class Calls:
         traceparent: str | None = None,
     ) -> Coroutine[Any, Any, Any]:
         """Ask a query: await it for its answer (refused at the call if it is not a query, as :meth:`send`)."""
-        if message_options(type(query)).kind != "query":
-            raise ChoreoUsageError("ask takes a query; use send() for commands and emit() for events")
+        options = getattr(type(query), "__choreo_options__", None)
+        if options is None or options.kind != "query":
+            raise _wrong_kind(query, "ask")
         return self.request(
             query,
             timeout=timeout,

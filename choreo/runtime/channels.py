@@ -209,8 +209,8 @@ class OutChannel:
                 self.journal.acked(self)  # type: ignore[union-attr]
         if freed and self.watch:
             self._notify(cumulative, ranges)
-        if freed:
-            self.pump(now)
+        if freed and (self.backlog or self.window.held or self.credit_waiters or self.urgent_waiters):
+            self.pump(now)  # (else it has nothing to move, release or wake)
         return freed
 
     def _notify(self, cumulative: int, ranges: list[tuple[int, int]]) -> None:

@@ -144,7 +144,8 @@ class Outbox:
 
     def ack_later(self, channel: InChannel) -> None:
         self.dirty_in[channel] = None
-        self.schedule_flush()
+        if not self.flush_scheduled:  # (usually is: a read flushes after its frames)
+            self.schedule_flush()
 
     def send_replies(self) -> None:
         """The answers queued so far leave now (a durable node's wait for their commit)."""
@@ -276,7 +277,8 @@ class Outbox:
             queued = self.replies[peer.incarnation] = _Answers(peer)
         queued.entries.append(entry)
         queued.size += len(entry)
-        self.schedule_flush()
+        if not self.flush_scheduled:
+            self.schedule_flush()
 
     # -- channels --------------------------------------------------------------------------------
 

@@ -486,7 +486,7 @@ class PartitionData:
 
     def keep_result(self, env: Any, handler: Handler, reply: bytes) -> None:
         """The result of command ``env``, handled by ``handler`` (see :meth:`remember`)."""
-        ttl = message_options(handler.message).dedup_ttl
+        ttl = handler.message.__choreo_options__.dedup_ttl  # (message_options: a registered type)
         now = self.host.clock()
         results = self.results
         results[env.msg_id] = (now, ttl, reply, env.partition)

@@ -118,6 +118,33 @@ def test_commands_queries_and_events_in_one_process_over_inproc() -> None:
     run(scenario)
 
 
+def test_send_and_ask_refuse_the_wrong_kind_at_the_call_and_a_node_not_started() -> None:
+    """A verb given a message of another kind (or no message) says which verb takes it, before
+    anything travels; a node not started says so; and the node still answers afterwards."""
+    svc, balances, _ = bank()
+
+    async def scenario() -> None:
+        idle = Node(None, bind="inproc://never-started")
+        with pytest.raises(RuntimeError, match="node not started"):
+            idle.send(Deposit("acc-1", 5))
+        nodes = await mesh(svc, None)
+        client = nodes[1]
+        with pytest.raises(ChoreoUsageError, match="send takes a command and Balance is a query: use emit"):
+            client.send(Balance("acc-1"))  # type: ignore[unused-coroutine]
+        with pytest.raises(ChoreoUsageError, match="send takes a command and Deposited is an event"):
+            client.send(Deposited("acc-1", 1))  # type: ignore[unused-coroutine]
+        with pytest.raises(ChoreoUsageError, match="ask takes a query and Deposit is a command: use send"):
+            client.ask(Deposit("acc-1", 1))  # type: ignore[unused-coroutine]
+        with pytest.raises(ChoreoUsageError, match="is not a message type"):
+            client.send({"account": "acc-1"})  # type: ignore[arg-type, unused-coroutine]
+        assert await client.send(Deposit("acc-1", 5)) == 5
+        assert await client.ask(Balance("acc-1")) == 5
+        assert balances == {"acc-1": 5}
+        await stop_all(nodes)
+
+    run(scenario)
+
+
 def test_a_new_service_joins_without_a_refusal_on_either_side() -> None:
     """The seed tells the mesh of a service it has not seen at once: not before it has answered the
     newcomer's hello, or the newcomer refuses the news from a node it does not know yet (and logs
