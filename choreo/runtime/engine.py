@@ -583,7 +583,10 @@ class Engine:
             return
         held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
         self.holds.on_view(self.membership, self.outbox.out)  # the owners the resend routes by (see Holds)
-        moved = self.router.resend(peer.service_name, ch.evacuate())
+        evacuated = ch.evacuate()
+        if self.moves is not None:  # forwards of partitions ours again run here first (see take_back)
+            evacuated = self.moves.take_back(evacuated)
+        moved = self.router.resend(peer.service_name, evacuated)
         if moved:
             log.info("%s: resent %d unacknowledged envelopes of %s to its new owners", self.name, moved, peer.node)
         self.router.release_holds(held)

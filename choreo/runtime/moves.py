@@ -73,6 +73,22 @@ class PartitionWork(Protocol):
     def lag_of(self, partition: int) -> int: ...
 
 
+class _Forwarded:
+    """What a forward calls once its target has it: the arrival it carries is done here. It
+    keeps that arrival, for a forward whose target is gone (:meth:`Moves.take_back`)."""
+
+    __slots__ = ("channel", "env", "outbox")
+
+    def __init__(self, channel: InChannel, env: Any, outbox: Outbox) -> None:
+        self.channel = channel
+        self.env = env
+        self.outbox = outbox
+
+    def __call__(self) -> None:
+        self.channel.reorder.complete(self.env.seq)
+        self.outbox.ack_later(self.channel)
+
+
 class Moves:
     """Partition moves of one service node (see the module docstring)."""
 
@@ -450,18 +466,39 @@ class Moves:
         if target is None or target.incarnation == self.me:
             return False
         outbox = self.outbox
-
-        def done(channel: InChannel = channel, seq: int = env.seq) -> None:
-            channel.reorder.complete(seq)
-            outbox.ack_later(channel)
-
         self.counters.forwarded += 1
         item = Outgoing(
             env.kind, env.flags, env.type.encode(), env.key, env.partition, env.msg_id, env.trace_id, env.cause_id,
-            env.payload, done, raw=env.raw,
+            env.payload, _Forwarded(channel, env, outbox), raw=env.raw,
         )
         outbox.append(outbox.channel(target), item, self.clock())
         return True
+
+    def take_back(self, items: list[Outgoing]) -> list[Outgoing]:
+        """Envelopes of a channel whose receiver is gone, less our forwards of partitions that are
+        ours again in this view: those run here, now and in their arrival order.
+
+        Sent round to this node's own endpoint instead, they would come back a round trip (or a
+        retransmission) later, behind arrivals of their keys that came after them and ran here
+        meanwhile: per-key order lost (nemesis seed 586)."""
+        work = self.work
+        if work is None:
+            return items
+        kept: list[Outgoing] = []
+        now = self.clock()
+        for item in items:
+            forwarded = item.on_done
+            if isinstance(forwarded, _Forwarded):
+                owner = self.membership.owner(self.service, item.partition)
+                if owner is not None and owner.incarnation == self.me:
+                    work.deliver(forwarded.channel, forwarded.env, now)
+                    continue
+            kept.append(item)
+        if len(kept) < len(items):
+            log.info("%s: %d forwarded messages run here after all: their target is gone, their partitions ours",
+                     self.name, len(items) - len(kept))
+            work.pump()
+        return kept
 
     @property
     def busy(self) -> bool:
