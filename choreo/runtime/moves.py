@@ -412,6 +412,9 @@ class Moves:
                     self.data.install(staged)
             elif self.ownership.owners[p] not in (None, self.me) or now - since >= self.ownership.early_ttl:
                 del self.early[p]  # someone else owns it in our view (or it waited too long)
+                # and it no longer counts as handed over: a view that gives us the partition later
+                # must wait for the stream sent again, not take the partition without its state
+                self.ownership.early.pop(p, None)
                 if sender is not None and sender.live:
                     self.send_transfer(sender, p, encode_transfer(
                         Verdict(staged.purpose, staged.stream, p, False, f"{self.name} does not own partition {p} in its view")

@@ -297,7 +297,13 @@ def test_with_standby_copies_single_faults_lose_no_state(seed: int) -> None:
     run_one(seed, replicas=1, single_faults=True, duration=60.0)
 
 
-@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + DURABLE_SEEDS))
+# durable seeds that once failed: 612, a handover refused for coming before the view counted as
+# handed over when the view came (the partition started without its state: counts lost)
+DURABLE_REGRESSIONS = [612]
+
+
+@pytest.mark.parametrize("seed", sorted(set(range(FIRST_SEED, FIRST_SEED + DURABLE_SEEDS))
+                                        | set(DURABLE_REGRESSIONS if DURABLE_SEEDS else [])))
 def test_durable_nodes_killed_and_restarted_handle_nothing_twice(seed: int) -> None:
     with tempfile.TemporaryDirectory(prefix="choreo-nemesis-") as data_root:
         run_one(seed, data_root=data_root)

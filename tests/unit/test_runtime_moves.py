@@ -244,6 +244,30 @@ def test_a_refused_stream_is_sent_again_and_the_partition_kept_meanwhile() -> No
     assert p in n.work.forgotten and p not in n.moves.ownership.draining
 
 
+def test_a_stream_refused_for_coming_early_does_not_count_as_handed_over() -> None:
+    """A handover that reached this node before its view gave it the partition, and was sent back
+    because the view still had another owner, is not the partition's state here: when the view
+    then gives it the partition (its holder leaving), it waits for the stream sent again instead
+    of starting without the state (nemesis seeds 612, 657, 659: counts lost)."""
+    n = Node(2, 1, holding=(1,))
+    n.moves.sync()
+    theirs = [p for p in range(PARTITIONS) if n.moves.ownership.owners[p] == 1]
+    p = theirs[0]
+    for chunk in stream_of(p, 41):  # 1 leaves, and its view already gives p to 2: its stream comes
+        n.receive(1, chunk)
+    n.moves.tick(n.now)  # ours does not yet: sent back
+    (verdict,) = [m for _, m in n.transfers() if isinstance(m, Verdict)]
+    assert not verdict.ok and "does not own" in verdict.error and n.work.imported == []
+    n.membership.leaving(1)  # now our view has it leave too: p is ours, from a live holder
+    n.moves.sync()
+    assert p in n.moves.ownership.awaiting and p not in n.owned(), "wait for the state, do not start without it"
+    n.moves.buffer(None, Env(p, 1))
+    assert n.work.delivered == []
+    for chunk in stream_of(p, 42):  # sent again
+        n.receive(1, chunk)
+    assert [q for q, _ in n.work.imported] == [p] and n.work.delivered == [(p, 1)] and p in n.owned()
+
+
 def test_a_receiver_that_dies_mid_stream_is_replaced_by_the_next_owner() -> None:
     n = Node(1, 2)
     n.moves.sync()
