@@ -179,12 +179,18 @@ class Membership:
     # -- changes -------------------------------------------------------------------------------
 
     def clear(self) -> None:
-        """Forget every peer (this node re-incarnates and learns who is live again).
+        """Forget every live peer (this node re-incarnates and learns who is live again).
 
         The declared system stays: what was meant for a service still waits for its instances.
-        The version goes on, so views cached under an older one stay stale.
+        So do the tombstones: an incarnation this node knew dead or gone stays so for its next
+        incarnation, or gossip that has not caught up yet would bring it back, and the next
+        incarnation would send to a member the last one declared dead (nemesis seed 854: an
+        event handled by the partition's live owner, then again by such a member). The version
+        goes on, so views cached under an older one stay stale.
         """
+        tombstones = [peer for peer in self.peers.values() if not peer.live]
         self.peers.clear()
+        self.peers.update((peer.incarnation, peer) for peer in tombstones)
         self._at.clear()
         self.buckets = [0] * wire.SYNC_BUCKETS
         self.live_count = 0

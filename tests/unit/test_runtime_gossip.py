@@ -186,3 +186,25 @@ def test_a_hello_listing_thousands_of_peers_makes_a_node_contact_none_of_them() 
     sim.run(10 * sim.config.heartbeat)
     assert a.state_of(b) == "alive" and 777 in a.membership.peers, "the newcomer is a member; the list is ignored"
     assert not [e for e in sent if "10.9." in e]
+
+
+def test_a_node_that_re_incarnates_still_knows_whom_it_found_dead() -> None:
+    """Its next incarnation learns the live members again, but an incarnation the last one knew
+    dead (or gone) stays dead: gossip that has not caught up yet does not bring it back as a
+    member to send to (it would handle what the live owner already did)."""
+    from choreo.runtime.membership import Membership
+
+    alive, dead = wire.MEMBER_STATES.index("alive"), wire.MEMBER_STATES.index("dead")
+    members = Membership()
+    for inc in (11, 12, 13):
+        assert members.merge(wire.Member(inc, 1, alive, f"inproc://m{inc}", f"m{inc}"), 0.0) is not None
+    members.suspect(12)
+    members.expire(12)  # its suspicion ran out: dead
+    assert members.merge(wire.Member(13, 2, wire.MEMBER_STATES.index("left"), "inproc://m13", "m13"), 1.0) is not None
+    members.clear()  # this node was declared dead and re-incarnates
+    assert members.live_count == 0 and not list(members.live_peers())
+    assert members.merge(wire.Member(12, 1, alive, "inproc://m12", "m12"), 2.0) is None, "still dead"
+    assert members.merge(wire.Member(13, 1, alive, "inproc://m13", "m13"), 2.0) is None, "still gone"
+    update = members.merge(wire.Member(11, 1, alive, "inproc://m11", "m11"), 2.0)
+    assert update is not None and update.peer.live, "a live member is learned again"
+    assert [p.incarnation for p in members.live_peers()] == [11]
