@@ -30,6 +30,10 @@ from typing import Any
 
 from .mesh import discover, gather
 
+# how long a stopping server waits for the mesh query in flight (discover, then one query of
+# every node: two timeouts of the CLI's default 5 s, and some)
+QUERY_DRAIN_SECONDS = 20.0
+
 __all__ = ["LiveMap", "labels", "serve"]
 
 
@@ -166,6 +170,10 @@ def serve(page: str, collect: Callable[[], dict[str, Any]], port: int = 0, host:
             while not stop.wait(0.5):  # short waits: Ctrl-C is seen at once
                 pass
         finally:
-            server.shutdown()
+            server.shutdown()  # no request starts after this
+            # a mesh query still in flight (its timeouts bound it) ends before this returns, rather
+            # than in a daemon thread while the interpreter tears down around its open socket
+            if lock.acquire(timeout=QUERY_DRAIN_SECONDS):
+                lock.release()
     finally:
         server.server_close()

@@ -186,7 +186,7 @@ def test_the_live_map_shows_rates_lag_and_errors_of_the_running_mesh(procs, tmp_
     server = subprocess.Popen(
         [sys.executable, "-m", "choreo", "graph", "--peer", seed.endpoint, "--live", "--interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONFAULTHANDLER": "1"},
     )  # fmt: skip
     try:
         line = server.stdout.readline()  # type: ignore[union-attr]
@@ -220,7 +220,14 @@ def test_the_live_map_shows_rates_lag_and_errors_of_the_running_mesh(procs, tmp_
         stop.set()
         os.killpg(server.pid, signal.SIGINT)
         try:
-            assert server.wait(30) == 0  # a mesh query in flight finishes first (its timeout bounds it)
+            try:
+                code = server.wait(30)  # a mesh query in flight finishes first (its timeouts bound it)
+            except subprocess.TimeoutExpired:  # where it is stuck: faulthandler prints every thread
+                os.killpg(server.pid, signal.SIGABRT)
+                server.wait(10)
+                stuck = server.stderr.read()[-6000:]  # type: ignore[union-attr]
+                raise AssertionError(f"choreo graph --live did not stop on Ctrl-C:\n{stuck}") from None
+            assert code == 0, server.stderr.read()  # type: ignore[union-attr]
         finally:
             if server.poll() is None:
                 os.killpg(server.pid, signal.SIGKILL)

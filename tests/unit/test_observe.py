@@ -367,3 +367,42 @@ def test_idle_connections_to_the_metrics_port_cannot_take_every_descriptor() -> 
         server.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_a_stopping_live_map_server_lets_the_mesh_query_in_flight_end_first() -> None:
+    """Ctrl-C while a poll asks the mesh: serve() returns only once that query has ended, not
+    with it still running in a daemon thread while the process exits."""
+    import threading
+    import time
+    import urllib.request
+
+    from choreo.observe.live import serve
+
+    started, release, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_collect() -> dict:
+        started.set()
+        release.wait(10)
+        ended.set()
+        return {"time": 0.0, "edges": {}, "nodes": {}, "note": None}
+
+    urls: list[str] = []
+    stop = threading.Event()
+    server = threading.Thread(target=serve, args=("<html></html>", slow_collect),
+                              kwargs={"ready": urls.append, "stop": stop}, daemon=True)  # fmt: skip
+    server.start()
+    deadline = time.monotonic() + 10
+    while not urls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    def poll_once() -> None:
+        urllib.request.urlopen(urls[0] + "live.json", timeout=10).read()
+
+    poll = threading.Thread(target=poll_once, daemon=True)
+    poll.start()
+    assert started.wait(10), "the poll reached the mesh query"
+    stop.set()  # what Ctrl-C does
+    server.join(1.5)
+    assert server.is_alive() and not ended.is_set(), "serve() waits for the query in flight"
+    release.set()
+    server.join(10)
+    assert not server.is_alive() and ended.is_set()
