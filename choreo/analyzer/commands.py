@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -270,10 +271,20 @@ def _serve_live(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"serving the live map of {args.peer} at {url} (Ctrl-C stops)", flush=True)
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM stop it, as they do `choreo demo` and `choreo up`: also when it was
+    # started with SIGINT ignored (a background job of a script inherits that; Python then
+    # leaves it ignored)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         live.serve(page, collector.collect, port=args.port, ready=ready)
     except KeyboardInterrupt:
         pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 

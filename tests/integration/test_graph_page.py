@@ -186,6 +186,9 @@ def test_the_live_map_shows_rates_lag_and_errors_of_the_running_mesh(procs, tmp_
     server = subprocess.Popen(
         [sys.executable, "-m", "choreo", "graph", "--peer", seed.endpoint, "--live", "--interval", "0.5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # started as a script's background job is (CI's may be): SIGINT ignored, which Python
+        # keeps; Ctrl-C below must stop it all the same
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
         env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONFAULTHANDLER": "1"},
     )  # fmt: skip
     try:
