@@ -373,7 +373,6 @@ def test_a_stopping_live_map_server_lets_the_mesh_query_in_flight_end_first() ->
     """Ctrl-C while a poll asks the mesh: serve() returns only once that query has ended, not
     with it still running in a daemon thread while the process exits."""
     import threading
-    import time
     import urllib.request
 
     from choreo.observe.live import serve
@@ -387,13 +386,17 @@ def test_a_stopping_live_map_server_lets_the_mesh_query_in_flight_end_first() ->
         return {"time": 0.0, "edges": {}, "nodes": {}, "note": None}
 
     urls: list[str] = []
+    listening = threading.Event()
+
+    def ready(url: str) -> None:
+        urls.append(url)
+        listening.set()
+
     stop = threading.Event()
     server = threading.Thread(target=serve, args=("<html></html>", slow_collect),
-                              kwargs={"ready": urls.append, "stop": stop}, daemon=True)  # fmt: skip
+                              kwargs={"ready": ready, "stop": stop}, daemon=True)  # fmt: skip
     server.start()
-    deadline = time.monotonic() + 10
-    while not urls and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert listening.wait(10), "the server listens"
     def poll_once() -> None:
         urllib.request.urlopen(urls[0] + "live.json", timeout=10).read()
 
