@@ -321,17 +321,21 @@ class Calls:
             trace_id = parse_traceparent(traceparent)
         loop = self.loop or asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        resends = [0]
+        resends = 0
+        sent_on: OutChannel | None = None  # the channel it went on (the instance that will ack it)
 
         def acked() -> None:
             # processed (acked), and its answer came first on the same connection unless that frame
             # was lost: then ask again; dedup answers the resend from the cached result
-            if future.done() or resends[0] >= 3:
+            nonlocal resends, sent_on
+            if future.done() or resends >= 3:
                 return
-            resends[0] += 1
+            resends += 1
             self.counters.resent_requests += 1
             try:
-                self.router.commit(replan())
+                plan = _to_runner(replan(), sent_on)
+                self.router.commit(plan)
+                sent_on = plan[0][0] if plan else None
                 self.outbox.flush()
             except ChoreoError as exc:
                 future.set_exception(exc)
@@ -351,6 +355,7 @@ class Calls:
                 outbox.flush_scheduled = scheduled
             else:
                 msg_id = written
+                sent_on = fast.channels[fast.lane.last]
         if fast is None and msg_id is None:
             msg_id = self.router.fresh_id()
         plan = replan() if fast is None else []
@@ -363,6 +368,7 @@ class Calls:
                     plan = await self._await_credit(plan, max(start + timeout - self.clock(), 0.0), replan)
                 self.outbox.flush_scheduled = True  # (as above)
                 self.router.commit(plan)
+                sent_on = plan[0][0]
             self.outbox.flush()
             self.counters.sent += 1
             heapq.heappush(self._deadlines, (call.deadline, msg_id))
@@ -622,6 +628,17 @@ class DurableCalls:
         ids = await self.calls.emit_many(events, timeout=max(deadline - self.clock(), 0.0))
         await self.journal.durable(max(deadline - self.clock(), 10 * self.config.tick))
         return ids
+
+
+def _to_runner(plan: list[PlannedCopy], sent_on: OutChannel | None) -> list[PlannedCopy]:
+    """A request sent again because its ack came without its answer: to the partition's owner
+    now, whose dedup answers it (its last owner handed it the cached result); but when its service
+    has no routable instance, to the instance that ran it, if that one still lives (the last
+    instance, leaving: the result is cached there and nowhere else, and a newcomer would run the
+    request again)."""
+    if plan and plan[0][0] is None and sent_on is not None and not sent_on.closed and sent_on.peer.live:
+        return [(sent_on, plan[0][1], plan[0][2])]
+    return plan
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

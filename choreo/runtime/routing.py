@@ -128,11 +128,12 @@ class RequestLane:
     core's lane (its ``request`` encodes, checks, routes and writes one into its window, marked
     urgent) and the service that owns the type (named in a timeout)."""
 
-    __slots__ = ("lane", "service")
+    __slots__ = ("lane", "service", "channels")
 
-    def __init__(self, lane: Any, service: str) -> None:
+    def __init__(self, lane: Any, service: str, channels: list[OutChannel]) -> None:
         self.lane = lane
         self.service = service
+        self.channels = channels  # the lane's, by the index it wrote last (``lane.last``)
 
 
 class _Alive:
@@ -392,7 +393,7 @@ class Router:
         max_bytes = min(self.config.max_message_bytes, *(p.max_message_bytes for p in peers))
         lane = self._lane(cls, options.name.encode(), route.key_field, route.partitions, channels, max_bytes,
                           wire.KIND_CODES[options.kind], None)
-        return RequestLane(lane, route.service)
+        return RequestLane(lane, route.service, channels)
 
     def _owner_channels(self, route: Route) -> list[OutChannel]:
         """The channel to the owner of each partition of ``route``'s (keyed) service."""

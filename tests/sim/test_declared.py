@@ -16,6 +16,7 @@ import pytest
 
 from choreo import Backpressure, Command, Event, NodeConfig, Service, Undeliverable, ValidationError
 from choreo.errors import ChoreoUsageError
+from choreo import wire
 from choreo.testing import Harness
 
 CONFIG = NodeConfig(window=8, suspect_after=1.0, dead_after=3.0, heartbeat=0.25, emit_timeout=2.0)
@@ -177,3 +178,47 @@ def test_confirm_returns_once_every_consumer_acknowledged() -> None:
             await h.run(client.emit(Nobody("hello"), confirm=True))
 
     run(scenario)
+
+
+def test_a_command_answered_by_the_last_instance_as_it_leaves_is_not_run_again_by_the_next() -> None:
+    """The answer to a command is lost, and its ack comes only once the caller has heard that the
+    service's last instance leaves: the caller asks that instance again (its cached result is
+    there and nowhere else) instead of keeping the command for the next instance, which would run
+    it a second time (found by a nemesis schedule, seed 2053 over 100 s)."""
+    runs: list[str] = []
+    svc = Service("meter")
+
+    @svc.command(Reset)
+    def reset(cmd: Reset) -> int:
+        runs.append(cmd.sensor)
+        return len(runs)
+
+    h = Harness(seed=9, config=CONFIG)
+    client = h.add(None)
+    consumer = h.add(svc)
+    transmit = h.link.transmit
+    answers_lost = [True]
+
+    def lose_answers(now: float, src: str, dst: str, frame: bytes) -> None:
+        lost = answers_lost[0] and src == consumer.transport.endpoint and dst == client.transport.endpoint
+        if not (lost and wire.parse_header(frame)[0] in (wire.REPLY, wire.ACK)):
+            transmit(now, src, dst, frame)
+
+    h.link.transmit = lose_answers  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await h.start()
+        call = asyncio.ensure_future(client.send(Reset("s"), timeout=20.0))
+        await h.run_until(lambda: runs == ["s"], 5, "the command ran")
+        leaving = asyncio.ensure_future(h.leave(consumer))
+        await h.run_until(lambda: client.membership.peers[consumer.incarnation].state == "leaving", 5,
+                          "the caller heard the last instance leaves")
+        answers_lost[0] = False  # its acks get through again: the caller learns the command ran
+        assert await h.run(call, timeout=10) == 1, "answered from the result cached where it ran"
+        await h.run(leaving, timeout=30)
+        h.restart(consumer)  # the next instance
+        await h.run_until(lambda: client.acknowledged, 30, "nothing waits for it")
+        await h.advance(2.0)
+
+    run(scenario)
+    assert runs == ["s"], "run once"
