@@ -90,6 +90,9 @@ class Nemesis:
         self.bounce_clients = bounce_clients  # durable clients may be killed and started again too
         self.crashed: list[Engine] = []  # instances down, waiting for a restart
         self.died: set[int] = set()  # incarnations that crashed (their unacknowledged work may run again)
+        # instances that left gracefully as their service's last one (in memory, their dedup ids
+        # went with them), by name: when they said goodbye (virtual time)
+        self.left_last: dict[str, float] = {}
         self._now0 = 0.0
 
     def draw(
@@ -121,6 +124,12 @@ class Nemesis:
     def instances(self) -> list[Engine]:
         """Service instances up now (not crashed, not left)."""
         return [e for e in self.harness.up() if e.service is not None]
+
+    def _others_up(self, engine: Engine) -> bool:
+        """Another instance of ``engine``'s service is up (not crashed, not left)."""
+        assert engine.service is not None
+        return any(e is not engine and e.service is not None and e.service.name == engine.service.name
+                   and e.lifecycle.state != "left" for e in self.instances())
 
     async def run(self, schedule: Schedule) -> None:
         """Apply every fault at its time (virtual), then heal and restart what is down."""
@@ -192,7 +201,11 @@ class Nemesis:
             if len(instances) <= self.min_instances:
                 return "leave: too few instances"
             target = instances[fault.pick % len(instances)]
+            name = target.name
+            last = not self._others_up(target)
             drained = await h.leave(target)
+            if last or not self._others_up(target):
+                self.left_last[name] = h.now
             if target.service is not None:
                 self.crashed.append(target)  # a left instance is restarted like a crashed one
             return f"leave {target.name}" + ("" if drained else " (drain timed out)")

@@ -147,6 +147,7 @@ class Harness:
         self._setup: dict[str, tuple[Service | None, str | None, NodeConfig | None]] = {}
         self.history: list[Engine] = []  # every engine this harness made, restarted ones included
         self.declared_dead: set[str] = set()  # names of incarnations some node declared dead
+        self.dead_at: dict[str, float] = {}  # ... and when the first node did (virtual time)
         # (node name, message id): handled by a durable node that crashed before committing it; that
         # handler may run again (the one at-least-once a durable node keeps, see the README)
         self.uncommitted: set[tuple[str, bytes]] = set()
@@ -215,6 +216,7 @@ class Harness:
         def noted(peer: Any) -> None:  # what the nemesis checkers need: who was taken for dead
             if peer.state == "dead":
                 self.declared_dead.add(peer.node)
+                self.dead_at.setdefault(peer.node, self.now)
             peer_gone(peer)
 
         engine.peer_gone = noted  # type: ignore[method-assign]

@@ -10,7 +10,9 @@ After the schedule the mesh is healed, and the checker asserts:
 * nothing twice outside the crash window: a message handled twice was first handled by an
   incarnation that some node then took for dead (it crashed, or was cut off or paused for
   longer than ``dead_after``): whoever sent it the message resent it to the partition's new
-  owner, which lacked the first handling's dedup id;
+  owner, which lacked the first handling's dedup id; or (in memory) first handled by the
+  service's last instance, which left after the mesh took the producer for dead: the producer
+  never saw the acks and sent it again on its next life, when no instance knew its id;
 * order: per key, first handlings come in the order the producer emitted them.
 
 Durable nodes (every node, the client too, with a data dir; with and without standby copies)
@@ -88,6 +90,8 @@ class Ledger:
         self.tallied: dict[tuple[str, int], list[str]] = defaultdict(list)
         self.emitted: list[tuple[str, int]] = []
         self.answered: dict[tuple[str, int], int] = {}
+        self.sender: dict[tuple[str, int], str] = {}  # (k, n) -> the client incarnation that first sent it
+        self.command_sender: dict[tuple[str, int], str] = {}
 
     def service(self, replicas: int = 0) -> Service:
         meter = Service("meter", partitions=16, state=[Seen], replicas=replicas)
@@ -136,11 +140,12 @@ def calls_on(harness: Harness, clients: list[Engine], durable: bool) -> Callable
 
 
 async def produce(  # type: ignore[no-untyped-def]
-    harness: Harness, call, ledger: Ledger, events: int, commands_every: int, pace: float
+    harness: Harness, call, ledger: Ledger, events: int, commands_every: int, pace: float, client: Callable[[], Engine]
 ) -> None:
     for i in range(events):
         await harness.sleep(pace)
         ev = Reading(k=f"k{i % KEYS}", n=i)
+        ledger.sender[(ev.k, ev.n)] = client().name
         while True:
             try:
                 await call(lambda client: client.emit(ev, timeout=5.0))
@@ -152,6 +157,7 @@ async def produce(  # type: ignore[no-untyped-def]
         ledger.emitted.append((ev.k, ev.n))
         if i % commands_every == 0:
             cmd = Tally(k=ev.k, n=i)
+            ledger.command_sender[(cmd.k, cmd.n)] = client().name
             failed = 0
             while failed < 50:
                 try:
@@ -206,7 +212,9 @@ def run_one(
     async def scenario() -> None:
         await harness.start()
         watcher = asyncio.ensure_future(watch_instances())
-        producer = asyncio.ensure_future(produce(harness, call, ledger, events, 25, pace=duration / events))
+        producer = asyncio.ensure_future(
+            produce(harness, call, ledger, events, 25, pace=duration / events, client=lambda: nemesis.clients[0])
+        )
         await harness.run(nemesis.run(plan), timeout=duration * 4)
         await nemesis.settle()
         await harness.run(producer, timeout=600)
@@ -228,13 +236,24 @@ def run_one(
         """Durable: every earlier handling was one a crash caught before its commit."""
         return durable and all((name, idempotency_id(message)) in harness.uncommitted for name in who[:-1])
 
+    def orphaned(sender: str, who: list[str]) -> bool:
+        """In memory: every earlier handling was by the service's last instance, which left
+        (its dedup ids with it) after the mesh took the sender for dead: the sender never saw
+        the acks, sent it again on its next life, and nobody was left who knew the id."""
+        when = harness.dead_at.get(sender)
+        return not durable and when is not None and all(
+            name in died or nemesis.left_last.get(name, -1.0) >= when for name in who[:-1])
+
+    def excused(message: Event | Command, sender: str, who: list[str]) -> bool:
+        return set(who[:-1]) <= died or uncommitted(message, who) or orphaned(sender, who)
+
     lost = [m for m in ledger.emitted if m not in ledger.handled]
     assert not lost, f"{len(lost)} events emitted and never handled, e.g. {lost[:5]}\n{story}"
     twice = {m: who for m, who in ledger.handled.items()
-             if len(who) > 1 and not set(who[:-1]) <= died and not uncommitted(Reading(k=m[0], n=m[1]), who)}
+             if len(who) > 1 and not excused(Reading(k=m[0], n=m[1]), ledger.sender[m], who)}
     assert not twice, f"{len(twice)} events handled twice outside the crash window, e.g. {list(twice.items())[:3]}\n{story}"
     tallied_twice = {m: who for m, who in ledger.tallied.items()
-                     if len(who) > 1 and not set(who[:-1]) <= died and not uncommitted(Tally(k=m[0], n=m[1]), who)}
+                     if len(who) > 1 and not excused(Tally(k=m[0], n=m[1]), ledger.command_sender[m], who)}
     assert not tallied_twice, f"commands run twice outside the crash window: {list(tallied_twice.items())[:3]}\n{story}"
     unanswered = [i for i in range(0, events, 25) if (f"k{i % KEYS}", i) not in ledger.answered]
     assert not unanswered, f"commands never answered: {unanswered[:5]}\n{story}"
@@ -273,7 +292,8 @@ def state_counts(harness: Harness, partitions: int) -> dict[str, int]:
     return out
 
 
-# seeds that once failed, beyond the default range: 69, a node that re-incarnated with arrivals
+# seeds that once failed, beyond the default range (and 2053 and 2515 of the 100 s schedules:
+# the last instance leaving, see test_declared.py and ``orphaned``): 69, a node that re-incarnated with arrivals
 # buffered for a partition it awaited, counted as lag for ever (its hand-over of it never came);
 # 586, a draining instance whose forwards' target died sent them round to itself, and later
 # arrivals of their key (its partition its own again) ran first; 854, a client that re-incarnated
