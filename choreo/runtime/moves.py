@@ -77,14 +77,16 @@ class _Forwarded:
     """What a forward calls once its target has it: the arrival it carries is done here. It
     keeps that arrival, for a forward whose target is gone (:meth:`Moves.take_back`)."""
 
-    __slots__ = ("channel", "env", "outbox")
+    __slots__ = ("channel", "env", "outbox", "forwarded")
 
-    def __init__(self, channel: InChannel, env: Any, outbox: Outbox) -> None:
+    def __init__(self, channel: InChannel, env: Any, outbox: Outbox, forwarded: dict[bytes, int]) -> None:
         self.channel = channel
         self.env = env
         self.outbox = outbox
+        self.forwarded = forwarded
 
     def __call__(self) -> None:
+        self.forwarded.pop(self.env.msg_id, None)
         self.channel.reorder.complete(self.env.seq)
         self.outbox.ack_later(self.channel)
 
@@ -128,6 +130,10 @@ class Moves:
         self.transfers = TransferStats()
         self.replicas: Replicas | None = None  # standby copies (a service with replicas=1)
         self._rng = random.Random()
+        # arrivals for partitions not ours are numbered as they come (buffered or forwarded), so
+        # that one forwarded on a stale view and sent back here keeps its place (see buffer)
+        self.arrivals = 0
+        self.forwarded: dict[bytes, int] = {}  # msg_id -> its number, until the forward is acknowledged
 
     @property
     def me(self) -> int:
@@ -147,6 +153,7 @@ class Moves:
         self.sending.clear()
         self.inbound.clear()
         self.early.clear()
+        self.forwarded.clear()
         if self.replicas is not None:
             self.replicas.reset(name)
 
@@ -436,14 +443,24 @@ class Moves:
         owner we suspect (its sender may have found it dead already and sent it here: it runs
         here, in order, once we do too; or goes on to the owner once it refutes); False if not."""
         p = env.partition
-        if self.ownership.state[p] == "awaiting" or not self.life.joined:
-            self.ownership.buffered.setdefault(p, deque()).append((channel, env))
+        if self.ownership.state[p] != "awaiting" and self.life.joined:
+            owner = self.membership.owner(self.service, p)
+            if owner is None or owner.state != "suspect":
+                return False
+        queue = self.ownership.buffered.setdefault(p, deque())
+        number = self.forwarded.pop(env.msg_id, None)
+        if number is None:
+            self.arrivals += 1
+            queue.append((channel, env, self.arrivals))
             return True
-        owner = self.membership.owner(self.service, p)
-        if owner is not None and owner.state == "suspect":
-            self.ownership.buffered.setdefault(p, deque()).append((channel, env))
-            return True
-        return False
+        # one we forwarded on a view older than its sender's, sent back by the node we sent it to:
+        # ahead of what came after it (nemesis durable seed 2155: at the end of the queue, a
+        # later arrival of its key, buffered directly meanwhile, ran first)
+        at = len(queue)
+        while at and queue[at - 1][2] > number:
+            at -= 1
+        queue.insert(at, (channel, env, number))
+        return True
 
     def release_buffered(self, partitions: list[int]) -> None:
         """Arrivals buffered for partitions that became ours (run them) or someone else's (forward)."""
@@ -457,7 +474,7 @@ class Moves:
                 self.data.take_over(p)  # what its last owner owed, before anything newer runs here
             queue = self.ownership.buffered.pop(p, None)
             while queue:
-                ch, env = queue.popleft()
+                ch, env, _ = queue.popleft()
                 work.untrack(p)
                 work.deliver(ch, env, now)
         work.pump()
@@ -470,9 +487,12 @@ class Moves:
             return False
         outbox = self.outbox
         self.counters.forwarded += 1
+        if env.msg_id not in self.forwarded:  # (forwarded again: it keeps the place of its first arrival)
+            self.arrivals += 1
+            self.forwarded[env.msg_id] = self.arrivals
         item = Outgoing(
             env.kind, env.flags, env.type.encode(), env.key, env.partition, env.msg_id, env.trace_id, env.cause_id,
-            env.payload, _Forwarded(channel, env, outbox), raw=env.raw,
+            env.payload, _Forwarded(channel, env, outbox, self.forwarded), raw=env.raw,
         )
         outbox.append(outbox.channel(target), item, self.clock())
         return True

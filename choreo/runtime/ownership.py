@@ -68,7 +68,7 @@ class Ownership:
         self.gate[:] = bytes(partitions)
         self.awaiting: dict[int, tuple[float, int]] = {}  # partition -> (since, previous owner)
         self.draining: dict[int, int] = {}  # partition -> new owner
-        self.buffered: dict[int, deque[tuple[Any, Any]]] = {}  # partition -> (channel, envelope)
+        self.buffered: dict[int, deque[tuple[Any, Any, int]]] = {}  # partition -> (channel, envelope, arrival number)
         self.view: list[int] | None = None
         self.keys: list[bytes] | None = None  # the view's rendezvous keys (None: their incarnations)
         self.owners: list[int | None] = [None] * partitions

@@ -70,6 +70,7 @@ class Work:
 class Env:
     def __init__(self, partition: int, seq: int) -> None:
         self.partition, self.seq, self.kind, self.flags = partition, seq, wire.KIND_EVENT, 0
+        self.msg_id = seq.to_bytes(16, "little")
 
 
 class Node:
@@ -349,6 +350,44 @@ def test_an_arrival_for_another_owner_is_forwarded_and_acknowledged_after_the_fo
     ch = n.outbox.out[2]
     ch.on_ack(core.encode_ack(1, 1, []), 0, n.now)
     assert Channel.completed == [5]
+
+
+def envelope(seq: int, partition: int, msg_id: bytes) -> Any:
+    raw = core.pack_envelope(seq, wire.KIND_EVENT, 0, b"Tick", b"k", partition, msg_id, msg_id, bytes(16), b"\x91\xa1k")
+    (env,) = core.parse_envelopes(raw)
+    return env
+
+
+class Original:
+    """The channel an arrival came on (what a forward completes once acknowledged)."""
+
+    def __init__(self) -> None:
+        self.completed: list[int] = []
+        self.reorder = self
+        self.closed = False
+
+    def complete(self, seq: int) -> None:
+        self.completed.append(seq)
+
+
+def test_an_arrival_forwarded_on_a_stale_view_and_sent_back_keeps_its_place() -> None:
+    """A producer whose view is newer sends here while ours still gives the partition to its old
+    owner: we forward it there, and that owner, draining the partition to us, sends it back. The
+    producer's next message of the key came straight here after our view caught up, and waits in
+    the same queue: the first still runs first (nemesis durable seed 2155 ran them the other way)."""
+    n = Node(2, 1, holding=(1,))
+    n.moves.sync()
+    theirs = min(p for p in range(PARTITIONS) if n.moves.ownership.state[p] == "unowned")
+    first = envelope(1, theirs, b"1" * 16)
+    assert n.moves.forward(Original(), first) is True, "our view: instance 1 owns it"
+    n.membership.leaving(1)  # our view catches up: 1 drains the partition to us
+    n.moves.sync()
+    assert n.moves.ownership.state[theirs] == "awaiting"
+    assert n.moves.buffer(Original(), envelope(2, theirs, b"2" * 16)) is True, "the next one, straight here"
+    assert n.moves.buffer(Original(), envelope(9, theirs, b"1" * 16)) is True, "the first, sent back by 1"
+    for chunk in stream_of(theirs, 5):
+        n.receive(1, chunk)
+    assert n.work.delivered == [(theirs, 9), (theirs, 2)], "in the order they reached this node first"
 
 
 def test_a_durable_instance_owns_the_same_partitions_in_its_next_life() -> None:
