@@ -38,7 +38,8 @@ class NodeConfig:
     ``max_connections``: sockets a node keeps open to peers (it dials on demand, closes those
     unused for a minute, and beyond this many the least recently used). ``span_ring``: how many
     spans the node remembers for tracing (0: none). ``handover_timeout``: how long a new owner
-    of a partition waits for its live previous owner's handover before taking it anyway.
+    of a partition waits for its live previous owner's handover before taking it anyway, and
+    for a durable previous owner taken for dead to come back with its store.
     ``dedup=False`` turns deduplication off on this node (at-least-once: for measuring what it
     costs, or for handlers that are idempotent by themselves). ``dlq_max`` / ``dlq_max_bytes``:
     the dead letters a node keeps (by count and by bytes of payload, error and traceback; the

@@ -108,6 +108,11 @@ class Peer:
         self.routable = self.vouched and self.state in ROUTABLE_STATES
 
     @property
+    def durable(self) -> bool:
+        """A durable node's: its key comes from its name (:func:`durable_key`), the same in every life."""
+        return len(self.key) == 16
+
+    @property
     def own_key(self) -> bytes:
         """The key to announce in hellos: empty when it is the incarnation's (peers derive that)."""
         return b"" if self.key == self.incarnation.to_bytes(8, "little") else self.key

@@ -182,7 +182,7 @@ class Moves:
             ))
         changed = ownership.update(
             view, lambda inc: inc in peers and peers[inc].live, self.clock(), holder, [p.key for p in instances],
-            self.keeper,
+            self.keeper, self._returns,
         )
         if ownership.stale:  # restored (from our store, or a copy), but another instance holds them now
             assert self.data is not None
@@ -236,6 +236,16 @@ class Moves:
                 ):
                     self.hand_over(p, target)
 
+    def _returns(self, incarnation: int) -> bool:
+        """A durable instance of this service the mesh took for dead: its store holds the dedup
+        ids, results and state of what it owned, and its next life owns the same partitions (its
+        key is its name's). Its partitions wait for it (up to ``handover_timeout``): started
+        here without them, its state would restart empty, and the messages it had handled but
+        not yet acknowledged would run again (a false death, durable seed 2103: a node suspected
+        just before a short partition, found dead just after it)."""
+        peer = self.membership.peers.get(incarnation)
+        return peer is not None and peer.state == "dead" and peer.durable and peer.service_name == self.service
+
     def _still_held(self, p: int, previous: int) -> bool:
         """Does a live instance still say it holds ``p``, or keeps its copy (its state is there: wait for it)?"""
         return any(
@@ -253,7 +263,7 @@ class Moves:
             del self.inbound[key]
         if self.replicas is not None:
             self.replicas.gone(incarnation)
-        owned = self.ownership.previous_gone(incarnation, self.keeper)
+        owned = self.ownership.previous_gone(incarnation, self.keeper, self._returns)
         if owned:
             log.info("%s: took over %d partitions %s was handing over", self.name, len(owned), name)
             self.release_buffered(owned)

@@ -90,6 +90,7 @@ class Ownership:
         holder: Callable[[int], int | None] = lambda p: None,
         keys: list[bytes] | None = None,
         keeper: Callable[[int], int | None] = lambda p: None,
+        returns: Callable[[int], bool] = lambda incarnation: False,
     ) -> list[int]:
         """A new view of the routable instances (this node's own included when it is routable).
 
@@ -102,7 +103,9 @@ class Ownership:
         view there is none, so instances that start together split the partitions at once.
         ``keeper(p)`` is the live instance whose standby copy of ``p`` counts, if any: a partition
         gained with no live holder waits for that copy (its owner is gone), unless this node has
-        the partition's data itself (:attr:`restored`).
+        the partition's data itself (:attr:`restored`). ``returns(owner)``: that gone owner is
+        worth waiting for (a durable instance taken for dead: its store has the partition, and
+        its next life owns it again); the partition waits for it, as for a handover.
 
         Returns the partitions whose buffered arrivals must be looked at again (they became
         owned, or were lost to another owner).
@@ -147,6 +150,9 @@ class Ownership:
                     elif not here and (copy := keeper(p)) is not None:
                         self._move(p, "gained")  # its owner is gone, its standby copy is not
                         self.awaiting[p] = (now, copy)
+                    elif not here and old_owner is not None and old_owner != self.me and returns(old_owner):
+                        self._move(p, "gained")  # its owner is gone, its store is not: it comes back
+                        self.awaiting[p] = (now, old_owner)
                     else:
                         self._move(p, "assigned")
                         changed.append(p)
@@ -178,9 +184,13 @@ class Ownership:
         del self.awaiting[p]
         return True
 
-    def previous_gone(self, incarnation: int, keeper: Callable[[int], int | None] = lambda p: None) -> list[int]:
+    def previous_gone(
+        self, incarnation: int, keeper: Callable[[int], int | None] = lambda p: None,
+        returns: Callable[[int], bool] = lambda incarnation: False,
+    ) -> list[int]:
         """A previous owner died: stop waiting for its handovers (wait for ``keeper(p)``'s standby
-        copy instead, where there is one). Returns the partitions that are owned now."""
+        copy instead, where there is one; or, if it ``returns`` (see :meth:`update`), for its next
+        life, until the handover timeout). Returns the partitions that are owned now."""
         gone = []
         for p, (since, prev) in list(self.awaiting.items()):
             if prev != incarnation:
@@ -188,6 +198,8 @@ class Ownership:
             copy = keeper(p)
             if copy is not None and copy != incarnation:
                 self.awaiting[p] = (since, copy)
+                continue
+            if returns(incarnation):
                 continue
             self._move(p, "previous_gone")
             del self.awaiting[p]
