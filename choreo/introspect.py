@@ -44,7 +44,7 @@ from .tracing import SPAN_ATTEMPT, SPAN_FINISHED, SPAN_HANDLER, SPAN_IDS, SPAN_O
 if TYPE_CHECKING:  # pragma: no cover
     from .runtime.engine import Engine
 
-__all__ = ["install", "node_stats", "payload_view", "join_hint", "unacknowledged", "undrained"]
+__all__ = ["install", "node_stats", "payload_view", "join_hint", "unacknowledged", "undrained", "replay_outcome"]
 
 
 def install(engine: Engine) -> None:
@@ -58,7 +58,7 @@ def install(engine: Engine) -> None:
     engine.register_rpc("dlq.show", partial(_letter, engine))
     engine.register_rpc("dlq.replay", lambda args: engine.dispatcher.replay(int(args["id"])).summary())
     engine.register_rpc("dlq.letters", partial(_letters, engine))
-    engine.register_rpc("dlq.outcome", partial(_outcome, engine))
+    engine.register_rpc("dlq.outcome", partial(replay_outcome, engine))
     engine.register_rpc("traces", partial(_traces, engine))
     engine.register_rpc("rates", partial(_rates, engine))
     engine.register_rpc("retire", lambda args: engine.retire(str(args["service"])))
@@ -222,12 +222,20 @@ def _letters(engine: Engine, args: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _outcome(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
+def replay_outcome(engine: Engine, args: dict[str, Any]) -> dict[str, Any]:
+    """How replay number ``args["replay"]`` of dead letter ``args["id"]`` ended (``dlq.outcome``):
+    ``handled`` (on a durable node: once the letter's removal is safe on disk), ``failed`` (a
+    dead letter again), ``running``, or ``gone`` (no spans kept to tell)."""
     letter_id, replay = int(args["id"]), int(args["replay"])
     msg_id = bytes.fromhex(str(args["msg_id"]))
     letter = engine.dispatcher.dead_letters.get(letter_id)
     if letter is not None and letter.replays >= replay:
         return {"state": "failed", "error": f"{letter.error_type}: {letter.error}", "attempts": letter.attempts}
+    journal, committing = engine.journal, engine.dispatcher.replays_committing
+    if journal is not None and letter_id in committing:
+        if journal.safe < committing[letter_id]:
+            return {"state": "running", "error": None, "attempts": None}  # handled, not yet safe on disk
+        del committing[letter_id]
     tracer = engine.tracer
     for t in reversed(tracer.spans):
         if len(t) > SPAN_REPLAY and t[SPAN_REPLAY] == replay and t[SPAN_IDS][:16] == msg_id and t[SPAN_OUTCOME] == "ok":

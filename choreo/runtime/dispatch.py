@@ -117,6 +117,7 @@ class Dispatcher:
         self.results_max = results_max
         self.journal = journal  # durable nodes: what must commit before an ack leaves
         self.dead_letters = DeadLetters(config.dlq_max, config.dlq_max_bytes, journal=journal)
+        self.replays_committing: dict[int, int] = {}  # durable: letter id -> the commit that makes its replay safe
         if journal is not None:
             journal.windows = self.dedup.get
             journal.results_max = results_max
@@ -583,6 +584,9 @@ class Dispatcher:
             if job.replay_of is not None and self.journal is not None:
                 if self.dead_letters.get(job.replay_of.id) is None:  # replayed and handled: gone
                     self.journal.letter_gone(job.replay_of.id)
+                    # ... once the next commit is safe: only then is the replay "handled" to its
+                    # operator (a SIGKILL before it would bring the letter back)
+                    self.replays_committing[job.replay_of.id] = self.journal.written + 1
             if self.in_progress.get(env.msg_id) is job:
                 if self.journal is not None and not job.logged:
                     self.journal.handled(env)  # its id commits before its ack leaves

@@ -22,7 +22,7 @@ import msgspec
 from choreo import Command, Event, NodeConfig, Service, core
 from choreo.core import decode_ack, parse_envelopes
 from choreo.errors import Backpressure, ChoreoError, StoreFull
-from choreo.introspect import node_stats
+from choreo.introspect import node_stats, replay_outcome
 from choreo.messages import idempotency_id
 from choreo.runtime.store import MemoryStore
 from choreo.testing import Harness
@@ -279,9 +279,11 @@ def test_dead_letters_survive_a_restart_and_a_replay_takes_them_away_for_good(tm
         assert (kept.id, kept.msg_id, kept.error) == (letter.id, letter.msg_id, "reading 3 is poison")
         ledger.fail.clear()
         consumer.dispatcher.replay(kept.id)
-        await h.run_until(lambda: ("k3", 3) in ledger.handled, 30, "the replay handled")
-        await h.step(FAST.tick)
-        consumer = h.restart(consumer)
+        replayed = consumer  # what `choreo dlq replay` asks until it says handled: then it is on disk
+        args = {"id": kept.id, "msg_id": kept.msg_id.hex(), "replay": 1}
+        await h.run_until(lambda: replay_outcome(replayed, args)["state"] == "handled", 30, "the replay said handled")
+        assert ("k3", 3) in ledger.handled
+        consumer = h.restart(consumer)  # a crash at once (no turn of the loop for a commit)
         await h.run_until(lambda: consumer.state == "joined", 30, "rejoined")
         assert list(consumer.dispatcher.dead_letters) == []
         ledger.check([(f"k{n % KEYS}", n) for n in range(6)])
