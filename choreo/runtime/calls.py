@@ -458,6 +458,8 @@ class Calls:
             raise ProtocolError("not_allowed", f"an answer to {type_name} from {peer.node}, which does not serve "
                                                f"{calls[0].service}")
         del self.pending[msg_id]
+        if self.outbox.waiting:  # a copy parked while its service seemed gone: it ran, it stays here
+            self.outbox.withdraw(msg_id)
         try:
             ok, body = decode_reply(payload)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as exc:

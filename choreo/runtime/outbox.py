@@ -51,6 +51,8 @@ from .stats import Counters
 
 __all__ = ["Outbox", "Sender"]
 
+_REQUEST_KINDS = (wire.KIND_COMMAND, wire.KIND_QUERY)
+
 
 class Sender(Protocol):
     """What the outbox needs of the network: send one frame to an endpoint."""
@@ -376,6 +378,23 @@ class Outbox:
         self.waiting_bytes[service] = self.waiting_bytes.get(service, 0) + item.size
         if self.journal is not None:
             self.journal.limbo(item, service)
+
+    def withdraw(self, msg_id: bytes) -> int:
+        """Copies of a command or query waiting for an instance whose answer came meanwhile (to
+        another copy of the same id): they leave unsent. Sent later to a new instance, which has
+        no record of the first, they would run it again. Returns how many left."""
+        gone = 0
+        for service, queue in list(self.waiting.items()):
+            stale = [item for item in queue if item.msg_id == msg_id and item.kind in _REQUEST_KINDS]
+            for item in stale:
+                queue.remove(item)
+                self.waiting_bytes[service] -= item.size
+                if item.row and self.journal is not None:
+                    self.journal.unlimbo(item)
+            gone += len(stale)
+            if not queue:
+                self.take_waiting(service)
+        return gone
 
     def has_room(self, service: str, nbytes: int) -> bool:
         """Whether one more envelope of the application's may wait for ``service`` (a window's worth)."""

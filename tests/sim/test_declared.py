@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from choreo import Backpressure, Command, Event, NodeConfig, Service, Undeliverable, ValidationError
+from choreo import Backpressure, ChoreoError, Command, Event, NodeConfig, Service, Undeliverable, ValidationError
 from choreo.errors import ChoreoUsageError
 from choreo import wire
 from choreo.testing import Harness
@@ -222,3 +222,65 @@ def test_a_command_answered_by_the_last_instance_as_it_leaves_is_not_run_again_b
 
     run(scenario)
     assert runs == ["s"], "run once"
+
+
+class Stamp(Command, key="sensor", idempotency=["sensor", "n"]):
+    sensor: str
+    n: int
+
+
+def test_a_command_kept_for_an_instance_is_dropped_once_another_copy_is_answered() -> None:
+    """A caller's command went unanswered (its frames lost), and it sent it again (the same id)
+    after hearing that the service's last instance leaves: that copy waits for an instance. The
+    first copy, resent by its channel, reaches the leaving instance, which runs it and answers:
+    the waiting copy is dropped, or the next instance would run the command again (nemesis seed
+    2126 with standby copies, 100 s)."""
+    runs: list[int] = []
+    slow = asyncio.Event()
+    svc = Service("meter")
+
+    @svc.on(Reading)
+    async def on_reading(ev: Reading) -> None:  # keeps the leaving instance draining until released
+        await slow.wait()
+
+    @svc.command(Stamp)
+    def stamp(cmd: Stamp) -> int:
+        runs.append(cmd.n)
+        return cmd.n * 2
+
+    h = Harness(seed=11, config=CONFIG)
+    client = h.add(None)
+    consumer = h.add(svc)
+    transmit = h.link.transmit
+    requests_lost = [False]
+
+    def lose_requests(now: float, src: str, dst: str, frame: bytes) -> None:
+        lost = requests_lost[0] and src == client.transport.endpoint and dst == consumer.transport.endpoint
+        if not (lost and wire.parse_header(frame)[0] == wire.DATA):
+            transmit(now, src, dst, frame)
+
+    h.link.transmit = lose_requests  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(client.emit(Reading("slow", 1)))
+        await h.run_until(lambda: not consumer.dispatcher.idle, 5, "the slow handler runs")
+        requests_lost[0] = True
+        with pytest.raises(ChoreoError):
+            await h.run(client.send(Stamp("s", 7), timeout=1.0), timeout=5)
+        leaving = asyncio.ensure_future(h.leave(consumer))
+        await h.run_until(lambda: client.membership.peers[consumer.incarnation].state == "leaving", 5,
+                          "the caller heard the last instance leaves")
+        again = asyncio.ensure_future(client.send(Stamp("s", 7), timeout=30.0))
+        await h.run_until(lambda: bool(client.outbox.waiting.get("meter")), 5, "the copy waits for an instance")
+        requests_lost[0] = False  # the first copy's retransmission gets through
+        assert await h.run(again, timeout=20) == 14, "answered by the leaving instance"
+        assert not client.outbox.waiting, "the waiting copy dropped"
+        slow.set()
+        await h.run(leaving, timeout=30)
+        h.restart(consumer)  # the next instance
+        await h.run_until(lambda: client.acknowledged, 30, "nothing waits")
+        await h.advance(2.0)
+
+    run(scenario)
+    assert runs == [7], "run once"
