@@ -586,10 +586,18 @@ class Engine:
         evacuated = ch.evacuate()
         if self.moves is not None:  # forwards of partitions ours again run here first (see take_back)
             evacuated = self.moves.take_back(evacuated)
+        # what already waits for an instance of that service came after what the channel held (it
+        # was its last instance, leaving): it goes back behind it (nemesis seed 3303, 100 s)
+        later = self.outbox.take_waiting(peer.service_name) if peer.service_name is not None else None
         moved = self.router.resend(peer.service_name, evacuated)
         if moved:
             log.info("%s: resent %d unacknowledged envelopes of %s to its new owners", self.name, moved, peer.node)
         self.router.release_holds(held)
+        if later:
+            for item in later:
+                self.outbox.park(peer.service_name, item)  # type: ignore[arg-type]
+            if self.calls.routing:
+                self.router.rehome(peer.service_name)
 
     def declared_dead(self, reason: str) -> None:
         """(GossipHost) The mesh declared this incarnation dead: rejoin under a new one.
@@ -611,6 +619,9 @@ class Engine:
         leftovers = self.outbox.evacuate_all(self.incarnation)
         for _, _, hold in self.holds.take_all():
             leftovers.extend((hold.channel.peer.service_name, item) for item in hold.queue)
+        # what waited for an instance came after what the channels and holds had: behind them
+        leftovers.extend((service, item) for service in list(self.outbox.waiting)
+                         for item in self.outbox.take_waiting(service) or ())
         endpoints = {p.endpoint for p in self.membership.peers.values() if p.incarnation != self.gossip.incarnation}
         self.membership.clear()
         if self.moves is not None:

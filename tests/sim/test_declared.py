@@ -284,3 +284,41 @@ def test_a_command_kept_for_an_instance_is_dropped_once_another_copy_is_answered
 
     run(scenario)
     assert runs == [7], "run once"
+
+
+def test_what_the_last_instance_never_got_goes_ahead_of_what_waited_for_the_next() -> None:
+    """An event was on its way to the service's last instance when that instance left (its frames
+    lost); the next event of the key, emitted after the caller heard of the leave, waited for an
+    instance. The first, taken back from the channel at the goodbye, waits ahead of the second:
+    the next instance handles them in the order they were emitted (nemesis seed 3303, 100 s)."""
+    seen: list[int] = []
+    h = Harness(seed=12, config=CONFIG)
+    client = h.add(None)
+    consumer = h.add(meter(seen))
+    transmit = h.link.transmit
+    events_lost = [False]
+
+    def lose_events(now: float, src: str, dst: str, frame: bytes) -> None:
+        lost = events_lost[0] and src == client.transport.endpoint and dst == consumer.transport.endpoint
+        if not (lost and wire.parse_header(frame)[0] == wire.DATA):
+            transmit(now, src, dst, frame)
+
+    h.link.transmit = lose_events  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(client.emit(Reading("s", 0)))
+        await h.run_until(lambda: client.acknowledged, 10, "the first acknowledged")
+        events_lost[0] = True
+        await h.run(client.emit(Reading("s", 1)))  # in flight, never arrives
+        leaving = asyncio.ensure_future(h.leave(consumer))
+        await h.run_until(lambda: client.membership.peers[consumer.incarnation].state == "leaving", 5,
+                          "the caller heard the last instance leaves")
+        await h.run(client.emit(Reading("s", 2)))  # waits for an instance
+        await h.run(leaving, timeout=60)
+        events_lost[0] = False
+        h.restart(consumer)  # the next instance
+        await h.run_until(lambda: client.acknowledged, 30, "everything delivered")
+
+    run(scenario)
+    assert seen == [0, 1, 2], "in the order they were emitted"
