@@ -294,7 +294,7 @@ class Node:
             await self.until(ready, timeout, f"services {wanted}")
         except TimeoutError:
             have = {s: len(engine.membership.instances(s)) for s in wanted}
-            status = engine.gossip.join_status()
+            status = engine.gossip.joining.status()
             raise TimeoutError(
                 f"{self.name}: waited {timeout:.1f} s for services {wanted}, the mesh has {have}"
                 + (f"; not joined: {status}" if status.startswith("refused") else introspect.join_hint(engine, self.peers))

@@ -147,7 +147,7 @@ class Engine:
         self.calls = Calls(
             self.router, self.outbox, self.holds, self.membership,
             lifecycle=self.lifecycle, service=service, config=config, clock=clock, call_later=self.call_later,
-            counters=self.counters, join_status=lambda: self.gossip.join_status(),
+            counters=self.counters, join_status=lambda: self.gossip.joining.status(),
         )
         self.gossip = Gossip(self.membership, self.outbox, self.lifecycle, self, config=config, clock=clock)
         self.moves = (

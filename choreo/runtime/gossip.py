@@ -194,10 +194,6 @@ class Gossip:
         self.rumors = Rumors(mult=RETRANSMIT_MULT)
         self._next_period = next_period
 
-    def join_status(self) -> str:
-        """Why this node has not joined yet, naming the seeds that do not answer."""
-        return self.joining.status()
-
     # -- leaving ---------------------------------------------------------------------------------
 
     def begin_leave(self) -> None:
@@ -409,6 +405,9 @@ class Gossip:
             return False
         if record.incarnation == me.incarnation:
             return self._about_me(record)
+        if (dead := self.membership.bury_former_life(record, me.endpoint, now)) is not None:
+            self._rumor(dead)  # a former life of ours, alive in the news: dead, and the mesh hears so
+            return False
         known = self.membership.peers.get(record.incarnation) if introduced_by is None else None
         if known is not None and not known.vouched and known.live:
             self.vouched(known)  # (a member we trust, or the member itself, speaks of it)

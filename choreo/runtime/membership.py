@@ -39,6 +39,8 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .. import core, wire
 from ..errors import ChoreoUsageError
 from ..spec import HandlerSpec, ServiceSpec, SystemSpec, system_spec
@@ -284,6 +286,19 @@ class Membership:
             self._rehash(peer, 0)
         self._changed()
         return peer, True, replaced
+
+    def bury_former_life(self, record: wire.Member, endpoint: str, now: float) -> wire.Member | None:
+        """A record, alive, of an unknown incarnation at this node's own ``endpoint``: a former
+        life of this node that its peers have not found dead yet. Taken for a newer node there, it
+        would replace this one (a restarted node declared itself dead so, voiding its hand-overs:
+        nemesis durable seed 3245). It is kept as dead instead; returns that record, to spread
+        (None: not a former life)."""
+        if (record.endpoint != endpoint or record.incarnation in self.peers
+                or wire.MEMBER_STATES[record.state] in ("dead", "left")):
+            return None
+        dead = msgspec.structs.replace(record, state=wire.MEMBER_STATES.index("dead"))
+        self.merge(dead, now)
+        return dead
 
     def merge(self, record: wire.Member, now: float, introduced_by: str | None = None) -> Update | None:
         """Apply what gossip says of a member (not this node: gossip answers for itself); None if

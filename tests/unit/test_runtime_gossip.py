@@ -208,3 +208,17 @@ def test_a_node_that_re_incarnates_still_knows_whom_it_found_dead() -> None:
     update = members.merge(wire.Member(11, 1, alive, "inproc://m11", "m11"), 2.0)
     assert update is not None and update.peer.live, "a live member is learned again"
     assert [p.incarnation for p in members.live_peers()] == [11]
+
+
+def test_news_of_a_former_life_at_a_nodes_endpoint_does_not_replace_it() -> None:
+    """A node restarted at the same endpoint hears, from a member that has not found it dead yet,
+    of its previous incarnation, alive. That is a former life, not a newer node there: the node
+    stays itself, keeps the old one as dead and tells the mesh so (taking the news for a newer
+    incarnation, it declared itself dead and rejoined, voiding its hand-overs: durable seed 3245)."""
+    sim, a, b = two()
+    former = wire.Member(4242, 3, wire.MEMBER_STATES.index("alive"), a.gossip.me.endpoint, "a")
+    a.receive(wire.encode_control(wire.NEWS, b.incarnation, a.incarnation, wire.News([former])))
+    assert a.state_of(a) == "alive" and a.rejoins == 0, "still itself"
+    assert a.membership.peers[4242].state == "dead"
+    sim.until(lambda: 4242 in b.membership.peers and b.membership.peers[4242].state == "dead", 10)
+    assert b.state_of(a) == "alive", "the mesh keeps the node that lives there"
