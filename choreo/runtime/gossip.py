@@ -698,11 +698,12 @@ class Gossip:
             self.life.fatal = ChoreoUsageError(f"the mesh refused this node: {refuse.detail}")
             if self.life.state != "refused":
                 self.life.on("refused", self.clock())
-        elif refuse.reason == "dead":
-            if peer is None:
-                return  # only a node we know can have declared us dead
-            self.joining.refused_by = peer.endpoint
-            self.host.declared_dead(f"{peer.node} declared us dead (a network partition, or a long pause)")
+        elif refuse.reason == "dead":  # only a node we know can have declared us dead, unless we are
+            if peer is None and self.membership.live_count > 1:  # alone: the members are all new to us
+                return  # (the other side of a long partition rejoined meanwhile: nemesis seed 3109, 100 s)
+            self.joining.refused_by = peer.endpoint if peer is not None else ""
+            who = peer.node if peer is not None else "a member new to this node, which has no live peer,"
+            self.host.declared_dead(f"{who} declared us dead (a network partition, or a long pause)")
         elif refuse.reason == "stale":
             # we wrote to an incarnation that is over there: ask who is at that endpoint now (its
             # hello replaces the old incarnation, whose unacknowledged envelopes go to the new owners)

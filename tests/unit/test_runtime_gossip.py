@@ -222,3 +222,22 @@ def test_news_of_a_former_life_at_a_nodes_endpoint_does_not_replace_it() -> None
     assert a.membership.peers[4242].state == "dead"
     sim.until(lambda: 4242 in b.membership.peers and b.membership.peers[4242].state == "dead", 10)
     assert b.state_of(a) == "alive", "the mesh keeps the node that lives there"
+
+
+def test_alone_a_node_believes_a_member_new_to_it_that_says_it_was_declared_dead() -> None:
+    """After a long partition the other side rejoined under incarnations this node never met, and
+    refuses its knocks as a dead member's. With a live peer, a stranger's word that it is dead does
+    not count; alone, it is the only word there is: the node rejoins (it knocked on for ever
+    instead, a mesh split for good: nemesis seed 3109, 100 s)."""
+    sim, a, b = two()
+
+    def told_dead() -> bytes:
+        return wire.encode_control(wire.REFUSE, 777, a.incarnation, wire.Refuse("dead", "m#777 declared a dead"))
+
+    a.receive(told_dead())
+    assert a.rejoins == 0, "with a live peer, a stranger cannot make it start a new life"
+    sim.crash(b)
+    sim.until(lambda: a.state_of(b) == "dead", 40)
+    old = a.incarnation
+    a.receive(told_dead())
+    assert a.rejoins == 1 and a.incarnation != old, "alone, it rejoins"
