@@ -53,6 +53,21 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
 
 
+class Losing:
+    """The harness's link loses the frames of ``types`` from ``src`` to ``dst`` while :attr:`on`."""
+
+    def __init__(self, h: Harness, src: Any, dst: Any, types: tuple[int, ...], on: bool = False) -> None:
+        self.on = on
+        transmit = h.link.transmit
+
+        def maybe(now: float, sender: str, receiver: str, frame: bytes) -> None:
+            if not (self.on and sender == src.transport.endpoint and receiver == dst.transport.endpoint
+                    and wire.parse_header(frame)[0] in types):
+                transmit(now, sender, receiver, frame)
+
+        h.link.transmit = maybe  # type: ignore[method-assign]
+
+
 def test_messages_for_a_service_with_no_instance_wait_then_leave_in_order() -> None:
     seen: list[int] = []
     svc = meter(seen)
@@ -196,15 +211,7 @@ def test_a_command_answered_by_the_last_instance_as_it_leaves_is_not_run_again_b
     h = Harness(seed=9, config=CONFIG)
     client = h.add(None)
     consumer = h.add(svc)
-    transmit = h.link.transmit
-    answers_lost = [True]
-
-    def lose_answers(now: float, src: str, dst: str, frame: bytes) -> None:
-        lost = answers_lost[0] and src == consumer.transport.endpoint and dst == client.transport.endpoint
-        if not (lost and wire.parse_header(frame)[0] in (wire.REPLY, wire.ACK)):
-            transmit(now, src, dst, frame)
-
-    h.link.transmit = lose_answers  # type: ignore[method-assign]
+    answers = Losing(h, consumer, client, (wire.REPLY, wire.ACK), on=True)
 
     async def scenario() -> None:
         await h.start()
@@ -213,7 +220,7 @@ def test_a_command_answered_by_the_last_instance_as_it_leaves_is_not_run_again_b
         leaving = asyncio.ensure_future(h.leave(consumer))
         await h.run_until(lambda: client.membership.peers[consumer.incarnation].state == "leaving", 5,
                           "the caller heard the last instance leaves")
-        answers_lost[0] = False  # its acks get through again: the caller learns the command ran
+        answers.on = False  # its acks get through again: the caller learns the command ran
         assert await h.run(call, timeout=10) == 1, "answered from the result cached where it ran"
         await h.run(leaving, timeout=30)
         h.restart(consumer)  # the next instance
@@ -251,21 +258,13 @@ def test_a_command_kept_for_an_instance_is_dropped_once_another_copy_is_answered
     h = Harness(seed=11, config=CONFIG)
     client = h.add(None)
     consumer = h.add(svc)
-    transmit = h.link.transmit
-    requests_lost = [False]
-
-    def lose_requests(now: float, src: str, dst: str, frame: bytes) -> None:
-        lost = requests_lost[0] and src == client.transport.endpoint and dst == consumer.transport.endpoint
-        if not (lost and wire.parse_header(frame)[0] == wire.DATA):
-            transmit(now, src, dst, frame)
-
-    h.link.transmit = lose_requests  # type: ignore[method-assign]
+    requests = Losing(h, client, consumer, (wire.DATA,))
 
     async def scenario() -> None:
         await h.start()
         await h.run(client.emit(Reading("slow", 1)))
         await h.run_until(lambda: not consumer.dispatcher.idle, 5, "the slow handler runs")
-        requests_lost[0] = True
+        requests.on = True
         with pytest.raises(ChoreoError):
             await h.run(client.send(Stamp("s", 7), timeout=1.0), timeout=5)
         leaving = asyncio.ensure_future(h.leave(consumer))
@@ -273,7 +272,7 @@ def test_a_command_kept_for_an_instance_is_dropped_once_another_copy_is_answered
                           "the caller heard the last instance leaves")
         again = asyncio.ensure_future(client.send(Stamp("s", 7), timeout=30.0))
         await h.run_until(lambda: bool(client.outbox.waiting.get("meter")), 5, "the copy waits for an instance")
-        requests_lost[0] = False  # the first copy's retransmission gets through
+        requests.on = False  # the first copy's retransmission gets through
         assert await h.run(again, timeout=20) == 14, "answered by the leaving instance"
         assert not client.outbox.waiting, "the waiting copy dropped"
         slow.set()
@@ -295,28 +294,20 @@ def test_what_the_last_instance_never_got_goes_ahead_of_what_waited_for_the_next
     h = Harness(seed=12, config=CONFIG)
     client = h.add(None)
     consumer = h.add(meter(seen))
-    transmit = h.link.transmit
-    events_lost = [False]
-
-    def lose_events(now: float, src: str, dst: str, frame: bytes) -> None:
-        lost = events_lost[0] and src == client.transport.endpoint and dst == consumer.transport.endpoint
-        if not (lost and wire.parse_header(frame)[0] == wire.DATA):
-            transmit(now, src, dst, frame)
-
-    h.link.transmit = lose_events  # type: ignore[method-assign]
+    events = Losing(h, client, consumer, (wire.DATA,))
 
     async def scenario() -> None:
         await h.start()
         await h.run(client.emit(Reading("s", 0)))
         await h.run_until(lambda: client.acknowledged, 10, "the first acknowledged")
-        events_lost[0] = True
+        events.on = True
         await h.run(client.emit(Reading("s", 1)))  # in flight, never arrives
         leaving = asyncio.ensure_future(h.leave(consumer))
         await h.run_until(lambda: client.membership.peers[consumer.incarnation].state == "leaving", 5,
                           "the caller heard the last instance leaves")
         await h.run(client.emit(Reading("s", 2)))  # waits for an instance
         await h.run(leaving, timeout=60)
-        events_lost[0] = False
+        events.on = False
         h.restart(consumer)  # the next instance
         await h.run_until(lambda: client.acknowledged, 30, "everything delivered")
 
