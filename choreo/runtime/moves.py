@@ -77,16 +77,16 @@ class _Forwarded:
     """What a forward calls once its target has it: the arrival it carries is done here. It
     keeps that arrival, for a forward whose target is gone (:meth:`Moves.take_back`)."""
 
-    __slots__ = ("channel", "env", "outbox", "forwarded")
+    __slots__ = ("channel", "env", "outbox", "moves")
 
-    def __init__(self, channel: InChannel, env: Any, outbox: Outbox, forwarded: dict[bytes, int]) -> None:
+    def __init__(self, channel: InChannel, env: Any, outbox: Outbox, moves: Moves) -> None:
         self.channel = channel
         self.env = env
         self.outbox = outbox
-        self.forwarded = forwarded
+        self.moves = moves
 
     def __call__(self) -> None:
-        self.forwarded.pop(self.env.msg_id, None)
+        self.moves.forward_done(self.env)
         self.channel.reorder.complete(self.env.seq)
         self.outbox.ack_later(self.channel)
 
@@ -134,6 +134,7 @@ class Moves:
         # that one forwarded on a stale view and sent back here keeps its place (see buffer)
         self.arrivals = 0
         self.forwarded: dict[bytes, int] = {}  # msg_id -> its number, until the forward is acknowledged
+        self.forwarding: dict[int, int] = {}  # partition -> forwards of it out (see forward)
 
     @property
     def me(self) -> int:
@@ -154,6 +155,7 @@ class Moves:
         self.inbound.clear()
         self.early.clear()
         self.forwarded.clear()
+        self.forwarding.clear()
         if self.replicas is not None:
             self.replicas.reset(name)
 
@@ -196,7 +198,8 @@ class Moves:
         if self.replicas is not None:
             self.replicas.sync()
         # arrivals buffered before this node joined, for partitions it does not wait for: forward them
-        waited = [p for p in ownership.buffered if ownership.state[p] != "awaiting" and p not in changed]
+        waited = [p for p in ownership.buffered if ownership.state[p] != "awaiting" and p not in changed
+                  and not (ownership.state[p] == "owned" and p in ownership.paused)]
         if changed or waited:
             self.release_buffered(changed + waited)
 
@@ -227,6 +230,10 @@ class Moves:
                 self.release_buffered(late)
         if self.early:
             self._settle_early()
+        if ownership.buffered:  # partitions ours whose forwards are all done since: what waited runs
+            ready = [p for p in ownership.buffered if ownership.state[p] == "owned" and p not in ownership.paused]
+            if ready:
+                self.release_buffered(ready)
         if ownership.draining and self.work is not None:
             lag_of = self.work.lag_of
             for p, target in list(ownership.draining.items()):
@@ -453,12 +460,13 @@ class Moves:
         owner we suspect (its sender may have found it dead already and sent it here: it runs
         here, in order, once we do too; or goes on to the owner once it refutes); False if not."""
         p = env.partition
-        if self.ownership.state[p] != "awaiting" and self.life.joined:
+        state = self.ownership.state[p]
+        if state != "awaiting" and self.life.joined and not (state == "owned" and p in self.ownership.paused):
             owner = self.membership.owner(self.service, p)
             if owner is None or owner.state != "suspect":
                 return False
         queue = self.ownership.buffered.setdefault(p, deque())
-        number = self.forwarded.pop(env.msg_id, None)
+        number = self.forwarded.get(env.msg_id)
         if number is None:
             self.arrivals += 1
             queue.append((channel, env, self.arrivals))
@@ -470,6 +478,7 @@ class Moves:
         while at and queue[at - 1][2] > number:
             at -= 1
         queue.insert(at, (channel, env, number))
+        self.forward_done(env)  # (back here: the partition opens once its other forwards are done too)
         return True
 
     def release_buffered(self, partitions: list[int]) -> None:
@@ -500,12 +509,33 @@ class Moves:
         if env.msg_id not in self.forwarded:  # (forwarded again: it keeps the place of its first arrival)
             self.arrivals += 1
             self.forwarded[env.msg_id] = self.arrivals
+            p = env.partition
+            self.forwarding[p] = self.forwarding.get(p, 0) + 1
+            if p not in self.ownership.paused:
+                self.ownership.pause(p)
         item = Outgoing(
             env.kind, env.flags, env.type.encode(), env.key, env.partition, env.msg_id, env.trace_id, env.cause_id,
-            env.payload, _Forwarded(channel, env, outbox, self.forwarded), raw=env.raw,
+            env.payload, _Forwarded(channel, env, outbox, self), raw=env.raw,
         )
         outbox.append(outbox.channel(target), item, self.clock())
         return True
+
+    def forward_done(self, env: Any) -> None:
+        """A forward of ours is done: acknowledged by its target, taken back, or sent back to us.
+
+        While any forward of a partition is out, the partition stays closed to new arrivals even
+        once it is ours (they wait, numbered, in its queue): a forward made on a view older than
+        its sender's may come back, and must run before what came after it (nemesis durable
+        seeds 2155 and, the partition ours at once through an early hand-over, 5098)."""
+        if self.forwarded.pop(env.msg_id, None) is None:
+            return
+        p = env.partition
+        left = self.forwarding.get(p, 1) - 1
+        if left > 0:
+            self.forwarding[p] = left
+            return
+        self.forwarding.pop(p, None)
+        self.ownership.resume(p)  # (what waits in its queue runs at the next tick)
 
     def take_back(self, items: list[Outgoing]) -> list[Outgoing]:
         """Envelopes of a channel whose receiver is gone, less our forwards of partitions that are
@@ -525,6 +555,7 @@ class Moves:
                 owner = self.membership.owner(self.service, item.partition)
                 if owner is not None and owner.incarnation == self.me:
                     work.deliver(forwarded.channel, forwarded.env, now)
+                    self.forward_done(forwarded.env)  # (a no-op if the delivery queued it in its place)
                     continue
             kept.append(item)
         if len(kept) < len(items):

@@ -69,6 +69,9 @@ class Ownership:
         self.awaiting: dict[int, tuple[float, int]] = {}  # partition -> (since, previous owner)
         self.draining: dict[int, int] = {}  # partition -> new owner
         self.buffered: dict[int, deque[tuple[Any, Any, int]]] = {}  # partition -> (channel, envelope, arrival number)
+        # partitions with forwards of ours out on a view that may be stale: closed to new arrivals
+        # even once ours, until those forwards are done or back (see Moves.forward)
+        self.paused: set[int] = set()
         self.view: list[int] | None = None
         self.keys: list[bytes] | None = None  # the view's rendezvous keys (None: their incarnations)
         self.owners: list[int | None] = [None] * partitions
@@ -80,7 +83,7 @@ class Ownership:
 
     def _move(self, p: int, event: str) -> None:
         self.state[p] = new = transition(PARTITION_TRANSITIONS, self.state[p], event)
-        self.gate[p] = new in ROUTED_HERE
+        self.gate[p] = new in ROUTED_HERE and p not in self.paused
 
     def update(
         self,
@@ -233,6 +236,14 @@ class Ownership:
             if state in ("owned", "draining") or p in self.restored:
                 bits[p >> 3] |= 1 << (p & 7)
         return bytes(bits)
+
+    def pause(self, p: int) -> None:
+        self.paused.add(p)
+        self.gate[p] = False
+
+    def resume(self, p: int) -> None:
+        self.paused.discard(p)
+        self.gate[p] = self.state[p] in ROUTED_HERE
 
     def drained(self, p: int) -> None:
         self._move(p, "drained")

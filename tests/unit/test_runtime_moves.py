@@ -390,6 +390,29 @@ def test_an_arrival_forwarded_on_a_stale_view_and_sent_back_keeps_its_place() ->
     assert n.work.delivered == [(theirs, 9), (theirs, 2)], "in the order they reached this node first"
 
 
+def test_a_partition_ours_at_once_stays_closed_while_a_forward_of_it_is_out() -> None:
+    """The same, but the old owner's hand-over came before our view caught up: the partition is
+    ours at once, with nothing to wait for. While our forward of it is out, new arrivals still
+    wait in its queue, and the forward sent back takes its place ahead of them (nemesis durable
+    seed 5098 ran the later one first)."""
+    n = Node(2, 1, holding=(1,))
+    n.moves.sync()
+    theirs = min(p for p in range(PARTITIONS) if n.moves.ownership.state[p] == "unowned")
+    assert n.moves.forward(Original(), envelope(1, theirs, b"1" * 16)) is True, "our view: instance 1 owns it"
+    for chunk in stream_of(theirs, 5):  # 1 drains it to us before we hear that it leaves
+        n.receive(1, chunk)
+    n.membership.leaving(1)
+    n.moves.sync()
+    assert n.moves.ownership.state[theirs] == "owned" and not n.moves.ownership.gate[theirs], "ours, closed"
+    assert n.moves.buffer(Original(), envelope(2, theirs, b"2" * 16)) is True, "the next one waits"
+    n.moves.tick(n.now)
+    assert n.work.delivered == [], "still waiting for the forward"
+    assert n.moves.buffer(Original(), envelope(9, theirs, b"1" * 16)) is True, "the first, sent back by 1"
+    assert n.moves.ownership.gate[theirs], "open again: no forward of it out"
+    n.moves.tick(n.now)
+    assert n.work.delivered == [(theirs, 9), (theirs, 2)], "in the order they reached this node first"
+
+
 def test_a_durable_instance_owns_the_same_partitions_in_its_next_life() -> None:
     """Its rendezvous key comes from its persisted name, not its incarnation: a restarted instance
     takes back the partitions whose dedup ids it kept on disk, and every node agrees."""
