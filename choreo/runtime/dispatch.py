@@ -585,8 +585,11 @@ class Dispatcher:
                 if self.dead_letters.get(job.replay_of.id) is None:  # replayed and handled: gone
                     self.journal.letter_gone(job.replay_of.id)
                     # ... once the next commit is safe: only then is the replay "handled" to its
-                    # operator (a SIGKILL before it would bring the letter back)
-                    self.replays_committing[job.replay_of.id] = self.journal.written + 1
+                    # operator (a SIGKILL before it would bring the letter back); those safe already go
+                    safe, committing = self.journal.safe, self.replays_committing
+                    for done in [k for k, generation in committing.items() if generation <= safe]:
+                        del committing[done]
+                    committing[job.replay_of.id] = self.journal.written + 1
             if self.in_progress.get(env.msg_id) is job:
                 if self.journal is not None and not job.logged:
                     self.journal.handled(env)  # its id commits before its ack leaves

@@ -134,7 +134,6 @@ class Moves:
         # that one forwarded on a stale view and sent back here keeps its place (see buffer)
         self.arrivals = 0
         self.forwarded: dict[bytes, int] = {}  # msg_id -> its number, until the forward is acknowledged
-        self.forwarding: dict[int, int] = {}  # partition -> forwards of it out (see forward)
 
     @property
     def me(self) -> int:
@@ -155,7 +154,6 @@ class Moves:
         self.inbound.clear()
         self.early.clear()
         self.forwarded.clear()
-        self.forwarding.clear()
         if self.replicas is not None:
             self.replicas.reset(name)
 
@@ -509,10 +507,7 @@ class Moves:
         if env.msg_id not in self.forwarded:  # (forwarded again: it keeps the place of its first arrival)
             self.arrivals += 1
             self.forwarded[env.msg_id] = self.arrivals
-            p = env.partition
-            self.forwarding[p] = self.forwarding.get(p, 0) + 1
-            if p not in self.ownership.paused:
-                self.ownership.pause(p)
+            self.ownership.pause(env.partition)
         item = Outgoing(
             env.kind, env.flags, env.type.encode(), env.key, env.partition, env.msg_id, env.trace_id, env.cause_id,
             env.payload, _Forwarded(channel, env, outbox, self), raw=env.raw,
@@ -527,15 +522,8 @@ class Moves:
         once it is ours (they wait, numbered, in its queue): a forward made on a view older than
         its sender's may come back, and must run before what came after it (nemesis durable
         seeds 2155 and, the partition ours at once through an early hand-over, 5098)."""
-        if self.forwarded.pop(env.msg_id, None) is None:
-            return
-        p = env.partition
-        left = self.forwarding.get(p, 1) - 1
-        if left > 0:
-            self.forwarding[p] = left
-            return
-        self.forwarding.pop(p, None)
-        self.ownership.resume(p)  # (what waits in its queue runs at the next tick)
+        if self.forwarded.pop(env.msg_id, None) is not None:
+            self.ownership.resume(env.partition)  # (once open, what waits in its queue runs at the next tick)
 
     def take_back(self, items: list[Outgoing]) -> list[Outgoing]:
         """Envelopes of a channel whose receiver is gone, less our forwards of partitions that are

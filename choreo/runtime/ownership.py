@@ -69,9 +69,9 @@ class Ownership:
         self.awaiting: dict[int, tuple[float, int]] = {}  # partition -> (since, previous owner)
         self.draining: dict[int, int] = {}  # partition -> new owner
         self.buffered: dict[int, deque[tuple[Any, Any, int]]] = {}  # partition -> (channel, envelope, arrival number)
-        # partitions with forwards of ours out on a view that may be stale: closed to new arrivals
-        # even once ours, until those forwards are done or back (see Moves.forward)
-        self.paused: set[int] = set()
+        # partition -> forwards of ours out on a view that may be stale: closed to new arrivals
+        # even once ours, until those forwards are done or back (see Moves.forward_done)
+        self.paused: dict[int, int] = {}
         self.view: list[int] | None = None
         self.keys: list[bytes] | None = None  # the view's rendezvous keys (None: their incarnations)
         self.owners: list[int | None] = [None] * partitions
@@ -238,12 +238,17 @@ class Ownership:
         return bytes(bits)
 
     def pause(self, p: int) -> None:
-        self.paused.add(p)
+        """One more forward of ``p`` is out: closed to new arrivals."""
+        self.paused[p] = self.paused.get(p, 0) + 1
         self.gate[p] = False
 
     def resume(self, p: int) -> None:
-        self.paused.discard(p)
-        self.gate[p] = self.state[p] in ROUTED_HERE
+        """One forward of ``p`` is done: open again once none is out."""
+        left = self.paused.pop(p, 1) - 1
+        if left > 0:
+            self.paused[p] = left
+        else:
+            self.gate[p] = self.state[p] in ROUTED_HERE
 
     def drained(self, p: int) -> None:
         self._move(p, "drained")
