@@ -71,6 +71,7 @@ class SimNode:
         self.joined_at: float | None = None
         self.rejoins = 0
         self.holding = self.copies = b""
+        self.restored: list[tuple[int, int]] = []
         self.wake_at = float("inf")
         self.membership = Membership()
         self.life = Lifecycle()

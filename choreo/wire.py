@@ -187,6 +187,11 @@ _Name = Annotated[str, Meta(max_length=200)]
 
 
 _Version = Annotated[int, Meta(ge=0, le=(1 << 32) - 1)]
+# (partition, epoch) of the partitions a node read back and has yet to settle (see Ownership's epochs)
+_Restored = Annotated[
+    list[tuple[Annotated[int, Meta(ge=0, le=65535)], Annotated[int, Meta(ge=0, le=(1 << 63) - 1)]]],
+    Meta(max_length=65536),
+]
 
 #: a member's state as gossip carries it (index = code on the wire)
 MEMBER_STATES = ("alive", "suspect", "leaving", "dead", "left")
@@ -312,6 +317,9 @@ class Hello(msgspec.Struct, frozen=True):
     # the partitions the sender keeps a standby copy of (a bitmap, ``replicas=1``): when their owner
     # is gone and nobody holds them, a newcomer that wins one waits for the copy rather than start empty
     copies: bytes = b""
+    # of the partitions it holds, those it read back (its store, or a standby copy whose owner is
+    # gone) and has yet to settle, with their epochs: of two such copies the newer wins
+    restored: _Restored = []
 
 
 class Heartbeat(msgspec.Struct, frozen=True):
@@ -321,7 +329,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     ``ack_please``: the sender still waits for acks from the receiver; the receiver answers
     with its current ack, so a lost final ack costs one heartbeat, never a stalled channel.
     ``holding``: the partitions the sender owns or drains (a bitmap); ``copies``: those it keeps a
-    standby copy of (see :class:`Hello`).
+    standby copy of; ``restored``: those it read back, with their epochs (see :class:`Hello`).
     """
 
     leaving: bool = False
@@ -329,6 +337,7 @@ class Heartbeat(msgspec.Struct, frozen=True):
     holding: bytes = b""
     retired: list[str] = []
     copies: bytes = b""
+    restored: _Restored = []
 
 
 class Bye(msgspec.Struct, frozen=True):

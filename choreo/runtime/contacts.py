@@ -45,6 +45,9 @@ class ContactsHost(Protocol):
     @property
     def copies(self) -> bytes: ...
 
+    @property
+    def restored(self) -> list[tuple[int, int]]: ...
+
     def count_refused(self, reason: str, detail: str) -> None: ...
 
 
@@ -76,7 +79,7 @@ class Contacts:
         self.spoke: set[int] = set()  # incarnations that sent us a frame (they know us; we may knock)
         self._greet: dict[str, bool] = {}  # endpoints to say hello to when the budget allows (-> ask for a table)
         self._budget = NEW_DIALS
-        self._holding_sent: tuple[bytes, bytes] = (b"", b"")
+        self._holding_sent: tuple[bytes, bytes, list[tuple[int, int]]] = (b"", b"", [])
         self._holding_repeats = 0
         self._holding_owed: set[int] = set()  # instances of our service that may lack our partitions
 
@@ -106,6 +109,7 @@ class Contacts:
             leaving=self.life.leaving,
             holding=self.host.holding,
             copies=self.host.copies,
+            restored=self.host.restored,
             services=waiting,
             retired=sorted(m.retired),
             sync=sync,
@@ -212,9 +216,9 @@ class Contacts:
         """Our partitions (held, and standby copies), to the other instances of our service: all of
         them when they changed (``HOLDING_REPEATS`` periods in a row, against loss), else those that
         may have missed them."""
-        holding, copies = self.host.holding, self.host.copies
-        if (holding, copies) != self._holding_sent:
-            self._holding_sent = (holding, copies)
+        said = self.heartbeat()
+        if (said.holding, said.copies, said.restored) != self._holding_sent:
+            self._holding_sent = (said.holding, said.copies, said.restored)
             self._holding_repeats = HOLDING_REPEATS
         if not self.life.joined or not (self._holding_repeats > 0 or self._holding_owed):
             return
@@ -224,10 +228,17 @@ class Contacts:
         else:
             peers = [p for p in self.own_service() if p.incarnation in self._holding_owed]
         self._holding_owed.clear()
-        hb = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0,
-                                 wire.Heartbeat(leaving=self.life.leaving, holding=holding, copies=copies))
+        hb = wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, said)
         for peer in peers:
             self.outbox.send(peer.endpoint, hb)
+
+    def heartbeat(self, *, ack_please: bool = False, leaving: bool | None = None) -> wire.Heartbeat:
+        """A heartbeat that says what this node holds (its partitions, copies, what it read back)."""
+        host = self.host
+        return wire.Heartbeat(
+            leaving=self.life.leaving if leaving is None else leaving, ack_please=ack_please,
+            holding=host.holding, copies=host.copies, restored=host.restored,
+        )
 
     # -- frames out ------------------------------------------------------------------------------
 

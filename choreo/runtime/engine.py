@@ -152,7 +152,9 @@ class Engine:
         self.gossip = Gossip(self.membership, self.outbox, self.lifecycle, self, config=config, clock=clock)
         self.moves = (
             Moves(
-                Ownership(service.partitions, self.incarnation), self.membership, self.outbox, self.lifecycle,
+                Ownership(service.partitions, self.incarnation, wall,
+                          self.journal.epoch if self.journal is not None else None),
+                self.membership, self.outbox, self.lifecycle,
                 service=service.name, config=config, clock=clock, fresh_id=self.ids.next, counters=self.counters,
                 refused=self.count_refused, stateful=bool(service.state),
             )
@@ -291,6 +293,11 @@ class Engine:
     def holding(self) -> bytes:
         """(GossipHost) The partitions this node owns or drains, as a bitmap."""
         return self.moves.ownership.holding() if self.moves is not None else b""
+
+    @property
+    def restored(self) -> list[tuple[int, int]]:
+        """(GossipHost) The partitions read back and not settled yet, with their copies' epochs."""
+        return self.moves.ownership.restored_epochs() if self.moves is not None else []
 
     @property
     def copies(self) -> bytes:

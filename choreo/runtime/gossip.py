@@ -91,6 +91,10 @@ class GossipHost(Protocol):
     def copies(self) -> bytes:
         """The partitions this node keeps a standby copy of, as a bitmap."""
 
+    @property
+    def restored(self) -> list[tuple[int, int]]:
+        """Of the partitions held, those read back and not settled yet, with their epochs."""
+
     def peer_joined(self, peer: Peer) -> None:
         """A new peer (messages waiting for an instance of its service may go to it now)."""
 
@@ -207,7 +211,7 @@ class Gossip:
         self.membership.leaving(me.incarnation)
         self.membership.bump(me)
         self._rumor(me.record())
-        hb = wire.Heartbeat(leaving=True, holding=self.host.holding, copies=self.host.copies)
+        hb = self.contacts.heartbeat(leaving=True)
         for peer in self.contacts.partners():
             self.outbox.send(peer.endpoint, wire.encode_control(wire.HEARTBEAT, self.incarnation, peer.incarnation, hb))
 
@@ -290,8 +294,7 @@ class Gossip:
             if ch.window.in_flight and ch.peer.live and not ch.closed:
                 asking = asking or wire.encode_control(
                     wire.HEARTBEAT, self.incarnation, 0,
-                    wire.Heartbeat(leaving=self.life.leaving, ack_please=True, holding=self.host.holding,
-                                   copies=self.host.copies),
+                    self.contacts.heartbeat(ack_please=True),
                 )
                 self.outbox.send(ch.peer.endpoint, asking)
         for name in self.membership.retired - self._retired_told:  # an operator's order, given here
@@ -626,7 +629,7 @@ class Gossip:
             )
         )
         self.contacts.spoke.add(sender)
-        peer.holding, peer.copies = hello.holding, hello.copies
+        peer.advertised(hello)
         self._gained([p for p in self.membership.gained if p is not peer])
         for old in replaced:
             log.info("%s: %s replaced %s at %s", self.contacts.name, peer.node, old.node, old.endpoint)
@@ -662,7 +665,7 @@ class Gossip:
         peer = self.contacts.heard(sender, self.clock())
         if peer is None:
             return
-        peer.holding, peer.copies = hb.holding, hb.copies
+        peer.advertised(hb)
         if hb.leaving and peer.routable:
             self.membership.leaving(sender)
             self.probes.cleared(sender)

@@ -150,6 +150,7 @@ class Journal:
         self._letters_del: set[int] = set()
         self._state: dict[tuple[str, bytes], tuple[int, bytes | None]] = {}  # (type, key) -> (partition, body)
         self._state_drop: list[int] = []
+        self._epochs: dict[int, int] = {}  # partition -> epoch of its copy here (0: it left)
         self._system: bytes | None = None
         self._system_written: bytes | None = None
         self._system_version = -1
@@ -263,6 +264,10 @@ class Journal:
         self._state = {k: v for k, v in self._state.items() if v[0] != partition}
         self._state_drop.append(partition)
 
+    def epoch(self, partition: int, epoch: int) -> None:
+        """The epoch of this node's copy of a partition (0: the copy left; see Ownership)."""
+        self._epochs[partition] = epoch
+
     def letter(self, letter_id: int, encoded: bytes) -> None:
         """A dead letter was stored (or stored again after a failed replay)."""
         self._letters_del.discard(letter_id)
@@ -282,6 +287,7 @@ class Journal:
             self._records or self._limbo or self._slices or self._envs or self._dedup_put or self._results_put
             or self._letters_put or self._letters_del or self._system is not None or self._outbox_del
             or self._acked or self._dedup_del or self._results_del or self._state or self._state_drop
+            or self._epochs
         )
 
     def should_commit(self, waiting: bool) -> bool:
@@ -321,6 +327,8 @@ class Journal:
             state_drop=self._state_drop,
             state_del=[k for k, (_, body) in self._state.items() if body is None],
             state_put=[(t, k, p, body) for (t, k), (p, body) in self._state.items() if body is not None],
+            epochs_del=[p for p, epoch in self._epochs.items() if not epoch],
+            epochs_put=[(p, epoch) for p, epoch in self._epochs.items() if epoch],
             system=self._system,
         )
         if batch.rows():
@@ -363,6 +371,7 @@ class Journal:
         self._letters_del = set()
         self._state = {}
         self._state_drop = []
+        self._epochs = {}
         self._dirty_since = None
         if self._waiters:
             self._by_generation.append((self.written, self._waiters))

@@ -90,6 +90,7 @@ class Peer:
     principal: str | None = None  # the key that connection authenticated as (None without keys)
     key: bytes = b""  # the rendezvous identity: the incarnation's bytes unless given (durable nodes)
     copies: bytes = b""  # the partitions it says it keeps a standby copy of (a bitmap)
+    restored: dict[int, int] = field(default_factory=dict)  # of those it holds: read back, not settled -> epoch
     # False while the only word for it is a client's introduction (with keys: gossip.introducer):
     # no work goes to it, and we pass it on to nobody, until it speaks for itself
     vouched: bool = True
@@ -122,6 +123,11 @@ class Peer:
     def holds(self, partition: int) -> bool:
         """Whether this peer said it owns or drains ``partition``."""
         return _bit(self.holding, partition)
+
+    def advertised(self, said: wire.Hello | wire.Heartbeat) -> None:
+        """What its hello or heartbeat says it holds, keeps copies of, and read back."""
+        self.holding, self.copies = said.holding, said.copies
+        self.restored = dict(said.restored) if said.restored else {}
 
     def keeps(self, partition: int) -> bool:
         """Whether this peer said it keeps a standby copy of ``partition``."""

@@ -170,11 +170,22 @@ class Moves:
         me = ownership.me
         holders = [p for p in peers.values() if p.live and p.incarnation != me and p.service_name == self.service]
 
+        restored, epochs = ownership.restored, ownership.epochs
+
         def holder(partition: int) -> int | None:
+            """The instance whose copy of ``partition`` counts: one that runs it (owns or drains
+            it), else the newest copy read back, unless ours, read back too, is newer still."""
+            newest, newest_epoch = None, -1
             for peer in holders:
                 if peer.holds(partition):
-                    return peer.incarnation
-            return None
+                    epoch = peer.restored.get(partition)
+                    if epoch is None:
+                        return peer.incarnation
+                    if epoch > newest_epoch:
+                        newest, newest_epoch = peer.incarnation, epoch
+            if newest is not None and partition in restored and epochs[partition] > newest_epoch:
+                return None
+            return newest
 
         if self.replicas is not None:  # standby copies whose owner is gone: ours now, as if restored
             ownership.restored.update(self.replicas.orphans(
@@ -290,7 +301,7 @@ class Moves:
             return
         stream = StreamOut(
             "handover", self._rng.getrandbits(62), p, self.data.export_partition(p),
-            chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock,
+            chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock, epoch=self.ownership.epochs[p],
         )
         pump = Pump(stream, partial(self.send_transfer, peer, p), CHUNKS_IN_FLIGHT)
         sending = self.sending.get(p)

@@ -23,6 +23,13 @@ the partitions it owns or drains (a bitmap, :meth:`Ownership.holding`) in its he
 heartbeats. A node that guessed from views instead would wait for a handover from an
 instance that never took the partition (two instances that started a moment apart).
 
+Two copies of one partition can meet: two durable instances restart together, each with the
+partition in its store (one had owned it last; the other drained it to nobody long before, as
+the service's last instance). Each partition has an **epoch**, raised whenever a node starts
+owning it (to at least its wall-clock milliseconds, and above the epoch it inherited), kept in
+the store and carried by hand-overs and standby copies; nodes advertise the epochs of the
+copies they read back (:meth:`Ownership.restored_epochs`), and the newer copy wins.
+
 Producers do their part (see :mod:`choreo.runtime.holds`): after a move they hold back new messages of
 the partition until everything they had sent the old owner is done.
 """
@@ -51,13 +58,21 @@ class Ownership:
     ['owned', 'owned', 'owned', 'owned']
     """
 
-    def __init__(self, partitions: int, me: int) -> None:
+    def __init__(
+        self, partitions: int, me: int, wall: Callable[[], float] = lambda: 0.0,
+        on_epoch: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.partitions = partitions
         self.gate = bytearray(partitions)  # 1 where arrivals are handled here right now
         # a durable node's partitions whose state it read back from its store, until its first
         # views say what becomes of them: they count as held (a newcomer waits for them)
         self.restored: set[int] = set()
         self.stale: list[int] = []  # restored partitions another instance holds now: forget ours
+        # partition -> the epoch of the copy this node has (0: none, or a store that predates
+        # epochs); survives a re-incarnation, as the copies do (see the module docstring)
+        self.epochs = [0] * partitions
+        self.wall = wall
+        self.on_epoch = on_epoch  # a durable node's journal keeps the epochs
         self.reset(me)
 
     def reset(self, me: int) -> None:
@@ -82,8 +97,23 @@ class Ownership:
         self.early: dict[int, float] = {}
 
     def _move(self, p: int, event: str) -> None:
-        self.state[p] = new = transition(PARTITION_TRANSITIONS, self.state[p], event)
+        old = self.state[p]
+        self.state[p] = new = transition(PARTITION_TRANSITIONS, old, event)
         self.gate[p] = new in ROUTED_HERE and p not in self.paused
+        if new == "owned" and old != "draining":  # a new owner: a newer epoch
+            self.set_epoch(p, max(int(self.wall() * 1000), self.epochs[p] + 1))
+
+    def set_epoch(self, p: int, epoch: int) -> None:
+        """The copy of ``p`` here is of ``epoch`` now (0: there is none)."""
+        self.epochs[p] = epoch
+        if self.on_epoch is not None:
+            self.on_epoch(p, epoch)
+
+    def restored_epochs(self) -> list[tuple[int, int]]:
+        """The partitions read back (from a store, or a standby copy whose owner is gone) that
+        the views have yet to settle, with the epochs of their copies: what this node advertises
+        so that of two copies the newer wins."""
+        return sorted((p, self.epochs[p]) for p in self.restored)
 
     def update(
         self,
@@ -101,7 +131,8 @@ class Ownership:
         durable instance's key comes from its name, see :func:`~choreo.runtime.membership.durable_key`).
 
         ``holder(p)`` is the instance that says it holds partition ``p`` (owns or drains it), if
-        any: a partition this node gains from a live holder waits for its handover. Without
+        any, whose copy counts over ours (see :meth:`restored_epochs`; it is asked while ours
+        still counts as restored): a partition this node gains from a live holder waits for its handover. Without
         one, the owner under this node's own previous view is taken as the holder; on the first
         view there is none, so instances that start together split the partitions at once.
         ``keeper(p)`` is the live instance whose standby copy of ``p`` counts, if any: a partition
@@ -127,8 +158,9 @@ class Ownership:
             if restored and p in restored and new_owner != self.me and new_owner is not None:
                 # what the store (or a standby copy) gave back goes to the partition's owner now, as
                 # a drain would, unless another instance holds the partition (it has it newer)
+                held_by = holder(p)  # (while ours counts as read back: see holder)
                 restored.discard(p)
-                if holder(p) is None and state in ("unowned", "handed_over"):
+                if held_by is None and state in ("unowned", "handed_over"):
                     self._move(p, "assigned")
                     self._move(p, "rebalance")
                     self.draining[p] = new_owner
@@ -138,9 +170,9 @@ class Ownership:
                 continue
             if new_owner == self.me:
                 here = p in restored
+                old_owner = holder(p) if state in ("unowned", "handed_over") else None
                 restored.discard(p)
                 if state in ("unowned", "handed_over"):
-                    old_owner = holder(p)
                     if old_owner is None:
                         old_owner = old_owners[p]
                     early = self.early.pop(p, None)

@@ -183,6 +183,8 @@ class PartitionData:
             self.state.drop(p)
             if self.journal is not None:
                 self.journal.state_dropped(p)
+        if self.ownership is not None:
+            self.ownership.set_epoch(p, 0)
 
     def install(self, staged: Staged) -> None:
         """A partition received whole and checked (see :mod:`choreo.runtime.transfer`): its dedup
@@ -214,6 +216,14 @@ class PartitionData:
                 self._handled_elsewhere(delta, handler)
         if self.state is not None:
             self._install_state(p, staged)
+        ownership = self.ownership
+        if ownership is not None:  # the copy here is as old as what came (see Ownership's epochs)
+            if staged.purpose == "copy":
+                ownership.epochs[p] = staged.epoch  # (memory only, as the copy is)
+            elif ownership.state[p] == "owned":  # a race of views: what we wrote since is newer
+                ownership.set_epoch(p, max(ownership.epochs[p], staged.epoch + 1))
+            else:
+                ownership.set_epoch(p, staged.epoch)
         if staged.purpose != "copy":  # a durable node keeps what it was handed
             self.persist(p)
 
@@ -324,6 +334,11 @@ class PartitionData:
                 self.state.tables[t][partition][key] = body
                 if self.ownership is not None:
                     self.ownership.restored.add(partition)
+        if self.ownership is not None:
+            epochs = self.ownership.epochs
+            for partition, epoch in snapshot.epochs:
+                if 0 <= partition < len(epochs):
+                    epochs[partition] = epoch
         for letter_id, encoded in snapshot.letters:
             try:
                 self.dead_letters.restore(DeadLetter.decode(encoded))

@@ -248,7 +248,7 @@ class Replicas:
         assert self.work is not None
         stream = StreamOut(
             "copy", self._rng.getrandbits(62), p, self.work.export_partition(p, settled=True),
-            chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock,
+            chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock, epoch=self.ownership.epochs[p],
         )
         pump = self.copying[p] = Pump(stream, partial(self.send, peer, p), 4)
         self.copies_sent += 1

@@ -88,6 +88,7 @@ class Snapshot:
     letters: list[tuple[int, bytes]] = field(default_factory=list)  # (id, encoded dead letter)
     system: bytes | None = None  # the declared system, encoded
     state: list[StateRow] = field(default_factory=list)  # handler state (ctx.state)
+    epochs: list[tuple[int, int]] = field(default_factory=list)  # (partition, epoch of its copy here)
 
 
 @dataclass
@@ -106,6 +107,8 @@ class Batch:
     state_drop: list[int] = field(default_factory=list)  # partitions whose state left (or is replaced)
     state_del: list[tuple[str, bytes]] = field(default_factory=list)  # (state type, key)
     state_put: list[StateRow] = field(default_factory=list)
+    epochs_del: list[int] = field(default_factory=list)  # partitions whose copy left
+    epochs_put: list[tuple[int, int]] = field(default_factory=list)  # (partition, epoch)
     system: bytes | None = None
 
     def rows(self) -> int:
@@ -198,6 +201,7 @@ class MemoryStore:
         self.letters: dict[int, bytes] = {}
         self.system: bytes | None = None
         self.state: dict[tuple[str, bytes], StateRow] = {}
+        self.epochs: dict[int, int] = {}
         self.commits = 0
         self.syncs = 0
         self.is_open = False
@@ -205,21 +209,22 @@ class MemoryStore:
 
     def _state(self) -> tuple[Any, ...]:
         return (dict(self.outbox), dict(self.dedup), dict(self.results), dict(self.letters), self.system, self.meta,
-                dict(self.state))
+                dict(self.state), dict(self.epochs))
 
     def lose_power(self) -> None:
         """The machine lost power: what was written and not synced is gone (the node with it)."""
-        outbox, dedup, results, letters, self.system, meta, state = self._disk
+        outbox, dedup, results, letters, self.system, meta, state, epochs = self._disk
         self.outbox, self.dedup, self.results, self.letters = dict(outbox), dict(dedup), dict(results), dict(letters)
-        self.state = dict(state)
+        self.state, self.epochs = dict(state), dict(epochs)
         self.meta = dict(meta) if meta is not None else None
         self.is_open = False
 
     def on_disk(self) -> Snapshot:
         """What a power failure now would leave (what :meth:`sync` last put on disk)."""
-        outbox, dedup, results, letters, system, _, state = self._disk
+        outbox, dedup, results, letters, system, _, state, epochs = self._disk
         return Snapshot(self.identity, [outbox[k] for k in sorted(outbox)], [dedup[k] for k in sorted(dedup)],
-                        list(results.values()), sorted(letters.items()), system, list(state.values()))
+                        list(results.values()), sorted(letters.items()), system, list(state.values()),
+                        sorted(epochs.items()))
 
     def open(
         self, *, service: str | None, name: str | None, fsync: str = "batch", interval: float = 0.1
@@ -245,6 +250,7 @@ class MemoryStore:
             sorted(self.letters.items()),
             self.system,
             list(self.state.values()),
+            sorted(self.epochs.items()),
         )
 
     def write(self, batch: Batch) -> None:
@@ -282,6 +288,9 @@ class MemoryStore:
             self.state.pop(type_key, None)
         for row in batch.state_put:
             self.state[(row[0], row[1])] = row
+        for p in batch.epochs_del:
+            self.epochs.pop(p, None)
+        self.epochs.update(batch.epochs_put)
         if batch.system is not None:
             self.system = batch.system
         self.commits += 1
@@ -319,6 +328,7 @@ CREATE TABLE IF NOT EXISTS system(id INTEGER PRIMARY KEY CHECK (id = 1), spec BL
 CREATE TABLE IF NOT EXISTS state(type TEXT NOT NULL, key BLOB NOT NULL, partition INTEGER NOT NULL,
                                  body BLOB NOT NULL, PRIMARY KEY (type, key)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS state_partition ON state(partition);
+CREATE TABLE IF NOT EXISTS epochs(partition INTEGER PRIMARY KEY, epoch INTEGER NOT NULL);
 """
 
 
@@ -336,6 +346,8 @@ _WRITES = (
     ("state_drop", "DELETE FROM state WHERE partition = ?", True),
     ("state_del", "DELETE FROM state WHERE type = ? AND key = ?", False),
     ("state_put", "INSERT OR REPLACE INTO state VALUES (?, ?, ?, ?)", False),
+    ("epochs_del", "DELETE FROM epochs WHERE partition = ?", True),
+    ("epochs_put", "INSERT OR REPLACE INTO epochs VALUES (?, ?)", False),
 )
 
 
@@ -431,6 +443,7 @@ class SqliteStore:
             c.execute("SELECT id, letter FROM letters ORDER BY id").fetchall(),
             system[0] if system is not None else None,
             c.execute("SELECT type, key, partition, body FROM state").fetchall(),
+            c.execute("SELECT partition, epoch FROM epochs").fetchall(),
         )
 
     def outbox_rows(self) -> list[int]:

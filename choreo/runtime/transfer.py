@@ -59,6 +59,7 @@ class Chunk(msgspec.Struct, array_like=True, tag=1):
     last: bool = False
     digest: bytes = b""  # the last chunk: BLAKE2b of every body, in order
     items: int = 0  # the last chunk: how many entries the stream carried
+    epoch: int = 0  # the partition's epoch on the sender (see choreo.runtime.ownership): the copy's age
 
 
 class Verdict(msgspec.Struct, array_like=True, tag=2):
@@ -132,9 +133,11 @@ class StreamOut:
     """
 
     def __init__(
-        self, purpose: Purpose, stream: int, partition: int, entries: Iterator[Piece], *, chunk_bytes: int, clock
+        self, purpose: Purpose, stream: int, partition: int, entries: Iterator[Piece], *, chunk_bytes: int, clock,
+        epoch: int = 0,
     ) -> None:
         self.purpose = purpose
+        self.epoch = epoch
         self.stream = stream
         self.partition = partition
         self._entries = entries
@@ -181,7 +184,7 @@ class StreamOut:
         body = _encoder.encode(Piece(dedup, results, state, owed))
         self._digest.update(body)
         self.bytes += len(body)
-        chunk = Chunk(self.purpose, self.stream, self.partition, self.seq, self._clock(), body)
+        chunk = Chunk(self.purpose, self.stream, self.partition, self.seq, self._clock(), body, epoch=self.epoch)
         self.seq += 1
         if last:
             self.done = True
@@ -236,7 +239,7 @@ class Staged:
     already applied to the dedup times; results keep the sender's times plus ``shift``).
     """
 
-    __slots__ = ("purpose", "stream", "partition", "dedup", "results", "state", "owed", "items", "bytes")
+    __slots__ = ("purpose", "stream", "partition", "dedup", "results", "state", "owed", "items", "bytes", "epoch")
 
     def __init__(self, purpose: str, stream: int, partition: int) -> None:
         self.purpose = purpose
@@ -248,6 +251,7 @@ class Staged:
         self.owed: list[Delta] = []  # (see Piece.owed)
         self.items = 0
         self.bytes = 0
+        self.epoch = 0  # the partition's epoch on the sender
 
 
 class StreamIn:
@@ -294,6 +298,7 @@ class StreamIn:
             raise TransferError("the stream's digest does not match its chunks (corrupt in transit)")
         if chunk.items != staged.items:
             raise TransferError(f"the stream carried {staged.items} entries, its sender counted {chunk.items}")
+        staged.epoch = chunk.epoch
         return staged
 
 

@@ -353,7 +353,8 @@ def test_durable_nodes_with_standby_copies_handle_nothing_twice(seed: int) -> No
 # answered command run again); durable with replicas 5098 (the same as 2155, the partition the
 # forwarder's at once). Run with NEMESIS_LONG=0 to leave them out.
 LONG_REGRESSIONS = [("plain", 2053), ("plain", 2515), ("plain", 3303), ("plain", 3109), ("durable", 2103),
-                    ("durable", 2155), ("durable", 3245), ("replicas", 2126), ("durable+replicas", 5098)]
+                    ("durable", 2155), ("durable", 3245), ("replicas", 2126), ("durable+replicas", 5098),
+                    ("durable+replicas", 3004)]
 
 
 @pytest.mark.parametrize(("kind", "seed"), LONG_REGRESSIONS if os.environ.get("NEMESIS_LONG", "1") != "0" else [])

@@ -175,6 +175,33 @@ def test_the_store_in_memory_refuses_like_a_data_dir_and_fills_like_a_disk() -> 
         store.open(service="payments", name=None)
 
 
+def test_partition_epochs_are_kept_replaced_and_dropped_and_a_store_without_them_has_none(tmp_path: Path) -> None:
+    """The epoch of each partition's copy (see choreo.runtime.ownership) survives a restart; a
+    store written before epochs existed opens with none (its copies count as the oldest)."""
+    store = SqliteStore.open(tmp_path / "d", service="orders", name="orders-1")
+    store.write(Batch(epochs_put=[(3, 1_700_000_000_000), (5, 7)]))
+    store.write(Batch(epochs_del=[5], epochs_put=[(3, 1_700_000_000_001)]))
+    store.close()
+    store = SqliteStore.open(tmp_path / "d", service="orders", name=None)
+    assert store.load().epochs == [(3, 1_700_000_000_001)]
+    store.close()
+    with sqlite3.connect(tmp_path / "d" / STORE_FILE) as conn:  # as an older choreo left it
+        conn.execute("DROP TABLE epochs")
+    conn.close()
+    store = SqliteStore.open(tmp_path / "d", service="orders", name=None)
+    assert store.load().epochs == []
+    store.write(Batch(epochs_put=[(2, 9)]))
+    assert store.load().epochs == [(2, 9)]
+    store.close()
+    memory = MemoryStore().open(service="orders", name=None)
+    memory.write(Batch(epochs_put=[(1, 4), (2, 5)]))
+    memory.sync()
+    memory.write(Batch(epochs_del=[1]))
+    assert memory.load().epochs == [(2, 5)]
+    memory.lose_power()
+    assert memory.open(service="orders", name=None).load().epochs == [(1, 4), (2, 5)]
+
+
 def test_the_store_in_memory_loses_on_power_failure_only_what_was_not_synced() -> None:
     store = MemoryStore().open(service="orders", name=None)
     store.write(Batch(outbox_put=[(1, "payments", b"synced", 0)]))

@@ -71,6 +71,30 @@ def test_a_restarted_durable_node_holds_what_its_store_gave_back_until_its_views
     assert set(other.stale) == set(range(32)) - mine and not other.draining
 
 
+def test_each_new_owner_raises_the_partitions_epoch_above_the_one_it_inherited() -> None:
+    """Epochs order copies of a partition: at least the wall clock in ms, and always above the
+    copy taken over (a clock behind, or a hand-over from a clock ahead, cannot lower them)."""
+    wall = [100.0]
+    kept: dict[int, int] = {}
+    first = Ownership(partitions=4, me=1, wall=lambda: wall[0], on_epoch=kept.__setitem__)
+    first.update([1], live=lambda i: True, now=0.0)
+    assert first.epochs == [100_000] * 4 and kept == {p: 100_000 for p in range(4)}, "kept as they change"
+    wall[0] = 50.0  # the clock went back: the next owner still ranks newer
+    first.update([], live=lambda i: True, now=1.0)  # it left as the last instance: drained to nobody
+    for p in range(4):
+        first.drained(p)
+    first.update([1], live=lambda i: True, now=2.0)  # and came back
+    assert first.epochs == [100_001] * 4
+    first.restored = {0}
+    assert first.restored_epochs() == [(0, 100_001)], "what it read back is advertised with its epoch"
+    # a hand-over carries its sender's epoch: the receiver starts above it, its clock behind or not
+    second = Ownership(partitions=4, me=2, wall=lambda: 1.0)
+    second.update([1, 2], live=lambda i: True, now=3.0, holder=lambda p: 1)
+    p = next(iter(second.awaiting))
+    second.set_epoch(p, first.epochs[p])  # (PartitionData.install, from the stream)
+    assert second.handed_over(p, now=4.0) and second.epochs[p] == 100_002
+
+
 def test_a_partition_whose_owner_is_gone_waits_for_its_standby_copy() -> None:
     """replicas=1: instance 1 owned everything, 2 kept the copies; 1 crashed and came back at
     once as 3. What 3 wins has no holder, but 2's copy is its state: 3 waits for it."""
