@@ -144,7 +144,6 @@ class Gossip:
         self._periods = 0
         self._spec_asked: dict[str, float] = {}
         self._retired_told: set[str] = set()  # retirements we spread (or learned by gossip)
-        self._suspecting: set[int] = set()  # suspicions our own probes raised (we tell the suspect each period)
         self.tell_dead = self.contacts.tell_dead  # (the engine's receive path refuses for us)
         self.refuse_stale = self.contacts.refuse_stale
 
@@ -247,7 +246,6 @@ class Gossip:
         for target in failed:
             self._probe_failed(target, now)
         for inc in self.probes.expired(now):
-            self._suspecting.discard(inc)
             peer = self.membership.expire(inc)
             if peer is not None:
                 log.warning("%s: peer %s is dead (no answer, nor a refutation within %.1f s)", self.contacts.name, peer.node,
@@ -279,11 +277,11 @@ class Gossip:
         me = self.me
         if me is None:
             return
-        for inc in list(self._suspecting):  # until it refutes (after a short partition, say) or dies
+        # each suspicion we time, ours or heard, to the suspect, until it refutes or dies: a refutation
+        # may reach some members and not us (its rumor runs out), and it answers us with its record
+        for inc in list(self.probes.suspicions):
             peer = self.membership.peers.get(inc)
-            if peer is None or not peer.live or inc not in self.probes.suspicions:
-                self._suspecting.discard(inc)
-            else:
+            if peer is not None and peer.live:
                 self.contacts.send(peer, wire.NEWS, wire.News([peer.record("suspect")]))
         target = self.probes.next_target(self._probe_candidates(), self.membership.peers)
         if target is not None:
@@ -345,7 +343,6 @@ class Gossip:
         log.info("%s: peer %s is suspect (no answer to a probe within %.1f s)", self.contacts.name, peer.node,
                  self.config.suspect_after)
         self.probes.suspect(target, now)
-        self._suspecting.add(target)
         record = peer.record("suspect")
         self._rumor(record)
         self.contacts.send(peer, wire.NEWS, wire.News([record]))  # if it hears this, it refutes at once
@@ -440,7 +437,6 @@ class Gossip:
             self.probes.suspect(peer.incarnation, now)
         elif event in ("dead", "left"):
             self.probes.forget(peer.incarnation)
-            self._suspecting.discard(peer.incarnation)
             self.host.peer_gone(peer)
         else:  # refuted, leaving, or simply newer: no suspicion stands
             self.probes.cleared(peer.incarnation)
@@ -458,6 +454,8 @@ class Gossip:
             self.membership.bump(me, record.version)  # refute: a newer record of ours than the suspicion
             self._rumor(me.record())
             return True
+        elif state == "suspect":
+            return True  # refuted already, and the teller missed it: it hears our record from us
         return False
 
     def _ask_spec(self, peer: Peer, now: float) -> None:

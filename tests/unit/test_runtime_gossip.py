@@ -241,3 +241,27 @@ def test_alone_a_node_believes_a_member_new_to_it_that_says_it_was_declared_dead
     old = a.incarnation
     a.receive(told_dead())
     assert a.rejoins == 1 and a.incarnation != old, "alone, it rejoins"
+
+
+def test_a_member_that_missed_a_refutation_hears_it_from_the_suspect_before_the_suspicion_runs_out() -> None:
+    """b's probes of s fail (cut both ways) and a hears of the suspicion by gossip; s hears of it
+    too and refutes, but its refutation reaches nobody (s cannot send to a either) and its rumor
+    runs out. The links come back well within ``dead_after``: whoever still holds the old
+    suspicion tells s so, and s answers a suspicion older than its record with that record
+    (it would otherwise ignore it, as it refuted it already). Before, a member that never heard
+    the refutation declared s dead when its timer ran out, and everyone followed, s too, while
+    it ran all along (the 100 s schedules, durable with standbys, seed 7121)."""
+    sim = MeshSim(seed=3)
+    a = sim.join(pings.spec(), "a", seeds=[])
+    b = sim.join(pings.spec(), "b", seeds=[a])
+    s = sim.join(pings.spec(), "s", seeds=[a])
+    sim.until(lambda: all(x.life.joined for x in (a, b, s)) and sim.everyone_sees(s, "alive"), 20)
+    version = s.gossip.me.version
+    sim.cut |= {(b.endpoint, s.endpoint), (s.endpoint, b.endpoint), (s.endpoint, a.endpoint)}
+    sim.until(lambda: a.state_of(s) == "suspect" and b.state_of(s) == "suspect" and s.gossip.me.version > version, 40)
+    config = sim.config
+    sim.run(config.dead_after / 3)  # its refutation's rumor runs out meanwhile, delivered to nobody
+    sim.heal()
+    sim.run(config.dead_after + config.suspect_after)
+    assert not sim.deaths and s.rejoins == 0, f"s ran all along and was declared dead: {sim.deaths}"
+    assert a.state_of(s) == b.state_of(s) == "alive"
