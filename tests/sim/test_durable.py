@@ -505,6 +505,19 @@ class Count(msgspec.Struct):
     readings: int = 0
 
 
+def counting(handled: dict[tuple[str, int], int]) -> Service:
+    """A service of 8 partitions that counts each key's readings in its state (and each handling)."""
+    svc = Service("meter", partitions=8, state=[Count])
+
+    @svc.on(Reading)
+    def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
+        handled[(ev.k, ev.n)] += 1
+        count = ctx.state.get(Count) or Count()
+        ctx.state.put(Count(count.readings + 1))
+
+    return svc
+
+
 def test_a_durable_instance_taken_for_dead_while_alive_keeps_its_state_and_handles_nothing_twice(
     tmp_path: Path,
 ) -> None:
@@ -515,13 +528,7 @@ def test_a_durable_instance_taken_for_dead_while_alive_keeps_its_state_and_handl
     Started empty instead, the survivor handed back its own state, which replaced the instance's
     (durable seed 2103 of the 100 s schedules: each key of three partitions lost 23 readings)."""
     handled: dict[tuple[str, int], int] = defaultdict(int)
-    svc = Service("meter", partitions=8, state=[Count])
-
-    @svc.on(Reading)
-    def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
-        handled[(ev.k, ev.n)] += 1
-        count = ctx.state.get(Count) or Count()
-        ctx.state.put(Count(count.readings + 1))
+    svc = counting(handled)
 
     h = Harness(seed=5, data_root=tmp_path, config=FAST)
     client = h.add(None)
@@ -571,13 +578,7 @@ def test_of_two_stores_that_hold_one_partition_the_newer_copy_wins(tmp_path: Pat
     from choreo.runtime.membership import durable_key
 
     handled: dict[tuple[str, int], int] = defaultdict(int)
-    svc = Service("meter", partitions=8, state=[Count])
-
-    @svc.on(Reading)
-    def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
-        handled[(ev.k, ev.n)] += 1
-        count = ctx.state.get(Count) or Count()
-        ctx.state.put(Count(count.readings + 1))
+    svc = counting(handled)
 
     older_name, newer_name = "meter#older", "meter#newer"
     keys = [durable_key(older_name), durable_key(newer_name)]
