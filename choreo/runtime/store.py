@@ -8,7 +8,10 @@ A durable node (``Node(..., data_dir=...)``) keeps in one embedded store:
   writes batches, not messages: a row costs what ~256 messages share), or one envelope while it
   waits outside a window (for credit, for a partition's old owner, for an instance);
 * the **dedup ids** of the messages it handled (a row per commit and message type: their ids
-  packed), **cached command results**, **dead letters**, and the **declared system** it knows.
+  packed), **cached command results**, **dead letters**, and the **declared system** it knows;
+* its handler **state** by key, and the **epoch** of each partition it holds (which of two
+  stores holding one partition is newer: see :mod:`~choreo.runtime.ownership`). A store from
+  before epochs gains their table when opened, empty.
 
 The runtime (:mod:`~choreo.runtime.journal`) decides what goes in each :class:`Batch`;
 :meth:`Store.write` applies one batch as one transaction, durable by the store's fsync policy

@@ -8,9 +8,10 @@ acknowledged channel between two instances of the service, as messages of this m
   ``chunk_bytes`` so that neither side holds it twice in one message, with a BLAKE2b digest of
   every chunk body in the last one. ``purpose`` says why: ``"handover"`` (the receiver is the
   partition's new owner: it starts the partition only once the stream checked out) or
-  ``"copy"`` (the receiver is its standby). The sender produces chunks only as the earlier ones
-  are acknowledged (:class:`StreamOut`, at most ``in_flight`` at a time): a large partition
-  never sits in the outbox whole;
+  ``"copy"`` (the receiver is its standby). Each chunk carries the partition's epoch on the
+  sender (see :mod:`~choreo.runtime.ownership`): the receiver's copy is that old. The sender
+  produces chunks only as the earlier ones are acknowledged (:class:`StreamOut`, at most
+  ``in_flight`` at a time): a large partition never sits in the outbox whole;
 * a **verdict** (:class:`Verdict`), back from the receiver once the last chunk came: ``ok``, or
   the reason it was refused (a chunk missing or out of order, a digest that does not match,
   a body that does not decode). Until an ``ok`` the sender keeps the partition as it was, and
