@@ -144,7 +144,7 @@ class SimNode:
             return
         self.rejoins += 1
         old = self.incarnation
-        endpoints = {p.endpoint for p in self.membership.peers.values() if p.incarnation != old}
+        endpoints = self.membership.rejoin_endpoints(old)
         self.incarnation = self.sim.rng.getrandbits(63) | 1
         self.life.on("declared_dead", self.sim.now)
         self.outbox.evacuate_all(self.incarnation)

@@ -629,7 +629,7 @@ class Engine:
         # what waited for an instance came after what the channels and holds had: behind them
         leftovers.extend((service, item) for service in list(self.outbox.waiting)
                          for item in self.outbox.take_waiting(service) or ())
-        endpoints = {p.endpoint for p in self.membership.peers.values() if p.incarnation != self.gossip.incarnation}
+        endpoints = self.membership.rejoin_endpoints(self.gossip.incarnation)
         self.membership.clear()
         if self.moves is not None:
             self.moves.reset(self.incarnation, self.name)

@@ -352,10 +352,12 @@ def test_durable_nodes_with_standby_copies_handle_nothing_twice(seed: int) -> No
 # arrival), 3245 (news of a node's former life replaced it); replicas 2126 (a waiting copy of an
 # answered command run again); durable with replicas 5098 (the same as 2155, the partition the
 # forwarder's at once), 3004 (of two stores holding one partition, the older won) and 7121 (a
-# member the refutation missed declared a live node dead). Run with NEMESIS_LONG=0 to leave them out.
+# member the refutation missed declared a live node dead); plain 9065 (a frozen producer asked
+# only dead members to rejoin). Run with NEMESIS_LONG=0 to leave them out.
 LONG_REGRESSIONS = [("plain", 2053), ("plain", 2515), ("plain", 3303), ("plain", 3109), ("durable", 2103),
                     ("durable", 2155), ("durable", 3245), ("replicas", 2126), ("durable+replicas", 5098),
-                    ("durable+replicas", 3004), ("durable+replicas", 7121)]
+                    ("durable+replicas", 3004), ("durable+replicas", 7121),
+                    ("plain", 9065)]
 
 
 @pytest.mark.parametrize(("kind", "seed"), LONG_REGRESSIONS if os.environ.get("NEMESIS_LONG", "1") != "0" else [])
@@ -370,9 +372,10 @@ LONG_FIRST = int(os.environ.get("NEMESIS_LONG_FIRST", "10000"))
 LONG_SEEDS = [(kind, LONG_FIRST + i) for kind in LONG_KINDS for i in range(int(os.environ.get("NEMESIS_LONG_SEEDS", "0")))]
 
 
-@pytest.mark.parametrize(("kind", "seed"), LONG_SEEDS)
-def test_long_schedules(kind: str, seed: int) -> None:
-    run_long(kind, seed)
+if LONG_SEEDS:  # (not even collected in make test: nothing to skip)
+    @pytest.mark.parametrize(("kind", "seed"), LONG_SEEDS)
+    def test_long_schedules(kind: str, seed: int) -> None:
+        run_long(kind, seed)
 
 
 def run_long(kind: str, seed: int) -> None:

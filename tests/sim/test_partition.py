@@ -88,3 +88,38 @@ def test_after_a_long_partition_the_mesh_routes_again_within_the_stated_bound() 
 
     asyncio.run(scenario())
     assert seen == [0, 1]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_node_frozen_past_dead_after_rejoins_through_a_live_member_among_many_dead(seed: int) -> None:
+    """A producer frozen for longer than ``suspect_after + dead_after`` finds itself declared
+    dead and rejoins: it asks members it knew for a table. It knew ten dead ones (its seed among
+    them) and one live instance: it asks the one it took for alive. Asked three at random among
+    all it knew, it could miss the live one and ask the dead for ever, routing nothing: what it
+    had sent and not seen acknowledged waited meanwhile, and ran again once it went, at an
+    instance that had lost its id (the 100 s schedules, seed 9065)."""
+    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
+    seen: list[int] = []
+    sink = Service("sink")
+    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    harness = Harness(seed=seed, config=config)
+    dead = [harness.add(sink) for _ in range(10)]  # the first is everyone's seed
+    survivor = harness.add(sink)
+    producer = harness.add(None)
+
+    async def scenario() -> None:
+        await harness.start()
+        for engine in dead:
+            harness.crash(engine)
+        names = {engine.name for engine in dead}
+        await harness.run_until(lambda: all(p.state == "dead" for p in producer.membership.peers.values()
+                                            if p.node in names), 30, "the producer knows they are dead")
+        harness.pause(producer, config.suspect_after + config.dead_after + 2.0)
+        await harness.run_until(lambda: producer.lifecycle.state == "rejoined", 30, "the producer rejoins")
+        await harness.run_until(lambda: producer.lifecycle.state == "joined", 30,
+                                f"the producer joined again ({producer.gossip.joining.status()})")
+        await harness.run(producer.emit(Reading(sensor="s", n=1)), timeout=30)
+        await harness.run_until(lambda: seen == [1], 30, "its event handled")
+        assert survivor.name in {p.node for p in producer.membership.instances("sink")}
+
+    asyncio.run(scenario())
