@@ -134,6 +134,10 @@ class Moves:
         # that one forwarded on a stale view and sent back here keeps its place (see buffer)
         self.arrivals = 0
         self.forwarded: dict[bytes, int] = {}  # msg_id -> its number, until the forward is acknowledged
+        # partition -> arrivals for a partition we drain, kept here (unacknowledged) until its
+        # hand-over is in: forwarded at once, they would wait unacknowledged at the new owner,
+        # and a window of them would keep the hand-over itself (behind them) from leaving
+        self.held_back: dict[int, deque[tuple[InChannel, Any]]] = {}
 
     @property
     def me(self) -> int:
@@ -154,6 +158,7 @@ class Moves:
         self.inbound.clear()
         self.early.clear()
         self.forwarded.clear()
+        self.held_back.clear()  # (our channels closed: their senders send them again)
         if self.replicas is not None:
             self.replicas.reset(name)
 
@@ -211,6 +216,8 @@ class Moves:
                   and not (ownership.state[p] == "owned" and p in ownership.paused)]
         if changed or waited:
             self.release_buffered(changed + waited)
+        if self.held_back:
+            self.release_held_back()
 
     def keeper(self, p: int, me_too: bool = False) -> int | None:
         """The live instance whose standby copy of ``p`` counts (None: nobody keeps one): the
@@ -298,6 +305,8 @@ class Moves:
             if gone is not None:
                 gone.pump.stop()
             self.ownership.drained(p)
+            if self.held_back:
+                self.release_held_back()
             return
         stream = StreamOut(
             "handover", self._rng.getrandbits(62), p, self.data.export_partition(p),
@@ -343,6 +352,8 @@ class Moves:
                     self.replicas.forgotten(p)
                     self.replicas.release(p)
                     self.replicas.sync()
+                if self.held_back:
+                    self.release_held_back()
             return
         if verdict.stream != sending.pump.stream.stream:
             return  # a refusal of a stream we already replaced
@@ -508,8 +519,28 @@ class Moves:
         work.pump()
         self.outbox.schedule_flush()
 
+    def release_held_back(self) -> None:
+        """Arrivals kept while their partition drained, once it no longer does: on to the new
+        owner (the hand-over is in), or run here (the partition came back, or nobody took it)."""
+        assert self.work is not None
+        state, now = self.ownership.state, self.clock()
+        for p in [p for p in self.held_back if state[p] != "draining"]:
+            for ch, env in self.held_back.pop(p):
+                self.work.deliver(ch, env, now)
+        self.work.pump()
+        self.outbox.schedule_flush()
+
     def forward(self, channel: InChannel, env: Any) -> bool:
-        """Send an arrival for a partition we do not own to its owner; ack the original after."""
+        """Send an arrival for a partition we do not own to its owner; ack the original after.
+
+        One for a partition we drain waits here until its hand-over is in (see :attr:`held_back`):
+        the new owner runs nothing of the partition before, and the two nodes' channel would fill
+        with forwards it cannot acknowledge, the hand-over stuck behind them (durable seed 11122
+        of the 100 s schedules: the partition stalled, and its state was lost when the old owner
+        left at last)."""
+        if self.ownership.state[env.partition] == "draining":
+            self.held_back.setdefault(env.partition, deque()).append((channel, env))
+            return True
         target = self.membership.owner(self.service, env.partition)
         if target is None or target.incarnation == self.me:
             return False
