@@ -459,3 +459,33 @@ def test_a_stream_carries_owed_outputs_that_a_node_before_them_ignores() -> None
     assert old_state == [("Tally", b"k", b"v")]
     assert staged is not None and staged.owed == [owed] and staged.state == [("Tally", b"k", b"v")]
     assert staged.items == 1, "the item count (which an older receiver checks) leaves owed outputs out"
+
+
+def test_arrivals_for_a_partition_that_drains_wait_here_so_its_hand_over_is_never_stuck_behind_them() -> None:
+    """While a partition drains (a message of it still runs here), more than a window of arrivals
+    for it come. Forwarded at once, they would fill the channel to the new owner, which keeps
+    them unacknowledged until the hand-over; the hand-over, behind them, would never leave
+    (durable seed 11122 of the 100 s schedules). They wait here, unacknowledged, and go on once
+    the new owner has the partition, in their order, after its hand-over."""
+    n = Node(1)
+    n.moves.sync()
+    n.add(2)
+    n.moves.sync()
+    p = min(n.moves.ownership.draining)
+    n.work.lag = {p: 1}  # the drain waits for a message of p still in a handler here
+    window = n.outbox.channel(n.membership.peers[2]).window.max_messages
+    original = Original()
+    arrivals = [envelope(seq, p, seq.to_bytes(16, "little")) for seq in range(1, 2 * window + 1)]
+    for env in arrivals:
+        assert n.moves.forward(original, env) is True
+    n.work.lag = {}
+    n.moves.tick(n.now)  # the drain ends: the hand-over leaves, with all the window's credit
+    chunks = [m for _, m in n.transfers() if isinstance(m, Chunk) and m.partition == p and m.last]
+    assert len(chunks) == 1, "the hand-over left (not stuck behind a window of forwards)"
+    streamed = [m for _, m in n.transfers() if isinstance(m, Chunk)]  # (of every partition that moves)
+    assert n.work.delivered == [] and n.outbox.out[2].window.in_flight == len(streamed), "only hand-overs are out"
+    chunk = chunks[0]
+    n.receive(2, Verdict("handover", chunk.stream, p, True))
+    assert n.moves.ownership.state[p] == "handed_over"
+    assert n.work.delivered == [(p, env.seq) for env in arrivals], "on their way, in their order"
+    assert original.completed == [], "none acknowledged before the new owner has it"
