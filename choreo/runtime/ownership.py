@@ -6,11 +6,13 @@ service's routable instances, so all nodes with the same view agree. When the vi
 :data:`~choreo.states.PARTITION_TRANSITIONS`:
 
 * a partition it **loses** while alive becomes ``draining``: messages already in a handler or
-  waiting behind their key finish here; new arrivals are *forwarded* to the new owner over this
-  node's own acknowledged channel (the original is acknowledged only once the forward is).
-  When nothing of the partition is left in progress, a ``HANDOVER`` envelope carrying the
-  partition's dedup ids (and cached command results) goes to the new owner on that same
-  channel, after every forward, and the partition is ``handed_over``;
+  waiting behind their key finish here; new arrivals wait here, unacknowledged. When nothing
+  of the partition is left in progress, a ``HANDOVER`` stream carrying the partition's dedup
+  ids (cached command results, state) goes to the new owner over this node's own acknowledged
+  channel, and once the new owner has it the partition is ``handed_over``: what waited is
+  *forwarded* there on the same channel (each original is acknowledged only once its forward
+  is). Forwarded earlier, they would sit unacknowledged at the new owner until the hand-over,
+  and a window of them would keep the hand-over itself from leaving;
 * a partition it **gains** from a live previous owner is ``awaiting``: arrivals are buffered,
   in order, until the handover comes (or the previous owner dies, or a timeout passes), so
   the new owner never runs a key's message before the old owner has finished the earlier ones;
