@@ -3,14 +3,15 @@
 How this works (the consumer's half; the producer's half is :mod:`~choreo.runtime.holds`).
 Whenever membership changes, :meth:`Moves.sync` gives :class:`~choreo.runtime.ownership.Ownership`
 the new view of the service's instances. A partition this node **loses** while alive drains:
-what is in a handler or waiting for its key finishes here, new arrivals are *forwarded* to the
-new owner over this node's own acknowledged channel (:meth:`Moves.forward`; the original is
-acknowledged only once the forward is), and once nothing of it is left in progress its dedup
-ids, cached command results and handler state stream to the new owner after every forward
-(:meth:`Moves.hand_over`, chunks of :mod:`~choreo.runtime.transfer`). The partition stays
-``draining`` here, its state kept, until the new owner says the stream checked out: a stream
-refused (corrupt, cut) is sent again, a new owner that dies meanwhile is replaced by the next
-one, and a partition that comes back to this node is simply its own again. A partition this
+what is in a handler or waiting for its key finishes here, new arrivals wait here
+unacknowledged (:attr:`Moves.held_back`), and once nothing of it is left in progress its dedup
+ids, cached command results and handler state stream to the new owner over this node's own
+acknowledged channel (:meth:`Moves.hand_over`, chunks of :mod:`~choreo.runtime.transfer`). The
+partition stays ``draining`` here, its state kept, until the new owner says the stream checked
+out: a stream refused (corrupt, cut) is sent again, a new owner that dies meanwhile is replaced
+by the next one, and a partition that comes back to this node is simply its own again. Then
+what waited is *forwarded* to the new owner on the same channel (:meth:`Moves.forward`; the
+original is acknowledged only once the forward is), or runs here. A partition this
 node **gains** from a live previous owner buffers its arrivals until that stream is installed
 (:meth:`Moves.on_transfer`), the previous owner's death, or ``handover_timeout`` (for a
 service with state: only once the previous owner no longer holds it); then they run in
