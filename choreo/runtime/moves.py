@@ -597,8 +597,8 @@ class Moves:
 
     @property
     def busy(self) -> bool:
-        """Partitions still draining, or arrivals still buffered."""
-        return bool(self.ownership.draining or self.ownership.buffered)
+        """Partitions still draining, or arrivals still buffered or held back."""
+        return bool(self.ownership.draining or self.ownership.buffered or self.held_back)
 
 
 class _Sending:
