@@ -65,7 +65,10 @@ class Holds:
                 ch = channels.get(was)
                 if ch is None or ch.closed:
                     continue
-                last = ch.window.next_seq - 1
+                # (what waits in its backlog for credit gets the next sequence numbers, in order:
+                # the barrier covers it too, or the next message of p could overtake it (the 100 s
+                # schedules, replicas seed 14030: envelopes resent to a full window)
+                last = ch.window.next_seq - 1 + len(ch.backlog)
                 if last > ch.done_upto:
                     self.by_key[(name, p)] = Hold(ch, last)
                     self.opened += 1

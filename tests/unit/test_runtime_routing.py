@@ -211,6 +211,32 @@ def test_acks_free_credit_call_back_and_wake_the_backlog() -> None:
     assert ch.window.in_flight == 4 and not ch.backlog, "the backlog moved into the freed credit"
 
 
+def test_a_hold_waits_for_what_waited_in_the_old_owners_backlog_too() -> None:
+    """The partition moves while its old owner's window is full and more of it waits in the
+    channel's backlog: the hold lasts until the old owner acknowledged those too. Its barrier
+    was the window's last sequence number: acknowledged up to there, the hold let the next
+    message go to the new owner while earlier ones still waited for credit to the old one,
+    and the new owner could run it first (replicas seed 14030 of the 100 s schedules)."""
+    w = World((10, orders))
+    key = "o-1"
+    p = core.partition_of(key.encode(), 16)
+    w.holds.on_view(w.membership, w.outbox.out)  # the view they go out under
+    for n in range(10):  # 8 fit the window, 2 wait in the backlog
+        w.router.commit(w.router.plan(Placed(key), bytes([n]) * 16, bytes(16), bytes(16), None))
+    old = w.outbox.out[10]
+    assert old.window.in_flight == 8 and len(old.backlog) == 2
+    for inc in range(11, 200):  # instances join until one wins p
+        w.join(inc, orders)
+        if w.membership.owner("orders", p).incarnation == inc:
+            break
+    w.holds.on_view(w.membership, w.outbox.out)
+    assert w.holds.held("orders", p) is not None, "the next message of p waits"
+    old.on_ack(core.encode_ack(8, 8, []), 0, w.now)  # the window's eight: the backlog's two go out
+    assert not w.holds.release(old), "two of p still unacknowledged at the old owner"
+    old.on_ack(core.encode_ack(10, 10, []), 0, w.now)
+    assert p in [q for _, q, _ in w.holds.release(old)], "(with every other partition that moved)"
+
+
 def test_answers_leave_before_the_ack_that_covers_their_command() -> None:
     w = World((10, orders))
     peer = w.peers[10]
