@@ -524,8 +524,12 @@ class Moves:
         """Arrivals kept while their partition drained, once it no longer does: on to the new
         owner (the hand-over is in), or run here (the partition came back, or nobody took it)."""
         assert self.work is not None
-        state, now = self.ownership.state, self.clock()
-        for p in [p for p in self.held_back if state[p] != "draining"]:
+        state = self.ownership.state
+        settled = [p for p in self.held_back if state[p] != "draining"]
+        if not settled:
+            return  # (a view changed, the partitions we drain did not)
+        now = self.clock()
+        for p in settled:
             for ch, env in self.held_back.pop(p):
                 self.work.deliver(ch, env, now)
         self.work.pump()

@@ -24,6 +24,7 @@ from choreo.core import decode_ack, parse_envelopes
 from choreo.errors import Backpressure, ChoreoError, StoreFull
 from choreo.introspect import node_stats, replay_outcome
 from choreo.messages import idempotency_id
+from choreo.runtime.membership import durable_key
 from choreo.runtime.store import MemoryStore
 from choreo.testing import Harness
 from choreo import wire
@@ -575,8 +576,6 @@ def test_of_two_stores_that_hold_one_partition_the_newer_copy_wins(tmp_path: Pat
     took it for stale (another instance held it), the owner waited for a hand-over that never
     came and then ran on its own older copy: what the newer copy had handled ran again (durable
     with standbys, seed 3004 of the 100 s schedules)."""
-    from choreo.runtime.membership import durable_key
-
     handled: dict[tuple[str, int], int] = defaultdict(int)
     svc = counting(handled)
 
