@@ -126,6 +126,15 @@ class NotJoined(ChoreoError, TimeoutError):
     """
 
 
+class NodeStopped(ChoreoError, RuntimeError):
+    """The node has stopped (``stop()`` or ``kill()``): it emits, sends and asks nothing more.
+
+    Every verb called after that raises it at once, and every caller still waiting on the node
+    (for an answer, for credit, to join, on ``flush`` or ``wait_for``) gets it the moment the
+    node stops: nothing ticks any more to answer or time them out. A new ``Node`` takes its place.
+    """
+
+
 class NotAllowed(ChoreoError, PermissionError):
     """The mesh's keys do not allow this: a key that may not originate a message type, call a
     system query, or serve a service. The message names the key and what it may do instead."""

@@ -46,7 +46,7 @@ from typing import Any
 
 from . import introspect
 from .config import NodeConfig
-from .errors import Undeliverable
+from .errors import NodeStopped, Undeliverable
 from .messages import Message
 from .metrics import MetricsServer
 from .runtime.engine import Engine
@@ -110,6 +110,7 @@ class Node:
         self._stopped: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._closed = False  # stopped or killed: every verb raises NodeStopped
         self.metrics_port = metrics_port  # None: no HTTP port at all; 0: a free one
         self.metrics_host = metrics_host
         self.metrics: MetricsServer | None = None
@@ -302,8 +303,8 @@ class Node:
 
     async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Leave the mesh; with ``drain`` (the default) finish and acknowledge everything first."""
-        if self.engine is None or self._stopping:
-            return
+        if self.engine is None or self._stopping or self._closed:
+            return  # (not started, already stopping, or killed: nothing left to drain)
         self._stopping = True
         engine = self.engine
         timeout = self.config.drain_timeout if timeout is None else timeout
@@ -341,6 +342,7 @@ class Node:
         self._close()
 
     def _close(self, commit: bool = False) -> None:
+        self._closed = True
         for task in self._tasks:
             task.cancel()
         if self._tick_handle is not None:
@@ -356,9 +358,16 @@ class Node:
                 journal.close(commit=commit)
             except Exception as exc:  # a commit that fails now: what it held is not committed
                 log.warning("%s: closing the data dir: %s", self.name, exc)
-        for _, fut in self._conditions:
+        stopped: Exception | None = None
+        if self.engine is not None:  # every verb raises from now on; every caller waiting is told now
+            self.engine.close(NodeStopped(f"{self.name} has stopped: it emits, sends and asks nothing more"))
+            stopped = self.engine.fatal
+        for _, fut in self._conditions:  # (flush, wait_for, sync: nothing will tick to settle them)
             if not fut.done():
-                fut.cancel()
+                if stopped is not None:
+                    fut.set_exception(stopped)
+                else:
+                    fut.cancel()
         self._conditions.clear()
         for fut in self._fatal_waiters:
             if not fut.done():
@@ -428,8 +437,8 @@ class Node:
             msg_id = self._emit_fast(event)  # credit available: no waiting, no coroutine below
             if msg_id is not None:
                 return msg_id  # type: ignore[no-any-return]
-        engine = self.engine
-        if engine is not None and traceparent is None and not confirm and engine.fatal is None:
+        engine = self._engine()  # (not started, stopped or refused: it raises why)
+        if traceparent is None and not confirm:
             journal = engine.journal
             if journal is None:
                 msg_id = engine.emit_now(event)  # credit available: no waiting, no coroutine below
@@ -441,7 +450,6 @@ class Node:
                     self._expect_work()  # its commit has a deadline: tick by it
                     await journal.durable(self.config.emit_timeout if timeout is None else timeout)
                     return msg_id
-        engine = self._engine()
         self._expect_work()  # what it waits for has deadlines: tick by them
         return await engine.emit(event, timeout=timeout, traceparent=traceparent, confirm=confirm)
 
@@ -473,14 +481,14 @@ class Node:
             msg_id = self._emit_fast(event)  # the compiled lane of its type, in one call: its id, or None
             if msg_id is not None:
                 return msg_id  # type: ignore[no-any-return]
-        engine = self.engine
-        if engine is not None and engine.journal is not None:
+        engine = self._engine()  # (not started, stopped or refused: it raises why)
+        if engine.journal is not None:
             engine.journal.check()
-        if engine is not None and traceparent is None and engine.fatal is None:
+        if traceparent is None:
             msg_id = engine.emit_now(event)
             if msg_id is not None:
                 return msg_id
-        return self._engine().try_emit(event, traceparent=traceparent)
+        return engine.try_emit(event, traceparent=traceparent)
 
     async def sync(self, timeout: float = 10.0) -> None:
         """Wait until everything this node emitted so far is committed to its data dir (after

@@ -538,6 +538,8 @@ class Calls:
         loop = asyncio.get_running_loop()
         version = self.membership.version
         while True:
+            if self.life.fatal is not None:  # refused, or stopped while it waited
+                raise self.life.fatal
             if self.membership.version != version or (not isinstance(blocked, str) and blocked.closed):
                 version = self.membership.version  # owners changed while we waited: plan again
                 plan = replan()
@@ -556,6 +558,25 @@ class Calls:
                 blocked.credit_waiters.append(wake)
             self.call_later(max(deadline - self.clock(), 0.0), wake)
             await fut
+
+    def abandon(self, error: Exception) -> None:
+        """The node stopped: every caller waiting here gets ``error`` now (``life.fatal``, which
+        the woken waits for a join or for credit raise when they look again)."""
+        pending, self.pending = self.pending, {}
+        self._deadlines.clear()
+        for calls in pending.values():
+            for call in calls:
+                if not call.future.done():
+                    call.future.set_exception(error)
+        waiters, self._join_waiters = self._join_waiters, []
+        for service_waiters in self._service_waiters.values():
+            waiters.extend(service_waiters)
+        self._service_waiters = {}
+        for ch in self.outbox.out.values():
+            waiters += ch.urgent_waiters + ch.credit_waiters
+            ch.urgent_waiters, ch.credit_waiters = [], []
+        for wake in waiters:
+            wake()
 
     def wake_services(self) -> None:
         """Membership changed: wake the callers waiting for a service that now has instances."""

@@ -282,8 +282,14 @@ class Engine:
 
     @property
     def fatal(self) -> Exception | None:
-        """Why the mesh refused this node, once it has."""
+        """Why this node can do nothing more, once it cannot: the mesh refused it, or it stopped."""
         return self.lifecycle.fatal
+
+    def close(self, why: Exception) -> None:
+        """The node stopped, nothing ticks: every verb raises ``why`` (or a refusal that came first),
+        and every caller still waiting hears it now (nothing is left to answer or time them out)."""
+        self.lifecycle.fatal = self.lifecycle.fatal or why
+        self.calls.abandon(self.lifecycle.fatal)
 
     @property
     def leaving(self) -> bool:

@@ -26,7 +26,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self.state = "joining"
         self.since = 0.0  # when the current state began (the engine's clock)
-        self.fatal: Exception | None = None  # why the mesh refused this node
+        self.fatal: Exception | None = None  # why it can do nothing more: the mesh refused it, or it stopped
 
     def on(self, event: str, now: float | None = None) -> str:
         """Apply ``event``; returns the new state (IllegalTransition if the table has no such move)."""

@@ -162,7 +162,7 @@ class Router:
         life: Any = None,
     ) -> None:
         """``routing()`` says whether the node has joined (plans compiled before route nothing);
-        ``life.fatal`` set (the mesh refused this node) closes :attr:`emit_table`."""
+        ``life.fatal`` set (the mesh refused this node, or it stopped) closes :attr:`emit_table`."""
         self.membership = membership
         self.routing = routing
         self.outbox = outbox

@@ -14,6 +14,7 @@ from choreo import (
     Command,
     Event,
     HandlerFailed,
+    NodeStopped,
     NoOwner,
     Query,
     Service,
@@ -141,6 +142,66 @@ def test_send_and_ask_refuse_the_wrong_kind_at_the_call_and_a_node_not_started()
         assert await client.ask(Balance("acc-1")) == 5
         assert balances == {"acc-1": 5}
         await stop_all(nodes)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+def test_a_stopped_node_refuses_every_verb_at_once_and_tells_the_callers_still_waiting(how: str) -> None:
+    """After ``stop()`` or ``kill()`` nothing ticks any more: a verb must not take an id for a
+    message that will never leave (what a killed node's emits did) nor wait for ever (what a
+    stopped node's emit, send, ask and wait_for did, past their own timeouts), and a caller
+    already waiting (for an answer, to join) must hear of it rather than hang."""
+    svc, balances, _ = bank()
+    slow = Service("slow")
+
+    class Ponder(Command):
+        pass
+
+    @slow.command(Ponder)
+    async def ponder(cmd: Ponder) -> int:
+        await asyncio.sleep(60)  # never answers while the test runs
+        return 0
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, slow, None)
+        client = nodes[2]
+        assert await client.send(Deposit("acc-1", 5)) == 5
+        waiting = asyncio.ensure_future(client.send(Ponder(), timeout=30))
+        # a node whose seed never answers: its emit waits to join
+        lonely = Node(None, bind="inproc://lonely", peers=["inproc://nobody-there"], config=FAST)
+        await lonely.start()
+        joining = asyncio.ensure_future(lonely.emit(Deposited("acc-1", 1), timeout=30))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and not joining.done()
+        if how == "stop":
+            await client.stop(timeout=5)
+        else:
+            client.kill()
+        lonely.kill()
+        for caller in (waiting, joining):
+            with pytest.raises(NodeStopped, match="has stopped"):
+                await asyncio.wait_for(caller, 5)  # (a bound, never reached: they are told at once)
+        verbs: dict[str, Callable[[], Any]] = {
+            "try_emit": lambda: client.try_emit(Deposited("acc-1", 2)),
+            "emit": lambda: client.emit(Deposited("acc-1", 3), timeout=30),
+            "emit_many": lambda: client.emit_many([Deposited("acc-1", 4)], timeout=30),
+            "send": lambda: client.send(Deposit("acc-1", 6), timeout=30),
+            "ask": lambda: client.ask(Balance("acc-1"), timeout=30),
+            "flush": lambda: client.flush(timeout=30),
+            "wait_for": lambda: client.wait_for({"bank": 1}, timeout=30),
+            "sync": lambda: client.sync(timeout=30),
+        }
+        for verb, call in verbs.items():
+            with pytest.raises(NodeStopped, match="has stopped"):
+                result = call()
+                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                    await asyncio.wait_for(result, 5)
+                pytest.fail(f"{verb} on a stopped node returned {result!r}")
+        await client.stop()  # (after kill: nothing left to do, and no error)
+        assert balances == {"acc-1": 5}  # the deposit after the stop never ran anywhere
+        for node in nodes[:2]:
+            node.kill()
 
     run(scenario)
 

@@ -38,7 +38,7 @@ def test_public_api_is_pinned() -> None:
         "Backpressure", "ChoreoError", "ChoreoUsageError", "Command", "Context", "DataDirError", "DeliveryTimeout",
         "Event", "StoreError", "StoreFull",
         "Handler", "HandlerFailed", "Message", "MessageTooLarge", "NoOwner", "Node", "NodeConfig", "NodeProcess",
-        "NotAllowed", "NotJoined", "Permissions", "Policy", "ProtocolError", "Query", "RetryPolicy", "Security", "Service", "State",
+        "NodeStopped", "NotAllowed", "NotJoined", "Permissions", "Policy", "ProtocolError", "Query", "RetryPolicy", "Security", "Service", "State",
         "UndeclaredMessage", "Undeliverable", "ValidationError", "message_options",
     }
     for name in choreo.__all__:
