@@ -303,8 +303,12 @@ class Node:
 
     async def stop(self, *, drain: bool = True, timeout: float | None = None) -> None:
         """Leave the mesh; with ``drain`` (the default) finish and acknowledge everything first."""
-        if self.engine is None or self._stopping or self._closed:
-            return  # (not started, already stopping, or killed: nothing left to drain)
+        if self.engine is None or self._closed:
+            return  # (not started, or already stopped or killed: nothing left to drain)
+        if self._stopping:  # another caller drains it: return once it has left, as that one does
+            assert self._stopped is not None
+            await self._stopped.wait()
+            return
         self._stopping = True
         engine = self.engine
         timeout = self.config.drain_timeout if timeout is None else timeout

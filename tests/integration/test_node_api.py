@@ -206,6 +206,30 @@ def test_a_stopped_node_refuses_every_verb_at_once_and_tells_the_callers_still_w
     run(scenario)
 
 
+def test_two_callers_of_stop_both_return_once_the_node_has_left() -> None:
+    """A signal handler and the application may both stop a node: the second call returned at
+    once, while the first was still draining (the node still leaving, its work not yet handed)."""
+    svc, _, audit = bank()
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        client = nodes[1]
+        for i in range(100):
+            client.try_emit(Deposited("acc-1", i))
+        states = []
+
+        async def stop() -> None:
+            await client.stop(timeout=5)
+            states.append(client.engine.state)  # type: ignore[union-attr]
+
+        await asyncio.wait_for(asyncio.gather(stop(), stop()), 10)
+        assert states == ["left", "left"]
+        assert len(audit) == 100  # drained before either returned
+        nodes[0].kill()
+
+    run(scenario)
+
+
 def test_a_new_service_joins_without_a_refusal_on_either_side() -> None:
     """The seed tells the mesh of a service it has not seen at once: not before it has answered the
     newcomer's hello, or the newcomer refuses the news from a node it does not know yet (and logs
