@@ -9,11 +9,13 @@ bench), so that importing the settings never imports the machinery they tune::
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
+from typing import Any
 
 from .errors import ChoreoUsageError
 
-__all__ = ["NodeConfig"]
+__all__ = ["NodeConfig", "timeout_seconds"]
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class NodeConfig:
             value = getattr(self, f.name)
             if f.name in ("span_ring", "dedup", "indirect_probes"):
                 continue
-            if not value > 0:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
                 raise ChoreoUsageError(f"NodeConfig.{f.name} must be > 0, got {value!r}")
         if self.indirect_probes < 0:
             raise ChoreoUsageError(f"NodeConfig.indirect_probes must be >= 0, got {self.indirect_probes!r}")
@@ -118,3 +120,23 @@ class NodeConfig:
     def max_frame_bytes(self) -> int:
         """The largest frame accepted: a full batch plus one maximal message."""
         return self.max_batch_bytes + self.max_message_bytes + 64 * 1024
+
+
+def timeout_seconds(value: Any, verb: str) -> float:
+    """A verb's ``timeout`` as seconds: a real number >= 0 (``math.inf``: no limit). Anything
+    else (a string, NaN, a negative number) is a ChoreoUsageError naming the verb, raised before
+    anything is sent: a negative timeout used to send a command and then report, at once, that
+    it had no answer, while it ran.
+
+    >>> timeout_seconds(2, "send")
+    2.0
+    >>> timeout_seconds(-1, "send")
+    Traceback (most recent call last):
+    ...
+    choreo.errors.ChoreoUsageError: send: timeout must be a number of seconds >= 0, got -1
+    """
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        seconds = float(value)
+        if seconds >= 0:  # (NaN is not)
+            return seconds
+    raise ChoreoUsageError(f"{verb}: timeout must be a number of seconds >= 0, got {value!r}")

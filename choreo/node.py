@@ -45,7 +45,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from . import introspect
-from .config import NodeConfig
+from .config import NodeConfig, timeout_seconds
 from .errors import NodeStopped, Undeliverable
 from .messages import Message
 from .metrics import MetricsServer
@@ -285,6 +285,7 @@ class Node:
         """
         wanted = dict(services) if isinstance(services, Mapping) else {s: 1 for s in services}
         engine = self._engine()
+        timeout = timeout_seconds(timeout, "wait_for")
 
         def ready() -> bool:
             # a seed's hello names its service before its table arrives, and a node routes
@@ -309,9 +310,9 @@ class Node:
             assert self._stopped is not None
             await self._stopped.wait()
             return
+        timeout = self.config.drain_timeout if timeout is None else timeout_seconds(timeout, "stop")
         self._stopping = True
         engine = self.engine
-        timeout = self.config.drain_timeout if timeout is None else timeout
         for task in self._tasks:  # the service's own producers stop first
             task.cancel()
         if self._tasks:
@@ -437,6 +438,8 @@ class Node:
 
             msg_id = await node.emit(OrderPlaced(order_id="o-1"), confirm=True)
         """
+        if timeout is not None:
+            timeout = timeout_seconds(timeout, "emit")
         if traceparent is None and not confirm:
             msg_id = self._emit_fast(event)  # credit available: no waiting, no coroutine below
             if msg_id is not None:
@@ -471,6 +474,8 @@ class Node:
         raised, its ``emitted`` holding the ids of the events that went.
         """
         engine = self._engine()
+        if timeout is not None:
+            timeout = timeout_seconds(timeout, "emit_many")
         self._expect_work()  # what it waits for has deadlines: tick by them
         return await engine.emit_many(events, timeout=timeout)
 
@@ -503,6 +508,7 @@ class Node:
             await node.sync()                    # one commit for the whole batch
         """
         engine = self._engine()
+        timeout = timeout_seconds(timeout, "sync")
         if engine.journal is not None:
             await engine.journal.durable(timeout)
 
@@ -517,6 +523,8 @@ class Node:
             total = await node.send(PlaceOrder(cart_id="c-1"))
         """
         engine = self._engine()
+        if timeout is not None:
+            timeout = timeout_seconds(timeout, "send")
         self._expect_work(min(engine.in_flight_tick, self.config.request_timeout if timeout is None else timeout))
         return engine.send(command, timeout=timeout, traceparent=traceparent)
 
@@ -525,6 +533,8 @@ class Node:
     ) -> Coroutine[Any, Any, Any]:
         """Ask a query; await it for the answer (refused at the call as :meth:`send`)."""
         engine = self._engine()
+        if timeout is not None:
+            timeout = timeout_seconds(timeout, "ask")
         self._expect_work(min(engine.in_flight_tick, self.config.request_timeout if timeout is None else timeout))
         return engine.ask(query, timeout=timeout, traceparent=traceparent)
 
@@ -537,6 +547,7 @@ class Node:
         else is acknowledged).
         """
         engine = self._engine()
+        timeout = timeout_seconds(timeout, "flush")
         try:
             await self.until(lambda: engine.acknowledged, timeout, "all sent messages acknowledged")
         except TimeoutError:  # say who has not acknowledged what, and whether they are heard from

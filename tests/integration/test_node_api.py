@@ -206,6 +206,46 @@ def test_a_stopped_node_refuses_every_verb_at_once_and_tells_the_callers_still_w
     run(scenario)
 
 
+def test_a_timeout_that_is_not_a_number_of_seconds_is_refused_before_anything_is_sent() -> None:
+    """A negative timeout sent the command and then said at once that it had no answer, while it
+    ran; a string failed half-way with a TypeError about ``<``; NaN waited for ever."""
+    svc, balances, audit = bank()
+
+    async def scenario() -> None:
+        nodes = await mesh(svc, None)
+        client = nodes[1]
+        calls: dict[str, Callable[[Any], Any]] = {
+            "emit": lambda t: client.emit(Deposited("acc-1", 1), timeout=t),
+            "emit_many": lambda t: client.emit_many([Deposited("acc-1", 1)], timeout=t),
+            "send": lambda t: client.send(Deposit("acc-1", 1), timeout=t),
+            "ask": lambda t: client.ask(Balance("acc-1"), timeout=t),
+            "flush": lambda t: client.flush(timeout=t),
+            "wait_for": lambda t: client.wait_for({"bank": 1}, timeout=t),
+            "sync": lambda t: client.sync(timeout=t),
+            "stop": lambda t: client.stop(timeout=t),
+        }
+        for verb, call in calls.items():
+            for bad in (-1, -0.5, float("nan"), "3", None if verb in ("flush", "wait_for", "sync") else True):
+                if bad is None:
+                    continue
+                with pytest.raises(ChoreoUsageError, match=f"{verb}: timeout must be a number of seconds >= 0, got"):
+                    result = call(bad)
+                    if asyncio.iscoroutine(result):
+                        await asyncio.wait_for(result, 5)
+        await client.flush()
+        assert balances == {} and audit == []  # nothing was sent
+        assert client.engine is not None and client.engine.state == "joined"  # (stop refused it too)
+        assert await client.send(Deposit("acc-1", 2), timeout=float("inf")) == 2  # no limit: allowed
+        await stop_all(nodes)
+
+    run(scenario)
+
+
+def test_a_config_value_that_is_not_a_number_is_named() -> None:
+    with pytest.raises(ChoreoUsageError, match="NodeConfig.heartbeat must be > 0, got '3'"):
+        NodeConfig(heartbeat="3")  # type: ignore[arg-type]
+
+
 def test_two_callers_of_stop_both_return_once_the_node_has_left() -> None:
     """A signal handler and the application may both stop a node: the second call returned at
     once, while the first was still draining (the node still leaving, its work not yet handed)."""

@@ -13,7 +13,7 @@ from choreo.cli import main
 from choreo.endpoints import advertised, check_endpoint
 
 
-@pytest.mark.parametrize("name", ["choreo.endpoints", "choreo.bundled"])
+@pytest.mark.parametrize("name", ["choreo.endpoints", "choreo.bundled", "choreo.config"])
 def test_docstring_examples(name: str) -> None:
     assert doctest.testmod(importlib.import_module(name)).failed == 0
 
