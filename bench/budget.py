@@ -147,6 +147,10 @@ def _node_on(engine: Any) -> Any:
     node.engine = engine
     if hasattr(node, "_emit_fast"):
         node._emit_fast = engine.emit_fast
+    table = getattr(getattr(engine, "router", None), "emit_table", None)
+    if hasattr(table, "try_emit") and hasattr(node, "_try_emit_general"):  # as start() does, where it can
+        table.fallback = node._try_emit_general
+        node.try_emit = table.try_emit
     return node
 
 

@@ -455,6 +455,7 @@ cdef class EmitTable:
     cdef dict _lanes
     cdef object _life
     cdef dict _holds
+    cdef public object fallback  # try_emit's general path: fallback(event, traceparent)
 
     def __cinit__(self, dict holds not None, life):
         self._lanes = {}
@@ -483,6 +484,20 @@ cdef class EmitTable:
         if lane == NULL or self._holds or self._life.fatal is not None:
             return None
         return (<EmitLane>lane)._emit(event, None, None)
+
+    def try_emit(self, event, *, traceparent=None):
+        """:meth:`emit`'s id, else (and with a ``traceparent``) what ``fallback`` returns."""
+        cdef PyObject *lane
+        cdef object msg_id
+        if traceparent is None:
+            lane = PyDict_GetItem(self._lanes, <object>Py_TYPE(event))
+            if lane != NULL and not self._holds and self._life.fatal is None:
+                msg_id = (<EmitLane>lane)._emit(event, None, None)
+                if msg_id is not None:
+                    return msg_id
+        if self.fallback is None:
+            raise ValueError("try_emit needs the table's fallback")
+        return self.fallback(event, traceparent)
 
 
 cdef class SpanRing  # (below: the lanes record into it)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -1404,7 +1404,9 @@ class EmitTable:
     and returns the lane's answer: its id, or None. It also returns None, writing nothing, when
     no lane is registered for ``type(event)``, while ``holds`` (a dict: messages held per key)
     is not empty, or once ``life.fatal`` is set. None always means: take the general path,
-    which knows why.
+    which knows why. :meth:`try_emit` is ``node.try_emit`` itself once the node runs: the id
+    :meth:`emit` returns, else (and always with a ``traceparent``) what ``fallback(event,
+    traceparent)`` returns, the general path (which raises when the event cannot go).
 
     >>> class Life: fatal = None
     >>> table = EmitTable({}, Life())
@@ -1417,6 +1419,7 @@ class EmitTable:
             raise TypeError("holds must be a dict")
         self._lanes: dict[type, EmitLane] = {}
         self._holds, self._life = holds, life
+        self.fallback: Callable[[Any, str | None], bytes] | None = None
 
     def put(self, cls: type, lane: EmitLane | None) -> None:
         """``cls``'s events go through ``lane`` (None: never here) until :meth:`clear`."""
@@ -1441,6 +1444,16 @@ class EmitTable:
         if lane is None or self._holds or self._life.fatal is not None:
             return None
         return lane.emit(event)
+
+    def try_emit(self, event: Any, *, traceparent: str | None = None) -> bytes:
+        """:meth:`emit`'s id, else (and with a ``traceparent``) what ``fallback`` returns."""
+        if traceparent is None:
+            msg_id = self.emit(event)
+            if msg_id is not None:
+                return msg_id
+        if self.fallback is None:
+            raise ValueError("try_emit needs the table's fallback")
+        return self.fallback(event, traceparent)
 
 
 class SpanRing:

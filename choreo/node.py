@@ -151,6 +151,13 @@ class Node:
             policy=(lambda: security.policy) if security is not None else None,
         )
         self._emit_fast = self.engine.emit_fast or _no_fast_path
+        if self.engine.emit_fast is not None:
+            # the application's most frequent call, compiled: this node's try_emit is from now on
+            # its emit table's, which writes through the event type's lane and calls the general
+            # path below only when the lane cannot take the event (no Python frame per event)
+            table = self.engine.router.emit_table
+            table.fallback = self._try_emit_general
+            self.try_emit = table.try_emit  # type: ignore[method-assign]
         self.transport.on_refused = self.engine.count_refused
         self.transport.start(loop, self.engine.on_frame, self._after_reading)
         self.engine.start(self.peers)
@@ -490,6 +497,10 @@ class Node:
             msg_id = self._emit_fast(event)  # the compiled lane of its type, in one call: its id, or None
             if msg_id is not None:
                 return msg_id  # type: ignore[no-any-return]
+        return self._try_emit_general(event, traceparent)
+
+    def _try_emit_general(self, event: Message, traceparent: str | None) -> bytes:
+        """try_emit when the compiled lane did not take the event (or a traceparent came with it)."""
         engine = self._engine()  # (not started, stopped or refused: it raises why)
         if engine.journal is not None:
             engine.journal.check()

@@ -282,6 +282,37 @@ def test_the_emit_table_writes_through_its_types_lane_until_anything_it_depends_
         table.put("not a class", emit)
 
 
+@pytest.mark.parametrize("core", CORES)
+def test_the_emit_tables_try_emit_is_the_lanes_id_or_else_the_general_paths_answer(core) -> None:
+    """``node.try_emit`` of a running node: the lane when it takes the event, else (and always
+    with a traceparent) the fallback, whose answer or error is the caller's."""
+    windows = [core.OutboundWindow(max_messages=1)]
+    emit = _bookkept_lane(core, windows, [], {}, [], max_batch=100)
+    life = _Life()
+    table = core.EmitTable({}, life)
+    with pytest.raises(ValueError, match="fallback"):
+        table.try_emit(Ev("a", 1))
+    general: list[tuple[object, object]] = []
+
+    def fallback(event: object, traceparent: object) -> bytes:
+        general.append((event, traceparent))
+        if isinstance(event, Other):
+            raise LookupError("nobody consumes Other")
+        return b"general"
+
+    table.fallback = fallback
+    table.put(Ev, emit)
+    first = table.try_emit(Ev("a", 1))
+    assert len(first) == 16 and windows[0].pending == 1 and general == [], "the lane took it"
+    assert table.try_emit(Ev("a", 2)) == b"general" and general == [(Ev("a", 2), None)], "no credit: the general path"
+    assert table.try_emit(Ev("a", 3), traceparent="00-x") == b"general" and general[-1] == (Ev("a", 3), "00-x")
+    with pytest.raises(LookupError, match="nobody consumes Other"):
+        table.try_emit(Other("a"))
+    life.fatal = RuntimeError("refused")
+    assert table.try_emit(Ev("a", 4)) == b"general", "a refused or stopped node: the general path says why"
+    assert windows[0].pending == 1
+
+
 def _command_run(core):
     """Commands through the lane: answered, left to the caller, or not the lane's at all."""
     from choreo.wire import FLAG_REPLAY, KIND_COMMAND
