@@ -111,6 +111,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._closed = False  # stopped or killed: every verb raises NodeStopped
+        self._hurry = False  # a second SIGTERM/SIGINT while draining: leave without finishing
         self.metrics_port = metrics_port  # None: no HTTP port at all; 0: a free one
         self.metrics_host = metrics_host
         self.metrics: MetricsServer | None = None
@@ -331,6 +332,8 @@ class Node:
             quiet_since: list[float] = [engine.clock()]
 
             def quiet() -> bool:
+                if self._hurry:
+                    return True
                 if not engine.drained:
                     quiet_since[0] = engine.clock()
                     return False
@@ -389,7 +392,8 @@ class Node:
             self._stopped.set()
 
     async def serve(self, *, handle_signals: bool = True) -> None:
-        """Run until SIGTERM/SIGINT (then drain and leave) or until stopped; raises if the mesh refused us."""
+        """Run until SIGTERM/SIGINT (then drain and leave; a second signal cuts the drain short) or until
+        stopped; raises if the mesh refused us."""
         if self.engine is None:
             await self.start()
         loop = asyncio.get_running_loop()
@@ -398,7 +402,7 @@ class Node:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 try:
-                    loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+                    loop.add_signal_handler(sig, self._on_signal)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError):  # not the main thread
                     pass
@@ -415,6 +419,17 @@ class Node:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
+
+    def _on_signal(self) -> None:
+        """SIGTERM/SIGINT: drain and leave. A second one while draining cuts the drain short: the
+        node says goodbye at once (a durable one commits what it handled first), and what it had
+        not finished is its peers' to redo, as after a crash."""
+        if not self._stopping:
+            asyncio.ensure_future(self.stop())
+        elif not self._hurry and not self._closed:
+            self._hurry = True
+            log.warning("%s: a second signal: leaving now, without finishing the drain", self.name)
+            self._check_conditions()
 
     async def __aenter__(self) -> Node:
         return await self.start()

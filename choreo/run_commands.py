@@ -8,7 +8,8 @@
 
 Prints ``choreo-ready <endpoint> <name>`` once bound and started (and `` metrics=<url>`` with
 ``--metrics-port``), serves until SIGTERM or
-SIGINT, then drains (finishes and acknowledges what it holds) and leaves the mesh. Exit
+SIGINT, then drains (finishes and acknowledges what it holds) and leaves the mesh (a second
+signal while it drains: it leaves at once). Exit
 status: 0 after a clean stop, 2 when the mesh refused the node (for instance a second owner of
 a command type) or the command line is wrong (binding a non-loopback address without keys and
 without ``--insecure``, say), or the data dir cannot be used (in use by another node, another
@@ -33,7 +34,8 @@ def register(subparsers: Any) -> None:
         help="run one service instance (MODULE:SERVICE) as a node",
         description="Run one service instance as a node, in the foreground: it prints 'choreo-ready ENDPOINT NAME' "
         "once it serves, and on SIGTERM or Ctrl-C it drains (finishes and acknowledges what it holds), hands its "
-        "partitions over and leaves the mesh. Exit status: 0 after a clean stop, 2 when the mesh refused the node.",
+        "partitions over and leaves the mesh; a second signal while it drains leaves at once (what it had not finished "
+        "goes to the other instances, as after a crash). Exit status: 0 after a stop, 2 when the mesh refused the node.",
     )
     p.add_argument("target", metavar="MODULE:SERVICE", help="where the Service object lives, e.g. examples.shop.orders:orders")
     p.add_argument(

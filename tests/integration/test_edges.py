@@ -14,6 +14,8 @@ test_membership.py; the fault schedules of tests/sim/test_nemesis.py cover the r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from choreo.client import rpc
 from choreo.node import Node, NodeConfig
 
 from .checks import check_exactly_once_in_order, expected_stream
-from .recording import Produced, elastic, read_timed
+from .recording import Produced, Work, elastic, read_records, read_timed, slow
 
 pytestmark = pytest.mark.slow
 
@@ -134,6 +136,41 @@ big = Service("big")
 @big.query(Ledger)
 def ledger(q: Ledger) -> str:
     return "x" * 4096  # larger than the caller accepts (max_message_bytes=2048 below)
+
+
+def test_a_second_sigterm_cuts_a_long_drain_short_and_nothing_is_lost(procs) -> None:  # type: ignore[no-untyped-def]
+    """An operator stops an instance whose drain would take minutes (a slow handler, a queue of
+    work), then signals again: it leaves at once (before, it drained on for ``drain_timeout``),
+    and what it had not handled is resent to the next instance: nothing is lost."""
+    count = 40
+    patient = dataclasses.replace(FAST, drain_timeout=300.0)
+    first = procs.start(slow, config=patient, env={"CHOREO_SLOW_DELAY": "2.0"})  # ~80 s of work queued
+
+    async def scenario() -> None:
+        async with Node(None, peers=[first.endpoint], config=FAST) as client:
+            await client.wait_for({"slow": 1}, timeout=30)
+            for n in range(count):
+                await client.emit(Work(k="k", n=n), timeout=30)
+            deadline = time.monotonic() + 30
+            while not read_records(str(procs.record_dir), "slow") and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)  # it has started on the queue
+            first.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert first.alive(), "the first signal drains (its queue takes over a minute)"
+            first.proc.send_signal(signal.SIGTERM)
+            status = await asyncio.to_thread(first.proc.wait, 60)  # (TimeoutExpired if it drained on)
+            assert status == 0
+            assert "a second signal: leaving now" in first.stderr()
+            # what it had not handled waits here for the next instance of slow, a fast one
+            await asyncio.to_thread(procs.start, slow, [client.endpoint], config=FAST, env={"CHOREO_SLOW_DELAY": "0"})
+            await client.flush(timeout=60)
+
+    run(scenario())
+    procs.close()
+    handled = [n for _, _, n, _ in read_records(str(procs.record_dir), "slow")]
+    assert set(handled) == set(range(count)), f"lost: {sorted(set(range(count)) - set(handled))}"
+    first_seen = list(dict.fromkeys(handled))
+    assert first_seen == sorted(first_seen), "one key: handled in order"
 
 
 def test_a_result_too_large_fails_at_once_on_both_sides(procs) -> None:  # type: ignore[no-untyped-def]
