@@ -112,6 +112,7 @@ class Node:
         self._stopping = False
         self._closed = False  # stopped or killed: every verb raises NodeStopped
         self._hurry = False  # a second SIGTERM/SIGINT while draining: leave without finishing
+        self._stop_task: asyncio.Future[None] | None = None  # the stop a signal started
         self.metrics_port = metrics_port  # None: no HTTP port at all; 0: a free one
         self.metrics_host = metrics_host
         self.metrics: MetricsServer | None = None
@@ -357,6 +358,8 @@ class Node:
         self._close()
 
     def _close(self, commit: bool = False) -> None:
+        if self._closed:
+            return  # (kill() after stop(), say: the first close did everything)
         self._closed = True
         for task in self._tasks:
             task.cancel()
@@ -425,7 +428,7 @@ class Node:
         node says goodbye at once (a durable one commits what it handled first), and what it had
         not finished is its peers' to redo, as after a crash."""
         if not self._stopping:
-            asyncio.ensure_future(self.stop())
+            self._stop_task = asyncio.ensure_future(self.stop())  # (kept: the loop holds tasks weakly)
         elif not self._hurry and not self._closed:
             self._hurry = True
             log.warning("%s: a second signal: leaving now, without finishing the drain", self.name)
