@@ -138,6 +138,20 @@ class Mesh:
     def describe(self) -> str:
         return "what happened:\n  " + "\n  ".join(self.story)
 
+    def evidence(self) -> str:
+        """What the processes said and did so far: their stderr, the consumers' log (for a failure
+        that a later run does not repeat)."""
+        parts = [self.describe()]
+        err = self.tmp / "producer.err"
+        parts.append("producer stderr:\n" + (err.read_text(errors="replace")[-2000:] if err.exists() else "(none)"))
+        for i, proc in enumerate(self.consumers):
+            if proc is not None:
+                parts.append(f"consumer-{i} (alive: {proc.alive()}) stderr:\n{proc.stderr()[-2000:]}")
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        commits = {pid: sum(1 for line in lines if line == f"C {pid}") for pid in {line[2:] for line in lines if line.startswith("C ")}}
+        parts.append(f"consumers' log: {len(lines)} lines, commits per pid {commits}, last {lines[-5:]}")
+        return "\n".join(parts)
+
     def check(self) -> None:
         """The invariants of the module docstring, from the logs."""
         handled: dict[int, list[tuple[int, int]]] = defaultdict(list)  # n -> (pid, line index)
@@ -220,7 +234,7 @@ def test_a_kill_inside_a_commit_leaves_a_store_that_opens_and_loses_nothing(tmp_
         m.start_producer(pause if target == "producer" else None)
         deadline = time.monotonic() + 60
         while not paused.exists():
-            assert time.monotonic() < deadline, f"{target} never reached its 20th commit"
+            assert time.monotonic() < deadline, f"{target} never reached its 20th commit\n{m.evidence()}"
             time.sleep(0.02)
         m.story.append(f"{target} stopped inside its 20th commit (rows written, COMMIT not sent)")
         m.kill(target)
