@@ -145,12 +145,10 @@ def _node_on(engine: Any) -> Any:
 
     node = Node(None, config=engine.config)
     node.engine = engine
-    if hasattr(node, "_emit_fast"):
+    if hasattr(node, "_use_emit_table"):  # as start() does, in checkouts that have it
+        node._use_emit_table(engine)
+    elif hasattr(node, "_emit_fast"):
         node._emit_fast = engine.emit_fast
-    table = getattr(getattr(engine, "router", None), "emit_table", None)
-    if hasattr(table, "try_emit") and hasattr(node, "_try_emit_general"):  # as start() does, where it can
-        table.fallback = node._try_emit_general
-        node.try_emit = table.try_emit
     return node
 
 

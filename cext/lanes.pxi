@@ -478,23 +478,23 @@ cdef class EmitTable:
     def __len__(self):
         return len(self._lanes)
 
-    def emit(self, event):
-        """Write ``event`` through its type's lane; its id, or None: take the general path."""
+    cdef inline object _take(self, event):
         cdef PyObject *lane = PyDict_GetItem(self._lanes, <object>Py_TYPE(event))
         if lane == NULL or self._holds or self._life.fatal is not None:
             return None
         return (<EmitLane>lane)._emit(event, None, None)
 
+    def emit(self, event):
+        """Write ``event`` through its type's lane; its id, or None: take the general path."""
+        return self._take(event)
+
     def try_emit(self, event, *, traceparent=None):
         """:meth:`emit`'s id, else (and with a ``traceparent``) what ``fallback`` returns."""
-        cdef PyObject *lane
         cdef object msg_id
         if traceparent is None:
-            lane = PyDict_GetItem(self._lanes, <object>Py_TYPE(event))
-            if lane != NULL and not self._holds and self._life.fatal is None:
-                msg_id = (<EmitLane>lane)._emit(event, None, None)
-                if msg_id is not None:
-                    return msg_id
+            msg_id = self._take(event)
+            if msg_id is not None:
+                return msg_id
         if self.fallback is None:
             raise ValueError("try_emit needs the table's fallback")
         return self.fallback(event, traceparent)

@@ -152,14 +152,7 @@ class Node:
             self.service, self.transport, config=self.config, name=self._name, store=store,
             policy=(lambda: security.policy) if security is not None else None,
         )
-        self._emit_fast = self.engine.emit_fast or _no_fast_path
-        if self.engine.emit_fast is not None:
-            # the application's most frequent call, compiled: this node's try_emit is from now on
-            # its emit table's, which writes through the event type's lane and calls the general
-            # path below only when the lane cannot take the event (no Python frame per event)
-            table = self.engine.router.emit_table
-            table.fallback = self._try_emit_general
-            self.try_emit = table.try_emit  # type: ignore[method-assign]
+        self._use_emit_table(self.engine)
         self.transport.on_refused = self.engine.count_refused
         self.transport.start(loop, self.engine.on_frame, self._after_reading)
         self.engine.start(self.peers)
@@ -356,6 +349,17 @@ class Node:
         """Stop at once, like a crash: no drain, no goodbye, nothing more committed (for tests of
         failure handling; a durable node's data dir keeps what it had committed)."""
         self._close()
+
+    def _use_emit_table(self, engine: Engine) -> None:
+        """Take the engine's compiled emit table (none on a durable node: its emits are checked
+        against its disk first). The application's most frequent call then costs no Python frame:
+        this node's ``try_emit`` is the table's, which writes through the event type's lane and
+        calls the general path only when the lane cannot take the event."""
+        self._emit_fast = engine.emit_fast or _no_fast_path
+        if engine.emit_fast is not None:
+            table = engine.router.emit_table
+            table.fallback = self._try_emit_general
+            self.try_emit = table.try_emit  # type: ignore[method-assign]
 
     def _close(self, commit: bool = False) -> None:
         if self._closed:

@@ -572,11 +572,10 @@ class Calls:
         for service_waiters in self._service_waiters.values():
             waiters.extend(service_waiters)
         self._service_waiters = {}
-        for ch in self.outbox.out.values():
-            waiters += ch.urgent_waiters + ch.credit_waiters
-            ch.urgent_waiters, ch.credit_waiters = [], []
         for wake in waiters:
             wake()
+        for ch in self.outbox.out.values():
+            ch.wake_waiters()
 
     def wake_services(self) -> None:
         """Membership changed: wake the callers waiting for a service that now has instances."""

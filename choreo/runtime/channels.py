@@ -241,11 +241,15 @@ class OutChannel:
         if not backlog:
             self.window.held = False
         if not backlog and (self.credit_waiters or self.urgent_waiters) and self.window.has_credit(0):
-            # commands and queries first: their callers resume before the emitters that waited
-            waiters = self.urgent_waiters + self.credit_waiters
-            self.urgent_waiters, self.credit_waiters = [], []
-            for wake in waiters:
-                wake()
+            self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        """Resume every caller waiting for credit here (each looks again), commands and queries
+        first: their callers resume before the emitters that waited."""
+        waiters = self.urgent_waiters + self.credit_waiters
+        self.urgent_waiters, self.credit_waiters = [], []
+        for wake in waiters:
+            wake()
 
     # -- the receiver is gone --------------------------------------------------------------------
 
@@ -265,10 +269,7 @@ class OutChannel:
         out.extend(self.backlog)
         self.backlog.clear()
         self.watch.clear()
-        waiters = self.urgent_waiters + self.credit_waiters
-        self.urgent_waiters, self.credit_waiters = [], []
-        for wake in waiters:
-            wake()
+        self.wake_waiters()
         return out
 
     @property

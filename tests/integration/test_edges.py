@@ -144,7 +144,8 @@ def test_a_second_sigterm_cuts_a_long_drain_short_and_nothing_is_lost(procs) -> 
     and what it had not handled is resent to the next instance: nothing is lost."""
     count = 40
     patient = dataclasses.replace(FAST, drain_timeout=300.0)
-    first = procs.start(slow, config=patient, env={"CHOREO_SLOW_DELAY": "2.0"})  # ~80 s of work queued
+    # ~80 s of work queued; INFO: its log says when it starts to drain
+    first = procs.start(slow, config=patient, env={"CHOREO_SLOW_DELAY": "2.0"}, log_level="INFO")
 
     async def scenario() -> None:
         async with Node(None, peers=[first.endpoint], config=FAST) as client:
@@ -155,8 +156,10 @@ def test_a_second_sigterm_cuts_a_long_drain_short_and_nothing_is_lost(procs) -> 
             while not read_records(str(procs.record_dir), "slow") and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)  # it has started on the queue
             first.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.5)
-            assert first.alive(), "the first signal drains (its queue takes over a minute)"
+            deadline = time.monotonic() + 30
+            while "draining" not in first.stderr() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert "draining" in first.stderr() and first.alive(), "the first signal drains (for over a minute)"
             first.proc.send_signal(signal.SIGTERM)
             status = await asyncio.to_thread(first.proc.wait, 60)  # (TimeoutExpired if it drained on)
             assert status == 0
