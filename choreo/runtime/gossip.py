@@ -688,8 +688,14 @@ class Gossip:
     def on_refuse(self, sender: int, refuse: wire.Refuse, *, authoritative: bool = True) -> None:
         """A peer refused one of our frames. ``authoritative``: the refusal comes from a node whose
         word may stop this one (see :mod:`~choreo.runtime.admission`); a stranger's is advisory."""
-        self.host.count_refused("refused_by_peer", f"{refuse.reason}: {refuse.detail}")
         peer = self.membership.peers.get(sender)
+        if refuse.reason == "stale":  # (no detail travels with it: say what it means)
+            who = peer.node if peer is not None else f"incarnation {sender:016x}"
+            detail = (f"{who} says the incarnation {refuse.stale:016x} this node wrote to is over "
+                      "(it restarted or rejoined); asking who is at its endpoint now")
+        else:
+            detail = refuse.detail
+        self.host.count_refused("refused_by_peer", f"{refuse.reason}: {detail}")
         if refuse.reason == "conflict":
             if not authoritative:
                 self.joining.refusals.append(refuse.detail)

@@ -243,6 +243,20 @@ def test_alone_a_node_believes_a_member_new_to_it_that_says_it_was_declared_dead
     assert a.rejoins == 1 and a.incarnation != old, "alone, it rejoins"
 
 
+def test_a_stale_refusal_is_logged_as_what_it_means() -> None:
+    """A peer that restarted refuses frames for its former incarnation; no detail travels with that
+    refusal, so the node's log said only ``refused (refused_by_peer): stale:``. The line (the
+    detail the node counts and logs) now says who refused, that the incarnation written to is
+    over, and what the node does about it."""
+    sim, a, b = two()
+    said: list[str] = []
+    count_refused = a.count_refused
+    a.count_refused = lambda reason, detail: (said.append(f"{reason}: {detail}"), count_refused(reason, detail))
+    a.receive(wire.encode_control(wire.REFUSE, b.incarnation, a.incarnation, wire.Refuse("stale", stale=0x1234)))
+    assert said == [f"refused_by_peer: stale: {b.name} says the incarnation 0000000000001234 this node wrote to "
+                    "is over (it restarted or rejoined); asking who is at its endpoint now"], said
+
+
 def test_a_member_that_missed_a_refutation_hears_it_from_the_suspect_before_the_suspicion_runs_out() -> None:
     """b's probes of s fail (cut both ways) and a hears of the suspicion by gossip; s hears of it
     too and refutes, but its refutation reaches nobody (s cannot send to a either) and its rumor
