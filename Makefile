@@ -39,20 +39,22 @@ test: $(STAMP) tools
 	$(BIN)/python -m pytest
 
 # Longer runs: the seeded fault schedules over the fake link (memory and durable nodes), the
-# membership simulated at 1,000 nodes (tests/sim/test_mesh_scale.py), and real durable processes
-# killed with SIGKILL at seeded moments. SOAK_SEEDS per kind of schedule.
+# membership simulated at 1,000 nodes (tests/sim/test_mesh_scale.py), real durable processes
+# killed with SIGKILL at seeded moments, and real processes under seeded random faults
+# (tests/integration/test_chaos.py, SOAK_SEEDS / 50 schedules). SOAK_SEEDS per kind of schedule.
 SOAK_SEEDS ?= 1000
 # and SOAK_LONG_SEEDS fresh 100 s schedules of each of the four kinds, from seed SOAK_LONG_FIRST:
 # by default where the last passing soak of this checkout stopped (kept in .soak-next), so that a
 # nightly run meets new schedules each night; a failing run leaves it, to be run again once fixed
 SOAK_LONG_SEEDS ?= 100
 SOAK_NEXT := .soak-next
-SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 20000)
+SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 21000)
 soak: $(STAMP)
 	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) NEMESIS_REPLICA_SEEDS=$(SOAK_SEEDS) \
 	  NEMESIS_LONG_SEEDS=$(SOAK_LONG_SEEDS) NEMESIS_LONG_FIRST=$(SOAK_LONG_FIRST) \
 	  $(BIN)/python -m pytest -p no:cacheprovider -q --timeout 7200 tests/sim
 	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
+	CHAOS_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) CHAOS_FIRST=100 CHAOS_RATE=10000 $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_chaos.py
 	@echo $$(( $(SOAK_LONG_FIRST) + $(SOAK_LONG_SEEDS) )) > $(SOAK_NEXT)
 	@echo "soak passed: the next one starts its 100 s schedules at seed $$(cat $(SOAK_NEXT))"
 

@@ -1,0 +1,197 @@
+"""Real processes under a seeded random schedule of faults while keyed events stream.
+
+The fault schedules of tests/sim/test_nemesis.py run the real engine over a simulated link and
+clock; this runs real node processes on 127.0.0.1, with real signals, a real clock and ZeroMQ:
+instances of the ``elastic`` service are killed (SIGKILL), frozen (SIGSTOP) for less than
+``suspect_after`` or for longer than ``suspect_after + dead_after``, stopped (SIGTERM), joined
+and started afresh (sometimes none is left for a while: what is emitted meanwhile waits at the
+producer), while one producer emits keyed events at a steady rate. Then every record the
+instances wrote (the ground truth, see recording.py) is checked against the README's promises:
+
+* nothing lost: every emitted event handled;
+* each instance handled each key's events in order, and merged by time a key's events are in
+  order, except for what a crashed or long-frozen instance handled and a survivor handled again;
+* nothing twice, except that crash window: a duplicate must involve an instance killed or
+  frozen past ``dead_after``, and there are at most ``window`` of them per such fault.
+
+``CHAOS_SEEDS`` (default 1) schedules of ``CHAOS_SECONDS`` (30) at ``CHAOS_RATE`` events/s
+(3,000); ``make soak`` runs more, faster. A failure prints the schedule as it ran and every
+process's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from collections import Counter, defaultdict
+
+import pytest
+
+from choreo.launch import NodeProcess
+from choreo.node import Node
+
+from .checks import expected_stream
+from .recording import Produced, elastic, read_timed
+from .test_membership import FAST
+
+pytestmark = pytest.mark.slow
+
+SEEDS = int(os.environ.get("CHAOS_SEEDS", "1"))
+FIRST = int(os.environ.get("CHAOS_FIRST", "1"))
+SECONDS = float(os.environ.get("CHAOS_SECONDS", "30"))
+RATE = int(os.environ.get("CHAOS_RATE", "3000"))
+KEYS = 200
+MOST = 4  # instances at once
+SHORT_PAUSE = (0.2, 0.8)  # well within suspect_after (1.0 s): a hiccup, nobody is declared anything
+LONG_PAUSE = (FAST.suspect_after + FAST.dead_after + 1.5, FAST.suspect_after + FAST.dead_after + 5.0)
+
+
+class Chaos:
+    """The instances, the faults done to them, and the story of the run."""
+
+    def __init__(self, procs, seed: int) -> None:
+        self.procs = procs
+        self.rng = random.Random(seed)
+        self.live: list[NodeProcess] = []
+        self.crashed: set[str] = set()  # record files whose instance was killed or frozen past dead_after
+        self.crash_faults = 0
+        self.story: list[str] = []
+        self.t0 = time.monotonic()
+        self.client_endpoint = ""
+
+    def say(self, what: str) -> None:
+        self.story.append(f"{time.monotonic() - self.t0:6.1f} s  {what}")
+
+    def start(self) -> NodeProcess:
+        # seeds: live instances and the producer, which lives throughout (a newcomer must reach the mesh)
+        seeds = [p.endpoint for p in self.live[:2]] + [self.client_endpoint]
+        p = self.procs.start(elastic, peers=seeds, config=FAST)
+        self.live.append(p)
+        self.say(f"start {p.pid}")
+        return p
+
+    async def run(self, seconds: float) -> None:
+        rng = self.rng
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            fault = rng.choice(["kill", "kill", "term", "join", "short_pause", "long_pause", "long_pause"])
+            if fault == "join" or not self.live:
+                if len(self.live) < MOST:
+                    await asyncio.to_thread(self.start)
+                continue
+            victim = rng.choice(self.live)
+            file = f"elastic-{victim.pid}.log"
+            if fault == "kill":
+                self.live.remove(victim)
+                await asyncio.to_thread(victim.kill)
+                self.crashed.add(file)
+                self.crash_faults += 1
+                self.say(f"SIGKILL {victim.pid}")
+            elif fault == "term":
+                self.live.remove(victim)
+                self.say(f"SIGTERM {victim.pid}")
+                status = await asyncio.to_thread(victim.stop, 60)
+                self.say(f"{victim.pid} exited {status}")
+            else:
+                pause = rng.uniform(*(SHORT_PAUSE if fault == "short_pause" else LONG_PAUSE))
+                if fault == "long_pause":
+                    self.crashed.add(file)
+                    self.crash_faults += 1
+                self.say(f"SIGSTOP {victim.pid} for {pause:.1f} s")
+                os.kill(victim.pid, signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(pause)
+                finally:
+                    os.kill(victim.pid, signal.SIGCONT)
+                self.say(f"SIGCONT {victim.pid}")
+            if len(self.live) < 2 and rng.random() < 0.7:  # else none or one is left for a while
+                await asyncio.to_thread(self.start)
+        if not self.live:  # the producer may be waiting for one (its emits wait while none is live)
+            await asyncio.to_thread(self.start)
+
+
+async def produce(chaos: Chaos, seconds: float) -> int:
+    """Emit RATE keyed events a second while the faults run; returns how many were emitted."""
+    first = chaos.live[0].endpoint
+    async with Node(None, bind="tcp://127.0.0.1:0", peers=[first], config=FAST, insecure=True) as client:
+        chaos.client_endpoint = client.endpoint
+        await client.wait_for({"elastic": len(chaos.live)}, timeout=30)
+        faults = asyncio.create_task(chaos.run(seconds))
+        sent, start = 0, time.monotonic()
+        try:
+            while not faults.done():
+                due = int((time.monotonic() - start) * RATE)
+                while sent < due:
+                    await client.emit(Produced(k=f"k{sent % KEYS}", n=sent), timeout=60)
+                    sent += 1
+                await asyncio.sleep(0.002)
+        finally:
+            await faults  # (its error, if any, first)
+        chaos.say(f"emitted {sent}; waiting for every ack")
+        await client.flush(timeout=120)
+        chaos.say("all acknowledged")
+        return sent
+
+
+def check(records, sent: int, chaos: Chaos) -> int:
+    """The promises above; returns how many duplicates there were."""
+    by_key: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
+    for key, n, t, file in records:
+        by_key[key].append((t, n, file))
+    missing, disordered, wrong_duplicates = [], [], []
+    duplicates = 0
+    for key, ns in expected_stream(sent, KEYS).items():
+        events = sorted(by_key.pop(key, []))
+        counts = Counter(n for _, n, _ in events)
+        missing += [f"{key}:{n}" for n in ns if not counts[n]]
+        per_file: dict[str, list[int]] = defaultdict(list)
+        for _, n, file in events:
+            per_file[file].append(n)
+        disordered += [f"{key} in {f}" for f, seq in per_file.items() if any(b <= a for a, b in zip(seq, seq[1:]))]
+        for n, c in counts.items():
+            if c > 1:
+                duplicates += c - 1
+                files = [f for _, m, f in events if m == n]
+                if not any(f in chaos.crashed for f in files):
+                    wrong_duplicates.append(f"{key}:{n} by {files}")
+        # merged by time: a crashed instance's record that a later record repeats is the crash window
+        later = Counter(n for _, n, _ in events)
+        merged = []
+        for _, n, file in events:
+            later[n] -= 1
+            if not (later[n] and file in chaos.crashed):
+                merged.append(n)
+        if any(b <= a for a, b in zip(merged, merged[1:])):
+            disordered.append(f"{key} merged by time")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} lost (e.g. {missing[:5]})")
+    if disordered:
+        problems.append(f"{len(disordered)} out of order (e.g. {disordered[:5]})")
+    if wrong_duplicates:
+        problems.append(f"{len(wrong_duplicates)} handled twice with no crash to explain it (e.g. {wrong_duplicates[:5]})")
+    if duplicates > FAST.window * chaos.crash_faults:
+        problems.append(f"{duplicates} duplicates, more than a window per crash ({chaos.crash_faults} crashes)")
+    if by_key:
+        problems.append(f"keys never emitted: {sorted(by_key)[:5]}")
+    assert not problems, "; ".join(problems)
+    return duplicates
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_real_processes_under_random_faults_lose_nothing_and_repeat_only_the_crash_window(procs, seed: int) -> None:
+    chaos = Chaos(procs, seed)
+    chaos.live.append(procs.start(elastic, config=FAST))
+    chaos.live.append(procs.start(elastic, peers=[chaos.live[0].endpoint], config=FAST))
+    try:
+        sent = asyncio.run(asyncio.wait_for(produce(chaos, SECONDS), SECONDS + 300))
+        procs.close()
+        duplicates = check(read_timed(str(procs.record_dir), "elastic"), sent, chaos)
+    except BaseException as exc:
+        story = "\n".join(chaos.story)
+        raise AssertionError(f"seed {seed}: {exc}\nthe schedule as it ran:\n{story}\n{procs.stderr()}") from exc
+    print(f"seed {seed}: {sent} events, {chaos.crash_faults} crashes, {duplicates} handled again\n" + "\n".join(chaos.story))
