@@ -171,6 +171,8 @@ class Gossip:
         """We came back as a new incarnation: ask a few endpoints we knew (the one that told us we
         were dead among them) for their table."""
         joining = self.joining
+        if self.contacts.me is not None and self.contacts.me.incarnation != me.incarnation:
+            _bury_former_life(self.rumors, self.contacts.me)
         self.contacts.told_dead.clear()
         self.contacts.spoke.clear()
         known = sorted(set(endpoints) - {me.endpoint})
@@ -689,13 +691,8 @@ class Gossip:
         """A peer refused one of our frames. ``authoritative``: the refusal comes from a node whose
         word may stop this one (see :mod:`~choreo.runtime.admission`); a stranger's is advisory."""
         peer = self.membership.peers.get(sender)
-        if refuse.reason == "stale":  # (no detail travels with it: say what it means)
-            who = peer.node if peer is not None else f"incarnation {sender:016x}"
-            detail = (f"{who} says the incarnation {refuse.stale:016x} this node wrote to is over "
-                      "(it restarted or rejoined); asking who is at its endpoint now")
-        else:
-            detail = refuse.detail
-        self.host.count_refused("refused_by_peer", f"{refuse.reason}: {detail}")
+        who = peer.node if peer is not None else f"incarnation {sender:016x}"
+        self.host.count_refused("refused_by_peer", _refusal(refuse, who))
         if refuse.reason == "conflict":
             if not authoritative:
                 self.joining.refusals.append(refuse.detail)
@@ -719,6 +716,23 @@ class Gossip:
                 self.contacts.say_hello(old.endpoint, reply=True)
 
     # -- frames out ------------------------------------------------------------------------------
+
+
+def _bury_former_life(rumors: Rumors, former: Peer) -> None:
+    """Our former incarnation's news goes out as dead from now on, never as alive: a member that
+    heard the old "alive" after the new incarnation took it for a newer node at our endpoint and
+    declared the new one dead (a lone node, frozen: the news of its join had waited in the queue
+    with nobody to hear it, and went out to the next node to join)."""
+    record = former.record("dead")
+    rumors.add(("m", former.incarnation), record, len(_encode(record)))
+
+
+def _refusal(refuse: wire.Refuse, who: str) -> str:
+    """What a peer's refusal of our frame says, for the log (a stale one carries no detail)."""
+    if refuse.reason == "stale":
+        return (f"stale: {who} says the incarnation {refuse.stale:016x} this node wrote to is over "
+                "(it restarted or rejoined); asking who is at its endpoint now")
+    return f"{refuse.reason}: {refuse.detail}"
 
 
 # -- whose word about a member counts ----------------------------------------------------------

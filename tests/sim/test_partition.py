@@ -123,3 +123,39 @@ def test_a_node_frozen_past_dead_after_rejoins_through_a_live_member_among_many_
         assert survivor.name in {p.node for p in producer.membership.instances("sink")}
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_lone_node_frozen_past_dead_after_is_not_taken_for_dead_by_the_next_to_join(seed: int) -> None:
+    """A node alone in its mesh, frozen past ``suspect_after + dead_after``, rejoins as a new
+    incarnation (it cannot know nobody was there to declare it dead). The news of its first join
+    had waited in its queue, with nobody to hear it, and went out after the new incarnation's:
+    the next node to join took that "alive" for a newer node at the same endpoint and declared the
+    live incarnation dead, which rejoined once more and voided the hand-over under way (seen with
+    real processes under SIGSTOP). The former life now goes out as dead."""
+    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
+    seen: list[int] = []
+    sink = Service("sink")
+    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    harness = Harness(seed=seed, config=config)
+    lone = harness.add(sink)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.advance(1.0)
+        former = lone.incarnation
+        harness.pause(lone, config.suspect_after + config.dead_after + 2.0)
+        await harness.run_until(lambda: lone.incarnation != former, 30, "the frozen node rejoins")
+        newcomer = harness.join(sink)
+        producer = harness.join(None)
+        await harness.run_until(lambda: newcomer.lifecycle.state == "joined" and producer.lifecycle.state == "joined",
+                                30, "the newcomer and a producer join")
+        await harness.advance(5.0)
+        assert lone.counters.reincarnations == 1, "it rejoined once, for its freeze, and was never declared dead"
+        assert newcomer.membership.peers[lone.incarnation].state == "alive"
+        assert former not in newcomer.membership.peers or newcomer.membership.peers[former].state == "dead"
+        for n in range(20):
+            await harness.run(producer.emit(Reading(sensor=f"s{n}", n=n)), timeout=30)
+        await harness.run_until(lambda: sorted(seen) == list(range(20)), 30, "every event handled, once")
+
+    asyncio.run(scenario())
