@@ -87,7 +87,7 @@ class Admission:
         if peer is None:
             if frame_type in STRANGER_FRAMES:
                 return None
-            return "unknown_peer", "a frame from a node that is not a member here"
+            return "unknown_peer", f"a {wire.FRAME_NAMES.get(frame_type, frame_type)} frame from a node that is not a member here"
         if unnamed(identity):
             return "replaced_connection", (f"a frame that speaks for {peer.node} on a connection without its routing id "
                                            f"(one its reconnection took over, or a socket that is not {peer.node})")

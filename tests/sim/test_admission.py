@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from choreo import Command, Event, NodeConfig, NotAllowed, Query, Service, core, wire
+from choreo.runtime.admission import STRANGER_FRAMES, Admission
 from choreo.testing import Harness
 from choreo.trust import Permissions, Policy
 
@@ -450,3 +451,15 @@ def test_with_keys_a_newcomer_whose_seed_is_a_client_joins_and_is_given_work() -
 
     run(scenario)
     assert sorted(created) == sorted(f"n-{i}" for i in range(16))
+
+
+def test_a_frame_from_a_stranger_is_refused_by_its_kind() -> None:
+    """Only a hello, a system query, a refusal and an introducing ping may come from a node that
+    is not a member here; the refusal of anything else names the frame, for whoever reads the log."""
+    admission = Admission(None, None)
+    for frame_type in STRANGER_FRAMES:
+        assert admission.speaks_for(None, frame_type, None, None) is None
+    assert admission.speaks_for(None, wire.DATA, None, None) == (
+        "unknown_peer", "a data frame from a node that is not a member here")
+    assert admission.speaks_for(None, wire.NEWS, None, None) == (
+        "unknown_peer", "a news frame from a node that is not a member here")
