@@ -69,6 +69,7 @@ class Contacts:
         self.me: Peer | None = None
         self.membership = membership
         self.outbox = outbox
+        outbox.on_open = self.introduce  # a channel's first data goes after a hello (see there)
         self.life = lifecycle
         self.host = host
         self.clock = clock
@@ -156,6 +157,17 @@ class Contacts:
             for seed in seeds:
                 if now - self.hello_sent.get(seed, -1e9) >= every:
                     self.greet_later(seed, sync=True)
+
+    def introduce(self, peer: Peer) -> None:
+        """A channel to ``peer`` opens: unless it spoke to us (it knows us), a hello goes first. A
+        member that heard of a newcomer from a third node's table writes to it before the newcomer
+        hears of the writer, and a newcomer takes no data from a node it does not know: it refused
+        the first frame, which came again a retransmission timeout later (``rto``: a second, by
+        default, on a client's first messages to a new instance)."""
+        me = self.me
+        if me is not None and peer.incarnation not in self.spoke and peer.incarnation != me.incarnation:
+            self.outbox.send(peer.endpoint, wire.encode_control(wire.HELLO, me.incarnation, peer.incarnation,
+                                                                self.hello(reply=False)))
 
     # -- who -------------------------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ class Outbox:
         self.hold_acks = False  # received envelopes wait for their handlers: their acks wait too
         self._loop: asyncio.AbstractEventLoop | None = None
         self.journal = journal
+        self.on_open: Callable[[Peer], None] | None = None  # a channel to ``peer`` opens (see Contacts.introduce)
         self.held_acks: dict[InChannel, bytes] = {}  # durable nodes: acks taken, waiting for their commit
         # and, committed, waiting for their commit to be durable: (generation, answers, acks)
         self._unreleased: deque[tuple[int, dict[int, tuple[Peer, list[bytes]]], dict[InChannel, bytes]]] = deque()
@@ -294,6 +295,8 @@ class Outbox:
                 ch.journal = self.journal
                 ch.records = deque()
             self.out[peer.incarnation] = ch
+            if self.on_open is not None:
+                self.on_open(peer)
         return ch
 
     def inbound_from(self, peer: Peer) -> InChannel:

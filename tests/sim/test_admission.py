@@ -38,6 +38,11 @@ class OrderCreated(Event, key="order"):
     order: str
 
 
+class Reading(Event, key="sensor"):
+    sensor: str
+    n: int
+
+
 class GetCount(Query):
     order: str
 
@@ -463,3 +468,32 @@ def test_a_frame_from_a_stranger_is_refused_by_its_kind() -> None:
         "unknown_peer", "a data frame from a node that is not a member here")
     assert admission.speaks_for(None, wire.NEWS, None, None) == (
         "unknown_peer", "a news frame from a node that is not a member here")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_client_first_data_to_an_instance_it_heard_of_from_another_is_taken(seed: int) -> None:
+    """A client joins through ``a`` and learns from a's table of ``b``, which joined before it and
+    has not heard of the client yet. Its first data to b went before b knew it: b refused those
+    frames (``unknown_peer``, 3 to 8 here) and they came again only after the client's
+    retransmission timeout (a second, on a client's first messages). A channel that opens to a
+    member that never spoke to us now starts with a hello."""
+    seen: list[int] = []
+    sink = Service("sink")
+    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    h = Harness(seed=seed)
+    a = h.add(sink)
+
+    async def scenario() -> None:
+        await h.start()
+        b = h.join(sink)
+        await h.run_until(lambda: b.lifecycle.state == "joined", 30, "b joins")
+        client = h.join(None)
+        await h.run_until(lambda: client.lifecycle.state == "joined", 30, "the client joins")
+        for n in range(40):
+            await h.run(client.emit(Reading(sensor=f"s{n}", n=n)), timeout=30)
+        await h.run_until(lambda: len(seen) == 40, 30, "every event handled")
+        assert sorted(seen) == list(range(40))
+        assert not b.counters.refused and not a.counters.refused, (b.counters.refused, a.counters.refused)
+        assert client.outbox.redelivered() == 0, "nothing had to go twice"
+
+    asyncio.run(scenario())
