@@ -372,6 +372,15 @@ def test_long_schedules_that_once_failed_now_pass(kind: str, seed: int) -> None:
     run_long(kind, seed)
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "durable seed 25239 (100 s): after the schedule key k2's state counts 116 of the 250 readings "
+    "handled; state lost in a hand-over among bounces, joins and leaves; cause not found yet"))
+def test_a_long_durable_schedule_that_loses_a_key_state() -> None:
+    """Found by a fresh sweep at the end of stop 38 (it fails the same on that stop's first code):
+    kept here, failing, so that the fix shows (strict: a pass fails until this mark goes)."""
+    run_long("durable", 25239)
+
+
 # fresh 100 s schedules of every kind: none in ``make test``, NEMESIS_LONG_SEEDS of each (from
 # seed NEMESIS_LONG_FIRST) in ``make soak``, where they find what the 50 s ones rarely reach
 LONG_KINDS = ("plain", "durable", "replicas", "durable+replicas")
