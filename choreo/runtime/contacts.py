@@ -166,6 +166,8 @@ class Contacts:
         default, on a client's first messages to a new instance)."""
         me = self.me
         if me is not None and peer.incarnation not in self.spoke and peer.incarnation != me.incarnation:
+            # (not say_hello: this is no greeting that waits for an answer, and must not put off
+            # the next one to that endpoint, which asks who lives there after a stale refusal)
             self.outbox.send(peer.endpoint, wire.encode_control(wire.HELLO, me.incarnation, peer.incarnation,
                                                                 self.hello(reply=False)))
 

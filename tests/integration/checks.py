@@ -66,7 +66,7 @@ def check_moves(
     * of the handlings of a duplicate, all but one were by crashed instances; at most
       ``max_duplicates`` duplicates in all.
     """
-    crashed = {crashed} if isinstance(crashed, str) else set(crashed)
+    crashed_files = {crashed} if isinstance(crashed, str) else set(crashed)
     by_key: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for key, n, t, file in records:
         by_key[key].append((t, n, file))
@@ -86,7 +86,7 @@ def check_moves(
         merged = []
         for _, n, file in events:
             later[n] -= 1
-            if not (later[n] and file in crashed):
+            if not (later[n] and file in crashed_files):
                 merged.append(n)
         if any(b <= a for a, b in zip(merged, merged[1:])):
             disordered.append(f"{key} merged by time")
@@ -94,7 +94,7 @@ def check_moves(
             if c > 1:
                 duplicates += c - 1
                 handled_by = [file for _, m, file in events if m == n]
-                if sum(file not in crashed for file in handled_by) > 1:
+                if sum(file not in crashed_files for file in handled_by) > 1:
                     bad_dups.append(f"{key}:{n}x{c} by {handled_by}")
     problems = []
     if missing:

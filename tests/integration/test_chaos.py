@@ -45,7 +45,7 @@ SECONDS = float(os.environ.get("CHAOS_SECONDS", "30"))
 RATE = int(os.environ.get("CHAOS_RATE", "3000"))
 KEYS = 200
 MOST = 4  # instances at once
-SHORT_PAUSE = (0.2, 0.8)  # well within suspect_after (1.0 s): a hiccup, nobody is declared anything
+SHORT_PAUSE = (0.2, 0.8)  # short of suspect_after (1.0 s), far from being taken for dead (3.5 s)
 LONG_PAUSE = (FAST.suspect_after + FAST.dead_after + 1.5, FAST.suspect_after + FAST.dead_after + 5.0)
 
 
@@ -128,9 +128,11 @@ async def produce(chaos: Chaos, seconds: float) -> int:
                 while sent < due:
                     await client.emit(Produced(k=f"k{sent % KEYS}", n=sent), timeout=60)
                     sent += 1
-                await asyncio.sleep(0.002)
-        finally:
-            await faults  # (its error, if any, first)
+                await asyncio.sleep(0.002)  # (pacing: RATE events a second)
+        except BaseException:
+            faults.cancel()  # (a frozen instance is sent SIGCONT as its pause is cancelled)
+            raise
+        await faults  # its error, if it had one
         chaos.say(f"emitted {sent}; waiting for every ack")
         await client.flush(timeout=120)
         chaos.say("all acknowledged")
@@ -138,7 +140,9 @@ async def produce(chaos: Chaos, seconds: float) -> int:
 
 
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
-def test_real_processes_under_random_faults_lose_nothing_and_repeat_only_the_crash_window(procs, seed: int) -> None:
+def test_real_processes_under_random_faults_lose_nothing_and_repeat_only_the_crash_window(
+    procs, seed: int
+) -> None:
     chaos = Chaos(procs, seed)
     chaos.live.append(procs.start(elastic, config=FAST))
     chaos.live.append(procs.start(elastic, peers=[chaos.live[0].endpoint], config=FAST))
