@@ -17,8 +17,9 @@ Joining. A node starts knowing only its seeds. It says HELLO to each, asking for
 table (``sync``); a seed answers with its own hello and a full SYNC (members, declared system,
 retirements), and spreads the newcomer's record. The newcomer then greets the instances of its
 own service (their hellos say which partitions they hold: a newcomer waits for a handover only
-from an instance that holds the partition). It has *joined* once it has a full table and every
-endpoint it expects an answer from has answered or stayed silent for ``join_wait``; until then
+from an instance that holds the partition). It has *joined* once it has a full table, every
+endpoint it expects an answer from has answered or stayed silent for ``join_wait``, and every
+live instance of its service has said what it holds (asked again until it does); until then
 it routes nothing (a node that routes on a partial view sends messages to owners that lack
 their partition's dedup ids). A seed that does not answer is reported by name within
 ``SEED_REPORT_AFTER`` seconds, and asked again every period. (:mod:`~choreo.runtime.joining`

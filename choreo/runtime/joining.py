@@ -4,8 +4,10 @@ How this works. A node starts knowing only its seeds. It says HELLO to each, ask
 table (``sync``); a seed answers with its own hello and a full SYNC. The newcomer then greets the
 instances of its own service (their hellos say which partitions they hold: a newcomer waits for a
 handover only from an instance that holds the partition). It has *joined* once it has a full
-table and every endpoint it expects an answer from has answered or stayed silent for
-``join_wait``; until then it routes nothing. A seed that does not answer is reported by name
+table, every endpoint it expects an answer from has answered or stayed silent for
+``join_wait``, and every live instance of its service has said which partitions it holds (one
+that stays silent is asked again every ``join_wait`` until it answers or the mesh finds it
+gone); until then it routes nothing. A seed that does not answer is reported by name
 within ``SEED_REPORT_AFTER`` seconds, and asked again every period.
 
 :class:`Joining` keeps that state for :class:`~choreo.runtime.gossip.Gossip`, which feeds it the
@@ -61,6 +63,7 @@ class Joining:
         self.synced = False  # while joining: we have a whole table
         self.refusals: list[str] = []  # conflicts reported by nodes whose word does not stop this one
         self.refused_by = ""  # the endpoint that last told us we were declared dead
+        self.untold_reported: set[int] = set()  # instances logged as holding up our join
 
     def begin(self, seeds: list[str], now: float) -> None:
         """Start (again) with ``seeds`` to ask; without any, this node is the mesh and has joined."""
@@ -84,12 +87,32 @@ class Joining:
             self.host.on_joined()
 
     def check(self, now: float) -> None:
-        """Join once we have a whole table and every endpoint we wait for answered or stayed silent for ``join_wait``."""
+        """Join once we have a whole table, every endpoint we wait for answered or stayed silent for
+        ``join_wait``, and every live instance of our service said which partitions it holds."""
         if not self.life.joining or not self.synced:
             return
         wait = self.join_wait
-        if all(now - asked >= wait for asked in self.expected.values()):
+        if any(now - asked < wait for asked in self.expected.values()):
+            return
+        untold = self.untold()
+        if not untold:
             self.joined(now)
+            return
+        # Joined without its word, we would take at once the partitions it holds and we gain: they
+        # would start here without their state, and its hand-over, when it came, would not replace
+        # what we wrote since (durable seed 25239: a newcomer's hello lost in a cut that healed a
+        # moment later). So we ask again, and wait until it answers or the mesh finds it gone.
+        for peer in untold:
+            self.expected[peer.endpoint] = now
+            self.contacts.say_hello(peer.endpoint, reply=True)
+            if peer.incarnation not in self.untold_reported:
+                self.untold_reported.add(peer.incarnation)
+                log.warning("%s: %s has not said which partitions it holds: joining waits for it (asking again "
+                            "every %.1f s until it answers or the mesh finds it gone)", self.contacts.name, peer.node, wait)
+
+    def untold(self) -> list[Peer]:
+        """The live instances of our service that have not said which partitions they hold."""
+        return [peer for peer in self.contacts.own_service() if not peer.told]
 
     def due(self) -> float:
         """When :meth:`check` may join at the latest (inf: not waiting for anyone)."""
@@ -107,7 +130,9 @@ class Joining:
             return "refused: " + self.refusals[-1]
         if silent and not self.synced:
             return "no answer from its seeds " + ", ".join(silent) + " (it keeps asking; is a node running there?)"
-        return "waiting for the instances of its service to say which partitions they hold"
+        untold = ", ".join(peer.node for peer in self.untold())
+        return "waiting for the instances of its service to say which partitions they hold" + (
+            f" (not yet: {untold})" if untold else "")
 
     def ask_seeds(self, now: float) -> None:
         """Each period: a seed that has not answered yet (its hello or ours was lost, or it starts later): again."""

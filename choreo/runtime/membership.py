@@ -84,6 +84,7 @@ class Peer:
     last_heard: float
     state: str = "alive"
     holding: bytes = b""  # the partitions it says it owns or drains (a bitmap): they move by handover
+    told: bool = False  # it said (hello or heartbeat) what it holds: until then ``holding`` means nothing
     version: int = 0  # its own counter (wire.Member.version): raised to refute a suspicion or to leave
     claims: str | None = None  # the service it serves, by name, while its declarations are not known here
     identity: bytes | None = None  # the connection its frames come on (bound at its first frame)
@@ -126,7 +127,7 @@ class Peer:
 
     def advertised(self, said: wire.Hello | wire.Heartbeat) -> None:
         """What its hello or heartbeat says it holds, keeps copies of, and read back."""
-        self.holding, self.copies = said.holding, said.copies
+        self.holding, self.copies, self.told = said.holding, said.copies, True
         self.restored = dict(said.restored) if said.restored else {}
 
     def keeps(self, partition: int) -> bool:

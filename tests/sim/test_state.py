@@ -186,6 +186,42 @@ def test_state_follows_its_partitions_through_joins_and_graceful_leaves() -> Non
     run(scenario)
 
 
+def test_a_newcomer_cut_off_from_an_instance_takes_none_of_its_partitions_before_it_hears_it() -> None:
+    """A newcomer whose hello to an instance is lost (here a cut between the two, which the rest of
+    the mesh does not see) must not take that instance's partitions as if nobody held them: they
+    would start without their state, and the hand-over that came after the cut would not replace
+    what the newcomer wrote meanwhile (durable nemesis seed 25239). It joins once it heard it."""
+    h = Harness(seed=5, config=CONFIG)
+    client = h.add(None)
+    first = h.add(counter())
+    keys = [f"key-{i}" for i in range(24)]
+    expected: Counter[str] = Counter()
+
+    async def burst(count: int, start: int) -> None:
+        for n in range(start, start + count):
+            expected[keys[n % len(keys)]] += n
+            await h.run(client.emit(Add(k=keys[n % len(keys)], amount=n)), timeout=60)
+
+    async def scenario() -> None:
+        await h.start()
+        await burst(120, 0)
+        newcomer = h.add(counter())
+        h.partition([newcomer], [first])  # (the client reaches both: nobody is found dead)
+        newcomer.start([client.transport.endpoint])
+        await h.advance(4 * newcomer.gossip.joining.join_wait)
+        assert newcomer.lifecycle.state == "joining", "it joined without the word of an instance it never heard"
+        assert first.name in newcomer.gossip.joining.status()
+        await burst(120, 120)  # the cut lasts: they all go to the instance that has them
+        h.heal()
+        await h.run_until(lambda: newcomer.lifecycle.state == "joined", 30, "the newcomer joins once the cut heals")
+        await burst(120, 240)
+        await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
+        assert newcomer.dispatcher.state.keys(), "the newcomer owns keys"
+        assert await totals(h, client, keys) == dict(expected)
+
+    run(scenario)
+
+
 def test_a_stream_corrupted_in_transit_is_refused_then_sent_again_and_nothing_is_lost() -> None:
     h = Harness(seed=4, config=CONFIG)
     client = h.add(None)
