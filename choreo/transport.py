@@ -53,8 +53,9 @@ identity C with principal P" and refuse X's frames arriving under any other (C, 
 
 **Limits at the door.** ``max_bytes`` (ZMQ_MAXMSGSIZE; the node passes the engine's frame
 limit) disconnects a peer that sends a larger message; connections that do not finish their
-handshake in 5 s are dropped (ZMQ_HANDSHAKE_IVL), and ZMTP heartbeats drop connections whose
-peer went silent (half-open TCP); at most ``max_peers`` DEALERs. Nothing a peer sends, and no
+handshake in 5 s are dropped (ZMQ_HANDSHAKE_IVL), and TCP keepalives and a bound on
+unacknowledged data (TCP_USER_TIMEOUT) drop connections whose peer host went away (half-open
+TCP); at most ``max_peers`` DEALERs. Nothing a peer sends, and no
 endpoint it names, raises out of the transport: a dial that ZeroMQ rejects (a bad endpoint, no
 descriptors left, the context's socket limit) and every exception from the frame callback are
 counted by reason (``refused``, and ``on_refused`` when set) and logged at most once a second.
@@ -108,8 +109,14 @@ _send = zmq.backend.Socket.send
 MULTIPART = b"\x00multipart"  # what a multipart message becomes (the engine refuses it as malformed)
 ZERO_COPY_BYTES = 65536  # a frame this large is handed to libzmq without a copy (pyzmq keeps it alive)
 HANDSHAKE_MS = 5_000  # a connection that has not finished its ZMTP (and CURVE) handshake by then is dropped
-HEARTBEAT_MS = 15_000  # ZMTP PING interval on every connection (SWIM finds dead peers; this finds dead connections) ...
-HEARTBEAT_TIMEOUT_MS = 45_000  # ... and the silence after which it is closed (then redialled)
+# SWIM finds dead peers; the kernel finds dead connections: a keepalive probe after 15 s idle,
+# then every 5 s, six unanswered and the connection is closed (then redialled); data left
+# unacknowledged for 45 s closes it too. Not ZMTP heartbeats: libzmq 4.3.5 aborts the process
+# (``Assertion failed: !_io_error``, stream_engine_base.cpp) when a heartbeat falls due on a
+# connection whose peer went away while its receive pipe was full (a busy node, a killed
+# peer; or a remote peer that fills a DEALER's one-message pipe, then resets the connection).
+KEEPALIVE_IDLE_S, KEEPALIVE_EVERY_S, KEEPALIVE_PROBES = 15, 5, 6
+UNACKNOWLEDGED_MS = 45_000
 REDIAL_AFTER = (1.0, 30.0)  # a peer that refused our key is dialled again after 1 s, doubling up to 30 s
 DEALER_MAX_IN = 4096  # DEALERs are never read: what a peer pushes back is capped at one small message
 
@@ -620,8 +627,11 @@ class ZmqTransport:
 
 def _set_liveness(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_MS)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_EVERY_S)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
+    sock.setsockopt(zmq.TCP_MAXRT, UNACKNOWLEDGED_MS)
 
 
 def _start_authenticator(context: zmq.Context, security: Security, refuse: Refuser) -> Any:

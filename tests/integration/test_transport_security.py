@@ -438,3 +438,53 @@ def test_the_compiled_sends_and_reads_fail_as_pyzmq_does_and_never_touch_a_close
     assert reader.read(8) is False and refused == []
     with pytest.raises(zmq.ZMQError):
         reader.waiting()
+
+
+def test_peers_that_vanish_while_this_node_is_too_busy_to_read_them_do_not_crash_it() -> None:
+    """libzmq 4.3.5 aborts the whole process (``Assertion failed: !_io_error``) when a ZMTP
+    heartbeat falls due on a connection whose receive pipe was full when its peer went away.
+    Two ways there, both with a node too busy to read for a while: a peer floods its ROUTER and
+    exits; a peer it dialled pushes messages back into its DEALER (never read, by design), then
+    resets the connection. The node must outlive both: it ran ZMTP heartbeats, every 15 s, until
+    a real-process chaos run on hosts of their own died of it, so the test waits past two of
+    them (a peer that closed cleanly is seen gone at the first, the abort came at the second)."""
+    flood = textwrap.dedent("""
+        import os, sys, time, zmq
+        d = zmq.Context().socket(zmq.DEALER)
+        d.setsockopt(zmq.SNDHWM, 100_000)
+        d.connect(sys.argv[1])
+        for _ in range(20_000):
+            d.send(b"x" * 200)
+        time.sleep(1.0)  # (sent: the kernel holds what the node has not read)
+        os._exit(0)
+    """)
+    pushback = textwrap.dedent("""
+        import os, sys, time, zmq
+        r = zmq.Context().socket(zmq.ROUTER)
+        r.bind("tcp://127.0.0.1:0")
+        print(r.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+        identity, _ = r.recv_multipart()  # the node's first frame: now push back at its DEALER
+        for _ in range(2_000):
+            r.send_multipart([identity, b"y" * 3000])
+        time.sleep(1.0)
+        os._exit(0)  # what the node sent and this never read: the kernel resets the connection
+    """)
+    node = textwrap.dedent("""
+        import asyncio, subprocess, sys, time
+        from choreo.transport import ZmqTransport
+        flood, pushback = sys.argv[1], sys.argv[2]
+        t = ZmqTransport("tcp://127.0.0.1:0", hwm=16)
+        t.start(asyncio.new_event_loop(), lambda *a: None, lambda: None)  # (the loop never runs: busy)
+        hostile = subprocess.Popen([sys.executable, "-c", pushback], stdout=subprocess.PIPE, text=True)
+        endpoint = hostile.stdout.readline().strip()
+        for _ in range(3_000):
+            t.send(endpoint, b"z" * 1000)
+        subprocess.run([sys.executable, "-c", flood, t.endpoint], timeout=60)
+        hostile.wait(60)
+        time.sleep(32.0)  # past two heartbeats' worth
+        t.close()
+        print("alive")
+    """)
+    done = subprocess.run([sys.executable, "-c", node, flood, pushback], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    assert done.returncode == 0 and done.stdout.strip() == "alive", (done.returncode, done.stderr[-2000:])
