@@ -41,7 +41,8 @@ test: $(STAMP) tools
 # Longer runs: the seeded fault schedules over the fake link (memory and durable nodes), the
 # membership simulated at 1,000 nodes (tests/sim/test_mesh_scale.py), real durable processes
 # killed with SIGKILL at seeded moments, and real processes under seeded random faults
-# (tests/integration/test_chaos.py, SOAK_SEEDS / 50 schedules). SOAK_SEEDS per kind of schedule.
+# (tests/integration/test_chaos.py, SOAK_SEEDS / 50 schedules on loopback and as many on hosts of
+# their own, network namespaces, where the network fails too). SOAK_SEEDS per kind of schedule.
 SOAK_SEEDS ?= 1000
 # and SOAK_LONG_SEEDS fresh 100 s schedules of each of the four kinds, from seed SOAK_LONG_FIRST:
 # by default where the last passing soak of this checkout stopped (kept in .soak-next), so that a

@@ -3,6 +3,7 @@
     with Hosts(3) as hosts:            # namespaces choreo-<pid>-1..3 at 10.<n>.0.11..13
         hosts.address(1)               # '10.<n>.0.11'; the test process itself is 10.<n>.0.1
         hosts.cut(1, 2); hosts.heal()  # a firewall rule (nftables) inside the namespaces
+        hosts.isolate(3); hosts.heal(3)  # host 3 cut from everything, then back
 
 Everything is created by the test and removed after it; traffic never leaves the machine.
 ``require_netns()`` skips the test with the reason when namespaces cannot be made here.
@@ -62,7 +63,6 @@ class Hosts:
         self.bridge = f"chbr{tag}"
         self.names = [f"choreo-{tag}-{i}" for i in range(1, count + 1)]
         self._veths: list[str] = []
-        self._cut = False
 
     @property
     def gateway(self) -> str:
@@ -106,20 +106,27 @@ class Hosts:
 
     def cut(self, a: int, b: int) -> None:
         """Drop every packet between hosts ``a`` and ``b``, by a firewall rule inside each."""
+        for me, other in ((a, b), (b, a)):
+            self._nft(me, "table inet choreo_cut {\n"
+                          "  chain input { type filter hook input priority 0; ip saddr %s drop; }\n"
+                          "  chain output { type filter hook output priority 0; ip daddr %s drop; }\n"
+                          "}\n" % (self.address(other), self.address(other)))
+
+    def isolate(self, host: int) -> None:
+        """Drop every packet between ``host`` and the rest of the network (the other hosts and the
+        test process), by a firewall rule inside it; :meth:`heal` lifts it."""
+        self._nft(host, "table inet choreo_cut {\n"
+                        '  chain input { type filter hook input priority 0; iifname "eth0" drop; }\n'
+                        '  chain output { type filter hook output priority 0; oifname "eth0" drop; }\n'
+                        "}\n")
+
+    def _nft(self, host: int, rules: str) -> None:
         if shutil.which("nft") is None:
             pytest.skip("nftables ('nft') is not installed: cannot partition the hosts with a firewall rule")
-        for me, other in ((a, b), (b, a)):
-            rules = (
-                "table inet choreo_cut {\n"
-                "  chain input { type filter hook input priority 0; ip saddr %s drop; }\n"
-                "  chain output { type filter hook output priority 0; ip daddr %s drop; }\n"
-                "}\n" % (self.address(other), self.address(other))
-            )
-            subprocess.run(["ip", "netns", "exec", self.namespace(me), "nft", "-f", "-"], input=rules,
-                           text=True, check=True, capture_output=True, timeout=30)
-        self._cut = True
+        subprocess.run(["ip", "netns", "exec", self.namespace(host), "nft", "-f", "-"], input=rules,
+                       text=True, check=True, capture_output=True, timeout=30)
 
-    def heal(self) -> None:
-        for ns in self.names:
+    def heal(self, *hosts: int) -> None:
+        """Lift the rules of :meth:`cut` and :meth:`isolate`, inside ``hosts`` (default: all)."""
+        for ns in [self.namespace(h) for h in hosts] or self.names:
             _run("ip", "netns", "exec", ns, "nft", "delete", "table", "inet", "choreo_cut", check=False)
-        self._cut = False

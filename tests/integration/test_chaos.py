@@ -15,9 +15,16 @@ instances wrote (the ground truth, see recording.py) is checked against the READ
   instances killed or frozen past ``dead_after``, and there are at most ``window`` duplicates per
   such fault (``checks.check_moves``).
 
+On hosts of their own (network namespaces, see netns.py; the producer on the test process's
+side of their bridge), the network fails too: an instance is cut off from everything (a firewall
+rule in its namespace) for less than ``suspect_after`` or for longer than ``suspect_after +
+dead_after`` (counted as a crash: the mesh takes it for dead while it runs), and two instances
+are cut from each other while both still reach everyone else (nobody is taken for dead; what one
+hands the other waits for the cut to heal).
+
 ``CHAOS_SEEDS`` (default 1) schedules of ``CHAOS_SECONDS`` (30) at ``CHAOS_RATE`` events/s
-(3,000); ``make soak`` runs more, faster. A failure prints the schedule as it ran and every
-process's log.
+(3,000), on loopback and on hosts; ``make soak`` runs more, faster. A failure prints the
+schedule as it ran and every process's log.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from choreo.launch import NodeProcess
 from choreo.node import Node
 
 from .checks import check_moves, expected_stream
+from .netns import Hosts
 from .recording import Produced, elastic, read_timed
 from .test_membership import FAST
 
@@ -47,14 +55,19 @@ KEYS = 200
 MOST = 4  # instances at once
 SHORT_PAUSE = (0.2, 0.8)  # short of suspect_after (1.0 s), far from being taken for dead (3.5 s)
 LONG_PAUSE = (FAST.suspect_after + FAST.dead_after + 1.5, FAST.suspect_after + FAST.dead_after + 5.0)
+PROCESS_FAULTS = ["kill", "kill", "term", "join", "short_pause", "long_pause", "long_pause"]
+NETWORK_FAULTS = ["short_isolation", "long_isolation", "cut_between_two"]  # on hosts of their own
 
 
 class Chaos:
     """The instances, the faults done to them, and the story of the run."""
 
-    def __init__(self, procs, seed: int) -> None:
+    def __init__(self, procs, seed: int, hosts: Hosts | None = None) -> None:
         self.procs = procs
         self.rng = random.Random(seed)
+        self.hosts = hosts  # None: every process on 127.0.0.1
+        self.free = list(range(1, MOST + 1))  # hosts without a process (with hosts)
+        self.host_of: dict[int, int] = {}  # pid -> its host
         self.live: list[NodeProcess] = []
         self.crashed: set[str] = set()  # record files whose instance was killed or frozen past dead_after
         self.crash_faults = 0
@@ -65,20 +78,38 @@ class Chaos:
     def say(self, what: str) -> None:
         self.story.append(f"{time.monotonic() - self.t0:6.1f} s  {what}")
 
+    @property
+    def client_bind(self) -> str:
+        return "tcp://127.0.0.1:0" if self.hosts is None else f"tcp://{self.hosts.gateway}:0"
+
     def start(self) -> NodeProcess:
         # seeds: live instances and the producer, which lives throughout (a newcomer must reach the mesh)
         seeds = [p.endpoint for p in self.live[:2]] + [self.client_endpoint]
-        p = self.procs.start(elastic, peers=seeds, config=FAST)
+        where: dict = {}
+        if self.hosts is not None:  # (a private test network without keys: insecure on purpose)
+            host = self.free.pop(0)
+            where = {"netns": self.hosts.namespace(host), "bind": f"tcp://{self.hosts.address(host)}:0",
+                     "insecure": True}
+        p = self.procs.start(elastic, peers=[s for s in seeds if s], config=FAST, **where)
+        if self.hosts is not None:
+            self.host_of[p.pid] = host
         self.live.append(p)
-        self.say(f"start {p.pid}")
+        self.say(f"start {p.pid}" + (f" on host {host}" if self.hosts is not None else ""))
         return p
+
+    def gone(self, victim: NodeProcess) -> None:
+        """``victim`` exited: its host takes the next process."""
+        self.live.remove(victim)
+        host = self.host_of.pop(victim.pid, None)
+        if host is not None:
+            self.free.append(host)
 
     async def run(self, seconds: float) -> None:
         rng = self.rng
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             await asyncio.sleep(rng.uniform(0.5, 3.0))
-            fault = rng.choice(["kill", "kill", "term", "join", "short_pause", "long_pause", "long_pause"])
+            fault = rng.choice(PROCESS_FAULTS + (NETWORK_FAULTS if self.hosts is not None else []))
             if fault == "join" or not self.live:
                 if len(self.live) < MOST:
                     await asyncio.to_thread(self.start)
@@ -86,16 +117,18 @@ class Chaos:
             victim = rng.choice(self.live)
             file = f"elastic-{victim.pid}.log"
             if fault == "kill":
-                self.live.remove(victim)
+                self.gone(victim)
                 await asyncio.to_thread(victim.kill)
                 self.crashed.add(file)
                 self.crash_faults += 1
                 self.say(f"SIGKILL {victim.pid}")
             elif fault == "term":
-                self.live.remove(victim)
+                self.gone(victim)
                 self.say(f"SIGTERM {victim.pid}")
                 status = await asyncio.to_thread(victim.stop, 60)
                 self.say(f"{victim.pid} exited {status}")
+            elif fault in NETWORK_FAULTS:
+                await self.cut(fault, victim, file)
             else:
                 pause = rng.uniform(*(SHORT_PAUSE if fault == "short_pause" else LONG_PAUSE))
                 if fault == "long_pause":
@@ -113,11 +146,38 @@ class Chaos:
         if not self.live:  # the producer may be waiting for one (its emits wait while none is live)
             await asyncio.to_thread(self.start)
 
+    async def cut(self, fault: str, victim: NodeProcess, file: str) -> None:
+        """A network fault on ``victim``'s host, lifted after a while (also when cancelled)."""
+        assert self.hosts is not None
+        host = self.host_of[victim.pid]
+        if fault == "cut_between_two":
+            others = [p for p in self.live if p is not victim]
+            if not others:
+                return
+            other = self.rng.choice(others)
+            lasts = self.rng.uniform(*LONG_PAUSE)  # both reach everyone else: neither is taken for dead
+            await asyncio.to_thread(self.hosts.cut, host, self.host_of[other.pid])
+            self.say(f"cut {victim.pid} from {other.pid} for {lasts:.1f} s")
+            healed = (host, self.host_of[other.pid])
+        else:
+            lasts = self.rng.uniform(*(SHORT_PAUSE if fault == "short_isolation" else LONG_PAUSE))
+            if fault == "long_isolation":  # taken for dead while it runs on: a crash, for the checker
+                self.crashed.add(file)
+                self.crash_faults += 1
+            await asyncio.to_thread(self.hosts.isolate, host)
+            self.say(f"isolate {victim.pid} for {lasts:.1f} s")
+            healed = (host,)
+        try:
+            await asyncio.sleep(lasts)
+        finally:
+            await asyncio.to_thread(self.hosts.heal, *healed)
+        self.say(f"healed {' and '.join(str(p.pid) for p in self.live if self.host_of.get(p.pid) in healed)}")
+
 
 async def produce(chaos: Chaos, seconds: float) -> int:
     """Emit RATE keyed events a second while the faults run; returns how many were emitted."""
     first = chaos.live[0].endpoint
-    async with Node(None, bind="tcp://127.0.0.1:0", peers=[first], config=FAST, insecure=True) as client:
+    async with Node(None, bind=chaos.client_bind, peers=[first], config=FAST, insecure=True) as client:
         chaos.client_endpoint = client.endpoint
         await client.wait_for({"elastic": len(chaos.live)}, timeout=30)
         faults = asyncio.create_task(chaos.run(seconds))
@@ -143,9 +203,21 @@ async def produce(chaos: Chaos, seconds: float) -> int:
 def test_real_processes_under_random_faults_lose_nothing_and_repeat_only_the_crash_window(
     procs, seed: int
 ) -> None:
-    chaos = Chaos(procs, seed)
-    chaos.live.append(procs.start(elastic, config=FAST))
-    chaos.live.append(procs.start(elastic, peers=[chaos.live[0].endpoint], config=FAST))
+    run(Chaos(procs, seed), seed)
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_on_hosts_of_their_own_cuts_and_isolations_lose_nothing_and_repeat_only_the_crash_window(
+    procs, seed: int
+) -> None:
+    with Hosts(MOST) as hosts:
+        run(Chaos(procs, seed, hosts), seed)
+
+
+def run(chaos: Chaos, seed: int) -> None:
+    procs = chaos.procs
+    chaos.start()
+    chaos.start()
     try:
         sent = asyncio.run(asyncio.wait_for(produce(chaos, SECONDS), SECONDS + 300))
         procs.close()
