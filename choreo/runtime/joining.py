@@ -111,8 +111,9 @@ class Joining:
                             "every %.1f s until it answers or the mesh finds it gone)", self.contacts.name, peer.node, wait)
 
     def untold(self) -> list[Peer]:
-        """The live instances of our service that have not said which partitions they hold."""
-        return [peer for peer in self.contacts.own_service() if not peer.told]
+        """The live instances of our service that have not said which partitions they hold (one
+        known only from a client's introduction holds none: no work goes to it)."""
+        return [peer for peer in self.contacts.own_service() if not peer.told and peer.vouched]
 
     def due(self) -> float:
         """When :meth:`check` may join at the latest (inf: not waiting for anyone)."""
