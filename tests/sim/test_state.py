@@ -112,6 +112,14 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
 
 
+async def add_in_turn(h: Harness, client: Any, keys: list[str], amounts: range, expected: Counter[str]) -> None:
+    """Emit ``Add(amount=n)`` for each ``n``, to the keys in turn, and count it in ``expected``."""
+    for n in amounts:
+        k = keys[n % len(keys)]
+        expected[k] += n
+        await h.run(client.emit(Add(k=k, amount=n)), timeout=60)
+
+
 async def totals(h: Harness, client: Any, keys: list[str]) -> dict[str, int]:
     return {k: await h.run(client.ask(GetTally(k)), timeout=30) for k in keys}
 
@@ -159,10 +167,7 @@ def test_state_follows_its_partitions_through_joins_and_graceful_leaves() -> Non
     expected: Counter[str] = Counter()
 
     async def burst(count: int, start: int) -> None:
-        for n in range(start, start + count):
-            k = keys[n % len(keys)]
-            expected[k] += n
-            await h.run(client.emit(Add(k=k, amount=n)), timeout=60)
+        await add_in_turn(h, client, keys, range(start, start + count), expected)
 
     async def scenario() -> None:
         await h.start()
@@ -197,24 +202,19 @@ def test_a_newcomer_cut_off_from_an_instance_takes_none_of_its_partitions_before
     keys = [f"key-{i}" for i in range(24)]
     expected: Counter[str] = Counter()
 
-    async def burst(count: int, start: int) -> None:
-        for n in range(start, start + count):
-            expected[keys[n % len(keys)]] += n
-            await h.run(client.emit(Add(k=keys[n % len(keys)], amount=n)), timeout=60)
-
     async def scenario() -> None:
         await h.start()
-        await burst(120, 0)
+        await add_in_turn(h, client, keys, range(0, 120), expected)
         newcomer = h.add(counter())
         h.partition([newcomer], [first])  # (the client reaches both: nobody is found dead)
         newcomer.start([client.transport.endpoint])
         await h.advance(4 * newcomer.gossip.joining.join_wait)
         assert newcomer.lifecycle.state == "joining", "it joined without the word of an instance it never heard"
         assert first.name in newcomer.gossip.joining.status()
-        await burst(120, 120)  # the cut lasts: they all go to the instance that has them
+        await add_in_turn(h, client, keys, range(120, 240), expected)  # the cut lasts: they all go to the instance that has them
         h.heal()
         await h.run_until(lambda: newcomer.lifecycle.state == "joined", 30, "the newcomer joins once the cut heals")
-        await burst(120, 240)
+        await add_in_turn(h, client, keys, range(240, 360), expected)
         await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
         assert newcomer.dispatcher.state.keys(), "the newcomer owns keys"
         assert await totals(h, client, keys) == dict(expected)
