@@ -17,7 +17,7 @@ import pytest
 
 from choreo import ChoreoUsageError, Command, Event, HandlerFailed, MessageTooLarge, NodeConfig, Query, Service, ValidationError, core, wire
 from choreo.introspect import node_stats
-from choreo.runtime.transfer import Chunk, decode_transfer
+from choreo.runtime.transfer import Chunk, Staged, decode_transfer
 from choreo.testing import Harness
 
 CONFIG = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25, handover_timeout=5.0)
@@ -218,6 +218,32 @@ def test_a_newcomer_cut_off_from_an_instance_takes_none_of_its_partitions_before
         await h.run_until(lambda: client.acknowledged, 60, "acknowledged")
         assert newcomer.dispatcher.state.keys(), "the newcomer owns keys"
         assert await totals(h, client, keys) == dict(expected)
+
+    run(scenario)
+
+
+def test_a_hand_over_that_clashes_with_what_a_partition_wrote_since_is_counted_and_said() -> None:
+    """Should a hand-over ever reach a partition already running here (a race of views), what the
+    partition wrote since stays; the values it drops are counted (``state_conflict``) and logged,
+    never dropped in silence: one of the two copies is behind."""
+    h = Harness(seed=6, config=CONFIG)
+    client = h.add(None)
+    node = h.add(counter())
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run(client.emit(Add(k="a", amount=5)))
+        await h.run(client.emit(Add(k="b", amount=1)))
+        await h.run_until(lambda: client.acknowledged, 30, "acknowledged")
+        late = Staged("handover", 1, core.partition_of(b"a", 16))
+        late.state = [("Tally", b"a", msgspec.msgpack.encode(Tally(100, 3)))]
+        node.dispatcher.data.install(late)
+        assert node.counters.refused["state_conflict"] == 1
+        assert await totals(h, client, ["a", "b"]) == {"a": 5, "b": 1}
+        same = Staged("handover", 2, core.partition_of(b"b", 16))  # the value it has: no clash
+        same.state = [("Tally", b"b", msgspec.msgpack.encode(Tally(1, 1)))]
+        node.dispatcher.data.install(same)
+        assert node.counters.refused["state_conflict"] == 1
 
     run(scenario)
 
