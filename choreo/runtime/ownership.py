@@ -281,8 +281,12 @@ class Ownership:
         left = self.paused.pop(p, 1) - 1
         if left > 0:
             self.paused[p] = left
-        else:
-            self.gate[p] = self.state[p] in ROUTED_HERE
+        else:  # (arrivals that waited meanwhile run first: see opened)
+            self.gate[p] = self.state[p] in ROUTED_HERE and not self.buffered.get(p)
+
+    def opened(self, p: int) -> None:
+        """What waited for ``p`` has gone to run (or on): new arrivals may run at once again."""
+        self.gate[p] = self.state[p] in ROUTED_HERE and p not in self.paused
 
     def drained(self, p: int) -> None:
         self._move(p, "drained")
