@@ -482,9 +482,8 @@ class Moves:
         here, in order, once we do too; or goes on to the owner once it refutes); False if not."""
         p = env.partition
         state = self.ownership.state[p]
-        if state != "awaiting" and self.life.joined and not (
-            state == "owned" and (p in self.ownership.paused or self.ownership.buffered.get(p))
-        ):
+        # (ours yet closed: a forward of it is out, or arrivals wait in its queue; see Ownership.regate)
+        if state != "awaiting" and self.life.joined and not (state == "owned" and not self.ownership.gate[p]):
             owner = self.membership.owner(self.service, p)
             if owner is None or owner.state != "suspect":
                 return False
@@ -515,7 +514,7 @@ class Moves:
             if self.data is not None and self.ownership.state[p] == "owned":
                 self.data.take_over(p)  # what its last owner owed, before anything newer runs here
             queue = self.ownership.buffered.pop(p, None)
-            self.ownership.opened(p)
+            self.ownership.regate(p)
             while queue:
                 ch, env, _ = queue.popleft()
                 work.untrack(p)
@@ -573,9 +572,7 @@ class Moves:
         its sender's may come back, and must run before what came after it (nemesis durable
         seeds 2155 and, the partition ours at once through an early hand-over, 5098)."""
         if self.forwarded.pop(env.msg_id, None) is not None:
-            # what waits in its queue runs at the next tick; until then new arrivals join the queue
-            # (found open, they ran ahead of it: nemesis seed 31674, 100 s)
-            self.ownership.resume(env.partition)
+            self.ownership.resume(env.partition)  # (what waits in its queue runs at the next tick, first)
 
     def take_back(self, items: list[Outgoing]) -> list[Outgoing]:
         """Envelopes of a channel whose receiver is gone, less our forwards of partitions that are
