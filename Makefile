@@ -98,4 +98,4 @@ bench-peers: $(STAMP) $(PEERS_STAMP) peer-servers
 	$(BIN)/python -m bench.report
 
 clean:
-	rm -rf $(VENV) build choreo/_core*.so choreo/_zmqio*.so cext/_core.c choreo/_zmqio.c .pytest_cache .benchmarks
+	rm -rf $(VENV) build choreo/_core*.so choreo/_zmqio*.so choreo/_clock*.so cext/_core.c choreo/_zmqio.c choreo/_clock.c .pytest_cache .benchmarks

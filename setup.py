@@ -1,5 +1,6 @@
-"""Builds the compiled core (cext/_core.pyx -> choreo._core) and the transport's compiled reads
-(choreo/_zmqio.pyx -> choreo._zmqio). CHOREO_DEBUG=1 builds with -O0 -g.
+"""Builds the compiled core (cext/_core.pyx -> choreo._core), the transport's compiled reads
+(choreo/_zmqio.pyx -> choreo._zmqio) and the lanes' C clock (choreo/_clock.pyx -> choreo._clock).
+CHOREO_DEBUG=1 builds with -O0 -g.
 
 The examples/ tree ships inside the wheel as the package ``choreo.examples``, so that
 ``choreo up examples/shop`` works after ``pip install`` (see choreo/bundled.py).
@@ -13,7 +14,8 @@ from setuptools import Extension, find_packages, setup
 debug = os.environ.get("CHOREO_DEBUG") == "1"
 extensions = [
     Extension(name, [source], extra_compile_args=["-O0", "-g"] if debug else ["-O2"])
-    for name, source in (("choreo._core", "cext/_core.pyx"), ("choreo._zmqio", "choreo/_zmqio.pyx"))
+    for name, source in (("choreo._core", "cext/_core.pyx"), ("choreo._zmqio", "choreo/_zmqio.pyx"),
+                           ("choreo._clock", "choreo/_clock.pyx"))
 ]
 
 examples = ["choreo.examples", *(f"choreo.examples.{name}" for name in find_packages("examples"))]

@@ -31,6 +31,7 @@ from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.dict cimport PyDict_GetItem
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.pycapsule cimport PyCapsule_IsValid, PyCapsule_GetPointer
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(object o)

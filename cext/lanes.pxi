@@ -61,6 +61,18 @@ cdef class KeyedDispatch:
 # beyond the ones the application sees. They call Python only for what must be Python: the
 # codec, the handler, the clock the caller passes in. See the twin for the contract.
 
+ctypedef double (*lane_clock_fn)() noexcept nogil
+
+
+cdef inline lane_clock_fn lane_clock_of(object clock) noexcept:
+    """The C function a clock capsule holds (``choreo._clock.MONOTONIC``), or NULL for a callable.
+
+    The caller's clock either way: the capsule only saves a Python call and a float per reading.
+    """
+    if PyCapsule_IsValid(clock, b"choreo.clock"):
+        return <lane_clock_fn>PyCapsule_GetPointer(clock, b"choreo.clock")
+    return NULL
+
 cdef class IdSource:
     """Message ids of one node: an 8-byte random prefix and a counter (16 bytes, unique)."""
 
@@ -298,8 +310,9 @@ cdef class EmitLane:
     def __dealloc__(self):
         free(self._field_offs)
 
-    cdef object _write(self, event, bytes payload, double now, msg_id, trace_id=None, cause_id=None, on_done=None):
-        """Route and write one encoded message; its id, or None (it did not go in)."""
+    cdef object _write(self, event, bytes payload, object now, msg_id, trace_id=None, cause_id=None, on_done=None):
+        """Route and write one encoded message; its id, or None (it did not go in). ``now``
+        None: the time its window's batch began, or the clock's when this one begins it."""
         cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), klen = 0, tlen = PyBytes_GET_SIZE(self._tname)
         cdef const char *k = ""
         cdef object value, kb
@@ -360,7 +373,7 @@ cdef class EmitLane:
         w._reserve(size)
         write_raw(w._buf + w._buf_len, seq, self._kind, flags, PyBytes_AS_STRING(self._tname), tlen, k, klen,
                   partition, mid, tid, cid, PyBytes_AS_STRING(payload), plen)
-        w._admit(size, now)
+        w._admit(size, (w._pending_since if w._pending else <double>self._clock()) if now is None else <double>now)
         self.last = index
         self.full = w._pending >= self._max_batch or <Py_ssize_t>w._buf_len >= self._max_batch_bytes
         self.emitted += 1
@@ -407,7 +420,7 @@ cdef class EmitLane:
         cdef bytes payload = self._encode(message)
         if not self._valid(message, payload):
             return None
-        return self._write(message, payload, self._clock(), msg_id, trace_id, cause_id, on_done)
+        return self._write(message, payload, None, msg_id, trace_id, cause_id, on_done)
 
     cdef object _emit(self, event, now, msg_id):
         """:meth:`emit`, callable from C (EmitTable calls it with neither ``now`` nor ``msg_id``)."""
@@ -416,7 +429,7 @@ cdef class EmitLane:
             return None
         if msg_id is None and self._idempotency is not None:
             msg_id = self._idempotency(event)
-        return self._write(event, payload, self._clock() if now is None else <double>now, msg_id)
+        return self._write(event, payload, now, msg_id)
 
     def emit_many(self, list events not None, Py_ssize_t start, list ids not None):
         """Write ``events[start:]`` in order while they are of this lane's type and go in.
@@ -426,7 +439,7 @@ cdef class EmitLane:
         every event written is appended to ``ids``.
         """
         cdef Py_ssize_t n = len(events), i, end = start
-        cdef double now
+        cdef object now
         cdef list payloads = []
         cdef object payload, msg_id = None
         if self._cls is None or self._clock is None:
@@ -596,7 +609,7 @@ cdef class FastLane:
         return 1
 
     cdef inline int _done(self, Envelope env, _LaneEntry e, InboundReorder reorder, SpanRing ring, spans_append,
-                          object received, object t0, object t1) except -1:
+                          double received, double t0, double t1) except -1:
         """A handled envelope: its span (choreo.tracing's layout; ``ring``: ``spans_append`` when it
         is a SpanRing), then complete in its channel."""
         cdef tuple span
@@ -630,7 +643,9 @@ cdef class FastLane:
         cdef const char *gptr = NULL
         cdef Envelope env, envj
         cdef _LaneEntry e
-        cdef object entry, message, t0, t1, obj, result
+        cdef object entry, message, obj, result
+        cdef double t0, t1, received_at = received
+        cdef lane_clock_fn read_clock = lane_clock_of(clock)  # NULL: call clock()
         cdef list batch
         cdef uint64_t h
         cdef const uint8_t *idp
@@ -646,7 +661,8 @@ cdef class FastLane:
                 ctx_layout(&self._ctx_lay, type(ctx))
                 self._ctx_type = type(ctx)
             lay = self._ctx_lay
-        t1 = clock()  # one reading per message: each one's start is the previous one's end
+        # one reading per message: each one's start is the previous one's end
+        t1 = read_clock() if read_clock != NULL else <double>clock()
         while i < n:
             obj = envs[i]
             if type(obj) is not Envelope:
@@ -704,9 +720,9 @@ cdef class FastLane:
                     except Exception as exc:
                         # the caller runs them one by one (and then takes envs[stop_at], if any, afresh)
                         return handled, i, LANE_BATCH_FAILED, batch, exc, t0
-                    t1 = clock()
+                    t1 = read_clock() if read_clock != NULL else <double>clock()
                     while i < j:
-                        self._done(<Envelope>envs[i], e, reorder, ring, spans_append, received, t0, t1)
+                        self._done(<Envelope>envs[i], e, reorder, ring, spans_append, received_at, t0, t1)
                         i += 1
                     handled += len(batch)
                 if stop_at >= 0:
@@ -748,8 +764,8 @@ cdef class FastLane:
                     view = ctx_get(ctx, lay.state, "state")
                     if (<StateView>view)._commit(env) if type(view) is StateView else view.commit(env):
                         return handled, i, LANE_EFFECTS, message, ctx, t0
-            t1 = clock()
-            self._done(env, e, reorder, ring, spans_append, received, t0, t1)
+            t1 = read_clock() if read_clock != NULL else <double>clock()
+            self._done(env, e, reorder, ring, spans_append, received_at, t0, t1)
             handled += 1
             i += 1
         return handled, n, LANE_END, None, None, 0.0

@@ -43,6 +43,7 @@ cdef class OutboundWindow:
     cdef Py_ssize_t _pending
     cdef Py_ssize_t _pending_finished      # of those, finished (acked or taken) before the flush
     cdef uint64_t _pending_first
+    cdef double _pending_since              # the ``now`` of the first of them
     cdef int _in_flight, _peak
     cdef uint64_t _sent, _acked, _retransmitted, _bogus
     cdef public bint held  # set by the runtime while envelopes wait before this window: lanes stay out
@@ -96,6 +97,10 @@ cdef class OutboundWindow:
         return self._pending
 
     @property
+    def pending_since(self):
+        return self._pending_since if self._pending else None
+
+    @property
     def pending_bytes(self):
         """Bytes appended since the last flush (the size of the next batch body)."""
         return self._buf_len
@@ -138,6 +143,7 @@ cdef class OutboundWindow:
         e.state = 1
         if self._pending == 0:
             self._pending_first = seq
+            self._pending_since = now
         self._pending += 1
         self.next_seq += 1
         self._buf_len += size

@@ -12,6 +12,9 @@ Importing this module picks the implementation once:
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 if os.environ.get("CHOREO_PURE") == "1":
     from . import _pycore as _impl
@@ -74,6 +77,24 @@ EMIT_OTHER = _impl.EMIT_OTHER
 EMIT_BLOCKED = _impl.EMIT_BLOCKED
 EMIT_INVALID = _impl.EMIT_INVALID
 
+_C_MONOTONIC: Any = None
+if IMPLEMENTATION == "compiled":
+    try:
+        from ._clock import MONOTONIC as _C_MONOTONIC
+    except ImportError:  # pragma: no cover - a build without it: the lane calls the clock
+        pass
+
+
+def lane_clock(clock: Callable[[], float]) -> Any:
+    """What to hand ``FastLane.run`` as its clock: ``clock`` itself, or, when it is
+    ``time.monotonic`` and the compiled core runs, the same clock as a C function
+    (``choreo._clock.MONOTONIC``: no Python call and no float per reading).
+
+    >>> lane_clock(lambda: 0.0)() == 0.0
+    True
+    """
+    return _C_MONOTONIC if clock is time.monotonic and _C_MONOTONIC is not None else clock
+
 __all__ = [
     "IMPLEMENTATION",
     "ACCEPTED",
@@ -124,4 +145,5 @@ __all__ = [
     "EMIT_OTHER",
     "EMIT_BLOCKED",
     "EMIT_INVALID",
+    "lane_clock",
 ]

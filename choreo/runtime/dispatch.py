@@ -181,6 +181,7 @@ class Dispatcher:
         gate = self.moves.ownership.gate if self.moves is not None else None
         reorder = channel.reorder
         run = self.lane.run
+        clock = core.lane_clock(host.clock)
         journal = self.journal if self.config.dedup else None
         done, i, n = 0, 0, len(envs)
         while i < n:
@@ -189,7 +190,7 @@ class Dispatcher:
                     self.deliver(channel, env, now)
                 break
             handled, i, status, a, b, started = run(
-                envs, i, reorder, now, host.clock, received, gate, self.keyed, spans_append, self._lane_ctx,
+                envs, i, reorder, now, clock, received, gate, self.keyed, spans_append, self._lane_ctx,
                 self._answer, channel,
             )
             done += handled

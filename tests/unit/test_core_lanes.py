@@ -160,6 +160,29 @@ def test_fast_lane_stops_where_the_caller_is_needed_in_both_cores() -> None:
     assert done_upto == 2, "the lane completed what it handled; the rest is the caller's"
 
 
+def test_the_compiled_lane_reads_the_monotonic_clock_it_is_handed_as_a_capsule() -> None:
+    import time
+
+    from choreo import _clock, core
+
+    assert core.lane_clock(time.monotonic) is (_clock.MONOTONIC if core.IMPLEMENTATION == "compiled" else time.monotonic)
+    fake = iter(range(100)).__next__
+    assert core.lane_clock(fake) is fake, "any other clock (a simulation's) is called as it is"
+    before = time.monotonic()
+    assert before <= _clock.monotonic() <= time.monotonic(), "the same clock as time.monotonic"
+    items = [(b"Ev", k.encode(), encode(Ev(k, n)), bytes([n + 1]) * 16) for n, k in enumerate("abcdef")]
+    reorder, envs = _batch(_core, items)
+    fast = _core.FastLane()
+    fast.set("Ev", decode, _core.DedupWindow(60.0, 100), lambda ev: None, "h", False)
+    spans = _core.SpanRing(16)
+    assert fast.run(envs, 0, reorder, 5.0, _clock.MONOTONIC, before, None, _core.KeyedDispatch(), spans, None)[:3] \
+        == (6, 6, _core.LANE_END)
+    after = time.monotonic()
+    times = [t for span in spans for t in (span[4], span[5])]
+    assert len(times) == 12 and times == sorted(times) and before <= times[0] and times[-1] <= after
+    assert all(span[4] == prev[5] for prev, span in zip(spans, list(spans)[1:])), "each starts as the last ended"
+
+
 def test_spans_keep_as_many_key_bytes_whoever_records_them() -> None:
     from choreo import tracing
 
@@ -185,6 +208,32 @@ def test_emit_many_writes_a_run_marks_channels_and_sends_full_batches(core) -> N
     assert len(ids) == 7 and emit.emitted == 7
     assert [len(core.parse_envelopes(body)) for _, body in sent] == [3, 3], "two full batches left at once"
     assert list(dirty) == ["ch0"] and scheduled == [1], "the seventh waits for the flush it scheduled"
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_an_emit_lane_reads_its_clock_once_per_batch_and_times_the_batch_from_its_start(core) -> None:
+    windows = [core.OutboundWindow(max_messages=64, rto=1.0), core.OutboundWindow(max_messages=64, rto=1.0)]
+    readings: list[float] = []
+
+    def clock() -> float:
+        readings.append(10.0 * (len(readings) + 1))
+        return readings[-1]
+
+    emit = core.EmitLane(b"Ev", "k", 2, windows, encode, lambda v: str(v).encode(), core.IdSource(b"\x03" * 8), 100,
+                         1 << 20, 1 << 20, clock=clock)
+    keys = {core.partition_of(k.encode(), 2): k for k in ("a", "b", "c", "d", "e")}
+    for n in range(5):
+        assert emit.emit(Ev(keys[0], n)) is not None
+    assert readings == [10.0] and windows[0].pending_since == 10.0, "one reading for the batch, at its start"
+    assert emit.emit(Ev(keys[1], 0)) is not None
+    assert readings == [10.0, 20.0] and windows[1].pending_since == 20.0, "another window's batch reads its own"
+    assert windows[0].flush() is not None and windows[0].pending_since is None
+    assert windows[0].next_deadline() == 11.0, "every envelope of the batch is timed from the batch's start"
+    assert windows[0].due(10.99) is None and len(core.parse_envelopes(windows[0].due(11.0))) == 5
+    emit.emit(Ev(keys[0], 5))
+    assert readings == [10.0, 20.0, 30.0] and windows[0].pending_since == 30.0, "after a flush, a new batch"
+    emit.emit(Ev(keys[0], 6), now=35.0)
+    assert len(readings) == 3 and windows[0].pending_since == 30.0, "a time given is used, not read"
 
 
 @pytest.mark.parametrize("core", CORES)
