@@ -69,9 +69,13 @@ cdef inline lane_clock_fn lane_clock_of(object clock) noexcept:
 
     The caller's clock either way: the capsule only saves a Python call and a float per reading.
     """
-    if PyCapsule_IsValid(clock, b"choreo.clock"):
-        return <lane_clock_fn>PyCapsule_GetPointer(clock, b"choreo.clock")
-    return NULL
+    cdef const char *name = b"choreo.clock"
+    return <lane_clock_fn>PyCapsule_GetPointer(clock, name) if PyCapsule_IsValid(clock, name) else NULL
+
+
+cdef inline double lane_now(lane_clock_fn read_clock, object clock) except? -1:
+    """One reading of the caller's clock: its C function if it came as one (see lane_clock_of)."""
+    return read_clock() if read_clock != NULL else <double>clock()
 
 cdef class IdSource:
     """Message ids of one node: an 8-byte random prefix and a counter (16 bytes, unique)."""
@@ -373,7 +377,14 @@ cdef class EmitLane:
         w._reserve(size)
         write_raw(w._buf + w._buf_len, seq, self._kind, flags, PyBytes_AS_STRING(self._tname), tlen, k, klen,
                   partition, mid, tid, cid, PyBytes_AS_STRING(payload), plen)
-        w._admit(size, (w._pending_since if w._pending else <double>self._clock()) if now is None else <double>now)
+        cdef double t
+        if now is not None:
+            t = now
+        elif w._pending:
+            t = w._pending_since  # the batch's time: one clock reading per batch
+        else:
+            t = self._clock()
+        w._admit(size, t)
         self.last = index
         self.full = w._pending >= self._max_batch or <Py_ssize_t>w._buf_len >= self._max_batch_bytes
         self.emitted += 1
@@ -661,8 +672,7 @@ cdef class FastLane:
                 ctx_layout(&self._ctx_lay, type(ctx))
                 self._ctx_type = type(ctx)
             lay = self._ctx_lay
-        # one reading per message: each one's start is the previous one's end
-        t1 = read_clock() if read_clock != NULL else <double>clock()
+        t1 = lane_now(read_clock, clock)  # one reading per message: each one's start is the previous one's end
         while i < n:
             obj = envs[i]
             if type(obj) is not Envelope:
@@ -720,7 +730,7 @@ cdef class FastLane:
                     except Exception as exc:
                         # the caller runs them one by one (and then takes envs[stop_at], if any, afresh)
                         return handled, i, LANE_BATCH_FAILED, batch, exc, t0
-                    t1 = read_clock() if read_clock != NULL else <double>clock()
+                    t1 = lane_now(read_clock, clock)
                     while i < j:
                         self._done(<Envelope>envs[i], e, reorder, ring, spans_append, received_at, t0, t1)
                         i += 1
@@ -764,7 +774,7 @@ cdef class FastLane:
                     view = ctx_get(ctx, lay.state, "state")
                     if (<StateView>view)._commit(env) if type(view) is StateView else view.commit(env):
                         return handled, i, LANE_EFFECTS, message, ctx, t0
-            t1 = read_clock() if read_clock != NULL else <double>clock()
+            t1 = lane_now(read_clock, clock)
             self._done(env, e, reorder, ring, spans_append, received_at, t0, t1)
             handled += 1
             i += 1

@@ -2,7 +2,6 @@
 
 from typing import Any
 
-CAPSULE_NAME: str
 MONOTONIC: Any  # a PyCapsule named "choreo.clock" holding ``double (*)(void)``
 
 def monotonic() -> float: ...

@@ -78,11 +78,8 @@ EMIT_BLOCKED = _impl.EMIT_BLOCKED
 EMIT_INVALID = _impl.EMIT_INVALID
 
 _C_MONOTONIC: Any = None
-if IMPLEMENTATION == "compiled":
-    try:
-        from ._clock import MONOTONIC as _C_MONOTONIC
-    except ImportError:  # pragma: no cover - a build without it: the lane calls the clock
-        pass
+if IMPLEMENTATION == "compiled":  # (built with the core: a build without it is broken, and says so)
+    from ._clock import MONOTONIC as _C_MONOTONIC
 
 
 def lane_clock(clock: Callable[[], float]) -> Any:

@@ -127,6 +127,7 @@ class Dispatcher:
         # a handler that emits and sends nothing ends the flow of a message from outside at its span
         tracer.terminal.update(h.name for h in self.handlers.values() if not h.emits and not h.sends)
         self.lane = core.FastLane()
+        self._lane_clock = core.lane_clock(host.clock)  # the host's clock, as the lane reads it fastest
         self.state: StateTables | None = None  # the state of this node's partitions
         if service is not None and service.state:
             self.state = StateTables(StateTypes(service.state), service.partitions)
@@ -181,7 +182,6 @@ class Dispatcher:
         gate = self.moves.ownership.gate if self.moves is not None else None
         reorder = channel.reorder
         run = self.lane.run
-        clock = core.lane_clock(host.clock)
         journal = self.journal if self.config.dedup else None
         done, i, n = 0, 0, len(envs)
         while i < n:
@@ -190,7 +190,7 @@ class Dispatcher:
                     self.deliver(channel, env, now)
                 break
             handled, i, status, a, b, started = run(
-                envs, i, reorder, now, clock, received, gate, self.keyed, spans_append, self._lane_ctx,
+                envs, i, reorder, now, self._lane_clock, received, gate, self.keyed, spans_append, self._lane_ctx,
                 self._answer, channel,
             )
             done += handled
