@@ -57,6 +57,7 @@ DEF _MAX_ACK_RANGES = 32
 DEF MAX_PARTITIONS = 65536
 DEF BLOCK = 256            # envelopes hashed ahead by DedupWindow.insert_envelopes
 DEF PREFETCH_AHEAD = 12    # inserts between a prefetch and its use (about a DRAM latency of work)
+DEF SCRATCH_KEEP = 262144  # bytes an emit lane's encoding buffer keeps between writes (more: a fresh one)
 
 ACCEPTED = 0
 DUPLICATE = 1

@@ -254,11 +254,19 @@ cdef class EmitLane:
     cdef Py_ssize_t *_field_offs        # the same for each of ``fields`` (NULL: getattr)
     cdef readonly Py_ssize_t emitted
     cdef int _kind                      # the envelope kind it writes (a command's or query's: request())
+    # encode_into(message, buffer, offset): bodies encoded into one reused bytearray, copied into
+    # the window from there (no bytes object made and freed per message); busy while its bytes
+    # are still to be copied, so a write that re-enters the lane (a key's or an id's function
+    # emitting) encodes into a bytes object of its own instead
+    cdef object _encode_into
+    cdef bytearray _scratch
+    cdef bint _scratch_busy
 
     def __cinit__(self, bytes tname not None, key_name, Py_ssize_t partitions, list windows not None, encode,
                   key_bytes, IdSource ids not None, Py_ssize_t max_batch, Py_ssize_t max_batch_bytes,
                   Py_ssize_t max_bytes, check=None, list channels=None, dict dirty=None, schedule=None,
-                  send_full=None, clock=None, cls=None, idempotency=None, tuple fields=None, int kind=_KIND_EVENT):
+                  send_full=None, clock=None, cls=None, idempotency=None, tuple fields=None, int kind=_KIND_EVENT,
+                  encode_into=None):
         if not windows:
             raise ValueError("an emit lane needs at least one window")
         for w in windows:
@@ -290,6 +298,8 @@ cdef class EmitLane:
         self._cls = cls
         self._idempotency = idempotency
         self._kind = kind
+        self._encode_into = encode_into
+        self._scratch = bytearray()
         if fields is not None:
             for f in fields:
                 if type(f) is not tuple or len(f) != 2 or type(f[0]) is not str or (
@@ -314,10 +324,12 @@ cdef class EmitLane:
     def __dealloc__(self):
         free(self._field_offs)
 
-    cdef object _write(self, event, bytes payload, object now, msg_id, trace_id=None, cause_id=None, on_done=None):
-        """Route and write one encoded message; its id, or None (it did not go in). ``now``
-        None: the time its window's batch began, or the clock's when this one begins it."""
-        cdef Py_ssize_t plen = PyBytes_GET_SIZE(payload), klen = 0, tlen = PyBytes_GET_SIZE(self._tname)
+    cdef object _write(self, event, const char *payload, Py_ssize_t plen, object now, msg_id, trace_id=None,
+                       cause_id=None, on_done=None):
+        """Route and write one encoded message (``plen`` bytes at ``payload``); its id, or None
+        (it did not go in). ``now`` None: the time its window's batch began, or the clock's when
+        this one begins it."""
+        cdef Py_ssize_t klen = 0, tlen = PyBytes_GET_SIZE(self._tname)
         cdef const char *k = ""
         cdef object value, kb
         cdef int partition = 0, flags = 0
@@ -376,7 +388,7 @@ cdef class EmitLane:
         cdef uint64_t seq = w.next_seq
         w._reserve(size)
         write_raw(w._buf + w._buf_len, seq, self._kind, flags, PyBytes_AS_STRING(self._tname), tlen, k, klen,
-                  partition, mid, tid, cid, PyBytes_AS_STRING(payload), plen)
+                  partition, mid, tid, cid, payload, plen)
         cdef double t
         if now is not None:
             t = now
@@ -408,17 +420,39 @@ cdef class EmitLane:
         cdef bint direct = self._field_offs != NULL and type(event) is self._cls
         return fields_fit(event, self._fields, self._field_offs if direct else NULL)
 
-    cdef inline bint _valid(self, event, bytes payload) except -1:
-        if PyBytes_GET_SIZE(payload) > self._max_bytes:
+    cdef inline bint _valid(self, event, bytearray buf, Py_ssize_t off, Py_ssize_t plen) except -1:
+        """Whether the body of ``plen`` bytes at ``off`` in ``buf`` may go out as it is."""
+        if plen > self._max_bytes:
             return False
         if self._fields is not None and self._fields_fit(event):
             return True
         if self._check is not None:
             try:
-                self._check(payload)
+                self._check(PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf) + off, plen))
             except Exception:
                 return False  # the slow path names the field that does not match its type
         return True
+
+    cdef inline Py_ssize_t _encode_at(self, bytearray buf, message, Py_ssize_t off) except -1:
+        """Encode ``message`` into ``buf`` from ``off`` (``buf`` ends with it then); its length."""
+        if self._encode_into is not None:
+            self._encode_into(message, buf, off)
+        else:
+            buf[off:] = self._encode(message)
+        return PyByteArray_GET_SIZE(buf) - off
+
+    cdef inline bytearray _take_scratch(self):
+        """The bytearray to encode into: the lane's own, or a new one if a write is using it."""
+        if self._scratch_busy:
+            return bytearray()
+        self._scratch_busy = True
+        return self._scratch
+
+    cdef inline void _give_back(self, bytearray buf) noexcept:
+        if buf is self._scratch:
+            self._scratch_busy = False
+            if PyByteArray_GET_SIZE(buf) > SCRATCH_KEEP:
+                self._scratch = bytearray()  # (a large body or batch: do not hold its memory)
 
     def emit(self, event, now=None, msg_id=None):
         """Write one event into its window; returns its id, or None (caller: take the slow path)."""
@@ -428,19 +462,29 @@ cdef class EmitLane:
         """Write one command or query (see the twin); its id, or None (caller: take the slow path)."""
         if self._channels is None or self._clock is None:
             raise ValueError("request needs the lane's channels and clock")
-        cdef bytes payload = self._encode(message)
-        if not self._valid(message, payload):
-            return None
-        return self._write(message, payload, None, msg_id, trace_id, cause_id, on_done)
+        cdef bytearray buf = self._take_scratch()
+        cdef Py_ssize_t plen
+        try:
+            plen = self._encode_at(buf, message, 0)
+            if not self._valid(message, buf, 0, plen):
+                return None
+            return self._write(message, PyByteArray_AS_STRING(buf), plen, None, msg_id, trace_id, cause_id, on_done)
+        finally:
+            self._give_back(buf)
 
     cdef object _emit(self, event, now, msg_id):
         """:meth:`emit`, callable from C (EmitTable calls it with neither ``now`` nor ``msg_id``)."""
-        cdef bytes payload = self._encode(event)
-        if not self._valid(event, payload):
-            return None
-        if msg_id is None and self._idempotency is not None:
-            msg_id = self._idempotency(event)
-        return self._write(event, payload, now, msg_id)
+        cdef bytearray buf = self._take_scratch()
+        cdef Py_ssize_t plen
+        try:
+            plen = self._encode_at(buf, event, 0)
+            if not self._valid(event, buf, 0, plen):
+                return None
+            if msg_id is None and self._idempotency is not None:
+                msg_id = self._idempotency(event)
+            return self._write(event, PyByteArray_AS_STRING(buf), plen, now, msg_id)
+        finally:
+            self._give_back(buf)
 
     def emit_many(self, list events not None, Py_ssize_t start, list ids not None):
         """Write ``events[start:]`` in order while they are of this lane's type and go in.
@@ -449,27 +493,38 @@ cdef class EmitLane:
         is written. Returns ``(index, status)`` (``EMIT_*``): where it stopped and why; the id of
         every event written is appended to ``ids``.
         """
-        cdef Py_ssize_t n = len(events), i, end = start
-        cdef object now
-        cdef list payloads = []
-        cdef object payload, msg_id = None
+        cdef Py_ssize_t n = len(events), i, end = start, off = 0, plen
+        cdef object now, msg_id = None
         if self._cls is None or self._clock is None:
             raise ValueError("emit_many needs the lane's message class (cls=) and clock")
         while end < n and type(events[end]) is self._cls:
-            payload = self._encode(events[end])
-            if not self._valid(events[end], <bytes>payload):
-                return end, EMIT_INVALID
-            payloads.append(payload)
             end += 1
-        now = self._clock()
-        for i in range(start, end):
-            if self._idempotency is not None:
-                msg_id = self._idempotency(events[i])
-            out_id = self._write(events[i], <bytes>payloads[i - start], now, msg_id)
-            if out_id is None:
-                return i, EMIT_BLOCKED
-            ids.append(out_id)
-        return end, EMIT_END if end == n else EMIT_OTHER
+        # the bodies one after another in one buffer; ends[k]: where the k-th one ends
+        cdef Py_ssize_t *ends = <Py_ssize_t *>malloc((end - start + 1) * sizeof(Py_ssize_t))
+        if ends == NULL:
+            raise MemoryError()
+        cdef bytearray buf = self._take_scratch()
+        try:
+            for i in range(start, end):
+                plen = self._encode_at(buf, events[i], off)
+                if not self._valid(events[i], buf, off, plen):
+                    return i, EMIT_INVALID
+                off += plen
+                ends[i - start] = off
+            now = self._clock()
+            off = 0
+            for i in range(start, end):
+                if self._idempotency is not None:
+                    msg_id = self._idempotency(events[i])
+                out_id = self._write(events[i], PyByteArray_AS_STRING(buf) + off, ends[i - start] - off, now, msg_id)
+                if out_id is None:
+                    return i, EMIT_BLOCKED
+                ids.append(out_id)
+                off = ends[i - start]
+            return end, EMIT_END if end == n else EMIT_OTHER
+        finally:
+            free(ends)
+            self._give_back(buf)
 
 
 cdef class EmitTable:

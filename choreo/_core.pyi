@@ -300,6 +300,7 @@ class EmitLane:
         idempotency: Callable[[Any], bytes | None] | None = None,
         fields: tuple[tuple[str, tuple[type, ...] | None], ...] | None = None,
         kind: int = ...,
+        encode_into: Callable[[Any, bytearray, int], None] | None = ...,
     ) -> None: ...
     def emit(self, event: Any, now: float | None = None, msg_id: bytes | None = None) -> bytes | None: ...
     def request(

@@ -1218,6 +1218,11 @@ class EmitLane:
     pairs, ``types`` None for a field of any type) lets the lane skip ``check``: when every field's
     value is exactly of one of its types, the check could only pass; otherwise it runs.
 
+    ``encode_into(message, buffer, offset)``, optional, is ``encode`` into a bytearray from
+    ``offset`` (msgspec's ``Encoder.encode_into``): the compiled lane encodes every body into one
+    buffer it keeps (no bytes object per message; ``emit_many``'s bodies one after another) and
+    copies it into the window from there; this twin makes bytes with ``encode`` either way.
+
     A lane of another ``kind`` (a command or query type) writes with :meth:`request`: the caller's
     ids (the message's, its trace's and its cause's), ``on_done`` put in the channel's ``watch``
     under the envelope's seq (called when it is acknowledged), and the channel's ``urgent`` flag
@@ -1246,6 +1251,7 @@ class EmitLane:
         idempotency: Any = None,
         fields: tuple[tuple[str, tuple[type, ...] | None], ...] | None = None,
         kind: int = KIND_EVENT,
+        encode_into: Any = None,
     ) -> None:
         if not windows:
             raise ValueError("an emit lane needs at least one window")

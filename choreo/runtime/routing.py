@@ -46,7 +46,8 @@ __all__ = ["Router", "Route", "Destination", "PlannedCopy", "EmitPlan", "Request
 
 log = logging.getLogger("choreo.node")
 ZERO_ID = bytes(16)
-_encode = msgspec.msgpack.Encoder().encode  # the same encoding as choreo.messages.encode
+_encoder = msgspec.msgpack.Encoder()  # the same encoding as choreo.messages.encode
+_encode, _encode_into = _encoder.encode, _encoder.encode_into
 _partition_of = core.partition_of
 _HEADER_SIZE = core.HEADER_SIZE
 _KIND_EVENT = wire.KIND_EVENT
@@ -417,6 +418,7 @@ class Router:
             self.config.max_batch, self.config.max_batch_bytes, max_bytes, decoder_for(cls).decode,
             channels=channels, dirty=self._dirty_out, schedule=outbox.schedule_flush, send_full=outbox.send_full,
             clock=self.clock, cls=cls, idempotency=idempotency, fields=simple_fields(cls), kind=kind,
+            encode_into=_encode_into,
         )
 
     def emitted(self) -> int:
