@@ -322,9 +322,21 @@ def test_a_lane_encoding_into_its_own_buffer_writes_what_encode_would_even_when_
         assert len(inner) == (2 if reenter else 0) and all(inner), "key 7 was written twice, each time re-entering"
         return [w.flush() for w in windows]
 
+    offsets: list[int] = []
+
+    def encode_into(message: IntKeyed, buffer: bytearray, offset: int) -> None:
+        offsets.append(offset)
+        _encoder.encode_into(message, buffer, offset)
+
     plain = written(None, reenter=False)
-    assert written(_encoder.encode_into, reenter=False) == plain, "the same envelopes, byte for byte"
-    both = written(_encoder.encode_into, reenter=True)
+    assert written(encode_into, reenter=False) == plain, "the same envelopes, byte for byte"
+    if core is _core:  # (the twin makes bytes with encode either way)
+        run = offsets[3:11]
+        assert len(offsets) == 12 and offsets[:3] == [0, 0, 0] and offsets[11] == 0, "each body at the start"
+        assert run[0] == 0 and run == sorted(run) and len(set(run)) == 8, "emit_many's bodies one after another"
+    else:
+        assert offsets == []
+    both = written(encode_into, reenter=True)
     bodies = [msgspec.msgpack.decode(e.payload, type=IntKeyed)
               for body in both for e in core.parse_envelopes(body)]
     assert sorted((b.k, b.body) for b in bodies) == sorted(
