@@ -76,6 +76,12 @@ def _params() -> dict[str, Any]:
     return json.loads(os.environ.get("CHOREO_BENCH", "{}"))
 
 
+if _params().get("timeline"):  # python -m bench.timeline: this process notes its round trips' stages
+    from bench.timeline import install
+
+    install(_params()["timeline"])
+
+
 def _write(out: str | None, data: dict[str, Any]) -> None:
     if not out:
         return
