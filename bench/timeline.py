@@ -4,8 +4,8 @@
 ``Echo`` commands one after another to ``consumer``), with the runtime's few methods on the
 round trip's path wrapped to note when they start and end (``time.perf_counter_ns``, the same
 clock in every process on a machine): the request, the transport's sends, each read of the
-ROUTER socket, the engine's handling of each frame and what follows a read. Each round trip is
-then cut at those marks::
+ROUTER socket and the engine's handling of each frame. Each round trip is then cut at those
+marks::
 
     request  the caller's request, up to its frame's send (encode, route, window, flush)
     send     the caller's zmq_send of that frame
@@ -16,7 +16,9 @@ then cut at those marks::
     wire     back, to the caller's read starting
     read     the caller's read of the answer, until the frame's handling starts
     reply    the caller's handling of the answer frame (on_frame: the future resolved, the ack)
-    after    the rest of that read (the empty read that ends it, the flush, the next tick)
+    after    the rest of that read: next to nothing, as a read stops after a frame that woke
+             a caller (it goes on, with its flush, once the caller ran); on a runtime before
+             that, the look at the socket that ends the read, the flush and the tick's reckoning
     resume   from there until the awaiting coroutine has its result (a turn of the loop)
 
 and the raw pyzmq ping-pong of the same 100 bytes runs beside it for scale. The wrappers cost
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 # the marks: (kind, start ns, end ns, extra), four int64 each in one array (no objects for the GC)
-_READ, _SEND, _REQUEST, _FRAME, _AFTER = 1, 2, 3, 4, 5
+_READ, _SEND, _REQUEST, _FRAME = 1, 2, 3, 4
 STAGES = ["request", "send", "wire", "owner", "owner send", "wire back", "read", "reply", "after", "resume"]
 
 
@@ -48,7 +50,6 @@ def install(path: str) -> None:
     (Called by :mod:`bench.nodes` at import when its parameters name a ``timeline``: before the
     node is built, so every bound method the runtime keeps is a wrapped one.)
     """
-    from choreo import node as node_module
     from choreo import transport
     from choreo.runtime import calls, engine
 
@@ -59,7 +60,6 @@ def install(path: str) -> None:
     read = transport.ZmqTransport._readable
     send = transport.ZmqTransport.send
     on_frame = engine.Engine.on_frame
-    after = node_module.Node._after_reading
     request = calls.Calls.request
 
     def _readable(self: Any) -> None:
@@ -72,15 +72,11 @@ def install(path: str) -> None:
         send(self, endpoint, frame)
         note((_SEND, t, ns(), len(frame)))
 
-    def _on_frame(self: Any, data: bytes, identity: bytes | None = None, principal: str | None = None) -> None:
+    def _on_frame(self: Any, data: bytes, identity: bytes | None = None, principal: str | None = None) -> Any:
         t = ns()
-        on_frame(self, data, identity, principal)
-        note((_FRAME, t, ns(), data[2] if len(data) > 2 else 0))
-
-    def _after_reading(self: Any) -> None:
-        t = ns()
-        after(self)
-        note((_AFTER, t, ns(), 0))
+        woke = on_frame(self, data, identity, principal)  # (the reader reads what it returns)
+        note((_FRAME, t, ns(), data[5] if len(data) > 5 else 0))
+        return woke
 
     async def _request(self: Any, *args: Any, **kwargs: Any) -> Any:
         t = ns()
@@ -91,7 +87,6 @@ def install(path: str) -> None:
     transport.ZmqTransport._readable = _readable  # type: ignore[method-assign]
     transport.ZmqTransport.send = _send  # type: ignore[method-assign]
     engine.Engine.on_frame = _on_frame  # type: ignore[method-assign]
-    node_module.Node._after_reading = _after_reading  # type: ignore[method-assign]
     calls.Calls.request = _request  # type: ignore[method-assign]
 
     def dump() -> None:
@@ -131,7 +126,7 @@ def stages(caller: dict[int, list[tuple[int, int, int]]], owner: dict[int, list[
     A round trip whose marks do not nest as one request's should (a tick's frame, a gossip
     message or a retransmission in between) is left out, and counted by the caller of this.
     """
-    c_send, c_read, c_frame, c_after = (_Marks(caller.get(k, [])) for k in (_SEND, _READ, _FRAME, _AFTER))
+    c_send, c_read, c_frame = (_Marks(caller.get(k, [])) for k in (_SEND, _READ, _FRAME))
     o_send, o_read = _Marks(owner.get(_SEND, [])), _Marks(owner.get(_READ, []))
     rows = []
     for start, end, _ in caller.get(_REQUEST, [])[skip:]:
@@ -140,11 +135,10 @@ def stages(caller: dict[int, list[tuple[int, int, int]]], owner: dict[int, list[
         answered = o_send.first_from(read[0]) if read else None
         back = c_read.first_from(answered[0]) if answered else None
         frame = c_frame.first_from(back[0]) if back else None
-        after = c_after.first_from(frame[1]) if frame else None
-        if not (sent and read and answered and back and frame and after):
+        if not (sent and read and answered and back and frame):
             continue
         if not (start <= sent[0] < sent[1] <= read[0] <= answered[0] <= answered[1] and answered[0] <= read[1]
-                and answered[1] <= back[0] <= frame[0] <= frame[1] <= after[0] <= after[1] <= back[1] <= end):
+                and answered[1] <= back[0] <= frame[0] <= frame[1] <= back[1] <= end):
             continue
         rows.append([
             sent[0] - start, sent[1] - sent[0], read[0] - sent[1], answered[0] - read[0], answered[1] - answered[0],

@@ -141,6 +141,12 @@ def send(socket, bytes frame) -> None:
         raise zmq.Again(errno) if errno == EAGAIN_ else zmq.ZMQError(errno)
 
 
+# what Reader.read returns (see it)
+READ_DRAINED = 0
+READ_BUDGET_SPENT = 1
+READ_YIELDED = 2
+
+
 cdef class Reader:
     """Reads a ROUTER socket's messages into ``on_frame(data, identity, principal)``.
 
@@ -185,11 +191,16 @@ cdef class Reader:
         """A message waits to be read (``ZMQ_EVENTS``; asking consumes the descriptor's edge)."""
         return self._events() & POLLIN != 0
 
-    def read(self, Py_ssize_t budget) -> bool:
-        """Read and hand over up to ``budget`` messages; True when it stopped at the budget.
+    def read(self, Py_ssize_t budget) -> int:
+        """Read and hand over up to ``budget`` messages: ``READ_DRAINED`` (0) when none waits,
+        ``READ_BUDGET_SPENT`` (1) when it stopped at the budget, ``READ_YIELDED`` (2) when it
+        stopped after a frame whose ``on_frame`` returned true (it woke a caller awaiting an
+        answer: the caller runs before the rest of the read, see ZmqTransport._readable).
 
         The first read trusts the wake-up; after each message ``ZMQ_EVENTS`` is asked whether
-        another waits, so the last question leaves the descriptor's edge armed again.
+        another waits, so the last question leaves the descriptor's edge armed again. (A read
+        that stopped early did not ask: the transport reads again at the next turn, whose first
+        receive consumes the edge as that question would.)
         """
         cdef Py_ssize_t n
         cdef choreo_zmq_msg first, part
@@ -198,27 +209,27 @@ cdef class Reader:
         cdef int errno
         cdef bint more
         if self._socket.closed:
-            return False
+            return READ_DRAINED
         for n in range(budget):
             try:
                 if n and not self._events() & POLLIN:
-                    return False
+                    return READ_DRAINED
             except zmq.ZMQError as exc:
                 if not self._socket.closed:  # (closed by a frame's handling: nothing to say)
                     self._read_failed(exc.errno)
-                return False
+                return READ_DRAINED
             errno = _recv(&first, sock)
             if errno:
                 z_msg_close(&first)
                 if errno != EAGAIN_:
                     self._read_failed(errno)
-                return False
+                return READ_DRAINED
             errno = _recv(&part, sock)  # a message arrives whole: its other parts are here
             if errno:
                 z_msg_close(&part)
                 z_msg_close(&first)
                 self._read_failed(errno)
-                return False
+                return READ_DRAINED
             more = z_msg_more(&part)
             if more:  # not a choreo node: read it whole, let the engine count the bad frame
                 data = MULTIPART
@@ -241,7 +252,8 @@ cdef class Reader:
                 principal = user.decode("utf-8", "replace")
             z_msg_close(&first)
             try:
-                self._on_frame(data, identity, principal)
+                if self._on_frame(data, identity, principal):
+                    return READ_YIELDED
             except Exception as exc:  # the engine counts what it refuses; anything else stops here
                 self._refuse("internal_error", f"{type(exc).__name__}: {exc} (handling a frame)", exc)
-        return True
+        return READ_BUDGET_SPENT

@@ -101,6 +101,10 @@ MAX_PARKED_BYTES = 64 << 20  # bytes per peer waiting likewise
 MAX_PEERS = 256  # DEALERs open at once per node (least recently used closed beyond)
 IDLE_CLOSE = 60.0  # seconds after which an unused DEALER is closed
 READ_BUDGET = 256  # frames per reader callback before yielding to the loop
+# what a reader's read returns (the compiled reader's, choreo._zmqio, are the same numbers)
+READ_DRAINED = 0  # nothing more waits
+READ_BUDGET_SPENT = 1  # it stopped at the budget: more may wait
+READ_YIELDED = 2  # it stopped after a frame that woke a caller awaiting an answer: more may wait
 # plain ints: pyzmq's constants are enums, and an operation on one builds a new enum (about 1 us)
 _NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
 # pyzmq's compiled send, without the Python wrapper of zmq.Socket.send (which only adds the
@@ -135,7 +139,7 @@ class PyzmqReader:
     """:class:`choreo._zmqio.Reader` through pyzmq's calls: what the transport reads with where
     that module is not available (the same contract; see it)."""
 
-    def __init__(self, socket: zmq.Socket, on_frame: Callable[[bytes, bytes, str | None], None],
+    def __init__(self, socket: zmq.Socket, on_frame: Callable[[bytes, bytes, str | None], object],
                  refuse: Callable[..., None], secure: bool) -> None:
         self.socket = socket
         self.on_frame = on_frame
@@ -145,7 +149,7 @@ class PyzmqReader:
     def waiting(self) -> bool:
         return bool(self.socket.get(_EVENTS) & _POLLIN)
 
-    def read(self, budget: int) -> bool:
+    def read(self, budget: int) -> int:
         router, on_frame, secure = self.socket, self.on_frame, self.secure
         NOBLOCK, EVENTS, POLLIN = _NOBLOCK, _EVENTS, _POLLIN
         events = router.get
@@ -153,7 +157,7 @@ class PyzmqReader:
             try:
                 # the first read trusts the wake-up; the last question leaves the edge armed again
                 if n and not events(EVENTS) & POLLIN:
-                    return False
+                    return READ_DRAINED
                 if secure:
                     first = router.recv(NOBLOCK, copy=False)
                     identity = first.bytes
@@ -167,11 +171,11 @@ class PyzmqReader:
                 else:
                     data = part.bytes
             except zmq.Again:
-                return False
+                return READ_DRAINED
             except zmq.ZMQError as exc:  # never raise out of the loop
                 if not router.closed:  # (closed by a frame's handling: nothing to say)
                     self.refuse("transport_error", f"reading the ROUTER: {exc}")
-                return False
+                return READ_DRAINED
             principal: str | None = None
             if secure:
                 # the key's name, as the ZAP handler set it for this connection: on every message, read
@@ -182,10 +186,11 @@ class PyzmqReader:
                     self.refuse("no_principal", "a frame without an authenticated key")
                     continue
             try:
-                on_frame(data, identity, principal)
+                if on_frame(data, identity, principal):
+                    return READ_YIELDED
             except Exception as exc:  # the engine counts what it refuses; anything else stops here
                 self.refuse("internal_error", f"{type(exc).__name__}: {exc} (handling a frame)", exc)
-        return True
+        return READ_BUDGET_SPENT
 
 
 class ZmqTransport:
@@ -280,12 +285,13 @@ class ZmqTransport:
         self._reader: Any = None  # a choreo._zmqio.Reader or a PyzmqReader, from start()
         self._on_idle: Callable[[], None] | None = None
         self._read_scheduled = False
+        self._yielded = False  # a read stopped for a caller it woke: the read after that caller goes on
         self.closed = False
 
     def start(
         self,
         loop: asyncio.AbstractEventLoop,
-        on_frame: Callable[[bytes, bytes, str | None], None],
+        on_frame: Callable[[bytes, bytes, str | None], object],
         on_idle: Callable[[], None],
     ) -> None:
         self._loop = loop
@@ -307,8 +313,8 @@ class ZmqTransport:
         """Frames wait to be read; if so, a read is scheduled (asking ZeroMQ consumes the edge the
         loop waits for, so that read cannot be left to the loop). The engine asks between long runs
         of handlers, so that a command that arrived meanwhile runs before the rest of them."""
-        if self._read_scheduled or self.closed:
-            return self._read_scheduled
+        if self._read_scheduled or self._yielded or self.closed:
+            return self._read_scheduled or self._yielded
         try:
             waiting = self._reader.waiting()
         except zmq.ZMQError:  # pragma: no cover - a closing socket: nothing to read
@@ -319,15 +325,29 @@ class ZmqTransport:
 
     def _readable(self) -> None:
         self._read_scheduled = False
-        if self.closed:
+        if self.closed or self._yielded:
+            return  # (after a read that yielded, the read that goes on is _after_yield's)
+        assert self._reader is not None and self._on_idle is not None and self._loop is not None
+        stopped = self._reader.read(READ_BUDGET)
+        if stopped == READ_YIELDED:
+            # a frame woke a caller awaiting its answer. Its task was scheduled as its future was
+            # resolved, so it runs before the callback scheduled here, which reads on and calls
+            # on_idle: the answer reaches its caller without waiting for another look at the
+            # socket, the flush and the next tick's reckoning. Until then no read (one the socket's
+            # descriptor or a schedule queued already this turn) may get ahead of that caller.
+            self._yielded = True
+            self._loop.call_soon(self._after_yield)
             return
-        assert self._reader is not None and self._on_idle is not None
-        if self._reader.read(READ_BUDGET):
+        if stopped:
             self._schedule_read()  # more may be waiting: continue after others had a turn
         try:
             self._on_idle()
         except Exception as exc:
             self._refuse("internal_error", f"{type(exc).__name__}: {exc} (after reading)", exc)
+
+    def _after_yield(self) -> None:
+        self._yielded = False
+        self._readable()
 
     # -- refusals -----------------------------------------------------------------------------------
 

@@ -27,6 +27,8 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.dispatch`: dedup, per-key order, handlers, retries, the ack after the effects;
 * :mod:`~choreo.runtime.intake`: received data on its way to the dispatcher: in order, commands
   first, events in turns of the loop;
+* :mod:`~choreo.runtime.returns`: what comes back for what this node sent: acks (credit back,
+  holds released) and answers (callers resolved, and run before their ack's bookkeeping);
 * :mod:`~choreo.runtime.queries`: the system query table and its answers;
 * :mod:`~choreo.runtime.engine`: the wiring: the frame table, tick, peers gone,
   reincarnation.

@@ -445,15 +445,16 @@ class Calls:
                         f"{options.kind} {options.name} to {call.service}: no answer within {call.timeout:.1f} s"
                     ))
 
-    def on_reply(self, msg_id: bytes, type_name: str, payload: bytes, peer: Peer | None = None) -> None:
-        """An answer arrived (from ``peer``): resolve every caller waiting on that message id.
+    def on_reply(self, msg_id: bytes, type_name: str, payload: bytes, peer: Peer | None = None) -> bool:
+        """An answer arrived (from ``peer``): resolve every caller waiting on that message id;
+        True if it woke one (its task is scheduled to run).
 
         Only an instance of the service the request went to answers it: an answer from any other
         member (it may have computed the id of an idempotent command) is refused, and the callers
         go on waiting for the real one."""
         calls = self.pending.get(msg_id)
         if not calls:
-            return
+            return False
         if peer is not None and peer.service_name != calls[0].service:
             raise ProtocolError("not_allowed", f"an answer to {type_name} from {peer.node}, which does not serve "
                                                f"{calls[0].service}")
@@ -468,9 +469,11 @@ class Calls:
                 if not call.future.done():
                     call.future.set_exception(error)
             raise error from None
+        woke = False
         for call in calls:
             if call.future.done():
                 continue
+            woke = True
             if ok:
                 try:
                     result = result_decoder_for(call.cls).decode(body)  # type: ignore[arg-type]
@@ -485,6 +488,7 @@ class Calls:
                     call.future.set_exception(refusal(f"{call.service} refused {type_name}: {message}"))
                 else:
                     call.future.set_exception(HandlerFailed(type_name, call.service, etype, message))
+        return woke
 
     # -- what a handler produced -----------------------------------------------------------------
 

@@ -115,6 +115,8 @@ class Dispatcher:
         # command id -> (time, ttl, reply, partition): a duplicate command gets the first result
         self.results: OrderedDict[bytes, tuple[float, float, bytes, int]] = OrderedDict()
         self.results_max = results_max
+        # answers sent before their results are kept (see hold_results): (env, handler, reply)
+        self._unkept: list[tuple[Any, Handler, bytes]] | None = None
         self.journal = journal  # durable nodes: what must commit before an ack leaves
         self.dead_letters = DeadLetters(config.dlq_max, config.dlq_max_bytes, journal=journal)
         self.replays_committing: dict[int, int] = {}  # durable: letter id -> the commit that makes its replay safe
@@ -250,12 +252,37 @@ class Dispatcher:
             return False
         reply = ok_reply(body)
         handler = self.handlers[env.type]
-        if env.kind == KIND_COMMAND and self.config.dedup:
-            self.data.keep_result(env, handler, reply)  # a duplicate gets the same answer
+        if env.kind == KIND_COMMAND and self.config.dedup:  # a duplicate gets the same answer
+            unkept = self._unkept
+            if unkept is None:
+                self.data.keep_result(env, handler, reply)
+            else:
+                unkept.append((env, handler, reply))
         self.host.send_reply(channel, env, reply)
         if self.tracer.completed is not None:  # metrics watch: a flow from outside may end here
             self.tracer.flow_answered(env, handler.name, self.host.batch_received)
         return True
+
+    def hold_results(self) -> None:
+        """Until :meth:`keep_held_results`, the results of commands the lane answers are kept
+        after their answers leave: the intake's urgent path (intake.py) sends a frame's answers
+        first, its caller's wait being the one that counts. Not on a durable node, whose answers
+        wait for the commit their results are part of. A duplicate met meanwhile keeps them first."""
+        if self.journal is None and self._unkept is None:
+            self._unkept = []
+
+    def keep_held_results(self) -> None:
+        """Keep the results held since :meth:`hold_results`, and hold no more."""
+        self._keep_now()
+        self._unkept = None
+
+    def _keep_now(self) -> None:
+        unkept = self._unkept
+        if unkept:
+            self._unkept = []
+            keep = self.data.keep_result
+            for env, handler, reply in unkept:
+                keep(env, handler, reply)
 
     def _track(self, partition: int) -> None:
         lag = self.stats.lag
@@ -394,6 +421,8 @@ class Dispatcher:
                     self.deliver(dup.channel, dup.env, now)
 
     def _duplicate(self, job: Job) -> None:
+        if self._unkept:
+            self._keep_now()
         self.stats.duplicates += 1
         job.started = self.host.clock()
         self.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
@@ -595,6 +624,8 @@ class Dispatcher:
                 if self.journal is not None and not job.logged:
                     self.journal.handled(env)  # its id commits before its ack leaves
                 del self.in_progress[env.msg_id]
+                if self._unkept:
+                    self._keep_now()
                 cached = self.results.get(env.msg_id)
                 for dup in job.duplicates:
                     if cached is not None:

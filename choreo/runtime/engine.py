@@ -15,8 +15,9 @@ The engine owns no logic of its own; each job is a part
 * ``DATA`` goes to the :class:`~choreo.runtime.intake.Intake`: through the sender's in-channel
   (order) to the :class:`~choreo.runtime.dispatch.Dispatcher` (dedup, per-key order, handlers),
   commands first, events in turns so that heartbeats and commands are answered under load;
-* ``ACK`` frees credit in the :class:`~choreo.runtime.outbox.Outbox` and releases holds;
-* ``REPLY`` answers the callers in :class:`~choreo.runtime.calls.Calls`;
+* ``ACK`` and ``REPLY`` go to :class:`~choreo.runtime.returns.Returns`: an ack frees credit in
+  the :class:`~choreo.runtime.outbox.Outbox` and releases holds, an answer resolves the callers
+  waiting in :class:`~choreo.runtime.calls.Calls`;
 * ``RPC`` is a system query (the CLI), answered on the connection it came on by
   :class:`~choreo.runtime.queries.SystemQueries`.
 
@@ -53,6 +54,7 @@ from .lifecycle import Lifecycle
 from .membership import Membership, Peer, durable_key
 from .moves import Moves
 from .replicas import Replicas
+from .returns import Returns
 from .outbox import Outbox
 from .ownership import Ownership
 from .queries import SystemQueries
@@ -183,9 +185,12 @@ class Engine:
         if replicas is not None:
             replicas.work = self.dispatcher.data
             replicas.name = self.name
+        self.returns = Returns(self.outbox, self.membership, self.holds, self.router, self.calls, self.dispatcher,
+                               clock=clock, refused=self.count_refused)
         self.intake = Intake(
             self.outbox, self.membership, self.admission, self.dispatcher, config=config, clock=clock,
-            refused=self.count_refused, on_ack=self._on_ack, input_waiting=getattr(transport, "input_waiting", None),
+            refused=self.count_refused, on_ack=self.returns.on_ack,
+            input_waiting=getattr(transport, "input_waiting", None),
         )
         self.emit_now = self.router.emit_now  # the caller's fast path: no hop through the engine
         # ... and the fastest: the compiled lane of the event's type; None for a durable node (its
@@ -224,8 +229,8 @@ class Engine:
         on_rpc = self.queries.on_rpc
         self._frames: dict[int, FrameHandler] = {
             wire.DATA: self.intake.on_data,
-            wire.REPLY: self._on_replies,
-            wire.ACK: self._on_ack_frame,
+            wire.REPLY: self.returns.on_replies,
+            wire.ACK: self.returns.on_ack_frame,
             wire.HELLO: self._on_hello,
             wire.REFUSE: self._on_refuse,
             wire.RPC: lambda sender, data, flags, identity, principal: on_rpc(
@@ -243,7 +248,7 @@ class Engine:
     def start(self, seeds: Iterable[str] = ()) -> None:
         """Join the mesh: register ourselves, then say hello to every seed."""
         self._loop = asyncio.get_running_loop()
-        self.calls.loop = self.intake.loop = self._loop
+        self.calls.loop = self.intake.loop = self.returns.loop = self._loop
         self.outbox.start(self._loop, self.incarnation)
         if self.journal is not None:  # a restart: what the store kept (sent again once joined)
             resent = self.journal.restore(self.outbox, self.dispatcher.data, self.membership)
@@ -414,10 +419,12 @@ class Engine:
 
     # ================================================================================ input
 
-    def on_frame(self, data: bytes, identity: bytes | None = None, principal: str | None = None) -> None:
+    def on_frame(self, data: bytes, identity: bytes | None = None, principal: str | None = None) -> bool:
         """Handle one received frame. Invalid input is counted and dropped; nothing raises.
 
         The caller calls :meth:`flush` after a run of frames (what they produced leaves then).
+        True when the frame woke a caller awaiting an answer: a reader may let that caller's task
+        run before it reads on (and flushes).
 
         ``identity`` is the connection it came on, ``principal`` the key that connection
         authenticated as (None without keys): see :mod:`~choreo.runtime.admission`.
@@ -435,8 +442,9 @@ class Engine:
                 self._check_gap(now)
         if len(data) > self._max_frame:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self._max_frame}")
-            return
+            return False
         frame_type = 0
+        woke = False
         try:
             frame_type, flags, sender, receiver = wire.parse_header(data)
             known = self.membership.peers.get(sender)
@@ -454,14 +462,14 @@ class Engine:
                         self.gossip.vouched(known)  # it speaks for itself, under a key that may serve
             if receiver and receiver != self.incarnation:
                 self.gossip.refuse_stale(sender, receiver)
-                return
+                return False
             if known is not None and known.state == "dead" and frame_type != wire.REFUSE:
                 self.gossip.tell_dead(known)  # it must come back as a new incarnation
-                return
+                return False
             handle = self._frames.get(frame_type)
             if handle is None:
                 raise ProtocolError("malformed", f"unexpected {wire.FRAME_NAMES[frame_type]} frame")
-            handle(sender, data, flags, identity, principal)
+            woke = handle(sender, data, flags, identity, principal) is True  # (only REPLY's says)
         except ProtocolError as exc:
             self.count_refused(exc.reason, exc.detail)
         except Exception as exc:  # a bug, or input nobody foresaw: counted and logged, never out of the reader
@@ -470,6 +478,7 @@ class Engine:
             log.debug("%s: internal error in the frame path", self.name, exc_info=True)
         if self.membership.version != self._synced_version:
             self.sync_view()
+        return woke
 
     def _on_hello(self, sender: int, data: bytes, flags: int, identity: bytes | None, principal: str | None) -> None:
         hello = wire.decode_control(wire.HELLO, data)
@@ -503,40 +512,6 @@ class Engine:
         peer = self.membership.peers.get(sender)
         authoritative = self.admission.conflict_counts(peer, principal, refuse.detail)
         self.gossip.on_refuse(sender, refuse, authoritative=authoritative)
-
-    def _on_replies(
-        self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
-    ) -> None:
-        ack_at, ack_len, body_at = wire.split_ack(data, flags)
-        peer = self.membership.peers.get(sender)
-        for msg_id, type_name, payload in wire.parse_replies(data, body_at):
-            try:
-                self.calls.on_reply(msg_id, type_name, payload, peer)
-            except ProtocolError as exc:  # this answer only: the frame's others (and its ack) still count
-                self.count_refused(exc.reason, exc.detail)
-        if ack_len:  # after the answers: the ack must not find their commands unanswered
-            self._on_ack(sender, data[: ack_at + ack_len], ack_at)
-
-    def _on_ack_frame(
-        self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
-    ) -> None:
-        self._on_ack(sender, data, wire.HEADER_SIZE)
-
-    def _on_ack(self, sender: int, data: bytes, offset: int) -> None:
-        ch = self.outbox.out.get(sender)
-        if ch is None:
-            return  # an ack for a channel we no longer have: harmless
-        now = self.clock()
-        self.membership.heard(sender, now)
-        try:
-            ch.on_ack(data, offset, now)
-        except core.MalformedFrame as exc:
-            raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
-        if self.holds.by_key:
-            self.router.release_holds(self.holds.release(ch))
-        if ch.window.pending:
-            self.outbox.dirty_out[ch] = None
-        self.dispatcher.pump()
 
     # ================================================================================ membership changes
 

@@ -100,9 +100,14 @@ class Intake:
             urgent = [env for env in released if env.kind in _URGENT_KINDS]
             if urgent:
                 released = [env for env in released if env.kind not in _URGENT_KINDS] if len(urgent) < len(released) else []
-                self.dispatcher.deliver_batch(ch, urgent, now)
-                self.dispatcher.pump()
-                outbox.send_replies()
+                dispatcher = self.dispatcher
+                dispatcher.hold_results()  # kept once the answers left: the callers wait on those
+                try:
+                    dispatcher.deliver_batch(ch, urgent, now)
+                    dispatcher.pump()
+                    outbox.send_replies()
+                finally:
+                    dispatcher.keep_held_results()
         if released:
             self.queue.append((ch, released, now))
             if not self._scheduled and self.loop is not None:

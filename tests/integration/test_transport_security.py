@@ -420,6 +420,37 @@ def test_a_connection_unused_for_idle_close_is_closed_and_the_next_send_dials_ag
     assert [d for d, _, _ in got] == [b"first", b"second"] and client.evicted == 0
 
 
+def test_a_frame_that_wakes_a_caller_lets_it_run_before_the_rest_of_the_read_and_nothing_is_left_unread(
+    io: Loop,
+) -> None:
+    """A frame whose handling resolved a caller's future (on_frame returns True): the caller's task
+    runs next, then the read goes on where it stopped and ends with on_idle, as every read does."""
+    events: list[tuple] = []
+    server = ZmqTransport("tcp://127.0.0.1:0")
+
+    def on_frame(data: bytes, identity: bytes, principal: str | None) -> bool:
+        events.append(("frame", data))
+        if data.startswith(b"wake"):
+            # a read already queued ahead of the caller (the descriptor's, or one scheduled) ...
+            io.loop.call_soon(server._readable)
+            io.loop.call_soon(events.append, ("task", data))  # ... then the caller, as its future schedules it
+            return True
+        return False
+
+    server.start(io.loop, on_frame, lambda: events.append(("idle",)))
+    io.transports.append(server)
+    client, _ = io.transport()
+    sent = [b"a", b"wake-1", b"b", b"wake-2", b"wake-3", b"c"]
+    for frame in sent:
+        client.send(server.endpoint, frame)
+    io.until(lambda: [e for e in events if e[0] == "frame"] == [("frame", f) for f in sent] and events[-1] == ("idle",),
+             10, "every frame read, in order, and on_idle after the last")
+    for i, event in enumerate(events):
+        if event[0] == "frame" and event[1].startswith(b"wake"):
+            assert events[i + 1] == ("task", event[1]), events  # before any other frame or on_idle
+    assert events.count(("idle",)) >= 1
+
+
 def test_the_compiled_sends_and_reads_fail_as_pyzmq_does_and_never_touch_a_closed_socket() -> None:
     zmqio = transport._zmqio
     if zmqio is None:
@@ -433,9 +464,12 @@ def test_the_compiled_sends_and_reads_fail_as_pyzmq_does_and_never_touch_a_close
     router = zmq.Context.instance().socket(zmq.ROUTER)
     refused: list[tuple] = []
     reader = zmqio.Reader(router, lambda *frame: None, lambda *why: refused.append(why), False)
-    assert reader.read(8) is False and not reader.waiting()  # nothing yet: no error either
+    assert reader.read(8) == transport.READ_DRAINED and not reader.waiting()  # nothing yet: no error either
     router.close(0)
-    assert reader.read(8) is False and refused == []
+    assert reader.read(8) == transport.READ_DRAINED and refused == []
+    # the compiled reader's answers are the transport's
+    assert (zmqio.READ_DRAINED, zmqio.READ_BUDGET_SPENT, zmqio.READ_YIELDED) == (
+        transport.READ_DRAINED, transport.READ_BUDGET_SPENT, transport.READ_YIELDED)
     with pytest.raises(zmq.ZMQError):
         reader.waiting()
 

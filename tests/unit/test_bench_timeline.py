@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from bench.timeline import _AFTER, _FRAME, _READ, _REQUEST, _SEND, STAGES, stages
+from bench.timeline import _FRAME, _READ, _REQUEST, _SEND, STAGES, stages
 
 
 def _caller_and_owner(trips: list[int]) -> tuple[dict, dict]:
     """Marks of round trips starting at each time in ``trips`` (ns), 1,000 ns per stage."""
-    caller: dict = {k: [] for k in (_REQUEST, _SEND, _READ, _FRAME, _AFTER)}
+    caller: dict = {k: [] for k in (_REQUEST, _SEND, _READ, _FRAME)}
     owner: dict = {_READ: [], _SEND: []}
     for t in trips:
         caller[_SEND].append((t + 1000, t + 2000, 150))
@@ -15,7 +15,6 @@ def _caller_and_owner(trips: list[int]) -> tuple[dict, dict]:
         owner[_SEND].append((t + 4000, t + 5000, 120))
         caller[_READ].append((t + 6000, t + 9000, 0))
         caller[_FRAME].append((t + 7000, t + 8000, 0x43))
-        caller[_AFTER].append((t + 8200, t + 8800, 0))
         caller[_REQUEST].append((t, t + 10000, 0))
     return caller, owner
 
