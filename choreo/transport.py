@@ -196,6 +196,9 @@ class PyzmqReader:
 class ZmqTransport:
     """Sockets of one node. ``on_frame(data, identity, principal)`` gets every frame, ``on_idle()`` each drain.
 
+    A frame whose ``on_frame`` returns true woke a caller awaiting an answer: the read stops
+    there and goes on (then ``on_idle``) in a callback queued behind that caller's task.
+
     ::
 
         t = ZmqTransport("tcp://127.0.0.1:0", security=Security.load("keys", "orders-1"))
