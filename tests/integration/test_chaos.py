@@ -12,8 +12,9 @@ instances wrote (the ground truth, see recording.py) is checked against the READ
 * each instance handled each key's events in order, and merged by time a key's events are in
   order, except for what a crashed or long-frozen instance handled and a survivor handled again;
 * nothing twice, except that crash window: of the handlings of a duplicate, all but one were by
-  instances killed or frozen past ``dead_after``, and there are at most ``window`` duplicates per
-  such fault (``checks.check_moves``).
+  instances killed or frozen past ``dead_after`` (or cut off that long, or told after a heal that
+  a member cut off that long had declared them dead: their logs say so), and there are at most
+  ``window`` duplicates per such fault (``checks.check_moves``).
 
 On hosts of their own (network namespaces, see netns.py; the producer on the test process's
 side of their bridge), the network fails too: an instance is cut off from everything (a firewall
@@ -96,6 +97,19 @@ class Chaos:
         self.live.append(p)
         self.say(f"start {p.pid}" + (f" on host {host}" if self.hosts is not None else ""))
         return p
+
+    def taken_for_dead_by_others(self) -> None:
+        """Instances the mesh took for dead that no fault of the schedule was aimed at: those told
+        so by a member that declared them dead while it was cut off, once the cut healed (each
+        side of a long partition declares the other dead; README, "a network partition"). Each
+        rejoined as a new incarnation, so what it had handled and not yet acknowledged may be
+        handled again: the crash window, for them too. Their logs say it (the node's warning)."""
+        for p in self.procs.started:
+            file = f"elastic-{p.pid}.log"
+            if file not in self.crashed and "declared us dead" in p.stderr():
+                self.crashed.add(file)
+                self.crash_faults += 1
+                self.say(f"{p.pid} was told it had been declared dead (its log): its crash window counts")
 
     def gone(self, victim: NodeProcess) -> None:
         """``victim`` exited: its host takes the next process."""
@@ -221,6 +235,7 @@ def run(chaos: Chaos, seed: int) -> None:
     try:
         sent = asyncio.run(asyncio.wait_for(produce(chaos, SECONDS), SECONDS + 300))
         procs.close()
+        chaos.taken_for_dead_by_others()
         duplicates = check_moves(read_timed(str(procs.record_dir), "elastic"), expected_stream(sent, KEYS),
                                  f"seed {seed}", crashed=chaos.crashed, max_duplicates=FAST.window * chaos.crash_faults)
     except BaseException as exc:
