@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import bisect
-import os
+import tempfile
 import time
 from array import array
 from pathlib import Path
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where the marks go (a temporary directory by default)")
     args = parser.parse_args(argv)
-    import tempfile
-
     directory = Path(args.dir or tempfile.mkdtemp(prefix="choreo-timeline-"))
     directory.mkdir(parents=True, exist_ok=True)
     print(f"{'round':>5} {'kept':>11} {'raw p50':>8} {'total':>6} " + " ".join(f"{s:>10}" for s in STAGES))

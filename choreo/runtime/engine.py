@@ -53,11 +53,11 @@ from .journal import Journal
 from .lifecycle import Lifecycle
 from .membership import Membership, Peer, durable_key
 from .moves import Moves
-from .replicas import Replicas
-from .returns import Returns
 from .outbox import Outbox
 from .ownership import Ownership
 from .queries import SystemQueries
+from .replicas import Replicas
+from .returns import Returns
 from .routing import ZERO_ID, Router
 from .stats import Counters
 from .store import Store

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+
 from .. import core, wire
 from ..errors import ProtocolError
 from .calls import Calls
