@@ -523,6 +523,8 @@ class Dispatcher:
                 self._failed(job, exc)
                 return
             job.pending += routed
+            if routed and self.journal is None and job.replay_of is None:
+                self.data.ran(job, outputs)  # (its partition may move before their acks come)
         if writes is not None:  # in the same step as its outputs went to the outbox: both or neither
             self.data.apply(job.env, writes, job, reply)
             if outputs and job.writes is not None:
@@ -602,6 +604,8 @@ class Dispatcher:
 
     def _complete(self, job: Job) -> None:
         env = job.env
+        if self.data.settling:
+            self.data.settled(job)
         if job.channel is not None:
             job.channel.reorder.complete(env.seq)
             self.host.ack_later(job.channel)

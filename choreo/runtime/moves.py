@@ -4,9 +4,11 @@ How this works (the consumer's half; the producer's half is :mod:`~choreo.runtim
 Whenever membership changes, :meth:`Moves.sync` gives :class:`~choreo.runtime.ownership.Ownership`
 the new view of the service's instances. A partition this node **loses** while alive drains:
 what is in a handler or waiting for its key finishes here, new arrivals wait here
-unacknowledged (:attr:`Moves.held_back`), and once nothing of it is left in progress its dedup
+unacknowledged (:attr:`Moves.held_back`), and once every message of it here has run its dedup
 ids, cached command results and handler state stream to the new owner over this node's own
-acknowledged channel (:meth:`Moves.hand_over`, chunks of :mod:`~choreo.runtime.transfer`). The
+acknowledged channel (:meth:`Moves.hand_over`, chunks of :mod:`~choreo.runtime.transfer`),
+with the messages that ran but still wait for their outputs' acks (a flow that comes back to
+the partition waits for its new owner: :meth:`~choreo.runtime.partdata.PartitionData.ran`). The
 partition stays ``draining`` here, its state kept, until the new owner says the stream checked
 out: a stream refused (corrupt, cut) is sent again, a new owner that dies meanwhile is replaced
 by the next one, and a partition that comes back to this node is simply its own again. Then
@@ -60,6 +62,8 @@ class PartitionKeeping(Protocol):
     def install(self, staged: Staged) -> None: ...
 
     def take_over(self, p: int) -> int: ...
+
+    def all_ran(self, p: int, lag: int) -> bool: ...
 
 
 class PartitionWork(Protocol):
@@ -251,11 +255,11 @@ class Moves:
             ready = [p for p in ownership.buffered if ownership.state[p] == "owned" and p not in ownership.paused]
             if ready:
                 self.release_buffered(ready)
-        if ownership.draining and self.work is not None:
-            lag_of = self.work.lag_of
+        if ownership.draining and self.work is not None and self.data is not None:
+            lag_of, all_ran = self.work.lag_of, self.data.all_ran
             for p, target in list(ownership.draining.items()):
                 sending = self.sending.get(p)
-                if lag_of(p) == 0 and (sending is None or sending.target != target) or (
+                if all_ran(p, lag_of(p)) and (sending is None or sending.target != target) or (
                     sending is not None and sending.retry_at is not None and now >= sending.retry_at
                 ):
                     self.hand_over(p, target)

@@ -114,6 +114,8 @@ class PartitionData:
         # a standby's: the ungated deltas whose mark has not come, by message id (see take_over)
         self.owed: dict[bytes, Delta] = {}
         self.owed_sent = 0  # messages whose outputs this node sent for a dead owner (see take_over)
+        # a memory node's: partition -> the jobs that ran and wait for their outputs' acks (see ran)
+        self.settling: dict[int, dict[Job, None]] = {}
 
     def window(self, name: str, handler: Handler) -> core.DedupWindow:
         """The dedup window of message type ``name`` (made on first use, sized by its options)."""
@@ -131,6 +133,8 @@ class PartitionData:
         ``settled`` (a standby's copy): only what its deltas will not bring later: no id of a
         message still in progress, and a key's value before the writes its standby has yet to get.
         """
+        # (taken first: one that finishes while the stream goes has its result in neither part)
+        running = [] if settled else self._settling_deltas(p)
         for name, window in list(self.dedup.items()):
             blob = window.export_partition(p)
             if settled and self.in_progress:
@@ -143,12 +147,58 @@ class PartitionData:
         if self.state is not None:
             yield from _bunched(self._state_entries(p, settled))
         if not settled:
-            # a keeper draining the copy of a dead owner to the partition's new owner: what that
-            # owner's ungated messages still owe goes too (an owner hands a partition over only
-            # once its own messages are all done, so it has none of these)
-            owed = [d for d in self.owed.values() if d.partition == p]
+            # a hand-over: the messages that ran here and wait for their outputs' acks (see ran),
+            # and, from a keeper draining the copy of a dead owner, what that owner's ungated
+            # messages still owe
+            owed = [*running, *(d for d in self.owed.values() if d.partition == p)]
             if owed:
                 yield Piece(owed=owed)
+
+    def ran(self, job: Job, outputs: list[Message]) -> None:
+        """A memory node's ``job`` ran and sent ``outputs``, whose acks its input now waits for.
+
+        Its partition may be handed over before they come (:meth:`all_ran`): an output's ack waits
+        for the handler it reaches, and a flow that comes back to the partition (a saga's step:
+        shop's reserve -> reserve_line -> checked) reaches it at its new owner, which waits for
+        the hand-over. The hand-over takes such a message along as a standby gets an ungated
+        delta: its id, a command's result and the outputs, which the new owner sends again
+        (:meth:`take_over`: the same ids, dropped where they arrived already) lest this node go
+        before they are acknowledged. (A durable node's outputs count once stored: no such wait.)
+        """
+        job.outputs = outputs
+        jobs = self.settling.get(job.env.partition)
+        if jobs is None:
+            jobs = self.settling[job.env.partition] = {}
+        jobs[job] = None
+
+    def settled(self, job: Job) -> None:
+        """``job`` is done (see :meth:`ran`)."""
+        jobs = self.settling.get(job.env.partition)
+        if jobs is not None and jobs.pop(job, False) is None and not jobs:
+            del self.settling[job.env.partition]
+
+    def all_ran(self, p: int, lag: int) -> bool:
+        """Have the ``lag`` messages of partition ``p`` in progress here all run (some may wait
+        for their outputs' acks, see :meth:`ran`; a duplicate waits with its original)? Then
+        ``p`` may be handed over."""
+        if not lag:
+            return True
+        jobs = self.settling.get(p)
+        return jobs is not None and lag == len(jobs) + sum(len(job.duplicates) for job in jobs)
+
+    def _settling_deltas(self, p: int) -> list[Delta]:
+        """The messages of ``p`` that ran and wait for their outputs' acks (see :meth:`ran`), as
+        ungated deltas: their writes are in the state already."""
+        jobs = self.settling.get(p)
+        if not jobs or not self.config.dedup:  # (without ids their senders' resends run again anyway)
+            return []
+        now = self.host.clock()
+        return [
+            Delta(p, job.env.key, [], job.env.type, job.env.msg_id, now,
+                  job.reply if job.env.kind == KIND_COMMAND else None, False,
+                  [(message_options(type(m)).name, encode(m)) for m in job.outputs or ()], job.env.trace_id)
+            for job in jobs
+        ]
 
     def _state_entries(self, p: int, settled: bool) -> Iterator[tuple[str, bytes, bytes]]:
         assert self.state is not None
