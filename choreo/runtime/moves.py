@@ -55,15 +55,19 @@ CHUNKS_IN_FLIGHT = 4  # chunks of one stream sent and not yet acknowledged
 class PartitionKeeping(Protocol):
     """What moves need of a partition's data (:class:`~choreo.runtime.partdata.PartitionData`)."""
 
-    def export_partition(self, p: int) -> Iterator[Piece]: ...
+    def export_partition(self, p: int, settled: bool = False, to: int | None = None) -> Iterator[Piece]: ...
 
     def forget_partition(self, p: int) -> None: ...
 
-    def install(self, staged: Staged) -> None: ...
+    def install(self, staged: Staged, source: int | None = None) -> None: ...
 
     def take_over(self, p: int) -> int: ...
 
     def all_ran(self, p: int, lag: int) -> bool: ...
+
+    def marked(self, msg_id: bytes) -> bool: ...
+
+    def source_gone(self, incarnation: int) -> int: ...
 
 
 class PartitionWork(Protocol):
@@ -291,6 +295,8 @@ class Moves:
             del self.inbound[key]
         if self.replicas is not None:
             self.replicas.gone(incarnation)
+        if self.data is not None:
+            self.data.source_gone(incarnation)  # the outputs of messages it handed over running, unmarked
         owned = self.ownership.previous_gone(incarnation, self.keeper, self._returns)
         if owned:
             log.info("%s: took over %d partitions %s was handing over", self.name, len(owned), name)
@@ -314,7 +320,7 @@ class Moves:
                 self.release_held_back()
             return
         stream = StreamOut(
-            "handover", self._rng.getrandbits(62), p, self.data.export_partition(p),
+            "handover", self._rng.getrandbits(62), p, self.data.export_partition(p, to=peer.incarnation),
             chunk_bytes=self.config.max_batch_bytes // 2, clock=self.clock, epoch=self.ownership.epochs[p],
         )
         pump = Pump(stream, partial(self.send_transfer, peer, p), CHUNKS_IN_FLIGHT)
@@ -335,6 +341,13 @@ class Moves:
         item = Outgoing(wire.KIND_HANDOVER, 0, HANDOVER_TYPE, b"", p, self.fresh_id(), ZERO_ID, ZERO_ID, payload, on_done)
         self.outbox.append(self.outbox.channel(peer), item, self.clock())
         self.outbox.schedule_flush()
+
+    def send_mark(self, to: int, p: int, payload: bytes) -> None:
+        """Tell the new owner of ``p`` that a message handed over running is done here (see
+        :meth:`PartitionData.ran <choreo.runtime.partdata.PartitionData.ran>`)."""
+        peer = self.membership.peers.get(to)
+        if peer is not None and peer.live:
+            self.send_transfer(peer, p, payload)
 
     def _verdict_on(self, sender: Peer, verdict: Verdict) -> None:
         """The receiver of one of our streams installed it, or refused it."""
@@ -398,6 +411,9 @@ class Moves:
                 replicas.released(sender, message.partition)
             else:
                 self._verdict_on(sender, message)
+        elif message.handed:  # a message it handed over running is done there (see PartitionData.ran)
+            if self.data is not None:
+                self.data.marked(message.msg_id)  # (unknown here: a stream refused, or the partition moved on)
         elif replicas is not None:
             replicas.delta_in(sender, message)
         else:
@@ -440,7 +456,7 @@ class Moves:
         """Install a handed-over partition and tell its sender: from now on it is ours."""
         assert self.data is not None
         p = staged.partition
-        self.data.install(staged)
+        self.data.install(staged, sender.incarnation)
         self.send_transfer(sender, p, encode_transfer(Verdict(staged.purpose, staged.stream, p, True)))
         if self.ownership.handed_over(p, self.clock()):
             self.release_buffered([p])

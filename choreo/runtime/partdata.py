@@ -43,7 +43,7 @@ from .ownership import Ownership
 from .replicas import Replicas
 from .state import StateTables
 from .store import Snapshot
-from .transfer import Delta, Piece, Staged
+from .transfer import Delta, Piece, Staged, encode_transfer
 
 __all__ = ["PartitionData", "DEDUP_PER_PIECE"]
 
@@ -116,6 +116,9 @@ class PartitionData:
         self.owed_sent = 0  # messages whose outputs this node sent for a dead owner (see take_over)
         # a memory node's: partition -> the jobs that ran and wait for their outputs' acks (see ran)
         self.settling: dict[int, dict[Job, None]] = {}
+        self.mark_to: dict[Job, int] = {}  # those that went with a hand-over -> the new owner to tell
+        self.owed_by: dict[bytes, int] = {}  # a new owner's: message id -> the previous owner that marks it
+        self.send_mark: Callable[[int, int, bytes], None] | None = None  # (to, partition, payload): the engine's
 
     def window(self, name: str, handler: Handler) -> core.DedupWindow:
         """The dedup window of message type ``name`` (made on first use, sized by its options)."""
@@ -125,16 +128,17 @@ class PartitionData:
             window = self.dedup[name] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
         return window
 
-    def export_partition(self, p: int, settled: bool = False) -> Iterator[Piece]:
+    def export_partition(self, p: int, settled: bool = False, to: int | None = None) -> Iterator[Piece]:
         """Everything this node knows of partition ``p``, as stream pieces (read as they go; kept
         here until :meth:`forget_partition`). Times are this node's clock: each chunk says what
         that clock read, and the receiver shifts them onto its own.
 
         ``settled`` (a standby's copy): only what its deltas will not bring later: no id of a
         message still in progress, and a key's value before the writes its standby has yet to get.
+        ``to``: a hand-over's receiver, which hears when its running messages are done (see :meth:`ran`).
         """
         # (taken first: one that finishes while the stream goes has its result in neither part)
-        running = [] if settled else self._settling_deltas(p)
+        running = [] if settled else self._running(p, to)
         for name, window in list(self.dedup.items()):
             blob = window.export_partition(p)
             if settled and self.in_progress:
@@ -147,12 +151,11 @@ class PartitionData:
         if self.state is not None:
             yield from _bunched(self._state_entries(p, settled))
         if not settled:
-            # a hand-over: the messages that ran here and wait for their outputs' acks (see ran),
-            # and, from a keeper draining the copy of a dead owner, what that owner's ungated
-            # messages still owe
-            owed = [*running, *(d for d in self.owed.values() if d.partition == p)]
-            if owed:
-                yield Piece(owed=owed)
+            # a keeper draining the copy of a dead owner to the partition's new owner: what that
+            # owner's ungated messages still owe goes too
+            owed = [d for d in self.owed.values() if d.partition == p]
+            if owed or running:
+                yield Piece(owed=owed, running=running)
 
     def ran(self, job: Job, outputs: list[Message]) -> None:
         """A memory node's ``job`` ran and sent ``outputs``, whose acks its input now waits for.
@@ -160,10 +163,12 @@ class PartitionData:
         Its partition may be handed over before they come (:meth:`all_ran`): an output's ack waits
         for the handler it reaches, and a flow that comes back to the partition (a saga's step:
         shop's reserve -> reserve_line -> checked) reaches it at its new owner, which waits for
-        the hand-over. The hand-over takes such a message along as a standby gets an ungated
-        delta: its id, a command's result and the outputs, which the new owner sends again
-        (:meth:`take_over`: the same ids, dropped where they arrived already) lest this node go
-        before they are acknowledged. (A durable node's outputs count once stored: no such wait.)
+        the hand-over. The hand-over takes such a message along (:attr:`Piece.running
+        <choreo.runtime.transfer.Piece.running>`) as a standby gets an ungated delta: its id, a
+        command's result and the outputs; once they are acknowledged here, its new owner is told
+        (a mark, see :meth:`settled`). Should this node go before that, the new owner sends the
+        outputs under their ids (:meth:`source_gone`; dropped where they arrived already). (A
+        durable node's outputs count once stored: no such wait.)
         """
         job.outputs = outputs
         jobs = self.settling.get(job.env.partition)
@@ -172,10 +177,19 @@ class PartitionData:
         jobs[job] = None
 
     def settled(self, job: Job) -> None:
-        """``job`` is done (see :meth:`ran`)."""
-        jobs = self.settling.get(job.env.partition)
-        if jobs is not None and jobs.pop(job, False) is None and not jobs:
-            del self.settling[job.env.partition]
+        """``job`` is done (see :meth:`ran`): if it went with a hand-over, its new owner hears so."""
+        env = job.env
+        jobs = self.settling.get(env.partition)
+        if jobs is None or job not in jobs:
+            return
+        del jobs[job]
+        if not jobs:
+            del self.settling[env.partition]
+        to = self.mark_to.pop(job, None)
+        if to is not None and self.send_mark is not None:
+            mark = Delta(env.partition, env.key, [], env.type, env.msg_id, self.host.clock(), trace_id=env.trace_id,
+                         handed=True)
+            self.send_mark(to, env.partition, encode_transfer(mark))
 
     def all_ran(self, p: int, lag: int) -> bool:
         """Have the ``lag`` messages of partition ``p`` in progress here all run (some may wait
@@ -186,19 +200,42 @@ class PartitionData:
         jobs = self.settling.get(p)
         return jobs is not None and lag == len(jobs) + sum(len(job.duplicates) for job in jobs)
 
-    def _settling_deltas(self, p: int) -> list[Delta]:
+    def _running(self, p: int, to: int | None) -> list[Delta]:
         """The messages of ``p`` that ran and wait for their outputs' acks (see :meth:`ran`), as
-        ungated deltas: their writes are in the state already."""
+        unmarked deltas (their writes are in the state already); their marks will go ``to``."""
         jobs = self.settling.get(p)
         if not jobs or not self.config.dedup:  # (without ids their senders' resends run again anyway)
             return []
         now = self.host.clock()
-        return [
-            Delta(p, job.env.key, [], job.env.type, job.env.msg_id, now,
-                  job.reply if job.env.kind == KIND_COMMAND else None, False,
-                  [(message_options(type(m)).name, encode(m)) for m in job.outputs or ()], job.env.trace_id)
-            for job in jobs
-        ]
+        out = []
+        for job in jobs:
+            env = job.env
+            if to is not None:
+                self.mark_to[job] = to
+            outputs = [(message_options(type(m)).name, encode(m)) for m in job.outputs or ()]
+            reply = job.reply if env.kind == KIND_COMMAND else None
+            out.append(Delta(p, env.key, [], env.type, env.msg_id, now, reply, False, outputs, env.trace_id))
+        return out
+
+    def marked(self, msg_id: bytes) -> bool:
+        """A message handed over running is done at its previous owner: nothing is owed for it
+        (False: no such message here)."""
+        if self.owed_by.pop(msg_id, None) is None:
+            return False
+        self.owed.pop(msg_id, None)
+        return True
+
+    def source_gone(self, incarnation: int) -> int:
+        """A previous owner went before it marked the messages it handed over running: send their
+        outputs (see :meth:`ran`). Returns how many messages' outputs went."""
+        ids = [msg_id for msg_id, by in self.owed_by.items() if by == incarnation]
+        for msg_id in ids:
+            del self.owed_by[msg_id]
+        sent = self._send_owed([self.owed.pop(msg_id) for msg_id in ids if msg_id in self.owed])
+        if sent:
+            log.info("%s: a previous owner went before its outputs of %d messages it handed over were "
+                     "acknowledged: sent them again", self.who, sent)
+        return sent
 
     def _state_entries(self, p: int, settled: bool) -> Iterator[tuple[str, bytes, bytes]]:
         assert self.state is not None
@@ -229,6 +266,7 @@ class PartitionData:
             del self.results[msg_id]
         for msg_id in [k for k, d in self.owed.items() if d.partition == p]:
             del self.owed[msg_id]
+            self.owed_by.pop(msg_id, None)
         if self.state is not None:
             self.state.drop(p)
             if self.journal is not None:
@@ -236,7 +274,7 @@ class PartitionData:
         if self.ownership is not None:
             self.ownership.set_epoch(p, 0)
 
-    def install(self, staged: Staged) -> None:
+    def install(self, staged: Staged, source: int | None = None) -> None:
         """A partition received whole and checked (see :mod:`choreo.runtime.transfer`): its dedup
         ids and results join ours; its state replaces ours, unless this node already runs the
         partition (a race of views), where what it wrote itself since is newer and stays.
@@ -259,10 +297,14 @@ class PartitionData:
         for msg_id, t, ttl, reply in staged.results:
             if now - t < ttl and msg_id not in self.results:
                 self.results[msg_id] = (t, ttl, reply, p)
-        for delta in staged.owed:  # sent when the partition is ours (take_over), as a standby's would be
+        # owed: sent when the partition is ours (take_over), as a standby's would be; running:
+        # sent only if ``source``, the live previous owner, goes before it marks them (source_gone)
+        for delta, by in [*((d, None) for d in staged.owed), *((d, source) for d in staged.running)]:
             handler = self.handlers.get(delta.message_type)
             if handler is not None and delta.partition == p and not delta.marked:
                 self.owed[delta.msg_id] = delta
+                if by is not None:
+                    self.owed_by[delta.msg_id] = by
                 self._handled_elsewhere(delta, handler)
         if self.state is not None:
             self._install_state(p, staged)
@@ -519,9 +561,19 @@ class PartitionData:
         if self.replicas is not None and p in self.replicas.held:
             self.replicas.forgotten(p)
             self.persist(p)
-        owed = [d for d in self.owed.values() if d.partition == p]
+        owed = [d for d in self.owed.values() if d.partition == p and d.msg_id not in self.owed_by]
         for delta in owed:
             del self.owed[delta.msg_id]
+        sent = self._send_owed(owed)
+        if sent:
+            log.info("%s: took over partition %d: sent the outputs of %d messages its last owner had not "
+                     "seen acknowledged", self.who, p, sent)
+        return sent
+
+    def _send_owed(self, owed: list[Delta]) -> int:
+        """Send the outputs ``owed`` deltas carry, under their ids; returns for how many messages."""
+        sent = 0
+        for delta in owed:
             handler = self.handlers.get(delta.message_type)
             if handler is None:
                 continue
@@ -530,7 +582,7 @@ class PartitionData:
                 outputs: list[Message] = [decoder_for(classes[name]).decode(body) for name, body in delta.outputs]
             except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self.host.count_refused("malformed", f"the outputs of {delta.message_type} in a delta of partition "
-                                                     f"{p}: {exc!r}")
+                                                     f"{delta.partition}: {exc!r}")
                 continue
             try:
                 self.host.send_outputs(_Owed(delta, handler), outputs, _nothing)  # type: ignore[arg-type]
@@ -539,10 +591,8 @@ class PartitionData:
                             delta.message_type, delta.msg_id.hex(), exc)
                 continue
             self.owed_sent += 1
-        if owed:
-            log.info("%s: took over partition %d: sent the outputs of %d messages its last owner had not "
-                     "seen acknowledged", self.who, p, len(owed))
-        return len(owed)
+            sent += 1
+        return sent
 
     def ship_mark(self, job: Job) -> None:
         """An ungated job's outputs are acknowledged: its id (and a command's result) to the standby."""

@@ -84,6 +84,7 @@ class Delta(msgspec.Struct, array_like=True, tag=3):
     # under the same ids, if it takes the partition over before the mark comes
     outputs: list[tuple[str, bytes]] = []
     trace_id: bytes = b""  # the message's trace (its outputs carry it)
+    handed: bool = False  # the mark of a message handed over running (see Piece.running): for its new owner
 
 
 class Piece(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -97,6 +98,10 @@ class Piece(msgspec.Struct, array_like=True, omit_defaults=True):
     # them under their ids when it takes the partition. Not in a stream's item count, which a
     # node that predates them checks (and ignores them, as a trailing field).
     owed: list[Delta] = []
+    # a hand-over's: messages its sender ran whose outputs it has not seen acknowledged yet (their
+    # writes are in it). The sender marks each once they are (a marked delta without writes); the
+    # receiver sends their outputs under their ids only if the sender goes before it marked them.
+    running: list[Delta] = []
 
 
 Transfer = Chunk | Verdict | Delta
@@ -159,6 +164,7 @@ class StreamOut:
         results: list[tuple[bytes, float, float, bytes]] = []
         state: list[tuple[str, bytes, bytes]] = []
         owed: list[Delta] = []
+        running: list[Delta] = []
         size = 0
         last = False
         while size < self._chunk_bytes:
@@ -177,12 +183,13 @@ class StreamOut:
             results += piece.results
             state += piece.state
             owed += piece.owed
+            running += piece.running
             self.items += len(piece.dedup) + len(piece.results) + len(piece.state)
             size += weight
         if not last and self._ahead is None:  # the chunk is full: is there anything after it?
             self._ahead = next(self._entries, None)
             last = self._ahead is None
-        body = _encoder.encode(Piece(dedup, results, state, owed))
+        body = _encoder.encode(Piece(dedup, results, state, owed, running))
         self._digest.update(body)
         self.bytes += len(body)
         chunk = Chunk(self.purpose, self.stream, self.partition, self.seq, self._clock(), body, epoch=self.epoch)
@@ -229,7 +236,8 @@ def _weight(piece: Piece) -> int:
         sum(len(name) + len(blob) + 8 for name, blob in piece.dedup)
         + sum(len(i) + len(r) + 24 for i, _, _, r in piece.results)
         + sum(len(name) + len(k) + len(v) + 8 for name, k, v in piece.state)
-        + sum(len(d.message_type) + 48 + sum(len(n) + len(b) + 8 for n, b in d.outputs) for d in piece.owed)
+        + sum(len(d.message_type) + 48 + sum(len(n) + len(b) + 8 for n, b in d.outputs)
+              for d in (*piece.owed, *piece.running))
     )
 
 
@@ -240,7 +248,8 @@ class Staged:
     already applied to the dedup times; results keep the sender's times plus ``shift``).
     """
 
-    __slots__ = ("purpose", "stream", "partition", "dedup", "results", "state", "owed", "items", "bytes", "epoch")
+    __slots__ = ("purpose", "stream", "partition", "dedup", "results", "state", "owed", "running", "items", "bytes",
+                 "epoch")
 
     def __init__(self, purpose: str, stream: int, partition: int) -> None:
         self.purpose = purpose
@@ -250,6 +259,7 @@ class Staged:
         self.results: list[tuple[bytes, float, float, bytes]] = []  # times already on our clock
         self.state: list[tuple[str, bytes, bytes]] = []
         self.owed: list[Delta] = []  # (see Piece.owed)
+        self.running: list[Delta] = []  # (see Piece.running)
         self.items = 0
         self.bytes = 0
         self.epoch = 0  # the partition's epoch on the sender
@@ -292,6 +302,7 @@ class StreamIn:
         staged.results += [(i, t + shift, ttl, reply) for i, t, ttl, reply in piece.results]
         staged.state += piece.state
         staged.owed += piece.owed
+        staged.running += piece.running
         staged.items += len(piece.dedup) + len(piece.results) + len(piece.state)
         if not chunk.last:
             return None

@@ -39,14 +39,14 @@ class Work:
         self.forgotten: list[int] = []
         self.lag: dict[int, int] = {}
 
-    def export_partition(self, p: int) -> Any:
+    def export_partition(self, p: int, settled: bool = False, to: int | None = None) -> Any:
         self.exported.append(p)
         return iter([Piece(state=[("Tally", b"key-%d" % p, b"x" * 300)]) for _ in range(3)])
 
     def forget_partition(self, p: int) -> None:
         self.forgotten.append(p)
 
-    def install(self, staged: Any) -> None:
+    def install(self, staged: Any, source: int | None = None) -> None:
         self.imported.append((staged.partition, staged.state))
 
     def apply_delta(self, delta: Any) -> None: ...
@@ -56,6 +56,12 @@ class Work:
 
     def all_ran(self, p: int, lag: int) -> bool:
         return lag == 0  # (nothing here waits for its outputs' acks)
+
+    def marked(self, msg_id: bytes) -> bool:
+        return False
+
+    def source_gone(self, incarnation: int) -> int:
+        return 0
 
     def reship_owed(self, p: int) -> None: ...
 
