@@ -523,12 +523,12 @@ class Dispatcher:
                 self._failed(job, exc)
                 return
             job.pending += routed
-            if routed and self.journal is None and job.replay_of is None:
-                self.data.ran(job, outputs)  # (its partition may move before their acks come)
         if writes is not None:  # in the same step as its outputs went to the outbox: both or neither
             self.data.apply(job.env, writes, job, reply)
             if outputs and job.writes is not None:
                 job.outputs = outputs  # while its writes wait to ship: an ungated delta carries them
+        if job.pending and self.journal is None and job.replay_of is None:
+            self.data.ran(job, outputs)  # it waits for acks: its partition may move before they come
         self.tracer.finished(job, "ok", None)
         self._finish_handler(job, reply=reply, dead=False)
         if job.writes is not None:

@@ -158,7 +158,8 @@ class PartitionData:
                 yield Piece(owed=owed, running=running)
 
     def ran(self, job: Job, outputs: list[Message]) -> None:
-        """A memory node's ``job`` ran and sent ``outputs``, whose acks its input now waits for.
+        """A memory node's ``job`` ran and sent ``outputs``; its input now waits for their acks
+        (or its writes' at its standby).
 
         Its partition may be handed over before they come (:meth:`all_ran`): an output's ack waits
         for the handler it reaches, and a flow that comes back to the partition (a saga's step:

@@ -667,7 +667,8 @@ def test_an_owner_leaving_while_a_flow_comes_back_to_its_partition_hands_it_over
     # while Echo is on its way: Undo then reaches a's partition as it drains (arrivals wait for
     # the hand-over there) or at its new owner (which waits for the hand-over too), and the
     # hand-over waited for Start to be done. The drain used to end only at its timeout, leaving
-    # a's state behind; shop's scale-in test met it (its reserve -> reserve_line -> checked loop)
+    # a's state behind; shop's scale-in test met it (its reserve -> reserve_line -> checked loop).
+    # An Undo(k=a) from the client runs meanwhile: with a standby its writes wait behind Start's
     h = Harness(seed=seed, config=CONFIG)
     client = h.add(None)
     owner, other = nodes = [h.add(looping(replicas=replicas)) for _ in range(2)]
@@ -688,17 +689,24 @@ def test_an_owner_leaving_while_a_flow_comes_back_to_its_partition_hands_it_over
         task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
         await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
                           "Start ran, its Echo not yet acknowledged")
+        undo = asyncio.ensure_future(client.emit(Undo(k=a), timeout=60))
+        jobs = owner.dispatcher.in_progress.values()
+        await h.run_until(lambda: len(jobs) == 1 + replicas and all(j.pending for j in jobs), 5,
+                          "the client's Undo ran too (with a standby, its writes wait behind Start's)")
 
         async def heal_soon() -> None:
             await h.sleep(0.3)  # (well before either side suspects the other)
             h.heal()
 
         healing = asyncio.ensure_future(heal_soon())
-        assert await h.leave(owner, timeout=30), "the owner drained: nothing was left for a timeout to cut"
+        # (within the standby gate's timeout: that timer, which ships writes held too long, is not what frees it)
+        drained = await h.leave(owner, timeout=CONFIG.standby_gate_timeout - 1)
+        assert drained, "the owner drained: nothing was left for a timeout to cut"
         await healing
         assert await h.run(task, timeout=30) == 1
+        await h.run(undo, timeout=30)
         await h.run_until(lambda: client.acknowledged, 30, "everything acknowledged")
-        assert await totals(h, client, [a, b]) == {a: 2, b: 1}, "Start, Echo and Undo each counted once"
+        assert await totals(h, client, [a, b]) == {a: 3, b: 1}, "Start, Echo and both Undos each counted once"
         assert other.moves.ownership.state[core.partition_of(a.encode(), 8)] == "owned"
         data = other.dispatcher.data
         assert not data.owed and data.owed_sent == 0, \
