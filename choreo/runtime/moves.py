@@ -581,7 +581,7 @@ class Moves:
             env.kind, env.flags, env.type.encode(), env.key, env.partition, env.msg_id, env.trace_id, env.cause_id,
             env.payload, _Forwarded(channel, env, outbox, self), raw=env.raw,
         )
-        outbox.append(outbox.channel(target), item, self.clock())
+        outbox.append(outbox.channel(target), item, self.clock(), forward=True)
         return True
 
     def forward_done(self, env: Any) -> None:

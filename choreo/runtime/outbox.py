@@ -308,10 +308,16 @@ class Outbox:
             )
         return ich
 
-    def append(self, ch: OutChannel, item: Outgoing, now: float) -> None:
-        """Put one envelope on a channel (or behind a hold, or in its backlog) and get it on its way."""
+    def append(self, ch: OutChannel, item: Outgoing, now: float, *, forward: bool = False) -> None:
+        """Put one envelope on a channel (or behind a hold, or in its backlog) and get it on its way.
+
+        ``forward``: one this node passes on for its sender (:meth:`Moves.forward
+        <choreo.runtime.moves.Moves.forward>`), never behind this node's own holds: they order
+        what it sends itself after what it has in flight, and the forward is one of those it
+        has in flight when it sent it to itself (held, it would wait for its own ack)."""
         if (
             self.holds.by_key
+            and not forward
             and not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST)
             and item.kind != wire.KIND_HANDOVER  # a partition's state between its instances: never held
         ):

@@ -759,6 +759,37 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
     run(scenario)
 
 
+@pytest.mark.parametrize("seed", [7, 8])
+def test_a_message_a_node_sent_itself_is_passed_on_when_it_leaves_before_it_arrives(seed: int) -> None:
+    # Start(k=a, back=c), both keys this node's: Start's Echo goes to this node itself. It begins
+    # to leave with that Echo on its way, so, as a producer, it holds what it sends c's partition
+    # next until the Echo is acknowledged (holds.py); the Echo arrives for a partition it no longer
+    # runs and is passed on to the new owner, its original acknowledged once the new owner has run
+    # it. Held behind the node's own hold, that forward waited for its own ack: the drain ended
+    # only at its timeout (shop's orders sends itself the OrderPlaced it emits)
+    h = Harness(seed=seed, config=CONFIG, delay=0.1)  # (a frame is on its way for a while)
+    client = h.add(None)
+    owner, other = nodes = [h.add(looping(replicas=0)) for _ in range(2)]
+
+    async def scenario() -> None:
+        await h.start()
+        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
+                                      for s in n.moves.ownership.state), 30, "the partitions settled on their owners")
+        mine = [k for i in range(10_000)
+                if owner.moves.ownership.state[core.partition_of((k := f"k{i}").encode(), 8)] == "owned"]
+        a = mine[0]
+        c = next(k for k in mine if core.partition_of(k.encode(), 8) != core.partition_of(a.encode(), 8))
+        task = asyncio.ensure_future(client.send(Start(k=a, back=c), timeout=60))
+        await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
+                          "Start ran, its Echo on its way to this node itself")
+        assert await h.leave(owner, timeout=10), "the owner drained: nothing was left for a timeout to cut"
+        assert await h.run(task, timeout=30) == 1
+        await h.run_until(lambda: client.acknowledged, 30, "everything acknowledged")
+        assert await totals(h, client, [a, c]) == {a: 2, c: 1}, "Start, Echo and Undo each counted once"
+
+    run(scenario)
+
+
 def mailer(told: list[str]) -> Service:
     svc = Service("mailer")
 
