@@ -85,7 +85,19 @@ class DispatchStats:
     duplicates: int = 0
     in_handler: int = 0
     abandoned: int = 0  # received, not run: their sender was declared gone (it resends them elsewhere)
-    lag: dict[int, int] = field(default_factory=dict)
+    lag: dict[int, int] = field(default_factory=dict)  # partition -> messages received and not yet handled
+
+    def track(self, partition: int) -> None:
+        lag = self.lag
+        lag[partition] = lag.get(partition, 0) + 1
+
+    def untrack(self, partition: int) -> None:
+        lag = self.lag
+        n = lag.get(partition, 0) - 1
+        if n > 0:
+            lag[partition] = n
+        else:
+            lag.pop(partition, None)
 
 
 class Dispatcher:
@@ -137,8 +149,8 @@ class Dispatcher:
         self.data = PartitionData(
             host, self.handlers, config=config, dedup=self.dedup, results=self.results, results_max=results_max,
             in_progress=self.in_progress, state=self.state, dead_letters=self.dead_letters,
-            output_done=self.output_done, who=self._who(), ownership=moves.ownership if moves is not None else None,
-            replicas=replicas, journal=journal,
+            output_done=self.output_done, who=self._who(),
+            ownership=moves.ownership if moves is not None else None, replicas=replicas, journal=journal,
         )
         # one context, reused by the lane for each message it runs
         self._lane_ctx = HandlerContext(host, None, None, keeper=self.data)  # type: ignore[arg-type]
@@ -212,7 +224,7 @@ class Dispatcher:
                 handler = self.handlers[env.type]
                 if status == core.LANE_DUPLICATE:
                     self.stats.received += 1
-                    self._track(env.partition)
+                    self.stats.track(env.partition)
                     self._duplicate(Job(env, channel, handler, received))
                 elif status == core.LANE_BAD:
                     self._slow_path(channel, env, handler, received, None)  # refused, counted, acked
@@ -284,27 +296,17 @@ class Dispatcher:
             for env, handler, reply in unkept:
                 keep(env, handler, reply)
 
-    def _track(self, partition: int) -> None:
-        lag = self.stats.lag
-        lag[partition] = lag.get(partition, 0) + 1
-
     def lag_of(self, partition: int) -> int:
         """Messages of ``partition`` received here and not yet handled."""
         return self.stats.lag.get(partition, 0)
 
     def untrack(self, partition: int) -> None:
-        lag = self.stats.lag
-        n = lag.get(partition, 0) - 1
-        if n > 0:
-            lag[partition] = n
-        else:
-            lag.pop(partition, None)
-
+        self.stats.untrack(partition)
 
     def _slow_path(self, channel: InChannel, env: Any, handler: Handler, received: float, message: Message | None) -> Job:
         """An envelope the fast path took through dedup becomes a tracked job."""
         self.stats.received += 1
-        self._track(env.partition)
+        self.stats.track(env.partition)
         job = Job(env, channel, handler, received)
         job.message = message
         self.in_progress[env.msg_id] = job
@@ -346,7 +348,7 @@ class Dispatcher:
             and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST)
         ):
             if moves.buffer(channel, env):  # until the handover (or our own join)
-                self._track(env.partition)
+                self.stats.track(env.partition)
                 return
             if moves.forward(channel, env):
                 return
@@ -363,7 +365,7 @@ class Dispatcher:
             self._effects_safe(job)
             return
         job = Job(env, channel, handler, self.host.batch_received)
-        self._track(env.partition)
+        self.stats.track(env.partition)
         if handler.kind != "query" and self.config.dedup:
             window = self.dedup.get(env.type)
             if window is None:
@@ -409,7 +411,7 @@ class Dispatcher:
             if nxt is not None:
                 nxt.holds_key = True
                 self.ready.append(nxt)
-        self._unlag(job)
+        self.stats.untrack(job.env.partition)
         if self.in_progress.get(env.msg_id) is job:
             del self.in_progress[env.msg_id]
             window = self.dedup.get(env.type)
@@ -611,7 +613,7 @@ class Dispatcher:
             self.host.ack_later(job.channel)
         if job.handler is not None:
             if job.replay_of is None:
-                self._unlag(job)
+                self.stats.untrack(job.env.partition)
             self.stats.processed += 1
             if self.tracer.completed is not None:  # metrics watch: a flow from outside ends here
                 self.tracer.flow_done(job)
@@ -635,9 +637,6 @@ class Dispatcher:
                     if cached is not None:
                         dup.reply = cached[2]
                     self._effects_safe(dup)
-
-    def _unlag(self, job: Job) -> None:
-        self.untrack(job.env.partition)
 
     # -- dead letters --------------------------------------------------------------------------
 
