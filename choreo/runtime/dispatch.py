@@ -149,7 +149,7 @@ class Dispatcher:
         self.data = PartitionData(
             host, self.handlers, config=config, dedup=self.dedup, results=self.results, results_max=results_max,
             in_progress=self.in_progress, state=self.state, dead_letters=self.dead_letters,
-            output_done=self.output_done, who=self._who(),
+            output_done=self.output_done, hand_on=self.hand_on, who=self._who(),
             ownership=moves.ownership if moves is not None else None, replicas=replicas, journal=journal,
         )
         # one context, reused by the lane for each message it runs
@@ -603,6 +603,22 @@ class Dispatcher:
             if job.channel is not None:
                 self.host.send_reply(job.channel, job.env, reply)  # ahead of the ack that completes the command
         self._complete(job)
+
+    def hand_on(self, job: Job) -> None:
+        """``job`` went with its partition to a new owner, which answers for its outputs from now
+        on (:meth:`PartitionData.ran <choreo.runtime.partdata.PartitionData.ran>`): its input is
+        acknowledged, a command answered, without waiting for them (a producer's hold on the
+        partition waits for that ack, and the outputs' acks may wait for that producer)."""
+        reply, channel = job.reply, job.channel
+        if channel is None:
+            return
+        stand_in = Job(job.env, channel, None, job.received)  # (completes the input, not the job)
+        stand_in.reply, job.channel, job.reply = reply, None, None
+        self._effects_safe(stand_in)
+        for dup in job.duplicates:
+            dup.reply = reply
+            self._effects_safe(dup)
+        job.duplicates = []
 
     def _complete(self, job: Job) -> None:
         env = job.env

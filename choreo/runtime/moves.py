@@ -69,6 +69,8 @@ class PartitionKeeping(Protocol):
 
     def source_gone(self, incarnation: int) -> int: ...
 
+    def handed_on(self, p: int) -> None: ...
+
 
 class PartitionWork(Protocol):
     """What moves need of the dispatcher: buffered arrivals run, and how many wait per partition."""
@@ -366,6 +368,7 @@ class Moves:
                 self.ownership.drained(p)
                 assert self.data is not None
                 self.data.forget_partition(p)
+                self.data.handed_on(p)
                 if self.replicas is not None:
                     self.replicas.forgotten(p)
                     self.replicas.release(p)

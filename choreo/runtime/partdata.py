@@ -88,6 +88,7 @@ class PartitionData:
         dead_letters: DeadLetters,
         output_done: Callable[[Job], None],
         who: str,
+        hand_on: Callable[[Job], None] = lambda job: None,
         ownership: Ownership | None = None,
         replicas: Replicas | None = None,
         journal: Journal | None = None,
@@ -104,6 +105,7 @@ class PartitionData:
         self.state = state  # the state of this node's partitions (a service that declares state types)
         self.dead_letters = dead_letters
         self.output_done = output_done
+        self.hand_on = hand_on  # a job went with a hand-over: its input is acknowledged (see handed_on)
         self.who = who  # the service, or "this client" (for what is refused)
         self.ownership = ownership
         self.replicas = replicas  # standby copies of the state (a service with replicas=1)
@@ -217,6 +219,12 @@ class PartitionData:
             reply = job.reply if env.kind == KIND_COMMAND else None
             out.append(Delta(p, env.key, [], env.type, env.msg_id, now, reply, False, outputs, env.trace_id))
         return out
+
+    def handed_on(self, p: int) -> None:
+        """Partition ``p`` checked out at its new owner, with the messages that went running: that
+        owner sends their outputs should this node go first, so their inputs need not wait for them."""
+        for job in [job for job in self.mark_to if job.env.partition == p]:
+            self.hand_on(job)
 
     def marked(self, msg_id: bytes) -> bool:
         """A message handed over running is done at its previous owner: nothing is owed for it

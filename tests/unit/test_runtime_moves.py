@@ -63,6 +63,8 @@ class Work:
     def source_gone(self, incarnation: int) -> int:
         return 0
 
+    def handed_on(self, p: int) -> None: ...
+
     def reship_owed(self, p: int) -> None: ...
 
     def deliver(self, channel: Any, env: Any, now: float) -> None:
