@@ -658,6 +658,27 @@ def test_a_new_standby_gets_what_an_ungated_message_still_owes(seed: int) -> Non
     run(scenario)
 
 
+async def settled(h: Harness, nodes: list[Any]) -> None:
+    await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes for s in n.moves.ownership.state),
+                      30, "the partitions settled on their owners")
+
+
+def key_where(ok: Callable[[int], bool]) -> str | None:
+    """A key whose partition (of 8) passes ``ok``."""
+    return next((k for i in range(10_000) if ok(core.partition_of((k := f"k{i}").encode(), 8))), None)
+
+
+def heir_keys(owner: Any, other: Any, heir: Any, seed: int) -> tuple[str, str, int]:
+    """Key a, of a partition of ``owner``'s that ``heir`` would own next, key b of one of
+    ``other``'s, and a's partition (the seed is skipped if there is no such a)."""
+    ownership = owner.moves.ownership
+    a = key_where(lambda p: ownership.state[p] == "owned" and ownership.standbys[p] == heir.incarnation)
+    b = key_where(lambda p: other.moves.ownership.state[p] == "owned")
+    if a is None or b is None:
+        pytest.skip(f"seed {seed}: no partition of the owner's that goes to the heir")
+    return a, b, core.partition_of(a.encode(), 8)
+
+
 @pytest.mark.parametrize("seed,replicas", [(1, 1), (2, 1), (3, 0), (4, 0)])
 def test_an_owner_leaving_while_a_flow_comes_back_to_its_partition_hands_it_over_and_counts_once(
     seed: int, replicas: int
@@ -675,16 +696,13 @@ def test_an_owner_leaving_while_a_flow_comes_back_to_its_partition_hands_it_over
 
     async def scenario() -> None:
         await h.start()
-        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
-                                      for s in n.moves.ownership.state), 30, "the partitions settled on their owners")
+        await settled(h, nodes)
         if replicas:
             await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
 
-        def key_owned_by(node: Any) -> str:
-            return next(k for i in range(10_000) if node.moves.ownership.state[
-                core.partition_of((k := f"k{i}").encode(), 8)] == "owned")
-
-        a, b = key_owned_by(owner), key_owned_by(other)
+        a = key_where(lambda p: owner.moves.ownership.state[p] == "owned")
+        b = key_where(lambda p: other.moves.ownership.state[p] == "owned")
+        assert a is not None and b is not None
         h.partition([owner], [other])  # Echo waits on the way
         task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
         await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
@@ -729,20 +747,10 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
 
     async def scenario() -> None:
         await h.start()
-        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
-                                      for s in n.moves.ownership.state), 30, "the partitions settled on their owners")
+        await settled(h, nodes)
         if replicas:
             await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
-        ownership = owner.moves.ownership
-
-        def key(p_ok: Callable[[int], bool]) -> str | None:
-            return next((k for i in range(10_000) if p_ok(core.partition_of((k := f"k{i}").encode(), 8))), None)
-
-        a = key(lambda p: ownership.state[p] == "owned" and ownership.standbys[p] == heir.incarnation)
-        b = key(lambda p: other.moves.ownership.state[p] == "owned")
-        if a is None or b is None:
-            pytest.skip(f"seed {seed}: no partition of the owner's that goes to the heir")
-        pa = core.partition_of(a.encode(), 8)
+        a, b, pa = heir_keys(owner, other, heir, seed)
         h.partition([owner], [other])  # Echo waits on the way
         task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
         await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
@@ -776,12 +784,11 @@ def test_a_message_a_node_sent_itself_is_passed_on_when_it_leaves_before_it_arri
 
     async def scenario() -> None:
         await h.start()
-        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
-                                      for s in n.moves.ownership.state), 30, "the partitions settled on their owners")
-        mine = [k for i in range(10_000)
-                if owner.moves.ownership.state[core.partition_of((k := f"k{i}").encode(), 8)] == "owned"]
-        a = mine[0]
-        c = next(k for k in mine if core.partition_of(k.encode(), 8) != core.partition_of(a.encode(), 8))
+        await settled(h, nodes)
+        a = key_where(lambda p: owner.moves.ownership.state[p] == "owned")
+        assert a is not None
+        c = key_where(lambda p: owner.moves.ownership.state[p] == "owned" and p != core.partition_of(a.encode(), 8))
+        assert c is not None
         task = asyncio.ensure_future(client.send(Start(k=a, back=c), timeout=60))
         await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
                           "Start ran, its Echo on its way to this node itself")
@@ -831,18 +838,8 @@ def test_a_producer_holding_a_moved_partition_is_not_held_up_by_a_message_that_w
 
     async def scenario() -> None:
         await h.start()
-        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
-                                      for s in n.moves.ownership.state), 30, "the partitions settled on their owners")
-        ownership = owner.moves.ownership
-
-        def key(p_ok: Callable[[int], bool]) -> str | None:
-            return next((k for i in range(10_000) if p_ok(core.partition_of((k := f"k{i}").encode(), 8))), None)
-
-        a = key(lambda p: ownership.state[p] == "owned" and ownership.standbys[p] == heir.incarnation)
-        b = key(lambda p: other.moves.ownership.state[p] == "owned")
-        if a is None or b is None:
-            pytest.skip(f"seed {seed}: no partition of the owner's that goes to the heir")
-        pa = core.partition_of(a.encode(), 8)
+        await settled(h, nodes)
+        a, b, pa = heir_keys(owner, other, heir, seed)
         h.link.cut.add((owner.transport.endpoint, other.transport.endpoint))  # its own hop waits on the way
         sent = asyncio.ensure_future(client.emit(Hop(k=b, rest=[a, b, a]), timeout=60))
         await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
