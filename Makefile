@@ -49,7 +49,7 @@ SOAK_SEEDS ?= 1000
 # nightly run meets new schedules each night; a failing run leaves it, to be run again once fixed
 SOAK_LONG_SEEDS ?= 100
 SOAK_NEXT := .soak-next
-SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 42000)
+SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 45000)
 soak: $(STAMP)
 	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) NEMESIS_REPLICA_SEEDS=$(SOAK_SEEDS) \
 	  NEMESIS_LONG_SEEDS=$(SOAK_LONG_SEEDS) NEMESIS_LONG_FIRST=$(SOAK_LONG_FIRST) \
