@@ -168,8 +168,9 @@ class PartitionData:
         shop's reserve -> reserve_line -> checked) reaches it at its new owner, which waits for
         the hand-over. The hand-over takes such a message along (:attr:`Piece.running
         <choreo.runtime.transfer.Piece.running>`) as a standby gets an ungated delta: its id, a
-        command's result and the outputs; once they are acknowledged here, its new owner is told
-        (a mark, see :meth:`settled`). Should this node go before that, the new owner sends the
+        command's result and the outputs. Once the partition checked out there, its input is
+        acknowledged (:meth:`handed_on`); once its outputs are acknowledged here, its new owner is
+        told (a mark, see :meth:`settled`). Should this node go before that, the new owner sends the
         outputs under their ids (:meth:`source_gone`; dropped where they arrived already). (A
         durable node's outputs count once stored: no such wait.)
         """
