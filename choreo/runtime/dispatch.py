@@ -150,6 +150,7 @@ class Dispatcher:
             host, self.handlers, config=config, dedup=self.dedup, results=self.results, results_max=results_max,
             in_progress=self.in_progress, state=self.state, dead_letters=self.dead_letters,
             output_done=self.output_done, hand_on=self.hand_on, who=self._who(),
+            send_mark=moves.send_mark if moves is not None else None,
             ownership=moves.ownership if moves is not None else None, replicas=replicas, journal=journal,
         )
         # one context, reused by the lane for each message it runs

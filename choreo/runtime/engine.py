@@ -181,7 +181,6 @@ class Engine:
         )
         if self.moves is not None:
             self.moves.work, self.moves.data = self.dispatcher, self.dispatcher.data
-            self.dispatcher.data.send_mark = self.moves.send_mark
             self.moves.name = self.name
         if replicas is not None:
             replicas.work = self.dispatcher.data

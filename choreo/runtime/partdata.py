@@ -88,13 +88,16 @@ class PartitionData:
         dead_letters: DeadLetters,
         output_done: Callable[[Job], None],
         who: str,
-        hand_on: Callable[[Job], None] = lambda job: None,
+        hand_on: Callable[[Job], None],
+        send_mark: Callable[[int, int, bytes], None] | None = None,
         ownership: Ownership | None = None,
         replicas: Replicas | None = None,
         journal: Journal | None = None,
     ) -> None:
         """The tables are the dispatcher's own (shared, not copied); ``output_done(job)`` tells it
-        that one of a job's waits is over (here: its state delta reached the standby)."""
+        that one of a job's waits is over (here: its state delta reached the standby), ``hand_on(job)``
+        that a job went with a hand-over (see :meth:`handed_on`); ``send_mark(to, partition,
+        payload)`` tells a partition's new owner that such a job is done (service nodes: moves')."""
         self.host = host
         self.handlers = handlers
         self.config = config
@@ -120,7 +123,7 @@ class PartitionData:
         self.settling: dict[int, dict[Job, None]] = {}
         self.mark_to: dict[Job, int] = {}  # those that went with a hand-over -> the new owner to tell
         self.owed_by: dict[bytes, int] = {}  # a new owner's: message id -> the previous owner that marks it
-        self.send_mark: Callable[[int, int, bytes], None] | None = None  # (to, partition, payload): the engine's
+        self.send_mark = send_mark
 
     def window(self, name: str, handler: Handler) -> core.DedupWindow:
         """The dedup window of message type ``name`` (made on first use, sized by its options)."""

@@ -635,9 +635,7 @@ def test_a_new_standby_gets_what_an_ungated_message_still_owes(seed: int) -> Non
 
     async def scenario() -> None:
         await h.start()
-        await h.run_until(lambda: all(s in ("owned", "unowned", "handed_over") for n in nodes
-                                      for s in n.moves.ownership.state),
-                          30, "the partitions settled on their owners")
+        await settled(h, nodes)
         await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
         p = core.partition_of(b"a", 8)
         owner = next(n for n in nodes if n.moves.ownership.state[p] == "owned")
@@ -763,8 +761,8 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
         assert await h.run(task, timeout=60) == 1, "Start was answered with what the old owner computed"
         await h.run_until(lambda: heir.dispatcher.data.owed_sent == 1, 30, "the heir found the owner gone, sent the Echo")
         assert not heir.dispatcher.data.owed
-        await h.advance(3.0)  # (the Echo's flow finishes: the Echo at b's owner, then its Undo at the heir)
-        await h.run_until(lambda: client.acknowledged, 60, "everything acknowledged")
+        # the heir's Echo is acknowledged once it ran at b's owner, and that once its Undo ran at the heir
+        await h.run_until(lambda: client.acknowledged and heir.acknowledged, 60, "everything acknowledged")
         assert await totals(h, client, [a, b]) == {a: 2, b: 1}, "Start, Echo and Undo each counted once"
 
     run(scenario)
