@@ -52,7 +52,7 @@ SOAK_NEXT := .soak-next
 SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 45000)
 soak: $(STAMP)
 	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) NEMESIS_REPLICA_SEEDS=$(SOAK_SEEDS) \
-	  NEMESIS_LONG_SEEDS=$(SOAK_LONG_SEEDS) NEMESIS_LONG_FIRST=$(SOAK_LONG_FIRST) \
+	  NEMESIS_SAGA_SEEDS=$$(( $(SOAK_SEEDS) / 10 )) NEMESIS_LONG_SEEDS=$(SOAK_LONG_SEEDS) NEMESIS_LONG_FIRST=$(SOAK_LONG_FIRST) \
 	  $(BIN)/python -m pytest -p no:cacheprovider -q --timeout 7200 tests/sim
 	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
 	CHAOS_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) CHAOS_FIRST=100 CHAOS_RATE=10000 $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_chaos.py

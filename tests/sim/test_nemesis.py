@@ -31,6 +31,14 @@ crashes, restarts at once under a new incarnation, joins, graceful leaves), the 
 durable one's on state: each key's state counts each of its readings handled exactly once (a
 crashed owner's standby, or whichever instance wins its partitions, has its state).
 
+The saga workload (``saga=True``) sends each reading on a round trip before it is acknowledged:
+meter -> relay -> meter under another key -> meter under the reading's own key, every step
+counted in state, while both services' instances face the schedules (the last one of either
+too). Its checker adds: every step of every reading handled, and once outside the same windows
+(a step's senders are whoever handled the step before it); the state of every key it wrote.
+``make test`` runs NEMESIS_SAGA_SEEDS of each kind (default 3) and the saga schedules known to
+fail today, as expected failures (:data:`SAGA_KNOWN_FAILURES`).
+
 ``make test`` runs NEMESIS_SEEDS seeds (default 30), NEMESIS_DURABLE_SEEDS durable ones
 (default 10: seeds 8 and 9 once caught a restarted node losing its state to a newcomer) and
 NEMESIS_REPLICA_SEEDS with replicas, and as many with single faults (default 10; seeds 1 to 200
@@ -62,6 +70,7 @@ from choreo.testing import Harness
 SEEDS = int(os.environ.get("NEMESIS_SEEDS", "30"))
 DURABLE_SEEDS = int(os.environ.get("NEMESIS_DURABLE_SEEDS", "10"))
 REPLICA_SEEDS = int(os.environ.get("NEMESIS_REPLICA_SEEDS", "10"))
+SAGA_SEEDS = int(os.environ.get("NEMESIS_SAGA_SEEDS", "3"))  # of each kind
 FIRST_SEED = int(os.environ.get("NEMESIS_FIRST_SEED", "1"))
 KEYS = 12
 SINGLE_FAULTS = ("bounce", "crash", "restart", "join", "leave")  # replicas=1: no state may be lost
@@ -77,10 +86,35 @@ class Tally(Command, key="k", idempotency=["k", "n"]):
     n: int
 
 
+class Check(Event, key="c", idempotency=["k", "n"]):
+    """The saga's first step out: a reading, to the relay, under another key (:meth:`Ledger.relay`)."""
+
+    c: str
+    k: str
+    n: int
+
+
+class Line(Event, key="j", idempotency=["k", "n"]):
+    """The relay's answer, back to the meter under a third key."""
+
+    j: str
+    k: str
+    n: int
+
+
+class Checked(Event, key="k", idempotency=["k", "n"]):
+    """The last step: back to the reading's own key (its partition may have moved meanwhile)."""
+
+    k: str
+    n: int
+
+
 class Seen(msgspec.Struct):
-    """The meter's state per key: how many readings it counted (committed with each reading)."""
+    """The meter's state per key: what it counted (each count committed with its message)."""
 
     readings: int = 0
+    checked: int = 0
+    lines: int = 0
 
 
 class Ledger:
@@ -94,18 +128,43 @@ class Ledger:
         self.answered: dict[tuple[str, int], int] = {}
         self.sender: dict[tuple[str, int], str] = {}  # (k, n) -> the client incarnation that first sent it
         self.command_sender: dict[tuple[str, int], str] = {}
+        # the saga's steps (``saga=True``): (k, n) -> the instances that handled each, in order
+        self.steps: dict[str, dict[tuple[str, int], list[str]]] = {
+            "Check": defaultdict(list), "Line": defaultdict(list), "Checked": defaultdict(list)}
 
-    def service(self, replicas: int = 0) -> Service:
+    def service(self, replicas: int = 0, saga: bool = False) -> Service:
+        """The meter. With ``saga``, each reading goes on a round trip before it is acknowledged:
+        Check to the relay (under key ``c``), Line back to the meter (under key ``j``), Checked to
+        the reading's own key: a flow that comes back to the partition it started from, through
+        other instances and another service (the shape of the shop's stock reservation)."""
         meter = Service("meter", partitions=16, state=[Seen], replicas=replicas)
 
-        @meter.on(Reading)
+        def count(ctx, **more: int) -> None:  # type: ignore[no-untyped-def]
+            seen = ctx.state.get(Seen) or Seen()
+            ctx.state.put(msgspec.structs.replace(
+                seen, **{field: getattr(seen, field) + n for field, n in more.items()}))
+
+        @meter.on(Reading, emits=[Check] if saga else [])
         def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
             seen = self.handled[(ev.k, ev.n)]
             if not seen:
                 self.order[ev.k].append(ev.n)
             seen.append(ctx.instance)
-            count = ctx.state.get(Seen) or Seen()
-            ctx.state.put(Seen(count.readings + 1))
+            count(ctx, readings=1)
+            if saga:
+                ctx.emit(Check(c=f"c{ev.n % 5}", k=ev.k, n=ev.n))
+
+        if saga:
+            @meter.on(Line, emits=[Checked])
+            def on_line(ev: Line, ctx) -> None:  # type: ignore[no-untyped-def]
+                self.steps["Line"][(ev.k, ev.n)].append(ctx.instance)
+                count(ctx, lines=1)
+                ctx.emit(Checked(k=ev.k, n=ev.n))
+
+            @meter.on(Checked)
+            def on_checked(ev: Checked, ctx) -> None:  # type: ignore[no-untyped-def]
+                self.steps["Checked"][(ev.k, ev.n)].append(ctx.instance)
+                count(ctx, checked=1)
 
         @meter.command(Tally)
         def on_tally(cmd: Tally, ctx) -> int:  # type: ignore[no-untyped-def]
@@ -113,6 +172,17 @@ class Ledger:
             return cmd.n * 2
 
         return meter
+
+    def relay(self) -> Service:
+        """The saga's other service: stateless, it sends each Check back to the meter as a Line."""
+        relay = Service("relay", partitions=8)
+
+        @relay.on(Check, emits=[Line])
+        def on_check(ev: Check, ctx) -> None:  # type: ignore[no-untyped-def]
+            self.steps["Check"][(ev.k, ev.n)].append(ctx.instance)
+            ctx.emit(Line(j=f"j{ev.n % 7}", k=ev.k, n=ev.n))
+
+        return relay
 
 
 class Crashed(Exception):
@@ -184,31 +254,37 @@ def died_names(harness: Harness, nemesis: Nemesis) -> set[str]:
 
 def run_one(
     seed: int, *, events: int = 1500, duration: float = 50.0, data_root: str | None = None, replicas: int = 0,
-    single_faults: bool = False,
+    single_faults: bool = False, saga: bool = False,
 ) -> None:
     durable = data_root is not None
     ledger = Ledger()
-    meter = ledger.service(replicas)
+    meter = ledger.service(replicas, saga)
+    services = {"meter": meter}
     config = NodeConfig(window=64, suspect_after=1.0, dead_after=3.0, heartbeat=0.25, handover_timeout=6.0,
                         emit_timeout=5.0, request_timeout=5.0)
     harness = Harness(seed=seed, drop=0.01, duplicate=0.01, reorder=0.02, config=config, data_root=data_root)
     client = harness.add(None)
     for _ in range(3):
         harness.add(meter)
+    if saga:  # two relay instances: room for a join of either service
+        services["relay"] = ledger.relay()
+        for _ in range(2):
+            harness.add(services["relay"])
+    most = 4 + 2 * saga
     if single_faults:  # one instance down at a time, the copies whole again before the next fault
-        nemesis = Nemesis(harness, {"meter": meter}, clients=[client], min_instances=2)
+        nemesis = Nemesis(harness, services, clients=[client], min_instances=2 + 2 * saga, max_instances=most)
         plan = nemesis.draw(duration=duration, kinds=SINGLE_FAULTS, every=(12.0, 16.0))
     else:
-        nemesis = Nemesis(harness, {"meter": meter}, clients=[client], bounce_clients=durable)
+        nemesis = Nemesis(harness, services, clients=[client], bounce_clients=durable, max_instances=most)
         plan = nemesis.draw(duration=duration, kinds=DURABLE_FAULTS if durable else FAULTS)
     call = calls_on(harness, nemesis.clients, durable)
 
-    emptied = []  # the service had no instance that could come back with its data dir (all left)
+    emptied = []  # the meter had no instance that could come back with its data dir (all left)
 
     async def watch_instances() -> None:
         while True:
             await harness.sleep(0.05)
-            if not any(e.service is not None and e.lifecycle.state != "left" for e in harness.engines.values()):
+            if not any(e.service is meter and e.lifecycle.state != "left" for e in harness.engines.values()):
                 emptied.append(harness.now)
 
     async def scenario() -> None:
@@ -223,9 +299,12 @@ def run_one(
         await harness.run_until(
             lambda: nemesis.clients[0].acknowledged, 120, "everything the producer sent acknowledged"
         )
+        if saga:  # a durable node acknowledges what it stored: the round trips may still be under way
+            await harness.run_until(lambda: all(e.acknowledged for e in harness.up()), 120,
+                                    "every instance's sends acknowledged")
         watcher.cancel()
         if durable or single_faults:  # every partition with one owner again, none moving
-            await harness.run_until(lambda: settled(harness, meter.partitions), 60, "partitions settled")
+            await harness.run_until(lambda: settled(harness, list(services.values())), 60, "partitions settled")
 
     try:
         asyncio.run(scenario())
@@ -238,28 +317,40 @@ def run_one(
         """Durable: every earlier handling was one a crash caught before its commit."""
         return durable and all((name, idempotency_id(message)) in harness.uncommitted for name in who[:-1])
 
-    def orphaned(sender: str, who: list[str]) -> bool:
+    def orphaned(senders: list[str], who: list[str]) -> bool:
         """In memory: every earlier handling was by the service's last instance, which left
-        (its dedup ids with it) after the mesh took the sender for dead: the sender never saw
+        (its dedup ids with it) after the mesh took a sender for dead: the sender never saw
         the acks, sent it again on its next life, and nobody was left who knew the id."""
-        when = harness.dead_at.get(sender)
-        return not durable and when is not None and all(
-            name in died or nemesis.left_last.get(name, -1.0) >= when for name in who[:-1])
+        return not durable and any(
+            (when := harness.dead_at.get(sender)) is not None
+            and all(name in died or nemesis.left_last.get(name, -1.0) >= when for name in who[:-1])
+            for sender in senders)
 
     def crash_window(who: list[str]) -> bool:
         """In memory: every handling but one was by an incarnation some node took for dead."""
         return sum(name not in died for name in who) <= 1
 
-    def excused(message: Event | Command, sender: str, who: list[str]) -> bool:
-        return crash_window(who) or uncommitted(message, who) or orphaned(sender, who)
+    def excused(message: Event | Command, senders: list[str], who: list[str]) -> bool:
+        return crash_window(who) or uncommitted(message, who) or orphaned(senders, who)
 
     lost = [m for m in ledger.emitted if m not in ledger.handled]
     assert not lost, f"{len(lost)} events emitted and never handled, e.g. {lost[:5]}\n{story}"
     twice = {m: who for m, who in ledger.handled.items()
-             if len(who) > 1 and not excused(Reading(k=m[0], n=m[1]), ledger.sender[m], who)}
+             if len(who) > 1 and not excused(Reading(k=m[0], n=m[1]), [ledger.sender[m]], who)}
     assert not twice, f"{len(twice)} events handled twice outside the crash window, e.g. {list(twice.items())[:3]}\n{story}"
+    if saga:  # each step of each reading's round trip: handled, and once (outside the same windows)
+        step_of = {"Check": lambda k, n: Check(c=f"c{n % 5}", k=k, n=n), "Line": lambda k, n: Line(j=f"j{n % 7}", k=k, n=n),
+                   "Checked": lambda k, n: Checked(k=k, n=n)}
+        before = {"Check": ledger.handled, "Line": ledger.steps["Check"], "Checked": ledger.steps["Line"]}
+        for step, handled in ledger.steps.items():
+            lost = [m for m in ledger.emitted if m not in handled]
+            assert not lost, f"{len(lost)} readings whose {step} was never handled, e.g. {lost[:5]}\n{story}"
+            # its senders: whoever handled the step before it (a sender taken for dead sends again)
+            twice = {m: who for m, who in handled.items()
+                     if len(who) > 1 and not excused(step_of[step](*m), before[step][m], who)}
+            assert not twice, f"{len(twice)} {step} handled twice outside the crash window, e.g. {list(twice.items())[:3]}\n{story}"
     tallied_twice = {m: who for m, who in ledger.tallied.items()
-                     if len(who) > 1 and not excused(Tally(k=m[0], n=m[1]), ledger.command_sender[m], who)}
+                     if len(who) > 1 and not excused(Tally(k=m[0], n=m[1]), [ledger.command_sender[m]], who)}
     assert not tallied_twice, f"commands run twice outside the crash window: {list(tallied_twice.items())[:3]}\n{story}"
     unanswered = [i for i in range(0, events, 25) if (f"k{i % KEYS}", i) not in ledger.answered]
     assert not unanswered, f"commands never answered: {unanswered[:5]}\n{story}"
@@ -269,32 +360,40 @@ def run_one(
     # state commits with each reading's id: every key counted each of its readings once (unless the
     # last instance left: its state is in its data dir, and a newcomer starts on another one)
     if (durable or single_faults) and not emptied:
-        counted = state_counts(harness, meter.partitions)
-        expected = {f"k{i}": len([n for (k, n) in ledger.handled if k == f"k{i}"]) for i in range(KEYS)}
-        assert counted == expected, f"state per key {counted} != readings handled {expected}\n{story}"
+        keys = [f"k{i}" for i in range(KEYS)] + ([f"j{i}" for i in range(7)] if saga else [])
+        counted = state_counts(harness, meter.partitions, keys)
+        expected = {k: Seen() for k in keys}
+        for field, handled in [("readings", ledger.handled), ("checked", ledger.steps["Checked"])]:
+            for k, _ in handled:
+                setattr(expected[k], field, getattr(expected[k], field) + 1)
+        for k, n in ledger.steps["Line"]:
+            expected[f"j{n % 7}"].lines += 1
+        assert counted == expected, f"state per key {counted} != messages handled {expected}\n{story}"
 
 
-def settled(harness: Harness, partitions: int) -> bool:
+def settled(harness: Harness, services: list[Service]) -> bool:
+    """Every partition of every service owned by one live instance, none moving."""
     live = [e for e in harness.engines.values() if e.transport.endpoint not in harness.down and e.moves is not None]
-    return all(sum(e.moves.ownership.state[p] == "owned" for e in live) == 1 for p in range(partitions)) and not any(
-        e.moves.busy for e in live
-    )
+    return not any(e.moves.busy for e in live) and all(
+        sum(e.moves.ownership.state[p] == "owned" for e in live if e.service.name == svc.name) == 1
+        for svc in services for p in range(svc.partitions))
 
 
-def state_counts(harness: Harness, partitions: int) -> dict[str, int]:
-    """Each key's count, read from the instance that owns its partition now."""
+def state_counts(harness: Harness, partitions: int, keys: list[str]) -> dict[str, Seen]:
+    """Each key's counts, read from the meter instance that owns its partition now."""
     from choreo import core
 
     out = {}
-    for i in range(KEYS):
-        key = f"k{i}".encode()
+    for k in keys:
+        key = k.encode()
         p = core.partition_of(key, partitions)
         owners = [e for e in harness.engines.values() if e.transport.endpoint not in harness.down
+                  and e.service is not None and e.service.name == "meter"
                   and e.moves is not None and e.moves.ownership.state[p] == "owned"]
         assert len(owners) == 1, f"partition {p} owned by {[e.name for e in owners]}"
         tables = owners[0].dispatcher.state
         body = tables.get(0, p, key)
-        out[key.decode()] = msgspec.msgpack.decode(body, type=Seen).readings if body is not None else 0
+        out[k] = msgspec.msgpack.decode(body, type=Seen) if body is not None else Seen()
     return out
 
 
@@ -321,6 +420,46 @@ def test_with_standby_copies_the_same_holds_under_the_nemesis(seed: int) -> None
 @pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + REPLICA_SEEDS))
 def test_with_standby_copies_single_faults_lose_no_state(seed: int) -> None:
     run_one(seed, replicas=1, single_faults=True, duration=60.0)
+
+
+SAGA_KINDS = ("plain", "replicas", "durable", "durable+replicas")
+# saga schedules that fail today, found when the saga workload came (seeds 1 to 80 of each kind:
+# 309 of 320 passed; README: the failure table's scale-in and last-instance rows). The last
+# instance of a service leaving while flows it started come back to its service cannot finish
+# its drain (peers send nothing to an instance that is leaving, and it waits for those flows'
+# acks); after drain_timeout what it still had in progress is taken back and runs again on the
+# next instance (plain 53, replicas 13, durable 79, durable+replicas 55; in replicas 21 it is
+# relay's last instance, the meters' channels filling behind its stuck flows meanwhile). A
+# durable instance leaving while its outputs wait for a service with no instance at all cannot
+# hand its partitions over: after drain_timeout what it had in progress runs again elsewhere,
+# and its partitions' new owners miss the writes it made meanwhile (durable 31, 42, 78,
+# durable+replicas 42; in durable+replicas 31 the producer never finishes). Plain 70: after
+# every meter instance crashed in turn, 38 readings were acknowledged to the client whose round
+# trip never began (their Check never handled): not yet understood.
+SAGA_KNOWN_FAILURES = {("plain", 53), ("plain", 70), ("replicas", 13), ("replicas", 21), ("durable", 31), ("durable", 42),
+                       ("durable", 78), ("durable", 79), ("durable+replicas", 31), ("durable+replicas", 42),
+                       ("durable+replicas", 55)}
+
+
+def saga_cases() -> list[Any]:
+    cases = sorted({(kind, FIRST_SEED + i) for kind in SAGA_KINDS for i in range(SAGA_SEEDS)}
+                   | (SAGA_KNOWN_FAILURES if SAGA_SEEDS else set()))
+    return [pytest.param(kind, seed, marks=pytest.mark.xfail(strict=True, reason="a known failure (see above)"))
+            if (kind, seed) in SAGA_KNOWN_FAILURES else (kind, seed) for kind, seed in cases]
+
+
+@pytest.mark.parametrize(("kind", "seed"), saga_cases())
+def test_a_flow_that_comes_back_to_its_partition_holds_under_the_nemesis(kind: str, seed: int) -> None:
+    # each reading goes meter -> relay -> meter (another key) -> meter (its own key) before it is
+    # acknowledged, while instances of both services crash, join and leave and partitions move
+    # with flows in flight: every step handled, once outside the crash window, the state exact
+    run_saga(kind, seed)
+
+
+def run_saga(kind: str, seed: int, **more: Any) -> None:
+    with tempfile.TemporaryDirectory(prefix="choreo-nemesis-") as data_root:
+        run_one(seed, saga=True, replicas=1 if "replicas" in kind else 0,
+                data_root=data_root if "durable" in kind else None, **more)
 
 
 # durable seeds that once failed: 612, a handover refused for coming before the view counted as
