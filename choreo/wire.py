@@ -12,10 +12,10 @@ A ``DATA`` or ``REPLY`` frame with ``FLAG_ACK`` set starts with ``u16 len | ack`
 ack of what it received from the receiver rides along instead of taking a frame of its own. A
 ``DATA`` frame with ``FLAG_URGENT`` holds commands or queries, which the receiver handles at once,
 ahead of the events queued there. Control bodies
-(``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``, and membership's ``PING``,
-``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are MessagePack decoded into the structs below, so a
-malformed or hostile body fails validation instead of reaching the runtime. Nothing here is ever
-unpickled.
+(``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``, a leaving last
+instance's ``FLOWS``, and membership's ``PING``, ``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are
+MessagePack decoded into the structs below, so a malformed or hostile body fails validation
+instead of reaching the runtime. Nothing here is ever unpickled.
 
 Membership (:mod:`choreo.runtime.gossip`) speaks SWIM: a ``PING`` asks "are you there?", a
 ``PONG`` answers it, a ``PING_REQ`` asks a third node to ping someone on the sender's behalf;
@@ -66,6 +66,7 @@ __all__ = [
     "REFUSE",
     "RPC",
     "RPC_REPLY",
+    "FLOWS",
     "REPLY",
     "PING",
     "PING_REQ",
@@ -92,6 +93,7 @@ __all__ = [
     "Refuse",
     "Rpc",
     "RpcReply",
+    "Flows",
     "frame",
     "parse_header",
     "encode_control",
@@ -117,6 +119,7 @@ HEADER_SIZE = HEADER.size  # 24
 
 DATA, ACK, HELLO, HEARTBEAT, BYE, REFUSE, RPC, RPC_REPLY, REPLY = range(1, 10)
 PING, PING_REQ, PONG, NEWS, SYNC = range(10, 15)  # membership (SWIM): see the module docstring
+FLOWS = 15  # "I leave last of my service: what of these flows waits for it, send me" (see Flows)
 FRAME_NAMES = {
     PING: "ping",
     PING_REQ: "ping_req",
@@ -132,6 +135,7 @@ FRAME_NAMES = {
     REFUSE: "refuse",
     RPC: "rpc",
     RPC_REPLY: "rpc_reply",
+    FLOWS: "flows",
 }
 
 # frame flags
@@ -346,6 +350,18 @@ class Bye(msgspec.Struct, frozen=True):
     reason: str = "stopping"
 
 
+class Flows(msgspec.Struct, frozen=True):
+    """From the last instance of ``service``, while it leaves: the flows (trace ids) of the
+    messages it still has in progress or unacknowledged downstream. Peers send it what of those flows waits for ``service``
+    (a flow that comes back, A -> B -> A, would otherwise wait for an instance that the leaver's
+    drain waits for); anything else for ``service`` keeps waiting for the next instance. Said
+    again every ``rto`` while it drains; an empty list: nothing more.
+    """
+
+    service: str
+    traces: list[bytes]
+
+
 class Refuse(msgspec.Struct, frozen=True):
     """A frame was not accepted; ``reason`` is a counter token, ``detail`` a sentence.
 
@@ -386,6 +402,7 @@ _CONTROL_TYPES: dict[int, type[msgspec.Struct]] = {
     REFUSE: Refuse,
     RPC: Rpc,
     RPC_REPLY: RpcReply,
+    FLOWS: Flows,
 }
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in _CONTROL_TYPES.items()}
@@ -402,6 +419,7 @@ MAX_CONTROL_BYTES = {
     HELLO: 512 << 10,
     HEARTBEAT: 256 << 10,
     BYE: 4 << 10,
+    FLOWS: 1 << 20,
     REFUSE: 64 << 10,
     RPC: 64 << 10,
     RPC_REPLY: 1 << 30,  # answers a client asked a node for (spans, dead letters): no cap of ours

@@ -50,6 +50,7 @@ from .gossip import Gossip
 from .holds import Holds
 from .intake import Intake
 from .journal import Journal
+from .lastflows import LastFlows
 from .lifecycle import Lifecycle
 from .membership import Membership, Peer, durable_key
 from .moves import Moves
@@ -187,6 +188,8 @@ class Engine:
             replicas.name = self.name
         self.returns = Returns(self.outbox, self.membership, self.holds, self.router, self.calls, self.dispatcher,
                                clock=clock, refused=self.count_refused)
+        self.last_flows = LastFlows(service.name if service else None, self.membership, self.outbox, self.dispatcher,
+                                    config=config, incarnation=lambda: self.incarnation)
         self.intake = Intake(
             self.outbox, self.membership, self.admission, self.dispatcher, config=config, clock=clock,
             refused=self.count_refused, on_ack=self.returns.on_ack,
@@ -231,6 +234,7 @@ class Engine:
             wire.DATA: self.intake.on_data,
             wire.REPLY: self.returns.on_replies,
             wire.ACK: self.returns.on_ack_frame,
+            wire.FLOWS: self.last_flows.on_frame,
             wire.HELLO: self._on_hello,
             wire.REFUSE: self._on_refuse,
             wire.RPC: lambda sender, data, flags, identity, principal: on_rpc(
@@ -273,10 +277,18 @@ class Engine:
     def begin_leave(self) -> None:
         """Stop taking new work: peers route around us while we finish what we hold."""
         self.gossip.begin_leave()
+        if self.journal is not None:
+            self.outbox.store_parked()
         self.outbox.flush()
 
     def finish_leave(self) -> None:
         """Say goodbye to every peer (after draining)."""
+        waiting = {service: len(queue) for service, queue in self.outbox.waiting.items() if queue}
+        if waiting:
+            where = ("stay in its store: they go out when it starts again on its data dir"
+                     if self.journal is not None else "go with it (its copies; a handler's, its partition's new owner has)")
+            log.warning("%s leaves with messages for services that have no instance (%s): they %s", self.name,
+                        ", ".join(f"{n} for {service}" for service, n in sorted(waiting.items())), where)
         self.gossip.finish_leave()
         self.outbox.flush()
 
@@ -414,6 +426,8 @@ class Engine:
             self.moves.tick(now)
         if self.journal is not None:
             self.journal.tick(now)
+        if self.lifecycle.leaving:
+            self.last_flows.tick(now)
         self.dispatcher.pump()
         self.outbox.flush()
 

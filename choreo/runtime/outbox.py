@@ -43,7 +43,7 @@ from typing import Protocol
 
 from .. import wire
 from ..config import NodeConfig
-from .channels import InChannel, OutChannel, Outgoing
+from .channels import InChannel, OutChannel, Outgoing, SafeOnceStored
 from .holds import Holds
 from .journal import Journal
 from .membership import Peer
@@ -114,6 +114,11 @@ class Outbox:
         self.dirty_in: dict[InChannel, None] = {}
         self.replies: dict[int, _Answers] = {}  # peer incarnation -> answers to send
         self.waiting: dict[str, deque[Outgoing]] = {}  # service -> envelopes waiting for an instance
+        # a durable node that leaves: what its handlers emit for a service with no instance counts
+        # as safe once stored, as in a window (see park): it takes no new work that could pile up
+        self.parked_is_stored = False
+        # service -> its last instances, leaving (by incarnation), and the flows each still works on (wire.Flows)
+        self.flows: dict[str, dict[int, tuple[Peer, frozenset[bytes]]]] = {}
         self.waiting_bytes: dict[str, int] = {}
         self.flush_scheduled = False
         self.hold_acks = False  # received envelopes wait for their handlers: their acks wait too
@@ -379,7 +384,13 @@ class Outbox:
     # -- waiting for an instance -------------------------------------------------------------------
 
     def park(self, service: str, item: Outgoing) -> None:
-        """``item`` is for ``service``, which has no live instance now: it waits, in order."""
+        """``item`` is for ``service``, which has no live instance now: it waits, in order (or,
+        part of a flow its last instance finishes as it leaves, goes to that instance)."""
+        if self.flows:
+            leaver = self._flow_home(service, item)
+            if leaver is not None:
+                self.append(self.channel(leaver), item, self.clock())
+                return
         queue = self.waiting.get(service)
         if queue is None:
             queue = self.waiting[service] = deque()
@@ -387,6 +398,27 @@ class Outbox:
         self.waiting_bytes[service] = self.waiting_bytes.get(service, 0) + item.size
         if self.journal is not None:
             self.journal.limbo(item, service)
+            if self.parked_is_stored:
+                self._stored(item)
+
+    def store_parked(self) -> None:
+        """A durable node leaves: the handlers' outputs that wait for an instance count as safe
+        once stored from now on (their inputs are acknowledged once the store has them), as they
+        would in a window. Until then they wait for the receiver, which bounds what the store
+        keeps for an absent service by its producers' windows; a leaving node takes no new work.
+        Without this its partitions could not be handed over while such a service has no
+        instance (their messages would stay in progress), and its drain would time out."""
+        self.parked_is_stored = True
+        for queue in self.waiting.values():
+            for item in queue:
+                self._stored(item)
+
+    @staticmethod
+    def _stored(item: Outgoing) -> None:
+        done = item.on_done
+        if type(done) is SafeOnceStored:
+            item.on_done = None
+            done()
 
     def withdraw(self, msg_id: bytes) -> int:
         """Copies of a command or query waiting for an instance whose answer came meanwhile (to
@@ -411,6 +443,49 @@ class Outbox:
         if not queue:
             return True
         return len(queue) < self.config.window and self.waiting_bytes[service] + nbytes <= self.config.window_bytes
+
+    def flows_of(self, service: str, leaver: Peer, traces: frozenset[bytes]) -> None:
+        """``leaver``, a last instance of ``service``, leaves and still works on ``traces``
+        (wire.Flows): what of them waits here goes to it now, the rest waits on, in order."""
+        leavers = self.flows.setdefault(service, {})
+        if traces:
+            leavers[leaver.incarnation] = (leaver, traces)
+        else:
+            leavers.pop(leaver.incarnation, None)
+            if not leavers:
+                del self.flows[service]
+            return
+        queue = self.waiting.get(service)
+        if not queue or not any(item.trace_id in traces for item in queue):
+            return
+        now = self.clock()
+        stay: deque[Outgoing] = deque()
+        ch = self.channel(leaver)
+        for item in queue:
+            if item.trace_id in traces:
+                self.waiting_bytes[service] -= item.size
+                self.append(ch, item, now)
+            else:
+                stay.append(item)
+        if stay:
+            self.waiting[service] = stay
+        else:
+            self.waiting.pop(service, None)
+            self.waiting_bytes.pop(service, None)
+
+    def _flow_home(self, service: str, item: Outgoing) -> Peer | None:
+        """The leaving last instance of ``service`` that works on ``item``'s flow, if one does."""
+        leavers = self.flows.get(service)
+        if not leavers:
+            return None
+        for incarnation, (leaver, traces) in list(leavers.items()):
+            if not leaver.live:
+                del leavers[incarnation]
+            elif item.trace_id in traces:
+                return leaver
+        if not leavers:
+            del self.flows[service]
+        return None
 
     def take_waiting(self, service: str) -> deque[Outgoing] | None:
         """Everything waiting for ``service``, in order (to route it again)."""

@@ -313,3 +313,86 @@ def test_what_the_last_instance_never_got_goes_ahead_of_what_waited_for_the_next
 
     run(scenario)
     assert seen == [0, 1, 2], "in the order they were emitted"
+
+
+class Go(Event, key="sensor"):
+    sensor: str
+
+
+class Out(Event, key="sensor"):
+    sensor: str
+
+
+class Back(Event, key="sensor"):
+    sensor: str
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_last_instance_leaving_finishes_a_flow_that_comes_back_to_it(seed: int) -> None:
+    """The last instance of ``a`` leaves while a flow it started (a -> b -> a) is under way: its
+    Go waits for Out's ack, which waits for Back, which b emits only once a has begun to leave, so
+    b's view has no instance of ``a`` to send it to. Back must still reach the leaver (it tells
+    its peers the flows it works on: wire.Flows), or the drain waits out its timeout and Go runs
+    again on the next instance (the nemesis's saga workload, plain seeds 13 and 53)."""
+    ran: list[str] = []
+    a, b = Service("a"), Service("b")
+
+    @a.on(Go, emits=[Out])
+    def go(ev: Go, ctx: Any) -> None:
+        ran.append("go")
+        ctx.emit(Out(ev.sensor))
+
+    @a.on(Back)
+    def back(ev: Back) -> None:
+        ran.append("back")
+
+    @b.on(Out, emits=[Back])
+    def out(ev: Out, ctx: Any) -> None:
+        ran.append("out")
+        ctx.emit(Back(ev.sensor))
+
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    leaver, other = h.add(a), h.add(b)
+
+    async def scenario() -> None:
+        await h.start()
+        h.link.cut.add((leaver.transport.endpoint, other.transport.endpoint))  # Out waits on the way
+        sent = asyncio.ensure_future(client.emit(Go("s"), timeout=30))
+        await h.run_until(lambda: ran == ["go"], 5, "Go ran, Out on its way")
+        leaving = asyncio.ensure_future(h.leave(leaver, timeout=10))
+        await h.run_until(lambda: other.membership.peers[leaver.incarnation].state == "leaving", 5,
+                          "b heard that a's last instance leaves")
+        h.heal()
+        assert await h.run(leaving, timeout=30), "the leaver drained: no timeout cut its flow short"
+        await h.run(sent, timeout=30)
+        h.restart(leaver)  # the next instance: nothing of the flow is left for it to run again
+        await h.run_until(lambda: client.acknowledged and other.acknowledged, 30, "nothing waits")
+        await h.advance(2.0)
+
+    run(scenario)
+    assert ran == ["go", "out", "back"], "each step once, Back by the instance that started the flow"
+
+
+def test_flows_from_a_node_that_is_not_the_services_instance_are_refused() -> None:
+    """Only an instance of a service, and one that leaves, may draw that service's waiting
+    messages to itself: anyone else's Flows frame is refused and changes nothing."""
+    h = Harness(seed=4, config=CONFIG)
+    client = h.add(None)
+    instance = h.add(meter([]))
+
+    async def scenario() -> None:
+        await h.start()
+        claim = wire.Flows("meter", [bytes(16)])
+        before = instance.counters.refused["malformed"]
+        client.outbox.send(instance.transport.endpoint,
+                           wire.encode_control(wire.FLOWS, client.incarnation, instance.incarnation, claim))
+        await h.advance(0.1)
+        assert instance.counters.refused["malformed"] == before + 1
+        assert not instance.outbox.flows
+        instance.outbox.send(client.transport.endpoint,
+                             wire.encode_control(wire.FLOWS, instance.incarnation, client.incarnation, claim))
+        await h.advance(0.1)
+        assert not client.outbox.flows, "an instance that does not leave draws nothing"
+
+    run(scenario)

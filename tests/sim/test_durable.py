@@ -615,3 +615,71 @@ def test_of_two_stores_that_hold_one_partition_the_newer_copy_wins(tmp_path: Pat
     run(scenario)
     assert sorted(handled) == sorted((key, n) for n in range(30)), "nothing lost"
     assert set(handled.values()) == {1}, f"nothing twice: {sorted(m for m, c in handled.items() if c > 1)}"
+
+
+class Seen(msgspec.Struct):
+    readings: int = 0
+
+
+class Relayed(Event, key="k", idempotency=["k", "n"]):
+    k: str
+    n: int
+
+
+def test_a_durable_instance_leaving_while_its_outputs_wait_for_an_absent_service_hands_over_and_keeps_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The meter's readings emit Relayed to a relay that has no instance left. A durable meter
+    instance that leaves meanwhile must still hand its partitions over (their messages count as
+    done once their outputs are stored, as a leaving node takes no new work), its drain must not
+    time out, nothing may run twice, and no count may be lost; its Relayed wait in its store,
+    named at its goodbye, and go out once it starts again and a relay is back (the saga
+    workload's durable seeds 31, 42 and 78)."""
+    handled: dict[tuple[str, int], list[str]] = defaultdict(list)
+    relayed: dict[tuple[str, int], int] = defaultdict(int)
+    meter = Service("meter", partitions=8, state=[Seen])
+
+    @meter.on(Reading, emits=[Relayed])
+    def on_reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
+        handled[(ev.k, ev.n)].append(ctx.instance)
+        seen = ctx.state.get(Seen) or Seen()
+        ctx.state.put(Seen(seen.readings + 1))
+        ctx.emit(Relayed(k=ev.k, n=ev.n))
+
+    relay = Service("relay")
+
+    @relay.on(Relayed)
+    def on_relayed(ev: Relayed) -> None:
+        relayed[(ev.k, ev.n)] += 1
+
+    h = Harness(seed=31, data_root=tmp_path, config=FAST)
+    client = h.add(None)
+    leaver, stayer = h.add(meter), h.add(meter)
+    relay_node = h.add(relay)
+
+    async def scenario() -> None:
+        await h.start()
+        for n in range(20):
+            await h.run(client.emit(reading(n), timeout=10))
+        assert await h.leave(relay_node, timeout=10), "the relay's last instance left"
+        for n in range(20, 60):  # their Relayed wait at the meter instances: no relay
+            await h.run(client.emit(reading(n), timeout=10))
+        with caplog.at_level("WARNING", logger="choreo.node"):
+            assert await h.leave(leaver, timeout=10), "the meter instance drained: its partitions were handed over"
+        assert any("stay in its store" in r.getMessage() for r in caplog.records), "its goodbye names what it keeps"
+        h.restart(relay_node)  # (the readings at the other instance wait for it: a bound on its store)
+        h.restart(leaver)  # on its data dir: what waited in its store goes out
+        await h.run_until(lambda: len(relayed) == 60 and all(e.acknowledged for e in h.up()), 60,
+                          "every reading acknowledged, every Relayed handled once a relay was back")
+        totals = 0
+        for k in range(KEYS):
+            key = f"k{k}".encode()
+            p = core.partition_of(key, 8)
+            owner = next(e for e in h.up() if e.service is meter and e.moves.ownership.state[p] == "owned")
+            body = owner.dispatcher.state.get(0, p, key)
+            totals += msgspec.msgpack.decode(body, type=Seen).readings if body is not None else 0
+        assert totals == 60, "every reading counted once, by whoever owns its key now"
+
+    run(scenario)
+    assert all(len(who) == 1 for who in handled.values()) and len(handled) == 60, "each reading handled once"
+    assert all(n == 1 for n in relayed.values()), "each Relayed handled once"
