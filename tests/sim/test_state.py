@@ -768,6 +768,42 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
     run(scenario)
 
 
+@pytest.mark.xfail(strict=True, reason="a known loss: the old owner acknowledged Start once the partition checked out")
+@pytest.mark.parametrize("seed", [5, 6])
+def test_a_running_message_handed_over_is_not_lost_when_its_new_and_old_owners_both_die(seed: int) -> None:
+    # as above, but the heir dies first, then the old owner, the Echo still cut off: nobody who
+    # knew of Start's outputs is left. Today the old owner acknowledged Start (answered it) once
+    # the partition checked out at the heir, so the client holds nothing to send again and the
+    # Echo is lost (the saga workload's plain seed 70; README, State). Not acknowledging it then
+    # (telling the client only that Start ran, for its holds) keeps it, but with standby copies
+    # it wedged three schedules of 80 for good: the ack is what frees the client's window, which
+    # the hand-overs' own streams share (see the closing note of the stop that added this test)
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    owner, other, heir = nodes = [h.add(looping(replicas=0)) for _ in range(3)]
+
+    async def scenario() -> None:
+        await h.start()
+        await settled(h, nodes)
+        a, b, pa = heir_keys(owner, other, heir, seed)
+        h.partition([owner], [other])  # Echo waits on the way
+        task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
+        await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
+                          "Start ran, its Echo not yet acknowledged")
+        owner.begin_leave()
+        await h.run_until(lambda: heir.moves.ownership.state[pa] == "owned", 0.9, "the heir has a's partition")
+        assert heir.dispatcher.data.owed_by, "Start went along running, its Echo owed"
+        h.crash(heir)
+        await h.advance(0.2)
+        h.crash(owner)
+        h.heal()
+        assert await h.run(task, timeout=60) == 1, "Start answered by its partition's next owner (its state went)"
+        await h.run_until(lambda: client.acknowledged and other.acknowledged, 60, "everything acknowledged")
+        assert (await totals(h, client, [b]))[b] >= 1, "Start's Echo reached b: its flow was not lost"
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("seed", [7, 8])
 def test_a_message_a_node_sent_itself_is_passed_on_when_it_leaves_before_it_arrives(seed: int) -> None:
     # Start(k=a, back=c), both keys this node's: Start's Echo goes to this node itself. It begins
