@@ -521,8 +521,10 @@ class SqliteStore:
             _unlock(self._lock)
 
 
-def _read_meta(path: Path, db: Path) -> dict[str, Any]:
-    """The store's metadata, read without writing anything (DataDirError if it is not a usable store)."""
+def _read_meta(path: Path, db: Path) -> dict[str, Any] | None:
+    """The store's metadata, read without writing anything (DataDirError if it is not a usable
+    store; None if it holds nothing at all: the store's schema and identity go in one transaction,
+    so a node killed while it first opened its data dir leaves an empty database behind)."""
     kept = "(nothing was changed)"
     # without a log the database file is complete: read it as immutable, which creates no side files
     immutable = "" if os.path.exists(str(db) + "-wal") else "&immutable=1"
@@ -535,6 +537,8 @@ def _read_meta(path: Path, db: Path) -> dict[str, Any]:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc):
+                if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0:
+                    return None  # an empty database: a first open killed before its one transaction
                 raise DataDirError(
                     f"data dir {path}: {STORE_FILE} is an SQLite database but not a choreo store: give each node its "
                     f"own new data dir {kept}"

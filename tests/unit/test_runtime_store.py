@@ -101,6 +101,20 @@ def test_an_sqlite_database_of_something_else_is_refused_and_left_as_it_was(tmp_
     assert "is an SQLite database but not a choreo store" in message, message
 
 
+def test_a_store_whose_first_open_was_killed_before_it_committed_opens_as_new(tmp_path: Path) -> None:
+    """A node killed while it first opened its data dir leaves an SQLite file with nothing in it
+    (the schema and the identity are one transaction): the next start makes the store there
+    (tests/integration/test_durable.py's seeded SIGKILLs met it on a slow machine)."""
+    conn = sqlite3.connect(tmp_path / STORE_FILE)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    store = SqliteStore.open(tmp_path, service="orders", name=None)
+    try:
+        assert store.identity.lives == 1 and store.load().outbox == []
+    finally:
+        store.close()
+
+
 def test_a_store_of_a_newer_format_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
     made(tmp_path)
     conn = sqlite3.connect(tmp_path / STORE_FILE)
