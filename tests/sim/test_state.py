@@ -731,6 +731,23 @@ def test_an_owner_leaving_while_a_flow_comes_back_to_its_partition_hands_it_over
     run(scenario)
 
 
+async def start_handed_over_running(
+    h: Harness, client: Any, owner: Any, other: Any, heir: Any, seed: int
+) -> tuple[str, str, asyncio.Future[Any]]:
+    """Start(a, back=b) runs at a's owner, its Echo cut off on the way to b's (``other``); the
+    owner begins to leave and the heir takes a's partition with Start still running (its Echo
+    owed). Returns a, b and the client's call."""
+    a, b, pa = heir_keys(owner, other, heir, seed)
+    h.partition([owner], [other])  # Echo waits on the way
+    task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
+    await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
+                      "Start ran, its Echo not yet acknowledged")
+    owner.begin_leave()
+    await h.run_until(lambda: heir.moves.ownership.state[pa] == "owned", 0.9, "the heir has a's partition")
+    assert heir.dispatcher.data.owed_by, "Start went along running, its Echo owed"
+    return a, b, task
+
+
 @pytest.mark.parametrize("seed,replicas", [(5, 1), (6, 0)])
 def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs_to_the_new_owner(
     seed: int, replicas: int
@@ -748,14 +765,7 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
         await settled(h, nodes)
         if replicas:
             await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
-        a, b, pa = heir_keys(owner, other, heir, seed)
-        h.partition([owner], [other])  # Echo waits on the way
-        task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
-        await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
-                          "Start ran, its Echo not yet acknowledged")
-        owner.begin_leave()
-        await h.run_until(lambda: heir.moves.ownership.state[pa] == "owned", 0.9, "the heir has a's partition")
-        assert heir.dispatcher.data.owed_by, "Start went along running, its Echo owed"
+        a, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
         h.crash(owner)  # before Echo was acknowledged: the heir alone can still send it
         h.heal()
         assert await h.run(task, timeout=60) == 1, "Start was answered with what the old owner computed"
@@ -785,14 +795,7 @@ def test_a_running_message_handed_over_is_not_lost_when_its_new_and_old_owners_b
     async def scenario() -> None:
         await h.start()
         await settled(h, nodes)
-        a, b, pa = heir_keys(owner, other, heir, seed)
-        h.partition([owner], [other])  # Echo waits on the way
-        task = asyncio.ensure_future(client.send(Start(k=a, back=b), timeout=60))
-        await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
-                          "Start ran, its Echo not yet acknowledged")
-        owner.begin_leave()
-        await h.run_until(lambda: heir.moves.ownership.state[pa] == "owned", 0.9, "the heir has a's partition")
-        assert heir.dispatcher.data.owed_by, "Start went along running, its Echo owed"
+        _, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
         h.crash(heir)
         await h.advance(0.2)
         h.crash(owner)
