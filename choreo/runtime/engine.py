@@ -286,7 +286,7 @@ class Engine:
         waiting = {service: len(queue) for service, queue in self.outbox.waiting.items() if queue}
         if waiting:
             where = ("stay in its store: they go out when it starts again on its data dir"
-                     if self.journal is not None else "go with it (its copies; a handler's, its partition's new owner has)")
+                     if self.journal is not None else "go with it (in memory, nothing else keeps this node's copies)")
             log.warning("%s leaves with messages for services that have no instance (%s): they %s", self.name,
                         ", ".join(f"{n} for {service}" for service, n in sorted(waiting.items())), where)
         self.gossip.finish_leave()
