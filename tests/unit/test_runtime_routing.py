@@ -10,7 +10,7 @@ import pytest
 
 from choreo import Command, Event, Query, Service, core, wire
 from choreo.config import NodeConfig
-from choreo.errors import ChoreoUsageError, MessageTooLarge, NoOwner, ProtocolError, UndeclaredMessage
+from choreo.errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
 from choreo.runtime.calls import Calls
 from choreo.runtime.holds import Holds
 from choreo.runtime.lifecycle import Lifecycle
@@ -44,9 +44,6 @@ audit.on(Placed, broadcast=True)(lambda e: None)
 stats = Service("stats")
 stats.on(Clicked)(lambda e: None)
 shop = Service("shop", emits=[Placed, Clicked], sends=[Charge])
-
-
-ME = 1
 
 
 class Recorder:
@@ -238,17 +235,6 @@ def test_a_hold_waits_for_what_waited_in_the_old_owners_backlog_too() -> None:
     assert not w.holds.release(old), "two of p still unacknowledged at the old owner"
     old.on_ack(core.encode_ack(10, 10, []), 0, w.now)
     assert p in [q for _, q, _ in w.holds.release(old)], "(with every other partition that moved)"
-
-
-@pytest.mark.parametrize(("frame_type", "body"), [(wire.FLOWS, wire.Flows("orders", [bytes(16), b"t" * 16]))])
-def test_flows_frames_round_trip_and_are_bounded(frame_type: int, body: object) -> None:
-    data = wire.encode_control(frame_type, ME, 7, body)  # type: ignore[arg-type]
-    assert wire.parse_header(data)[0] == frame_type and wire.decode_control(frame_type, data) == body
-    huge = wire.frame(frame_type, ME, 7, b"\x00" * (wire.MAX_CONTROL_BYTES[frame_type] + 1))
-    with pytest.raises(ProtocolError, match="oversized"):
-        wire.decode_control(frame_type, huge)
-    with pytest.raises(ProtocolError, match="malformed"):
-        wire.decode_control(frame_type, wire.frame(frame_type, ME, 7, b"\xa3abc"))
 
 
 def test_answers_leave_before_the_ack_that_covers_their_command() -> None:

@@ -144,3 +144,13 @@ def test_validation_happens_at_decoding_only() -> None:
     # the engine builds its own hellos; nothing here changes what it may construct and encode
     h = wire.Hello("n", 1, "tcp://127.0.0.1:1", None, 10, 10)
     assert wire.decode_control(wire.HELLO, wire.encode_control(wire.HELLO, 1, 0, h)) == h
+
+
+def test_a_flows_frame_round_trips_and_is_bounded() -> None:
+    body = wire.Flows("orders", [bytes(16), b"t" * 16])
+    data = wire.encode_control(wire.FLOWS, ME, 7, body)
+    assert wire.parse_header(data)[0] == wire.FLOWS and wire.decode_control(wire.FLOWS, data) == body
+    huge = wire.frame(wire.FLOWS, ME, 7, b"\x00" * (wire.MAX_CONTROL_BYTES[wire.FLOWS] + 1))
+    with pytest.raises(ProtocolError, match="oversized"):
+        wire.decode_control(wire.FLOWS, huge)
+    assert refused(wire.FLOWS, "abc").reason == "malformed"
