@@ -42,6 +42,7 @@ cdef extern from "Python.h":
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memcmp, memset
 from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.math cimport INFINITY
 
 from collections import deque
 from typing import NamedTuple

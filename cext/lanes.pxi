@@ -593,6 +593,8 @@ LANE_EFFECTS = 5     # envs[index]'s handler emitted or sent: (message, ctx, sta
 LANE_BATCH_FAILED = 6  # a batch handler raised on envs[index:index + len(messages)]: (messages, error, started)
 LANE_RESULT = 7      # envs[index]'s command or query returned, and its answer needs the caller:
                      # (message, (ctx, result), started) come back
+LANE_LATE = 8        # the clock passed ``until`` before envs[index]'s handler: the caller looks at the
+                     # time (was the node frozen?) before it runs any more; started is that reading
 
 
 cdef class _LaneEntry:
@@ -692,7 +694,8 @@ cdef class FastLane:
         return 0
 
     def run(self, list envs not None, Py_ssize_t start, InboundReorder reorder not None, double now, clock,
-            received, gate, KeyedDispatch keyed not None, spans_append, ctx, answer=None, channel=None):
+            received, gate, KeyedDispatch keyed not None, spans_append, ctx, answer=None, channel=None,
+            double until=INFINITY):
         """Handle ``envs[start:]`` in order until one needs the caller.
 
         Returns ``(handled, index, status, a, b, started)``: how many were handled here, the
@@ -702,7 +705,9 @@ cdef class FastLane:
         is a reusable context object (its ``envelope``/``handler``/``writes`` are set here) or None.
         A command's or query's result goes to ``answer(channel, env, result)``, which answers the
         caller and returns True, or returns False (having done nothing) when the result cannot
-        travel as it is; without ``answer`` commands and queries are left to the caller.
+        travel as it is; without ``answer`` commands and queries are left to the caller. Once the
+        clock reads ``until`` or later, no handler starts: ``LANE_LATE`` (the caller's clock may
+        have jumped, a process stopped and continued: whatever it held may be void by now).
         """
         cdef Py_ssize_t n = len(envs), i = start, j, handled = 0, glen = 0, stop_at
         cdef int stop_status
@@ -729,6 +734,8 @@ cdef class FastLane:
             lay = self._ctx_lay
         t1 = lane_now(read_clock, clock)  # one reading per message: each one's start is the previous one's end
         while i < n:
+            if t1 >= until:
+                return handled, i, LANE_LATE, None, None, t1
             obj = envs[i]
             if type(obj) is not Envelope:
                 return handled, i, LANE_SLOW, None, None, 0.0

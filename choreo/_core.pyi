@@ -262,6 +262,7 @@ LANE_FAILED: int
 LANE_EFFECTS: int
 LANE_BATCH_FAILED: int
 LANE_RESULT: int
+LANE_LATE: int
 EMIT_END: int
 EMIT_OTHER: int
 EMIT_BLOCKED: int
@@ -369,6 +370,7 @@ class FastLane:
         ctx: Any,
         answer: Callable[[Any, Envelope, Any], bool] | None = None,
         channel: Any = None,
+        until: float = ...,
     ) -> tuple[int, int, int, Any, Any, float]: ...
 
 class StateView:

@@ -21,6 +21,7 @@ done, every seq <= received has arrived, and each inclusive range [lo, hi] is do
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 from collections import OrderedDict, deque
@@ -71,6 +72,7 @@ __all__ = [
     "LANE_EFFECTS",
     "LANE_BATCH_FAILED",
     "LANE_RESULT",
+    "LANE_LATE",
     "SpanRing",
     "EMIT_END",
     "EMIT_OTHER",
@@ -1537,6 +1539,7 @@ LANE_FAILED = 4  # envs[index]'s handler raised: (message, error, started) come 
 LANE_EFFECTS = 5  # envs[index]'s handler emitted or sent: (message, ctx, started) come back
 LANE_BATCH_FAILED = 6  # a batch handler raised on envs[index:index + len(messages)]: (messages, error, started)
 LANE_RESULT = 7  # envs[index]'s command or query returned, and its answer needs the caller: (message, (ctx, result), started)
+LANE_LATE = 8  # the clock passed ``until`` before envs[index]'s handler: the caller looks at the time first; started is that reading
 
 
 class FastLane:
@@ -1622,6 +1625,7 @@ class FastLane:
         ctx: Any,
         answer: Any = None,
         channel: Any = None,
+        until: float = math.inf,
     ) -> tuple[int, int, int, Any, Any, float]:
         """Handle ``envs[start:]`` in order until one needs the caller (see the class docstring).
 
@@ -1630,13 +1634,16 @@ class FastLane:
         (FAILED), the context (EFFECTS) or ``(context, result)`` (RESULT), and when the handler
         started (for BATCH_FAILED the messages of the batch that raised). ``clock()`` is read once
         per message; the compiled lane also takes the clock as a C function in a capsule
-        (``choreo.core.lane_clock``).
+        (``choreo.core.lane_clock``). Once the clock reads ``until`` or later, no handler starts:
+        ``LANE_LATE``, with that reading (a process stopped and continued: what it held may be void).
         """
         handled = 0
         n = len(envs)
         i = start
         t1 = clock()  # one reading per message: each one's start is the previous one's end
         while i < n:
+            if t1 >= until:
+                return handled, i, LANE_LATE, None, None, t1
             env = envs[i]
             entry = self._entries.get(env.type)
             if entry is None:

@@ -41,6 +41,7 @@ import heapq
 import itertools
 import os
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -50,7 +51,7 @@ from .runtime.engine import Engine
 from .runtime.store import MemoryStore, SqliteStore
 from .service import Service
 
-__all__ = ["Harness", "FakeLink", "FakeTransport"]
+__all__ = ["Harness", "FakeLink", "FakeTransport", "NodeLoop"]
 
 T = TypeVar("T")
 
@@ -109,6 +110,42 @@ class FakeTransport:
         self.send(identity.decode(), frame)
 
 
+class NodeLoop:
+    """One node's view of the event loop: what it schedules (a turn of its handlers, a flush)
+    runs in order on the harness's loop, except while the node is paused: then it waits, and runs
+    when the node resumes, before its frames and its tick, as what a process stopped with SIGSTOP
+    had queued runs first when it continues."""
+
+    def __init__(self, harness: Harness, endpoint: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.harness, self.endpoint, self.loop = harness, endpoint, loop
+        self.queue: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._scheduled = False
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        self.queue.append((callback, args))
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        """Run what was queued so far (what that queues runs on the next turn), unless paused."""
+        self._scheduled = False
+        harness = self.harness
+        if harness.paused.get(self.endpoint, 0.0) > harness.now:
+            harness.held.add(self.endpoint)  # (resumed by Harness.resume_held)
+            return
+        if self.endpoint in harness.down or harness.loops.get(self.endpoint) is not self:
+            self.queue.clear()  # a crashed process runs nothing more
+            return
+        queue = self.queue
+        for _ in range(len(queue)):
+            callback, args = queue.popleft()
+            callback(*args)
+        if queue and not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self.run)
+
+
 class Harness:
     """Several engines on one fake link under one virtual clock (see the module docstring)."""
 
@@ -152,6 +189,8 @@ class Harness:
         # handler may run again (the one at-least-once a durable node keeps, see the README)
         self.uncommitted: set[tuple[str, bytes]] = set()
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self.loops: dict[str, NodeLoop] = {}  # endpoint -> its node's loop (see NodeLoop)
+        self.held: set[str] = set()  # paused nodes whose loop holds callbacks until they resume
 
     def clock(self) -> float:
         return self.now
@@ -226,7 +265,7 @@ class Harness:
         """Start every engine with the first as seed and run until all know each other."""
         endpoints = list(self.engines)
         for endpoint, engine in self.engines.items():
-            engine.start([endpoints[0]] if endpoint != endpoints[0] else [])
+            self._start(engine, [endpoints[0]] if endpoint != endpoints[0] else [])
         count = len(self.engines)
 
         def converged() -> bool:
@@ -270,7 +309,7 @@ class Harness:
         new = self._make(endpoint)
         self.down.discard(endpoint)
         self.paused.pop(endpoint, None)
-        new.start(seeds if seeds is not None else [e for e in self.engines if e != endpoint and e not in self.down])
+        self._start(new, seeds if seeds is not None else [e for e in self.engines if e != endpoint and e not in self.down])
         return new
 
     def join(
@@ -280,8 +319,23 @@ class Harness:
         """A new node starts mid-run, seeded by the first node that is up (see :meth:`add`)."""
         engine = self.add(service, name, config, key, durable, store)
         seeds = [e for e in self.engines if e != engine.transport.endpoint and e not in self.down][:1]
-        engine.start(seeds)
+        self._start(engine, seeds)
         return engine
+
+    def _start(self, engine: Engine, seeds: list[str]) -> None:
+        endpoint = engine.transport.endpoint
+        loop = self.loops[endpoint] = NodeLoop(self, endpoint, asyncio.get_running_loop())
+        engine.start(seeds)
+        # (what the engine schedules goes through its NodeLoop: see pause)
+        engine.intake.loop = engine.returns.loop = loop  # type: ignore[assignment]
+        engine.outbox._loop = loop  # type: ignore[assignment]
+
+    def resume_held(self) -> None:
+        """Run what paused nodes had scheduled, for those whose pause is over (before anything else
+        reaches them: frames, ticks)."""
+        for endpoint in [e for e in self.held if self.paused.get(e, 0.0) <= self.now]:
+            self.held.discard(endpoint)
+            self.loops[endpoint].run()
 
     async def leave(self, engine: Engine, timeout: float = 60.0) -> bool:
         """Stop a node gracefully, as SIGTERM does: drain, hand over, goodbye; then it is down.
@@ -310,7 +364,9 @@ class Harness:
         return drained
 
     def pause(self, engine: Engine, seconds: float) -> None:
-        """Freeze a node for ``seconds`` of virtual time: no ticks; frames to it wait (a GC pause)."""
+        """Freeze a node for ``seconds`` of virtual time: no ticks; frames to it wait (a GC pause);
+        what its loop had scheduled and not yet run (a turn of handlers: see :class:`NodeLoop`)
+        runs when it resumes, first."""
         endpoint = engine.transport.endpoint
         self.paused[endpoint] = max(self.paused.get(endpoint, 0.0), self.now + seconds)
 
@@ -319,6 +375,7 @@ class Harness:
         between them (as a busy socket does), and end its pause; returns how many it got."""
         endpoint = engine.transport.endpoint
         until = self.paused.pop(endpoint, self.now)  # (frames that met the pause wait until its end)
+        self.resume_held()
 
         def arrived(q: tuple[float, int, str, bytes, str]) -> bool:
             return q[2] == endpoint and (q[0] <= self.now or q[0] == until)
@@ -376,6 +433,8 @@ class Harness:
         while link.queue and link.queue[0][0] <= horizon:
             at, seq, dst, frame, src = heapq.heappop(link.queue)
             self.now = max(self.now, at)
+            if self.held:
+                self.resume_held()
             engine = self.engines.get(dst)
             if engine is None or dst in self.down:
                 continue
@@ -386,6 +445,8 @@ class Harness:
             engine.flush()
             await self._settle()
         self.now = horizon
+        if self.held:
+            self.resume_held()
         self._wake_sleepers()
         for endpoint, engine in list(self.engines.items()):
             if endpoint not in self.down and paused.get(endpoint, 0.0) <= self.now:

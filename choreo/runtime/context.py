@@ -35,6 +35,11 @@ class Host(Protocol):
     clock: Callable[[], float]
     wall: Callable[[], float]
 
+    def awake(self, now: float) -> bool: ...  # False: it was frozen and rejoined; what it held is void
+
+    @property
+    def awake_until(self) -> float: ...  # no handler starts from this reading of the clock without awake()
+
     def call_later(self, delay: float, callback: Callable[[], None]) -> None: ...
 
     def count_refused(self, reason: str, detail: str) -> None: ...

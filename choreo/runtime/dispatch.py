@@ -100,6 +100,14 @@ class DispatchStats:
             lag.pop(partition, None)
 
 
+def _who(service: Service | None) -> str:
+    return service.name if service else "this client"
+
+
+def _sender(job: Job) -> str:
+    return job.channel.peer.node if job.channel is not None else "a replay"
+
+
 class Dispatcher:
     """Handles the envelopes addressed to this node's service."""
 
@@ -149,7 +157,7 @@ class Dispatcher:
         self.data = PartitionData(
             host, self.handlers, config=config, dedup=self.dedup, results=self.results, results_max=results_max,
             in_progress=self.in_progress, state=self.state, dead_letters=self.dead_letters,
-            output_done=self.output_done, hand_on=self.hand_on, who=self._who(),
+            output_done=self.output_done, hand_on=self.hand_on, who=_who(self.service),
             send_mark=moves.send_mark if moves is not None else None,
             ownership=moves.ownership if moves is not None else None, replicas=replicas, journal=journal,
         )
@@ -198,6 +206,7 @@ class Dispatcher:
         reorder = channel.reorder
         run = self.lane.run
         journal = self.journal if self.config.dedup else None
+        until = host.awake_until
         done, i, n = 0, 0, len(envs)
         while i < n:
             if self.ready:  # jobs wait to start: everything after them waits too (per-key order)
@@ -206,7 +215,7 @@ class Dispatcher:
                 break
             handled, i, status, a, b, started = run(
                 envs, i, reorder, now, self._lane_clock, received, gate, self.keyed, spans_append, self._lane_ctx,
-                self._answer, channel,
+                self._answer, channel, until,
             )
             done += handled
             if handled:
@@ -216,6 +225,11 @@ class Dispatcher:
                     tracer.flows_ran(envs[i - handled : i], self.handlers, received)
             if status == core.LANE_END:
                 break
+            if status == core.LANE_LATE:  # the batch ran long, or the process was stopped in it
+                if not host.awake(started):
+                    break  # frozen past dead_after: the channel is closed, its sender resends the rest
+                until = host.awake_until
+                continue
             env = envs[i]
             if status == core.LANE_SLOW:
                 if env.type not in self._fast and self._fast_entry(env.type):
@@ -362,7 +376,7 @@ class Dispatcher:
             )
             job = Job(env, channel, None, self.host.batch_received)
             if env.kind in (KIND_COMMAND, KIND_QUERY):
-                job.reply = error_reply("UnknownType", f"{self._who()} does not handle {env.type}")
+                job.reply = error_reply("UnknownType", f"{_who(self.service)} does not handle {env.type}")
             self._effects_safe(job)
             return
         job = Job(env, channel, handler, self.host.batch_received)
@@ -455,6 +469,10 @@ class Dispatcher:
     def _start(self, job: Job) -> None:
         handler = job.handler
         assert handler is not None
+        host = self.host
+        now = host.clock()
+        if now >= host.awake_until:
+            host.awake(now)  # (frozen past dead_after: this job's channel is closed now)
         if job.channel is not None and job.channel.closed:
             self._abandon(job)
             return
@@ -462,14 +480,14 @@ class Dispatcher:
             try:
                 job.message = decode(handler.message, job.env.payload)
             except ValidationError as exc:  # an older or foreign sender: counted, and kept as a dead letter
-                self.host.count_refused("invalid_payload", f"{exc} (from {self._sender(job)})")
+                host.count_refused("invalid_payload", f"{exc} (from {_sender(job)})")
                 self.stats.in_handler += 1
-                job.started = self.host.clock()
+                job.started = now
                 self._failed(job, exc)
                 return
-        ctx = HandlerContext(self.host, job.env, handler, job.attempt, self.data)
+        ctx = HandlerContext(host, job.env, handler, job.attempt, self.data)
         self.stats.in_handler += 1
-        job.started = self.host.clock()
+        job.started = now
         try:
             if handler.is_async:
                 coro = handler.fn(job.message, ctx) if handler.takes_context else handler.fn(job.message)
@@ -682,15 +700,6 @@ class Dispatcher:
         self.pump()
         self.host.schedule_flush()
         return letter
-
-    # -- helpers -------------------------------------------------------------------------------
-
-    def _who(self) -> str:
-        return self.service.name if self.service else "this client"
-
-    @staticmethod
-    def _sender(job: Job) -> str:
-        return job.channel.peer.node if job.channel is not None else "a replay"
 
     @property
     def idle(self) -> bool:

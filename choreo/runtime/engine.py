@@ -32,6 +32,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -381,6 +382,25 @@ class Engine:
         elif now - max(last, self._idle_until) > c.suspect_after / 2:  # (asleep on purpose until _idle_until)
             self.gossip.forgive(gap, now)
 
+    def awake(self, now: float) -> bool:
+        """This node acts at ``now`` (reads a frame, runs handlers): frozen long since it last did,
+        it rejoins first (:meth:`_check_gap`) and returns False: every channel it received on is
+        closed, so it runs none of what it held (its senders give that to the owners now)."""
+        last = self._last_tick
+        if last is not None and now - last < self._unremarkable_gap:
+            self._last_tick = now  # (the common case, cheap: a read asks for every frame)
+            return True
+        incarnation = self.incarnation
+        self._check_gap(now)
+        return self.incarnation == incarnation
+
+    @property
+    def awake_until(self) -> float:
+        """No handler starts from this reading of the clock on before :meth:`awake` looked (a
+        process stopped in a batch must not run the rest of it as if nothing had happened)."""
+        last = self._last_tick
+        return math.inf if last is None else last + self._unremarkable_gap
+
     @property
     def busy(self) -> bool:
         """Work that a tick must look at within ``tick``: messages being handled or waiting for
@@ -447,13 +467,8 @@ class Engine:
         # the caller flushes after a run of frames (the transport after each read, the harness after
         # each frame): what this frame's handling appends leaves then, without a turn of the loop
         self.outbox.flush_scheduled = True
-        last = self._last_tick
-        if last is not None:
-            now = self.clock()
-            if now - last < self._unremarkable_gap:
-                self._last_tick = now  # (_check_gap's common case, inline: it runs for every frame)
-            else:
-                self._check_gap(now)
+        if self._last_tick is not None:
+            self.awake(self.clock())  # (a frame read after a freeze may be for an incarnation now over)
         if len(data) > self._max_frame:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self._max_frame}")
             return False

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import Counter, defaultdict
+from typing import Any
 
 import pytest
 
 from choreo import Event, NodeConfig, Service
+from choreo.runtime.context import HandlerContext
 from choreo.testing import Harness
 
 
@@ -157,5 +159,91 @@ def test_a_lone_node_frozen_past_dead_after_is_not_taken_for_dead_by_the_next_to
         for n in range(20):
             await harness.run(producer.emit(Reading(sensor=f"s{n}", n=n)), timeout=30)
         await harness.run_until(lambda: sorted(seen) == list(range(20)), 30, "every event handled, once")
+
+    asyncio.run(scenario())
+
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_node_frozen_with_events_waiting_for_their_turn_does_not_run_them_when_it_continues(seed: int) -> None:
+    """A node stopped (SIGSTOP) after it read a frame of events and before its handlers ran them,
+    for longer than ``suspect_after + dead_after``: the mesh declared it dead and their producer
+    gave them to the other instance, which ran them. When it continued, its turn of handlers ran
+    first, before its clock was looked at, and ran the same events again after their new owner
+    had gone on with their keys (seen with real processes: tests/integration/test_chaos.py). Now
+    it looks first, rejoins, and runs none of them: each event runs once, in order per key."""
+    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
+    handled: list[tuple[str, str, int]] = []  # (instance, sensor, n), in the order they ran
+    sink = Service("sink")
+
+    @sink.on(Reading)
+    def on_reading(ev: Reading, ctx: HandlerContext) -> None:
+        handled.append((ctx.instance, ev.sensor, ev.n))
+
+    harness = Harness(seed=seed, config=config)
+    producer = harness.add(None)
+    frozen = harness.add(sink)
+    harness.add(sink)
+    on_frame = frozen.on_frame
+    stopped: list[str] = []
+
+    def read_then_stopped(*args: Any) -> bool:  # stopped right after a read that queued events
+        woke = on_frame(*args)
+        if not stopped and any(env.type == "Reading" for _, envs, _ in frozen.intake.queue for env in envs):
+            stopped.append(frozen.name)
+            harness.pause(frozen, config.suspect_after + config.dead_after + 3.0)
+        return woke
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.advance(2.0)  # the partitions settled
+        frozen.on_frame = read_then_stopped  # type: ignore[method-assign]
+        for n in range(200):
+            await harness.run(producer.emit(Reading(sensor=f"s{n % 20}", n=n)), timeout=30)
+        await harness.run_until(lambda: stopped and frozen.incarnation and frozen.counters.reincarnations == 1, 30,
+                                "the frozen node continued and rejoined")
+        await harness.run_until(lambda: len({n for _, _, n in handled}) == 200 and producer.acknowledged, 60,
+                                "every event handled and acknowledged")
+        await harness.advance(2.0)
+        assert stopped, "the node was stopped with events waiting for its handlers"
+        counts = Counter(n for _, _, n in handled)
+        assert [n for n, c in counts.items() if c > 1] == [], "no event ran twice"
+        per_sensor: dict[str, list[int]] = defaultdict(list)
+        for _, sensor, n in handled:
+            per_sensor[sensor].append(n)
+        assert all(ns == sorted(ns) for ns in per_sensor.values()), "in order per key"
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_node_whose_clock_jumps_in_a_batch_runs_no_more_of_it_under_its_old_life(seed: int) -> None:
+    """The node stopped (or its handler blocked the loop) in the middle of a batch, for longer than
+    ``suspect_after + dead_after``: the rest of the batch is its senders' to give to the owners
+    now. It runs none of it before it has rejoined; then each event runs once, in order."""
+    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
+    handled: list[tuple[str, int]] = []
+    sink = Service("sink")
+    harness = Harness(seed=seed, config=config)
+
+    @sink.on(Reading)
+    def on_reading(ev: Reading, ctx: HandlerContext) -> None:
+        handled.append((ctx.instance, ev.n))
+        if ev.n == 5:
+            harness.jump(node, config.suspect_after + config.dead_after + 2.0)
+
+    producer = harness.add(None)
+    node = harness.add(sink)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.advance(1.0)
+        first = node.name
+        await harness.run(producer.emit_many([Reading(sensor="s", n=n) for n in range(20)]), timeout=30)
+        await harness.run_until(lambda: {n for _, n in handled} == set(range(20)) and producer.acknowledged, 60,
+                                "every event handled and acknowledged")
+        assert node.counters.reincarnations == 1
+        assert [n for name, n in handled if name == first] == list(range(6)), "nothing after the jump in its old life"
+        assert [n for _, n in handled] == list(range(20)), "each once, in order (its dedup ids outlived its old life)"
 
     asyncio.run(scenario())

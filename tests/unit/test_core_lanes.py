@@ -183,6 +183,26 @@ def test_the_compiled_lane_reads_the_monotonic_clock_it_is_handed_as_a_capsule()
     assert all(span[4] == prev[5] for prev, span in zip(spans, list(spans)[1:])), "each starts as the last ended"
 
 
+@pytest.mark.parametrize("core", CORES)
+def test_no_handler_starts_once_the_clock_reads_until_in_both_cores(core) -> None:
+    """A process stopped in a batch and continued past ``until`` (its clock jumped) runs no more of
+    it: the lane hands the rest back (LANE_LATE, with that reading) for the caller to look first."""
+    items = [(b"Ev", k.encode(), encode(Ev(k, n)), bytes([n + 1]) * 16) for n, k in enumerate("abcde")]
+    reorder, envs = _batch(core, items)
+    seen: list[int] = []
+    readings = iter([0.0, 0.1, 9.0, 9.1, 9.2, 9.3, 9.4]).__next__  # stopped for 9 s while the second ran
+    fast = core.FastLane()
+    fast.set("Ev", decode, core.DedupWindow(60.0, 100), lambda ev: seen.append(ev.n), "h", False)
+    handled, i, status, a, b, started = fast.run(
+        envs, 0, reorder, 0.0, readings, 0.0, None, core.KeyedDispatch(), None, None, None, None, 5.0
+    )
+    assert (handled, i, status, a, b, started) == (2, 2, core.LANE_LATE, None, None, 9.0)
+    assert seen == [0, 1] and reorder.stats().done_upto == 2, "what ran is complete, the rest is untouched"
+    assert fast.run(envs, 2, reorder, 9.0, readings, 9.0, None, core.KeyedDispatch(), None, None, None, None,
+                    15.0)[:3] == (3, 5, core.LANE_END), "given a later until, it goes on where it stopped"
+    assert seen == [0, 1, 2, 3, 4]
+
+
 def test_spans_keep_as_many_key_bytes_whoever_records_them() -> None:
     from choreo import tracing
 
