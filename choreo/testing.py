@@ -140,7 +140,10 @@ class NodeLoop:
         queue = self.queue
         for _ in range(len(queue)):
             callback, args = queue.popleft()
-            callback(*args)
+            try:
+                callback(*args)
+            except Exception as exc:  # (as the event loop does: reported, and the next runs)
+                self.loop.call_exception_handler({"message": f"exception in {callback!r}", "exception": exc})
         if queue and not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self.run)
