@@ -84,12 +84,15 @@ def check_moves(
                 disordered.append(f"{key} in {file}")
         later = Counter(counts)  # merged by time, less a crashed instance's handlings that come again
         merged = []
-        for _, n, file in events:
+        for t, n, file in events:
             later[n] -= 1
             if not (later[n] and file in crashed_files):
-                merged.append(n)
-        if any(b <= a for a, b in zip(merged, merged[1:])):
-            disordered.append(f"{key} merged by time")
+                merged.append((t, n, file))
+        for (ta, a, fa), (tb, b, fb) in zip(merged, merged[1:]):
+            if b <= a:  # (the first such pair, with who handled it when: what a failure must show)
+                disordered.append(f"{key} merged by time: {a} by {fa}, then {b} by {fb} {(tb - ta) / 1e9:.6f} s later"
+                                  f" ({a} handled {counts[a]}x, {b} {counts[b]}x)")
+                break
         for n, c in counts.items():
             if c > 1:
                 duplicates += c - 1
