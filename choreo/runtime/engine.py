@@ -32,7 +32,6 @@ import asyncio
 import heapq
 import itertools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -63,6 +62,7 @@ from .returns import Returns
 from .routing import ZERO_ID, Router
 from .stats import Counters
 from .store import Store
+from .vigil import Vigil
 
 __all__ = ["Engine", "Transport"]
 
@@ -209,15 +209,13 @@ class Engine:
         self.emit_many = self.calls.emit_many if durable is None else durable.emit_many
         self.send = self.calls.send
         self.ask = self.calls.ask
-        self._last_tick: float | None = None
+        # the look at its own life before it acts: frozen, or cut off, long enough to be taken for dead?
+        self.vigil = Vigil(config, self.membership, self.gossip, rejoin=self.declared_dead,
+                           incarnation=lambda: self.incarnation)
+        self.awake = self.vigil.awake  # (the dispatcher's host: see Vigil.awake)
         self._max_frame = config.max_frame_bytes
-        # a shorter gap since the node last did anything needs no look (see _check_gap)
-        self._unremarkable_gap = min(
-            config.suspect_after / 2, config.suspect_after + config.dead_after - config.heartbeat
-        )
         self._synced_version = -1
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._idle_until = 0.0  # next_tick() let the node sleep until then (no tick is late before it)
         # how long a tick may wait while messages are only in flight: their deadlines (an ack's
         # retransmission, an answer's timeout) are known, this bounds what a tick cannot see (a
         # batch sent since it looked); a tenth of a second with the default rto
@@ -365,41 +363,10 @@ class Engine:
         """Run ``callback`` after ``delay`` seconds of the engine's clock (checked at each tick)."""
         heapq.heappush(self._timers, (self.clock() + delay, next(self._timer_seq), callback))
 
-    def _check_gap(self, now: float) -> None:
-        """Was this node frozen since its last tick (a GC pause, a suspended VM, a handler that
-        blocked the loop)? It answered nothing meanwhile: after ``suspect_after + dead_after`` of
-        that (a probe unanswered, then a suspicion unrefuted) the mesh may have declared it dead
-        and resent what it held to others, so it rejoins before handling anything more; after a
-        shorter gap, its peers' silence meanwhile does not count."""
-        last = self._last_tick
-        self._last_tick = now
-        if last is None:
-            return
-        gap = now - last
-        c = self.config
-        if gap >= c.suspect_after + c.dead_after - c.heartbeat:
-            self.declared_dead(f"this node was frozen for {gap:.1f} s, long enough for the mesh to declare it dead")
-        elif now - max(last, self._idle_until) > c.suspect_after / 2:  # (asleep on purpose until _idle_until)
-            self.gossip.forgive(gap, now)
-
-    def awake(self, now: float) -> bool:
-        """This node acts at ``now`` (reads a frame, runs handlers): frozen long since it last did,
-        it rejoins first (:meth:`_check_gap`) and returns False: every channel it received on is
-        closed, so it runs none of what it held (its senders give that to the owners now)."""
-        last = self._last_tick
-        if last is not None and now - last < self._unremarkable_gap:
-            self._last_tick = now  # (the common case, cheap: a read asks for every frame)
-            return True
-        incarnation = self.incarnation
-        self._check_gap(now)
-        return self.incarnation == incarnation
-
     @property
     def awake_until(self) -> float:
-        """No handler starts from this reading of the clock on before :meth:`awake` looked (a
-        process stopped in a batch must not run the rest of it as if nothing had happened)."""
-        last = self._last_tick
-        return math.inf if last is None else last + self._unremarkable_gap
+        """(the dispatcher's host) See :attr:`Vigil.until <choreo.runtime.vigil.Vigil.until>`."""
+        return self.vigil.until
 
     @property
     def busy(self) -> bool:
@@ -426,13 +393,13 @@ class Engine:
             due = min(due, self._timers[0][0])
         if not self.drained:  # sent and not yet acknowledged, or received and not yet done
             due = min(due, now + self.in_flight_tick, self.outbox.next_retransmission())
-        self._idle_until = max(due, now)
-        return self._idle_until
+        self.vigil.idle_until = max(due, now)
+        return self.vigil.idle_until
 
     def tick(self) -> None:
         """Timers: retransmissions, membership (probes, suspicions, news), retries and deadlines."""
         now = self.clock()
-        self._check_gap(now)
+        self.vigil.check(now)
         self.outbox.retransmit(now)
         self.gossip.tick(now)
         timers = self._timers
@@ -467,7 +434,7 @@ class Engine:
         # the caller flushes after a run of frames (the transport after each read, the harness after
         # each frame): what this frame's handling appends leaves then, without a turn of the loop
         self.outbox.flush_scheduled = True
-        if self._last_tick is not None:
+        if self.vigil.last is not None:
             self.awake(self.clock())  # (a frame read after a freeze may be for an incarnation now over)
         if len(data) > self._max_frame:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self._max_frame}")

@@ -181,6 +181,7 @@ class Membership:
         self.declared: dict[str, ServiceSpec] = {}  # the declared system (see the module docstring)
         self.retired: set[str] = set()  # services an operator retired (gossip never brings them back)
         self.live_count = 0  # live peers, this node included
+        self.heard_at: float | None = None  # when a member last gave a sign of life (see heard)
         self._at: dict[str, Peer] = {}  # endpoint -> the live peer there
         self.gained: list[Peer] = []  # after upsert: known members that got their declarations with it
         self.on_change: list[Callable[[], None]] = []  # called at each new version (caches built on a view)
@@ -212,6 +213,7 @@ class Membership:
         goes on, so views cached under an older one stay stale.
         """
         tombstones = [peer for peer in self.peers.values() if not peer.live]
+        self.heard_at = None
         self.peers.clear()
         self.peers.update((peer.incarnation, peer) for peer in tombstones)
         self._at.clear()
@@ -392,6 +394,7 @@ class Membership:
             return None
         if now > peer.last_heard:
             peer.last_heard = now
+        self.heard_at = now
         return peer
 
     def leaving(self, incarnation: int) -> Peer | None:
