@@ -162,6 +162,29 @@ def test_a_lone_node_frozen_past_dead_after_is_not_taken_for_dead_by_the_next_to
 
     asyncio.run(scenario())
 
+FAST = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)  # taken for dead after 3.75 s
+
+
+def recording_sink() -> tuple[Service, list[tuple[str, str, int]]]:
+    """A sink service and what it handled: (instance, sensor, n), in the order they ran."""
+    handled: list[tuple[str, str, int]] = []
+    sink = Service("sink")
+
+    @sink.on(Reading)
+    def on_reading(ev: Reading, ctx: HandlerContext) -> None:
+        handled.append((ctx.instance, ev.sensor, ev.n))
+
+    return sink, handled
+
+
+def assert_once_in_order(handled: list[tuple[str, str, int]]) -> None:
+    counts = Counter(n for _, _, n in handled)
+    assert [n for n, c in counts.items() if c > 1] == [], "no event ran twice"
+    per_sensor: dict[str, list[int]] = defaultdict(list)
+    for _, sensor, n in handled:
+        per_sensor[sensor].append(n)
+    assert all(ns == sorted(ns) for ns in per_sensor.values()), "in order per key"
+
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_a_node_frozen_with_events_waiting_for_their_turn_does_not_run_them_when_it_continues(seed: int) -> None:
@@ -171,15 +194,8 @@ def test_a_node_frozen_with_events_waiting_for_their_turn_does_not_run_them_when
     first, before its clock was looked at, and ran the same events again after their new owner
     had gone on with their keys (seen with real processes: tests/integration/test_chaos.py). Now
     it looks first, rejoins, and runs none of them: each event runs once, in order per key."""
-    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
-    handled: list[tuple[str, str, int]] = []  # (instance, sensor, n), in the order they ran
-    sink = Service("sink")
-
-    @sink.on(Reading)
-    def on_reading(ev: Reading, ctx: HandlerContext) -> None:
-        handled.append((ctx.instance, ev.sensor, ev.n))
-
-    harness = Harness(seed=seed, config=config)
+    sink, handled = recording_sink()
+    harness = Harness(seed=seed, config=FAST)
     producer = harness.add(None)
     frozen = harness.add(sink)
     harness.add(sink)
@@ -190,7 +206,7 @@ def test_a_node_frozen_with_events_waiting_for_their_turn_does_not_run_them_when
         woke = on_frame(*args)
         if not stopped and any(env.type == "Reading" for _, envs, _ in frozen.intake.queue for env in envs):
             stopped.append(frozen.name)
-            harness.pause(frozen, config.suspect_after + config.dead_after + 3.0)
+            harness.pause(frozen, FAST.suspect_after + FAST.dead_after + 3.0)
         return woke
 
     async def scenario() -> None:
@@ -205,12 +221,7 @@ def test_a_node_frozen_with_events_waiting_for_their_turn_does_not_run_them_when
                                 "every event handled and acknowledged")
         await harness.advance(2.0)
         assert stopped, "the node was stopped with events waiting for its handlers"
-        counts = Counter(n for _, _, n in handled)
-        assert [n for n, c in counts.items() if c > 1] == [], "no event ran twice"
-        per_sensor: dict[str, list[int]] = defaultdict(list)
-        for _, sensor, n in handled:
-            per_sensor[sensor].append(n)
-        assert all(ns == sorted(ns) for ns in per_sensor.values()), "in order per key"
+        assert_once_in_order(handled)
 
     asyncio.run(scenario())
 
@@ -220,16 +231,15 @@ def test_a_node_whose_clock_jumps_in_a_batch_runs_no_more_of_it_under_its_old_li
     """The node stopped (or its handler blocked the loop) in the middle of a batch, for longer than
     ``suspect_after + dead_after``: the rest of the batch is its senders' to give to the owners
     now. It runs none of it before it has rejoined; then each event runs once, in order."""
-    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
     handled: list[tuple[str, int]] = []
     sink = Service("sink")
-    harness = Harness(seed=seed, config=config)
+    harness = Harness(seed=seed, config=FAST)
 
     @sink.on(Reading)
     def on_reading(ev: Reading, ctx: HandlerContext) -> None:
         handled.append((ctx.instance, ev.n))
         if ev.n == 5:
-            harness.jump(node, config.suspect_after + config.dead_after + 2.0)
+            harness.jump(node, FAST.suspect_after + FAST.dead_after + 2.0)
 
     producer = harness.add(None)
     node = harness.add(sink)
@@ -257,15 +267,8 @@ def test_a_node_cut_off_from_every_member_takes_itself_for_dead_not_them(seed: i
     tests/integration/test_chaos.py: old events run again after their key had gone on). Hearing
     from none of them, it is the likelier to be the one cut off: it rejoins instead, declaring
     nobody dead, and runs nothing it held; each event runs once, in order per key."""
-    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
-    handled: list[tuple[str, str, int]] = []
-    sink = Service("sink")
-
-    @sink.on(Reading)
-    def on_reading(ev: Reading, ctx: HandlerContext) -> None:
-        handled.append((ctx.instance, ev.sensor, ev.n))
-
-    harness = Harness(seed=seed, config=config)
+    sink, handled = recording_sink()
+    harness = Harness(seed=seed, config=FAST)
     producer = harness.add(None)
     cut_off = harness.add(sink)
     other = harness.add(sink)
@@ -281,7 +284,7 @@ def test_a_node_cut_off_from_every_member_takes_itself_for_dead_not_them(seed: i
             await harness.run(producer.emit(Reading(sensor=f"s{n % 10}", n=n)), timeout=30)
         await harness.run_until(lambda: cut_off.counters.reincarnations == 1, 10, "the cut-off node rejoined")
         assert not {producer.name, other.name} & harness.declared_dead, "it took nobody for dead"
-        await harness.advance(config.suspect_after + config.dead_after)
+        await harness.advance(FAST.suspect_after + FAST.dead_after)
         assert name in harness.declared_dead, "they took it for dead"
         harness.heal()
         for n in range(200, 300):
@@ -289,11 +292,6 @@ def test_a_node_cut_off_from_every_member_takes_itself_for_dead_not_them(seed: i
         await harness.run_until(lambda: len({n for _, _, n in handled}) == 300 and producer.acknowledged, 60,
                                 "every event handled and acknowledged")
         assert cut_off.counters.reincarnations == 1 and other.counters.reincarnations == 0
-        counts = Counter(n for _, _, n in handled)
-        assert [n for n, c in counts.items() if c > 1] == [], "no event ran twice"
-        per_sensor: dict[str, list[int]] = defaultdict(list)
-        for _, sensor, n in handled:
-            per_sensor[sensor].append(n)
-        assert all(ns == sorted(ns) for ns in per_sensor.values()), "in order per key"
+        assert_once_in_order(handled)
 
     asyncio.run(scenario())
