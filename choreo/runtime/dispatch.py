@@ -471,8 +471,7 @@ class Dispatcher:
         assert handler is not None
         host = self.host
         now = host.clock()
-        if now >= host.awake_until:
-            host.awake(now)  # (frozen past dead_after: this job's channel is closed now)
+        host.awake(now)  # (frozen past dead_after: it rejoined, and this job's channel is closed now)
         if job.channel is not None and job.channel.closed:
             self._abandon(job)
             return

@@ -434,8 +434,7 @@ class Engine:
         # the caller flushes after a run of frames (the transport after each read, the harness after
         # each frame): what this frame's handling appends leaves then, without a turn of the loop
         self.outbox.flush_scheduled = True
-        if self.vigil.last is not None:
-            self.awake(self.clock())  # (a frame read after a freeze may be for an incarnation now over)
+        self.awake(self.clock())  # (a frame read after a freeze may be for an incarnation now over)
         if len(data) > self._max_frame:
             self.count_refused("oversized", f"frame of {len(data)} bytes, limit {self._max_frame}")
             return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from choreo.config import NodeConfig
-from choreo.runtime.membership import Membership
+from choreo.runtime.membership import Membership, Peer
 from choreo.runtime.vigil import Vigil
 
 CONFIG = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)  # taken for dead after 3.75 s
@@ -84,3 +84,7 @@ def test_what_membership_heard_is_when_it_last_heard_from_a_live_member() -> Non
     m: Any = Membership()
     assert m.heard_at is None
     assert m.heard(123, 5.0) is None and m.heard_at is None, "a stranger is no sign of life"
+    m.upsert(Peer(123, "fake://123", "meter#123", None, 64, 1 << 20, 0.0))
+    assert m.heard(123, 6.0) is not None and m.heard_at == 6.0
+    m.clear()
+    assert m.heard_at is None, "a new incarnation has heard from nobody yet"
