@@ -11,9 +11,10 @@ the answers to commands and queries, each ``16s msg_id | u8 type_len | type | u3
 A ``DATA`` or ``REPLY`` frame with ``FLAG_ACK`` set starts with ``u16 len | ack``: the sender's
 ack of what it received from the receiver rides along instead of taking a frame of its own. A
 ``DATA`` frame with ``FLAG_URGENT`` holds commands or queries, which the receiver handles at once,
-ahead of the events queued there. Control bodies
+ahead of the events queued there. An ``ACK`` frame with ``FLAG_KEEP`` starts with the seqs of
+envelopes whose sender should keep a copy beyond this ack (see :data:`FLAG_KEEP`). Control bodies
 (``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``, a leaving last
-instance's ``FLOWS``, and membership's ``PING``, ``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are
+instance's ``FLOWS``, a hand-over's ``RELEASE``, and membership's ``PING``, ``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are
 MessagePack decoded into the structs below, so a malformed or hostile body fails validation
 instead of reaching the runtime. Nothing here is ever unpickled.
 
@@ -67,6 +68,7 @@ __all__ = [
     "RPC",
     "RPC_REPLY",
     "FLOWS",
+    "RELEASE",
     "REPLY",
     "PING",
     "PING_REQ",
@@ -94,6 +96,9 @@ __all__ = [
     "Rpc",
     "RpcReply",
     "Flows",
+    "Release",
+    "FLAG_KEEP",
+    "split_keep",
     "frame",
     "parse_header",
     "encode_control",
@@ -120,6 +125,7 @@ HEADER_SIZE = HEADER.size  # 24
 DATA, ACK, HELLO, HEARTBEAT, BYE, REFUSE, RPC, RPC_REPLY, REPLY = range(1, 10)
 PING, PING_REQ, PONG, NEWS, SYNC = range(10, 15)  # membership (SWIM): see the module docstring
 FLOWS = 15  # "I leave last of my service: what of these flows waits for it, send me" (see Flows)
+RELEASE = 16  # "the copies you kept for me of these (FLAG_KEEP) may go": see Release
 FRAME_NAMES = {
     PING: "ping",
     PING_REQ: "ping_req",
@@ -136,6 +142,7 @@ FRAME_NAMES = {
     RPC: "rpc",
     RPC_REPLY: "rpc_reply",
     FLOWS: "flows",
+    RELEASE: "release",
 }
 
 # frame flags
@@ -143,6 +150,14 @@ FLAG_ACK = 0x0001  # the body starts with a piggybacked ack (u16 length, then th
 # a DATA body that holds commands or queries: the receiver takes those ahead of the events queued
 # there (a receiver that does not know the flag handles the frame in order, as before)
 FLAG_URGENT = 0x0002
+# an ACK frame whose body starts with ``u16 n | n x u64 seq``: envelopes of the channel it acks
+# that the receiver acknowledges before their outputs are acknowledged (it handed them over
+# running with their partition); the sender keeps a copy of each beyond the ack, to send again
+# to the partition's owner should the receiver die before it says RELEASE. Every ACK frame of the
+# channel carries them until then, so the ack that frees an envelope always asks for its copy
+FLAG_KEEP = 0x0004
+KEEP_COUNT = struct.Struct("<H")
+KEEP_SEQ = struct.Struct("<Q")
 PIGGY = struct.Struct("<H")
 REPLY_ENTRY = struct.Struct("<16sB")
 REPLY_LEN = struct.Struct("<I")
@@ -362,6 +377,17 @@ class Flows(msgspec.Struct, frozen=True):
     traces: list[bytes]
 
 
+_MsgId = Annotated[bytes, Meta(min_length=16, max_length=16)]
+
+
+class Release(msgspec.Struct, frozen=True):
+    """From a receiver to the sender of a channel: the messages ``ids``, which it acknowledged
+    before their outputs were acknowledged and asked the sender to keep a copy of (an ACK frame
+    with :data:`FLAG_KEEP`), have their outputs acknowledged now: the copies may go."""
+
+    ids: list[_MsgId]
+
+
 class Refuse(msgspec.Struct, frozen=True):
     """A frame was not accepted; ``reason`` is a counter token, ``detail`` a sentence.
 
@@ -403,6 +429,7 @@ _CONTROL_TYPES: dict[int, type[msgspec.Struct]] = {
     RPC: Rpc,
     RPC_REPLY: RpcReply,
     FLOWS: Flows,
+    RELEASE: Release,
 }
 _encoder = msgspec.msgpack.Encoder()
 _decoders = {t: msgspec.msgpack.Decoder(cls) for t, cls in _CONTROL_TYPES.items()}
@@ -420,6 +447,7 @@ MAX_CONTROL_BYTES = {
     HEARTBEAT: 256 << 10,
     BYE: 4 << 10,
     FLOWS: 1 << 20,
+    RELEASE: 64 << 10,
     REFUSE: 64 << 10,
     RPC: 64 << 10,
     RPC_REPLY: 1 << 30,  # answers a client asked a node for (spans, dead letters): no cap of ours
@@ -492,6 +520,23 @@ def split_ack(data: bytes, flags: int) -> tuple[int, int, int]:
     if len(data) < start + n:
         raise ProtocolError("malformed", f"piggybacked ack of {n} bytes overruns the frame")
     return start, n, start + n
+
+
+def keep_prefix(seqs: list[int]) -> bytes:
+    """The start of an ACK body flagged :data:`FLAG_KEEP`: the seqs to keep (at most 65,535)."""
+    return KEEP_COUNT.pack(len(seqs)) + b"".join([KEEP_SEQ.pack(s) for s in seqs])
+
+
+def split_keep(data: bytes) -> tuple[list[int], int]:
+    """``(seqs to keep, ack offset)`` of an ACK frame flagged :data:`FLAG_KEEP`."""
+    if len(data) < HEADER_SIZE + KEEP_COUNT.size:
+        raise ProtocolError("malformed", "ack flagged with copies to keep has no room for them")
+    (n,) = KEEP_COUNT.unpack_from(data, HEADER_SIZE)
+    start = HEADER_SIZE + KEEP_COUNT.size
+    end = start + n * KEEP_SEQ.size
+    if len(data) < end:
+        raise ProtocolError("malformed", f"{n} seqs to keep overrun the ack frame")
+    return [s for (s,) in KEEP_SEQ.iter_unpack(data[start:end])], end
 
 
 def reply_entry(msg_id: bytes, type_name: bytes, body: bytes) -> bytes:

@@ -9,6 +9,14 @@ is acknowledged itself).
 An :class:`InChannel` wraps the core's ``InboundReorder`` for one sender: DATA frames go in,
 envelopes come out strictly in order, and the ack to send back is read from it.
 
+A receiver that acknowledges a message before its outputs are acknowledged (its partition was
+handed over with it running: the new owner answers for the outputs) asks the sender, in every
+ack of the channel until then (:attr:`InChannel.keep`, ``FLAG_KEEP``), to keep a copy of it
+beyond the ack (:meth:`OutChannel.keep`), and says when the outputs are acknowledged after all
+(a ``RELEASE`` frame, :meth:`OutChannel.release`). Should that receiver die first, the copies go
+to the partition's owner with what was in flight (:meth:`OutChannel.evacuate`): if every node
+that knew of the message died too, it runs again instead of being lost.
+
 Both are thin: the decisions are the core's; these classes hold the Python-side bookkeeping
 (callbacks, frames, the backlog) that the core deliberately knows nothing about.
 
@@ -35,6 +43,10 @@ Callback = Callable[[], None]
 _KIND_COMMAND, _KIND_QUERY = wire.KIND_COMMAND, wire.KIND_QUERY
 
 EMPTY_ACK = core.encode_ack(0, 0, [])
+# copies a channel keeps for its receiver at most (it asks for one per message it hands over
+# running, and says when each is done), and at most the window's bytes: beyond that the oldest
+# go, so that a receiver that never releases them holds a bounded share of the sender's memory
+CUSTODY_MAX = 4096
 
 
 class SafeOnceStored(partial):  # type: ignore[type-arg]
@@ -134,6 +146,8 @@ class OutChannel:
         self.journal: ChannelJournal | None = None
         self.records: deque[Any] | None = None  # the journal's Records
         self.urgent = False  # the pending batch holds a command or query (its frame says so)
+        self.custody: dict[bytes, Outgoing] = {}  # msg id -> a copy kept beyond its ack (see keep)
+        self.custody_bytes = 0
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -251,18 +265,52 @@ class OutChannel:
         for wake in waiters:
             wake()
 
+    # -- custody -------------------------------------------------------------------------------
+
+    def keep(self, seqs: list[int]) -> int:
+        """The receiver will acknowledge the envelopes ``seqs`` before their outputs are safe (it
+        handed them over running with their partition): keep a copy of each beyond that ack, to
+        send again should the receiver die before it releases them (:meth:`release`). Returns how many
+        were still here to copy (asked again by a later ack, a copy is already kept).
+        """
+        wanted = set(seqs)
+        custody = self.custody
+        kept = 0
+        for raw in self.window.unacked():
+            if int.from_bytes(raw[:8], "little") in wanted:
+                item = _from_raw(raw, None)
+                if item.msg_id not in custody:
+                    custody[item.msg_id] = item
+                    self.custody_bytes += len(raw)
+                    kept += 1
+        while len(custody) > CUSTODY_MAX or self.custody_bytes > self.window.max_bytes:
+            self.release([next(iter(custody))])
+        return kept
+
+    def release(self, ids: list[bytes]) -> None:
+        """The outputs of these kept messages are acknowledged at the receiver: their copies go."""
+        for msg_id in ids:
+            item = self.custody.pop(msg_id, None)
+            if item is not None:
+                self.custody_bytes -= len(item.raw)  # type: ignore[arg-type]
+
     # -- the receiver is gone --------------------------------------------------------------------
 
-    def evacuate(self) -> list[Outgoing]:
+    def evacuate(self, kept: bool = False) -> list[Outgoing]:
         """Everything not yet done (in flight, then parked), to send elsewhere; closes the channel.
 
         In-flight envelopes come back encoded (``raw``) with their callbacks, in seq order.
+        ``kept``: the receiver died, so the copies it asked us to keep come first (they are older
+        than anything in flight); else (it left: its drain saw their outputs acknowledged, or its
+        partitions' new owners answer for them) they go.
         """
         self.closed = True
         self.window.flush()
         if self.journal is not None:
             self.journal.closed(self)
-        out: list[Outgoing] = []
+        out: list[Outgoing] = list(self.custody.values()) if kept else []
+        self.custody.clear()
+        self.custody_bytes = 0
         for raw in self.window.unacked():
             seq = int.from_bytes(raw[:8], "little")
             out.append(_from_raw(raw, self.watch.pop(seq, None)))
@@ -301,6 +349,10 @@ class InChannel:
         self.peer = peer
         self.reorder = core.InboundReorder(window=window)
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
+        self.keep_header = wire.frame(wire.ACK, me, peer.incarnation, flags=wire.FLAG_KEEP)
+        # seqs of envelopes handed over running (acknowledged before their outputs): every ack
+        # asks the sender to keep a copy of them, until their outputs are acknowledged here
+        self.keep: list[int] = []
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
         self.acked_upto = 0  # the cumulative ack last sent
         self.rights: dict[tuple[str, int], str | None] = {}  # with keys: (type, kind) -> None or why refused
@@ -312,11 +364,14 @@ class InChannel:
         if self.durable:
             return self.header + self.last_ack
         self.acked_upto = self.reorder.done_upto
+        if self.keep:
+            return self.keep_header + wire.keep_prefix(self.keep) + self.reorder.ack_frame()
         return self.header + self.reorder.ack_frame()
 
     def take_ack(self) -> bytes | None:
-        """The ack to send, if one is due (to ride on a frame going to the same peer)."""
-        if not self.reorder.ack_pending or self.closed or self.durable:
+        """The ack to send, if one is due (to ride on a frame going to the same peer; never while
+        it asks for copies: only an ACK frame carries that request)."""
+        if not self.reorder.ack_pending or self.closed or self.durable or self.keep:
             return None
         self.acked_upto = self.reorder.done_upto
         return self.reorder.ack_frame()

@@ -46,6 +46,10 @@ class Host(Protocol):
 
     def ack_later(self, channel: InChannel) -> None: ...
 
+    def keep(self, channel: InChannel, seq: int) -> None: ...
+
+    def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None: ...
+
     def schedule_flush(self) -> None: ...
 
     def send_outputs(self, job: Job, outputs: list[Message], on_done: Callable[[], None]) -> int: ...
@@ -90,6 +94,7 @@ class Job:
         "mark_owed",
         "outputs",
         "logged",
+        "kept",
     )
 
     def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
@@ -111,6 +116,7 @@ class Job:
         self.mark_owed = False  # its writes reached the standby ahead of its id (PartitionData.ungate)
         self.logged = False  # a durable node: its id (and result) went to the journal with its writes
         self.outputs: list[Message] | None = None  # what it emitted and sent, while its writes wait to ship
+        self.kept: list[tuple[InChannel, int]] | None = None  # handed over running: who keeps a copy (channel, seq)
 
 
 class HandlerContext:

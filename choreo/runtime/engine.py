@@ -168,6 +168,7 @@ class Engine:
         self.tracer = Tracer(self._label, self.name, config.span_ring, clock)  # spans on the node's clock
         # what the dispatcher asks of its node (its Host) is mostly the outbox's and the calls' own
         self.ack_later = self.outbox.ack_later
+        self.keep, self.release = self.outbox.keep, self.outbox.release  # (the dispatcher's host: see PartitionData.handed_on)
         self.schedule_flush = self.outbox.schedule_flush
         self.flush = self.outbox.flush  # every pending batch and ack, now (the transport calls it when idle)
         self.send_outputs = self.calls.send_outputs
@@ -234,6 +235,7 @@ class Engine:
             wire.REPLY: self.returns.on_replies,
             wire.ACK: self.returns.on_ack_frame,
             wire.FLOWS: self.last_flows.on_frame,
+            wire.RELEASE: self.returns.on_release,
             wire.HELLO: self._on_hello,
             wire.REFUSE: self._on_refuse,
             wire.RPC: lambda sender, data, flags, identity, principal: on_rpc(
@@ -566,7 +568,7 @@ class Engine:
             return
         held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
         self.holds.on_view(self.membership, self.outbox.out)  # the owners the resend routes by (see Holds)
-        evacuated = ch.evacuate()
+        evacuated = ch.evacuate(kept=peer.state == "dead")  # (copies it kept for a receiver that died)
         if self.moves is not None:  # forwards of partitions ours again run here first (see take_back)
             evacuated = self.moves.take_back(evacuated)
         # what already waits for an instance of that service came after what the channel held (it

@@ -144,6 +144,23 @@ class Outbox:
         self.counters.frames_out += 1
         self.sender.send(endpoint, frame)
 
+    def keep(self, channel: InChannel, seq: int) -> None:
+        """Envelope ``seq`` of ``channel`` will be acknowledged before its outputs are (it went
+        running with a hand-over): every ack of the channel asks its sender to keep a copy, until
+        :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`)."""
+        if channel.peer.incarnation != self.incarnation and not channel.durable:  # (a copy at ourselves dies with us)
+            channel.keep.append(seq)
+
+    def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None:
+        """The outputs of kept envelope ``seq`` (id ``msg_id``) are acknowledged: its sender's copy may go."""
+        if seq not in channel.keep:
+            return
+        channel.keep.remove(seq)
+        peer = channel.peer
+        if peer.live and not channel.closed:
+            body = wire.Release([msg_id])
+            self.send(peer.endpoint, wire.encode_control(wire.RELEASE, self.incarnation, peer.incarnation, body))
+
     def schedule_flush(self) -> None:
         """Flush once the event loop gets control back (many appends, one frame per channel)."""
         if not self.flush_scheduled and self._loop is not None:
@@ -252,8 +269,9 @@ class Outbox:
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:
             self.send(ich.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued.entries)))
-        else:
-            self.send(ich.peer.endpoint, ich.ack_frame())
+            if not ich.keep:
+                return  # (the ack rode on the answers)
+        self.send(ich.peer.endpoint, ich.ack_frame())
 
     def send_data(self, ch: OutChannel, body: bytes, urgent: bool = False) -> None:
         """One DATA frame; ``urgent``: its body holds commands or queries (the receiver takes them first)."""
@@ -504,6 +522,13 @@ class Outbox:
     def idle(self) -> bool:
         """Everything sent is acknowledged and nothing waits for an instance."""
         return all(ch.idle for ch in self.live_channels()) and not self.waiting
+
+    @property
+    def kept(self) -> int:
+        """Copies kept beyond their ack for receivers that handed them over running (see
+        :meth:`OutChannel.keep <choreo.runtime.channels.OutChannel.keep>`): not counted in
+        :attr:`idle`, as they wait on outputs downstream, not on this node's receivers."""
+        return sum(len(ch.custody) for ch in self.out.values())
 
     @property
     def acks_owed(self) -> bool:

@@ -192,6 +192,10 @@ class PartitionData:
         del jobs[job]
         if not jobs:
             del self.settling[env.partition]
+        if job.kept is not None:  # its outputs are acknowledged after all: its senders' copies may go
+            for sender, seq in job.kept:
+                self.host.release(sender, seq, env.msg_id)
+            job.kept = None
         to = self.mark_to.pop(job, None)
         if to is not None and self.send_mark is not None:
             mark = Delta(env.partition, env.key, [], env.type, env.msg_id, self.host.clock(), trace_id=env.trace_id,
@@ -226,8 +230,16 @@ class PartitionData:
 
     def handed_on(self, p: int) -> None:
         """Partition ``p`` checked out at its new owner, with the messages that went running: that
-        owner sends their outputs should this node go first, so their inputs need not wait for them."""
+        owner sends their outputs should this node go first, so their inputs need not wait for them.
+
+        That ack asks their senders to keep a copy beyond it (``FLAG_KEEP``), until the outputs are
+        acknowledged here after all (:meth:`settled`): should this node die before, and the new
+        owner too, the copy runs again at the partition's next owner instead of being lost."""
         for job in [job for job in self.mark_to if job.env.partition == p]:
+            if job.channel is not None and job.kept is None:
+                job.kept = [(j.channel, j.env.seq) for j in (job, *job.duplicates) if j.channel is not None]
+                for sender, seq in job.kept:
+                    self.host.keep(sender, seq)
             self.hand_on(job)
 
     def marked(self, msg_id: bytes) -> bool:

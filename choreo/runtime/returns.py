@@ -87,7 +87,23 @@ class Returns:
     def on_ack_frame(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
     ) -> None:
-        self.on_ack(sender, data, wire.HEADER_SIZE)
+        if flags & wire.FLAG_KEEP:  # copies to keep beyond this ack: taken before the ack frees them
+            seqs, offset = wire.split_keep(data)
+            ch = self.outbox.out.get(sender)
+            if ch is not None:
+                ch.keep(seqs)
+            self.on_ack(sender, data, offset)
+        else:
+            self.on_ack(sender, data, wire.HEADER_SIZE)
+
+    def on_release(
+        self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
+    ) -> None:
+        """A RELEASE frame: copies we kept for that receiver (see :data:`~choreo.wire.FLAG_KEEP`) may go."""
+        body = wire.decode_control(wire.RELEASE, data)
+        ch = self.outbox.out.get(sender)
+        if ch is not None:
+            ch.release(body.ids)
 
     def on_ack(self, sender: int, data: bytes, offset: int) -> None:
         """The ack at ``offset`` in ``data``, from ``sender``: ProtocolError if it is malformed."""

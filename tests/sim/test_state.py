@@ -778,16 +778,14 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="a known loss: the old owner acknowledged Start once the partition checked out")
 @pytest.mark.parametrize("seed", [5, 6])
 def test_a_running_message_handed_over_is_not_lost_when_its_new_and_old_owners_both_die(seed: int) -> None:
     # as above, but the heir dies first, then the old owner, the Echo still cut off: nobody who
-    # knew of Start's outputs is left. Today the old owner acknowledged Start (answered it) once
-    # the partition checked out at the heir, so the client holds nothing to send again and the
-    # Echo is lost (the saga workload's plain seed 70; README, State). Not acknowledging it then
-    # (telling the client only that Start ran, for its holds) keeps it, but with standby copies
-    # it wedged three schedules of 80 for good: the ack is what frees the client's window, which
-    # the hand-overs' own streams share (see the closing note of the stop that added this test)
+    # knew of Start's outputs is left. The old owner acknowledged Start (answered it) once the
+    # partition checked out at the heir, which frees the client's window (that the hand-overs' own
+    # streams share: withholding the ack wedged them); but it first asked the client to keep a
+    # copy (CUSTODY), which the client sends again to a's next owner once it finds the old owner
+    # dead. Before that copy, the Echo was lost (the saga workload's plain seed 70)
     h = Harness(seed=seed, config=CONFIG)
     client = h.add(None)
     owner, other, heir = nodes = [h.add(looping(replicas=0)) for _ in range(3)]
@@ -800,9 +798,36 @@ def test_a_running_message_handed_over_is_not_lost_when_its_new_and_old_owners_b
         await h.advance(0.2)
         h.crash(owner)
         h.heal()
-        assert await h.run(task, timeout=60) == 1, "Start answered by its partition's next owner (its state went)"
+        assert await h.run(task, timeout=60) == 1, "Start answered by the old owner, with the copy asked for"
+        assert client.outbox.kept == 1, "the client keeps a copy of Start beyond its ack"
+        await h.run_until(lambda: not client.outbox.kept, 60, "the client found the old owner dead, sent its copy on")
         await h.run_until(lambda: client.acknowledged and other.acknowledged, 60, "everything acknowledged")
         assert (await totals(h, client, [b]))[b] >= 1, "Start's Echo reached b: its flow was not lost"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_the_copy_kept_of_a_message_handed_over_running_goes_once_its_outputs_are_acknowledged(seed: int) -> None:
+    # as above, and nobody dies: once the Echo gets through, the old owner (still leaving) tells
+    # the client that Start's outputs are acknowledged, and the client drops its copy, so nothing
+    # is sent again when the old owner goes
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    owner, other, heir = nodes = [h.add(looping(replicas=0)) for _ in range(3)]
+
+    async def scenario() -> None:
+        await h.start()
+        await settled(h, nodes)
+        a, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
+        assert await h.run(task, timeout=60) == 1
+        assert client.outbox.kept == 1, "the client keeps a copy of Start beyond its ack"
+        h.heal()
+        await h.run_until(lambda: not client.outbox.kept, 30, "the old owner released the client's copy")
+        assert client.membership.peers[owner.incarnation].state != "left", "by its word, not because it went"
+        await h.run_until(lambda: client.acknowledged and other.acknowledged and heir.acknowledged, 30,
+                          "everything acknowledged")
+        assert await totals(h, client, [a, b]) == {a: 2, b: 1}, "Start, Echo and Undo each counted once"
 
     run(scenario)
 

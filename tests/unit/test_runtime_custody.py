@@ -1,0 +1,116 @@
+"""A copy kept beyond its ack: what a receiver that hands a message over running asks of its
+sender (``FLAG_KEEP`` in its acks, ``RELEASE`` once the outputs are acknowledged), and what the
+sender does with the copy (channels.py; the end to end case is in tests/sim/test_state.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from choreo import core, wire
+from choreo.errors import ProtocolError
+from choreo.runtime.channels import InChannel, OutChannel, Outgoing
+from choreo.runtime.membership import Peer
+
+SENDER, RECEIVER = 11, 22
+
+
+def peer(incarnation: int) -> Peer:
+    return Peer(incarnation=incarnation, endpoint=f"inproc://n{incarnation}", node=f"n{incarnation}", service=None,
+                window=64, max_message_bytes=1 << 20, last_heard=0.0)
+
+
+def event(n: int) -> Outgoing:
+    return Outgoing(core.KIND_EVENT, 0, b"Tick", b"k", 0, n.to_bytes(16, "big"), b"t" * 16, b"c" * 16, b"payload", None)
+
+
+def connected(n: int) -> tuple[OutChannel, InChannel]:
+    """A sender's channel with envelopes 1..n sent, and the receiver's, which has handled them all."""
+    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
+                     max_batch=256, max_batch_bytes=1 << 20)
+    for i in range(1, n + 1):
+        out.append(event(i), now=0.0)
+    body = out.take_body()
+    assert body is not None
+    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
+    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
+        inbound.reorder.complete(env.seq)
+    return out, inbound
+
+
+def deliver_ack(out: OutChannel, frame: bytes) -> None:
+    """What the sender's returns.on_ack_frame does with an ACK frame."""
+    _, flags, _, _ = wire.parse_header(frame)
+    offset = wire.HEADER_SIZE
+    if flags & wire.FLAG_KEEP:
+        seqs, offset = wire.split_keep(frame)
+        out.keep(seqs)
+    out.on_ack(frame, offset, now=0.1)
+
+
+def test_the_ack_that_frees_a_handed_over_message_asks_its_sender_to_keep_a_copy() -> None:
+    out, inbound = connected(3)
+    inbound.keep.append(2)  # message 2 went running with its partition: acknowledged before its outputs
+    assert inbound.take_ack() is None, "while it asks for a copy, the ack rides on no other frame"
+    deliver_ack(out, inbound.ack_frame())
+    assert out.idle, "every message is acknowledged: the window is free"
+    assert list(out.custody) == [(2).to_bytes(16, "big")], "and message 2 alone is kept"
+    deliver_ack(out, inbound.ack_frame())  # every later ack asks again: nothing more to copy
+    assert len(out.custody) == 1
+
+
+def test_a_receiver_that_dies_has_the_copies_sent_on_first_and_one_that_releases_them_does_not() -> None:
+    out, inbound = connected(3)
+    inbound.keep.extend([1, 3])
+    deliver_ack(out, inbound.ack_frame())
+    out.append(event(4), now=0.2)  # sent since, not acknowledged yet
+    out.take_body()
+    out.release([(3).to_bytes(16, "big")])  # message 3's outputs are acknowledged at the receiver
+    resent = out.evacuate(kept=True)  # the receiver died
+    assert [item.msg_id for item in resent] == [(1).to_bytes(16, "big"), (4).to_bytes(16, "big")], \
+        "the kept copy of 1 goes first, then what was in flight; 3 was released"
+    assert resent[0].raw is not None and resent[0].on_done is None
+    assert not out.custody
+
+
+def test_a_receiver_that_left_takes_its_copies_with_it() -> None:
+    out, inbound = connected(2)
+    inbound.keep.append(1)
+    deliver_ack(out, inbound.ack_frame())
+    assert out.evacuate(kept=False) == [], "its drain saw the outputs acknowledged (or its heir answers for them)"
+    assert not out.custody
+
+
+def test_keep_requests_and_releases_are_bounded_and_refused_when_malformed() -> None:
+    frame = wire.frame(wire.ACK, RECEIVER, SENDER, wire.keep_prefix([5, 7]) + b"ack", flags=wire.FLAG_KEEP)
+    assert wire.split_keep(frame) == ([5, 7], len(frame) - 3)
+    short = wire.frame(wire.ACK, RECEIVER, SENDER, wire.KEEP_COUNT.pack(3) + wire.KEEP_SEQ.pack(1), flags=wire.FLAG_KEEP)
+    with pytest.raises(ProtocolError, match="overrun"):
+        wire.split_keep(short)
+    with pytest.raises(ProtocolError, match="no room"):
+        wire.split_keep(wire.frame(wire.ACK, RECEIVER, SENDER, b"", flags=wire.FLAG_KEEP))
+    release = wire.encode_control(wire.RELEASE, RECEIVER, SENDER, wire.Release([b"x" * 16]))
+    assert wire.decode_control(wire.RELEASE, release).ids == [b"x" * 16]
+    with pytest.raises(ProtocolError, match="malformed"):
+        wire.decode_control(wire.RELEASE, wire.encode_control(wire.RELEASE, RECEIVER, SENDER, wire.Release([b"short"])))
+    oversized = wire.frame(wire.RELEASE, RECEIVER, SENDER, b"\x00" * (wire.MAX_CONTROL_BYTES[wire.RELEASE] + 1))
+    with pytest.raises(ProtocolError, match="oversized"):
+        wire.decode_control(wire.RELEASE, oversized)
+
+
+def test_a_receiver_that_never_releases_holds_at_most_the_windows_bytes_of_copies() -> None:
+    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1000, rto=0.2, rto_max=2.0,
+                     max_batch=256, max_batch_bytes=1 << 20)
+    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
+    for round_ in range(5):  # a hostile receiver asks to keep everything, round after round
+        first = round_ * 5 + 1
+        for i in range(first, first + 5):
+            out.append(event(i), now=0.0)
+        body = out.take_body()
+        assert body is not None
+        for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
+            inbound.reorder.complete(env.seq)
+        inbound.keep[:] = list(range(first, first + 5))
+        deliver_ack(out, inbound.ack_frame())
+    assert 0 < out.custody_bytes <= 1000
+    assert out.custody_bytes == sum(len(item.raw) for item in out.custody.values())
+    assert (25).to_bytes(16, "big") in out.custody, "the newest copies stay, the oldest went"
