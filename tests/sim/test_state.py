@@ -778,28 +778,35 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
     run(scenario)
 
 
+async def handed_over_with_a_copy(h: Harness, seed: int) -> tuple[Any, Any, Any, Any, str, str]:
+    """:func:`start_handed_over_running` on a client and three instances: Start is answered, and
+    the client keeps a copy of it beyond its ack. Returns client, owner, other, heir, a and b."""
+    client = h.add(None)
+    owner, other, heir = nodes = [h.add(looping(replicas=0)) for _ in range(3)]
+    await h.start()
+    await settled(h, nodes)
+    a, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
+    assert await h.run(task, timeout=60) == 1, "Start answered by the old owner once the partition checked out"
+    assert client.outbox.kept == 1, "the client keeps a copy of Start beyond its ack"
+    return client, owner, other, heir, a, b
+
+
 @pytest.mark.parametrize("seed", [5, 6])
 def test_a_running_message_handed_over_is_not_lost_when_its_new_and_old_owners_both_die(seed: int) -> None:
     # as above, but the heir dies first, then the old owner, the Echo still cut off: nobody who
     # knew of Start's outputs is left. The old owner acknowledged Start (answered it) once the
     # partition checked out at the heir, which frees the client's window (that the hand-overs' own
-    # streams share: withholding the ack wedged them); but it first asked the client to keep a
-    # copy (CUSTODY), which the client sends again to a's next owner once it finds the old owner
+    # streams share: withholding the ack wedged them); but that ack asked the client to keep a
+    # copy (FLAG_KEEP), which the client sends again to a's next owner once it finds the old owner
     # dead. Before that copy, the Echo was lost (the saga workload's plain seed 70)
     h = Harness(seed=seed, config=CONFIG)
-    client = h.add(None)
-    owner, other, heir = nodes = [h.add(looping(replicas=0)) for _ in range(3)]
 
     async def scenario() -> None:
-        await h.start()
-        await settled(h, nodes)
-        _, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
+        client, owner, other, heir, _, b = await handed_over_with_a_copy(h, seed)
         h.crash(heir)
         await h.advance(0.2)
         h.crash(owner)
         h.heal()
-        assert await h.run(task, timeout=60) == 1, "Start answered by the old owner, with the copy asked for"
-        assert client.outbox.kept == 1, "the client keeps a copy of Start beyond its ack"
         await h.run_until(lambda: not client.outbox.kept, 60, "the client found the old owner dead, sent its copy on")
         await h.run_until(lambda: client.acknowledged and other.acknowledged, 60, "everything acknowledged")
         assert (await totals(h, client, [b]))[b] >= 1, "Start's Echo reached b: its flow was not lost"
@@ -813,15 +820,9 @@ def test_the_copy_kept_of_a_message_handed_over_running_goes_once_its_outputs_ar
     # the client that Start's outputs are acknowledged, and the client drops its copy, so nothing
     # is sent again when the old owner goes
     h = Harness(seed=seed, config=CONFIG)
-    client = h.add(None)
-    owner, other, heir = nodes = [h.add(looping(replicas=0)) for _ in range(3)]
 
     async def scenario() -> None:
-        await h.start()
-        await settled(h, nodes)
-        a, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
-        assert await h.run(task, timeout=60) == 1
-        assert client.outbox.kept == 1, "the client keeps a copy of Start beyond its ack"
+        client, owner, other, heir, a, b = await handed_over_with_a_copy(h, seed)
         h.heal()
         await h.run_until(lambda: not client.outbox.kept, 30, "the old owner released the client's copy")
         assert client.membership.peers[owner.incarnation].state != "left", "by its word, not because it went"
