@@ -96,6 +96,7 @@ def node_stats(engine: Engine) -> NodeStats:
         resent_requests=c.resent_requests,
         partitions=ownership.summary() if ownership is not None else {},
         holds=len(engine.holds.by_key),
+        kept=engine.outbox.kept,
         refused=dict(c.refused),
         frames_in=c.frames_in,
         frames_out=c.frames_out,

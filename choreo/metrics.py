@@ -70,6 +70,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
 GAUGES: dict[str, tuple[str, str]] = {
     "in_flight": ("choreo_in_flight", "Envelopes sent by this node and not yet acknowledged (or waiting for credit)."),
     "in_handler": ("choreo_in_handler", "Messages in a handler right now."),
+    "kept": (
+        "choreo_kept_copies",
+        "Copies this node keeps of messages it sent that were acknowledged before their outputs were "
+        "(handed over running with their partition), until the old owner says the outputs are acknowledged.",
+    ),
     "dead_letters": ("choreo_dead_letters", "Messages in this node's dead-letter store."),
 }
 REFUSED = ("choreo_refused_total", "Invalid input refused, by reason (malformed, oversized, unknown_type, ...).")

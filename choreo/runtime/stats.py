@@ -57,7 +57,9 @@ class NodeStats:
     counts, ``unrouted``, ``forwarded``, ``reincarnations``, ``resent_requests``, frames in and
     out, and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
     acknowledged, or waiting for credit or an instance), ``dead_letters`` (in the store),
-    ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``.
+    ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``,
+    ``kept`` (copies kept beyond their ack for receivers that handed those messages over running,
+    until their outputs are acknowledged: see :meth:`~choreo.runtime.channels.OutChannel.keep`).
     ``store``: a durable node's data dir, fsync policy, lives, commits and syncs and their mean
     times, bytes on disk (``bytes``: the files; ``used_bytes``: the pages in use), dedup ids kept,
     and why commits fail if they do (empty without a data dir). ``handler_state`` (a service that
@@ -98,6 +100,7 @@ class NodeStats:
     peers: tuple[PeerStats, ...]
     store: Mapping[str, Any] = field(default_factory=dict)
     handler_state: Mapping[str, Any] = field(default_factory=dict)  # ctx.state: keys, moves, standby copies
+    kept: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The ``stats`` system query's JSON (what ``choreo top`` and ``/metrics`` read)."""

@@ -787,7 +787,7 @@ async def handed_over_with_a_copy(h: Harness, seed: int) -> tuple[Any, Any, Any,
     await settled(h, nodes)
     a, b, task = await start_handed_over_running(h, client, owner, other, heir, seed)
     assert await h.run(task, timeout=60) == 1, "Start answered by the old owner once the partition checked out"
-    assert client.outbox.kept == 1, "the client keeps a copy of Start beyond its ack"
+    assert node_stats(client).kept == 1, "the client keeps a copy of Start beyond its ack"
     return client, owner, other, heir, a, b
 
 
@@ -824,7 +824,7 @@ def test_the_copy_kept_of_a_message_handed_over_running_goes_once_its_outputs_ar
     async def scenario() -> None:
         client, owner, other, heir, a, b = await handed_over_with_a_copy(h, seed)
         h.heal()
-        await h.run_until(lambda: not client.outbox.kept, 30, "the old owner released the client's copy")
+        await h.run_until(lambda: not node_stats(client).kept, 30, "the old owner released the client's copy")
         assert client.membership.peers[owner.incarnation].state != "left", "by its word, not because it went"
         await h.run_until(lambda: client.acknowledged and other.acknowledged and heir.acknowledged, 30,
                           "everything acknowledged")
