@@ -148,7 +148,7 @@ class OutChannel:
         self.urgent = False  # the pending batch holds a command or query (its frame says so)
         self.custody: dict[bytes, Outgoing] = {}  # msg id -> a copy kept beyond its ack (see keep)
         self.custody_bytes = 0
-        self._asked: set[int] = set()  # seqs a copy was taken of (every later ack asks again)
+        self._asked: set[int] = set()  # unacknowledged seqs a copy was taken of (later acks ask again)
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -274,10 +274,11 @@ class OutChannel:
         send again should the receiver die before it releases them (:meth:`release`). Returns how many
         were still here to copy (asked again by a later ack, a copy is already kept).
         """
-        wanted = {s for s in seqs if s > self.done_upto and s not in self._asked}
+        done = self.done_upto
+        wanted = {s for s in seqs if s > done and s not in self._asked}
         if not wanted:
             return 0  # (each ack until the release asks again: no scan of the window for those)
-        self._asked |= wanted
+        self._asked = {s for s in self._asked if s > done} | wanted  # (acknowledged ones cannot be asked for)
         custody = self.custody
         kept = 0
         for raw in self.window.unacked():

@@ -148,7 +148,7 @@ class Outbox:
         """Envelope ``seq`` of ``channel`` will be acknowledged before its outputs are (it went
         running with a hand-over): every ack of the channel asks its sender to keep a copy, until
         :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`)."""
-        if channel.peer.incarnation != self.incarnation and not channel.durable:  # (a copy at ourselves dies with us)
+        if channel.peer.incarnation != self.incarnation:  # (a copy at ourselves would die with us)
             channel.keep.append(seq)
 
     def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None:

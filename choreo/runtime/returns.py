@@ -87,14 +87,13 @@ class Returns:
     def on_ack_frame(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
     ) -> None:
+        offset = wire.HEADER_SIZE
         if flags & wire.FLAG_KEEP:  # copies to keep beyond this ack: taken before the ack frees them
             seqs, offset = wire.split_keep(data)
             ch = self.outbox.out.get(sender)
             if ch is not None:
                 ch.keep(seqs)
-            self.on_ack(sender, data, offset)
-        else:
-            self.on_ack(sender, data, wire.HEADER_SIZE)
+        self.on_ack(sender, data, offset)
 
     def on_release(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
