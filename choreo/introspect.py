@@ -97,6 +97,7 @@ def node_stats(engine: Engine) -> NodeStats:
         partitions=ownership.summary() if ownership is not None else {},
         holds=len(engine.holds.by_key),
         kept=engine.outbox.kept,
+        relieved=d.relieved,
         refused=dict(c.refused),
         frames_in=c.frames_in,
         frames_out=c.frames_out,

@@ -60,6 +60,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "ask; commands a handler sends with ctx.send() are not counted here.",
     ),
     "redelivered": ("choreo_redelivered_total", "Envelopes retransmitted because no ack came in time."),
+    "relieved": (
+        "choreo_relieved_total",
+        "Messages acknowledged before their outputs were, their senders keeping copies, because they held the "
+        "credit of a channel that stalled (what their outputs waited for needed it).",
+    ),
     "backpressure_waits": ("choreo_backpressure_waits_total", "Emits and sends that had to wait for credit."),
     "backpressure_errors": ("choreo_backpressure_errors_total", "Emits and sends that gave up with Backpressure."),
     "unrouted": ("choreo_unrouted_total", "Messages published while no declared service consumed their type (dropped)."),
@@ -73,7 +78,8 @@ GAUGES: dict[str, tuple[str, str]] = {
     "kept": (
         "choreo_kept_copies",
         "Copies this node keeps of messages it sent that were acknowledged before their outputs were "
-        "(handed over running with their partition), until the old owner says the outputs are acknowledged.",
+        "(handed over running with their partition, or relieving a stalled channel), until the receiver says "
+        "the outputs are acknowledged.",
     ),
     "dead_letters": ("choreo_dead_letters", "Messages in this node's dead-letter store."),
 }

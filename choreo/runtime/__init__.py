@@ -25,6 +25,8 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.partdata`: what a partition carries when it moves (dedup ids, results,
   state): exported, installed, a standby's deltas, restored after a restart;
 * :mod:`~choreo.runtime.dispatch`: dedup, per-key order, handlers, retries, the ack after the effects;
+* :mod:`~choreo.runtime.relief`: a channel whose credit is held by messages waiting for what must
+  come back over it: those messages acknowledged, their sender keeping copies;
 * :mod:`~choreo.runtime.intake`: received data on its way to the dispatcher: in order, commands
   first, events in turns of the loop;
 * :mod:`~choreo.runtime.returns`: what comes back for what this node sent: acks (credit back,

@@ -28,7 +28,7 @@ only acknowledgements the node has committed (:attr:`InChannel.last_ack`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -214,9 +214,14 @@ class OutChannel:
 
     # -- acks ----------------------------------------------------------------------------------
 
-    def on_ack(self, data: bytes, offset: int, now: float) -> int:
-        """Apply an ack (MalformedFrame if invalid), run the callbacks of finished seqs, refill."""
+    def on_ack(self, data: bytes, offset: int, now: float, kept: Collection[int] = ()) -> int:
+        """Apply an ack (MalformedFrame if invalid), run the callbacks of finished seqs, refill.
+
+        ``kept``: the seqs its frame asks us to keep copies of (:meth:`keep`); a copy whose seq the
+        ack covers and does not list was released."""
         cumulative, received, ranges = core.decode_ack(data, offset)
+        if self.custody:
+            self._drop_released(cumulative, kept)
         freed = self.window.on_ack(cumulative, received, ranges, now)
         if cumulative > self.done_upto:
             self.done_upto = min(cumulative, self.window.next_seq - 1)
@@ -292,6 +297,17 @@ class OutChannel:
             self.release([next(iter(custody))])
         return kept
 
+    def _drop_released(self, cumulative: int, kept: Collection[int]) -> None:
+        """The copies of seqs up to ``cumulative`` not in ``kept`` (an ack's list) were released.
+
+        The receiver lists a seq in every ACK frame from before the ack that covers it until its
+        release (and no ack rides on other frames meanwhile): an ack that covers it unlisted
+        comes after the release, whatever order acks arrive in."""
+        gone = [msg_id for msg_id, item in self.custody.items()
+                if (seq := int.from_bytes(item.raw[:8], "little")) <= cumulative and seq not in kept]  # type: ignore[index]
+        if gone:
+            self.release(gone)
+
     def release(self, ids: list[bytes]) -> None:
         """The outputs of these kept messages are acknowledged at the receiver: their copies go."""
         for msg_id in ids:
@@ -301,19 +317,20 @@ class OutChannel:
 
     # -- the receiver is gone --------------------------------------------------------------------
 
-    def evacuate(self, kept: bool = False) -> list[Outgoing]:
+    def evacuate(self) -> list[Outgoing]:
         """Everything not yet done (in flight, then parked), to send elsewhere; closes the channel.
 
-        In-flight envelopes come back encoded (``raw``) with their callbacks, in seq order.
-        ``kept``: the receiver died, so the copies it asked us to keep come first (they are older
-        than anything in flight); else (it left: its drain saw their outputs acknowledged, or its
-        partitions' new owners answer for them) they go.
+        In-flight envelopes come back encoded (``raw``) with their callbacks, in seq order, after
+        the copies the receiver asked us to keep (they are older than anything in flight). Those go
+        again whether it died or left: where its partitions' owners have their ids (handed over with
+        them) they are dropped as duplicates, and one a leaving receiver had not finished (its drain
+        timed out) runs there instead of being lost.
         """
         self.closed = True
         self.window.flush()
         if self.journal is not None:
             self.journal.closed(self)
-        out: list[Outgoing] = list(self.custody.values()) if kept else []
+        out: list[Outgoing] = list(self.custody.values())
         self.custody.clear()
         self.custody_bytes = 0
         for raw in self.window.unacked():
@@ -358,28 +375,54 @@ class InChannel:
         # seqs of envelopes handed over running (acknowledged before their outputs): every ack
         # asks the sender to keep a copy of them, until their outputs are acknowledged here
         self.keep: list[int] = []
+        self.released = False  # one of them was released since the last ACK frame: one is due
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
         self.acked_upto = 0  # the cumulative ack last sent
         self.rights: dict[tuple[str, int], str | None] = {}  # with keys: (type, kind) -> None or why refused
         # durable nodes ack only what they committed: the last committed ack (the outbox sends them)
         self.durable = durable
         self.last_ack: bytes = EMPTY_ACK
+        self._stuck_at = 0  # the cumulative ack a stall was first seen at, and when (see stalled)
+        self._stuck_since = 0.0
 
     def ack_frame(self) -> bytes:
         if self.durable:
-            return self.header + self.last_ack
+            return self.framed(self.last_ack)
         self.acked_upto = self.reorder.done_upto
+        return self.framed(self.reorder.ack_frame())
+
+    def framed(self, ack: bytes) -> bytes:
+        """An ACK frame of ``ack``, asking for the copies still kept: every ACK frame lists them
+        all, so that its sender drops a copy once an ack covers its seq without listing it (a
+        lost RELEASE is made up for by the next ack)."""
+        self.released = False
         if self.keep:
-            return self.keep_header + wire.keep_prefix(self.keep) + self.reorder.ack_frame()
-        return self.header + self.reorder.ack_frame()
+            return self.keep_header + wire.keep_prefix(self.keep) + ack
+        return self.header + ack
 
     def take_ack(self) -> bytes | None:
         """The ack to send, if one is due (to ride on a frame going to the same peer; never while
         it asks for copies: only an ACK frame carries that request)."""
         if not self.reorder.ack_pending or self.closed or self.durable or self.keep:
             return None
-        self.acked_upto = self.reorder.done_upto
+        self.acked_upto, self.released = self.reorder.done_upto, False
         return self.reorder.ack_frame()
+
+    def stalled(self, now: float, after: float) -> bool:
+        """Has half this channel's span or more been held ``after`` seconds by envelopes not done?
+
+        An envelope whose handler ran waits for its outputs' acks, which may come a long way
+        round (a saga's step back to this node, a standby's ack): should what it waits for travel
+        on this very channel's sender's side, behind envelopes that wait for it, nothing moves
+        (see :mod:`~choreo.runtime.relief`)."""
+        reorder = self.reorder
+        if self.closed or reorder.released_upto - reorder.done_upto < reorder.window // 2:
+            self._stuck_at = 0
+            return False
+        if self._stuck_at != reorder.done_upto + 1:
+            self._stuck_at, self._stuck_since = reorder.done_upto + 1, now
+            return False
+        return now - self._stuck_since >= after
 
     @property
     def unacked_done(self) -> int:

@@ -116,7 +116,9 @@ class Job:
         self.mark_owed = False  # its writes reached the standby ahead of its id (PartitionData.ungate)
         self.logged = False  # a durable node: its id (and result) went to the journal with its writes
         self.outputs: list[Message] | None = None  # what it emitted and sent, while its writes wait to ship
-        self.kept: list[tuple[InChannel, int]] | None = None  # handed over running: who keeps a copy (channel, seq)
+        # acknowledged before its outputs were (handed over running, or relieving a stalled
+        # channel): who keeps a copy of it until they are, as (channel, seq)
+        self.kept: list[tuple[InChannel, int]] | None = None
 
 
 class HandlerContext:

@@ -85,6 +85,7 @@ class DispatchStats:
     duplicates: int = 0
     in_handler: int = 0
     abandoned: int = 0  # received, not run: their sender was declared gone (it resends them elsewhere)
+    relieved: int = 0  # acknowledged before they were done, to free a stalled channel (see relief.py)
     lag: dict[int, int] = field(default_factory=dict)  # partition -> messages received and not yet handled
 
     def track(self, partition: int) -> None:
@@ -380,6 +381,8 @@ class Dispatcher:
             self._effects_safe(job)
             return
         job = Job(env, channel, handler, self.host.batch_received)
+        if channel.keep and env.seq in channel.keep:  # acknowledged while it waited for its partition (relief.py)
+            job.kept = [(channel, env.seq)]  # (its copy goes when it is done)
         self.stats.track(env.partition)
         if handler.kind != "query" and self.config.dedup:
             window = self.dedup.get(env.type)
@@ -642,6 +645,9 @@ class Dispatcher:
         env = job.env
         if self.data.settling:
             self.data.settled(job)
+        for sender, seq in job.kept or ():  # acknowledged before now (relief.py, handed_on): the copies may go
+            self.host.release(sender, seq, env.msg_id)
+        job.kept = None
         if job.channel is not None:
             job.channel.reorder.complete(env.seq)
             self.host.ack_later(job.channel)
@@ -670,7 +676,7 @@ class Dispatcher:
                 for dup in job.duplicates:
                     if cached is not None:
                         dup.reply = cached[2]
-                    self._effects_safe(dup)
+                    self._effects_safe(dup)  # (one acknowledged before: its copy goes)
 
     # -- dead letters --------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ from .moves import Moves
 from .outbox import Outbox
 from .ownership import Ownership
 from .queries import SystemQueries
+from .relief import Relief
 from .replicas import Replicas
 from .returns import Returns
 from .routing import ZERO_ID, Router
@@ -190,6 +191,7 @@ class Engine:
             replicas.name = self.name
         self.returns = Returns(self.outbox, self.membership, self.holds, self.router, self.calls, self.dispatcher,
                                clock=clock, refused=self.count_refused)
+        self.relief = Relief(self.dispatcher, self.outbox, after=config.rto)  # (a channel held by a cycle)
         self.last_flows = LastFlows(service.name if service else None, self.membership, self.outbox, self.dispatcher,
                                     config=config, incarnation=lambda: self.incarnation)
         self.intake = Intake(
@@ -415,6 +417,7 @@ class Engine:
             self.moves.tick(now)
         if self.journal is not None:
             self.journal.tick(now)
+        self.relief.tick(now)
         if self.lifecycle.leaving:
             self.last_flows.tick(now)
         self.dispatcher.pump()
@@ -568,7 +571,7 @@ class Engine:
             return
         held = self.holds.take_channel(ch)  # resent after the evacuated envelopes, in order
         self.holds.on_view(self.membership, self.outbox.out)  # the owners the resend routes by (see Holds)
-        evacuated = ch.evacuate(kept=peer.state == "dead")  # (copies it kept for a receiver that died)
+        evacuated = ch.evacuate()  # (first the copies we kept for it)
         if self.moves is not None:  # forwards of partitions ours again run here first (see take_back)
             evacuated = self.moves.take_back(evacuated)
         # what already waits for an instance of that service came after what the channel held (it

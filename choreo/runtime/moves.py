@@ -98,8 +98,11 @@ class _Forwarded:
 
     def __call__(self) -> None:
         self.moves.forward_done(self.env)
-        self.channel.reorder.complete(self.env.seq)
-        self.outbox.ack_later(self.channel)
+        channel, env = self.channel, self.env
+        if channel.keep and env.seq in channel.keep:  # acknowledged while it waited here (relief.py)
+            self.outbox.release(channel, env.seq, env.msg_id)
+        channel.reorder.complete(env.seq)
+        self.outbox.ack_later(channel)
 
 
 class Moves:

@@ -148,7 +148,7 @@ class Outbox:
         """Envelope ``seq`` of ``channel`` will be acknowledged before its outputs are (it went
         running with a hand-over): every ack of the channel asks its sender to keep a copy, until
         :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`)."""
-        if channel.peer.incarnation != self.incarnation:  # (a copy at ourselves would die with us)
+        if channel.peer.incarnation != self.incarnation and seq not in channel.keep:  # (a copy at ourselves would die with us)
             channel.keep.append(seq)
 
     def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None:
@@ -156,6 +156,8 @@ class Outbox:
         if seq not in channel.keep:
             return
         channel.keep.remove(seq)
+        channel.released = True
+        self.ack_later(channel)  # (its ACK frame no longer lists seq: should the RELEASE be lost)
         peer = channel.peer
         if peer.live and not channel.closed:
             body = wire.Release([msg_id])
@@ -198,7 +200,7 @@ class Outbox:
             # handlers says more, and costs the sender one wake-up instead of two)
             dirty_in, self.dirty_in = self.dirty_in, {}
             for ich in dirty_in:
-                if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
+                if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:
                     self.send_ack(ich)
         elif self.dirty_in:
             # ... unless a quarter of a window is done and unacknowledged on a channel: its sender
@@ -228,7 +230,7 @@ class Outbox:
             dirty_in, self.dirty_in = self.dirty_in, {}
             held = self.held_acks
             for ich in dirty_in:
-                if ich.reorder.ack_pending and ich.peer.live and not ich.closed:
+                if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:
                     held[ich] = ich.reorder.ack_frame()  # what is done now: its ids commit below
         if journal.should_commit(bool(self.held_acks or self.replies)) and journal.commit():
             if self.replies or self.held_acks:
@@ -249,7 +251,7 @@ class Outbox:
             for ich, ack in acks.items():
                 ich.last_ack = ack
                 if ich.peer.live and not ich.closed:
-                    self.send(ich.peer.endpoint, ich.header + ack)
+                    self.send(ich.peer.endpoint, ich.framed(ack))
 
     def frame_to(self, frame_type: int, incarnation: int, body: bytes, flags: int = 0) -> bytes:
         """A DATA or REPLY frame for a peer, carrying our ack of its data when one is due."""

@@ -192,10 +192,6 @@ class PartitionData:
         del jobs[job]
         if not jobs:
             del self.settling[env.partition]
-        if job.kept is not None:  # its outputs are acknowledged after all: its senders' copies may go
-            for sender, seq in job.kept:
-                self.host.release(sender, seq, env.msg_id)
-            job.kept = None
         to = self.mark_to.pop(job, None)
         if to is not None and self.send_mark is not None:
             mark = Delta(env.partition, env.key, [], env.type, env.msg_id, self.host.clock(), trace_id=env.trace_id,
@@ -236,10 +232,14 @@ class PartitionData:
         acknowledged here after all (:meth:`settled`): should this node die before, and the new
         owner too, the copy runs again at the partition's next owner instead of being lost."""
         for job in [job for job in self.mark_to if job.env.partition == p]:
-            if job.channel is not None and job.kept is None:
-                job.kept = [(j.channel, j.env.seq) for j in (job, *job.duplicates) if j.channel is not None]
-                for sender, seq in job.kept:
-                    self.host.keep(sender, seq)
+            if job.channel is not None:
+                kept = job.kept = job.kept or []  # (some may be kept already: see relief.py)
+                for j in (job, *job.duplicates):
+                    if j.channel is not None and (j.channel, j.env.seq) not in kept:
+                        self.host.keep(j.channel, j.env.seq)
+                        kept.append((j.channel, j.env.seq))
+                    if j is not job:
+                        j.kept = None  # (released with the job's, not when hand_on finishes it below)
             self.hand_on(job)
 
     def marked(self, msg_id: bytes) -> bool:

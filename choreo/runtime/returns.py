@@ -88,12 +88,13 @@ class Returns:
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
     ) -> None:
         offset = wire.HEADER_SIZE
+        seqs: list[int] = []
         if flags & wire.FLAG_KEEP:  # copies to keep beyond this ack: taken before the ack frees them
             seqs, offset = wire.split_keep(data)
             ch = self.outbox.out.get(sender)
             if ch is not None:
                 ch.keep(seqs)
-        self.on_ack(sender, data, offset)
+        self.on_ack(sender, data, offset, seqs)
 
     def on_release(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
@@ -104,7 +105,7 @@ class Returns:
         if ch is not None:
             ch.release(body.ids)
 
-    def on_ack(self, sender: int, data: bytes, offset: int) -> None:
+    def on_ack(self, sender: int, data: bytes, offset: int, kept: list[int] | tuple[()] = ()) -> None:
         """The ack at ``offset`` in ``data``, from ``sender``: ProtocolError if it is malformed."""
         ch = self.outbox.out.get(sender)
         if ch is None:
@@ -112,7 +113,7 @@ class Returns:
         now = self.clock()
         self.membership.heard(sender, now)
         try:
-            ch.on_ack(data, offset, now)
+            ch.on_ack(data, offset, now, kept)
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
         if self.holds.by_key:

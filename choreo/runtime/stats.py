@@ -60,6 +60,9 @@ class NodeStats:
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``,
     ``kept`` (copies kept beyond their ack for receivers that handed those messages over running,
     until their outputs are acknowledged: see :meth:`~choreo.runtime.channels.OutChannel.keep`).
+    ``relieved`` (a counter): messages this node acknowledged before their outputs were, their
+    senders keeping copies, to free a channel whose credit they held (see
+    :mod:`~choreo.runtime.relief`).
     ``store``: a durable node's data dir, fsync policy, lives, commits and syncs and their mean
     times, bytes on disk (``bytes``: the files; ``used_bytes``: the pages in use), dedup ids kept,
     and why commits fail if they do (empty without a data dir). ``handler_state`` (a service that
@@ -101,6 +104,7 @@ class NodeStats:
     store: Mapping[str, Any] = field(default_factory=dict)
     handler_state: Mapping[str, Any] = field(default_factory=dict)  # ctx.state: keys, moves, standby copies
     kept: int = 0
+    relieved: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The ``stats`` system query's JSON (what ``choreo top`` and ``/metrics`` read)."""

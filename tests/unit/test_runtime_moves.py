@@ -349,6 +349,7 @@ def test_an_arrival_for_another_owner_is_forwarded_and_acknowledged_after_the_fo
 
     class Channel:
         completed: list[int] = []
+        keep: list[int] = []  # (nothing acknowledged early here)
         reorder = type("R", (), {"complete": lambda self, seq: Channel.completed.append(seq)})()
 
     assert n.moves.forward(Channel(), env) is True

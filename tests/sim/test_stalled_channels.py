@@ -1,0 +1,162 @@
+"""A channel whose credit is held by messages that wait for what must come over it.
+
+A handler's input is acknowledged once its outputs are, so an input that ran holds a slot of
+its channel's span until they are. When what the outputs wait for has to come back over that
+same channel, behind the inputs (two services that feed each other; two instances that are each
+other's standby, each waiting for the other's ack of its writes), neither side moves: the sender
+has no credit, the receiver nothing to finish. The receiver sees the span stall, acknowledges the
+inputs that ran and wait, and asks their sender to keep a copy of each until their outputs are
+acknowledged (``choreo.runtime.relief``): the credit comes back, and a receiver that dies before
+still has its inputs sent again by their sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from choreo import Event, NodeConfig, Service
+from choreo.testing import Harness
+
+WINDOW = 8
+N = 20
+
+
+class Start(Event, key="k"):
+    k: str
+
+
+class Reading(Event, key="k"):
+    k: str
+    n: int
+
+
+class Check(Event, key="k"):
+    k: str
+    n: int
+
+
+class Line(Event, key="k"):
+    k: str
+    n: int
+
+
+def test_two_services_that_feed_each_other_over_one_channel_do_not_wedge() -> None:
+    # the feeder sends the meter N readings at once (more than a window); each reading's Check comes
+    # back to the feeder, whose Line goes to the meter on the channel the readings hold
+    lines: Counter[int] = Counter()
+    readings: Counter[int] = Counter()
+    feeder, meter = Service("feeder"), Service("meter")
+
+    @feeder.on(Start, emits=[Reading])
+    def start(ev: Start, ctx) -> None:  # type: ignore[no-untyped-def]
+        for n in range(N):
+            ctx.emit(Reading(k=f"k{n % 4}", n=n))
+
+    @feeder.on(Check, emits=[Line])
+    def check(ev: Check, ctx) -> None:  # type: ignore[no-untyped-def]
+        ctx.emit(Line(k=ev.k, n=ev.n))
+
+    @meter.on(Reading, emits=[Check])
+    def reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
+        readings[ev.n] += 1
+        ctx.emit(Check(k=ev.k, n=ev.n))
+
+    @meter.on(Line)
+    def line(ev: Line) -> None:
+        lines[ev.n] += 1
+
+    harness = Harness(seed=3, config=NodeConfig(window=WINDOW))
+    client = harness.add(None)
+    feeding = harness.add(feeder)
+    metering = harness.add(meter)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.run_until(lambda: bool(client.membership.instances("feeder")), 30, "feeder visible")
+        await harness.run(client.emit(Start(k="go")))
+        await harness.run_until(lambda: len(lines) == N, 60, "every reading's round trip back to the meter")
+        await harness.run_until(lambda: client.acknowledged and feeding.acknowledged and metering.acknowledged
+                                and not feeding.outbox.kept, 60, "everything acknowledged, the copies released")
+
+    asyncio.run(scenario())
+    assert readings == Counter(range(N)) and lines == Counter(range(N)), "each step handled once, none lost"
+    assert metering.dispatcher.stats.relieved >= WINDOW // 2, "the meter freed the readings' credit"
+
+
+def test_a_relieved_receiver_that_dies_has_its_inputs_sent_again_by_their_sender() -> None:
+    # the auditor is paused: the meter's readings ran and wait for their Checks' acks, holding the
+    # client's credit; relieved, the client keeps copies; the meter instance that had them dies
+    checks: Counter[int] = Counter()
+    meter, auditor = Service("meter", partitions=4), Service("auditor")
+
+    @meter.on(Reading, emits=[Check])
+    def reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
+        ctx.emit(Check(k=ev.k, n=ev.n))
+
+    @auditor.on(Check)
+    def check(ev: Check) -> None:
+        checks[ev.n] += 1
+
+    harness = Harness(seed=4, config=NodeConfig(window=WINDOW, suspect_after=1.0, dead_after=2.0, heartbeat=0.25))
+    client = harness.add(None)
+    meters = [harness.add(meter), harness.add(meter)]
+    auditing = harness.add(auditor)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.run_until(lambda: len(client.membership.instances("meter")) == 2
+                                and bool(client.membership.instances("auditor")), 30, "all visible")
+        harness.pause(auditing, 6.0)
+        for n in range(N):
+            await harness.run(client.emit(Reading(k="k0", n=n)))  # one key: one meter instance has them all
+        await harness.run_until(lambda: client.outbox.kept >= WINDOW // 2, 30, "the client keeps copies")
+        victim = next(m for m in meters if m.dispatcher.stats.relieved)
+        harness.crash(victim)  # its Checks, sent and not acknowledged, die with it
+        await harness.run_until(lambda: len(checks) == N, 60, "every reading checked, by the survivor if need be")
+        await harness.run_until(lambda: client.acknowledged and not client.outbox.kept, 60, "all done, copies released")
+
+    asyncio.run(scenario())
+    assert set(checks) == set(range(N)), "no reading lost with the instance that acknowledged it early"
+
+
+def test_backpressure_holds_while_what_the_outputs_wait_for_has_no_instance() -> None:
+    # the auditor is gone: the meter's Checks wait for an instance, so its readings ran and wait;
+    # relieving them would only let the client pile more onto the meter, which cannot pass them on
+    checks: Counter[int] = Counter()
+    meter, auditor = Service("meter"), Service("auditor")
+
+    @meter.on(Reading, emits=[Check])
+    def reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
+        ctx.emit(Check(k=ev.k, n=ev.n))
+
+    @auditor.on(Check)
+    def check(ev: Check) -> None:
+        checks[ev.n] += 1
+
+    harness = Harness(seed=5, config=NodeConfig(window=WINDOW, suspect_after=1.0, dead_after=2.0, heartbeat=0.25))
+    client = harness.add(None)
+    metering = harness.add(meter)
+    auditing = harness.add(auditor)
+    emitted: list[int] = []
+
+    async def produce() -> None:
+        for n in range(4 * WINDOW):
+            await client.emit(Reading(k=f"k{n % 3}", n=n), timeout=60)
+            emitted.append(n)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.run_until(lambda: bool(client.membership.instances("auditor")), 30, "all visible")
+        harness.crash(auditing)
+        await harness.run_until(lambda: not metering.membership.instances("auditor"), 30, "the auditor taken for dead")
+        producing = asyncio.ensure_future(produce())
+        await harness.advance(10.0)  # ten times rto: a stall that relief would end, were it allowed
+        assert len(emitted) <= 2 * WINDOW, "the client is held back: the meter's window, and its own waiting room"
+        assert metering.dispatcher.stats.relieved == 0 and not client.outbox.kept
+        harness.restart(auditing)
+        await harness.run(producing, timeout=120)
+        await harness.run_until(lambda: len(checks) == 4 * WINDOW and client.acknowledged, 60, "all checked")
+
+    asyncio.run(scenario())
+    assert set(checks) == set(range(4 * WINDOW))
