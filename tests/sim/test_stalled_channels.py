@@ -16,6 +16,7 @@ import asyncio
 from collections import Counter
 
 from choreo import Event, NodeConfig, Service
+from choreo.service import DEFAULT_PARTITIONS
 from choreo.testing import Harness
 
 WINDOW = 8
@@ -84,11 +85,13 @@ def test_two_services_that_feed_each_other_over_one_channel_do_not_wedge() -> No
     assert metering.dispatcher.stats.relieved >= WINDOW // 2, "the meter freed the readings' credit"
 
 
-def test_a_relieved_receiver_that_dies_has_its_inputs_sent_again_by_their_sender() -> None:
-    # the auditor is paused: the meter's readings ran and wait for their Checks' acks, holding the
-    # client's credit; relieved, the client keeps copies; the meter instance that had them dies
+FAST_FAILURES = NodeConfig(window=WINDOW, suspect_after=1.0, dead_after=2.0, heartbeat=0.25)
+
+
+def checked_readings(partitions: int = DEFAULT_PARTITIONS) -> tuple[Service, Service, Counter[int]]:
+    """A meter that sends each reading on to an auditor as a Check, and the Checks the auditor got."""
     checks: Counter[int] = Counter()
-    meter, auditor = Service("meter", partitions=4), Service("auditor")
+    meter, auditor = Service("meter", partitions=partitions), Service("auditor")
 
     @meter.on(Reading, emits=[Check])
     def reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
@@ -98,7 +101,14 @@ def test_a_relieved_receiver_that_dies_has_its_inputs_sent_again_by_their_sender
     def check(ev: Check) -> None:
         checks[ev.n] += 1
 
-    harness = Harness(seed=4, config=NodeConfig(window=WINDOW, suspect_after=1.0, dead_after=2.0, heartbeat=0.25))
+    return meter, auditor, checks
+
+
+def test_a_relieved_receiver_that_dies_has_its_inputs_sent_again_by_their_sender() -> None:
+    # the auditor is paused: the meter's readings ran and wait for their Checks' acks, holding the
+    # client's credit; relieved, the client keeps copies; the meter instance that had them dies
+    meter, auditor, checks = checked_readings(partitions=4)
+    harness = Harness(seed=4, config=FAST_FAILURES)
     client = harness.add(None)
     meters = [harness.add(meter), harness.add(meter)]
     auditing = harness.add(auditor)
@@ -123,18 +133,8 @@ def test_a_relieved_receiver_that_dies_has_its_inputs_sent_again_by_their_sender
 def test_backpressure_holds_while_what_the_outputs_wait_for_has_no_instance() -> None:
     # the auditor is gone: the meter's Checks wait for an instance, so its readings ran and wait;
     # relieving them would only let the client pile more onto the meter, which cannot pass them on
-    checks: Counter[int] = Counter()
-    meter, auditor = Service("meter"), Service("auditor")
-
-    @meter.on(Reading, emits=[Check])
-    def reading(ev: Reading, ctx) -> None:  # type: ignore[no-untyped-def]
-        ctx.emit(Check(k=ev.k, n=ev.n))
-
-    @auditor.on(Check)
-    def check(ev: Check) -> None:
-        checks[ev.n] += 1
-
-    harness = Harness(seed=5, config=NodeConfig(window=WINDOW, suspect_after=1.0, dead_after=2.0, heartbeat=0.25))
+    meter, auditor, checks = checked_readings()
+    harness = Harness(seed=5, config=FAST_FAILURES)
     client = harness.add(None)
     metering = harness.add(meter)
     auditing = harness.add(auditor)
