@@ -151,10 +151,11 @@ FLAG_ACK = 0x0001  # the body starts with a piggybacked ack (u16 length, then th
 # there (a receiver that does not know the flag handles the frame in order, as before)
 FLAG_URGENT = 0x0002
 # an ACK frame whose body starts with ``u16 n | n x u64 seq``: envelopes of the channel it acks
-# that the receiver acknowledges before their outputs are acknowledged (it handed them over
-# running with their partition); the sender keeps a copy of each beyond the ack, to send again
-# to the partition's owner should the receiver die before it says RELEASE. Every ACK frame of the
-# channel carries them until then, so the ack that frees an envelope always asks for its copy
+# that the receiver acknowledges before they are done (it handed them over running with their
+# partition, or relieved a channel they held); the sender keeps a copy of each beyond the ack, to
+# send again to the partition's owner should the receiver go before it says RELEASE. Every ACK
+# frame of the channel lists them until then (one that covers a seq unlisted releases it too), so
+# the ack that frees an envelope always asks for its copy
 FLAG_KEEP = 0x0004
 KEEP_COUNT = struct.Struct("<H")
 KEEP_SEQ = struct.Struct("<Q")

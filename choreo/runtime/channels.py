@@ -9,13 +9,14 @@ is acknowledged itself).
 An :class:`InChannel` wraps the core's ``InboundReorder`` for one sender: DATA frames go in,
 envelopes come out strictly in order, and the ack to send back is read from it.
 
-A receiver that acknowledges a message before its outputs are acknowledged (its partition was
-handed over with it running: the new owner answers for the outputs) asks the sender, in every
-ack of the channel until then (:attr:`InChannel.keep`, ``FLAG_KEEP``), to keep a copy of it
-beyond the ack (:meth:`OutChannel.keep`), and says when the outputs are acknowledged after all
-(a ``RELEASE`` frame, :meth:`OutChannel.release`). Should that receiver die first, the copies go
-to the partition's owner with what was in flight (:meth:`OutChannel.evacuate`): if every node
-that knew of the message died too, it runs again instead of being lost.
+A receiver that acknowledges a message before it is done (its partition was handed over with
+it running, the new owner answering for its outputs; or it held the credit of a channel that
+stalled: :mod:`~choreo.runtime.relief`) asks the sender, in every ACK frame of the channel until
+then (:attr:`InChannel.keep`, ``FLAG_KEEP``), to keep a copy of it beyond the ack
+(:meth:`OutChannel.keep`), and says when it is done (a ``RELEASE`` frame, and the next ACK frames
+no longer list it). Should that receiver die or leave first, the copies go to the partition's
+owner with what was in flight (:meth:`OutChannel.evacuate`): one nobody alive knew of runs again
+instead of being lost.
 
 Both are thin: the decisions are the core's; these classes hold the Python-side bookkeeping
 (callbacks, frames, the backlog) that the core deliberately knows nothing about.
@@ -28,7 +29,7 @@ only acknowledgements the node has committed (:attr:`InChannel.last_ack`).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -214,11 +215,16 @@ class OutChannel:
 
     # -- acks ----------------------------------------------------------------------------------
 
-    def on_ack(self, data: bytes, offset: int, now: float, kept: Collection[int] = ()) -> int:
+    def on_ack(self, data: bytes, offset: int, now: float, listed: bool = False) -> int:
         """Apply an ack (MalformedFrame if invalid), run the callbacks of finished seqs, refill.
 
-        ``kept``: the seqs its frame asks us to keep copies of (:meth:`keep`); a copy whose seq the
-        ack covers and does not list was released."""
+        ``listed``: ``data`` is an ACK frame flagged :data:`~choreo.wire.FLAG_KEEP`, whose seqs to
+        keep copies of (:meth:`keep`) come before the ack (ProtocolError if they overrun it). A
+        copy whose seq an ack covers and does not list was released."""
+        kept: list[int] = []
+        if listed:
+            kept, offset = wire.split_keep(data)
+            self.keep(kept)  # (taken before the ack frees them)
         cumulative, received, ranges = core.decode_ack(data, offset)
         if self.custody:
             self._drop_released(cumulative, kept)
@@ -274,10 +280,11 @@ class OutChannel:
     # -- custody -------------------------------------------------------------------------------
 
     def keep(self, seqs: list[int]) -> int:
-        """The receiver will acknowledge the envelopes ``seqs`` before their outputs are safe (it
-        handed them over running with their partition): keep a copy of each beyond that ack, to
-        send again should the receiver die before it releases them (:meth:`release`). Returns how many
-        were still here to copy (asked again by a later ack, a copy is already kept).
+        """The receiver will acknowledge the envelopes ``seqs`` before they are done (it handed them
+        over running with their partition, or relieved a channel they held): keep a copy of each
+        beyond that ack, to send again should the receiver go before it releases them
+        (:meth:`release`). Returns how many were still here to copy (asked again by a later ack, a
+        copy is already kept).
         """
         done = self.done_upto
         wanted = {s for s in seqs if s > done and s not in self._asked}
@@ -297,7 +304,7 @@ class OutChannel:
             self.release([next(iter(custody))])
         return kept
 
-    def _drop_released(self, cumulative: int, kept: Collection[int]) -> None:
+    def _drop_released(self, cumulative: int, kept: list[int]) -> None:
         """The copies of seqs up to ``cumulative`` not in ``kept`` (an ack's list) were released.
 
         The receiver lists a seq in every ACK frame from before the ack that covers it until its
@@ -372,8 +379,8 @@ class InChannel:
         self.reorder = core.InboundReorder(window=window)
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
         self.keep_header = wire.frame(wire.ACK, me, peer.incarnation, flags=wire.FLAG_KEEP)
-        # seqs of envelopes handed over running (acknowledged before their outputs): every ack
-        # asks the sender to keep a copy of them, until their outputs are acknowledged here
+        # seqs of envelopes acknowledged before they are done (handed over running, or relieved):
+        # every ACK frame asks the sender to keep a copy of them, until they are done here
         self.keep: list[int] = []
         self.released = False  # one of them was released since the last ACK frame: one is due
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to

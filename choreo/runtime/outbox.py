@@ -145,14 +145,14 @@ class Outbox:
         self.sender.send(endpoint, frame)
 
     def keep(self, channel: InChannel, seq: int) -> None:
-        """Envelope ``seq`` of ``channel`` will be acknowledged before its outputs are (it went
-        running with a hand-over): every ack of the channel asks its sender to keep a copy, until
-        :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`)."""
+        """Envelope ``seq`` of ``channel`` will be acknowledged before it is done (it went running
+        with a hand-over, or relieves a stalled channel): every ACK frame of the channel asks its
+        sender to keep a copy, until :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`)."""
         if channel.peer.incarnation != self.incarnation and seq not in channel.keep:  # (a copy at ourselves would die with us)
             channel.keep.append(seq)
 
     def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None:
-        """The outputs of kept envelope ``seq`` (id ``msg_id``) are acknowledged: its sender's copy may go."""
+        """Kept envelope ``seq`` (id ``msg_id``) is done: its sender's copy may go."""
         if seq not in channel.keep:
             return
         channel.keep.remove(seq)
@@ -271,7 +271,7 @@ class Outbox:
         queued = self.replies.pop(inc, None) if self.replies else None
         if queued:
             self.send(ich.peer.endpoint, self.frame_to(wire.REPLY, inc, b"".join(queued.entries)))
-            if not ich.keep:
+            if not ich.keep and not ich.released:
                 return  # (the ack rode on the answers)
         self.send(ich.peer.endpoint, ich.ack_frame())
 
@@ -527,7 +527,7 @@ class Outbox:
 
     @property
     def kept(self) -> int:
-        """Copies kept beyond their ack for receivers that handed them over running (see
+        """Copies kept beyond their ack for receivers that acknowledged them early (see
         :meth:`OutChannel.keep <choreo.runtime.channels.OutChannel.keep>`): not counted in
         :attr:`idle`, as they wait on outputs downstream, not on this node's receivers."""
         return sum(len(ch.custody) for ch in self.out.values())

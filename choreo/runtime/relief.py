@@ -35,10 +35,11 @@ durable node, only messages whose id is in its journal: restarted, it knows they
 from __future__ import annotations
 
 import logging
-from typing import Any
+from operator import itemgetter
 
 from ..wire import KIND_EVENT
 from .channels import InChannel
+from .context import Job
 from .dispatch import Dispatcher
 from .outbox import Outbox
 
@@ -72,22 +73,22 @@ class Relief:
         if room <= 0:
             return 0
         dispatcher = self.dispatcher
-        waiting: list[Any] = []
+        waiting: list[tuple[int, Job | None]] = []  # (seq, its job: None for an arrival not run yet)
         for job in dispatcher.in_progress.values():
             # ran (its outputs are out); on a durable node, with its id in the journal (the ack
             # that covers it leaves once that commit is safe)
             if job.pending and not job.holds_key and job.env.kind == KIND_EVENT and (job.logged or not channel.durable):
-                waiting.extend(j for j in (job, *job.duplicates) if j.channel is channel and j.kept is None)
-        if dispatcher.moves is not None:  # arrivals buffered until their partition's hand-over is in
-            for queue in dispatcher.moves.ownership.buffered.values():
-                waiting.extend(_Buffered(env) for ch, env, _ in queue
+                waiting.extend((j.env.seq, j) for j in (job, *job.duplicates) if j.channel is channel and j.kept is None)
+        if dispatcher.moves is not None:  # arrivals buffered until their partition's hand-over is in: the
+            for queue in dispatcher.moves.ownership.buffered.values():  # job made when one runs finds its seq kept
+                waiting.extend((env.seq, None) for ch, env, _ in queue
                                if ch is channel and env.kind == KIND_EVENT and env.seq not in channel.keep)
-        waiting.sort(key=lambda j: j.env.seq)
+        waiting.sort(key=itemgetter(0))
         relieved = waiting[:room]
-        for job in relieved:
-            seq = job.env.seq
+        for seq, job in relieved:
             self.outbox.keep(channel, seq)  # (first: the ack that covers it lists it)
-            job.kept = [(channel, seq)]
+            if job is not None:
+                job.kept = [(channel, seq)]
             channel.reorder.complete(seq)
         if relieved:
             dispatcher.stats.relieved += len(relieved)
@@ -97,13 +98,3 @@ class Relief:
                      dispatcher.host.name, len(relieved), channel.peer.node)
         return len(relieved)
 
-
-class _Buffered:
-    """An arrival buffered for a partition this node gains, as :meth:`Relief.relieve` sees it: its
-    job, made when it runs, finds its seq kept and releases the copy when done (``Dispatcher.deliver``)."""
-
-    __slots__ = ("env", "kept")
-
-    def __init__(self, env: Any) -> None:
-        self.env = env
-        self.kept: list[tuple[InChannel, int]] | None = None

@@ -87,14 +87,7 @@ class Returns:
     def on_ack_frame(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
     ) -> None:
-        offset = wire.HEADER_SIZE
-        seqs: list[int] = []
-        if flags & wire.FLAG_KEEP:  # copies to keep beyond this ack: taken before the ack frees them
-            seqs, offset = wire.split_keep(data)
-            ch = self.outbox.out.get(sender)
-            if ch is not None:
-                ch.keep(seqs)
-        self.on_ack(sender, data, offset, seqs)
+        self.on_ack(sender, data, wire.HEADER_SIZE, bool(flags & wire.FLAG_KEEP))  # (copies to keep listed first)
 
     def on_release(
         self, sender: int, data: bytes, flags: int, identity: bytes | None = None, principal: str | None = None
@@ -105,7 +98,7 @@ class Returns:
         if ch is not None:
             ch.release(body.ids)
 
-    def on_ack(self, sender: int, data: bytes, offset: int, kept: list[int] | tuple[()] = ()) -> None:
+    def on_ack(self, sender: int, data: bytes, offset: int, listed: bool = False) -> None:
         """The ack at ``offset`` in ``data``, from ``sender``: ProtocolError if it is malformed."""
         ch = self.outbox.out.get(sender)
         if ch is None:
@@ -113,7 +106,7 @@ class Returns:
         now = self.clock()
         self.membership.heard(sender, now)
         try:
-            ch.on_ack(data, offset, now, kept)
+            ch.on_ack(data, offset, now, listed)
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"ack from {ch.peer.node}: {exc}") from None
         if self.holds.by_key:

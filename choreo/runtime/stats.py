@@ -58,8 +58,8 @@ class NodeStats:
     out, and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
     acknowledged, or waiting for credit or an instance), ``dead_letters`` (in the store),
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``,
-    ``kept`` (copies kept beyond their ack for receivers that handed those messages over running,
-    until their outputs are acknowledged: see :meth:`~choreo.runtime.channels.OutChannel.keep`).
+    ``kept`` (copies kept beyond their ack for receivers that acknowledged those messages before
+    they were done, until they are: see :meth:`~choreo.runtime.channels.OutChannel.keep`).
     ``relieved`` (a counter): messages this node acknowledged before their outputs were, their
     senders keeping copies, to free a channel whose credit they held (see
     :mod:`~choreo.runtime.relief`).

@@ -38,13 +38,9 @@ def connected(n: int) -> tuple[OutChannel, InChannel]:
 
 
 def deliver_ack(out: OutChannel, frame: bytes) -> None:
-    """What the sender's returns.on_ack_frame does with an ACK frame."""
+    """An ACK frame to its sender's channel, as ``Returns.on_ack_frame`` gives it."""
     _, flags, _, _ = wire.parse_header(frame)
-    offset, seqs = wire.HEADER_SIZE, []
-    if flags & wire.FLAG_KEEP:
-        seqs, offset = wire.split_keep(frame)
-        out.keep(seqs)
-    out.on_ack(frame, offset, now=0.1, kept=seqs)
+    out.on_ack(frame, wire.HEADER_SIZE, now=0.1, listed=bool(flags & wire.FLAG_KEEP))
 
 
 def test_the_ack_that_frees_a_handed_over_message_asks_its_sender_to_keep_a_copy() -> None:
