@@ -14,17 +14,15 @@ import asyncio
 import os
 import random
 import re
-import selectors
 import signal
-import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from examples.shop.mobile import Outcome, checkouts, phone
+from tests.child import Child
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -32,49 +30,13 @@ REPO = Path(__file__).resolve().parents[2]
 MARKER = "CHOREO_DEMO_TEST_RUN"
 
 
-class Demo:
+class Demo(Child):
     """``python -m choreo.demo ARGS`` with its output read under deadlines; always reaped."""
 
     def __init__(self, *args: str) -> None:
         self.marker = uuid.uuid4().hex
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "choreo.demo", *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, MARKER: self.marker, "NO_COLOR": "1"},
-        )
-        self.output = ""
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
-
-    def _read(self, timeout: float) -> bool:
-        """Read what is there (waiting up to ``timeout``); False at the end of the output."""
-        if self._sel.select(timeout):
-            chunk = self.proc.stdout.read()
-            if chunk:
-                self.output += chunk.decode(errors="replace")
-                return True
-            return False
-        return True
-
-    def wait_for(self, pattern: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.output):
-            left = deadline - time.monotonic()
-            assert left > 0, f"{pattern!r} not printed within {timeout:.0f} s; output so far:\n{self.output}"
-            if not self._read(min(left, 0.2)) and self.proc.poll() is not None:
-                raise AssertionError(f"the demo exited ({self.proc.returncode}) before printing {pattern!r}:\n{self.output}")
-
-    def finish(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"the demo still running after {timeout:.0f} s; output so far:\n{self.output}"
-            if not self._read(min(left, 0.2)) and self.proc.poll() is not None:
-                return self.proc.wait(1)
+        env = {**os.environ, MARKER: self.marker, "NO_COLOR": "1"}
+        super().__init__([sys.executable, "-m", "choreo.demo", *args], what="the demo", env=env)
 
     def survivors(self) -> list[str]:
         """Processes (other than zombies) that carry this run's marker: what the demo left behind."""
@@ -98,15 +60,12 @@ class Demo:
         return found
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        self.stop(signal.SIGKILL, 10)
         for line in self.survivors():  # if a test failed half-way, nothing of it may outlive it
             try:
                 os.kill(int(line.split()[1]), signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc.stdout.close()
 
 
 @pytest.fixture

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,71 +13,29 @@ import pytest
 from choreo.errors import ChoreoUsageError
 from choreo.up import exit_status, load_example, resolve_target
 from choreo.up_commands import parse_options
+from tests.child import Child
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-class Up:
+class Up(Child):
     """``choreo up ...`` as a child process whose output is read with deadlines, always reaped."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "choreo", "up", *args],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])},
-        )
-        self.output = ""
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
-
-    def _read(self, timeout: float) -> bool:
-        if self._sel.select(timeout):
-            chunk = self.proc.stdout.read()
-            if chunk:
-                self.output += chunk.decode(errors="replace")
-                return True
-            return False
-        return True
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.output:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{text!r} not printed within {timeout:.0f} s; output so far:\n{self.output}"
-            if not self._read(min(left, 0.2)) and self.proc.poll() is not None:
-                raise AssertionError(f"choreo up exited ({self.proc.returncode}) before printing {text!r}:\n{self.output}")
-
-    def finish(self, timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        while self.proc.poll() is None or self._read(0):
-            left = deadline - time.monotonic()
-            assert left > 0, f"choreo up still running after {timeout:.0f} s; output so far:\n{self.output}"
-            if not self._read(min(left, 0.2)) and self.proc.poll() is not None:
-                break
-        return self.proc.wait(1)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)])}
+        super().__init__([sys.executable, "-m", "choreo", "up", *args], what="choreo up", env=env)
 
     def pids(self) -> list[int]:
         return [int(p) for p in re.findall(r"pid (\d+) +(?:[\w.-]+@)?tcp://", self.output)]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        self.stop(signal.SIGINT, 20)
         for pid in self.pids():  # if the test failed half-way, nothing of it may survive
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        self.proc.stdout.close()
 
 
 def alive(pid: int) -> bool:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +27,7 @@ import pytest
 from choreo import MessageTooLarge, NotJoined, Query, Service
 from choreo.client import rpc
 from choreo.node import Node, NodeConfig
+from tests.child import Child
 
 from .checks import check_exactly_once_in_order, expected_stream
 from .recording import Produced, Work, elastic, read_records, read_timed, slow
@@ -106,24 +107,14 @@ def test_a_silent_seed_is_named_and_nothing_is_routed() -> None:
 
 def test_choreo_run_names_a_seed_that_does_not_answer_on_stderr() -> None:
     seed = f"tcp://127.0.0.1:{_closed_port()}"
-    proc = subprocess.Popen(
+    run = Child(
         [sys.executable, "-m", "choreo", "run", "tests.integration.recording:elastic", "--peer", seed],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        what="choreo run", stderr_only=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        lines: list[str] = []
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            if not line:
-                break
-            lines.append(line)
-            if f"seed {seed} does not answer" in line:
-                break
-        assert any(f"seed {seed} does not answer" in line for line in lines), "".join(lines)
+        run.wait_for(re.escape(f"seed {seed} does not answer"), timeout=20)
     finally:
-        proc.terminate()
-        proc.wait(15)
+        run.stop(signal.SIGTERM, 15)
 
 
 class Ledger(Query):
