@@ -32,13 +32,13 @@ import msgspec
 
 from .. import core
 from ..config import NodeConfig
-from ..errors import ChoreoError
-from ..messages import Message, decoder_for, encode, message_options
+from ..messages import Message, encode, message_options
 from ..service import Handler
 from ..wire import KIND_COMMAND
 from .context import Host, Job
 from .deadletters import DeadLetter, DeadLetters
 from .journal import ENTRY_SIZE, Journal
+from .owed import Owed, nothing
 from .ownership import Ownership
 from .replicas import Replicas
 from .state import StateTables
@@ -48,27 +48,6 @@ from .transfer import Delta, Piece, Staged, encode_transfer
 __all__ = ["PartitionData", "DEDUP_PER_PIECE"]
 
 log = logging.getLogger("choreo.dispatch")
-
-
-def _nothing() -> None:
-    """An ungated job's writes reached the standby: its id, which it still owes, is what counts."""
-
-
-class _OwedEnvelope:
-    __slots__ = ("msg_id", "trace_id")
-
-    def __init__(self, msg_id: bytes, trace_id: bytes) -> None:
-        self.msg_id, self.trace_id = msg_id, trace_id
-
-
-class _Owed:
-    """What :meth:`Calls.send_outputs` reads of a job, for the outputs an ungated delta carried."""
-
-    __slots__ = ("env", "handler")
-
-    def __init__(self, delta: Delta, handler: Handler) -> None:
-        self.env = _OwedEnvelope(delta.msg_id, delta.trace_id or delta.msg_id)
-        self.handler = handler
 
 
 class PartitionData:
@@ -116,13 +95,11 @@ class PartitionData:
         self.unshipped: dict[bytes, deque[Job]] = {}  # key -> jobs whose writes the standby has yet to get
         self.ungated = 0  # writes sent to the standby ahead of their outputs' acks (see ungate)
         self._ungated_by: set[str] = set()  # handlers already logged for it
-        # a standby's: the ungated deltas whose mark has not come, by message id (see take_over)
-        self.owed: dict[bytes, Delta] = {}
-        self.owed_sent = 0  # messages whose outputs this node sent for a dead owner (see take_over)
+        # outputs owed for messages handled elsewhere (a standby's ungated deltas, a hand-over's running ones)
+        self.owed = Owed(host, handlers, replicas, who)
         # a memory node's: partition -> the jobs that ran and wait for their outputs' acks (see ran)
         self.settling: dict[int, dict[Job, None]] = {}
         self.mark_to: dict[Job, int] = {}  # those that went with a hand-over -> the new owner to tell
-        self.owed_by: dict[bytes, int] = {}  # a new owner's: message id -> the previous owner that marks it
         self.send_mark = send_mark
 
     def window(self, name: str, handler: Handler) -> core.DedupWindow:
@@ -158,7 +135,7 @@ class PartitionData:
         if not settled:
             # a keeper draining the copy of a dead owner to the partition's new owner: what that
             # owner's ungated messages still owe goes too
-            owed = [d for d in self.owed.values() if d.partition == p]
+            owed = self.owed.of(p)
             if owed or running:
                 yield Piece(owed=owed, running=running)
 
@@ -242,25 +219,18 @@ class PartitionData:
                         j.kept = None  # (released with the job's, not when hand_on finishes it below)
             self.hand_on(job)
 
+    @property
+    def owed_sent(self) -> int:
+        """Messages whose outputs this node sent for another (a dead owner, a previous one)."""
+        return self.owed.sent
+
     def marked(self, msg_id: bytes) -> bool:
-        """A message handed over running is done at its previous owner: nothing is owed for it
-        (False: no such message here)."""
-        if self.owed_by.pop(msg_id, None) is None:
-            return False
-        self.owed.pop(msg_id, None)
-        return True
+        """A message handed over running is done at its previous owner (see :meth:`Owed.marked`)."""
+        return self.owed.marked(msg_id)
 
     def source_gone(self, incarnation: int) -> int:
-        """A previous owner went before it marked the messages it handed over running: send their
-        outputs (see :meth:`ran`). Returns how many messages' outputs went."""
-        ids = [msg_id for msg_id, by in self.owed_by.items() if by == incarnation]
-        for msg_id in ids:
-            del self.owed_by[msg_id]
-        sent = self._send_owed([self.owed.pop(msg_id) for msg_id in ids if msg_id in self.owed])
-        if sent:
-            log.info("%s: a previous owner went before its outputs of %d messages it handed over were "
-                     "acknowledged: sent them again", self.who, sent)
-        return sent
+        """A previous owner went before it marked what it handed over running (see :meth:`Owed.source_gone`)."""
+        return self.owed.source_gone(incarnation)
 
     def _state_entries(self, p: int, settled: bool) -> Iterator[tuple[str, bytes, bytes]]:
         assert self.state is not None
@@ -289,9 +259,7 @@ class PartitionData:
             window.drop_partition(p)
         for msg_id in [k for k, v in self.results.items() if v[3] == p]:
             del self.results[msg_id]
-        for msg_id in [k for k, d in self.owed.items() if d.partition == p]:
-            del self.owed[msg_id]
-            self.owed_by.pop(msg_id, None)
+        self.owed.forget(p)
         if self.state is not None:
             self.state.drop(p)
             if self.journal is not None:
@@ -327,9 +295,7 @@ class PartitionData:
         for delta, by in [*((d, None) for d in staged.owed), *((d, source) for d in staged.running)]:
             handler = self.handlers.get(delta.message_type)
             if handler is not None and delta.partition == p and not delta.marked:
-                self.owed[delta.msg_id] = delta
-                if by is not None:
-                    self.owed_by[delta.msg_id] = by
+                self.owed.add(delta, by, ours=staged.purpose != "copy")
                 self._handled_elsewhere(delta, handler)
         if self.state is not None:
             self._install_state(p, staged)
@@ -407,9 +373,9 @@ class PartitionData:
         if handler is None:
             return
         if delta.marked:
-            self.owed.pop(delta.msg_id, None)
+            self.owed.settle(delta.msg_id)
         elif delta.outputs:
-            self.owed[delta.msg_id] = delta
+            self.owed.add(delta)
         else:
             return  # the writes alone: the message is not done yet
         self._handled_elsewhere(delta, handler)
@@ -527,7 +493,7 @@ class PartitionData:
         reply = job.reply if env.kind == KIND_COMMAND else None
         delta = Delta(env.partition, env.key, writes, env.type, env.msg_id, self.host.clock(), reply, marked, outputs,
                       env.trace_id)
-        self.replicas.ship(env.partition, delta, partial(self.output_done, job) if marked else _nothing)
+        self.replicas.ship(env.partition, delta, partial(self.output_done, job) if marked else nothing)
 
     def ship_ready(self, key: bytes) -> None:
         """Send the standby the writes of this key's jobs whose outputs are all acknowledged, in
@@ -575,6 +541,7 @@ class PartitionData:
         assert self.replicas is not None
         for job in [j for j in self.in_progress.values() if j.mark_owed and j.env.partition == p]:
             self._ship(job, marked=False)
+        self.owed.restandby(p)
 
     def take_over(self, p: int) -> int:
         """Partition ``p`` is ours now: send the outputs of the ungated messages its last owner
@@ -586,38 +553,7 @@ class PartitionData:
         if self.replicas is not None and p in self.replicas.held:
             self.replicas.forgotten(p)
             self.persist(p)
-        owed = [d for d in self.owed.values() if d.partition == p and d.msg_id not in self.owed_by]
-        for delta in owed:
-            del self.owed[delta.msg_id]
-        sent = self._send_owed(owed)
-        if sent:
-            log.info("%s: took over partition %d: sent the outputs of %d messages its last owner had not "
-                     "seen acknowledged", self.who, p, sent)
-        return sent
-
-    def _send_owed(self, owed: list[Delta]) -> int:
-        """Send the outputs ``owed`` deltas carry, under their ids; returns for how many messages."""
-        sent = 0
-        for delta in owed:
-            handler = self.handlers.get(delta.message_type)
-            if handler is None:
-                continue
-            classes = {message_options(c).name: c for c in (*handler.emits, *handler.sends)}
-            try:
-                outputs: list[Message] = [decoder_for(classes[name]).decode(body) for name, body in delta.outputs]
-            except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                self.host.count_refused("malformed", f"the outputs of {delta.message_type} in a delta of partition "
-                                                     f"{delta.partition}: {exc!r}")
-                continue
-            try:
-                self.host.send_outputs(_Owed(delta, handler), outputs, _nothing)  # type: ignore[arg-type]
-            except ChoreoError as exc:  # (a command whose service has no owner any more, say)
-                log.warning("%s: the outputs %s owed for %s could not be sent: %s", self.who,
-                            delta.message_type, delta.msg_id.hex(), exc)
-                continue
-            self.owed_sent += 1
-            sent += 1
-        return sent
+        return self.owed.take_over(p)
 
     def ship_mark(self, job: Job) -> None:
         """An ungated job's outputs are acknowledged: its id (and a command's result) to the standby."""

@@ -423,16 +423,8 @@ def test_with_standby_copies_single_faults_lose_no_state(seed: int) -> None:
 
 
 SAGA_KINDS = ("plain", "replicas", "durable", "durable+replicas")
-# saga schedules that fail today (README, the nemesis paragraph). Replicas 195 (of the fresh seeds
-# 131 to 200; it fails on the code before the relief below too): a reading ran at one meter,
-# whose Check waited for a relay instance (none was left); its partition went to a second meter
-# with the message running, so the second one owed the Check (its producer keeping a copy); the
-# first died, the producer's copy went to the second, which had the id and acknowledged it as a
-# duplicate, and sent the Check it owed (parked: still no relay); the second died too before a
-# relay came. Its standby, now the owner, had the id and not the Check: 20 readings whose Check
-# never ran. (A standby copy carries no owed outputs; shipping them to it, until acknowledged,
-# would close this.)
-SAGA_KNOWN_FAILURES = {("replicas", 195)}
+# saga schedules that fail today (README, the nemesis paragraph); none since replicas 195 passes.
+SAGA_KNOWN_FAILURES: set[tuple[str, int]] = set()
 # saga schedules that once failed and pass since their fix: plain 70 (the kept copy of a message
 # handed over running). Replicas 21, 70 and 113: one wedge, two meter instances whose channels to
 # each other filled with messages whose acks wait on something that must come back over the same
@@ -449,7 +441,13 @@ SAGA_KNOWN_FAILURES = {("replicas", 195)}
 # declared dead, and two new incarnations of meter, each joined on what its own side knew, ran
 # partition 0 for a moment and both handled the same Checked. With the copy the schedule unfolds
 # otherwise and passes; the cause stays, in the README's long-partition row: a quorum would rule it out.)
-SAGA_REGRESSIONS = {("plain", 70), ("replicas", 21), ("replicas", 70), ("replicas", 113),
+# Replicas 195: a reading ran at one meter, whose Check waited for a relay instance (none was
+# left); its partition went to a second meter with the message running, so the second one owed the
+# Check; the first died, and the second sent the Check it owed (parked: still no relay), then died
+# too before a relay came. Its standby, now the owner, had the id and not the Check: 20 readings
+# whose Check never ran. Since owed outputs go to the standby with the id, until acknowledged
+# (PartitionData._standby_owes), it passes.
+SAGA_REGRESSIONS = {("plain", 70), ("replicas", 21), ("replicas", 70), ("replicas", 113), ("replicas", 195),
                     ("durable+replicas", 106), ("durable+replicas", 186)}
 
 

@@ -744,7 +744,7 @@ async def start_handed_over_running(
                       "Start ran, its Echo not yet acknowledged")
     owner.begin_leave()
     await h.run_until(lambda: heir.moves.ownership.state[pa] == "owned", 0.9, "the heir has a's partition")
-    assert heir.dispatcher.data.owed_by, "Start went along running, its Echo owed"
+    assert heir.dispatcher.data.owed.by, "Start went along running, its Echo owed"
     return a, b, task
 
 
@@ -969,6 +969,52 @@ def test_a_keeper_hands_the_new_owner_what_an_ungated_message_still_owes(seed: i
         await h.run_until(lambda: told, 60, "the Notice arrived")
         assert await h.run(task, timeout=120) == 1, "the caller got the answer the owner computed"
         await h.run_until(lambda: client.acknowledged, 60, "everything acknowledged")
+        await h.advance(3.0)  # a late duplicate has time to arrive
+        assert told == [k], "the Notice arrived once"
+        assert await totals(h, client, [k]) == {k: 2}, "Start and its Echo each counted once"
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int) -> None:
+    # Start runs at its partition's owner, its Notice cut off from the mailer; the owner leaves,
+    # handing the partition to the heir with Start running, and dies before the Notice gets
+    # through: the heir sends it (still cut off). Then the heir dies too. Its standby, the
+    # partition's next owner, knows Start as done (its id came with the heir's copy), so what the
+    # heir owed must have come along, or the Notice is lost (the saga workload's replicas seed 195)
+    h = Harness(seed=seed, config=CONFIG)
+    client = h.add(None)
+    told: list[str] = []
+    post = h.add(mailer(told))
+    nodes = [h.add(looping(tell=True)) for _ in range(3)]
+
+    async def scenario() -> None:
+        await h.start()
+        await settled(h, nodes)
+        await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
+        owner = nodes[0]
+        k = key_where(lambda p: owner.moves.ownership.state[p] == "owned")
+        assert k is not None
+        p = core.partition_of(k.encode(), 8)
+        h.partition(nodes, [post])  # no Notice gets through until the end
+        task = asyncio.ensure_future(client.send(Start(k=k, back=k), timeout=120))
+        await h.run_until(lambda: any(j.pending for j in owner.dispatcher.in_progress.values()), 5,
+                          "Start ran, its Notice not acknowledged")
+        owner.begin_leave()
+        await h.run_until(lambda: any(n.moves.ownership.state[p] == "owned" for n in nodes[1:]), 5,
+                          "an heir has the partition")
+        heir, keeper = nodes[1:] if nodes[1].moves.ownership.state[p] == "owned" else nodes[:0:-1]
+        h.crash(owner)
+        await h.run_until(lambda: heir.dispatcher.data.owed_sent, 30, "the heir found the owner gone, sent the Notice")
+        await h.run_until(lambda: keeper.moves.replicas.stats()["standby_complete"] and not heir.moves.replicas.in_flight,
+                          30, "the heir's standby has its copy and deltas")
+        h.crash(heir)
+        await h.run_until(lambda: keeper.moves.ownership.state[p] == "owned", 30, "the keeper owns the partition")
+        h.heal()
+        await h.run_until(lambda: told, 60, "the Notice arrived")
+        assert await h.run(task, timeout=120) == 1, "the caller got the answer the owner computed"
+        await h.run_until(lambda: client.acknowledged and keeper.acknowledged, 60, "everything acknowledged")
         await h.advance(3.0)  # a late duplicate has time to arrive
         assert told == [k], "the Notice arrived once"
         assert await totals(h, client, [k]) == {k: 2}, "Start and its Echo each counted once"

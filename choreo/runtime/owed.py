@@ -1,0 +1,198 @@
+"""Outputs a node owes for messages another node handled: kept until they are acknowledged.
+
+A message is done once its outputs are acknowledged. Two kinds of message are done at one node
+with their outputs known to another, which must send them should the first go:
+
+* an *ungated* message (its flow came back to a key it wrote, see
+  :meth:`~choreo.runtime.partdata.PartitionData.ungate`): its writes and outputs reach the
+  partition's standby before they are acknowledged, its mark (the id) after;
+* a message *handed over running* (see :meth:`~choreo.runtime.partdata.PartitionData.ran`): the
+  partition's new owner gets its id and outputs, and a mark once its old owner saw them
+  acknowledged; should the old owner go first, the new owner sends them (:meth:`Owed.source_gone`).
+
+Either way the message's id is known here, so its resends are dropped as duplicates: its outputs
+are what stands for it. Whoever sends them keeps them until they are acknowledged, and while it
+does, its own standby holds them too (:meth:`Owed.sent`): should this node die with them
+unacknowledged (they may wait for a service with no instance), the standby takes the partition
+over knowing the message as done, and sends them then instead. Each output goes under the id it
+had, so wherever it arrived already it is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+
+import msgspec
+
+from ..errors import ChoreoError
+from ..messages import Message, decoder_for, message_options
+from ..service import Handler
+from .context import Host
+from .replicas import Replicas
+from .transfer import Delta
+
+__all__ = ["Owed"]
+
+log = logging.getLogger("choreo.dispatch")
+
+
+def nothing() -> None:
+    """A shipment whose ack nobody waits for (what it says is made good another way)."""
+
+
+class Owed:
+    """The outputs this node owes, by message id (see the module docstring)."""
+
+    def __init__(self, host: Host, handlers: dict[str, Handler], replicas: Replicas | None, who: str) -> None:
+        self.host = host
+        self.handlers = handlers
+        self.replicas = replicas
+        self.who = who
+        self.deltas: dict[bytes, Delta] = {}  # owed, not sent yet: message id -> its delta
+        self.by: dict[bytes, int] = {}  # a new owner's: message id -> the previous owner that marks it
+        self.sending: dict[bytes, Delta] = {}  # sent by this node, not all acknowledged yet
+        self.sent = 0  # messages whose outputs this node sent for another
+
+    def __bool__(self) -> bool:
+        return bool(self.deltas)
+
+    def of(self, p: int) -> list[Delta]:
+        """What partition ``p`` owes here, sent or not: a hand-over of ``p`` takes it along."""
+        return [d for d in (*self.deltas.values(), *self.sending.values()) if d.partition == p]
+
+    def add(self, delta: Delta, by: int | None = None, *, ours: bool = False) -> None:
+        """``delta``'s outputs are owed here; ``by``: the live previous owner that marks them done
+        (a message handed over running). ``ours``: the partition is this node's (a hand-over,
+        not a standby's copy or delta), so its standby holds them too."""
+        self.deltas[delta.msg_id] = delta
+        if by is not None:
+            self.by[delta.msg_id] = by
+        if ours:
+            self._to_standby(delta, marked=False)
+
+    def settle(self, msg_id: bytes) -> None:
+        """A standby: its owner's mark for ``msg_id`` came, nothing is owed for it any more."""
+        self.deltas.pop(msg_id, None)
+
+    def marked(self, msg_id: bytes) -> bool:
+        """A message handed over running is done at its previous owner: nothing is owed for it
+        (False: no such message here)."""
+        if self.by.pop(msg_id, None) is None:
+            return False
+        delta = self.deltas.pop(msg_id, None)
+        if delta is not None:
+            self._to_standby(delta, marked=True)
+        return True
+
+    def source_gone(self, incarnation: int) -> int:
+        """A previous owner went before it marked the messages it handed over running: send their
+        outputs. Returns how many messages' outputs went."""
+        ids = [msg_id for msg_id, by in self.by.items() if by == incarnation]
+        for msg_id in ids:
+            del self.by[msg_id]
+        sent = self._send([self.deltas.pop(msg_id) for msg_id in ids if msg_id in self.deltas])
+        if sent:
+            log.info("%s: a previous owner went before its outputs of %d messages it handed over were "
+                     "acknowledged: sent them again", self.who, sent)
+        return sent
+
+    def take_over(self, p: int) -> int:
+        """Partition ``p`` is ours now: send what its last owner had not marked done (it may have
+        died before they all arrived). Returns how many messages' outputs went."""
+        owed = [d for d in self.deltas.values() if d.partition == p and d.msg_id not in self.by]
+        for delta in owed:
+            del self.deltas[delta.msg_id]
+        sent = self._send(owed)
+        if sent:
+            log.info("%s: took over partition %d: sent the outputs of %d messages its last owner had not "
+                     "seen acknowledged", self.who, p, sent)
+        return sent
+
+    def forget(self, p: int) -> None:
+        """Partition ``p`` is another node's now (what is on its way still settles, see :meth:`_send`)."""
+        for msg_id in [k for k, d in self.deltas.items() if d.partition == p]:
+            del self.deltas[msg_id]
+            self.by.pop(msg_id, None)
+
+    def restandby(self, p: int) -> None:
+        """Partition ``p`` has a new standby: it gets what is owed here, sent or not."""
+        for delta in self.of(p):
+            self._to_standby(delta, marked=False)
+
+    def _send(self, owed: list[Delta]) -> int:
+        """Send the outputs ``owed`` deltas carry, under their ids; returns for how many messages."""
+        sent = 0
+        for delta in owed:
+            handler = self.handlers.get(delta.message_type)
+            if handler is None:
+                continue
+            classes = {message_options(c).name: c for c in (*handler.emits, *handler.sends)}
+            try:
+                outputs: list[Message] = [decoder_for(classes[name]).decode(body) for name, body in delta.outputs]
+            except (KeyError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self.host.count_refused("malformed", f"the outputs of {delta.message_type} in a delta of partition "
+                                                     f"{delta.partition}: {exc!r}")
+                continue
+            acknowledged = _Countdown(partial(self._acknowledged, delta))
+            self.sending[delta.msg_id] = delta
+            try:
+                acknowledged.add(self.host.send_outputs(_Owed(delta, handler), outputs, acknowledged))  # type: ignore[arg-type]
+            except ChoreoError as exc:  # (a command whose service has no owner any more, say)
+                self.sending.pop(delta.msg_id, None)
+                log.warning("%s: the outputs %s owed for %s could not be sent: %s", self.who,
+                            delta.message_type, delta.msg_id.hex(), exc)
+                continue
+            self.sent += 1
+            sent += 1
+        return sent
+
+    def _acknowledged(self, delta: Delta) -> None:
+        if self.sending.pop(delta.msg_id, None) is not None:
+            self._to_standby(delta, marked=True)
+
+    def _to_standby(self, delta: Delta, *, marked: bool) -> None:
+        """Tell the standby of ``delta``'s partition what this node owes for its message (its id
+        and outputs), or that it owes nothing any more (``marked``). Its writes are in the copy
+        or the deltas already."""
+        if self.replicas is not None:
+            outputs = [] if marked else delta.outputs
+            owed = msgspec.structs.replace(delta, writes=[], marked=marked, outputs=outputs, handed=False)
+            self.replicas.ship(delta.partition, owed, nothing)
+
+
+class _Countdown:
+    """Calls ``then`` once when as many calls came as were :meth:`add`-ed (at once for none)."""
+
+    __slots__ = ("left", "then")
+
+    def __init__(self, then: Callable[[], None]) -> None:
+        self.left, self.then = 0, then
+
+    def add(self, n: int) -> None:
+        self.left += n
+        if self.left == 0:
+            self.then()
+
+    def __call__(self) -> None:
+        self.left -= 1
+        if self.left == 0:
+            self.then()
+
+
+class _OwedEnvelope:
+    __slots__ = ("msg_id", "trace_id")
+
+    def __init__(self, msg_id: bytes, trace_id: bytes) -> None:
+        self.msg_id, self.trace_id = msg_id, trace_id
+
+
+class _Owed:
+    """What :meth:`Calls.send_outputs` reads of a job, for the outputs a delta carried."""
+
+    __slots__ = ("env", "handler")
+
+    def __init__(self, delta: Delta, handler: Handler) -> None:
+        self.env = _OwedEnvelope(delta.msg_id, delta.trace_id or delta.msg_id)
+        self.handler = handler
