@@ -976,8 +976,8 @@ def test_a_keeper_hands_the_new_owner_what_an_ungated_message_still_owes(seed: i
     run(scenario)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int) -> None:
+@pytest.mark.parametrize("seed,replicas", [(1, 1), (2, 1), (3, 1), (4, 1), (1, 0), (2, 0), (3, 0)])
+def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int, replicas: int) -> None:
     # Start runs at its partition's owner, its Notice cut off from the mailer; the owner leaves,
     # handing the partition to the heir with Start running, and dies before the Notice gets
     # through: the heir sends it (still cut off). Then the heir dies too. Its standby, the
@@ -987,12 +987,13 @@ def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int) 
     client = h.add(None)
     told: list[str] = []
     post = h.add(mailer(told))
-    nodes = [h.add(looping(tell=True)) for _ in range(3)]
+    nodes = [h.add(looping(tell=True, replicas=replicas)) for _ in range(3)]
 
     async def scenario() -> None:
         await h.start()
         await settled(h, nodes)
-        await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
+        if replicas:
+            await h.run_until(lambda: copied(nodes), 30, "every standby has its copy")
         owner = nodes[0]
         k = key_where(lambda p: owner.moves.ownership.state[p] == "owned")
         assert k is not None
@@ -1007,8 +1008,9 @@ def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int) 
         heir, keeper = nodes[1:] if nodes[1].moves.ownership.state[p] == "owned" else nodes[:0:-1]
         h.crash(owner)
         await h.run_until(lambda: heir.dispatcher.data.owed_sent, 30, "the heir found the owner gone, sent the Notice")
-        await h.run_until(lambda: keeper.moves.replicas.stats()["standby_complete"] and not heir.moves.replicas.in_flight,
-                          30, "the heir's standby has its copy and deltas")
+        if replicas:
+            await h.run_until(lambda: keeper.moves.replicas.stats()["standby_complete"] and not heir.moves.replicas.in_flight,
+                              30, "the heir's standby has its copy and deltas")
         h.crash(heir)
         await h.run_until(lambda: keeper.moves.ownership.state[p] == "owned", 30, "the keeper owns the partition")
         h.heal()
@@ -1017,7 +1019,8 @@ def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int) 
         await h.run_until(lambda: client.acknowledged and keeper.acknowledged, 60, "everything acknowledged")
         await h.advance(3.0)  # a late duplicate has time to arrive
         assert told == [k], "the Notice arrived once"
-        assert await totals(h, client, [k]) == {k: 2}, "Start and its Echo each counted once"
+        if replicas:  # (without a standby the state went with the heir: the crash window)
+            assert await totals(h, client, [k]) == {k: 2}, "Start and its Echo each counted once"
 
     run(scenario)
 
