@@ -22,6 +22,9 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.moves`: view sync, drain, forward, hand-over, buffered arrivals;
 * :mod:`~choreo.runtime.deadletters`: the dead-letter store, and a letter dressed for its replay;
 * :mod:`~choreo.runtime.context`: a received message on its way (``Job``) and the handler's context;
+* :mod:`~choreo.runtime.owed`: outputs owed for messages another node handled (a standby's
+  ungated deltas, a hand-over's running messages): sent should that node go, held by the standby
+  until acknowledged;
 * :mod:`~choreo.runtime.partdata`: what a partition carries when it moves (dedup ids, results,
   state): exported, installed, a standby's deltas, restored after a restart;
 * :mod:`~choreo.runtime.dispatch`: dedup, per-key order, handlers, retries, the ack after the effects;
