@@ -98,6 +98,7 @@ def node_stats(engine: Engine) -> NodeStats:
         holds=len(engine.holds.by_key),
         kept=engine.outbox.kept,
         relieved=d.relieved,
+        owed=len(engine.dispatcher.data.owed),
         refused=dict(c.refused),
         frames_in=c.frames_in,
         frames_out=c.frames_out,

@@ -81,6 +81,11 @@ GAUGES: dict[str, tuple[str, str]] = {
         "(handed over running with their partition, or relieving a stalled channel), until the receiver says "
         "the outputs are acknowledged.",
     ),
+    "owed": (
+        "choreo_owed_outputs",
+        "Messages another node handled whose outputs this node owes (a standby of their partition, or its new "
+        "owner), held until those outputs are acknowledged: it sends them should that node go first.",
+    ),
     "dead_letters": ("choreo_dead_letters", "Messages in this node's dead-letter store."),
 }
 REFUSED = ("choreo_refused_total", "Invalid input refused, by reason (malformed, oversized, unknown_type, ...).")

@@ -55,8 +55,9 @@ class Owed:
         self.sending: dict[bytes, Delta] = {}  # sent by this node, not all acknowledged yet
         self.sent = 0  # messages whose outputs this node sent for another
 
-    def __bool__(self) -> bool:
-        return bool(self.deltas)
+    def __len__(self) -> int:
+        """Messages whose outputs are owed here: not sent yet, or sent and not all acknowledged."""
+        return len(self.deltas) + len(self.sending)
 
     def of(self, p: int) -> list[Delta]:
         """What partition ``p`` owes here, sent or not: a hand-over of ``p`` takes it along."""

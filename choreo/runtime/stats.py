@@ -60,6 +60,8 @@ class NodeStats:
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``,
     ``kept`` (copies kept beyond their ack for receivers that acknowledged those messages before
     they were done, until they are: see :meth:`~choreo.runtime.channels.OutChannel.keep`).
+    ``owed``: messages another node handled whose outputs this node owes (a standby's, a new
+    owner's), held until they are acknowledged (see :mod:`~choreo.runtime.owed`).
     ``relieved`` (a counter): messages this node acknowledged before their outputs were, their
     senders keeping copies, to free a channel whose credit they held (see
     :mod:`~choreo.runtime.relief`).
@@ -105,6 +107,7 @@ class NodeStats:
     handler_state: Mapping[str, Any] = field(default_factory=dict)  # ctx.state: keys, moves, standby copies
     kept: int = 0
     relieved: int = 0
+    owed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The ``stats`` system query's JSON (what ``choreo top`` and ``/metrics`` read)."""

@@ -603,7 +603,7 @@ def test_an_owner_killed_between_an_ungated_write_and_its_mark_runs_nothing_twic
         await h.run_until(lambda: client.acknowledged, 60, "everything acknowledged")
         assert await totals(h, client, ["a"]) == {"a": 2}, "Start and its Echo each counted once"
         survivor = next(n for n in nodes if n not in crashed)
-        assert not survivor.dispatcher.data.owed and survivor.dispatcher.data.owed_sent == 1, \
+        assert not survivor.dispatcher.data.owed.deltas and survivor.dispatcher.data.owed_sent == 1, \
             "the standby sent the Echo its dead owner owed (its id: dropped if it had it already)"
 
     run(scenario)
@@ -725,7 +725,7 @@ def test_an_owner_leaving_while_a_flow_comes_back_to_its_partition_hands_it_over
         assert await totals(h, client, [a, b]) == {a: 3, b: 1}, "Start, Echo and both Undos each counted once"
         assert other.moves.ownership.state[core.partition_of(a.encode(), 8)] == "owned"
         data = other.dispatcher.data
-        assert not data.owed and data.owed_sent == 0, \
+        assert not data.owed.deltas and data.owed_sent == 0, \
             "the hand-over took Start along running; its old owner said when it was done: nothing sent twice"
 
     run(scenario)
@@ -770,7 +770,7 @@ def test_an_owner_killed_after_handing_over_a_running_message_leaves_its_outputs
         h.heal()
         assert await h.run(task, timeout=60) == 1, "Start was answered with what the old owner computed"
         await h.run_until(lambda: heir.dispatcher.data.owed_sent == 1, 30, "the heir found the owner gone, sent the Echo")
-        assert not heir.dispatcher.data.owed
+        assert not heir.dispatcher.data.owed.deltas
         # the heir's Echo is acknowledged once it ran at b's owner, and that once its Undo ran at the heir
         await h.run_until(lambda: client.acknowledged and heir.acknowledged, 60, "everything acknowledged")
         assert await totals(h, client, [a, b]) == {a: 2, b: 1}, "Start, Echo and Undo each counted once"
@@ -958,7 +958,7 @@ def test_a_keeper_hands_the_new_owner_what_an_ungated_message_still_owes(seed: i
         k = next(f"k{i}" for i in range(10_000) if core.partition_of(f"k{i}".encode(), 8) == p)
         h.partition([owner], [post])  # the Notice cannot get through
         task = asyncio.ensure_future(client.send(Start(k=k, back=k), timeout=120))
-        await h.run_until(lambda: standby.dispatcher.data.owed, 30, "the standby keeps what the message owes")
+        await h.run_until(lambda: standby.dispatcher.data.owed.deltas, 30, "the standby keeps what the message owes")
         h.partition([owner], [newcomer])  # the newcomer's copy will not arrive
         newcomer.start([standby.transport.endpoint])
         await h.run_until(lambda: owner.moves.replicas.standby[p] == newcomer.incarnation, 30,
@@ -1011,6 +1011,7 @@ def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int, 
         if replicas:
             await h.run_until(lambda: keeper.moves.replicas.stats()["standby_complete"] and not heir.moves.replicas.in_flight,
                               30, "the heir's standby has its copy and deltas")
+            assert node_stats(heir).owed >= 1 and node_stats(keeper).owed >= 1, "both hold what the heir owes"
         h.crash(heir)
         await h.run_until(lambda: keeper.moves.ownership.state[p] == "owned", 30, "the keeper owns the partition")
         h.heal()
@@ -1019,6 +1020,7 @@ def test_what_an_heir_owes_for_a_dead_owner_survives_the_heirs_death(seed: int, 
         await h.run_until(lambda: client.acknowledged and keeper.acknowledged, 60, "everything acknowledged")
         await h.advance(3.0)  # a late duplicate has time to arrive
         assert told == [k], "the Notice arrived once"
+        await h.run_until(lambda: node_stats(keeper).owed == 0, 30, "nothing owed once the Notice is acknowledged")
         if replicas:  # (without a standby the state went with the heir: the crash window)
             assert await totals(h, client, [k]) == {k: 2}, "Start and its Echo each counted once"
 
