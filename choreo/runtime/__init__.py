@@ -9,6 +9,7 @@ imports the engine, which only wires them):
 * :mod:`~choreo.runtime.ownership`: which partitions of its service this node handles;
 * :mod:`~choreo.runtime.holds`: the producer's half of a partition move;
 * :mod:`~choreo.runtime.lifecycle`, :mod:`~choreo.runtime.stats`: the node's own state, its numbers;
+* :mod:`~choreo.runtime.former`: what the node's last life had in flight, for acks that reach its new one late;
 * :mod:`~choreo.runtime.outbox`: channels by peer, batching, acks, replies, messages waiting for an instance;
 * :mod:`~choreo.runtime.routing`: destinations, emit plans and the compiled emit lane;
 * :mod:`~choreo.runtime.calls`: ``emit``/``try_emit``/``send``/``ask``, credit waits, answers

@@ -46,6 +46,7 @@ from .admission import Admission, PolicySource, unnamed
 from .calls import Calls, DurableCalls
 from .channels import InChannel
 from .dispatch import Dispatcher
+from .former import FormerLife
 from .gossip import Gossip
 from .holds import Holds
 from .intake import Intake
@@ -134,6 +135,7 @@ class Engine:
         )
         self._key = durable_key(self.name) if store is not None else b""
         self.former_names: list[str] = []  # earlier incarnations of this node (declared dead), newest last
+        self.former: FormerLife | None = None  # the last one's envelopes in flight, for late acks
         self.spec = service.spec() if service else None
         self.counters = Counters()
         self.admission = Admission(policy, self.spec)
@@ -447,6 +449,10 @@ class Engine:
         woke = False
         try:
             frame_type, flags, sender, receiver = wire.parse_header(data)
+            former = self.former
+            if former is not None and receiver == former.incarnation and (frame_type == wire.ACK or flags & wire.FLAG_ACK):
+                self._late_ack(former, frame_type, sender, data, flags, identity, principal)
+                return False
             known = self.membership.peers.get(sender)
             if known is None or identity is None or identity != known.identity or principal != known.principal:
                 # (a member's frame on the connection it is bound to, under its key, needs none of this)
@@ -596,6 +602,7 @@ class Engine:
         """
         if self.lifecycle.state in ("refused", "left"):
             return
+        former = FormerLife(self.incarnation, self.clock() + self.config.rto)
         old_name = self.name
         self.former_names = [*self.former_names[-15:], old_name]
         self.incarnation = self._incarnations()
@@ -604,7 +611,8 @@ class Engine:
         log.warning("%s: %s; rejoining as %s", old_name, reason, self.name)
         self.lifecycle.on("declared_dead", self.clock())
         self.counters.reincarnations += 1
-        leftovers = self.outbox.evacuate_all(self.incarnation)
+        leftovers = self.outbox.evacuate_all(self.incarnation, former)
+        self.former = former
         for _, _, hold in self.holds.take_all():
             leftovers.extend((hold.channel.peer.service_name, item) for item in hold.queue)
         # what waited for an instance came after what the channels and holds had: behind them
@@ -626,6 +634,22 @@ class Engine:
         self._synced_version = -1
         self.gossip.rejoin(self._me(), endpoints)
         self.tracer.instance = self.name
+
+    def _late_ack(
+        self, former: FormerLife, frame_type: int, sender: int, data: bytes, flags: int, identity: bytes | None,
+        principal: str | None,
+    ) -> None:
+        """An ACK addressed to this node's last life (see :mod:`~choreo.runtime.former`): what
+        it covers and still waits to be sent again is done; the rest is refused as stale."""
+        now = self.clock()
+        if now > former.until:
+            self.former = None  # (its moment is over: what it held is sent again or done by now)
+        done = former.acknowledged(sender, frame_type, data, flags, identity, principal, now)
+        for item in done:
+            if self.outbox.unpark(item) and item.on_done is not None:
+                item.on_done()
+        if not done:
+            self.gossip.refuse_stale(sender, former.incarnation)
 
     # ================================================================================ the dispatcher's host
 

@@ -44,6 +44,7 @@ from typing import Protocol
 from .. import wire
 from ..config import NodeConfig
 from .channels import InChannel, OutChannel, Outgoing, SafeOnceStored
+from .former import FormerLife
 from .holds import Holds
 from .journal import Journal
 from .membership import Peer
@@ -386,12 +387,18 @@ class Outbox:
             self.counters.redelivered_closed += ch.window.stats().retransmitted
         return ch
 
-    def evacuate_all(self, incarnation: int) -> list[tuple[str | None, Outgoing]]:
-        """This node re-incarnates: every channel is void. Returns what was not yet done, by service."""
+    def evacuate_all(self, incarnation: int, former: FormerLife | None = None) -> list[tuple[str | None, Outgoing]]:
+        """This node re-incarnates: every channel is void. Returns what was not yet done, by
+        service; ``former`` records what was in flight, for acks that come late (see former.py)."""
         leftovers: list[tuple[str | None, Outgoing]] = []
         for ch in list(self.out.values()):
             self.counters.redelivered_closed += ch.window.stats().retransmitted
-            leftovers.extend((ch.peer.service_name, item) for item in ch.evacuate())
+            in_flight = {int.from_bytes(raw[:8], "little") for raw in ch.window.unacked()} if former else ()
+            items = ch.evacuate()
+            if former is not None:  # (in flight: encoded, its seq first; kept copies were acknowledged)
+                former.record(ch.peer, {seq: item for item in items if item.raw is not None
+                                        and (seq := int.from_bytes(item.raw[:8], "little")) in in_flight})
+            leftovers.extend((ch.peer.service_name, item) for item in items)
         for ich in self.inbound.values():
             ich.closed = True
         self.out.clear()
@@ -439,6 +446,19 @@ class Outbox:
         if type(done) is SafeOnceStored:
             item.on_done = None
             done()
+
+    def unpark(self, item: Outgoing) -> bool:
+        """Take ``item`` out of the queue it waits in (it is done after all); False if it waits in none."""
+        for service, queue in self.waiting.items():
+            if item in queue:
+                queue.remove(item)
+                self.waiting_bytes[service] -= item.size
+                if item.row and self.journal is not None:
+                    self.journal.unlimbo(item)
+                if not queue:
+                    self.take_waiting(service)
+                return True
+        return False
 
     def withdraw(self, msg_id: bytes) -> int:
         """Copies of a command or query waiting for an instance whose answer came meanwhile (to

@@ -297,14 +297,15 @@ def test_a_node_cut_off_from_every_member_takes_itself_for_dead_not_them(seed: i
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4])
-def test_a_long_partition_with_two_instances_on_each_side_runs_twice_only_what_the_heal_caught(seed: int) -> None:
-    """The README's long-partition row, with two instances and a producer on each side (no
-    quorum): each side takes the other for dead and runs every partition while cut off. After the
-    heal every node hears it was declared dead and rejoins; an event its producer emitted in the
-    moment before, handled but its ack not yet back, is sent again under the producer's new life
-    to a partition owner that lacks its id, and runs twice (one per producer at most, in every
-    schedule tried: 37 of 40 seeds). Nothing else runs twice, nothing is lost, order per key holds."""
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_a_long_partition_with_two_instances_on_each_side_runs_each_event_once(seed: int) -> None:
+    """The README's long-partition row, with two instances and a producer on each side: each
+    side takes the other for dead and runs every partition while cut off. After the heal every
+    node hears it was declared dead and rejoins. The event a producer emitted as the heal came
+    was handled, and its ack reached the producer a moment after it had rejoined: refused as
+    stale, the event went again, under the producer's new life, to an owner without its id, and
+    ran twice (one event per producer in 37 of 40 schedules). A new life now takes the acks
+    addressed to its last one for a moment (runtime/former.py): each event runs once."""
     sink = Service("sink", partitions=16)
     handled: list[tuple[str, int]] = []
     sink.on(Reading)(lambda ev: handled.append((ev.sensor, ev.n)))
@@ -312,15 +313,15 @@ def test_a_long_partition_with_two_instances_on_each_side_runs_twice_only_what_t
     left_producer, right_producer = harness.add(None), harness.add(None)
     left = [left_producer, harness.add(sink), harness.add(sink)]
     right = [right_producer, harness.add(sink), harness.add(sink)]
-    emitted_at: dict[int, float] = {}
+    emitted: list[int] = []
 
     async def produce(producer: Any, first: int, count: int) -> None:
         for n in range(first, first + count):
             await producer.emit(Reading(sensor=f"s{first}-{n % 7}", n=n), timeout=120)
-            emitted_at[n] = harness.now
+            emitted.append(n)
             await harness.sleep(0.01)
 
-    async def scenario() -> float:
+    async def scenario() -> None:
         await harness.start()
         await harness.run(produce(left_producer, 0, 100), timeout=60)
         await harness.run(produce(right_producer, 10_000, 100), timeout=60)
@@ -329,23 +330,17 @@ def test_a_long_partition_with_two_instances_on_each_side_runs_twice_only_what_t
         streams = [asyncio.ensure_future(produce(left_producer, 100, 1500)),
                    asyncio.ensure_future(produce(right_producer, 10_100, 1500))]
         await harness.advance(3 * (FAST.suspect_after + FAST.dead_after))  # each side takes the other for dead
-        healed = harness.now
         harness.heal()
         for stream in streams:
             await harness.run(stream, timeout=300)
         await harness.run_until(lambda: left_producer.acknowledged and right_producer.acknowledged, 120,
                                 "everything acknowledged after the heal")
         assert left_producer.counters.reincarnations == right_producer.counters.reincarnations == 1
-        return healed
 
-    healed = asyncio.run(scenario())
+    asyncio.run(scenario())
     counts = Counter(n for _, n in handled)
-    assert set(counts) == set(emitted_at), "nothing lost"
-    twice = [n for n, c in counts.items() if c > 1]
-    assert all(c <= 2 for c in counts.values())
-    assert all(0 <= emitted_at[n] - healed <= FAST.heartbeat * 4 for n in twice), \
-        f"only events emitted as the heal came run twice: {[(n, round(emitted_at[n] - healed, 2)) for n in twice]}"
-    assert len([n for n in twice if n < 10_000]) <= 1 and len([n for n in twice if n >= 10_000]) <= 1
+    assert set(counts) == set(emitted), "nothing lost"
+    assert [n for n, c in counts.items() if c > 1] == [], "no event ran twice"
     per_sensor: dict[str, list[int]] = defaultdict(list)
     for sensor, n in handled:
         per_sensor[sensor].append(n)
