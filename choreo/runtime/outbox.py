@@ -393,7 +393,7 @@ class Outbox:
         leftovers: list[tuple[str | None, Outgoing]] = []
         for ch in list(self.out.values()):
             self.counters.redelivered_closed += ch.window.stats().retransmitted
-            in_flight = {int.from_bytes(raw[:8], "little") for raw in ch.window.unacked()} if former else ()
+            in_flight = {int.from_bytes(raw[:8], "little") for raw in ch.window.unacked()} if former is not None else ()
             items = ch.evacuate()
             if former is not None:  # (in flight: encoded, its seq first; kept copies were acknowledged)
                 former.record(ch.peer, {seq: item for item in items if item.raw is not None
