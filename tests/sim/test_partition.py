@@ -312,9 +312,10 @@ def test_a_long_partition_with_two_instances_on_each_side_runs_each_event_once(s
     ran twice (one event per producer in 37 of 40 schedules). A new life now takes the acks
     addressed to its last one for a moment (runtime/former.py): each event runs once.
 
-    With standby copies (``replicas=1``, a count per key) the one left: that event may have run
-    and still wait for its standby's ack when its node rejoins; it runs again at its next owner
-    (the README's fine print: one per producer at most, emitted as the heal came)."""
+    What is left (``replicas=1``, a count per key with a standby): that event may have run and
+    still wait for its standby's ack (a handler that emits: for its outputs') when its node
+    rejoins; no ack exists to come late, and it runs again at its next owner (the README's fine
+    print: one per producer at most, emitted as the heal came)."""
     sink = Service("sink", partitions=16, state=[Count], replicas=replicas)
     handled: list[tuple[str, int]] = []
 
