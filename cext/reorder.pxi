@@ -23,6 +23,7 @@ cdef class InboundReorder:
     cdef int _buffered, _in_progress
     cdef uint64_t _accepted, _duplicates, _beyond, _released, _completed
     cdef bint _ack_dirty
+    cdef uint64_t _ranges_from  # where the next ack's ranges start (0: just above cumulative)
 
     def __cinit__(self, int window=1024, uint64_t first_seq=1):
         if window < 1:
@@ -143,10 +144,14 @@ cdef class InboundReorder:
                 n += 1
         return n
 
-    cdef int _ranges(self, uint64_t *los, uint64_t *his) noexcept:
+    cdef int _ranges(self, uint64_t *los, uint64_t *his, bint advance) noexcept:
+        # the done ranges above cumulative, from where the last ack's stopped when it had more than
+        # it could carry (they take turns: see the twin), at most _MAX_ACK_RANGES
         cdef int n = 0
         cdef uint64_t seq = self.done_upto + 1, lo = 0
         cdef bint open_ = False
+        if self._ranges_from > seq:
+            seq = self._ranges_from
         while seq <= self.released_upto + 1:
             if seq <= self.released_upto and self._state[seq & self._mask] == R_DONE:
                 if not open_:
@@ -160,13 +165,15 @@ cdef class InboundReorder:
                 if n == _MAX_ACK_RANGES:
                     break
             seq += 1
+        if advance:
+            self._ranges_from = his[n - 1] + 1 if n == _MAX_ACK_RANGES else 0
         return n
 
     def ack(self):
         """``(cumulative done, received, done ranges above cumulative)``, at most MAX_ACK_RANGES."""
         cdef uint64_t los[_MAX_ACK_RANGES]
         cdef uint64_t his[_MAX_ACK_RANGES]
-        cdef int n = self._ranges(los, his)
+        cdef int n = self._ranges(los, his, False)
         return self.done_upto, self.released_upto, [(los[i], his[i]) for i in range(n)]
 
     @property
@@ -177,8 +184,8 @@ cdef class InboundReorder:
         """The encoded ack(); clears ack_pending."""
         cdef uint64_t los[_MAX_ACK_RANGES]
         cdef uint64_t his[_MAX_ACK_RANGES]
-        cdef int n = self._ranges(los, his), i
-        self._ack_dirty = False
+        cdef int n = self._ranges(los, his, True), i
+        self._ack_dirty = n == _MAX_ACK_RANGES  # (more may be done above them: the next ack says so)
         cdef bytes out = PyBytes_FromStringAndSize(NULL, ACK_HEAD_SIZE + n * ACK_RANGE_SIZE)
         cdef uint8_t *p = <uint8_t *>PyBytes_AS_STRING(out)
         st64(p, self.done_upto)

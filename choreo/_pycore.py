@@ -825,6 +825,7 @@ class InboundReorder:
         self._items: dict[int, Any] = {}
         self._accepted = self._duplicates = self._beyond = self._released = self._completed = 0
         self._ack_dirty = False
+        self._ranges_from = 0  # where the next ack's ranges start (0: just above cumulative)
 
     def accept(self, seq: int, item: Any) -> int:
         """Offer one arrival; returns ACCEPTED, DUPLICATE or BEYOND_WINDOW."""
@@ -885,10 +886,19 @@ class InboundReorder:
         return sum(1 for e in envelopes if self.complete(e.seq))
 
     def ack(self) -> tuple[int, int, list[tuple[int, int]]]:
-        """``(cumulative done, received, done ranges above cumulative)``, at most MAX_ACK_RANGES."""
+        """``(cumulative done, received, done ranges above cumulative)``, at most MAX_ACK_RANGES.
+
+        When more ranges are done than an ack carries, successive acks take turns: each
+        :meth:`ack_frame` starts where the last one stopped, then from the bottom again. Always
+        the lowest ones, a sender would never hear of the envelopes done above them (one whose
+        partition waits for a hand-over can hold the cumulative ack for seconds) and would send
+        them all again, to be run twice, should either end start a new life meanwhile."""
+        return self._ack(advance=False)
+
+    def _ack(self, advance: bool) -> tuple[int, int, list[tuple[int, int]]]:
         ranges: list[tuple[int, int]] = []
         lo = None
-        for seq in range(self.done_upto + 1, self.released_upto + 2):
+        for seq in range(max(self.done_upto + 1, self._ranges_from), self.released_upto + 2):
             if self._state.get(seq) == _DONE:
                 if lo is None:
                     lo = seq
@@ -897,6 +907,8 @@ class InboundReorder:
                 lo = None
                 if len(ranges) == MAX_ACK_RANGES:
                     break
+        if advance:
+            self._ranges_from = ranges[-1][1] + 1 if len(ranges) == MAX_ACK_RANGES else 0
         return self.done_upto, self.released_upto, ranges
 
     @property
@@ -905,9 +917,10 @@ class InboundReorder:
         return self._ack_dirty
 
     def ack_frame(self) -> bytes:
-        """The encoded :meth:`ack`; clears :attr:`ack_pending`."""
-        self._ack_dirty = False
-        cumulative, received, ranges = self.ack()
+        """The encoded :meth:`ack`; clears :attr:`ack_pending` (unless it filled its ranges: then
+        more may be done above them, and the next ack says so)."""
+        cumulative, received, ranges = self._ack(advance=True)
+        self._ack_dirty = len(ranges) == MAX_ACK_RANGES
         return encode_ack(cumulative, received, ranges)
 
     @property

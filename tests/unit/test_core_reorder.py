@@ -130,6 +130,31 @@ def test_ack_ranges_are_capped(core) -> None:
     assert core.decode_ack(r.ack_frame()) == (cum, rec, ranges)
 
 
+def test_acks_take_turns_with_more_ranges_than_one_carries_so_the_sender_hears_of_every_done_one(core) -> None:
+    # an envelope whose partition waits for a hand-over holds the cumulative ack for seconds while
+    # those around it are done: always the lowest 32 ranges, the sender never heard of the rest, and
+    # sent them all again (to be run twice) when either end started a new life (a long partition's
+    # heal, durable instances with standby copies: hundreds of events)
+    r = core.InboundReorder(window=1000)
+    window = core.OutboundWindow(max_messages=1000, rto=1.0)
+    for s in range(1, 201):
+        window.append(1, 0, b"T", b"k", 0, s.to_bytes(16, "little"), Z, Z, b"x", now=0.0)
+        r.accept(s, s)
+    r.release()
+    for s in range(2, 201, 2):  # 100 separate ranges above cumulative 0: every odd one waits
+        r.complete(s)
+    sent = []
+    while r.ack_pending:
+        frame = r.ack_frame()
+        sent.append(core.decode_ack(frame)[2])
+        window.on_ack_frame(frame, 0, now=0.1)
+    assert [len(ranges) for ranges in sent] == [32, 32, 32, 4]
+    assert [lo for ranges in sent for lo, _ in ranges] == list(range(2, 201, 2)), "each done one, once"
+    assert window.in_flight == 100 and sorted(int.from_bytes(e[:8], "little") for e in window.unacked()) == \
+        list(range(1, 201, 2)), "the sender holds only what is not done"
+    assert r.ack()[2][0] == (2, 2), "then from the bottom again (an ack lost on the way is made up for)"
+
+
 def test_ack_pending_flag(core) -> None:
     r = core.InboundReorder(window=8)
     assert not r.ack_pending
