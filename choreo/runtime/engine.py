@@ -163,7 +163,7 @@ class Engine:
                           self.journal.epoch if self.journal is not None else None),
                 self.membership, self.outbox, self.lifecycle,
                 service=service.name, config=config, clock=clock, fresh_id=self.ids.next, counters=self.counters,
-                refused=self.count_refused, stateful=bool(service.state),
+                refused=self.count_refused, stateful=bool(service.state), durable=self.journal is not None,
             )
             if service is not None
             else None

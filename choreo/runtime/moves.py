@@ -122,6 +122,7 @@ class Moves:
         counters: Counters,
         refused: Callable[[str, str], None] = lambda reason, detail: None,
         stateful: bool = False,
+        durable: bool = False,
     ) -> None:
         self.ownership = ownership
         self.membership = membership
@@ -134,6 +135,7 @@ class Moves:
         self.counters = counters
         self.refused = refused  # count and log what a peer sent that cannot be used
         self.stateful = stateful  # the service keeps handler state: never start a partition without it
+        self.durable = durable  # this node keeps a store: its next life has what it held (see reset)
         self.work: PartitionWork | None = None  # the dispatcher, set once both exist
         self.data: PartitionKeeping | None = None  # and its partitions' data
         self.name = service  # this node's name, for the log
@@ -164,7 +166,13 @@ class Moves:
             for p, queue in self.ownership.buffered.items():
                 for _ in queue:
                     self.work.untrack(p)
+        # a durable node's next life is under the same rendezvous key, with the same store: what it
+        # held counts as read back, as after a restart (else it waited handover_timeout for a copy
+        # that another life of its own, or a keeper that dropped its copy for it, was to hand over:
+        # after a long partition's heal, every durable instance stalled 15 s)
+        held = [p for p, s in enumerate(self.ownership.state) if s in ("owned", "draining")] if self.durable else []
         self.ownership.reset(incarnation)
+        self.ownership.restored.update(held)
         self.name = name
         for sending in self.sending.values():
             sending.pump.stop()
