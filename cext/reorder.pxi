@@ -181,7 +181,8 @@ cdef class InboundReorder:
         return self._ack_dirty
 
     def ack_frame(self):
-        """The encoded ack(); clears ack_pending."""
+        """The encoded ack(); clears ack_pending unless its ranges were full (acks take turns
+        through the done ranges: see the twin)."""
         cdef uint64_t los[_MAX_ACK_RANGES]
         cdef uint64_t his[_MAX_ACK_RANGES]
         cdef int n = self._ranges(los, his, True), i
