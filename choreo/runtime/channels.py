@@ -324,8 +324,9 @@ class OutChannel:
 
     # -- the receiver is gone --------------------------------------------------------------------
 
-    def evacuate(self) -> list[Outgoing]:
+    def evacuate(self, in_flight: dict[int, Outgoing] | None = None) -> list[Outgoing]:
         """Everything not yet done (in flight, then parked), to send elsewhere; closes the channel.
+        ``in_flight`` gets the envelopes that were in flight, by their seq on this channel.
 
         In-flight envelopes come back encoded (``raw``) with their callbacks, in seq order, after
         the copies the receiver asked us to keep (they are older than anything in flight). Those go
@@ -342,7 +343,10 @@ class OutChannel:
         self.custody_bytes = 0
         for raw in self.window.unacked():
             seq = int.from_bytes(raw[:8], "little")
-            out.append(_from_raw(raw, self.watch.pop(seq, None)))
+            item = _from_raw(raw, self.watch.pop(seq, None))
+            out.append(item)
+            if in_flight is not None:
+                in_flight[seq] = item
         out.extend(self.backlog)
         self.backlog.clear()
         self.watch.clear()

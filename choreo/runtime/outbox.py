@@ -393,11 +393,10 @@ class Outbox:
         leftovers: list[tuple[str | None, Outgoing]] = []
         for ch in list(self.out.values()):
             self.counters.redelivered_closed += ch.window.stats().retransmitted
-            in_flight = {int.from_bytes(raw[:8], "little") for raw in ch.window.unacked()} if former is not None else ()
-            items = ch.evacuate()
-            if former is not None:  # (in flight: encoded, its seq first; kept copies were acknowledged)
-                former.record(ch.peer, {seq: item for item in items if item.raw is not None
-                                        and (seq := int.from_bytes(item.raw[:8], "little")) in in_flight})
+            in_flight: dict[int, Outgoing] = {}
+            items = ch.evacuate(in_flight if former is not None else None)
+            if former is not None:
+                former.record(ch.peer, in_flight)
             leftovers.extend((ch.peer.service_name, item) for item in items)
         for ich in self.inbound.values():
             ich.closed = True
@@ -451,14 +450,20 @@ class Outbox:
         """Take ``item`` out of the queue it waits in (it is done after all); False if it waits in none."""
         for service, queue in self.waiting.items():
             if item in queue:
-                queue.remove(item)
-                self.waiting_bytes[service] -= item.size
-                if item.row and self.journal is not None:
-                    self.journal.unlimbo(item)
-                if not queue:
-                    self.take_waiting(service)
+                self._leave_waiting(service, [item])
                 return True
         return False
+
+    def _leave_waiting(self, service: str, items: list[Outgoing]) -> None:
+        """``items`` leave ``service``'s waiting queue unsent."""
+        queue = self.waiting[service]
+        for item in items:
+            queue.remove(item)
+            self.waiting_bytes[service] -= item.size
+            if item.row and self.journal is not None:
+                self.journal.unlimbo(item)
+        if not queue:
+            self.take_waiting(service)
 
     def withdraw(self, msg_id: bytes) -> int:
         """Copies of a command or query waiting for an instance whose answer came meanwhile (to
@@ -467,14 +472,9 @@ class Outbox:
         gone = 0
         for service, queue in list(self.waiting.items()):
             stale = [item for item in queue if item.msg_id == msg_id and item.kind in _REQUEST_KINDS]
-            for item in stale:
-                queue.remove(item)
-                self.waiting_bytes[service] -= item.size
-                if item.row and self.journal is not None:
-                    self.journal.unlimbo(item)
-            gone += len(stale)
-            if not queue:
-                self.take_waiting(service)
+            if stale:
+                self._leave_waiting(service, stale)
+                gone += len(stale)
         return gone
 
     def has_room(self, service: str, nbytes: int) -> bool:

@@ -82,3 +82,29 @@ def test_a_copy_the_late_ack_asks_to_keep_goes_again_and_a_malformed_one_is_refu
     assert [item.msg_id for item in done] == [(1).to_bytes(16, "big")]
     with pytest.raises(ProtocolError, match="malformed"):
         former.acknowledged(RECEIVER, wire.ACK, ack[: wire.HEADER_SIZE + 3], 0, CONNECTION, None, now=0.5)
+
+
+def test_an_envelope_moved_from_another_channel_is_not_taken_for_the_one_in_flight_under_its_old_seq() -> None:
+    # an envelope moved here from another channel (its receiver went) waits in the backlog still
+    # encoded, under the seq it had there: a late ack for that seq here is not about it
+    outbox = Outbox(Wire(), NodeConfig(window=1), clock=lambda: 0.0, holds=Holds(), counters=Counters())
+    outbox.incarnation = OLD
+    ch = outbox.channel(receiver())
+    sent = Outgoing(core.KIND_EVENT, 0, b"Tick", b"k", 0, (1).to_bytes(16, "big"), b"t" * 16, b"c" * 16, b"x", None)
+    outbox.append(ch, sent, 0.0)
+    moved_id = (9).to_bytes(16, "big")
+    raw = core.pack_envelope(1, core.KIND_EVENT, 0, b"Tick", b"k", 0, moved_id, b"t" * 16, b"c" * 16, b"y")
+    moved = Outgoing(core.KIND_EVENT, 0, b"Tick", b"k", 0, moved_id, b"t" * 16, b"c" * 16, b"y", None, raw=raw)
+    outbox.append(ch, moved, 0.0)  # (the window is full: it waits in the backlog)
+    body = ch.take_body()
+    assert body is not None
+    inbound = InChannel(RECEIVER, Peer(OLD, "inproc://n11", "p#11", None, 1, 1 << 20, 0.0), window=1)
+    for env in inbound.reorder.feed(wire.frame(wire.DATA, OLD, RECEIVER, body), wire.HEADER_SIZE):
+        inbound.reorder.complete(env.seq)
+    former = FormerLife(OLD, until=1.0)
+    for service, item in outbox.evacuate_all(NEW, former):
+        outbox.park(service or "orders", item)
+    done = former.acknowledged(RECEIVER, wire.ACK, inbound.ack_frame(), 0, CONNECTION, None, now=0.5)
+    assert [item.msg_id for item in done] == [(1).to_bytes(16, "big")]
+    assert all(outbox.unpark(item) for item in done)
+    assert [item.msg_id for item in outbox.waiting["orders"]] == [moved_id], "the moved one goes again"
