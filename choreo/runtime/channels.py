@@ -294,9 +294,15 @@ class OutChannel:
         custody = self.custody
         kept = 0
         for raw in self.window.unacked():
-            if int.from_bytes(raw[:8], "little") in wanted:
+            seq = int.from_bytes(raw[:8], "little")
+            if seq in wanted:
+                # its callback goes with the copy: the message is done when released (or acked by
+                # whoever gets the copy next), not at this ack. Else its producer's own input was
+                # acknowledged on the strength of a copy that dies with the producer (saga
+                # replicas 70: a Check kept for a relay that died, parked at a meter that died next)
                 item = _from_raw(raw, None)
                 if item.msg_id not in custody:
+                    item.on_done = self.watch.pop(seq, None)
                     custody[item.msg_id] = item
                     self.custody_bytes += len(raw)
                     kept += 1
@@ -321,6 +327,8 @@ class OutChannel:
             item = self.custody.pop(msg_id, None)
             if item is not None:
                 self.custody_bytes -= len(item.raw)  # type: ignore[arg-type]
+                if item.on_done is not None:
+                    item.on_done()
 
     # -- the receiver is gone --------------------------------------------------------------------
 

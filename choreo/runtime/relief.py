@@ -23,7 +23,8 @@ partition's hand-over, asking the sender to keep a copy of each (``FLAG_KEEP``, 
 message handed over running: :meth:`OutChannel.keep <choreo.runtime.channels.OutChannel.keep>`).
 The sender gets its credit back; the copies go when those messages are done (a ``RELEASE``, and
 every later ack no longer lists them), and are sent again to the partitions' next owners should
-this node die or leave first.
+this node die or leave first. Only then are they done for the sender too (what it acknowledges
+upstream waits for that): a copy is no safer than the node that holds it.
 
 Not while this node's outputs wait for a service with no instance: what they wait for is on no
 channel, and the backpressure that holds their inputs back is the point (relieving them would only

@@ -68,6 +68,33 @@ def test_a_receiver_that_goes_has_the_copies_sent_on_first_and_one_that_releases
     assert not out.custody
 
 
+def test_a_kept_message_is_done_for_its_sender_when_released_not_at_the_ack_that_asks_for_the_copy() -> None:
+    # its sender acknowledges its own input once this message is done: done at the ack, the input
+    # was acknowledged on the strength of a copy that dies with the sender (saga replicas 70)
+    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
+                     max_batch=256, max_batch_bytes=1 << 20)
+    done: list[int] = []
+    for n in (1, 2, 3):
+        item = event(n)
+        item.on_done = lambda n=n: done.append(n)
+        out.append(item, now=0.0)
+    body = out.take_body()
+    assert body is not None
+    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
+    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
+        inbound.reorder.complete(env.seq)
+    inbound.keep.extend([2, 3])  # relieved, or handed over running: acknowledged before they are done
+    deliver_ack(out, inbound.ack_frame())
+    assert done == [1], "2 and 3 are not done yet: only their copies are kept"
+    out.release([(2).to_bytes(16, "big")])
+    assert done == [1, 2], "done once released"
+    (copy,) = out.evacuate()  # the receiver went before it released 3
+    assert copy.msg_id == (3).to_bytes(16, "big") and done == [1, 2]
+    assert copy.on_done is not None, "the copy sent on to the next owner is done when that owner acknowledges it"
+    copy.on_done()
+    assert done == [1, 2, 3]
+
+
 def test_an_ack_that_no_longer_lists_a_copy_releases_it_whatever_order_acks_arrive_in() -> None:
     out, inbound = connected(3)
     inbound.keep.extend([1, 2])
