@@ -141,6 +141,22 @@ def elastic_produced(ev: Produced) -> None:
     record("elastic", f"Produced {ev.k} {ev.n} {time.time_ns()}")
 
 
+# --- the same, with state per key and a standby copy of it (every write waits for the standby) ---
+
+
+class Seen(msgspec.Struct):
+    n: int
+
+
+tally = Service("tally", state=[Seen], replicas=1)
+
+
+@tally.on(Produced)
+def tally_produced(ev: Produced, ctx) -> None:
+    record("tally", f"Produced {ev.k} {ev.n} {time.time_ns()}")
+    ctx.state.put(Seen(ev.n))
+
+
 def read_timed(directory: str, service: str) -> list[tuple[str, int, int, str]]:
     """(key, n, time_ns, file) of every complete line (a SIGKILL may cut the last one)."""
     out = []

@@ -17,7 +17,7 @@ from choreo.node import Node, NodeConfig
 
 from .checks import check_moves, expected_stream
 from .netns import Hosts
-from .recording import Produced, elastic, read_timed
+from .recording import Produced, elastic, read_timed, tally
 
 pytestmark = pytest.mark.slow
 
@@ -198,3 +198,60 @@ def test_partition_between_two_hosts_backs_the_producer_off_and_heals(procs) -> 
         procs.close()
         check_moves(read_timed(str(procs.record_dir), "elastic"), expected_stream(count, KEYS),
                     "partition and heal", max_duplicates=0)
+
+
+def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_each_event_once(procs) -> None:
+    """Two hosts, each with two instances of a service that keeps a standby copy of its state,
+    and a producer of keys of its own; a firewall cut longer than ``dead_after`` splits them.
+    Each side takes the other for dead and runs every partition; at the heal every node hears it
+    was declared dead and rejoins, with events in flight both ways and handlers waiting for
+    their standby's ack. Every event runs once, in order per key (tests/sim/test_partition.py
+    holds the same in virtual time; here over real sockets, where a late ack must come on the
+    connection the old receiver used)."""
+    count, keys, rate = 24_000, 200, 1_500.0
+    with Hosts(2) as hosts:
+        def instance(host: int, peers: list[str]) -> str:
+            return procs.start(tally, peers=peers, netns=hosts.namespace(host), bind=f"tcp://{hosts.address(host)}:0",
+                               config=FAST, insecure=True).endpoint
+
+        first = instance(1, [])
+        seeds = [first, instance(1, [first]), instance(2, [first]), instance(2, [first])]
+
+        def producer(host: int, prefix: str) -> subprocess.Popen[str]:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", hosts.namespace(host), sys.executable, "-m", "tests.integration.producer_proc",
+                 seeds[2 * host - 2], f"tcp://{hosts.address(host)}:0", str(count), str(keys), "tally", prefix,
+                 str(rate)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}, start_new_session=True,
+            )
+
+        producers = [producer(1, "a"), producer(2, "b")]
+        try:
+            for p in producers:
+                json.loads(p.stdout.readline())  # (its endpoint: it runs)
+
+            def processed() -> int:
+                return sum(rpc(endpoint, "stats")["processed"] for endpoint in seeds)
+
+            deadline = time.monotonic() + 60
+            while processed() < 4_000:
+                assert time.monotonic() < deadline and all(p.poll() is None for p in producers), procs.stderr()
+                time.sleep(0.05)  # polling other processes' counters
+            hosts.cut(1, 2)
+            time.sleep(CUT_SECONDS)  # long enough for each side to take the other for dead
+            assert all(p.poll() is None for p in producers), "both producers go on through the cut"
+            hosts.heal()
+            outcomes = [p.communicate(timeout=240) for p in producers]
+            assert all(p.returncode == 0 for p in producers), [err[-3000:] for _, err in outcomes]
+        finally:
+            for p in producers:
+                if p.poll() is None:
+                    os.killpg(p.pid, 9)
+                    p.wait(10)
+        reincarnations = [json.loads(out.strip().splitlines()[-1])["reincarnations"] for out, _ in outcomes]
+        assert min(reincarnations) >= 1, "each producer was taken for dead by the other side, and rejoined"
+        procs.close()
+        expected = {f"{prefix}{k}": list(range(k, count, keys)) for prefix in "ab" for k in range(keys)}
+        check_moves(read_timed(str(procs.record_dir), "tally"), expected, "a long partition's heal",
+                    max_duplicates=0)
