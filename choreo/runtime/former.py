@@ -26,9 +26,9 @@ kept on both sides:
   nothing it delivered runs any more, its last word (:data:`~choreo.wire.FLAG_LAST`). Closed
   outright, an event handled as the heal came (its standby's ack, or its outputs', still due)
   was never acknowledged, and ran again at its next owner (measured: one per producer, in every
-  simulated schedule with standby copies or an emitting handler; 13 to 27 events in 4 of 6 runs
-  with real processes, where the rejoins come milliseconds apart: a receiver already in its new
-  life took a sender's last envelopes, then closed their channel as it took that sender for dead).
+  simulated schedule with standby copies or an emitting handler; with real processes, where the
+  rejoins come milliseconds apart, a receiver already in its new life also took a sender's last
+  envelopes, then closed their channel as it took that sender for dead).
 """
 
 from __future__ import annotations
