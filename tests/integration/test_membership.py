@@ -220,11 +220,10 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     Here, over real sockets, the rejoins come milliseconds apart, and some events still run twice
     in some runs, a fraction of a second after the heal (8 to 25 events in 3 of 14 runs, before
     this wave's changes and after: the simulated fixes do not show here). What the logs showed:
-    a receiver's new life took a producer's last envelopes, and its handlers waited for their
-    standby's ack, whose delta waited in turn for that receiver to join, itself waiting (``rto``)
-    for acks to its own last life from a node that had refused its frames as from an unknown
-    peer, and so never spoke; the producer's wait (also ``rto``) ran out first, and it sent them
-    again. Chained waits want a word from every receiver, a refusal included."""
+    a receiver's new life took a producer's last envelopes while it waited, itself, to join
+    (``rto``, for acks to its own last life from a node that had refused its frames as an
+    unknown peer's, and so never spoke); the producer's wait (also ``rto``) ran out first, and it
+    sent them again. Chained waits want a word from every receiver, a refusal included."""
     count, keys, rate = 24_000, 200, 1_500.0
     with Hosts(2) as hosts:
         def instance(host: int, peers: list[str]) -> str:
