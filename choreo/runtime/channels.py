@@ -397,7 +397,7 @@ class InChannel:
         self.keep: list[int] = []
         self.released = False  # one of them was released since the last ACK frame: one is due
         self.closed = False  # its sender is gone (or we re-incarnated): nothing more is delivered
-        self.late_acks = False  # closed, but what its handlers finish is acked yet (Outbox.close_late)
+        self.late_acks = False  # closed as this node re-incarnated: what finishes is acked yet (see former.py)
         self.given_up = 0  # envelopes released here and dropped unrun as it closed: never done
         self.last_due = False  # (a durable node's) its last word waits for a commit
         self.acked_upto = 0  # the cumulative ack last sent
@@ -408,8 +408,12 @@ class InChannel:
         self._stuck_at = 0  # the cumulative ack a stall was first seen at, and when (see stalled)
         self._stuck_since = 0.0
 
+    def ackable(self) -> bool:
+        """Whether an ack may go to its sender now (live; open, or our last life's for a moment)."""
+        return self.peer.live and (not self.closed or self.late_acks)
+
     def settled(self) -> bool:
-        """(a closed channel) Nothing it delivered runs any more, or ever will:
+        """(a channel of this node's last life) Nothing it delivered runs any more, or ever will:
         its next ack is its last word (:data:`~choreo.wire.FLAG_LAST`)."""
         return self.reorder.in_progress <= self.given_up  # type: ignore[no-any-return]
 
@@ -420,7 +424,7 @@ class InChannel:
         return self.framed(self.reorder.ack_frame())
 
     def last_word(self) -> list[bytes]:
-        """The last ACK frames of a closed channel that nothing runs on any more: one
+        """The last ACK frames of a channel of our last life that nothing runs on any more: one
         turn through every done range from the bottom (an ack carries at most 32), the last frame
         flagged :data:`~choreo.wire.FLAG_LAST`: what they do not cover was not taken here."""
         reorder = self.reorder

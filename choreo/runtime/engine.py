@@ -146,7 +146,6 @@ class Engine:
         self.outbox = Outbox(
             transport, config, clock=clock, holds=self.holds, counters=self.counters, journal=self.journal
         )
-        self.outbox.live_at = self.membership.live_at  # (where a closed channel's late acks go)
         self.router = Router(
             self.membership, self.outbox, self.holds,
             service=service, config=config, clock=clock, ids=self.ids, counters=self.counters,

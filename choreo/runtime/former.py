@@ -19,16 +19,12 @@ kept on both sides:
   in order) until every envelope in flight at the end of the last one is acknowledged late, or
   the moment is over (:meth:`FormerLife.unsettled`). Joined at once, it sent them again within a
   millisecond, to owners that lacked their ids, before the acks could come;
-* as a receiver, a channel closed under its handlers (this node rejoins, or its sender was
-  taken for dead: it may be rejoining too) takes no more envelopes, but for ``rto`` the acks of
-  what its handlers finish still go, addressed to the sender it knew, to whoever is live at that
-  sender's endpoint (:meth:`Outbox.close_late <choreo.runtime.outbox.Outbox.close_late>`); once
-  nothing it delivered runs any more, its last word (:data:`~choreo.wire.FLAG_LAST`). Closed
-  outright, an event handled as the heal came (its standby's ack, or its outputs', still due)
-  was never acknowledged, and ran again at its next owner (measured: one per producer, in every
-  simulated schedule with standby copies or an emitting handler; with real processes, where the
-  rejoins come milliseconds apart, a receiver already in its new life also took a sender's last
-  envelopes, then closed their channel as it took that sender for dead).
+* as a receiver, the last life's inbound channels take no more envelopes, but the handlers
+  running then still ack what they finish, addressed to their senders' last lives, under the
+  last life's own incarnation (:attr:`acking`). Closed outright, an event handled as the heal
+  came (its standby's ack, or its outputs', still due) was never acknowledged, and ran again at
+  its next owner (measured: one per producer, in every schedule with standby copies or an
+  emitting handler).
 """
 
 from __future__ import annotations
@@ -37,7 +33,7 @@ from typing import Protocol
 
 from .. import core, wire
 from ..errors import ProtocolError
-from .channels import Outgoing
+from .channels import InChannel, Outgoing
 from .membership import Peer
 
 __all__ = ["FormerLife"]
@@ -60,6 +56,7 @@ class FormerLife:
         self.until = until
         # receiver incarnation -> (its connection, its key, seq -> envelope)
         self._sent: dict[int, tuple[bytes, str | None, dict[int, Outgoing]]] = {}
+        self.acking: list[InChannel] = []  # the last life's inbound channels, still acking what finishes
 
     def unsettled(self, now: float) -> int:
         """How many recorded envelopes may yet be acknowledged late: 0 once every receiver's last
@@ -72,6 +69,9 @@ class FormerLife:
     def end(self) -> None:
         """The moment is over: what was not acknowledged goes again (or went); nothing acks any more."""
         self._sent.clear()
+        for channel in self.acking:
+            channel.late_acks = False
+        self.acking.clear()
 
     def record(self, peer: Peer, in_flight: dict[int, Outgoing]) -> None:
         """What was in flight to ``peer`` when the life ended (only a peer bound to a connection:

@@ -113,8 +113,7 @@ class Outbox:
         # sets, so that frames leave in the same order on every run (the harness replays by seed)
         self.dirty_out: dict[OutChannel, None] = {}
         self.dirty_in: dict[InChannel, None] = {}
-        self.late: dict[InChannel, float] = {}  # closed inbound channels that ack yet, until when (close_late)
-        self.live_at: Callable[[str], object | None] = lambda endpoint: None  # the live member at an endpoint
+        self.late: list[InChannel] = []  # our last life's inbound channels, acking yet (see former.py)
         self.replies: dict[int, _Answers] = {}  # peer incarnation -> answers to send
         self.waiting: dict[str, deque[Outgoing]] = {}  # service -> envelopes waiting for an instance
         # a durable node that leaves: what its handlers emit for a service with no instance counts
@@ -216,33 +215,20 @@ class Outbox:
         if self.late:
             self._late_words()
 
-    def close_late(self, ich: InChannel) -> None:
-        """``ich`` takes no more envelopes (its sender was taken for dead, or this node rejoins),
-        but for ``rto`` its handlers' acks still go, then its last word (see former.py)."""
-        ich.closed = ich.late_acks = True
-        self.late[ich] = self.clock() + self.config.rto
-
     def _late_words(self) -> None:
-        """Acks from closed channels (:meth:`close_late`): what their handlers finished, and once
-        nothing they delivered runs any more, their last word; to whoever is live at their
-        sender's endpoint (its next life, or itself), addressed to the sender they knew. A durable
-        node's, as every ack of its, leave after the commit of what they cover."""
-        now = self.clock()
-        for ich, until in list(self.late.items()):
-            if now > until:
-                del self.late[ich]  # (its sender has sent again what it did not hear of by now)
-                ich.late_acks = False
-            elif self.live_at(ich.peer.endpoint) is None:
-                continue  # (nobody there, or not known yet: a rejoining node learns the mesh anew)
-            elif ich.settled():
-                del self.late[ich]
+        """Acks from our last life's channels (see former.py): what their handlers finished, and
+        once nothing they delivered runs any more, their last word (a durable node's, as every
+        ack of its, after the commit of what it covers)."""
+        for ich in list(self.late):
+            if ich.settled():
+                self.late.remove(ich)
                 ich.late_acks = False
                 if self.journal is not None:
                     ich.last_due, self.held_acks[ich] = True, b""
-                else:
+                elif ich.peer.live:
                     for frame in ich.last_word():
                         self.send(ich.peer.endpoint, frame)
-            elif ich.reorder.ack_pending or ich.released:
+            elif (ich.reorder.ack_pending or ich.released) and ich.peer.live:
                 if self.journal is not None:
                     self.held_acks[ich] = ich.reorder.ack_frame()
                 else:
@@ -290,11 +276,11 @@ class Outbox:
             for ich, ack in acks.items():
                 if ich.last_due:
                     ich.last_due = False
-                    for frame in ich.last_word():
+                    for frame in ich.last_word() if ich.peer.live else ():
                         self.send(ich.peer.endpoint, frame)
                     continue
                 ich.last_ack = ack
-                if ich.peer.live and not ich.closed or ich.late_acks:
+                if ich.ackable():
                     self.send(ich.peer.endpoint, ich.framed(ack))
 
     def frame_to(self, frame_type: int, incarnation: int, body: bytes, flags: int = 0) -> bytes:
@@ -424,7 +410,7 @@ class Outbox:
         """The peer is gone: close both channels with it; returns the outbound one to evacuate."""
         gone_in = self.inbound.pop(incarnation, None)
         if gone_in is not None:
-            self.close_late(gone_in)  # (its next life may wait for the acks of what ran here)
+            gone_in.closed = True
         ch = self.out.pop(incarnation, None)
         if ch is not None:
             self.counters.redelivered_closed += ch.window.stats().retransmitted
@@ -442,7 +428,12 @@ class Outbox:
                 former.record(ch.peer, in_flight)
             leftovers.extend((ch.peer.service_name, item) for item in items)
         for ich in self.inbound.values():
-            self.close_late(ich)  # (its sender may wait for the acks of what runs here: late_words)
+            ich.closed = True
+            if former is not None:  # (what its handlers finish is acked yet, for a moment)
+                ich.late_acks = True
+                former.acking.append(ich)
+        if former is not None:
+            self.late = former.acking  # (each says its last word at a flush: at once if nothing runs)
         self.out.clear()
         self.inbound.clear()
         self.dirty_out.clear()

@@ -218,8 +218,10 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     tests/sim/test_partition.py holds the same heal in virtual time, and passes.
 
     Here, over real sockets, the rejoins come milliseconds apart, and some events still run twice
-    in some runs, a fraction of a second after the heal (8 to 25 events in 3 of 14 runs, before
-    this wave's changes and after: the simulated fixes do not show here). What the logs showed:
+    in some runs, a fraction of a second after the heal (8 and 25 events in 2 of 8 runs before
+    this stop's heal changes; with them, failures too, 18 in 1 of 6 runs of a version that also
+    acked from channels closed at a sender's death, not kept: it wedged two saga schedules, and
+    did not show here). What the logs showed:
     a receiver's new life took a producer's last envelopes while it waited, itself, to join
     (``rto``, for acks to its own last life from a node that had refused its frames as an
     unknown peer's, and so never spoke); the producer's wait (also ``rto``) ran out first, and it

@@ -148,13 +148,11 @@ class Sent:
         return out
 
 
-def receiving_three_as_it_rejoins(now: list[float] | None = None) -> tuple[Outbox, Sent, InChannel, FormerLife]:
+def receiving_three_as_it_rejoins() -> tuple[Outbox, Sent, InChannel, FormerLife]:
     """RECEIVER's life got envelopes 1..3 from a sender's life OLD; it runs 1 and 2, then is
     declared dead and rejoins (3 was released to its handler but not started)."""
     sent = Sent()
-    clock = now or [0.0]
-    outbox = Outbox(sent, NodeConfig(window=64, rto=1.0), clock=lambda: clock[0], holds=Holds(), counters=Counters())
-    outbox.live_at = lambda endpoint: endpoint  # (someone answers at the sender's endpoint: its next life)
+    outbox = Outbox(sent, NodeConfig(window=64), clock=lambda: 0.0, holds=Holds(), counters=Counters())
     outbox.incarnation = RECEIVER
     peer = Peer(OLD, "inproc://n11", "p#11", None, 64, 1 << 20, 0.0)
     inbound = outbox.inbound[OLD] = InChannel(RECEIVER, peer, window=64)
@@ -183,19 +181,10 @@ def test_a_handler_running_as_its_node_rejoins_is_acknowledged_to_its_senders_la
     assert sent.acks() == [], "said once"
 
 
-def test_a_closed_channel_acks_only_to_someone_live_at_its_senders_endpoint_and_only_for_rto() -> None:
-    now = [0.0]
-    outbox, sent, inbound, _ = receiving_three_as_it_rejoins(now)
-    outbox.live_at = lambda endpoint: None  # (nobody known there yet: a rejoining node learns the mesh anew)
+def test_once_the_moment_is_over_the_last_life_acknowledges_nothing() -> None:
+    outbox, sent, inbound, former = receiving_three_as_it_rejoins()
+    former.end()
     inbound.reorder.complete(1)
-    outbox.ack_later(inbound)
-    outbox.flush()
-    assert sent.acks() == []
-    outbox.live_at = lambda endpoint: endpoint
-    outbox.flush()
-    assert sent.acks() == [(0, RECEIVER, OLD, 1)], "once someone answers there"
-    now[0] = 1.5  # past rto
-    inbound.reorder.complete(2)
     outbox.ack_later(inbound)
     outbox.flush()
     assert sent.acks() == [], "too late: its sender sends it again (its window for late acks is over too)"
