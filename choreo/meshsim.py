@@ -138,9 +138,6 @@ class SimNode:
         if self.joined_at is None:
             self.joined_at = self.sim.now
 
-    def last_life_unsettled(self, now: float) -> int:
-        return 0  # (it sends no data: nothing of a last life is in flight)
-
     def declared_dead(self, reason: str) -> None:
         """Come back as a new incarnation, as the engine does (what it sent is resent elsewhere)."""
         if self.life.state in ("refused", "left"):

@@ -12,8 +12,7 @@ A ``DATA`` or ``REPLY`` frame with ``FLAG_ACK`` set starts with ``u16 len | ack`
 ack of what it received from the receiver rides along instead of taking a frame of its own. A
 ``DATA`` frame with ``FLAG_URGENT`` holds commands or queries, which the receiver handles at once,
 ahead of the events queued there. An ``ACK`` frame with ``FLAG_KEEP`` starts with the seqs of
-envelopes whose sender should keep a copy beyond this ack (see :data:`FLAG_KEEP`); one with
-``FLAG_LAST`` is a former life's last word to another (see :data:`FLAG_LAST`). Control bodies
+envelopes whose sender should keep a copy beyond this ack (see :data:`FLAG_KEEP`). Control bodies
 (``HELLO``, ``HEARTBEAT``, ``BYE``, ``REFUSE``, ``RPC``, ``RPC_REPLY``, a leaving last
 instance's ``FLOWS``, a hand-over's ``RELEASE``, and membership's ``PING``, ``PING_REQ``, ``PONG``, ``NEWS``, ``SYNC``) are
 MessagePack decoded into the structs below, so a malformed or hostile body fails validation
@@ -99,7 +98,6 @@ __all__ = [
     "Flows",
     "Release",
     "FLAG_KEEP",
-    "FLAG_LAST",
     "split_keep",
     "frame",
     "parse_header",
@@ -159,10 +157,6 @@ FLAG_URGENT = 0x0002
 # frame of the channel lists them until then (one that covers a seq unlisted releases it too), so
 # the ack that frees an envelope always asks for its copy
 FLAG_KEEP = 0x0004
-# an ACK frame between two lives that are over (sent by a node that re-incarnated, for what its
-# last life's handlers finished, to a sender's last life): the last one on that channel. What it
-# does not cover was not taken there, and goes again (see choreo/runtime/former.py)
-FLAG_LAST = 0x0008
 KEEP_COUNT = struct.Struct("<H")
 KEEP_SEQ = struct.Struct("<Q")
 PIGGY = struct.Struct("<H")

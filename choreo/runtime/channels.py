@@ -389,17 +389,13 @@ class InChannel:
     def __init__(self, me: int, peer: Peer, window: int, durable: bool = False) -> None:
         self.peer = peer
         self.reorder = core.InboundReorder(window=window)
-        self.me = me
         self.header = wire.frame(wire.ACK, me, peer.incarnation)
         self.keep_header = wire.frame(wire.ACK, me, peer.incarnation, flags=wire.FLAG_KEEP)
         # seqs of envelopes acknowledged before they are done (handed over running, or relieved):
         # every ACK frame asks the sender to keep a copy of them, until they are done here
         self.keep: list[int] = []
         self.released = False  # one of them was released since the last ACK frame: one is due
-        self.closed = False  # its sender is gone (or we re-incarnated): nothing more is delivered
-        self.late_acks = False  # closed as this node re-incarnated: what finishes is acked yet (see former.py)
-        self.given_up = 0  # envelopes released here and dropped unrun as it closed: never done
-        self.last_due = False  # (a durable node's) its last word waits for a commit
+        self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
         self.acked_upto = 0  # the cumulative ack last sent
         self.rights: dict[tuple[str, int], str | None] = {}  # with keys: (type, kind) -> None or why refused
         # durable nodes ack only what they committed: the last committed ack (the outbox sends them)
@@ -408,43 +404,17 @@ class InChannel:
         self._stuck_at = 0  # the cumulative ack a stall was first seen at, and when (see stalled)
         self._stuck_since = 0.0
 
-    def ackable(self) -> bool:
-        """Whether an ack may go to its sender now (live; open, or our last life's for a moment)."""
-        return self.peer.live and (not self.closed or self.late_acks)
-
-    def settled(self) -> bool:
-        """(a channel of this node's last life) Nothing it delivered runs any more, or ever will:
-        its next ack is its last word (:data:`~choreo.wire.FLAG_LAST`)."""
-        return self.reorder.in_progress <= self.given_up  # type: ignore[no-any-return]
-
     def ack_frame(self) -> bytes:
         if self.durable:
             return self.framed(self.last_ack)
         self.acked_upto = self.reorder.done_upto
         return self.framed(self.reorder.ack_frame())
 
-    def last_word(self) -> list[bytes]:
-        """The last ACK frames of a channel of our last life that nothing runs on any more: one
-        turn through every done range from the bottom (an ack carries at most 32), the last frame
-        flagged :data:`~choreo.wire.FLAG_LAST`: what they do not cover was not taken here."""
-        reorder = self.reorder
-        while reorder.ack_pending:  # (the turn under way ends: the next starts from the bottom)
-            reorder.ack_frame()
-        acks = [reorder.ack_frame()]
-        while reorder.ack_pending:
-            acks.append(reorder.ack_frame())
-        self.acked_upto = reorder.done_upto
-        return [self.framed(ack, last=i == len(acks) - 1) for i, ack in enumerate(acks)]
-
-    def framed(self, ack: bytes, last: bool = False) -> bytes:
+    def framed(self, ack: bytes) -> bytes:
         """An ACK frame of ``ack``, asking for the copies still kept: every ACK frame lists them
         all, so that its sender drops a copy once an ack covers its seq without listing it (a
-        lost RELEASE is made up for by the next ack). ``last``: the channel's last word."""
+        lost RELEASE is made up for by the next ack)."""
         self.released = False
-        if last:
-            flags = wire.FLAG_LAST | (wire.FLAG_KEEP if self.keep else 0)
-            header = wire.frame(wire.ACK, self.me, self.peer.incarnation, flags=flags)
-            return header + (wire.keep_prefix(self.keep) if self.keep else b"") + ack
         if self.keep:
             return self.keep_header + wire.keep_prefix(self.keep) + ack
         return self.header + ack

@@ -92,10 +92,6 @@ class DispatchStats:
         lag = self.lag
         lag[partition] = lag.get(partition, 0) + 1
 
-    def lag_of(self, partition: int) -> int:
-        """Messages of ``partition`` received here and not yet handled."""
-        return self.lag.get(partition, 0)
-
     def untrack(self, partition: int) -> None:
         lag = self.lag
         n = lag.get(partition, 0) - 1
@@ -150,7 +146,6 @@ class Dispatcher:
             journal.results_max = results_max
         self.ready: deque[Job] = deque()
         self.stats = DispatchStats()
-        self.untrack, self.lag_of = self.stats.untrack, self.stats.lag_of  # (PartitionWork)
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
         # a handler that emits and sends nothing ends the flow of a message from outside at its span
         tracer.terminal.update(h.name for h in self.handlers.values() if not h.emits and not h.sends)
@@ -233,7 +228,6 @@ class Dispatcher:
                 break
             if status == core.LANE_LATE:  # the batch ran long, or the process was stopped in it
                 if not host.awake(started):
-                    channel.given_up += n - i
                     break  # frozen past dead_after: the channel is closed, its sender resends the rest
                 until = host.awake_until
                 continue
@@ -318,6 +312,13 @@ class Dispatcher:
             for env, handler, reply in unkept:
                 keep(env, handler, reply)
 
+    def lag_of(self, partition: int) -> int:
+        """Messages of ``partition`` received here and not yet handled."""
+        return self.stats.lag.get(partition, 0)
+
+    def untrack(self, partition: int) -> None:
+        self.stats.untrack(partition)
+
     def _slow_path(self, channel: InChannel, env: Any, handler: Handler, received: float, message: Message | None) -> Job:
         """An envelope the fast path took through dedup becomes a tracked job."""
         self.stats.received += 1
@@ -332,7 +333,6 @@ class Dispatcher:
     def deliver(self, channel: InChannel, env: Any, now: float) -> None:
         """Take one released envelope (called in sequence order per channel)."""
         if channel.closed:
-            channel.given_up += 1
             return  # its sender was declared gone: it resends this to the partition's owner
         moves = self.moves
         if env.kind == KIND_HANDOVER:
@@ -476,7 +476,6 @@ class Dispatcher:
         now = host.clock()
         host.awake(now)  # (frozen past dead_after: it rejoined, and this job's channel is closed now)
         if job.channel is not None and job.channel.closed:
-            job.channel.given_up += 1  # (unrun: a last word must not count it done)
             self._abandon(job)
             return
         if job.message is None:

@@ -413,9 +413,6 @@ class Engine:
             _, _, callback = heapq.heappop(timers)
             callback()
         self.calls.expire(now)
-        if self.former is not None and now > self.former.until:
-            self.former.end()  # (its moment is over: no ack for it counts, none leaves for it)
-            self.former = None
         if self.membership.version != self._synced_version:
             self.sync_view()
         if self.moves is not None:
@@ -605,8 +602,6 @@ class Engine:
         """
         if self.lifecycle.state in ("refused", "left"):
             return
-        if self.former is not None:
-            self.former.end()  # (the life before: its moment ends with the one it had)
         former = FormerLife(self.incarnation, self.clock() + self.config.rto)
         old_name = self.name
         self.former_names = [*self.former_names[-15:], old_name]
@@ -644,17 +639,17 @@ class Engine:
         self, former: FormerLife, frame_type: int, sender: int, data: bytes, flags: int, identity: bytes | None,
         principal: str | None,
     ) -> None:
-        """An ACK addressed to this node's last life (see :mod:`~choreo.runtime.former`)."""
+        """An ACK addressed to this node's last life (see :mod:`~choreo.runtime.former`): what
+        it covers and still waits to be sent again is done; the rest is refused as stale."""
         now = self.clock()
-        left = former.take_ack(self.outbox, sender, frame_type, data, flags, identity, principal, now)
-        if left is None and not flags & wire.FLAG_LAST:  # (a last word where nothing was in flight: fine)
+        if now > former.until:
+            self.former = None  # (its moment is over: what it held is sent again or done by now)
+        done = former.acknowledged(sender, frame_type, data, flags, identity, principal, now)
+        for item in done:
+            if self.outbox.unpark(item) and item.on_done is not None:
+                item.on_done()
+        if not done:
             self.gossip.refuse_stale(sender, former.incarnation)
-        elif not left:
-            self.gossip.joining.check(now)  # (the last of them: this life may join now)
-
-    def last_life_unsettled(self, now: float) -> int:
-        """(GossipHost) See :meth:`FormerLife.unsettled`."""
-        return self.former.unsettled(now) if self.former is not None else 0
 
     # ================================================================================ the dispatcher's host
 

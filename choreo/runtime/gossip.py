@@ -105,9 +105,6 @@ class GossipHost(Protocol):
     def on_joined(self) -> None:
         """This node has joined the mesh (see :class:`~choreo.runtime.lifecycle.Lifecycle`)."""
 
-    def last_life_unsettled(self, now: float) -> int:
-        """Envelopes of this node's last life that may yet be acknowledged late (see Joining)."""
-
     def declared_dead(self, reason: str) -> None:
         """The mesh declared this incarnation dead: come back as a new one."""
 

@@ -139,7 +139,6 @@ class Intake:
         while queue and budget > 0:
             ch, envs, received = queue.popleft()
             if ch.closed:
-                ch.given_up += len(envs)  # (unrun: a last word must not count them done)
                 continue  # its sender is gone and resends these to their owners elsewhere
             if len(envs) > chunk:  # the rest goes first next time: order is kept
                 queue.appendleft((ch, envs[chunk:], received))

@@ -35,10 +35,6 @@ SEED_REPORT_EVERY = 30.0  # and again this often while it stays silent
 class JoinHost(Protocol):
     def on_joined(self) -> None: ...
 
-    def last_life_unsettled(self, now: float) -> int:
-        """Envelopes this node's last life had in flight that may yet be acknowledged late (see
-        :mod:`~choreo.runtime.former`): a rejoining node joins once none is left."""
-
 
 class Joining:
     """The seeds and the answers one node waits for before it has joined (see the module docstring)."""
@@ -98,8 +94,6 @@ class Joining:
         wait = self.join_wait
         if any(now - asked < wait for asked in self.expected.values()):
             return
-        if self.host.last_life_unsettled(now):
-            return  # its resends wait for the acks that may come late (rto at most)
         untold = self.untold()
         if not untold:
             self.joined(now)
@@ -137,9 +131,6 @@ class Joining:
             return "refused: " + self.refusals[-1]
         if silent and not self.synced:
             return "no answer from its seeds " + ", ".join(silent) + " (it keeps asking; is a node running there?)"
-        unsettled = self.host.last_life_unsettled(now)
-        if unsettled:
-            return f"rejoining: waiting (rto at most) for acks to its last life of {unsettled} envelopes in flight"
         untold = ", ".join(peer.node for peer in self.untold())
         return "waiting for the instances of its service to say which partitions they hold" + (
             f" (not yet: {untold})" if untold else "")

@@ -166,9 +166,6 @@ class Moves:
             for p, queue in self.ownership.buffered.items():
                 for _ in queue:
                     self.work.untrack(p)
-        dropped = [entry[0] for queue in (*self.ownership.buffered.values(), *self.held_back.values()) for entry in queue]
-        for channel in dropped:  # (unrun: their channels' last words must not count them done)
-            channel.given_up += 1
         # a durable node's next life is under the same rendezvous key, with the same store: what it
         # held counts as read back, as after a restart (else it waited handover_timeout for a copy
         # that another life of its own, or a keeper that dropped its copy for it, was to hand over:

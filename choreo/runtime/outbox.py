@@ -113,7 +113,6 @@ class Outbox:
         # sets, so that frames leave in the same order on every run (the harness replays by seed)
         self.dirty_out: dict[OutChannel, None] = {}
         self.dirty_in: dict[InChannel, None] = {}
-        self.late: list[InChannel] = []  # our last life's inbound channels, acking yet (see former.py)
         self.replies: dict[int, _Answers] = {}  # peer incarnation -> answers to send
         self.waiting: dict[str, deque[Outgoing]] = {}  # service -> envelopes waiting for an instance
         # a durable node that leaves: what its handlers emit for a service with no instance counts
@@ -212,27 +211,6 @@ class Outbox:
                 del self.dirty_in[ich]
                 if ich.peer.live and not ich.closed:
                     self.send_ack(ich)
-        if self.late:
-            self._late_words()
-
-    def _late_words(self) -> None:
-        """Acks from our last life's channels (see former.py): what their handlers finished, and
-        once nothing they delivered runs any more, their last word (a durable node's, as every
-        ack of its, after the commit of what it covers)."""
-        for ich in list(self.late):
-            if ich.settled():
-                self.late.remove(ich)
-                ich.late_acks = False
-                if self.journal is not None:
-                    ich.last_due, self.held_acks[ich] = True, b""
-                elif ich.peer.live:
-                    for frame in ich.last_word():
-                        self.send(ich.peer.endpoint, frame)
-            elif (ich.reorder.ack_pending or ich.released) and ich.peer.live:
-                if self.journal is not None:
-                    self.held_acks[ich] = ich.reorder.ack_frame()
-                else:
-                    self.send(ich.peer.endpoint, ich.ack_frame())
 
     def _flush_durable(self) -> None:
         """The flush of a durable node (see the module docstring)."""
@@ -255,8 +233,6 @@ class Outbox:
             for ich in dirty_in:
                 if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:
                     held[ich] = ich.reorder.ack_frame()  # what is done now: its ids commit below
-        if self.late:
-            self._late_words()
         if journal.should_commit(bool(self.held_acks or self.replies)) and journal.commit():
             if self.replies or self.held_acks:
                 self._unreleased.append((journal.written, self.replies, self.held_acks))
@@ -274,13 +250,8 @@ class Outbox:
                     for body in _split(answers.entries, self.config.max_batch_bytes):
                         self.send(peer.endpoint, wire.frame(wire.REPLY, self.incarnation, inc, body))
             for ich, ack in acks.items():
-                if ich.last_due:
-                    ich.last_due = False
-                    for frame in ich.last_word() if ich.peer.live else ():
-                        self.send(ich.peer.endpoint, frame)
-                    continue
                 ich.last_ack = ack
-                if ich.ackable():
+                if ich.peer.live and not ich.closed:
                     self.send(ich.peer.endpoint, ich.framed(ack))
 
     def frame_to(self, frame_type: int, incarnation: int, body: bytes, flags: int = 0) -> bytes:
@@ -429,11 +400,6 @@ class Outbox:
             leftovers.extend((ch.peer.service_name, item) for item in items)
         for ich in self.inbound.values():
             ich.closed = True
-            if former is not None:  # (what its handlers finish is acked yet, for a moment)
-                ich.late_acks = True
-                former.acking.append(ich)
-        if former is not None:
-            self.late = former.acking  # (each says its last word at a flush: at once if nothing runs)
         self.out.clear()
         self.inbound.clear()
         self.dirty_out.clear()

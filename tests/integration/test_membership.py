@@ -217,15 +217,14 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     just before the cut, whose ack the cut lost, runs again on the producer's side).
     tests/sim/test_partition.py holds the same heal in virtual time, and passes.
 
-    Here, over real sockets, the rejoins come milliseconds apart, and some events still run twice
-    in some runs, a fraction of a second after the heal (8 and 25 events in 2 of 8 runs before
-    this stop's heal changes; with them, failures too, 18 in 1 of 6 runs of a version that also
-    acked from channels closed at a sender's death, not kept: it wedged two saga schedules, and
-    did not show here). What the logs showed:
-    a receiver's new life took a producer's last envelopes while it waited, itself, to join
-    (``rto``, for acks to its own last life from a node that had refused its frames as an
-    unknown peer's, and so never spoke); the producer's wait (also ``rto``) ran out first, and it
-    sent them again. Chained waits want a word from every receiver, a refusal included."""
+    Here, over real sockets, the rejoins come milliseconds apart, and some events run twice in
+    some runs, a fraction of a second after the heal: 8 and 25 events in 2 of 8 runs. A fix tried
+    in stop 48 (a rejoining node's last life acks what its handlers finish and says a last word;
+    the new life joins once its receivers have spoken) ran every simulated heal once but did not
+    show here (1 failing run in 6), and its wait to join wedged saga replicas 189: not kept. What
+    the logs showed: a receiver's new life took a producer's last envelopes while it waited,
+    itself, to join, for a node that had refused its frames as an unknown peer's (and so never
+    spoke); the producer's wait ran out first, and it sent them again."""
     count, keys, rate = 24_000, 200, 1_500.0
     with Hosts(2) as hosts:
         def instance(host: int, peers: list[str]) -> str:
