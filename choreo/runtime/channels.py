@@ -307,7 +307,7 @@ class OutChannel:
                     self.custody_bytes += len(raw)
                     kept += 1
         while len(custody) > CUSTODY_MAX or self.custody_bytes > self.window.max_bytes:
-            self.release([next(iter(custody))])
+            self.release([next(iter(custody))])  # (no room for its copy: it counts done, as at an ack)
         return kept
 
     def _drop_released(self, cumulative: int, kept: list[int]) -> None:

@@ -214,14 +214,17 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     was declared dead and rejoins, with events in flight both ways and handlers waiting for
     their standby's ack. Nothing is lost; per key, first handlings come in order; and no event
     runs twice, but for the crash window of the cut (README: an event handled on the far side
-    just before the cut, whose ack the cut lost, runs again on the producer's side).
-    tests/sim/test_partition.py holds the same heal in virtual time, and passes.
+    just before the cut, whose ack the cut lost, runs again on the producer's side). That is the
+    goal, stricter than what the README promises today: tests/sim/test_partition.py holds the
+    same heal in virtual time, where with a standby at most one event per producer, caught running
+    at the heal, runs twice.
 
     Here, over real sockets, the rejoins come milliseconds apart, and some events run twice in
     some runs, a fraction of a second after the heal: 8 and 25 events in 2 of 8 runs. A fix tried
-    in stop 48 (a rejoining node's last life acks what its handlers finish and says a last word;
-    the new life joins once its receivers have spoken) ran every simulated heal once but did not
-    show here (1 failing run in 6), and its wait to join wedged saga replicas 189: not kept. What
+    (e830b64, backed out in 8b79808: a rejoining node's last life acks what its handlers finish
+    and says a last word; the new life joins once its receivers have spoken) ran every simulated
+    heal once but did not show here (1 failing run in 6), and its wait to join wedged saga
+    replicas 189. What
     the logs showed: a receiver's new life took a producer's last envelopes while it waited,
     itself, to join, for a node that had refused its frames as an unknown peer's (and so never
     spoke); the producer's wait ran out first, and it sent them again."""
