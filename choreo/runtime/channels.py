@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import core, wire
@@ -258,6 +259,20 @@ class OutChannel:
                     done.append(watch.pop(seq))
         for cb in done:
             cb()
+
+    def only_forwards_upto(self, seq: int) -> bool:
+        """Is every envelope not done up to ``seq`` a forward (its callback says ``forward``)?"""
+        watch = self.watch
+        if not any(getattr(done, "forward", False) for done in watch.values()):
+            return False  # (no forward in flight: the usual case, without a look at the window)
+        for raw in self.window.unacked():
+            at = int.from_bytes(raw[:8], "little")
+            if at > seq:
+                return True
+            if not getattr(watch.get(at), "forward", False):
+                return False
+        first = self.window.next_seq  # the backlog takes the next seqs, in order
+        return all(getattr(item.on_done, "forward", False) for item in islice(self.backlog, max(0, seq - first + 1)))
 
     def pump(self, now: float) -> None:
         """Move parked envelopes into the window while credit allows, then wake waiting emitters."""

@@ -36,7 +36,13 @@ class Hold:
 
     @property
     def passed(self) -> bool:
-        return self.channel.closed or self.channel.done_upto >= self.barrier
+        """The old owner has done every envelope of ours up to the barrier. Forwards it has of
+        this node's (arrivals passed on for their senders, see ``Moves.forward``) do not count:
+        the order kept here is of what this node sends itself, and a forward may wait for a flow
+        that comes back to this node, behind the hold (nemesis plain seed 137: a saga's Lines
+        held behind forwards whose Readings waited for those Lines' round trip, for good)."""
+        channel = self.channel
+        return channel.closed or channel.done_upto >= self.barrier or channel.only_forwards_upto(self.barrier)
 
 
 class Holds:

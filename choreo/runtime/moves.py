@@ -89,6 +89,7 @@ class _Forwarded:
     keeps that arrival, for a forward whose target is gone (:meth:`Moves.take_back`)."""
 
     __slots__ = ("channel", "env", "outbox", "moves")
+    forward = True  # (what a hold on its channel does not wait for: Hold.passed)
 
     def __init__(self, channel: InChannel, env: Any, outbox: Outbox, moves: Moves) -> None:
         self.channel = channel

@@ -12,6 +12,7 @@ from choreo import Command, Event, Query, Service, core, wire
 from choreo.config import NodeConfig
 from choreo.errors import ChoreoUsageError, MessageTooLarge, NoOwner, UndeclaredMessage
 from choreo.runtime.calls import Calls
+from choreo.runtime.channels import Outgoing
 from choreo.runtime.holds import Holds
 from choreo.runtime.lifecycle import Lifecycle
 from choreo.runtime.membership import Membership, Peer
@@ -235,6 +236,45 @@ def test_a_hold_waits_for_what_waited_in_the_old_owners_backlog_too() -> None:
     assert not w.holds.release(old), "two of p still unacknowledged at the old owner"
     old.on_ack(core.encode_ack(10, 10, []), 0, w.now)
     assert p in [q for _, q, _ in w.holds.release(old)], "(with every other partition that moved)"
+
+
+class PassedOn:
+    """The callback of a forward (``Moves.forward``): an arrival this node passes on for its sender."""
+
+    forward = True
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def __call__(self) -> None:
+        self.done = True
+
+
+def test_a_hold_does_not_wait_for_forwards_of_other_senders_messages() -> None:
+    """The order a hold keeps is of what this node sends itself: a forward it carries for another
+    sender (an arrival for a partition it no longer owned) is that sender's, ordered by that
+    sender's own hold. Waiting for it too made a cycle: the forward ran at the partition's owner
+    and waited for its flow's round trip, which came back to this node, whose next message of
+    the partition waited behind the hold (nemesis plain seed 137 of the saga workload, for good)."""
+    w = World((10, orders))
+    key = "o-1"
+    p = core.partition_of(key.encode(), 16)
+    w.holds.on_view(w.membership, w.outbox.out)
+    old = w.outbox.channel(w.peers[10])
+    passed_on = PassedOn()
+    w.outbox.append(old, Outgoing(core.KIND_EVENT, 0, b"Placed", key.encode(), p, bytes([9]) * 16, bytes(16),
+                                  bytes(16), b"\x91\xa3o-1", passed_on), w.now, forward=True)  # seq 1
+    w.router.commit(w.router.plan(Placed(key), bytes([1]) * 16, bytes(16), bytes(16), None))  # ours: seq 2
+    for inc in range(11, 200):  # instances join until one wins p
+        w.join(inc, orders)
+        if w.membership.owner("orders", p).incarnation == inc:
+            break
+    w.holds.on_view(w.membership, w.outbox.out)
+    assert w.holds.held("orders", p) is not None, "our next message of p waits for our last one"
+    assert not w.holds.release(old), "ours is not acknowledged yet"
+    old.on_ack(core.encode_ack(0, 2, [(2, 2)]), 0, w.now)  # ours done; the forward still out
+    assert p in [q for _, q, _ in w.holds.release(old)], "what is left before the barrier is a forward"
+    assert not passed_on.done, "and the forward still waits for its own ack"
 
 
 def test_answers_leave_before_the_ack_that_covers_their_command() -> None:
