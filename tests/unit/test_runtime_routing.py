@@ -77,6 +77,14 @@ class World:
         )
         self.peers = {inc: self.join(inc, svc) for inc, svc in peers}
 
+    def move(self, p: int) -> None:
+        """Instances of orders join until one wins partition ``p``; the holds take the new view."""
+        for inc in range(11, 200):
+            self.join(inc, orders)
+            if self.membership.owner("orders", p).incarnation == inc:
+                break
+        self.holds.on_view(self.membership, self.outbox.out)
+
     def join(self, incarnation: int, service: Service) -> Peer:
         peer = Peer(incarnation, f"fake://{service.name}-{incarnation}", f"{service.name}#{incarnation}",
                     service.spec(), 8, 1 << 20, 0.0)
@@ -226,11 +234,7 @@ def test_a_hold_waits_for_what_waited_in_the_old_owners_backlog_too() -> None:
         w.router.commit(w.router.plan(Placed(key), bytes([n]) * 16, bytes(16), bytes(16), None))
     old = w.outbox.out[10]
     assert old.window.in_flight == 8 and len(old.backlog) == 2
-    for inc in range(11, 200):  # instances join until one wins p
-        w.join(inc, orders)
-        if w.membership.owner("orders", p).incarnation == inc:
-            break
-    w.holds.on_view(w.membership, w.outbox.out)
+    w.move(p)
     assert w.holds.held("orders", p) is not None, "the next message of p waits"
     old.on_ack(core.encode_ack(8, 8, []), 0, w.now)  # the window's eight: the backlog's two go out
     assert not w.holds.release(old), "two of p still unacknowledged at the old owner"
@@ -265,11 +269,7 @@ def test_a_hold_does_not_wait_for_forwards_of_other_senders_messages() -> None:
     w.outbox.append(old, Outgoing(core.KIND_EVENT, 0, b"Placed", key.encode(), p, bytes([9]) * 16, bytes(16),
                                   bytes(16), b"\x91\xa3o-1", passed_on), w.now, forward=True)  # seq 1
     w.router.commit(w.router.plan(Placed(key), bytes([1]) * 16, bytes(16), bytes(16), None))  # ours: seq 2
-    for inc in range(11, 200):  # instances join until one wins p
-        w.join(inc, orders)
-        if w.membership.owner("orders", p).incarnation == inc:
-            break
-    w.holds.on_view(w.membership, w.outbox.out)
+    w.move(p)
     assert w.holds.held("orders", p) is not None, "our next message of p waits for our last one"
     assert not w.holds.release(old), "ours is not acknowledged yet"
     old.on_ack(core.encode_ack(0, 2, [(2, 2)]), 0, w.now)  # ours done; the forward still out
