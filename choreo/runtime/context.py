@@ -95,7 +95,6 @@ class Job:
         "outputs",
         "logged",
         "kept",
-        "handed_on",
     )
 
     def __init__(self, env: Any, channel: InChannel | None, handler: Handler | None, received: float) -> None:
@@ -120,7 +119,6 @@ class Job:
         # acknowledged before its outputs were (handed over running, or relieving a stalled
         # channel): who keeps a copy of it until they are, as (channel, seq)
         self.kept: list[tuple[InChannel, int]] | None = None
-        self.handed_on = False  # acknowledged with its outputs another's to answer for (Dispatcher.hand_on)
 
 
 class HandlerContext:

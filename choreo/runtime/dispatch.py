@@ -109,13 +109,6 @@ def _sender(job: Job) -> str:
     return job.channel.peer.node if job.channel is not None else "a replay"
 
 
-def reply_limit(config: NodeConfig, channel: InChannel | None) -> int:
-    """The largest result that may travel to the caller on ``channel``: its limit and ours."""
-    if channel is None:
-        return config.max_message_bytes
-    return min(config.max_message_bytes, channel.peer.max_message_bytes)
-
-
 class Dispatcher:
     """Handles the envelopes addressed to this node's service."""
 
@@ -283,7 +276,7 @@ class Dispatcher:
             body = _reply_encoder.encode(result)
         except (TypeError, msgspec.EncodeError):
             return False
-        if len(body) > reply_limit(self.config, channel):
+        if len(body) > self._reply_limit(channel):
             return False
         reply = ok_reply(body)
         handler = self.handlers[env.type]
@@ -454,8 +447,8 @@ class Dispatcher:
         job.started = self.host.clock()
         self.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
         original = self.in_progress.get(job.env.msg_id)
-        if original is not None and not (original.handed_on and job.env.kind == KIND_EVENT):
-            original.duplicates.append(job)  # (an event handed over running is done here: saga replicas 137)
+        if original is not None:
+            original.duplicates.append(job)
             return
         cached = self.results.get(job.env.msg_id)
         if cached is not None and job.env.kind != KIND_EVENT:
@@ -533,7 +526,7 @@ class Dispatcher:
             except (TypeError, msgspec.EncodeError) as exc:
                 self._failed(job, TypeError(f"handler {handler.name} returned a value choreo cannot encode: {exc}"))
                 return
-            limit = reply_limit(self.config, job.channel)
+            limit = self._reply_limit(job.channel)
             if len(reply) - 1 > limit:  # it ran (its effects stand), but its result cannot travel: say so, both sides
                 detail = (f"the result of {job.env.type} is {len(reply) - 1} bytes, above the limit of {limit} "
                           "(max_message_bytes): return less (a page, or a reference to fetch it by)")
@@ -563,6 +556,13 @@ class Dispatcher:
         self._finish_handler(job, reply=reply, dead=False)
         if job.writes is not None:
             self.data.ship_ready(job.env.key)
+
+    def _reply_limit(self, channel: InChannel | None) -> int:
+        """The largest result that may travel to the caller on ``channel``: its limit and ours."""
+        limit = self.config.max_message_bytes
+        if channel is not None:
+            limit = min(limit, channel.peer.max_message_bytes)
+        return limit
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         self.stats.in_handler -= 1
@@ -633,7 +633,6 @@ class Dispatcher:
         reply, channel = job.reply, job.channel
         if channel is None:
             return
-        job.handed_on = True
         stand_in = Job(job.env, channel, None, job.received)  # (completes the input, not the job)
         stand_in.reply, job.channel, job.reply = reply, None, None
         self._effects_safe(stand_in)

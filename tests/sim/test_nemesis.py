@@ -448,21 +448,8 @@ SAGA_KNOWN_FAILURES: set[tuple[str, int]] = set()
 # too before a relay came. Its standby, now the owner, had the id and not the Check: 20 readings
 # whose Check never ran. Since owed outputs go to the standby with the id, until acknowledged
 # (PartitionData._standby_owes), it passes.
-# Plain 137 (once a memory node re-incarnating acknowledged what had run, Relief.acknowledge_ran,
-# the schedule unfolded otherwise): a meter had forwarded readings of partitions it no longer owned
-# to a second meter, which forwarded them on to their owner; that owner ran them, and they waited
-# for their round trip (Check, Line), which came back to the first meter, whose Lines' next
-# Readings of those partitions waited behind a hold on its channel to the second meter, for the
-# forwards' acks. Nothing moved again. A hold now waits only for what its node sent itself
-# (Hold.passed): the forwards are their senders', ordered by those senders' holds. Replicas 137,
-# with that: a leaving meter had handed two running readings over to the partition's new owner,
-# whose forwards of the same readings (made on the view before) came to the leaver as duplicates
-# and waited there for the originals' round trips; the new owner kept the partition closed while
-# its forwards were out, and a Line of the round trip waited in it. Until the leaver's drain timed
-# out, then 13 Lines ran twice. A duplicate of a message handed over running is now acknowledged
-# at once, as the original was (Dispatcher._duplicate).
-SAGA_REGRESSIONS = {("plain", 70), ("plain", 137), ("replicas", 21), ("replicas", 70), ("replicas", 113),
-                    ("replicas", 137), ("replicas", 195), ("durable+replicas", 106), ("durable+replicas", 186)}
+SAGA_REGRESSIONS = {("plain", 70), ("replicas", 21), ("replicas", 70), ("replicas", 113), ("replicas", 195),
+                    ("durable+replicas", 106), ("durable+replicas", 186)}
 
 
 def saga_cases() -> list[Any]:
