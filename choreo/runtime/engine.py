@@ -611,11 +611,6 @@ class Engine:
         log.warning("%s: %s; rejoining as %s", old_name, reason, self.name)
         self.lifecycle.on("declared_dead", self.clock())
         self.counters.reincarnations += 1
-        if self.journal is None:
-            # what ran and waits for its outputs is done for its sender: the outputs go again from
-            # the new life (Relief.acknowledge_ran); every ack due leaves before the channels close
-            self.relief.acknowledge_ran()
-            self.outbox.send_acks()
         leftovers = self.outbox.evacuate_all(self.incarnation, former)
         self.former = former
         for _, _, hold in self.holds.take_all():

@@ -212,17 +212,6 @@ class Outbox:
                 if ich.peer.live and not ich.closed:
                     self.send_ack(ich)
 
-    def send_acks(self) -> None:
-        """The answers and acks due leave now, not the batches of outbound envelopes (a memory
-        node that re-incarnates: its inbound channels close next, and what it acknowledges must
-        leave under the life that received it)."""
-        if self.replies:
-            self.send_replies()
-        dirty_in, self.dirty_in = self.dirty_in, {}
-        for ich in dirty_in:
-            if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:
-                self.send_ack(ich)
-
     def _flush_durable(self) -> None:
         """The flush of a durable node (see the module docstring)."""
         self.flush_scheduled = False

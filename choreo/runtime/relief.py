@@ -53,8 +53,7 @@ KEEP_MAX = 1024
 
 
 class Relief:
-    """Watches a node's inbound channels and relieves the stalled ones (see the module docstring);
-    as the node re-incarnates, acknowledges what ran on them (:meth:`acknowledge_ran`)."""
+    """Watches a node's inbound channels and relieves the stalled ones (see the module docstring)."""
 
     def __init__(self, dispatcher: Dispatcher, outbox: Outbox, after: float) -> None:
         self.dispatcher = dispatcher
@@ -100,31 +99,3 @@ class Relief:
                      dispatcher.host.name, len(relieved), channel.peer.node)
         return len(relieved)
 
-    def acknowledge_ran(self) -> int:
-        """This memory node re-incarnates (the mesh declared it dead) and its inbound channels are
-        about to close: acknowledge on them now every message that ran and waits for its outputs'
-        (or its standby's) acks; returns how many.
-
-        Its outputs are parked and go again under the new life, which answers for them, as a new
-        owner does for a message handed over running (:meth:`Dispatcher.hand_on
-        <choreo.runtime.dispatch.Dispatcher.hand_on>`). Left unacknowledged, the message would go
-        again from its producer to its partition's next owner, which may lack its id, and run
-        twice there (a long partition's heal: tests/sim/test_partition.py). A copy its producer
-        keeps for it (``FLAG_KEEP``) is released for the same reason. Not on a durable node: it
-        acknowledges what its journal committed."""
-        dispatcher = self.dispatcher
-        count = 0
-        for jobs in list(dispatcher.data.settling.values()):
-            for job in list(jobs):
-                channel = job.channel
-                if channel is None or channel.closed or channel.durable:
-                    continue
-                for kept_on, seq in job.kept or ():
-                    self.outbox.release(kept_on, seq, job.env.msg_id)
-                job.kept = None
-                dispatcher.hand_on(job)
-                count += 1
-        if count:
-            log.info("%s: %d message(s) that ran acknowledged as this node rejoins: their outputs go again "
-                     "from its new life", dispatcher.host.name, count)
-        return count
