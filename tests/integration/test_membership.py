@@ -219,15 +219,16 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     same heal in virtual time, where with a standby at most one event per producer, caught running
     at the heal, runs twice.
 
-    Here, over real sockets, the rejoins come milliseconds apart, and some events run twice in
-    some runs, a fraction of a second after the heal: 8 and 25 events in 2 of 8 runs. A fix tried
-    (e830b64, backed out in 8b79808: a rejoining node's last life acks what its handlers finish
-    and says a last word; the new life joins once its receivers have spoken) ran every simulated
-    heal once but did not show here (1 failing run in 6), and its wait to join wedged saga
-    replicas 189. What
-    the logs showed: a receiver's new life took a producer's last envelopes while it waited,
-    itself, to join, for a node that had refused its frames as an unknown peer's (and so never
-    spoke); the producer's wait ran out first, and it sent them again."""
+    Here, over real sockets, some events run twice in some runs, a fraction of a second after
+    the heal: 8, 25 and 28 events in 3 of 11 runs. The logs show the simulated case at scale: the
+    producer's rejoin found 53 envelopes in flight to one instance, which had run 33 of them and
+    waited for its standby's acks when it heard it was declared dead; no ack came for them, and
+    the producer sent them again to their partitions' next owners. Two fixes were tried and
+    backed out: the last life acking what its handlers finish, the new life joining once its
+    receivers had spoken (e830b64, backed out in 8b79808: 1 failing run in 6 here, and its wait to
+    join wedged saga replicas 189); and acknowledging what ran as the node rejoins, its outputs
+    going again from the new life (f5e3e94, backed out in 87b64b2: 6 of 6 runs
+    here, but a crash after the rejoin lost those outputs, saga plain 195)."""
     count, keys, rate = 24_000, 200, 1_500.0
     with Hosts(2) as hosts:
         def instance(host: int, peers: list[str]) -> str:
