@@ -220,7 +220,7 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     at the heal, runs twice.
 
     Here, over real sockets, some events run twice in some runs, a fraction of a second after
-    the heal: 8, 25 and 28 events in 3 of 11 runs. The logs show the simulated case at scale: the
+    the heal: 8 to 31 events in 6 of 19 runs. The logs show the simulated case at scale: the
     producer's rejoin found 53 envelopes in flight to one instance, which had run 33 of them and
     waited for its standby's acks when it heard it was declared dead; no ack came for them, and
     the producer sent them again to their partitions' next owners. Two fixes were tried and
