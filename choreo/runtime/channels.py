@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import core, wire
@@ -260,19 +259,22 @@ class OutChannel:
         for cb in done:
             cb()
 
-    def only_forwards_upto(self, seq: int) -> bool:
-        """Is every envelope not done up to ``seq`` a forward (its callback says ``forward``)?"""
+    def first_own_undone(self) -> int:
+        """The seq of the first envelope not done that is not a forward (whose callback says
+        ``forward``): one past the backlog if none is."""
         watch = self.watch
         if not any(getattr(done, "forward", False) for done in watch.values()):
-            return False  # (no forward in flight: the usual case, without a look at the window)
+            return self.done_upto + 1  # (no forward out, the usual case: the first not done is ours)
         for raw in self.window.unacked():
-            at = int.from_bytes(raw[:8], "little")
-            if at > seq:
-                return True
-            if not getattr(watch.get(at), "forward", False):
-                return False
-        first = self.window.next_seq  # the backlog takes the next seqs, in order
-        return all(getattr(item.on_done, "forward", False) for item in islice(self.backlog, max(0, seq - first + 1)))
+            seq = int.from_bytes(raw[:8], "little")
+            if not getattr(watch.get(seq), "forward", False):
+                return seq
+        seq = self.window.next_seq  # the backlog takes the next seqs, in order
+        for item in self.backlog:
+            if not getattr(item.on_done, "forward", False):
+                return seq
+            seq += 1
+        return seq
 
     def pump(self, now: float) -> None:
         """Move parked envelopes into the window while credit allows, then wake waiting emitters."""

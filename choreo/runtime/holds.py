@@ -34,15 +34,20 @@ class Hold:
         self.barrier = barrier
         self.queue: deque[Outgoing] = deque()
 
-    @property
-    def passed(self) -> bool:
+    def passed(self, first_own: dict[OutChannel, int]) -> bool:
         """The old owner has done every envelope of ours up to the barrier. Forwards it has of
         this node's (arrivals passed on for their senders, see ``Moves.forward``) do not count:
         the order kept here is of what this node sends itself, and a forward may wait for a flow
         that comes back to this node, behind the hold (nemesis plain seed 137: a saga's Lines
-        held behind forwards whose Readings waited for those Lines' round trip, for good)."""
+        held behind forwards whose Readings waited for those Lines' round trip, for good).
+        ``first_own``: each channel's :meth:`~OutChannel.first_own_undone`, looked up once."""
         channel = self.channel
-        return channel.closed or channel.done_upto >= self.barrier or channel.only_forwards_upto(self.barrier)
+        if channel.closed or channel.done_upto >= self.barrier:
+            return True
+        first = first_own.get(channel)
+        if first is None:
+            first = first_own[channel] = channel.first_own_undone()
+        return first > self.barrier
 
 
 class Holds:
@@ -87,10 +92,11 @@ class Holds:
 
     def release(self, channel: OutChannel | None = None) -> list[tuple[str, int, Hold]]:
         """Close the holds whose barrier passed (of one channel, or all); returns them."""
+        first_own: dict[OutChannel, int] = {}
         done = [
             (key, hold)
             for key, hold in self.by_key.items()
-            if (channel is None or hold.channel is channel) and hold.passed
+            if (channel is None or hold.channel is channel) and hold.passed(first_own)
         ]
         for key, _ in done:
             del self.by_key[key]
