@@ -135,7 +135,9 @@ def timeout_seconds(value: Any, verb: str) -> float:
     ...
     choreo.errors.ChoreoUsageError: send: timeout must be a number of seconds >= 0, got -1
     """
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    kind = type(value)
+    # float and int first: the ABC check costs about 0.3 us, on every send, ask and timed emit
+    if kind is float or kind is int or (isinstance(value, numbers.Real) and kind is not bool):
         seconds = float(value)
         if seconds >= 0:  # (NaN is not)
             return seconds
