@@ -159,6 +159,11 @@ FLAG_URGENT = 0x0002
 FLAG_KEEP = 0x0004
 KEEP_COUNT = struct.Struct("<H")
 KEEP_SEQ = struct.Struct("<Q")
+# a seq to keep with this bit set: that envelope ran at the receiver (or one with its id did, and
+# it waits for that one), so the receiver will not send it on; one without it may still wait there
+# (relief.py) and go on to another owner. A forward's sender reopens the partition it paused at
+# the first (see Moves.forward_done)
+KEEP_RAN = 1 << 63
 PIGGY = struct.Struct("<H")
 REPLY_ENTRY = struct.Struct("<16sB")
 REPLY_LEN = struct.Struct("<I")
@@ -523,13 +528,15 @@ def split_ack(data: bytes, flags: int) -> tuple[int, int, int]:
     return start, n, start + n
 
 
-def keep_prefix(seqs: list[int]) -> bytes:
-    """The start of an ACK body flagged :data:`FLAG_KEEP`: the seqs to keep (at most 65,535)."""
-    return KEEP_COUNT.pack(len(seqs)) + b"".join([KEEP_SEQ.pack(s) for s in seqs])
+def keep_prefix(seqs: list[int], ran: set[int] | frozenset[int] = frozenset()) -> bytes:
+    """The start of an ACK body flagged :data:`FLAG_KEEP`: the seqs to keep (at most 65,535),
+    those in ``ran`` marked :data:`KEEP_RAN`."""
+    return KEEP_COUNT.pack(len(seqs)) + b"".join([KEEP_SEQ.pack(s | KEEP_RAN if s in ran else s) for s in seqs])
 
 
-def split_keep(data: bytes) -> tuple[list[int], int]:
-    """``(seqs to keep, ack offset)`` of an ACK frame flagged :data:`FLAG_KEEP`."""
+def split_keep(data: bytes) -> tuple[list[int], list[int], int]:
+    """``(seqs to keep, those of them that ran there, ack offset)`` of an ACK frame flagged
+    :data:`FLAG_KEEP`."""
     if len(data) < HEADER_SIZE + KEEP_COUNT.size:
         raise ProtocolError("malformed", "ack flagged with copies to keep has no room for them")
     (n,) = KEEP_COUNT.unpack_from(data, HEADER_SIZE)
@@ -537,7 +544,8 @@ def split_keep(data: bytes) -> tuple[list[int], int]:
     end = start + n * KEEP_SEQ.size
     if len(data) < end:
         raise ProtocolError("malformed", f"{n} seqs to keep overrun the ack frame")
-    return [s for (s,) in KEEP_SEQ.iter_unpack(data[start:end])], end
+    raw = [s for (s,) in KEEP_SEQ.iter_unpack(data[start:end])]
+    return [s & ~KEEP_RAN for s in raw], [s & ~KEEP_RAN for s in raw if s & KEEP_RAN], end
 
 
 def reply_entry(msg_id: bytes, type_name: bytes, body: bytes) -> bytes:

@@ -79,7 +79,7 @@ class Outgoing:
 
     __slots__ = (
         "kind", "flags", "type", "key", "partition", "msg_id", "trace_id", "cause_id", "payload", "on_done", "raw",
-        "row",
+        "row", "home",
     )
 
     def __init__(
@@ -106,6 +106,9 @@ class Outgoing:
         self.cause_id = cause_id
         self.payload = payload
         self.on_done = on_done
+        # a copy its receiver asked us to keep (FLAG_KEEP) as one that ran there (KEEP_RAN): that
+        # receiver's endpoint, where its next life has its id, should it go (see Router.send_again)
+        self.home: str | None = None
         self.raw = raw  # an already encoded envelope being moved from another channel
         self.row = 0  # durable nodes: its outbox row while it waits outside a window (0: none)
 
@@ -223,8 +226,10 @@ class OutChannel:
         copy whose seq an ack covers and does not list was released."""
         kept: list[int] = []
         if listed:
-            kept, offset = wire.split_keep(data)
+            kept, ran, offset = wire.split_keep(data)
             self.keep(kept)  # (taken before the ack frees them)
+            if ran:
+                self._ran(ran)
         cumulative, received, ranges = core.decode_ack(data, offset)
         if self.custody:
             self._drop_released(cumulative, kept)
@@ -327,6 +332,19 @@ class OutChannel:
             self.release([next(iter(custody))])  # (no room for its copy: it counts done, as at an ack)
         return kept
 
+    def _ran(self, seqs: list[int]) -> None:
+        """Kept envelopes that ran at the receiver (:data:`~choreo.wire.KEEP_RAN`): it will not
+        send them on, so a forward among them is taken (its callback's ``taken``: the partition
+        it paused may reopen) though it is done only at its release; should the receiver go
+        first, the copy goes to its next life (:attr:`Outgoing.home`)."""
+        ran = set(seqs)
+        for item in self.custody.values():
+            if int.from_bytes(item.raw[:8], "little") in ran:  # type: ignore[index]
+                item.home = self.peer.endpoint
+                taken = getattr(item.on_done, "taken", None)
+                if taken is not None:
+                    taken()
+
     def _drop_released(self, cumulative: int, kept: list[int]) -> None:
         """The copies of seqs up to ``cumulative`` not in ``kept`` (an ack's list) were released.
 
@@ -357,7 +375,11 @@ class OutChannel:
         the copies the receiver asked us to keep (they are older than anything in flight). Those go
         again whether it died or left: where its partitions' owners have their ids (handed over with
         them) they are dropped as duplicates, and one a leaving receiver had not finished (its drain
-        timed out) runs there instead of being lost.
+        timed out) runs there instead of being lost. A kept copy of one that ran there goes first
+        to the receiver's next life at the same endpoint, if it has one (:attr:`Outgoing.home`): a
+        node declared dead that rejoins has the ids of what ran in its last life, and runs on what
+        waited for its outputs there. (One kept while it waited there goes by its partition, in
+        its place among the rest: the next life does not have it.)
         """
         self.closed = True
         self.window.flush()
@@ -411,6 +433,7 @@ class InChannel:
         # seqs of envelopes acknowledged before they are done (handed over running, or relieved):
         # every ACK frame asks the sender to keep a copy of them, until they are done here
         self.keep: list[int] = []
+        self.ran: set[int] = set()  # those of them that ran here (or whose id did: see wire.KEEP_RAN)
         self.released = False  # one of them was released since the last ACK frame: one is due
         self.closed = False  # its sender is gone (or we re-incarnated): nobody to ack to
         self.acked_upto = 0  # the cumulative ack last sent
@@ -433,7 +456,7 @@ class InChannel:
         lost RELEASE is made up for by the next ack)."""
         self.released = False
         if self.keep:
-            return self.keep_header + wire.keep_prefix(self.keep) + ack
+            return self.keep_header + wire.keep_prefix(self.keep, self.ran) + ack
         return self.header + ack
 
     def take_ack(self) -> bytes | None:

@@ -50,7 +50,7 @@ import msgspec
 from .. import core
 from ..config import NodeConfig
 from ..errors import ChoreoUsageError, MessageTooLarge, ValidationError
-from ..messages import Message, decode, decoder_for, message_options
+from ..messages import Message, decode, decoder_for
 from ..service import Handler, Service
 from ..statetypes import StateTypes
 from ..tracing import Tracer
@@ -338,14 +338,8 @@ class Dispatcher:
         if env.kind == KIND_HANDOVER:
             if moves is None:
                 self.host.count_refused("unknown_type", f"a hand-over from {channel.peer.node}, and this is a client")
-            elif channel.peer.service_name != moves.service:
-                self.host.count_refused("not_allowed", f"a hand-over from {channel.peer.node}, which is not an "
-                                                       f"instance of {moves.service}")
-            elif env.partition >= moves.ownership.partitions:
-                self.host.count_refused("malformed", f"a hand-over of partition {env.partition} from "
-                                                     f"{channel.peer.node}: {moves.service} has {moves.ownership.partitions}")
             else:
-                moves.on_transfer(channel, env)
+                moves.on_transfer(channel, env)  # (refused unless from an instance of its service)
             channel.reorder.complete(env.seq)
             self.host.ack_later(channel)
             return
@@ -363,6 +357,11 @@ class Dispatcher:
             and not moves.ownership.gate[env.partition]
             and not env.flags & (FLAG_UNKEYED | FLAG_BROADCAST)
         ):
+            if self.data.knows(env, handler, now):  # a duplicate, wherever its partition is (see Router.send_again)
+                self.stats.received += 1
+                self.stats.track(env.partition)
+                self._duplicate(self._job(channel, env, handler))
+                return
             if moves.buffer(channel, env):  # until the handover (or our own join)
                 self.stats.track(env.partition)
                 return
@@ -380,20 +379,20 @@ class Dispatcher:
                 job.reply = error_reply("UnknownType", f"{_who(self.service)} does not handle {env.type}")
             self._effects_safe(job)
             return
-        job = Job(env, channel, handler, self.host.batch_received)
-        if channel.keep and env.seq in channel.keep:  # acknowledged while it waited for its partition (relief.py)
-            job.kept = [(channel, env.seq)]  # (its copy goes when it is done)
+        job = self._job(channel, env, handler)
         self.stats.track(env.partition)
         if handler.kind != "query" and self.config.dedup:
-            window = self.dedup.get(env.type)
-            if window is None:
-                options = message_options(handler.message)
-                window = self.dedup[env.type] = core.DedupWindow(options.dedup_ttl, options.dedup_max)
-            if not window.insert(env.msg_id, now, env.partition):
+            if not self.data.window(env.type, handler).insert(env.msg_id, now, env.partition):
                 self._duplicate(job)
                 return
             self.in_progress[env.msg_id] = job
         self._admit(job)
+
+    def _job(self, channel: InChannel, env: Any, handler: Handler) -> Job:
+        job = Job(env, channel, handler, self.host.batch_received)
+        if channel.keep and env.seq in channel.keep:  # acknowledged while it waited for its partition (relief.py)
+            job.kept = [(channel, env.seq)]  # (its copy goes when it is done)
+        return job
 
     def refuse(self, channel: InChannel, env: Any, reason: str, detail: str) -> None:
         """An envelope this node will not run: counted and logged, acknowledged (it cannot wedge its
@@ -449,17 +448,16 @@ class Dispatcher:
         original = self.in_progress.get(job.env.msg_id)
         if original is not None:
             original.duplicates.append(job)
+            self.data.keep_ran(job, original)
             return
         cached = self.results.get(job.env.msg_id)
         if cached is not None and job.env.kind != KIND_EVENT:
             job.reply = cached[2]
         elif job.env.kind != KIND_EVENT:
-            job.reply = error_reply(
-                "ResultExpired",
-                f"{job.env.type} was already handled, and its result is no longer remembered "
-                "(older than the type's dedup window, or the handling instance crashed)",
-            )
-        self._effects_safe(job)
+            job.reply = error_reply("ResultExpired", f"{job.env.type} was already handled, and its result is no longer "
+                                    "remembered (older than the type's dedup window, or the handling instance crashed)")
+        if not self.data.wait_for_owed(job, partial(self._effects_safe, job)):
+            self._effects_safe(job)
 
     def pump(self) -> None:
         """Start every job that became ready (iteratively: no recursion through handlers)."""

@@ -611,6 +611,9 @@ class Engine:
         log.warning("%s: %s; rejoining as %s", old_name, reason, self.name)
         self.lifecycle.on("declared_dead", self.clock())
         self.counters.reincarnations += 1
+        if self.journal is None:  # (a durable node acknowledges only what its journal committed)
+            self.dispatcher.data.keep_all_ran()
+            self.outbox.send_acks()  # before the channels close with this life
         leftovers = self.outbox.evacuate_all(self.incarnation, former)
         self.former = former
         for _, _, hold in self.holds.take_all():

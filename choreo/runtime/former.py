@@ -36,12 +36,14 @@ class FormerLife:
         self.until = until
         # receiver incarnation -> (its connection, its key, seq -> envelope)
         self._sent: dict[int, tuple[bytes, str | None, dict[int, Outgoing]]] = {}
+        self._endpoints: dict[int, str] = {}
 
     def record(self, peer: Peer, in_flight: dict[int, Outgoing]) -> None:
         """What was in flight to ``peer`` when the life ended (only a peer bound to a connection:
         a late ack must come from that connection)."""
         if in_flight and peer.identity is not None:
             self._sent[peer.incarnation] = (peer.identity, peer.principal, in_flight)
+            self._endpoints[peer.incarnation] = peer.endpoint
 
     def acknowledged(
         self, sender: int, frame_type: int, data: bytes, flags: int, identity: bytes | None, principal: str | None,
@@ -54,10 +56,11 @@ class FormerLife:
         if sent is None or now > self.until or sent[0] != identity or sent[1] != principal:
             return []
         kept: list[int] = []
+        ran: list[int] = []
         if frame_type == wire.ACK:
             offset = wire.HEADER_SIZE
             if flags & wire.FLAG_KEEP:
-                kept, offset = wire.split_keep(data)
+                kept, ran, offset = wire.split_keep(data)
         else:
             offset, length, _ = wire.split_ack(data, flags)
             if not length:
@@ -68,6 +71,10 @@ class FormerLife:
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"a late ack for our former life: {exc}") from None
         in_flight = sent[2]
+        for seq in ran:  # it ran there: its copy goes to whoever is at that endpoint now (it has the id)
+            item = in_flight.get(seq)
+            if item is not None:
+                item.home = self._endpoints.get(sender)
         done = [seq for seq in in_flight
                 if (seq <= cumulative or any(lo <= seq <= hi for lo, hi in ranges)) and seq not in kept]
         return [in_flight.pop(seq) for seq in done]

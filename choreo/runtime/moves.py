@@ -88,7 +88,7 @@ class _Forwarded:
     """What a forward calls once its target has it: the arrival it carries is done here. It
     keeps that arrival, for a forward whose target is gone (:meth:`Moves.take_back`)."""
 
-    __slots__ = ("channel", "env", "outbox", "moves")
+    __slots__ = ("channel", "env", "outbox", "moves", "told")
     forward = True  # (what a hold on its channel does not wait for: Hold.passed)
 
     def __init__(self, channel: InChannel, env: Any, outbox: Outbox, moves: Moves) -> None:
@@ -96,9 +96,22 @@ class _Forwarded:
         self.env = env
         self.outbox = outbox
         self.moves = moves
+        self.told = False
+
+    def taken(self) -> None:
+        """Its target ran it (or a message with its id) and keeps it until its outputs are
+        acknowledged (wire.KEEP_RAN): it will not come back, so the partition it paused reopens
+        now. Waiting for its release instead closes a cycle whenever that flow comes back into
+        the partition (nemesis saga plain 174 and 187 of a heal: the forward waited as a
+        duplicate for its original's outputs, which waited in the paused partition)."""
+        if not self.told:
+            self.told = True
+            self.moves.forward_done(self.env)
 
     def __call__(self) -> None:
-        self.moves.forward_done(self.env)
+        if not self.told:
+            self.told = True
+            self.moves.forward_done(self.env)
         channel, env = self.channel, self.env
         if channel.keep and env.seq in channel.keep:  # acknowledged while it waited here (relief.py)
             self.outbox.release(channel, env.seq, env.msg_id)
@@ -400,10 +413,17 @@ class Moves:
         )
 
     def on_transfer(self, channel: InChannel, env: Any) -> None:
-        """A HANDOVER envelope from another instance of this service (the dispatcher checked that
-        much, and that the partition exists): a chunk of a stream, a verdict on ours, or a delta."""
+        """A HANDOVER envelope: a chunk of a stream, a verdict on ours, or a delta, from another
+        instance of this service (refused, counted, if it is not one, or names no partition of ours)."""
         assert self.work is not None
         sender = channel.peer
+        if sender.service_name != self.service:
+            self.refused("not_allowed", f"a hand-over from {sender.node}, which is not an instance of {self.service}")
+            return
+        if env.partition >= self.ownership.partitions:
+            self.refused("malformed", f"a hand-over of partition {env.partition} from {sender.node}: "
+                                      f"{self.service} has {self.ownership.partitions}")
+            return
         try:
             message = decode_transfer(env.payload)
             if message.partition != env.partition:
@@ -623,7 +643,7 @@ class Moves:
         now = self.clock()
         for item in items:
             forwarded = item.on_done
-            if isinstance(forwarded, _Forwarded):
+            if isinstance(forwarded, _Forwarded) and item.home is None:  # (a kept copy ran there: see Router.send_again)
                 owner = self.membership.owner(self.service, item.partition)
                 if owner is not None and owner.incarnation == self.me:
                     work.deliver(forwarded.channel, forwarded.env, now)

@@ -145,18 +145,24 @@ class Outbox:
         self.counters.frames_out += 1
         self.sender.send(endpoint, frame)
 
-    def keep(self, channel: InChannel, seq: int) -> None:
+    def keep(self, channel: InChannel, seq: int, ran: bool = False) -> None:
         """Envelope ``seq`` of ``channel`` will be acknowledged before it is done (it went running
         with a hand-over, or relieves a stalled channel): every ACK frame of the channel asks its
-        sender to keep a copy, until :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`)."""
-        if channel.peer.incarnation != self.incarnation and seq not in channel.keep:  # (a copy at ourselves would die with us)
+        sender to keep a copy, until :meth:`release` (see :data:`~choreo.wire.FLAG_KEEP`).
+        ``ran``: it ran here, or its id did (:data:`~choreo.wire.KEEP_RAN`)."""
+        if channel.peer.incarnation == self.incarnation:
+            return  # (a copy at ourselves would die with us)
+        if seq not in channel.keep:
             channel.keep.append(seq)
+        if ran:
+            channel.ran.add(seq)
 
     def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None:
         """Kept envelope ``seq`` (id ``msg_id``) is done: its sender's copy may go."""
         if seq not in channel.keep:
             return
         channel.keep.remove(seq)
+        channel.ran.discard(seq)
         channel.released = True
         self.ack_later(channel)  # (its ACK frame no longer lists seq: should the RELEASE be lost)
         peer = channel.peer
@@ -211,6 +217,16 @@ class Outbox:
                 del self.dirty_in[ich]
                 if ich.peer.live and not ich.closed:
                     self.send_ack(ich)
+
+    def send_acks(self) -> None:
+        """Every answer and ack due, now, whatever holds them back (this life is ending: its
+        channels close next)."""
+        if self.replies:
+            self.send_replies()
+        dirty_in, self.dirty_in = self.dirty_in, {}
+        for ich in dirty_in:
+            if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:
+                self.send_ack(ich)
 
     def _flush_durable(self) -> None:
         """The flush of a durable node (see the module docstring)."""

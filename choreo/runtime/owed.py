@@ -54,6 +54,8 @@ class Owed:
         self.by: dict[bytes, int] = {}  # a new owner's: message id -> the previous owner that marks it
         self.sending: dict[bytes, Delta] = {}  # sent by this node, not all acknowledged yet
         self.sent = 0  # messages whose outputs this node sent for another
+        # message id -> what its duplicates wait to do once its outputs sent here are acknowledged (see wait)
+        self.waiting: dict[bytes, list[Callable[[], None]]] = {}
 
     def __len__(self) -> int:
         """Messages whose outputs are owed here: not sent yet, or sent and not all acknowledged."""
@@ -72,6 +74,34 @@ class Owed:
             self.by[delta.msg_id] = by
         if ours:
             self._to_standby(delta, marked=False)
+
+    def wait(self, msg_id: bytes, then: Callable[[], None]) -> bool:
+        """Call ``then`` once the outputs this node sends for ``msg_id`` are acknowledged (False,
+        uncalled: it sends none now).
+
+        A copy of such a message is its duplicate, and is done when they are: acknowledged at
+        once, its sender's copy would go while the outputs live only in this node's memory (a
+        message handed over running whose old owner died: should this node die too before they
+        are acknowledged, the copy is what runs it again, saga plain 195). (Outputs owed and not
+        sent here are their previous owner's to send: it marks them, or goes and they are sent.)"""
+        if msg_id not in self.sending:
+            return False
+        self.waiting.setdefault(msg_id, []).append(then)
+        return True
+
+    def waiting_in(self, p: int) -> int:
+        """Duplicates of partition ``p``'s messages that wait here (:meth:`wait`)."""
+        count = 0
+        for msg_id, thens in self.waiting.items():
+            delta = self.sending.get(msg_id)
+            if delta is not None and delta.partition == p:
+                count += len(thens)
+        return count
+
+    def _sent_no_more(self, msg_id: bytes) -> None:
+        if self.waiting and msg_id not in self.sending:
+            for then in self.waiting.pop(msg_id, ()):
+                then()
 
     def settle(self, msg_id: bytes) -> None:
         """A standby: its owner's mark for ``msg_id`` came, nothing is owed for it any more."""
@@ -142,6 +172,7 @@ class Owed:
                 acknowledged.add(self.host.send_outputs(_Owed(delta, handler), outputs, acknowledged))  # type: ignore[arg-type]
             except ChoreoError as exc:  # (a command whose service has no owner any more, say)
                 self.sending.pop(delta.msg_id, None)
+                self._sent_no_more(delta.msg_id)
                 log.warning("%s: the outputs %s owed for %s could not be sent: %s", self.who,
                             delta.message_type, delta.msg_id.hex(), exc)
                 continue
@@ -152,6 +183,7 @@ class Owed:
     def _acknowledged(self, delta: Delta) -> None:
         if self.sending.pop(delta.msg_id, None) is not None:
             self._to_standby(delta, marked=True)
+        self._sent_no_more(delta.msg_id)
 
     def _to_standby(self, delta: Delta, *, marked: bool) -> None:
         """Tell the standby of ``delta``'s partition what this node owes for its message (its id

@@ -34,7 +34,7 @@ from .. import core
 from ..config import NodeConfig
 from ..messages import Message, encode, message_options
 from ..service import Handler
-from ..wire import KIND_COMMAND
+from ..wire import KIND_CODES, KIND_COMMAND
 from .context import Host, Job
 from .deadletters import DeadLetter, DeadLetters
 from .journal import ENTRY_SIZE, Journal
@@ -159,6 +159,8 @@ class PartitionData:
         if jobs is None:
             jobs = self.settling[job.env.partition] = {}
         jobs[job] = None
+        for duplicate in job.duplicates:  # (they came while it ran)
+            self.keep_ran(duplicate)
 
     def settled(self, job: Job) -> None:
         """``job`` is done (see :meth:`ran`): if it went with a hand-over, its new owner hears so."""
@@ -181,8 +183,9 @@ class PartitionData:
         ``p`` may be handed over."""
         if not lag:
             return True
-        jobs = self.settling.get(p)
-        return jobs is not None and lag == len(jobs) + sum(len(job.duplicates) for job in jobs)
+        jobs = self.settling.get(p) or ()
+        waiting = self.owed.waiting_in(p) if self.owed.waiting else 0  # (duplicates of what it owes: they go with it)
+        return lag == len(jobs) + sum(len(job.duplicates) for job in jobs) + waiting
 
     def _running(self, p: int, to: int | None) -> list[Delta]:
         """The messages of ``p`` that ran and wait for their outputs' acks (see :meth:`ran`), as
@@ -213,11 +216,60 @@ class PartitionData:
                 kept = job.kept = job.kept or []  # (some may be kept already: see relief.py)
                 for j in (job, *job.duplicates):
                     if j.channel is not None and (j.channel, j.env.seq) not in kept:
-                        self.host.keep(j.channel, j.env.seq)
+                        self.host.keep(j.channel, j.env.seq, True)
                         kept.append((j.channel, j.env.seq))
                     if j is not job:
                         j.kept = None  # (released with the job's, not when hand_on finishes it below)
             self.hand_on(job)
+
+    def keep_ran(self, job: Job, original: Job | None = None) -> None:
+        """Acknowledge ``job``'s envelope now, its sender keeping a copy until ``job`` is done
+        (``FLAG_KEEP``, marked :data:`~choreo.wire.KEEP_RAN`): it ran here (or, a duplicate, its
+        ``original`` did: not while that has yet to run) and waits for its outputs' acks.
+
+        A duplicate of such a message: its sender may be a node that forwarded it and keeps the
+        partition closed until it is taken; should the outputs' flow come back into that
+        partition, waiting for the original's outputs closes a cycle (nemesis saga plain 174).
+        """
+        channel = job.channel
+        if channel is None or channel.closed or channel.durable:
+            return
+        if original is not None and original not in self.settling.get(original.env.partition, ()):
+            return
+        seq = job.env.seq
+        self.host.keep(channel, seq, True)
+        if not job.kept or (channel, seq) not in job.kept:
+            job.kept = [*(job.kept or ()), (channel, seq)]
+        channel.reorder.complete(seq)
+        self.host.ack_later(channel)
+
+    def wait_for_owed(self, duplicate: Job, then: Callable[[], None]) -> bool:
+        """A duplicate of a message whose outputs are owed here: acknowledged with its copy kept
+        (:meth:`keep_ran`), done (``then``) once they are acknowledged (:meth:`Owed.wait`).
+        False: nothing is owed for it (or this node is durable: its outputs count once stored)."""
+        if self.journal is not None or not self.owed.wait(duplicate.env.msg_id, then):
+            return False
+        self.keep_ran(duplicate)
+        return True
+
+    def knows(self, env: Any, handler: Handler, now: float) -> bool:
+        """Does this node have ``env``'s id, running or in its dedup window (where it dedups)?"""
+        if not self.config.dedup or handler.kind == "query" or KIND_CODES[handler.kind] != env.kind:
+            return False
+        window = self.dedup.get(env.type)
+        return env.msg_id in self.in_progress or (window is not None and window.contains(env.msg_id, now))
+
+    def keep_all_ran(self) -> None:
+        """This memory node was declared dead and rejoins: what ran and waits for its outputs'
+        acks is acknowledged on its last life's channels before they close, each sender keeping
+        a copy (:meth:`keep_ran`). The outputs go again from the new life, which runs on; the
+        release cannot come on a closed channel, so each sender sends its copy to the new life
+        at the same endpoint, which has its id and holds it as a duplicate until the message is
+        done (``Router.send_again``). Unacknowledged instead, the message went to its
+        partition's next owner, without its id, and ran twice (the heal of a long partition)."""
+        for jobs in list(self.settling.values()):
+            for job in list(jobs):
+                self.keep_ran(job)
 
     @property
     def owed_sent(self) -> int:

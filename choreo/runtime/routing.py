@@ -557,13 +557,32 @@ class Router:
                 if item.on_done is not None:
                     item.on_done()  # its receiver is gone, the other instances had their copies
                 continue
-            target = self.new_home(service, item)
-            if target is None:
-                self.outbox.park(service, item)
-            else:
-                self.outbox.append(self.outbox.channel(target), item, now)
-                moved += 1
+            moved += self.send_again(service, item, now)
         return moved
+
+    def send_again(self, service: str, item: Outgoing, now: float) -> bool:
+        """An envelope whose receiver is gone, to its new home (False: no instance, it waits).
+
+        A copy its receiver asked us to keep (:attr:`Outgoing.home`) goes to that receiver's
+        next life at the same endpoint if it has one: a node declared dead that rejoined has the
+        id of what ran in its last life, and that message runs on there (its outputs went again),
+        so the copy waits there as its duplicate. Sent by partition, it would run again at an
+        owner without its id (the heal of a long partition, where every node rejoins).
+        """
+        home = item.home
+        if home is not None:
+            item.home = None
+            successor = self.membership.live_at(home)
+            if successor is not None and successor.service_name == service:
+                # (older than anything a hold orders: it goes ahead of them, as a forward does)
+                self.outbox.append(self.outbox.channel(successor), item, now, forward=True)
+                return True
+        target = self.new_home(service, item)
+        if target is None:
+            self.outbox.park(service, item)
+            return False
+        self.outbox.append(self.outbox.channel(target), item, now)
+        return True
 
     def rehome(self, service: str | None) -> None:
         """An instance of ``service`` arrived: send it the envelopes that had nowhere to go."""
@@ -574,11 +593,7 @@ class Router:
             return
         now = self.clock()
         for item in items:
-            target = self.new_home(service, item)
-            if target is None:
-                self.outbox.park(service, item)
-            else:
-                self.outbox.append(self.outbox.channel(target), item, now)
+            self.send_again(service, item, now)
 
     def release_holds(self, released: list[tuple[str, int, Hold]]) -> None:
         """Holds whose old owner is done: their queued envelopes go to the partition's owner now."""

@@ -448,7 +448,17 @@ SAGA_KNOWN_FAILURES: set[tuple[str, int]] = set()
 # too before a relay came. Its standby, now the owner, had the id and not the Check: 20 readings
 # whose Check never ran. Since owed outputs go to the standby with the id, until acknowledged
 # (PartitionData._standby_owes), it passes.
-SAGA_REGRESSIONS = {("plain", 70), ("replicas", 21), ("replicas", 70), ("replicas", 113), ("replicas", 195),
+# Four that failed on the way to the heal's kept copies (a memory node declared dead acknowledges
+# what ran with a copy kept, sent to its next life: PartitionData.keep_all_ran, Router.send_again):
+# plain 174 wedged (a forward waited as a duplicate for its original's outputs, whose flow came
+# back into the partition its sender kept closed for it: _Forwarded.taken ends that at wire.KEEP_RAN);
+# plain 195 lost 31 readings' Checks (a new owner sending the outputs of a message handed over
+# running, its old owner dead, acknowledged the producer's copy as a duplicate, then died: Owed.wait);
+# replicas 146 ran 4 Checks twice (a copy of a message running here whose partition had moved on,
+# its id with it: PartitionData.knows) and 179 wedged (duplicates that waited for outputs another
+# node sends). They pass on the code before that change too; they hold what it had to get right.
+SAGA_REGRESSIONS = {("plain", 70), ("plain", 174), ("plain", 195), ("replicas", 21), ("replicas", 70),
+                    ("replicas", 113), ("replicas", 146), ("replicas", 179), ("replicas", 195),
                     ("durable+replicas", 106), ("durable+replicas", 186)}
 
 

@@ -113,7 +113,9 @@ def test_an_ack_that_no_longer_lists_a_copy_releases_it_whatever_order_acks_arri
 
 def test_keep_requests_and_releases_are_bounded_and_refused_when_malformed() -> None:
     frame = wire.frame(wire.ACK, RECEIVER, SENDER, wire.keep_prefix([5, 7]) + b"ack", flags=wire.FLAG_KEEP)
-    assert wire.split_keep(frame) == ([5, 7], len(frame) - 3)
+    assert wire.split_keep(frame) == ([5, 7], [], len(frame) - 3)
+    ran = wire.frame(wire.ACK, RECEIVER, SENDER, wire.keep_prefix([5, 7], {7}) + b"ack", flags=wire.FLAG_KEEP)
+    assert wire.split_keep(ran) == ([5, 7], [7], len(ran) - 3), "7 ran there: marked, the seq itself unchanged"
     short = wire.frame(wire.ACK, RECEIVER, SENDER, wire.KEEP_COUNT.pack(3) + wire.KEEP_SEQ.pack(1), flags=wire.FLAG_KEEP)
     with pytest.raises(ProtocolError, match="overrun"):
         wire.split_keep(short)
