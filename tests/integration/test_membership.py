@@ -202,7 +202,7 @@ def test_partition_between_two_hosts_backs_the_producer_off_and_heals(procs) -> 
 
 
 # Opt-in (CHOREO_HEAL_RUNS=10, say): this fails in some of its runs today (left open, README's
-# long-partition row), so ``make test`` does not run it; it is the reproduction for the fix.
+# long-partition row: 4 of 16), so ``make test`` does not run it; it is the reproduction for the fix.
 HEAL_RUNS = int(os.environ.get("CHOREO_HEAL_RUNS", "0"))
 
 
@@ -216,8 +216,8 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     runs twice, but for the crash window of the cut (README: an event handled on the far side
     just before the cut, whose ack the cut lost, runs again on the producer's side). That is the
     goal, stricter than what the README promises today: tests/sim/test_partition.py holds the
-    same heal in virtual time, where with a standby at most one event per producer, caught running
-    at the heal, runs twice.
+    same heal in virtual time, where each event runs once in memory (with a standby too) since a
+    node declared dead acknowledges what ran with a copy kept at its sender, sent to its next life.
 
     Here, over real sockets, some events run twice in some runs, a fraction of a second after
     the heal: 8 to 31 events in 6 of 19 runs. The logs show the simulated case at scale: the
@@ -228,7 +228,12 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     receivers had spoken (e830b64, backed out in 8b79808: 1 failing run in 6 here, and its wait to
     join wedged saga replicas 189); and acknowledging what ran as the node rejoins, its outputs
     going again from the new life (f5e3e94, backed out in 87b64b2: 6 of 6 runs
-    here, but a crash after the rejoin lost those outputs, saga plain 195)."""
+    here, but a crash after the rejoin lost those outputs, saga plain 195). What is kept: the
+    same with the sender keeping a copy (``PartitionData.keep_all_ran``), sent to the receiver's
+    next life (``Router.send_again``). In virtual time each event runs once; here 4 of 16 runs
+    still ran 7 to 19 events twice, each handled by one instance about 0.3 s after the heal and
+    by another about 0.4 s later: a case of real timing the simulation does not reach (before
+    the change: 6 of 19 runs). Its cause is not found yet."""
     count, keys, rate = 24_000, 200, 1_500.0
     with Hosts(2) as hosts:
         def instance(host: int, peers: list[str]) -> str:
