@@ -160,9 +160,8 @@ FLAG_KEEP = 0x0004
 KEEP_COUNT = struct.Struct("<H")
 KEEP_SEQ = struct.Struct("<Q")
 # a seq to keep with this bit set: that envelope ran at the receiver (or one with its id did, and
-# it waits for that one), so the receiver will not send it on; one without it may still wait there
-# (relief.py) and go on to another owner. A forward's sender reopens the partition it paused at
-# the first (see Moves.forward_done)
+# it waits for that one), so the receiver's next life has its id; one without it may still wait
+# there (relief.py), unknown to a next life (see Router.send_again)
 KEEP_RAN = 1 << 63
 PIGGY = struct.Struct("<H")
 REPLY_ENTRY = struct.Struct("<16sB")

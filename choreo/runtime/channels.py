@@ -333,17 +333,13 @@ class OutChannel:
         return kept
 
     def _ran(self, seqs: list[int]) -> None:
-        """Kept envelopes that ran at the receiver (:data:`~choreo.wire.KEEP_RAN`): it will not
-        send them on, so a forward among them is taken (its callback's ``taken``: the partition
-        it paused may reopen) though it is done only at its release; should the receiver go
-        first, the copy goes to its next life (:attr:`Outgoing.home`)."""
+        """Kept envelopes that ran at the receiver (:data:`~choreo.wire.KEEP_RAN`): should it go
+        before it releases them, their copies go to its next life (:attr:`Outgoing.home`)."""
         ran = set(seqs)
+        endpoint = self.peer.endpoint
         for item in self.custody.values():
-            if int.from_bytes(item.raw[:8], "little") in ran:  # type: ignore[index]
-                item.home = self.peer.endpoint
-                taken = getattr(item.on_done, "taken", None)
-                if taken is not None:
-                    taken()
+            if item.home is None and int.from_bytes(item.raw[:8], "little") in ran:  # type: ignore[index]
+                item.home = endpoint  # (every ack lists them again until the release: marked once)
 
     def _drop_released(self, cumulative: int, kept: list[int]) -> None:
         """The copies of seqs up to ``cumulative`` not in ``kept`` (an ack's list) were released.

@@ -613,6 +613,7 @@ class Engine:
         self.counters.reincarnations += 1
         if self.journal is None:  # (a durable node acknowledges only what its journal committed)
             self.dispatcher.data.keep_all_ran()
+            self.outbox.send_replies()  # (before the acks that cover their commands)
             self.outbox.send_acks()  # before the channels close with this life
         leftovers = self.outbox.evacuate_all(self.incarnation, former)
         self.former = former

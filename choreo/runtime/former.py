@@ -34,16 +34,14 @@ class FormerLife:
     def __init__(self, incarnation: int, until: float) -> None:
         self.incarnation = incarnation
         self.until = until
-        # receiver incarnation -> (its connection, its key, seq -> envelope)
-        self._sent: dict[int, tuple[bytes, str | None, dict[int, Outgoing]]] = {}
-        self._endpoints: dict[int, str] = {}
+        # receiver incarnation -> (its connection, its key, its endpoint, seq -> envelope)
+        self._sent: dict[int, tuple[bytes, str | None, str, dict[int, Outgoing]]] = {}
 
     def record(self, peer: Peer, in_flight: dict[int, Outgoing]) -> None:
         """What was in flight to ``peer`` when the life ended (only a peer bound to a connection:
         a late ack must come from that connection)."""
         if in_flight and peer.identity is not None:
-            self._sent[peer.incarnation] = (peer.identity, peer.principal, in_flight)
-            self._endpoints[peer.incarnation] = peer.endpoint
+            self._sent[peer.incarnation] = (peer.identity, peer.principal, peer.endpoint, in_flight)
 
     def acknowledged(
         self, sender: int, frame_type: int, data: bytes, flags: int, identity: bytes | None, principal: str | None,
@@ -70,11 +68,11 @@ class FormerLife:
             cumulative, _, ranges = core.decode_ack(data, offset)
         except core.MalformedFrame as exc:
             raise ProtocolError("malformed", f"a late ack for our former life: {exc}") from None
-        in_flight = sent[2]
+        endpoint, in_flight = sent[2], sent[3]
         for seq in ran:  # it ran there: its copy goes to whoever is at that endpoint now (it has the id)
             item = in_flight.get(seq)
             if item is not None:
-                item.home = self._endpoints.get(sender)
+                item.home = endpoint
         done = [seq for seq in in_flight
                 if (seq <= cumulative or any(lo <= seq <= hi for lo, hi in ranges)) and seq not in kept]
         return [in_flight.pop(seq) for seq in done]

@@ -88,7 +88,7 @@ class _Forwarded:
     """What a forward calls once its target has it: the arrival it carries is done here. It
     keeps that arrival, for a forward whose target is gone (:meth:`Moves.take_back`)."""
 
-    __slots__ = ("channel", "env", "outbox", "moves", "told")
+    __slots__ = ("channel", "env", "outbox", "moves")
     forward = True  # (what a hold on its channel does not wait for: Hold.passed)
 
     def __init__(self, channel: InChannel, env: Any, outbox: Outbox, moves: Moves) -> None:
@@ -96,22 +96,9 @@ class _Forwarded:
         self.env = env
         self.outbox = outbox
         self.moves = moves
-        self.told = False
-
-    def taken(self) -> None:
-        """Its target ran it (or a message with its id) and keeps it until its outputs are
-        acknowledged (wire.KEEP_RAN): it will not come back, so the partition it paused reopens
-        now. Waiting for its release instead closes a cycle whenever that flow comes back into
-        the partition (nemesis saga plain 174 and 187 of a heal: the forward waited as a
-        duplicate for its original's outputs, which waited in the paused partition)."""
-        if not self.told:
-            self.told = True
-            self.moves.forward_done(self.env)
 
     def __call__(self) -> None:
-        if not self.told:
-            self.told = True
-            self.moves.forward_done(self.env)
+        self.moves.forward_done(self.env)
         channel, env = self.channel, self.env
         if channel.keep and env.seq in channel.keep:  # acknowledged while it waited here (relief.py)
             self.outbox.release(channel, env.seq, env.msg_id)

@@ -205,10 +205,7 @@ class Outbox:
         if self.dirty_in and not self.hold_acks:
             # (while received envelopes wait to be handled, their acks wait too: one ack after the
             # handlers says more, and costs the sender one wake-up instead of two)
-            dirty_in, self.dirty_in = self.dirty_in, {}
-            for ich in dirty_in:
-                if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:
-                    self.send_ack(ich)
+            self.send_acks()
         elif self.dirty_in:
             # ... unless a quarter of a window is done and unacknowledged on a channel: its sender
             # gets that credit back now, so it need not stop while this node works through its queue
@@ -219,10 +216,8 @@ class Outbox:
                     self.send_ack(ich)
 
     def send_acks(self) -> None:
-        """Every answer and ack due, now, whatever holds them back (this life is ending: its
-        channels close next)."""
-        if self.replies:
-            self.send_replies()
+        """Every ack due, now (:meth:`flush`'s, once nothing holds them back; and a life's last,
+        before its channels close: answers first, :meth:`send_replies`)."""
         dirty_in, self.dirty_in = self.dirty_in, {}
         for ich in dirty_in:
             if (ich.reorder.ack_pending or ich.released) and ich.peer.live and not ich.closed:

@@ -225,11 +225,9 @@ class PartitionData:
     def keep_ran(self, job: Job, original: Job | None = None) -> None:
         """Acknowledge ``job``'s envelope now, its sender keeping a copy until ``job`` is done
         (``FLAG_KEEP``, marked :data:`~choreo.wire.KEEP_RAN`): it ran here (or, a duplicate, its
-        ``original`` did: not while that has yet to run) and waits for its outputs' acks.
-
-        A duplicate of such a message: its sender may be a node that forwarded it and keeps the
-        partition closed until it is taken; should the outputs' flow come back into that
-        partition, waiting for the original's outputs closes a cycle (nemesis saga plain 174).
+        ``original`` did: not while that has yet to run) and waits for its outputs' acks. A
+        duplicate so acknowledged no longer holds its channel's cumulative ack behind the
+        original's outputs, which may wait for a flow that comes back over that channel.
         """
         channel = job.channel
         if channel is None or channel.closed or channel.durable:

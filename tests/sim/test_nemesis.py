@@ -449,14 +449,14 @@ SAGA_KNOWN_FAILURES: set[tuple[str, int]] = set()
 # whose Check never ran. Since owed outputs go to the standby with the id, until acknowledged
 # (PartitionData._standby_owes), it passes.
 # Four that failed on the way to the heal's kept copies (a memory node declared dead acknowledges
-# what ran with a copy kept, sent to its next life: PartitionData.keep_all_ran, Router.send_again):
-# plain 174 wedged (a forward waited as a duplicate for its original's outputs, whose flow came
-# back into the partition its sender kept closed for it: _Forwarded.taken ends that at wire.KEEP_RAN);
-# plain 195 lost 31 readings' Checks (a new owner sending the outputs of a message handed over
-# running, its old owner dead, acknowledged the producer's copy as a duplicate, then died: Owed.wait);
-# replicas 146 ran 4 Checks twice (a copy of a message running here whose partition had moved on,
-# its id with it: PartitionData.knows) and 179 wedged (duplicates that waited for outputs another
-# node sends). They pass on the code before that change too; they hold what it had to get right.
+# what ran with a copy kept, sent to its next life: PartitionData.keep_all_ran, Router.send_again),
+# each on a first version of it. Plain 195 lost 31 readings' Checks: a new owner sending the
+# outputs of a message handed over running, its old owner dead, acknowledged the producer's copy as
+# a duplicate, then died; it fails again with Owed.wait switched off. Plain 174 wedged (a forward
+# waiting, as a duplicate, for its original's outputs), replicas 146 ran 4 Checks twice (a copy
+# taken for new where the original still ran) and 179 wedged (duplicates that waited for outputs
+# another node sends); on the change as it is they pass with or without the mechanism first tried
+# for them, and on the code before it: kept as schedules that once caught this change.
 SAGA_REGRESSIONS = {("plain", 70), ("plain", 174), ("plain", 195), ("replicas", 21), ("replicas", 70),
                     ("replicas", 113), ("replicas", 146), ("replicas", 179), ("replicas", 195),
                     ("durable+replicas", 106), ("durable+replicas", 186)}
