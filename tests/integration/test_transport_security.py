@@ -480,8 +480,10 @@ def test_peers_that_vanish_while_this_node_is_too_busy_to_read_them_do_not_crash
     Two ways there, both with a node too busy to read for a while: a peer floods its ROUTER and
     exits; a peer it dialled pushes messages back into its DEALER (never read, by design), then
     resets the connection. The node must outlive both: it ran ZMTP heartbeats, every 15 s, until
-    a real-process chaos run on hosts of their own died of it, so the test waits past two of
-    them (a peer that closed cleanly is seen gone at the first, the abort came at the second)."""
+    a real-process chaos run on hosts of their own died of it (the abort came at the second, 30 s
+    on). The abort needs a heartbeat to fall due, so the test reads that no socket of the node
+    has one (each would be a 30 s wait to show it) and then gives the I/O threads a moment to
+    meet the dead connections."""
     flood = textwrap.dedent("""
         import os, sys, time, zmq
         d = zmq.Context().socket(zmq.DEALER)
@@ -504,7 +506,7 @@ def test_peers_that_vanish_while_this_node_is_too_busy_to_read_them_do_not_crash
         os._exit(0)  # what the node sent and this never read: the kernel resets the connection
     """)
     node = textwrap.dedent("""
-        import asyncio, subprocess, sys, time
+        import asyncio, subprocess, sys, time, zmq
         from choreo.transport import ZmqTransport
         flood, pushback = sys.argv[1], sys.argv[2]
         t = ZmqTransport("tcp://127.0.0.1:0", hwm=16)
@@ -515,7 +517,9 @@ def test_peers_that_vanish_while_this_node_is_too_busy_to_read_them_do_not_crash
             t.send(endpoint, b"z" * 1000)
         subprocess.run([sys.executable, "-c", flood, t.endpoint], timeout=60)
         hostile.wait(60)
-        time.sleep(32.0)  # past two heartbeats' worth
+        beating = [e for e, s in [("router", t.router), *t.dealers.items()] if s.getsockopt(zmq.HEARTBEAT_IVL)]
+        assert not beating, f"ZMTP heartbeats on {beating}"
+        time.sleep(2.0)
         t.close()
         print("alive")
     """)
