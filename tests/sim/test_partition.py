@@ -328,7 +328,7 @@ def test_a_long_partition_with_two_instances_on_each_side_runs_each_event_once(
     instance on each side) when its node hears it was declared dead: no ack came, and it ran
     again at its next owner (one per producer in every such schedule). A rejoining memory node
     now acknowledges it on its last life's channel as it closes, asking its sender to keep a copy
-    (``Dispatcher.keep_all_ran``); its outputs go again from the new life, and the sender sends
+    (``PartitionData.keep_all_ran``); its outputs go again from the new life, and the sender sends
     the copy to that new life, which has its id (``Router.send_again``): each event runs once,
     and a crash of the new life before the outputs are acknowledged leaves the copy to run again.
 
