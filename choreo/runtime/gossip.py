@@ -248,7 +248,8 @@ class Gossip:
             self._probe_indirectly(target)
         for target in failed:
             self._probe_failed(target, now)
-        for inc in self.probes.expired(now):
+        membership = self.membership  # (with two or more members, when this node last heard any)
+        for inc in self.probes.expired(now, membership.heard_at if membership.live_count > 2 else None):
             peer = self.membership.expire(inc)
             if peer is not None:
                 log.warning("%s: peer %s is dead (no answer, nor a refutation within %.1f s)", self.contacts.name, peer.node,
