@@ -69,6 +69,8 @@ class _Drop:
 
     def disconnect(self, endpoint: str) -> None: ...
 
+    def redial(self, endpoint: str) -> None: ...
+
     def send(self, endpoint: str, frame: bytes) -> None:
         if self.keep:
             self.frames.append(frame)
@@ -366,6 +368,8 @@ class _Wire:
     def connect(self, endpoint: str) -> None: ...
 
     def disconnect(self, endpoint: str) -> None: ...
+
+    def redial(self, endpoint: str) -> None: ...
 
     def send(self, endpoint: str, frame: bytes) -> None:
         self.loop.call_soon(self._deliver, self.peers[endpoint], frame)

@@ -99,6 +99,7 @@ def node_stats(engine: Engine) -> NodeStats:
         kept=engine.outbox.kept,
         relieved=d.relieved,
         owed=len(engine.dispatcher.data.owed),
+        redials=c.redials,
         refused=dict(c.refused),
         frames_in=c.frames_in,
         frames_out=c.frames_out,

@@ -105,6 +105,9 @@ class SimNode:
             self.bytes_out += len(frame)
             self.sim.transmit(self, endpoint, frame)
 
+    def redial(self, endpoint: str) -> None:
+        pass  # (no connections in the simulation)
+
     def receive(self, frame: bytes) -> None:
         """What the engine does with a membership frame, and nothing else."""
         g = self.gossip

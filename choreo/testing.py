@@ -102,6 +102,9 @@ class FakeTransport:
     def disconnect(self, endpoint: str) -> None:
         pass
 
+    def redial(self, endpoint: str) -> None:
+        pass  # (no connection to go stale on the fake link)
+
     def send(self, endpoint: str, frame: bytes) -> None:
         if not self.closed:
             self.harness.link.transmit(self.harness.now, self.endpoint, endpoint, frame)

@@ -506,6 +506,20 @@ class ZmqTransport:
                 self._on_monitor(endpoint)  # a first read arms the edge-triggered descriptor
         return sock
 
+    def redial(self, endpoint: str) -> None:
+        """Close the DEALER to ``endpoint`` and dial it afresh, for a connection that carries
+        nothing though the peer is alive: after a cut, TCP retransmits what it had in flight at
+        intervals that double (0.2 s, 0.4 s, ... 12.8 s), so a connection that lost frames for
+        a while may carry nothing for as long again after the cut heals; a new connection starts
+        at once. It presents the same routing id (the peer's ROUTER hands it over to the new
+        connection); frames parked for it go on the new one, and what ZeroMQ had queued on the
+        old one is lost, to be sent again by the reliability layer above."""
+        if endpoint not in self.dealers:
+            return
+        self._close_dealer(endpoint)
+        if not self.closed and not self._holding_off(endpoint):
+            self._dial(endpoint)
+
     def disconnect(self, endpoint: str) -> None:
         self._close_dealer(endpoint)
         self.parked.pop(endpoint, None)

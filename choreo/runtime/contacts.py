@@ -13,7 +13,9 @@ new. :class:`Contacts` keeps that bookkeeping for one node incarnation:
   partitions we hold, sent to our service's other instances when they change (``HOLDING_REPEATS``
   periods in a row, against loss) or when one may have missed them;
 * the refusals we send: a peer we declared dead (``dead``, at most once a second), a frame for an
-  incarnation of ours that is over (``stale``).
+  incarnation of ours that is over (``stale``);
+* members dialled afresh: one whose probe got no answer of its own, as a connection may still be
+  backing off after a cut (:meth:`Contacts.redial`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .outbox import Outbox
 
 __all__ = ["Contacts", "ContactsHost", "NEW_DIALS", "HOLDING_REPEATS"]
 
+log = logging.getLogger("choreo.node")
 NEW_DIALS = 32  # endpoints that are not live members contacted per period, at most
 HOLDING_REPEATS = 3  # periods a change of partitions held is sent again (against loss)
 
@@ -64,8 +67,10 @@ class Contacts:
         period: float,
         clock: Callable[[], float],
         rng: random.Random,
+        redial_every: float = 6.0,
     ) -> None:
-        """``period``: the protocol period (``NodeConfig.heartbeat``); ``rng``: gossip's own (seeded)."""
+        """``period``: the protocol period (``NodeConfig.heartbeat``); ``rng``: gossip's own (seeded);
+        ``redial_every``: how often one member is dialled afresh at most (see :meth:`redial`)."""
         self.me: Peer | None = None
         self.membership = membership
         self.outbox = outbox
@@ -83,6 +88,8 @@ class Contacts:
         self._holding_sent: tuple[bytes, bytes, list[tuple[int, int]]] = (b"", b"", [])
         self._holding_repeats = 0
         self._holding_owed: set[int] = set()  # instances of our service that may lack our partitions
+        self.redial_every = redial_every
+        self._redialled: dict[int, float] = {}  # member -> when we last dialled it afresh
 
     @property
     def incarnation(self) -> int:
@@ -255,6 +262,35 @@ class Contacts:
         )
 
     # -- frames out ------------------------------------------------------------------------------
+
+    def redial(self, peer: Peer) -> None:
+        """Our probe of ``peer`` got no answer of its own (it came through another member, or not
+        at all): dial it afresh, at most once per ``redial_every`` (``suspect_after + dead_after``).
+
+        Over TCP, a member that answers others and not us is rarely losing frames: more often our
+        connection to it is still backing off after a cut, and its next retransmission may come
+        many seconds after the cut healed (the chaos test on hosts: one direction carried nothing
+        for 12 s after a heal while gossip, answered through the producer, kept both ends alive;
+        at shutdown, the producer gone, each took the other for dead). A new connection starts at
+        once (see ``ZmqTransport.redial``); the other end, whose probes fail likewise, dials its own.
+        """
+        now = self.clock()
+        if now - self._redialled.get(peer.incarnation, -1e9) < self.redial_every:
+            return
+        if len(self._redialled) > 4 * len(self.membership.peers) + 64:  # (members come and go: keep the live)
+            self._redialled = {inc: t for inc, t in self._redialled.items() if inc in self.membership.peers}
+        self._redialled[peer.incarnation] = now
+        log.info("%s: no answer of its own from %s: dialling it again", self.name, peer.node)
+        self.outbox.redial(peer.endpoint)
+
+    def ask_for_acks(self) -> None:
+        """A heartbeat asking for an ack to every live peer we have envelopes in flight to (once a
+        period: an ack lost on the way would otherwise wait for the envelopes' resend)."""
+        asking = None
+        for ch in list(self.outbox.out.values()):
+            if ch.window.in_flight and ch.peer.live and not ch.closed:
+                asking = asking or wire.encode_control(wire.HEARTBEAT, self.incarnation, 0, self.heartbeat(ack_please=True))
+                self.outbox.send(ch.peer.endpoint, asking)
 
     def send(self, peer: Peer, frame_type: int, body: msgspec.Struct) -> None:
         self.outbox.send(peer.endpoint, wire.encode_control(frame_type, self.incarnation, peer.incarnation, body))

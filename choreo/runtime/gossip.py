@@ -138,7 +138,8 @@ class Gossip:
         self.rng = random.Random(0)  # reseeded by the incarnation at start: replays under the harness's seed
         self.probes = Probes(suspect_after=config.suspect_after, dead_after=config.dead_after, rng=self.rng)
         self.rumors = Rumors(mult=RETRANSMIT_MULT)
-        self.contacts = Contacts(membership, outbox, lifecycle, host, period=self.period, clock=clock, rng=self.rng)
+        self.contacts = Contacts(membership, outbox, lifecycle, host, period=self.period, clock=clock, rng=self.rng,
+                                 redial_every=config.suspect_after + config.dead_after)
         self.joining = Joining(self.contacts, membership, lifecycle, host, config=config, clock=clock)
         self._next_period = 0.0
         self._next_gossip = float("inf")
@@ -290,15 +291,7 @@ class Gossip:
         target = self.probes.next_target(self._probe_candidates(), self.membership.peers)
         if target is not None:
             self._ping(self.membership.peers[target], self.probes.start(target, now))
-        out = self.outbox.out
-        asking = None
-        for ch in list(out.values()):
-            if ch.window.in_flight and ch.peer.live and not ch.closed:
-                asking = asking or wire.encode_control(
-                    wire.HEARTBEAT, self.incarnation, 0,
-                    self.contacts.heartbeat(ack_please=True),
-                )
-                self.outbox.send(ch.peer.endpoint, asking)
+        contacts.ask_for_acks()
         for name in self.membership.retired - self._retired_told:  # an operator's order, given here
             self._retired_told.add(name)
             self._rumor(wire.Retired(name))
@@ -350,6 +343,7 @@ class Gossip:
         record = peer.record("suspect")
         self._rumor(record)
         self.contacts.send(peer, wire.NEWS, wire.News([record]))  # if it hears this, it refutes at once
+        self.contacts.redial(peer)
 
     # -- rumors ----------------------------------------------------------------------------------
 
@@ -557,7 +551,10 @@ class Gossip:
         if peer is None:
             return
         self._hear(pong.rumors, now, peer, trusted)
-        if self.probes.answered(pong.seq) is not None:
+        target = self.probes.answered(pong.seq)
+        if target is not None:
+            if target != sender and target in self.membership.peers:  # answered through another member
+                self.contacts.redial(self.membership.peers[target])
             return
         relay = self.probes.relayed(pong.seq)
         if relay is not None:

@@ -56,9 +56,11 @@ _REQUEST_KINDS = (wire.KIND_COMMAND, wire.KIND_QUERY)
 
 
 class Sender(Protocol):
-    """What the outbox needs of the network: send one frame to an endpoint."""
+    """What the outbox needs of the network: send one frame to an endpoint; dial one afresh."""
 
     def send(self, endpoint: str, frame: bytes) -> None: ...
+
+    def redial(self, endpoint: str) -> None: ...
 
 
 def _split(entries: list[bytes], limit: int) -> list[bytes]:
@@ -139,6 +141,11 @@ class Outbox:
         self.incarnation = incarnation
 
     # -- frames out ------------------------------------------------------------------------------
+
+    def redial(self, endpoint: str) -> None:
+        """Dial ``endpoint`` afresh (counted; see :meth:`~choreo.runtime.contacts.Contacts.redial`)."""
+        self.counters.redials += 1
+        self.sender.redial(endpoint)
 
     def send(self, endpoint: str, frame: bytes) -> None:
         """One frame to one endpoint (counted)."""

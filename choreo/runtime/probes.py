@@ -10,10 +10,12 @@ and the PING goes again; still nothing at ``suspect_after``: the target becomes 
 ``dead_after``; only the member itself can end it early, by refuting it with a newer version of
 its record (it hears the suspicion by gossip); otherwise it is declared dead.
 
-One look beyond SWIM's: a node that has heard from none of its two or more members for a whole
-``suspect_after`` is the likelier one cut off (Lifeguard's local health, as memberlist has it):
-its suspicions that run out then wait, until some member speaks or its vigil rejoins
-(:mod:`~choreo.runtime.vigil`).
+Two looks beyond SWIM's, for a mesh of TCP connections. A node that has heard from none of its
+two or more members for a whole ``suspect_after`` is the likelier one cut off (Lifeguard's
+local health, as memberlist has it): its suspicions that run out then wait, until some member
+speaks or its vigil rejoins (:mod:`~choreo.runtime.vigil`); and a probe that gets no answer of
+its target's own means our connection to it may be stuck: gossip dials it afresh
+(:meth:`~choreo.runtime.contacts.Contacts.redial`).
 
 This class holds the timers and the order and answers questions; :class:`~choreo.runtime.gossip.Gossip`
 sends the frames and changes membership (sans-IO, time passed in)::

@@ -310,6 +310,36 @@ def test_a_node_cut_off_from_every_member_takes_itself_for_dead_not_them(seed: i
     asyncio.run(scenario())
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_member_that_answers_others_and_not_us_is_dialled_again_not_taken_for_dead(seed: int) -> None:
+    """One direction between two instances carries nothing (over TCP: a connection still backing
+    off after a cut, which can stay silent for as long again after the cut heals), while both
+    reach the producer. Each one's probes of the other are answered through the producer, so
+    nobody is suspected; and each dials the other afresh (``redials``), since its connection
+    to a member that answers others and not it is what is likely stuck. Events flow throughout."""
+    sink, handled = recording_sink()
+    harness = Harness(seed=seed, config=FAST)
+    producer = harness.add(None)
+    a = harness.add(sink)
+    b = harness.add(sink)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.advance(2.0)
+        harness.link.cut.add((b.transport.endpoint, a.transport.endpoint))
+        for n in range(100):
+            await harness.run(producer.emit(Reading(sensor=f"s{n % 10}", n=n)), timeout=30)
+        await harness.run_until(lambda: a.counters.redials and b.counters.redials, 10, "both dialled the other again")
+        await harness.advance(FAST.suspect_after + FAST.dead_after)
+        assert not harness.declared_dead, "nobody taken for dead"
+        harness.heal()
+        await harness.run_until(lambda: len({n for _, _, n in handled}) == 100 and producer.acknowledged, 30,
+                                "every event handled and acknowledged")
+        assert_once_in_order(handled)
+
+    asyncio.run(scenario())
+
+
 class Count(msgspec.Struct):
     n: int
 
