@@ -296,13 +296,13 @@ def run_top(args: argparse.Namespace) -> int:
     if args.once:
         previous = sample(args.peer, args.timeout)
         time.sleep(args.interval)
-        show(table(sample(args.peer, args.timeout), previous), True)
+        show(table(sample(args.peer, args.timeout, previous), previous), True)
         return 0
     previous = None
     shown = 0
     try:
         while True:
-            current = sample(args.peer, args.timeout)
+            current = sample(args.peer, args.timeout, previous)
             show(table(current, previous), shown == 0)
             shown += 1
             if args.count and shown >= args.count:

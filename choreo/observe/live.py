@@ -105,6 +105,7 @@ class LiveMap:
         self.edges = list(edges)
         self.window = window
         self.timeout = timeout
+        self.silent: set[str] = set()  # endpoints that did not answer the last refresh (asked briefly)
 
     def collect(self) -> dict[str, Any]:
         """One refresh: ``{"time", "edges", "nodes", "note"}`` (``note`` says what could not be read)."""
@@ -115,12 +116,14 @@ class LiveMap:
         except Exception as exc:  # the seed went away: say so on the page, keep serving
             nodes = []
             note = f"cannot read the mesh at {self.peer}: {exc}"
-        missing = []
-        for node, answer in gather(nodes, "rates", {"window": self.window}, self.timeout):
+        missing, silent = [], set()
+        for node, answer in gather(nodes, "rates", {"window": self.window}, self.timeout, quick=self.silent):
             if isinstance(answer, Exception):
                 missing.append(node.name)
+                silent.add(node.endpoint)
             else:
                 answers.append(answer)
+        self.silent = silent
         if missing:
             note = f"no answer from {', '.join(missing)}"
         return {"time": time.time(), **labels(answers, self.edges), "note": note}

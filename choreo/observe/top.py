@@ -64,12 +64,14 @@ class Sample:
     unreachable: list[dict[str, str]]
 
 
-def sample(seed: str, timeout: float = 5.0) -> Sample:
-    """Ask the seed who is in the mesh, then every live node for its ``stats``."""
+def sample(seed: str, timeout: float = 5.0, previous: Sample | None = None) -> Sample:
+    """Ask the seed who is in the mesh, then every live node for its ``stats`` (those that did
+    not answer the ``previous`` sample with a short deadline: see :func:`~choreo.observe.mesh.gather`)."""
     nodes = discover(seed, timeout)
     now = time.time()
     got, failed = [], []
-    for node, answer in gather(nodes, "stats", timeout=timeout):
+    silent = {u["endpoint"] for u in previous.unreachable} if previous is not None else set()
+    for node, answer in gather(nodes, "stats", timeout=timeout, quick=silent):
         if isinstance(answer, Exception):
             failed.append({"node": node.name, "endpoint": node.endpoint, "error": str(answer)})
         else:

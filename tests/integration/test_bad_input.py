@@ -99,7 +99,8 @@ def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs,
     assert server.alive()
 
     # choreo top shows the refusals: a column with their total, the reasons in --json (the raw
-    # client's endpoint answers nobody, and top waits --timeout for each node: a short one)
+    # client's endpoint answers nobody: top waits --timeout for it, a short one, then only
+    # half a second at each later sample)
     refused = rpc(server.endpoint, "stats")["refused"]
     capsys.readouterr()
     top = ["top", "--peer", server.endpoint, "--once", "--interval", "0.1", "--timeout", "1"]
@@ -110,5 +111,7 @@ def test_garbage_version_unknown_type_bad_field_and_oversized_are_refused(procs,
     column = header.index("REFUSED") + len("REFUSED")
     assert row[: column].split()[-1] == str(sum(refused.values())) and sum(refused.values()) >= 8
     assert main([*top, "--json"]) == 0
-    (service,) = json.loads(capsys.readouterr().out)["services"]
+    view = json.loads(capsys.readouterr().out)
+    (service,) = view["services"]
     assert service["refused"] == refused and service["refused_total"] == sum(refused.values())
+    assert view["unreachable"] and all("within 0.5 s" in u["error"] for u in view["unreachable"]), view["unreachable"]
