@@ -178,6 +178,15 @@ def recording_sink() -> tuple[Service, list[tuple[str, str, int]]]:
     return sink, handled
 
 
+def producer_and_two_sinks(seed: int) -> tuple[Harness, Any, Any, Any, list[tuple[str, str, int]]]:
+    """A harness with a producer and two instances of a recording sink: (harness, producer,
+    first, second, what they handled)."""
+    sink, handled = recording_sink()
+    harness = Harness(seed=seed, config=FAST)
+    producer = harness.add(None)
+    return harness, producer, harness.add(sink), harness.add(sink), handled
+
+
 def assert_once_in_order(handled: list[tuple[str, str, int]]) -> None:
     counts = Counter(n for _, _, n in handled)
     assert [n for n, c in counts.items() if c > 1] == [], "no event ran twice"
@@ -275,11 +284,7 @@ def test_a_node_cut_off_from_every_member_takes_itself_for_dead_not_them(seed: i
     the member for dead, then, alone with the producer, took the producer for dead too and went
     on with every partition (the chaos test on hosts, under load: an event run again 1 ms after
     a newer one of its key ran on the other side). Its suspicions now wait while it hears nobody."""
-    sink, handled = recording_sink()
-    harness = Harness(seed=seed, config=FAST)
-    producer = harness.add(None)
-    cut_off = harness.add(sink)
-    other = harness.add(sink)
+    harness, producer, cut_off, other, handled = producer_and_two_sinks(seed)
 
     async def scenario() -> None:
         await harness.start()
@@ -317,11 +322,7 @@ def test_a_member_that_answers_others_and_not_us_is_dialled_again_not_taken_for_
     reach the producer. Each one's probes of the other are answered through the producer, so
     nobody is suspected; and each dials the other afresh (``redials``), since its connection
     to a member that answers others and not it is what is likely stuck. Events flow throughout."""
-    sink, handled = recording_sink()
-    harness = Harness(seed=seed, config=FAST)
-    producer = harness.add(None)
-    a = harness.add(sink)
-    b = harness.add(sink)
+    harness, producer, a, b, handled = producer_and_two_sinks(seed)
 
     async def scenario() -> None:
         await harness.start()
