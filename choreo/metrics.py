@@ -67,6 +67,11 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "backpressure_waits": ("choreo_backpressure_waits_total", "Emits and sends that had to wait for credit."),
     "backpressure_errors": ("choreo_backpressure_errors_total", "Emits and sends that gave up with Backpressure."),
+    "redials": (
+        "choreo_redials_total",
+        "Connections to a member dialled afresh because a probe of it got no answer of its own (a connection "
+        "still backing off after a network cut, say).",
+    ),
     "unrouted": ("choreo_unrouted_total", "Messages published while no declared service consumed their type (dropped)."),
     "frames_in": ("choreo_frames_in_total", "ZeroMQ frames received (from peers and from system-query clients)."),
     "frames_out": ("choreo_frames_out_total", "ZeroMQ frames sent to peers (data, acks, membership); answers to system queries excluded."),
