@@ -34,7 +34,7 @@ class Counters:
     redelivered_closed: int = 0  # retransmissions on channels that are gone (so the total only grows)
     unrouted: int = 0
     forwarded: int = 0
-    redials: int = 0  # connections to a member dialled afresh: it answered others' probes, not ours
+    redials: int = 0  # connections to a member dialled afresh: a probe of it got no answer of its own
     refused: Counter[str] = field(default_factory=Counter)
 
 
@@ -56,8 +56,8 @@ class NodeStats:
     ``failed_attempts``, ``dead_lettered``, ``duplicates`` (acknowledged without running the
     handler), ``emitted``/``sent`` (from outside handlers), ``redelivered``, the backpressure
     counts, ``unrouted``, ``forwarded``, ``reincarnations``, ``resent_requests``, frames in and
-    out, ``redials`` (connections to a member dialled afresh: it answered others' probes and not
-    ours), and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
+    out, ``redials`` (connections to a member dialled afresh: a probe of it got no answer of its
+    own), and ``refused`` by reason. Gauges: ``in_handler``, ``in_flight`` (sent, not yet
     acknowledged, or waiting for credit or an instance), ``dead_letters`` (in the store),
     ``lag`` (received, not yet handled, by partition), ``partitions`` (by state), ``holds``,
     ``kept`` (copies kept beyond their ack for receivers that acknowledged those messages before
