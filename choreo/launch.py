@@ -34,6 +34,7 @@ import tempfile
 import time
 import types
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -45,7 +46,7 @@ from .messages import Command, Event, Message, Query
 from .service import Service
 from .trust import Security
 
-__all__ = ["NodeProcess", "READY_PREFIX"]
+__all__ = ["NodeProcess", "READY_PREFIX", "stop_all"]
 
 READY_PREFIX = "choreo-ready "
 
@@ -225,6 +226,26 @@ class _Pickler(cloudpickle.Pickler):
             if module is None or obj.__module__ == "__main__" or getattr(module, obj.__qualname__, None) is not obj:
                 return _rebuild_message_class, _message_class_state(obj)
         return super().reducer_override(obj)
+
+
+def stop_all(procs: Iterable[NodeProcess], timeout: float = 30.0) -> None:
+    """Stop every process at once, as an operator stops a system: SIGTERM to all (each drains and
+    leaves while the others still run), SIGKILL to what outlives ``timeout``.
+
+    >>> stop_all([])  # (nothing started: nothing to do)
+    """
+    started = [p for p in procs if p.proc is not None]
+    if not started:
+        return
+
+    def stop(p: NodeProcess) -> None:
+        try:
+            p.stop(timeout=timeout)
+        finally:
+            p.kill()  # (a no-op when it exited)
+
+    with ThreadPoolExecutor(max_workers=len(started)) as pool:
+        list(pool.map(stop, started))
 
 
 def dumps(obj: Any) -> bytes:

@@ -58,7 +58,7 @@ from .client import rpc
 from .config import NodeConfig
 from .trust import Permissions, Security, create_key
 from .errors import ChoreoError, ChoreoUsageError
-from .launch import NodeProcess
+from .launch import NodeProcess, stop_all
 from .node import Node
 from .service import Service
 
@@ -333,23 +333,13 @@ class System:
 
         Returns each instance's exit status. Safe to call twice, and after a failure.
         """
-        live = [inst for inst in self.instances if inst.proc.proc is not None]
-        if live:
-            with ThreadPoolExecutor(max_workers=len(live)) as pool:
-                list(pool.map(lambda inst: self._stop_one(inst, timeout), live))
+        stop_all([inst.proc for inst in self.instances], timeout)
         statuses = {inst.name: inst.returncode for inst in self.instances}
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
         if self.keys_dir is not None:
             shutil.rmtree(self.keys_dir, ignore_errors=True)
         return statuses
-
-    @staticmethod
-    def _stop_one(inst: Instance, timeout: float) -> None:
-        try:
-            inst.proc.stop(timeout=timeout)
-        finally:
-            inst.proc.kill()  # no-op when it exited
 
     def kill_all(self) -> None:
         """SIGKILL every process now (a second Ctrl-C)."""

@@ -553,8 +553,9 @@ class Gossip:
         self._hear(pong.rumors, now, peer, trusted)
         target = self.probes.answered(pong.seq)
         if target is not None:
-            if target != sender and target in self.membership.peers:  # answered through another member
-                self.contacts.redial(self.membership.peers[target])
+            probed = self.membership.peers.get(target)
+            if target != sender and probed is not None:  # answered through another member
+                self.contacts.redial(probed)
             return
         relay = self.probes.relayed(pong.seq)
         if relay is not None:
