@@ -11,3 +11,38 @@ import pytest
 def expect_compiled_core() -> bool:
     """True unless CHOREO_PURE=1 asked for the pure-Python core on purpose."""
     return os.environ.get("CHOREO_PURE") != "1"
+
+
+# -- the wheel's build, in the background while the simulations run (tests/integration/wheel_build.py)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``test_wheel.py`` right after the last simulation, when both are selected (the first
+    simulation starts the wheel's build: see :func:`pytest_runtest_setup`)."""
+    from tests.integration.wheel_build import is_simulation, is_wheel_test
+
+    wheel = [item for item in items if is_wheel_test(item)]
+    rest = [item for item in items if not is_wheel_test(item)]
+    simulations = [i for i, item in enumerate(rest) if is_simulation(item)]
+    if wheel and simulations:
+        after = simulations[-1] + 1
+        items[:] = [*rest[:after], *wheel, *rest[after:]]
+        config.stash[_BUILD_AT] = rest[simulations[0]].nodeid
+
+
+_BUILD_AT = pytest.StashKey[str]()
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.config.stash.get(_BUILD_AT, None) == item.nodeid:
+        from tests.integration.wheel_build import BUILD, WheelBuild
+
+        item.config.stash.setdefault(BUILD, WheelBuild())
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from tests.integration.wheel_build import BUILD
+
+    build = session.config.stash.get(BUILD, None)
+    if build is not None:
+        build.close()

@@ -1,6 +1,7 @@
 """What ``pip install choreo`` gives a user: a wheel built without warnings, whose examples run.
 
-The wheel is built from this tree the way pip builds it (an isolated build environment), then
+The wheel is built from this tree the way pip builds it (an isolated build environment; in the
+background while the simulations run, when they run in the same session: see wheel_build.py), then
 unpacked and put first on ``PYTHONPATH`` of commands run in an empty directory: no clone, no
 ``examples/`` next to them, as after ``pip install``.
 """
@@ -15,20 +16,19 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from .wheel_build import BUILD, WheelBuild
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-v", "-w", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT,
-    )  # fmt: skip
-    log = build.stdout + build.stderr
-    assert build.returncode == 0, log[-3000:]
+def installed(request: pytest.FixtureRequest) -> Path:
+    build = request.config.stash.get(BUILD, None)  # started in the background (see wheel_build.py)
+    if build is None:
+        build = request.config.stash[BUILD] = WheelBuild()
+    status, log = build.wait(timeout=600)
+    out = build.out
+    assert status == 0, log[-3000:]
     warnings = [line for line in log.splitlines() if "Warning" in line and "Location '" not in line]
     assert not warnings, "the build warns:\n" + "\n".join(warnings)
     (wheel,) = out.glob("choreo-*.whl")
