@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from tests.integration.wheel_build import BUILD, WheelBuild, is_simulation, is_wheel_test
+
 
 @pytest.fixture(scope="session")
 def expect_compiled_core() -> bool:
@@ -15,12 +17,12 @@ def expect_compiled_core() -> bool:
 
 # -- the wheel's build, in the background while the simulations run (tests/integration/wheel_build.py)
 
+_BUILD_AT = pytest.StashKey[str]()  # the node id of the test that starts the build
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """``test_wheel.py`` right after the last simulation, when both are selected (the first
     simulation starts the wheel's build: see :func:`pytest_runtest_setup`)."""
-    from tests.integration.wheel_build import is_simulation, is_wheel_test
-
     wheel = [item for item in items if is_wheel_test(item)]
     rest = [item for item in items if not is_wheel_test(item)]
     simulations = [i for i, item in enumerate(rest) if is_simulation(item)]
@@ -30,19 +32,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.stash[_BUILD_AT] = rest[simulations[0]].nodeid
 
 
-_BUILD_AT = pytest.StashKey[str]()
-
-
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The first simulation starts the wheel's build (``test_wheel.py`` waits for it)."""
     if item.config.stash.get(_BUILD_AT, None) == item.nodeid:
-        from tests.integration.wheel_build import BUILD, WheelBuild
-
-        item.config.stash.setdefault(BUILD, WheelBuild())
+        if BUILD not in item.config.stash:
+            item.config.stash[BUILD] = WheelBuild()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    from tests.integration.wheel_build import BUILD
-
+    """A build still running (the session stopped early) is stopped; what it made is removed."""
     build = session.config.stash.get(BUILD, None)
     if build is not None:
         build.close()
