@@ -23,9 +23,10 @@ class Procs:
         self.started.append(proc)
         return proc
 
-    def stderr(self) -> str:
+    def stderr(self, tail: int | None = 3000) -> str:
+        """Every process's log, each cut to its last ``tail`` characters (None: whole)."""
         return "\n".join(f"--- {p.service if isinstance(p.service, str) else getattr(p.service, 'name', p.service)} "
-                         f"pid {p.proc.pid if p.proc else '?'}\n{p.stderr()[-3000:]}" for p in self.started)
+                         f"pid {p.proc.pid if p.proc else '?'}\n{p.stderr()[-tail if tail else 0:]}" for p in self.started)
 
     def close(self) -> None:
         """Stop every process at once, as ``choreo up`` stops a system (``stop_all``), within 10 s.
