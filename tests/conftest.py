@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.integration.wheel_build import BUILD, WheelBuild, is_simulation, is_wheel_test
+from tests.integration.wheel_build import BUILD, is_simulation, is_wheel_test, session_build
 
 
 @pytest.fixture(scope="session")
@@ -35,8 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """The first simulation starts the wheel's build (``test_wheel.py`` waits for it)."""
     if item.config.stash.get(_BUILD_AT, None) == item.nodeid:
-        if BUILD not in item.config.stash:
-            item.config.stash[BUILD] = WheelBuild()
+        session_build(item.config)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -25,8 +25,12 @@ class Procs:
 
     def stderr(self, tail: int | None = 3000) -> str:
         """Every process's log, each cut to its last ``tail`` characters (None: whole)."""
+        def log(p: NodeProcess) -> str:
+            text = p.stderr()
+            return text if tail is None else text[-tail:]
+
         return "\n".join(f"--- {p.service if isinstance(p.service, str) else getattr(p.service, 'name', p.service)} "
-                         f"pid {p.proc.pid if p.proc else '?'}\n{p.stderr()[-tail if tail else 0:]}" for p in self.started)
+                         f"pid {p.proc.pid if p.proc else '?'}\n{log(p)}" for p in self.started)
 
     def close(self) -> None:
         """Stop every process at once, as ``choreo up`` stops a system (``stop_all``), within 10 s.

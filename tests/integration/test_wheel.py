@@ -16,16 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from .wheel_build import BUILD, WheelBuild
+from .wheel_build import session_build
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def installed(request: pytest.FixtureRequest) -> Path:
-    build = request.config.stash.get(BUILD, None)  # started in the background (see wheel_build.py)
-    if build is None:
-        build = request.config.stash[BUILD] = WheelBuild()
+    build = session_build(request.config)  # (usually started in the background: see wheel_build.py)
     status, log = build.wait(timeout=600)
     out = build.out
     assert status == 0, log[-3000:]

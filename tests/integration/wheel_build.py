@@ -50,6 +50,13 @@ class WheelBuild:
 BUILD = pytest.StashKey[WheelBuild]()
 
 
+def session_build(config: pytest.Config) -> WheelBuild:
+    """The session's build: the one already started, else one started now."""
+    if BUILD not in config.stash:
+        config.stash[BUILD] = WheelBuild()
+    return config.stash[BUILD]
+
+
 def is_wheel_test(item: pytest.Item) -> bool:
     return item.path.name == "test_wheel.py"
 
