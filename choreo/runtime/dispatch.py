@@ -436,6 +436,7 @@ class Dispatcher:
                 window.remove(env.msg_id)
             now = self.host.clock()
             for dup in job.duplicates:
+                self.stats.untrack(dup.env.partition)  # (delivered again, it counts anew: else twice, never drained)
                 if dup.channel is not None and not dup.channel.closed:
                     self.deliver(dup.channel, dup.env, now)
 

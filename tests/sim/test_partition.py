@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from choreo import Event, NodeConfig, Service
+from choreo import Event, NodeConfig, Service, core
 from choreo.runtime.context import HandlerContext
 from choreo.testing import Harness
 
@@ -446,3 +446,52 @@ def test_a_long_partition_with_two_instances_on_each_side_runs_each_event_once(
     for sensor, n in handled:
         per_sensor[sensor].append(n)
     assert all(ns == sorted(ns) for ns in per_sensor.values()), "in order per key"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_producer_that_rejoins_with_events_queued_behind_a_busy_key_leaves_no_partition_stuck(seed: int) -> None:
+    """A producer frozen past ``dead_after`` while its events wait at the consumer behind a slow
+    handler of their key. The consumer takes it for dead (the events' channel closes); its next
+    life sends them again, and each arrives as a duplicate of its queued original. When the key
+    frees, each original is dropped (nobody can acknowledge it now) and its duplicate runs in its
+    place. Each runs once, and the partition counts nothing in progress after: it used to count
+    each such duplicate twice, and never drained to the instance that joined next, whose key's
+    events then waited for ever (the two-host heal's producer that did not finish)."""
+    config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25, handover_timeout=5.0)
+    seen: list[int] = []
+    sink = Service("sink", partitions=4)
+
+    @sink.on(Reading)
+    async def on_reading(ev: Reading) -> None:
+        if ev.n == 0:
+            await harness.sleep(config.suspect_after + config.dead_after + 6.0)  # holds its key meanwhile
+        seen.append(ev.n)
+
+    harness = Harness(seed=seed, config=config)
+    consumer = harness.add(sink)
+    producer = harness.add(None)
+
+    async def scenario() -> None:
+        await harness.start()
+        for n in range(4):
+            await harness.run(producer.emit(Reading(sensor="s", n=n)), timeout=10)
+        await harness.run_until(lambda: consumer.dispatcher.lag_of(partition) == 4, 10, "all four arrived")
+        harness.pause(producer, config.suspect_after + config.dead_after + 2.0)
+        await harness.run_until(lambda: producer.lifecycle.state == "joined" and producer.counters.reincarnations,
+                                30, "the producer rejoined")
+        await harness.run_until(lambda: sorted(seen) == [0, 1, 2, 3], 30, f"each handled ({seen})")
+        await harness.advance(2.0)
+        assert sorted(seen) == [0, 1, 2, 3], "each once"
+        assert consumer.dispatcher.lag_of(partition) == 0, "nothing counts as in progress"
+        newcomer = harness.join(sink)
+        await harness.run_until(lambda: newcomer.lifecycle.state == "joined", 30, "the newcomer joined")
+        await harness.advance(config.handover_timeout + 1.0)
+        assert not consumer.moves.ownership.draining, "every partition the newcomer won was handed over"
+        for n in range(4, 8):
+            await harness.run(producer.emit(Reading(sensor="s", n=n)), timeout=10)
+        await harness.run_until(lambda: sorted(seen) == list(range(8)), 30, f"the events after the join handled ({seen})")
+        await harness.advance(2.0)
+        assert sorted(seen) == list(range(8)), "each once"
+
+    partition = core.partition_of(b"s", 4)
+    asyncio.run(scenario())
