@@ -65,6 +65,8 @@ class PartitionKeeping(Protocol):
 
     def all_ran(self, p: int, lag: int) -> bool: ...
 
+    def drain_state(self, p: int, lag: int) -> str: ...
+
     def marked(self, msg_id: bytes) -> bool: ...
 
     def source_gone(self, incarnation: int) -> int: ...
@@ -155,6 +157,7 @@ class Moves:
         # hand-over is in: forwarded at once, they would wait unacknowledged at the new owner,
         # and a window of them would keep the hand-over itself (behind them) from leaving
         self.held_back: dict[int, deque[tuple[InChannel, Any]]] = {}
+        self._draining_since: dict[int, float | None] = {}  # partition -> when its drain began (None: said so)
 
     @property
     def me(self) -> int:
@@ -182,6 +185,7 @@ class Moves:
         self.early.clear()
         self.forwarded.clear()
         self.held_back.clear()  # (our channels closed: their senders send them again)
+        self._draining_since.clear()
         if self.replicas is not None:
             self.replicas.reset(name)
 
@@ -259,7 +263,8 @@ class Moves:
         return keepers[core.rendezvous_owner(p, [peer.key for peer in keepers])].incarnation
 
     def tick(self, now: float) -> None:
-        """Stop waiting for late handovers; hand over partitions that finished draining."""
+        """Stop waiting for late handovers; send refused standby copies again; hand over
+        partitions that finished draining (and say which drains take long)."""
         ownership = self.ownership
         if ownership.awaiting:
             late = ownership.expire(now, self.config.handover_timeout, self._still_held if self.stateful else None)
@@ -269,6 +274,8 @@ class Moves:
                 self.release_buffered(late)
         if self.early:
             self._settle_early()
+        if self.replicas is not None and self.replicas.retry:
+            self.replicas.tick(now)
         if ownership.buffered:  # partitions ours whose forwards are all done since: what waited runs
             ready = [p for p in ownership.buffered if ownership.state[p] == "owned" and p not in ownership.paused]
             if ready:
@@ -281,6 +288,30 @@ class Moves:
                     sending is not None and sending.retry_at is not None and now >= sending.retry_at
                 ):
                     self.hand_over(p, target)
+            self._watch_drains(now)
+        elif self._draining_since:
+            self._draining_since.clear()
+
+    def _watch_drains(self, now: float) -> None:
+        """Say once when a partition has drained for longer than ``handover_timeout``: its new
+        owner waits for it, and arrivals of its keys wait here unacknowledged, until it is done;
+        what holds it is worth an operator's look."""
+        assert self.data is not None and self.work is not None
+        since = self._draining_since
+        draining = self.ownership.draining
+        for p in [p for p in since if p not in draining]:
+            del since[p]
+        for p, target in draining.items():
+            started = since.setdefault(p, now)
+            if started is None or now - started <= self.config.handover_timeout:
+                continue
+            since[p] = None  # (said once per drain)
+            peer = self.membership.peers.get(target)
+            sending = self.sending.get(p)
+            holding = (f"its hand-over is out ({sending.refusals} refused so far)" if sending is not None
+                       else self.data.drain_state(p, self.work.lag_of(p)))
+            log.warning("%s: partition %d has drained for %.0f s, towards %s; %s", self.name, p, now - started,
+                        peer.node if peer is not None else f"{target:016x}", holding)
 
     def _returns(self, incarnation: int) -> bool:
         """A durable instance of this service the mesh took for dead: its store holds the dedup

@@ -187,6 +187,16 @@ class PartitionData:
         waiting = self.owed.waiting_in(p) if self.owed.waiting else 0  # (duplicates of what it owes: they go with it)
         return lag == len(jobs) + sum(len(job.duplicates) for job in jobs) + waiting
 
+    def drain_state(self, p: int, lag: int) -> str:
+        """What of partition ``p``'s ``lag`` messages in progress here has yet to finish, in words
+        (for the log: a drain that takes long, see ``Moves``)."""
+        jobs = self.settling.get(p) or ()
+        duplicates = sum(len(job.duplicates) for job in jobs)
+        owed = self.owed.waiting_in(p) if self.owed.waiting else 0
+        return (f"{lag} messages in progress: {len(jobs)} ran and wait for their outputs' or standby's acks "
+                f"({duplicates} duplicates with them, {owed} waiting for outputs owed here), "
+                f"{lag - len(jobs) - duplicates - owed} yet to run or finish")
+
     def _running(self, p: int, to: int | None) -> list[Delta]:
         """The messages of ``p`` that ran and wait for their outputs' acks (see :meth:`ran`), as
         unmarked deltas (their writes are in the state already); their marks will go ``to``."""

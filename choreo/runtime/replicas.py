@@ -124,6 +124,8 @@ class Replicas:
         self.inbound: dict[tuple[int, int], StreamIn | None] = {}  # (owner, partition) -> copy coming in
         self.stash: dict[int, list[Delta]] = {}  # partition -> deltas that came during its copy
         self._rng = random.Random()
+        # owned partitions whose standby refused our copy: (when it goes again, the delay before that)
+        self.retry: dict[int, tuple[float, float]] = {}
         self.copies_sent = self.copies_received = self.deltas_sent = self.deltas_applied = 0
 
     def reset(self, name: str) -> None:
@@ -133,6 +135,7 @@ class Replicas:
         self.complete.clear()
         self.releasing.clear()
         self.standby[:] = [None] * self.ownership.partitions  # in place: the state views read this list
+        self.retry.clear()
         self.inbound.clear()
         self.stash.clear()
         self.name = name
@@ -148,9 +151,9 @@ class Replicas:
         return self.standby[p] is not None
 
     def sync(self) -> None:
-        """The view changed: start copies to new standbys, drop copies we no longer stand by for."""
+        """The view changed: start copies to new standbys, drop copies we no longer stand by for
+        (and a refused copy goes again now: the views that crossed may agree now)."""
         ownership = self.ownership
-        me = ownership.me
         for p in range(ownership.partitions):
             state = ownership.state[p]
             target = ownership.standbys[p] if state == "owned" else None
@@ -160,6 +163,10 @@ class Replicas:
                     target = None
             if target != self.standby[p]:
                 self._switch(p, target)
+        if self.retry:
+            now = self.clock()
+            self.retry = {p: (now, delay) for p, (_, delay) in self.retry.items()}
+            self.tick(now)
 
     def released(self, sender: Peer, p: int) -> None:
         """The owner of our copy of ``p`` has a newer one elsewhere (its new standby's, or its new
@@ -283,13 +290,30 @@ class Replicas:
             return
         del self.copying[p]
         if verdict.ok:
+            self.retry.pop(p, None)
             self.complete.add(p)
             self.release(p)
             return
-        log.error("%s: %s refused the copy of partition %d (%s): sending a fresh one", self.name, sender.node, p,
-                  verdict.error)
-        self.standby[p] = None
-        self._switch(p, sender.incarnation)
+        # a fresh copy, after a pause that doubles with each refusal in a row: a standby that still
+        # owns or drains the partition in its view refuses every copy until it is handed over (or
+        # the views agree), and a copy sent at once after each refusal streamed the whole
+        # partition a thousand times a second (seen at the heal of a long partition, behind a
+        # drain that never ended: Dispatcher._abandon)
+        _, delay = self.retry.get(p, (0.0, self.config.rto / 2))
+        delay = min(2 * delay, self.config.rto_max)
+        self.retry[p] = (self.clock() + delay, delay)
+        log.error("%s: %s refused the copy of partition %d (%s): a fresh one in %.2f s", self.name, sender.node, p,
+                  verdict.error, delay)
+
+    def tick(self, now: float) -> None:
+        """Copies refused a while ago go again (see :meth:`verdict`)."""
+        for p, (when, _) in list(self.retry.items()):
+            target = self.standby[p]
+            if self.ownership.state[p] != "owned" or target is None or p in self.copying:
+                del self.retry[p]  # (the view moved on: sync started what it needs)
+            elif now >= when:
+                self.standby[p] = None  # (not a former standby to release: the same one, again)
+                self._switch(p, target)
 
     # -- the standby's half ----------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from choreo import Event, Service, core, wire
 from choreo.config import NodeConfig
 from choreo.runtime.holds import Holds
@@ -17,6 +19,7 @@ from choreo.runtime.membership import Membership, Peer
 from choreo.runtime.moves import Moves
 from choreo.runtime.outbox import Outbox
 from choreo.runtime.ownership import Ownership
+from choreo.runtime.replicas import Replicas
 from choreo.runtime.stats import Counters
 from choreo.runtime.transfer import Chunk, Piece, StreamOut, Verdict, decode_transfer, encode_transfer
 
@@ -56,6 +59,9 @@ class Work:
 
     def all_ran(self, p: int, lag: int) -> bool:
         return lag == 0  # (nothing here waits for its outputs' acks)
+
+    def drain_state(self, p: int, lag: int) -> str:
+        return f"{lag} messages in progress"
 
     def marked(self, msg_id: bytes) -> bool:
         return False
@@ -505,3 +511,75 @@ def test_arrivals_for_a_partition_that_drains_wait_here_so_its_hand_over_is_neve
     assert n.moves.ownership.state[p] == "handed_over"
     assert n.work.delivered == [(p, env.seq) for env in arrivals], "on their way, in their order"
     assert original.completed == [], "none acknowledged before the new owner has it"
+
+
+def with_standby_copies(n: Node) -> Replicas:
+    """``n`` keeps a standby copy of each partition it owns (``replicas=1``)."""
+    replicas = n.moves.replicas = Replicas(
+        n.moves.ownership, n.membership, n.moves.send_transfer, service="meter", config=n.config,
+        clock=lambda: n.now, refused=lambda reason, detail: n.refusals.append((reason, detail)),
+    )
+    replicas.work = n.work  # type: ignore[assignment]
+    return replicas
+
+
+def test_a_standby_that_refuses_our_copy_gets_a_fresh_one_after_a_pause_that_doubles() -> None:
+    """A standby that owns the partition in its own view refuses every copy until the views agree:
+    each fresh copy waits longer (at the heal of a long partition, one sent at once after each
+    refusal streamed the whole partition a thousand times a second for minutes), and a new view
+    sends it at once."""
+    n = Node(1, 2)
+    with_standby_copies(n)
+    n.moves.sync()
+    p = min(n.owned())
+
+    def copies() -> list[Chunk]:
+        return [m for _, m in n.transfers() if isinstance(m, Chunk) and m.purpose == "copy" and m.partition == p
+                and m.seq == 0]
+
+    def refuse() -> None:
+        n.receive(2, Verdict("copy", copies()[-1].stream, p, False, f"meter#2 owns partition {p} in its view"))
+
+    assert len(copies()) == 1, "the standby gets a copy of what this node owns"
+    refuse()
+    n.moves.tick(n.now)
+    assert len(copies()) == 1, "not at once"
+    pauses = []
+    for _ in range(6):
+        sent = len(copies())
+        started = n.now
+        while len(copies()) == sent:
+            assert n.now - started < 30, "a refused copy goes again"
+            n.now += 0.05
+            n.ack_all(2)
+            n.moves.tick(n.now)
+        pauses.append(round(n.now - started, 2))
+        refuse()
+    rto, most = n.config.rto, n.config.rto_max
+    assert pauses == pytest.approx([rto, 2 * rto, 4 * rto, most, most, most], abs=0.06), f"doubling, up to rto_max: {pauses}"
+    sent = len(copies())
+    n.membership.upsert(Peer(3, "fake://3", "relay#3", Service("relay").spec(), 64, 1 << 20, n.now))
+    n.moves.sync()  # a new view, which the standby's may agree with now
+    assert len(copies()) == sent + 1, "a new view: the copy goes again at once"
+    n.receive(2, Verdict("copy", copies()[-1].stream, p, True))
+    assert p in n.moves.replicas.complete and not n.moves.replicas.retry, "checked out: the pauses start over"
+
+
+def test_a_drain_that_takes_longer_than_the_handover_timeout_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    n = Node(1)
+    n.moves.sync()
+    n.add(2)
+    n.moves.sync()
+    p = min(n.moves.ownership.draining)
+    n.work.lag = {p: 3}  # three of its messages never finish here
+    for _ in range(4):
+        n.moves.tick(n.now)
+        n.now += n.config.handover_timeout / 2
+    said = [r.getMessage() for r in caplog.records if "has drained for" in r.getMessage()]
+    assert said[0] == f"meter: partition {p} has drained for 8 s, towards meter#2; 3 messages in progress", said
+    others = set(n.moves.ownership.draining) - {p}
+    assert sorted(said[1:]) == sorted(f"meter: partition {q} has drained for 8 s, towards meter#2; its hand-over is out "
+                                      "(0 refused so far)" for q in others), "the others wait for their verdicts"
+    n.work.lag = {}
+    n.moves.tick(n.now)
+    assert p in n.moves.sending, "the drain is over: its hand-over goes"
