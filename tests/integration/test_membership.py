@@ -202,7 +202,8 @@ def test_partition_between_two_hosts_backs_the_producer_off_and_heals(procs) -> 
 
 
 def _stuck(exc: subprocess.TimeoutExpired, endpoints: list[str]) -> str:
-    """What a producer that did not finish said on stderr, and each producer's stats now."""
+    """What a producer that did not finish said on stderr, and each node's stats now (the
+    producers', then the instances': their partitions by state, and what waits in each)."""
     err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
     stats = []
     for endpoint in endpoints:
@@ -210,7 +211,7 @@ def _stuck(exc: subprocess.TimeoutExpired, endpoints: list[str]) -> str:
             stats.append(rpc(endpoint, "stats", timeout=2.0))
         except Exception as e:  # noqa: BLE001 - a diagnostic: say why there is none
             stats.append(f"no stats: {e}")
-    return f"its stderr: {err[-5000:]}\nthe producers' stats: {stats}"
+    return f"its stderr: {err[-5000:]}\neach node's stats: {stats}"
 
 
 # Opt-in (CHOREO_HEAL_RUNS=10, say): this fails in some of its runs today (left open, README's
@@ -294,7 +295,7 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
             try:
                 outcomes = [p.communicate(timeout=240) for p in producers]
             except subprocess.TimeoutExpired as exc:  # (seen once in 20 runs: what each side held, then)
-                raise AssertionError(f"a producer did not finish within 240 s of the heal\n{_stuck(exc, endpoints)}\n"
+                raise AssertionError(f"a producer did not finish within 240 s of the heal\n{_stuck(exc, endpoints + seeds)}\n"
                                      + procs.stderr(tail=None)) from None
             assert all(p.returncode == 0 for p in producers), [err[-3000:] for _, err in outcomes]
         finally:
