@@ -294,12 +294,13 @@ class Replicas:
             self.complete.add(p)
             self.release(p)
             return
-        # a fresh copy, after a pause that doubles with each refusal in a row: a standby that still
-        # owns or drains the partition in its view refuses every copy until it is handed over (or
-        # the views agree), and a copy sent at once after each refusal streamed the whole
-        # partition a thousand times a second (seen at the heal of a long partition, behind a
-        # drain that never ended: Dispatcher._abandon)
-        _, delay = self.retry.get(p, (0.0, self.config.rto / 2))
+        # a fresh copy, after a pause that doubles with each refusal in a row (from one tick, so
+        # that views crossed for a moment, as at a join, cost next to nothing): a standby that
+        # still owns or drains the partition in its view refuses every copy until it is handed
+        # over, and a copy sent at once after each refusal streamed the whole partition a thousand
+        # times a second for minutes (the heal of a long partition, behind a drain that never
+        # ended: see Dispatcher._abandon)
+        _, delay = self.retry.get(p, (0.0, self.config.tick / 2))
         delay = min(2 * delay, self.config.rto_max)
         self.retry[p] = (self.clock() + delay, delay)
         log.error("%s: %s refused the copy of partition %d (%s): a fresh one in %.2f s", self.name, sender.node, p,

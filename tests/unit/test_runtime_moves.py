@@ -545,18 +545,21 @@ def test_a_standby_that_refuses_our_copy_gets_a_fresh_one_after_a_pause_that_dou
     n.moves.tick(n.now)
     assert len(copies()) == 1, "not at once"
     pauses = []
-    for _ in range(6):
+    tick = n.config.tick
+    for _ in range(13):
         sent = len(copies())
         started = n.now
         while len(copies()) == sent:
             assert n.now - started < 30, "a refused copy goes again"
-            n.now += 0.05
+            n.now += tick
             n.ack_all(2)
             n.moves.tick(n.now)
-        pauses.append(round(n.now - started, 2))
+        pauses.append(n.now - started)
         refuse()
-    rto, most = n.config.rto, n.config.rto_max
-    assert pauses == pytest.approx([rto, 2 * rto, 4 * rto, most, most, most], abs=0.06), f"doubling, up to rto_max: {pauses}"
+    most = n.config.rto_max
+    wanted = [min(tick * 2**i, most) for i in range(13)]  # (from one tick: a crossing of a moment costs little)
+    assert pauses == pytest.approx(wanted, abs=tick * 1.5), f"doubling, up to rto_max: {pauses}"
+    assert sum(pauses[:-3]) < 2 * most, "ten copies in the first 16 s, not ten thousand"
     sent = len(copies())
     n.membership.upsert(Peer(3, "fake://3", "relay#3", Service("relay").spec(), 64, 1 << 20, n.now))
     n.moves.sync()  # a new view, which the standby's may agree with now
