@@ -100,6 +100,7 @@ MAX_PARKED = 100_000  # frames per peer waiting for a full ZeroMQ pipe; beyond, 
 MAX_PARKED_BYTES = 64 << 20  # bytes per peer waiting likewise
 MAX_PEERS = 256  # DEALERs open at once per node (least recently used closed beyond)
 IDLE_CLOSE = 60.0  # seconds after which an unused DEALER is closed
+GONE_LINGER_MS = 200  # a DEALER to a node gone still sends what it holds for this long (in the background)
 READ_BUDGET = 256  # frames per reader callback before yielding to the loop
 # what a reader's read returns (the compiled reader's, choreo._zmqio, are the same numbers)
 READ_DRAINED = 0  # nothing more waits
@@ -521,12 +522,15 @@ class ZmqTransport:
             self._dial(endpoint)
 
     def disconnect(self, endpoint: str) -> None:
-        self._close_dealer(endpoint)
+        """Stop talking to ``endpoint`` (its node is gone). What was just sent it still leaves, for
+        a moment (:data:`GONE_LINGER_MS`): the last acks to a node declared dead that lives on
+        (see ``Outbox.close``), dropped, made it send again what had run here."""
+        self._close_dealer(endpoint, GONE_LINGER_MS)
         self.parked.pop(endpoint, None)
         self.parked_bytes.pop(endpoint, None)
         self._hold_off.pop(endpoint, None)
 
-    def _close_dealer(self, endpoint: str) -> None:
+    def _close_dealer(self, endpoint: str, linger_ms: int = 0) -> None:
         sock = self.dealers.pop(endpoint, None)
         self._used.pop(endpoint, None)
         monitor = self._monitors.pop(endpoint, None)
@@ -540,7 +544,7 @@ class ZmqTransport:
                 sock.disable_monitor()
             monitor.close(0)
         if sock is not None:
-            sock.close(0)
+            sock.close(linger_ms)
 
     def send(self, endpoint: str, frame: bytes) -> None:
         """Send now, or park when the pipe is full; a peer that cannot be dialled loses the frame (counted)."""

@@ -569,7 +569,7 @@ class Engine:
     def peer_gone(self, peer: Peer) -> None:
         """(GossipHost) A peer died or left: resend what it had not acknowledged to the new owners, in order."""
         self.router.invalidate()
-        ch = self.outbox.close(peer.incarnation)
+        ch = self.outbox.close(peer.incarnation, self.dispatcher.data.keep_all_ran)
         if not any(p.endpoint == peer.endpoint and p.live for p in self.membership.peers.values()):
             self.transport.disconnect(peer.endpoint)
         if self.moves is not None:

@@ -395,10 +395,21 @@ class Outbox:
                 due = min(due, ch.window.next_deadline())
         return due
 
-    def close(self, incarnation: int) -> OutChannel | None:
-        """The peer is gone: close both channels with it; returns the outbound one to evacuate."""
+    def close(self, incarnation: int, keep_ran: Callable[[InChannel], None] | None = None) -> OutChannel | None:
+        """The peer is gone: close both channels with it; returns the outbound one to evacuate.
+
+        ``keep_ran``: what ran from it is acknowledged first, with a copy kept of what waits for
+        its outputs or its standby (``PartitionData.keep_all_ran``). A peer the mesh declared
+        dead may live on: it takes the ack as it is, or, rejoined at the same endpoint, as its
+        former life's (former.py), and sends the kept copies back here, where their ids are.
+        Left without an ack, what ran here went again by partition, and ran twice should this
+        node rejoin too before it was done (at the heal of a long partition every node rejoins,
+        each in the order it hears of it)."""
         gone_in = self.inbound.pop(incarnation, None)
         if gone_in is not None:
+            if keep_ran is not None and self.journal is None:  # (a durable node acks what it committed)
+                keep_ran(gone_in)
+                self.send_ack(gone_in)
             gone_in.closed = True
         ch = self.out.pop(incarnation, None)
         if ch is not None:

@@ -35,6 +35,7 @@ from ..config import NodeConfig
 from ..messages import Message, encode, message_options
 from ..service import Handler
 from ..wire import KIND_CODES, KIND_COMMAND
+from .channels import InChannel
 from .context import Host, Job
 from .deadletters import DeadLetter, DeadLetters
 from .journal import ENTRY_SIZE, Journal
@@ -267,17 +268,20 @@ class PartitionData:
         window = self.dedup.get(env.type)
         return env.msg_id in self.in_progress or (window is not None and window.contains(env.msg_id, now))
 
-    def keep_all_ran(self) -> None:
+    def keep_all_ran(self, channel: InChannel | None = None) -> None:
         """This memory node was declared dead and rejoins: what ran and waits for its outputs'
         acks is acknowledged on its last life's channels before they close, each sender keeping
         a copy (:meth:`keep_ran`). The outputs go again from the new life, which runs on; the
         release cannot come on a closed channel, so each sender sends its copy to the new life
         at the same endpoint, which has its id and holds it as a duplicate until the message is
         done (``Router.send_again``). Unacknowledged instead, the message went to its
-        partition's next owner, without its id, and ran twice (the heal of a long partition)."""
+        partition's next owner, without its id, and ran twice (the heal of a long partition).
+
+        ``channel``: only what came on that one (its sender rejoined: see ``Engine.peer_gone``)."""
         for jobs in list(self.settling.values()):
             for job in list(jobs):
-                self.keep_ran(job)
+                if channel is None or job.channel is channel:
+                    self.keep_ran(job)
 
     @property
     def owed_sent(self) -> int:

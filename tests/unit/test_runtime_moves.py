@@ -17,6 +17,7 @@ from choreo.runtime.holds import Holds
 from choreo.runtime.lifecycle import Lifecycle
 from choreo.runtime.membership import Membership, Peer
 from choreo.runtime.moves import Moves
+from choreo.runtime.channels import OutChannel, Outgoing
 from choreo.runtime.outbox import Outbox
 from choreo.runtime.ownership import Ownership
 from choreo.runtime.replicas import Replicas
@@ -586,3 +587,34 @@ def test_a_drain_that_takes_longer_than_the_handover_timeout_is_said_once(caplog
     n.work.lag = {}
     n.moves.tick(n.now)
     assert p in n.moves.sending, "the drain is over: its hand-over goes"
+
+
+def test_a_channel_that_closes_acknowledges_first_what_ran_on_it() -> None:
+    """A sender the mesh declared dead may live on (or rejoin at the same endpoint and take the ack
+    as its former life's): what ran here goes back acknowledged as its channel closes, with the
+    copies of what still waits kept (``keep_ran``). Unacknowledged, it went again by partition
+    and ran twice should this node rejoin too (the two-host heal)."""
+    n = Node(1, 2)
+    peer = n.membership.peers[2]
+    out = OutChannel(2, n.membership.peers[1], window=64, window_bytes=1 << 20, rto=1.0, rto_max=8.0, max_batch=256,
+                     max_batch_bytes=1 << 20)
+    for i in range(3):
+        out.append(Outgoing(wire.KIND_EVENT, 0, b"Tick", b"k", 0, bytes([i]) * 16, bytes(16), bytes(16), b"x", None), 0.0)
+    body = out.take_body()
+    assert body is not None
+    ich = n.outbox.inbound_from(peer)
+    for env in ich.reorder.feed(wire.frame(wire.DATA, 2, 1, body), wire.HEADER_SIZE):
+        if env.seq < 3:
+            ich.reorder.complete(env.seq)  # two ran; the third waits for its turn (it will not run here)
+    kept: list[Any] = []
+    n.sent.clear()
+    n.outbox.close(2, lambda channel: (kept.append(channel), n.outbox.keep(channel, 2, True)))  # (as keep_all_ran does)
+    assert kept == [ich] and ich.closed
+    (ack,) = [frame for endpoint, frame in n.sent if endpoint == peer.endpoint and wire.parse_header(frame)[0] == wire.ACK]
+    out.on_ack(ack, wire.HEADER_SIZE, 0.1, listed=bool(wire.parse_header(ack)[1] & wire.FLAG_KEEP))
+    assert out.window.in_flight == 1, "the two that ran are acknowledged, the third is not"
+    assert [item.home for item in out.custody.values()] == [out.peer.endpoint], (
+        "the one that still waits for its outputs is kept, to come back here, where its id is")
+    n.sent.clear()
+    n.outbox.close(2, lambda channel: kept.append(channel))
+    assert not n.sent and len(kept) == 1, "once"
