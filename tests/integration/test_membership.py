@@ -251,12 +251,13 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     channel, between running a message and hearing it was declared dead itself, so nothing
     acknowledges what ran; and a copy on its way to a receiver's next life comes back from the
     window without that destination (``Outgoing.home``) when its sender rejoins too, and goes by
-    partition. Acknowledging as the channel closes alone: 2 of 12 runs still failed; with the
-    destination kept across the sender's rejoin too: 12 of 12 passed, but saga plain 174 wedged.
-    Neither is in yet. Measured again on 2026-12-07 (with the redial of 743d700): 3 to 47 events
-    in 6 of 34 runs, first handled 0.3 to 0.5 s after the heal and again 0.05 to 0.6 s later; in
-    one more run a producer did not finish within 240 s of the heal (a failure now prints every
-    instance's log, and a producer that does not finish its stderr and both producers' stats)."""
+    partition. Acknowledging as the channel closes is in (``Outbox.close``: any channel, as its
+    sender goes); keeping the destination wedged saga plain 174 and is not. On 2026-12-07: 23 of
+    86 runs failed without the first, 19 of 114 with it, 2 to 70 events each, every one first run
+    at an instance's last life 5 to 90 ms before it heard it was declared dead. One run never
+    finished (a partition that never drained: fixed, see the sim test of a producer frozen with
+    events behind a busy key). A failure prints every instance's log; a producer that does not
+    finish, its stderr and every node's stats; first handlings out of order, which events."""
     count, keys, rate = 24_000, 200, 1_500.0
     with Hosts(2) as hosts:
         def instance(host: int, peers: list[str]) -> str:
@@ -320,8 +321,17 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
                        " (seconds after the heal, record file tally-PID.log; each process's log follows)\n"
                        + procs.stderr(tail=None))
     assert len(in_cut) <= 2 * FAST.window, f"{len(in_cut)} events ran twice across the cut, more than in flight"
-    firsts: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    firsts: dict[str, list[tuple[int, int, str]]] = defaultdict(list)  # key -> (first handled at, n, by whom)
     for (key, n), hs in handlings.items():
-        firsts[key].append((min(hs)[0], n))
-    disordered = [key for key, ns in firsts.items() if [n for _, n in sorted(ns)] != sorted(n for _, n in ns)]
-    assert not disordered, f"first handlings out of order for {len(disordered)} keys, e.g. {disordered[:5]}"
+        t, file = min(hs)
+        firsts[key].append((t, n, file))
+
+    def inversions(ns: list[tuple[int, int, str]]) -> list[str]:
+        ns = sorted(ns)
+        return [f"{b[1]} at {(b[0] - healed_at) / 1e9:.3f} s ({b[2]}) after {a[1]} at {(a[0] - healed_at) / 1e9:.3f} s ({a[2]})"
+                for a, b in zip(ns, ns[1:]) if b[1] < a[1]]
+
+    disordered = {key: inversions(ns) for key, ns in firsts.items() if inversions(ns)}
+    assert not disordered, (f"first handlings out of order for {len(disordered)} keys, e.g. "
+                            f"{[(key, pairs[:2]) for key, pairs in list(disordered.items())[:3]]}"
+                            " (seconds after the heal; each process's log follows)\n" + procs.stderr(tail=None))
