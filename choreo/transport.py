@@ -523,8 +523,8 @@ class ZmqTransport:
 
     def disconnect(self, endpoint: str) -> None:
         """Stop talking to ``endpoint`` (its node is gone). What was just sent it still leaves, for
-        a moment (:data:`GONE_LINGER_MS`): the last acks to a node declared dead that lives on
-        (see ``Outbox.close``), dropped, made it send again what had run here."""
+        a moment (:data:`GONE_LINGER_MS`): a last ack to a node declared dead that lives on (see
+        ``Outbox.close``), dropped from ZeroMQ's queue, would have it send again what ran here."""
         self._close_dealer(endpoint, GONE_LINGER_MS)
         self.parked.pop(endpoint, None)
         self.parked_bytes.pop(endpoint, None)
