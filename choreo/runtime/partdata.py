@@ -277,7 +277,7 @@ class PartitionData:
         done (``Router.send_again``). Unacknowledged instead, the message went to its
         partition's next owner, without its id, and ran twice (the heal of a long partition).
 
-        ``channel``: only what came on that one (its sender rejoined: see ``Engine.peer_gone``)."""
+        ``channel``: only what came on that one, as it closes (its sender is gone: see ``Outbox.close``)."""
         for jobs in list(self.settling.values()):
             for job in list(jobs):
                 if channel is None or job.channel is channel:
