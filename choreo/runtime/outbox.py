@@ -409,7 +409,8 @@ class Outbox:
         if gone_in is not None:
             if keep_ran is not None and self.journal is None:  # (a durable node acks what it committed)
                 keep_ran(gone_in)
-                self.send_ack(gone_in)
+                if gone_in.reorder.ack_pending or gone_in.released or gone_in.keep:  # (something to say)
+                    self.send_ack(gone_in)
             gone_in.closed = True
         ch = self.out.pop(incarnation, None)
         if ch is not None:

@@ -182,21 +182,23 @@ class PartitionData:
         """Have the ``lag`` messages of partition ``p`` in progress here all run (some may wait
         for their outputs' acks, see :meth:`ran`; a duplicate waits with its original)? Then
         ``p`` may be handed over."""
-        if not lag:
-            return True
+        return not lag or lag == sum(self._ran_and_waiting(p))
+
+    def _ran_and_waiting(self, p: int) -> tuple[int, int, int]:
+        """Of partition ``p``'s messages in progress, those that ran and wait for their outputs' (or
+        standby's) acks, the duplicates waiting with them, and the duplicates of what it owes
+        (they go with it)."""
         jobs = self.settling.get(p) or ()
-        waiting = self.owed.waiting_in(p) if self.owed.waiting else 0  # (duplicates of what it owes: they go with it)
-        return lag == len(jobs) + sum(len(job.duplicates) for job in jobs) + waiting
+        owed = self.owed.waiting_in(p) if self.owed.waiting else 0
+        return len(jobs), sum(len(job.duplicates) for job in jobs), owed
 
     def drain_state(self, p: int, lag: int) -> str:
         """What of partition ``p``'s ``lag`` messages in progress here has yet to finish, in words
         (for the log: a drain that takes long, see ``Moves``)."""
-        jobs = self.settling.get(p) or ()
-        duplicates = sum(len(job.duplicates) for job in jobs)
-        owed = self.owed.waiting_in(p) if self.owed.waiting else 0
-        return (f"{lag} messages in progress: {len(jobs)} ran and wait for their outputs' or standby's acks "
+        ran, duplicates, owed = self._ran_and_waiting(p)
+        return (f"{lag} messages in progress: {ran} ran and wait for their outputs' or standby's acks "
                 f"({duplicates} duplicates with them, {owed} waiting for outputs owed here), "
-                f"{lag - len(jobs) - duplicates - owed} yet to run or finish")
+                f"{lag - ran - duplicates - owed} yet to run or finish")
 
     def _running(self, p: int, to: int | None) -> list[Delta]:
         """The messages of ``p`` that ran and wait for their outputs' acks (see :meth:`ran`), as

@@ -331,7 +331,7 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
         return [f"{b[1]} at {(b[0] - healed_at) / 1e9:.3f} s ({b[2]}) after {a[1]} at {(a[0] - healed_at) / 1e9:.3f} s ({a[2]})"
                 for a, b in zip(ns, ns[1:]) if b[1] < a[1]]
 
-    disordered = {key: inversions(ns) for key, ns in firsts.items() if inversions(ns)}
+    disordered = {key: pairs for key, ns in firsts.items() if (pairs := inversions(ns))}
     assert not disordered, (f"first handlings out of order for {len(disordered)} keys, e.g. "
                             f"{[(key, pairs[:2]) for key, pairs in list(disordered.items())[:3]]}"
                             " (seconds after the heal; each process's log follows)\n" + procs.stderr(tail=None))

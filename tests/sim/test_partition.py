@@ -470,6 +470,7 @@ def test_a_producer_that_rejoins_with_events_queued_behind_a_busy_key_leaves_no_
     harness = Harness(seed=seed, config=config)
     consumer = harness.add(sink)
     producer = harness.add(None)
+    partition = core.partition_of(b"s", 4)  # (of every event here)
 
     async def scenario() -> None:
         await harness.start()
@@ -493,5 +494,4 @@ def test_a_producer_that_rejoins_with_events_queued_behind_a_busy_key_leaves_no_
         await harness.advance(2.0)
         assert sorted(seen) == list(range(8)), "each once"
 
-    partition = core.partition_of(b"s", 4)
     asyncio.run(scenario())
