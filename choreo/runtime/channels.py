@@ -153,6 +153,9 @@ class OutChannel:
         self.custody: dict[bytes, Outgoing] = {}  # msg id -> a copy kept beyond its ack (see keep)
         self.custody_bytes = 0
         self._asked: set[int] = set()  # unacknowledged seqs a copy was taken of (later acks ask again)
+        # seq -> the home of a kept copy on its way back there (Outgoing.home): it keeps that home
+        # should the channel close before the ack (its sender rejoins too: see evacuate)
+        self.homes: dict[int, str] = {}
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -164,6 +167,9 @@ class OutChannel:
         """Put an envelope in the window (credit must be available); returns its seq."""
         if item.raw is not None:
             seq = self.window.append_raw(item.raw, now)
+            if item.home is not None:
+                self.homes[seq] = item.home
+                item.home = None
         else:
             seq = self.window.append(
                 item.kind,
@@ -234,6 +240,9 @@ class OutChannel:
         if self.custody:
             self._drop_released(cumulative, kept)
         freed = self.window.on_ack(cumulative, received, ranges, now)
+        if self.homes:
+            for seq in [seq for seq in self.homes if seq <= cumulative]:
+                del self.homes[seq]
         if cumulative > self.done_upto:
             self.done_upto = min(cumulative, self.window.next_seq - 1)
             if self.records:
@@ -340,6 +349,9 @@ class OutChannel:
         for item in self.custody.values():
             if item.home is None and int.from_bytes(item.raw[:8], "little") in ran:  # type: ignore[index]
                 item.home = endpoint  # (every ack lists them again until the release: marked once)
+                ran_there = getattr(item.on_done, "ran_at_target", None)
+                if ran_there is not None:  # a forward of ours (Moves): its key's order is kept now
+                    ran_there()
 
     def _drop_released(self, cumulative: int, kept: list[int]) -> None:
         """The copies of seqs up to ``cumulative`` not in ``kept`` (an ack's list) were released.
@@ -375,7 +387,10 @@ class OutChannel:
         to the receiver's next life at the same endpoint, if it has one (:attr:`Outgoing.home`): a
         node declared dead that rejoins has the ids of what ran in its last life, and runs on what
         waited for its outputs there. (One kept while it waited there goes by its partition, in
-        its place among the rest: the next life does not have it.)
+        its place among the rest: the next life does not have it.) A copy in flight to such a next
+        life keeps that destination: should this node rejoin too before the ack (the heal of a
+        long partition, where every node does), the copy goes back there from its new life. Sent
+        by partition instead, it ran again at an owner without its id (traced in the two-host heal).
         """
         self.closed = True
         self.window.flush()
@@ -387,12 +402,14 @@ class OutChannel:
         for raw in self.window.unacked():
             seq = int.from_bytes(raw[:8], "little")
             item = _from_raw(raw, self.watch.pop(seq, None))
+            item.home = self.homes.get(seq)
             out.append(item)
             if in_flight is not None:
                 in_flight[seq] = item
         out.extend(self.backlog)
         self.backlog.clear()
         self.watch.clear()
+        self.homes.clear()
         self.wake_waiters()
         return out
 

@@ -99,6 +99,13 @@ class _Forwarded:
         self.outbox = outbox
         self.moves = moves
 
+    def ran_at_target(self) -> None:
+        """Its target ran it and keeps it until its outputs are acknowledged (``KEEP_RAN``): the
+        partition need not stay closed for it (its key's order is kept: it ran). Closed until the
+        copy's release instead, a flow of that message that came back to the partition waited for
+        itself (saga plain 174, once the copy kept its home across its sender's rejoin)."""
+        self.moves.forward_done(self.env)
+
     def __call__(self) -> None:
         self.moves.forward_done(self.env)
         channel, env = self.channel, self.env

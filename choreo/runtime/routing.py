@@ -571,12 +571,13 @@ class Router:
         """
         home = item.home
         if home is not None:
-            item.home = None
             successor = self.membership.live_at(home)
             if successor is not None and successor.service_name == service:
-                # (older than anything a hold orders: it goes ahead of them, as a forward does)
+                # (older than anything a hold orders: it goes ahead of them, as a forward does; its
+                # channel keeps its home until the ack, see OutChannel.evacuate)
                 self.outbox.append(self.outbox.channel(successor), item, now, forward=True)
                 return True
+            item.home = None
         target = self.new_home(service, item)
         if target is None:
             self.outbox.park(service, item)

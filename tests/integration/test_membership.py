@@ -251,10 +251,16 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     channel, between running a message and hearing it was declared dead itself, so nothing
     acknowledges what ran; and a copy on its way to a receiver's next life comes back from the
     window without that destination (``Outgoing.home``) when its sender rejoins too, and goes by
-    partition. Acknowledging as the channel closes is in (``Outbox.close``: any channel, as its
-    sender goes); keeping the destination wedged saga plain 174 and is not. On 2026-12-07: 23 of
-    86 runs failed without the first, 19 of 114 with it, 2 to 70 events each, every one first run
-    at an instance's last life 5 to 90 ms before it heard it was declared dead. One run never
+    partition. Both are fixed: a channel acknowledges as it closes (``Outbox.close``: any
+    channel, as its sender goes), and a copy in flight to a next life keeps that destination
+    across its sender's rejoin (``OutChannel.homes``; a forward kept as one that ran reopens its
+    partition, ``_Forwarded.ran_at_target``, or saga plain 174 wedges). On 2026-12-07: 23 of 86
+    runs failed without the first, 19 of 114 with it, 2 to 70 events each, every one first run at
+    an instance's last life 5 to 90 ms before it heard it was declared dead. Traced again with
+    both: the copy now comes home, and what is left is the home forgetting the id (it ran there,
+    its write to the standby was never acknowledged, and the next life, not the partition's owner,
+    drops its ids with a standby copy of that partition it lets go): the copy goes on to the
+    owner and runs again there, which is also what keeps its write. One run never
     finished (a partition that never drained: fixed, see the sim test of a producer frozen with
     events behind a busy key). A failure prints every instance's log; a producer that does not
     finish, its stderr and every node's stats; first handlings out of order, which events."""

@@ -147,3 +147,68 @@ def test_a_receiver_that_never_releases_holds_at_most_the_windows_bytes_of_copie
     assert 0 < out.custody_bytes <= 1000
     assert out.custody_bytes == sum(len(item.raw) for item in out.custody.values())
     assert (25).to_bytes(16, "big") in out.custody, "the newest copies stay, the oldest went"
+
+
+def test_a_copy_on_its_way_to_its_receivers_next_life_keeps_that_home_if_its_sender_rejoins_first() -> None:
+    # the two-host heal, traced: the receiver ran message 2 and rejoined; its sender sent the copy
+    # to the receiver's next life (which has its id), then rejoined as well before the ack. The
+    # copy came back from the window without its home, went by partition and ran again there.
+    out, inbound = connected(3)
+    inbound.keep.append(2)
+    inbound.ran.add(2)
+    deliver_ack(out, inbound.ack_frame())
+    (copy,) = out.evacuate()  # the receiver's last life is gone
+    assert copy.home == out.peer.endpoint, "it ran there: its copy goes to the next life at that endpoint"
+    next_life = OutChannel(SENDER, peer(RECEIVER + 1), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
+                           max_batch=256, max_batch_bytes=1 << 20)
+    next_life.append(copy, now=0.3)
+    next_life.append(event(4), now=0.3)
+    assert next_life.take_body() is not None
+    back = next_life.evacuate()  # the sender rejoins before either is acknowledged
+    assert [(item.msg_id, item.home) for item in back] == [((2).to_bytes(16, "big"), out.peer.endpoint),
+                                                          ((4).to_bytes(16, "big"), None)], \
+        "the copy goes home again from the sender's new life; the rest goes by partition"
+
+    again = OutChannel(SENDER, peer(RECEIVER + 1), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
+                       max_batch=256, max_batch_bytes=1 << 20)
+    again.append(back[0], now=0.4)
+    body = again.take_body()
+    assert body is not None
+    receiver = InChannel(RECEIVER + 1, peer(SENDER), window=64)
+    for env in receiver.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER + 1, body), wire.HEADER_SIZE):
+        receiver.reorder.complete(env.seq)  # (a duplicate there: done)
+    deliver_ack(again, receiver.ack_frame())
+    assert again.evacuate() == [] and not again.homes, "acknowledged: nothing comes back, no home is remembered"
+
+
+def test_a_forward_that_ran_at_its_target_reopens_its_partition_before_the_copy_is_released() -> None:
+    # a forward keeps its partition closed until done; kept as one that ran there (KEEP_RAN), it
+    # is done only at the release, which may wait for a flow that comes back to that partition
+    class Forward:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def ran_at_target(self) -> None:
+            self.calls.append("ran")
+
+        def __call__(self) -> None:
+            self.calls.append("done")
+
+    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
+                     max_batch=256, max_batch_bytes=1 << 20)
+    forward = Forward()
+    item = event(1)
+    item.on_done = forward
+    out.append(item, now=0.0)
+    body = out.take_body()
+    assert body is not None
+    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
+    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
+        inbound.reorder.complete(env.seq)
+    inbound.keep.append(1)
+    inbound.ran.add(1)
+    deliver_ack(out, inbound.ack_frame())
+    deliver_ack(out, inbound.ack_frame())  # (every ack lists it again until the release)
+    assert forward.calls == ["ran"], "its partition reopens once; the forward is not done yet"
+    out.release([(1).to_bytes(16, "big")])
+    assert forward.calls == ["ran", "done"]
