@@ -214,8 +214,9 @@ def _stuck(exc: subprocess.TimeoutExpired, endpoints: list[str]) -> str:
     return f"its stderr: {err[-5000:]}\neach node's stats: {stats}"
 
 
-# Opt-in (CHOREO_HEAL_RUNS=10, say): this fails in some of its runs today (left open, README's
-# long-partition row: 4 of 16), so ``make test`` does not run it; it is the reproduction for the fix.
+# Opt-in (CHOREO_HEAL_RUNS=10, say): 22 s a run. It fails in some of its runs (README's
+# long-partition row: 7 of 80 on 2026-12-07, one in six before), so ``make test`` does not run
+# it; it is the reproduction for the fix.
 HEAL_RUNS = int(os.environ.get("CHOREO_HEAL_RUNS", "0"))
 
 
@@ -256,8 +257,9 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     across its sender's rejoin (``OutChannel.homes``; a forward kept as one that ran reopens its
     partition, ``_Forwarded.ran_at_target``, or saga plain 174 wedges). On 2026-12-07: 23 of 86
     runs failed without the first, 19 of 114 with it, 2 to 70 events each, every one first run at
-    an instance's last life 5 to 90 ms before it heard it was declared dead. Traced again with
-    both: the copy now comes home, and what is left is the home forgetting the id (it ran there,
+    an instance's last life 5 to 90 ms before it heard it was declared dead; with both, 7 of 80
+    (one of them first handlings out of order). Traced again with both (3 of 17 runs failed,
+    none of the next 30): the copy now comes home, and what is left is the home forgetting the id (it ran there,
     its write to the standby was never acknowledged, and the next life, not the partition's owner,
     drops its ids with a standby copy of that partition it lets go): the copy goes on to the
     owner and runs again there, which is also what keeps its write. One run never

@@ -23,18 +23,28 @@ def event(n: int) -> Outgoing:
     return Outgoing(core.KIND_EVENT, 0, b"Tick", b"k", 0, n.to_bytes(16, "big"), b"t" * 16, b"c" * 16, b"payload", None)
 
 
-def connected(n: int) -> tuple[OutChannel, InChannel]:
-    """A sender's channel with envelopes 1..n sent, and the receiver's, which has handled them all."""
-    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
-                     max_batch=256, max_batch_bytes=1 << 20)
-    for i in range(1, n + 1):
-        out.append(event(i), now=0.0)
+def channel(receiver: int = RECEIVER) -> OutChannel:
+    return OutChannel(SENDER, peer(receiver), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
+                      max_batch=256, max_batch_bytes=1 << 20)
+
+
+def handled(out: OutChannel) -> InChannel:
+    """The receiver's channel, which has handled everything ``out`` sends it now."""
     body = out.take_body()
     assert body is not None
-    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
-    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
+    receiver = out.peer.incarnation
+    inbound = InChannel(receiver, peer(SENDER), window=64)
+    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, receiver, body), wire.HEADER_SIZE):
         inbound.reorder.complete(env.seq)
-    return out, inbound
+    return inbound
+
+
+def connected(n: int) -> tuple[OutChannel, InChannel]:
+    """A sender's channel with envelopes 1..n sent, and the receiver's, which has handled them all."""
+    out = channel()
+    for i in range(1, n + 1):
+        out.append(event(i), now=0.0)
+    return out, handled(out)
 
 
 def deliver_ack(out: OutChannel, frame: bytes) -> None:
@@ -71,18 +81,13 @@ def test_a_receiver_that_goes_has_the_copies_sent_on_first_and_one_that_releases
 def test_a_kept_message_is_done_for_its_sender_when_released_not_at_the_ack_that_asks_for_the_copy() -> None:
     # its sender acknowledges its own input once this message is done: done at the ack, the input
     # was acknowledged on the strength of a copy that dies with the sender (saga replicas 70)
-    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
-                     max_batch=256, max_batch_bytes=1 << 20)
+    out = channel()
     done: list[int] = []
     for n in (1, 2, 3):
         item = event(n)
         item.on_done = lambda n=n: done.append(n)
         out.append(item, now=0.0)
-    body = out.take_body()
-    assert body is not None
-    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
-    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
-        inbound.reorder.complete(env.seq)
+    inbound = handled(out)
     inbound.keep.extend([2, 3])  # relieved, or handed over running: acknowledged before they are done
     deliver_ack(out, inbound.ack_frame())
     assert done == [1], "2 and 3 are not done yet: only their copies are kept"
@@ -159,8 +164,7 @@ def test_a_copy_on_its_way_to_its_receivers_next_life_keeps_that_home_if_its_sen
     deliver_ack(out, inbound.ack_frame())
     (copy,) = out.evacuate()  # the receiver's last life is gone
     assert copy.home == out.peer.endpoint, "it ran there: its copy goes to the next life at that endpoint"
-    next_life = OutChannel(SENDER, peer(RECEIVER + 1), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
-                           max_batch=256, max_batch_bytes=1 << 20)
+    next_life = channel(RECEIVER + 1)
     next_life.append(copy, now=0.3)
     next_life.append(event(4), now=0.3)
     assert next_life.take_body() is not None
@@ -169,15 +173,9 @@ def test_a_copy_on_its_way_to_its_receivers_next_life_keeps_that_home_if_its_sen
                                                           ((4).to_bytes(16, "big"), None)], \
         "the copy goes home again from the sender's new life; the rest goes by partition"
 
-    again = OutChannel(SENDER, peer(RECEIVER + 1), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
-                       max_batch=256, max_batch_bytes=1 << 20)
+    again = channel(RECEIVER + 1)
     again.append(back[0], now=0.4)
-    body = again.take_body()
-    assert body is not None
-    receiver = InChannel(RECEIVER + 1, peer(SENDER), window=64)
-    for env in receiver.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER + 1, body), wire.HEADER_SIZE):
-        receiver.reorder.complete(env.seq)  # (a duplicate there: done)
-    deliver_ack(again, receiver.ack_frame())
+    deliver_ack(again, handled(again).ack_frame())  # (a duplicate there: done)
     assert again.evacuate() == [] and not again.homes, "acknowledged: nothing comes back, no home is remembered"
 
 
@@ -194,17 +192,12 @@ def test_a_forward_that_ran_at_its_target_reopens_its_partition_before_the_copy_
         def __call__(self) -> None:
             self.calls.append("done")
 
-    out = OutChannel(SENDER, peer(RECEIVER), window=64, window_bytes=1 << 20, rto=0.2, rto_max=2.0,
-                     max_batch=256, max_batch_bytes=1 << 20)
+    out = channel()
     forward = Forward()
     item = event(1)
     item.on_done = forward
     out.append(item, now=0.0)
-    body = out.take_body()
-    assert body is not None
-    inbound = InChannel(RECEIVER, peer(SENDER), window=64)
-    for env in inbound.reorder.feed(wire.frame(wire.DATA, SENDER, RECEIVER, body), wire.HEADER_SIZE):
-        inbound.reorder.complete(env.seq)
+    inbound = handled(out)
     inbound.keep.append(1)
     inbound.ran.add(1)
     deliver_ack(out, inbound.ack_frame())
