@@ -258,8 +258,8 @@ def test_a_long_partition_with_two_instances_and_a_producer_on_each_side_runs_ea
     partition, ``_Forwarded.ran_at_target``, or saga plain 174 wedges). On 2026-12-07: 23 of 86
     runs failed without the first, 19 of 114 with it, 2 to 70 events each, every one first run at
     an instance's last life 5 to 90 ms before it heard it was declared dead; with both, 7 of 80
-    (one of them first handlings out of order). Traced again with both (3 of 17 runs failed,
-    none of the next 30): the copy now comes home, and what is left is the home forgetting the id (it ran there,
+    (one of them first handlings out of order). Traced again with both (4 of 87 runs failed):
+    the copy now comes home, and what is left is the home forgetting the id (it ran there,
     its write to the standby was never acknowledged, and the next life, not the partition's owner,
     drops its ids with a standby copy of that partition it lets go): the copy goes on to the
     owner and runs again there, which is also what keeps its write. One run never
