@@ -176,7 +176,8 @@ def test_a_copy_on_its_way_to_its_receivers_next_life_keeps_that_home_if_its_sen
     again = channel(RECEIVER + 1)
     again.append(back[0], now=0.4)
     deliver_ack(again, handled(again).ack_frame())  # (a duplicate there: done)
-    assert again.evacuate() == [] and not again.homes, "acknowledged: nothing comes back, no home is remembered"
+    assert not again.homes, "acknowledged: its home is forgotten at the ack"
+    assert again.evacuate() == [], "and nothing comes back"
 
 
 def test_a_forward_that_ran_at_its_target_reopens_its_partition_before_the_copy_is_released() -> None:
