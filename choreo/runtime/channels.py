@@ -341,6 +341,18 @@ class OutChannel:
             self.release([next(iter(custody))])  # (no room for its copy: it counts done, as at an ack)
         return kept
 
+    def kept_not_ran(self) -> dict[int, int]:
+        """Partition -> the lowest seq of the copies kept here that the receiver has not said
+        ran (:meth:`_ran`) and that are this node's own (not forwards: see :class:`Hold.passed
+        <choreo.runtime.holds.Hold.passed>`)."""
+        out: dict[int, int] = {}
+        for item in self.custody.values():
+            if item.home is None and not getattr(item.on_done, "forward", False):
+                seq = int.from_bytes(item.raw[:8], "little")  # type: ignore[index]
+                if seq < out.get(item.partition, seq + 1):
+                    out[item.partition] = seq
+        return out
+
     def _ran(self, seqs: list[int]) -> None:
         """Kept envelopes that ran at the receiver (:data:`~choreo.wire.KEEP_RAN`): should it go
         before it releases them, their copies go to its next life (:attr:`Outgoing.home`)."""

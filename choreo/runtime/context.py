@@ -120,6 +120,16 @@ class Job:
         # channel): who keeps a copy of it until they are, as (channel, seq)
         self.kept: list[tuple[InChannel, int]] | None = None
 
+    def say_kept_ran(self, host: Host) -> None:
+        """It ran and waits for its outputs' acks. Acknowledged before it ran (relief.py), its
+        sender keeps a copy: the next ack says it ran (:data:`~choreo.wire.KEEP_RAN`). A hold of
+        that sender's waits for such a copy until then (see Holds), and what the hold keeps back
+        may be the very flow this message waits for."""
+        for channel, seq in self.kept or ():
+            if seq not in channel.ran and not channel.closed:
+                host.keep(channel, seq, True)
+                host.ack_later(channel)
+
 
 class HandlerContext:
     """What a running handler may do besides returning: see :class:`choreo.Context`.

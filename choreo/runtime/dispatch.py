@@ -388,7 +388,7 @@ class Dispatcher:
             self.in_progress[env.msg_id] = job
         self._admit(job)
 
-    def _job(self, channel: InChannel, env: Any, handler: Handler) -> Job:
+    def _job(self, channel: InChannel, env: Any, handler: Handler | None) -> Job:
         job = Job(env, channel, handler, self.host.batch_received)
         if channel.keep and env.seq in channel.keep:  # acknowledged while it waited for its partition (relief.py)
             job.kept = [(channel, env.seq)]  # (its copy goes when it is done)
@@ -398,7 +398,7 @@ class Dispatcher:
         """An envelope this node will not run: counted and logged, acknowledged (it cannot wedge its
         channel), and answered with the reason when its sender waits for an answer."""
         self.host.count_refused(reason, detail)
-        job = Job(env, channel, None, self.host.batch_received)
+        job = self._job(channel, env, None)  # (a copy kept of it goes too: see _job)
         if env.kind in (KIND_COMMAND, KIND_QUERY):
             job.reply = error_reply("NotAllowed" if reason == "not_allowed" else "ProtocolError", detail)
         self._effects_safe(job)
@@ -551,6 +551,7 @@ class Dispatcher:
                 job.outputs = outputs  # while its writes wait to ship: an ungated delta carries them
         if job.pending and self.journal is None and job.replay_of is None:
             self.data.ran(job, outputs)  # it waits for acks: its partition may move before they come
+            job.say_kept_ran(self.host)
         self.tracer.finished(job, "ok", None)
         self._finish_handler(job, reply=reply, dead=False)
         if job.writes is not None:

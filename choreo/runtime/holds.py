@@ -8,6 +8,15 @@ had appended to ``X``; new messages of ``p`` queue behind the hold; once ``X`` h
 everything up to the barrier (or ``X`` is gone and its unacknowledged envelopes were resent,
 first), the queue goes to the partition's current owner, in order.
 
+An ack is not always the end of a message at ``X``: one that waited there for its partition's
+hand-over may be acknowledged with a copy kept here (relief of a stalled channel, see
+:mod:`~choreo.runtime.relief`), and ``X`` may still pass it on to ``Y`` later. So a hold also
+waits for the copies ``X`` kept of ``p`` up to the barrier and has not said it ran (ran there,
+their key's order is kept; one that waits at ``X`` for a flow back through this producer must
+not hold that flow). Without it, a joiner that waited four seconds for a dead member forwarded
+its held messages 0.15 s after the producer's next ones of the key had run at the owner (chaos
+seed 700).
+
 The holds' view of the owners is taken at every view, and also just before the envelopes of a
 gone peer are resent to their new owners: if the view moves again before the next sync (the
 gone peer's successor arrives in the same frame), what was resent is in flight to the owner it
@@ -27,27 +36,37 @@ __all__ = ["Hold", "Holds"]
 
 
 class Hold:
-    __slots__ = ("channel", "barrier", "queue")
+    __slots__ = ("channel", "partition", "barrier", "queue")
 
-    def __init__(self, channel: OutChannel, barrier: int) -> None:
+    def __init__(self, channel: OutChannel, partition: int, barrier: int) -> None:
         self.channel = channel
+        self.partition = partition
         self.barrier = barrier
         self.queue: deque[Outgoing] = deque()
 
-    def passed(self, first_own: dict[OutChannel, int]) -> bool:
+    def passed(self, first_own: dict[OutChannel, int], kept: dict[OutChannel, dict[int, int]]) -> bool:
         """The old owner has done every envelope of ours up to the barrier. Forwards it has of
         this node's (arrivals passed on for their senders, see ``Moves.forward``) do not count:
         the order kept here is of what this node sends itself, and a forward may wait for a flow
         that comes back to this node, behind the hold (nemesis plain seed 137: a saga's Lines
         held behind forwards whose Readings waited for those Lines' round trip, for good).
-        ``first_own``: each channel's :meth:`~OutChannel.first_own_undone`, looked up once."""
+        ``first_own``: each channel's :meth:`~OutChannel.first_own_undone`, and ``kept`` its
+        :meth:`~OutChannel.kept_not_ran`, looked up once."""
         channel = self.channel
-        if channel.closed or channel.done_upto >= self.barrier:
+        if channel.closed:
             return True
-        first = first_own.get(channel)
-        if first is None:
-            first = first_own[channel] = channel.first_own_undone()
-        return first > self.barrier
+        if channel.done_upto < self.barrier:
+            first = first_own.get(channel)
+            if first is None:
+                first = first_own[channel] = channel.first_own_undone()
+            if first <= self.barrier:
+                return False
+        if not channel.custody:
+            return True
+        waiting = kept.get(channel)
+        if waiting is None:
+            waiting = kept[channel] = channel.kept_not_ran()
+        return waiting.get(self.partition, self.barrier + 1) > self.barrier
 
 
 class Holds:
@@ -80,8 +99,9 @@ class Holds:
                 # the barrier covers it too, or the next message of p could overtake it (the 100 s
                 # schedules, replicas seed 14030: envelopes resent to a full window)
                 last = ch.window.next_seq - 1 + len(ch.backlog)
-                if last > ch.done_upto:
-                    self.by_key[(name, p)] = Hold(ch, last)
+                hold = Hold(ch, p, last)
+                if last > ch.done_upto or not hold.passed({}, {}):  # (in flight, or kept there not run)
+                    self.by_key[(name, p)] = hold
                     self.opened += 1
         self._owners = current
 
@@ -93,10 +113,11 @@ class Holds:
     def release(self, channel: OutChannel | None = None) -> list[tuple[str, int, Hold]]:
         """Close the holds whose barrier passed (of one channel, or all); returns them."""
         first_own: dict[OutChannel, int] = {}
+        kept: dict[OutChannel, dict[int, int]] = {}
         done = [
             (key, hold)
             for key, hold in self.by_key.items()
-            if (channel is None or hold.channel is channel) and hold.passed(first_own)
+            if (channel is None or hold.channel is channel) and hold.passed(first_own, kept)
         ]
         for key, _ in done:
             del self.by_key[key]

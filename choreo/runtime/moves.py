@@ -103,8 +103,16 @@ class _Forwarded:
         """Its target ran it and keeps it until its outputs are acknowledged (``KEEP_RAN``): the
         partition need not stay closed for it (its key's order is kept: it ran). Closed until the
         copy's release instead, a flow of that message that came back to the partition waited for
-        itself (saga plain 174, once the copy kept its home across its sender's rejoin)."""
+        itself (saga plain 174, once the copy kept its home across its sender's rejoin).
+
+        One its sender keeps a copy of (acknowledged while it waited here, relief.py) is marked
+        as run for that sender too: a hold of the sender's waits for such a copy until it ran
+        (see Holds), and what that hold keeps back may be the very flow the message waits for."""
         self.moves.forward_done(self.env)
+        channel, seq = self.channel, self.env.seq
+        if channel.keep and seq in channel.keep and seq not in channel.ran and not channel.closed:
+            self.outbox.keep(channel, seq, True)
+            self.outbox.ack_later(channel)
 
     def __call__(self) -> None:
         self.moves.forward_done(self.env)

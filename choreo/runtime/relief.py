@@ -87,7 +87,9 @@ class Relief:
         waiting.sort(key=itemgetter(0))
         relieved = waiting[:room]
         for seq, job in relieved:
-            self.outbox.keep(channel, seq)  # (first: the ack that covers it lists it)
+            # (first: the ack that covers it lists it; a job ran, an arrival did not: a hold of its
+            # sender's waits for the latter, see Holds)
+            self.outbox.keep(channel, seq, ran=job is not None)
             if job is not None:
                 job.kept = [(channel, seq)]
             channel.reorder.complete(seq)

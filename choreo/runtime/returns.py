@@ -97,6 +97,8 @@ class Returns:
         ch = self.outbox.out.get(sender)
         if ch is not None:
             ch.release(body.ids)
+            if self.holds.by_key:  # a copy its receiver had not run may have held one (see Holds)
+                self.router.release_holds(self.holds.release(ch))
 
     def on_ack(self, sender: int, data: bytes, offset: int, listed: bool = False) -> None:
         """The ack at ``offset`` in ``data``, from ``sender``: ProtocolError if it is malformed."""

@@ -9,6 +9,7 @@ import pytest
 from choreo import core, wire
 from choreo.errors import ProtocolError
 from choreo.runtime.channels import InChannel, OutChannel, Outgoing
+from choreo.runtime.holds import Hold, Holds
 from choreo.runtime.membership import Peer
 
 SENDER, RECEIVER = 11, 22
@@ -206,3 +207,29 @@ def test_a_forward_that_ran_at_its_target_reopens_its_partition_before_the_copy_
     assert forward.calls == ["ran"], "its partition reopens once; the forward is not done yet"
     out.release([(1).to_bytes(16, "big")])
     assert forward.calls == ["ran", "done"]
+
+
+def test_a_hold_waits_for_the_copies_its_old_owner_kept_without_running_them() -> None:
+    # chaos seed 700: a joiner held the producer's messages of a partition while it waited for a
+    # dead member, relieved its channel (acknowledged them, the producer keeping copies), and
+    # forwarded them to the partition's owner 4 s later, 0.15 s after the producer's next messages
+    # of the same keys had run there: the hold had passed at the ack
+    out = channel()
+    for n, partition in ((1, 5), (2, 5), (3, 7)):
+        item = event(n)
+        item.partition = partition
+        out.append(item, now=0.0)
+    inbound = handled(out)
+    inbound.keep.extend([2, 3])  # relieved: acknowledged, not run
+    deliver_ack(out, inbound.ack_frame())
+    assert out.done_upto == 3
+    holds = Holds()
+    holds.by_key[("svc", 5)] = Hold(out, 5, 3)
+    holds.by_key[("svc", 7)] = Hold(out, 7, 3)
+    holds.by_key[("svc", 9)] = Hold(out, 9, 3)
+    assert sorted(p for _, p, _ in holds.release(out)) == [9], "5 and 7 each have a copy not run there"
+    inbound.ran.add(2)  # message 2 ran there: its key's order is kept
+    deliver_ack(out, inbound.ack_frame())
+    assert [p for _, p, _ in holds.release(out)] == [5]
+    out.release([(3).to_bytes(16, "big")])  # message 3 is done there (ran, or passed on and acknowledged)
+    assert [p for _, p, _ in holds.release(out)] == [7]
