@@ -10,7 +10,7 @@ or :class:`NoState` for a service that declares none. What both need of their no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from ..config import NodeConfig
@@ -47,6 +47,8 @@ class Host(Protocol):
     def ack_later(self, channel: InChannel) -> None: ...
 
     def keep(self, channel: InChannel, seq: int, ran: bool = False) -> None: ...
+
+    def kept_ran(self, kept: Iterable[tuple[InChannel, int]]) -> None: ...
 
     def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None: ...
 
@@ -119,16 +121,6 @@ class Job:
         # acknowledged before its outputs were (handed over running, or relieving a stalled
         # channel): who keeps a copy of it until they are, as (channel, seq)
         self.kept: list[tuple[InChannel, int]] | None = None
-
-    def say_kept_ran(self, host: Host) -> None:
-        """It ran and waits for its outputs' acks. Acknowledged before it ran (relief.py), its
-        sender keeps a copy: the next ack says it ran (:data:`~choreo.wire.KEEP_RAN`). A hold of
-        that sender's waits for such a copy until then (see Holds), and what the hold keeps back
-        may be the very flow this message waits for."""
-        for channel, seq in self.kept or ():
-            if seq not in channel.ran and not channel.closed:
-                host.keep(channel, seq, True)
-                host.ack_later(channel)
 
 
 class HandlerContext:

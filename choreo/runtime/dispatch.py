@@ -551,7 +551,7 @@ class Dispatcher:
                 job.outputs = outputs  # while its writes wait to ship: an ungated delta carries them
         if job.pending and self.journal is None and job.replay_of is None:
             self.data.ran(job, outputs)  # it waits for acks: its partition may move before they come
-            job.say_kept_ran(self.host)
+            self.host.kept_ran(job.kept or ())  # (acknowledged before it ran: its sender hears it ran now)
         self.tracer.finished(job, "ok", None)
         self._finish_handler(job, reply=reply, dead=False)
         if job.writes is not None:

@@ -173,7 +173,8 @@ class Engine:
         self.tracer = Tracer(self._label, self.name, config.span_ring, clock)  # spans on the node's clock
         # what the dispatcher asks of its node (its Host) is mostly the outbox's and the calls' own
         self.ack_later = self.outbox.ack_later
-        self.keep, self.release = self.outbox.keep, self.outbox.release  # (the dispatcher's host: see PartitionData.handed_on)
+        # (the dispatcher's host: see PartitionData.handed_on, Dispatcher._succeeded)
+        self.keep, self.kept_ran, self.release = self.outbox.keep, self.outbox.kept_ran, self.outbox.release
         self.schedule_flush = self.outbox.schedule_flush
         self.flush = self.outbox.flush  # every pending batch and ack, now (the transport calls it when idle)
         self.send_outputs = self.calls.send_outputs

@@ -109,10 +109,7 @@ class _Forwarded:
         as run for that sender too: a hold of the sender's waits for such a copy until it ran
         (see Holds), and what that hold keeps back may be the very flow the message waits for."""
         self.moves.forward_done(self.env)
-        channel, seq = self.channel, self.env.seq
-        if channel.keep and seq in channel.keep and seq not in channel.ran and not channel.closed:
-            self.outbox.keep(channel, seq, True)
-            self.outbox.ack_later(channel)
+        self.outbox.kept_ran([(self.channel, self.env.seq)])
 
     def __call__(self) -> None:
         self.moves.forward_done(self.env)

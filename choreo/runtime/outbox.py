@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from .. import wire
@@ -163,6 +163,17 @@ class Outbox:
             channel.keep.append(seq)
         if ran:
             channel.ran.add(seq)
+
+    def kept_ran(self, kept: Iterable[tuple[InChannel, int]]) -> None:
+        """Envelopes acknowledged before they ran, their senders keeping copies (relief.py), ran
+        now (here, or at the owner they were passed on to) and wait for their outputs: the next
+        ACK frame of each channel says so (:data:`~choreo.wire.KEEP_RAN`). A hold of such a
+        sender's waits for a copy until then (see Holds), and what it keeps back may be the very
+        flow the message waits for."""
+        for channel, seq in kept:
+            if seq in channel.keep and seq not in channel.ran and not channel.closed:
+                channel.ran.add(seq)
+                self.ack_later(channel)
 
     def release(self, channel: InChannel, seq: int, msg_id: bytes) -> None:
         """Kept envelope ``seq`` (id ``msg_id``) is done: its sender's copy may go."""

@@ -7,12 +7,19 @@ from __future__ import annotations
 import pytest
 
 from choreo import core, wire
+from choreo.config import NodeConfig
 from choreo.errors import ProtocolError
 from choreo.runtime.channels import InChannel, OutChannel, Outgoing
 from choreo.runtime.holds import Hold, Holds
 from choreo.runtime.membership import Peer
+from choreo.runtime.outbox import Outbox
+from choreo.runtime.stats import Counters
 
 SENDER, RECEIVER = 11, 22
+
+
+class _NoWire:
+    def send(self, endpoint: str, frame: bytes) -> None: ...
 
 
 def peer(incarnation: int) -> Peer:
@@ -233,3 +240,20 @@ def test_a_hold_waits_for_the_copies_its_old_owner_kept_without_running_them() -
     assert [p for _, p, _ in holds.release(out)] == [5]
     out.release([(3).to_bytes(16, "big")])  # message 3 is done there (ran, or passed on and acknowledged)
     assert [p for _, p, _ in holds.release(out)] == [7]
+
+
+def test_a_receiver_says_a_kept_message_ran_once_it_did_and_only_for_copies_still_kept() -> None:
+    out, inbound = connected(3)
+    receiver = Outbox(_NoWire(), NodeConfig(window=64), clock=lambda: 0.0, holds=Holds(), counters=Counters())
+    receiver.incarnation = RECEIVER
+    receiver.keep(inbound, 2)  # relieved while they waited for their partition: not run yet
+    receiver.keep(inbound, 3)
+    deliver_ack(out, inbound.ack_frame())
+    assert out.kept_not_ran() == {0: 2}, "the sender keeps both, neither run there"
+    receiver.kept_ran([(inbound, 2), (inbound, 1)])  # 2 ran now; 1 was never kept
+    assert inbound.ran == {2} and inbound.keep == [2, 3], "1 is not kept on the strength of having run"
+    deliver_ack(out, inbound.ack_frame())
+    assert out.kept_not_ran() == {0: 3}, "the ack says 2 ran: a hold no longer waits for it"
+    inbound.closed = True  # its sender is gone: nothing more to say on this channel
+    receiver.kept_ran([(inbound, 3)])
+    assert inbound.ran == {2}
