@@ -69,6 +69,8 @@ class ChannelJournal(Protocol):
 
     def closed(self, ch: OutChannel) -> None: ...
 
+    def released(self, ch: OutChannel, msg_id: bytes) -> None: ...
+
     def limbo(self, item: Outgoing, service: str | None) -> None: ...
 
     def unlimbo(self, item: Outgoing) -> None: ...
@@ -149,6 +151,7 @@ class OutChannel:
         # durable nodes: the journal, and the batch bodies sent here that are not all acknowledged
         self.journal: ChannelJournal | None = None
         self.records: deque[Any] | None = None  # the journal's Records
+        self.kept_records: dict[bytes, Any] = {}  # msg id of a copy kept -> the Record that keeps it
         self.urgent = False  # the pending batch holds a command or query (its frame says so)
         self.custody: dict[bytes, Outgoing] = {}  # msg id -> a copy kept beyond its ack (see keep)
         self.custody_bytes = 0
@@ -382,6 +385,8 @@ class OutChannel:
             item = self.custody.pop(msg_id, None)
             if item is not None:
                 self.custody_bytes -= len(item.raw)  # type: ignore[arg-type]
+                if msg_id in self.kept_records:  # (a durable node's store holds the copy too)
+                    self.journal.released(self, msg_id)  # type: ignore[union-attr]
                 if item.on_done is not None:
                     item.on_done()
 

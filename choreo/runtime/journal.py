@@ -6,8 +6,13 @@ How this works. The node's parts tell the journal what changed, as it happens, a
 * the outbox's channels hand it every batch body they send (:meth:`Journal.body`): a
   :class:`Record`, kept until the receiver has acknowledged every envelope in it
   (:meth:`Journal.acked`), or until the receiver is gone and its envelopes are resent elsewhere
-  (:meth:`Journal.closed`); and every envelope that waits outside a window, for credit, for a
-  partition's old owner or for an instance (:meth:`Journal.limbo`, :meth:`Journal.unlimbo`);
+  (:meth:`Journal.closed`). Envelopes acknowledged with a copy kept (``FLAG_KEEP``: the receiver
+  acknowledged them before they were done, see :meth:`OutChannel.keep
+  <choreo.runtime.channels.OutChannel.keep>`) stay in their body's row, which loses the rest, until
+  released (:meth:`Journal.released`): a copy is no safer than the node that holds it, and a
+  durable one keeps it across a restart, in its place in the order things were sent. And every
+  envelope that waits outside a window, for credit, for a partition's old owner or for an
+  instance (:meth:`Journal.limbo`, :meth:`Journal.unlimbo`);
 * the dispatcher hands it the ids of the messages it finished (a slice of a batch the compiled
   lane handled, :meth:`Journal.handled_slice`, or one message), cached command results,
   partitions handed over to it, and dead letters.
@@ -74,7 +79,7 @@ MAX_PENDING_BYTES = 8 << 20  # commit at once when this much batch body waits fo
 class Record:
     """One batch body sent to one receiver: a row of the outbox until every envelope in it is acked."""
 
-    __slots__ = ("row", "service", "body", "hi", "acked", "written", "dead")
+    __slots__ = ("row", "service", "body", "hi", "acked", "written", "dead", "kept")
 
     def __init__(self, row: int, service: str, body: bytes, hi: int) -> None:
         self.row = row
@@ -84,6 +89,8 @@ class Record:
         self.acked = 0  # every sequence number up to here was acknowledged
         self.written = False
         self.dead = False  # acknowledged (or resent elsewhere) before it was written: never written
+        # acknowledged with a copy kept: msg id -> envelope, the whole body now (see Journal.released)
+        self.kept: dict[bytes, bytes] | None = None
 
 
 class Restorable(Protocol):
@@ -137,6 +144,7 @@ class Journal:
         self._limbo: dict[int, tuple[Outgoing, str]] = {}  # row -> (envelope, service), not written yet
         self._outbox_del: list[int] = []
         self._acked: dict[Record, None] = {}
+        self._rewrite: dict[Record, None] = {}  # written rows whose body is now only the copies kept
         self._slices: list[tuple[list[Any], int, int]] = []
         self._envs: list[Any] = []
         self._dedup_put: list[DedupRow] = []  # partitions handed over to us
@@ -180,32 +188,74 @@ class Journal:
         self._pending_bytes += len(body)
 
     def acked(self, ch: OutChannel) -> None:
-        """``ch``'s receiver acknowledged everything up to ``ch.done_upto``."""
+        """``ch``'s receiver acknowledged everything up to ``ch.done_upto``; the copies it asked
+        to keep (``ch.custody``, taken before this is called) stay."""
         done = ch.done_upto
         records = ch.records
         assert records is not None
+        # (seq, msg id, envelope) of the copies kept whose row is still the body they left in, by seq
+        kept = _unfiled(ch) if ch.custody else None
         while records and records[0].hi <= done:
             rec = records.popleft()
-            if rec.written:
+            if kept and kept[0][0] <= rec.hi:
+                self._file_kept(ch, rec, kept)
+            elif rec.written:
                 self._outbox_del.append(rec.row)
             else:
                 rec.dead = True
         if records:
             head = records[0]
+            if kept and kept[0][0] <= head.hi:
+                done = min(done, kept[0][0] - 1)  # (restored, the envelopes after it go again too)
             if done > head.acked:
                 head.acked = done
                 if head.written:
                     self._acked[head] = None
 
+    def _file_kept(self, ch: OutChannel, rec: Record, kept: deque[tuple[int, bytes, bytes]]) -> None:
+        """``rec`` is acknowledged but for copies kept (the head of ``kept``, in seq order): its row
+        keeps only those, from now on all due (they go by partition if restored)."""
+        rec.kept = {}
+        while kept and kept[0][0] <= rec.hi:
+            _, msg_id, raw = kept.popleft()
+            rec.kept[msg_id] = raw
+            ch.kept_records[msg_id] = rec
+        self._trim(rec)
+        self._acked.pop(rec, None)  # (its row is written again whole: a stale "acked" would skip them)
+
+    def released(self, ch: OutChannel, msg_id: bytes) -> None:
+        """The copy ``msg_id`` kept on ``ch`` was released (or is resent elsewhere): its row goes
+        once it keeps no other."""
+        rec = ch.kept_records.pop(msg_id, None)
+        if rec is not None and rec.kept is not None:
+            del rec.kept[msg_id]
+            if rec.kept:
+                self._trim(rec)
+            elif rec.written:
+                self._rewrite.pop(rec, None)
+                self._outbox_del.append(rec.row)
+            else:
+                rec.dead = True
+
+    def _trim(self, rec: Record) -> None:
+        assert rec.kept is not None
+        rec.body = b"".join(rec.kept.values())
+        rec.acked = 0
+        if rec.written:
+            self._rewrite[rec] = None  # (else the pending write takes the new body)
+
     def closed(self, ch: OutChannel) -> None:
-        """``ch``'s receiver is gone: what it had not acknowledged is resent (and kept) elsewhere."""
+        """``ch``'s receiver is gone: what it had not acknowledged, and the copies kept, are resent
+        (and kept) elsewhere."""
         assert ch.records is not None
-        for rec in ch.records:
+        for rec in [*ch.records, *dict.fromkeys(ch.kept_records.values())]:
             if rec.written:
+                self._rewrite.pop(rec, None)
                 self._outbox_del.append(rec.row)
             else:
                 rec.dead = True
         ch.records.clear()
+        ch.kept_records.clear()
 
     def limbo(self, item: Outgoing, service: str | None) -> None:
         """``item`` waits outside any window (for credit, a partition's old owner, an instance).
@@ -284,8 +334,8 @@ class Journal:
     def dirty(self) -> bool:
         """Something waits to be written."""
         return bool(
-            self._records or self._limbo or self._slices or self._envs or self._dedup_put or self._results_put
-            or self._letters_put or self._letters_del or self._system is not None or self._outbox_del
+            self._records or self._rewrite or self._limbo or self._slices or self._envs or self._dedup_put
+            or self._results_put or self._letters_put or self._letters_del or self._system is not None or self._outbox_del
             or self._acked or self._dedup_del or self._results_del or self._state or self._state_drop
             or self._epochs
         )
@@ -311,7 +361,7 @@ class Journal:
         if self.is_closed:
             return False  # a crashed node's last callbacks: nothing more reaches its store
         wall = self.wall()
-        records = [r for r in self._records if not r.dead]
+        records = list(dict.fromkeys([*(r for r in self._records if not r.dead), *self._rewrite]))
         limbo = list(self._limbo.items())
         batch = Batch(
             outbox_put=[(r.row, r.service, r.body, r.acked) for r in records]
@@ -361,6 +411,7 @@ class Journal:
         self._limbo = {}
         self._outbox_del = []
         self._acked = {}
+        self._rewrite = {}
         self._slices = []
         self._envs = []
         self._dedup_put = []
@@ -633,3 +684,10 @@ def _le(parts: array[int]) -> bytes:
         parts = array("H", parts)
         parts.byteswap()
     return parts.tobytes()
+
+
+def _unfiled(ch: OutChannel) -> deque[tuple[int, bytes, bytes]]:
+    """(seq, msg id, envelope) of the copies ``ch`` keeps that no row of their own holds yet, by seq."""
+    filed = ch.kept_records
+    return deque(sorted((int.from_bytes(item.raw[:8], "little"), msg_id, item.raw)  # type: ignore[index]
+                        for msg_id, item in ch.custody.items() if msg_id not in filed))

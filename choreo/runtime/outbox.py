@@ -603,6 +603,7 @@ class Outbox:
         rows: set[int] = set()
         for ch in self.out.values():
             rows.update(r.row for r in ch.records or () if r.written)
+            rows.update(r.row for r in ch.kept_records.values() if r.written)
             rows.update(item.row for item in ch.backlog if item.row)
         for queue in self.waiting.values():
             rows.update(item.row for item in queue if item.row)

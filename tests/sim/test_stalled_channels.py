@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +131,36 @@ def test_a_relieved_receiver_that_dies_has_its_inputs_sent_again_by_their_sender
 
     asyncio.run(scenario())
     assert set(checks) == set(range(N)), "no reading lost with the instance that acknowledged it early"
+
+
+def test_a_durable_sender_that_restarts_keeps_the_copies_a_receiver_asked_for(tmp_path: Path) -> None:
+    # as above, with a durable client that crashes and restarts on its data dir while it keeps
+    # the copies, before the meter that acknowledged them early dies: its store must have them
+    # (it dropped them at the keep request, as it does an acknowledged batch, before)
+    meter, auditor, checks = checked_readings(partitions=4)
+    harness = Harness(seed=4, config=FAST_FAILURES, data_root=tmp_path)
+    client = harness.add(None)
+    meters = [harness.add(meter, durable=False), harness.add(meter, durable=False)]
+    auditing = harness.add(auditor, durable=False)
+
+    async def scenario() -> None:
+        nonlocal client
+        await harness.start()
+        await harness.run_until(lambda: len(client.membership.instances("meter")) == 2
+                                and bool(client.membership.instances("auditor")), 30, "all visible")
+        harness.pause(auditing, 6.0)
+        for n in range(N):
+            await harness.run(client.emit(Reading(k="k0", n=n)))  # returned: committed
+        await harness.run_until(lambda: client.outbox.kept >= WINDOW // 2, 30, "the client keeps copies")
+        kept = client.outbox.kept
+        client = harness.restart(client)  # its copies are in its store only now
+        victim = next(m for m in meters if m.dispatcher.stats.relieved)
+        harness.crash(victim)
+        await harness.run_until(lambda: len(checks) == N, 60, f"every reading checked ({kept} were kept)")
+        await harness.run_until(lambda: client.acknowledged and not client.outbox.kept, 60, "all done, copies released")
+
+    asyncio.run(scenario())
+    assert set(checks) == set(range(N)), "no reading lost with the sender's restart and the receiver's death"
 
 
 def test_backpressure_holds_while_what_the_outputs_wait_for_has_no_instance() -> None:

@@ -157,3 +157,79 @@ def test_a_restarted_node_finds_what_was_not_acknowledged_in_order_and_nothing_e
     assert [int(item.payload) for item in again.outbox.waiting["meter"]] == [2, 3, 4]
     again.commit()  # rewritten as waiting envelopes, in that order
     assert again.stored() == [2, 3, 4]
+
+
+def ack_keeping(n: Node, cumulative: int, *kept: int) -> None:
+    """An ACK frame that asks for copies of ``kept`` (FLAG_KEEP: they are not done at the receiver)."""
+    ch = n.outbox.out[n.peer.incarnation]
+    frame = bytes(wire.HEADER_SIZE) + wire.keep_prefix(list(kept)) + core.encode_ack(cumulative, cumulative, [])
+    ch.on_ack(frame, 0, n.now, listed=True)
+
+
+def test_a_copy_kept_beyond_its_ack_stays_in_the_store_until_it_is_released() -> None:
+    n = Node()
+    n.emit(1, 2, 3, 4)
+    n.flush()
+    n.commit()
+    ack_keeping(n, 4, 2, 3)  # acknowledged, 2 and 3 before they were done there (relief, a hand-over)
+    n.commit()
+    assert n.stored() == [2, 3], "a durable sender that restarts now would have lost the copies"
+    ack_keeping(n, 4, 3)  # 2 released
+    n.commit()
+    assert n.stored() == [3]
+    n.ack(4)  # 3 released: an ack that covers it no longer lists it
+    n.commit()
+    assert n.store.outbox == {} and not n.outbox.out[n.peer.incarnation].kept_records
+
+
+def test_a_copy_kept_before_its_batch_was_committed_is_written_alone() -> None:
+    n = Node()
+    n.emit(1, 2, 3)
+    n.flush()
+    ack_keeping(n, 3, 2)
+    n.commit()
+    assert n.stored() == [2]
+    n.ack(3)
+    n.commit()
+    assert n.store.outbox == {}
+
+
+def test_a_partial_ack_does_not_mark_a_kept_copy_acknowledged() -> None:
+    n = Node()
+    n.emit(1, 2, 3, 4)
+    n.flush()
+    n.commit()
+    ack_keeping(n, 3, 2)
+    n.commit()
+    assert n.stored() == [2, 3, 4], "restored, the batch must still send 2 (and what follows, for its order)"
+    ack_keeping(n, 4, 2)
+    n.commit()
+    assert n.stored() == [2]
+
+
+def test_a_restarted_sender_sends_a_kept_copy_again_in_its_place() -> None:
+    n = Node()
+    n.emit(1, 2)
+    n.flush()
+    n.commit()
+    n.emit(3)
+    n.flush()
+    n.commit()
+    ack_keeping(n, 2, 2)  # 2 kept; 3 (a later batch, its key's next event) not acknowledged yet
+    n.commit()
+    n.store.close()
+    again = Node(n.store)
+    assert again.journal.restore(again.outbox, None, Membership()) == 2
+    assert [int(item.payload) for item in again.outbox.waiting["meter"]] == [2, 3]
+
+
+def test_kept_copies_leave_the_store_when_their_receiver_is_gone() -> None:
+    n = Node()
+    n.emit(1, 2)
+    n.flush()
+    n.commit()
+    ack_keeping(n, 2, 1)
+    n.commit()
+    resent = n.outbox.out[n.peer.incarnation].evacuate()  # sent elsewhere: new rows keep it from there
+    n.commit()
+    assert [int(item.payload) for item in resent] == [1] and n.store.outbox == {}
