@@ -255,11 +255,12 @@ def _waiting_on(engine: Engine) -> list[str]:
     out = []
     for ch in engine.outbox.out.values():
         n = ch.window.in_flight + len(ch.backlog)
-        if not n or ch.closed or not ch.peer.live:
+        if not (n or ch.custody) or ch.closed or not ch.peer.live:
             continue
         silent = now - ch.peer.last_heard
         heard = f", nothing heard from it for {silent:.1f} s" if silent >= 2 * engine.config.heartbeat else ""
-        out.append(f"{n} to {ch.peer.node} ({ch.peer.endpoint}){heard}")
+        early = f" ({len(ch.custody)} of them acknowledged early, not yet done there)" if ch.custody else ""
+        out.append(f"{n + len(ch.custody)} to {ch.peer.node} ({ch.peer.endpoint}){early}{heard}")
     return out
 
 
@@ -287,12 +288,12 @@ def undrained(engine: Engine, timeout: float) -> str | None:
     None when nothing is left (only the quiet period after the last message was cut short)."""
     stats = node_stats(engine)
     lag = sum(stats.lag.values())
-    if not stats.in_flight and not lag and not stats.in_handler:
+    if not stats.in_flight and not stats.kept and not lag and not stats.in_handler:
         return None
     waiting = _waiting_on(engine)
     return (
         f"{engine.name}: leaving before its drain finished ({timeout:.1f} s allowed): "
-        f"{plural(stats.in_flight, 'message')} it sent not yet acknowledged"
+        f"{plural(stats.in_flight + stats.kept, 'message')} it sent not yet done"
         + (f" ({'; '.join(waiting)})" if waiting else "")
         + f", {lag} received and not yet handled. Their senders resend what it received to the instances "
         "that take over; what it sent is resent only while it lives, so messages it originated itself may be lost"

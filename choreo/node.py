@@ -574,7 +574,8 @@ class Node:
     async def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything this node sent is acknowledged by every consuming service.
 
-        It covers what waits for a consumer's instance to come back, too. It never returns for a
+        It covers what waits for a consumer's instance to come back, too, and what a receiver
+        acknowledged early (to free a stalled channel) until it is done there. It never returns for a
         message that reached no one: if some message since the last flush had no declared
         consumer, it raises :class:`~choreo.Undeliverable` naming the types (once everything
         else is acknowledged).

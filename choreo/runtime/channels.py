@@ -432,7 +432,9 @@ class OutChannel:
 
     @property
     def idle(self) -> bool:
-        return not self.backlog and self.window.in_flight == 0
+        """Everything sent here is done: acknowledged, and no copy kept for an early ack (a
+        receiver acknowledged it before it was done there: :meth:`keep`)."""
+        return not self.backlog and self.window.in_flight == 0 and not self.custody
 
 
 def _from_raw(raw: bytes, on_done: Callback | None) -> Outgoing:

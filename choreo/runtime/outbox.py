@@ -583,14 +583,15 @@ class Outbox:
 
     @property
     def idle(self) -> bool:
-        """Everything sent is acknowledged and nothing waits for an instance."""
+        """Everything sent is done and nothing waits for an instance: acknowledged, and released
+        where a receiver acknowledged it early (its copy kept here is the message's only other
+        home: a flush or a drain that ended before would leave it with the receiver alone)."""
         return all(ch.idle for ch in self.live_channels()) and not self.waiting
 
     @property
     def kept(self) -> int:
         """Copies kept beyond their ack for receivers that acknowledged them early (see
-        :meth:`OutChannel.keep <choreo.runtime.channels.OutChannel.keep>`): not counted in
-        :attr:`idle`, as they wait on outputs downstream, not on this node's receivers."""
+        :meth:`OutChannel.keep <choreo.runtime.channels.OutChannel.keep>`)."""
         return sum(len(ch.custody) for ch in self.out.values())
 
     @property

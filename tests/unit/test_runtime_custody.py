@@ -66,8 +66,9 @@ def test_the_ack_that_frees_a_handed_over_message_asks_its_sender_to_keep_a_copy
     inbound.keep.append(2)  # message 2 went running with its partition: acknowledged before its outputs
     assert inbound.take_ack() is None, "while it asks for a copy, the ack rides on no other frame"
     deliver_ack(out, inbound.ack_frame())
-    assert out.idle, "every message is acknowledged: the window is free"
+    assert out.window.in_flight == 0, "every message is acknowledged: the window is free"
     assert list(out.custody) == [(2).to_bytes(16, "big")], "and message 2 alone is kept"
+    assert not out.idle, "not done (a flush or a drain waits) until message 2 is released"
     deliver_ack(out, inbound.ack_frame())  # every later ack asks again: nothing more to copy
     assert len(out.custody) == 1
 
@@ -121,7 +122,7 @@ def test_an_ack_that_no_longer_lists_a_copy_releases_it_whatever_order_acks_arri
     assert list(out.custody) == [(2).to_bytes(16, "big")], "a late ack brings no copy back"
     inbound.keep.clear()  # and message 2's: an ack with no list at all (as one riding on a DATA frame)
     out.on_ack(inbound.ack_frame(), wire.HEADER_SIZE, now=0.2)
-    assert not out.custody and out.custody_bytes == 0
+    assert not out.custody and out.custody_bytes == 0 and out.idle
 
 
 def test_keep_requests_and_releases_are_bounded_and_refused_when_malformed() -> None:
