@@ -54,7 +54,8 @@ SOAK_SEEDS ?= 1000
 # and SOAK_LONG_SEEDS fresh 100 s schedules of each of the four kinds, from seed SOAK_LONG_FIRST:
 # by default where the last passing soak of this checkout stopped (kept in .soak-next), so that a
 # nightly run meets new schedules each night; a failing run leaves it, to be run again once fixed.
-# The chaos schedules over real processes start from the same seed, so they too are new each night.
+# The durable processes killed at seeded moments and the chaos schedules over real processes start
+# from the same seed, so they too are new each night.
 SOAK_LONG_SEEDS ?= 100
 SOAK_NEXT := .soak-next
 SOAK_LONG_FIRST ?= $(shell cat $(SOAK_NEXT) 2>/dev/null || echo 45000)
@@ -62,7 +63,7 @@ soak: $(STAMP) bytecode
 	CHOREO_SIM_NODES=1000 NEMESIS_SEEDS=$(SOAK_SEEDS) NEMESIS_DURABLE_SEEDS=$(SOAK_SEEDS) NEMESIS_REPLICA_SEEDS=$(SOAK_SEEDS) \
 	  NEMESIS_SAGA_SEEDS=$$(( $(SOAK_SEEDS) / 10 )) NEMESIS_LONG_SEEDS=$(SOAK_LONG_SEEDS) NEMESIS_LONG_FIRST=$(SOAK_LONG_FIRST) \
 	  $(BIN)/python -m pytest -p no:cacheprovider -q --timeout 7200 tests/sim
-	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
+	DURABLE_KILL_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) DURABLE_KILL_FIRST=$(SOAK_LONG_FIRST) $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_durable.py -k sigkill
 	CHAOS_SEEDS=$$(( $(SOAK_SEEDS) / 50 )) CHAOS_FIRST=$(SOAK_LONG_FIRST) CHAOS_RATE=10000 $(BIN)/python -m pytest -p no:cacheprovider -q tests/integration/test_chaos.py
 	@echo $$(( $(SOAK_LONG_FIRST) + $(SOAK_LONG_SEEDS) )) > $(SOAK_NEXT)
 	@echo "soak passed: the next one starts its 100 s schedules at seed $$(cat $(SOAK_NEXT))"

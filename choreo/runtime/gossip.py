@@ -651,8 +651,9 @@ class Gossip:
             self.membership.leaving(sender)
         if trusted:
             self._learn_system(hello.services, hello.retired)
-        if hello.reply or new:
-            self.contacts.say_hello(hello.endpoint, reply=False, receiver=sender)
+        ask = self.joining.wants_table  # (then whoever greets us is asked for it, as a seed is)
+        if hello.reply or new or ask:
+            self.contacts.say_hello(hello.endpoint, reply=False, receiver=sender, sync=ask)
         if news and hello.service is not None and trusted:
             # a service new to us: the mesh learns it by gossip, spread at once (to the newcomer too,
             # perhaps), so only after our answer: it refuses a frame from a node it does not know yet

@@ -1,9 +1,10 @@
 """Joining the mesh: the seeds asked, the answers waited for, and when this node has joined.
 
 How this works. A node starts knowing only its seeds. It says HELLO to each, asking for the whole
-table (``sync``); a seed answers with its own hello and a full SYNC. The newcomer then greets the
-instances of its own service (their hellos say which partitions they hold: a newcomer waits for a
-handover only from an instance that holds the partition). It has *joined* once it has a full
+table (``sync``); a seed answers with its own hello and a full SYNC (so does any node that greets
+it before it has one: its seeds may all be dead, see :attr:`Joining.wants_table`). The newcomer
+then greets the instances of its own service (their hellos say which partitions they hold: a
+newcomer waits for a handover only from an instance that holds the partition). It has *joined* once it has a full
 table, every endpoint it expects an answer from has answered or stayed silent for
 ``join_wait``, and every live instance of its service has said which partitions it holds (one
 that stays silent is asked again every ``join_wait`` until it answers or the mesh finds it
@@ -74,6 +75,13 @@ class Joining:
         if not seeds:
             self.synced = True
             self.joined(now)  # the first node: the mesh is what it knows
+
+    @property
+    def wants_table(self) -> bool:
+        """Joining without a whole table yet: any node that greets us is asked for one, as good a
+        seed as ours, which may all be dead (every member died, and this node took itself for cut
+        off: it rejoined through the dead; chaos seeds 750 and 752)."""
+        return self.life.joining and not self.synced
 
     def ask(self, endpoints: Iterable[str]) -> None:
         for endpoint in endpoints:

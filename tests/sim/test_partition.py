@@ -93,6 +93,41 @@ def test_after_a_long_partition_the_mesh_routes_again_within_the_stated_bound() 
     assert seen == [0, 1]
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_producer_whose_every_member_died_joins_again_through_the_first_newcomer_that_greets_it(seed: int) -> None:
+    """Every instance dies (chaos seeds 750 and 752 over real processes): the producer hears from
+    none of its members for ``suspect_after + dead_after`` and takes itself for cut off, so it
+    rejoins through its seeds and the members it knew, all dead. An instance started later with
+    the producer as its seed greets it; the producer asked only the dead for a table, so it never
+    joined again and routed nothing: ``Backpressure`` after 60 s, with an instance running."""
+    config = NodeConfig(suspect_after=1.0, dead_after=2.5, heartbeat=0.25)
+    seen: list[int] = []
+    sink = Service("sink")
+    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    harness = Harness(seed=seed, config=config)
+    first = harness.add(sink)
+    second = harness.add(sink)
+    producer = harness.add(None)
+
+    async def scenario() -> None:
+        await harness.start()
+        await harness.run(producer.emit(Reading(sensor="s", n=0)), timeout=30)
+        await harness.run_until(lambda: seen == [0], 30, "streaming")
+        harness.crash(first)
+        harness.crash(second)
+        await harness.run_until(lambda: producer.lifecycle.state in ("rejoined", "joining"), 30,
+                                "the producer takes itself for cut off and rejoins")
+        emitted = asyncio.ensure_future(producer.emit(Reading(sensor="s", n=1), timeout=60))
+        await harness.advance(5.0)
+        newcomer = harness.add(sink)
+        newcomer.start([producer.transport.endpoint])
+        await harness.run(emitted, timeout=60)
+        await harness.run_until(lambda: seen == [0, 1], 30,
+                                f"the event handled by the newcomer ({producer.gossip.joining.status()})")
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3, 4])
 def test_a_node_frozen_past_dead_after_rejoins_through_a_live_member_among_many_dead(seed: int) -> None:
     """A producer frozen for longer than ``suspect_after + dead_after`` finds itself declared
