@@ -19,6 +19,14 @@ class Reading(Event, key="sensor"):
     n: int
 
 
+def numbered_sink() -> tuple[Service, list[int]]:
+    """A service that records the number of each reading it handles, in order."""
+    seen: list[int] = []
+    sink = Service("sink")
+    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    return sink, seen
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13])
 def test_partition_backs_producers_off_and_loses_nothing_after_the_heal(seed: int) -> None:
     window = 128
@@ -70,9 +78,7 @@ def test_after_a_long_partition_the_mesh_routes_again_within_the_stated_bound() 
     endpoint) of the heal: 3 s with the default heartbeat. Virtual time, so no machine noise."""
     config = NodeConfig()
     bound = max(4 * config.heartbeat, 1.0) + max(2 * config.heartbeat, 1.0)
-    seen: list[int] = []
-    sink = Service("sink")
-    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    sink, seen = numbered_sink()
     harness = Harness(seed=21, config=config)
     producer = harness.add(None)
     consumer = harness.add(sink)
@@ -101,9 +107,7 @@ def test_a_producer_whose_every_member_died_joins_again_through_the_first_newcom
     the producer as its seed greets it; the producer asked only the dead for a table, so it never
     joined again and routed nothing: ``Backpressure`` after 60 s, with an instance running."""
     config = NodeConfig(suspect_after=1.0, dead_after=2.5, heartbeat=0.25)
-    seen: list[int] = []
-    sink = Service("sink")
-    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    sink, seen = numbered_sink()
     harness = Harness(seed=seed, config=config)
     first = harness.add(sink)
     second = harness.add(sink)
@@ -137,9 +141,7 @@ def test_a_node_frozen_past_dead_after_rejoins_through_a_live_member_among_many_
     had sent and not seen acknowledged waited meanwhile, and ran again once it went, at an
     instance that had lost its id (the 100 s schedules, seed 9065)."""
     config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
-    seen: list[int] = []
-    sink = Service("sink")
-    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    sink, seen = numbered_sink()
     harness = Harness(seed=seed, config=config)
     dead = [harness.add(sink) for _ in range(10)]  # the first is everyone's seed
     survivor = harness.add(sink)
@@ -172,9 +174,7 @@ def test_a_lone_node_frozen_past_dead_after_is_not_taken_for_dead_by_the_next_to
     live incarnation dead, which rejoined once more and voided the hand-over under way (seen with
     real processes under SIGSTOP). The former life now goes out as dead."""
     config = NodeConfig(suspect_after=1.0, dead_after=3.0, heartbeat=0.25)
-    seen: list[int] = []
-    sink = Service("sink")
-    sink.on(Reading)(lambda ev: seen.append(ev.n))
+    sink, seen = numbered_sink()
     harness = Harness(seed=seed, config=config)
     lone = harness.add(sink)
 
