@@ -230,6 +230,7 @@ def test_kept_copies_leave_the_store_when_their_receiver_is_gone() -> None:
     n.commit()
     ack_keeping(n, 2, 1)
     n.commit()
+    assert n.stored() == [1], "the store keeps the copy while the receiver lives"
     resent = n.outbox.out[n.peer.incarnation].evacuate()  # sent elsewhere: new rows keep it from there
     n.commit()
     assert [int(item.payload) for item in resent] == [1] and n.store.outbox == {}
