@@ -19,6 +19,7 @@ same id, deduplicated), then flushes and prints ``done``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import time
@@ -120,5 +121,7 @@ async def produce(seeds: str, data_dir: str, log: str, count: int, keys: int) ->
 
 
 if __name__ == "__main__":
+    # INFO: a failing run's story is in what each life said (the test keeps its stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     seed_, data_dir_, log_, count_, keys_ = sys.argv[1:6]
     asyncio.run(produce(seed_, data_dir_, log_, int(count_), int(keys_)))

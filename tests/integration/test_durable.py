@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -65,13 +66,23 @@ class Mesh:
         self.producer: subprocess.Popen[bytes] | None = None
         self.killed: set[int] = set()  # pids that died by SIGKILL
         self.story: list[str] = []
+        self.lives = 0  # consumer lives started; each one's stderr (INFO) is kept as consumer-I.life-N.log
+        self.life = [0, 0]  # the life each consumer runs
 
     def start_consumer(self, i: int, env: dict[str, str] | None = None) -> None:
         others = [e for j, e in enumerate(self.endpoints) if j != i and self.consumers[j] is not None]
         self.consumers[i] = NodeProcess(
             ledger, bind=self.endpoints[i], peers=others, config=CONFIG, data_dir=self.tmp / f"consumer-{i}",
-            env={**self.env, **(env or {})}, ready_timeout=30,
+            env={**self.env, **(env or {})}, ready_timeout=30, log_level="INFO",
         )
+        self.lives += 1
+        self.life[i] = self.lives
+
+    def keep_log(self, i: int) -> None:
+        """Copy consumer i's stderr (its whole life, at INFO) beside the test's other files."""
+        proc = self.consumers[i]
+        if proc is not None and proc.stderr_path and os.path.exists(proc.stderr_path):
+            shutil.copyfile(proc.stderr_path, self.tmp / f"consumer-{i}.life-{self.life[i]}.log")
 
     def start_producer(self, env: dict[str, str] | None = None) -> None:
         self.producer = subprocess.Popen(
@@ -107,6 +118,7 @@ class Mesh:
             proc = self.consumers[int(target[-1])]
             assert proc is not None
             proc.kill()  # reaps it
+            self.keep_log(int(target[-1]))
 
     def restart(self, target: str, env: dict[str, str] | None = None) -> None:
         if target == "producer":
@@ -128,16 +140,18 @@ class Mesh:
         raise AssertionError(f"the producer did not finish within {timeout:.0f} s\n{self.describe()}")
 
     def stop(self) -> None:
-        for proc in self.consumers:
+        for i, proc in enumerate(self.consumers):
             if proc is not None:
                 proc.stop(timeout=20)
                 proc.kill()
+                self.keep_log(i)
         if self.producer is not None and self.producer.poll() is None:
             self.producer.kill()
             self.producer.wait(10)
 
     def describe(self) -> str:
-        return "what happened:\n  " + "\n  ".join(self.story)
+        return ("what happened:\n  " + "\n  ".join(self.story)
+                + f"\n  (every life's log, at INFO: {self.tmp}/consumer-*.life-*.log and producer.err)")
 
     def evidence(self) -> str:
         """What the processes said and did so far: their stderr, the consumers' log (for a failure
