@@ -141,6 +141,25 @@ def elastic_produced(ev: Produced) -> None:
     record("elastic", f"Produced {ev.k} {ev.n} {time.time_ns()}")
 
 
+# --- a pipeline of two keyed stages: what the first emits, the second handles once ---------------
+
+forward = Service("forward")
+
+
+@forward.on(Produced, emits=[Relayed])
+def forward_produced(ev: Produced, ctx) -> None:
+    record("forward", f"Produced {ev.k} {ev.n} {time.time_ns()}")
+    ctx.emit(Relayed(k=ev.k, n=ev.n))  # (its id is derived from the input's: a rerun emits the same)
+
+
+sink = Service("sink")
+
+
+@sink.on(Relayed)
+def sink_relayed(ev: Relayed) -> None:
+    record("sink", f"Relayed {ev.k} {ev.n} {time.time_ns()}")
+
+
 # --- the same, with state per key and a standby copy of it (every write waits for the standby) ---
 
 

@@ -38,12 +38,13 @@ import time
 
 import pytest
 
+from choreo import Service
 from choreo.launch import NodeProcess
 from choreo.node import Node
 
 from .checks import check_moves, expected_stream
 from .netns import Hosts
-from .recording import Produced, elastic, read_timed
+from .recording import Produced, elastic, forward, read_timed, sink
 from .test_membership import FAST
 
 pytestmark = pytest.mark.slow
@@ -63,13 +64,15 @@ NETWORK_FAULTS = ["short_isolation", "long_isolation", "cut_between_two"]  # on 
 class Chaos:
     """The instances, the faults done to them, and the story of the run."""
 
-    def __init__(self, procs, seed: int, hosts: Hosts | None = None) -> None:
+    def __init__(self, procs, seed: int, hosts: Hosts | None = None, services: tuple[Service, ...] = (elastic,)) -> None:
         self.procs = procs
+        self.services = services  # the faults hit the instances of each
         self.rng = random.Random(seed)
         self.hosts = hosts  # None: every process on 127.0.0.1
         self.free = list(range(1, MOST + 1))  # hosts without a process (with hosts)
         self.host_of: dict[int, int] = {}  # pid -> its host
         self.live: list[NodeProcess] = []
+        self.service_of: dict[int, str] = {}  # pid -> the service it runs
         self.crashed: set[str] = set()  # record files whose instance was killed or frozen past dead_after
         self.crash_faults = 0
         self.story: list[str] = []
@@ -83,7 +86,16 @@ class Chaos:
     def client_bind(self) -> str:
         return "tcp://127.0.0.1:0" if self.hosts is None else f"tcp://{self.hosts.gateway}:0"
 
-    def start(self) -> NodeProcess:
+    def live_of(self, service: Service) -> list[NodeProcess]:
+        return [p for p in self.live if self.service_of[p.pid] == service.name]
+
+    def file(self, p: NodeProcess) -> str:
+        """The record file of ``p`` (recording.py)."""
+        return f"{self.service_of[p.pid]}-{p.pid}.log"
+
+    def start(self, service: Service | None = None) -> NodeProcess:
+        """Start an instance of ``service`` (by default of the service with the fewest)."""
+        service = service or min(self.services, key=lambda s: len(self.live_of(s)))
         # seeds: live instances and the producer, which lives throughout (a newcomer must reach the mesh)
         seeds = [p.endpoint for p in self.live[:2]] + [self.client_endpoint]
         where: dict = {}
@@ -91,11 +103,13 @@ class Chaos:
             host = self.free.pop(0)
             where = {"netns": self.hosts.namespace(host), "bind": f"tcp://{self.hosts.address(host)}:0",
                      "insecure": True}
-        p = self.procs.start(elastic, peers=[s for s in seeds if s], config=FAST, **where)
+        p = self.procs.start(service, peers=[s for s in seeds if s], config=FAST, **where)
         if self.hosts is not None:
             self.host_of[p.pid] = host
         self.live.append(p)
-        self.say(f"start {p.pid}" + (f" on host {host}" if self.hosts is not None else ""))
+        self.service_of[p.pid] = service.name
+        named = f" ({service.name})" if len(self.services) > 1 else ""
+        self.say(f"start {p.pid}{named}" + (f" on host {host}" if self.hosts is not None else ""))
         return p
 
     def taken_for_dead_by_others(self) -> None:
@@ -105,7 +119,7 @@ class Chaos:
         rejoined as a new incarnation, so what it had handled and not yet acknowledged may be
         handled again: the crash window, for them too. Their logs say it (the node's warning)."""
         for p in self.procs.started:
-            file = f"elastic-{p.pid}.log"
+            file = self.file(p)
             if file not in self.crashed and "declared us dead" in p.stderr():
                 self.crashed.add(file)
                 self.crash_faults += 1
@@ -129,7 +143,7 @@ class Chaos:
                     await asyncio.to_thread(self.start)
                 continue
             victim = rng.choice(self.live)
-            file = f"elastic-{victim.pid}.log"
+            file = self.file(victim)
             if fault == "kill":
                 self.gone(victim)
                 await asyncio.to_thread(victim.kill)
@@ -155,10 +169,12 @@ class Chaos:
                 finally:
                     os.kill(victim.pid, signal.SIGCONT)
                 self.say(f"SIGCONT {victim.pid}")
-            if len(self.live) < 2 and rng.random() < 0.7:  # else none or one is left for a while
-                await asyncio.to_thread(self.start)
-        if not self.live:  # the producer may be waiting for one (its emits wait while none is live)
-            await asyncio.to_thread(self.start)
+            for service in self.services:
+                if len(self.live_of(service)) < 2 and rng.random() < 0.7:  # else none or one is left for a while
+                    await asyncio.to_thread(self.start, service)
+        for service in self.services:  # the producer may be waiting for one (its emits wait while none is live)
+            if not self.live_of(service):
+                await asyncio.to_thread(self.start, service)
 
     async def cut(self, fault: str, victim: NodeProcess, file: str) -> None:
         """A network fault on ``victim``'s host, lifted after a while (also when cancelled)."""
@@ -193,7 +209,7 @@ async def produce(chaos: Chaos, seconds: float) -> int:
     first = chaos.live[0].endpoint
     async with Node(None, bind=chaos.client_bind, peers=[first], config=FAST, insecure=True) as client:
         chaos.client_endpoint = client.endpoint
-        await client.wait_for({"elastic": len(chaos.live)}, timeout=30)
+        await client.wait_for({s.name: len(chaos.live_of(s)) for s in chaos.services}, timeout=30)
         faults = asyncio.create_task(chaos.run(seconds))
         sent, start = 0, time.monotonic()
         try:
@@ -228,16 +244,30 @@ def test_on_hosts_of_their_own_cuts_and_isolations_lose_nothing_and_repeat_only_
         run(Chaos(procs, seed, hosts), seed)
 
 
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_a_pipeline_of_two_services_under_random_faults_hands_its_second_stage_each_event_once(procs, seed: int) -> None:
+    """``forward`` handles each event and emits it on; ``sink`` handles what it emits. The faults
+    hit the instances of both. A ``forward`` instance that crashes after emitting runs its
+    messages again elsewhere, emitting the same ids (derived from the input's): the sink drops
+    them, so it handles each event once but for its own crash window, in order per key, though
+    the events of a key come to it from one ``forward`` instance and then another."""
+    run(Chaos(procs, seed, services=(forward, sink)), seed)
+
+
 def run(chaos: Chaos, seed: int) -> None:
     procs = chaos.procs
-    chaos.start()
-    chaos.start()
+    for _ in range(2):
+        for service in chaos.services:
+            chaos.start(service)
     try:
         sent = asyncio.run(asyncio.wait_for(produce(chaos, SECONDS), SECONDS + 300))
         procs.close()
         chaos.taken_for_dead_by_others()
-        duplicates = check_moves(read_timed(str(procs.record_dir), "elastic"), expected_stream(sent, KEYS),
-                                 f"seed {seed}", crashed=chaos.crashed, max_duplicates=FAST.window * chaos.crash_faults)
+        expected = expected_stream(sent, KEYS)
+        for service in chaos.services:  # (the last stage's duplicates are the ones reported)
+            duplicates = check_moves(read_timed(str(procs.record_dir), service.name), expected,
+                                     f"seed {seed}, {service.name}", crashed=chaos.crashed,
+                                     max_duplicates=FAST.window * chaos.crash_faults)
     except BaseException as exc:
         story = "\n".join(chaos.story)
         raise AssertionError(f"seed {seed}: {exc}\nthe schedule as it ran:\n{story}\n{procs.stderr()}") from exc
