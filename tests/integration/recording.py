@@ -160,6 +160,23 @@ def sink_relayed(ev: Relayed) -> None:
     record("sink", f"Relayed {ev.k} {ev.n} {time.time_ns()}")
 
 
+# --- commands under faults: a keyed command whose id is its fields, answered with a result ------
+
+
+class Add(Command, key="k", idempotency=["k", "n"], returns=int):
+    k: str
+    n: int
+
+
+counter = Service("counter")
+
+
+@counter.command(Add)
+def counter_add(cmd: Add) -> int:
+    record("counter", f"Add {cmd.k} {cmd.n} {time.time_ns()}")
+    return cmd.n * 2
+
+
 # --- the same, with state per key and a standby copy of it (every write waits for the standby) ---
 
 

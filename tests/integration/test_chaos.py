@@ -24,7 +24,9 @@ are cut from each other while both still reach everyone else (nobody is taken fo
 hands the other waits for the cut to heal).
 
 ``CHAOS_SEEDS`` (default 1) schedules of ``CHAOS_SECONDS`` (30) at ``CHAOS_RATE`` events/s
-(3,000), on loopback and on hosts; ``make soak`` runs more, faster. A failure prints the
+(3,000), on loopback and on hosts; ``make soak`` runs more, faster. On loopback the same faults
+also hit a pipeline of two services, and the owners of commands that callers send (each
+schedule half as long). A failure prints the
 schedule as it ran and every process's log.
 """
 
@@ -35,16 +37,18 @@ import os
 import random
 import signal
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from choreo import Service
+from choreo import ChoreoError, Service
 from choreo.launch import NodeProcess
 from choreo.node import Node
 
 from .checks import check_moves, expected_stream
 from .netns import Hosts
-from .recording import Produced, elastic, forward, read_timed, sink
+from .recording import Add, Produced, counter, elastic, forward, read_timed, sink
 from .test_membership import FAST
 
 pytestmark = pytest.mark.slow
@@ -54,6 +58,7 @@ FIRST = int(os.environ.get("CHAOS_FIRST", "1"))
 SECONDS = float(os.environ.get("CHAOS_SECONDS", "30"))
 RATE = int(os.environ.get("CHAOS_RATE", "3000"))
 KEYS = 200
+CALLERS = 16  # commands in flight at once
 MOST = 4  # instances at once
 SHORT_PAUSE = (0.2, 0.8)  # short of suspect_after (1.0 s), far from being taken for dead (3.5 s)
 LONG_PAUSE = (FAST.suspect_after + FAST.dead_after + 1.5, FAST.suspect_after + FAST.dead_after + 5.0)
@@ -229,6 +234,47 @@ async def produce(chaos: Chaos, seconds: float) -> int:
         return sent
 
 
+async def call(chaos: Chaos, seconds: float) -> int:
+    """CALLERS callers send keyed commands one after another while the faults run, each again
+    (the same id: its fields are its idempotency key) after an error, as an application would,
+    until it is answered; returns how many were sent. Each answer must be the command's result."""
+    first = chaos.live[0].endpoint
+    async with Node(None, bind=chaos.client_bind, peers=[first], config=FAST, insecure=True) as client:
+        chaos.client_endpoint = client.endpoint
+        await client.wait_for({s.name: len(chaos.live_of(s)) for s in chaos.services}, timeout=30)
+        faults = asyncio.create_task(chaos.run(seconds))
+        sent = 0
+        errors: Counter[str] = Counter()
+
+        async def caller() -> None:
+            nonlocal sent
+            while not faults.done():
+                cmd = Add(k=f"k{sent % KEYS}", n=sent)
+                sent += 1
+                give_up = time.monotonic() + 120
+                while True:
+                    try:
+                        result = await client.send(cmd, timeout=10)
+                        break
+                    except ChoreoError as e:
+                        errors[type(e).__name__] += 1
+                        assert time.monotonic() < give_up, f"{cmd} unanswered for 120 s, the last error: {e!r}"
+                        await asyncio.sleep(0.05)
+                assert result == 2 * cmd.n, f"{cmd} answered {result!r}"
+
+        callers = [asyncio.create_task(caller()) for _ in range(CALLERS)]
+        try:
+            await asyncio.gather(*callers)
+        except BaseException:
+            faults.cancel()
+            for task in callers:
+                task.cancel()
+            raise
+        await faults
+        chaos.say(f"sent {sent} commands, each answered; errors before an answer: {dict(errors) or 'none'}")
+        return sent
+
+
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
 def test_real_processes_under_random_faults_lose_nothing_and_repeat_only_the_crash_window(
     procs, seed: int
@@ -251,24 +297,35 @@ def test_a_pipeline_of_two_services_under_random_faults_hands_its_second_stage_e
     messages again elsewhere, emitting the same ids (derived from the input's): the sink drops
     them, so it handles each event once but for its own crash window, in order per key, though
     the events of a key come to it from one ``forward`` instance and then another."""
-    run(Chaos(procs, seed, services=(forward, sink)), seed)
+    run(Chaos(procs, seed, services=(forward, sink)), seed, seconds=SECONDS / 2)
 
 
-def run(chaos: Chaos, seed: int) -> None:
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_commands_under_random_faults_are_each_answered_and_run_once_but_for_the_crash_window(procs, seed: int) -> None:
+    """Callers send keyed commands to ``counter`` while its instances are killed, frozen and
+    stopped; a caller sends a command again after an error (``Backpressure`` while none is
+    live, a timeout). Each is answered with its own result, and runs once but for the crash window
+    of its owner (an owner that ran it and died before its answer left: its next owner has no
+    record of the id). Commands of a key are sent concurrently, so their order is not checked."""
+    run(Chaos(procs, seed, services=(counter,)), seed, workload=call, ordered=False, seconds=SECONDS / 2)
+
+
+def run(chaos: Chaos, seed: int, workload: Callable[[Chaos, float], Awaitable[int]] | None = None,
+        ordered: bool = True, seconds: float = SECONDS) -> None:
     procs = chaos.procs
     for _ in range(2):
         for service in chaos.services:
             chaos.start(service)
     try:
-        sent = asyncio.run(asyncio.wait_for(produce(chaos, SECONDS), SECONDS + 300))
+        sent = asyncio.run(asyncio.wait_for((workload or produce)(chaos, seconds), seconds + 300))
         procs.close()
         chaos.taken_for_dead_by_others()
         expected = expected_stream(sent, KEYS)
         for service in chaos.services:  # (the last stage's duplicates are the ones reported)
             duplicates = check_moves(read_timed(str(procs.record_dir), service.name), expected,
                                      f"seed {seed}, {service.name}", crashed=chaos.crashed,
-                                     max_duplicates=FAST.window * chaos.crash_faults)
+                                     max_duplicates=FAST.window * chaos.crash_faults, ordered=ordered)
     except BaseException as exc:
         story = "\n".join(chaos.story)
         raise AssertionError(f"seed {seed}: {exc}\nthe schedule as it ran:\n{story}\n{procs.stderr()}") from exc
-    print(f"seed {seed}: {sent} events, {chaos.crash_faults} crashes, {duplicates} handled again\n" + "\n".join(chaos.story))
+    print(f"seed {seed}: {sent} messages, {chaos.crash_faults} crashes, {duplicates} handled again\n" + "\n".join(chaos.story))
