@@ -208,6 +208,8 @@ class Nemesis:
                 self.left_last[name] = h.now
             if target.service is not None:
                 self.crashed.append(target)  # a left instance is restarted like a crashed one
+            if not drained:  # what it still held is treated like a crash's (README, graceful scale-in)
+                self.died.add(target.incarnation)
             return f"leave {target.name}" + ("" if drained else " (drain timed out)")
         raise ValueError(f"unknown fault {kind!r}")
 
