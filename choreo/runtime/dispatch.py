@@ -61,6 +61,7 @@ from .context import HandlerContext, Host, Job
 from .deadletters import DeadLetter, DeadLetters, ReplayEnvelope
 from .journal import Journal
 from .moves import Moves
+from .owed import KeyHolds
 from .partdata import PartitionData
 from .replicas import Replicas
 from .state import StateTables
@@ -145,6 +146,8 @@ class Dispatcher:
             journal.windows = self.dedup.get
             journal.results_max = results_max
         self.ready: deque[Job] = deque()
+        self.holds = KeyHolds(self.keyed, self.ready, self.pump, host, config.handover_timeout, _who(service))
+        self.draining = self.holds.release_partition  # (for Moves: a partition drains towards another instance)
         self.stats = DispatchStats()
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
         # a handler that emits and sends nothing ends the flow of a message from outside at its span
@@ -162,6 +165,7 @@ class Dispatcher:
             send_mark=moves.send_mark if moves is not None else None,
             ownership=moves.ownership if moves is not None else None, replicas=replicas, journal=journal,
         )
+        self.data.owed.holds = self.holds
         # one context, reused by the lane for each message it runs
         self._lane_ctx = HandlerContext(host, None, None, keeper=self.data)  # type: ignore[arg-type]
 
@@ -409,7 +413,9 @@ class Dispatcher:
         if env.flags & FLAG_UNKEYED:
             self.ready.append(job)
         elif job.handler.is_async or self.keyed.busy(env.key) or self.ready:
-            if self.keyed.admit(env.key, job):
+            if self.holds.traces and self.holds.passes(env.key, env.trace_id):
+                self.ready.append(job)  # its flow came back to a held key: it must not wait for itself
+            elif self.keyed.admit(env.key, job):
                 job.holds_key = True
                 self.ready.append(job)
         else:
@@ -424,10 +430,7 @@ class Dispatcher:
         env = job.env
         if job.holds_key:
             job.holds_key = False
-            nxt = self.keyed.done(env.key)
-            if nxt is not None:
-                nxt.holds_key = True
-                self.ready.append(nxt)
+            self.holds.next(env.key)
         self.stats.untrack(job.env.partition)
         if self.in_progress.get(env.msg_id) is job:
             del self.in_progress[env.msg_id]
@@ -560,9 +563,7 @@ class Dispatcher:
     def _reply_limit(self, channel: InChannel | None) -> int:
         """The largest result that may travel to the caller on ``channel``: its limit and ours."""
         limit = self.config.max_message_bytes
-        if channel is not None:
-            limit = min(limit, channel.peer.max_message_bytes)
-        return limit
+        return min(limit, channel.peer.max_message_bytes) if channel is not None else limit
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         self.stats.in_handler -= 1
@@ -573,8 +574,9 @@ class Dispatcher:
         job.error = f"{type(exc).__name__}: {exc}"
         self.tracer.finished(job, "error", job.error)
         if job.attempt <= handler.retry.retries and not isinstance(exc, NOT_RETRIED):
-            if not job.holds_key and not job.env.flags & FLAG_UNKEYED:
-                if self.keyed.admit(job.env.key, job):
+            env = job.env  # (one of a held key's flow runs again without it, see _admit)
+            if not job.holds_key and not env.flags & FLAG_UNKEYED and not self.holds.passes(env.key, env.trace_id):
+                if self.keyed.admit(env.key, job):
                     job.holds_key = True
             delay = handler.retry.delay(job.attempt)
             log.info("%s failed (attempt %d), retrying in %.3f s: %s", handler.name, job.attempt, delay, job.error)
@@ -597,10 +599,7 @@ class Dispatcher:
         job.reply = reply
         if job.holds_key:
             job.holds_key = False
-            nxt = self.keyed.done(job.env.key)
-            if nxt is not None:
-                nxt.holds_key = True
-                self.ready.append(nxt)
+            self.holds.next(job.env.key)
         if job.pending == 0:
             self._effects_safe(job)
 

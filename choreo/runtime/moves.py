@@ -85,6 +85,8 @@ class PartitionWork(Protocol):
 
     def lag_of(self, partition: int) -> int: ...
 
+    def draining(self, partition: int) -> None: ...
+
 
 class _Forwarded:
     """What a forward calls once its target has it: the arrival it carries is done here. It
@@ -295,6 +297,7 @@ class Moves:
         if ownership.draining and self.work is not None and self.data is not None:
             lag_of, all_ran = self.work.lag_of, self.data.all_ran
             for p, target in list(ownership.draining.items()):
+                self.work.draining(p)
                 sending = self.sending.get(p)
                 if all_ran(p, lag_of(p)) and (sending is None or sending.target != target) or (
                     sending is not None and sending.retry_at is not None and now >= sending.retry_at

@@ -21,25 +21,115 @@ had, so wherever it arrived already it is dropped.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 
 import msgspec
 
+from .. import core
 from ..errors import ChoreoError
 from ..messages import Message, decoder_for, message_options
 from ..service import Handler
-from .context import Host
+from .context import Host, Job
 from .replicas import Replicas
 from .transfer import Delta
 
-__all__ = ["Owed"]
+__all__ = ["KeyHolds", "Owed"]
 
 log = logging.getLogger("choreo.dispatch")
 
 
 def nothing() -> None:
     """A shipment whose ack nobody waits for (what it says is made good another way)."""
+
+
+HELD = object()  # a key's item in progress while it is held (see KeyHolds): no job
+
+
+class KeyHolds:
+    """The keys in progress here (``core.KeyedDispatch``), and those held for a previous
+    owner's outputs.
+
+    A message handed over running ran at its partition's previous owner, whose outputs for it
+    may still be on their way from there (to a receiver that restarts, say). Were this node, the
+    new owner, to run the key's next message at once, its outputs could reach their receiver
+    first, from another node: the key's order broken one step downstream (a pipeline of two
+    services under chaos: a first-stage instance stopped while the second stage restarted, its
+    successor's outputs handled before the earlier ones it resent). So the key is held, as if a
+    message of it were in progress, until the previous owner marks those outputs acknowledged,
+    or goes (this node then sends them itself, ahead of anything the key's next messages emit).
+    A message of a held message's own flow (its trace) does not wait: it came back, and what is
+    held may wait for it (a saga's step). Two flows may still wait for each other (one's step
+    held behind the other's, and the other's behind the first's: saga replicas 87004 wedged), so
+    a key is held for ``handover_timeout`` at most: a new owner waits that long for its previous
+    owner, as for the hand-over itself."""
+
+    def __init__(self, keyed: core.KeyedDispatch, ready: deque[Job], pump: Callable[[], None], host: Host,
+                 timeout: float, who: str) -> None:
+        self.keyed = keyed
+        self.ready = ready
+        self.pump = pump
+        self.host = host
+        self.timeout = timeout
+        self.who = who
+        self.expired = 0  # holds that ran out
+        self.traces: dict[bytes, dict[bytes, bytes]] = {}  # a held key -> {its held message ids: their traces}
+        self.partition: dict[bytes, int] = {}  # a held key -> its partition
+
+    def next(self, key: bytes) -> None:
+        """The job in progress for ``key`` is over: its next one (if any) is ready to start."""
+        nxt = self.keyed.done(key)
+        if nxt is not None:
+            nxt.holds_key = True
+            self.ready.append(nxt)
+
+    def hold(self, partition: int, key: bytes, msg_id: bytes, trace: bytes) -> None:
+        """Hold ``key`` until :meth:`release` of ``msg_id``, a message handed over running."""
+        traces = self.traces.get(key)
+        if traces is None:
+            if self.keyed.busy(key):  # a job of it in progress here (the partition was not ours: cannot be)
+                return
+            self.keyed.admit(key, HELD)
+            traces = self.traces[key] = {}
+            self.partition[key] = partition
+            self.host.call_later(self.timeout, partial(self._expire, key, traces))
+        traces[msg_id] = trace
+
+    def release(self, key: bytes, msg_id: bytes) -> None:
+        """``msg_id``'s outputs are acknowledged, or sent from here: its key runs on once the last goes."""
+        traces = self.traces.get(key)
+        if traces is None or traces.pop(msg_id, None) is None or traces:
+            return
+        self._free(key)
+        self.pump()
+
+    def release_partition(self, partition: int) -> None:
+        """``partition`` drains here towards another instance: what waits for its held keys must
+        run here first, and what they waited for goes to the next owner with the partition."""
+        if not self.partition:
+            return
+        for key in [key for key, p in self.partition.items() if p == partition]:
+            self._free(key)
+        self.pump()
+
+    def _expire(self, key: bytes, traces: dict[bytes, bytes]) -> None:
+        if self.traces.get(key) is traces:  # (the same hold, not a later one of the key)
+            self.expired += 1
+            log.info("%s: key %r waited %.0f s for a previous owner's outputs of %d messages it handed over "
+                     "running: runs on (its next outputs may reach their receivers ahead of those)", self.who, key,
+                     self.timeout, len(traces))
+            self._free(key)
+            self.pump()
+
+    def _free(self, key: bytes) -> None:
+        del self.traces[key], self.partition[key]
+        self.next(key)
+
+    def passes(self, key: bytes, trace: bytes) -> bool:
+        """Is ``key`` held for a message of the flow ``trace`` (which must not wait for itself)?"""
+        traces = self.traces.get(key)
+        return traces is not None and trace in traces.values()
 
 
 class Owed:
@@ -56,6 +146,7 @@ class Owed:
         self.sent = 0  # messages whose outputs this node sent for another
         # message id -> what its duplicates wait to do once its outputs sent here are acknowledged (see wait)
         self.waiting: dict[bytes, list[Callable[[], None]]] = {}
+        self.holds: KeyHolds | None = None  # the dispatcher's: keys wait for what was handed over running
 
     def __len__(self) -> int:
         """Messages whose outputs are owed here: not sent yet, or sent and not all acknowledged."""
@@ -72,6 +163,8 @@ class Owed:
         self.deltas[delta.msg_id] = delta
         if by is not None:
             self.by[delta.msg_id] = by
+            if ours and self.holds is not None:
+                self.holds.hold(delta.partition, delta.key, delta.msg_id, delta.trace_id)
         if ours:
             self._to_standby(delta, marked=False)
 
@@ -115,7 +208,12 @@ class Owed:
         delta = self.deltas.pop(msg_id, None)
         if delta is not None:
             self._to_standby(delta, marked=True)
+            self._release(delta)
         return True
+
+    def _release(self, delta: Delta) -> None:
+        if self.holds is not None:
+            self.holds.release(delta.key, delta.msg_id)
 
     def source_gone(self, incarnation: int) -> int:
         """A previous owner went before it marked the messages it handed over running: send their
@@ -123,7 +221,10 @@ class Owed:
         ids = [msg_id for msg_id, by in self.by.items() if by == incarnation]
         for msg_id in ids:
             del self.by[msg_id]
-        sent = self._send([self.deltas.pop(msg_id) for msg_id in ids if msg_id in self.deltas])
+        owed = [self.deltas.pop(msg_id) for msg_id in ids if msg_id in self.deltas]
+        sent = self._send(owed)
+        for delta in owed:  # (their outputs leave before anything their keys' next messages emit)
+            self._release(delta)
         if sent:
             log.info("%s: a previous owner went before its outputs of %d messages it handed over were "
                      "acknowledged: sent them again", self.who, sent)
@@ -144,8 +245,9 @@ class Owed:
     def forget(self, p: int) -> None:
         """Partition ``p`` is another node's now (what is on its way still settles, see :meth:`_send`)."""
         for msg_id in [k for k, d in self.deltas.items() if d.partition == p]:
-            del self.deltas[msg_id]
-            self.by.pop(msg_id, None)
+            delta = self.deltas.pop(msg_id)
+            if self.by.pop(msg_id, None) is not None:
+                self._release(delta)
 
     def restandby(self, p: int) -> None:
         """Partition ``p`` has a new standby: it gets what is owed here, sent or not."""

@@ -61,6 +61,8 @@ class Work:
     def all_ran(self, p: int, lag: int) -> bool:
         return lag == 0  # (nothing here waits for its outputs' acks)
 
+    def draining(self, p: int) -> None: ...  # (no key here waits for a previous owner)
+
     def drain_state(self, p: int, lag: int) -> str:
         return f"{lag} messages in progress"
 
