@@ -63,10 +63,13 @@ def check_moves(
 
     * every expected (key, n) was handled;
     * each instance handled each key's events in increasing order;
-    * merged by time, a key's events are in increasing order, except for a crashed instance's
-      handlings of messages handled elsewhere too: a tail another instance handled again (the
-      crash window), or a handler it was frozen in, which finishes as it wakes, after the
-      message's next owner ran it and later ones (README, a node frozen too long);
+    * merged by time, a key's events are in increasing order, a message that a crashed
+      instance handled too counting at its first handling only: what a crashed instance
+      handled and had not seen acknowledged runs again elsewhere (the crash window), which with
+      acks end to end need not be a tail of what it handled (an earlier message whose outputs
+      waited for a receiver that died too runs again after later ones that were acknowledged);
+      and a handler an instance was frozen in finishes as it wakes, after the message's next
+      owner ran it and later ones (README, a node frozen too long);
     * of the handlings of a duplicate, all but one were by crashed instances; at most
       ``max_duplicates`` duplicates in all.
     """
@@ -86,15 +89,13 @@ def check_moves(
         for file, seq in per_file.items():
             if ordered and any(b <= a for a, b in zip(seq, seq[1:])):
                 disordered.append(f"{key} in {file}")
-        # merged by time, less a crashed instance's handlings of what was handled elsewhere too
-        # (or by itself again later)
-        elsewhere = {n for _, n, file in events if file not in crashed_files}
-        later = Counter(counts)
-        merged = []
+        # merged by time, a message a crashed instance handled too at its first handling only
+        crash_window = {n for _, n, file in events if counts[n] > 1 and file in crashed_files}
+        merged, first = [], set()
         for t, n, file in events:
-            later[n] -= 1
-            if not (file in crashed_files and (later[n] or n in elsewhere)):
+            if n not in crash_window or n not in first:
                 merged.append((t, n, file))
+                first.add(n)
         for (ta, a, fa), (tb, b, fb) in zip(merged, merged[1:]) if ordered else ():
             if b <= a:  # (the first such pair, with who handled it when: what a failure must show)
                 disordered.append(f"{key} merged by time: {a} by {fa}, then {b} by {fb} {(tb - ta) / 1e9:.6f} s later"

@@ -36,6 +36,15 @@ def test_a_handler_an_instance_was_frozen_in_may_finish_after_later_events_ran_e
         check_moves(handled, EXPECTED, "run", max_duplicates=1)  # a was not frozen: out of order
 
 
+def test_what_a_crashed_instance_runs_again_need_not_be_a_tail() -> None:
+    # a ran 1 (its outputs waiting for a receiver that died) and 2 (acknowledged), then crashed;
+    # 1 was sent again to b, which ran it after 2
+    handled = records((1, 1, "a"), (2, 2, "a"), (1, 3, "b"), (3, 4, "b"), (4, 5, "b"))
+    assert check_moves(handled, EXPECTED, "run", crashed="a", max_duplicates=1) == 1
+    with pytest.raises(AssertionError, match="merged by time: 2 by a, then 1 by b"):
+        check_moves(handled, EXPECTED, "run", max_duplicates=1)
+
+
 def test_out_of_order_missing_and_unexplained_duplicates_fail() -> None:
     with pytest.raises(AssertionError, match="k in a"):
         check_moves(records((1, 1, "a"), (3, 2, "a"), (2, 3, "a"), (4, 4, "a")), EXPECTED, "run")
