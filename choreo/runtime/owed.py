@@ -73,7 +73,6 @@ class KeyHolds:
         self.host = host
         self.timeout = timeout
         self.who = who
-        self.expired = 0  # holds that ran out
         self.traces: dict[bytes, dict[bytes, bytes]] = {}  # a held key -> {its held message ids: their traces}
         self.partition: dict[bytes, int] = {}  # a held key -> its partition
 
@@ -115,12 +114,12 @@ class KeyHolds:
 
     def _expire(self, key: bytes, traces: dict[bytes, bytes]) -> None:
         if self.traces.get(key) is traces:  # (the same hold, not a later one of the key)
-            self.expired += 1
             log.info("%s: key %r waited %.0f s for a previous owner's outputs of %d messages it handed over "
                      "running: runs on (its next outputs may reach their receivers ahead of those)", self.who, key,
                      self.timeout, len(traces))
             self._free(key)
             self.pump()
+            self.host.schedule_flush()  # (a timer's turn: nothing else sends what ran)
 
     def _free(self, key: bytes) -> None:
         del self.traces[key], self.partition[key]
