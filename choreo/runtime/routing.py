@@ -280,6 +280,8 @@ class Router:
         tname = options.name.encode()
         plan: list[PlannedCopy] = []
         for peer, flags, kb, partition, service in self.destinations(message, options.name, options.kind):
+            if peer is not None and self.outbox.waiting.get(service):
+                self.rehome(service)  # what waited for an instance leaves first (see waiting_first)
             if peer is not None and len(payload) > peer.max_message_bytes:
                 raise MessageTooLarge(
                     f"{options.name} body is {len(payload)} bytes, above {peer.node}'s limit of {peer.max_message_bytes}"
@@ -343,6 +345,8 @@ class Router:
             if not peers:  # declared, no live instance: the waiting path keeps the copy for one
                 unavailable = True
                 continue
+            if self.outbox.waiting.get(r.service):
+                self.rehome(r.service)  # (see waiting_first)
             max_bytes = min(max_bytes, *(p.max_message_bytes for p in peers))
             flags = 0 if r.key_field is not None else wire.FLAG_UNKEYED
             by_partition = None
@@ -586,7 +590,13 @@ class Router:
         return True
 
     def rehome(self, service: str | None) -> None:
-        """An instance of ``service`` arrived: send it the envelopes that had nowhere to go."""
+        """An instance of ``service`` arrived: send it the envelopes that had nowhere to go.
+
+        The *waiting_first* rule: whatever is planned or compiled for a service while envelopes
+        wait here for it sends those first, so that nothing new overtakes them. An instance can
+        be routable before the call that rehomes for it (a node that joins runs the partitions
+        it takes, and their handlers emit, before it rehomes what its last life left waiting): a
+        pipeline's second stage handled a key's events out of order so (chaos pipeline seed 36)."""
         if service is None:
             return
         items = self.outbox.take_waiting(service)

@@ -6,6 +6,7 @@ No engine and no sockets: a :class:`Membership` filled with peers by hand, a
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from choreo import Command, Event, Query, Service, core, wire
@@ -142,6 +143,31 @@ def test_a_service_whose_instances_died_keeps_its_messages_waiting() -> None:
     assert w.membership.instances("orders") == []
     plan = w.router.plan(Placed("o-1"), b"i" * 16, b"t" * 16, bytes(16), None)
     assert [(ch, service) for ch, _, service in plan] == [(None, "orders")], "a copy that waits for an instance"
+
+
+@pytest.mark.parametrize("how", ["plan", "emit_now"])
+def test_what_waits_for_an_instance_leaves_before_anything_new_for_its_service(how: str) -> None:
+    # orders had no instance, so two events wait here; an instance is routable before anything
+    # has rehomed them (a node that joins runs its handlers before it rehomes what its last life
+    # left): a new event for orders sends them first, in order, then itself (chaos pipeline
+    # seed 36: the next service handled the new one before the older ones)
+    w = World()
+    w.membership.declare(orders.spec())
+    for n in range(2):
+        (_, item, service), = w.router.plan(Placed(f"o-{n}"), bytes([n]) * 16, b"t" * 16, bytes(16), None)
+        w.outbox.park(service, item)
+    w.join(10, orders)
+    w.router.invalidate()
+    if how == "plan":
+        (ch, item, _), = w.router.plan(Placed("o-2"), b"\x02" * 16, b"t" * 16, bytes(16), None)
+        w.outbox.append(ch, item, w.now)
+    else:
+        w.router.emit_now(Placed("o-2"))
+    assert not w.outbox.waiting.get("orders"), "nothing waits once orders is routable"
+    w.outbox.flush()
+    sent = [env for _, f in w.wire.of_type(wire.DATA) for env in core.parse_envelopes(f[wire.HEADER_SIZE:])]
+    orders_sent = [msgspec.msgpack.decode(env.payload, type=Placed).order for env in sent]
+    assert orders_sent == ["o-0", "o-1", "o-2"]
 
 
 def test_emit_now_writes_into_the_owners_window_and_batches_until_flush() -> None:
