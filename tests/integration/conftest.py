@@ -30,7 +30,8 @@ class Procs:
             return text if tail is None else text[-tail:]
 
         return "\n".join(f"--- {p.service if isinstance(p.service, str) else getattr(p.service, 'name', p.service)} "
-                         f"pid {p.proc.pid if p.proc else '?'}\n{log(p)}" for p in self.started)
+                         f"pid {p.proc.pid if p.proc else '?'} (whole log: {p.stderr_path})\n{log(p)}"
+                         for p in self.started)
 
     def close(self) -> None:
         """Stop every process at once, as ``choreo up`` stops a system (``stop_all``), within 10 s.

@@ -59,6 +59,7 @@ SECONDS = float(os.environ.get("CHAOS_SECONDS", "30"))
 RATE = int(os.environ.get("CHAOS_RATE", "3000"))
 KEYS = 200
 CALLERS = 16  # commands in flight at once
+LOG_LEVEL = os.environ.get("CHAOS_LOG_LEVEL", "WARNING")  # each process's, printed on a failure (INFO: its story)
 MOST = 4  # instances at once
 SHORT_PAUSE = (0.2, 0.8)  # short of suspect_after (1.0 s), far from being taken for dead (3.5 s)
 LONG_PAUSE = (FAST.suspect_after + FAST.dead_after + 1.5, FAST.suspect_after + FAST.dead_after + 5.0)
@@ -108,7 +109,7 @@ class Chaos:
             host = self.free.pop(0)
             where = {"netns": self.hosts.namespace(host), "bind": f"tcp://{self.hosts.address(host)}:0",
                      "insecure": True}
-        p = self.procs.start(service, peers=[s for s in seeds if s], config=FAST, **where)
+        p = self.procs.start(service, peers=[s for s in seeds if s], config=FAST, log_level=LOG_LEVEL, **where)
         if self.hosts is not None:
             self.host_of[p.pid] = host
         self.live.append(p)
