@@ -74,7 +74,7 @@ class KeyHolds:
         self.timeout = timeout
         self.who = who
         self.traces: dict[bytes, dict[bytes, bytes]] = {}  # a held key -> {its held message ids: their traces}
-        self.partition: dict[bytes, int] = {}  # a held key -> its partition
+        self.partition_of: dict[bytes, int] = {}  # a held key -> its partition
 
     def next(self, key: bytes) -> None:
         """The job in progress for ``key`` is over: its next one (if any) is ready to start."""
@@ -91,7 +91,7 @@ class KeyHolds:
                 return
             self.keyed.admit(key, HELD)
             traces = self.traces[key] = {}
-            self.partition[key] = partition
+            self.partition_of[key] = partition
             self.host.call_later(self.timeout, partial(self._expire, key, traces))
         traces[msg_id] = trace
 
@@ -106,9 +106,9 @@ class KeyHolds:
     def release_partition(self, partition: int) -> None:
         """``partition`` drains here towards another instance: what waits for its held keys must
         run here first, and what they waited for goes to the next owner with the partition."""
-        if not self.partition:
+        if not self.partition_of:
             return
-        for key in [key for key, p in self.partition.items() if p == partition]:
+        for key in [key for key, p in self.partition_of.items() if p == partition]:
             self._free(key)
         self.pump()
 
@@ -122,7 +122,7 @@ class KeyHolds:
             self.host.schedule_flush()  # (a timer's turn: nothing else sends what ran)
 
     def _free(self, key: bytes) -> None:
-        del self.traces[key], self.partition[key]
+        del self.traces[key], self.partition_of[key]
         self.next(key)
 
     def passes(self, key: bytes, trace: bytes) -> bool:
