@@ -146,7 +146,9 @@ class Dispatcher:
             journal.windows = self.dedup.get
             journal.results_max = results_max
         self.ready: deque[Job] = deque()
-        self.holds = KeyHolds(self.keyed, self.ready, self.pump, host, config.handover_timeout, _who(service))
+        # (a hold outlasts a receiver's death and replacement, suspect + dead + a join, several times)
+        bound = max(config.handover_timeout, 4 * (config.suspect_after + config.dead_after))
+        self.holds = KeyHolds(self.keyed, self.ready, self.pump, host, bound, _who(service))
         self.draining = self.holds.release_partition  # (for Moves: a partition drains towards another instance)
         self.stats = DispatchStats()
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane

@@ -21,7 +21,7 @@ had, so wherever it arrived already it is dropped.
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from functools import partial
 
@@ -59,11 +59,12 @@ class KeyHolds:
     successor's outputs handled before the earlier ones it resent). So the key is held, as if a
     message of it were in progress, until the previous owner marks those outputs acknowledged,
     or goes (this node then sends them itself, ahead of anything the key's next messages emit).
-    A message of a held message's own flow (its trace) does not wait: it came back, and what is
-    held may wait for it (a saga's step). Two flows may still wait for each other (one's step
-    held behind the other's, and the other's behind the first's: saga replicas 87004 wedged), so
-    a key is held for ``handover_timeout`` at most: a new owner waits that long for its previous
-    owner, as for the hand-over itself."""
+    A message of a flow some hold here waits for (its trace) does not wait: it came back, and
+    what is held may wait for it (a saga's step; or another flow's, whose step waits in turn
+    behind that flow's hold at another key: saga replicas 87004 wedged when only a key's own
+    flows passed). Flows can still wait for each other across nodes, so a hold lasts ``timeout``
+    at most (see :class:`~choreo.runtime.dispatch.Dispatcher`): long enough for a receiver to be
+    found dead and replaced, after which the key runs on, its order no longer kept."""
 
     def __init__(self, keyed: core.KeyedDispatch, ready: deque[Job], pump: Callable[[], None], host: Host,
                  timeout: float, who: str) -> None:
@@ -74,6 +75,7 @@ class KeyHolds:
         self.timeout = timeout
         self.who = who
         self.traces: dict[bytes, dict[bytes, bytes]] = {}  # a held key -> {its held message ids: their traces}
+        self.flows: Counter[bytes] = Counter()  # the traces of every held message here
         self.partition_of: dict[bytes, int] = {}  # a held key -> its partition
 
     def next(self, key: bytes) -> None:
@@ -93,15 +95,20 @@ class KeyHolds:
             traces = self.traces[key] = {}
             self.partition_of[key] = partition
             self.host.call_later(self.timeout, partial(self._expire, key, traces))
-        traces[msg_id] = trace
+        if msg_id not in traces:
+            traces[msg_id] = trace
+            self.flows[trace] += 1
 
     def release(self, key: bytes, msg_id: bytes) -> None:
         """``msg_id``'s outputs are acknowledged, or sent from here: its key runs on once the last goes."""
         traces = self.traces.get(key)
-        if traces is None or traces.pop(msg_id, None) is None or traces:
+        trace = traces.pop(msg_id, None) if traces is not None else None
+        if trace is None:
             return
-        self._free(key)
-        self.pump()
+        self._forget(trace)
+        if not traces:
+            self._free(key)
+            self.pump()
 
     def release_partition(self, partition: int) -> None:
         """``partition`` drains here towards another instance: what waits for its held keys must
@@ -122,13 +129,21 @@ class KeyHolds:
             self.host.schedule_flush()  # (a timer's turn: nothing else sends what ran)
 
     def _free(self, key: bytes) -> None:
-        del self.traces[key], self.partition_of[key]
+        for trace in self.traces.pop(key).values():
+            self._forget(trace)
+        del self.partition_of[key]
         self.next(key)
 
+    def _forget(self, trace: bytes) -> None:
+        left = self.flows[trace] - 1
+        if left:
+            self.flows[trace] = left
+        else:
+            del self.flows[trace]
+
     def passes(self, key: bytes, trace: bytes) -> bool:
-        """Is ``key`` held for a message of the flow ``trace`` (which must not wait for itself)?"""
-        traces = self.traces.get(key)
-        return traces is not None and trace in traces.values()
+        """Is ``key`` held, and ``trace`` a flow that a hold here waits for (which must not wait)?"""
+        return key in self.traces and trace in self.flows
 
 
 class Owed:
