@@ -55,11 +55,13 @@ def check_moves(
     crashed: str | Iterable[str] = (),
     max_duplicates: int = 0,
     ordered: bool = True,
+    crashed_lives: Iterable[tuple[int, int]] = (),
 ) -> int:
     """Deliveries across instances that came and went. Returns how many were duplicates.
 
     ``crashed``: the record file (or files) of instances killed, or frozen past ``dead_after``.
     ``ordered=False``: the messages were sent concurrently, in no order to check.
+    ``crashed_lives``: (started, crashed) times of the crashed instances (``time_ns``).
 
     * every expected (key, n) was handled;
     * each instance handled each key's events in increasing order;
@@ -70,9 +72,11 @@ def check_moves(
       waited for a receiver that died too runs again after later ones that were acknowledged);
       and a handler an instance was frozen in finishes as it wakes, after the message's next
       owner ran it and later ones (README, a node frozen too long);
-    * of the handlings of a duplicate, all but one were by crashed instances; at most
-      ``max_duplicates`` duplicates in all.
+    * of the handlings of a duplicate, all but one were by crashed instances, or a crashed
+      instance lived between them (the partition's dedup ids may have gone to it with the
+      partition, and died with it: README, a crash); at most ``max_duplicates`` in all.
     """
+    lives = list(crashed_lives)
     crashed_files = {crashed} if isinstance(crashed, str) else set(crashed)
     by_key: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for key, n, t, file in records:
@@ -83,19 +87,20 @@ def check_moves(
         events = sorted(by_key.get(key, []))
         counts = Counter(n for _, n, _ in events)
         missing.extend(f"{key}:{n}" for n in ns if counts[n] == 0)
-        per_file: dict[str, list[int]] = defaultdict(list)
-        for _, n, file in events:
-            per_file[file].append(n)
-        for file, seq in per_file.items():
-            if ordered and any(b <= a for a, b in zip(seq, seq[1:])):
-                disordered.append(f"{key} in {file}")
-        # merged by time, a message a crashed instance handled too at its first handling only
+        # a message a crashed instance handled too counts at its first handling only, by each
+        # instance and merged by time
         crash_window = {n for _, n, file in events if counts[n] > 1 and file in crashed_files}
         merged, first = [], set()
         for t, n, file in events:
             if n not in crash_window or n not in first:
                 merged.append((t, n, file))
                 first.add(n)
+        per_file: dict[str, list[int]] = defaultdict(list)
+        for _, n, file in merged:
+            per_file[file].append(n)
+        for file, seq in per_file.items():
+            if ordered and any(b <= a for a, b in zip(seq, seq[1:])):
+                disordered.append(f"{key} in {file}")
         for (ta, a, fa), (tb, b, fb) in zip(merged, merged[1:]) if ordered else ():
             if b <= a:  # (the first such pair, with who handled it when: what a failure must show)
                 disordered.append(f"{key} merged by time: {a} by {fa}, then {b} by {fb} {(tb - ta) / 1e9:.6f} s later"
@@ -104,8 +109,10 @@ def check_moves(
         for n, c in counts.items():
             if c > 1:
                 duplicates += c - 1
-                handled_by = [file for _, m, file in events if m == n]
-                if sum(file not in crashed_files for file in handled_by) > 1:
+                handled = [(t, file) for t, m, file in events if m == n]
+                handled_by = [file for _, file in handled]
+                between = any(born < handled[-1][0] and fell > handled[0][0] for born, fell in lives)
+                if sum(file not in crashed_files for file in handled_by) > 1 and not between:
                     bad_dups.append(f"{key}:{n}x{c} by {handled_by}")
     problems = []
     if missing:

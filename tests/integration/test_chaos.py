@@ -79,6 +79,8 @@ class Chaos:
         self.host_of: dict[int, int] = {}  # pid -> its host
         self.live: list[NodeProcess] = []
         self.service_of: dict[int, str] = {}  # pid -> the service it runs
+        self.born: dict[str, int] = {}  # record file -> when its instance started (time_ns)
+        self.fell: dict[str, int] = {}  # record file of a crashed instance -> when it crashed
         self.crashed: set[str] = set()  # record files whose instance was killed or frozen past dead_after
         self.crash_faults = 0
         self.story: list[str] = []
@@ -114,6 +116,7 @@ class Chaos:
             self.host_of[p.pid] = host
         self.live.append(p)
         self.service_of[p.pid] = service.name
+        self.born[self.file(p)] = time.time_ns()
         named = f" ({service.name})" if len(self.services) > 1 else ""
         self.say(f"start {p.pid}{named}" + (f" on host {host}" if self.hosts is not None else ""))
         return p
@@ -128,6 +131,7 @@ class Chaos:
             file = self.file(p)
             if file not in self.crashed and "declared us dead" in p.stderr():
                 self.crashed.add(file)
+                self.fell.setdefault(file, time.time_ns())
                 self.crash_faults += 1
                 self.say(f"{p.pid} was told it had been declared dead (its log): its crash window counts")
 
@@ -154,6 +158,7 @@ class Chaos:
                 self.gone(victim)
                 await asyncio.to_thread(victim.kill)
                 self.crashed.add(file)
+                self.fell.setdefault(file, time.time_ns())
                 self.crash_faults += 1
                 self.say(f"SIGKILL {victim.pid}")
             elif fault == "term":
@@ -167,6 +172,7 @@ class Chaos:
                 pause = rng.uniform(*(SHORT_PAUSE if fault == "short_pause" else LONG_PAUSE))
                 if fault == "long_pause":
                     self.crashed.add(file)
+                    self.fell.setdefault(file, time.time_ns())
                     self.crash_faults += 1
                 self.say(f"SIGSTOP {victim.pid} for {pause:.1f} s")
                 os.kill(victim.pid, signal.SIGSTOP)
@@ -199,6 +205,7 @@ class Chaos:
             lasts = self.rng.uniform(*(SHORT_PAUSE if fault == "short_isolation" else LONG_PAUSE))
             if fault == "long_isolation":  # taken for dead while it runs on: a crash, for the checker
                 self.crashed.add(file)
+                self.fell.setdefault(file, time.time_ns())
                 self.crash_faults += 1
             await asyncio.to_thread(self.hosts.isolate, host)
             self.say(f"isolate {victim.pid} for {lasts:.1f} s")
@@ -322,10 +329,13 @@ def run(chaos: Chaos, seed: int, workload: Callable[[Chaos, float], Awaitable[in
         procs.close()
         chaos.taken_for_dead_by_others()
         expected = expected_stream(sent, KEYS)
+        end = time.time_ns()
         for service in chaos.services:  # (the last stage's duplicates are the ones reported)
+            lives = [(chaos.born[f], chaos.fell.get(f, end)) for f in chaos.crashed if f.startswith(f"{service.name}-")]
             duplicates = check_moves(read_timed(str(procs.record_dir), service.name), expected,
                                      f"seed {seed}, {service.name}", crashed=chaos.crashed,
-                                     max_duplicates=FAST.window * chaos.crash_faults, ordered=ordered)
+                                     max_duplicates=FAST.window * chaos.crash_faults, ordered=ordered,
+                                     crashed_lives=lives)
     except BaseException as exc:
         story = "\n".join(chaos.story)
         raise AssertionError(f"seed {seed}: {exc}\nthe schedule as it ran:\n{story}\n{procs.stderr()}") from exc

@@ -45,6 +45,25 @@ def test_what_a_crashed_instance_runs_again_need_not_be_a_tail() -> None:
         check_moves(handled, EXPECTED, "run", max_duplicates=1)
 
 
+def test_a_survivor_may_run_again_an_old_message_a_crashed_instance_ran_after_later_ones() -> None:
+    # a ran 2 and died before its ack came back; b ran 3 and 4, then 2 came to it again
+    handled = records((1, 1, "b"), (2, 2, "a"), (3, 3, "b"), (4, 4, "b"), (2, 5, "b"))
+    assert check_moves(handled, EXPECTED, "run", crashed="a", max_duplicates=1) == 1
+    with pytest.raises(AssertionError, match="k in b"):
+        check_moves(handled, EXPECTED, "run", max_duplicates=1)
+
+
+def test_one_instance_may_run_a_message_twice_only_if_a_crashed_instance_lived_in_between() -> None:
+    # b ran 2, its partition (and dedup ids) went to c, which died; back at b, 2 came again
+    handled = records((1, 1, "b"), (2, 2, "b"), (3, 3, "b"), (2, 6, "b"), (4, 7, "b"))
+    with pytest.raises(AssertionError, match="not explained by a crash"):
+        check_moves(handled, EXPECTED, "run", crashed="c", max_duplicates=1, ordered=False)
+    with pytest.raises(AssertionError, match="not explained by a crash"):  # c had died before b ran 2
+        check_moves(handled, EXPECTED, "run", crashed="c", max_duplicates=1, ordered=False, crashed_lives=[(0, 1)])
+    assert check_moves(handled, EXPECTED, "run", crashed="c", max_duplicates=1, ordered=False,
+                       crashed_lives=[(3, 5)]) == 1
+
+
 def test_out_of_order_missing_and_unexplained_duplicates_fail() -> None:
     with pytest.raises(AssertionError, match="k in a"):
         check_moves(records((1, 1, "a"), (3, 2, "a"), (2, 3, "a"), (4, 4, "a")), EXPECTED, "run")
