@@ -49,6 +49,34 @@ def sink() -> tuple[Service, dict[str, list[int]]]:
     return service, seen
 
 
+COUNT = 600
+
+
+async def producing(h: Harness, client: Any, seen: dict[str, list[int]]) -> asyncio.Future[None]:
+    """Start the mesh and a producer of COUNT readings; return once the sink handles them."""
+
+    async def produce() -> None:
+        for n in range(COUNT):
+            await client.emit(Reading(k=f"k{n % KEYS}", n=n), timeout=120)
+            if n % 20 == 0:
+                await h.advance(0.01)
+
+    await h.start()
+    task = asyncio.ensure_future(produce())
+    await h.run_until(lambda: sum(map(len, seen.values())) >= 100, 30, "the sink is handling readings")
+    return task
+
+
+async def all_in_order(h: Harness, client: Any, task: asyncio.Future[None], seen: dict[str, list[int]]) -> None:
+    """Every reading reached the sink once, each key's in order."""
+    await h.run(task, timeout=120)
+    await h.run_until(lambda: client.acknowledged, 60, "every reading acknowledged")
+    assert sorted(n for ns in seen.values() for n in ns) == list(range(COUNT)), "each reading reached the sink once"
+    for key, ns in seen.items():
+        backwards = [(a, b) for a, b in zip(ns, ns[1:]) if b < a]
+        assert not backwards, f"{key}: the sink handled {backwards[0][1]} after {backwards[0][0]}"
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_the_second_stage_gets_each_keys_readings_in_order_while_the_first_stage_scales_in(seed: int) -> None:
     # one instance of forward is cut from the sink for a moment, so the readings it runs wait
@@ -61,31 +89,16 @@ def test_the_second_stage_gets_each_keys_readings_in_order_while_the_first_stage
     first, second = h.add(forward()), h.add(forward())
     sink_service, seen = sink()
     receiver = h.add(sink_service)
-    count = 600
-
-    async def produce() -> None:
-        for n in range(count):
-            await client.emit(Reading(k=f"k{n % KEYS}", n=n), timeout=60)
-            if n % 20 == 0:
-                await h.advance(0.01)
 
     async def scenario() -> None:
-        await h.start()
-        producing = asyncio.ensure_future(produce())
-        await h.run_until(lambda: sum(map(len, seen.values())) >= 100, 30, "the sink is handling readings")
+        task = await producing(h, client, seen)
         h.partition([first], [receiver])  # shorter than suspect_after: nobody is taken for dead
         await h.advance(0.2)
         first.begin_leave()
         await h.run_until(lambda: second.dispatcher.data.owed.by, 5, "readings went along running")
         await h.advance(0.5)  # the other instance runs the keys' next readings meanwhile
         h.heal()
-        await h.run(producing, timeout=120)
-        await h.run_until(lambda: client.acknowledged, 60, "every reading acknowledged")
-        handled = sorted(n for ns in seen.values() for n in ns)
-        assert handled == list(range(count)), "each reading reached the sink once"
-        for key, ns in seen.items():
-            backwards = [(a, b) for a, b in zip(ns, ns[1:]) if b < a]
-            assert not backwards, f"{key}: the sink handled {backwards[0][1]} after {backwards[0][0]}"
+        await all_in_order(h, client, task, seen)
 
     asyncio.run(scenario())
 
@@ -106,29 +119,15 @@ def test_the_second_stage_gets_each_keys_readings_in_order_when_the_only_first_s
     only = h.add(forward())
     sink_service, seen = sink()
     receiver = h.add(sink_service)
-    count = 600
-
-    async def produce() -> None:
-        for n in range(count):
-            await client.emit(Reading(k=f"k{n % KEYS}", n=n), timeout=120)
-            if n % 20 == 0:
-                await h.advance(0.01)
 
     async def scenario() -> None:
-        await h.start()
-        producing = asyncio.ensure_future(produce())
-        await h.run_until(lambda: sum(map(len, seen.values())) >= 100, 30, "the sink is handling readings")
+        task = await producing(h, client, seen)
         h.partition([only], [receiver])
         await h.advance(0.3)
         former = only.incarnation
         h.pause(only, CONFIG.suspect_after + CONFIG.dead_after + 1.0)
         h.heal()
         await h.run_until(lambda: only.incarnation != former, 30, "the frozen instance rejoins")
-        await h.run(producing, timeout=120)
-        await h.run_until(lambda: client.acknowledged, 60, "every reading acknowledged")
-        assert sorted(set(n for ns in seen.values() for n in ns)) == list(range(count)), "every reading reached the sink"
-        for key, ns in seen.items():
-            backwards = [(a, b) for a, b in zip(ns, ns[1:]) if b < a]
-            assert not backwards, f"{key}: the sink handled {backwards[0][1]} after {backwards[0][0]}"
+        await all_in_order(h, client, task, seen)
 
     asyncio.run(scenario())
