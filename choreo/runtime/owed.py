@@ -135,10 +135,8 @@ class KeyHolds:
         self.next(key)
 
     def _forget(self, trace: bytes) -> None:
-        left = self.flows[trace] - 1
-        if left:
-            self.flows[trace] = left
-        else:
+        self.flows[trace] -= 1
+        if not self.flows[trace]:
             del self.flows[trace]
 
     def passes(self, key: bytes, trace: bytes) -> bool:

@@ -38,7 +38,8 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -217,12 +218,20 @@ class Chaos:
         self.say(f"healed {' and '.join(str(p.pid) for p in self.live if self.host_of.get(p.pid) in healed)}")
 
 
-async def produce(chaos: Chaos, seconds: float) -> int:
-    """Emit RATE keyed events a second while the faults run; returns how many were emitted."""
+@asynccontextmanager
+async def client_of(chaos: Chaos) -> AsyncIterator[Node]:
+    """The producer's node, for the whole run: joined through the first instance, and seeing
+    every instance started so far (newcomers name it among their seeds)."""
     first = chaos.live[0].endpoint
     async with Node(None, bind=chaos.client_bind, peers=[first], config=FAST, insecure=True) as client:
         chaos.client_endpoint = client.endpoint
         await client.wait_for({s.name: len(chaos.live_of(s)) for s in chaos.services}, timeout=30)
+        yield client
+
+
+async def produce(chaos: Chaos, seconds: float) -> int:
+    """Emit RATE keyed events a second while the faults run; returns how many were emitted."""
+    async with client_of(chaos) as client:
         faults = asyncio.create_task(chaos.run(seconds))
         sent, start = 0, time.monotonic()
         try:
@@ -246,10 +255,7 @@ async def call(chaos: Chaos, seconds: float) -> int:
     """CALLERS callers send keyed commands one after another while the faults run, each again
     (the same id: its fields are its idempotency key) after an error, as an application would,
     until it is answered; returns how many were sent. Each answer must be the command's result."""
-    first = chaos.live[0].endpoint
-    async with Node(None, bind=chaos.client_bind, peers=[first], config=FAST, insecure=True) as client:
-        chaos.client_endpoint = client.endpoint
-        await client.wait_for({s.name: len(chaos.live_of(s)) for s in chaos.services}, timeout=30)
+    async with client_of(chaos) as client:
         faults = asyncio.create_task(chaos.run(seconds))
         sent = 0
         errors: Counter[str] = Counter()
