@@ -57,7 +57,7 @@ class PartitionKeeping(Protocol):
 
     def export_partition(self, p: int, settled: bool = False, to: int | None = None) -> Iterator[Piece]: ...
 
-    def forget_partition(self, p: int) -> None: ...
+    def forget_partition(self, p: int, keep_ids: bool = False) -> None: ...
 
     def install(self, staged: Staged, source: int | None = None) -> None: ...
 
@@ -425,7 +425,10 @@ class Moves:
             if self.ownership.state[p] == "draining":
                 self.ownership.drained(p)
                 assert self.data is not None
-                self.data.forget_partition(p)
+                # its dedup ids and results stay: should the new owner die before anything else
+                # changes, rendezvous hashing gives p back here, where what ran is still a duplicate
+                # (they age out of the windows as any others; an id only ever stands for a message that ran)
+                self.data.forget_partition(p, keep_ids=True)
                 self.data.handed_on(p)
                 if self.replicas is not None:
                     self.replicas.forgotten(p)

@@ -179,15 +179,13 @@ class PartitionData:
             self.send_mark(to, env.partition, encode_transfer(mark))
 
     def all_ran(self, p: int, lag: int) -> bool:
-        """Have the ``lag`` messages of partition ``p`` in progress here all run (some may wait
-        for their outputs' acks, see :meth:`ran`; a duplicate waits with its original)? Then
-        ``p`` may be handed over."""
+        """Have the ``lag`` messages of partition ``p`` in progress here all run (some may wait for
+        their outputs' acks, see :meth:`ran`; a duplicate waits with its original)? Then ``p`` may be handed over."""
         return not lag or lag == sum(self._ran_and_waiting(p))
 
     def _ran_and_waiting(self, p: int) -> tuple[int, int, int]:
         """Of partition ``p``'s messages in progress, those that ran and wait for their outputs' (or
-        standby's) acks, the duplicates waiting with them, and the duplicates of what it owes
-        (they go with it)."""
+        standby's) acks, the duplicates waiting with them, and the duplicates of what it owes (they go with it)."""
         jobs = self.settling.get(p) or ()
         owed = self.owed.waiting_in(p) if self.owed.waiting else 0
         return len(jobs), sum(len(job.duplicates) for job in jobs), owed
@@ -319,12 +317,14 @@ class PartitionData:
             if old is not None:
                 yield names[t], key, old
 
-    def forget_partition(self, p: int) -> None:
-        """Partition ``p`` is its new owner's now: forget its dedup ids, results and state here."""
-        for window in self.dedup.values():
-            window.drop_partition(p)
-        for msg_id in [k for k, v in self.results.items() if v[3] == p]:
-            del self.results[msg_id]
+    def forget_partition(self, p: int, keep_ids: bool = False) -> None:
+        """Partition ``p`` is another instance's: forget its state and what it owes here, and its
+        dedup ids and results unless ``keep_ids`` (it was handed over: see ``Moves._verdict_on``)."""
+        if not keep_ids:
+            for window in self.dedup.values():
+                window.drop_partition(p)
+            for msg_id in [k for k, v in self.results.items() if v[3] == p]:
+                del self.results[msg_id]
         self.owed.forget(p)
         if self.state is not None:
             self.state.drop(p)

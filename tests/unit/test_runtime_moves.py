@@ -41,14 +41,15 @@ class Work:
         self.exported: list[int] = []
         self.imported: list[tuple[int, list[tuple[str, bytes, bytes]]]] = []
         self.forgotten: list[int] = []
+        self.handed: list[int] = []  # checked out at their new owner (their ids stay here)
         self.lag: dict[int, int] = {}
 
     def export_partition(self, p: int, settled: bool = False, to: int | None = None) -> Any:
         self.exported.append(p)
         return iter([Piece(state=[("Tally", b"key-%d" % p, b"x" * 300)]) for _ in range(3)])
 
-    def forget_partition(self, p: int) -> None:
-        self.forgotten.append(p)
+    def forget_partition(self, p: int, keep_ids: bool = False) -> None:
+        (self.handed if keep_ids else self.forgotten).append(p)
 
     def install(self, staged: Any, source: int | None = None) -> None:
         self.imported.append((staged.partition, staged.state))
@@ -183,13 +184,13 @@ def test_a_join_drains_what_moves_then_hands_it_over_after_its_last_message() ->
     assert sorted(p for _, p in n.handovers()) == sorted(moving)
     assert {e for e, _ in n.handovers()} == {"fake://2"}
     assert set(n.moves.ownership.draining) == moving, "kept here until the newcomer says it has them"
-    assert n.work.forgotten == []
+    assert n.work.handed == []
     for endpoint, m in n.transfers():
         if m.last:
             n.receive(2, Verdict("handover", m.stream, m.partition, True))
     assert not n.moves.ownership.draining
     assert all(n.moves.ownership.state[q] == "handed_over" for q in moving)
-    assert sorted(n.work.forgotten) == sorted(moving)
+    assert sorted(n.work.handed) == sorted(moving) and n.work.forgotten == []
 
 
 def test_a_newcomer_buffers_until_the_handover_then_runs_in_arrival_order() -> None:
@@ -255,14 +256,14 @@ def test_a_refused_stream_is_sent_again_and_the_partition_kept_meanwhile() -> No
     n.moves.tick(n.now)
     first = [m for _, m in n.transfers() if isinstance(m, Chunk) and m.partition == p]
     n.receive(2, Verdict("handover", first[0].stream, p, False, "digest does not match"))
-    assert p in n.moves.ownership.draining and p not in n.work.forgotten
+    assert p in n.moves.ownership.draining and p not in n.work.handed
     n.now += n.config.rto + 0.01
     n.ack_all(2)
     n.moves.tick(n.now)
     again = [m for _, m in n.transfers() if isinstance(m, Chunk) and m.partition == p and m.seq == 0]
     assert len(again) == 2 and again[1].stream != again[0].stream, "a fresh stream"
     n.receive(2, Verdict("handover", again[1].stream, p, True))
-    assert p in n.work.forgotten and p not in n.moves.ownership.draining
+    assert p in n.work.handed and p not in n.moves.ownership.draining
 
 
 def test_a_stream_refused_for_coming_early_does_not_count_as_handed_over() -> None:
@@ -302,7 +303,7 @@ def test_a_receiver_that_dies_mid_stream_is_replaced_by_the_next_owner() -> None
     n.moves.sync()  # 3 is gone from the view: what it was getting goes back to its owner
     for p in going:
         assert p in n.owned() or n.moves.ownership.draining.get(p) == 2
-    assert not set(going) & set(n.work.forgotten), "nothing forgotten: 3 never said it had them"
+    assert not set(going) & set(n.work.forgotten + n.work.handed), "nothing let go: 3 never said it had them"
 
 
 def test_a_previous_owner_that_dies_is_not_waited_for() -> None:
