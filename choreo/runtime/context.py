@@ -60,6 +60,8 @@ class Host(Protocol):
 
     def has_owner(self, type_name: str) -> bool: ...
 
+    def receiver_missing(self, type_name: str) -> bool: ...  # a service declared to take it has no live instance
+
     async def ask(self, query: Message, *, timeout: float | None, trace_id: bytes, cause_id: bytes) -> Any: ...
 
 

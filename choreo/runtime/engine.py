@@ -144,6 +144,7 @@ class Engine:
         self.lifecycle = Lifecycle()
         self.ids = ids if ids is not None else core.IdSource(os.urandom(8))
         self.membership = Membership()
+        self.receiver_missing = self.membership.receiver_missing  # (Host)
         self.holds = Holds()
         self.outbox = Outbox(
             transport, config, clock=clock, holds=self.holds, counters=self.counters, journal=self.journal

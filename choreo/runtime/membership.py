@@ -565,6 +565,11 @@ class Membership:
     def owners(self, message_type: str) -> list[ServiceSpec]:
         return self._views()._owners.get(message_type, [])
 
+    def receiver_missing(self, message_type: str) -> bool:
+        """Has a service declared to take ``message_type`` no routable instance now?"""
+        takers = [spec for spec, _ in self.subscribers(message_type)] + self.owners(message_type)
+        return any(not self.instances(spec.name) for spec in takers)
+
     def services(self) -> dict[str, ServiceSpec]:
         """The services with a routable instance now."""
         return dict(self._views()._specs)

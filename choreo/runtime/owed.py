@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import msgspec
@@ -64,7 +64,11 @@ class KeyHolds:
     behind that flow's hold at another key: saga replicas 87004 wedged when only a key's own
     flows passed). Flows can still wait for each other across nodes, so a hold lasts ``timeout``
     at most (see :class:`~choreo.runtime.dispatch.Dispatcher`): long enough for a receiver to be
-    found dead and replaced, after which the key runs on, its order no longer kept."""
+    found dead and replaced, after which the key runs on, its order no longer kept. That bound
+    runs only while every service the held outputs go to has a live instance here: without one,
+    nothing waits on a flow a hold could be part of, and what the key emitted next would wait for
+    the same receivers (a pipeline's second stage with no instance for 32 s, chaos seed 109: its
+    first stage's new owner ran on after 14 s, and those later outputs went out first)."""
 
     def __init__(self, keyed: core.KeyedDispatch, ready: deque[Job], pump: Callable[[], None], host: Host,
                  timeout: float, who: str) -> None:
@@ -77,6 +81,7 @@ class KeyHolds:
         self.traces: dict[bytes, dict[bytes, bytes]] = {}  # a held key -> {its held message ids: their traces}
         self.flows: Counter[bytes] = Counter()  # the traces of every held message here
         self.partition_of: dict[bytes, int] = {}  # a held key -> its partition
+        self.outputs: dict[bytes, set[str]] = {}  # a held key -> the types of the outputs it waits for
 
     def next(self, key: bytes) -> None:
         """The job in progress for ``key`` is over: its next one (if any) is ready to start."""
@@ -85,8 +90,9 @@ class KeyHolds:
             nxt.holds_key = True
             self.ready.append(nxt)
 
-    def hold(self, partition: int, key: bytes, msg_id: bytes, trace: bytes) -> None:
-        """Hold ``key`` until :meth:`release` of ``msg_id``, a message handed over running."""
+    def hold(self, partition: int, key: bytes, msg_id: bytes, trace: bytes, outputs: Iterable[str] = ()) -> None:
+        """Hold ``key`` until :meth:`release` of ``msg_id``, a message handed over running whose
+        outputs are of the types ``outputs``."""
         traces = self.traces.get(key)
         if traces is None:
             if self.keyed.busy(key):  # a job of it in progress here (the partition was not ours: cannot be)
@@ -94,10 +100,12 @@ class KeyHolds:
             self.keyed.admit(key, HELD)
             traces = self.traces[key] = {}
             self.partition_of[key] = partition
-            self.host.call_later(self.timeout, partial(self._expire, key, traces))
+            self.outputs[key] = set()
+            self.host.call_later(self.timeout, partial(self._expire, key, traces, self.host.clock()))
         if msg_id not in traces:
             traces[msg_id] = trace
             self.flows[trace] += 1
+            self.outputs[key].update(outputs)
 
     def release(self, key: bytes, msg_id: bytes) -> None:
         """``msg_id``'s outputs are acknowledged, or sent from here: its key runs on once the last goes."""
@@ -119,11 +127,18 @@ class KeyHolds:
             self._free(key)
         self.pump()
 
-    def _expire(self, key: bytes, traces: dict[bytes, bytes]) -> None:
-        if self.traces.get(key) is traces:  # (the same hold, not a later one of the key)
+    def _expire(self, key: bytes, traces: dict[bytes, bytes], since: float, missed: bool = False) -> None:
+        """The bound of a hold: ``missed``, a receiver had no instance at the last look."""
+        if self.traces.get(key) is not traces:
+            return  # (a later hold of the key, or none)
+        if any(self.host.receiver_missing(t) for t in self.outputs[key]):  # look again soon
+            self.host.call_later(self.timeout / 8, partial(self._expire, key, traces, since, True))
+        elif missed:  # the receivers are back: the bound starts again
+            self.host.call_later(self.timeout, partial(self._expire, key, traces, since))
+        else:
             log.info("%s: key %r waited %.0f s for a previous owner's outputs of %d messages it handed over "
                      "running: runs on (its next outputs may reach their receivers ahead of those)", self.who, key,
-                     self.timeout, len(traces))
+                     self.host.clock() - since, len(traces))
             self._free(key)
             self.pump()
             self.host.schedule_flush()  # (a timer's turn: nothing else sends what ran)
@@ -132,6 +147,7 @@ class KeyHolds:
         for trace in self.traces.pop(key).values():
             self._forget(trace)
         del self.partition_of[key]
+        del self.outputs[key]
         self.next(key)
 
     def _forget(self, trace: bytes) -> None:
@@ -176,7 +192,7 @@ class Owed:
         if by is not None:
             self.by[delta.msg_id] = by
             if ours and self.holds is not None:
-                self.holds.hold(delta.partition, delta.key, delta.msg_id, delta.trace_id)
+                self.holds.hold(delta.partition, delta.key, delta.msg_id, delta.trace_id, (t for t, _ in delta.outputs))
         if ours:
             self._to_standby(delta, marked=False)
 

@@ -1,0 +1,86 @@
+"""The bound of a hold (runtime/owed.py, ``KeyHolds``): it runs only while the held outputs have
+a receiver to go to.
+
+A new owner holds a key until the outputs its old owner's messages emitted are acknowledged; past
+``timeout`` the key runs on, so that flows waiting on each other across nodes cannot wedge. While
+a service those outputs go to has no instance at all, nothing can be waiting on such a flow, and
+what the key emitted next would wait for the same receiver: running on would only let it go
+first once one comes (chaos pipeline seed 109). Timers are run by hand here, in virtual time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from choreo import core
+from choreo.runtime.owed import KeyHolds
+
+TIMEOUT = 16.0
+
+
+class FakeHost:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[tuple[float, Any]] = []
+        self.missing: set[str] = set()  # types whose receiving service has no instance now
+
+    def clock(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Any) -> None:
+        self.timers.append((self.now + delay, callback))
+
+    def receiver_missing(self, type_name: str) -> bool:
+        return type_name in self.missing
+
+    def schedule_flush(self) -> None: ...
+
+    def fire(self) -> float:
+        """Run the earliest timer; returns its delay from the time before."""
+        self.timers.sort(key=lambda t: t[0])
+        at, callback = self.timers.pop(0)
+        delay, self.now = at - self.now, at
+        callback()
+        return delay
+
+
+def holding(host: FakeHost) -> tuple[KeyHolds, Any]:
+    keyed = core.KeyedDispatch()
+    holds = KeyHolds(keyed, deque(), lambda: None, host, TIMEOUT, "forward")  # type: ignore[arg-type]
+    holds.hold(3, b"k1", b"m" * 16, b"t" * 16, ["Relayed"])
+    assert keyed.busy(b"k1")
+    return holds, keyed
+
+
+def test_a_hold_runs_on_after_its_bound_when_its_outputs_have_a_receiver() -> None:
+    host = FakeHost()
+    holds, keyed = holding(host)
+    assert host.fire() == TIMEOUT
+    assert not keyed.busy(b"k1") and not holds.traces, "the key runs on"
+
+
+def test_a_hold_lasts_while_its_outputs_have_no_receiver_and_a_whole_bound_after_one_comes() -> None:
+    host = FakeHost()
+    host.missing.add("Relayed")
+    holds, keyed = holding(host)
+    host.fire()
+    for _ in range(20):  # far past the bound: still held, looked at again every TIMEOUT / 8
+        assert keyed.busy(b"k1") and holds.traces
+        assert host.fire() == TIMEOUT / 8
+    host.missing.clear()  # a receiver joined: the bound starts again from the next look
+    assert host.fire() == TIMEOUT / 8
+    assert keyed.busy(b"k1"), "the old owner's outputs may reach the new receiver first"
+    assert host.fire() == TIMEOUT
+    assert not keyed.busy(b"k1") and not host.timers
+
+
+def test_a_hold_released_by_its_mark_leaves_no_timer_that_frees_a_later_hold_of_its_key() -> None:
+    host = FakeHost()
+    host.missing.add("Relayed")
+    holds, keyed = holding(host)
+    holds.release(b"k1", b"m" * 16)
+    assert not keyed.busy(b"k1")
+    holds.hold(3, b"k1", b"n" * 16, b"t" * 16, ["Relayed"])  # a later hold of the same key
+    host.fire()  # the first hold's timer: not this hold's
+    assert keyed.busy(b"k1")
