@@ -621,3 +621,26 @@ def test_a_channel_that_closes_acknowledges_first_what_ran_on_it() -> None:
     n.sent.clear()
     n.outbox.close(2, lambda channel: kept.append(channel))
     assert not n.sent and len(kept) == 1, "once"
+
+
+def test_an_arrival_no_instance_owns_waits_unless_this_node_held_its_partition_last() -> None:
+    # the whole service stops: every instance leaves, so no partition has an owner. An arrival
+    # (from a sender that has not heard yet) for a partition this node never had must not run
+    # here, without its dedup ids (chaos pipeline seed 7 on hosts: a newcomer ran events the
+    # other instance had run); one this node drained with nobody to take it runs here, its ids here
+    n = Node(1, 2)
+    n.moves.sync()
+    mine = min(n.owned())
+    theirs = min(set(range(PARTITIONS)) - n.owned())
+    n.membership.leaving(1)
+    n.membership.leaving(2)
+    n.moves.sync()
+    n.moves.tick(n.now)
+    assert n.moves.ownership.state[mine] == "handed_over", "drained, with nobody to take it"
+    channel = type("In", (), {"closed": False, "peer": n.membership.peers[2]})()
+    assert n.moves.forward(channel, Env(theirs, 1)), "kept: it does not run here"
+    assert not n.moves.forward(channel, Env(mine, 2)), "it runs here"
+    assert not n.moves.busy, "what waits for an owner does not hold up the leave"
+    n.add(3)  # an instance comes after all: what waited goes on to it
+    n.moves.sync()
+    assert n.work.delivered == [(theirs, 1)]
