@@ -24,9 +24,9 @@ are cut from each other while both still reach everyone else (nobody is taken fo
 hands the other waits for the cut to heal).
 
 ``CHAOS_SEEDS`` (default 1) schedules of ``CHAOS_SECONDS`` (30) at ``CHAOS_RATE`` events/s
-(3,000), on loopback and on hosts; ``make soak`` runs more, faster. On loopback the same faults
-also hit a pipeline of two services, and the owners of commands that callers send (each
-schedule half as long). A failure prints the
+(3,000), on loopback and on hosts; ``make soak`` runs more, faster. The same faults also hit a
+pipeline of two services (on loopback and on hosts), and on loopback the owners of commands that
+callers send (each schedule half as long). A failure prints the
 schedule as it ran and every process's log.
 """
 
@@ -312,6 +312,15 @@ def test_a_pipeline_of_two_services_under_random_faults_hands_its_second_stage_e
     them, so it handles each event once but for its own crash window, in order per key, though
     the events of a key come to it from one ``forward`` instance and then another."""
     run(Chaos(procs, seed, services=(forward, sink)), seed, seconds=SECONDS / 2)
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_a_pipeline_on_hosts_of_their_own_hands_its_second_stage_each_event_once(procs, seed: int) -> None:
+    """The pipeline above, each instance on a host of its own, where the network fails too (a
+    first-stage instance cut from everything, or from the other one): fresh seed 7 found a sink
+    newcomer running, as the whole service stopped, events of a partition it never had."""
+    with Hosts(MOST) as hosts:
+        run(Chaos(procs, seed, hosts, services=(forward, sink)), seed, seconds=SECONDS / 2)
 
 
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
