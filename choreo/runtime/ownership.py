@@ -38,6 +38,7 @@ the partition until everything they had sent the old owner is done.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,8 @@ from .. import core
 from ..states import PARTITION_TRANSITIONS, transition
 
 __all__ = ["Ownership"]
+
+log = logging.getLogger("choreo.node")
 
 ROUTED_HERE = ("owned",)
 
@@ -101,6 +104,9 @@ class Ownership:
     def _move(self, p: int, event: str) -> None:
         old = self.state[p]
         self.state[p] = new = transition(PARTITION_TRANSITIONS, old, event)
+        # (at DEBUG, every move of every partition: what a fault schedule's trace needs, see test_chaos)
+        log.debug("%016x: partition %d %s -> %s (%s; its owner in this view %s)", self.me, p, old, new, event,
+                  f"{self.owners[p]:016x}" if self.owners[p] is not None else "none")
         self.regate(p)
         if new == "owned" and old != "draining":  # a new owner: a newer epoch
             self.set_epoch(p, max(int(self.wall() * 1000), self.epochs[p] + 1))
