@@ -626,26 +626,23 @@ class Moves:
     def release_held_back(self) -> None:
         """Arrivals kept while their partition drained, once it no longer does: on to the new
         owner (the hand-over is in), or run here (the partition came back, or nobody took it)."""
-        assert self.work is not None
         state = self.ownership.state
-        settled = [p for p in self.held_back if state[p] != "draining"]
-        if not settled:
-            return  # (a view changed, the partitions we drain did not)
-        now = self.clock()
-        for p in settled:
-            for ch, env in self.held_back.pop(p):
-                self.work.deliver(ch, env, now)
-        self.work.pump()
-        self.outbox.schedule_flush()
+        self._deliver_again(self.held_back, [p for p in self.held_back if state[p] != "draining"])
 
     def release_orphans(self) -> None:
         """Arrivals kept for partitions no instance owned, now that one does: on to it."""
+        owners = self.ownership.owners
+        self._deliver_again(self.orphans, [p for p in self.orphans if owners[p] is not None])
+
+    def _deliver_again(self, kept: dict[int, deque[tuple[InChannel, Any]]], partitions: list[int]) -> None:
+        """The arrivals ``kept`` for ``partitions`` go through the dispatcher again, in order."""
+        if not partitions:
+            return  # (a view changed, not for them)
         assert self.work is not None
         now = self.clock()
-        for p in [p for p in self.orphans if self.ownership.owners[p] is not None]:
-            for ch, env in self.orphans.pop(p):
-                if not ch.closed:
-                    self.work.deliver(ch, env, now)
+        for p in partitions:
+            for ch, env in kept.pop(p):
+                self.work.deliver(ch, env, now)  # (one whose sender is gone is dropped there)
         self.work.pump()
         self.outbox.schedule_flush()
 

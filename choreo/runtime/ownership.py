@@ -104,9 +104,10 @@ class Ownership:
     def _move(self, p: int, event: str) -> None:
         old = self.state[p]
         self.state[p] = new = transition(PARTITION_TRANSITIONS, old, event)
-        # (at DEBUG, every move of every partition: what a fault schedule's trace needs, see test_chaos)
-        log.debug("%016x: partition %d %s -> %s (%s; its owner in this view %s)", self.me, p, old, new, event,
-                  f"{self.owners[p]:016x}" if self.owners[p] is not None else "none")
+        if log.isEnabledFor(logging.DEBUG):  # every move of every partition: what a fault schedule's trace needs
+            owner = self.owners[p]
+            log.debug("%016x: partition %d %s -> %s (%s; its owner in this view %s)", self.me, p, old, new, event,
+                      f"{owner:016x}" if owner is not None else "none")
         self.regate(p)
         if new == "owned" and old != "draining":  # a new owner: a newer epoch
             self.set_epoch(p, max(int(self.wall() * 1000), self.epochs[p] + 1))

@@ -77,10 +77,12 @@ def test_a_hold_lasts_while_its_outputs_have_no_receiver_and_a_whole_bound_after
 
 def test_a_hold_released_by_its_mark_leaves_no_timer_that_frees_a_later_hold_of_its_key() -> None:
     host = FakeHost()
-    host.missing.add("Relayed")
     holds, keyed = holding(host)
     holds.release(b"k1", b"m" * 16)
     assert not keyed.busy(b"k1")
+    host.now = 1.0
     holds.hold(3, b"k1", b"n" * 16, b"t" * 16, ["Relayed"])  # a later hold of the same key
-    host.fire()  # the first hold's timer: not this hold's
+    assert host.fire() == TIMEOUT - 1.0  # the first hold's timer (its receiver is there): not this hold's
     assert keyed.busy(b"k1")
+    host.fire()
+    assert not keyed.busy(b"k1"), "this hold's own timer frees it"
