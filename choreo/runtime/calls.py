@@ -505,7 +505,7 @@ class Calls:
             msg_id = idempotency_id(message) or core.derive_id(env.msg_id, handler_id, position)
             for ch, item, service in self.router.plan(message, msg_id, env.trace_id, env.msg_id, on_done):
                 if ch is None:
-                    park(service, item)  # until an instance is back
+                    park(service, item, new=True)  # until an instance is back
                 else:
                     append(ch, item, now)
                 count += 1
@@ -517,14 +517,14 @@ class Calls:
         """What stops the plan now: a channel without credit, a service without instances, or None."""
         held = self.holds.by_key
         for ch, item, service in plan:
-            if ch is None:
+            keyed = not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST)
+            hold = self.holds.held(service, item.partition) if held and keyed else None
+            if hold is not None:  # (with an owner or without one, it waits behind the hold)
+                if len(hold.queue) >= hold.channel.window.max_messages:
+                    return hold.channel  # a long hold is backpressure too
+            elif ch is None:
                 if not self.outbox.has_room(service, item.size):
                     return service  # its waiting room is full: wait for an instance
-                continue
-            hold = self.holds.held(ch.peer.service_name, item.partition) if held else None
-            if hold is not None:
-                if len(hold.queue) >= hold.channel.window.max_messages and not item.flags & wire.FLAG_UNKEYED:
-                    return hold.channel  # a long hold is backpressure too
             elif not ch.can_accept(item.size):
                 return ch
         return None

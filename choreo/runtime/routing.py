@@ -311,7 +311,7 @@ class Router:
             if ch is None:  # planned while no instance was live (or before joining): one may be back since
                 target = self.new_home(service, item) if self.routing() else None
                 if target is None:
-                    outbox.park(service, item)
+                    outbox.park(service, item, new=True)
                     continue
                 ch = outbox.channel(target)
             outbox.append(ch, item, now)

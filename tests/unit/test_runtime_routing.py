@@ -335,3 +335,53 @@ def test_blocked_names_what_stops_a_plan() -> None:
     with pytest.raises(Exception, match="window 8/8 in flight to orders#10"):
         calls.try_emit(Placed("o"))
     assert key_bytes(7) == b"7"
+
+
+class Ran:
+    """What ``Calls.send_outputs`` reads of a finished handler's job."""
+
+    def __init__(self) -> None:
+        self.env = Outgoing(core.KIND_EVENT, 0, b"Placed", b"x", 0, b"\x07" * 16, bytes(16), bytes(16), b"", None)
+        self.handler = type("Handler", (), {"name": "relay"})()
+
+
+@pytest.mark.parametrize("how", ["commit", "send_outputs"])
+def test_a_message_for_a_held_partition_with_no_owner_waits_behind_the_hold(how: str) -> None:
+    """Partition p's owner leaves while a message of ours is on its way to it (a hold opens), and
+    its successor dies before the hold passed: p has no owner. The next message of p must wait
+    behind the hold, not in the queue for an instance, which the hold's messages join only when
+    it passes: behind it (chaos pipeline seed 214: a sink newcomer handled 35204 before 31204 to
+    35004, which the forward's hold had kept while the last sink instance drained)."""
+    w = World((10, orders))
+    key = "o-1"
+    p = core.partition_of(key.encode(), 16)
+    w.holds.on_view(w.membership, w.outbox.out)
+    w.router.commit(w.router.plan(Placed(key), b"\x01" * 16, bytes(16), bytes(16), None))  # seq 1, to 10
+    old = w.outbox.out[10]
+    w.membership.leaving(10)
+    w.move(p)  # another instance takes p: ours to 10 is still unacknowledged
+    hold = w.holds.held("orders", p)
+    assert hold is not None
+    w.router.commit(w.router.plan(Placed(key), b"\x02" * 16, bytes(16), bytes(16), None))
+    assert [item.msg_id for item in hold.queue] == [b"\x02" * 16], "the next one waits behind the hold"
+    for peer in w.membership.instances("orders"):  # the successor dies: nobody owns p now
+        w.membership.suspect(peer.incarnation)
+        w.membership.expire(peer.incarnation)
+    w.router.invalidate()
+    w.holds.on_view(w.membership, w.outbox.out)
+    assert w.membership.owner("orders", p) is None and w.holds.held("orders", p) is hold
+    if how == "commit":  # an event from outside a handler
+        plan = w.router.plan(Placed(key), b"\x03" * 16, bytes(16), bytes(16), None)
+        assert [ch for ch, _, _ in plan] == [None], "planned to wait for an instance"
+        w.router.commit(plan)
+    else:  # what a handler emitted
+        life = Lifecycle()
+        life.on("joined")
+        calls = Calls(w.router, w.outbox, w.holds, w.membership, lifecycle=life, service=shop, config=w.config,
+                      clock=lambda: w.now, call_later=lambda d, cb: None, counters=w.counters)
+        assert calls.send_outputs(Ran(), [Placed(key)], lambda: None) == 1
+    assert len(hold.queue) == 2 and not w.outbox.waiting.get("orders"), "nothing of p waits ahead of the hold"
+    old.on_ack(core.encode_ack(1, 1, []), 0, w.now)
+    w.router.release_holds(w.holds.release(old))
+    waiting = list(w.outbox.waiting["orders"])
+    assert len(waiting) == 2 and waiting[0].msg_id == b"\x02" * 16, "the hold's first, then the newer one"
