@@ -43,6 +43,7 @@ import logging
 from collections import OrderedDict, deque
 from functools import partial
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -102,6 +103,38 @@ class DispatchStats:
             lag.pop(partition, None)
 
 
+class HeldResults:
+    """The results of commands the lane answered, kept only once their answers have left.
+
+    The intake's urgent path (intake.py) sends a frame's answers first: its callers' wait is the
+    one that counts (:meth:`hold` ... :meth:`release` around it). Not on a durable node, whose
+    answers wait for the commit their results are part of. A duplicate met meanwhile keeps them
+    first (:meth:`keep_now`)."""
+
+    __slots__ = ("_keep", "_durable", "pending")
+
+    def __init__(self, keep: Callable[[Any, Handler, bytes], None], durable: bool) -> None:
+        self._keep = keep
+        self._durable = durable
+        self.pending: list[tuple[Any, Handler, bytes]] | None = None  # (env, handler, reply); None: not holding
+
+    def hold(self) -> None:
+        if not self._durable and self.pending is None:
+            self.pending = []
+
+    def release(self) -> None:
+        self.keep_now()
+        self.pending = None
+
+    def keep_now(self) -> None:
+        pending = self.pending
+        if pending:
+            self.pending = []
+            keep = self._keep
+            for env, handler, reply in pending:
+                keep(env, handler, reply)
+
+
 def _who(service: Service | None) -> str:
     return service.name if service else "this client"
 
@@ -137,8 +170,6 @@ class Dispatcher:
         # command id -> (time, ttl, reply, partition): a duplicate command gets the first result
         self.results: OrderedDict[bytes, tuple[float, float, bytes, int]] = OrderedDict()
         self.results_max = results_max
-        # answers sent before their results are kept (see hold_results): (env, handler, reply)
-        self._unkept: list[tuple[Any, Handler, bytes]] | None = None
         self.journal = journal  # durable nodes: what must commit before an ack leaves
         self.dead_letters = DeadLetters(config.dlq_max, config.dlq_max_bytes, journal=journal)
         self.replays_committing: dict[int, int] = {}  # durable: letter id -> the commit that makes its replay safe
@@ -149,7 +180,6 @@ class Dispatcher:
         # (a hold outlasts a receiver's death and replacement, suspect + dead + a join, several times)
         bound = max(config.handover_timeout, 4 * (config.suspect_after + config.dead_after))
         self.holds = KeyHolds(self.keyed, self.ready, self.pump, host, bound, _who(service))
-        self.draining = self.holds.release_partition  # (for Moves: a partition drains towards another instance)
         self.stats = DispatchStats()
         self._fast: dict[str, bool] = {}  # type -> handled by the fast lane
         # a handler that emits and sends nothing ends the flow of a message from outside at its span
@@ -168,6 +198,7 @@ class Dispatcher:
             ownership=moves.ownership if moves is not None else None, replicas=replicas, journal=journal,
         )
         self.data.owed.holds = self.holds
+        self.held_results = HeldResults(self.data.keep_result, durable=journal is not None)
         # one context, reused by the lane for each message it runs
         self._lane_ctx = HandlerContext(host, None, None, keeper=self.data)  # type: ignore[arg-type]
 
@@ -287,36 +318,15 @@ class Dispatcher:
         reply = ok_reply(body)
         handler = self.handlers[env.type]
         if env.kind == KIND_COMMAND and self.config.dedup:  # a duplicate gets the same answer
-            unkept = self._unkept
-            if unkept is None:
+            held = self.held_results.pending
+            if held is None:
                 self.data.keep_result(env, handler, reply)
             else:
-                unkept.append((env, handler, reply))
+                held.append((env, handler, reply))
         self.host.send_reply(channel, env, reply)
         if self.tracer.completed is not None:  # metrics watch: a flow from outside may end here
             self.tracer.flow_answered(env, handler.name, self.host.batch_received)
         return True
-
-    def hold_results(self) -> None:
-        """Until :meth:`keep_held_results`, the results of commands the lane answers are kept
-        after their answers leave: the intake's urgent path (intake.py) sends a frame's answers
-        first, its caller's wait being the one that counts. Not on a durable node, whose answers
-        wait for the commit their results are part of. A duplicate met meanwhile keeps them first."""
-        if self.journal is None and self._unkept is None:
-            self._unkept = []
-
-    def keep_held_results(self) -> None:
-        """Keep the results held since :meth:`hold_results`, and hold no more."""
-        self._keep_now()
-        self._unkept = None
-
-    def _keep_now(self) -> None:
-        unkept = self._unkept
-        if unkept:
-            self._unkept = []
-            keep = self.data.keep_result
-            for env, handler, reply in unkept:
-                keep(env, handler, reply)
 
     def lag_of(self, partition: int) -> int:
         """Messages of ``partition`` received here and not yet handled."""
@@ -423,12 +433,23 @@ class Dispatcher:
         else:
             self._start(job)
 
-    def _abandon(self, job: Job) -> None:
+    def draining(self, partition: int) -> None:
+        """(For Moves) ``partition`` drains towards another instance: what waited behind its held
+        keys goes to the next owner unrun (:meth:`KeyHolds.release_partition`), first."""
+        waited = self.holds.release_partition(partition)
+        for job in waited:
+            self._abandon(job, withdrawn=True)
+        if waited:  # (ahead of what the drain held back since: they came before)
+            held_back = self.moves.held_back.setdefault(partition, deque())  # type: ignore[union-attr]
+            held_back.extendleft((job.channel, job.env) for job in reversed(waited))
+
+    def _abandon(self, job: Job, withdrawn: bool = False) -> None:
         """A job whose channel closed before its handler ran: its sender was declared gone (or this
         node re-incarnated), so its ack can never arrive and the sender resends the message to the
         partition's owner. Running it here as well would run it twice: forget it, and its dedup id,
-        so that the resend runs wherever it lands (here too). A duplicate waiting on it runs instead."""
-        self.stats.abandoned += 1
+        so that the resend runs wherever it lands (here too). A duplicate waiting on it runs instead.
+        ``withdrawn``: it goes to its partition's next owner instead (see :meth:`draining`)."""
+        self.stats.abandoned += not withdrawn
         env = job.env
         if job.holds_key:
             job.holds_key = False
@@ -446,8 +467,8 @@ class Dispatcher:
                     self.deliver(dup.channel, dup.env, now)
 
     def _duplicate(self, job: Job) -> None:
-        if self._unkept:
-            self._keep_now()
+        if self.held_results.pending:
+            self.held_results.keep_now()
         self.stats.duplicates += 1
         job.started = self.host.clock()
         self.tracer.finished(job, "duplicate", None)  # a retry shows in its trace, not run
@@ -671,8 +692,8 @@ class Dispatcher:
                 if self.journal is not None and not job.logged:
                     self.journal.handled(env)  # its id commits before its ack leaves
                 del self.in_progress[env.msg_id]
-                if self._unkept:
-                    self._keep_now()
+                if self.held_results.pending:
+                    self.held_results.keep_now()
                 cached = self.results.get(env.msg_id)
                 for dup in job.duplicates:
                     if cached is not None:

@@ -101,13 +101,13 @@ class Intake:
             if urgent:
                 released = [env for env in released if env.kind not in _URGENT_KINDS] if len(urgent) < len(released) else []
                 dispatcher = self.dispatcher
-                dispatcher.hold_results()  # kept once the answers left: the callers wait on those
+                dispatcher.held_results.hold()  # kept once the answers left: the callers wait on those
                 try:
                     dispatcher.deliver_batch(ch, urgent, now)
                     dispatcher.pump()
                     outbox.send_replies()
                 finally:
-                    dispatcher.keep_held_results()
+                    dispatcher.held_results.release()
         if released:
             self.queue.append((ch, released, now))
             if not self._scheduled and self.loop is not None:
