@@ -25,8 +25,8 @@ hands the other waits for the cut to heal).
 
 ``CHAOS_SEEDS`` (default 1) schedules of ``CHAOS_SECONDS`` (30) at ``CHAOS_RATE`` events/s
 (3,000), on loopback and on hosts; ``make soak`` runs more, faster. The same faults also hit a
-pipeline of two services (on loopback and on hosts), and on loopback the owners of commands that
-callers send (each schedule half as long). A failure prints the
+keyed service with standby copies, a pipeline of two services (on loopback and on hosts), and on
+loopback the owners of commands that callers send (each schedule half as long). A failure prints the
 schedule as it ran and every process's log.
 """
 
@@ -49,7 +49,7 @@ from choreo.node import Node
 
 from .checks import check_moves, expected_stream
 from .netns import Hosts
-from .recording import Add, Produced, counter, elastic, forward, read_timed, sink
+from .recording import Add, Produced, counter, elastic, forward, read_timed, sink, tally
 from .test_membership import FAST
 
 pytestmark = pytest.mark.slow
@@ -302,6 +302,14 @@ def test_on_hosts_of_their_own_cuts_and_isolations_lose_nothing_and_repeat_only_
 ) -> None:
     with Hosts(MOST) as hosts:
         run(Chaos(procs, seed, hosts), seed)
+
+
+@pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
+def test_a_keyed_service_with_standby_copies_loses_nothing_and_repeats_only_the_crash_window(procs, seed: int) -> None:
+    """``tally`` keeps state per key, with a standby copy of each partition on another instance
+    (``replicas=1``: a message is acknowledged once its write reached the standby), under the same
+    faults: what a crash moves goes to the standby, which has the writes and their ids."""
+    run(Chaos(procs, seed, services=(tally,)), seed, seconds=SECONDS / 2)
 
 
 @pytest.mark.parametrize("seed", range(FIRST, FIRST + SEEDS))
