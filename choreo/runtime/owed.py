@@ -173,6 +173,9 @@ class KeyHolds:
         return key in self.traces and trace in self.flows
 
 
+EARLY_MARKS = 4096  # marks remembered for messages whose hand-over is not in yet (see Owed.marked)
+
+
 class Owed:
     """The outputs this node owes, by message id (see the module docstring)."""
 
@@ -188,6 +191,7 @@ class Owed:
         # message id -> what its duplicates wait to do once its outputs sent here are acknowledged (see wait)
         self.waiting: dict[bytes, list[Callable[[], None]]] = {}
         self.holds: KeyHolds | None = None  # the dispatcher's: keys wait for what was handed over running
+        self.early_marks: dict[bytes, None] = {}  # marks of messages whose hand-over is not in yet (see marked)
 
     def __len__(self) -> int:
         """Messages whose outputs are owed here: not sent yet, or sent and not all acknowledged."""
@@ -201,6 +205,11 @@ class Owed:
         """``delta``'s outputs are owed here; ``by``: the live previous owner that marks them done
         (a message handed over running). ``ours``: the partition is this node's (a hand-over,
         not a standby's copy or delta), so its standby holds them too."""
+        if by is not None and delta.msg_id in self.early_marks:  # done there already (see marked)
+            del self.early_marks[delta.msg_id]
+            if ours:
+                self._to_standby(delta, marked=True)
+            return
         self.deltas[delta.msg_id] = delta
         if by is not None:
             self.by[delta.msg_id] = by
@@ -243,8 +252,18 @@ class Owed:
 
     def marked(self, msg_id: bytes) -> bool:
         """A message handed over running is done at its previous owner: nothing is owed for it
-        (False: no such message here)."""
+        (False: no such message here).
+
+        An unknown one is remembered (the newest :data:`EARLY_MARKS`): the hand-over it went with
+        may not be in yet (a stream that waits for this node's view to give it the partition),
+        and its mark, on the same channel, came after it. Dropped, the message stayed owed and its
+        key held until the previous owner went, its outputs then sent again: to a receiver that
+        had lost their ids, they ran twice (chaos pipeline seed 231, four events, 9.5 s later)."""
         if self.by.pop(msg_id, None) is None:
+            early = self.early_marks
+            early[msg_id] = None
+            if len(early) > EARLY_MARKS:
+                del early[next(iter(early))]
             return False
         delta = self.deltas.pop(msg_id, None)
         if delta is not None:
