@@ -41,9 +41,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from functools import partial
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -449,7 +449,8 @@ class Dispatcher:
         partition's owner. Running it here as well would run it twice: forget it, and its dedup id,
         so that the resend runs wherever it lands (here too). A duplicate waiting on it runs instead.
         ``withdrawn``: it goes to its partition's next owner instead (see :meth:`draining`)."""
-        self.stats.abandoned += not withdrawn
+        if not withdrawn:
+            self.stats.abandoned += 1
         env = job.env
         if job.holds_key:
             job.holds_key = False
