@@ -517,8 +517,7 @@ class Calls:
         """What stops the plan now: a channel without credit, a service without instances, or None."""
         held = self.holds.by_key
         for ch, item, service in plan:
-            keyed = not item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST)
-            hold = self.holds.held(service, item.partition) if held and keyed else None
+            hold = self.holds.for_item(service, item) if held else None
             if hold is not None:  # (with an owner or without one, it waits behind the hold)
                 if len(hold.queue) >= hold.channel.window.max_messages:
                     return hold.channel  # a long hold is backpressure too

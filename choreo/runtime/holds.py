@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING
 
+from .. import wire
+
 if TYPE_CHECKING:  # pragma: no cover
     from .channels import OutChannel, Outgoing
     from .membership import Membership
@@ -109,6 +111,13 @@ class Holds:
         if not self.by_key or service is None:
             return None
         return self.by_key.get((service, partition))
+
+    def for_item(self, service: str | None, item: Outgoing) -> Hold | None:
+        """The open hold ``item`` waits behind, if any. Only a keyed message has a partition's
+        order to keep; a hand-over (a partition's state between its instances) is never held."""
+        if item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST) or item.kind == wire.KIND_HANDOVER:
+            return None
+        return self.held(service, item.partition)
 
     def release(self, channel: OutChannel | None = None) -> list[tuple[str, int, Hold]]:
         """Close the holds whose barrier passed (of one channel, or all); returns them."""

@@ -443,9 +443,7 @@ class Outbox:
     def _behind_hold(self, service: str | None, item: Outgoing) -> bool:
         """Queue ``item`` behind the hold on its partition, if one is open (see :mod:`.holds`):
         behind what the partition's old owner still holds. True if it was."""
-        if item.flags & (wire.FLAG_UNKEYED | wire.FLAG_BROADCAST) or item.kind == wire.KIND_HANDOVER:
-            return False  # (a partition's state between its instances is never held)
-        hold = self.holds.held(service, item.partition)
+        hold = self.holds.for_item(service, item)
         if hold is None:
             return False
         hold.queue.append(item)

@@ -131,14 +131,16 @@ class KeyHolds:
         waited = self.keyed.drain_keys(keys)
         for key in keys:
             self._free(key)
-        replays = [job for job in waited if job.channel is None]
-        for job in replays:
-            if self.keyed.admit(job.env.key, job):
+        passed: list[Job] = []
+        for job in waited:
+            if job.channel is not None:
+                passed.append(job)
+            elif self.keyed.admit(job.env.key, job):  # a replay runs here, in turn (as in :meth:`next`)
                 job.holds_key = True
                 self.ready.append(job)
-        if replays:
+        if len(passed) < len(waited):
             self.pump()
-        return [job for job in waited if job.channel is not None] if replays else waited
+        return passed
 
     def _expire(self, key: bytes, traces: dict[bytes, bytes], since: float, missed: bool = False) -> None:
         """The bound of a hold: ``missed``, a receiver had no instance at the last look."""
